@@ -1,0 +1,135 @@
+//! The admin API, served on the control thread (default `127.0.0.1:9901`).
+//!
+//! | endpoint | what |
+//! |---|---|
+//! | `GET /live` | 200 while the process runs (Kubernetes liveness) |
+//! | `GET /ready` | 200 once every listener is bound; 503 before that and while draining |
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /config` | the effective configuration as JSON |
+//! | `PUT /logging?level=debug` | changes the log level at run time |
+//! | `POST /shutdown` | graceful shutdown, as SIGTERM |
+//!
+//! Nothing here is on the request path; handlers may allocate and format freely.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::server::Shared;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+pub async fn serve(socket: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match tokio::net::TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("admin: cannot register the socket: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, &shared)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if shared.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else if shared.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+            }
+        }
+        (&Method::GET, "/metrics") => metrics(shared),
+        (&Method::GET, "/config") => {
+            let snapshot = shared.snapshot.load();
+            match serde_json::to_string_pretty(&snapshot.config.file) {
+                Ok(json) => with_type(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {e}\n")),
+            }
+        }
+        (&Method::PUT, "/logging") | (&Method::POST, "/logging") => set_log_level(req.uri().query(), shared),
+        (&Method::POST, "/shutdown") => {
+            shared.begin_shutdown("admin /shutdown");
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown" | "/logging") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "unknown admin endpoint; try /live /ready /metrics /config /logging /shutdown\n",
+        ),
+    }
+}
+
+fn metrics(shared: &Shared) -> AdminResponse {
+    let mut out = String::with_capacity(16 << 10);
+    shared.metrics.render(&mut out);
+    let uptime = shared.started.elapsed().as_secs_f64();
+    out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
+    out.push_str("# TYPE wasp_uptime_seconds gauge\n");
+    out.push_str(&format!("wasp_uptime_seconds {uptime:.3}\n"));
+    out.push_str("# HELP wasp_build_info Build information; the value is always 1.\n");
+    out.push_str("# TYPE wasp_build_info gauge\n");
+    out.push_str(&format!("wasp_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
+    with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", out)
+}
+
+fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
+    let level = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("level="));
+    let Some(level) = level else {
+        return text(StatusCode::BAD_REQUEST, "use ?level=error|warn|info|debug|trace (or a tracing filter)\n");
+    };
+    let Some(handle) = &shared.log_level else {
+        return text(StatusCode::CONFLICT, "log level is not adjustable in this process\n");
+    };
+    match tracing_subscriber::EnvFilter::try_new(level) {
+        Ok(filter) => match handle.reload(filter) {
+            Ok(()) => {
+                tracing::info!("log level set to {level}");
+                text(StatusCode::OK, &format!("log level set to {level}\n"))
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot set log level: {e}\n")),
+        },
+        Err(e) => text(StatusCode::BAD_REQUEST, &format!("invalid level \"{level}\": {e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> AdminResponse {
+    with_type(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+fn with_type(status: StatusCode, content_type: &'static str, body: String) -> AdminResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}

@@ -1,0 +1,369 @@
+//! Configuration: reading the TOML file, `${VAR}` interpolation, validation,
+//! and the immutable typed [`Config`] the rest of the proxy runs from.
+//!
+//! Runs on the control thread only. Loading never half-succeeds: every
+//! problem found is collected and reported together, each with the file,
+//! line and column it comes from, and nothing is applied unless all is well.
+
+mod interpolate;
+pub mod schema;
+pub mod units;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use schema::{Balance, FailMode, LogFormat, LogLevel, UpstreamProtocol};
+
+use crate::route::{self, RouteTable};
+
+/// The validated configuration. Cheap to share: held in an `Arc` by snapshots.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    /// The file as parsed (after interpolation), defaults filled in; `/config` shows it.
+    pub file: schema::File,
+    pub workers: usize,
+    pub admin: SocketAddr,
+    pub filters_dir: PathBuf,
+    pub module_cache: PathBuf,
+    pub drain_timeout: Duration,
+    pub drain_delay: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    /// Indexed by cluster id (the position in this vector).
+    pub clusters: Vec<ClusterConfig>,
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub name: Arc<str>,
+    pub bind: SocketAddr,
+    pub pipeline: Vec<Arc<str>>,
+    pub limits: ListenerLimits,
+    pub routes: RouteTable,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct ClusterConfig {
+    pub name: Arc<str>,
+    pub endpoints: Vec<Endpoint>,
+    pub balance: Balance,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub timeout: Option<Duration>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Everything wrong with a config file, each with its position.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug)]
+pub struct Problem {
+    /// 1-based; 0 when the problem has no single place in the file.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Reads, interpolates, parses and validates `path` with the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, |name| std::env::var(name).ok())
+}
+
+pub fn load_with_env(
+    path: &Path,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: path.to_path_buf(),
+        problems,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Problem {
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(path, &text, env).map_err(fail)
+}
+
+/// Parses config text as if it came from `path` (relative paths resolve beside it).
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Problem>> {
+    let text = interpolate::interpolate(text, env).map_err(|unset| {
+        let (line, column) = line_col(text, unset.offset);
+        vec![Problem {
+            line,
+            column,
+            message: format!(
+                "environment variable {} is not set (referenced as ${{{}}})",
+                unset.name, unset.name
+            ),
+        }]
+    })?;
+    let file: schema::File = toml::from_str(&text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((0, 0));
+        vec![Problem {
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }]
+    })?;
+    Validator::new(&text, path).run(file)
+}
+
+/// Converts a byte offset into a 1-based line and column.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+// === impl ConfigError ===
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {} problem{} in the configuration",
+            self.file.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.line > 0 {
+                writeln!(f, "  {}:{}:{}: {}", self.file.display(), p.line, p.column, p.message)?;
+            } else {
+                writeln!(f, "  {}: {}", self.file.display(), p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// === Validator ===
+
+/// Turns the raw schema into a [`Config`], collecting every problem.
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(text: &'a str, path: &'a Path) -> Self {
+        Self {
+            text,
+            path,
+            problems: Vec::new(),
+        }
+    }
+
+    fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        self.problems.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let admin = match file.admin.bind.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let msg = format!(
+                    "[admin] bind = \"{}\" is not an ip:port address",
+                    file.admin.bind
+                );
+                self.at(None, msg);
+                SocketAddr::from(([127, 0, 0, 1], 9901))
+            }
+        };
+
+        let clusters = self.clusters(&file);
+        let index: HashMap<&str, usize> = clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (&*c.name, i))
+            .collect();
+        let listeners = self.listeners(&file, &index);
+
+        if !self.problems.is_empty() {
+            return Err(self.problems);
+        }
+        let workers = match file.proxy.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            workers,
+            admin,
+            filters_dir: dir.join(&file.proxy.filters_dir),
+            module_cache: dir.join(&file.proxy.module_cache),
+            drain_timeout: file.proxy.drain_timeout.0,
+            drain_delay: file.proxy.drain_delay.0,
+            listeners,
+            clusters,
+            file,
+        })
+    }
+
+    fn clusters(&mut self, file: &schema::File) -> Vec<ClusterConfig> {
+        let mut out = Vec::with_capacity(file.clusters.len());
+        for (name, decl) in &file.clusters {
+            let mut endpoints = Vec::new();
+            for ep in decl.endpoints.get_ref() {
+                let (address, weight) = match ep {
+                    schema::EndpointDecl::Address(a) => (a.as_str(), 1),
+                    schema::EndpointDecl::Weighted { address, weight } => (address.as_str(), *weight),
+                };
+                match resolve(address) {
+                    Ok(addr) => endpoints.push(Endpoint { addr, weight }),
+                    Err(e) => self.at(
+                        Some(decl.endpoints.span()),
+                        format!("cluster \"{name}\": endpoint \"{address}\": {e}"),
+                    ),
+                }
+            }
+            if decl.endpoints.get_ref().is_empty() {
+                self.at(
+                    Some(decl.endpoints.span()),
+                    format!("cluster \"{name}\" has no endpoints"),
+                );
+            }
+            out.push(ClusterConfig {
+                name: name.as_str().into(),
+                endpoints,
+                balance: decl.balance,
+                protocol: decl.protocol,
+                connect_timeout: decl.connect_timeout.0,
+                timeout: decl.timeout.map(|d| d.0),
+                pool_idle_timeout: decl.pool_idle_timeout.0,
+                pool_max_idle: decl.pool_max_idle,
+            });
+        }
+        out
+    }
+
+    fn listeners(
+        &mut self,
+        file: &schema::File,
+        clusters: &HashMap<&str, usize>,
+    ) -> Vec<ListenerConfig> {
+        let mut out: Vec<ListenerConfig> = Vec::new();
+        for decl in &file.listeners {
+            if out.iter().any(|l| *l.name == *decl.name) {
+                self.at(
+                    Some(decl.bind.span()),
+                    format!("listener name \"{}\" is used twice", decl.name),
+                );
+            }
+            let bind = match decl.bind.get_ref().parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.at(
+                        Some(decl.bind.span()),
+                        format!(
+                            "listener \"{}\": bind = \"{}\" is not an ip:port address",
+                            decl.name,
+                            decl.bind.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let mut pipeline = Vec::new();
+            for f in &decl.pipeline {
+                if !file.filters.contains_key(f.get_ref()) {
+                    self.at(
+                        Some(f.span()),
+                        format!(
+                            "listener \"{}\": pipeline names filter \"{}\", which no [filters.{}] section declares",
+                            decl.name,
+                            f.get_ref(),
+                            f.get_ref()
+                        ),
+                    );
+                }
+                pipeline.push(Arc::from(f.get_ref().as_str()));
+            }
+            let mut routes = Vec::new();
+            for (i, r) in decl.routes.iter().enumerate() {
+                match route::compile(i, r, clusters) {
+                    Ok(route) => routes.push(route),
+                    Err(e) => self.at(
+                        e.span,
+                        format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message),
+                    ),
+                }
+            }
+            let l = &decl.limits;
+            out.push(ListenerConfig {
+                name: decl.name.as_str().into(),
+                bind,
+                pipeline,
+                limits: ListenerLimits {
+                    max_connections: l.max_connections,
+                    max_header_bytes: usize::try_from(l.max_header_bytes.0).unwrap_or(usize::MAX),
+                    max_body_bytes: l.max_body_bytes.0,
+                    header_timeout: l.header_timeout.0,
+                    idle_timeout: l.idle_timeout.0,
+                },
+                routes: RouteTable::new(routes),
+            });
+        }
+        out
+    }
+}
+
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse() {
+        return Ok(addr);
+    }
+    if !address.contains(':') {
+        return Err("expected host:port".into());
+    }
+    address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .next()
+        .ok_or_else(|| "resolves to no address".into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+//! Body wrappers on the request path.
+//!
+//! [`RequestBody`] streams the client's body upstream frame by frame (no
+//! buffering: backpressure comes from hyper polling it only as fast as the
+//! upstream takes it), counts bytes, enforces the listener's size limit,
+//! and tags its errors as the client's fault so the error mapping can answer
+//! 400/413 instead of blaming the upstream. [`Tracked`] wraps any body and
+//! runs a callback when it is dropped, which is when hyper is done with it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::error::ProxyError;
+use crate::upstream::BoxError;
+
+/// The client's request body failed: too large, or malformed on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum DownstreamBodyError {
+    #[error("request body is larger than the listener's limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("invalid request body: {0}")]
+    Invalid(#[source] hyper::Error),
+}
+
+impl DownstreamBodyError {
+    pub fn to_proxy_error(&self) -> ProxyError {
+        match self {
+            Self::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
+            Self::Invalid(e) => ProxyError::BadRequest(format!("invalid request body: {e}")),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct RequestBody<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        limit: u64,
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub fn new(inner: B, limit: u64) -> Self {
+        Self {
+            inner,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        return Poll::Ready(Some(Err(DownstreamBodyError::TooLarge(*this.limit).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(DownstreamBodyError::Invalid(e).into()))),
+            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Calls `on_drop` with the number of data bytes that passed through.
+    pub struct Tracked<B, F: FnOnce(u64)> {
+        #[pin]
+        inner: B,
+        bytes: u64,
+        on_drop: Option<F>,
+    }
+
+    impl<B, F: FnOnce(u64)> PinnedDrop for Tracked<B, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(f) = this.on_drop.take() {
+                f(*this.bytes);
+            }
+        }
+    }
+}
+
+impl<B, F: FnOnce(u64)> Tracked<B, F> {
+    pub fn new(inner: B, on_drop: F) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            on_drop: Some(on_drop),
+        }
+    }
+}
+
+impl<B, F> Body for Tracked<B, F>
+where
+    B: Body<Data = Bytes>,
+    F: FnOnce(u64),
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                *this.bytes += d.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Finds a client-side body error anywhere in an error's cause chain.
+pub fn downstream_cause<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a DownstreamBodyError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(d) = e.downcast_ref::<DownstreamBodyError>() {
+            return Some(d);
+        }
+        cur = e.source();
+    }
+    None
+}

@@ -1,0 +1,101 @@
+//! Responses the proxy makes itself, and why.
+//!
+//! Every failure on the request path ends up as one [`ProxyError`]. It knows
+//! its `x-wasp-error` code, status and one-line reason, so the response, the
+//! log line and the error counter all say the same thing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::upstream::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route on listener \"{listener}\" matches host \"{host}\" and path \"{path}\"")]
+    NoRoute {
+        listener: String,
+        host: String,
+        path: String,
+    },
+    #[error("cluster \"{0}\" is not configured")]
+    UnknownCluster(String),
+    #[error("cluster \"{0}\" has no endpoint to send to")]
+    NoEndpoint(String),
+    #[error("cannot connect to {addr} in cluster \"{cluster}\": {reason}")]
+    UpstreamConnect {
+        cluster: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("{addr} in cluster \"{cluster}\" did not answer within {after:?}")]
+    UpstreamTimeout {
+        cluster: String,
+        addr: SocketAddr,
+        after: Duration,
+    },
+    #[error("{addr} in cluster \"{cluster}\" closed or reset the connection: {reason}")]
+    UpstreamReset {
+        cluster: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("request body is larger than the listener's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Overflow(String),
+}
+
+impl ProxyError {
+    /// The value of `x-wasp-error`: stable, documented, safe to alert on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "no_route",
+            Self::UnknownCluster(_) => "unknown_cluster",
+            Self::NoEndpoint(_) => "no_endpoint",
+            Self::UpstreamConnect { .. } => "upstream_connect",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::UpstreamReset { .. } => "upstream_reset",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BadRequest(_) => "bad_request",
+            Self::Overflow(_) => "overflow",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownCluster(_) | Self::NoEndpoint(_) | Self::Overflow(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamConnect { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        local_response(self.status(), self.code(), &self.to_string())
+    }
+}
+
+/// A plain-text response made by the proxy, carrying `x-wasp-error`.
+pub fn local_response(status: StatusCode, code: &'static str, reason: &str) -> Response<ProxyBody> {
+    let body = format!("{reason}\n");
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert("x-wasp-error", HeaderValue::from_static(code));
+    resp
+}

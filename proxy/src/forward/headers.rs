@@ -1,0 +1,135 @@
+//! Header hygiene between hops (RFC 9110 section 7.6): what a proxy must
+//! drop, and what it adds (`x-forwarded-for`, `x-forwarded-proto`, `via`).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, never forwarded as they are.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers and any header the `Connection` header names.
+/// `keep_upgrade` keeps `Connection: upgrade` and `Upgrade` for a protocol
+/// switch the proxy tunnels. `TE: trailers` survives because gRPC needs it
+/// end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        if let Some(u) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, u);
+        }
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Appends the client to `x-forwarded-for`, sets `x-forwarded-proto` when
+/// absent, and appends this hop to `via`.
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str, via: &'static str) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let ip = client.to_string();
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(xff, v);
+    }
+    headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static(scheme));
+    append_via(headers, via);
+}
+
+pub fn append_via(headers: &mut HeaderMap, via: &'static str) {
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {via}")) {
+                headers.insert(header::VIA, v);
+            }
+        }
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(via));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn keeps_upgrade_when_tunnelling() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn forwarding_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.insert(header::VIA, "1.1 edge".parse().unwrap());
+        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.2");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get(header::VIA).unwrap(), "1.1 edge, 1.1 wasp");
+    }
+}

@@ -1,0 +1,24 @@
+//! Protocol switches (WebSocket and other `Upgrade`s): once the upstream
+//! answers 101, the two connections are joined into a byte tunnel.
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+/// Joins the client's and the upstream's upgraded connections. Runs as its
+/// own task on the current worker and ends when either side closes.
+pub fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        let (down, up) = match tokio::try_join!(downstream, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!("upgrade did not complete: {e}");
+                return;
+            }
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = TokioIo::new(up);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!("upgraded tunnel closed: {e}");
+        }
+    });
+}

@@ -1,0 +1,20 @@
+//! wasp: a WebAssembly-pluggable sidecar proxy.
+//!
+//! Traffic flows one way through the modules: `listener` accepts,
+//! `forward` routes (`route`) and sends upstream (`upstream`), and the
+//! response comes back the same way. `server` owns the threads and the
+//! snapshots they read; `admin` and `telemetry` look on from the side.
+
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+#[cfg(feature = "wasm-filters")]
+pub mod filter;
+pub mod forward;
+pub mod listener;
+pub mod route;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;

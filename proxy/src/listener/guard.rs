@@ -1,0 +1,224 @@
+//! The connection guard: deadlines hyper does not enforce the way a proxy
+//! needs, applied at the byte level of one downstream connection.
+//!
+//! - Header timeout: once the first byte of an HTTP/1 request head arrives,
+//!   the whole head must arrive within `header_timeout`, else the client
+//!   gets `408` with `x-wasp-error: header_timeout` and the connection closes
+//!   (hyper's own timeout closes without a response).
+//! - Idle timeout: a connection with no request in flight and no bytes for
+//!   `idle_timeout` is closed (read side reports end of stream, so hyper
+//!   closes cleanly).
+//! - hyper answers malformed heads itself (400, 431, 414) before any service
+//!   runs; the guard adds `x-wasp-error` to those answers so they say why
+//!   like every other response the proxy makes.
+//!
+//! "Waiting for a head" means no request of this connection is in flight,
+//! as counted by [`Activity`]. HTTP/2 connections (seen by their preface)
+//! get only the idle timeout: h2 has its own framing deadlines.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::forward::Activity;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+pub struct Guarded {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    /// Requests started as of the last read, to notice a request completing.
+    seen_started: u64,
+    /// When the current request head began arriving.
+    head_started: Option<Instant>,
+    idle_since: Instant,
+    timer: Pin<Box<Sleep>>,
+    first_bytes: bool,
+    h2: bool,
+    /// A rewritten automatic error response still being written.
+    rewrite: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl Guarded {
+    pub fn new(inner: TcpStream, activity: Arc<Activity>, header_timeout: Duration, idle_timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            activity,
+            header_timeout,
+            idle_timeout,
+            seen_started: 0,
+            head_started: None,
+            idle_since: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            first_bytes: true,
+            h2: false,
+            rewrite: None,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self.head_started {
+            Some(t) if !self.h2 => t + self.header_timeout,
+            _ => self.idle_since + self.idle_timeout,
+        }
+    }
+
+    /// Writes the 408 without waiting: the socket's buffer is empty at this
+    /// point, and a client this slow does not get to apply backpressure.
+    fn send_408(&self) {
+        let body = format!(
+            "request head not received within {:?}\n",
+            self.header_timeout
+        );
+        let resp = format!(
+            "HTTP/1.1 408 Request Timeout\r\nx-wasp-error: header_timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        let _ = self.inner.try_write(resp.as_bytes());
+        tracing::info!("closing a connection whose request head did not arrive within {:?}", self.header_timeout);
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let started = this.activity.started.load(std::sync::atomic::Ordering::Acquire);
+        let busy = this.activity.busy();
+        if started != this.seen_started {
+            // A request head completed since the last read: the next head
+            // has not started yet, and idleness counts from now.
+            this.seen_started = started;
+            this.head_started = None;
+            this.idle_since = Instant::now();
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if this.first_bytes && !got.is_empty() {
+                    this.first_bytes = false;
+                    this.h2 = got.starts_with(H2_PREFACE);
+                }
+                if !got.is_empty() && !busy {
+                    if this.head_started.is_none() {
+                        this.head_started = Some(Instant::now());
+                    }
+                    this.idle_since = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if busy {
+                    return Poll::Pending;
+                }
+                let deadline = this.deadline();
+                if Instant::now() >= deadline {
+                    if this.head_started.is_some() && !this.h2 {
+                        this.send_408();
+                    }
+                    // End of stream: hyper closes the connection.
+                    return Poll::Ready(Ok(()));
+                }
+                this.timer.as_mut().reset(deadline);
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Guarded {
+    /// If hyper is writing its own error answer to a malformed head, returns
+    /// the same bytes with `x-wasp-error` added after the status line.
+    fn rewrite_auto_error(&self, buf: &[u8]) -> Option<Vec<u8>> {
+        if self.h2 || self.activity.busy() || !buf.starts_with(b"HTTP/1.1 4") {
+            return None;
+        }
+        let code: &[u8] = match buf.get(9..12)? {
+            b"400" => b"bad_request",
+            b"431" => b"header_too_large",
+            b"414" => b"uri_too_long",
+            _ => return None,
+        };
+        let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
+        let mut out = Vec::with_capacity(buf.len() + 40);
+        out.extend_from_slice(&buf[..line_end]);
+        out.extend_from_slice(b"x-wasp-error: ");
+        out.extend_from_slice(code);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&buf[line_end..]);
+        tracing::info!(code = %String::from_utf8_lossy(code), "rejected a malformed request head");
+        Some(out)
+    }
+
+    fn drain_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        while let Some((bytes, written, claimed)) = &mut self.rewrite {
+            if *written == bytes.len() {
+                let n = *claimed;
+                self.rewrite = None;
+                return Poll::Ready(Ok(n));
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(0))
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.rewrite.is_none() {
+            if let Some(bytes) = self.rewrite_auto_error(buf) {
+                self.rewrite = Some((bytes, 0, buf.len()));
+            }
+        }
+        if self.rewrite.is_some() {
+            return self.drain_rewrite(cx);
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if let Some(first) = first {
+            if self.rewrite.is_some() || self.rewrite_auto_error(first).is_some() {
+                let first: &[u8] = first;
+                return self.poll_write(cx, first);
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

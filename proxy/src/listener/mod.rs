@@ -1,0 +1,165 @@
+//! Listeners: binding the sockets and serving connections on a worker.
+//!
+//! Every worker gets its own listening socket per listener, bound with
+//! `SO_REUSEPORT` so the kernel spreads connections across workers and no
+//! accept lock is shared. Sockets are bound on the control thread before
+//! the workers start, so a bind error stops start-up with a clear message.
+//! Each connection serves HTTP/1.1 and prior-knowledge HTTP/2 on the same
+//! port (hyper-util's auto builder reads the preface), with upgrades.
+
+mod guard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::forward::{self, Activity, ConnCtx};
+use crate::server::Shared;
+use guard::Guarded;
+
+/// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
+/// first socket picks the port and the others share it.
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(workers);
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Accepts and serves connections until `shutdown` turns true, then drains:
+/// no new connections, in-flight requests finish (up to the drain timeout).
+pub async fn serve(
+    index: usize,
+    socket: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot register a listening socket: {e}");
+            return;
+        }
+    };
+    let local = listener.local_addr().ok();
+    let graceful = GracefulShutdown::new();
+    let builder = http_builder(&shared, index);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snapshot = shared.snapshot.load();
+        let Some(cfg) = snapshot.config.listeners.get(index) else { break };
+        let runtime = &snapshot.listeners[index];
+        let open = runtime.open_connections.fetch_add(1, Ordering::AcqRel);
+        if open >= cfg.limits.max_connections {
+            runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
+            runtime.stats.error("overflow");
+            reject_overflow(stream, cfg.limits.max_connections);
+            continue;
+        }
+        runtime.stats.accepted.inc();
+        runtime.stats.open.inc();
+        let activity = Arc::new(Activity::default());
+        let io = Guarded::new(stream, activity.clone(), cfg.limits.header_timeout, cfg.limits.idle_timeout);
+        let ctx = Arc::new(ConnCtx {
+            shared: shared.clone(),
+            listener: index,
+            peer,
+            local: local.unwrap_or(peer),
+            scheme: "http",
+            activity,
+        });
+        let service = service_fn(move |req| forward::handle(req, ctx.clone()));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let conn = graceful.watch(conn);
+        let counter = runtime.open_connections.clone();
+        let stats = runtime.stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
+            counter.fetch_sub(1, Ordering::AcqRel);
+            stats.open.dec();
+        });
+    }
+    drop(listener);
+    let timeout = shared.snapshot.load().config.drain_timeout;
+    if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout of {timeout:?} reached with connections still open; closing them");
+    }
+}
+
+fn http_builder(shared: &Shared, index: usize) -> auto::Builder<TokioExecutor> {
+    let snapshot = shared.snapshot.load();
+    let limits = snapshot
+        .config
+        .listeners
+        .get(index)
+        .map(|l| l.limits)
+        .unwrap_or(crate::config::ListenerLimits {
+            max_connections: 0,
+            max_header_bytes: 64 << 10,
+            max_body_bytes: 0,
+            header_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+        });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The connection guard enforces the head deadline and answers 408.
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Over the connection limit: answer 503 without reading and close.
+fn reject_overflow(stream: tokio::net::TcpStream, limit: usize) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let body = format!("listener is at its limit of {limit} connections\n");
+        let resp = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nx-wasp-error: overflow\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        let mut stream = stream;
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    });
+}

@@ -1,0 +1,5 @@
+//! The `wasp` binary: see [`wasp::cli`].
+
+fn main() -> std::process::ExitCode {
+    wasp::cli::main()
+}

@@ -1,0 +1,233 @@
+//! The proxy's own Prometheus metrics and the `/metrics` exposition.
+//!
+//! Series are created when a config snapshot is built (off the request path)
+//! and handed to workers as `Arc`s, so recording a request is a few relaxed
+//! atomic adds: no label formatting, no map lookup, no lock. Paths never
+//! become labels; the label sets are bounded by the config (listeners,
+//! routes, clusters) and by the fixed list of error codes.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::histogram::Histogram;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    cluster: String,
+    code_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: String,
+    route: String,
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    listener: String,
+    code: &'static str,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Every metric the core proxy exports. One per process.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram>,
+    conns_open: Family<ListenerLabels, Gauge>,
+    conns_total: Family<ListenerLabels, Counter>,
+    upstream_open: Family<ClusterLabels, Gauge>,
+    upstream_total: Family<ClusterLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+}
+
+/// Pre-resolved series for one (listener, route, cluster).
+#[derive(Clone, Debug)]
+pub struct RequestStats {
+    by_class: [Counter; 5],
+    pub duration: Histogram,
+}
+
+/// Pre-resolved series for one listener.
+#[derive(Clone, Debug)]
+pub struct ListenerStats {
+    pub open: Gauge,
+    pub accepted: Counter,
+    metrics: Arc<Metrics>,
+    listener: Arc<str>,
+}
+
+/// Pre-resolved series for one cluster's upstream connections.
+#[derive(Clone, Debug)]
+pub struct UpstreamStats {
+    pub open: Gauge,
+    pub opened: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("wasp");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by listener, route, cluster and status class",
+            requests.clone(),
+        );
+        let durations = Family::<RouteLabels, Histogram>::default();
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request's arrival to the response headers being sent",
+            durations.clone(),
+        );
+        let conns_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "downstream_connections_open",
+            "Client connections currently open",
+            conns_open.clone(),
+        );
+        let conns_total = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "downstream_connections",
+            "Client connections accepted",
+            conns_total.clone(),
+        );
+        let upstream_open = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "upstream_connections_open",
+            "Connections to upstream endpoints currently open",
+            upstream_open.clone(),
+        );
+        let upstream_total = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "upstream_connections",
+            "Connections opened to upstream endpoints",
+            upstream_total.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "proxy_errors",
+            "Responses the proxy made itself, by x-wasp-error code",
+            errors.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            durations,
+            conns_open,
+            conns_total,
+            upstream_open,
+            upstream_total,
+            errors,
+        })
+    }
+
+    pub fn request_stats(&self, listener: &str, route: &str, cluster: &str) -> RequestStats {
+        let class = |c: &'static str| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    listener: listener.into(),
+                    route: route.into(),
+                    cluster: cluster.into(),
+                    code_class: c,
+                })
+                .clone()
+        };
+        RequestStats {
+            by_class: CLASSES.map(class),
+            duration: self
+                .durations
+                .get_or_create(&RouteLabels {
+                    listener: listener.into(),
+                    route: route.into(),
+                    cluster: cluster.into(),
+                })
+                .clone(),
+        }
+    }
+
+    pub fn listener_stats(self: &Arc<Self>, listener: &Arc<str>) -> ListenerStats {
+        let labels = ListenerLabels {
+            listener: listener.to_string(),
+        };
+        ListenerStats {
+            open: self.conns_open.get_or_create(&labels).clone(),
+            accepted: self.conns_total.get_or_create(&labels).clone(),
+            metrics: self.clone(),
+            listener: listener.clone(),
+        }
+    }
+
+    pub fn upstream_stats(&self, cluster: &str) -> UpstreamStats {
+        let labels = ClusterLabels {
+            cluster: cluster.into(),
+        };
+        UpstreamStats {
+            open: self.upstream_open.get_or_create(&labels).clone(),
+            opened: self.upstream_total.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The text exposition of every registered metric (no trailing `# EOF`,
+    /// so other sections can be appended).
+    pub fn render(&self, out: &mut String) {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_ok() {
+            out.push_str(text.trim_end().trim_end_matches("# EOF").trim_end());
+            out.push('\n');
+        }
+    }
+}
+
+// === impl RequestStats ===
+
+impl RequestStats {
+    pub fn record(&self, status: u16, secs: f64) {
+        let i = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.by_class[i].inc();
+        self.duration.observe_secs(secs);
+    }
+}
+
+// === impl ListenerStats ===
+
+impl ListenerStats {
+    /// Counts a proxy-made error. Errors are rare, so the label lookup here is fine.
+    pub fn error(&self, code: &'static str) {
+        self.metrics
+            .errors
+            .get_or_create(&ErrorLabels {
+                listener: self.listener.to_string(),
+                code,
+            })
+            .inc();
+    }
+}
+

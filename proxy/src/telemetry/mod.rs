@@ -1,0 +1,10 @@
+//! Telemetry: the proxy's metrics and logging set-up.
+//!
+//! Metrics are recorded on worker threads through pre-resolved handles and
+//! rendered on the control thread by the admin server.
+
+pub mod histogram;
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::{ListenerStats, Metrics, RequestStats, UpstreamStats};
