@@ -305,10 +305,10 @@ fn respond_error(
     snapshot.listeners[conn.listener].stats.error(err.code());
     tracing::warn!(
         listener = %listener.name,
-        route = route.as_deref().unwrap_or("-"),
-        cluster = cluster.as_deref().unwrap_or("-"),
+        route = %route.as_deref().unwrap_or("-"),
+        cluster = %cluster.as_deref().unwrap_or("-"),
         peer = %conn.peer,
-        code = err.code(),
+        code = %err.code(),
         status = err.status().as_u16(),
         "{err}"
     );

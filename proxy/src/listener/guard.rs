@@ -46,10 +46,21 @@ pub struct Guarded {
     h2: bool,
     /// A rewritten automatic error response still being written.
     rewrite: Option<(Vec<u8>, usize, usize)>,
+    /// The current request head so far, while it spans several reads.
+    head: Vec<u8>,
+    /// The current head has been checked (or cannot be: h2, pipelining).
+    head_checked: bool,
+    max_head: usize,
 }
 
 impl Guarded {
-    pub fn new(inner: TcpStream, activity: Arc<Activity>, header_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(
+        inner: TcpStream,
+        activity: Arc<Activity>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        max_head: usize,
+    ) -> Self {
         let now = Instant::now();
         Self {
             inner,
@@ -63,6 +74,9 @@ impl Guarded {
             first_bytes: true,
             h2: false,
             rewrite: None,
+            head: Vec::new(),
+            head_checked: false,
+            max_head,
         }
     }
 
@@ -90,6 +104,69 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// Looks at a request head as it arrives for framing that hyper accepts
+    /// but a proxy must refuse: `Content-Length` together with
+    /// `Transfer-Encoding` (the classic smuggling shape; hyper would drop
+    /// the length and carry on). Returns why the head is refused.
+    fn check_head(&mut self, got: &[u8]) -> Option<&'static str> {
+        let end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+        let verdict = if self.head.is_empty() {
+            match end(got) {
+                Some(pos) => Some(framing_problem(&got[..pos])),
+                None => {
+                    self.head.extend_from_slice(got);
+                    None
+                }
+            }
+        } else {
+            self.head.extend_from_slice(got);
+            end(&self.head).map(|pos| framing_problem(&self.head[..pos]))
+        };
+        match verdict {
+            Some(problem) => {
+                self.head_checked = true;
+                self.head.clear();
+                problem
+            }
+            None => {
+                if self.head.len() > self.max_head {
+                    // Too long to matter: hyper answers 431 itself.
+                    self.head_checked = true;
+                    self.head.clear();
+                }
+                None
+            }
+        }
+    }
+
+    fn reject(&self, reason: &str) {
+        let body = format!("bad request: {reason}\n");
+        let resp = format!(
+            "HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        let _ = self.inner.try_write(resp.as_bytes());
+        tracing::info!("rejected a request head: {reason}");
+    }
+}
+
+/// Checks the header lines of one request head.
+fn framing_problem(head: &[u8]) -> Option<&'static str> {
+    let mut content_length = false;
+    let mut transfer_encoding = false;
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let name = line.split(|b| *b == b':').next().unwrap_or(b"");
+        if name.eq_ignore_ascii_case(b"content-length") {
+            content_length = true;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+        }
+    }
+    (content_length && transfer_encoding).then_some("both Content-Length and Transfer-Encoding are set")
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -101,6 +178,8 @@ impl AsyncRead for Guarded {
             this.seen_started = started;
             this.head_started = None;
             this.idle_since = Instant::now();
+            this.head.clear();
+            this.head_checked = false;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -115,6 +194,14 @@ impl AsyncRead for Guarded {
                         this.head_started = Some(Instant::now());
                     }
                     this.idle_since = Instant::now();
+                    if !this.h2 && !this.head_checked {
+                        if let Some(reason) = this.check_head(got) {
+                            let reason = reason.to_string();
+                            buf.set_filled(before);
+                            this.reject(&reason);
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
                 }
                 Poll::Ready(Ok(()))
             }

@@ -90,7 +90,13 @@ pub async fn serve(
         runtime.stats.accepted.inc();
         runtime.stats.open.inc();
         let activity = Arc::new(Activity::default());
-        let io = Guarded::new(stream, activity.clone(), cfg.limits.header_timeout, cfg.limits.idle_timeout);
+        let io = Guarded::new(
+            stream,
+            activity.clone(),
+            cfg.limits.header_timeout,
+            cfg.limits.idle_timeout,
+            cfg.limits.max_header_bytes,
+        );
         let ctx = Arc::new(ConnCtx {
             shared: shared.clone(),
             listener: index,

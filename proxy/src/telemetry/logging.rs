@@ -1,6 +1,8 @@
 //! Log set-up: `tracing` to stderr, human-readable or JSON, with a level that
 //! can be changed at run time through a reload handle.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
@@ -32,7 +34,11 @@ pub fn init(level: LogLevel, format: LogFormat) -> Option<LevelHandle> {
             .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     result.ok().map(|()| handle)
