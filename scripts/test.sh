@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing
+# (Debian tools, Rust targets), builds the Wasm modules from source, checks
+# formatting and lints, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian tools the tests drive as real clients.
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+fi
+
+if command -v rustup >/dev/null; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+
+echo "==> building the Wasm modules (fixtures and built-in filters)"
+./scripts/build-wasm.sh
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "==> cargo test"
+cargo test --workspace --all-targets
