@@ -1,0 +1,102 @@
+//! Guest memory access for host functions: bounds-checked reads, writes of
+//! out-parameters, and copying host bytes into memory the guest allocates.
+//!
+//! Runs inside a host call on the VM's thread. Every guest pointer is checked
+//! against the current memory size; a bad pointer answers
+//! INVALID_MEMORY_ACCESS instead of touching anything. No `unsafe` here:
+//! wasmtime hands out the linear memory as a slice.
+
+use wasmtime::{Caller, Memory};
+
+use super::Status;
+use crate::filter::host::Host;
+
+/// Result of a host function body: a status, or a trap for the guest.
+pub(crate) type HostResult = wasmtime::Result<Status>;
+
+fn memory(caller: &Caller<'_, Host>) -> Result<Memory, Status> {
+    caller.data().memory.ok_or(Status::InternalFailure)
+}
+
+/// Copies `len` bytes at `ptr` out of guest memory.
+pub(crate) fn read(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
+    let mem = memory(caller)?;
+    let data = mem.data(&*caller);
+    let start = ptr as u32 as usize;
+    let end = start
+        .checked_add(len as u32 as usize)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    data.get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
+}
+
+/// Reads a UTF-8 string (lossy) from guest memory.
+pub(crate) fn read_str(
+    caller: &mut Caller<'_, Host>,
+    ptr: i32,
+    len: i32,
+) -> Result<String, Status> {
+    read(caller, ptr, len).map(|b| match String::from_utf8(b) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
+/// Writes `bytes` at `ptr`.
+pub(crate) fn write(caller: &mut Caller<'_, Host>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
+    let mem = memory(caller)?;
+    let data = mem.data_mut(&mut *caller);
+    let start = ptr as u32 as usize;
+    let end = start
+        .checked_add(bytes.len())
+        .ok_or(Status::InvalidMemoryAccess)?;
+    let dst = data
+        .get_mut(start..end)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    dst.copy_from_slice(bytes);
+    Ok(())
+}
+
+pub(crate) fn write_u32(caller: &mut Caller<'_, Host>, ptr: i32, v: u32) -> Result<(), Status> {
+    write(caller, ptr, &v.to_le_bytes())
+}
+
+pub(crate) fn write_u64(caller: &mut Caller<'_, Host>, ptr: i32, v: u64) -> Result<(), Status> {
+    write(caller, ptr, &v.to_le_bytes())
+}
+
+/// Allocates guest memory with the guest's allocator and copies `bytes` into
+/// it, writing the pointer and length to the out-parameters. Empty data is
+/// returned as a null pointer with length 0. A trap in the allocator
+/// propagates as `Err` (the VM fails).
+pub(crate) fn copy_out(
+    caller: &mut Caller<'_, Host>,
+    bytes: &[u8],
+    ptr_out: i32,
+    len_out: i32,
+) -> HostResult {
+    let guest_ptr = if bytes.is_empty() {
+        0
+    } else {
+        let Some(alloc) = caller.data().alloc.clone() else {
+            return Ok(Status::InternalFailure);
+        };
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let p = alloc.call(&mut *caller, len)?;
+        if p == 0 {
+            return Ok(Status::InternalFailure);
+        }
+        if let Err(s) = write(caller, p as i32, bytes) {
+            return Ok(s);
+        }
+        p
+    };
+    if let Err(s) = write_u32(caller, ptr_out, guest_ptr) {
+        return Ok(s);
+    }
+    if let Err(s) = write_u32(caller, len_out, bytes.len() as u32) {
+        return Ok(s);
+    }
+    Ok(Status::Ok)
+}

@@ -1,0 +1,327 @@
+//! The host-function table: every `env.proxy_*` import of the Proxy-Wasm
+//! ABI v0.2.1 (plus the 0.1.0 names SDKs still import) and the WASI
+//! preview1 functions, linked into a `Linker<Host>` once per module
+//! generation (on the control thread); the functions themselves run on the
+//! VM's worker thread inside a callback.
+//!
+//! Rules every host function here follows:
+//! - answer only statuses the Rust SDK accepts for that call (it panics, and
+//!   so traps, on anything else; see `shared/proxy-wasm-notes.md`);
+//! - never call back into the guest except its allocator;
+//! - a bad guest pointer is INVALID_MEMORY_ACCESS, never a host panic.
+//!
+//! Imports this table does not know are stubbed per module by
+//! [`stub_unknown`]: WASI ones answer ENOSYS, `env` ones UNIMPLEMENTED (or
+//! trap when called if they return no status).
+
+pub(crate) mod buffers;
+pub(crate) mod context;
+pub(crate) mod headers;
+pub(crate) mod http_call;
+pub(crate) mod memory;
+pub(crate) mod metrics;
+pub(crate) mod properties;
+pub(crate) mod shared_data;
+pub(crate) mod wasi;
+
+use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
+
+use super::host::Host;
+
+/// Proxy-Wasm status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum Status {
+    Ok = 0,
+    NotFound = 1,
+    BadArgument = 2,
+    InvalidMemoryAccess = 6,
+    CasMismatch = 8,
+    InternalFailure = 10,
+    Unimplemented = 12,
+}
+
+const ENV: &str = "env";
+const WASI: &str = "wasi_snapshot_preview1";
+
+type C<'a> = Caller<'a, Host>;
+type R = wasmtime::Result<i32>;
+
+/// Wraps a host function body returning `HostResult` into an i32 status.
+macro_rules! host {
+    ($l:ident, $name:literal, |$c:ident $(, $a:ident)*| $body:expr) => {
+        $l.func_wrap(ENV, $name, |mut $c: C<'_> $(, $a: i32)*| -> R {
+            let $c = &mut $c;
+            $body.map(|s| s as i32)
+        })?;
+    };
+}
+
+/// A constant status, for the unimplemented parts of the ABI.
+macro_rules! fixed {
+    ($l:ident, $name:literal, $status:expr, $($a:ident),*) => {
+        $l.func_wrap(ENV, $name, |_c: C<'_> $(, $a: i32)*| -> i32 {
+            $(let _ = $a;)*
+            $status as i32
+        })?;
+    };
+}
+
+/// Adds every host function to `l`.
+pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    host!(l, "proxy_log", |c, lv, p, n| context::log(c, lv, p, n));
+    host!(l, "proxy_get_log_level", |c, o| context::get_log_level(
+        c, o
+    ));
+    host!(l, "proxy_get_current_time_nanoseconds", |c, o| {
+        context::current_time(c, o)
+    });
+    host!(l, "proxy_set_tick_period_milliseconds", |c, ms| {
+        context::set_tick_period(c, ms)
+    });
+    host!(l, "proxy_get_buffer_bytes", |c, t, s, m, po, lo| {
+        buffers::get(c, t, s, m, po, lo)
+    });
+    host!(
+        l,
+        "proxy_set_buffer_bytes",
+        |c, t, s, z, p, n| buffers::set(c, t, s, z, p, n)
+    );
+    host!(l, "proxy_get_configuration", |c, po, lo| {
+        buffers::get_configuration(c, po, lo)
+    });
+    host!(l, "proxy_get_header_map_pairs", |c, m, po, lo| {
+        headers::get_pairs(c, m, po, lo)
+    });
+    host!(l, "proxy_set_header_map_pairs", |c, m, p, n| {
+        headers::set_pairs(c, m, p, n)
+    });
+    host!(l, "proxy_get_header_map_size", |c, m, o| headers::get_size(
+        c, m, o
+    ));
+    host!(l, "proxy_get_header_map_value", |c, m, kp, kl, po, lo| {
+        headers::get_value(c, m, kp, kl, po, lo)
+    });
+    host!(l, "proxy_add_header_map_value", |c, m, kp, kl, vp, vl| {
+        headers::add(c, m, kp, kl, vp, vl)
+    });
+    host!(
+        l,
+        "proxy_replace_header_map_value",
+        |c, m, kp, kl, vp, vl| { headers::replace(c, m, kp, kl, vp, vl) }
+    );
+    host!(l, "proxy_remove_header_map_value", |c, m, kp, kl| {
+        headers::remove(c, m, kp, kl)
+    });
+    host!(
+        l,
+        "proxy_get_property",
+        |c, pp, pl, po, lo| properties::get(c, pp, pl, po, lo)
+    );
+    host!(
+        l,
+        "proxy_set_property",
+        |c, pp, pl, vp, vl| properties::set(c, pp, pl, vp, vl)
+    );
+    host!(l, "proxy_get_shared_data", |c, kp, kl, po, lo, co| {
+        shared_data::get(c, kp, kl, po, lo, co)
+    });
+    host!(l, "proxy_set_shared_data", |c, kp, kl, vp, vl, cas| {
+        shared_data::set(c, kp, kl, vp, vl, cas)
+    });
+    host!(l, "proxy_continue_stream", |c, t| context::continue_stream(
+        c, t
+    ));
+    host!(l, "proxy_close_stream", |c, t| context::close_stream(c, t));
+    host!(l, "proxy_continue_request", |c| context::continue_stream(
+        c, 0
+    ));
+    host!(l, "proxy_continue_response", |c| context::continue_stream(
+        c, 1
+    ));
+    host!(
+        l,
+        "proxy_send_local_response",
+        |c, st, dp, dl, bp, bl, hp, hl, g| {
+            context::send_local_response(c, st, dp, dl, bp, bl, hp, hl, g)
+        }
+    );
+    host!(l, "proxy_http_call", |c,
+                                 up,
+                                 ul,
+                                 hp,
+                                 hl,
+                                 bp,
+                                 bl,
+                                 tp,
+                                 tl,
+                                 to,
+                                 tok| {
+        http_call::call(c, up, ul, hp, hl, bp, bl, tp, tl, to, tok)
+    });
+    host!(l, "proxy_get_status", |c, co, po, lo| context::get_status(
+        c, co, po, lo
+    ));
+    host!(l, "proxy_set_effective_context", |c, ctx| {
+        context::set_effective_context(c, ctx)
+    });
+    host!(l, "proxy_done", |c| context::done(c));
+    host!(l, "proxy_define_metric", |c, t, np, nl, o| metrics::define(
+        c, t, np, nl, o
+    ));
+    host!(l, "proxy_get_metric", |c, id, o| metrics::get(c, id, o));
+    l.func_wrap(
+        ENV,
+        "proxy_increment_metric",
+        |mut c: C<'_>, id: i32, by: i64| -> R {
+            metrics::increment(&mut c, id, by).map(|s| s as i32)
+        },
+    )?;
+    l.func_wrap(
+        ENV,
+        "proxy_record_metric",
+        |mut c: C<'_>, id: i32, v: i64| -> R { metrics::record(&mut c, id, v).map(|s| s as i32) },
+    )?;
+
+    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
+    host!(l, "proxy_register_shared_queue", |c, np, nl, o| {
+        context::register_shared_queue(c, np, nl, o)
+    });
+    fixed!(
+        l,
+        "proxy_resolve_shared_queue",
+        Status::NotFound,
+        a,
+        b,
+        c2,
+        d,
+        e
+    );
+    fixed!(l, "proxy_dequeue_shared_queue", Status::NotFound, a, b, c2);
+    fixed!(l, "proxy_enqueue_shared_queue", Status::NotFound, a, b, c2);
+    fixed!(
+        l,
+        "proxy_grpc_call",
+        Status::InternalFailure,
+        a,
+        b,
+        c2,
+        d,
+        e,
+        f,
+        g,
+        h,
+        i,
+        j,
+        k,
+        m
+    );
+    fixed!(
+        l,
+        "proxy_grpc_stream",
+        Status::InternalFailure,
+        a,
+        b,
+        c2,
+        d,
+        e,
+        f,
+        g,
+        h,
+        i
+    );
+    fixed!(l, "proxy_grpc_send", Status::NotFound, a, b, c2, d);
+    fixed!(l, "proxy_grpc_cancel", Status::NotFound, a);
+    fixed!(l, "proxy_grpc_close", Status::NotFound, a);
+    fixed!(
+        l,
+        "proxy_call_foreign_function",
+        Status::NotFound,
+        a,
+        b,
+        c2,
+        d,
+        e,
+        f
+    );
+
+    // WASI preview1.
+    l.func_wrap(
+        WASI,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, n: i32, out: i32| {
+            wasi::fd_write(&mut c, fd, iovs, n, out)
+        },
+    )?;
+    l.func_wrap(WASI, "environ_sizes_get", |mut c: C<'_>, a: i32, b: i32| {
+        wasi::sizes_get(&mut c, a, b)
+    })?;
+    l.func_wrap(WASI, "args_sizes_get", |mut c: C<'_>, a: i32, b: i32| {
+        wasi::sizes_get(&mut c, a, b)
+    })?;
+    l.func_wrap(WASI, "environ_get", |mut c: C<'_>, a: i32, b: i32| {
+        wasi::list_get(&mut c, a, b)
+    })?;
+    l.func_wrap(WASI, "args_get", |mut c: C<'_>, a: i32, b: i32| {
+        wasi::list_get(&mut c, a, b)
+    })?;
+    l.func_wrap(
+        WASI,
+        "clock_time_get",
+        |mut c: C<'_>, id: i32, p: i64, out: i32| wasi::clock_time_get(&mut c, id, p, out),
+    )?;
+    l.func_wrap(WASI, "clock_res_get", |mut c: C<'_>, id: i32, out: i32| {
+        wasi::clock_res_get(&mut c, id, out)
+    })?;
+    l.func_wrap(WASI, "random_get", |mut c: C<'_>, p: i32, n: i32| {
+        wasi::random_get(&mut c, p, n)
+    })?;
+    l.func_wrap(
+        WASI,
+        "proc_exit",
+        |mut c: C<'_>, code: i32| -> wasmtime::Result<()> { Err(wasi::proc_exit(&mut c, code)) },
+    )?;
+    l.func_wrap(WASI, "sched_yield", |mut c: C<'_>| {
+        wasi::sched_yield(&mut c)
+    })?;
+    l.func_wrap(WASI, "fd_fdstat_get", |mut c: C<'_>, fd: i32, out: i32| {
+        wasi::fd_fdstat_get(&mut c, fd, out)
+    })?;
+    Ok(())
+}
+
+/// Defines every import of `module` that `l` lacks: WASI functions answer
+/// ENOSYS, `env` functions UNIMPLEMENTED; imports with other result shapes
+/// (or other modules' imports) trap only when called.
+pub(crate) fn stub_unknown(l: &mut Linker<Host>, module: &Module) -> wasmtime::Result<()> {
+    for import in module.imports() {
+        let ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let results: Vec<ValType> = ty.results().collect();
+        let answer = match (import.module(), results.as_slice()) {
+            (WASI, [ValType::I32]) => Some(wasi::ENOSYS),
+            (ENV, [ValType::I32]) => Some(Status::Unimplemented as i32),
+            _ => None,
+        };
+        let (module_name, name) = (import.module().to_string(), import.name().to_string());
+        // Already-linked names fail to redefine (no shadowing): that is the skip.
+        let _ = l.func_new(
+            import.module(),
+            import.name(),
+            ty.clone(),
+            move |_c, _params, results| match answer {
+                Some(v) => {
+                    if let Some(r) = results.first_mut() {
+                        *r = Val::I32(v);
+                    }
+                    Ok(())
+                }
+                None => Err(wasmtime::Error::msg(format!(
+                    "called unimplemented import {module_name}.{name}"
+                ))),
+            },
+        );
+    }
+    Ok(())
+}

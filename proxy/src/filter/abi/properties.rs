@@ -1,0 +1,139 @@
+//! Properties (`proxy_get_property` / `proxy_set_property`), as listed in
+//! `docs/filter-contract.md`: strings are raw UTF-8, integers i64
+//! little-endian, header maps in the ABI map format.
+//!
+//! Runs inside a host call on the VM's thread (and from
+//! `StreamFilters::property` for the core). A property that is not
+//! available (e.g. `response.code` before response headers, or any stream
+//! property on the root context) is NOT_FOUND. Values set by filters live on
+//! the stream, keyed by the dot-joined path, and shadow nothing built in.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use wasmtime::Caller;
+
+use super::headers::{authority, serialize};
+use super::memory::{self, copy_out, HostResult};
+use super::Status;
+use crate::filter::host::{Host, StreamData};
+
+fn int(v: i64) -> Bytes {
+    Bytes::copy_from_slice(&v.to_le_bytes())
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A stream property by dot-joined path.
+pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
+    let text = |v: &str| Some(Bytes::copy_from_slice(v.as_bytes()));
+    match path {
+        "request.path" => text(
+            s.req
+                .as_ref()?
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+        ),
+        "request.url_path" => text(s.req.as_ref()?.uri.path()),
+        "request.host" => text(&authority(s.req.as_ref()?)),
+        "request.scheme" => text(s.info.scheme),
+        "request.method" => text(s.req.as_ref()?.method.as_str()),
+        "request.headers" => {
+            let req = s.req.as_ref()?;
+            Some(Bytes::from(serialize(
+                req.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+            )))
+        }
+        "request.id" => text(&s.info.request_id),
+        "request.protocol" => text(s.info.protocol),
+        "request.time" => Some(int(nanos(s.info.start))),
+        "request.duration" => {
+            s.sizes?;
+            let d = SystemTime::now()
+                .duration_since(s.info.start)
+                .unwrap_or_default();
+            Some(int(d.as_nanos() as i64))
+        }
+        "request.size" => Some(int(s.sizes?.0 as i64)),
+        "response.size" => Some(int(s.sizes?.1 as i64)),
+        "source.address" => text(&s.info.source.to_string()),
+        "source.port" => Some(int(i64::from(s.info.source.port()))),
+        "source.principal" => text(s.info.principal.as_deref()?),
+        "destination.address" => text(&s.info.destination.to_string()),
+        "destination.port" => Some(int(i64::from(s.info.destination.port()))),
+        "response.code" => Some(int(i64::from(s.resp.as_ref()?.status.as_u16()))),
+        "response.headers" => {
+            let resp = s.resp.as_ref()?;
+            Some(Bytes::from(serialize(
+                resp.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+            )))
+        }
+        "upstream.address" => text(&s.upstream?.to_string()),
+        "listener_name" => text(&s.info.listener),
+        "route_name" => text(s.route.as_deref()?),
+        "cluster_name" => text(s.cluster.as_deref()?),
+        "wasp.error" => text(s.error_code?),
+        _ => s.props.get(path).cloned(),
+    }
+}
+
+fn property(h: &Host, path: &str) -> Option<Bytes> {
+    match path {
+        "plugin_name" | "plugin_root_id" | "plugin_vm_id" => {
+            Some(Bytes::copy_from_slice(h.plugin.name.as_bytes()))
+        }
+        _ => stream_property(h.stream()?, path),
+    }
+}
+
+/// `request\0path` -> `request.path` (a trailing NUL is ignored).
+fn join_path(raw: &[u8]) -> String {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    String::from_utf8_lossy(raw).replace('\0', ".")
+}
+
+pub(crate) fn get(
+    c: &mut Caller<'_, Host>,
+    pp: i32,
+    pl: i32,
+    ptr_out: i32,
+    len_out: i32,
+) -> HostResult {
+    let raw = match memory::read(c, pp, pl) {
+        Ok(r) => r,
+        Err(s) => return Ok(s),
+    };
+    let path = join_path(&raw);
+    match property(c.data(), &path) {
+        Some(v) => copy_out(c, &v, ptr_out, len_out),
+        None => Ok(Status::NotFound),
+    }
+}
+
+pub(crate) fn set(c: &mut Caller<'_, Host>, pp: i32, pl: i32, vp: i32, vl: i32) -> HostResult {
+    let raw = match memory::read(c, pp, pl) {
+        Ok(r) => r,
+        Err(s) => return Ok(s),
+    };
+    let value = match memory::read(c, vp, vl) {
+        Ok(v) => Bytes::from(v),
+        Err(s) => return Ok(s),
+    };
+    let path = join_path(&raw);
+    if let Some(s) = c.data_mut().stream_mut() {
+        s.props.insert(path, value);
+    } else {
+        tracing::debug!(path, "set_property outside a stream; ignored");
+    }
+    Ok(Status::Ok)
+}

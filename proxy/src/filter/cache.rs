@@ -1,0 +1,96 @@
+//! The compiled-module cache: on disk (`<cache_dir>/<sha256>-<engine>.cwasm`)
+//! so a restart loads instead of compiling, keyed by the module's SHA-256
+//! and the engine's `precompile_compatibility_hash` (wasmtime version and
+//! every codegen setting), so an artefact from another engine is never
+//! loaded.
+//!
+//! Runs on the control thread during `FilterRuntime::load`. Writes are
+//! atomic (temp file + rename); a corrupt or stale entry is recompiled and
+//! replaced, never fatal.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Engine, Module};
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A `Hasher` feeding SHA-256, so the engine key is stable across builds.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+/// Short key of the engine's compatibility hash.
+pub(crate) fn engine_key(engine: &Engine) -> String {
+    let mut h = ShaHasher(Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut h);
+    hex(&h.0.finalize()[..8])
+}
+
+fn entry_path(dir: &Path, sha: &str, engine_key: &str) -> PathBuf {
+    dir.join(format!("{sha}-{engine_key}.cwasm"))
+}
+
+/// Loads the module from the cache, or compiles it and stores it.
+pub(crate) fn load_or_compile(
+    engine: &Engine,
+    bytes: &[u8],
+    sha: &str,
+    dir: Option<&Path>,
+) -> anyhow::Result<Module> {
+    let Some(dir) = dir else {
+        return compile(engine, bytes);
+    };
+    let path = entry_path(dir, sha, &engine_key(engine));
+    if path.is_file() {
+        // SAFETY: the file is an artefact this process (or an earlier run)
+        // wrote with `Module::serialize` into the proxy's own cache
+        // directory; its name carries the module hash and the engine's
+        // compatibility hash, and wasmtime re-checks the header and engine
+        // settings before use. Deserializing is unsafe only for untrusted
+        // input, which this is not.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Module::deserialize_file(engine, &path) };
+        match loaded {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "module cache entry unusable; recompiling")
+            }
+        }
+    }
+    let module = compile(engine, bytes)?;
+    if let Err(e) = store(dir, &path, &module) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write module cache entry");
+    }
+    Ok(module)
+}
+
+fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+    Module::new(engine, bytes).map_err(|e| anyhow::anyhow!("compile error: {e:#}"))
+}
+
+fn store(dir: &Path, path: &Path, module: &Module) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = module
+        .serialize()
+        .map_err(|e| anyhow::anyhow!("serialize: {e:#}"))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

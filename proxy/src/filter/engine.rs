@@ -1,0 +1,306 @@
+//! [`FilterRuntime`]: the process-wide part of the engine. One wasmtime
+//! `Engine` (cranelift, pooling allocator, epoch interruption), the epoch
+//! ticker thread, the module caches, and the per-filter-name registry of
+//! state that outlives generations (shared data, guest metrics, call
+//! statistics, generation counter, last error).
+//!
+//! Runs on the control thread (`load`, `render_metrics`, `status_json`); the
+//! ticker is its own thread ("wasp-epoch"), one relaxed atomic add per
+//! millisecond. Workers never touch the locks here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig,
+};
+
+use super::abi;
+use super::abi::shared_data::SharedData;
+use super::cache;
+use super::host::Host;
+use super::metrics::{self, FilterStats, MetricStore};
+use super::plugin::{Plugin, PluginShared};
+use super::set::FilterSet;
+use super::vm::Vm;
+use super::{FilterSpec, HttpCallouts};
+
+/// Epoch tick: the granularity of CPU deadlines.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Pool size: live VMs (workers x filters x generations in flight).
+const POOL_INSTANCES: u32 = 512;
+/// Largest linear memory any VM may reach (per-filter caps are lower).
+const POOL_MAX_MEMORY: usize = 1 << 30;
+
+/// State of one filter name that survives reloads.
+struct FilterEntry {
+    shared: Arc<SharedData>,
+    metrics: Arc<MetricStore>,
+    stats: Arc<FilterStats>,
+    generation: u64,
+    latest: Weak<Plugin>,
+    module_path: PathBuf,
+    sha256: String,
+    load_error: Option<String>,
+}
+
+impl FilterEntry {
+    fn new() -> Self {
+        FilterEntry {
+            shared: Arc::default(),
+            metrics: Arc::default(),
+            stats: Arc::default(),
+            generation: 0,
+            latest: Weak::new(),
+            module_path: PathBuf::new(),
+            sha256: String::new(),
+            load_error: None,
+        }
+    }
+}
+
+/// The process-wide filter engine.
+pub struct FilterRuntime {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+    callouts: Arc<dyn HttpCallouts>,
+    modules: Mutex<HashMap<String, Module>>,
+    filters: Mutex<BTreeMap<String, FilterEntry>>,
+    next_set: AtomicU64,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for FilterRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterRuntime")
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FilterRuntime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config() -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(POOL_INSTANCES)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(POOL_INSTANCES)
+        .max_memory_size(POOL_MAX_MEMORY);
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true)
+        .memory_reservation(POOL_MAX_MEMORY as u64)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    cfg
+}
+
+impl FilterRuntime {
+    /// Creates the engine and starts the epoch ticker. `cache_dir`: where
+    /// compiled modules are kept (created on first write); `None` disables
+    /// the disk cache.
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        callouts: Arc<dyn HttpCallouts>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let engine = Engine::new(&engine_config())
+            .map_err(|e| anyhow!("creating the wasm engine: {e:#}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("wasp-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .context("spawning the epoch ticker")?;
+        }
+        Ok(Arc::new(FilterRuntime {
+            engine,
+            cache_dir,
+            callouts,
+            modules: Mutex::new(HashMap::new()),
+            filters: Mutex::new(BTreeMap::new()),
+            next_set: AtomicU64::new(1),
+            stop_ticker: stop,
+        }))
+    }
+
+    /// Call once on each worker thread before its first request, so the
+    /// first wasm call does not pay wasmtime's thread-local setup.
+    pub fn init_worker_thread() {
+        Engine::tls_eager_initialize();
+    }
+
+    fn module(&self, bytes: &[u8], sha: &str) -> anyhow::Result<Module> {
+        if let Some(m) = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha)
+        {
+            return Ok(m.clone());
+        }
+        let m = cache::load_or_compile(&self.engine, bytes, sha, self.cache_dir.as_deref())?;
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sha.to_string(), m.clone());
+        Ok(m)
+    }
+
+    /// Compiles (or loads from cache) and validates each spec by
+    /// instantiating it once and running `proxy_on_context_create(root)`,
+    /// `proxy_on_vm_start` and `proxy_on_configure`. The error names the
+    /// filter and says why; on error nothing is published.
+    pub fn load(self: &Arc<Self>, specs: Vec<FilterSpec>) -> anyhow::Result<Arc<FilterSet>> {
+        let mut plugins: Vec<Arc<Plugin>> = Vec::with_capacity(specs.len());
+        let mut seen = std::collections::HashSet::new();
+        for spec in specs {
+            if !seen.insert(spec.name.clone()) {
+                bail!("filter \"{}\" is declared twice", spec.name);
+            }
+            let name = spec.name.clone();
+            match self.prepare(spec) {
+                Ok(p) => plugins.push(p),
+                Err(e) => {
+                    let msg = format!("filter \"{name}\": {e:#}");
+                    let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+                    reg.entry(name).or_insert_with(FilterEntry::new).load_error = Some(msg.clone());
+                    return Err(anyhow!(msg));
+                }
+            }
+        }
+        let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &plugins {
+            let e = reg
+                .entry(p.name().to_string())
+                .or_insert_with(FilterEntry::new);
+            e.generation = p.generation;
+            e.latest = Arc::downgrade(p);
+            e.module_path = p.spec.module_path.clone();
+            e.sha256 = p.sha256.clone();
+            e.load_error = None;
+        }
+        let id = self.next_set.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(FilterSet::new(id, plugins)))
+    }
+
+    fn prepare(&self, spec: FilterSpec) -> anyhow::Result<Arc<Plugin>> {
+        let bytes = std::fs::read(&spec.module_path)
+            .with_context(|| format!("reading {}", spec.module_path.display()))?;
+        let sha = cache::sha256_hex(&bytes);
+        let module = self.module(&bytes, &sha)?;
+        let has = |n: &str| module.get_export(n).is_some();
+        if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
+            bail!(
+                "{} exports neither proxy_abi_version_0_2_1 nor proxy_abi_version_0_2_0 (not a Proxy-Wasm 0.2 module)",
+                spec.module_path.display()
+            );
+        }
+        if !has("proxy_on_memory_allocate") && !has("malloc") {
+            bail!("missing export proxy_on_memory_allocate (or malloc)");
+        }
+        let mut linker: Linker<Host> = Linker::new(&self.engine);
+        abi::link(&mut linker).map_err(|e| anyhow!("linking host functions: {e:#}"))?;
+        abi::stub_unknown(&mut linker, &module).map_err(|e| anyhow!("linking: {e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| anyhow!("linking: {e:#}"))?;
+
+        let (shared_data, metric_store, stats, generation) = {
+            let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+            let e = reg
+                .entry(spec.name.clone())
+                .or_insert_with(FilterEntry::new);
+            (
+                e.shared.clone(),
+                e.metrics.clone(),
+                e.stats.clone(),
+                e.generation + 1,
+            )
+        };
+        let deadline_ticks =
+            (spec.cpu_limit.as_micros() / EPOCH_TICK.as_micros().max(1)) as u64 + 1;
+        let plugin = Arc::new(Plugin {
+            shared: Arc::new(PluginShared {
+                name: Arc::from(spec.name.as_str()),
+                config: spec.config.clone(),
+                vm_config: spec.vm_config.clone(),
+                shared: shared_data,
+                metrics: metric_store,
+                stats,
+                callouts: self.callouts.clone(),
+            }),
+            engine: self.engine.clone(),
+            pre,
+            sha256: sha,
+            generation,
+            deadline_ticks: deadline_ticks.max(2),
+            failed_vms: Default::default(),
+            last_error: Mutex::new(None),
+            spec,
+        });
+        // Validate: a throw-away VM runs the whole start-up sequence.
+        let vm = Vm::new(&plugin).map_err(|f| anyhow!("{f}"))?;
+        drop(vm);
+        Ok(plugin)
+    }
+
+    /// Prometheus text of guest-defined metrics and per filter+phase stats.
+    pub fn render_metrics(&self, out: &mut String) {
+        let list: Vec<_> = {
+            let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+            reg.iter()
+                .map(|(n, e)| (n.clone(), e.stats.clone(), e.metrics.clone()))
+                .collect()
+        };
+        metrics::render(out, &list);
+    }
+
+    /// Each filter's name, module path, module sha256, generation, state
+    /// (`ok` / `rebuilding` / `failed`) and last error, as a JSON array.
+    pub fn status_json(&self) -> serde_json::Value {
+        let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        let list = reg
+            .iter()
+            .map(|(name, e)| {
+                let plugin = e.latest.upgrade();
+                let state = match &plugin {
+                    Some(p) => p.state(),
+                    None if e.load_error.is_some() => "failed",
+                    None => "unloaded",
+                };
+                let last_error = e
+                    .load_error
+                    .clone()
+                    .or_else(|| plugin.as_ref().and_then(|p| p.last_error()));
+                serde_json::json!({
+                    "name": name,
+                    "module": e.module_path.display().to_string(),
+                    "sha256": e.sha256,
+                    "generation": e.generation,
+                    "state": state,
+                    "last_error": last_error,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn stats_of(&self, name: &str) -> Option<Arc<FilterStats>> {
+        let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        reg.get(name).map(|e| e.stats.clone())
+    }
+}

@@ -1,0 +1,424 @@
+//! Filter metrics: guest-defined metrics (`proxy_define_metric` & co.) and
+//! the engine's own per filter+phase call statistics, rendered as Prometheus
+//! text.
+//!
+//! Written by worker threads (relaxed atomics only; a lock is taken when a
+//! guest *defines* a metric, which SDKs do once per VM), read by the control
+//! thread at scrape time. Stores are keyed by filter name and outlive
+//! generations, so counters survive reloads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Metric kinds of the ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl MetricKind {
+    pub(crate) fn from_abi(v: i32) -> Option<Self> {
+        match v {
+            0 => Some(MetricKind::Counter),
+            1 => Some(MetricKind::Gauge),
+            2 => Some(MetricKind::Histogram),
+            _ => None,
+        }
+    }
+
+    fn prom(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Upper bounds of guest histogram buckets (the guest's own unit).
+const GUEST_BUCKETS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 100_000,
+];
+
+/// Upper bounds of callback duration buckets, in microseconds.
+const DURATION_BUCKETS_US: [u64; 12] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 10_000, 50_000, 250_000,
+];
+
+/// A fixed-bucket histogram of relaxed atomics.
+#[derive(Debug)]
+pub(crate) struct Histogram {
+    bounds: &'static [u64],
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [u64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self, v: u64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes `_bucket`, `_sum`, `_count` lines; `scale` divides bounds and sum.
+    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let le = *b as f64 / scale;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / scale;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// One guest-defined metric, shared by every VM of the filter.
+#[derive(Debug)]
+pub(crate) struct GuestMetric {
+    pub name: String,
+    pub kind: MetricKind,
+    value: AtomicI64,
+    histogram: Option<Histogram>,
+}
+
+impl GuestMetric {
+    /// `proxy_increment_metric`; false for histograms.
+    pub(crate) fn increment(&self, by: i64) -> bool {
+        if self.kind == MetricKind::Histogram {
+            return false;
+        }
+        self.value.fetch_add(by, Ordering::Relaxed);
+        true
+    }
+
+    /// `proxy_record_metric`: sets counters and gauges, observes histograms.
+    pub(crate) fn record(&self, v: u64) {
+        match &self.histogram {
+            Some(h) => h.record(v),
+            None => self.value.store(v as i64, Ordering::Relaxed),
+        }
+    }
+
+    /// `proxy_get_metric` (histograms answer their observation count).
+    pub(crate) fn get(&self) -> u64 {
+        match &self.histogram {
+            Some(h) => h.count.load(Ordering::Relaxed),
+            None => self.value.load(Ordering::Relaxed) as u64,
+        }
+    }
+}
+
+/// The guest metrics of one filter (all VMs, all workers, all generations).
+#[derive(Debug, Default)]
+pub(crate) struct MetricStore {
+    inner: Mutex<MetricStoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct MetricStoreInner {
+    by_name: HashMap<String, u32>,
+    metrics: Vec<Arc<GuestMetric>>,
+}
+
+impl MetricStore {
+    /// Defines (or finds) a metric; ids start at 1. `None` on a kind clash.
+    pub(crate) fn define(&self, kind: MetricKind, name: &str) -> Option<(u32, Arc<GuestMetric>)> {
+        let name = sanitize(name);
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = g.by_name.get(&name).copied() {
+            let m = g.metrics.get(id as usize - 1)?.clone();
+            return (m.kind == kind).then_some((id, m));
+        }
+        let m = Arc::new(GuestMetric {
+            name: name.clone(),
+            kind,
+            value: AtomicI64::new(0),
+            histogram: (kind == MetricKind::Histogram).then(|| Histogram::new(&GUEST_BUCKETS)),
+        });
+        g.metrics.push(m.clone());
+        let id = g.metrics.len() as u32;
+        g.by_name.insert(name, id);
+        Some((id, m))
+    }
+
+    /// Finds a metric defined by another VM of the same filter.
+    pub(crate) fn get(&self, id: u32) -> Option<Arc<GuestMetric>> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.metrics.get((id as usize).checked_sub(1)?).cloned()
+    }
+
+    fn snapshot(&self) -> Vec<Arc<GuestMetric>> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.metrics.clone()
+    }
+}
+
+/// Callback phases with their own statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Start,
+    ContextCreate,
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    HttpCallResponse,
+    Tick,
+    Log,
+    Done,
+}
+
+impl Phase {
+    const ALL: [Phase; 12] = [
+        Phase::Start,
+        Phase::ContextCreate,
+        Phase::RequestHeaders,
+        Phase::RequestBody,
+        Phase::RequestTrailers,
+        Phase::ResponseHeaders,
+        Phase::ResponseBody,
+        Phase::ResponseTrailers,
+        Phase::HttpCallResponse,
+        Phase::Tick,
+        Phase::Log,
+        Phase::Done,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Phase::Start => "start",
+            Phase::ContextCreate => "context_create",
+            Phase::RequestHeaders => "request_headers",
+            Phase::RequestBody => "request_body",
+            Phase::RequestTrailers => "request_trailers",
+            Phase::ResponseHeaders => "response_headers",
+            Phase::ResponseBody => "response_body",
+            Phase::ResponseTrailers => "response_trailers",
+            Phase::HttpCallResponse => "http_call_response",
+            Phase::Tick => "tick",
+            Phase::Log => "log",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// How a callback ended, for statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallResult {
+    Ok,
+    Trap,
+    Timeout,
+    /// Memory cap, `proc_exit`, or another host-side error.
+    Error,
+}
+
+#[derive(Debug)]
+struct PhaseStats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    traps: AtomicU64,
+    timeouts: AtomicU64,
+    duration: Histogram,
+}
+
+/// Per filter+phase statistics of the engine.
+#[derive(Debug)]
+pub(crate) struct FilterStats {
+    phases: Vec<PhaseStats>,
+}
+
+impl Default for FilterStats {
+    fn default() -> Self {
+        FilterStats {
+            phases: Phase::ALL
+                .iter()
+                .map(|_| PhaseStats {
+                    calls: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    traps: AtomicU64::new(0),
+                    timeouts: AtomicU64::new(0),
+                    duration: Histogram::new(&DURATION_BUCKETS_US),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl FilterStats {
+    pub(crate) fn record(&self, phase: Phase, took: Duration, result: CallResult) {
+        let idx = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        let Some(s) = self.phases.get(idx) else {
+            return;
+        };
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        s.duration.record(took.as_micros() as u64);
+        match result {
+            CallResult::Ok => {}
+            CallResult::Trap => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                s.traps.fetch_add(1, Ordering::Relaxed);
+            }
+            CallResult::Timeout => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                s.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            CallResult::Error => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn calls(&self, phase: Phase) -> u64 {
+        let idx = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        self.phases[idx].calls.load(Ordering::Relaxed)
+    }
+}
+
+/// Metric names from guests: `[a-zA-Z0-9_:]`, not starting with a digit.
+pub(crate) fn sanitize(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, '_');
+    }
+    s
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders everything as Prometheus text. `filters`: (name, stats, guest metrics).
+pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc<MetricStore>)]) {
+    let counters: [(&str, &str, fn(&PhaseStats) -> &AtomicU64); 4] = [
+        ("wasp_filter_calls_total", "Filter callbacks run.", |s| {
+            &s.calls
+        }),
+        (
+            "wasp_filter_errors_total",
+            "Filter callbacks that failed (any reason).",
+            |s| &s.errors,
+        ),
+        (
+            "wasp_filter_traps_total",
+            "Filter callbacks that trapped.",
+            |s| &s.traps,
+        ),
+        (
+            "wasp_filter_timeouts_total",
+            "Filter callbacks stopped by the CPU deadline.",
+            |s| &s.timeouts,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (filter, stats, _) in filters {
+            for (i, p) in Phase::ALL.iter().enumerate() {
+                let v = get(&stats.phases[i]).load(Ordering::Relaxed);
+                if v > 0 {
+                    let f = label(filter);
+                    let _ = writeln!(out, "{name}{{filter=\"{f}\",phase=\"{}\"}} {v}", p.name());
+                }
+            }
+        }
+    }
+    let name = "wasp_filter_callback_duration_seconds";
+    let _ = writeln!(out, "# HELP {name} Duration of filter callbacks.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (filter, stats, _) in filters {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            let s = &stats.phases[i];
+            if s.calls.load(Ordering::Relaxed) > 0 {
+                let labels = format!("filter=\"{}\",phase=\"{}\"", label(filter), p.name());
+                s.duration.render(out, name, &labels, 1e6);
+            }
+        }
+    }
+
+    // Guest metrics, grouped by name so each family has one HELP/TYPE.
+    let mut families: BTreeMap<String, Vec<(&str, Arc<GuestMetric>)>> = BTreeMap::new();
+    for (filter, _, store) in filters {
+        for m in store.snapshot() {
+            families
+                .entry(m.name.clone())
+                .or_default()
+                .push((filter, m));
+        }
+    }
+    for (name, members) in families {
+        let Some(kind) = members.first().map(|(_, m)| m.kind) else {
+            continue;
+        };
+        let _ = writeln!(out, "# HELP {name} Defined by a Wasm filter.");
+        let _ = writeln!(out, "# TYPE {name} {}", kind.prom());
+        for (filter, m) in members.iter().filter(|(_, m)| m.kind == kind) {
+            let labels = format!("filter=\"{}\"", label(filter));
+            match &m.histogram {
+                Some(h) => h.render(out, &name, &labels, 1.0),
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{labels}}} {}",
+                        m.value.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn sanitizes_names() {
+        assert_eq!(sanitize("a.b-c"), "a_b_c");
+        assert_eq!(sanitize("9lives"), "_9lives");
+        assert_eq!(sanitize("ok_name:x"), "ok_name:x");
+    }
+
+    #[test]
+    fn define_is_idempotent_and_typed() {
+        let s = MetricStore::default();
+        let (a, _) = s.define(MetricKind::Counter, "x").unwrap();
+        let (b, _) = s.define(MetricKind::Counter, "x").unwrap();
+        assert_eq!(a, b);
+        assert!(s.define(MetricKind::Gauge, "x").is_none());
+    }
+}

@@ -1,0 +1,157 @@
+//! The Wasm filter engine: a Proxy-Wasm ABI v0.2.1 host on wasmtime.
+//!
+//! Owns everything between "a `.wasm` file named in `[filters.NAME]`" and
+//! "this request's headers/body/trailers after the pipeline ran": module
+//! compilation and the on-disk cache ([`engine`], `cache`), the host-function
+//! table (`abi`), VM life cycle with rebuild and backoff (`vm`, `worker`),
+//! the request and response chains (`stream`), and the filter metrics and
+//! status shown on the admin API (`metrics`).
+//!
+//! Threads:
+//! - **control thread**: [`FilterRuntime::load`] compiles, caches and
+//!   validates modules (one throw-away VM per filter) and publishes an
+//!   immutable [`FilterSet`]; [`FilterRuntime::render_metrics`] and
+//!   [`FilterRuntime::status_json`] read atomics and small locked maps.
+//!   A control thread of our own ("wasp-epoch") ticks the engine epoch.
+//! - **worker threads**: each keeps its own VMs (one wasmtime `Store` +
+//!   `Instance` per filter per [`FilterSet`] generation) in a thread-local,
+//!   created lazily on first use. [`StreamFilters`] borrows a VM only inside
+//!   one synchronous callback: **no await ever happens while a VM is
+//!   borrowed**, and the request future holds only ids and `Arc`s, so it is
+//!   `Send`.
+//!
+//! What it hands on: [`Verdict`] / [`BodyVerdict`] for each phase, stream
+//! properties (e.g. `wasp.cluster`) via [`StreamFilters::property`].
+
+mod abi;
+mod cache;
+mod engine;
+mod host;
+mod metrics;
+mod plugin;
+mod set;
+mod stream;
+mod vm;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+pub use engine::FilterRuntime;
+pub use set::FilterSet;
+pub use stream::StreamFilters;
+
+/// What happens to a request when its filter fails (trap, CPU deadline,
+/// memory cap, `proc_exit`, or a VM that could not be rebuilt yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// Skip the filter for the rest of that request.
+    Open,
+    /// Answer 503 with `x-wasp-error: filter_failed` and a body naming the filter.
+    #[default]
+    Closed,
+}
+
+/// One `[filters.NAME]` entry, resolved by the core.
+#[derive(Debug, Clone)]
+pub struct FilterSpec {
+    /// The filter's name; also the key of its shared data, metrics and status.
+    pub name: String,
+    /// Path of the `.wasm` file (already resolved in `filters_dir`).
+    pub module_path: PathBuf,
+    /// Plugin configuration, handed over at `proxy_on_configure`.
+    pub config: Bytes,
+    /// VM configuration, handed over at `proxy_on_vm_start`.
+    pub vm_config: Bytes,
+    pub fail: FailPolicy,
+    /// Wall-clock deadline of one callback (epoch interruption, ~1 ms granularity).
+    pub cpu_limit: Duration,
+    /// Linear-memory cap of one VM, in bytes.
+    pub memory_limit: u64,
+    /// Cap of a body buffered because a filter paused on it (over it: 413).
+    pub max_body_bytes: u64,
+}
+
+impl FilterSpec {
+    /// Default per-callback deadline.
+    pub const DEFAULT_CPU_LIMIT: Duration = Duration::from_millis(50);
+    /// Default memory cap of a VM.
+    pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+    /// Default cap of a buffered body.
+    pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+
+    /// A spec with every optional field at its default.
+    pub fn new(name: impl Into<String>, module_path: impl Into<PathBuf>) -> Self {
+        FilterSpec {
+            name: name.into(),
+            module_path: module_path.into(),
+            config: Bytes::new(),
+            vm_config: Bytes::new(),
+            fail: FailPolicy::Closed,
+            cpu_limit: Self::DEFAULT_CPU_LIMIT,
+            memory_limit: Self::DEFAULT_MEMORY_LIMIT,
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// A boxed answer to an `http_call`.
+pub type CalloutFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, String>> + Send>>;
+
+/// How the engine sends `proxy_http_call` requests to clusters (implemented by the core).
+pub trait HttpCallouts: Send + Sync + 'static {
+    /// `None` if `cluster` is unknown (the guest then gets BAD_ARGUMENT).
+    /// The future runs on the worker's runtime; the engine applies `timeout` too.
+    fn call(
+        &self,
+        cluster: &str,
+        req: http::Request<Bytes>,
+        timeout: Duration,
+    ) -> Option<CalloutFuture>;
+}
+
+/// Facts about the downstream connection and request, for properties.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub listener: Arc<str>,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    pub request_id: Arc<str>,
+    pub start: SystemTime,
+    /// Peer identity under mTLS.
+    pub principal: Option<Arc<str>>,
+}
+
+/// Outcome of a header or trailer phase.
+#[derive(Debug)]
+pub enum Verdict {
+    Continue,
+    /// Answer with this response instead (local response, or a failure under
+    /// `fail = "closed"`).
+    Respond(http::Response<Bytes>),
+}
+
+/// Outcome of one body chunk.
+#[derive(Debug)]
+pub enum BodyVerdict {
+    /// Pass these bytes on now (possibly rewritten, possibly a whole buffered body).
+    Forward(Bytes),
+    /// A filter paused: the engine is buffering, nothing to send yet.
+    Hold,
+    Respond(http::Response<Bytes>),
+}

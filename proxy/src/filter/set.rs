@@ -1,0 +1,70 @@
+//! [`FilterSet`]: one immutable generation of loaded filters, held by the
+//! core's config snapshot and by every stream started on it.
+//!
+//! Built on the control thread by `FilterRuntime::load`; read by workers.
+//! Its VMs live in each worker's thread-local (see `worker`) and are freed
+//! once the set is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::plugin::Plugin;
+use super::stream::StreamFilters;
+use super::StreamInfo;
+
+/// An immutable generation of loaded filters.
+pub struct FilterSet {
+    pub(crate) id: u64,
+    pub(crate) plugins: Vec<Arc<Plugin>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for FilterSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterSet")
+            .field("id", &self.id)
+            .field("filters", &self.by_name.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl FilterSet {
+    pub(crate) fn new(id: u64, plugins: Vec<Arc<Plugin>>) -> Self {
+        let by_name = plugins
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name().to_string(), i))
+            .collect();
+        FilterSet {
+            id,
+            plugins,
+            by_name,
+        }
+    }
+
+    /// Whether a filter of that name is loaded in this set.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Filter names in this set.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.plugins.iter().map(|p| &**p.name())
+    }
+
+    /// Starts a stream through `pipeline` (names in request order; unknown
+    /// names are skipped with a warning, the core validates them first).
+    /// An empty pipeline gives a no-op stream that allocates nothing.
+    pub fn stream(self: &Arc<Self>, pipeline: &[Arc<str>], info: StreamInfo) -> StreamFilters {
+        let mut idx = Vec::with_capacity(pipeline.len());
+        for name in pipeline {
+            match self.by_name.get(&**name) {
+                Some(i) => idx.push(*i),
+                None => {
+                    tracing::warn!(filter = %name, "pipeline names a filter not in this set; skipped")
+                }
+            }
+        }
+        StreamFilters::new(self.clone(), idx, info)
+    }
+}

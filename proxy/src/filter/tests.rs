@@ -1,0 +1,719 @@
+//! In-process tests of the engine against the compatibility fixtures in
+//! `tests/wasm/` (built with the community `proxy-wasm` crate for both
+//! guest targets by `scripts/build-wasm.sh`). Each test drives real
+//! `http` types through `FilterSet` / `StreamFilters` on a current-thread
+//! runtime, as a worker does, for both targets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+
+use super::*;
+
+const TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
+
+fn fixture(target: &str, name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm-fixtures")
+        .join(target)
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "missing wasm fixture {}: run scripts/build-wasm.sh first",
+        p.display()
+    );
+    p
+}
+
+/// Canned callouts: cluster `authz` allows `x-user: alice` (200, body
+/// `ok:alice`) and denies anyone else (403); `slow` never answers.
+struct Canned;
+
+impl HttpCallouts for Canned {
+    fn call(
+        &self,
+        cluster: &str,
+        req: Request<Bytes>,
+        _timeout: Duration,
+    ) -> Option<CalloutFuture> {
+        match cluster {
+            "authz" => Some(Box::pin(async move {
+                assert_eq!(req.uri().path(), "/check");
+                let user = req
+                    .headers()
+                    .get("x-user")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                tokio::task::yield_now().await;
+                let status = if user == "alice" { 200 } else { 403 };
+                Ok(Response::builder()
+                    .status(status)
+                    .header("x-from", "authz")
+                    .body(Bytes::from(format!("ok:{user}")))
+                    .unwrap())
+            })),
+            "slow" => Some(Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Err("never".to_string())
+            })),
+            _ => None,
+        }
+    }
+}
+
+fn runtime() -> Arc<FilterRuntime> {
+    static RT: OnceLock<Arc<FilterRuntime>> = OnceLock::new();
+    RT.get_or_init(|| {
+        let cache =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-fixtures/.cache");
+        FilterRuntime::new(Some(cache), Arc::new(Canned)).unwrap()
+    })
+    .clone()
+}
+
+fn spec(target: &str, fixture_name: &str, name: &str) -> FilterSpec {
+    FilterSpec::new(name, fixture(target, fixture_name))
+}
+
+fn load(specs: Vec<FilterSpec>) -> Arc<FilterSet> {
+    runtime().load(specs).unwrap()
+}
+
+fn info() -> StreamInfo {
+    StreamInfo {
+        listener: Arc::from("inbound"),
+        source: "10.0.0.1:1234".parse::<SocketAddr>().unwrap(),
+        destination: "10.0.0.2:15006".parse::<SocketAddr>().unwrap(),
+        scheme: "http",
+        protocol: "HTTP/1.1",
+        request_id: Arc::from("req-1"),
+        start: SystemTime::now(),
+        principal: None,
+    }
+}
+
+fn pipeline(names: &[&str]) -> Vec<Arc<str>> {
+    names.iter().map(|n| Arc::from(*n)).collect()
+}
+
+fn request(path: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+    let mut b = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", "example.com");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn response(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn hdr<'a>(h: &'a http::HeaderMap, k: &str) -> Option<&'a str> {
+    h.get(k).and_then(|v| v.to_str().ok())
+}
+
+#[track_caller]
+fn expect_respond(v: Verdict) -> Response<Bytes> {
+    match v {
+        Verdict::Respond(r) => r,
+        Verdict::Continue => panic!("expected a local response, got Continue"),
+    }
+}
+
+#[track_caller]
+fn expect_continue(v: Verdict) {
+    if let Verdict::Respond(r) = v {
+        panic!("expected Continue, got {} {:?}", r.status(), r.body());
+    }
+}
+
+/// Runs a request (headers only) and a 200 response through `set`.
+async fn exchange(
+    set: &Arc<FilterSet>,
+    names: &[&str],
+    path: &str,
+) -> Result<(http::request::Parts, http::response::Parts), Response<Bytes>> {
+    let mut s = set.stream(&pipeline(names), info());
+    let mut req = request(path, &[]);
+    if let Verdict::Respond(r) = s.request_headers(&mut req, true).await {
+        return Err(r);
+    }
+    let mut resp = response(200, &[]);
+    if let Verdict::Respond(r) = s.response_headers(&mut resp, true).await {
+        return Err(r);
+    }
+    s.finish(0, 0);
+    Ok((req, resp))
+}
+
+#[test]
+fn stream_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let rt = FilterRuntime::new(None, Arc::new(Canned)).unwrap();
+    let set = rt.load(vec![]).unwrap();
+    let mut s = set.stream(&[], info());
+    let mut req = request("/", &[]);
+    let fut = s.request_headers(&mut req, true);
+    assert_send(&fut);
+}
+
+#[tokio::test]
+async fn empty_pipeline_is_a_no_op() {
+    let set = load(vec![]);
+    let mut s = set.stream(&[], info());
+    assert!(s.is_empty());
+    let mut req = request("/", &[("a", "b")]);
+    expect_continue(s.request_headers(&mut req, false).await);
+    assert_eq!(hdr(&req.headers, "a"), Some("b"));
+    match s.request_body(Bytes::from_static(b"x"), true) {
+        BodyVerdict::Forward(b) => assert_eq!(&b[..], b"x"),
+        other => panic!("{other:?}"),
+    }
+    s.finish(1, 0);
+}
+
+#[tokio::test]
+async fn headers_add_remove_replace_both_sides() {
+    for t in TARGETS {
+        let mut sp = spec(t, "headers", "headers");
+        sp.config = Bytes::from_static(
+            br#"{"request":{"add":{"x-a":"1"},"replace":{"x-r":"new"},"remove":["x-gone"]},
+                "response":{"add":{"x-ra":"2"},"replace":{"server":"wasp"},"remove":["x-secret"]}}"#,
+        );
+        let set = load(vec![sp]);
+        let mut s = set.stream(&pipeline(&["headers"]), info());
+        let mut req = request("/p?q=1", &[("x-r", "old"), ("x-gone", "y")]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        assert_eq!(hdr(&req.headers, "x-a"), Some("1"), "{t}");
+        assert_eq!(hdr(&req.headers, "x-r"), Some("new"), "{t}");
+        assert_eq!(hdr(&req.headers, "x-gone"), None, "{t}");
+        assert_eq!(hdr(&req.headers, "x-seen-path"), Some("/p?q=1"), "{t}");
+        assert_eq!(hdr(&req.headers, "x-seen-method"), Some("GET"), "{t}");
+        assert_eq!(hdr(&req.headers, "host"), Some("example.com"), "{t}");
+
+        let mut resp = response(200, &[("x-secret", "s"), ("server", "upstream")]);
+        expect_continue(s.response_headers(&mut resp, false).await);
+        assert_eq!(hdr(&resp.headers, "x-ra"), Some("2"), "{t}");
+        assert_eq!(hdr(&resp.headers, "server"), Some("wasp"), "{t}");
+        assert_eq!(hdr(&resp.headers, "x-secret"), None, "{t}");
+        assert_eq!(hdr(&resp.headers, "x-seen-status"), Some("200"), "{t}");
+        s.finish(0, 0);
+    }
+}
+
+#[tokio::test]
+async fn headers_rejects_bad_json_config() {
+    for t in TARGETS {
+        let mut sp = spec(t, "headers", "headers-bad");
+        sp.config = Bytes::from_static(b"{not json");
+        let err = runtime().load(vec![sp]).unwrap_err().to_string();
+        assert!(
+            err.contains("filter \"headers-bad\": proxy_on_configure returned false"),
+            "{t}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn local_reply_short_circuits() {
+    for t in TARGETS {
+        let set = load(vec![spec(t, "local-reply", "local")]);
+        let mut s = set.stream(&pipeline(&["local"]), info());
+        let mut req = request("/deny/me", &[]);
+        let r = expect_respond(s.request_headers(&mut req, true).await);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
+        assert_eq!(hdr(r.headers(), "x-local"), Some("1"), "{t}");
+        assert_eq!(&r.body()[..], b"denied by filter\n", "{t}");
+        s.finish(0, 0);
+
+        let mut s = set.stream(&pipeline(&["local"]), info());
+        let mut req = request("/fine", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+    }
+}
+
+#[tokio::test]
+async fn body_is_buffered_and_rewritten_both_ways() {
+    for t in TARGETS {
+        let set = load(vec![spec(t, "body-rewrite", "body")]);
+        let mut s = set.stream(&pipeline(&["body"]), info());
+        let mut req = request("/upload", &[("content-length", "8")]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        assert_eq!(hdr(&req.headers, "content-length"), None, "{t}");
+        assert!(matches!(
+            s.request_body(Bytes::from_static(b"xxfo"), false),
+            BodyVerdict::Hold
+        ));
+        match s.request_body(Bytes::from_static(b"o yy"), true) {
+            BodyVerdict::Forward(b) => assert_eq!(&b[..], b"xxbar yy", "{t}"),
+            other => panic!("{t}: {other:?}"),
+        }
+        let mut resp = response(200, &[("content-length", "11")]);
+        expect_continue(s.response_headers(&mut resp, false).await);
+        assert_eq!(hdr(&resp.headers, "content-length"), None, "{t}");
+        assert!(matches!(
+            s.response_body(Bytes::from_static(b"hello "), false),
+            BodyVerdict::Hold
+        ));
+        match s.response_body(Bytes::from_static(b"world"), true) {
+            BodyVerdict::Forward(b) => assert_eq!(&b[..], b"hello wasm", "{t}"),
+            other => panic!("{t}: {other:?}"),
+        }
+        s.finish(8, 10);
+    }
+}
+
+#[tokio::test]
+async fn buffered_body_over_the_cap_is_413() {
+    for t in TARGETS {
+        let mut sp = spec(t, "body-rewrite", "body-small");
+        sp.max_body_bytes = 8;
+        let set = load(vec![sp]);
+        let mut s = set.stream(&pipeline(&["body-small"]), info());
+        let mut req = request("/upload", &[]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        assert!(matches!(
+            s.request_body(Bytes::from_static(b"12345"), false),
+            BodyVerdict::Hold
+        ));
+        match s.request_body(Bytes::from_static(b"67890"), false) {
+            BodyVerdict::Respond(r) => {
+                assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{t}");
+                assert_eq!(hdr(r.headers(), "x-wasp-error"), Some("body_too_large"));
+            }
+            other => panic!("{t}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn callout_pauses_then_allows_or_denies() {
+    for t in TARGETS {
+        let set = load(vec![spec(t, "callout", "authz-filter")]);
+        let mut s = set.stream(&pipeline(&["authz-filter"]), info());
+        let mut req = request("/x", &[("x-user", "alice")]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        assert_eq!(hdr(&req.headers, "x-authz"), Some("ok:alice"), "{t}");
+        s.finish(0, 0);
+
+        let mut s = set.stream(&pipeline(&["authz-filter"]), info());
+        let mut req = request("/x", &[("x-user", "bob")]);
+        let r = expect_respond(s.request_headers(&mut req, true).await);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
+        assert_eq!(hdr(r.headers(), "x-authz-status"), Some("403"), "{t}");
+        assert_eq!(&r.body()[..], b"denied by authz\n");
+    }
+}
+
+#[tokio::test]
+async fn callout_to_unknown_cluster_is_bad_argument_not_a_trap() {
+    for t in TARGETS {
+        let mut sp = spec(t, "callout", "authz-unknown");
+        sp.config = Bytes::from_static(b"no-such-cluster");
+        let set = load(vec![sp]);
+        let mut s = set.stream(&pipeline(&["authz-unknown"]), info());
+        let mut req = request("/x", &[]);
+        let r = expect_respond(s.request_headers(&mut req, true).await);
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR, "{t}");
+        assert_eq!(
+            hdr(r.headers(), "x-callout-error"),
+            Some("BadArgument"),
+            "{t}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn callout_timeout_answers_the_guest() {
+    for t in TARGETS {
+        let mut sp = spec(t, "callout", "authz-slow");
+        sp.config = Bytes::from_static(b"slow");
+        let set = load(vec![sp]);
+        let mut s = set.stream(&pipeline(&["authz-slow"]), info());
+        let mut req = request("/x", &[("x-user", "alice")]);
+        let started = Instant::now();
+        // The fixture asks with a 2 s timeout; the failed answer has no :status.
+        let r = expect_respond(s.request_headers(&mut req, true).await);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[tokio::test]
+async fn timer_ticks_on_the_worker() {
+    for t in TARGETS {
+        let name = format!("timer-{t}");
+        let set = load(vec![spec(t, "timer", &name)]);
+        // The first stream creates this worker's VM, which starts ticking.
+        let _ = exchange(&set, &[&name], "/").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (_, resp) = exchange(&set, &[&name], "/").await.unwrap();
+        let ticks: u64 = hdr(&resp.headers, "x-ticks").unwrap().parse().unwrap();
+        assert!(ticks >= 3, "{t}: only {ticks} ticks in 150ms");
+    }
+}
+
+#[tokio::test]
+async fn shared_data_cas_across_workers() {
+    for t in TARGETS {
+        let name = format!("shared-{t}");
+        let set = load(vec![spec(t, "shared-data", &name)]);
+        for i in 1..=3u32 {
+            let (_, resp) = exchange(&set, &[&name], "/").await.unwrap();
+            assert_eq!(
+                hdr(&resp.headers, "x-counter"),
+                Some(&*i.to_string()),
+                "{t}"
+            );
+            assert_eq!(hdr(&resp.headers, "x-cas-conflict"), Some("1"), "{t}");
+        }
+        // Another worker thread: its own VM, the same shared data.
+        let set2 = set.clone();
+        let name2 = name.clone();
+        let counter = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (_, resp) = exchange(&set2, &[&name2], "/").await.unwrap();
+                hdr(&resp.headers, "x-counter").map(String::from)
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(counter.as_deref(), Some("4"), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn guest_metrics_are_exported() {
+    for t in TARGETS {
+        let name = format!("metrics-{t}");
+        let set = load(vec![spec(t, "metrics", &name)]);
+        let mut last = None;
+        for _ in 0..3 {
+            let (_, resp) = exchange(&set, &[&name], "/abc").await.unwrap();
+            last = hdr(&resp.headers, "x-requests").map(String::from);
+        }
+        assert_eq!(last.as_deref(), Some("3"), "{t}");
+        let mut out = String::new();
+        runtime().render_metrics(&mut out);
+        let f = format!("filter=\"{name}\"");
+        assert!(
+            out.contains("# TYPE fixture_requests_total counter"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("fixture_requests_total{{{f}}} 3")),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE fixture_last_path_len gauge"), "{out}");
+        assert!(
+            out.contains(&format!("fixture_last_path_len{{{f}}} 4")),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE fixture_answer histogram"), "{out}");
+        assert!(
+            out.contains(&format!("fixture_answer_count{{{f}}} 3")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "wasp_filter_calls_total{{{f},phase=\"request_headers\"}} 3"
+            )),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE wasp_filter_callback_duration_seconds histogram"));
+    }
+}
+
+#[tokio::test]
+async fn properties_and_not_found() {
+    for t in TARGETS {
+        let set = load(vec![spec(t, "properties", "props")]);
+        let mut s = set.stream(&pipeline(&["props"]), info());
+        let mut req = request("/a/b?x=1", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        assert!(hdr(&req.headers, "x-headers-map-len").is_some(), "{t}");
+        assert_eq!(
+            s.property("wasp.cluster").as_deref(),
+            Some(&b"reviews-v2"[..]),
+            "{t}"
+        );
+        s.set_route(Arc::from("r1"), Arc::from("c1"));
+        s.set_upstream("127.0.0.1:9000".parse().unwrap());
+        let mut resp = response(201, &[]);
+        expect_continue(s.response_headers(&mut resp, true).await);
+        let h = &resp.headers;
+        let expect = [
+            ("x-missing", "true/true"),
+            ("x-prop-request.path", "/a/b?x=1"),
+            ("x-prop-request.url_path", "/a/b"),
+            ("x-prop-request.host", "example.com"),
+            ("x-prop-request.scheme", "http"),
+            ("x-prop-request.method", "GET"),
+            ("x-prop-request.id", "req-1"),
+            ("x-prop-request.protocol", "HTTP/1.1"),
+            ("x-prop-source.address", "10.0.0.1:1234"),
+            ("x-prop-source.port", "1234"),
+            ("x-prop-destination.address", "10.0.0.2:15006"),
+            ("x-prop-destination.port", "15006"),
+            ("x-prop-response.code", "201"),
+            ("x-prop-plugin_name", "props"),
+            ("x-prop-plugin_root_id", "props"),
+            ("x-prop-listener_name", "inbound"),
+            ("x-prop-route_name", "r1"),
+            ("x-prop-cluster_name", "c1"),
+            ("x-prop-upstream.address", "127.0.0.1:9000"),
+            ("x-prop-fixture.note", "hello"),
+            ("x-prop-wasp.cluster", "reviews-v2"),
+        ];
+        for (k, v) in expect {
+            assert_eq!(hdr(h, k), Some(v), "{t}: {k}");
+        }
+        let time: i64 = hdr(h, "x-prop-request.time").unwrap().parse().unwrap();
+        assert!(time > 1_600_000_000_000_000_000, "{t}: {time}");
+        s.finish(0, 0);
+    }
+}
+
+#[tokio::test]
+async fn chain_order_is_forward_then_reverse() {
+    for t in TARGETS {
+        let mk = |n: &str| {
+            let mut sp = spec(t, "order", n);
+            sp.config = Bytes::from(n.to_string());
+            sp
+        };
+        let set = load(vec![mk("a"), mk("b"), mk("c")]);
+        let (req, resp) = exchange(&set, &["a", "b", "c"], "/").await.unwrap();
+        assert_eq!(hdr(&req.headers, "x-order"), Some("abc"), "{t}");
+        assert_eq!(hdr(&resp.headers, "x-order"), Some("cba"), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn infinite_loop_hits_the_deadline_and_the_vm_is_rebuilt() {
+    for t in TARGETS {
+        let name = format!("loop-{t}");
+        let mut sp = spec(t, "loop", &name);
+        sp.cpu_limit = Duration::from_millis(20);
+        let set = load(vec![sp]);
+        let started = Instant::now();
+        let r = exchange(&set, &[&name], "/loop").await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{t}");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{t}");
+        assert_eq!(
+            hdr(r.headers(), "x-wasp-error"),
+            Some("filter_failed"),
+            "{t}"
+        );
+        let body = String::from_utf8_lossy(r.body()).into_owned();
+        assert!(
+            body.contains(&name) && body.contains("deadline"),
+            "{t}: {body}"
+        );
+        // The next request gets a fresh VM.
+        exchange(&set, &[&name], "/ok").await.unwrap();
+        let stats = runtime().stats_of(&name).unwrap();
+        assert!(stats.calls(metrics::Phase::RequestHeaders) >= 2);
+        let mut out = String::new();
+        runtime().render_metrics(&mut out);
+        assert!(
+            out.contains(&format!(
+                "wasp_filter_timeouts_total{{filter=\"{name}\",phase=\"request_headers\"}} 1"
+            )),
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn fail_open_skips_the_failed_filter() {
+    for t in TARGETS {
+        let mut sp = spec(t, "loop", "loop-open");
+        sp.cpu_limit = Duration::from_millis(10);
+        sp.fail = FailPolicy::Open;
+        let mut hs = spec(t, "headers", "headers-after-loop");
+        hs.config = Bytes::from_static(br#"{"request":{"add":{"x-after":"1"}}}"#);
+        let set = load(vec![sp, hs]);
+        let (req, _) = exchange(&set, &["loop-open", "headers-after-loop"], "/loop")
+            .await
+            .unwrap();
+        assert_eq!(hdr(&req.headers, "x-after"), Some("1"), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn memory_bomb_is_capped() {
+    for t in TARGETS {
+        let name = format!("bomb-{t}");
+        let mut sp = spec(t, "membomb", &name);
+        sp.memory_limit = 8 << 20;
+        sp.cpu_limit = Duration::from_secs(2);
+        let set = load(vec![sp]);
+        let r = exchange(&set, &[&name], "/bomb").await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{t}");
+        let body = String::from_utf8_lossy(r.body()).into_owned();
+        assert!(body.contains("memory limit"), "{t}: {body}");
+        exchange(&set, &[&name], "/ok").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn trap_every_tenth_fails_only_those_requests() {
+    for t in TARGETS {
+        let name = format!("trap10-{t}");
+        let set = load(vec![spec(t, "trap-every-10th", &name)]);
+        let mut failed = Vec::new();
+        for i in 1..=25 {
+            match exchange(&set, &[&name], "/").await {
+                Ok((req, _)) => assert!(hdr(&req.headers, "x-seen").is_some()),
+                Err(r) => {
+                    assert_eq!(hdr(r.headers(), "x-wasp-error"), Some("filter_failed"));
+                    failed.push(i);
+                }
+            }
+        }
+        // The VM is rebuilt after each trap, so its counter restarts.
+        assert_eq!(failed, vec![10, 20], "{t}");
+        let status = runtime().status_json();
+        let entry = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(entry["state"], "ok", "{t}: {entry}");
+        assert!(
+            entry["last_error"].as_str().unwrap().contains("trap"),
+            "{entry}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn proc_exit_fails_the_vm_not_the_proxy() {
+    for t in TARGETS {
+        let name = format!("exit-{t}");
+        let set = load(vec![spec(t, "proc-exit", &name)]);
+        let r = exchange(&set, &[&name], "/exit").await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{t}");
+        let body = String::from_utf8_lossy(r.body()).into_owned();
+        if t == "wasm32-wasip1" {
+            assert!(body.contains("proc_exit(3)"), "{t}: {body}");
+        }
+        exchange(&set, &[&name], "/ok").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn configure_false_rejects_the_filter_by_name() {
+    for t in TARGETS {
+        let err = runtime()
+            .load(vec![spec(t, "configure-false", "cf")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err, "filter \"cf\": proxy_on_configure returned false",
+            "{t}"
+        );
+    }
+    let status = runtime().status_json();
+    let cf = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "cf")
+        .unwrap();
+    assert_eq!(cf["state"], "failed");
+}
+
+#[tokio::test]
+async fn non_proxy_wasm_modules_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("wasp-filter-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.wasm");
+    std::fs::write(&empty, b"\0asm\x01\0\0\0").unwrap();
+    let err = runtime()
+        .load(vec![FilterSpec::new("empty", &empty)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("filter \"empty\"") && err.contains("proxy_abi_version"),
+        "{err}"
+    );
+    let junk = dir.join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").unwrap();
+    let err = runtime()
+        .load(vec![FilterSpec::new("junk", &junk)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("filter \"junk\": compile error"), "{err}");
+    let err = runtime()
+        .load(vec![FilterSpec::new("gone", dir.join("missing.wasm"))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("filter \"gone\": reading"), "{err}");
+}
+
+#[tokio::test]
+async fn reload_bumps_generation_and_old_streams_finish() {
+    let t = TARGETS[0];
+    let name = "reloaded";
+    let mut sp = spec(t, "order", name);
+    sp.config = Bytes::from_static(b"1");
+    let gen1 = load(vec![sp.clone()]);
+    let mut old = gen1.stream(&pipeline(&[name]), info());
+    let mut req = request("/", &[]);
+    expect_continue(old.request_headers(&mut req, true).await);
+    sp.config = Bytes::from_static(b"2");
+    let gen2 = load(vec![sp]);
+    drop(gen1);
+    let (req2, _) = exchange(&gen2, &[name], "/").await.unwrap();
+    assert_eq!(hdr(&req2.headers, "x-order"), Some("2"));
+    // The old stream still finishes on its own VM.
+    let mut resp = response(200, &[]);
+    expect_continue(old.response_headers(&mut resp, true).await);
+    assert_eq!(hdr(&resp.headers, "x-order"), Some("1"));
+    old.finish(0, 0);
+    let status = runtime().status_json();
+    let e = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap();
+    assert!(e["generation"].as_u64().unwrap() >= 2, "{e}");
+    assert_eq!(e["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[tokio::test]
+async fn disk_cache_is_written_and_reused() {
+    let dir = std::env::temp_dir().join(format!("wasp-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(entries.len(), 1);
+    let rt2 = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    let started = Instant::now();
+    let set = rt2.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    exchange(&set, &["noop"], "/").await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

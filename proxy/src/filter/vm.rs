@@ -1,0 +1,430 @@
+//! One VM: a wasmtime `Store` + `Instance` of one filter, with its root
+//! context, and the single entry point [`Vm::run`] that runs one guest
+//! callback under the CPU deadline and memory cap.
+//!
+//! Runs on the worker thread that owns the VM (or on the control thread for
+//! the validation VM of `load`). A failed callback (trap, deadline, memory
+//! cap, `proc_exit`) makes the whole VM unusable: the caller drops it and
+//! builds a new one later (see `worker`). Nothing here awaits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::{Instance, Store, Trap, TypedFunc};
+
+use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData};
+use super::metrics::{CallResult, Phase};
+use super::plugin::Plugin;
+
+/// Root context id of every VM.
+pub(crate) const ROOT_ID: u32 = 1;
+
+static INCARNATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Why a VM (or a callback) failed.
+#[derive(Debug, Clone)]
+pub(crate) enum Failure {
+    Trap(String),
+    Timeout,
+    Memory,
+    Exit(i32),
+    /// `proxy_on_vm_start` / `proxy_on_configure` returned false.
+    Rejected(&'static str),
+    /// Instantiation or a missing export.
+    Setup(String),
+    /// The VM is down and waits for its backoff to rebuild.
+    Unavailable(String),
+    /// The stream's context died with an earlier VM.
+    ContextLost,
+    /// The filter paused with nothing that could resume it.
+    Stuck,
+}
+
+impl Failure {
+    /// Whether the VM must be dropped and rebuilt.
+    pub(crate) fn kills_vm(&self) -> bool {
+        matches!(
+            self,
+            Failure::Trap(_)
+                | Failure::Timeout
+                | Failure::Memory
+                | Failure::Exit(_)
+                | Failure::Rejected(_)
+                | Failure::Setup(_)
+        )
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Trap(m) => write!(f, "trap: {m}"),
+            Failure::Timeout => f.write_str("CPU deadline exceeded"),
+            Failure::Memory => f.write_str("memory limit exceeded"),
+            Failure::Exit(c) => write!(f, "proc_exit({c})"),
+            Failure::Rejected(what) => write!(f, "{what} returned false"),
+            Failure::Setup(m) => f.write_str(m),
+            Failure::Unavailable(m) => write!(f, "VM unavailable after failure ({m})"),
+            Failure::ContextLost => f.write_str("stream context lost with a failed VM"),
+            Failure::Stuck => f.write_str("paused with no pending http_call to resume it"),
+        }
+    }
+}
+
+/// One guest callback.
+#[derive(Debug)]
+pub(crate) enum Callback {
+    RequestHeaders { n: u32, eos: bool },
+    RequestBody { size: u32, eos: bool },
+    RequestTrailers { n: u32 },
+    ResponseHeaders { n: u32, eos: bool },
+    ResponseBody { size: u32, eos: bool },
+    ResponseTrailers { n: u32 },
+    HttpCallResponse { token: u32, answer: CalloutAnswer },
+    Tick,
+    Log,
+    Done,
+    Delete,
+}
+
+impl Callback {
+    fn phase(&self) -> Phase {
+        match self {
+            Callback::RequestHeaders { .. } => Phase::RequestHeaders,
+            Callback::RequestBody { .. } => Phase::RequestBody,
+            Callback::RequestTrailers { .. } => Phase::RequestTrailers,
+            Callback::ResponseHeaders { .. } => Phase::ResponseHeaders,
+            Callback::ResponseBody { .. } => Phase::ResponseBody,
+            Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
+            Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
+            Callback::Tick => Phase::Tick,
+            Callback::Log => Phase::Log,
+            Callback::Done | Callback::Delete => Phase::Done,
+        }
+    }
+}
+
+/// What a callback returned and asked for.
+pub(crate) struct Outcome {
+    /// 0 = Continue, 1 = Pause (only for HTTP callbacks).
+    pub pause: bool,
+    pub actions: Actions,
+    pub callouts: Vec<NewCallout>,
+}
+
+type F1 = TypedFunc<u32, ()>;
+type F1R = TypedFunc<u32, u32>;
+type F2R = TypedFunc<(u32, u32), u32>;
+type F3R = TypedFunc<(u32, u32, u32), u32>;
+
+struct Exports {
+    context_create: TypedFunc<(u32, u32), ()>,
+    vm_start: Option<F2R>,
+    configure: Option<F2R>,
+    on_done: Option<F1R>,
+    on_log: Option<F1>,
+    on_delete: Option<F1>,
+    on_tick: Option<F1>,
+    request_headers: Option<F3R>,
+    request_body: Option<F3R>,
+    request_trailers: Option<F2R>,
+    response_headers: Option<F3R>,
+    response_body: Option<F3R>,
+    response_trailers: Option<F2R>,
+    http_call_response: Option<TypedFunc<(u32, u32, u32, u32, u32), ()>>,
+}
+
+/// A live VM.
+pub(crate) struct Vm {
+    pub plugin: Arc<Plugin>,
+    store: Store<Host>,
+    ex: Exports,
+    next_ctx: u32,
+    /// Unique across all VMs of the process: a stream's context is valid only
+    /// in the incarnation that created it.
+    pub incarnation: u64,
+}
+
+/// The `bool`-returning exports are optional: a guest without them accepts.
+fn opt<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    instance: &Instance,
+    store: &mut Store<Host>,
+    name: &str,
+) -> Result<Option<TypedFunc<P, R>>, Failure> {
+    if instance.get_export(&mut *store, name).is_none() {
+        return Ok(None);
+    }
+    instance
+        .get_typed_func::<P, R>(&mut *store, name)
+        .map(Some)
+        .map_err(|e| Failure::Setup(format!("export {name} has the wrong type: {e}")))
+}
+
+impl Vm {
+    /// Instantiates, initializes, creates the root context and runs
+    /// `proxy_on_vm_start` and `proxy_on_configure`.
+    pub(crate) fn new(plugin: &Arc<Plugin>) -> Result<Vm, Failure> {
+        let memory_limit = usize::try_from(plugin.spec.memory_limit).unwrap_or(usize::MAX);
+        let mut store = Store::new(
+            &plugin.engine,
+            Host::new(plugin.shared.clone(), memory_limit),
+        );
+        store.limiter(|h| &mut h.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(plugin.deadline_ticks);
+        let instance = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, &e, "instantiation"))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = match opt::<u32, u32>(&instance, &mut store, "proxy_on_memory_allocate")? {
+            Some(f) => Some(f),
+            None => opt::<u32, u32>(&instance, &mut store, "malloc")?,
+        };
+        if memory.is_none() || alloc.is_none() {
+            return Err(Failure::Setup(
+                "module exports no memory or no allocator (proxy_on_memory_allocate / malloc)"
+                    .into(),
+            ));
+        }
+        store.data_mut().memory = memory;
+        store.data_mut().alloc = alloc;
+        store.data_mut().root_id = ROOT_ID;
+        store.data_mut().effective = ROOT_ID;
+
+        let context_create = instance
+            .get_typed_func::<(u32, u32), ()>(&mut store, "proxy_on_context_create")
+            .map_err(|e| Failure::Setup(format!("missing export proxy_on_context_create: {e}")))?;
+        let ex = Exports {
+            context_create,
+            vm_start: opt(&instance, &mut store, "proxy_on_vm_start")?,
+            configure: opt(&instance, &mut store, "proxy_on_configure")?,
+            on_done: opt(&instance, &mut store, "proxy_on_done")?,
+            on_log: opt(&instance, &mut store, "proxy_on_log")?,
+            on_delete: opt(&instance, &mut store, "proxy_on_delete")?,
+            on_tick: opt(&instance, &mut store, "proxy_on_tick")?,
+            request_headers: opt(&instance, &mut store, "proxy_on_request_headers")?,
+            request_body: opt(&instance, &mut store, "proxy_on_request_body")?,
+            request_trailers: opt(&instance, &mut store, "proxy_on_request_trailers")?,
+            response_headers: opt(&instance, &mut store, "proxy_on_response_headers")?,
+            response_body: opt(&instance, &mut store, "proxy_on_response_body")?,
+            response_trailers: opt(&instance, &mut store, "proxy_on_response_trailers")?,
+            http_call_response: opt(&instance, &mut store, "proxy_on_http_call_response")?,
+        };
+        let mut vm = Vm {
+            plugin: plugin.clone(),
+            store,
+            ex,
+            next_ctx: ROOT_ID + 1,
+            incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
+        };
+        vm.initialize(&instance)?;
+        vm.start()?;
+        Ok(vm)
+    }
+
+    /// `_initialize` (then `main` if exported), or `_start`.
+    fn initialize(&mut self, instance: &Instance) -> Result<(), Failure> {
+        let store = &mut self.store;
+        if let Some(f) = opt::<(), ()>(instance, store, "_initialize")? {
+            self.guard(Phase::Start, |s| f.call(s, ()))?;
+            let main = instance.get_func(&mut self.store, "main");
+            if let Some(main) = main {
+                if let Ok(f) = main.typed::<(u32, u32), u32>(&self.store) {
+                    self.guard(Phase::Start, |s| f.call(s, (0, 0)))?;
+                } else if let Ok(f) = main.typed::<(), ()>(&self.store) {
+                    self.guard(Phase::Start, |s| f.call(s, ()))?;
+                }
+            }
+        } else if let Some(f) = opt::<(), ()>(instance, store, "_start")? {
+            match self.guard(Phase::Start, |s| f.call(s, ())) {
+                Ok(()) | Err(Failure::Exit(0)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Root context, `proxy_on_vm_start`, `proxy_on_configure`.
+    fn start(&mut self) -> Result<(), Failure> {
+        let create = self.ex.context_create.clone();
+        self.guard(Phase::Start, |s| create.call(s, (ROOT_ID, 0)))?;
+        let vm_config_len = self.plugin.shared.vm_config.len() as u32;
+        if let Some(f) = self.ex.vm_start.clone() {
+            if self.guard(Phase::Start, |s| f.call(s, (ROOT_ID, vm_config_len)))? == 0 {
+                return Err(Failure::Rejected("proxy_on_vm_start"));
+            }
+        }
+        let config_len = self.plugin.shared.config.len() as u32;
+        if let Some(f) = self.ex.configure.clone() {
+            if self.guard(Phase::Start, |s| f.call(s, (ROOT_ID, config_len)))? == 0 {
+                return Err(Failure::Rejected("proxy_on_configure"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Root-level work (callouts, tick period) requested during start-up.
+    pub(crate) fn take_root_callouts(&mut self) -> Vec<NewCallout> {
+        std::mem::take(&mut self.store.data_mut().callouts)
+    }
+
+    pub(crate) fn tick_period_ms(&self) -> u32 {
+        self.store.data().tick_period_ms
+    }
+
+    /// Creates an HTTP context for a new stream.
+    pub(crate) fn create_context(&mut self) -> Result<u32, Failure> {
+        let id = self.next_ctx;
+        self.next_ctx = self.next_ctx.wrapping_add(1).max(ROOT_ID + 1);
+        let create = self.ex.context_create.clone();
+        self.store.data_mut().effective = id;
+        self.guard(Phase::ContextCreate, |s| create.call(s, (id, ROOT_ID)))?;
+        Ok(id)
+    }
+
+    /// Runs one callback on context `ctx`, with `data` (if any) readable by
+    /// host functions for its duration. `data` is always given back.
+    pub(crate) fn run(
+        &mut self,
+        ctx: u32,
+        data: &mut Option<Box<StreamData>>,
+        cb: Callback,
+    ) -> Result<Outcome, Failure> {
+        {
+            let h = self.store.data_mut();
+            h.stream = data.take();
+            h.stream_ctx = if h.stream.is_some() { ctx } else { 0 };
+            h.effective = ctx;
+            h.actions = Actions::default();
+        }
+        let phase = cb.phase();
+        let ex = &self.ex;
+        let result: Result<u32, Failure> = match cb {
+            Callback::RequestHeaders { n, eos } => {
+                self.call3(ex.request_headers.clone(), phase, (ctx, n, eos as u32))
+            }
+            Callback::RequestBody { size, eos } => {
+                self.call3(ex.request_body.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::ResponseHeaders { n, eos } => {
+                self.call3(ex.response_headers.clone(), phase, (ctx, n, eos as u32))
+            }
+            Callback::ResponseBody { size, eos } => {
+                self.call3(ex.response_body.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::RequestTrailers { n } => match ex.request_trailers.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+                None => Ok(0),
+            },
+            Callback::ResponseTrailers { n } => match ex.response_trailers.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+                None => Ok(0),
+            },
+            Callback::HttpCallResponse { token, answer } => match ex.http_call_response.clone() {
+                Some(f) => {
+                    let nh = answer.headers.len() as u32;
+                    let nb = answer.body.len() as u32;
+                    let nt = answer.trailers.len() as u32;
+                    self.store.data_mut().answer = Some(answer);
+                    let root = ROOT_ID;
+                    let r = self.guard(phase, |s| f.call(s, (root, token, nh, nb, nt)));
+                    self.store.data_mut().answer = None;
+                    r.map(|()| 0)
+                }
+                None => Ok(0),
+            },
+            Callback::Tick => match ex.on_tick.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+                None => Ok(0),
+            },
+            Callback::Log => match ex.on_log.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+                None => Ok(0),
+            },
+            Callback::Done => match ex.on_done.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+                None => Ok(1),
+            },
+            Callback::Delete => match ex.on_delete.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+                None => Ok(0),
+            },
+        };
+        let h = self.store.data_mut();
+        *data = h.stream.take();
+        h.stream_ctx = 0;
+        h.effective = ROOT_ID;
+        let actions = std::mem::take(&mut h.actions);
+        let callouts = std::mem::take(&mut h.callouts);
+        let action = result?;
+        Ok(Outcome {
+            pause: action == 1,
+            actions,
+            callouts,
+        })
+    }
+
+    fn call3(
+        &mut self,
+        f: Option<F3R>,
+        phase: Phase,
+        args: (u32, u32, u32),
+    ) -> Result<u32, Failure> {
+        match f {
+            Some(f) => self.guard(phase, |s| f.call(s, args)),
+            None => Ok(0),
+        }
+    }
+
+    /// Runs `f` under a fresh deadline; classifies and counts the result.
+    fn guard<R>(
+        &mut self,
+        phase: Phase,
+        f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        self.store.set_epoch_deadline(self.plugin.deadline_ticks);
+        self.store.data_mut().limiter.hit = false;
+        let started = Instant::now();
+        let r = f(&mut self.store);
+        let took = started.elapsed();
+        let stats = &self.plugin.shared.stats;
+        match r {
+            Ok(v) => {
+                stats.record(phase, took, CallResult::Ok);
+                Ok(v)
+            }
+            Err(e) => {
+                let failure = classify(&self.store, &e, phase.name());
+                let result = match failure {
+                    Failure::Timeout => CallResult::Timeout,
+                    Failure::Trap(_) => CallResult::Trap,
+                    _ => CallResult::Error,
+                };
+                stats.record(phase, took, result);
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// Maps a wasmtime error to a [`Failure`].
+fn classify(store: &Store<Host>, e: &wasmtime::Error, during: &str) -> Failure {
+    if let Some(exit) = e.downcast_ref::<ProcExit>() {
+        return Failure::Exit(exit.0);
+    }
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        if *trap == Trap::Interrupt {
+            return Failure::Timeout;
+        }
+        if store.data().limiter.hit {
+            return Failure::Memory;
+        }
+        return Failure::Trap(format!("{trap} (during {during})"));
+    }
+    if store.data().limiter.hit {
+        return Failure::Memory;
+    }
+    Failure::Trap(format!("{e:#} (during {during})"))
+}
