@@ -63,6 +63,19 @@ impl FilterEntry {
     }
 }
 
+/// Stops the epoch ticker when the runtime and every plugin built by it are
+/// gone (a deadline must keep firing while any VM can still run).
+#[derive(Debug)]
+pub(crate) struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The process-wide filter engine.
 pub struct FilterRuntime {
     engine: Engine,
@@ -71,7 +84,7 @@ pub struct FilterRuntime {
     modules: Mutex<HashMap<String, Module>>,
     filters: Mutex<BTreeMap<String, FilterEntry>>,
     next_set: AtomicU64,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for FilterRuntime {
@@ -79,12 +92,6 @@ impl std::fmt::Debug for FilterRuntime {
         f.debug_struct("FilterRuntime")
             .field("cache_dir", &self.cache_dir)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FilterRuntime {
-    fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
     }
 }
 
@@ -132,7 +139,7 @@ impl FilterRuntime {
             modules: Mutex::new(HashMap::new()),
             filters: Mutex::new(BTreeMap::new()),
             next_set: AtomicU64::new(1),
-            stop_ticker: stop,
+            ticker: Arc::new(Ticker { stop }),
         }))
     }
 
@@ -249,6 +256,7 @@ impl FilterRuntime {
             deadline_ticks: deadline_ticks.max(2),
             failed_vms: Default::default(),
             last_error: Mutex::new(None),
+            _ticker: self.ticker.clone(),
             spec,
         });
         // Validate: a throw-away VM runs the whole start-up sequence.

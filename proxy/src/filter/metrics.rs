@@ -324,7 +324,8 @@ fn label(v: &str) -> String {
 
 /// Renders everything as Prometheus text. `filters`: (name, stats, guest metrics).
 pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc<MetricStore>)]) {
-    let counters: [(&str, &str, fn(&PhaseStats) -> &AtomicU64); 4] = [
+    type Field = fn(&PhaseStats) -> &AtomicU64;
+    let counters: [(&str, &str, Field); 4] = [
         ("wasp_filter_calls_total", "Filter callbacks run.", |s| {
             &s.calls
         }),

@@ -22,6 +22,32 @@
 //!
 //! What it hands on: [`Verdict`] / [`BodyVerdict`] for each phase, stream
 //! properties (e.g. `wasp.cluster`) via [`StreamFilters::property`].
+//!
+//! Notes for the core:
+//! - Call [`FilterRuntime::init_worker_thread`] once per worker (optional:
+//!   the first use on a thread does it too).
+//! - [`HttpCallouts::call`] runs inside a host call: it must only build the
+//!   future, never block. Futures are spawned with `tokio::spawn` on the
+//!   current (worker) runtime.
+//! - A filter that may change a body's size drops `content-length` in its
+//!   header callback (the Proxy-Wasm convention); forward such bodies
+//!   chunked. When a request or response ends with trailers, call the body
+//!   method with an empty chunk and `end_of_stream = true` first so bytes a
+//!   paused filter holds are released.
+//! - A local response made during the request phase is returned as is; the
+//!   response-side callbacks are not run on it.
+//!
+//! Not implemented (linked, answering statuses the Rust SDK accepts):
+//! gRPC calls and streams (`proxy_grpc_*`: INTERNAL_FAILURE / NOT_FOUND),
+//! shared queues (register answers OK with id 0; resolve, enqueue and
+//! dequeue NOT_FOUND; `proxy_on_queue_ready` is never called), foreign
+//! functions (NOT_FOUND), TCP/network filters (`proxy_on_new_connection`
+//! and friends are never called), `proxy_get_log_level` answers the
+//! proxy's current level. Resuming a paused *body* from an `http_call`
+//! answer is not supported (the body stays buffered until end of stream),
+//! PAUSE on trailers acts as CONTINUE, and a callout answer that arrives
+//! after its stream ended is dropped. Root-only ("background") plugins
+//! must not be put in a pipeline: the SDK traps on the HTTP context.
 
 mod abi;
 mod cache;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use wasmtime::{Engine, InstancePre};
 
 use super::abi::shared_data::SharedData;
+use super::engine::Ticker;
 use super::host::Host;
 use super::metrics::{FilterStats, MetricStore};
 use super::{FailPolicy, FilterSpec, HttpCallouts};
@@ -41,6 +42,8 @@ pub(crate) struct Plugin {
     pub failed_vms: AtomicI64,
     /// The last VM failure or rebuild error of this generation.
     pub last_error: Mutex<Option<String>>,
+    /// Keeps the epoch ticker running while this generation can run code.
+    pub _ticker: Arc<Ticker>,
 }
 
 impl Plugin {

@@ -717,3 +717,24 @@ async fn disk_cache_is_written_and_reused() {
     exchange(&set, &["noop"], "/").await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn dropped_streams_still_release_their_contexts() {
+    let name = "drop-release";
+    let set = load(vec![spec(TARGETS[0], "noop", name)]);
+    let stats = runtime().stats_of(name).unwrap();
+    let before = stats.calls(metrics::Phase::Done);
+    {
+        let mut s = set.stream(&pipeline(&[name]), info());
+        let mut req = request("/", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        // Dropped without finish(): on_done and on_delete still run, on_log does not.
+    }
+    assert_eq!(stats.calls(metrics::Phase::Done), before + 2);
+    assert_eq!(stats.calls(metrics::Phase::Log), 0);
+    let mut s = set.stream(&pipeline(&[name]), info());
+    let mut req = request("/", &[]);
+    expect_continue(s.request_headers(&mut req, true).await);
+    s.finish(0, 0);
+    assert_eq!(stats.calls(metrics::Phase::Log), 1);
+}

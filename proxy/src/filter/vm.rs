@@ -117,6 +117,7 @@ type F1 = TypedFunc<u32, ()>;
 type F1R = TypedFunc<u32, u32>;
 type F2R = TypedFunc<(u32, u32), u32>;
 type F3R = TypedFunc<(u32, u32, u32), u32>;
+type F5 = TypedFunc<(u32, u32, u32, u32, u32), ()>;
 
 struct Exports {
     context_create: TypedFunc<(u32, u32), ()>,
@@ -132,7 +133,7 @@ struct Exports {
     response_headers: Option<F3R>,
     response_body: Option<F3R>,
     response_trailers: Option<F2R>,
-    http_call_response: Option<TypedFunc<(u32, u32, u32, u32, u32), ()>>,
+    http_call_response: Option<F5>,
 }
 
 /// A live VM.

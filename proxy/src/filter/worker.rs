@@ -217,11 +217,15 @@ pub(crate) fn with_vm<R>(
     idx: usize,
     f: impl FnOnce(&mut Vm, Option<&UnboundedSender<CalloutDone>>) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
-    WORKER.with(|w| {
+    let r = WORKER.try_with(|w| {
         let Ok(mut w) = w.try_borrow_mut() else {
             return Err(Failure::Setup("filter VM registry re-entered".into()));
         };
         if !w.sets.contains_key(&set.id) {
+            if w.sets.is_empty() {
+                // First use on this thread: pay wasmtime's TLS setup now, once.
+                wasmtime::Engine::tls_eager_initialize();
+            }
             w.sets.retain(|_, ws| ws.set.strong_count() > 0);
             w.sets.insert(
                 set.id,
@@ -240,7 +244,8 @@ pub(crate) fn with_vm<R>(
         };
         let r = f(vm, slot.root_tx.as_ref());
         settle(slot, r)
-    })
+    });
+    r.unwrap_or_else(|_| Err(Failure::Setup("worker thread is shutting down".into())))
 }
 
 /// Like [`with_vm`] but only if that exact VM incarnation still lives on

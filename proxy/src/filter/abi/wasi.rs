@@ -65,7 +65,7 @@ pub(crate) fn fd_write(
     };
     let mut total: u32 = 0;
     for i in 0..iovs_len.max(0) {
-        let Ok(iov) = memory::read(c, iovs.wrapping_add(i * 8), 8) else {
+        let Ok(iov) = memory::read(c, iovs.wrapping_add(i.wrapping_mul(8)), 8) else {
             return EFAULT;
         };
         let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
