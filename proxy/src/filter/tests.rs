@@ -738,3 +738,138 @@ async fn dropped_streams_still_release_their_contexts() {
     s.finish(0, 0);
     assert_eq!(stats.calls(metrics::Phase::Log), 1);
 }
+
+/// Callouts through a real hyper client to a real in-process hyper server.
+mod real_upstream {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    struct HyperCallouts {
+        addr: SocketAddr,
+        client: Client<HttpConnector, Full<Bytes>>,
+    }
+
+    impl HttpCallouts for HyperCallouts {
+        fn call(
+            &self,
+            cluster: &str,
+            req: Request<Bytes>,
+            _timeout: Duration,
+        ) -> Option<CalloutFuture> {
+            if cluster != "authz" {
+                return None;
+            }
+            let (parts, body) = req.into_parts();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let uri: http::Uri = format!("http://{}{}", self.addr, path).parse().unwrap();
+            let mut r = Request::from_parts(parts, Full::new(body));
+            *r.uri_mut() = uri;
+            let client = self.client.clone();
+            Some(Box::pin(async move {
+                let resp = client.request(r).await.map_err(|e| e.to_string())?;
+                let (p, b) = resp.into_parts();
+                let body = b.collect().await.map_err(|e| e.to_string())?.to_bytes();
+                Ok(Response::from_parts(p, body))
+            }))
+        }
+    }
+
+    async fn authz_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let user = hdr(req.headers(), "x-user").unwrap_or("").to_string();
+                        let status = if user == "alice" { 200 } else { 401 };
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(format!("real:{user}"))))
+                                .unwrap(),
+                        )
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn callout_through_a_real_http_upstream() {
+        let addr = authz_server().await;
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let cache =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-fixtures/.cache");
+        let rt = FilterRuntime::new(Some(cache), Arc::new(HyperCallouts { addr, client })).unwrap();
+        for t in TARGETS {
+            let set = rt.load(vec![spec(t, "callout", "authz-real")]).unwrap();
+            let mut s = set.stream(&pipeline(&["authz-real"]), info());
+            let mut req = request("/x", &[("x-user", "alice")]);
+            expect_continue(s.request_headers(&mut req, true).await);
+            assert_eq!(hdr(&req.headers, "x-authz"), Some("real:alice"), "{t}");
+            s.finish(0, 0);
+
+            let mut s = set.stream(&pipeline(&["authz-real"]), info());
+            let mut req = request("/x", &[("x-user", "mallory")]);
+            let r = expect_respond(s.request_headers(&mut req, true).await);
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
+            assert_eq!(hdr(r.headers(), "x-authz-status"), Some("401"), "{t}");
+        }
+    }
+}
+
+/// Per-request cost of the filter chain (request headers, response headers,
+/// finish) with 0, 1 and 4 pass-through filters. Run with
+/// `cargo test --release -p wasp --lib filter::tests::overhead -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement, not a check"]
+async fn overhead() {
+    let names = ["p1", "p2", "p3", "p4"];
+    let set = load(names.iter().map(|n| spec(TARGETS[0], "noop", n)).collect());
+    for chain in [0usize, 1, 4] {
+        let pl = pipeline(&names[..chain]);
+        let n = 20_000;
+        // Warm up (creates this thread's VMs).
+        for _ in 0..100 {
+            let mut s = set.stream(&pl, info());
+            let mut req = request("/", &[("x-a", "1")]);
+            expect_continue(s.request_headers(&mut req, true).await);
+            s.finish(0, 0);
+        }
+        let started = Instant::now();
+        for _ in 0..n {
+            let mut s = set.stream(&pl, info());
+            let mut req = request("/bench?x=1", &[("x-a", "1"), ("user-agent", "bench")]);
+            expect_continue(s.request_headers(&mut req, true).await);
+            let mut resp = response(200, &[("content-type", "text/plain")]);
+            expect_continue(s.response_headers(&mut resp, true).await);
+            s.finish(0, 0);
+        }
+        let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!("filters={chain}: {per:.2} us/request");
+    }
+}
+
+#[tokio::test]
+async fn old_generations_free_their_vms() {
+    let set = load(vec![spec(TARGETS[0], "noop", "gen-free")]);
+    exchange(&set, &["gen-free"], "/").await.unwrap();
+    let id = set.id;
+    assert!(worker::holds_set(id));
+    drop(set);
+    // The VM's root driver notices within its 250 ms poll.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!worker::holds_set(id));
+}

@@ -297,7 +297,16 @@ async fn root_driver(
     owner: ThreadId,
 ) {
     loop {
-        if std::thread::current().id() != owner || set.strong_count() == 0 {
+        if std::thread::current().id() != owner {
+            return;
+        }
+        if set.strong_count() == 0 {
+            // The generation is gone: free this thread's VMs of it now.
+            let _ = WORKER.try_with(|w| {
+                if let Ok(mut w) = w.try_borrow_mut() {
+                    w.sets.remove(&set_id);
+                }
+            });
             return;
         }
         let period = match with_live_vm(set_id, idx, incarnation, |vm, _| Ok(vm.tick_period_ms())) {
@@ -341,4 +350,10 @@ async fn root_driver(
             Some(Err(_)) | None => return,
         }
     }
+}
+
+/// Whether this thread still holds VMs of generation `set_id`.
+#[cfg(test)]
+pub(crate) fn holds_set(set_id: u64) -> bool {
+    WORKER.with(|w| w.borrow().sets.contains_key(&set_id))
 }

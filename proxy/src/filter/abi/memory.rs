@@ -58,6 +58,21 @@ pub(crate) fn write(caller: &mut Caller<'_, Host>, ptr: i32, bytes: &[u8]) -> Re
     Ok(())
 }
 
+/// The guest memory range `[ptr, ptr+len)`, writable in place.
+pub(crate) fn slice_mut<'a>(
+    caller: &'a mut Caller<'_, Host>,
+    ptr: i32,
+    len: i32,
+) -> Result<&'a mut [u8], Status> {
+    let mem = memory(caller)?;
+    let data = mem.data_mut(caller);
+    let start = ptr as u32 as usize;
+    let end = start
+        .checked_add(len as u32 as usize)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    data.get_mut(start..end).ok_or(Status::InvalidMemoryAccess)
+}
+
 pub(crate) fn write_u32(caller: &mut Caller<'_, Host>, ptr: i32, v: u32) -> Result<(), Status> {
     write(caller, ptr, &v.to_le_bytes())
 }

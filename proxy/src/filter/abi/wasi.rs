@@ -111,9 +111,14 @@ pub(crate) fn clock_res_get(c: &mut Caller<'_, Host>, id: i32, out: i32) -> i32 
 }
 
 pub(crate) fn random_get(c: &mut Caller<'_, Host>, buf: i32, len: i32) -> i32 {
-    let mut bytes = vec![0u8; len.max(0) as usize];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    errno(memory::write(c, buf, &bytes))
+    // Fill guest memory in place: a huge `len` can never make the host allocate.
+    match memory::slice_mut(c, buf, len) {
+        Ok(dst) => {
+            rand::rngs::OsRng.fill_bytes(dst);
+            ESUCCESS
+        }
+        Err(_) => EFAULT,
+    }
 }
 
 pub(crate) fn proc_exit(_c: &mut Caller<'_, Host>, code: i32) -> wasmtime::Error {

@@ -18,7 +18,10 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         if let Some(c) = self.get_plugin_configuration() {
-            let c = String::from_utf8_lossy(&c).trim().trim_matches('"').to_string();
+            let c = String::from_utf8_lossy(&c)
+                .trim()
+                .trim_matches('"')
+                .to_string();
             if !c.is_empty() {
                 self.cluster = c;
             }
@@ -26,7 +29,9 @@ impl RootContext for Root {
         true
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { cluster: self.cluster.clone() }))
+        Some(Box::new(Http {
+            cluster: self.cluster.clone(),
+        }))
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
@@ -39,13 +44,21 @@ struct Http {
 
 impl Context for Http {
     fn on_http_call_response(&mut self, _token: u32, _nh: usize, body_size: usize, _nt: usize) {
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
         if status == "200" {
             self.set_http_request_header("x-authz", Some(&String::from_utf8_lossy(&body)));
             self.resume_http_request();
         } else {
-            self.send_http_response(403, vec![("x-authz-status", &status)], Some(b"denied by authz\n"));
+            self.send_http_response(
+                403,
+                vec![("x-authz-status", &status)],
+                Some(b"denied by authz\n"),
+            );
         }
     }
 }
@@ -55,7 +68,12 @@ impl HttpContext for Http {
         let user = self.get_http_request_header("x-user").unwrap_or_default();
         match self.dispatch_http_call(
             &self.cluster,
-            vec![(":method", "GET"), (":path", "/check"), (":authority", "authz"), ("x-user", &user)],
+            vec![
+                (":method", "GET"),
+                (":path", "/check"),
+                (":authority", "authz"),
+                ("x-user", &user),
+            ],
             None,
             vec![],
             Duration::from_secs(2),
@@ -63,7 +81,11 @@ impl HttpContext for Http {
             Ok(_) => Action::Pause,
             Err(status) => {
                 let s = format!("{status:?}");
-                self.send_http_response(500, vec![("x-callout-error", &s)], Some(b"callout failed\n"));
+                self.send_http_response(
+                    500,
+                    vec![("x-callout-error", &s)],
+                    Some(b"callout failed\n"),
+                );
                 Action::Pause
             }
         }

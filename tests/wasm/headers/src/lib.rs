@@ -38,7 +38,9 @@ impl RootContext for Root {
         }
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { cfg: self.cfg.clone() }))
+        Some(Box::new(Http {
+            cfg: self.cfg.clone(),
+        }))
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
@@ -56,13 +58,21 @@ fn edits(section: &Value) -> (Vec<(String, String)>, Vec<(String, String)>, Vec<
         section
             .get(k)
             .and_then(|v| v.as_object())
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let remove = section
         .get("remove")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     (pairs("add"), pairs("replace"), remove)
 }

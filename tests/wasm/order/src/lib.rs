@@ -22,7 +22,9 @@ impl RootContext for Root {
         true
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { name: self.name.clone() }))
+        Some(Box::new(Http {
+            name: self.name.clone(),
+        }))
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)

@@ -35,7 +35,12 @@ const STRINGS: &[&str] = &[
     "fixture.note",
     "wasp.cluster",
 ];
-const INTS: &[&str] = &["source.port", "destination.port", "response.code", "request.time"];
+const INTS: &[&str] = &[
+    "source.port",
+    "destination.port",
+    "response.code",
+    "request.time",
+];
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {

@@ -47,7 +47,10 @@ impl HttpContext for Http {
     }
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         self.set_http_response_header("x-counter", Some(&self.counter.to_string()));
-        self.set_http_response_header("x-cas-conflict", Some(if self.conflict { "1" } else { "0" }));
+        self.set_http_response_header(
+            "x-cas-conflict",
+            Some(if self.conflict { "1" } else { "0" }),
+        );
         Action::Continue
     }
 }
