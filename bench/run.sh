@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark on loopback: the upstream directly, wasp, and
+# nginx as an equivalent reverse proxy, measured side by side in one run,
+# alternating, with wrk. Bounded: ROUNDS x 3 targets x DURATION seconds.
+#
+#   bench/run.sh                    # defaults: 3 rounds of 5 s, 32 connections
+#   ROUNDS=5 DURATION=10s CONNS=64 bench/run.sh
+#   PIPELINE="pass" bench/run.sh    # wasp with a filter pipeline (see bench/README.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-32}
+WORKERS=${WORKERS:-1}
+out="$root/target/bench"
+mkdir -p "$out"
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}"
+fi
+
+cargo build -q --release -p wasp -p demo-app
+bin="$root/target/release"
+
+UP=127.0.0.1:18080
+WASP=127.0.0.1:18081
+NGINX=127.0.0.1:18082
+ADMIN=127.0.0.1:18091
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+DEMO_THREADS=1 "$bin/demo-app" upstream "$UP" 2>"$out/upstream.log" & pids+=($!)
+
+cat > "$out/wasp.toml" <<TOML
+[proxy]
+workers = $WORKERS
+[admin]
+bind = "$ADMIN"
+[log]
+level = "warn"
+[[listeners]]
+name = "bench"
+bind = "$WASP"
+  [[listeners.routes]]
+  cluster = "upstream"
+[clusters.upstream]
+endpoints = ["$UP"]
+TOML
+"$bin/wasp" run --config "$out/wasp.toml" 2>"$out/wasp.log" & wasp_pid=$!; pids+=($wasp_pid)
+
+mkdir -p "$out/nginx"
+cat > "$out/nginx/nginx.conf" <<NGINX
+worker_processes $WORKERS;
+daemon off;
+pid $out/nginx/nginx.pid;
+error_log $out/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream app { server $UP; keepalive 64; }
+  server {
+    listen $NGINX reuseport;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+NGINX
+nginx -c "$out/nginx/nginx.conf" -p "$out/nginx" 2>"$out/nginx/stderr.log" & nginx_pid=$!; pids+=($nginx_pid)
+
+for _ in $(seq 100); do curl -fs "http://$ADMIN/ready" >/dev/null && curl -fs "http://$NGINX/bench" >/dev/null && break; sleep 0.1; done
+curl -fs "http://$WASP/bench" >/dev/null || { echo "wasp is not serving; see $out/wasp.log"; exit 1; }
+
+# nginx's worker is a child of the master; measure the workers.
+nginx_workers() { pgrep -P "$nginx_pid" | tr '\n' ' '; }
+cpu_secs() { local t=0; for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
+rss_kb() { local t=0; for p in "$@"; do t=$(( t + $(awk '/VmRSS/{print $2}' "/proc/$p/status") )); done; echo "$t"; }
+hwm_kb() { local t=0; for p in "$@"; do t=$(( t + $(awk '/VmHWM/{print $2}' "/proc/$p/status") )); done; echo "$t"; }
+
+results="$out/results.tsv"
+: > "$results"
+hz=$(getconf CLK_TCK)
+for round in $(seq "$ROUNDS"); do
+  for target in direct wasp nginx; do
+    case $target in
+      direct) addr=$UP; procs=() ;;
+      wasp) addr=$WASP; procs=($wasp_pid) ;;
+      nginx) addr=$NGINX; procs=($(nginx_workers)) ;;
+    esac
+    before=0; [ ${#procs[@]} -gt 0 ] && before=$(cpu_secs "${procs[@]}")
+    wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://$addr/bench" > "$out/wrk-$target-$round.txt"
+    after=0; [ ${#procs[@]} -gt 0 ] && after=$(cpu_secs "${procs[@]}")
+    rss=0; [ ${#procs[@]} -gt 0 ] && rss=$(rss_kb "${procs[@]}")
+    python3 - "$out/wrk-$target-$round.txt" "$target" "$round" "$(( after - before ))" "$hz" "$rss" >> "$results" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+target, rnd, ticks, hz, rss = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+def ms(v):
+    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
+    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
+print(f"{target}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{ticks/hz:.2f}\t{rss}\t{errors.group(0) if errors else ''}")
+PY
+  done
+done
+
+wasp_hwm=$(hwm_kb "$wasp_pid")
+python3 - "$results" "$wasp_hwm" "$CONNS" "$DURATION" "$ROUNDS" "$WORKERS" <<'PY'
+import sys, statistics
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+hwm, conns, dur, rounds, workers = sys.argv[2:7]
+by = {}
+for t, r, rps, p50, p99, cpu, rss, err in rows:
+    by.setdefault(t, []).append((float(rps), float(p50), float(p99), float(cpu), int(rss), err))
+print(f"\nwrk -t1 -c{conns} -d{dur}, {rounds} alternating rounds, {workers} proxy worker(s); medians over rounds\n")
+print("| target | req/s | p50 ms | p99 ms | proxy CPU s per round | proxy RSS MiB | errors |")
+print("|---|---|---|---|---|---|---|")
+med = {}
+for t in ["direct", "wasp", "nginx"]:
+    v = by.get(t, [])
+    if not v: continue
+    m = [statistics.median(x[i] for x in v) for i in range(4)]
+    med[t] = m
+    rss = max(x[4] for x in v) / 1024
+    errs = "; ".join(sorted({x[5] for x in v if x[5]})) or "none"
+    print(f"| {t} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.2f} | {rss:.1f} | {errs} |")
+if "wasp" in med and "nginx" in med:
+    w, n = med["wasp"], med["nginx"]
+    print(f"\nwasp/nginx throughput ratio: {w[0]/n[0]:.2f}  p99 ratio: {w[2]/n[2]:.2f}  wasp/direct: {w[0]/med['direct'][0]:.2f}")
+print(f"wasp peak RSS (VmHWM): {int(hwm)/1024:.1f} MiB")
+PY
