@@ -103,9 +103,9 @@ pub(crate) struct GuestMetric {
 }
 
 impl GuestMetric {
-    /// `proxy_increment_metric`; false for histograms.
+    /// `proxy_increment_metric`; false for histograms and for decrementing a counter.
     pub(crate) fn increment(&self, by: i64) -> bool {
-        if self.kind == MetricKind::Histogram {
+        if self.kind == MetricKind::Histogram || (self.kind == MetricKind::Counter && by < 0) {
             return false;
         }
         self.value.fetch_add(by, Ordering::Relaxed);

@@ -54,6 +54,24 @@ pub(crate) fn get(
     copy_out(c, &buf[start..end], ptr_out, len_out)
 }
 
+/// `proxy_get_buffer_status`: the buffer's size.
+pub(crate) fn status(
+    c: &mut Caller<'_, Host>,
+    kind: i32,
+    size_out: i32,
+    flags_out: i32,
+) -> HostResult {
+    let Some(len) = buffer(c.data(), kind).map(|b| b.len()) else {
+        return Ok(Status::NotFound);
+    };
+    let r = memory::write_u32(c, size_out, len as u32)
+        .and_then(|()| memory::write_u32(c, flags_out, 0));
+    Ok(match r {
+        Ok(()) => Status::Ok,
+        Err(s) => s,
+    })
+}
+
 pub(crate) fn get_configuration(
     c: &mut Caller<'_, Host>,
     ptr_out: i32,

@@ -5,8 +5,8 @@
 //! `proxy_on_http_call_response` (see `stream` and `worker`).
 //!
 //! Runs inside a host call on the VM's thread; never awaits. An unknown
-//! cluster answers BAD_ARGUMENT, a malformed request INTERNAL_FAILURE
-//! (the statuses the Rust SDK accepts).
+//! cluster or a request without `:method`, `:path` or `:authority` answers
+//! BAD_ARGUMENT (a status the Rust SDK accepts).
 
 use std::time::Duration;
 
@@ -52,21 +52,25 @@ pub(crate) fn call(
     let Some(headers) = deserialize(&headers) else {
         return Ok(Status::BadArgument);
     };
-    let mut method = Method::GET;
-    let mut path = String::from("/");
+    // `:method`, `:path` and `:authority` are required (as in the spec and Envoy).
+    let mut method = None;
+    let mut path = None;
+    let mut authority = false;
     let mut builder = Request::builder();
     for (k, v) in &headers {
         match k.as_str() {
             ":method" => match Method::from_bytes(v) {
-                Ok(m) => method = m,
+                Ok(m) => method = Some(m),
                 Err(_) => return Ok(Status::BadArgument),
             },
-            ":path" => path = String::from_utf8_lossy(v).into_owned(),
-            ":authority" => {
-                if let Ok(v) = HeaderValue::from_bytes(v) {
+            ":path" => path = Some(String::from_utf8_lossy(v).into_owned()),
+            ":authority" => match HeaderValue::from_bytes(v) {
+                Ok(v) => {
+                    authority = true;
                     builder = builder.header(HOST, v);
                 }
-            }
+                Err(_) => return Ok(Status::BadArgument),
+            },
             k if k.starts_with(':') => {}
             k => match (
                 HeaderName::from_bytes(k.as_bytes()),
@@ -77,6 +81,9 @@ pub(crate) fn call(
             },
         }
     }
+    let (Some(method), Some(path), true) = (method, path, authority) else {
+        return Ok(Status::BadArgument);
+    };
     let req = match builder.method(method).uri(path).body(Bytes::from(body)) {
         Ok(r) => r,
         Err(_) => return Ok(Status::BadArgument),

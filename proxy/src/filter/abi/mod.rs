@@ -87,6 +87,11 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "proxy_set_buffer_bytes",
         |c, t, s, z, p, n| buffers::set(c, t, s, z, p, n)
     );
+    host!(
+        l,
+        "proxy_get_buffer_status",
+        |c, t, so, fo| buffers::status(c, t, so, fo)
+    );
     host!(l, "proxy_get_configuration", |c, po, lo| {
         buffers::get_configuration(c, po, lo)
     });

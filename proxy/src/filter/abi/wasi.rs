@@ -41,7 +41,7 @@ fn emit(c: &mut Caller<'_, Host>, fd: usize, bytes: &[u8]) {
         if fd == 0 {
             tracing::info!(target: "wasp::filter::stdout", filter, "{text}");
         } else {
-            tracing::warn!(target: "wasp::filter::stderr", filter, "{text}");
+            tracing::error!(target: "wasp::filter::stderr", filter, "{text}");
         }
     }
     if buf.len() > 16 << 10 {
