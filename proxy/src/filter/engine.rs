@@ -255,6 +255,7 @@ impl FilterRuntime {
             generation,
             deadline_ticks: deadline_ticks.max(2),
             failed_vms: Default::default(),
+            rebuild_failing: Default::default(),
             last_error: Mutex::new(None),
             _ticker: self.ticker.clone(),
             spec,

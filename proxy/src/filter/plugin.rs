@@ -5,7 +5,7 @@
 //! Built on the control thread by `FilterRuntime::load`; read-only afterwards
 //! and shared (`Arc`) by every worker's VMs of this generation.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -40,6 +40,8 @@ pub(crate) struct Plugin {
     pub deadline_ticks: u64,
     /// VMs of this generation that failed and are not rebuilt yet (all workers).
     pub failed_vms: AtomicI64,
+    /// The last attempt to rebuild a VM of this generation failed.
+    pub rebuild_failing: AtomicBool,
     /// The last VM failure or rebuild error of this generation.
     pub last_error: Mutex<Option<String>>,
     /// Keeps the epoch ticker running while this generation can run code.
@@ -62,10 +64,12 @@ impl Plugin {
     }
 
     pub(crate) fn state(&self) -> &'static str {
-        if self.failed_vms.load(Ordering::Relaxed) > 0 {
-            "rebuilding"
-        } else {
+        if self.failed_vms.load(Ordering::Relaxed) == 0 {
             "ok"
+        } else if self.rebuild_failing.load(Ordering::Relaxed) {
+            "failed"
+        } else {
+            "rebuilding"
         }
     }
 

@@ -161,6 +161,11 @@ async fn exchange(
 #[test]
 fn stream_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<FilterRuntime>();
+    assert_send_sync::<FilterSet>();
+    fn assert_send_type<T: Send>() {}
+    assert_send_type::<StreamFilters>();
     let rt = FilterRuntime::new(None, Arc::new(Canned)).unwrap();
     let set = rt.load(vec![]).unwrap();
     let mut s = set.stream(&[], info());

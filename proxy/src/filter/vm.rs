@@ -17,6 +17,9 @@ use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData
 use super::metrics::{CallResult, Phase};
 use super::plugin::Plugin;
 
+/// Epoch ticks (ms) allowed to each start-up callback.
+const START_DEADLINE_TICKS: u64 = 1_000;
+
 /// Root context id of every VM.
 pub(crate) const ROOT_ID: u32 = 1;
 
@@ -385,7 +388,14 @@ impl Vm {
         phase: Phase,
         f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        self.store.set_epoch_deadline(self.plugin.deadline_ticks);
+        // Start-up (initializers, vm_start, configure) may parse configuration
+        // on cold memory: it gets at least a second.
+        let ticks = if phase == Phase::Start {
+            self.plugin.deadline_ticks.max(START_DEADLINE_TICKS)
+        } else {
+            self.plugin.deadline_ticks
+        };
+        self.store.set_epoch_deadline(ticks);
         self.store.data_mut().limiter.hit = false;
         let started = Instant::now();
         let r = f(&mut self.store);

@@ -184,6 +184,7 @@ fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Fa
         Err(f) => {
             let msg = format!("rebuilding the VM: {f}");
             plugin.note_failure(&msg);
+            plugin.rebuild_failing.store(true, Ordering::Relaxed);
             if !slot.counted_failed {
                 plugin.failed_vms.fetch_add(1, Ordering::Relaxed);
                 slot.counted_failed = true;
@@ -194,6 +195,7 @@ fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Fa
             return Err(f);
         }
     };
+    plugin.rebuild_failing.store(false, Ordering::Relaxed);
     if slot.counted_failed {
         plugin.failed_vms.fetch_sub(1, Ordering::Relaxed);
         slot.counted_failed = false;
