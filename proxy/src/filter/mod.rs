@@ -45,7 +45,9 @@
 //! and friends are never called), `proxy_get_log_level` answers the
 //! proxy's current level. Resuming a paused *body* from an `http_call`
 //! answer is not supported (the body stays buffered until end of stream),
-//! PAUSE on trailers acts as CONTINUE, and a callout answer that arrives
+//! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
+//! `http_call` fails the filter (its policy applies; a timer cannot resume
+//! a stream), and a callout answer that arrives
 //! after its stream ended is dropped. Root-only ("background") plugins
 //! must not be put in a pipeline: the SDK traps on the HTTP context.
 

@@ -289,6 +289,26 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(WASI, "sched_yield", |mut c: C<'_>| {
         wasi::sched_yield(&mut c)
     })?;
+    // No file descriptors beyond stdio and no preopens: EBADF, as wasi-libc expects.
+    l.func_wrap(WASI, "fd_prestat_get", |_c: C<'_>, _fd: i32, _buf: i32| {
+        wasi::EBADF
+    })?;
+    l.func_wrap(
+        WASI,
+        "fd_prestat_dir_name",
+        |_c: C<'_>, _fd: i32, _p: i32, _n: i32| wasi::EBADF,
+    )?;
+    l.func_wrap(WASI, "fd_close", |_c: C<'_>, _fd: i32| wasi::EBADF)?;
+    l.func_wrap(
+        WASI,
+        "fd_read",
+        |_c: C<'_>, _fd: i32, _i: i32, _n: i32, _o: i32| wasi::EBADF,
+    )?;
+    l.func_wrap(
+        WASI,
+        "fd_seek",
+        |_c: C<'_>, _fd: i32, _off: i64, _wh: i32, _o: i32| wasi::EBADF,
+    )?;
     l.func_wrap(WASI, "fd_fdstat_get", |mut c: C<'_>, fd: i32, out: i32| {
         wasi::fd_fdstat_get(&mut c, fd, out)
     })?;

@@ -21,6 +21,7 @@ pub(crate) const EBADF: i32 = 8;
 pub(crate) const EFAULT: i32 = 21;
 pub(crate) const EINVAL: i32 = 28;
 pub(crate) const ENOSYS: i32 = 52;
+pub(crate) const ENOTSUP: i32 = 58;
 
 fn errno(r: Result<(), super::Status>) -> i32 {
     match r {
@@ -98,7 +99,7 @@ pub(crate) fn clock_time_get(c: &mut Caller<'_, Host>, id: i32, _precision: i64,
     let ns = match id {
         0 => super::context::now_nanos(),
         1..=3 => MONO_BASE.with(|b| b.elapsed().as_nanos() as u64),
-        _ => return EINVAL,
+        _ => return ENOTSUP,
     };
     errno(memory::write_u64(c, out, ns))
 }
