@@ -1,4 +1,5 @@
-//! The command line: `wasp run`, `wasp check`, `wasp --version`.
+//! The command line: `wasp run [-- APP...]`, `wasp check`, `wasp await`,
+//! `wasp --version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,11 +17,28 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy.
+    /// Run the proxy; with `-- APP ARGS...`, also run the app once the proxy
+    /// is ready, and exit with the app's exit code after draining.
     Run {
         /// The TOML configuration file.
         #[arg(short, long, default_value = "wasp.toml")]
         config: PathBuf,
+        /// The listener the app's HTTP_PROXY points at (wrapper mode).
+        #[arg(long, default_value = crate::server::app_default_proxy_listener())]
+        proxy_listener: String,
+        /// The app to run as a child (wrapper mode).
+        #[arg(last = true)]
+        app: Vec<String>,
+    },
+    /// Block until a wasp admin endpoint reports ready (for apps that cannot
+    /// use wrapper mode): exit 0 when ready, 1 on timeout.
+    Await {
+        /// The admin address of the wasp to wait for.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// How long to wait, e.g. "30s".
+        #[arg(long, default_value = "30s")]
+        timeout: String,
     },
     /// Validate a configuration file and print what it sets up.
     Check {
@@ -32,8 +50,19 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            proxy_listener,
+            app,
+        } => {
+            let app = (!app.is_empty()).then_some(crate::server::AppSpec {
+                argv: app,
+                proxy_listener,
+            });
+            run(&config, app)
+        }
         Command::Check { config } => check(&config),
+        Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),
     }
 }
 
@@ -44,14 +73,14 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, app: Option<crate::server::AppSpec>) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let log = crate::telemetry::logging::init(config.file.log.level, config.file.log.format);
-    match crate::server::run(config, log) {
-        Ok(()) => ExitCode::SUCCESS,
+    match crate::server::run(config, log, app) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");

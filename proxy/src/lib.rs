@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod await_ready;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "wasm-filters")]

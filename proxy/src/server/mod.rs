@@ -6,10 +6,15 @@
 //! its own listening sockets and its own upstream pools; workers read the
 //! snapshot once per request and otherwise share nothing.
 //!
-//! Shutdown: SIGTERM, SIGINT or `POST /shutdown` mark the proxy not ready,
-//! tell every worker to stop accepting, let in-flight requests finish up to
-//! `drain_timeout`, and exit 0.
+//! Shutdown ordering (SIGTERM, SIGINT or `POST /shutdown`): `/ready` fails
+//! at once; inbound listeners keep serving for `drain_delay` so load
+//! balancers notice, then stop accepting and drain; the outbound listener
+//! (the app's HTTP proxy) keeps working until the app has exited (wrapper
+//! mode) so the app can finish its own calls, then drains too. In-flight
+//! requests get up to `drain_timeout`. The process exits 0, or with the
+//! app's exit code in wrapper mode.
 
+mod app;
 mod snapshot;
 
 use std::cell::RefCell;
@@ -20,6 +25,12 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+pub use app::AppSpec;
+
+/// For the CLI's default value.
+pub const fn app_default_proxy_listener() -> &'static str {
+    app::DEFAULT_PROXY_LISTENER
+}
 pub use snapshot::{ListenerRuntime, Snapshot};
 
 use crate::config::Config;
@@ -34,7 +45,12 @@ pub struct Shared {
     /// Listeners bound and everything loaded; false again once draining.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// Turns true when a shutdown starts (signal or admin); the control
+    /// thread then runs the drain sequence.
     pub shutdown: watch::Sender<bool>,
+    /// Tell inbound / outbound listeners to stop accepting and drain.
+    pub drain_inbound: watch::Sender<bool>,
+    pub drain_outbound: watch::Sender<bool>,
     pub log_level: Option<LevelHandle>,
     pub started: std::time::Instant,
 }
@@ -78,18 +94,23 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
     })
 }
 
-/// Runs the proxy until it is shut down. Returns once drained.
-pub fn run(config: Config, log_level: Option<LevelHandle>) -> anyhow::Result<()> {
+/// Runs the proxy until it is shut down, and the app too in wrapper mode.
+/// Returns the exit code once drained.
+pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>) -> anyhow::Result<u8> {
     let metrics = Metrics::new();
     let config = Arc::new(config);
     let snapshot = Snapshot::build(1, config.clone(), &metrics);
     let (shutdown, _) = watch::channel(false);
+    let (drain_inbound, _) = watch::channel(false);
+    let (drain_outbound, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         shutdown,
+        drain_inbound,
+        drain_outbound,
         log_level,
         started: std::time::Instant::now(),
     });
@@ -97,13 +118,22 @@ pub fn run(config: Config, log_level: Option<LevelHandle>) -> anyhow::Result<()>
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
     let workers = config.workers;
-    let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<(usize, bool, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let outbound_name = app
+        .as_ref()
+        .map_or(app::DEFAULT_PROXY_LISTENER, |a| a.proxy_listener.as_str());
+    let mut outbound_addr = None;
     for (i, l) in config.listeners.iter().enumerate() {
+        let outbound = *l.name == *outbound_name;
+        if outbound {
+            outbound_addr = Some(l.bind);
+        }
         let sockets = crate::listener::bind(l.bind, workers)
             .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
         tracing::info!(listener = %l.name, bind = %l.bind, workers, "listening");
         for (w, s) in sockets.into_iter().enumerate() {
-            per_worker[w].push((i, s));
+            per_worker[w].push((i, outbound, s));
         }
     }
     let admin = std::net::TcpListener::bind(config.admin)
@@ -124,11 +154,16 @@ pub fn run(config: Config, log_level: Option<LevelHandle>) -> anyhow::Result<()>
         .enable_all()
         .build()
         .context("cannot start the control runtime")?;
-    control.block_on(async {
+    let code = control.block_on(async {
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
         shared.ready.store(true, Ordering::Release);
         tracing::info!(workers, admin = %config.admin, "wasp is ready");
-        wait_for_shutdown(&shared).await;
+        // Only now, with every listener bound, may the app start calling out.
+        let mut child = match app {
+            Some(spec) => Some(app::spawn(&spec, outbound_addr)?),
+            None => None,
+        };
+        let code = drain_sequence(&shared, &config, child.as_mut()).await;
         // Workers drain on their own threads; wait for them off the runtime.
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -137,13 +172,56 @@ pub fn run(config: Config, log_level: Option<LevelHandle>) -> anyhow::Result<()>
         });
         let _ = joined.await;
         admin_task.abort();
-    });
+        anyhow::Ok(code)
+    })?;
     tracing::info!("drained; bye");
-    Ok(())
+    Ok(code)
 }
 
-fn worker_main(index: usize, sockets: Vec<(usize, std::net::TcpListener)>, shared: Arc<Shared>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+/// Waits for the reason to stop, then drains in order (see the module docs).
+async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut app::Child>) -> u8 {
+    let mut app_code = None;
+    tokio::select! {
+        _ = wait_for_shutdown(shared) => {}
+        code = app::wait(&mut child) => {
+            tracing::info!("the app exited with code {code}; shutting down");
+            app_code = Some(code);
+            shared.begin_shutdown("the app exited");
+        }
+    }
+    if app_code.is_none() {
+        if let Some(c) = child.as_deref_mut() {
+            c.forward(app::TERM);
+        }
+        // Inbound keeps serving a little so load balancers see /ready fail.
+        if !config.drain_delay.is_zero() {
+            tracing::info!("inbound keeps serving for drain_delay = {:?}", config.drain_delay);
+            tokio::time::sleep(config.drain_delay).await;
+        }
+    }
+    shared.drain_inbound.send_replace(true);
+    if app_code.is_none() && child.is_some() {
+        // The app may still be finishing its own outbound calls.
+        match tokio::time::timeout(config.drain_timeout, app::wait(&mut child)).await {
+            Ok(code) => app_code = Some(code),
+            Err(_) => {
+                tracing::warn!("the app did not exit within drain_timeout; killing it");
+                if let Some(c) = child.as_deref_mut() {
+                    c.kill().await;
+                }
+                app_code = Some(137);
+            }
+        }
+    }
+    shared.drain_outbound.send_replace(true);
+    app_code.unwrap_or(0)
+}
+
+fn worker_main(index: usize, sockets: Vec<(usize, bool, std::net::TcpListener)>, shared: Arc<Shared>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(worker = index, "cannot start the worker runtime: {e}");
@@ -153,9 +231,18 @@ fn worker_main(index: usize, sockets: Vec<(usize, std::net::TcpListener)>, share
     };
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for (listener, socket) in sockets {
-            let rx = shared.shutdown.subscribe();
-            tasks.push(tokio::spawn(crate::listener::serve(listener, socket, shared.clone(), rx)));
+        for (listener, outbound, socket) in sockets {
+            let rx = if outbound {
+                shared.drain_outbound.subscribe()
+            } else {
+                shared.drain_inbound.subscribe()
+            };
+            tasks.push(tokio::spawn(crate::listener::serve(
+                listener,
+                socket,
+                shared.clone(),
+                rx,
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -168,7 +255,10 @@ async fn wait_for_shutdown(shared: &Shared) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             let _ = rx.wait_for(|s| *s).await;
             return;
         };
