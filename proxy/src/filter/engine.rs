@@ -21,6 +21,7 @@ use wasmtime::{
 
 use super::abi;
 use super::abi::shared_data::SharedData;
+use super::abi::shared_queue::SharedQueues;
 use super::cache;
 use super::host::Host;
 use super::metrics::{self, FilterStats, MetricStore};
@@ -82,6 +83,7 @@ pub struct FilterRuntime {
     cache_dir: Option<PathBuf>,
     callouts: Arc<dyn HttpCallouts>,
     modules: Mutex<HashMap<String, Module>>,
+    queues: Arc<SharedQueues>,
     filters: Mutex<BTreeMap<String, FilterEntry>>,
     next_set: AtomicU64,
     ticker: Arc<Ticker>,
@@ -137,6 +139,7 @@ impl FilterRuntime {
             cache_dir,
             callouts,
             modules: Mutex::new(HashMap::new()),
+            queues: Arc::default(),
             filters: Mutex::new(BTreeMap::new()),
             next_set: AtomicU64::new(1),
             ticker: Arc::new(Ticker { stop }),
@@ -245,6 +248,7 @@ impl FilterRuntime {
                 config: spec.config.clone(),
                 vm_config: spec.vm_config.clone(),
                 shared: shared_data,
+                queues: self.queues.clone(),
                 metrics: metric_store,
                 stats,
                 callouts: self.callouts.clone(),
@@ -261,7 +265,7 @@ impl FilterRuntime {
             spec,
         });
         // Validate: a throw-away VM runs the whole start-up sequence.
-        let vm = Vm::new(&plugin).map_err(|f| anyhow!("{f}"))?;
+        let vm = Vm::new(&plugin, None).map_err(|f| anyhow!("{f}"))?;
         drop(vm);
         Ok(plugin)
     }

@@ -22,6 +22,7 @@ use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
 use super::metrics::GuestMetric;
 use super::plugin::PluginShared;
+use super::worker::RootTx;
 use super::{CalloutFuture, StreamInfo};
 
 /// The request head as filters see it (pseudo headers come from method/uri).
@@ -175,6 +176,8 @@ pub(crate) struct Host {
     /// `proxy_on_memory_allocate` or `malloc`.
     pub alloc: Option<TypedFunc<u32, u32>>,
     pub root_id: u32,
+    /// Wakes this VM's root driver (none for the validation VM).
+    pub root_tx: Option<RootTx>,
     /// Context the guest acts on (`proxy_set_effective_context`).
     pub effective: u32,
     /// Context whose stream data is loaded in `stream`.
@@ -203,6 +206,7 @@ impl Host {
             memory: None,
             alloc: None,
             root_id: 0,
+            root_tx: None,
             effective: 0,
             stream_ctx: 0,
             stream: None,

@@ -39,11 +39,11 @@
 //!
 //! Not implemented (linked, answering statuses the Rust SDK accepts):
 //! gRPC calls and streams (`proxy_grpc_*`: INTERNAL_FAILURE / NOT_FOUND),
-//! shared queues (register answers OK with id 0; resolve, enqueue and
-//! dequeue NOT_FOUND; `proxy_on_queue_ready` is never called), foreign
-//! functions (NOT_FOUND), TCP/network filters (`proxy_on_new_connection`
-//! and friends are never called), `proxy_get_log_level` answers the
-//! proxy's current level. Resuming a paused *body* from an `http_call`
+//! foreign functions (NOT_FOUND), TCP/network filters
+//! (`proxy_on_new_connection` and friends are never called). Shared queues
+//! are implemented (process-wide, keyed by filter name + queue name; an
+//! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
+//! worker). Resuming a paused *body* from an `http_call`
 //! answer is not supported (the body stays buffered until end of stream),
 //! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
 //! `http_call` fails the filter (its policy applies; a timer cannot resume

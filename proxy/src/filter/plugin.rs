@@ -12,6 +12,7 @@ use bytes::Bytes;
 use wasmtime::{Engine, InstancePre};
 
 use super::abi::shared_data::SharedData;
+use super::abi::shared_queue::SharedQueues;
 use super::engine::Ticker;
 use super::host::Host;
 use super::metrics::{FilterStats, MetricStore};
@@ -23,6 +24,7 @@ pub(crate) struct PluginShared {
     pub config: Bytes,
     pub vm_config: Bytes,
     pub shared: Arc<SharedData>,
+    pub queues: Arc<SharedQueues>,
     pub metrics: Arc<MetricStore>,
     pub stats: Arc<FilterStats>,
     pub callouts: Arc<dyn HttpCallouts>,

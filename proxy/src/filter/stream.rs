@@ -28,7 +28,7 @@ use super::abi::properties::stream_property;
 use super::host::{Dir, LocalResponse, ReqHead, RespHead, StreamData};
 use super::set::FilterSet;
 use super::vm::{Callback, Failure};
-use super::worker::{self, spawn_callout, CalloutDone};
+use super::worker::{self, spawn_callout, CalloutDone, Deliver};
 use super::{BodyVerdict, FailPolicy, StreamInfo, Verdict};
 
 /// One filter of the pipeline, for this stream.
@@ -241,9 +241,9 @@ impl StreamFilters {
                 let mut c = c;
                 // Tag the answer with the pipeline position.
                 c.context = pos as u32;
-                spawn_callout(c, tx.clone());
+                spawn_callout(c, Deliver::Stream(tx.clone()));
             } else if let Some(tx) = &root_tx {
-                spawn_callout(c, tx.clone());
+                spawn_callout(c, Deliver::Root(tx.clone()));
             }
         }
         if let Some(l) = out.actions.local {

@@ -878,3 +878,23 @@ async fn old_generations_free_their_vms() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!worker::holds_set(id));
 }
+
+#[tokio::test]
+async fn shared_queue_wakes_the_registrant() {
+    for t in TARGETS {
+        let name = format!("queue-{t}");
+        let set = load(vec![spec(t, "queue", &name)]);
+        let (req, _) = exchange(&set, &[&name], "/first").await.unwrap();
+        assert_eq!(hdr(&req.headers, "x-queue-missing"), None, "{t}");
+        assert_eq!(
+            hdr(&req.headers, "x-queue-unknown"),
+            Some("not-found"),
+            "{t}"
+        );
+        // proxy_on_queue_ready runs on this worker's root driver.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, resp) = exchange(&set, &[&name], "/second").await.unwrap();
+        assert_eq!(hdr(&resp.headers, "x-queue-seen"), Some("1"), "{t}");
+        assert_eq!(hdr(&resp.headers, "x-queue-last"), Some("/first"), "{t}");
+    }
+}

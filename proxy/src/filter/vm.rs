@@ -16,6 +16,7 @@ use wasmtime::{Instance, Store, Trap, TypedFunc};
 use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData};
 use super::metrics::{CallResult, Phase};
 use super::plugin::Plugin;
+use super::worker::RootTx;
 
 /// Epoch ticks (ms) allowed to each start-up callback.
 const START_DEADLINE_TICKS: u64 = 1_000;
@@ -86,6 +87,7 @@ pub(crate) enum Callback {
     ResponseTrailers { n: u32 },
     HttpCallResponse { token: u32, answer: CalloutAnswer },
     Tick,
+    QueueReady { queue: u32 },
     Log,
     Done,
     Delete,
@@ -101,7 +103,7 @@ impl Callback {
             Callback::ResponseBody { .. } => Phase::ResponseBody,
             Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
             Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
-            Callback::Tick => Phase::Tick,
+            Callback::Tick | Callback::QueueReady { .. } => Phase::Tick,
             Callback::Log => Phase::Log,
             Callback::Done | Callback::Delete => Phase::Done,
         }
@@ -130,6 +132,7 @@ struct Exports {
     on_log: Option<F1>,
     on_delete: Option<F1>,
     on_tick: Option<F1>,
+    on_queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     request_headers: Option<F3R>,
     request_body: Option<F3R>,
     request_trailers: Option<F2R>,
@@ -168,7 +171,7 @@ fn opt<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
 impl Vm {
     /// Instantiates, initializes, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
-    pub(crate) fn new(plugin: &Arc<Plugin>) -> Result<Vm, Failure> {
+    pub(crate) fn new(plugin: &Arc<Plugin>, root_tx: Option<RootTx>) -> Result<Vm, Failure> {
         let memory_limit = usize::try_from(plugin.spec.memory_limit).unwrap_or(usize::MAX);
         let mut store = Store::new(
             &plugin.engine,
@@ -195,6 +198,7 @@ impl Vm {
         store.data_mut().memory = memory;
         store.data_mut().alloc = alloc;
         store.data_mut().root_id = ROOT_ID;
+        store.data_mut().root_tx = root_tx;
         store.data_mut().effective = ROOT_ID;
 
         let context_create = instance
@@ -208,6 +212,7 @@ impl Vm {
             on_log: opt(&instance, &mut store, "proxy_on_log")?,
             on_delete: opt(&instance, &mut store, "proxy_on_delete")?,
             on_tick: opt(&instance, &mut store, "proxy_on_tick")?,
+            on_queue_ready: opt(&instance, &mut store, "proxy_on_queue_ready")?,
             request_headers: opt(&instance, &mut store, "proxy_on_request_headers")?,
             request_body: opt(&instance, &mut store, "proxy_on_request_body")?,
             request_trailers: opt(&instance, &mut store, "proxy_on_request_trailers")?,
@@ -341,6 +346,10 @@ impl Vm {
             },
             Callback::Tick => match ex.on_tick.clone() {
                 Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+                None => Ok(0),
+            },
+            Callback::QueueReady { queue } => match ex.on_queue_ready.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, queue))).map(|()| 0),
                 None => Ok(0),
             },
             Callback::Log => match ex.on_log.clone() {

@@ -25,6 +25,32 @@ use super::host::{CalloutAnswer, NewCallout};
 use super::set::FilterSet;
 use super::vm::{Callback, Failure, Vm, ROOT_ID};
 
+/// What a VM's root driver is woken for.
+pub(crate) enum RootEvent {
+    /// An `http_call` made on the root context finished.
+    Callout(CalloutDone),
+    /// A shared queue this VM registered got an item.
+    QueueReady(u32),
+}
+
+/// Sender to a VM's root driver.
+pub(crate) type RootTx = UnboundedSender<RootEvent>;
+
+/// Where a finished callout goes: a stream's own channel or a root driver.
+pub(crate) enum Deliver {
+    Stream(UnboundedSender<CalloutDone>),
+    Root(RootTx),
+}
+
+impl Deliver {
+    fn send(&self, done: CalloutDone) {
+        let _ = match self {
+            Deliver::Stream(tx) => tx.send(done).map_err(|_| ()),
+            Deliver::Root(tx) => tx.send(RootEvent::Callout(done)).map_err(|_| ()),
+        };
+    }
+}
+
 /// A finished `http_call`, on its way back to the VM.
 pub(crate) struct CalloutDone {
     pub token: u32,
@@ -62,9 +88,9 @@ impl CalloutDone {
     }
 }
 
-/// Spawns a callout on the current runtime; its answer goes to `tx`.
+/// Spawns a callout on the current runtime; its answer goes to `to`.
 /// Without a runtime the answer is an immediate failure.
-pub(crate) fn spawn_callout(c: NewCallout, tx: UnboundedSender<CalloutDone>) {
+pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
     let NewCallout {
         token,
         context,
@@ -78,7 +104,7 @@ pub(crate) fn spawn_callout(c: NewCallout, tx: UnboundedSender<CalloutDone>) {
                     Ok(r) => r,
                     Err(_) => Err("http_call timed out".to_string()),
                 };
-                let _ = tx.send(CalloutDone {
+                to.send(CalloutDone {
                     token,
                     context,
                     result,
@@ -86,7 +112,7 @@ pub(crate) fn spawn_callout(c: NewCallout, tx: UnboundedSender<CalloutDone>) {
             });
         }
         Err(_) => {
-            let _ = tx.send(CalloutDone {
+            to.send(CalloutDone {
                 token,
                 context,
                 result: Err("no async runtime on this thread".into()),
@@ -98,7 +124,7 @@ pub(crate) fn spawn_callout(c: NewCallout, tx: UnboundedSender<CalloutDone>) {
 struct Slot {
     vm: Option<Box<Vm>>,
     /// Sends root-context callout answers to this VM's driver.
-    root_tx: Option<UnboundedSender<CalloutDone>>,
+    root_tx: Option<RootTx>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
@@ -179,7 +205,16 @@ fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Fa
         .plugins
         .get(idx)
         .ok_or_else(|| Failure::Setup("no such filter index".into()))?;
-    let mut vm = match Vm::new(plugin) {
+    // The root driver's channel exists before start-up, so a queue the guest
+    // registers in `proxy_on_vm_start` can already wake it.
+    let (root_tx, root_rx) = match tokio::runtime::Handle::try_current() {
+        Ok(_) => {
+            let (tx, rx) = unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        Err(_) => (None, None),
+    };
+    let mut vm = match Vm::new(plugin, root_tx.clone()) {
         Ok(vm) => vm,
         Err(f) => {
             let msg = format!("rebuilding the VM: {f}");
@@ -202,10 +237,13 @@ fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Fa
         tracing::info!(filter = %plugin.name(), "wasm filter VM rebuilt");
     }
     let startup_callouts = vm.take_root_callouts();
-    slot.root_tx = spawn_driver(set, idx, &vm);
+    if let Some(rx) = root_rx {
+        spawn_driver(set, idx, &vm, rx);
+    }
+    slot.root_tx = root_tx;
     for c in startup_callouts {
         if let Some(tx) = &slot.root_tx {
-            spawn_callout(c, tx.clone());
+            spawn_callout(c, Deliver::Root(tx.clone()));
         }
     }
     slot.vm = Some(Box::new(vm));
@@ -217,7 +255,7 @@ fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Fa
 pub(crate) fn with_vm<R>(
     set: &Arc<FilterSet>,
     idx: usize,
-    f: impl FnOnce(&mut Vm, Option<&UnboundedSender<CalloutDone>>) -> Result<R, Failure>,
+    f: impl FnOnce(&mut Vm, Option<&RootTx>) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
     let r = WORKER.try_with(|w| {
         let Ok(mut w) = w.try_borrow_mut() else {
@@ -256,7 +294,7 @@ pub(crate) fn with_live_vm<R>(
     set_id: u64,
     idx: usize,
     incarnation: u64,
-    f: impl FnOnce(&mut Vm, Option<&UnboundedSender<CalloutDone>>) -> Result<R, Failure>,
+    f: impl FnOnce(&mut Vm, Option<&RootTx>) -> Result<R, Failure>,
 ) -> Option<Result<R, Failure>> {
     WORKER
         .try_with(|w| {
@@ -273,11 +311,12 @@ pub(crate) fn with_live_vm<R>(
         .flatten()
 }
 
-/// Starts the root driver of a new VM (ticks, root callout answers) on the
-/// current runtime, if there is one.
-fn spawn_driver(set: &Arc<FilterSet>, idx: usize, vm: &Vm) -> Option<UnboundedSender<CalloutDone>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let (tx, rx) = unbounded_channel();
+/// Starts the root driver of a new VM (ticks, root callout answers, queue
+/// wake-ups) on the current runtime.
+fn spawn_driver(set: &Arc<FilterSet>, idx: usize, vm: &Vm, rx: UnboundedReceiver<RootEvent>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     handle.spawn(root_driver(
         Arc::downgrade(set),
         set.id,
@@ -286,7 +325,6 @@ fn spawn_driver(set: &Arc<FilterSet>, idx: usize, vm: &Vm) -> Option<UnboundedSe
         rx,
         std::thread::current().id(),
     ));
-    Some(tx)
 }
 
 /// Drives one VM's root context until the VM or its generation is gone.
@@ -295,7 +333,7 @@ async fn root_driver(
     set_id: u64,
     idx: usize,
     incarnation: u64,
-    mut rx: UnboundedReceiver<CalloutDone>,
+    mut rx: UnboundedReceiver<RootEvent>,
     owner: ThreadId,
 ) {
     loop {
@@ -323,10 +361,11 @@ async fn root_driver(
         let cb = tokio::select! {
             ev = rx.recv() => match ev {
                 None => return,
-                Some(done) => {
+                Some(RootEvent::Callout(done)) => {
                     let (token, answer) = done.into_answer();
                     Callback::HttpCallResponse { token, answer }
                 }
+                Some(RootEvent::QueueReady(queue)) => Callback::QueueReady { queue },
             },
             _ = tokio::time::sleep(wait) => {
                 if period == 0 {
@@ -342,7 +381,7 @@ async fn root_driver(
             let out = vm.run(ROOT_ID, &mut None, cb)?;
             if let Some(tx) = tx {
                 for c in out.callouts {
-                    spawn_callout(c, tx.clone());
+                    spawn_callout(c, Deliver::Root(tx.clone()));
                 }
             }
             Ok(())

@@ -147,18 +147,3 @@ pub(crate) fn set_effective_context(c: &mut Caller<'_, Host>, ctx: i32) -> HostR
 pub(crate) fn done(_c: &mut Caller<'_, Host>) -> HostResult {
     Ok(Status::Ok)
 }
-
-// --- not implemented: answers the Rust SDK accepts --------------------------
-
-pub(crate) fn register_shared_queue(
-    c: &mut Caller<'_, Host>,
-    _np: i32,
-    _nl: i32,
-    id_out: i32,
-) -> HostResult {
-    // The SDK accepts only OK here; the queue never exists (enqueue/dequeue: NOT_FOUND).
-    Ok(match memory::write_u32(c, id_out, 0) {
-        Ok(()) => Status::Ok,
-        Err(s) => s,
-    })
-}

@@ -22,6 +22,7 @@ pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod properties;
 pub(crate) mod shared_data;
+pub(crate) mod shared_queue;
 pub(crate) mod wasi;
 
 use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
@@ -36,6 +37,7 @@ pub(crate) enum Status {
     NotFound = 1,
     BadArgument = 2,
     InvalidMemoryAccess = 6,
+    Empty = 7,
     CasMismatch = 8,
     InternalFailure = 10,
     Unimplemented = 12,
@@ -188,22 +190,20 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: C<'_>, id: i32, v: i64| -> R { metrics::record(&mut c, id, v).map(|s| s as i32) },
     )?;
 
-    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
     host!(l, "proxy_register_shared_queue", |c, np, nl, o| {
-        context::register_shared_queue(c, np, nl, o)
+        shared_queue::register(c, np, nl, o)
     });
-    fixed!(
-        l,
-        "proxy_resolve_shared_queue",
-        Status::NotFound,
-        a,
-        b,
-        c2,
-        d,
-        e
-    );
-    fixed!(l, "proxy_dequeue_shared_queue", Status::NotFound, a, b, c2);
-    fixed!(l, "proxy_enqueue_shared_queue", Status::NotFound, a, b, c2);
+    host!(l, "proxy_resolve_shared_queue", |c, vp, vl, np, nl, o| {
+        shared_queue::resolve(c, vp, vl, np, nl, o)
+    });
+    host!(l, "proxy_enqueue_shared_queue", |c, id, vp, vl| {
+        shared_queue::enqueue(c, id, vp, vl)
+    });
+    host!(l, "proxy_dequeue_shared_queue", |c, id, po, lo| {
+        shared_queue::dequeue(c, id, po, lo)
+    });
+
+    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
     fixed!(
         l,
         "proxy_grpc_call",
