@@ -433,3 +433,60 @@ fn trailers_and_header_ops() {
     assert_eq!(done.response().trailer("x-done"), Some("1"));
     assert_eq!(done.response().trailer("grpc-status"), Some("0"));
 }
+
+// --- root callouts from a timer -------------------------------------------------
+
+struct Refresher(Rc<std::cell::RefCell<String>>);
+
+impl Filter for Refresher {
+    type Config = NoConfig;
+    type State = std::cell::RefCell<String>;
+    fn configure(_: NoConfig, root: &mut Root) -> Result<Self::State, ConfigError> {
+        root.set_tick_period(Duration::from_secs(10))?;
+        Ok(std::cell::RefCell::new("none".into()))
+    }
+    fn new(s: &Rc<Self::State>) -> Self {
+        Refresher(s.clone())
+    }
+    fn on_tick(_: &Rc<Self::State>, _: &mut Root) {
+        if let Err(e) = Callout::get("policy", "/v1/policy").send() {
+            wasp_sdk::warn!("refresh failed: {e}");
+        }
+    }
+    fn on_root_callout_response(s: &Rc<Self::State>, _: &mut Root, resp: &CalloutResponse) {
+        if resp.is_success() {
+            *s.borrow_mut() = resp.body_text();
+        }
+    }
+    fn on_request_headers(&mut self, req: &mut Request) -> Action {
+        req.set_header("x-policy", &self.0.borrow());
+        Action::Continue
+    }
+}
+
+#[test]
+fn timer_driven_root_callouts_update_shared_state() {
+    let mut h = Harness::<Refresher>::new()
+        .known_clusters(["policy"])
+        .build();
+    assert_eq!(
+        h.run(TestRequest::get("/")).upstream().header("x-policy"),
+        Some("none")
+    );
+    h.advance(Duration::from_secs(9));
+    assert!(h.pending_callouts().is_empty(), "no tick before the period");
+    h.advance(Duration::from_secs(1));
+    let call = h.answer_callout(TestResponse::ok().body("v7"));
+    assert_eq!(call.path(), "/v1/policy");
+    assert_eq!(
+        h.run(TestRequest::get("/")).upstream().header("x-policy"),
+        Some("v7")
+    );
+    // A failed refresh keeps the old value.
+    h.tick();
+    h.answer_callout(TestResponse::new(500));
+    assert_eq!(
+        h.run(TestRequest::get("/")).upstream().header("x-policy"),
+        Some("v7")
+    );
+}

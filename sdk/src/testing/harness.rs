@@ -158,6 +158,7 @@ impl<F: Filter> HarnessBuilder<F> {
             route: self.route,
             cluster: self.cluster,
             requests: 0,
+            last_tick_ns: 0,
         };
         let ok = h.call(|rt| {
             rt.on_context_create(ROOT_ID, 0);
@@ -168,6 +169,7 @@ impl<F: Filter> HarnessBuilder<F> {
             .borrow_mut()
             .buffers
             .remove(&BufferType::PluginConfiguration);
+        h.last_tick_ns = h.host.st.borrow().now_ns;
         if ok {
             Ok(h)
         } else {
@@ -199,6 +201,7 @@ pub struct Harness<F: Filter> {
     route: String,
     cluster: String,
     requests: u64,
+    last_tick_ns: u64,
 }
 
 impl<F: Filter> Harness<F> {
@@ -457,19 +460,20 @@ impl<F: Filter> Harness<F> {
         self.call(|rt| rt.on_tick(ROOT_ID));
     }
 
-    /// Moves the clock forward by `by`, firing `on_tick` once per elapsed
-    /// tick period.
+    /// Moves the clock forward by `by`, firing `on_tick` each time a tick
+    /// period has elapsed since the previous tick (or since start-up).
     pub fn advance(&mut self, by: Duration) {
-        let step = self.tick_period();
-        let mut left = by;
-        if let Some(step) = step {
-            while left >= step {
-                self.host.st.borrow_mut().now_ns += step.as_nanos() as u64;
-                left -= step;
-                self.tick();
+        let target = self.host.st.borrow().now_ns + by.as_nanos() as u64;
+        while let Some(step) = self.tick_period() {
+            let due = self.last_tick_ns + step.as_nanos() as u64;
+            if due > target {
+                break;
             }
+            self.host.st.borrow_mut().now_ns = due;
+            self.last_tick_ns = due;
+            self.tick();
         }
-        self.host.st.borrow_mut().now_ns += left.as_nanos() as u64;
+        self.host.st.borrow_mut().now_ns = target;
     }
 
     /// Callouts sent and not answered yet (from any context).
