@@ -20,6 +20,8 @@
 //!
 //! Cost: one property read per field used, one `proxy_log` per request.
 
+#![warn(missing_docs)]
+
 use std::rc::Rc;
 use wasp_sdk::{ConfigError, Filter, Log, Root};
 

@@ -38,6 +38,8 @@
 //! Cost per request: three property reads, then 3 + (buckets at or above the
 //! duration) counter increments, each a single host call with integers.
 
+#![warn(missing_docs)]
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;

@@ -31,6 +31,8 @@
 //! request header `rule_header` (default `x-wasp-router-rule`, `""` turns it
 //! off) and, with `response_header = true` (default), in the response too.
 
+#![warn(missing_docs)]
+
 use std::rc::Rc;
 use wasp_sdk::{props, Action, ConfigError, Filter, Request, Response, Root};
 

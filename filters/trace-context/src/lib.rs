@@ -27,6 +27,8 @@
 //! config = { sample_ratio = 0.1, b3 = true }
 //! ```
 
+#![warn(missing_docs)]
+
 use std::rc::Rc;
 use wasp_sdk::{props, random, Action, ConfigError, Filter, Request, Root};
 
