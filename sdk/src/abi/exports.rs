@@ -39,9 +39,14 @@ fn with<R>(default: R, f: impl FnOnce(&mut dyn Dispatch) -> R) -> R {
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
 /// The host allocates guest memory through this before copying data in.
+/// Answers null (the spec's failure value) instead of trapping when the
+/// allocation cannot be made.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    let mut buf: Vec<u8> = Vec::new();
+    if buf.try_reserve_exact(size).is_err() {
+        return std::ptr::null_mut();
+    }
     let ptr = buf.as_mut_ptr();
     std::mem::forget(buf);
     ptr
