@@ -34,7 +34,11 @@ fn status_and_code(answer: &str) -> (u16, String) {
     let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let code = answer
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-wasp-error: ").map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-wasp-error: ")
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_default();
     (status, code)
 }
@@ -84,21 +88,37 @@ async fn limits_answer_431_413_408_and_close_idle() {
     let _wasp = Wasp::start(&proxy_config(port, app.addr, limits));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
-    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(16 << 10));
-    let (status, code) = status_and_code(&raw_exchange(proxy, big.as_bytes(), Duration::from_secs(5)));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(16 << 10)
+    );
+    let (status, code) =
+        status_and_code(&raw_exchange(proxy, big.as_bytes(), Duration::from_secs(5)));
     assert_eq!((status, code.as_str()), (431, "header_too_large"));
 
-    let declared = format!("POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n{}", "x".repeat(2048));
+    let declared = format!(
+        "POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n{}",
+        "x".repeat(2048)
+    );
     let answer = raw_exchange(proxy, declared.as_bytes(), Duration::from_secs(5));
-    assert_eq!(status_and_code(&answer), (413, "body_too_large".into()), "{answer}");
+    assert_eq!(
+        status_and_code(&answer),
+        (413, "body_too_large".into()),
+        "{answer}"
+    );
 
-    let mut chunked = String::from("POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let mut chunked =
+        String::from("POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
     for _ in 0..4 {
         chunked.push_str(&format!("200\r\n{}\r\n", "y".repeat(512)));
     }
     chunked.push_str("0\r\n\r\n");
     let answer = raw_exchange(proxy, chunked.as_bytes(), Duration::from_secs(5));
-    assert_eq!(status_and_code(&answer), (413, "body_too_large".into()), "{answer}");
+    assert_eq!(
+        status_and_code(&answer),
+        (413, "body_too_large".into()),
+        "{answer}"
+    );
 
     // A head that never finishes: 408 after the header timeout.
     let mut s = TcpStream::connect(proxy).unwrap();
@@ -107,8 +127,15 @@ async fn limits_answer_431_413_408_and_close_idle() {
     let started = Instant::now();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
-    assert_eq!(status_and_code(&answer), (408, "header_timeout".into()), "{answer}");
-    assert!(started.elapsed() >= Duration::from_millis(250), "408 came too early");
+    assert_eq!(
+        status_and_code(&answer),
+        (408, "header_timeout".into()),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "408 came too early"
+    );
 
     // An idle keep-alive connection is closed after the idle timeout.
     let mut s = TcpStream::connect(proxy).unwrap();
@@ -122,14 +149,21 @@ async fn limits_answer_431_413_408_and_close_idle() {
     let closed = s.read_to_end(&mut rest).is_ok();
     assert!(closed, "connection not closed by the proxy");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(4), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_answers_503_overflow() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
-    let wasp = Wasp::start(&proxy_config(port, app.addr, "limits = { max_connections = 2 }"));
+    let wasp = Wasp::start(&proxy_config(
+        port,
+        app.addr,
+        "limits = { max_connections = 2 }",
+    ));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -141,21 +175,41 @@ async fn connection_limit_answers_503_overflow() {
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
         held.push(s);
     }
-    let answer = raw_exchange(proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(5));
-    assert_eq!(status_and_code(&answer), (503, "overflow".into()), "{answer}");
+    let answer = raw_exchange(
+        proxy,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        status_and_code(&answer),
+        (503, "overflow".into()),
+        "{answer}"
+    );
     assert!(answer.contains("limit of 2 connections"), "{answer}");
     drop(held);
     // Once the held connections close, new ones are served again.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let answer = raw_exchange(proxy, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Duration::from_secs(5));
+        let answer = raw_exchange(
+            proxy,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        );
         if answer.starts_with("HTTP/1.1 200") {
             break;
         }
         assert!(Instant::now() < deadline, "never recovered: {answer}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(metric_value(&wasp.metrics(), "wasp_proxy_errors_total", &["code=\"overflow\""]).unwrap_or(0.0) >= 1.0);
+    assert!(
+        metric_value(
+            &wasp.metrics(),
+            "wasp_proxy_errors_total",
+            &["code=\"overflow\""]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,10 +257,16 @@ endpoints = ["{rude}"]
         assert_eq!(r.status, status, "{host}: {r:?}");
         assert_eq!(r.header("x-wasp-error"), Some(code), "{host}: {r:?}");
         assert_eq!(r.body.lines().count(), 1, "one-line reason: {:?}", r.body);
-        assert!(r.header("content-type").unwrap_or("").starts_with("text/plain"));
+        assert!(r
+            .header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"));
     }
     let log = wasp.log_text();
     for (_, _, _, code) in cases {
-        assert!(log.contains(&format!("code=\"{code}\"")) || log.contains(&format!("code={code}")), "no log line for {code}:\n{log}");
+        assert!(
+            log.contains(&format!("code=\"{code}\"")) || log.contains(&format!("code={code}")),
+            "no log line for {code}:\n{log}"
+        );
     }
 }

@@ -44,11 +44,27 @@ async fn h1_and_h2c_both_ways() {
         for (client, down) in [(h1_client(), "HTTP/1.1"), (h2_client(), "HTTP/2")] {
             let r = get(&client, proxy, "app.local", "/v").await;
             assert_eq!(r.status, 200, "{down} -> {upstream_protocol}: {r:?}");
-            let want = if upstream_protocol == "http2" { "HTTP/2.0" } else { "HTTP/1.1" };
-            assert_eq!(r.header("x-seen-version"), Some(want), "{down} -> {upstream_protocol}");
+            let want = if upstream_protocol == "http2" {
+                "HTTP/2.0"
+            } else {
+                "HTTP/1.1"
+            };
+            assert_eq!(
+                r.header("x-seen-version"),
+                Some(want),
+                "{down} -> {upstream_protocol}"
+            );
             // h1: the Host header; h2: the :authority (which wins over a host header).
-            let want_host = if down == "HTTP/2" { format!("127.0.0.1:{port}") } else { "app.local".into() };
-            assert_eq!(r.header("x-seen-host"), Some(want_host.as_str()), "{down} -> {upstream_protocol}: host kept");
+            let want_host = if down == "HTTP/2" {
+                format!("127.0.0.1:{port}")
+            } else {
+                "app.local".into()
+            };
+            assert_eq!(
+                r.header("x-seen-host"),
+                Some(want_host.as_str()),
+                "{down} -> {upstream_protocol}: host kept"
+            );
         }
     }
 }
@@ -58,23 +74,32 @@ async fn large_body_streams_without_buffering() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let mut cfg = config(port, app.addr, "http1");
-    cfg = cfg.replace("name = \"inbound\"", "name = \"inbound\"\nlimits = { max_body_bytes = \"1GiB\" }");
+    cfg = cfg.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\nlimits = { max_body_bytes = \"1GiB\" }",
+    );
     let wasp = Wasp::start(&cfg);
     let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 256; // 256 MiB through a proxy whose RSS must stay far below that
-    let chunks = (0..CHUNKS).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; CHUNK]))));
+    let chunks = (0..CHUNKS)
+        .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; CHUNK]))));
     let body = StreamBody::new(futures_util::stream::iter(chunks));
     let client = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::post(format!("http://{proxy}/count")).body(body).unwrap();
+    let req = http::Request::post(format!("http://{proxy}/count"))
+        .body(body)
+        .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
         .await
         .expect("upload timed out")
         .expect("upload failed");
     assert_eq!(resp.status(), 200);
     let counted = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(String::from_utf8_lossy(&counted), (CHUNK * CHUNKS).to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&counted),
+        (CHUNK * CHUNKS).to_string()
+    );
 
     let status = std::fs::read_to_string(format!("/proc/{}/status", wasp.child.id())).unwrap();
     let hwm_kb: u64 = status
@@ -83,11 +108,18 @@ async fn large_body_streams_without_buffering() {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap();
-    println!("peak RSS of wasp after streaming 256 MiB: {} MiB", hwm_kb / 1024);
-    assert!(hwm_kb < 64 * 1024, "peak RSS {hwm_kb} KiB: the body was buffered");
+    println!(
+        "peak RSS of wasp after streaming 256 MiB: {} MiB",
+        hwm_kb / 1024
+    );
+    assert!(
+        hwm_kb < 64 * 1024,
+        "peak RSS {hwm_kb} KiB: the body was buffered"
+    );
 
     // And the other direction: a streamed echo of 32 MiB comes back whole.
-    let chunks = (0..32).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; CHUNK]))));
+    let chunks = (0..32)
+        .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; CHUNK]))));
     let req = http::Request::post(format!("http://{proxy}/echo"))
         .body(StreamBody::new(futures_util::stream::iter(chunks)))
         .unwrap();
@@ -102,7 +134,9 @@ async fn websocket_upgrade_is_tunnelled() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let _wasp = Wasp::start(&config(port, app.addr, "http1"));
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -112,8 +146,16 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "closed during the 101: {}", String::from_utf8_lossy(&head));
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the 101: {}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head).to_lowercase();
@@ -122,7 +164,10 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     for msg in [&b"hello through wasp"[..], b"second frame"] {
         s.write_all(msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(back, msg);
     }
 }
@@ -132,10 +177,13 @@ async fn grpc_shaped_request_keeps_trailers() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let _wasp = Wasp::start(&config(port, app.addr, "http2"));
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let message = Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
     let req = http::Request::post(format!("http://127.0.0.1:{port}/grpc"))
@@ -147,7 +195,10 @@ async fn grpc_shaped_request_keeps_trailers() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/grpc");
     let collected = resp.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers passed through");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers passed through");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "echoed");
     assert_eq!(collected.to_bytes(), message);

@@ -15,7 +15,12 @@ fn check(config: &str) -> (i32, String, String) {
     let dir = TempDir::new("check");
     let path = dir.path().join("wasp.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(WASP).arg("check").arg("--config").arg(&path).output().expect("run wasp check");
+    let out = Command::new(WASP)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run wasp check");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -27,7 +32,10 @@ fn check(config: &str) -> (i32, String, String) {
 fn version_flag() {
     let out = Command::new(WASP).arg("--version").output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("wasp {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("wasp {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -58,13 +66,19 @@ endpoints = [{ address = "127.0.0.1:9201", weight = 2 }]
 fn config_errors_name_file_line_and_column() {
     let (code, _, err) = check("[proxy]\nworkers = 1\nwrokers = 2\n");
     assert_eq!(code, 2);
-    assert!(err.contains("wasp.toml:3:1: unknown field `wrokers`"), "{err}");
+    assert!(
+        err.contains("wasp.toml:3:1: unknown field `wrokers`"),
+        "{err}"
+    );
 
     let (code, _, err) = check(
         "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  cluster = \"ghost\"\n",
     );
     assert_eq!(code, 2);
-    assert!(err.contains("wasp.toml:5:13: listener \"a\", route 1: unknown cluster \"ghost\""), "{err}");
+    assert!(
+        err.contains("wasp.toml:5:13: listener \"a\", route 1: unknown cluster \"ghost\""),
+        "{err}"
+    );
 
     let (code, _, err) = check("[proxy]\ndrain_timeout = \"soon\"\n");
     assert_eq!(code, 2);
@@ -83,7 +97,10 @@ fn config_errors_name_file_line_and_column() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("wasp.toml:2:9: environment variable WASP_TEST_UNSET_VAR is not set"), "{err}");
+    assert!(
+        err.contains("wasp.toml:2:9: environment variable WASP_TEST_UNSET_VAR is not set"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,18 +118,33 @@ bind = "127.0.0.1:${INBOUND_PORT}"
 [clusters.app]
 endpoints = ["${APP_ADDR}"]
 "#,
-        &[("INBOUND_PORT", &port.to_string()), ("APP_ADDR", &app.addr.to_string())],
+        &[
+            ("INBOUND_PORT", &port.to_string()),
+            ("APP_ADDR", &app.addr.to_string()),
+        ],
     );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert_eq!(get(&h1_client(), proxy, "x", "/").await.header("x-upstream"), Some("app"));
+    assert_eq!(
+        get(&h1_client(), proxy, "x", "/")
+            .await
+            .header("x-upstream"),
+        Some("app")
+    );
 
     assert_eq!(wasp.admin_get("/live").0, 200);
     assert_eq!(wasp.admin_get("/ready").0, 200);
     let (status, config) = wasp.admin_get("/config");
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&config).expect("config is JSON");
-    assert_eq!(json["clusters"]["app"]["endpoints"][0], app.addr.to_string(), "{config}");
-    assert_eq!(json["listeners"][0]["limits"]["idle_timeout"], "60s", "{config}");
+    assert_eq!(
+        json["clusters"]["app"]["endpoints"][0],
+        app.addr.to_string(),
+        "{config}"
+    );
+    assert_eq!(
+        json["listeners"][0]["limits"]["idle_timeout"], "60s",
+        "{config}"
+    );
 
     let metrics = wasp.metrics();
     for name in [
@@ -128,10 +160,18 @@ endpoints = ["${APP_ADDR}"]
 
     // Runtime log level.
     let out = Command::new("curl")
-        .args(["-sS", "-X", "PUT", &format!("http://{}/logging?level=debug", wasp.admin)])
+        .args([
+            "-sS",
+            "-X",
+            "PUT",
+            &format!("http://{}/logging?level=debug", wasp.admin),
+        ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "log level set to debug");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "log level set to debug"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +207,11 @@ endpoints = ["{}"]
     // New connections are refused while the slow one drains.
     let refused = std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(500)).is_err();
     assert!(refused, "listener still accepting after SIGTERM");
-    assert_ne!(wasp.admin_get("/ready").0, 200, "still ready while draining");
+    assert_ne!(
+        wasp.admin_get("/ready").0,
+        200,
+        "still ready while draining"
+    );
 
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "in-flight request failed: {r:?}");
@@ -187,7 +231,12 @@ async fn admin_shutdown_exits_cleanly() {
         app.addr
     ));
     let out = Command::new("curl")
-        .args(["-sS", "-X", "POST", &format!("http://{}/shutdown", wasp.admin)])
+        .args([
+            "-sS",
+            "-X",
+            "POST",
+            &format!("http://{}/shutdown", wasp.admin),
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "shutting down");

@@ -68,16 +68,27 @@ endpoints = ["{d}"]
     let client = h1_client();
 
     let r = get(&client, proxy, "reviews", "/anything").await;
-    assert_eq!((r.status, r.header("x-upstream")), (200, Some("a")), "{r:?}");
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (200, Some("a")),
+        "{r:?}"
+    );
     assert_eq!(r.header("x-seen-host"), Some("reviews"), "Host is kept");
     assert!(r.body.contains("x-forwarded-for: 127.0.0.1"), "{}", r.body);
     assert!(r.body.contains("x-forwarded-proto: http"), "{}", r.body);
     assert!(r.body.contains("via: 1.1 wasp"), "{}", r.body);
-    assert!(r.header("via").unwrap_or("").contains("wasp"), "response via: {r:?}");
+    assert!(
+        r.header("via").unwrap_or("").contains("wasp"),
+        "response via: {r:?}"
+    );
 
     let r = get(&client, proxy, "reviews:9080", "/api/users?id=7").await;
     assert_eq!(r.header("x-upstream"), Some("b"));
-    assert_eq!(r.header("x-seen-path"), Some("/v2/users?id=7"), "prefix rewritten");
+    assert_eq!(
+        r.header("x-seen-path"),
+        Some("/v2/users?id=7"),
+        "prefix rewritten"
+    );
 
     let r = get(&client, proxy, "anyhost", "/exact").await;
     assert_eq!(r.header("x-upstream"), Some("b"));
@@ -105,13 +116,19 @@ endpoints = ["{d}"]
     assert_eq!(r.status, 404);
     assert_eq!(r.header("x-wasp-error"), Some("no_route"));
     assert!(
-        r.body.contains("\"outbound\"") && r.body.contains("\"ratings\"") && r.body.contains("\"/nope\""),
+        r.body.contains("\"outbound\"")
+            && r.body.contains("\"ratings\"")
+            && r.body.contains("\"/nope\""),
         "{}",
         r.body
     );
     let metrics = wasp.metrics();
     assert_eq!(
-        metric_value(&metrics, "wasp_requests_total", &["route=\"reviews\"", "code_class=\"2xx\""]),
+        metric_value(
+            &metrics,
+            "wasp_requests_total",
+            &["route=\"reviews\"", "code_class=\"2xx\""]
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -180,7 +197,15 @@ endpoints = ["{}"]
     ));
     // curl with a proxy sends absolute-form: GET http://reviews/path HTTP/1.1
     let out = std::process::Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10", "-x", &format!("http://127.0.0.1:{port}"), "http://reviews/books/1"])
+        .args([
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+            "http://reviews/books/1",
+        ])
         .output()
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -218,11 +243,19 @@ endpoints = ["{}"]
     let accepted = app.accepted.load(std::sync::atomic::Ordering::SeqCst);
     println!("50 sequential requests used {accepted} upstream connection(s)");
     assert_eq!(app.requests(), 50);
-    assert!(accepted <= 2, "keep-alive not used: {accepted} connections for 50 requests");
+    assert!(
+        accepted <= 2,
+        "keep-alive not used: {accepted} connections for 50 requests"
+    );
     let m = wasp.metrics();
     assert!(
-        metric_value(&m, "wasp_upstream_connections_total", &["cluster=\"app\""]).unwrap_or(0.0) <= 2.0,
+        metric_value(&m, "wasp_upstream_connections_total", &["cluster=\"app\""]).unwrap_or(0.0)
+            <= 2.0,
         "{m}"
     );
-    assert_eq!(metric_value(&m, "wasp_upstream_connections_open", &["cluster=\"app\""]), Some(accepted as f64), "{m}");
+    assert_eq!(
+        metric_value(&m, "wasp_upstream_connections_open", &["cluster=\"app\""]),
+        Some(accepted as f64),
+        "{m}"
+    );
 }

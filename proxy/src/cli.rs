@@ -40,6 +40,9 @@ pub enum Command {
         #[arg(long, default_value = "30s")]
         timeout: String,
     },
+    /// Write development certificates: a mesh CA and one certificate per
+    /// service (SPIFFE URI SAN, DNS SANs NAME and localhost, IP 127.0.0.1).
+    Certs(crate::certs::CertsArgs),
     /// Validate a configuration file and print what it sets up.
     Check {
         #[arg(short, long, default_value = "wasp.toml")]
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
             run(&config, app)
         }
         Command::Check { config } => check(&config),
+        Command::Certs(args) => crate::certs::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),
     }
 }

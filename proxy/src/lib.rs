@@ -9,13 +9,14 @@
 
 pub mod admin;
 pub mod await_ready;
+pub mod certs;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "wasm-filters")]
 pub mod filter;
 pub mod forward;
 pub mod listener;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -6,6 +6,7 @@
 //! | `GET /ready` | 200 once every listener is bound; 503 before that and while draining |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /config` | the effective configuration as JSON |
+//! | `GET /filters` | each filter: module, hash, generation, state, last error |
 //! | `PUT /logging?level=debug` | changes the log level at run time |
 //! | `POST /shutdown` | graceful shutdown, as SIGTERM |
 //!
@@ -64,6 +65,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             }
         }
         (&Method::GET, "/metrics") => metrics(shared),
+        (&Method::GET, "/filters") => match serde_json::to_string_pretty(&shared.filters.status_json()) {
+            Ok(json) => with_type(StatusCode::OK, "application/json", json),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render filters: {e}\n")),
+        },
         (&Method::GET, "/config") => {
             let snapshot = shared.snapshot.load();
             match serde_json::to_string_pretty(&snapshot.config.file) {
@@ -76,12 +81,12 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             shared.begin_shutdown("admin /shutdown");
             text(StatusCode::OK, "shutting down\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown" | "/logging") => {
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/shutdown" | "/logging") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown admin endpoint; try /live /ready /metrics /config /logging /shutdown\n",
+            "unknown admin endpoint; try /live /ready /metrics /config /filters /logging /shutdown\n",
         ),
     }
 }
@@ -89,6 +94,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
 fn metrics(shared: &Shared) -> AdminResponse {
     let mut out = String::with_capacity(16 << 10);
     shared.metrics.render(&mut out);
+    shared.filters.render_metrics(&mut out);
     let uptime = shared.started.elapsed().as_secs_f64();
     out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
     out.push_str("# TYPE wasp_uptime_seconds gauge\n");

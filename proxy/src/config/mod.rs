@@ -20,6 +20,7 @@ use std::time::Duration;
 pub use schema::{Balance, FailMode, LogFormat, LogLevel, UpstreamProtocol};
 
 use crate::route::{self, RouteTable};
+use crate::tls::{Allow, CertPaths, ClientTls, ClientTlsSettings, MinVersion, ServerTls, ServerTlsSettings, SniCert};
 
 /// The validated configuration. Cheap to share: held in an `Arc` by snapshots.
 #[derive(Debug)]
@@ -45,6 +46,13 @@ pub struct ListenerConfig {
     pub pipeline: Vec<Arc<str>>,
     pub limits: ListenerLimits,
     pub routes: RouteTable,
+    /// TLS termination. Holds the current certificates, which its file
+    /// watcher swaps in place: the one part of a config that changes.
+    pub tls: Option<Arc<ServerTls>>,
+    /// Peer identities that may call this listener (`tls.allow`).
+    pub allow: Option<Allow>,
+    /// Per route, same order as `routes`: who may use it (`allow`).
+    pub route_allow: Vec<Option<Allow>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +74,9 @@ pub struct ClusterConfig {
     pub timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// TLS towards the endpoints (current client config swapped in place
+    /// by its file watcher).
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +173,14 @@ impl fmt::Display for ConfigError {
         )?;
         for p in &self.problems {
             if p.line > 0 {
-                writeln!(f, "  {}:{}:{}: {}", self.file.display(), p.line, p.column, p.message)?;
+                writeln!(
+                    f,
+                    "  {}:{}:{}: {}",
+                    self.file.display(),
+                    p.line,
+                    p.column,
+                    p.message
+                )?;
             } else {
                 writeln!(f, "  {}: {}", self.file.display(), p.message)?;
             }
@@ -250,7 +268,9 @@ impl<'a> Validator<'a> {
             for ep in decl.endpoints.get_ref() {
                 let (address, weight) = match ep {
                     schema::EndpointDecl::Address(a) => (a.as_str(), 1),
-                    schema::EndpointDecl::Weighted { address, weight } => (address.as_str(), *weight),
+                    schema::EndpointDecl::Weighted { address, weight } => {
+                        (address.as_str(), *weight)
+                    }
                 };
                 match resolve(address) {
                     Ok(addr) => endpoints.push(Endpoint { addr, weight }),
@@ -275,6 +295,10 @@ impl<'a> Validator<'a> {
                 timeout: decl.timeout.map(|d| d.0),
                 pool_idle_timeout: decl.pool_idle_timeout.0,
                 pool_max_idle: decl.pool_max_idle,
+                tls: decl
+                    .tls
+                    .as_ref()
+                    .and_then(|t| self.cluster_tls(name, decl.protocol, t)),
             });
         }
         out
@@ -322,10 +346,31 @@ impl<'a> Validator<'a> {
                 }
                 pipeline.push(Arc::from(f.get_ref().as_str()));
             }
+            let (tls, allow) = match &decl.tls {
+                Some(t) => self.listener_tls(&decl.name, t),
+                None => (None, None),
+            };
+            let mutual = tls.as_ref().is_some_and(|t| t.requires_client_cert());
             let mut routes = Vec::new();
+            let mut route_allow = Vec::new();
             for (i, r) in decl.routes.iter().enumerate() {
+                if let Some(a) = &r.allow {
+                    if !mutual {
+                        self.at(
+                            Some(a.span()),
+                            format!(
+                                "listener \"{}\", route {}: `allow` needs the listener's tls.client_ca (without client certificates no peer has an identity)",
+                                decl.name,
+                                i + 1
+                            ),
+                        );
+                    }
+                }
                 match route::compile(i, r, clusters) {
-                    Ok(route) => routes.push(route),
+                    Ok(route) => {
+                        routes.push(route);
+                        route_allow.push(r.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())));
+                    }
                     Err(e) => self.at(
                         e.span,
                         format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message),
@@ -345,9 +390,145 @@ impl<'a> Validator<'a> {
                     idle_timeout: l.idle_timeout.0,
                 },
                 routes: RouteTable::new(routes),
+                tls,
+                allow,
+                route_allow,
             });
         }
         out
+    }
+}
+
+// === TLS ===
+
+impl Validator<'_> {
+    /// A path from the config file, relative to the file's directory.
+    fn file(&self, p: &str) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new(".")).join(p)
+    }
+
+    fn listener_tls(
+        &mut self,
+        name: &str,
+        decl: &toml::Spanned<schema::ListenerTlsDecl>,
+    ) -> (Option<Arc<ServerTls>>, Option<Allow>) {
+        let span = Some(decl.span());
+        let t = decl.get_ref();
+        let before = self.problems.len();
+        let default = match (&t.cert, &t.key) {
+            (Some(c), Some(k)) => Some(CertPaths {
+                cert: self.file(c),
+                key: self.file(k),
+            }),
+            (None, None) => None,
+            _ => {
+                self.at(
+                    span.clone(),
+                    format!("listener \"{name}\": tls needs both `cert` and `key`, or neither"),
+                );
+                None
+            }
+        };
+        if default.is_none() && t.certs.is_empty() {
+            self.at(
+                span.clone(),
+                format!("listener \"{name}\": tls needs `cert` and `key`, or `certs` chosen by SNI"),
+            );
+        }
+        let mut sni = Vec::new();
+        for c in &t.certs {
+            if c.sni.trim().is_empty() {
+                self.at(
+                    span.clone(),
+                    format!("listener \"{name}\": a tls.certs entry has an empty `sni`"),
+                );
+            }
+            sni.push(SniCert {
+                sni: c.sni.clone(),
+                paths: CertPaths {
+                    cert: self.file(&c.cert),
+                    key: self.file(&c.key),
+                },
+            });
+        }
+        if t.allow.is_some() && t.client_ca.is_none() {
+            self.at(
+                span.clone(),
+                format!(
+                    "listener \"{name}\": tls.allow needs tls.client_ca (without client certificates no peer has an identity)"
+                ),
+            );
+        }
+        if self.problems.len() > before {
+            return (None, None);
+        }
+        let settings = ServerTlsSettings {
+            listener: name.into(),
+            default,
+            sni,
+            client_ca: t.client_ca.as_deref().map(|p| self.file(p)),
+            min_version: match t.min_version {
+                schema::TlsVersion::Tls12 => MinVersion::Tls12,
+                schema::TlsVersion::Tls13 => MinVersion::Tls13,
+            },
+        };
+        match ServerTls::load(settings) {
+            Ok(tls) => (
+                Some(Arc::new(tls)),
+                t.allow.clone().map(Allow::new),
+            ),
+            Err(e) => {
+                self.at(span, format!("listener \"{name}\": tls: {e}"));
+                (None, None)
+            }
+        }
+    }
+
+    fn cluster_tls(
+        &mut self,
+        name: &str,
+        protocol: UpstreamProtocol,
+        decl: &toml::Spanned<schema::ClusterTlsDecl>,
+    ) -> Option<Arc<ClientTls>> {
+        let span = Some(decl.span());
+        let t = decl.get_ref();
+        let client = match (&t.cert, &t.key) {
+            (Some(c), Some(k)) => Some(CertPaths {
+                cert: self.file(c),
+                key: self.file(k),
+            }),
+            (None, None) => None,
+            _ => {
+                self.at(
+                    span,
+                    format!("cluster \"{name}\": tls needs both `cert` and `key` for a client certificate, or neither"),
+                );
+                return None;
+            }
+        };
+        if t.insecure_skip_verify && (t.ca.is_some() || t.expect_identity.is_some()) {
+            self.at(
+                span,
+                format!("cluster \"{name}\": tls.insecure_skip_verify = true turns off the checks that `ca` and `expect_identity` ask for; remove one or the other"),
+            );
+            return None;
+        }
+        let settings = ClientTlsSettings {
+            cluster: name.into(),
+            ca: t.ca.as_deref().map(|p| self.file(p)),
+            client,
+            sni: t.sni.clone(),
+            expect_identity: t.expect_identity.clone(),
+            insecure_skip_verify: t.insecure_skip_verify,
+            h2: protocol == UpstreamProtocol::Http2,
+        };
+        match ClientTls::load(settings) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                self.at(span, format!("cluster \"{name}\": tls: {e}"));
+                None
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! Every table denies unknown keys so a typo is an error with a position, not
 //! a silently ignored setting. Defaults live here and only here. Names that
 //! refer to other sections (clusters, filters) are `Spanned` so validation can
-//! point at them. Sections that later features own (TLS, discovery, health)
+//! point at them. Sections that later features own (discovery, health)
 //! are deliberately absent until they are implemented: writing them is an
 //! error, never a no-op.
 
@@ -157,8 +157,48 @@ pub struct ListenerDecl {
     pub pipeline: Vec<Spanned<String>>,
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// TLS termination; absent: plaintext.
+    pub tls: Option<Spanned<ListenerTlsDecl>>,
     #[serde(default)]
     pub routes: Vec<RouteDecl>,
+}
+
+/// `tls = { cert, key, client_ca, allow, certs, min_version }` on a listener.
+/// Paths are relative to the config file.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsDecl {
+    /// Default certificate chain (PEM), served when no `certs` entry matches the SNI.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// CA bundle (PEM); when set, clients must present a certificate it issued.
+    pub client_ca: Option<String>,
+    /// Peer identities (URI SAN, else DNS SAN) that may call; `prefix*`
+    /// matches a prefix. Absent: any peer the TLS settings let in.
+    pub allow: Option<Vec<String>>,
+    /// More certificates chosen by SNI.
+    #[serde(default)]
+    pub certs: Vec<SniCertDecl>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertDecl {
+    /// Host name, or `*.example.com` for any subdomain.
+    pub sni: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -202,6 +242,8 @@ pub struct RouteDecl {
     pub rewrite_prefix: Option<String>,
     /// Replaces the `Host` header sent upstream.
     pub rewrite_host: Option<String>,
+    /// Peer identities that may use this route (mTLS listeners only).
+    pub allow: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -243,6 +285,28 @@ pub struct ClusterDecl {
     pub pool_idle_timeout: Dur,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
+    /// TLS towards the endpoints; absent: plaintext.
+    pub tls: Option<Spanned<ClusterTlsDecl>>,
+}
+
+/// `tls = { ca, cert, key, sni, expect_identity, insecure_skip_verify }` on a
+/// cluster. Paths are relative to the config file.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsDecl {
+    /// CA bundle (PEM) to verify endpoints against; absent: the webpki roots.
+    pub ca: Option<String>,
+    /// Client certificate chain and key (PEM) for mTLS.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// Server name sent and verified; absent: the endpoint's address.
+    pub sni: Option<String>,
+    /// URI or DNS SAN the endpoint's certificate must carry (replaces the
+    /// host name check).
+    pub expect_identity: Option<String>,
+    /// Turns verification off. Never in production.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -841,6 +841,17 @@ mod real_upstream {
 #[tokio::test]
 #[ignore = "measurement, not a check"]
 async fn overhead() {
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+    let rss_before = rss_kib();
     let names = ["p1", "p2", "p3", "p4"];
     let set = load(names.iter().map(|n| spec(TARGETS[0], "noop", n)).collect());
     for chain in [0usize, 1, 4] {
@@ -865,6 +876,11 @@ async fn overhead() {
         let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
         println!("filters={chain}: {per:.2} us/request");
     }
+    println!(
+        "RSS: {} KiB before loading, {} KiB with 4 filters and their VMs on this thread",
+        rss_before,
+        rss_kib()
+    );
 }
 
 #[tokio::test]

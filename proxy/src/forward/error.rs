@@ -43,6 +43,18 @@ pub enum ProxyError {
         addr: SocketAddr,
         reason: String,
     },
+    #[error("TLS with {addr} in cluster \"{cluster}\" failed: {reason}")]
+    UpstreamTls {
+        cluster: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("peer {} may not call {scope}", principal.as_deref().unwrap_or("without a client certificate"))]
+    UnauthorizedPeer {
+        /// `listener "x"` or `route "y"`.
+        scope: String,
+        principal: Option<std::sync::Arc<str>>,
+    },
     #[error("request body is larger than the listener's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
@@ -61,6 +73,8 @@ impl ProxyError {
             Self::UpstreamConnect { .. } => "upstream_connect",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamReset { .. } => "upstream_reset",
+            Self::UpstreamTls { .. } => "upstream_tls",
+            Self::UnauthorizedPeer { .. } => "unauthorized_peer",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::Overflow(_) => "overflow",
@@ -73,7 +87,10 @@ impl ProxyError {
             Self::UnknownCluster(_) | Self::NoEndpoint(_) | Self::Overflow(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::UpstreamConnect { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect { .. } | Self::UpstreamReset { .. } | Self::UpstreamTls { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UnauthorizedPeer { .. } => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -9,6 +9,7 @@
 
 mod body;
 pub mod error;
+mod filtered;
 mod headers;
 mod upgrade;
 
@@ -19,16 +20,19 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 pub use error::{local_response, ProxyError};
 
+use crate::filter::{StreamInfo, Verdict};
 use crate::server::{Shared, Snapshot};
 use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
 use body::{downstream_cause, RequestBody, Tracked};
+use filtered::{FilteredBody, SharedChain, Side};
 
 const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
@@ -43,6 +47,9 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     pub scheme: &'static str,
     pub activity: Arc<Activity>,
+    /// The peer's identity from its TLS client certificate (URI SAN, else
+    /// DNS SAN); `None` without mTLS. Filters read it as `source.principal`.
+    pub principal: Option<Arc<str>>,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -69,17 +76,26 @@ impl Drop for InFlight {
 }
 
 /// Serves one request. Never fails: errors become local responses.
-pub async fn handle(req: Request<Incoming>, conn: Arc<ConnCtx>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     conn.activity.started.fetch_add(1, Ordering::Release);
     let in_flight = InFlight(conn.activity.clone());
     let start = Instant::now();
     let snapshot = conn.shared.snapshot.load_full();
     let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
-    let mut outcome = forward(req, &conn, &snapshot, &upstreams).await;
+    let chain = start_chain(&req, &conn, &snapshot);
+    let mut outcome = forward(req, &conn, &snapshot, &upstreams, chain.as_ref()).await;
     let stats = outcome.stats.take();
     let resp = match outcome.result {
         Ok(resp) => resp,
-        Err(err) => respond_error(&conn, &snapshot, &outcome.route, &outcome.cluster, err),
+        Err(err) => {
+            if let Some(c) = &chain {
+                c.with(|c| c.set_error_code(err.code()));
+            }
+            respond_error(&conn, &snapshot, &outcome.route, &outcome.cluster, err)
+        }
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed().as_secs_f64();
@@ -87,8 +103,53 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<ConnCtx>) -> Result<Respon
     stats.record(status, elapsed);
     // The connection counts as busy until hyper has finished with the body.
     let (parts, body) = resp.into_parts();
-    let body = Tracked::new(body, move |_| drop(in_flight)).boxed_unsync();
+    let body = Tracked::new(body, move |bytes| {
+        if let Some(c) = chain {
+            c.finish(bytes);
+        }
+        drop(in_flight)
+    })
+    .boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// The request's filter chain, when its listener has a pipeline.
+fn start_chain(req: &Request<Incoming>, conn: &ConnCtx, snapshot: &Snapshot) -> Option<SharedChain> {
+    let listener = &snapshot.config.listeners[conn.listener];
+    if listener.pipeline.is_empty() {
+        return None;
+    }
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(new_request_id, Arc::from);
+    let info = StreamInfo {
+        listener: listener.name.clone(),
+        source: conn.peer,
+        destination: conn.local,
+        scheme: conn.scheme,
+        protocol: if req.version() == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+        request_id,
+        start: std::time::SystemTime::now(),
+        principal: conn.principal.clone(),
+    };
+    Some(SharedChain::new(snapshot.filters.stream(&listener.pipeline, info)))
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+fn new_request_id() -> Arc<str> {
+    Arc::from(format!("{:032x}", rand::random::<u128>()))
+}
+
+/// Turns a filter's local answer into a response of the proxy's body type.
+fn local_answer(resp: Response<bytes::Bytes>) -> Response<ProxyBody> {
+    resp.map(|b| {
+        http_body_util::Full::new(b)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    })
 }
 
 struct Outcome {
@@ -103,6 +164,7 @@ async fn forward(
     conn: &ConnCtx,
     snapshot: &Snapshot,
     upstreams: &Upstreams,
+    chain: Option<&SharedChain>,
 ) -> Outcome {
     let mut out = Outcome {
         result: Err(ProxyError::BadRequest(String::new())),
@@ -117,11 +179,42 @@ async fn forward(
         out.result = Err(e);
         return out;
     }
-    let host = authority(&req).unwrap_or_default();
-    let path = req.uri().path().to_string();
+    if let Some(allow) = &listener.allow {
+        if !allow.permits(conn.principal.as_deref()) {
+            out.result = Err(ProxyError::UnauthorizedPeer {
+                scope: format!("listener \"{}\"", listener.name),
+                principal: conn.principal.clone(),
+            });
+            return out;
+        }
+    }
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downstream_version = req.version();
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(REQUEST_ID) {
+        if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+            parts.headers.insert(REQUEST_ID, v);
+        }
+    }
+
+    // Request-header filters run before routing, so they can steer it.
+    if let Some(chain) = chain {
+        if let Some(mut filters) = chain.take() {
+            let verdict = filters.request_headers(&mut parts, body.is_end_stream()).await;
+            chain.put(filters);
+            if let Verdict::Respond(resp) = verdict {
+                out.result = Ok(local_answer(resp));
+                return out;
+            }
+        }
+    }
+
+    let host = authority(&parts).unwrap_or_default();
+    let path = parts.uri.path().to_string();
     let Some((route_index, route)) = listener
         .routes
-        .find(&host, &path, req.method(), req.headers())
+        .find(&host, &path, &parts.method, &parts.headers)
     else {
         out.result = Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
@@ -131,7 +224,27 @@ async fn forward(
         return out;
     };
     out.route = Some(route.name.clone());
-    let cluster_id = route.pick_cluster(rand::random());
+    if let Some(Some(allow)) = listener.route_allow.get(route_index) {
+        if !allow.permits(conn.principal.as_deref()) {
+            out.result = Err(ProxyError::UnauthorizedPeer {
+                scope: format!("route \"{}\"", route.name),
+                principal: conn.principal.clone(),
+            });
+            return out;
+        }
+    }
+    let mut cluster_id = route.pick_cluster(rand::random());
+    // A filter may pick the cluster (e.g. a canary router).
+    if let Some(name) = chain.and_then(|c| c.with(|c| c.property("wasp.cluster")).flatten()) {
+        let name = String::from_utf8_lossy(&name);
+        match snapshot.cluster_id(&name) {
+            Some(id) => cluster_id = id,
+            None => {
+                out.result = Err(ProxyError::UnknownCluster(name.into_owned()));
+                return out;
+            }
+        }
+    }
     let Some(upstream) = upstreams.get(cluster_id) else {
         out.result = Err(ProxyError::UnknownCluster(cluster_id.to_string()));
         return out;
@@ -145,11 +258,12 @@ async fn forward(
         out.result = Err(ProxyError::NoEndpoint(upstream.name.to_string()));
         return out;
     };
-
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let downstream_version = req.version();
-    let (mut parts, body) = req.into_parts();
+    if let Some(chain) = chain {
+        chain.with(|c| {
+            c.set_route(route.name.clone(), upstream.name.clone());
+            c.set_upstream(endpoint);
+        });
+    }
 
     // Build the upstream request in place: new URI, clean headers.
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -162,7 +276,9 @@ async fn forward(
     {
         Ok(u) => u,
         Err(e) => {
-            out.result = Err(ProxyError::BadRequest(format!("cannot rewrite the path: {e}")));
+            out.result = Err(ProxyError::BadRequest(format!(
+                "cannot rewrite the path: {e}"
+            )));
             return out;
         }
     };
@@ -175,27 +291,59 @@ async fn forward(
     if let Some(h) = host_value {
         parts.headers.insert(header::HOST, h);
     }
-    let via = if downstream_version == Version::HTTP_2 { VIA_H2 } else { VIA_H1 };
+    let via = if downstream_version == Version::HTTP_2 {
+        VIA_H2
+    } else {
+        VIA_H1
+    };
     headers::add_forwarding(&mut parts.headers, conn.peer.ip(), conn.scheme, via);
     parts.version = match upstream.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    let body = RequestBody::new(body, listener.limits.max_body_bytes).boxed_unsync();
+    let body = RequestBody::new(body, listener.limits.max_body_bytes);
+    let body = match chain {
+        Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
+        None => body.boxed_unsync(),
+    };
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = route.timeout.or(upstream.timeout);
-    out.result = send(upstream, endpoint, upstream_req, timeout).await.map(|mut resp| {
-        if let Some(down) = downstream_upgrade {
-            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                upgrade::tunnel(down, hyper::upgrade::on(&mut resp));
-            }
+    let mut resp = match send(upstream, endpoint, upstream_req, timeout).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            // A filter that answered mid-body aborted the upstream request.
+            out.result = match chain.and_then(SharedChain::take_local) {
+                Some(local) => Ok(local_answer(local)),
+                None => Err(e),
+            };
+            return out;
         }
-        let keep_upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-        headers::strip_hop_by_hop(resp.headers_mut(), keep_upgrade);
-        headers::append_via(resp.headers_mut(), via);
-        resp.map(|b| b.map_err(upstream::BoxError::from).boxed_unsync())
-    });
+    };
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(down) = downstream_upgrade {
+        if switching {
+            upgrade::tunnel(down, hyper::upgrade::on(&mut resp));
+        }
+    }
+    headers::strip_hop_by_hop(resp.headers_mut(), switching);
+    headers::append_via(resp.headers_mut(), via);
+    let (mut parts, body) = resp.into_parts();
+    let body = match chain {
+        Some(chain) if !switching => {
+            if let Some(mut filters) = chain.take() {
+                let verdict = filters.response_headers(&mut parts, body.is_end_stream()).await;
+                chain.put(filters);
+                if let Verdict::Respond(resp) = verdict {
+                    out.result = Ok(local_answer(resp));
+                    return out;
+                }
+            }
+            FilteredBody::new(body, chain.clone(), Side::Response).boxed_unsync()
+        }
+        _ => body.map_err(upstream::BoxError::from).boxed_unsync(),
+    };
+    out.result = Ok(Response::from_parts(parts, body));
     out
 }
 
@@ -223,11 +371,22 @@ async fn send(
 }
 
 /// Maps a client error to whose fault it was and what to answer.
-fn classify(upstream: &Upstream, addr: SocketAddr, err: &hyper_util::client::legacy::Error) -> ProxyError {
+fn classify(
+    upstream: &Upstream,
+    addr: SocketAddr,
+    err: &hyper_util::client::legacy::Error,
+) -> ProxyError {
     if let Some(d) = downstream_cause(err) {
         return d.to_proxy_error();
     }
     let reason = error_chain(err);
+    if find_cause::<crate::tls::UpstreamTlsError>(err).is_some() {
+        return ProxyError::UpstreamTls {
+            cluster: upstream.name.to_string(),
+            addr,
+            reason,
+        };
+    }
     if err.is_connect() {
         ProxyError::UpstreamConnect {
             cluster: upstream.name.to_string(),
@@ -241,6 +400,20 @@ fn classify(upstream: &Upstream, addr: SocketAddr, err: &hyper_util::client::leg
             reason,
         }
     }
+}
+
+/// The first error of type `E` in `err`'s cause chain.
+fn find_cause<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -267,7 +440,9 @@ fn check_framing<B>(req: &Request<B>, max_body: u64) -> Result<(), ProxyError> {
         ));
     }
     if req.method() == Method::CONNECT {
-        return Err(ProxyError::BadRequest("CONNECT tunnels are not supported".into()));
+        return Err(ProxyError::BadRequest(
+            "CONNECT tunnels are not supported".into(),
+        ));
     }
     if let Some(len) = h
         .get(header::CONTENT_LENGTH)
@@ -283,11 +458,11 @@ fn check_framing<B>(req: &Request<B>, max_body: u64) -> Result<(), ProxyError> {
 
 /// The authority the client addressed: from an absolute-form URI (forward
 /// proxy use), else `:authority`, else `Host`.
-fn authority<B>(req: &Request<B>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
+fn authority(req: &http::request::Parts) -> Option<String> {
+    if let Some(a) = req.uri.authority() {
         return Some(a.as_str().to_string());
     }
-    req.headers()
+    req.headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)

@@ -15,6 +15,12 @@
 //! "Waiting for a head" means no request of this connection is in flight,
 //! as counted by [`Activity`]. HTTP/2 connections (seen by their preface)
 //! get only the idle timeout: h2 has its own framing deadlines.
+//!
+//! The guard wraps a plain TCP stream or a TLS stream (it sees the
+//! decrypted bytes either way). Its own answers (408, 400) go straight to
+//! a TCP socket with `try_write`; a TLS stream cannot be written without
+//! polling, so there the answer is queued and written when hyper shuts the
+//! connection down (see [`Farewell`]).
 
 use std::future::Future;
 use std::io;
@@ -31,8 +37,28 @@ use crate::forward::Activity;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-pub struct Guarded {
-    inner: TcpStream,
+/// A stream the guard can hand its own last answer to.
+pub trait Farewell: AsyncRead + AsyncWrite + Unpin {
+    /// Writes `bytes` now if the stream can do so without waiting; returns
+    /// false if the guard must queue them and write them on shutdown.
+    fn write_now(&self, bytes: &[u8]) -> bool;
+}
+
+impl Farewell for TcpStream {
+    fn write_now(&self, bytes: &[u8]) -> bool {
+        let _ = self.try_write(bytes);
+        true
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Farewell for tokio_rustls::server::TlsStream<S> {
+    fn write_now(&self, _: &[u8]) -> bool {
+        false
+    }
+}
+
+pub struct Guarded<S = TcpStream> {
+    inner: S,
     activity: Arc<Activity>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -51,11 +77,14 @@ pub struct Guarded {
     /// The current head has been checked (or cannot be: h2, pipelining).
     head_checked: bool,
     max_head: usize,
+    /// The guard's own answer, queued for a stream without `write_now`,
+    /// and how much of it is written.
+    farewell: Option<(Vec<u8>, usize)>,
 }
 
-impl Guarded {
+impl<S: Farewell> Guarded<S> {
     pub fn new(
-        inner: TcpStream,
+        inner: S,
         activity: Arc<Activity>,
         header_timeout: Duration,
         idle_timeout: Duration,
@@ -77,6 +106,7 @@ impl Guarded {
             head: Vec::new(),
             head_checked: false,
             max_head,
+            farewell: None,
         }
     }
 
@@ -89,7 +119,7 @@ impl Guarded {
 
     /// Writes the 408 without waiting: the socket's buffer is empty at this
     /// point, and a client this slow does not get to apply backpressure.
-    fn send_408(&self) {
+    fn send_408(&mut self) {
         let body = format!(
             "request head not received within {:?}\n",
             self.header_timeout
@@ -99,12 +129,36 @@ impl Guarded {
             body.len(),
             body
         );
-        let _ = self.inner.try_write(resp.as_bytes());
+        self.say(resp.into_bytes());
         tracing::info!("closing a connection whose request head did not arrive within {:?}", self.header_timeout);
     }
 }
 
-impl Guarded {
+impl<S: Farewell> Guarded<S> {
+    /// Writes the guard's own answer now, or queues it for shutdown.
+    fn say(&mut self, bytes: Vec<u8>) {
+        if !self.inner.write_now(&bytes) {
+            self.farewell = Some((bytes, 0));
+        }
+    }
+
+    /// Writes what [`Self::say`] queued; ready once all of it is out (or
+    /// the peer is gone: the answer is a courtesy, not a must).
+    fn poll_farewell(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while let Some((bytes, written)) = &mut self.farewell {
+            if *written >= bytes.len() {
+                self.farewell = None;
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                Poll::Ready(_) => self.farewell = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
     /// Looks at a request head as it arrives for framing that hyper accepts
     /// but a proxy must refuse: `Content-Length` together with
     /// `Transfer-Encoding` (the classic smuggling shape; hyper would drop
@@ -140,14 +194,14 @@ impl Guarded {
         }
     }
 
-    fn reject(&self, reason: &str) {
+    fn reject(&mut self, reason: &str) {
         let body = format!("bad request: {reason}\n");
         let resp = format!(
             "HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
             body.len(),
             body
         );
-        let _ = self.inner.try_write(resp.as_bytes());
+        self.say(resp.into_bytes());
         tracing::info!("rejected a request head: {reason}");
     }
 }
@@ -167,7 +221,7 @@ fn framing_problem(head: &[u8]) -> Option<&'static str> {
     (content_length && transfer_encoding).then_some("both Content-Length and Transfer-Encoding are set")
 }
 
-impl AsyncRead for Guarded {
+impl<S: Farewell> AsyncRead for Guarded<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let started = this.activity.started.load(std::sync::atomic::Ordering::Acquire);
@@ -228,7 +282,7 @@ impl AsyncRead for Guarded {
     }
 }
 
-impl Guarded {
+impl<S: Farewell> Guarded<S> {
     /// If hyper is writing its own error answer to a malformed head, returns
     /// the same bytes with `x-wasp-error` added after the status line.
     fn rewrite_auto_error(&self, buf: &[u8]) -> Option<Vec<u8>> {
@@ -269,7 +323,7 @@ impl Guarded {
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<S: Farewell> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.rewrite.is_none() {
             if let Some(bytes) = self.rewrite_auto_error(buf) {
@@ -306,6 +360,10 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.farewell.is_some() {
+            std::task::ready!(self.poll_farewell(cx));
+            let _ = std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -6,6 +6,12 @@
 //! the workers start, so a bind error stops start-up with a clear message.
 //! Each connection serves HTTP/1.1 and prior-knowledge HTTP/2 on the same
 //! port (hyper-util's auto builder reads the preface), with upgrades.
+//!
+//! A listener with `tls` terminates TLS first (rustls; ALPN offers h2 and
+//! http/1.1, and the auto builder still tells them apart by the preface).
+//! The handshake runs in the connection's task with the header timeout as
+//! its deadline; a failure is logged once with its reason and counted. The
+//! peer's certificate identity rides along in [`ConnCtx::principal`].
 
 mod guard;
 
@@ -78,7 +84,9 @@ pub async fn serve(
             }
         };
         let snapshot = shared.snapshot.load();
-        let Some(cfg) = snapshot.config.listeners.get(index) else { break };
+        let Some(cfg) = snapshot.config.listeners.get(index) else {
+            break;
+        };
         let runtime = &snapshot.listeners[index];
         let open = runtime.open_connections.fetch_add(1, Ordering::AcqRel);
         if open >= cfg.limits.max_connections {
@@ -89,40 +97,117 @@ pub async fn serve(
         }
         runtime.stats.accepted.inc();
         runtime.stats.open.inc();
-        let activity = Arc::new(Activity::default());
-        let io = Guarded::new(
-            stream,
-            activity.clone(),
-            cfg.limits.header_timeout,
-            cfg.limits.idle_timeout,
-            cfg.limits.max_header_bytes,
-        );
-        let ctx = Arc::new(ConnCtx {
-            shared: shared.clone(),
-            listener: index,
-            peer,
-            local: local.unwrap_or(peer),
-            scheme: "http",
-            activity,
-        });
-        let service = service_fn(move |req| forward::handle(req, ctx.clone()));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-        let conn = graceful.watch(conn);
-        let counter = runtime.open_connections.clone();
-        let stats = runtime.stats.clone();
+        let done = Closed {
+            counter: runtime.open_connections.clone(),
+            stats: runtime.stats.clone(),
+        };
+        let limits = cfg.limits;
+        let local = local.unwrap_or(peer);
+        let Some(tls) = cfg.tls.clone() else {
+            let ctx = conn_ctx(&shared, index, peer, local, "http", None);
+            let io = Guarded::new(
+                stream,
+                ctx.activity.clone(),
+                limits.header_timeout,
+                limits.idle_timeout,
+                limits.max_header_bytes,
+            );
+            let service = service_fn(move |req| forward::handle(req, ctx.clone()));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                }
+                drop(done);
+            });
+            continue;
+        };
+        // TLS: the handshake runs in the connection's own task, bounded by
+        // the header timeout, so a slow client never holds up the accept loop.
+        tls.start(&shared.metrics);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let accepted =
+                tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+            let stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tls.handshake_failed(peer, &e);
+                    return;
+                }
+                Err(_) => {
+                    tls.handshake_timed_out(peer, limits.header_timeout);
+                    return;
+                }
+            };
+            done.stats.tls_handshakes.inc();
+            let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let ctx = conn_ctx(&shared, index, peer, local, "https", principal);
+            let io = Guarded::new(
+                stream,
+                ctx.activity.clone(),
+                limits.header_timeout,
+                limits.idle_timeout,
+                limits.max_header_bytes,
+            );
+            let service = service_fn(move |req| forward::handle(req, ctx.clone()));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, "connection ended with an error: {e}");
             }
-            counter.fetch_sub(1, Ordering::AcqRel);
-            stats.open.dec();
+            drop(done);
         });
     }
     drop(listener);
     let timeout = shared.snapshot.load().config.drain_timeout;
-    if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!("drain timeout of {timeout:?} reached with connections still open; closing them");
+    if tokio::time::timeout(timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain timeout of {timeout:?} reached with connections still open; closing them"
+        );
     }
+}
+
+/// Gives a connection's slot back when the connection ends, however it ends.
+struct Closed {
+    counter: Arc<std::sync::atomic::AtomicUsize>,
+    stats: crate::telemetry::ListenerStats,
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+        self.stats.open.dec();
+    }
+}
+
+fn conn_ctx(
+    shared: &Arc<Shared>,
+    listener: usize,
+    peer: SocketAddr,
+    local: SocketAddr,
+    scheme: &'static str,
+    principal: Option<Arc<str>>,
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        shared: shared.clone(),
+        listener,
+        peer,
+        local,
+        scheme,
+        activity: Arc::new(Activity::default()),
+        principal,
+    })
 }
 
 fn http_builder(shared: &Shared, index: usize) -> auto::Builder<TokioExecutor> {

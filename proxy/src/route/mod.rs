@@ -78,7 +78,10 @@ pub fn compile(
     let m = &decl.matcher;
     let set = [m.prefix.is_some(), m.path.is_some(), m.regex.is_some()];
     if set.iter().filter(|s| **s).count() > 1 {
-        return Err(err(None, "use only one of prefix, path and regex in a match".into()));
+        return Err(err(
+            None,
+            "use only one of prefix, path and regex in a match".into(),
+        ));
     }
     let path = if let Some(p) = &m.prefix {
         PathMatch::Prefix(p.clone())
@@ -110,18 +113,29 @@ pub fn compile(
     for (name, value) in &m.headers {
         let n = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| err(None, format!("\"{name}\" is not a valid header name")))?;
-        let v = HeaderValue::from_str(value)
-            .map_err(|_| err(None, format!("header {name}: \"{value}\" is not a valid value")))?;
+        let v = HeaderValue::from_str(value).map_err(|_| {
+            err(
+                None,
+                format!("header {name}: \"{value}\" is not a valid value"),
+            )
+        })?;
         headers.push((n, v));
     }
 
     let lookup = |name: &toml::Spanned<String>| {
-        clusters.get(name.get_ref().as_str()).copied().ok_or_else(|| {
-            err(
-                Some(name.span()),
-                format!("unknown cluster \"{}\" (no [clusters.{}] section)", name.get_ref(), name.get_ref()),
-            )
-        })
+        clusters
+            .get(name.get_ref().as_str())
+            .copied()
+            .ok_or_else(|| {
+                err(
+                    Some(name.span()),
+                    format!(
+                        "unknown cluster \"{}\" (no [clusters.{}] section)",
+                        name.get_ref(),
+                        name.get_ref()
+                    ),
+                )
+            })
     };
     let target = match (&decl.cluster, &decl.clusters) {
         (Some(c), None) => Target::One(lookup(c)?),
@@ -138,14 +152,25 @@ pub fn compile(
             Target::Weighted(out)
         }
         (Some(_), Some(_)) => {
-            return Err(err(None, "set either `cluster` or `clusters`, not both".into()))
+            return Err(err(
+                None,
+                "set either `cluster` or `clusters`, not both".into(),
+            ))
         }
-        _ => return Err(err(None, "a route needs `cluster` or a non-empty `clusters`".into())),
+        _ => {
+            return Err(err(
+                None,
+                "a route needs `cluster` or a non-empty `clusters`".into(),
+            ))
+        }
     };
     let rewrite_prefix = match (&decl.rewrite_prefix, &m.prefix) {
         (Some(to), Some(from)) => Some((from.clone(), to.clone())),
         (Some(_), None) => {
-            return Err(err(None, "rewrite_prefix needs a `prefix` in the match".into()))
+            return Err(err(
+                None,
+                "rewrite_prefix needs a `prefix` in the match".into(),
+            ))
         }
         _ => None,
     };
@@ -225,8 +250,7 @@ impl Matcher {
             let ok = match h {
                 HostMatch::Exact(e) => host.eq_ignore_ascii_case(e),
                 HostMatch::Suffix(s) => {
-                    host.len() > s.len()
-                        && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+                    host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
                 }
             };
             if !ok {

@@ -33,7 +33,8 @@ pub const fn app_default_proxy_listener() -> &'static str {
 }
 pub use snapshot::{ListenerRuntime, Snapshot};
 
-use crate::config::Config;
+use crate::config::{Config, FailMode};
+use crate::filter::{FailPolicy, FilterRuntime, FilterSpec};
 use crate::telemetry::logging::LevelHandle;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstreams;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub drain_outbound: watch::Sender<bool>,
     pub log_level: Option<LevelHandle>,
     pub started: std::time::Instant,
+    /// The Wasm engine: compiled modules, filter metrics and status.
+    pub filters: Arc<FilterRuntime>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -99,7 +102,13 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
 pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>) -> anyhow::Result<u8> {
     let metrics = Metrics::new();
     let config = Arc::new(config);
-    let snapshot = Snapshot::build(1, config.clone(), &metrics);
+    // Filters load before anything binds: a filter that cannot load stops
+    // start-up with its reason, and /ready means "filters loaded" too.
+    let callouts = Arc::new(crate::upstream::Callouts::default());
+    let filters = FilterRuntime::new(Some(config.module_cache.clone()), callouts.clone())
+        .context("cannot start the Wasm engine")?;
+    let filter_set = filters.load(filter_specs(&config))?;
+    let snapshot = Snapshot::build(1, config.clone(), filter_set, &metrics);
     let (shutdown, _) = watch::channel(false);
     let (drain_inbound, _) = watch::channel(false);
     let (drain_outbound, _) = watch::channel(false);
@@ -113,7 +122,9 @@ pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>)
         drain_outbound,
         log_level,
         started: std::time::Instant::now(),
+        filters,
     });
+    callouts.attach(&shared);
 
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
@@ -217,6 +228,42 @@ async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut
     app_code.unwrap_or(0)
 }
 
+/// The engine's view of every `[filters.NAME]` section.
+fn filter_specs(config: &Config) -> Vec<FilterSpec> {
+    config
+        .file
+        .filters
+        .iter()
+        .map(|(name, decl)| {
+            let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
+            spec.config = config_bytes(decl.config.as_ref());
+            spec.vm_config = config_bytes(decl.vm_config.as_ref());
+            spec.fail = match decl.fail {
+                FailMode::Open => FailPolicy::Open,
+                FailMode::Closed => FailPolicy::Closed,
+            };
+            spec.cpu_limit = decl.limits.cpu.0;
+            spec.memory_limit = decl.limits.memory.0;
+            spec.max_body_bytes = config
+                .listeners
+                .iter()
+                .map(|l| l.limits.max_body_bytes)
+                .max()
+                .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
+            spec
+        })
+        .collect()
+}
+
+/// A TOML table reaches the guest as JSON; a string as its raw bytes.
+fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
+    match value {
+        None => bytes::Bytes::new(),
+        Some(toml::Value::String(s)) => bytes::Bytes::from(s.clone()),
+        Some(v) => serde_json::to_vec(v).map(bytes::Bytes::from).unwrap_or_default(),
+    }
+}
+
 fn worker_main(index: usize, sockets: Vec<(usize, bool, std::net::TcpListener)>, shared: Arc<Shared>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -229,6 +276,7 @@ fn worker_main(index: usize, sockets: Vec<(usize, bool, std::net::TcpListener)>,
             return;
         }
     };
+    FilterRuntime::init_worker_thread();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for (listener, outbound, socket) in sockets {

@@ -2,10 +2,12 @@
 //! reads (config, route tables, pre-resolved metric series). Built on the
 //! control thread, published with `arc-swap`, loaded once per request.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::filter::FilterSet;
 use crate::telemetry::{ListenerStats, Metrics, RequestStats};
 
 #[derive(Debug)]
@@ -14,6 +16,9 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     /// Same order as `config.listeners`.
     pub listeners: Vec<ListenerRuntime>,
+    /// The loaded filters every pipeline of this generation uses.
+    pub filters: Arc<FilterSet>,
+    cluster_ids: HashMap<Arc<str>, usize>,
 }
 
 #[derive(Debug)]
@@ -28,7 +33,12 @@ pub struct ListenerRuntime {
 }
 
 impl Snapshot {
-    pub fn build(generation: u64, config: Arc<Config>, metrics: &Arc<Metrics>) -> Self {
+    pub fn build(
+        generation: u64,
+        config: Arc<Config>,
+        filters: Arc<FilterSet>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
         let listeners = config
             .listeners
             .iter()
@@ -39,7 +49,13 @@ impl Snapshot {
                     .routes()
                     .iter()
                     .map(|r| {
-                        r.clusters()
+                        // With filters, any cluster may be picked (wasp.cluster).
+                        let clusters = if l.pipeline.is_empty() {
+                            r.clusters()
+                        } else {
+                            (0..config.clusters.len()).collect()
+                        };
+                        clusters
                             .into_iter()
                             .map(|c| {
                                 let cluster = config.clusters.get(c).map_or("", |c| &*c.name);
@@ -52,10 +68,22 @@ impl Snapshot {
                 open_connections: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
+        let cluster_ids = config
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
         Self {
             generation,
             config,
             listeners,
+            filters,
+            cluster_ids,
         }
+    }
+
+    pub fn cluster_id(&self, name: &str) -> Option<usize> {
+        self.cluster_ids.get(name).copied()
     }
 }

@@ -47,6 +47,28 @@ struct ErrorLabels {
     code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsErrorLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsUpstreamErrorLabels {
+    cluster: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    /// `listener` or `cluster`.
+    scope: &'static str,
+    /// The listener's or cluster's name.
+    name: String,
+    /// `default`, the SNI name it is served for, or `client`.
+    cert: String,
+}
+
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Every metric the core proxy exports. One per process.
@@ -59,6 +81,10 @@ pub struct Metrics {
     upstream_open: Family<ClusterLabels, Gauge>,
     upstream_total: Family<ClusterLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    tls_handshake_errors: Family<TlsErrorLabels, Counter>,
+    tls_upstream_handshake_errors: Family<TlsUpstreamErrorLabels, Counter>,
+    tls_handshakes: Family<ListenerLabels, Counter>,
+    tls_cert_expiry: Family<CertLabels, Gauge>,
 }
 
 /// Pre-resolved series for one (listener, route, cluster).
@@ -73,6 +99,8 @@ pub struct RequestStats {
 pub struct ListenerStats {
     pub open: Gauge,
     pub accepted: Counter,
+    /// TLS handshakes completed (TLS listeners only).
+    pub tls_handshakes: Counter,
     metrics: Arc<Metrics>,
     listener: Arc<str>,
 }
@@ -137,8 +165,36 @@ impl Metrics {
             "Responses the proxy made itself, by x-wasp-error code",
             errors.clone(),
         );
+        let tls_handshake_errors = Family::<TlsErrorLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_errors",
+            "TLS handshakes with clients that failed, by listener and reason",
+            tls_handshake_errors.clone(),
+        );
+        let tls_upstream_handshake_errors = Family::<TlsUpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "tls_upstream_handshake_errors",
+            "TLS handshakes with upstream endpoints that failed, by cluster and reason",
+            tls_upstream_handshake_errors.clone(),
+        );
+        let tls_handshakes = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes with clients completed",
+            tls_handshakes.clone(),
+        );
+        let tls_cert_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each certificate the proxy presents expires (notAfter, Unix seconds)",
+            tls_cert_expiry.clone(),
+        );
         Arc::new(Self {
             registry,
+            tls_handshake_errors,
+            tls_upstream_handshake_errors,
+            tls_handshakes,
+            tls_cert_expiry,
             requests,
             durations,
             conns_open,
@@ -180,6 +236,7 @@ impl Metrics {
         ListenerStats {
             open: self.conns_open.get_or_create(&labels).clone(),
             accepted: self.conns_total.get_or_create(&labels).clone(),
+            tls_handshakes: self.tls_handshakes.get_or_create(&labels).clone(),
             metrics: self.clone(),
             listener: listener.clone(),
         }
@@ -195,6 +252,28 @@ impl Metrics {
         }
     }
 
+    /// The expiry gauge of one certificate; resolved when TLS starts, set
+    /// again on every reload.
+    pub fn tls_cert_expiry(&self, scope: &'static str, name: &str, cert: &str) -> Gauge {
+        self.tls_cert_expiry
+            .get_or_create(&CertLabels {
+                scope,
+                name: name.into(),
+                cert: cert.into(),
+            })
+            .clone()
+    }
+
+    /// The handshake failure counter of a TLS listener.
+    pub fn tls_listener_errors(&self, listener: &str) -> TlsErrors {
+        TlsErrors::Listener(self.tls_handshake_errors.clone(), listener.into())
+    }
+
+    /// The handshake failure counter of a TLS cluster.
+    pub fn tls_cluster_errors(&self, cluster: &str) -> TlsErrors {
+        TlsErrors::Cluster(self.tls_upstream_handshake_errors.clone(), cluster.into())
+    }
+
     /// The text exposition of every registered metric (no trailing `# EOF`,
     /// so other sections can be appended).
     pub fn render(&self, out: &mut String) {
@@ -203,6 +282,40 @@ impl Metrics {
             out.push_str(text.trim_end().trim_end_matches("# EOF").trim_end());
             out.push('\n');
         }
+    }
+}
+
+/// Counts failed TLS handshakes of one listener or cluster by reason.
+#[derive(Clone)]
+pub enum TlsErrors {
+    Listener(Family<TlsErrorLabels, Counter>, Arc<str>),
+    Cluster(Family<TlsUpstreamErrorLabels, Counter>, Arc<str>),
+}
+
+impl std::fmt::Debug for TlsErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsErrors")
+    }
+}
+
+impl TlsErrors {
+    /// Failures are rare and already cost a handshake, so the label lookup
+    /// here is fine.
+    pub fn inc(&self, reason: &'static str) {
+        match self {
+            Self::Listener(family, name) => family
+                .get_or_create(&TlsErrorLabels {
+                    listener: name.to_string(),
+                    reason,
+                })
+                .inc(),
+            Self::Cluster(family, name) => family
+                .get_or_create(&TlsUpstreamErrorLabels {
+                    cluster: name.to_string(),
+                    reason,
+                })
+                .inc(),
+        };
     }
 }
 

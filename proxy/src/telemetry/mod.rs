@@ -7,4 +7,4 @@ pub mod histogram;
 pub mod logging;
 pub mod metrics;
 
-pub use metrics::{ListenerStats, Metrics, RequestStats, UpstreamStats};
+pub use metrics::{ListenerStats, Metrics, RequestStats, TlsErrors, UpstreamStats};

@@ -1,36 +1,88 @@
-//! The TCP connector for upstream pools, counting connections as they open
-//! and close so `/metrics` can show them per cluster.
+//! The connector for upstream pools: TCP, then TLS when the cluster has
+//! `tls`, counting connections as they open and close so `/metrics` can
+//! show them per cluster.
+//!
+//! Runs on the worker that owns the pool. URIs stay `http://ip:port` even
+//! for TLS clusters (the pool key is the endpoint either way); whether to
+//! speak TLS is the cluster's setting, not the scheme's. The TLS handshake
+//! is bounded by the cluster's `connect_timeout`. A failed handshake comes
+//! back as [`UpstreamTlsError`], which `forward` turns into 502
+//! `upstream_tls`.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::telemetry::UpstreamStats;
+use crate::tls::{ClientTls, UpstreamTlsError};
 
 #[derive(Clone, Debug)]
 pub struct CountingConnector {
     inner: HttpConnector,
     stats: UpstreamStats,
+    tls: Option<Arc<ClientTls>>,
+    handshake_timeout: Duration,
 }
 
 /// A connection that decrements the open-connections gauge when dropped.
 #[derive(Debug)]
 pub struct Counted {
-    io: TokioIo<TcpStream>,
+    io: Io,
     stats: UpstreamStats,
+}
+
+#[derive(Debug)]
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(TokioIo<TlsStream<TcpStream>>),
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl CountingConnector {
-    pub fn new(inner: HttpConnector, stats: UpstreamStats) -> Self {
-        Self { inner, stats }
+    pub fn new(
+        inner: HttpConnector,
+        stats: UpstreamStats,
+        tls: Option<Arc<ClientTls>>,
+        handshake_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner,
+            stats,
+            tls,
+            handshake_timeout,
+        }
+    }
+}
+
+/// TLS over an open TCP connection, bounded by `limit`.
+async fn handshake(
+    tls: &ClientTls,
+    host: &str,
+    tcp: TcpStream,
+    limit: Duration,
+) -> Result<TlsStream<TcpStream>, UpstreamTlsError> {
+    let name = tls.server_name(host)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config());
+    match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(UpstreamTlsError {
+            code: crate::tls::reason(&e),
+            detail: crate::tls::describe(&e),
+        }),
+        Err(_) => Err(UpstreamTlsError {
+            code: "timeout",
+            detail: format!("no handshake within {limit:?}"),
+        }),
     }
 }
 
@@ -44,10 +96,23 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default().to_string();
         let connecting = tower_service::Service::<Uri>::call(&mut self.inner, uri);
         let stats = self.stats.clone();
+        let tls = self.tls.clone();
+        let limit = self.handshake_timeout;
         Box::pin(async move {
-            let io = connecting.await.map_err(BoxError::from)?;
+            let tcp = connecting.await.map_err(BoxError::from)?;
+            let io = match tls {
+                None => Io::Plain(tcp),
+                Some(tls) => match handshake(&tls, &host, tcp.into_inner(), limit).await {
+                    Ok(stream) => Io::Tls(TokioIo::new(stream)),
+                    Err(e) => {
+                        tls.handshake_failed(e.code);
+                        return Err(Box::new(e) as BoxError);
+                    }
+                },
+            };
             stats.opened.inc();
             stats.open.inc();
             Ok(Counted { io, stats })
@@ -63,8 +128,29 @@ impl Drop for Counted {
 
 impl Connection for Counted {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain(io) => io.connected(),
+            Io::Tls(io) => {
+                let (tcp, session) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
+}
+
+/// Calls the same method on whichever stream `$io` holds.
+macro_rules! both {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            Io::Plain($s) => $e,
+            Io::Tls($s) => $e,
+        }
+    };
 }
 
 impl Read for Counted {
@@ -73,7 +159,7 @@ impl Read for Counted {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        both!(&mut self.io, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -83,19 +169,19 @@ impl Write for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        both!(&mut self.io, io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        both!(&mut self.io, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        both!(&mut self.io, io => Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        both!(&self.io, io => io.is_write_vectored())
     }
 
     fn poll_write_vectored(
@@ -103,6 +189,6 @@ impl Write for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        both!(&mut self.io, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }

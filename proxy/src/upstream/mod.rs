@@ -6,8 +6,11 @@
 //! HTTP/2 per cluster); the endpoint choice is made here, before the pool
 //! sees the request, by rewriting the request's URI to the endpoint address.
 
-mod connector;
 pub mod balance;
+mod callout;
+mod connector;
+
+pub use callout::Callouts;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,7 +74,15 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.enforce_http(true);
-        let connector = CountingConnector::new(http, metrics.upstream_stats(&config.name));
+        if let Some(tls) = &config.tls {
+            tls.start(metrics);
+        }
+        let connector = CountingConnector::new(
+            http,
+            metrics.upstream_stats(&config.name),
+            config.tls.clone(),
+            config.connect_timeout,
+        );
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())

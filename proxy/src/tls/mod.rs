@@ -1,0 +1,283 @@
+//! Transport security: the TLS material of listeners (termination, client
+//! certificate checks) and clusters (origination, mTLS), built on rustls with
+//! the `ring` crypto provider.
+//!
+//! What lives here, and on which thread:
+//! - Loading PEM files, building rustls `ServerConfig`s and `ClientConfig`s,
+//!   and the identity rules (a peer's identity is its first URI SAN, e.g.
+//!   `spiffe://mesh.local/ns/default/sa/reviews`, else its first DNS SAN).
+//!   This runs on the control thread when the config is validated, and on a
+//!   watcher thread (`wasp-tls-watch`) when a certificate file changes.
+//! - [`ServerTls`] and [`ClientTls`] each hold their current rustls config
+//!   in an `ArcSwap`. Workers load it once per new connection (never per
+//!   request); a rotation swaps it, so connections already open keep the
+//!   config they started with and nothing is dropped. A certificate that
+//!   fails to load (unreadable, unparsable, key not matching) changes
+//!   nothing: the old one keeps serving and the log says why.
+//! - Handshake failures are classified into a short, stable reason
+//!   ([`reason`]) used as a metric label and in the log line.
+//!
+//! What never happens here: no handshake and no file IO on a worker's
+//! request path; workers only `load()` an `Arc`.
+
+mod client;
+mod server;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+
+pub use client::{ClientTls, ClientTlsSettings, UpstreamTlsError};
+pub use server::{ServerTls, ServerTlsSettings, SniCert};
+
+/// The one crypto provider of the process: rustls on `ring`.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
+}
+
+/// Lowest TLS version a listener accepts. TLS 1.0 and 1.1 are never offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+impl MinVersion {
+    fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        static ONLY13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        match self {
+            Self::Tls12 => &BOTH,
+            Self::Tls13 => &ONLY13,
+        }
+    }
+}
+
+/// A certificate chain and its private key, as two PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Which peer identities may call: exact entries, or prefixes written with
+/// a trailing `*` (`spiffe://mesh.local/ns/default/*`). A peer without an
+/// identity never matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allow {
+    entries: Vec<Box<str>>,
+}
+
+// === impl Allow ===
+
+impl Allow {
+    pub fn new(entries: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            entries: entries.into_iter().map(String::into_boxed_str).collect(),
+        }
+    }
+
+    pub fn permits(&self, principal: Option<&str>) -> bool {
+        let Some(p) = principal else { return false };
+        self.entries.iter().any(|e| match e.strip_suffix('*') {
+            Some(prefix) => p.starts_with(prefix),
+            None => **e == *p,
+        })
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| &**e)
+    }
+}
+
+// === loading ===
+
+/// Reads PEM files for one build of a TLS config, hashing every byte read so
+/// a reload can tell whether anything changed. Each file is read once and
+/// parsed from memory, so the hash and the parsed material always agree.
+pub(crate) struct PemReader {
+    hasher: sha2::Sha256,
+}
+
+impl PemReader {
+    pub(crate) fn new() -> Self {
+        use sha2::Digest;
+        Self {
+            hasher: sha2::Sha256::new(),
+        }
+    }
+
+    fn read(&mut self, path: &Path) -> Result<Vec<u8>, String> {
+        use sha2::Digest;
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        self.hasher.update(path.as_os_str().as_encoded_bytes());
+        self.hasher.update((bytes.len() as u64).to_le_bytes());
+        self.hasher.update(&bytes);
+        Ok(bytes)
+    }
+
+    /// Every certificate of a PEM file, in order (leaf first for a chain).
+    pub(crate) fn certs(&mut self, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+        let bytes = self.read(path)?;
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {}", path.display(), pem_error(e)))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no CERTIFICATE block found", path.display()));
+        }
+        Ok(certs)
+    }
+
+    /// The first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+    pub(crate) fn key(&mut self, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+        let bytes = self.read(path)?;
+        PrivateKeyDer::from_pem_slice(&bytes)
+            .map_err(|e| format!("{}: no usable private key: {}", path.display(), pem_error(e)))
+    }
+
+    /// A trust store from a PEM bundle of CA certificates.
+    pub(crate) fn roots(&mut self, path: &Path) -> Result<RootCertStore, String> {
+        let mut roots = RootCertStore::empty();
+        for cert in self.certs(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+        }
+        Ok(roots)
+    }
+
+    /// A chain and its key, checked to belong together.
+    pub(crate) fn certified_key(
+        &mut self,
+        paths: &CertPaths,
+    ) -> Result<(rustls::sign::CertifiedKey, CertFacts), String> {
+        let certs = self.certs(&paths.cert)?;
+        let key = self.key(&paths.key)?;
+        let facts = CertFacts::parse(&certs[0]).map_err(|e| format!("{}: {e}", paths.cert.display()))?;
+        let ck = rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
+            format!(
+                "{} with key {}: {e}",
+                paths.cert.display(),
+                paths.key.display()
+            )
+        })?;
+        Ok((ck, facts))
+    }
+
+    pub(crate) fn finish(self) -> [u8; 32] {
+        use sha2::Digest;
+        self.hasher.finalize().into()
+    }
+}
+
+fn pem_error(e: rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM block of the expected kind".into(),
+        other => format!("not valid PEM ({other:?})"),
+    }
+}
+
+/// The facts about a certificate the proxy uses: identity and expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFacts {
+    /// URI SANs, in order.
+    pub uris: Vec<String>,
+    /// DNS SANs, in order.
+    pub dns: Vec<String>,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl CertFacts {
+    pub fn parse(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+        let mut facts = Self {
+            uris: Vec::new(),
+            dns: Vec::new(),
+            not_after: cert.validity().not_after.timestamp(),
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::URI(u) => facts.uris.push(u.to_string()),
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        facts.dns.push(d.to_string())
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(facts)
+    }
+
+    /// The identity: the first URI SAN, else the first DNS SAN.
+    pub fn identity(&self) -> Option<&str> {
+        self.uris.first().or(self.dns.first()).map(String::as_str)
+    }
+
+    /// True if any URI or DNS SAN is exactly `identity`.
+    pub fn has_identity(&self, identity: &str) -> bool {
+        self.uris.iter().chain(&self.dns).any(|n| n == identity)
+    }
+}
+
+/// The identity of a connected peer from its certificate chain.
+pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
+    let leaf = chain?.first()?;
+    let facts = CertFacts::parse(leaf).ok()?;
+    facts.identity().map(Arc::from)
+}
+
+/// A short, stable name for why a handshake failed: a metric label.
+pub fn reason(err: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(c) => match c {
+            C::Expired | C::ExpiredContext { .. } => "expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+            C::UnknownIssuer => "untrusted",
+            C::BadSignature => "bad_signature",
+            C::NotValidForName | C::NotValidForNameContext { .. } => "wrong_name",
+            C::Revoked => "revoked",
+            C::Other(_) => "wrong_identity",
+            _ => "bad_certificate",
+        },
+        E::AlertReceived(_) => "peer_alert",
+        E::PeerIncompatible(_) => "incompatible",
+        E::NoApplicationProtocol => "no_alpn",
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => "not_tls",
+        E::General(_) => "no_certificate",
+        _ => "protocol",
+    }
+}
+
+/// The rustls error inside an IO error from tokio-rustls, as text.
+pub fn describe(err: &std::io::Error) -> String {
+    match err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(tls) => tls.to_string(),
+        None => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

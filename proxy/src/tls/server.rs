@@ -1,0 +1,286 @@
+//! TLS termination for one listener: the certificates it serves (a default
+//! one and any number chosen by SNI), the client CA it may require, and the
+//! reload of all of that when the files change.
+//!
+//! Built on the control thread at config validation (so a bad file is a
+//! config error with a position), reloaded on the `wasp-tls-watch` thread,
+//! read by workers once per accepted connection.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use super::watch::{self, Watch};
+use super::{provider, CertPaths, MinVersion, PemReader};
+use crate::telemetry::{Metrics, TlsErrors};
+
+/// A certificate served when the client's SNI matches `sni`: a host name,
+/// or `*.example.com` for any subdomain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniCert {
+    pub sni: String,
+    pub paths: CertPaths,
+}
+
+/// What a listener's `tls = { ... }` says, with paths resolved.
+#[derive(Clone, Debug)]
+pub struct ServerTlsSettings {
+    pub listener: Arc<str>,
+    /// Served when no SNI entry matches (or the client sends no SNI).
+    pub default: Option<CertPaths>,
+    pub sni: Vec<SniCert>,
+    /// When set, every client must present a certificate issued by it.
+    pub client_ca: Option<PathBuf>,
+    pub min_version: MinVersion,
+}
+
+/// A listener's TLS state: the current rustls config and its watcher.
+pub struct ServerTls {
+    settings: ServerTlsSettings,
+    current: ArcSwap<Loaded>,
+    started: OnceLock<Started>,
+}
+
+struct Loaded {
+    config: Arc<ServerConfig>,
+    fingerprint: [u8; 32],
+    /// notAfter of each served certificate: default first, then SNI order.
+    expiry: Vec<i64>,
+}
+
+struct Started {
+    _watch: Watch,
+    /// Parallel to `Loaded::expiry`.
+    gauges: Vec<Gauge>,
+    errors: TlsErrors,
+}
+
+/// Picks the certificate by SNI; falls back to the default one.
+#[derive(Debug)]
+struct Resolver {
+    default: Option<Arc<CertifiedKey>>,
+    by_name: Vec<(String, Arc<CertifiedKey>)>,
+}
+
+// === impl ServerTls ===
+
+impl ServerTls {
+    /// Loads every file once; the error says which file and why.
+    pub fn load(settings: ServerTlsSettings) -> Result<Self, String> {
+        let loaded = build(&settings)?;
+        Ok(Self {
+            settings,
+            current: ArcSwap::from_pointee(loaded),
+            started: OnceLock::new(),
+        })
+    }
+
+    /// The config for a new connection.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current.load().config.clone()
+    }
+
+    pub fn requires_client_cert(&self) -> bool {
+        self.settings.client_ca.is_some()
+    }
+
+    pub fn settings(&self) -> &ServerTlsSettings {
+        &self.settings
+    }
+
+    /// Publishes the expiry gauges and starts watching the files. Called by
+    /// every worker as it starts serving; only the first call does anything.
+    pub fn start(self: &Arc<Self>, metrics: &Metrics) {
+        self.started.get_or_init(|| {
+            let labels = self.cert_labels();
+            let gauges: Vec<Gauge> = labels
+                .iter()
+                .map(|cert| metrics.tls_cert_expiry("listener", &self.settings.listener, cert))
+                .collect();
+            for (g, t) in gauges.iter().zip(&self.current.load().expiry) {
+                g.set(*t);
+            }
+            let weak: Weak<Self> = Arc::downgrade(self);
+            let watch = watch::spawn(
+                format!("listener \"{}\"", self.settings.listener),
+                &self.files(),
+                move || match weak.upgrade() {
+                    Some(tls) => {
+                        tls.reload();
+                        true
+                    }
+                    None => false,
+                },
+            );
+            Started {
+                _watch: watch,
+                gauges,
+                errors: metrics.tls_listener_errors(&self.settings.listener),
+            }
+        });
+    }
+
+    /// Counts and logs one failed handshake.
+    pub fn handshake_failed(&self, peer: std::net::SocketAddr, err: &std::io::Error) {
+        let reason = super::reason(err);
+        if let Some(s) = self.started.get() {
+            s.errors.inc(reason);
+        }
+        // A client that connects and leaves without a word is routine
+        // (health probes, port scans): keep those out of the info log.
+        if reason == "eof" || reason == "io" {
+            tracing::debug!(listener = %self.settings.listener, %peer, reason, "TLS handshake failed: {}", super::describe(err));
+        } else {
+            tracing::info!(listener = %self.settings.listener, %peer, reason, "TLS handshake failed: {}", super::describe(err));
+        }
+    }
+
+    /// Counts a handshake that did not finish within the deadline.
+    pub fn handshake_timed_out(&self, peer: std::net::SocketAddr, after: std::time::Duration) {
+        if let Some(s) = self.started.get() {
+            s.errors.inc("timeout");
+        }
+        tracing::info!(listener = %self.settings.listener, %peer, reason = "timeout", "TLS handshake failed: not finished within {after:?}");
+    }
+
+    fn cert_labels(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.settings.default.is_some() {
+            out.push("default".to_string());
+        }
+        out.extend(self.settings.sni.iter().map(|s| s.sni.clone()));
+        out
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let s = &self.settings;
+        let mut out = Vec::new();
+        for p in s.default.iter().chain(s.sni.iter().map(|c| &c.paths)) {
+            out.push(p.cert.clone());
+            out.push(p.key.clone());
+        }
+        out.extend(s.client_ca.iter().cloned());
+        out
+    }
+
+    /// Rebuilds from the files; swaps only if they changed and load cleanly.
+    fn reload(&self) {
+        let name = &self.settings.listener;
+        match build(&self.settings) {
+            Ok(new) => {
+                if new.fingerprint == self.current.load().fingerprint {
+                    return;
+                }
+                if let Some(s) = self.started.get() {
+                    for (g, t) in s.gauges.iter().zip(&new.expiry) {
+                        g.set(*t);
+                    }
+                }
+                self.current.store(Arc::new(new));
+                tracing::info!(listener = %name, "TLS certificates reloaded");
+            }
+            Err(e) => tracing::warn!(
+                listener = %name,
+                "TLS certificates changed but cannot be loaded; still serving the previous ones: {e}"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
+    let mut pem = PemReader::new();
+    let mut expiry = Vec::new();
+    let default = match &settings.default {
+        Some(paths) => {
+            let (ck, facts) = pem.certified_key(paths)?;
+            expiry.push(facts.not_after);
+            Some(Arc::new(ck))
+        }
+        None => None,
+    };
+    let mut by_name = Vec::with_capacity(settings.sni.len());
+    for entry in &settings.sni {
+        let (ck, facts) = pem.certified_key(&entry.paths)?;
+        expiry.push(facts.not_after);
+        by_name.push((entry.sni.to_ascii_lowercase(), Arc::new(ck)));
+    }
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(settings.min_version.versions())
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match &settings.client_ca {
+        Some(ca) => {
+            let roots = pem.roots(ca)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Resolver { default, by_name }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless TLS 1.3 resumption: no cache shared between workers.
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?;
+    Ok(Loaded {
+        config: Arc::new(config),
+        fingerprint: pem.finish(),
+        expiry,
+    })
+}
+
+// === impl Resolver ===
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = hello.server_name() {
+            for (pattern, ck) in &self.by_name {
+                if sni_matches(pattern, name) {
+                    return Some(ck.clone());
+                }
+            }
+        }
+        self.default.clone()
+    }
+}
+
+/// `pattern` is lowercase; `*.example.com` matches any subdomain.
+fn sni_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => {
+            name.len() > suffix.len()
+                && name
+                    .get(name.len() - suffix.len()..)
+                    .is_some_and(|end| end.eq_ignore_ascii_case(suffix))
+        }
+        None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sni_matches;
+
+    #[test]
+    fn sni_patterns() {
+        assert!(sni_matches("a.example.com", "A.example.com"));
+        assert!(!sni_matches("a.example.com", "b.example.com"));
+        assert!(sni_matches("*.example.com", "x.example.com"));
+        assert!(sni_matches("*.example.com", "y.x.example.com"));
+        assert!(!sni_matches("*.example.com", "example.com"));
+        assert!(!sni_matches("*.example.com", ".example.com"));
+    }
+}

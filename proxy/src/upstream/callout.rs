@@ -1,0 +1,68 @@
+//! HTTP callouts for filters: `proxy_http_call` to a named cluster.
+//!
+//! The engine calls [`Callouts::call`] from inside a host call on a worker,
+//! so it only builds the future; the request then uses that worker's own
+//! pools and balancer, exactly like proxied traffic.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::filter::{CalloutFuture, HttpCallouts};
+use crate::server::{worker_upstreams, Shared};
+use crate::upstream::balance::PickContext;
+
+/// Largest callout answer a filter can receive.
+const MAX_CALLOUT_BODY: usize = 4 << 20;
+
+#[derive(Debug, Default)]
+pub struct Callouts {
+    shared: OnceLock<Weak<Shared>>,
+}
+
+impl Callouts {
+    /// Connects the callouts to the running proxy; before that they fail.
+    pub fn attach(&self, shared: &Arc<Shared>) {
+        let _ = self.shared.set(Arc::downgrade(shared));
+    }
+}
+
+impl HttpCallouts for Callouts {
+    fn call(&self, cluster: &str, req: Request<Bytes>, timeout: Duration) -> Option<CalloutFuture> {
+        let shared = self.shared.get()?.upgrade()?;
+        let snapshot = shared.snapshot.load_full();
+        let id = snapshot.cluster_id(cluster)?;
+        let upstreams = worker_upstreams(&shared, &snapshot);
+        let cluster = cluster.to_string();
+        Some(Box::pin(async move {
+            let upstream = upstreams.get(id).ok_or("cluster vanished")?;
+            let endpoint = upstream
+                .pick(&PickContext::default())
+                .ok_or_else(|| format!("cluster \"{cluster}\" has no endpoint"))?;
+            let (mut parts, body) = req.into_parts();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(endpoint.to_string())
+                .path_and_query(path)
+                .build()
+                .map_err(|e| format!("bad callout path: {e}"))?;
+            let body = Full::new(body).map_err(|never| match never {}).boxed_unsync();
+            let sent = upstream.send(Request::from_parts(parts, body));
+            let resp = tokio::time::timeout(timeout, sent)
+                .await
+                .map_err(|_| format!("callout to \"{cluster}\" timed out after {timeout:?}"))?
+                .map_err(|e| format!("callout to \"{cluster}\" at {endpoint} failed: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_CALLOUT_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("callout answer from \"{cluster}\": {e}"))?
+                .to_bytes();
+            Ok(Response::from_parts(parts, body))
+        }))
+    }
+}
