@@ -43,7 +43,8 @@ pub struct Counted {
 #[derive(Debug)]
 enum Io {
     Plain(TokioIo<TcpStream>),
-    Tls(TokioIo<TlsStream<TcpStream>>),
+    /// Boxed: a rustls session is over a kilobyte, a TCP stream 40 bytes.
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -106,7 +107,7 @@ impl tower_service::Service<Uri> for CountingConnector {
             let io = match tls {
                 None => Io::Plain(tcp),
                 Some(tls) => match handshake(&tls, &host, tcp.into_inner(), limit).await {
-                    Ok(stream) => Io::Tls(TokioIo::new(stream)),
+                    Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
                     Err(e) => {
                         tls.handshake_failed(e.code);
                         return Err(Box::new(e) as BoxError);
