@@ -73,7 +73,11 @@ impl Wasp {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new("wasp");
+        Self::start_in(TempDir::new("wasp"), config, env)
+    }
+
+    /// Starts in a prepared directory (e.g. with a `filters.d` already filled).
+    pub fn start_in(dir: TempDir, config: &str, env: &[(&str, &str)]) -> Self {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!("[admin]\nbind = \"{admin}\"\n\n{config}");
         let path = dir.path().join("wasp.toml");
@@ -155,6 +159,26 @@ impl Drop for Wasp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where `scripts/build-wasm.sh` puts the compatibility fixtures.
+pub fn fixture(target: &str, name: &str) -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/wasm-fixtures"))
+        .join(target)
+        .join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} is missing: run scripts/build-wasm.sh first", p.display());
+    p
+}
+
+/// A temp dir with `filters.d/` holding the named fixtures of `target`.
+pub fn with_fixtures(target: &str, names: &[&str]) -> TempDir {
+    let dir = TempDir::new("filters");
+    let fd = dir.path().join("filters.d");
+    std::fs::create_dir_all(&fd).unwrap();
+    for n in names {
+        std::fs::copy(fixture(target, n), fd.join(format!("{n}.wasm"))).unwrap();
+    }
+    dir
 }
 
 /// A minimal blocking HTTP/1.1 GET for the admin API (no client crate needed

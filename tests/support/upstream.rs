@@ -133,6 +133,14 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Respons
         let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
         r.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
         return Ok(r);
+    } else if path == "/check" {
+        // An authorization service for callout tests: alice may, others may not.
+        let user = req.headers().get("x-user").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let mut r = Response::new(full(format!("ok-{user}")));
+        if user != "alice" {
+            *r.status_mut() = StatusCode::FORBIDDEN;
+        }
+        r
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(format!("status {code}\n")));
         *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
