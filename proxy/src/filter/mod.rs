@@ -64,6 +64,8 @@ mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_abi;
 
 use std::future::Future;
 use std::net::SocketAddr;
