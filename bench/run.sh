@@ -6,9 +6,12 @@
 #   bench/run.sh                    # defaults: 3 rounds of 5 s, 32 connections
 #   ROUNDS=5 DURATION=10s CONNS=64 bench/run.sh
 #   PIPELINE="pass" bench/run.sh    # wasp with a filter pipeline (see bench/README.md)
+#   MTLS=1 bench/run.sh             # mTLS between two sidecars vs plaintext (bench/mtls.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# MTLS=1: the sidecar-to-sidecar mTLS hop against plaintext instead (bench/mtls.sh).
+if [ "${MTLS:-0}" = 1 ]; then exec "$root/bench/mtls.sh"; fi
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-32}

@@ -1,1 +1,962 @@
-//! TLS tests (placeholder).
+//! TLS through the real binary: termination (TLS 1.3, ALPN h2, SNI), client
+//! certificates (missing, untrusted, expired), identity allow lists, TLS
+//! towards upstreams (wrong name, wrong identity), a two-sidecar mTLS hop
+//! with certificates from `wasp certs`, and certificate rotation under load.
+//!
+//! Certificates are made in the test (rcgen through `wasp::certs`) or by the
+//! `wasp certs` command; clients are rustls + hyper, and curl when present.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use support::upstream::TestUpstream;
+use support::*;
+use wasp::certs::{Ca, Leaf};
+
+const FRONT: &str = "spiffe://mesh.local/ns/default/sa/front";
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+
+// ---- certificates -----------------------------------------------------------
+
+/// A CA and the files of the certificates it issued, in a temp dir.
+struct Pki {
+    dir: TempDir,
+    ca: Ca,
+    name: String,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let dir = TempDir::new(&format!("pki-{name}"));
+        let ca = Ca::new(name, 30).unwrap();
+        std::fs::write(dir.path().join(format!("{name}-ca.pem")), ca.cert_pem()).unwrap();
+        Self {
+            dir,
+            ca,
+            name: name.into(),
+        }
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}-ca.pem", self.name))
+    }
+
+    /// Issues `file.pem` / `file-key.pem` valid from `from` to `to` days from now.
+    fn issue_valid(
+        &self,
+        file: &str,
+        uri: Option<&str>,
+        dns: &[&str],
+        from: i64,
+        to: i64,
+    ) -> (PathBuf, PathBuf) {
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = Leaf {
+            common_name: file.into(),
+            uris: uri.map(str::to_string).into_iter().collect(),
+            dns: dns.iter().map(|d| d.to_string()).collect(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            not_before: now + time::Duration::days(from),
+            not_after: now + time::Duration::days(to),
+        };
+        let (cert, key) = self.ca.issue(&leaf).unwrap();
+        let c = self.dir.path().join(format!("{file}.pem"));
+        let k = self.dir.path().join(format!("{file}-key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k)
+    }
+
+    fn issue(&self, file: &str, uri: Option<&str>, dns: &[&str]) -> (PathBuf, PathBuf) {
+        self.issue_valid(file, uri, dns, -1, 2)
+    }
+}
+
+fn pem_certs(path: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client trusting `ca`, optionally presenting `client`.
+fn client_config(
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in pem_certs(ca) {
+        roots.add(c).unwrap();
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(pem_certs(cert), PrivateKeyDer::from_pem_file(key).unwrap())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+const H2_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+const H1: &[&[u8]] = &[b"http/1.1"];
+
+// ---- a TLS HTTP client --------------------------------------------------------
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// One client connection over TLS, and what its handshake settled.
+struct TlsConn {
+    sender: Sender,
+    alpn: Option<Vec<u8>>,
+    version: Option<rustls::ProtocolVersion>,
+    server_cert: Vec<u8>,
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    sni: &str,
+) -> Result<TlsConn, String> {
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (_, session) = tls.get_ref();
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let version = session.protocol_version();
+        let server_cert = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        let sender = if alpn.as_deref() == Some(b"h2") {
+            let (s, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Sender::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Sender::H1(s)
+        };
+        Ok(TlsConn {
+            sender,
+            alpn,
+            version,
+            server_cert,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+}
+
+impl TlsConn {
+    async fn get(&mut self, host: &str, path: &str) -> Result<Answer, String> {
+        let work = async {
+            let resp = match &mut self.sender {
+                Sender::H1(s) => {
+                    s.ready().await.map_err(|e| e.to_string())?;
+                    let req = http::Request::get(path)
+                        .header("host", host)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    s.send_request(req).await
+                }
+                Sender::H2(s) => {
+                    s.ready().await.map_err(|e| e.to_string())?;
+                    let req = http::Request::get(format!("https://{host}{path}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    s.send_request(req).await
+                }
+            }
+            .map_err(|e| format!("request: {e}"))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok(Answer {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .map_err(|_| "request timed out".to_string())?
+    }
+}
+
+/// Connects, sends one GET, returns the answer (or why there was none).
+async fn tls_get(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    sni: &str,
+    path: &str,
+) -> Result<Answer, String> {
+    let mut conn = tls_connect(addr, config, sni).await?;
+    conn.get(sni, path).await
+}
+
+/// Polls `cond` every 50 ms for up to `limit`.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+fn addr(port: u16) -> SocketAddr {
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+// ---- termination ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_h2_and_sni_selection() {
+    let app = TestUpstream::start("app").await;
+    let pki = Pki::new("mesh");
+    let (cert, key) = pki.issue("reviews", Some(REVIEWS), &["reviews", "localhost"]);
+    let (other_cert, other_key) = pki.issue("other", None, &["other.test"]);
+    let (port, strict) = (free_port(), free_port());
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+limits = {{ header_timeout = "500ms" }}
+tls = {{ cert = "{cert}", key = "{key}", certs = [ {{ sni = "other.test", cert = "{other_cert}", key = "{other_key}" }} ] }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[[listeners]]
+name = "strict"
+bind = "127.0.0.1:{strict}"
+tls = {{ cert = "{cert}", key = "{key}", min_version = "1.3" }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        other_cert = other_cert.display(),
+        other_key = other_key.display(),
+        app = app.addr,
+    ));
+
+    // TLS 1.3 with h2 by ALPN; the default certificate for "localhost".
+    let config = client_config(&pki.ca_path(), None, H2_H1, BOTH);
+    let mut conn = tls_connect(addr(port), config.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(conn.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(conn.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(conn.server_cert, pem_certs(&cert)[0].to_vec());
+    let r = conn.get("localhost", "/hello").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("x-forwarded-proto: https"), "{}", r.body);
+    assert!(r.body.contains("via: 2.0 wasp"), "{}", r.body);
+    // Keep-alive: a second request on the same connection.
+    assert_eq!(conn.get("localhost", "/again").await.unwrap().status, 200);
+
+    // SNI picks the other certificate; HTTP/1.1 when the client offers only that.
+    let h1 = client_config(&pki.ca_path(), None, H1, BOTH);
+    let mut conn = tls_connect(addr(port), h1.clone(), "other.test")
+        .await
+        .unwrap();
+    assert_eq!(conn.server_cert, pem_certs(&other_cert)[0].to_vec());
+    assert_eq!(conn.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(conn.get("other.test", "/").await.unwrap().status, 200);
+
+    // TLS 1.2 works by default, and is refused where min_version = "1.3".
+    let tls12 = client_config(&pki.ca_path(), None, H2_H1, &[&rustls::version::TLS12]);
+    let conn = tls_connect(addr(port), tls12.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(conn.version, Some(rustls::ProtocolVersion::TLSv1_2));
+    assert!(tls_get(addr(strict), tls12, "localhost", "/")
+        .await
+        .is_err());
+    assert!(eventually(Duration::from_secs(5), || {
+        metric_value(
+            &wasp.metrics(),
+            "wasp_tls_handshake_errors_total",
+            &["listener=\"strict\"", "reason=\"incompatible\""],
+        ) == Some(1.0)
+    }));
+
+    // A plaintext client on the TLS port gets no HTTP answer, and is counted.
+    let raw = raw_exchange(
+        addr(port),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(!raw.contains("200"), "{raw}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            metric_value(
+                &wasp.metrics(),
+                "wasp_tls_handshake_errors_total",
+                &["reason=\"not_tls\""],
+            ) == Some(1.0)
+        }),
+        "{}",
+        wasp.metrics()
+    );
+
+    // The header timeout still answers 408 through TLS.
+    let tcp = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(h1)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 408") && out.contains("x-wasp-error: header_timeout"),
+        "{out:?}"
+    );
+
+    // Certificate expiry and handshakes in /metrics.
+    let metrics = wasp.metrics();
+    let expiry = metric_value(
+        &metrics,
+        "wasp_tls_certificate_expiry_timestamp_seconds",
+        &["scope=\"listener\"", "name=\"edge\"", "cert=\"other.test\""],
+    )
+    .expect("expiry gauge");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(
+        expiry > now + 86_400.0 && expiry < now + 3.0 * 86_400.0,
+        "{expiry}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "wasp_tls_handshakes_total",
+            &["listener=\"edge\""]
+        )
+        .unwrap_or(0.0)
+            >= 4.0
+    );
+
+    // curl, a client the proxy did not write: TLS 1.3 and h2.
+    if Command::new("curl").arg("--version").output().is_ok() {
+        let url = format!("https://localhost:{port}/curl");
+        let out = tokio::task::spawn_blocking({
+            let ca = pki.ca_path();
+            move || {
+                Command::new("curl")
+                    .args(["-sv", "--http2", "--max-time", "10", "--cacert"])
+                    .arg(ca)
+                    .args(["--resolve", &format!("localhost:{port}:127.0.0.1"), &url])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("TLSv1.3"), "{err}");
+        assert!(
+            err.contains("ALPN: server accepted h2")
+                || err.contains("ALPN, server accepted to use h2"),
+            "{err}"
+        );
+        assert!(body.contains("x-forwarded-proto: https"), "{body}");
+    } else {
+        eprintln!("curl not found: skipping the curl check");
+    }
+}
+
+// ---- client certificates ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_rejects_bad_client_certs_and_checks_identities() {
+    let app = TestUpstream::start("app").await;
+    let pki = Pki::new("mesh");
+    let rogue = Pki::new("rogue");
+    let (cert, key) = pki.issue("reviews", Some(REVIEWS), &["localhost"]);
+    let front = pki.issue("front", Some(FRONT), &["front"]);
+    let ops = pki.issue(
+        "ops",
+        Some("spiffe://mesh.local/ns/default/sa/ops"),
+        &["ops"],
+    );
+    let stranger = pki.issue(
+        "stranger",
+        Some("spiffe://mesh.local/ns/default/sa/stranger"),
+        &["stranger"],
+    );
+    let dns_only = pki.issue("dnsonly", None, &["tools.internal"]);
+    let expired = pki.issue_valid("expired", Some(FRONT), &["front"], -10, -1);
+    let untrusted = rogue.issue("front-rogue", Some(FRONT), &["front"]);
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}", "spiffe://mesh.local/ns/default/sa/ops", "tools.*"] }}
+  [[listeners.routes]]
+  name = "admin"
+  match = {{ prefix = "/admin" }}
+  cluster = "app"
+  allow = ["spiffe://mesh.local/ns/default/sa/ops"]
+  [[listeners.routes]]
+  name = "all"
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        ca = pki.ca_path().display(),
+        app = app.addr,
+    ));
+    let inbound = addr(port);
+    let with = |c: &(PathBuf, PathBuf)| client_config(&pki.ca_path(), Some(c), H2_H1, BOTH);
+
+    // Allowed identity: passes, and the upstream request is https.
+    let r = tls_get(inbound, with(&front), "localhost", "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("x-forwarded-proto: https"), "{}", r.body);
+    // A DNS SAN identity matched by prefix.
+    assert_eq!(
+        tls_get(inbound, with(&dns_only), "localhost", "/x")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // A valid certificate whose identity the listener does not allow: 403.
+    let r = tls_get(inbound, with(&stranger), "localhost", "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-wasp-error"), Some("unauthorized_peer"));
+    assert!(
+        r.body
+            .contains("spiffe://mesh.local/ns/default/sa/stranger"),
+        "{}",
+        r.body
+    );
+
+    // Route-level allow: front may call the listener but not /admin; ops may.
+    let r = tls_get(inbound, with(&front), "localhost", "/admin/x")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (403, Some("unauthorized_peer")),
+        "{r:?}"
+    );
+    assert_eq!(
+        tls_get(inbound, with(&ops), "localhost", "/admin/x")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Missing, untrusted and expired client certificates never get a response.
+    let none = client_config(&pki.ca_path(), None, H2_H1, BOTH);
+    for (what, config, reason) in [
+        ("missing", none, "no_client_cert"),
+        ("untrusted", with(&untrusted), "untrusted"),
+        ("expired", with(&expired), "expired"),
+    ] {
+        let r = tls_get(inbound, config, "localhost", "/x").await;
+        assert!(r.is_err(), "{what} client certificate got an answer: {r:?}");
+        let label = format!("reason=\"{reason}\"");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                metric_value(
+                    &wasp.metrics(),
+                    "wasp_tls_handshake_errors_total",
+                    &["listener=\"inbound\"", &label],
+                ) == Some(1.0)
+            }),
+            "{what}: {}",
+            wasp.metrics()
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || wasp
+                .log_text()
+                .lines()
+                .any(|l| l.contains("TLS handshake failed") && l.contains(reason))),
+            "{what}: no log line; log:\n{}",
+            wasp.log_text()
+        );
+    }
+    let log = wasp.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS handshake failed") && l.contains("expired"))
+        .unwrap();
+    assert!(
+        line.contains("inbound") && line.contains("127.0.0.1"),
+        "{line}"
+    );
+    assert_eq!(
+        app.requests(),
+        3,
+        "only the allowed requests reached the app"
+    );
+}
+
+// ---- two sidecars, TLS towards upstreams ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecar_mtls_hop_and_upstream_verification() {
+    let app = TestUpstream::start("reviews-app").await;
+    // Certificates from the CLI, as an operator would make them.
+    let certs = TempDir::new("certs");
+    let out = Command::new(WASP)
+        .args(["certs", "--out"])
+        .arg(certs.path())
+        .args(["--ca-name", "mesh", "--service", "front,reviews"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    for f in [
+        "mesh-ca.pem",
+        "mesh-ca-key.pem",
+        "front.pem",
+        "front-key.pem",
+        "reviews.pem",
+        "reviews-key.pem",
+    ] {
+        assert!(certs.path().join(f).exists(), "{f} missing");
+    }
+
+    let inbound_port = free_port();
+    let inbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{inbound_port}"
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}"] }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "local_app"
+
+[clusters.local_app]
+endpoints = ["{app}"]
+"#,
+        cert = p("reviews.pem"),
+        key = p("reviews-key.pem"),
+        ca = p("mesh-ca.pem"),
+        app = app.addr,
+    ));
+
+    let outbound_port = free_port();
+    let tls = |extra: &str| {
+        format!(
+            r#"tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}"{extra} }}"#,
+            ca = p("mesh-ca.pem"),
+            cert = p("front.pem"),
+            key = p("front-key.pem"),
+        )
+    };
+    let outbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{outbound_port}"
+  [[listeners.routes]]
+  match = {{ host = "reviews" }}
+  cluster = "reviews"
+  [[listeners.routes]]
+  match = {{ host = "reviews-h2" }}
+  cluster = "reviews-h2"
+  [[listeners.routes]]
+  match = {{ host = "wrong-name" }}
+  cluster = "wrong-name"
+  [[listeners.routes]]
+  match = {{ host = "wrong-identity" }}
+  cluster = "wrong-identity"
+  [[listeners.routes]]
+  match = {{ host = "no-client-cert" }}
+  cluster = "no-client-cert"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{reviews}
+
+[clusters.reviews-h2]
+endpoints = ["127.0.0.1:{inbound_port}"]
+protocol = "http2"
+{reviews}
+
+[clusters.wrong-name]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{wrong_name}
+
+[clusters.wrong-identity]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{wrong_identity}
+
+[clusters.no-client-cert]
+endpoints = ["127.0.0.1:{inbound_port}"]
+tls = {{ ca = "{ca}", expect_identity = "{REVIEWS}" }}
+"#,
+        reviews = tls(&format!(r#", expect_identity = "{REVIEWS}""#)),
+        wrong_name = tls(r#", sni = "wrong.example""#),
+        wrong_identity = tls(r#", expect_identity = "spiffe://mesh.local/ns/default/sa/ratings""#),
+        ca = p("mesh-ca.pem"),
+    ));
+    let client = h1_client();
+    let out = addr(outbound_port);
+
+    // The hop works, over HTTP/1.1 and over h2 picked by ALPN.
+    let r = get(&client, out, "reviews", "/ping").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-upstream"), Some("reviews-app"));
+    assert!(r.body.contains("via: 1.1 wasp, 1.1 wasp"), "{}", r.body);
+    let r = get(&client, out, "reviews-h2", "/ping").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.contains("via: 1.1 wasp, 2.0 wasp"),
+        "h2 between the sidecars: {}",
+        r.body
+    );
+
+    // Keep-alive between the sidecars: many requests, few handshakes.
+    for _ in 0..20 {
+        assert_eq!(get(&client, out, "reviews", "/again").await.status, 200);
+    }
+    let handshakes =
+        metric_value(&inbound.metrics(), "wasp_tls_handshakes_total", &[]).unwrap_or(0.0);
+    assert!(handshakes <= 4.0, "{handshakes} handshakes for 22 requests");
+
+    // Verification failures are 502 upstream_tls, with the reason.
+    let r = get(&client, out, "wrong-name", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (502, Some("upstream_tls")),
+        "{r:?}"
+    );
+    assert!(
+        r.body.contains("wrong_name") || r.body.contains("NotValidForName"),
+        "{}",
+        r.body
+    );
+    let r = get(&client, out, "wrong-identity", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (502, Some("upstream_tls")),
+        "{r:?}"
+    );
+    assert!(
+        r.body
+            .contains("expected spiffe://mesh.local/ns/default/sa/ratings"),
+        "{}",
+        r.body
+    );
+    let m = outbound.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "wasp_tls_upstream_handshake_errors_total",
+            &["cluster=\"wrong-identity\"", "reason=\"wrong_identity\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            "wasp_tls_certificate_expiry_timestamp_seconds",
+            &["scope=\"cluster\"", "name=\"reviews\"", "cert=\"client\""]
+        )
+        .is_some(),
+        "{m}"
+    );
+
+    // Without a client certificate the inbound sidecar refuses the hop.
+    let r = get(&client, out, "no-client-cert", "/").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(eventually(Duration::from_secs(5), || {
+        metric_value(
+            &inbound.metrics(),
+            "wasp_tls_handshake_errors_total",
+            &["reason=\"no_client_cert\""],
+        ) == Some(1.0)
+    }));
+    assert_eq!(app.requests(), 22);
+}
+
+// ---- rotation --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificate_rotation_under_load_fails_no_request() {
+    let app = TestUpstream::start("app").await;
+    let pki = Pki::new("mesh");
+    let (cert, key) = pki.issue_valid("server", None, &["localhost"], -1, 2);
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{cert}", key = "{key}" }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        app = app.addr,
+    ));
+    let config = client_config(&pki.ca_path(), None, H1, BOTH);
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (config, ok, failed) = (config.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            // New connections all along (so each rotation is picked up),
+            // a few keep-alive requests on each.
+            while Instant::now() < stop {
+                let mut conn = match tls_connect(addr(port), config.clone(), "localhost").await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed.lock().unwrap().push(e);
+                        continue;
+                    }
+                };
+                for _ in 0..4 {
+                    match conn.get("localhost", "/r").await {
+                        Ok(a) if a.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(a) => failed.lock().unwrap().push(format!("status {}", a.status)),
+                        Err(e) => failed.lock().unwrap().push(e),
+                    }
+                }
+            }
+        }));
+    }
+    // Two rotations while the clients run, each written in place
+    // (certificate, then key) the way `cp` would.
+    let mut last = Vec::new();
+    for (i, days) in [(2, 5i64), (3, 7)] {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let (c, k) = pki.issue_valid(&format!("gen{i}"), None, &["localhost"], -1, days);
+        std::fs::copy(&c, &cert).unwrap();
+        std::fs::copy(&k, &key).unwrap();
+        last = pem_certs(&c)[0].to_vec();
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    let ok = ok.load(Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} requests in 3 s");
+
+    // New connections get the newest certificate, and the gauge follows.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = tls_connect(addr(port), config.clone(), "localhost")
+            .await
+            .unwrap()
+            .server_cert;
+        if served == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newest certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reloads = wasp.log_text().matches("TLS certificates reloaded").count();
+    assert!(reloads >= 2, "{reloads} reloads; log:\n{}", wasp.log_text());
+    let expiry = metric_value(
+        &wasp.metrics(),
+        "wasp_tls_certificate_expiry_timestamp_seconds",
+        &["name=\"edge\""],
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(expiry > now + 6.0 * 86_400.0, "gauge not updated: {expiry}");
+
+    // A broken certificate changes nothing, and the log says why.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || wasp
+        .log_text()
+        .contains("cannot be loaded; still serving the previous ones")));
+    let conn = tls_connect(addr(port), config.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(conn.server_cert, last);
+    println!("rotation under load: {ok} requests, 0 failed, {reloads} reloads");
+}
+
+// ---- configuration errors -------------------------------------------------------------
+
+#[test]
+fn tls_config_errors_name_the_place() {
+    let dir = TempDir::new("tls-config");
+    let check = |text: &str| {
+        let path = dir.path().join("wasp.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(WASP)
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let listener = |tls: &str, route_extra: &str| {
+        format!(
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:1\"\ntls = {tls}\n  [[listeners.routes]]\n  match = {{ prefix = \"/\" }}\n  cluster = \"a\"\n{route_extra}\n[clusters.a]\nendpoints = [\"127.0.0.1:2\"]\n"
+        )
+    };
+    let (code, err) = check(&listener(
+        r#"{ cert = "nope.pem", key = "nope-key.pem" }"#,
+        "",
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("wasp.toml:4:7") && err.contains("nope.pem"),
+        "{err}"
+    );
+
+    let pki = Pki::new("mesh");
+    let (cert, key) = pki.issue("s", None, &["localhost"]);
+    let good = format!(
+        r#"{{ cert = "{}", key = "{}" }}"#,
+        cert.display(),
+        key.display()
+    );
+    let (code, err) = check(&listener(&good, "  allow = [\"x\"]"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("wasp.toml:8:11") && err.contains("client_ca"),
+        "{err}"
+    );
+
+    let (code, err) = check(&listener(&good.replace(" }", ", allow = [\"x\"] }"), ""));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("tls.allow needs tls.client_ca"), "{err}");
+
+    let (code, err) = check(&listener(&good.replace(" }", ", ciphers = [] }"), ""));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown field `ciphers`"), "{err}");
+
+    let (code, err) = check(&format!(
+        "[clusters.a]\nendpoints = [\"127.0.0.1:2\"]\ntls = {{ ca = \"{}\", insecure_skip_verify = true }}\n",
+        pki.ca_path().display()
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("wasp.toml:3:7") && err.contains("insecure_skip_verify"),
+        "{err}"
+    );
+
+    let (code, err) = check(&listener(&good, ""));
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -20,8 +20,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -120,7 +120,11 @@ pub fn generate(args: &CertsArgs) -> anyhow::Result<Vec<PathBuf>> {
         };
         let (cert, key) = ca.issue(&leaf)?;
         write(&args.out.join(format!("{name}.pem")), &cert, &mut written)?;
-        write_private(&args.out.join(format!("{name}-key.pem")), &key, &mut written)?;
+        write_private(
+            &args.out.join(format!("{name}-key.pem")),
+            &key,
+            &mut written,
+        )?;
     }
     Ok(written)
 }
@@ -257,7 +261,10 @@ mod tests {
         let mut pem = crate::tls::PemReader::new();
         let certs = pem.certs(&dir.join("reviews.pem")).unwrap();
         let facts = crate::tls::CertFacts::parse(&certs[0]).unwrap();
-        assert_eq!(facts.identity(), Some("spiffe://mesh.local/ns/default/sa/reviews"));
+        assert_eq!(
+            facts.identity(),
+            Some("spiffe://mesh.local/ns/default/sa/reviews")
+        );
         assert!(facts.has_identity("reviews") && facts.has_identity("localhost"));
 
         // A second run reuses the CA, and its certificates still chain to it.

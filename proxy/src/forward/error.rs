@@ -87,9 +87,9 @@ impl ProxyError {
             Self::UnknownCluster(_) | Self::NoEndpoint(_) | Self::Overflow(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::UpstreamConnect { .. } | Self::UpstreamReset { .. } | Self::UpstreamTls { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamConnect { .. }
+            | Self::UpstreamReset { .. }
+            | Self::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             Self::UnauthorizedPeer { .. } => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -112,7 +112,10 @@ pub fn local_response(status: StatusCode, code: &'static str, reason: &str) -> R
     );
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert("x-wasp-error", HeaderValue::from_static(code));
     resp
 }

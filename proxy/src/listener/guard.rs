@@ -17,10 +17,10 @@
 //! get only the idle timeout: h2 has its own framing deadlines.
 //!
 //! The guard wraps a plain TCP stream or a TLS stream (it sees the
-//! decrypted bytes either way). Its own answers (408, 400) go straight to
-//! a TCP socket with `try_write`; a TLS stream cannot be written without
-//! polling, so there the answer is queued and written when hyper shuts the
-//! connection down (see [`Farewell`]).
+//! decrypted bytes either way). Its own answers (408, 400) are written with
+//! one non-blocking write and flush from inside the read that decides them:
+//! the socket's buffer is empty at that point, and a client this slow or
+//! this wrong does not get to apply backpressure.
 
 use std::future::Future;
 use std::io;
@@ -36,26 +36,6 @@ use tokio::time::{Instant, Sleep};
 use crate::forward::Activity;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-
-/// A stream the guard can hand its own last answer to.
-pub trait Farewell: AsyncRead + AsyncWrite + Unpin {
-    /// Writes `bytes` now if the stream can do so without waiting; returns
-    /// false if the guard must queue them and write them on shutdown.
-    fn write_now(&self, bytes: &[u8]) -> bool;
-}
-
-impl Farewell for TcpStream {
-    fn write_now(&self, bytes: &[u8]) -> bool {
-        let _ = self.try_write(bytes);
-        true
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Farewell for tokio_rustls::server::TlsStream<S> {
-    fn write_now(&self, _: &[u8]) -> bool {
-        false
-    }
-}
 
 pub struct Guarded<S = TcpStream> {
     inner: S,
@@ -77,12 +57,9 @@ pub struct Guarded<S = TcpStream> {
     /// The current head has been checked (or cannot be: h2, pipelining).
     head_checked: bool,
     max_head: usize,
-    /// The guard's own answer, queued for a stream without `write_now`,
-    /// and how much of it is written.
-    farewell: Option<(Vec<u8>, usize)>,
 }
 
-impl<S: Farewell> Guarded<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     pub fn new(
         inner: S,
         activity: Arc<Activity>,
@@ -106,7 +83,6 @@ impl<S: Farewell> Guarded<S> {
             head: Vec::new(),
             head_checked: false,
             max_head,
-            farewell: None,
         }
     }
 
@@ -117,9 +93,8 @@ impl<S: Farewell> Guarded<S> {
         }
     }
 
-    /// Writes the 408 without waiting: the socket's buffer is empty at this
-    /// point, and a client this slow does not get to apply backpressure.
-    fn send_408(&mut self) {
+    /// Answers 408 (see [`Self::say`]).
+    fn send_408(&mut self, cx: &mut Context<'_>) {
         let body = format!(
             "request head not received within {:?}\n",
             self.header_timeout
@@ -129,34 +104,25 @@ impl<S: Farewell> Guarded<S> {
             body.len(),
             body
         );
-        self.say(resp.into_bytes());
-        tracing::info!("closing a connection whose request head did not arrive within {:?}", self.header_timeout);
+        self.say(cx, resp.as_bytes());
+        tracing::info!(
+            "closing a connection whose request head did not arrive within {:?}",
+            self.header_timeout
+        );
     }
 }
 
-impl<S: Farewell> Guarded<S> {
-    /// Writes the guard's own answer now, or queues it for shutdown.
-    fn say(&mut self, bytes: Vec<u8>) {
-        if !self.inner.write_now(&bytes) {
-            self.farewell = Some((bytes, 0));
-        }
-    }
-
-    /// Writes what [`Self::say`] queued; ready once all of it is out (or
-    /// the peer is gone: the answer is a courtesy, not a must).
-    fn poll_farewell(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while let Some((bytes, written)) = &mut self.farewell {
-            if *written >= bytes.len() {
-                self.farewell = None;
-                break;
-            }
-            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
-                Poll::Ready(Ok(n)) if n > 0 => *written += n,
-                Poll::Ready(_) => self.farewell = None,
-                Poll::Pending => return Poll::Pending,
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
+    /// Writes the guard's own answer without waiting: whatever the stream
+    /// takes now (all of it, for an idle socket), then one flush.
+    fn say(&mut self, cx: &mut Context<'_>, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, bytes) {
+                Poll::Ready(Ok(n)) if n > 0 => bytes = &bytes[n..],
+                _ => break,
             }
         }
-        Poll::Ready(())
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
     }
 
     /// Looks at a request head as it arrives for framing that hyper accepts
@@ -194,14 +160,14 @@ impl<S: Farewell> Guarded<S> {
         }
     }
 
-    fn reject(&mut self, reason: &str) {
+    fn reject(&mut self, cx: &mut Context<'_>, reason: &str) {
         let body = format!("bad request: {reason}\n");
         let resp = format!(
             "HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
             body.len(),
             body
         );
-        self.say(resp.into_bytes());
+        self.say(cx, resp.as_bytes());
         tracing::info!("rejected a request head: {reason}");
     }
 }
@@ -218,13 +184,21 @@ fn framing_problem(head: &[u8]) -> Option<&'static str> {
             transfer_encoding = true;
         }
     }
-    (content_length && transfer_encoding).then_some("both Content-Length and Transfer-Encoding are set")
+    (content_length && transfer_encoding)
+        .then_some("both Content-Length and Transfer-Encoding are set")
 }
 
-impl<S: Farewell> AsyncRead for Guarded<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let started = this.activity.started.load(std::sync::atomic::Ordering::Acquire);
+        let started = this
+            .activity
+            .started
+            .load(std::sync::atomic::Ordering::Acquire);
         let busy = this.activity.busy();
         if started != this.seen_started {
             // A request head completed since the last read: the next head
@@ -252,7 +226,7 @@ impl<S: Farewell> AsyncRead for Guarded<S> {
                         if let Some(reason) = this.check_head(got) {
                             let reason = reason.to_string();
                             buf.set_filled(before);
-                            this.reject(&reason);
+                            this.reject(cx, &reason);
                             return Poll::Ready(Ok(()));
                         }
                     }
@@ -267,7 +241,7 @@ impl<S: Farewell> AsyncRead for Guarded<S> {
                 let deadline = this.deadline();
                 if Instant::now() >= deadline {
                     if this.head_started.is_some() && !this.h2 {
-                        this.send_408();
+                        this.send_408(cx);
                     }
                     // End of stream: hyper closes the connection.
                     return Poll::Ready(Ok(()));
@@ -282,7 +256,7 @@ impl<S: Farewell> AsyncRead for Guarded<S> {
     }
 }
 
-impl<S: Farewell> Guarded<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// If hyper is writing its own error answer to a malformed head, returns
     /// the same bytes with `x-wasp-error` added after the status line.
     fn rewrite_auto_error(&self, buf: &[u8]) -> Option<Vec<u8>> {
@@ -323,8 +297,12 @@ impl<S: Farewell> Guarded<S> {
     }
 }
 
-impl<S: Farewell> AsyncWrite for Guarded<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.rewrite.is_none() {
             if let Some(bytes) = self.rewrite_auto_error(buf) {
                 self.rewrite = Some((bytes, 0, buf.len()));
@@ -360,10 +338,6 @@ impl<S: Farewell> AsyncWrite for Guarded<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.farewell.is_some() {
-            std::task::ready!(self.poll_farewell(cx));
-            let _ = std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx));
-        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -343,4 +343,3 @@ impl ListenerStats {
             .inc();
     }
 }
-

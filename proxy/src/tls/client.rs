@@ -20,7 +20,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::watch::{self, Watch};
 use super::{provider, CertFacts, CertPaths, PemReader};
@@ -93,13 +95,13 @@ struct Verifier {
 
 impl ClientTls {
     pub fn load(settings: ClientTlsSettings) -> Result<Self, String> {
-        let sni = match &settings.sni {
-            Some(name) => Some(
-                ServerName::try_from(name.clone())
-                    .map_err(|_| format!("sni = \"{name}\" is not a valid DNS name or IP address"))?,
-            ),
-            None => None,
-        };
+        let sni =
+            match &settings.sni {
+                Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+                    format!("sni = \"{name}\" is not a valid DNS name or IP address")
+                })?),
+                None => None,
+            };
         let loaded = build(&settings)?;
         Ok(Self {
             settings,

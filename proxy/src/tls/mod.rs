@@ -117,7 +117,8 @@ impl PemReader {
 
     fn read(&mut self, path: &Path) -> Result<Vec<u8>, String> {
         use sha2::Digest;
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         self.hasher.update(path.as_os_str().as_encoded_bytes());
         self.hasher.update((bytes.len() as u64).to_le_bytes());
         self.hasher.update(&bytes);
@@ -139,8 +140,13 @@ impl PemReader {
     /// The first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
     pub(crate) fn key(&mut self, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         let bytes = self.read(path)?;
-        PrivateKeyDer::from_pem_slice(&bytes)
-            .map_err(|e| format!("{}: no usable private key: {}", path.display(), pem_error(e)))
+        PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+            format!(
+                "{}: no usable private key: {}",
+                path.display(),
+                pem_error(e)
+            )
+        })
     }
 
     /// A trust store from a PEM bundle of CA certificates.
@@ -161,7 +167,8 @@ impl PemReader {
     ) -> Result<(rustls::sign::CertifiedKey, CertFacts), String> {
         let certs = self.certs(&paths.cert)?;
         let key = self.key(&paths.key)?;
-        let facts = CertFacts::parse(&certs[0]).map_err(|e| format!("{}: {e}", paths.cert.display()))?;
+        let facts =
+            CertFacts::parse(&certs[0]).map_err(|e| format!("{}: {e}", paths.cert.display()))?;
         let ck = rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
             format!(
                 "{} with key {}: {e}",
@@ -241,7 +248,10 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
 /// A short, stable name for why a handshake failed: a metric label.
 pub fn reason(err: &std::io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return match err.kind() {
             std::io::ErrorKind::UnexpectedEof => "eof",
             std::io::ErrorKind::TimedOut => "timeout",
@@ -273,7 +283,15 @@ pub fn reason(err: &std::io::Error) -> &'static str {
 
 /// The rustls error inside an IO error from tokio-rustls, as text.
 pub fn describe(err: &std::io::Error) -> String {
-    match err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+    match err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        // rustls prints `Other` with Debug; ours (identity mismatch) reads
+        // better with Display.
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
         Some(tls) => tls.to_string(),
         None => err.to_string(),
     }

@@ -23,10 +23,16 @@ fn der(pem: &str) -> Vec<u8> {
 fn identity_is_the_uri_san_else_the_dns_san() {
     let ca = Ca::new("t", 10).unwrap();
     let (both, _) = ca
-        .issue(&leaf(&["spiffe://mesh.local/ns/default/sa/a"], &["a", "localhost"]))
+        .issue(&leaf(
+            &["spiffe://mesh.local/ns/default/sa/a"],
+            &["a", "localhost"],
+        ))
         .unwrap();
     let facts = CertFacts::parse(&der(&both)).unwrap();
-    assert_eq!(facts.identity(), Some("spiffe://mesh.local/ns/default/sa/a"));
+    assert_eq!(
+        facts.identity(),
+        Some("spiffe://mesh.local/ns/default/sa/a")
+    );
     assert!(facts.has_identity("localhost"));
     assert!(!facts.has_identity("spiffe://mesh.local/ns/default/sa/b"));
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -52,7 +58,10 @@ fn allow_lists_match_exactly_or_by_prefix() {
 #[test]
 fn handshake_failures_get_short_reasons() {
     let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    assert_eq!(reason(&io(rustls::Error::NoCertificatesPresented)), "no_client_cert");
+    assert_eq!(
+        reason(&io(rustls::Error::NoCertificatesPresented)),
+        "no_client_cert"
+    );
     assert_eq!(
         reason(&io(rustls::Error::InvalidCertificate(
             rustls::CertificateError::Expired
