@@ -241,7 +241,7 @@ impl StreamFilters {
                 let mut c = c;
                 // Tag the answer with the pipeline position.
                 c.context = pos as u32;
-                spawn_callout(c, Deliver::Stream(tx.clone()));
+                spawn_callout(c, Deliver::Stream(tx.clone(), root_tx.clone()));
             } else if let Some(tx) = &root_tx {
                 spawn_callout(c, Deliver::Root(tx.clone()));
             }

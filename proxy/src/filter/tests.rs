@@ -914,3 +914,29 @@ async fn shared_queue_wakes_the_registrant() {
         assert_eq!(hdr(&resp.headers, "x-queue-last"), Some("/first"), "{t}");
     }
 }
+
+#[tokio::test]
+async fn answers_for_abandoned_streams_reach_the_root_context() {
+    for t in TARGETS {
+        let name = format!("authz-abandoned-{t}");
+        let set = load(vec![spec(t, "callout", &name)]);
+        let stats = runtime().stats_of(&name).unwrap();
+        {
+            let mut s = set.stream(&pipeline(&[&name]), info());
+            let mut req = request("/x", &[("x-user", "alice")]);
+            // The client goes away while the filter waits for its callout.
+            let waited =
+                tokio::time::timeout(Duration::ZERO, s.request_headers(&mut req, true)).await;
+            assert!(waited.is_err(), "{t}: the filter should have paused");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The guest got its answer on the root context and did not trap.
+        assert_eq!(stats.calls(metrics::Phase::HttpCallResponse), 1, "{t}");
+        let (req, _) = exchange(&set, &[&name], "/x")
+            .await
+            .map(|_| ())
+            .map_or_else(|r| (Some(r.status()), ()), |_| (None, ()));
+        // user "" is denied: a 403 from a healthy VM, not a 503.
+        assert_eq!(req, Some(StatusCode::FORBIDDEN), "{t}");
+    }
+}

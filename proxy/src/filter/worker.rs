@@ -36,18 +36,26 @@ pub(crate) enum RootEvent {
 /// Sender to a VM's root driver.
 pub(crate) type RootTx = UnboundedSender<RootEvent>;
 
-/// Where a finished callout goes: a stream's own channel or a root driver.
+/// Where a finished callout goes: a stream's own channel (falling back to
+/// the VM's root driver once the stream is gone, so the guest still hears
+/// about its token) or a root driver.
 pub(crate) enum Deliver {
-    Stream(UnboundedSender<CalloutDone>),
+    Stream(UnboundedSender<CalloutDone>, Option<RootTx>),
     Root(RootTx),
 }
 
 impl Deliver {
     fn send(&self, done: CalloutDone) {
-        let _ = match self {
-            Deliver::Stream(tx) => tx.send(done).map_err(|_| ()),
-            Deliver::Root(tx) => tx.send(RootEvent::Callout(done)).map_err(|_| ()),
-        };
+        match self {
+            Deliver::Stream(tx, root) => {
+                if let (Err(e), Some(root)) = (tx.send(done), root) {
+                    let _ = root.send(RootEvent::Callout(e.0));
+                }
+            }
+            Deliver::Root(tx) => {
+                let _ = tx.send(RootEvent::Callout(done));
+            }
+        }
     }
 }
 
