@@ -19,7 +19,9 @@ for t in $targets; do
 done
 
 # --- compatibility fixtures (tests/wasm): community proxy-wasm crate --------
-for t in $targets; do
+# WASP_BUILD_FIXTURES=0 builds only the built-in filters (the quickstart).
+[ "${WASP_BUILD_FIXTURES:-1}" = 0 ] && targets_fixtures="" || targets_fixtures="$targets"
+for t in $targets_fixtures; do
   cargo build --quiet --release \
     --manifest-path "$root/tests/wasm/Cargo.toml" \
     --target "$t" --target-dir "$root/target" --workspace
@@ -37,8 +39,18 @@ for t in $targets; do
   done
 done
 
-# --- built-in filters (filters/*) --------------------------------------------
-# (SDK helper: add the filters/ crates here, for wasm32-wasip1.)
+# --- built-in filters (filters/*), written on wasp-sdk, for wasm32-wasip1 ----
+filters_out="$root/target/filters"
+if grep -qx wasm32-wasip1 <<<"$(rustup target list --installed 2>/dev/null || echo wasm32-wasip1)"; then
+  cargo build --quiet --release --target wasm32-wasip1 \
+    --manifest-path "$root/Cargo.toml" --target-dir "$root/target" \
+    -p access-log -p metrics -p trace-context -p router
+  mkdir -p "$filters_out"
+  for f in access_log metrics trace_context router; do
+    cp -f "$root/target/wasm32-wasip1/release/$f.wasm" "$filters_out/$f.wasm"
+  done
+  echo "built-in filters in $filters_out"
+fi
 # --- end built-in filters -----------------------------------------------------
 
 echo "wasm modules in $out"

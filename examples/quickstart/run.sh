@@ -3,13 +3,16 @@
 #
 #   client --> [productpage sidecar :15006] --> productpage app :9080
 #                                                   | calls http://reviews/ via HTTP_PROXY
-#              [productpage sidecar :15001] <-------+
-#                       |
-#                       v
-#              [reviews sidecar :16006] --> reviews apps :9081, :9082 (round robin)
+#              [productpage sidecar :15001] <-------+   (canary filter: 20% of users -> v2)
+#                 |                     |
+#                 v                     v
+#   [reviews sidecar :16006]    [reviews sidecar :16007]
+#     reviews-v1 :9081, :9082      reviews-v2 :9083
 #
+# Every sidecar runs Wasm filters built from filters/: trace-context,
+# access-log, metrics, and on productpage's outbound side the canary router.
 # Builds everything, starts the mesh, sends traffic, prints what the
-# sidecars did, then keeps serving until Ctrl-C.
+# filters did, then keeps serving until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -20,12 +23,16 @@ mkdir -p "$logs"
 command -v cargo >/dev/null || { echo "cargo is needed (https://rustup.rs)"; exit 1; }
 command -v curl >/dev/null || { echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }
 
-echo "==> building wasp and the demo app"
+echo "==> building wasp, the demo app and the built-in filters"
 cargo build -q -p wasp -p demo-app
+WASP_BUILD_FIXTURES=0 ./scripts/build-wasm.sh >/dev/null
+mkdir -p "$logs/filters.d"
+cp -f target/filters/*.wasm "$logs/filters.d/"
+ls -l "$logs/filters.d" | awk 'NR>1 {printf "    %-22s %6d KiB\n", $9, $5/1024}'
 bin="$root/target/debug"
 
 # Fail loudly if something from an earlier run still holds the ports.
-for port in 9080 9081 9082 9901 9902 15001 15006 16006; do
+for port in 9080 9081 9082 9083 9901 9902 15001 15006 16006 16007; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use (an earlier quickstart still running?)"; exit 1
   fi
@@ -39,6 +46,7 @@ start() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids+=($!); }
 
 start reviews-1 "$bin/demo-app" reviews-1 127.0.0.1:9081
 start reviews-2 "$bin/demo-app" reviews-2 127.0.0.1:9082
+start reviews-v2 "$bin/demo-app" reviews-v2 127.0.0.1:9083
 start productpage env HTTP_PROXY=http://127.0.0.1:15001 "$bin/demo-app" productpage 127.0.0.1:9080 http://reviews/reviews/1
 start sidecar-reviews "$bin/wasp" run --config "$here/reviews.toml"
 start sidecar-productpage "$bin/wasp" run --config "$here/productpage.toml"
@@ -53,21 +61,44 @@ done
 
 echo
 echo "==> a client calls productpage through its sidecar; productpage calls reviews through the mesh"
-curl -s http://127.0.0.1:15006/call
+curl -s -H 'x-user: ada' http://127.0.0.1:15006/call
 echo
-echo "==> four more calls: the reviews sidecar balances across its two instances"
+echo "==> trace context: the trace id the productpage sidecar started reaches reviews (new span per hop)"
+curl -s -H 'x-user: ada' http://127.0.0.1:15006/call | grep -E '^(productpage|reviews)|traceparent' | sed 's/^/    /'
+echo
+echo "==> canary: 40 users; the router filter sends a sticky 20% of them to reviews-v2"
+v1=0; v2=0
+for i in $(seq 40); do
+  who=$(curl -s -H "x-user: user-$i" http://127.0.0.1:15006/call | grep -o 'reviews-[v12-]*[0-9] answered' | head -1)
+  case "$who" in reviews-v2*) v2=$((v2+1));; reviews-*) v1=$((v1+1));; esac
+done
+echo "    reviews v1: $v1   reviews-v2: $v2"
+echo "    x-canary: 1 forces v2: $(curl -s -H 'x-canary: 1' http://127.0.0.1:15006/call | grep -o 'reviews-v2 answered' | head -1)"
+echo
+echo "==> balancing: the reviews sidecar spreads v1 traffic over its two instances"
 for i in 1 2 3 4; do
-  curl -s http://127.0.0.1:15006/call | grep -o 'reviews-[12] answered[^\n]*' | head -1
+  curl -s -x http://127.0.0.1:15001 -H 'x-user: ada' http://reviews/books | head -1 | sed 's/^/    /'
 done
 echo
-echo "==> an app can also use the outbound listener as its HTTP proxy"
-curl -s -x http://127.0.0.1:15001 http://reviews/books | head -1
-echo
 echo "==> a request no route matches gets a clear error"
-curl -s -i -x http://127.0.0.1:15001 http://ratings/ | grep -Ei '^(HTTP|x-wasp-error)|no route'
+curl -s -i -x http://127.0.0.1:15001 http://ratings/ | grep -Ei '^(HTTP|x-wasp-error)|no route' | sed 's/^/    /'
 echo
-echo "==> what the productpage sidecar counted (http://127.0.0.1:9901/metrics)"
-curl -s http://127.0.0.1:9901/metrics | grep -E '^wasp_requests_total' | grep -v ' 0$'
+echo "==> access-log filter: the last lines each sidecar logged"
+grep -h 'access_log' "$logs/sidecar-productpage.log" | tail -2 | sed 's/^/    /' | cut -c1-400
+grep -h 'access_log' "$logs/sidecar-reviews.log" | tail -1 | sed 's/^/    /' | cut -c1-400
+echo
+echo "==> metrics filter and the core's own metrics (http://127.0.0.1:9901/metrics)"
+curl -s http://127.0.0.1:9901/metrics | grep -E '^(wasp_http_requests_total|wasp_requests_total)' | grep -v ' 0$' | sed 's/^/    /'
+echo
+echo "==> hot reload: change the canary to 100% by editing the config; the next calls all go to v2"
+cp "$here/productpage.toml" "$logs/productpage.toml.orig"
+sed -i 's/percent = 20/percent = 100/' "$here/productpage.toml"
+restore() { cp "$logs/productpage.toml.orig" "$here/productpage.toml"; }
+trap 'restore; cleanup' EXIT INT TERM
+sleep 1
+v2=0; for i in $(seq 10); do curl -s -H "x-user: again-$i" http://127.0.0.1:15006/call | grep -q 'reviews-v2 answered' && v2=$((v2+1)); done
+echo "    after the edit: $v2/10 calls went to reviews-v2 (generation $(curl -s http://127.0.0.1:9901/reload))"
+restore
 echo
 echo "Sidecar admin APIs: http://127.0.0.1:9901 (productpage), http://127.0.0.1:9902 (reviews): /ready /metrics /config"
 echo "Logs: $logs"

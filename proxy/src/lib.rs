@@ -15,6 +15,7 @@ pub mod config;
 pub mod filter;
 pub mod forward;
 pub mod listener;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod telemetry;

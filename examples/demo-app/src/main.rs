@@ -93,7 +93,13 @@ async fn handle(
     if req.uri().path() == "/call" {
         if let Some(url) = &app.call {
             text.push_str(&format!("{} calls {url}", app.name));
-            match call(&client, url, app.proxy.as_deref()).await {
+            // Apps propagate trace context and caller identity; the mesh
+            // does the rest.
+            let forwarded: Vec<(String, String)> = PROPAGATE
+                .iter()
+                .filter_map(|h| Some((h.to_string(), req.headers().get(*h)?.to_str().ok()?.to_string())))
+                .collect();
+            match call(&client, url, app.proxy.as_deref(), &forwarded).await {
                 Ok((status, body)) => text.push_str(&format!(" -> {status}\n{body}")),
                 Err(e) => text.push_str(&format!(" -> failed: {e}\n")),
             }
@@ -104,11 +110,15 @@ async fn handle(
     Ok(resp)
 }
 
+/// Headers an app copies from the request it serves onto the calls it makes.
+const PROPAGATE: [&str; 6] = ["traceparent", "tracestate", "x-request-id", "x-user", "x-canary", "b3"];
+
 /// Calls `url` the way an app behind a sidecar does: through `HTTP_PROXY`.
 async fn call(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     url: &str,
     proxy: Option<&str>,
+    forwarded: &[(String, String)],
 ) -> Result<(u16, String), String> {
     let target: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
     let host = target.host().unwrap_or("").to_string();
@@ -121,10 +131,11 @@ async fn call(
         }
         None => url.to_string(),
     };
-    let req = Request::get(uri)
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
+    let mut req = Request::get(uri).header("host", host);
+    for (k, v) in forwarded {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();

@@ -8,6 +8,8 @@
 //! | `GET /config` | the effective configuration as JSON |
 //! | `GET /filters` | each filter: module, hash, generation, state, last error |
 //! | `PUT /logging?level=debug` | changes the log level at run time |
+//! | `POST /reload` | reload the config and filters now; 200 with the new generation, or 400 with why not |
+//! | `GET /reload` | the current generation and the last reload error |
 //! | `POST /shutdown` | graceful shutdown, as SIGTERM |
 //!
 //! Nothing here is on the request path; handlers may allocate and format freely.
@@ -43,7 +45,12 @@ pub async fn serve(socket: std::net::TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared)) }
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/reload" {
+                        return Ok::<_, Infallible>(post_reload(&shared).await);
+                    }
+                    Ok(route(req, &shared))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -69,9 +76,15 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             Ok(json) => with_type(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render filters: {e}\n")),
         },
+        (&Method::GET, "/reload") => reload_status(shared),
         (&Method::GET, "/config") => {
             let snapshot = shared.snapshot.load();
-            match serde_json::to_string_pretty(&snapshot.config.file) {
+            let mut value = serde_json::to_value(&snapshot.config.file).unwrap_or_default();
+            if let (Some(obj), Ok(status)) = (value.as_object_mut(), shared.reload_status.lock()) {
+                obj.insert("generation".into(), snapshot.generation.into());
+                obj.insert("last_reload_error".into(), status.last_error.clone().into());
+            }
+            match serde_json::to_string_pretty(&value) {
                 Ok(json) => with_type(StatusCode::OK, "application/json", json),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {e}\n")),
             }
@@ -81,12 +94,12 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             shared.begin_shutdown("admin /shutdown");
             text(StatusCode::OK, "shutting down\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/shutdown" | "/logging") => {
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/reload" | "/shutdown" | "/logging") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown admin endpoint; try /live /ready /metrics /config /filters /logging /shutdown\n",
+            "unknown admin endpoint; try /live /ready /metrics /config /filters /reload /logging /shutdown\n",
         ),
     }
 }
@@ -99,10 +112,42 @@ fn metrics(shared: &Shared) -> AdminResponse {
     out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
     out.push_str("# TYPE wasp_uptime_seconds gauge\n");
     out.push_str(&format!("wasp_uptime_seconds {uptime:.3}\n"));
+    out.push_str("# HELP wasp_reload_failures_total Reloads rejected (config or filter errors).\n");
+    out.push_str("# TYPE wasp_reload_failures_total counter\n");
+    out.push_str(&format!(
+        "wasp_reload_failures_total {}\n",
+        shared.reload_failures.load(Ordering::Relaxed)
+    ));
+    out.push_str("# HELP wasp_config_generation The snapshot generation serving new requests.\n");
+    out.push_str("# TYPE wasp_config_generation gauge\n");
+    out.push_str(&format!("wasp_config_generation {}\n", shared.snapshot.load().generation));
     out.push_str("# HELP wasp_build_info Build information; the value is always 1.\n");
     out.push_str("# TYPE wasp_build_info gauge\n");
     out.push_str(&format!("wasp_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
     with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", out)
+}
+
+/// Reloads now and answers with the outcome.
+async fn post_reload(shared: &Shared) -> AdminResponse {
+    let Some(reloads) = shared.reload.get() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "reload is not running yet\n");
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if reloads.send(crate::reload::Trigger::Admin(tx)).is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "reload is not running\n");
+    }
+    match rx.await {
+        Ok(Ok(generation)) => text(StatusCode::OK, &format!("reloaded: generation {generation}\n")),
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, &format!("reload rejected, the previous configuration keeps serving:\n{e}\n")),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "reload was abandoned\n"),
+    }
+}
+
+fn reload_status(shared: &Shared) -> AdminResponse {
+    let generation = shared.snapshot.load().generation;
+    let error = shared.reload_status.lock().ok().and_then(|s| s.last_error.clone());
+    let body = serde_json::json!({ "generation": generation, "last_error": error });
+    with_type(StatusCode::OK, "application/json", body.to_string())
 }
 
 fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {

@@ -56,6 +56,11 @@ pub struct Shared {
     pub started: std::time::Instant,
     /// The Wasm engine: compiled modules, filter metrics and status.
     pub filters: Arc<FilterRuntime>,
+    /// Last reload outcome, for `/reload` and `/config` (control thread).
+    pub reload_status: std::sync::Mutex<crate::reload::Status>,
+    pub reload_failures: std::sync::atomic::AtomicU64,
+    /// Asks the reload loop for a reload (set once the loop runs).
+    pub reload: std::sync::OnceLock<crate::reload::Requests>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -123,6 +128,12 @@ pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>)
         log_level,
         started: std::time::Instant::now(),
         filters,
+        reload_status: std::sync::Mutex::new(crate::reload::Status {
+            generation: 1,
+            last_error: None,
+        }),
+        reload_failures: std::sync::atomic::AtomicU64::new(0),
+        reload: std::sync::OnceLock::new(),
     });
     callouts.attach(&shared);
 
@@ -167,6 +178,9 @@ pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>)
         .context("cannot start the control runtime")?;
     let code = control.block_on(async {
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        let reloads = crate::reload::start(shared.clone());
+        let _ = shared.reload.set(reloads.clone());
+        tokio::spawn(reload_on_sighup(reloads));
         shared.ready.store(true, Ordering::Release);
         tracing::info!(workers, admin = %config.admin, "wasp is ready");
         // Only now, with every listener bound, may the app start calling out.
@@ -228,8 +242,23 @@ async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut
     app_code.unwrap_or(0)
 }
 
+/// `SIGHUP` asks for a reload, as operators expect.
+async fn reload_on_sighup(reloads: crate::reload::Requests) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
+            if reloads.send(crate::reload::Trigger::Signal).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The engine's view of every `[filters.NAME]` section.
-fn filter_specs(config: &Config) -> Vec<FilterSpec> {
+pub(crate) fn filter_specs(config: &Config) -> Vec<FilterSpec> {
     config
         .file
         .filters

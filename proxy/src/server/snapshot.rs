@@ -83,6 +83,24 @@ impl Snapshot {
         }
     }
 
+    /// The generation after `prev`: listener connection counts carry over
+    /// (connections opened under `prev` still count against the limits).
+    pub fn next(
+        prev: &Snapshot,
+        generation: u64,
+        config: Arc<Config>,
+        filters: Arc<FilterSet>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let mut next = Self::build(generation, config, filters, metrics);
+        for (l, runtime) in next.config.listeners.iter().zip(next.listeners.iter_mut()) {
+            if let Some(i) = prev.config.listeners.iter().position(|p| p.name == l.name) {
+                runtime.open_connections = prev.listeners[i].open_connections.clone();
+            }
+        }
+        next
+    }
+
     pub fn cluster_id(&self, name: &str) -> Option<usize> {
         self.cluster_ids.get(name).copied()
     }
