@@ -144,7 +144,7 @@ struct MetricStoreInner {
 impl MetricStore {
     /// Defines (or finds) a metric; ids start at 1. `None` on a kind clash.
     pub(crate) fn define(&self, kind: MetricKind, name: &str) -> Option<(u32, Arc<GuestMetric>)> {
-        let name = sanitize(name);
+        let name = canonical(name);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = g.by_name.get(&name).copied() {
             let m = g.metrics.get(id as usize - 1)?.clone();
@@ -371,36 +371,83 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
         }
     }
 
-    // Guest metrics, grouped by name so each family has one HELP/TYPE.
-    let mut families: BTreeMap<String, Vec<(&str, Arc<GuestMetric>)>> = BTreeMap::new();
+    // Guest metrics. Names may carry labels as `base;key=value;...` (the
+    // wasp-sdk convention, since the ABI has none); they become real labels.
+    // Counters named `X_bucket` (with `le`), `X_sum` and `X_count` form one
+    // histogram family `X`, which is how the SDK exports custom buckets.
+    let mut all: Vec<(&str, Arc<GuestMetric>)> = Vec::new();
     for (filter, _, store) in filters {
         for m in store.snapshot() {
-            families
-                .entry(m.name.clone())
-                .or_default()
-                .push((filter, m));
+            all.push((filter, m));
         }
     }
-    for (name, members) in families {
-        let Some(kind) = members.first().map(|(_, m)| m.kind) else {
-            continue;
+    let stems: std::collections::HashSet<String> = all
+        .iter()
+        .filter_map(|(_, m)| {
+            let (base, labels) = split_name(&m.name);
+            let stem = base.strip_suffix("_bucket")?;
+            labels.iter().any(|(k, _)| *k == "le").then(|| stem.to_string())
+        })
+        .collect();
+    let mut families: BTreeMap<String, (&'static str, String)> = BTreeMap::new();
+    for (filter, m) in &all {
+        let (base, labels) = split_name(&m.name);
+        let mut rendered = format!("filter=\"{}\"", label(filter));
+        for (k, v) in &labels {
+            rendered.push_str(&format!(",{k}=\"{}\"", label(v)));
+        }
+        let histogram_stem = (m.kind == MetricKind::Counter)
+            .then(|| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| base.strip_suffix(suffix))
+                    .filter(|stem| stems.contains(*stem))
+            })
+            .flatten();
+        let (family, kind) = match histogram_stem {
+            Some(stem) => (stem.to_string(), "histogram"),
+            None => (base.to_string(), m.kind.prom()),
         };
-        let _ = writeln!(out, "# HELP {name} Defined by a Wasm filter.");
-        let _ = writeln!(out, "# TYPE {name} {}", kind.prom());
-        for (filter, m) in members.iter().filter(|(_, m)| m.kind == kind) {
-            let labels = format!("filter=\"{}\"", label(filter));
-            match &m.histogram {
-                Some(h) => h.render(out, &name, &labels, 1.0),
-                None => {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{{labels}}} {}",
-                        m.value.load(Ordering::Relaxed)
-                    );
-                }
+        let entry = families.entry(family).or_insert((kind, String::new()));
+        if entry.0 != kind {
+            continue;
+        }
+        match &m.histogram {
+            Some(h) => h.render(&mut entry.1, base, &rendered, 1.0),
+            None => {
+                let _ = writeln!(entry.1, "{base}{{{rendered}}} {}", m.value.load(Ordering::Relaxed));
             }
         }
     }
+    for (name, (kind, lines)) in families {
+        let _ = writeln!(out, "# HELP {name} Defined by a Wasm filter.");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        out.push_str(&lines);
+    }
+}
+
+/// `base;key=value;...` with the base and keys made valid Prometheus names.
+fn canonical(name: &str) -> String {
+    let mut parts = name.split(';');
+    let mut out = sanitize(parts.next().unwrap_or(""));
+    for part in parts {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        out.push(';');
+        out.push_str(&sanitize(k));
+        out.push('=');
+        out.push_str(v);
+    }
+    out
+}
+
+/// Splits a canonical name into its base and labels.
+fn split_name(name: &str) -> (&str, Vec<(&str, &str)>) {
+    let mut parts = name.split(';');
+    let base = parts.next().unwrap_or("");
+    let labels = parts
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    (base, labels)
 }
 
 #[cfg(test)]
@@ -412,6 +459,28 @@ mod unit {
         assert_eq!(sanitize("a.b-c"), "a_b_c");
         assert_eq!(sanitize("9lives"), "_9lives");
         assert_eq!(sanitize("ok_name:x"), "ok_name:x");
+    }
+
+    #[test]
+    fn labels_in_names_become_labels_and_bucket_counters_a_histogram() {
+        let s = Arc::new(MetricStore::default());
+        let (_, c) = s.define(MetricKind::Counter, "req.total;route=a b;code_class=2xx").unwrap();
+        c.increment(3);
+        for (le, v) in [("5", 1), ("+Inf", 2)] {
+            let (_, b) = s.define(MetricKind::Counter, &format!("lat_ms_bucket;route=a;le={le}")).unwrap();
+            b.increment(v);
+        }
+        let (_, sum) = s.define(MetricKind::Counter, "lat_ms_sum;route=a").unwrap();
+        sum.increment(12);
+        let (_, count) = s.define(MetricKind::Counter, "lat_ms_count;route=a").unwrap();
+        count.increment(2);
+        let mut out = String::new();
+        render(&mut out, &[("f".into(), Arc::new(FilterStats::default()), s)]);
+        assert!(out.contains("# TYPE req_total counter\nreq_total{filter=\"f\",route=\"a b\",code_class=\"2xx\"} 3\n"), "{out}");
+        assert!(out.contains("# TYPE lat_ms histogram\n"), "{out}");
+        assert!(out.contains("lat_ms_bucket{filter=\"f\",route=\"a\",le=\"+Inf\"} 2\n"), "{out}");
+        assert!(out.contains("lat_ms_sum{filter=\"f\",route=\"a\"} 12\n"), "{out}");
+        assert!(!out.contains("# TYPE lat_ms_sum"), "{out}");
     }
 
     #[test]
