@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /config` | the effective configuration as JSON |
 //! | `GET /filters` | each filter: module, hash, generation, state, last error |
+//! | `GET /clusters` | each cluster's endpoints: health, weight, in-flight, latency estimate, ejections |
 //! | `PUT /logging?level=debug` | changes the log level at run time |
 //! | `POST /reload` | reload the config and filters now; 200 with the new generation, or 400 with why not |
 //! | `GET /reload` | the current generation and the last reload error |
@@ -72,6 +73,13 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             }
         }
         (&Method::GET, "/metrics") => metrics(shared),
+        (&Method::GET, "/clusters") => {
+            let snapshot = shared.snapshot.load();
+            match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.config)) {
+                Ok(json) => with_type(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render clusters: {e}\n")),
+            }
+        }
         (&Method::GET, "/filters") => match serde_json::to_string_pretty(&shared.filters.status_json()) {
             Ok(json) => with_type(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render filters: {e}\n")),
@@ -94,12 +102,12 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             shared.begin_shutdown("admin /shutdown");
             text(StatusCode::OK, "shutting down\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/reload" | "/shutdown" | "/logging") => {
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/clusters" | "/reload" | "/shutdown" | "/logging") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown admin endpoint; try /live /ready /metrics /config /filters /reload /logging /shutdown\n",
+            "unknown admin endpoint; try /live /ready /metrics /config /filters /clusters /reload /logging /shutdown\n",
         ),
     }
 }
@@ -108,6 +116,7 @@ fn metrics(shared: &Shared) -> AdminResponse {
     let mut out = String::with_capacity(16 << 10);
     shared.metrics.render(&mut out);
     shared.filters.render_metrics(&mut out);
+    crate::upstream::render_metrics(&shared.snapshot.load().config, &mut out);
     let uptime = shared.started.elapsed().as_secs_f64();
     out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
     out.push_str("# TYPE wasp_uptime_seconds gauge\n");

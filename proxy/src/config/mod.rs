@@ -8,6 +8,7 @@
 mod interpolate;
 pub mod schema;
 pub mod units;
+mod upstream;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,7 +21,10 @@ use std::time::Duration;
 pub use schema::{Balance, FailMode, LogFormat, LogLevel, UpstreamProtocol};
 
 use crate::route::{self, RouteTable};
-use crate::tls::{Allow, CertPaths, ClientTls, ClientTlsSettings, MinVersion, ServerTls, ServerTlsSettings, SniCert};
+use crate::tls::{
+    Allow, CertPaths, ClientTls, ClientTlsSettings, MinVersion, ServerTls, ServerTlsSettings,
+    SniCert,
+};
 
 /// The validated configuration. Cheap to share: held in an `Arc` by snapshots.
 #[derive(Debug)]
@@ -67,6 +71,8 @@ pub struct ListenerLimits {
 #[derive(Debug)]
 pub struct ClusterConfig {
     pub name: Arc<str>,
+    /// The static list, or the first answer of file discovery; DNS
+    /// clusters start empty. The live set is in `state`.
     pub endpoints: Vec<Endpoint>,
     pub balance: Balance,
     pub protocol: UpstreamProtocol,
@@ -77,6 +83,9 @@ pub struct ClusterConfig {
     /// TLS towards the endpoints (current client config swapped in place
     /// by its file watcher).
     pub tls: Option<Arc<ClientTls>>,
+    /// Discovery, health, outlier and circuit-breaker settings and the
+    /// live endpoint set, shared by the control thread and the workers.
+    pub state: Arc<crate::upstream::ClusterState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,27 +274,37 @@ impl<'a> Validator<'a> {
         let mut out = Vec::with_capacity(file.clusters.len());
         for (name, decl) in &file.clusters {
             let mut endpoints = Vec::new();
-            for ep in decl.endpoints.get_ref() {
-                let (address, weight) = match ep {
-                    schema::EndpointDecl::Address(a) => (a.as_str(), 1),
-                    schema::EndpointDecl::Weighted { address, weight } => {
-                        (address.as_str(), *weight)
+            if let Some(list) = &decl.endpoints {
+                for ep in list.get_ref() {
+                    let (address, weight) = match ep {
+                        schema::EndpointDecl::Address(a) => (a.as_str(), 1),
+                        schema::EndpointDecl::Weighted { address, weight } => {
+                            (address.as_str(), *weight)
+                        }
+                    };
+                    match resolve(address) {
+                        Ok(addr) => endpoints.push(Endpoint { addr, weight }),
+                        Err(e) => self.at(
+                            Some(list.span()),
+                            format!("cluster \"{name}\": endpoint \"{address}\": {e}"),
+                        ),
                     }
-                };
-                match resolve(address) {
-                    Ok(addr) => endpoints.push(Endpoint { addr, weight }),
-                    Err(e) => self.at(
-                        Some(decl.endpoints.span()),
-                        format!("cluster \"{name}\": endpoint \"{address}\": {e}"),
-                    ),
+                }
+                if list.get_ref().is_empty() {
+                    self.at(
+                        Some(list.span()),
+                        format!("cluster \"{name}\" has no endpoints"),
+                    );
                 }
             }
-            if decl.endpoints.get_ref().is_empty() {
-                self.at(
-                    Some(decl.endpoints.span()),
-                    format!("cluster \"{name}\" has no endpoints"),
-                );
-            }
+            let settings = self.cluster_settings(name, decl, &mut endpoints);
+            let budget = decl.retry_budget.as_ref().map(crate::upstream::RetryBudget::new);
+            let state = Arc::new(crate::upstream::ClusterState::new(
+                name.as_str().into(),
+                settings,
+                &endpoints,
+                budget,
+            ));
             out.push(ClusterConfig {
                 name: name.as_str().into(),
                 endpoints,
@@ -299,6 +318,7 @@ impl<'a> Validator<'a> {
                     .tls
                     .as_ref()
                     .and_then(|t| self.cluster_tls(name, decl.protocol, t)),
+                state,
             });
         }
         out
@@ -432,7 +452,9 @@ impl Validator<'_> {
         if default.is_none() && t.certs.is_empty() {
             self.at(
                 span.clone(),
-                format!("listener \"{name}\": tls needs `cert` and `key`, or `certs` chosen by SNI"),
+                format!(
+                    "listener \"{name}\": tls needs `cert` and `key`, or `certs` chosen by SNI"
+                ),
             );
         }
         let mut sni = Vec::new();
@@ -473,10 +495,7 @@ impl Validator<'_> {
             },
         };
         match ServerTls::load(settings) {
-            Ok(tls) => (
-                Some(Arc::new(tls)),
-                t.allow.clone().map(Allow::new),
-            ),
+            Ok(tls) => (Some(Arc::new(tls)), t.allow.clone().map(Allow::new)),
             Err(e) => {
                 self.at(span, format!("listener \"{name}\": tls: {e}"));
                 (None, None)

@@ -3,9 +3,8 @@
 //! Every table denies unknown keys so a typo is an error with a position, not
 //! a silently ignored setting. Defaults live here and only here. Names that
 //! refer to other sections (clusters, filters) are `Spanned` so validation can
-//! point at them. Sections that later features own (discovery, health)
-//! are deliberately absent until they are implemented: writing them is an
-//! error, never a no-op.
+//! point at them. Sections that later features own are deliberately absent
+//! until they are implemented: writing them is an error, never a no-op.
 
 use std::collections::BTreeMap;
 
@@ -244,6 +243,8 @@ pub struct RouteDecl {
     pub rewrite_host: Option<String>,
     /// Peer identities that may use this route (mTLS listeners only).
     pub allow: Option<Spanned<Vec<String>>>,
+    /// Retries of failed tries (replayable requests only).
+    pub retry: Option<RetryDecl>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -271,9 +272,26 @@ pub struct WeightedClusterDecl {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterDecl {
-    pub endpoints: Spanned<Vec<EndpointDecl>>,
+    /// A static list; exactly one of `endpoints` and `discovery` is set.
+    pub endpoints: Option<Spanned<Vec<EndpointDecl>>>,
+    /// Where the endpoints come from when they are not listed here.
+    pub discovery: Option<Spanned<DiscoveryDecl>>,
     #[serde(default)]
     pub balance: Balance,
+    /// Time constant of the `peak_ewma` latency estimate.
+    #[serde(default = "default_decay")]
+    pub decay: Dur,
+    /// What `ring_hash` and `maglev` hash.
+    pub hash_key: Option<Spanned<HashKeyDecl>>,
+    /// Active HTTP health checks.
+    pub health: Option<HealthDecl>,
+    /// Passive outlier detection.
+    pub outlier: Option<OutlierDecl>,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub limits: ClusterLimitsDecl,
+    /// Caps retries to this cluster.
+    pub retry_budget: Option<RetryBudgetDecl>,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     #[serde(default = "default_connect_timeout")]
@@ -309,6 +327,153 @@ pub struct ClusterTlsDecl {
     pub insecure_skip_verify: bool,
 }
 
+/// `discovery = { dns = "name", port = 80 }`, `{ srv = "_http._tcp.name" }`
+/// or `{ file = "endpoints.toml" }`, with refresh bounds for DNS.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryDecl {
+    /// A/AAAA records of this name.
+    pub dns: Option<String>,
+    /// SRV records of this name (targets resolved to A/AAAA).
+    pub srv: Option<String>,
+    /// A watched TOML or JSON file listing `{ address, weight }`.
+    pub file: Option<String>,
+    /// The port for `dns` (SRV records carry their own).
+    pub port: Option<u16>,
+    /// Re-resolve interval when the answer has no usable TTL.
+    pub refresh: Option<Dur>,
+    /// Bounds on the TTL-driven re-resolve interval.
+    pub min_refresh: Option<Dur>,
+    pub max_refresh: Option<Dur>,
+    /// `ip:port` of the DNS server; absent: the system's resolv.conf.
+    pub nameserver: Option<String>,
+}
+
+/// `hash_key = { header = "x-user" }`, `{ cookie = "session" }` or
+/// `{ source_ip = true }`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashKeyDecl {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    #[serde(default)]
+    pub source_ip: bool,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthDecl {
+    /// Path of the HTTP GET; any 2xx is healthy.
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Dur,
+    /// Consecutive failures that mark an endpoint unhealthy.
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy: u32,
+    /// Consecutive successes that mark it healthy again.
+    #[serde(default = "default_healthy")]
+    pub healthy: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDecl {
+    /// Consecutive 5xx answers or connect failures/resets that eject.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Ejection time; the n-th ejection of an endpoint lasts n times this.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection: Dur,
+    /// At most this share of the endpoints is ejected at once.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterLimitsDecl {
+    /// Open connections to the cluster (all workers together).
+    pub max_connections: Option<usize>,
+    /// Requests waiting for the upstream's response headers.
+    pub max_pending: Option<usize>,
+    /// Requests in flight to the cluster.
+    pub max_requests: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetDecl {
+    /// Retries may add this share of the requests.
+    pub ratio: f64,
+    /// Retries always allowed per second, whatever the ratio says.
+    #[serde(default = "default_min_per_second")]
+    pub min_per_second: u32,
+}
+
+/// `retry = { on = [...], attempts = 2, per_try_timeout = "500ms" }` on a route.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryDecl {
+    pub on: Vec<RetryOn>,
+    /// Retries after the first try.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    pub per_try_timeout: Option<Dur>,
+    /// Base of the jittered exponential backoff between tries.
+    #[serde(default = "default_backoff")]
+    pub backoff: Dur,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The connection could not be made.
+    ConnectFailure,
+    /// The connection closed or reset before the response headers.
+    Reset,
+    /// Any 5xx answer, and a per-try timeout.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503, 504, and a per-try timeout.
+    GatewayError,
+}
+
+fn default_decay() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_health_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_health_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+fn default_healthy() -> u32 {
+    2
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+fn default_min_per_second() -> u32 {
+    10
+}
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> Dur {
+    Dur(std::time::Duration::from_millis(25))
+}
+
 fn default_connect_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(1))
 }
@@ -331,8 +496,13 @@ pub enum EndpointDecl {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
-    #[default]
     RoundRobin,
+    Random,
+    LeastRequest,
+    #[default]
+    PeakEwma,
+    RingHash,
+    Maglev,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

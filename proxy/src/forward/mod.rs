@@ -11,6 +11,7 @@ mod body;
 pub mod error;
 mod filtered;
 mod headers;
+mod retry;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -254,10 +255,23 @@ async fn forward(
         .iter()
         .find(|(c, _)| *c == cluster_id)
         .map(|(_, s)| s.clone());
-    let Some(endpoint) = upstream.pick(&PickContext::default()) else {
+    // Circuit breakers, then the balancer (hash key from the request).
+    let Some(mut admission) = upstream.admit() else {
+        out.result = Err(ProxyError::Overflow(format!(
+            "cluster \"{}\" is at its request limits (limits.max_requests / max_pending)",
+            upstream.name
+        )));
+        return out;
+    };
+    let mut key_buf = [0u8; 16];
+    let hash_key = upstream
+        .state
+        .hash_key(&parts.headers, conn.peer.ip(), &mut key_buf);
+    let Some(picked) = upstream.pick(&PickContext { hash_key }, None) else {
         out.result = Err(ProxyError::NoEndpoint(upstream.name.to_string()));
         return out;
     };
+    let endpoint = picked.addr;
     if let Some(chain) = chain {
         chain.with(|c| {
             c.set_route(route.name.clone(), upstream.name.clone());
@@ -301,6 +315,11 @@ async fn forward(
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
+    let replay = retry::Replay::capture(
+        route.retry.as_deref(),
+        &parts,
+        body.is_end_stream() && !upgrade,
+    );
     let body = RequestBody::new(body, listener.limits.max_body_bytes);
     let body = match chain {
         Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
@@ -309,7 +328,7 @@ async fn forward(
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = route.timeout.or(upstream.timeout);
-    let mut resp = match send(upstream, endpoint, upstream_req, timeout).await {
+    let mut resp = match retry::send(upstream, picked, upstream_req, replay, timeout, chain).await {
         Ok(resp) => resp,
         Err(e) => {
             // A filter that answered mid-body aborted the upstream request.
@@ -329,6 +348,9 @@ async fn forward(
     headers::strip_hop_by_hop(resp.headers_mut(), switching);
     headers::append_via(resp.headers_mut(), via);
     let (mut parts, body) = resp.into_parts();
+    // The request counts against max_requests until its response ends.
+    admission.headers_received();
+    let body = Tracked::new(body, move |_| drop(admission));
     let body = match chain {
         Some(chain) if !switching => {
             if let Some(mut filters) = chain.take() {
@@ -347,29 +369,6 @@ async fn forward(
     out
 }
 
-async fn send(
-    upstream: &Upstream,
-    endpoint: SocketAddr,
-    req: Request<ProxyBody>,
-    timeout: Option<std::time::Duration>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let sent = upstream.send(req);
-    let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    cluster: upstream.name.to_string(),
-                    addr: endpoint,
-                    after: t,
-                })
-            }
-        },
-        None => sent.await,
-    };
-    result.map_err(|e| classify(upstream, endpoint, &e))
-}
-
 /// Maps a client error to whose fault it was and what to answer.
 fn classify(
     upstream: &Upstream,
@@ -378,6 +377,14 @@ fn classify(
 ) -> ProxyError {
     if let Some(d) = downstream_cause(err) {
         return d.to_proxy_error();
+    }
+    if let Some(o) = find_cause::<crate::upstream::ConnectionOverflow>(err) {
+        upstream
+            .state
+            .counters
+            .overflows
+            .fetch_add(1, Ordering::Relaxed);
+        return ProxyError::Overflow(format!("cluster \"{}\": {o}", upstream.name));
     }
     let reason = error_chain(err);
     if find_cause::<crate::tls::UpstreamTlsError>(err).is_some() {

@@ -30,6 +30,8 @@ pub struct Route {
     /// (matched prefix, replacement)
     rewrite_prefix: Option<(String, String)>,
     pub rewrite_host: Option<HeaderValue>,
+    /// Retries of failed tries (`retry`).
+    pub retry: Option<Arc<crate::upstream::RetryPolicy>>,
 }
 
 #[derive(Debug)]
@@ -197,6 +199,12 @@ pub fn compile(
         timeout: decl.timeout.map(|d| d.0),
         rewrite_prefix,
         rewrite_host,
+        retry: match &decl.retry {
+            Some(r) => Some(Arc::new(
+                crate::upstream::RetryPolicy::from_decl(r).map_err(|m| err(None, m))?,
+            )),
+            None => None,
+        },
     })
 }
 

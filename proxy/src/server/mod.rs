@@ -178,6 +178,8 @@ pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>)
         .context("cannot start the control runtime")?;
     let code = control.block_on(async {
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        // Discovery, health checks and ejection expiry for every cluster.
+        tokio::spawn(crate::upstream::control::run(shared.clone()));
         let reloads = crate::reload::start(shared.clone());
         let _ = shared.reload.set(reloads.clone());
         tokio::spawn(reload_on_sighup(reloads));

@@ -39,9 +39,12 @@ impl HttpCallouts for Callouts {
         let cluster = cluster.to_string();
         Some(Box::pin(async move {
             let upstream = upstreams.get(id).ok_or("cluster vanished")?;
-            let endpoint = upstream
-                .pick(&PickContext::default())
+            let picked = upstream
+                .pick(&PickContext::default(), None)
                 .ok_or_else(|| format!("cluster \"{cluster}\" has no endpoint"))?;
+            let endpoint = picked.addr;
+            // Counts for load, latency and outlier detection like proxied traffic.
+            let mut attempt = upstream.start(picked);
             let (mut parts, body) = req.into_parts();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
             parts.uri = Uri::builder()
@@ -52,10 +55,23 @@ impl HttpCallouts for Callouts {
                 .map_err(|e| format!("bad callout path: {e}"))?;
             let body = Full::new(body).map_err(|never| match never {}).boxed_unsync();
             let sent = upstream.send(Request::from_parts(parts, body));
-            let resp = tokio::time::timeout(timeout, sent)
-                .await
-                .map_err(|_| format!("callout to \"{cluster}\" timed out after {timeout:?}"))?
-                .map_err(|e| format!("callout to \"{cluster}\" at {endpoint} failed: {e}"))?;
+            let resp = match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => {
+                    attempt.failed();
+                    return Err(format!("callout to \"{cluster}\" at {endpoint} failed: {e}").into());
+                }
+                Err(_) => {
+                    attempt.failed();
+                    return Err(format!("callout to \"{cluster}\" timed out after {timeout:?}").into());
+                }
+            };
+            if resp.status().is_server_error() {
+                attempt.failed();
+            } else {
+                attempt.succeeded();
+            }
+            drop(attempt);
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_CALLOUT_BODY)
                 .collect()

@@ -31,7 +31,16 @@ pub struct CountingConnector {
     stats: UpstreamStats,
     tls: Option<Arc<ClientTls>>,
     handshake_timeout: Duration,
+    /// Circuit breaker: no new connection while the cluster has this many
+    /// open (all workers); the try fails with [`ConnectionOverflow`].
+    max_connections: Option<usize>,
 }
+
+/// A new connection was refused because the cluster is at its
+/// `limits.max_connections`; `forward` answers 503 `overflow`.
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster is at its limit of {0} open connections")]
+pub struct ConnectionOverflow(pub usize);
 
 /// A connection that decrements the open-connections gauge when dropped.
 #[derive(Debug)]
@@ -61,7 +70,14 @@ impl CountingConnector {
             stats,
             tls,
             handshake_timeout,
+            max_connections: None,
         }
+    }
+
+    /// Sets the `limits.max_connections` circuit breaker.
+    pub fn with_max_connections(mut self, max: Option<usize>) -> Self {
+        self.max_connections = max;
+        self
     }
 }
 
@@ -102,6 +118,11 @@ impl tower_service::Service<Uri> for CountingConnector {
         let stats = self.stats.clone();
         let tls = self.tls.clone();
         let limit = self.handshake_timeout;
+        if let Some(max) = self.max_connections {
+            if usize::try_from(self.stats.open.get()).unwrap_or(0) >= max {
+                return Box::pin(async move { Err(Box::new(ConnectionOverflow(max)) as BoxError) });
+            }
+        }
         Box::pin(async move {
             let tcp = connecting.await.map_err(BoxError::from)?;
             let io = match tls {

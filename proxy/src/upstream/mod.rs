@@ -1,21 +1,47 @@
-//! Upstreams: per-worker connection pools and balancers for each cluster.
+//! Upstreams: clusters, their endpoint sets, per-worker connection pools
+//! and balancers.
 //!
-//! Each worker builds its own [`Upstreams`] from the config snapshot, so a
-//! pool and a balancer are only ever touched by the thread that owns them.
-//! The pool is hyper-util's client (keep-alive, HTTP/1.1 or prior-knowledge
-//! HTTP/2 per cluster); the endpoint choice is made here, before the pool
-//! sees the request, by rewriting the request's URI to the endpoint address.
+//! Two halves:
+//! - Shared, per cluster ([`ClusterState`], built with the config, owned by
+//!   the control thread): the current endpoint set in an `ArcSwap`, each
+//!   endpoint's health, ejection and counters, the circuit-breaker counts
+//!   and retry budget. [`discovery`], [`health`] and the ejection timer
+//!   ([`control`]) update it on the control thread.
+//! - Per worker ([`Upstreams`], built from each config snapshot by the
+//!   worker that uses it): hyper-util's pooled client and the balancer.
+//!   The balancer is rebuilt lazily, on the worker, when the cluster's
+//!   version moves (endpoints changed, an endpoint was ejected or marked
+//!   unhealthy); the pool is kept, so connections to endpoints that stay
+//!   are reused and in-flight requests on ones that left finish.
+//!
+//! The endpoint choice is made here, before the pool sees the request, by
+//! rewriting the request's URI to the endpoint address. A try is tracked
+//! by an [`Attempt`] guard that records latency, in-flight and the outcome
+//! when dropped, so a cancelled request still counts.
 
 pub mod balance;
 mod callout;
+pub mod cluster;
 mod connector;
+pub mod control;
+pub mod discovery;
+pub mod health;
+pub mod outlier;
+mod report;
+pub mod retry;
 
 pub use callout::Callouts;
+pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
+pub use report::{clusters_json, render_metrics};
+pub use retry::{RetryBudget, RetryPolicy};
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -24,10 +50,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{ClusterConfig, Config, UpstreamProtocol};
+use crate::config::{Balance, ClusterConfig, Config, UpstreamProtocol};
 use crate::telemetry::Metrics;
-use balance::{Balancer, PickContext};
+use balance::{now_nanos, Balancer, Candidate, Load, Neutral, PickContext, Tuning};
 use connector::CountingConnector;
+
+pub use connector::ConnectionOverflow;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type requests are sent upstream with.
@@ -44,8 +72,30 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
     pub timeout: Option<Duration>,
+    pub state: Arc<ClusterState>,
     client: Client<CountingConnector, ProxyBody>,
+    balance: Balance,
+    /// This worker's balancer over the pickable endpoints; replaced (by
+    /// this worker only) when the cluster version moves.
+    active: ArcSwap<Active>,
+    neutral: Arc<Neutral>,
+}
+
+/// A balancer and the endpoints it was built over (same order).
+#[derive(Debug)]
+struct Active {
+    version: u64,
+    endpoints: Vec<Arc<EndpointState>>,
+    loads: Vec<Arc<Load>>,
     balancer: Box<dyn Balancer>,
+}
+
+/// The endpoint chosen for one try.
+#[derive(Clone, Debug)]
+pub struct Picked {
+    pub addr: SocketAddr,
+    endpoint: Arc<EndpointState>,
+    load: Arc<Load>,
 }
 
 impl Upstreams {
@@ -82,7 +132,8 @@ impl Upstream {
             metrics.upstream_stats(&config.name),
             config.tls.clone(),
             config.connect_timeout,
-        );
+        )
+        .with_max_connections(config.state.settings.limits.max_connections);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -90,17 +141,128 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.protocol == UpstreamProtocol::Http2);
-        Self {
+        let neutral = Arc::new(Neutral::default());
+        let up = Self {
             name: config.name.clone(),
             protocol: config.protocol,
             timeout: config.timeout,
+            state: config.state.clone(),
             client: builder.build(connector),
-            balancer: balance::for_cluster(config.balance, &config.endpoints),
+            balance: config.balance,
+            active: ArcSwap::from_pointee(Active {
+                version: 0,
+                endpoints: Vec::new(),
+                loads: Vec::new(),
+                balancer: balance::for_cluster(config.balance, Vec::new(), Tuning::default()),
+            }),
+            neutral,
+        };
+        up.refresh();
+        up
+    }
+
+    /// Rebuilds this worker's balancer if the cluster's version moved.
+    fn refresh(&self) -> arc_swap::Guard<Arc<Active>> {
+        let active = self.active.load();
+        let version = self.state.version();
+        if active.version == version {
+            return active;
+        }
+        let (endpoints, _panic) = self.state.pickable(now_nanos());
+        let old: HashMap<SocketAddr, &Arc<Load>> = active
+            .endpoints
+            .iter()
+            .zip(&active.loads)
+            .map(|(e, l)| (e.addr, l))
+            .collect();
+        let loads: Vec<Arc<Load>> = endpoints
+            .iter()
+            .map(|e| match old.get(&e.addr) {
+                Some(l) => Arc::clone(l),
+                None => Arc::new(Load::new(self.neutral.clone())),
+            })
+            .collect();
+        let candidates = endpoints
+            .iter()
+            .zip(&loads)
+            .map(|(e, l)| Candidate {
+                addr: e.addr,
+                weight: e.weight(),
+                load: l.clone(),
+            })
+            .collect();
+        let tuning = Tuning {
+            decay: self.state.settings.decay,
+        };
+        let next = Arc::new(Active {
+            version,
+            balancer: balance::for_cluster(self.balance, candidates, tuning),
+            endpoints,
+            loads,
+        });
+        self.active.store(next);
+        self.active.load()
+    }
+
+    /// Picks an endpoint; on a retry, `avoid` is the one that just failed
+    /// and another is chosen when there is one.
+    pub fn pick(&self, ctx: &PickContext, avoid: Option<SocketAddr>) -> Option<Picked> {
+        let active = self.refresh();
+        let n = active.endpoints.len();
+        let mut i = active.balancer.pick(ctx)?;
+        if let Some(avoid) = avoid {
+            let mut tries = 0;
+            while active.endpoints.get(i).map(|e| e.addr) == Some(avoid) && n > 1 {
+                tries += 1;
+                i = if tries < 4 && ctx.hash_key.is_none() {
+                    active.balancer.pick(ctx)?
+                } else {
+                    (i + 1 + (balance::fast_random_index(n - 1))) % n
+                };
+            }
+        }
+        Some(Picked {
+            addr: active.endpoints.get(i)?.addr,
+            endpoint: active.endpoints.get(i)?.clone(),
+            load: active.loads.get(i)?.clone(),
+        })
+    }
+
+    /// Starts a try to `picked`: counts it in flight until the returned
+    /// guard is dropped.
+    pub fn start(&self, picked: Picked) -> Attempt {
+        picked.load.start();
+        picked.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        picked.endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        Attempt {
+            picked,
+            cluster: self.state.clone(),
+            started: now_nanos(),
+            outcome: None,
         }
     }
 
-    pub fn pick(&self, ctx: &PickContext) -> Option<SocketAddr> {
-        self.balancer.pick(ctx)
+    /// Admits a request under the cluster's `max_requests` and
+    /// `max_pending`; `None` means overflow (counted).
+    pub fn admit(&self) -> Option<Admission> {
+        let limits = self.state.settings.limits;
+        let requests = self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission {
+            state: self.state.clone(),
+            pending: false,
+        };
+        if limits.max_requests.is_some_and(|max| requests >= max) {
+            self.state.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let pending = self.state.pending.fetch_add(1, Ordering::AcqRel);
+        let mut admission = admission;
+        admission.pending = true;
+        if limits.max_pending.is_some_and(|max| pending >= max) {
+            self.state.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(admission)
     }
 
     /// Sends `req`, whose URI must already name the endpoint.
@@ -109,5 +271,80 @@ impl Upstream {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         self.client.request(req).await
+    }
+}
+
+// === Attempt ===
+
+/// One try at one endpoint. Dropping it records the latency sample, ends
+/// the in-flight count and feeds outlier detection with the outcome set
+/// by [`Attempt::succeeded`] / [`Attempt::failed`] (none: cancelled, which
+/// counts for load but not for ejection).
+#[derive(Debug)]
+pub struct Attempt {
+    picked: Picked,
+    cluster: Arc<ClusterState>,
+    started: u64,
+    outcome: Option<bool>,
+}
+
+impl Attempt {
+    pub fn addr(&self) -> SocketAddr {
+        self.picked.addr
+    }
+
+    pub fn succeeded(&mut self) {
+        self.outcome = Some(true);
+    }
+
+    pub fn failed(&mut self) {
+        self.outcome = Some(false);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let now = now_nanos();
+        let rtt = now.saturating_sub(self.started);
+        let decay = self.cluster.settings.decay;
+        let load = &self.picked.load;
+        load.finish(rtt as f64, decay, now);
+        let ep = &self.picked.endpoint;
+        ep.in_flight.fetch_sub(1, Ordering::Relaxed);
+        ep.latency_ns_total.fetch_add(rtt, Ordering::Relaxed);
+        ep.estimate_ns
+            .store(load.estimate(now, decay) as u64, Ordering::Relaxed);
+        if self.outcome == Some(false) {
+            ep.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ok) = self.outcome {
+            outlier::record(&self.cluster, ep, ok, now);
+        }
+    }
+}
+
+// === Admission ===
+
+/// A request counted against the cluster's circuit breakers. Call
+/// [`Admission::headers_received`] when the response headers arrive (ends
+/// "pending"); drop it when the response is over.
+#[derive(Debug)]
+pub struct Admission {
+    state: Arc<ClusterState>,
+    pending: bool,
+}
+
+impl Admission {
+    pub fn headers_received(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.state.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.headers_received();
+        self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

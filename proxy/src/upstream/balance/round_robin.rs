@@ -5,23 +5,22 @@
 //! weight 3 next to one of weight 1 is picked a, a, b, a rather than a, a,
 //! a, b, which would send bursts to one endpoint.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Balancer, PickContext};
-use crate::config::Endpoint;
+use super::{Balancer, Candidate, PickContext};
 
 /// Longest schedule kept; larger weight sums are scaled down to fit.
 const MAX_SCHEDULE: u64 = 4096;
 
 #[derive(Debug)]
 pub struct RoundRobin {
-    schedule: Vec<SocketAddr>,
+    /// Candidate indexes in visiting order.
+    schedule: Vec<u32>,
     next: AtomicUsize,
 }
 
 impl RoundRobin {
-    pub fn new(endpoints: &[Endpoint]) -> Self {
+    pub fn new(endpoints: &[Candidate]) -> Self {
         Self {
             schedule: smooth_schedule(endpoints),
             next: AtomicUsize::new(0),
@@ -30,17 +29,17 @@ impl RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, _ctx: &PickContext) -> Option<SocketAddr> {
+    fn pick(&self, _ctx: &PickContext) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;
         }
         // Only this worker touches the counter, so Relaxed is enough.
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.schedule.get(i % self.schedule.len()).copied()
+        self.schedule.get(i % self.schedule.len()).map(|&i| i as usize)
     }
 }
 
-fn smooth_schedule(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
+fn smooth_schedule(endpoints: &[Candidate]) -> Vec<u32> {
     let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
     if total == 0 {
         return Vec::new();
@@ -62,40 +61,37 @@ fn smooth_schedule(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
             }
         }
         current[best] -= sum;
-        out.push(endpoints[best].addr);
+        out.push(best as u32);
     }
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::cands;
     use super::*;
 
-    fn ep(port: u16, weight: u32) -> Endpoint {
-        Endpoint {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            weight,
-        }
+    fn picks(rr: &RoundRobin, n: usize) -> Vec<usize> {
+        (0..n).filter_map(|_| rr.pick(&PickContext::default())).collect()
     }
 
     #[test]
     fn equal_weights_alternate() {
-        let rr = RoundRobin::new(&[ep(1, 1), ep(2, 1)]);
-        let ports: Vec<u16> = (0..4).map(|_| rr.pick(&PickContext::default()).unwrap().port()).collect();
-        assert_eq!(ports, [1, 2, 1, 2]);
+        let rr = RoundRobin::new(&cands(&[1, 1]));
+        assert_eq!(picks(&rr, 4), [0, 1, 0, 1]);
     }
 
     #[test]
     fn weights_interleave() {
-        let rr = RoundRobin::new(&[ep(1, 3), ep(2, 1)]);
-        let ports: Vec<u16> = (0..8).map(|_| rr.pick(&PickContext::default()).unwrap().port()).collect();
-        assert_eq!(ports.iter().filter(|p| **p == 1).count(), 6);
-        assert_ne!(&ports[..3], &[1, 1, 1], "smooth schedule must not burst: {ports:?}");
+        let rr = RoundRobin::new(&cands(&[3, 1]));
+        let p = picks(&rr, 8);
+        assert_eq!(p.iter().filter(|p| **p == 0).count(), 6);
+        assert_ne!(&p[..3], &[0, 0, 0], "smooth schedule must not burst: {p:?}");
     }
 
     #[test]
     fn zero_weight_is_never_picked() {
-        let rr = RoundRobin::new(&[ep(1, 0), ep(2, 1)]);
-        assert!((0..5).all(|_| rr.pick(&PickContext::default()).unwrap().port() == 2));
+        let rr = RoundRobin::new(&cands(&[0, 1]));
+        assert!(picks(&rr, 5).iter().all(|p| *p == 1));
     }
 }

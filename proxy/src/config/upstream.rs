@@ -1,0 +1,221 @@
+//! Validation of the upstream keys of a cluster: `discovery`, `hash_key`,
+//! `health`, `outlier`, `limits`, `decay`. Control thread, at load time;
+//! every problem is reported with its position, like the rest of the
+//! config.
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::{schema, Endpoint, Validator};
+use crate::config::Balance;
+use crate::upstream::discovery::{self, Discovery, DnsSettings};
+use crate::upstream::health::HealthSettings;
+use crate::upstream::outlier::OutlierSettings;
+use crate::upstream::{ClusterSettings, HashKey, Limits};
+
+impl Validator<'_> {
+    /// The typed settings of cluster `name`; for file discovery, also
+    /// reads the file's first version into `endpoints`.
+    pub(super) fn cluster_settings(
+        &mut self,
+        name: &str,
+        decl: &schema::ClusterDecl,
+        endpoints: &mut Vec<Endpoint>,
+    ) -> ClusterSettings {
+        let discovery = match (&decl.endpoints, &decl.discovery) {
+            (Some(list), Some(_)) => {
+                self.at(
+                    Some(list.span()),
+                    format!("cluster \"{name}\": set `endpoints` or `discovery`, not both"),
+                );
+                Discovery::Static
+            }
+            (None, None) => {
+                self.at(
+                    None,
+                    format!("cluster \"{name}\" needs `endpoints` or `discovery`"),
+                );
+                Discovery::Static
+            }
+            (Some(_), None) => Discovery::Static,
+            (None, Some(d)) => self.discovery(name, d, endpoints),
+        };
+        let hash_key = match &decl.hash_key {
+            Some(k) => self.hash_key(name, k),
+            None => {
+                if matches!(decl.balance, Balance::RingHash | Balance::Maglev) {
+                    self.at(
+                        None,
+                        format!("cluster \"{name}\": balance = \"{}\" needs `hash_key = {{ header = \"...\" }}` (or cookie, or source_ip = true)", balance_name(decl.balance)),
+                    );
+                }
+                None
+            }
+        };
+        let health = decl.health.as_ref().and_then(|h| match HealthSettings::from_decl(h) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                self.at(None, format!("cluster \"{name}\": {e}"));
+                None
+            }
+        });
+        if decl.decay.0.is_zero() {
+            self.at(None, format!("cluster \"{name}\": decay must be more than 0"));
+        }
+        if let Some(b) = &decl.retry_budget {
+            if !(0.0..=10.0).contains(&b.ratio) {
+                self.at(
+                    None,
+                    format!("cluster \"{name}\": retry_budget.ratio = {} is not between 0 and 10", b.ratio),
+                );
+            }
+        }
+        let l = &decl.limits;
+        ClusterSettings {
+            discovery,
+            hash_key,
+            health,
+            outlier: decl.outlier.as_ref().map(OutlierSettings::from_decl),
+            limits: Limits {
+                max_connections: l.max_connections,
+                max_pending: l.max_pending,
+                max_requests: l.max_requests,
+            },
+            decay: if decl.decay.0.is_zero() {
+                Duration::from_secs(10)
+            } else {
+                decl.decay.0
+            },
+        }
+    }
+
+    fn discovery(
+        &mut self,
+        name: &str,
+        decl: &toml::Spanned<schema::DiscoveryDecl>,
+        endpoints: &mut Vec<Endpoint>,
+    ) -> Discovery {
+        let span = Some(decl.span());
+        let d = decl.get_ref();
+        let sources = [d.dns.is_some(), d.srv.is_some(), d.file.is_some()];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            self.at(
+                span,
+                format!("cluster \"{name}\": discovery needs exactly one of `dns`, `srv` or `file`"),
+            );
+            return Discovery::Static;
+        }
+        if let Some(file) = &d.file {
+            let dns_keys = d.port.is_some()
+                || d.refresh.is_some()
+                || d.min_refresh.is_some()
+                || d.max_refresh.is_some()
+                || d.nameserver.is_some();
+            if dns_keys {
+                self.at(
+                    span.clone(),
+                    format!("cluster \"{name}\": port, refresh and nameserver belong to DNS discovery, not to `file`"),
+                );
+            }
+            let path = self.file(file);
+            match discovery::read_endpoints_file(&path) {
+                Ok(list) => *endpoints = list,
+                Err(e) => self.at(span, format!("cluster \"{name}\": discovery: {e}")),
+            }
+            return Discovery::File(path);
+        }
+        let (host, srv) = match (&d.dns, &d.srv) {
+            (Some(h), _) => (h.clone(), false),
+            (_, Some(s)) => (s.clone(), true),
+            _ => return Discovery::Static,
+        };
+        let port = match (srv, d.port) {
+            (false, Some(p)) => p,
+            (false, None) => {
+                self.at(
+                    span.clone(),
+                    format!("cluster \"{name}\": discovery with `dns` needs `port`"),
+                );
+                0
+            }
+            (true, Some(_)) => {
+                self.at(
+                    span.clone(),
+                    format!("cluster \"{name}\": SRV records carry their ports; remove `port`"),
+                );
+                0
+            }
+            (true, None) => 0,
+        };
+        let nameserver = match &d.nameserver {
+            Some(ns) => match discovery::parse_nameserver(ns) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.at(span.clone(), format!("cluster \"{name}\": discovery: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let refresh = d.refresh.map_or(discovery::DEFAULT_REFRESH, |r| r.0);
+        let min_refresh = d
+            .min_refresh
+            .map_or(discovery::DEFAULT_MIN_REFRESH.min(refresh), |r| r.0);
+        let max_refresh = d.max_refresh.map_or(refresh, |r| r.0);
+        if refresh.is_zero() || min_refresh.is_zero() || max_refresh < min_refresh {
+            self.at(
+                span,
+                format!("cluster \"{name}\": discovery needs refresh > 0 and 0 < min_refresh <= max_refresh"),
+            );
+        }
+        Discovery::Dns(DnsSettings {
+            name: host,
+            srv,
+            port,
+            refresh,
+            min_refresh: min_refresh.max(Duration::from_millis(10)),
+            max_refresh: max_refresh.max(Duration::from_millis(10)),
+            nameserver,
+        })
+    }
+
+    fn hash_key(&mut self, name: &str, decl: &toml::Spanned<schema::HashKeyDecl>) -> Option<HashKey> {
+        let k = decl.get_ref();
+        let set = [k.header.is_some(), k.cookie.is_some(), k.source_ip];
+        if set.iter().filter(|s| **s).count() != 1 {
+            self.at(
+                Some(decl.span()),
+                format!("cluster \"{name}\": hash_key needs exactly one of `header`, `cookie` or `source_ip = true`"),
+            );
+            return None;
+        }
+        if let Some(h) = &k.header {
+            return match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => Some(HashKey::Header(n)),
+                Err(_) => {
+                    self.at(
+                        Some(decl.span()),
+                        format!("cluster \"{name}\": hash_key header \"{h}\" is not a valid header name"),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(c) = &k.cookie {
+            return Some(HashKey::Cookie(c.clone()));
+        }
+        Some(HashKey::SourceIp)
+    }
+}
+
+fn balance_name(b: Balance) -> &'static str {
+    match b {
+        Balance::RoundRobin => "round_robin",
+        Balance::Random => "random",
+        Balance::LeastRequest => "least_request",
+        Balance::PeakEwma => "peak_ewma",
+        Balance::RingHash => "ring_hash",
+        Balance::Maglev => "maglev",
+    }
+}

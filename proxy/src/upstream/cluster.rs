@@ -1,0 +1,293 @@
+//! A cluster's shared state: its current endpoint set, each endpoint's
+//! health, ejection and counters, the cluster's circuit-breaker counts and
+//! retry budget.
+//!
+//! One [`ClusterState`] per cluster per config generation, shared by the
+//! control thread (discovery, health checks and the ejection timer write
+//! it) and every worker (which read it and record outcomes in it). Only
+//! atomics and one `ArcSwap` for the endpoint set: no locks. Every change
+//! that alters which endpoints may be picked bumps [`ClusterState::version`];
+//! workers compare it on each pick and rebuild their balancer when it moved,
+//! so the control thread never rebuilds a whole config snapshot for an
+//! endpoint change, and in-flight requests keep the endpoint (and pooled
+//! connection) they started with.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::header::{HeaderMap, HeaderName, COOKIE};
+
+use super::discovery::Discovery;
+use super::health::HealthSettings;
+use super::outlier::OutlierSettings;
+use super::retry::RetryBudget;
+use crate::config::Endpoint;
+
+/// What `ring_hash` and `maglev` hash.
+#[derive(Clone, Debug)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+}
+
+/// Circuit-breaker caps; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub max_connections: Option<usize>,
+    pub max_pending: Option<usize>,
+    pub max_requests: Option<usize>,
+}
+
+/// The typed cluster settings this module and its neighbours act on.
+#[derive(Debug)]
+pub struct ClusterSettings {
+    pub discovery: Discovery,
+    pub hash_key: Option<HashKey>,
+    pub health: Option<HealthSettings>,
+    pub outlier: Option<OutlierSettings>,
+    pub limits: Limits,
+    /// Peak-EWMA time constant.
+    pub decay: Duration,
+}
+
+/// Cluster-wide counters, summed over workers.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    pub retries: AtomicU64,
+    pub budget_exhausted: AtomicU64,
+    pub overflows: AtomicU64,
+    pub ejections: AtomicU64,
+    pub discovery_updates: AtomicU64,
+    pub discovery_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct ClusterState {
+    pub name: Arc<str>,
+    pub settings: ClusterSettings,
+    endpoints: ArcSwap<EndpointSet>,
+    version: AtomicU64,
+    /// Requests to this cluster in flight (until the response body ends).
+    pub in_flight: AtomicUsize,
+    /// Requests waiting for the response headers.
+    pub pending: AtomicUsize,
+    pub counters: ClusterCounters,
+    pub budget: Option<RetryBudget>,
+    /// The last discovery failure (cleared by the next success).
+    pub discovery_error: ArcSwapOption<String>,
+    started: AtomicBool,
+}
+
+/// One version of a cluster's endpoints.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    pub endpoints: Vec<Arc<EndpointState>>,
+}
+
+/// One endpoint, shared by all workers and the control thread.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    weight: AtomicU32,
+    /// Active health checks' verdict (true until checks say otherwise).
+    healthy: AtomicBool,
+    /// Consecutive check results (control thread only).
+    pub(crate) check_streak_ok: AtomicU32,
+    pub(crate) check_streak_failed: AtomicU32,
+    /// [`super::balance::now_nanos`] when the ejection ends; 0: not ejected.
+    ejected_until: AtomicU64,
+    pub(crate) ejections: AtomicU32,
+    pub(crate) consecutive_failures: AtomicU32,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    pub latency_ns_total: AtomicU64,
+    /// All workers together.
+    pub in_flight: AtomicI64,
+    /// The latest peak-EWMA estimate any worker computed, in ns.
+    pub estimate_ns: AtomicU64,
+}
+
+// === impl ClusterState ===
+
+impl ClusterState {
+    pub fn new(
+        name: Arc<str>,
+        settings: ClusterSettings,
+        initial: &[Endpoint],
+        budget: Option<RetryBudget>,
+    ) -> Self {
+        let state = Self {
+            name,
+            settings,
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            version: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            counters: ClusterCounters::default(),
+            budget,
+            discovery_error: ArcSwapOption::empty(),
+            started: AtomicBool::new(false),
+        };
+        state.set_endpoints(initial);
+        state
+    }
+
+    /// Changes whenever the set of pickable endpoints may have changed.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn bump(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.endpoints.load_full()
+    }
+
+    /// Publishes a new endpoint list (control thread). Endpoints that stay
+    /// keep their state (health, ejection, counters); returns whether
+    /// anything changed.
+    pub fn set_endpoints(&self, list: &[Endpoint]) -> bool {
+        let current = self.endpoints.load();
+        let same = current.endpoints.len() == list.len()
+            && list.iter().all(|e| {
+                current
+                    .endpoints
+                    .iter()
+                    .any(|s| s.addr == e.addr && s.weight() == e.weight)
+            });
+        if same {
+            return false;
+        }
+        let mut next = Vec::with_capacity(list.len());
+        for e in list {
+            if next.iter().any(|s: &Arc<EndpointState>| s.addr == e.addr) {
+                continue;
+            }
+            let state = match current.endpoints.iter().find(|s| s.addr == e.addr) {
+                Some(s) => {
+                    s.weight.store(e.weight, Ordering::Relaxed);
+                    s.clone()
+                }
+                None => Arc::new(EndpointState::new(e.addr, e.weight)),
+            };
+            next.push(state);
+        }
+        self.endpoints.store(Arc::new(EndpointSet { endpoints: next }));
+        self.counters.discovery_updates.fetch_add(1, Ordering::Relaxed);
+        self.bump();
+        true
+    }
+
+    /// True the first time only: the control thread starts this cluster's
+    /// discovery and health tasks once.
+    pub(crate) fn claim_start(&self) -> bool {
+        !self.started.swap(true, Ordering::AcqRel)
+    }
+
+    /// The endpoints a worker should balance over at `now`: the healthy,
+    /// non-ejected ones, or all of them (panic mode) when fewer than half
+    /// are, since sending to a maybe-bad endpoint beats refusing outright.
+    pub fn pickable(&self, now: u64) -> (Vec<Arc<EndpointState>>, bool) {
+        let set = self.endpoints.load();
+        let ok: Vec<_> = set
+            .endpoints
+            .iter()
+            .filter(|e| e.available(now))
+            .cloned()
+            .collect();
+        if ok.is_empty() || ok.len() * 2 < set.endpoints.len() {
+            (set.endpoints.clone(), !set.endpoints.is_empty())
+        } else {
+            (ok, false)
+        }
+    }
+
+    /// The request's hash key per `hash_key`, into `buf` for the source IP.
+    pub fn hash_key<'a>(&self, headers: &'a HeaderMap, peer: IpAddr, buf: &'a mut [u8; 16]) -> Option<&'a [u8]> {
+        match self.settings.hash_key.as_ref()? {
+            HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes()),
+            HashKey::Cookie(name) => headers.get_all(COOKIE).iter().find_map(|v| {
+                v.to_str().ok()?.split(';').find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then_some(v.as_bytes())
+                })
+            }),
+            HashKey::SourceIp => {
+                let len = match peer {
+                    IpAddr::V4(v4) => {
+                        buf[..4].copy_from_slice(&v4.octets());
+                        4
+                    }
+                    IpAddr::V6(v6) => {
+                        buf.copy_from_slice(&v6.octets());
+                        16
+                    }
+                };
+                Some(&buf[..len])
+            }
+        }
+    }
+}
+
+// === impl EndpointState ===
+
+impl EndpointState {
+    pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        Self {
+            addr,
+            weight: AtomicU32::new(weight),
+            healthy: AtomicBool::new(true),
+            check_streak_ok: AtomicU32::new(0),
+            check_streak_failed: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency_ns_total: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            estimate_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Sets the health-check verdict; true when it changed.
+    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+    }
+
+    pub fn ejected(&self, now: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0 && now < until
+    }
+
+    /// When the current ejection ends (0: none).
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ejected_until(&self, until: u64) {
+        self.ejected_until.store(until, Ordering::Release);
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    pub fn available(&self, now: u64) -> bool {
+        self.healthy() && !self.ejected(now)
+    }
+}

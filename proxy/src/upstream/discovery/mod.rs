@@ -1,0 +1,63 @@
+//! Discovery: where a cluster's endpoints come from, and the control-thread
+//! tasks that keep them current.
+//!
+//! - `Static`: the `endpoints` list of the config, fixed for the config's
+//!   lifetime.
+//! - `Dns`: A/AAAA records of a name (or SRV records and their targets),
+//!   re-resolved when the answer's TTL runs out, clamped to
+//!   `[min_refresh, max_refresh]`; after a failure the last good set stays.
+//! - `File`: a watched TOML or JSON file listing endpoints, so any agent can
+//!   publish them; a file that fails to parse changes nothing.
+//!
+//! Every task runs on the control thread and publishes through
+//! [`ClusterState::set_endpoints`], which swaps the cluster's endpoint set
+//! and bumps its version; workers pick that up on their next request.
+//! Endpoints that disappear are drained: requests already sent to them
+//! finish, their idle pooled connections time out. A task ends when its
+//! cluster's state is dropped.
+
+mod dns;
+mod file;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Weak;
+use std::time::Duration;
+
+pub use dns::DnsSettings;
+pub use file::read_endpoints_file;
+
+use super::cluster::ClusterState;
+
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    Static,
+    Dns(DnsSettings),
+    File(PathBuf),
+}
+
+impl Discovery {
+    /// Starts the task that keeps `cluster` current (control thread).
+    pub fn spawn(&self, cluster: Weak<ClusterState>) {
+        match self {
+            Discovery::Static => {}
+            Discovery::Dns(settings) => {
+                tokio::spawn(dns::run(cluster, settings.clone()));
+            }
+            Discovery::File(path) => {
+                tokio::spawn(file::run(cluster, path.clone()));
+            }
+        }
+    }
+}
+
+/// Defaults of the DNS refresh bounds.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5);
+pub const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// `ip:port` for a DNS server setting.
+pub fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("nameserver \"{text}\" is not an ip or ip:port"))
+}
