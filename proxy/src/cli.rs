@@ -30,6 +30,11 @@ pub enum Command {
         #[arg(last = true)]
         app: Vec<String>,
     },
+    /// Work with filters.
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
     /// Block until a wasp admin endpoint reports ready (for apps that cannot
     /// use wrapper mode): exit 0 when ready, 1 on timeout.
     Await {
@@ -50,6 +55,21 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum FilterCommand {
+    /// Create a filter crate from the template (Rust, wasp-sdk, wasm32-wasip1).
+    New {
+        /// The crate name, e.g. `my-auth`.
+        name: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The wasp-sdk source folder (default: the one this wasp was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -65,6 +85,9 @@ pub fn main() -> ExitCode {
             run(&config, app)
         }
         Command::Check { config } => check(&config),
+        Command::Filter {
+            command: FilterCommand::New { name, dir, sdk },
+        } => crate::scaffold::new_filter(&name, dir.as_deref(), sdk.as_deref()),
         Command::Certs(args) => crate::certs::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),
     }

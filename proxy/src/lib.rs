@@ -17,6 +17,7 @@ pub mod forward;
 pub mod listener;
 pub mod reload;
 pub mod route;
+pub mod scaffold;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
