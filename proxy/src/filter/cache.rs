@@ -77,7 +77,26 @@ pub(crate) fn load_or_compile(
     if let Err(e) = store(dir, &path, &module) {
         tracing::warn!(path = %path.display(), error = %e, "could not write module cache entry");
     }
+    prune_other_engines(dir, &engine_key(engine));
     Ok(module)
+}
+
+/// Removes artefacts of other engines (an older wasmtime or other settings):
+/// they can never be loaded again by this build.
+fn prune_other_engines(dir: &Path, key: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let suffix = format!("-{key}.cwasm");
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name.ends_with(".cwasm") && !name.ends_with(&suffix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {

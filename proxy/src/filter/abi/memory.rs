@@ -58,6 +58,11 @@ pub(crate) fn write(caller: &mut Caller<'_, Host>, ptr: i32, bytes: &[u8]) -> Re
     Ok(())
 }
 
+/// Checks that `[ptr, ptr+len)` lies in guest memory, without copying.
+pub(crate) fn check(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> Result<(), Status> {
+    slice_mut(caller, ptr, len).map(|_| ())
+}
+
 /// The guest memory range `[ptr, ptr+len)`, writable in place.
 pub(crate) fn slice_mut<'a>(
     caller: &'a mut Caller<'_, Host>,
