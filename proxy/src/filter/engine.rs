@@ -282,7 +282,9 @@ impl FilterRuntime {
     }
 
     /// Each filter's name, module path, module sha256, generation, state
-    /// (`ok` / `rebuilding` / `failed`) and last error, as a JSON array.
+    /// (`ok` / `rebuilding` / `failed`; `failed` also when it never loaded),
+    /// VMs currently down (`failed_vms`, all workers), fail policy and last
+    /// error, as a JSON array.
     pub fn status_json(&self) -> serde_json::Value {
         let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
         let list = reg
@@ -304,6 +306,14 @@ impl FilterRuntime {
                     "sha256": e.sha256,
                     "generation": e.generation,
                     "state": state,
+                    "failed_vms": plugin
+                        .as_ref()
+                        .map(|p| p.failed_vms.load(Ordering::Relaxed).max(0))
+                        .unwrap_or(0),
+                    "fail": plugin.as_ref().map(|p| match p.fail_policy() {
+                        super::FailPolicy::Open => "open",
+                        super::FailPolicy::Closed => "closed",
+                    }),
                     "last_error": last_error,
                 })
             })
