@@ -940,3 +940,63 @@ async fn answers_for_abandoned_streams_reach_the_root_context() {
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
     }
 }
+
+#[test]
+fn reload_under_load_never_fails_a_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    let t = TARGETS[0];
+    let mk = |gen: u32| {
+        let mut sp = spec(t, "order", "under-load");
+        sp.config = Bytes::from(format!("g{gen}"));
+        sp
+    };
+    let current = Arc::new(Mutex::new(load(vec![mk(0)])));
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (current, stop, served) = (current.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let set = current.lock().unwrap().clone();
+                        let (req, resp) = exchange(&set, &["under-load"], "/").await.unwrap();
+                        let a = hdr(&req.headers, "x-order").unwrap().to_string();
+                        // A stream stays on the generation it started on.
+                        assert_eq!(hdr(&resp.headers, "x-order"), Some(a.as_str()));
+                        served.fetch_add(1, Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                    }
+                });
+            })
+        })
+        .collect();
+    for gen in 1..=10 {
+        std::thread::sleep(Duration::from_millis(30));
+        let next = load(vec![mk(gen)]);
+        *current.lock().unwrap() = next;
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(
+        served.load(Ordering::Relaxed) > 50,
+        "too few requests served"
+    );
+    let status = runtime().status_json();
+    let e = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "under-load")
+        .unwrap();
+    assert_eq!(e["state"], "ok");
+}
