@@ -27,7 +27,7 @@ if ! command -v wrk >/dev/null; then
 fi
 
 cargo build -q --release -p wasp -p demo-app
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 rm -rf "$out/certs"
 "$bin/wasp" certs --out "$out/certs" --ca-name mesh --service front,reviews >/dev/null
