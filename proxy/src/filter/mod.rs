@@ -44,7 +44,9 @@
 //! are implemented (process-wide, keyed by filter name + queue name; an
 //! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
 //! worker). Resuming a paused *body* from an `http_call`
-//! answer is not supported (the body stays buffered until end of stream),
+//! answer is not supported (the body stays buffered until end of stream;
+//! pausing *at* the end of a body while an `http_call` is pending fails
+//! the filter by its policy rather than forwarding the body unapproved),
 //! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
 //! `http_call` fails the filter (its policy applies; a timer cannot resume
 //! a stream), and a callout answer that arrives

@@ -14,8 +14,10 @@
 //! channel.
 //!
 //! Not supported (documented limits): resuming a paused *body* from an
-//! `http_call` answer (the body keeps buffering until end of stream), and
-//! PAUSE on trailers (treated as CONTINUE).
+//! `http_call` answer (the body keeps buffering until end of stream; a
+//! filter that pauses at the end of a body with a callout pending fails by
+//! its policy instead of seeing its body forwarded unapproved), and PAUSE on
+//! trailers (treated as CONTINUE).
 
 use std::sync::Arc;
 
@@ -42,6 +44,8 @@ struct Slot {
     incarnation: u64,
     /// Failed under `fail = "open"`: skipped for the rest of the stream.
     skipped: bool,
+    /// This filter's `http_call`s not answered yet.
+    pending: u32,
 }
 
 /// What one callback means for the chain.
@@ -142,6 +146,7 @@ impl StreamFilters {
                     ctx: 0,
                     incarnation: 0,
                     skipped: false,
+                    pending: 0,
                 })
                 .collect(),
             data,
@@ -238,6 +243,9 @@ impl StreamFilters {
             if c.context == ctx {
                 let tx = &self.events.get_or_insert_with(unbounded_channel).0;
                 self.pending += 1;
+                if let Some(s) = self.slots.get_mut(pos) {
+                    s.pending += 1;
+                }
                 let mut c = c;
                 // Tag the answer with the pipeline position.
                 c.context = pos as u32;
@@ -266,6 +274,9 @@ impl StreamFilters {
     /// Delivers one callout answer to the filter that asked for it.
     fn deliver(&mut self, done: CalloutDone) -> (usize, Step) {
         let pos = done.context as usize;
+        if let Some(s) = self.slots.get_mut(pos) {
+            s.pending = s.pending.saturating_sub(1);
+        }
         let (token, answer) = done.into_answer();
         (
             pos,
@@ -463,6 +474,17 @@ impl StreamFilters {
             }
             match step {
                 Step::Respond(r) => return BodyVerdict::Respond(r),
+                Step::Go { pause: true, .. }
+                    if eos && self.slots.get(pos).is_some_and(|s| s.pending > 0) =>
+                {
+                    // Waiting on an http_call at the end of a body cannot be
+                    // honoured by the synchronous body path: never forward
+                    // the body as if the filter had agreed.
+                    match self.fail(pos, &Failure::BodyWait) {
+                        Step::Respond(r) => return BodyVerdict::Respond(r),
+                        Step::Go { .. } => {}
+                    }
+                }
                 Step::Go { pause: true, .. } if !eos => {
                     if buf.len() as u64 > self.max_body(pos) {
                         return BodyVerdict::Respond(error_response(

@@ -1000,3 +1000,38 @@ fn reload_under_load_never_fails_a_request() {
         .unwrap();
     assert_eq!(e["state"], "ok");
 }
+
+#[tokio::test]
+async fn pausing_at_end_of_body_for_a_callout_applies_the_policy() {
+    for t in TARGETS {
+        let closed = spec(t, "body-callout", "body-approve");
+        let mut open = spec(t, "body-callout", "body-approve-open");
+        open.fail = FailPolicy::Open;
+        let set = load(vec![closed, open]);
+
+        let mut s = set.stream(&pipeline(&["body-approve"]), info());
+        let mut req = request("/upload", &[]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        assert!(matches!(
+            s.request_body(Bytes::from_static(b"ali"), false),
+            BodyVerdict::Hold
+        ));
+        match s.request_body(Bytes::from_static(b"ce"), true) {
+            BodyVerdict::Respond(r) => {
+                assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{t}");
+                let body = String::from_utf8_lossy(r.body()).into_owned();
+                assert!(body.contains("end of a body"), "{t}: {body}");
+            }
+            other => panic!("{t}: the body must not be forwarded: {other:?}"),
+        }
+        drop(s);
+
+        let mut s = set.stream(&pipeline(&["body-approve-open"]), info());
+        let mut req = request("/upload", &[]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        match s.request_body(Bytes::from_static(b"alice"), true) {
+            BodyVerdict::Forward(b) => assert_eq!(&b[..], b"alice", "{t}"),
+            other => panic!("{t}: fail=open skips the filter: {other:?}"),
+        }
+    }
+}

@@ -43,6 +43,8 @@ pub(crate) enum Failure {
     ContextLost,
     /// The filter paused with nothing that could resume it.
     Stuck,
+    /// The filter paused at the end of a body to wait for an `http_call`.
+    BodyWait,
 }
 
 impl Failure {
@@ -72,6 +74,9 @@ impl std::fmt::Display for Failure {
             Failure::Unavailable(m) => write!(f, "VM unavailable after failure ({m})"),
             Failure::ContextLost => f.write_str("stream context lost with a failed VM"),
             Failure::Stuck => f.write_str("paused with no pending http_call to resume it"),
+            Failure::BodyWait => {
+                f.write_str("paused at the end of a body to wait for an http_call (not supported)")
+            }
         }
     }
 }
