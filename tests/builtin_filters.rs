@@ -15,8 +15,13 @@ use support::upstream::TestUpstream;
 use support::*;
 
 fn builtin(name: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters")).join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} is missing: run scripts/build-wasm.sh first", p.display());
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters"))
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-wasm.sh first",
+        p.display()
+    );
     p
 }
 
@@ -52,8 +57,15 @@ fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> http::Requ
 fn seen_traceparent(body: &str) -> Option<(String, String, String)> {
     let line = body.lines().find_map(|l| l.strip_prefix("traceparent: "))?;
     let parts: Vec<&str> = line.split('-').collect();
-    (parts.len() == 4 && parts[0] == "00" && parts[1].len() == 32 && parts[2].len() == 16)
-        .then(|| (parts[1].to_string(), parts[2].to_string(), parts[3].to_string()))
+    (parts.len() == 4 && parts[0] == "00" && parts[1].len() == 32 && parts[2].len() == 16).then(
+        || {
+            (
+                parts[1].to_string(),
+                parts[2].to_string(),
+                parts[3].to_string(),
+            )
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +76,24 @@ async fn access_log_and_metrics() {
         "{FILTERS}\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"trace\", \"access_log\", \"metrics\"]\n  [[listeners.routes]]\n  name = \"main\"\n  match = {{ prefix = \"/ok\" }}\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
         app.addr
     );
-    let wasp = Wasp::start_in(dir_with(&["trace_context", "access_log", "metrics"]), &config, &[]);
+    let wasp = Wasp::start_in(
+        dir_with(&["trace_context", "access_log", "metrics"]),
+        &config,
+        &[],
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = h1_client();
     let n = 12;
     for i in 0..n {
-        let r = send(&client, request(proxy, &format!("/ok/{i}"), &[("x-request-id", &format!("req-{i}"))])).await;
+        let r = send(
+            &client,
+            request(
+                proxy,
+                &format!("/ok/{i}"),
+                &[("x-request-id", &format!("req-{i}"))],
+            ),
+        )
+        .await;
         assert_eq!(r.status, 200);
     }
     let r = send(&client, request(proxy, "/missing", &[])).await;
@@ -84,7 +108,10 @@ async fn access_log_and_metrics() {
         .filter_map(|l| serde_json::from_str(&l[l.find('{')?..=l.rfind('}')?]).ok())
         .collect();
     assert_eq!(lines.len(), n + 1, "{log}");
-    let first = lines.iter().find(|l| l["request_id"] == "req-0").expect("line of req-0");
+    let first = lines
+        .iter()
+        .find(|l| l["request_id"] == "req-0")
+        .expect("line of req-0");
     assert_eq!(first["method"], "GET");
     assert_eq!(first["path"], "/ok/0");
     assert_eq!(first["authority"], "app");
@@ -93,22 +120,52 @@ async fn access_log_and_metrics() {
     assert_eq!(first["cluster"], "app");
     assert_eq!(first["upstream"], app.addr.to_string());
     assert!(first["bytes_out"].as_u64().unwrap_or(0) > 0, "{first}");
-    assert!(first["duration_ms"].as_f64().unwrap_or(-1.0) >= 0.0, "{first}");
-    assert_eq!(first["trace_id"].as_str().map(str::len), Some(32), "{first}");
-    let missing = lines.iter().find(|l| l["path"] == "/missing").expect("404 line");
+    assert!(
+        first["duration_ms"].as_f64().unwrap_or(-1.0) >= 0.0,
+        "{first}"
+    );
+    assert_eq!(
+        first["trace_id"].as_str().map(str::len),
+        Some(32),
+        "{first}"
+    );
+    let missing = lines
+        .iter()
+        .find(|l| l["path"] == "/missing")
+        .expect("404 line");
     assert_eq!(missing["error"], "no_route", "{missing}");
 
     // RED metrics with real labels and a histogram family.
     let m = wasp.metrics();
-    let labels = ["filter=\"metrics\"", "listener=\"inbound\"", "route=\"main\"", "cluster=\"app\""];
+    let labels = [
+        "filter=\"metrics\"",
+        "listener=\"inbound\"",
+        "route=\"main\"",
+        "cluster=\"app\"",
+    ];
     let mut with_class = labels.to_vec();
     with_class.push("code_class=\"2xx\"");
-    assert_eq!(metric_value(&m, "wasp_http_requests_total", &with_class), Some(n as f64), "{m}");
-    assert!(m.contains("# TYPE wasp_http_request_duration_ms histogram"), "{m}");
-    assert_eq!(metric_value(&m, "wasp_http_request_duration_ms_count", &labels), Some(n as f64), "{m}");
+    assert_eq!(
+        metric_value(&m, "wasp_http_requests_total", &with_class),
+        Some(n as f64),
+        "{m}"
+    );
+    assert!(
+        m.contains("# TYPE wasp_http_request_duration_ms histogram"),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "wasp_http_request_duration_ms_count", &labels),
+        Some(n as f64),
+        "{m}"
+    );
     let mut inf = labels.to_vec();
     inf.push("le=\"+Inf\"");
-    assert_eq!(metric_value(&m, "wasp_http_request_duration_ms_bucket", &inf), Some(n as f64), "{m}");
+    assert_eq!(
+        metric_value(&m, "wasp_http_request_duration_ms_bucket", &inf),
+        Some(n as f64),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,8 +195,17 @@ async fn trace_context_continues_across_two_sidecars() {
     // An incoming trace is continued: same trace id, a new span, sampled kept.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let r = send(&client, request(proxy, "/", &[("traceparent", &format!("00-{trace}-{parent}-01"))])).await;
-    let (t, span, flags) = seen_traceparent(&r.body).unwrap_or_else(|| panic!("no traceparent upstream: {}", r.body));
+    let r = send(
+        &client,
+        request(
+            proxy,
+            "/",
+            &[("traceparent", &format!("00-{trace}-{parent}-01"))],
+        ),
+    )
+    .await;
+    let (t, span, flags) =
+        seen_traceparent(&r.body).unwrap_or_else(|| panic!("no traceparent upstream: {}", r.body));
     assert_eq!(t, trace);
     assert_ne!(span, parent, "each hop makes a new span");
     assert_eq!(flags, "01");
@@ -154,12 +220,20 @@ async fn trace_context_continues_across_two_sidecars() {
     assert_ne!(t1, t2, "each request starts its own trace");
 
     // Malformed: replaced by a new, valid trace.
-    let r = send(&client, request(proxy, "/", &[("traceparent", "00-nothex-xyz-01")])).await;
+    let r = send(
+        &client,
+        request(proxy, "/", &[("traceparent", "00-nothex-xyz-01")]),
+    )
+    .await;
     let (t3, _, _) = seen_traceparent(&r.body).expect("valid trace after a malformed one");
     assert!(t3.chars().all(|c| c.is_ascii_hexdigit()));
 
     // B3 single header is understood when b3 = true.
-    let r = send(&client, request(proxy, "/", &[("b3", &format!("{trace}-{parent}-1"))])).await;
+    let r = send(
+        &client,
+        request(proxy, "/", &[("b3", &format!("{trace}-{parent}-1"))]),
+    )
+    .await;
     let (t4, _, _) = seen_traceparent(&r.body).expect("trace from b3");
     assert_eq!(t4, trace);
 }
@@ -206,15 +280,26 @@ endpoints = ["{}"]
             to_v2.push(user);
         }
     }
-    println!("canary split: {} of {users} users to reviews-v2 (expected 40)", to_v2.len());
+    println!(
+        "canary split: {} of {users} users to reviews-v2 (expected 40)",
+        to_v2.len()
+    );
     // Binomial(400, 0.1): sd 6; allow 4 sd.
-    assert!((16..=64).contains(&to_v2.len()), "{} users went to v2", to_v2.len());
+    assert!(
+        (16..=64).contains(&to_v2.len()),
+        "{} users went to v2",
+        to_v2.len()
+    );
     // Sticky: the same users land on the same side again.
     for user in to_v2.iter().take(10) {
         let r = send(&client, request(proxy, "/", &[("x-user", user)])).await;
         assert_eq!(r.header("x-upstream"), Some("reviews-v2"), "{user} moved");
     }
-    let r = send(&client, request(proxy, "/", &[("x-canary", "1"), ("x-user", "user-0")])).await;
+    let r = send(
+        &client,
+        request(proxy, "/", &[("x-canary", "1"), ("x-user", "user-0")]),
+    )
+    .await;
     assert_eq!(r.header("x-upstream"), Some("reviews-v2"));
 }
 
@@ -227,7 +312,11 @@ async fn scaffolded_filter_builds_and_loads() {
         .arg(&crate_dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
         let text = std::fs::read_to_string(crate_dir.join(f)).unwrap();
         assert!(!text.contains("{{"), "{f} still has placeholders");
@@ -235,12 +324,23 @@ async fn scaffolded_filter_builds_and_loads() {
     // Build it as a user would, sharing the workspace's target dir for speed.
     let target_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/scaffold"));
     let build = Command::new("cargo")
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--target-dir"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip1",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .current_dir(&crate_dir)
         .output()
         .unwrap();
-    assert!(build.status.success(), "scaffolded filter does not build:\n{}", String::from_utf8_lossy(&build.stderr));
+    assert!(
+        build.status.success(),
+        "scaffolded filter does not build:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
     let wasm = target_dir.join("wasm32-wasip1/release/hello_filter.wasm");
     let dir = TempDir::new("scaffold-run");
     std::fs::create_dir_all(dir.path().join("filters.d")).unwrap();
@@ -255,7 +355,15 @@ async fn scaffolded_filter_builds_and_loads() {
         ),
         &[],
     );
-    let r = send(&h1_client(), request(format!("127.0.0.1:{port}").parse().unwrap(), "/", &[])).await;
+    let r = send(
+        &h1_client(),
+        request(format!("127.0.0.1:{port}").parse().unwrap(), "/", &[]),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert!(r.body.contains("x-hello: from-template"), "the upstream saw: {}", r.body);
+    assert!(
+        r.body.contains("x-hello: from-template"),
+        "the upstream saw: {}",
+        r.body
+    );
 }

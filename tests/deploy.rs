@@ -85,10 +85,18 @@ async fn wrapper_mode_app_calls_out_at_once_and_its_exit_code_wins() {
         out = out.display()
     );
     let (inbound, outbound) = (free_port(), free_port());
-    let (mut child, _) = start_wrapped(&sidecar_config(inbound, outbound, app.addr, ""), &script, &dir);
+    let (mut child, _) = start_wrapped(
+        &sidecar_config(inbound, outbound, app.addr, ""),
+        &script,
+        &dir,
+    );
     let code = wait_exit(&mut child, Duration::from_secs(20));
     let log = std::fs::read_to_string(dir.path().join("wasp.log")).unwrap_or_default();
-    assert_eq!(code, Some(3), "wasp must exit with the app's code; log:\n{log}");
+    assert_eq!(
+        code,
+        Some(3),
+        "wasp must exit with the app's code; log:\n{log}"
+    );
     let status = std::fs::read_to_string(format!("{}.code", out.display())).unwrap();
     assert_eq!(status, "200", "first outbound call failed; log:\n{log}");
     let proxy = std::fs::read_to_string(format!("{}.proxy", out.display())).unwrap();
@@ -118,13 +126,20 @@ async fn sigterm_is_forwarded_and_outbound_outlives_the_app() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     let code = wait_exit(&mut child, Duration::from_secs(20));
     let log = std::fs::read_to_string(dir.path().join("wasp.log")).unwrap_or_default();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("forwarded"), "SIGTERM not forwarded:\n{log}");
     let after = std::fs::read_to_string(&marker).unwrap_or_default();
-    assert_eq!(after, "200", "the app's call during shutdown failed; log:\n{log}");
+    assert_eq!(
+        after, "200",
+        "the app's call during shutdown failed; log:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,14 +164,18 @@ async fn shutdown_under_load_fails_no_in_flight_request() {
             while Instant::now() < stop_at {
                 // A fresh connection per request: a refused connect is "not
                 // accepted"; anything after acceptance must succeed.
-                let Ok(mut s) = std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200)) else {
+                let Ok(mut s) =
+                    std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200))
+                else {
                     refused.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 };
                 use std::io::{Read, Write};
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let _ = s.write_all(b"GET /slow?ms=50 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+                let _ = s.write_all(
+                    b"GET /slow?ms=50 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+                );
                 let mut buf = String::new();
                 let _ = s.read_to_string(&mut buf);
                 if buf.starts_with("HTTP/1.1 200") {
@@ -176,7 +195,11 @@ async fn shutdown_under_load_fails_no_in_flight_request() {
         c.join().unwrap();
     }
     let code = wasp.wait_exit(Duration::from_secs(10));
-    let (ok, refused, failed) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, refused, failed) = (
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
     println!("shutdown under load: {ok} served, {refused} refused after close, {failed} failed");
     assert_eq!(failed, 0, "accepted requests failed during shutdown");
     assert!(ok > 20 && refused > 0, "ok={ok} refused={refused}");
@@ -190,7 +213,13 @@ fn await_waits_for_ready_and_times_out_clearly() {
     let (inbound, outbound) = (free_port(), free_port());
     let wasp = Wasp::start(&sidecar_config(inbound, outbound, app.addr, ""));
     let out = Command::new(WASP)
-        .args(["await", "--admin", &wasp.admin.to_string(), "--timeout", "5s"])
+        .args([
+            "await",
+            "--admin",
+            &wasp.admin.to_string(),
+            "--timeout",
+            "5s",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -204,7 +233,10 @@ fn await_waits_for_ready_and_times_out_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("wasp at {nowhere} is not ready after 500ms")), "{err}");
+    assert!(
+        err.contains(&format!("wasp at {nowhere} is not ready after 500ms")),
+        "{err}"
+    );
     assert!(err.contains("cannot connect"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -221,7 +253,11 @@ fn kubernetes_manifests_validate_and_embed_a_valid_config() {
         .args(&files)
         .output()
         .expect("kubernetes-validate (pip install kubernetes-validate; scripts/test.sh does)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success() && !text.contains("ERROR"), "{text}");
     assert_eq!(text.matches("passed").count(), 4, "{text}");
 
@@ -240,8 +276,21 @@ fn kubernetes_manifests_validate_and_embed_a_valid_config() {
     let tmp = TempDir::new("k8s");
     let path = tmp.path().join("wasp.toml");
     std::fs::write(&path, toml).unwrap();
-    let out = Command::new(WASP).arg("check").arg("--config").arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(WASP)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains("inbound on 0.0.0.0:15006") && summary.contains("outbound on 127.0.0.1:15001"), "{summary}");
+    assert!(
+        summary.contains("inbound on 0.0.0.0:15006")
+            && summary.contains("outbound on 127.0.0.1:15001"),
+        "{summary}"
+    );
 }

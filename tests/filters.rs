@@ -75,21 +75,36 @@ endpoints = ["{}"]
         assert!(r.body.contains("x-added: yes"), "{target}: {}", r.body);
         assert!(r.body.contains("x-replace: new"), "{target}: {}", r.body);
         assert!(!r.body.contains("x-drop"), "{target}: {}", r.body);
-        assert!(r.body.contains("x-order: onetwothree\n"), "{target}: request order: {}", r.body);
+        assert!(
+            r.body.contains("x-order: onetwothree\n"),
+            "{target}: request order: {}",
+            r.body
+        );
         // Response side runs in reverse order.
         let order = r.header("x-order").unwrap_or("");
         assert_eq!(order, "threetwoone", "{target}: {r:?}");
         assert_eq!(r.header("x-resp"), Some("r"), "{target}");
-        assert_eq!(r.header("x-upstream"), None, "{target}: response header removed");
+        assert_eq!(
+            r.header("x-upstream"),
+            None,
+            "{target}: response header removed"
+        );
 
         let before = app.requests();
         let r = get(&client, proxy, "app", "/deny/this").await;
         assert_eq!(r.status, 403, "{target}: {r:?}");
-        assert_eq!(app.requests(), before, "{target}: a local reply must not go upstream");
+        assert_eq!(
+            app.requests(),
+            before,
+            "{target}: a local reply must not go upstream"
+        );
 
         let r = send(&client, post(proxy, "/echo", "say foo to the world")).await;
         assert_eq!(r.status, 200, "{target}: {r:?}");
-        assert_eq!(r.body, "say bar to the wasm", "{target}: both bodies rewritten");
+        assert_eq!(
+            r.body, "say bar to the wasm",
+            "{target}: both bodies rewritten"
+        );
     }
 }
 
@@ -116,7 +131,12 @@ async fn callout_pauses_then_allows_or_denies() {
                 .body(Full::new(Bytes::new()))
                 .unwrap();
             let r = send(&client, req).await;
-            assert_eq!(r.status, status, "{target} {user}: {r:?}\n{}", wasp.log_text());
+            assert_eq!(
+                r.status,
+                status,
+                "{target} {user}: {r:?}\n{}",
+                wasp.log_text()
+            );
             if status == 200 {
                 assert!(r.body.contains("x-authz: ok-alice"), "{target}: {}", r.body);
             }
@@ -128,7 +148,10 @@ async fn callout_pauses_then_allows_or_denies() {
 async fn properties_metrics_shared_data_and_timers() {
     let app = TestUpstream::start("app").await;
     let v2 = TestUpstream::start("reviews-v2").await;
-    let dir = with_fixtures("wasm32-wasip1", &["properties", "metrics", "shared-data", "timer"]);
+    let dir = with_fixtures(
+        "wasm32-wasip1",
+        &["properties", "metrics", "shared-data", "timer"],
+    );
     let port = free_port();
     let config = format!(
         r#"
@@ -166,23 +189,41 @@ endpoints = ["{}"]
         assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
         // The properties filter set wasp.cluster: the core honoured it.
         assert_eq!(r.header("x-upstream"), Some("reviews-v2"), "{r:?}");
-        assert_eq!(r.header("x-prop-request.url_path"), Some(format!("/p/{i}").as_str()));
+        assert_eq!(
+            r.header("x-prop-request.url_path"),
+            Some(format!("/p/{i}").as_str())
+        );
         assert_eq!(r.header("x-prop-request.method"), Some("GET"));
         assert_eq!(r.header("x-prop-listener_name"), Some("inbound"));
         assert_eq!(r.header("x-prop-route_name"), Some("main"));
         assert_eq!(r.header("x-prop-cluster_name"), Some("reviews-v2"));
         assert_eq!(r.header("x-prop-response.code"), Some("200"));
-        assert_eq!(r.header("x-prop-upstream.address"), Some(v2.addr.to_string().as_str()));
+        assert_eq!(
+            r.header("x-prop-upstream.address"),
+            Some(v2.addr.to_string().as_str())
+        );
         assert_eq!(r.header("x-prop-fixture.note"), Some("hello"));
-        let counter: u64 = r.header("x-counter").and_then(|v| v.parse().ok()).unwrap_or(0);
-        assert!(counter > last_counter, "shared counter must grow across workers: {counter} after {last_counter}");
+        let counter: u64 = r
+            .header("x-counter")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            counter > last_counter,
+            "shared counter must grow across workers: {counter} after {last_counter}"
+        );
         last_counter = counter;
         if r.header("x-cas-conflict") == Some("1") {
             conflicts += 1;
         }
     }
-    assert_eq!(last_counter, n, "CAS increments from both workers all landed");
-    assert_eq!(conflicts, n, "the stale write is refused with CAS_MISMATCH every time");
+    assert_eq!(
+        last_counter, n,
+        "CAS increments from both workers all landed"
+    );
+    assert_eq!(
+        conflicts, n,
+        "the stale write is refused with CAS_MISMATCH every time"
+    );
     let log = wasp.log_text();
     assert!(!log.contains("trap"), "no filter trapped:\n{log}");
 
@@ -195,20 +236,34 @@ endpoints = ["{}"]
     assert!(metrics.contains("wasp_filter_calls_total"), "{metrics}");
 
     // Timers tick on their own.
-    let first: u64 = get(&h1_client(), proxy, "app", "/t").await.header("x-ticks").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let first: u64 = get(&h1_client(), proxy, "app", "/t")
+        .await
+        .header("x-ticks")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let later: u64 = get(&h1_client(), proxy, "app", "/t").await.header("x-ticks").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let later: u64 = get(&h1_client(), proxy, "app", "/t")
+        .await
+        .header("x-ticks")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(later >= first + 5, "ticks {first} -> {later}");
 
     let (status, filters) = wasp.admin_get("/filters");
     assert_eq!(status, 200);
-    assert!(filters.contains("\"props\"") && filters.contains("sha256") || filters.contains("hash"), "{filters}");
+    assert!(
+        filters.contains("\"props\"") && filters.contains("sha256") || filters.contains("hash"),
+        "{filters}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_filters_fail_only_their_requests() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures("wasm32-wasip1", &["loop", "membomb", "trap-every-10th", "proc-exit"]);
+    let dir = with_fixtures(
+        "wasm32-wasip1",
+        &["loop", "membomb", "trap-every-10th", "proc-exit"],
+    );
     let (bad, good) = (free_port(), free_port());
     let config = format!(
         r#"
@@ -251,9 +306,17 @@ endpoints = ["{}"]
         let r = get(&client, hostile, "app", path).await;
         assert_eq!(r.status, 503, "{path}: {r:?}");
         assert_eq!(r.header("x-wasp-error"), Some("filter_failed"), "{path}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{path} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} took {:?}",
+            started.elapsed()
+        );
         // Other listeners, and ordinary requests on this one, keep working.
-        assert_eq!(get(&client, clean, "app", "/").await.status, 200, "after {path}");
+        assert_eq!(
+            get(&client, clean, "app", "/").await.status,
+            200,
+            "after {path}"
+        );
         let mut ok = false;
         for _ in 0..50 {
             if get(&client, hostile, "app", "/fine").await.status == 200 {
@@ -262,7 +325,11 @@ endpoints = ["{}"]
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(ok, "the VM was not rebuilt after {path}:\n{}", wasp.log_text());
+        assert!(
+            ok,
+            "the VM was not rebuilt after {path}:\n{}",
+            wasp.log_text()
+        );
     }
     // fail = "open": the trapping filter is skipped, nobody sees an error.
     for i in 0..30 {
@@ -270,7 +337,11 @@ endpoints = ["{}"]
         assert_eq!(r.status, 200, "request {i}: {r:?}");
     }
     let metrics = wasp.metrics();
-    assert!(metric_value(&metrics, "wasp_filter_traps_total", &["filter=\"flaky\""]).unwrap_or(0.0) >= 2.0, "{metrics}");
+    assert!(
+        metric_value(&metrics, "wasp_filter_traps_total", &["filter=\"flaky\""]).unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
     assert!(wasp.child.try_wait().unwrap().is_none(), "the proxy died");
 }
 
@@ -295,5 +366,8 @@ fn a_filter_whose_configure_fails_stops_startup_with_its_name() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("picky") && err.contains("proxy_on_configure"), "{err}");
+    assert!(
+        err.contains("picky") && err.contains("proxy_on_configure"),
+        "{err}"
+    );
 }

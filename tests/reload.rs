@@ -91,7 +91,11 @@ async fn swapping_a_filter_under_load_fails_nothing() {
                         let status = resp.status().as_u16();
                         let headers = resp.headers().clone();
                         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                        let a = Answer { status, headers, body: String::new() };
+                        let a = Answer {
+                            status,
+                            headers,
+                            body: String::new(),
+                        };
                         if status != 200 {
                             failed.fetch_add(1, Ordering::Relaxed);
                         } else if version_of(&a).is_none() {
@@ -112,7 +116,11 @@ async fn swapping_a_filter_under_load_fails_nothing() {
     let mut delays = Vec::new();
     let filters_dir = wasp.dir.path().join("filters.d");
     for swap in 0..20 {
-        let (bytes, want) = if swap % 2 == 0 { (&v2, Version::V2) } else { (&v1, Version::V1) };
+        let (bytes, want) = if swap % 2 == 0 {
+            (&v2, Version::V2)
+        } else {
+            (&v1, Version::V1)
+        };
         install(&filters_dir, bytes, swap);
         let written = Instant::now();
         loop {
@@ -121,7 +129,11 @@ async fn swapping_a_filter_under_load_fails_nothing() {
                 delays.push(written.elapsed());
                 break;
             }
-            assert!(written.elapsed() < Duration::from_secs(5), "swap {swap} to {want:?} not seen in 5 s:\n{}", wasp.log_text());
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "swap {swap} to {want:?} not seen in 5 s:\n{}",
+                wasp.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -130,13 +142,22 @@ async fn swapping_a_filter_under_load_fails_nothing() {
         c.await.unwrap();
     }
     delays.sort();
-    let (ok, failed, mixed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), mixed.load(Ordering::Relaxed));
+    let (ok, failed, mixed) = (
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        mixed.load(Ordering::Relaxed),
+    );
     println!(
         "20 swaps under 32 keep-alive clients: {ok} ok, {failed} failed, {mixed} without exactly one version; write-to-new-version median {:?}, max {:?}",
         delays[delays.len() / 2],
         delays[delays.len() - 1]
     );
-    assert_eq!(failed, 0, "failed requests during swaps:\n{}", wasp.log_text());
+    assert_eq!(
+        failed,
+        0,
+        "failed requests during swaps:\n{}",
+        wasp.log_text()
+    );
     assert_eq!(mixed, 0);
     assert!(ok > 100, "load too small to mean anything: {ok}");
 }
@@ -148,7 +169,11 @@ async fn broken_modules_and_configs_change_nothing() {
     let dir = TempDir::new("reload-bad");
     let filters = dir.path().join("filters.d");
     std::fs::create_dir_all(&filters).unwrap();
-    std::fs::copy(fixture("wasm32-wasip1", "headers"), filters.join("swap.wasm")).unwrap();
+    std::fs::copy(
+        fixture("wasm32-wasip1", "headers"),
+        filters.join("swap.wasm"),
+    )
+    .unwrap();
     let port = free_port();
     let config = |cluster: &str| {
         format!(
@@ -161,40 +186,79 @@ async fn broken_modules_and_configs_change_nothing() {
     let client = h1_client();
     let reload = || {
         std::process::Command::new("curl")
-            .args(["-sS", "-X", "POST", &format!("http://{}/reload", wasp.admin)])
+            .args([
+                "-sS",
+                "-X",
+                "POST",
+                &format!("http://{}/reload", wasp.admin),
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap()
     };
-    let failures = || metric_value(&wasp.metrics(), "wasp_reload_failures_total", &[]).unwrap_or(-1.0);
+    let failures =
+        || metric_value(&wasp.metrics(), "wasp_reload_failures_total", &[]).unwrap_or(-1.0);
 
     // A module that is not Wasm at all.
     std::fs::write(filters.join("swap.wasm"), b"definitely not wasm").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while failures() < 1.0 {
-        assert!(Instant::now() < deadline, "broken module not reported:\n{}", wasp.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "broken module not reported:\n{}",
+            wasp.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let r = get(&client, proxy, "app", "/").await;
-    assert_eq!((r.status, version_of(&r)), (200, Some(Version::V1)), "old version keeps serving");
+    assert_eq!(
+        (r.status, version_of(&r)),
+        (200, Some(Version::V1)),
+        "old version keeps serving"
+    );
     let (_, status) = wasp.admin_get("/filters");
-    assert!(status.contains("\"last_error\"") && status.contains("swap"), "{status}");
-    assert!(!status.contains("\"last_error\": null"), "/filters must show the error: {status}");
+    assert!(
+        status.contains("\"last_error\"") && status.contains("swap"),
+        "{status}"
+    );
+    assert!(
+        !status.contains("\"last_error\": null"),
+        "/filters must show the error: {status}"
+    );
 
     // A module whose on_configure says no.
-    std::fs::copy(fixture("wasm32-wasip1", "configure-false"), filters.join("swap.wasm")).unwrap();
+    std::fs::copy(
+        fixture("wasm32-wasip1", "configure-false"),
+        filters.join("swap.wasm"),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while failures() < 2.0 {
-        assert!(Instant::now() < deadline, "configure=false not reported:\n{}", wasp.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "configure=false not reported:\n{}",
+            wasp.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(version_of(&get(&client, proxy, "app", "/").await), Some(Version::V1));
+    assert_eq!(
+        version_of(&get(&client, proxy, "app", "/").await),
+        Some(Version::V1)
+    );
 
     // Put a good module back, then change the route by editing the config.
-    std::fs::copy(fixture("wasm32-wasip1", "headers"), filters.join("swap.wasm")).unwrap();
+    std::fs::copy(
+        fixture("wasm32-wasip1", "headers"),
+        filters.join("swap.wasm"),
+    )
+    .unwrap();
     let cfg_path = wasp.dir.path().join("wasp.toml");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, text.replace("cluster = \"app\"", "cluster = \"other\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("cluster = \"app\"", "cluster = \"other\""),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = get(&client, proxy, "app", "/").await;
@@ -202,26 +266,54 @@ async fn broken_modules_and_configs_change_nothing() {
             assert_eq!(version_of(&r), Some(Version::V1));
             break;
         }
-        assert!(Instant::now() < deadline, "route change not applied:\n{}", wasp.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "route change not applied:\n{}",
+            wasp.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // A broken config: rejected whole, with its position; the old one serves.
     let good = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, good.replace("cluster = \"other\"", "cluster = \"nowhere\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        good.replace("cluster = \"other\"", "cluster = \"nowhere\""),
+    )
+    .unwrap();
     let answer = reload();
-    assert!(answer.contains("reload rejected") && answer.contains("unknown cluster \"nowhere\""), "{answer}");
-    assert!(answer.contains("wasp.toml:"), "the error names the file and line: {answer}");
-    assert_eq!(get(&client, proxy, "app", "/").await.header("x-upstream"), Some("other"));
+    assert!(
+        answer.contains("reload rejected") && answer.contains("unknown cluster \"nowhere\""),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("wasp.toml:"),
+        "the error names the file and line: {answer}"
+    );
+    assert_eq!(
+        get(&client, proxy, "app", "/").await.header("x-upstream"),
+        Some("other")
+    );
     let (_, cfg) = wasp.admin_get("/config");
-    assert!(cfg.contains("unknown cluster"), "/config reports the last reload error: {cfg}");
+    assert!(
+        cfg.contains("unknown cluster"),
+        "/config reports the last reload error: {cfg}"
+    );
 
     // Fixed again, applied by SIGHUP.
-    std::fs::write(&cfg_path, good.replace("cluster = \"other\"", "cluster = \"app\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        good.replace("cluster = \"other\"", "cluster = \"app\""),
+    )
+    .unwrap();
     wasp.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while get(&client, proxy, "app", "/").await.header("x-upstream") != Some("app") {
-        assert!(Instant::now() < deadline, "SIGHUP reload not applied:\n{}", wasp.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP reload not applied:\n{}",
+            wasp.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(reload().starts_with("reloaded: generation"));

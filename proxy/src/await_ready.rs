@@ -46,12 +46,15 @@ pub fn main(admin: &str, timeout: &str) -> ExitCode {
 
 /// One `GET /ready`; the status code, or why there was none.
 fn probe(addr: SocketAddr) -> Result<u16, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| format!("cannot connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
     s.write_all(b"GET /ready HTTP/1.1\r\nHost: wasp\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("cannot send: {e}"))?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
+    s.read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read: {e}"))?;
     buf.get(9..12)
         .and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|s| s.parse().ok())

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "wasp", version, about = "A WebAssembly-pluggable sidecar proxy")]
+#[command(
+    name = "wasp",
+    version,
+    about = "A WebAssembly-pluggable sidecar proxy"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -8,10 +8,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const FILES: [(&str, &str); 4] = [
-    ("Cargo.toml", include_str!("../../examples/filter-template/Cargo.toml")),
-    ("src/lib.rs", include_str!("../../examples/filter-template/src/lib.rs")),
-    ("README.md", include_str!("../../examples/filter-template/README.md")),
-    (".gitignore", include_str!("../../examples/filter-template/.gitignore")),
+    (
+        "Cargo.toml",
+        include_str!("../../examples/filter-template/Cargo.toml"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../../examples/filter-template/src/lib.rs"),
+    ),
+    (
+        "README.md",
+        include_str!("../../examples/filter-template/README.md"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../examples/filter-template/.gitignore"),
+    ),
 ];
 
 /// Where this binary's own SDK sources were at build time.
@@ -21,7 +33,10 @@ pub fn new_filter(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> ExitCod
     match scaffold(name, dir, sdk) {
         Ok(path) => {
             println!("created filter crate {name} in {}", path.display());
-            println!("next: cd {} && cargo build --target wasm32-wasip1 --release", path.display());
+            println!(
+                "next: cd {} && cargo build --target wasm32-wasip1 --release",
+                path.display()
+            );
             println!(
                 "then copy target/wasm32-wasip1/release/{}.wasm into your filters_dir",
                 name.replace('-', "_")
@@ -38,15 +53,25 @@ pub fn new_filter(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> ExitCod
 fn scaffold(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Result<PathBuf, String> {
     let valid = !name.is_empty()
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
         return Err(format!(
             "\"{name}\" is not a usable crate name: use lowercase letters, digits, '-' and '_', starting with a letter"
         ));
     }
     let target = dir.map_or_else(|| PathBuf::from(name), Path::to_path_buf);
-    if target.exists() && target.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(format!("{} already exists and is not empty", target.display()));
+    if target.exists()
+        && target
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(format!(
+            "{} already exists and is not empty",
+            target.display()
+        ));
     }
     let sdk = match sdk {
         Some(p) => p.to_path_buf(),
@@ -66,7 +91,8 @@ fn scaffold(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Result<PathBu
             .replace("{{sdk_path}}", &sdk.display().to_string());
         let path = target.join(file);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }

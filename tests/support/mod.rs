@@ -163,10 +163,17 @@ impl Drop for Wasp {
 
 /// Where `scripts/build-wasm.sh` puts the compatibility fixtures.
 pub fn fixture(target: &str, name: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/wasm-fixtures"))
-        .join(target)
-        .join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} is missing: run scripts/build-wasm.sh first", p.display());
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/wasm-fixtures"
+    ))
+    .join(target)
+    .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-wasm.sh first",
+        p.display()
+    );
     p
 }
 

@@ -39,14 +39,18 @@ impl Drop for TestUpstream {
 
 impl TestUpstream {
     pub async fn start(name: &'static str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (acc, reqs) = (accepted.clone(), requests.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 acc.fetch_add(1, Ordering::SeqCst);
                 let reqs = reqs.clone();
                 tokio::spawn(async move {
@@ -75,10 +79,15 @@ impl TestUpstream {
 }
 
 fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
-async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn serve(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let version = req.version();
@@ -88,7 +97,10 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Respons
         seen.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
     }
     let mut resp = if path == "/slow" {
-        let ms: u64 = query.strip_prefix("ms=").and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let ms: u64 = query
+            .strip_prefix("ms=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Response::new(full(format!("slow {ms}ms done\n")))
     } else if path == "/echo" {
@@ -120,22 +132,38 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Respons
         });
         let mut r = Response::new(full(""));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert("connection", "upgrade".parse().unwrap());
-        r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
         return Ok(r);
     } else if path == "/grpc" {
         // gRPC-shaped: echo the message, then trailers.
-        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("grpc-message", "echoed".parse().unwrap());
-        let frames = vec![Ok::<_, hyper::Error>(Frame::data(body)), Ok(Frame::trailers(trailers))];
+        let frames = vec![
+            Ok::<_, hyper::Error>(Frame::data(body)),
+            Ok(Frame::trailers(trailers)),
+        ];
         let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
-        r.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
         return Ok(r);
     } else if path == "/check" {
         // An authorization service for callout tests: alice may, others may not.
-        let user = req.headers().get("x-user").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let user = req
+            .headers()
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let mut r = Response::new(full(format!("ok-{user}")));
         if user != "alice" {
             *r.status_mut() = StatusCode::FORBIDDEN;
@@ -143,7 +171,8 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Respons
         r
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(format!("status {code}\n")));
-        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r
     } else {
         Response::new(full(seen))
@@ -159,8 +188,13 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Result<Respons
 }
 
 fn req_path_header(path: &str, query: &str) -> http::HeaderValue {
-    let v = if query.is_empty() { path.to_string() } else { format!("{path}?{query}") };
-    v.parse().unwrap_or_else(|_| http::HeaderValue::from_static("?"))
+    let v = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    v.parse()
+        .unwrap_or_else(|_| http::HeaderValue::from_static("?"))
 }
 
 /// A TCP server that accepts, reads the request, and closes without answering.
@@ -169,7 +203,9 @@ pub async fn rude_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;

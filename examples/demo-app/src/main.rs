@@ -45,7 +45,10 @@ fn main() {
         call: args.get(3).cloned(),
         proxy: std::env::var("HTTP_PROXY").ok(),
     };
-    let threads = std::env::var("DEMO_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
+    let threads = std::env::var("DEMO_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -65,7 +68,9 @@ async fn serve(addr: SocketAddr, app: App) {
     eprintln!("demo-app {} listening on {addr}", app.name);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let client = client.clone();
@@ -84,7 +89,9 @@ async fn handle(
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/bench" {
-        return Ok(Response::new(Full::new(Bytes::from_static(b"hello, world\n"))));
+        return Ok(Response::new(Full::new(Bytes::from_static(
+            b"hello, world\n",
+        ))));
     }
     let mut text = format!("{} answered {} {}\n", app.name, req.method(), req.uri());
     for (k, v) in req.headers() {
@@ -97,7 +104,12 @@ async fn handle(
             // does the rest.
             let forwarded: Vec<(String, String)> = PROPAGATE
                 .iter()
-                .filter_map(|h| Some((h.to_string(), req.headers().get(*h)?.to_str().ok()?.to_string())))
+                .filter_map(|h| {
+                    Some((
+                        h.to_string(),
+                        req.headers().get(*h)?.to_str().ok()?.to_string(),
+                    ))
+                })
                 .collect();
             match call(&client, url, app.proxy.as_deref(), &forwarded).await {
                 Ok((status, body)) => text.push_str(&format!(" -> {status}\n{body}")),
@@ -106,12 +118,20 @@ async fn handle(
         }
     }
     let mut resp = Response::new(Full::new(Bytes::from(text)));
-    resp.headers_mut().insert("x-served-by", http::HeaderValue::from_static(app.name));
+    resp.headers_mut()
+        .insert("x-served-by", http::HeaderValue::from_static(app.name));
     Ok(resp)
 }
 
 /// Headers an app copies from the request it serves onto the calls it makes.
-const PROPAGATE: [&str; 6] = ["traceparent", "tracestate", "x-request-id", "x-user", "x-canary", "b3"];
+const PROPAGATE: [&str; 6] = [
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-user",
+    "x-canary",
+    "b3",
+];
 
 /// Calls `url` the way an app behind a sidecar does: through `HTTP_PROXY`.
 async fn call(
@@ -126,8 +146,15 @@ async fn call(
     let uri = match proxy {
         Some(p) => {
             let p: http::Uri = p.parse().map_err(|e| format!("bad HTTP_PROXY: {e}"))?;
-            let authority = p.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1:15001").to_string();
-            format!("http://{authority}{}", target.path_and_query().map_or("/", |p| p.as_str()))
+            let authority = p
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or("127.0.0.1:15001")
+                .to_string();
+            format!(
+                "http://{authority}{}",
+                target.path_and_query().map_or("/", |p| p.as_str())
+            )
         }
         None => url.to_string(),
     };
@@ -135,9 +162,16 @@ async fn call(
     for (k, v) in forwarded {
         req = req.header(k.as_str(), v.as_str());
     }
-    let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

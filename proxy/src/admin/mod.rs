@@ -129,32 +129,55 @@ fn metrics(shared: &Shared) -> AdminResponse {
     ));
     out.push_str("# HELP wasp_config_generation The snapshot generation serving new requests.\n");
     out.push_str("# TYPE wasp_config_generation gauge\n");
-    out.push_str(&format!("wasp_config_generation {}\n", shared.snapshot.load().generation));
+    out.push_str(&format!(
+        "wasp_config_generation {}\n",
+        shared.snapshot.load().generation
+    ));
     out.push_str("# HELP wasp_build_info Build information; the value is always 1.\n");
     out.push_str("# TYPE wasp_build_info gauge\n");
-    out.push_str(&format!("wasp_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
-    with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", out)
+    out.push_str(&format!(
+        "wasp_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    with_type(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        out,
+    )
 }
 
 /// Reloads now and answers with the outcome.
 async fn post_reload(shared: &Shared) -> AdminResponse {
     let Some(reloads) = shared.reload.get() else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "reload is not running yet\n");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reload is not running yet\n",
+        );
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     if reloads.send(crate::reload::Trigger::Admin(tx)).is_err() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "reload is not running\n");
     }
     match rx.await {
-        Ok(Ok(generation)) => text(StatusCode::OK, &format!("reloaded: generation {generation}\n")),
-        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, &format!("reload rejected, the previous configuration keeps serving:\n{e}\n")),
+        Ok(Ok(generation)) => text(
+            StatusCode::OK,
+            &format!("reloaded: generation {generation}\n"),
+        ),
+        Ok(Err(e)) => text(
+            StatusCode::BAD_REQUEST,
+            &format!("reload rejected, the previous configuration keeps serving:\n{e}\n"),
+        ),
         Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "reload was abandoned\n"),
     }
 }
 
 fn reload_status(shared: &Shared) -> AdminResponse {
     let generation = shared.snapshot.load().generation;
-    let error = shared.reload_status.lock().ok().and_then(|s| s.last_error.clone());
+    let error = shared
+        .reload_status
+        .lock()
+        .ok()
+        .and_then(|s| s.last_error.clone());
     let body = serde_json::json!({ "generation": generation, "last_error": error });
     with_type(StatusCode::OK, "application/json", body.to_string())
 }
@@ -165,10 +188,16 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
         .split('&')
         .find_map(|kv| kv.strip_prefix("level="));
     let Some(level) = level else {
-        return text(StatusCode::BAD_REQUEST, "use ?level=error|warn|info|debug|trace (or a tracing filter)\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "use ?level=error|warn|info|debug|trace (or a tracing filter)\n",
+        );
     };
     let Some(handle) = &shared.log_level else {
-        return text(StatusCode::CONFLICT, "log level is not adjustable in this process\n");
+        return text(
+            StatusCode::CONFLICT,
+            "log level is not adjustable in this process\n",
+        );
     };
     match tracing_subscriber::EnvFilter::try_new(level) {
         Ok(filter) => match handle.reload(filter) {
@@ -176,9 +205,15 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
                 tracing::info!("log level set to {level}");
                 text(StatusCode::OK, &format!("log level set to {level}\n"))
             }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot set log level: {e}\n")),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot set log level: {e}\n"),
+            ),
         },
-        Err(e) => text(StatusCode::BAD_REQUEST, &format!("invalid level \"{level}\": {e}\n")),
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid level \"{level}\": {e}\n"),
+        ),
     }
 }
 
@@ -189,7 +224,9 @@ fn text(status: StatusCode, body: &str) -> AdminResponse {
 fn with_type(status: StatusCode, content_type: &'static str, body: String) -> AdminResponse {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }

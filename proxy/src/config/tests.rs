@@ -55,7 +55,11 @@ fn unknown_key_has_line_and_column() {
     let p = problems("[proxy]\nworkers = 1\nwrokers = 2\n");
     assert_eq!(p.len(), 1);
     assert_eq!((p[0].line, p[0].column), (3, 1));
-    assert!(p[0].message.contains("unknown field `wrokers`"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("unknown field `wrokers`"),
+        "{}",
+        p[0].message
+    );
 }
 
 #[test]
@@ -69,7 +73,11 @@ fn bad_duration_points_at_value() {
 fn unset_variable_is_named_with_position() {
     let p = problems("[admin]\nbind = \"${ADMIN_BIND}\"\n");
     assert_eq!((p[0].line, p[0].column), (2, 9));
-    assert!(p[0].message.contains("ADMIN_BIND is not set"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("ADMIN_BIND is not set"),
+        "{}",
+        p[0].message
+    );
 }
 
 #[test]
@@ -87,9 +95,21 @@ pipeline = ["ghost"]
   cluster = "missing"
 "#;
     let p = problems(text);
-    let all: Vec<String> = p.iter().map(|p| format!("{}:{} {}", p.line, p.column, p.message)).collect();
+    let all: Vec<String> = p
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
     assert_eq!(p.len(), 3, "{all:#?}");
-    assert!(all[0].starts_with("4:8 ") && all[0].contains("not an ip:port"), "{all:#?}");
-    assert!(all[1].starts_with("9:13 ") && all[1].contains("filter \"ghost\""), "{all:#?}");
-    assert!(all[2].starts_with("11:13 ") && all[2].contains("unknown cluster \"missing\""), "{all:#?}");
+    assert!(
+        all[0].starts_with("4:8 ") && all[0].contains("not an ip:port"),
+        "{all:#?}"
+    );
+    assert!(
+        all[1].starts_with("9:13 ") && all[1].contains("filter \"ghost\""),
+        "{all:#?}"
+    );
+    assert!(
+        all[2].starts_with("11:13 ") && all[2].contains("unknown cluster \"missing\""),
+        "{all:#?}"
+    );
 }

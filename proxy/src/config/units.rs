@@ -33,14 +33,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("duration \"{text}\": unknown unit \"{unit}\" (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "duration \"{text}\": unknown unit \"{unit}\" (use ms, s, m or h)"
+            ))
+        }
     };
     Ok(Duration::from_secs_f64(value * scale))
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: u64 = number
         .parse()
@@ -53,7 +59,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => return Err(format!("size \"{text}\": unknown unit \"{other}\" (use B, KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "size \"{text}\": unknown unit \"{other}\" (use B, KiB, MiB or GiB)"
+            ))
+        }
     };
     value
         .checked_mul(scale)
@@ -97,7 +107,9 @@ impl<'de> Deserialize<'de> for Size {
                 f.write_str("a size such as \"64KiB\" or a number of bytes")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v).map(Size).map_err(|_| E::custom("size must not be negative"))
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom("size must not be negative"))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
                 Ok(Size(v))

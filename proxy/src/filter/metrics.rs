@@ -386,7 +386,10 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
         .filter_map(|(_, m)| {
             let (base, labels) = split_name(&m.name);
             let stem = base.strip_suffix("_bucket")?;
-            labels.iter().any(|(k, _)| *k == "le").then(|| stem.to_string())
+            labels
+                .iter()
+                .any(|(k, _)| *k == "le")
+                .then(|| stem.to_string())
         })
         .collect();
     let mut families: BTreeMap<String, (&'static str, String)> = BTreeMap::new();
@@ -415,7 +418,11 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
         match &m.histogram {
             Some(h) => h.render(&mut entry.1, base, &rendered, 1.0),
             None => {
-                let _ = writeln!(entry.1, "{base}{{{rendered}}} {}", m.value.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    entry.1,
+                    "{base}{{{rendered}}} {}",
+                    m.value.load(Ordering::Relaxed)
+                );
             }
         }
     }
@@ -464,22 +471,40 @@ mod unit {
     #[test]
     fn labels_in_names_become_labels_and_bucket_counters_a_histogram() {
         let s = Arc::new(MetricStore::default());
-        let (_, c) = s.define(MetricKind::Counter, "req.total;route=a b;code_class=2xx").unwrap();
+        let (_, c) = s
+            .define(MetricKind::Counter, "req.total;route=a b;code_class=2xx")
+            .unwrap();
         c.increment(3);
         for (le, v) in [("5", 1), ("+Inf", 2)] {
-            let (_, b) = s.define(MetricKind::Counter, &format!("lat_ms_bucket;route=a;le={le}")).unwrap();
+            let (_, b) = s
+                .define(
+                    MetricKind::Counter,
+                    &format!("lat_ms_bucket;route=a;le={le}"),
+                )
+                .unwrap();
             b.increment(v);
         }
         let (_, sum) = s.define(MetricKind::Counter, "lat_ms_sum;route=a").unwrap();
         sum.increment(12);
-        let (_, count) = s.define(MetricKind::Counter, "lat_ms_count;route=a").unwrap();
+        let (_, count) = s
+            .define(MetricKind::Counter, "lat_ms_count;route=a")
+            .unwrap();
         count.increment(2);
         let mut out = String::new();
-        render(&mut out, &[("f".into(), Arc::new(FilterStats::default()), s)]);
+        render(
+            &mut out,
+            &[("f".into(), Arc::new(FilterStats::default()), s)],
+        );
         assert!(out.contains("# TYPE req_total counter\nreq_total{filter=\"f\",route=\"a b\",code_class=\"2xx\"} 3\n"), "{out}");
         assert!(out.contains("# TYPE lat_ms histogram\n"), "{out}");
-        assert!(out.contains("lat_ms_bucket{filter=\"f\",route=\"a\",le=\"+Inf\"} 2\n"), "{out}");
-        assert!(out.contains("lat_ms_sum{filter=\"f\",route=\"a\"} 12\n"), "{out}");
+        assert!(
+            out.contains("lat_ms_bucket{filter=\"f\",route=\"a\",le=\"+Inf\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("lat_ms_sum{filter=\"f\",route=\"a\"} 12\n"),
+            "{out}"
+        );
         assert!(!out.contains("# TYPE lat_ms_sum"), "{out}");
     }
 

@@ -70,12 +70,16 @@ where
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
-                        return Poll::Ready(Some(Err(DownstreamBodyError::TooLarge(*this.limit).into())));
+                        return Poll::Ready(Some(Err(
+                            DownstreamBodyError::TooLarge(*this.limit).into()
+                        )));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(DownstreamBodyError::Invalid(e).into()))),
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(DownstreamBodyError::Invalid(e).into())))
+            }
             other => other.map(|o| o.map(|r| r.map_err(Into::into))),
         }
     }

@@ -76,7 +76,10 @@ impl SharedChain {
     pub fn finish(&self, response_bytes: u64) {
         let chain = self.take();
         if let Some(chain) = chain {
-            chain.finish(self.inner.request_bytes.load(Ordering::Relaxed), response_bytes);
+            chain.finish(
+                self.inner.request_bytes.load(Ordering::Relaxed),
+                response_bytes,
+            );
         }
     }
 }
@@ -175,7 +178,9 @@ where
                     }
                     Bytes::new()
                 }
-                Some(BodyVerdict::Respond(resp)) => return Poll::Ready(Some(Err(respond(this.chain, side, resp)))),
+                Some(BodyVerdict::Respond(resp)) => {
+                    return Poll::Ready(Some(Err(respond(this.chain, side, resp))))
+                }
             };
             let trailers = match trailers {
                 Some(mut t) => {

@@ -63,7 +63,12 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Appends the client to `x-forwarded-for`, sets `x-forwarded-proto` when
 /// absent, and appends this hop to `via`.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str, via: &'static str) {
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    scheme: &'static str,
+    via: &'static str,
+) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = client.to_string();
     let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {

@@ -57,12 +57,20 @@ const RETRY_WINDOW: Duration = Duration::from_millis(500);
 pub fn start(shared: Arc<Shared>) -> Requests {
     let (tx, rx) = mpsc::unbounded_channel();
     let snapshot = shared.snapshot.load();
-    let watcher = watch::start(&snapshot.config.path, &snapshot.config.filters_dir, tx.clone());
+    let watcher = watch::start(
+        &snapshot.config.path,
+        &snapshot.config.filters_dir,
+        tx.clone(),
+    );
     tokio::spawn(run(shared, rx, watcher));
     tx
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Trigger>, _watcher: Option<watch::Watcher>) {
+async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Trigger>,
+    _watcher: Option<watch::Watcher>,
+) {
     while let Some(first) = rx.recv().await {
         let mut triggers = vec![first];
         // Gather the rest of a burst (an editor's save, a copy in chunks).
@@ -164,7 +172,13 @@ pub fn reload(shared: &Shared) -> Result<u64, String> {
         .load(filter_specs(&config))
         .map_err(|e| format!("{e:#}"))?;
     let generation = current.generation + 1;
-    let next = Snapshot::next(&current, generation, Arc::new(config), filters, &shared.metrics);
+    let next = Snapshot::next(
+        &current,
+        generation,
+        Arc::new(config),
+        filters,
+        &shared.metrics,
+    );
     shared.snapshot.store(Arc::new(next));
     shared.reload_succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
@@ -178,7 +192,10 @@ fn shown(p: &Path) -> String {
 /// Listener sockets belong to the running workers; a reload keeps them.
 fn check_listeners(old: &Config, new: &Config) -> Result<(), String> {
     let shape = |c: &Config| -> Vec<(String, std::net::SocketAddr)> {
-        c.listeners.iter().map(|l| (l.name.to_string(), l.bind)).collect()
+        c.listeners
+            .iter()
+            .map(|l| (l.name.to_string(), l.bind))
+            .collect()
     };
     if shape(old) != shape(new) {
         return Err(format!(

@@ -14,8 +14,12 @@ pub struct Watcher {
 }
 
 pub fn start(config: &Path, filters_dir: &Path, tx: Requests) -> Option<Watcher> {
-    let config_file = config.canonicalize().unwrap_or_else(|_| config.to_path_buf());
-    let filters_dir = filters_dir.canonicalize().unwrap_or_else(|_| filters_dir.to_path_buf());
+    let config_file = config
+        .canonicalize()
+        .unwrap_or_else(|_| config.to_path_buf());
+    let filters_dir = filters_dir
+        .canonicalize()
+        .unwrap_or_else(|_| filters_dir.to_path_buf());
     let watched_filters = filters_dir.clone();
     let cfg = config_file.clone();
     let handler = move |res: notify::Result<notify::Event>| {
@@ -23,13 +27,18 @@ pub fn start(config: &Path, filters_dir: &Path, tx: Requests) -> Option<Watcher>
         for path in event.paths {
             let relevant = path == cfg
                 || (path.parent() == Some(watched_filters.as_path())
-                    && matches!(path.extension().and_then(|e| e.to_str()), Some("wasm" | "toml")));
+                    && matches!(
+                        path.extension().and_then(|e| e.to_str()),
+                        Some("wasm" | "toml")
+                    ));
             if !relevant {
                 continue;
             }
             let trigger = match event.kind {
                 EventKind::Remove(_) if !path.exists() => Trigger::FileRemoved(path),
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => Trigger::FileChanged(path),
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => {
+                    Trigger::FileChanged(path)
+                }
                 _ => continue,
             };
             let _ = tx.send(trigger);
@@ -42,10 +51,13 @@ pub fn start(config: &Path, filters_dir: &Path, tx: Requests) -> Option<Watcher>
             return None;
         }
     };
-    let dirs: Vec<PathBuf> = [config_file.parent().map(Path::to_path_buf), Some(filters_dir)]
-        .into_iter()
-        .flatten()
-        .collect();
+    let dirs: Vec<PathBuf> = [
+        config_file.parent().map(Path::to_path_buf),
+        Some(filters_dir),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     for dir in dirs {
         if !dir.is_dir() {
             if let Err(e) = std::fs::create_dir_all(&dir) {

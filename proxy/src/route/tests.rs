@@ -23,7 +23,10 @@ fn first_match_wins_and_host_ignores_port_and_case() {
     ]);
     let h = HeaderMap::new();
     let get = Method::GET;
-    assert_eq!(&*t.find("reviews:9080", "/v1/x", &get, &h).unwrap().1.name, "r1");
+    assert_eq!(
+        &*t.find("reviews:9080", "/v1/x", &get, &h).unwrap().1.name,
+        "r1"
+    );
     assert_eq!(&*t.find("REVIEWS", "/v2", &get, &h).unwrap().1.name, "r2");
     assert!(t.find("ratings", "/v1", &get, &h).is_none());
 }
@@ -36,10 +39,19 @@ fn wildcard_host_regex_method_headers() {
         "name='hdr'\ncluster='b'\nmatch={headers={x-env='canary'}}",
     ]);
     let mut h = HeaderMap::new();
-    assert_eq!(&*t.find("api.svc", "/items/42", &Method::GET, &h).unwrap().1.name, "re");
+    assert_eq!(
+        &*t.find("api.svc", "/items/42", &Method::GET, &h)
+            .unwrap()
+            .1
+            .name,
+        "re"
+    );
     assert!(t.find("api.svc", "/items/42/x", &Method::GET, &h).is_none());
     assert!(t.find("svc", "/items/42", &Method::GET, &h).is_none());
-    assert_eq!(&*t.find("x", "/", &Method::POST, &h).unwrap().1.name, "post");
+    assert_eq!(
+        &*t.find("x", "/", &Method::POST, &h).unwrap().1.name,
+        "post"
+    );
     h.insert("x-env", "canary".parse().unwrap());
     assert_eq!(&*t.find("x", "/", &Method::GET, &h).unwrap().1.name, "hdr");
 }
@@ -66,6 +78,10 @@ fn unknown_cluster_is_an_error() {
     let decl: RouteDecl = toml::from_str("cluster='nope'").unwrap();
     let clusters = HashMap::new();
     let e = compile(0, &decl, &clusters).unwrap_err();
-    assert!(e.message.contains("unknown cluster \"nope\""), "{}", e.message);
+    assert!(
+        e.message.contains("unknown cluster \"nope\""),
+        "{}",
+        e.message
+    );
     assert!(e.span.is_some());
 }

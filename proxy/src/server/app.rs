@@ -31,7 +31,10 @@ pub struct Child {
 /// Starts the app. `HTTP_PROXY`/`http_proxy` point at `outbound` unless the
 /// environment already sets them; loopback is excluded via `NO_PROXY`.
 pub fn spawn(spec: &AppSpec, outbound: Option<SocketAddr>) -> anyhow::Result<Child> {
-    let (program, args) = spec.argv.split_first().context("no app command after `--`")?;
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .context("no app command after `--`")?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
     match outbound {
@@ -59,7 +62,11 @@ pub fn spawn(spec: &AppSpec, outbound: Option<SocketAddr>) -> anyhow::Result<Chi
     let inner = cmd
         .spawn()
         .with_context(|| format!("cannot start the app `{program}`"))?;
-    tracing::info!(pid = inner.id(), "started the app `{}`", spec.argv.join(" "));
+    tracing::info!(
+        pid = inner.id(),
+        "started the app `{}`",
+        spec.argv.join(" ")
+    );
     Ok(Child {
         inner,
         name: program.clone(),
@@ -92,7 +99,11 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
 impl Child {
     /// Sends `signal` to the app, if it is still running.
     pub fn forward(&self, signal: rustix::process::Signal) {
-        let Some(pid) = self.inner.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) else {
+        let Some(pid) = self
+            .inner
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        else {
             return;
         };
         match rustix::process::kill_process(pid, signal) {

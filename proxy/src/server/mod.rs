@@ -233,7 +233,7 @@ async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut
             Ok(code) => app_code = Some(code),
             Err(_) => {
                 tracing::warn!("the app did not exit within drain_timeout; killing it");
-                if let Some(c) = child.as_deref_mut() {
+                if let Some(c) = child.as_mut() {
                     c.kill().await;
                 }
                 app_code = Some(137);

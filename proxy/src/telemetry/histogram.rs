@@ -43,7 +43,11 @@ impl Histogram {
     }
 
     pub fn count(&self) -> u64 {
-        self.inner.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.inner
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 

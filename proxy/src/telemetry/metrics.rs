@@ -279,7 +279,9 @@ impl Metrics {
     pub fn render(&self, out: &mut String) {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_ok() {
-            out.push_str(text.trim_end().trim_end_matches("# EOF").trim_end());
+            out.push_str(&prometheus_text(
+                text.trim_end().trim_end_matches("# EOF").trim_end(),
+            ));
             out.push('\n');
         }
     }
@@ -341,5 +343,45 @@ impl ListenerStats {
                 code,
             })
             .inc();
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has
+/// samples `x_total`. The Prometheus text format (what `/metrics` serves
+/// and `promtool` checks) names the family `x_total` too.
+fn prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64);
+    for line in open_metrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out.pop();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counter_families_get_their_total_suffix() {
+        let text = "# HELP wasp_requests Requests.\n# TYPE wasp_requests counter\nwasp_requests_total{a=\"b\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2";
+        assert_eq!(
+            super::prometheus_text(text),
+            "# HELP wasp_requests_total Requests.\n# TYPE wasp_requests_total counter\nwasp_requests_total{a=\"b\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2"
+        );
     }
 }
