@@ -298,7 +298,10 @@ impl<'a> Validator<'a> {
                 }
             }
             let settings = self.cluster_settings(name, decl, &mut endpoints);
-            let budget = decl.retry_budget.as_ref().map(crate::upstream::RetryBudget::new);
+            let budget = decl
+                .retry_budget
+                .as_ref()
+                .map(crate::upstream::RetryBudget::new);
             let state = Arc::new(crate::upstream::ClusterState::new(
                 name.as_str().into(),
                 settings,

@@ -53,21 +53,30 @@ impl Validator<'_> {
                 None
             }
         };
-        let health = decl.health.as_ref().and_then(|h| match HealthSettings::from_decl(h) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                self.at(None, format!("cluster \"{name}\": {e}"));
-                None
-            }
-        });
+        let health = decl
+            .health
+            .as_ref()
+            .and_then(|h| match HealthSettings::from_decl(h) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    self.at(None, format!("cluster \"{name}\": {e}"));
+                    None
+                }
+            });
         if decl.decay.0.is_zero() {
-            self.at(None, format!("cluster \"{name}\": decay must be more than 0"));
+            self.at(
+                None,
+                format!("cluster \"{name}\": decay must be more than 0"),
+            );
         }
         if let Some(b) = &decl.retry_budget {
             if !(0.0..=10.0).contains(&b.ratio) {
                 self.at(
                     None,
-                    format!("cluster \"{name}\": retry_budget.ratio = {} is not between 0 and 10", b.ratio),
+                    format!(
+                        "cluster \"{name}\": retry_budget.ratio = {} is not between 0 and 10",
+                        b.ratio
+                    ),
                 );
             }
         }
@@ -102,7 +111,9 @@ impl Validator<'_> {
         if sources.iter().filter(|s| **s).count() != 1 {
             self.at(
                 span,
-                format!("cluster \"{name}\": discovery needs exactly one of `dns`, `srv` or `file`"),
+                format!(
+                    "cluster \"{name}\": discovery needs exactly one of `dns`, `srv` or `file`"
+                ),
             );
             return Discovery::Static;
         }
@@ -180,7 +191,11 @@ impl Validator<'_> {
         })
     }
 
-    fn hash_key(&mut self, name: &str, decl: &toml::Spanned<schema::HashKeyDecl>) -> Option<HashKey> {
+    fn hash_key(
+        &mut self,
+        name: &str,
+        decl: &toml::Spanned<schema::HashKeyDecl>,
+    ) -> Option<HashKey> {
         let k = decl.get_ref();
         let set = [k.header.is_some(), k.cookie.is_some(), k.source_ip];
         if set.iter().filter(|s| **s).count() != 1 {

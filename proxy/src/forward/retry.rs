@@ -47,7 +47,11 @@ impl<'a> Replay<'a> {
         Some(Self {
             policy,
             method: parts.method.clone(),
-            path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
             version: parts.version,
             headers: parts.headers.clone(),
         })
@@ -59,8 +63,14 @@ impl<'a> Replay<'a> {
             .authority(addr.to_string())
             .path_and_query(self.path_and_query.as_str())
             .build()
-            .map_err(|e| ProxyError::BadRequest(format!("cannot rebuild the request to retry it: {e}")))?;
-        let mut req = Request::new(Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync());
+            .map_err(|e| {
+                ProxyError::BadRequest(format!("cannot rebuild the request to retry it: {e}"))
+            })?;
+        let mut req = Request::new(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = self.version;

@@ -46,24 +46,34 @@ impl HttpCallouts for Callouts {
             // Counts for load, latency and outlier detection like proxied traffic.
             let mut attempt = upstream.start(picked);
             let (mut parts, body) = req.into_parts();
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
             parts.uri = Uri::builder()
                 .scheme("http")
                 .authority(endpoint.to_string())
                 .path_and_query(path)
                 .build()
                 .map_err(|e| format!("bad callout path: {e}"))?;
-            let body = Full::new(body).map_err(|never| match never {}).boxed_unsync();
+            let body = Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync();
             let sent = upstream.send(Request::from_parts(parts, body));
             let resp = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) => {
                     attempt.failed();
-                    return Err(format!("callout to \"{cluster}\" at {endpoint} failed: {e}").into());
+                    return Err(format!(
+                        "callout to \"{cluster}\" at {endpoint} failed: {e}"
+                    ));
                 }
                 Err(_) => {
                     attempt.failed();
-                    return Err(format!("callout to \"{cluster}\" timed out after {timeout:?}").into());
+                    return Err(format!(
+                        "callout to \"{cluster}\" timed out after {timeout:?}"
+                    ));
                 }
             };
             if resp.status().is_server_error() {

@@ -178,8 +178,11 @@ impl ClusterState {
             };
             next.push(state);
         }
-        self.endpoints.store(Arc::new(EndpointSet { endpoints: next }));
-        self.counters.discovery_updates.fetch_add(1, Ordering::Relaxed);
+        self.endpoints
+            .store(Arc::new(EndpointSet { endpoints: next }));
+        self.counters
+            .discovery_updates
+            .fetch_add(1, Ordering::Relaxed);
         self.bump();
         true
     }
@@ -209,7 +212,12 @@ impl ClusterState {
     }
 
     /// The request's hash key per `hash_key`, into `buf` for the source IP.
-    pub fn hash_key<'a>(&self, headers: &'a HeaderMap, peer: IpAddr, buf: &'a mut [u8; 16]) -> Option<&'a [u8]> {
+    pub fn hash_key<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        peer: IpAddr,
+        buf: &'a mut [u8; 16],
+    ) -> Option<&'a [u8]> {
         match self.settings.hash_key.as_ref()? {
             HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes()),
             HashKey::Cookie(name) => headers.get_all(COOKIE).iter().find_map(|v| {

@@ -62,7 +62,9 @@ pub async fn run(cluster: Weak<ClusterState>, settings: HealthSettings) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(state) = cluster.upgrade() else { return };
+        let Some(state) = cluster.upgrade() else {
+            return;
+        };
         let set = state.endpoints();
         let checks = set.endpoints.iter().map(|ep| {
             let client = client.clone();
@@ -98,7 +100,12 @@ async fn check(
 }
 
 /// Folds one check result into the endpoint's streaks and verdict.
-pub(crate) fn apply(state: &ClusterState, ep: &Arc<super::cluster::EndpointState>, ok: bool, s: &HealthSettings) {
+pub(crate) fn apply(
+    state: &ClusterState,
+    ep: &Arc<super::cluster::EndpointState>,
+    ok: bool,
+    s: &HealthSettings,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     if ok {
         ep.check_streak_failed.store(0, Relaxed);

@@ -252,14 +252,20 @@ impl Upstream {
             pending: false,
         };
         if limits.max_requests.is_some_and(|max| requests >= max) {
-            self.state.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            self.state
+                .counters
+                .overflows
+                .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let pending = self.state.pending.fetch_add(1, Ordering::AcqRel);
         let mut admission = admission;
         admission.pending = true;
         if limits.max_pending.is_some_and(|max| pending >= max) {
-            self.state.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            self.state
+                .counters
+                .overflows
+                .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(admission)

@@ -59,7 +59,9 @@ pub fn record(cluster: &ClusterState, ep: &EndpointState, ok: bool, now: u64) ->
     }
     let n = ep.ejections.fetch_add(1, Ordering::Relaxed) + 1;
     let time = settings.base_ejection.saturating_mul(n).min(MAX_EJECTION);
-    let until = now.saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)).max(1);
+    let until = now
+        .saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX))
+        .max(1);
     ep.set_ejected_until(until);
     ep.consecutive_failures.store(0, Ordering::Relaxed);
     cluster.counters.ejections.fetch_add(1, Ordering::Relaxed);

@@ -85,13 +85,36 @@ fn discovery_name(s: &ClusterState) -> String {
 /// Appends the upstream series to a Prometheus text exposition.
 pub fn render_metrics(config: &Config, out: &mut String) {
     let now = now_nanos();
-    let cluster_counters: [(&str, &str, fn(&ClusterState) -> u64); 6] = [
-        ("wasp_cluster_retries_total", "Retries sent", |s| s.counters.retries.load(Relaxed)),
-        ("wasp_cluster_retry_budget_exhausted_total", "Retries not sent because the retry budget was spent", |s| s.counters.budget_exhausted.load(Relaxed)),
-        ("wasp_cluster_overflows_total", "Requests refused by the circuit breakers (503 overflow)", |s| s.counters.overflows.load(Relaxed)),
-        ("wasp_cluster_ejections_total", "Endpoints ejected by outlier detection", |s| s.counters.ejections.load(Relaxed)),
-        ("wasp_cluster_discovery_updates_total", "Endpoint set changes published by discovery", |s| s.counters.discovery_updates.load(Relaxed)),
-        ("wasp_cluster_discovery_errors_total", "Discovery failures (the last endpoint set stays)", |s| s.counters.discovery_errors.load(Relaxed)),
+    type ClusterGet = fn(&ClusterState) -> u64;
+    let cluster_counters: [(&str, &str, ClusterGet); 6] = [
+        ("wasp_cluster_retries_total", "Retries sent", |s| {
+            s.counters.retries.load(Relaxed)
+        }),
+        (
+            "wasp_cluster_retry_budget_exhausted_total",
+            "Retries not sent because the retry budget was spent",
+            |s| s.counters.budget_exhausted.load(Relaxed),
+        ),
+        (
+            "wasp_cluster_overflows_total",
+            "Requests refused by the circuit breakers (503 overflow)",
+            |s| s.counters.overflows.load(Relaxed),
+        ),
+        (
+            "wasp_cluster_ejections_total",
+            "Endpoints ejected by outlier detection",
+            |s| s.counters.ejections.load(Relaxed),
+        ),
+        (
+            "wasp_cluster_discovery_updates_total",
+            "Endpoint set changes published by discovery",
+            |s| s.counters.discovery_updates.load(Relaxed),
+        ),
+        (
+            "wasp_cluster_discovery_errors_total",
+            "Discovery failures (the last endpoint set stays)",
+            |s| s.counters.discovery_errors.load(Relaxed),
+        ),
     ];
     for (name, help, get) in cluster_counters {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
@@ -101,23 +124,69 @@ pub fn render_metrics(config: &Config, out: &mut String) {
     }
     let _ = writeln!(out, "# HELP wasp_cluster_requests_in_flight Requests to the cluster in flight.\n# TYPE wasp_cluster_requests_in_flight gauge");
     for c in &config.clusters {
-        let _ = writeln!(out, "wasp_cluster_requests_in_flight{{cluster=\"{}\"}} {}", c.name, c.state.in_flight.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "wasp_cluster_requests_in_flight{{cluster=\"{}\"}} {}",
+            c.name,
+            c.state.in_flight.load(Relaxed)
+        );
     }
     type EpGet = fn(&super::EndpointState, u64) -> f64;
     let endpoint_series: [(&str, &str, &str, EpGet); 7] = [
-        ("wasp_endpoint_requests_total", "counter", "Tries sent to the endpoint", |e, _| e.requests.load(Relaxed) as f64),
-        ("wasp_endpoint_failures_total", "counter", "Tries that failed (5xx, connect failure, reset, timeout)", |e, _| e.failures.load(Relaxed) as f64),
-        ("wasp_endpoint_latency_seconds_total", "counter", "Summed time to response headers of the endpoint's tries", |e, _| e.latency_ns_total.load(Relaxed) as f64 / 1e9),
-        ("wasp_endpoint_latency_estimate_seconds", "gauge", "Peak-EWMA latency estimate", |e, _| e.estimate_ns.load(Relaxed) as f64 / 1e9),
-        ("wasp_endpoint_healthy", "gauge", "1 when health checks pass (or none are configured) and the endpoint is not ejected", |e, now| f64::from(u8::from(e.available(now)))),
-        ("wasp_endpoint_ejections_total", "counter", "Times outlier detection ejected the endpoint", |e, _| f64::from(e.ejections())),
-        ("wasp_endpoint_requests_in_flight", "gauge", "Tries in flight", |e, _| e.in_flight.load(Relaxed).max(0) as f64),
+        (
+            "wasp_endpoint_requests_total",
+            "counter",
+            "Tries sent to the endpoint",
+            |e, _| e.requests.load(Relaxed) as f64,
+        ),
+        (
+            "wasp_endpoint_failures_total",
+            "counter",
+            "Tries that failed (5xx, connect failure, reset, timeout)",
+            |e, _| e.failures.load(Relaxed) as f64,
+        ),
+        (
+            "wasp_endpoint_latency_seconds_total",
+            "counter",
+            "Summed time to response headers of the endpoint's tries",
+            |e, _| e.latency_ns_total.load(Relaxed) as f64 / 1e9,
+        ),
+        (
+            "wasp_endpoint_latency_estimate_seconds",
+            "gauge",
+            "Peak-EWMA latency estimate",
+            |e, _| e.estimate_ns.load(Relaxed) as f64 / 1e9,
+        ),
+        (
+            "wasp_endpoint_healthy",
+            "gauge",
+            "1 when health checks pass (or none are configured) and the endpoint is not ejected",
+            |e, now| f64::from(u8::from(e.available(now))),
+        ),
+        (
+            "wasp_endpoint_ejections_total",
+            "counter",
+            "Times outlier detection ejected the endpoint",
+            |e, _| f64::from(e.ejections()),
+        ),
+        (
+            "wasp_endpoint_requests_in_flight",
+            "gauge",
+            "Tries in flight",
+            |e, _| e.in_flight.load(Relaxed).max(0) as f64,
+        ),
     ];
     for (name, kind, help, get) in endpoint_series {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
         for c in &config.clusters {
             for ep in &c.state.endpoints().endpoints {
-                let _ = writeln!(out, "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}", c.name, ep.addr, get(ep, now));
+                let _ = writeln!(
+                    out,
+                    "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                    c.name,
+                    ep.addr,
+                    get(ep, now)
+                );
             }
         }
     }

@@ -37,7 +37,10 @@ impl RetryPolicy {
             return Err("retry.on is empty: name at least one of connect-failure, reset, 5xx, gateway-error".into());
         }
         if decl.attempts > 10 {
-            return Err(format!("retry.attempts = {} is more than 10", decl.attempts));
+            return Err(format!(
+                "retry.attempts = {} is more than 10",
+                decl.attempts
+            ));
         }
         Ok(Self {
             connect_failure: decl.on.contains(&RetryOn::ConnectFailure),
@@ -53,8 +56,7 @@ impl RetryPolicy {
     /// Whether an answer with this status is worth another try.
     pub fn retries_status(&self, status: StatusCode) -> bool {
         (self.five_xx && status.is_server_error())
-            || (self.gateway_error
-                && matches!(status.as_u16(), 502..=504))
+            || (self.gateway_error && matches!(status.as_u16(), 502..=504))
     }
 
     pub fn retries_timeout(&self) -> bool {
@@ -130,7 +132,8 @@ impl RetryBudget {
     /// Takes a retry from the budget; false when it is spent.
     pub fn withdraw(&self, now_ns: u64) -> bool {
         self.roll(now_ns);
-        let allowed = self.min_per_second as f64 + self.ratio * self.requests.load(Ordering::Relaxed) as f64;
+        let allowed =
+            self.min_per_second as f64 + self.ratio * self.requests.load(Ordering::Relaxed) as f64;
         let taken = self.retries.fetch_add(1, Ordering::Relaxed);
         if (taken as f64) < allowed {
             true
@@ -179,7 +182,10 @@ mod tests {
         for n in 1..8 {
             for r in [0u64, 7, 12_345, u64::MAX] {
                 let d = p.backoff(n, r);
-                assert!(d <= Duration::from_millis(100) + Duration::from_micros(1), "{d:?}");
+                assert!(
+                    d <= Duration::from_millis(100) + Duration::from_micros(1),
+                    "{d:?}"
+                );
                 assert!(d > Duration::ZERO);
             }
         }

@@ -86,7 +86,8 @@ impl PeakEwma {
     fn cost(&self, i: usize, now: u64) -> f64 {
         let c = &self.candidates[i];
         let load = &c.load;
-        load.estimate(now, self.decay) * f64::from(load.in_flight() + 1) / f64::from(c.weight.max(1))
+        load.estimate(now, self.decay) * f64::from(load.in_flight() + 1)
+            / f64::from(c.weight.max(1))
     }
 }
 
@@ -97,6 +98,10 @@ impl Balancer for PeakEwma {
             return Some(a);
         }
         let now = now_nanos();
-        Some(if self.cost(b, now) < self.cost(a, now) { b } else { a })
+        Some(if self.cost(b, now) < self.cost(a, now) {
+            b
+        } else {
+            a
+        })
     }
 }

@@ -32,17 +32,29 @@ impl RingHash {
             // A fixed number of points per unit of weight, so one endpoint
             // coming or going does not move the points of the others;
             // scaled down only when the ring would grow past MAX_RING.
-            let min_weight = candidates.iter().map(|c| c.weight).filter(|w| *w > 0).min().unwrap_or(1);
+            let min_weight = candidates
+                .iter()
+                .map(|c| c.weight)
+                .filter(|w| *w > 0)
+                .min()
+                .unwrap_or(1);
             let wanted: u64 = candidates
                 .iter()
                 .map(|c| POINTS_PER_WEIGHT * u64::from(c.weight) / u64::from(min_weight))
                 .sum();
-            let scale = if wanted > MAX_RING { MAX_RING as f64 / wanted as f64 } else { 1.0 };
+            let scale = if wanted > MAX_RING {
+                MAX_RING as f64 / wanted as f64
+            } else {
+                1.0
+            };
             for (i, c) in candidates.iter().enumerate() {
                 if c.weight == 0 {
                     continue;
                 }
-                let points = ((POINTS_PER_WEIGHT * u64::from(c.weight) / u64::from(min_weight)) as f64 * scale).max(1.0) as u64;
+                let points = ((POINTS_PER_WEIGHT * u64::from(c.weight) / u64::from(min_weight))
+                    as f64
+                    * scale)
+                    .max(1.0) as u64;
                 for p in 0..points {
                     ring.push((endpoint_hash(&c.addr, p, 0x5249_4e47), i as u32));
                 }

@@ -35,7 +35,9 @@ impl Balancer for RoundRobin {
         }
         // Only this worker touches the counter, so Relaxed is enough.
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.schedule.get(i % self.schedule.len()).map(|&i| i as usize)
+        self.schedule
+            .get(i % self.schedule.len())
+            .map(|&i| i as usize)
     }
 }
 
@@ -72,7 +74,9 @@ mod tests {
     use super::*;
 
     fn picks(rr: &RoundRobin, n: usize) -> Vec<usize> {
-        (0..n).filter_map(|_| rr.pick(&PickContext::default())).collect()
+        (0..n)
+            .filter_map(|_| rr.pick(&PickContext::default()))
+            .collect()
     }
 
     #[test]

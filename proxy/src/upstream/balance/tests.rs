@@ -27,7 +27,11 @@ fn estimate_decays_toward_zero_while_idle() {
     let neutral = Arc::new(Neutral::default());
     let load = Load::new(neutral);
     let decay = Duration::from_millis(100);
-    assert_eq!(load.estimate(0, decay), 1e6, "no sample: the neutral default");
+    assert_eq!(
+        load.estimate(0, decay),
+        1e6,
+        "no sample: the neutral default"
+    );
     load.start();
     load.finish(50e6, decay, 1_000);
     assert!(load.known());

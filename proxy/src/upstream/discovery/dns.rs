@@ -56,7 +56,9 @@ pub async fn run(cluster: Weak<ClusterState>, settings: DnsSettings) {
     };
     loop {
         let result = resolve(&resolver, &settings).await;
-        let Some(state) = cluster.upgrade() else { return };
+        let Some(state) = cluster.upgrade() else {
+            return;
+        };
         let wait = match result {
             Ok((endpoints, valid_until)) => {
                 state.discovery_error.store(None);
@@ -68,8 +70,13 @@ pub async fn run(cluster: Weak<ClusterState>, settings: DnsSettings) {
                         "DNS discovery: endpoint set changed"
                     );
                 }
-                let ttl = valid_until.map_or(settings.refresh, |t| t.saturating_duration_since(Instant::now()));
-                ttl.clamp(settings.min_refresh, settings.max_refresh.max(settings.min_refresh))
+                let ttl = valid_until.map_or(settings.refresh, |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
+                ttl.clamp(
+                    settings.min_refresh,
+                    settings.max_refresh.max(settings.min_refresh),
+                )
             }
             Err(e) => {
                 state
@@ -78,7 +85,10 @@ pub async fn run(cluster: Weak<ClusterState>, settings: DnsSettings) {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(cluster = %state.name, name = %settings.name, "DNS discovery failed, keeping the last endpoints: {e}");
                 state.discovery_error.store(Some(std::sync::Arc::new(e)));
-                settings.refresh.min(settings.max_refresh).max(settings.min_refresh)
+                settings
+                    .refresh
+                    .min(settings.max_refresh)
+                    .max(settings.min_refresh)
             }
         };
         drop(state);

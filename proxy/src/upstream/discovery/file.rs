@@ -31,12 +31,14 @@ enum JsonFile {
 
 /// Reads and parses an endpoints file.
 pub fn read_endpoints_file(path: &Path) -> Result<Vec<Endpoint>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse(path, &text)
 }
 
 fn parse(path: &Path, text: &str) -> Result<Vec<Endpoint>, String> {
-    let json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['[', '{']);
+    let json =
+        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['[', '{']);
     let decls = if json {
         match serde_json::from_str::<JsonFile>(text) {
             Ok(JsonFile::List(l)) => l,
@@ -58,7 +60,12 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Endpoint>, String> {
             address
                 .parse()
                 .map(|addr| Endpoint { addr, weight })
-                .map_err(|_| format!("{}: endpoint \"{address}\" is not an ip:port address", path.display()))
+                .map_err(|_| {
+                    format!(
+                        "{}: endpoint \"{address}\" is not an ip:port address",
+                        path.display()
+                    )
+                })
         })
         .collect()
 }
@@ -69,7 +76,9 @@ pub async fn run(cluster: Weak<ClusterState>, path: PathBuf) {
     let _watcher = watch(&path, tx);
     let mut last: Option<String> = None;
     loop {
-        let Some(state) = cluster.upgrade() else { return };
+        let Some(state) = cluster.upgrade() else {
+            return;
+        };
         match std::fs::read_to_string(&path) {
             Ok(text) if last.as_deref() != Some(text.as_str()) => {
                 match parse(&path, &text) {
@@ -82,14 +91,22 @@ pub async fn run(cluster: Weak<ClusterState>, path: PathBuf) {
                     Err(e) => {
                         tracing::warn!(cluster = %state.name, "file discovery: keeping the last endpoints: {e}");
                         state.discovery_error.store(Some(std::sync::Arc::new(e)));
-                        state.counters.discovery_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        state
+                            .counters
+                            .discovery_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 last = Some(text);
             }
             Ok(_) => {}
             Err(e) => {
-                state.discovery_error.store(Some(std::sync::Arc::new(format!("cannot read {}: {e}", path.display()))));
+                state
+                    .discovery_error
+                    .store(Some(std::sync::Arc::new(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    ))));
             }
         }
         drop(state);
@@ -101,7 +118,10 @@ pub async fn run(cluster: Weak<ClusterState>, path: PathBuf) {
     }
 }
 
-fn watch(path: &Path, tx: tokio::sync::mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch(
+    path: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
@@ -113,7 +133,9 @@ fn watch(path: &Path, tx: tokio::sync::mpsc::UnboundedSender<()>) -> Option<noti
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
     Some(watcher)
 }
 
@@ -130,7 +152,11 @@ mod tests {
         .unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].weight, 3);
-        let j = parse(Path::new("e.json"), r#"[{"address": "[::1]:8080", "weight": 2}]"#).unwrap();
+        let j = parse(
+            Path::new("e.json"),
+            r#"[{"address": "[::1]:8080", "weight": 2}]"#,
+        )
+        .unwrap();
         assert_eq!(j[0].addr.port(), 8080);
         let j = parse(Path::new("e"), r#"{"endpoints": ["10.0.0.1:80"]}"#).unwrap();
         assert_eq!(j.len(), 1);

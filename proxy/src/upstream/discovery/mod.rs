@@ -58,6 +58,9 @@ pub const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(1);
 /// `ip:port` for a DNS server setting.
 pub fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
         .map_err(|_| format!("nameserver \"{text}\" is not an ip or ip:port"))
 }
