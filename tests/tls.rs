@@ -311,6 +311,14 @@ endpoints = ["{app}"]
     assert!(r.body.contains("via: 2.0 wasp"), "{}", r.body);
     // Keep-alive: a second request on the same connection.
     assert_eq!(conn.get("localhost", "/again").await.unwrap().status, 200);
+    // A new connection from the same client resumes the session.
+    let mut again = tls_connect(addr(port), config.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(
+        again.get("localhost", "/resumed").await.unwrap().status,
+        200
+    );
 
     // SNI picks the other certificate; HTTP/1.1 when the client offers only that.
     let h1 = client_config(&pki.ca_path(), None, H1, BOTH);
@@ -483,11 +491,25 @@ endpoints = ["{app}"]
     let with = |c: &(PathBuf, PathBuf)| client_config(&pki.ca_path(), Some(c), H2_H1, BOTH);
 
     // Allowed identity: passes, and the upstream request is https.
-    let r = tls_get(inbound, with(&front), "localhost", "/x")
+    let front_config = with(&front);
+    let r = tls_get(inbound, front_config.clone(), "localhost", "/x")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.contains("x-forwarded-proto: https"), "{}", r.body);
+    // A resumed session keeps the identity it was established with.
+    let r = tls_get(inbound, front_config, "localhost", "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        metric_value(
+            &wasp.metrics(),
+            "wasp_tls_resumed_handshakes_total",
+            &["listener=\"inbound\""]
+        ),
+        Some(1.0)
+    );
     // A DNS SAN identity matched by prefix.
     assert_eq!(
         tls_get(inbound, with(&dns_only), "localhost", "/x")
@@ -568,7 +590,7 @@ endpoints = ["{app}"]
     );
     assert_eq!(
         app.requests(),
-        3,
+        4,
         "only the allowed requests reached the app"
     );
 }

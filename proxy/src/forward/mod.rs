@@ -490,6 +490,7 @@ fn respond_error(
         route = %route.as_deref().unwrap_or("-"),
         cluster = %cluster.as_deref().unwrap_or("-"),
         peer = %conn.peer,
+        principal = %conn.principal.as_deref().unwrap_or("-"),
         code = %err.code(),
         status = err.status().as_u16(),
         "{err}"

@@ -147,6 +147,9 @@ pub async fn serve(
                 }
             };
             done.stats.tls_handshakes.inc();
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                done.stats.tls_resumed.inc();
+            }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
             let ctx = conn_ctx(&shared, index, peer, local, "https", principal);
             let io = Guarded::new(

@@ -84,6 +84,7 @@ pub struct Metrics {
     tls_handshake_errors: Family<TlsErrorLabels, Counter>,
     tls_upstream_handshake_errors: Family<TlsUpstreamErrorLabels, Counter>,
     tls_handshakes: Family<ListenerLabels, Counter>,
+    tls_resumed: Family<ListenerLabels, Counter>,
     tls_cert_expiry: Family<CertLabels, Gauge>,
 }
 
@@ -101,6 +102,8 @@ pub struct ListenerStats {
     pub accepted: Counter,
     /// TLS handshakes completed (TLS listeners only).
     pub tls_handshakes: Counter,
+    /// Of those, resumed ones (a session ticket, no certificate exchange).
+    pub tls_resumed: Counter,
     metrics: Arc<Metrics>,
     listener: Arc<str>,
 }
@@ -183,6 +186,12 @@ impl Metrics {
             "TLS handshakes with clients completed",
             tls_handshakes.clone(),
         );
+        let tls_resumed = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "tls_resumed_handshakes",
+            "TLS handshakes with clients that resumed a session",
+            tls_resumed.clone(),
+        );
         let tls_cert_expiry = Family::<CertLabels, Gauge>::default();
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
@@ -194,6 +203,7 @@ impl Metrics {
             tls_handshake_errors,
             tls_upstream_handshake_errors,
             tls_handshakes,
+            tls_resumed,
             tls_cert_expiry,
             requests,
             durations,
@@ -237,6 +247,7 @@ impl Metrics {
             open: self.conns_open.get_or_create(&labels).clone(),
             accepted: self.conns_total.get_or_create(&labels).clone(),
             tls_handshakes: self.tls_handshakes.get_or_create(&labels).clone(),
+            tls_resumed: self.tls_resumed.get_or_create(&labels).clone(),
             metrics: self.clone(),
             listener: listener.clone(),
         }
