@@ -113,3 +113,59 @@ pipeline = ["ghost"]
         "{all:#?}"
     );
 }
+
+#[test]
+fn upstream_keys_parse_and_reload_keeps_unchanged_cluster_state() {
+    let text = r#"
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:15001"
+  [[listeners.routes]]
+  match = { host = "a" }
+  cluster = "a"
+  retry = { on = ["connect-failure", "reset", "5xx"], attempts = 2, per_try_timeout = "500ms" }
+
+[clusters.a]
+endpoints = ["127.0.0.1:1", { address = "127.0.0.1:2", weight = 3 }]
+health = { path = "/healthz", interval = "2s", timeout = "500ms", unhealthy = 3, healthy = 2 }
+outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejection_percent = 50 }
+limits = { max_connections = 1024, max_pending = 1024, max_requests = 1024 }
+retry_budget = { ratio = 0.2, min_per_second = 10 }
+
+[clusters.b]
+discovery = { dns = "b.example", port = 80, refresh = "5s", nameserver = "127.0.0.1:5353" }
+balance = "maglev"
+hash_key = { cookie = "session" }
+"#;
+    let old = parse_ok(text);
+    assert_eq!(old.clusters[0].balance, Balance::PeakEwma, "peak_ewma is the default");
+    assert_eq!(old.clusters[0].state.endpoints().endpoints.len(), 2);
+    assert!(old.clusters[1].state.endpoints().endpoints.is_empty(), "DNS starts empty");
+    let mut new = parse_ok(&text.replace("b.example", "c.example"));
+    crate::upstream::adopt_states(&old, &mut new);
+    assert!(Arc::ptr_eq(&old.clusters[0].state, &new.clusters[0].state), "unchanged: kept");
+    assert!(!Arc::ptr_eq(&old.clusters[1].state, &new.clusters[1].state), "changed: fresh");
+}
+
+#[test]
+fn upstream_key_errors_are_reported() {
+    let p = problems(
+        r#"
+[clusters.a]
+endpoints = ["127.0.0.1:1"]
+discovery = { file = "x.toml" }
+[clusters.b]
+balance = "ring_hash"
+discovery = { dns = "b.example" }
+[clusters.c]
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:1"
+"#,
+    );
+    let text: Vec<&str> = p.iter().map(|p| p.message.as_str()).collect();
+    assert!(text.iter().any(|m| m.contains("not both")), "{text:?}");
+    assert!(text.iter().any(|m| m.contains("needs `port`")), "{text:?}");
+    assert!(text.iter().any(|m| m.contains("needs `hash_key")), "{text:?}");
+    assert!(text.iter().any(|m| m.contains("needs `endpoints` or `discovery`")), "{text:?}");
+}

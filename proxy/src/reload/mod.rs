@@ -165,8 +165,10 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 pub fn reload(shared: &Shared) -> Result<u64, String> {
     let current = shared.snapshot.load_full();
     let path = current.config.path.clone();
-    let config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
+    let mut config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
     check_listeners(&current.config, &config)?;
+    // Unchanged clusters keep their endpoints, health and ejections.
+    crate::upstream::adopt_states(&current.config, &mut config);
     let filters = shared
         .filters
         .load(filter_specs(&config))

@@ -118,6 +118,37 @@ impl Upstreams {
     }
 }
 
+/// Called by a reload before the new config is published: clusters whose
+/// section did not change keep their live state (discovered endpoints,
+/// health verdicts, ejections, counters, running discovery and health
+/// tasks); changed or new clusters start fresh (control thread).
+pub fn adopt_states(old: &Config, new: &mut Config) {
+    let unchanged: Vec<bool> = new
+        .clusters
+        .iter()
+        .map(|c| {
+            match (
+                old.file.clusters.get(&*c.name),
+                new.file.clusters.get(&*c.name),
+            ) {
+                (Some(a), Some(b)) => match (serde_json::to_value(a), serde_json::to_value(b)) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => false,
+                },
+                _ => false,
+            }
+        })
+        .collect();
+    for (c, same) in new.clusters.iter_mut().zip(unchanged) {
+        if !same {
+            continue;
+        }
+        if let Some(prev) = old.clusters.iter().find(|p| p.name == c.name) {
+            c.state = prev.state.clone();
+        }
+    }
+}
+
 impl Upstream {
     fn new(config: &ClusterConfig, metrics: &Metrics) -> Self {
         let mut http = HttpConnector::new();
