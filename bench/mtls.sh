@@ -96,14 +96,16 @@ for round in $(seq "$ROUNDS"); do
     esac
     outbound=$(eval echo "\$pid_$shape")
     hs_before=$(metric "$inadmin" wasp_tls_handshakes_total)
+    res_before=$(metric "$inadmin" wasp_tls_resumed_handshakes_total)
     before=$(cpu_secs "$outbound" "$inbound")
     wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$port/bench" > "$out/wrk-$shape-$round.txt"
     after=$(cpu_secs "$outbound" "$inbound")
     hs_after=$(metric "$inadmin" wasp_tls_handshakes_total)
-    python3 - "$out/wrk-$shape-$round.txt" "$shape" "$round" "$(( after - before ))" "$hz" "$(( hs_after - hs_before ))" >> "$results" <<'PY'
+    res_after=$(metric "$inadmin" wasp_tls_resumed_handshakes_total)
+    python3 - "$out/wrk-$shape-$round.txt" "$shape" "$round" "$(( after - before ))" "$hz" "$(( hs_after - hs_before ))" "$(( res_after - res_before ))" >> "$results" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-shape, rnd, ticks, hz, hs = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+shape, rnd, ticks, hz, hs, res = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 def ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
     return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -112,7 +114,7 @@ secs = float(re.search(r"requests in ([\d.]+)s", text).group(1))
 p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
 p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-print(f"{shape}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{ticks/hz:.2f}\t{hs/secs:.0f}\t{errors.group(0) if errors else ''}")
+print(f"{shape}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{ticks/hz:.2f}\t{hs/secs:.0f}\t{res/secs:.0f}\t{errors.group(0) if errors else ''}")
 PY
   done
 done
@@ -122,19 +124,19 @@ import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 conns, dur, rounds, workers = sys.argv[2:6]
 by = {}
-for s, r, rps, p50, p99, cpu, hs, err in rows:
-    by.setdefault(s, []).append((float(rps), float(p50), float(p99), float(cpu), float(hs), err))
+for s, r, rps, p50, p99, cpu, hs, res, err in rows:
+    by.setdefault(s, []).append((float(rps), float(p50), float(p99), float(cpu), float(hs), float(res), err))
 print(f"\nwrk -t1 -c{conns} -d{dur} -> outbound wasp -> inbound wasp -> demo app; {rounds} alternating rounds, {workers} worker(s) per wasp; medians\n")
-print("| hop | req/s | p50 ms | p99 ms | CPU s (both sidecars) per round | inbound TLS handshakes/s | errors |")
-print("|---|---|---|---|---|---|---|")
+print("| hop | req/s | p50 ms | p99 ms | CPU s (both sidecars) per round | inbound TLS handshakes/s | of which resumed/s | errors |")
+print("|---|---|---|---|---|---|---|---|")
 med = {}
 for s in ["plain_keepalive", "mtls_keepalive", "plain_newconn", "mtls_newconn"]:
     v = by.get(s, [])
     if not v: continue
-    m = [statistics.median(x[i] for x in v) for i in range(5)]
+    m = [statistics.median(x[i] for x in v) for i in range(6)]
     med[s] = m
-    errs = "; ".join(sorted({x[5] for x in v if x[5]})) or "none"
-    print(f"| {s} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.2f} | {m[4]:.0f} | {errs} |")
+    errs = "; ".join(sorted({x[6] for x in v if x[6]})) or "none"
+    print(f"| {s} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.2f} | {m[4]:.0f} | {m[5]:.0f} | {errs} |")
 if "plain_keepalive" in med and "mtls_keepalive" in med:
     p, t = med["plain_keepalive"], med["mtls_keepalive"]
     print(f"\nmTLS/plaintext keep-alive: throughput {t[0]/p[0]:.2f}x, p99 {t[2]/p[2]:.2f}x (target: throughput >= 0.8x)")

@@ -1,7 +1,8 @@
 //! TLS through the real binary: termination (TLS 1.3, ALPN h2, SNI), client
 //! certificates (missing, untrusted, expired), identity allow lists, TLS
 //! towards upstreams (wrong name, wrong identity), a two-sidecar mTLS hop
-//! with certificates from `wasp certs`, and certificate rotation under load.
+//! with certificates from `wasp certs`, certificate rotation under load, and
+//! a config reload that changes the certificate.
 //!
 //! Certificates are made in the test (rcgen through `wasp::certs`) or by the
 //! `wasp certs` command; clients are rustls + hyper, and curl when present.
@@ -981,4 +982,66 @@ fn tls_config_errors_name_the_place() {
 
     let (code, err) = check(&listener(&good, ""));
     assert_eq!(code, Some(0), "{err}");
+}
+
+// ---- config reload ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reload_changes_the_certificate_for_new_connections_only() {
+    let app = TestUpstream::start("app").await;
+    let pki = Pki::new("mesh");
+    let (a_cert, a_key) = pki.issue("a", None, &["localhost"]);
+    let (b_cert, b_key) = pki.issue("b", None, &["localhost"]);
+    let port = free_port();
+    let config = |cert: &Path, key: &Path| {
+        format!(
+            r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{cert}", key = "{key}" }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+            cert = cert.display(),
+            key = key.display(),
+            app = app.addr,
+        )
+    };
+    let wasp = Wasp::start(&config(&a_cert, &a_key));
+    let client = client_config(&pki.ca_path(), None, H1, BOTH);
+    let mut old = tls_connect(addr(port), client.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(old.server_cert, pem_certs(&a_cert)[0].to_vec());
+
+    let text = format!(
+        "[admin]\nbind = \"{}\"\n\n{}",
+        wasp.admin,
+        config(&b_cert, &b_key)
+    );
+    std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
+    let admin = wasp.admin;
+    let answer = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "-X", "POST", &format!("http://{admin}/reload")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap();
+    assert!(answer.contains("generation"), "{answer}");
+
+    let new = tls_connect(addr(port), client, "localhost").await.unwrap();
+    assert_eq!(new.server_cert, pem_certs(&b_cert)[0].to_vec());
+    // The connection opened before the reload keeps working.
+    assert_eq!(old.get("localhost", "/still").await.unwrap().status, 200);
 }
