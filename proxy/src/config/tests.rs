@@ -138,13 +138,26 @@ balance = "maglev"
 hash_key = { cookie = "session" }
 "#;
     let old = parse_ok(text);
-    assert_eq!(old.clusters[0].balance, Balance::PeakEwma, "peak_ewma is the default");
+    assert_eq!(
+        old.clusters[0].balance,
+        Balance::PeakEwma,
+        "peak_ewma is the default"
+    );
     assert_eq!(old.clusters[0].state.endpoints().endpoints.len(), 2);
-    assert!(old.clusters[1].state.endpoints().endpoints.is_empty(), "DNS starts empty");
+    assert!(
+        old.clusters[1].state.endpoints().endpoints.is_empty(),
+        "DNS starts empty"
+    );
     let mut new = parse_ok(&text.replace("b.example", "c.example"));
     crate::upstream::adopt_states(&old, &mut new);
-    assert!(Arc::ptr_eq(&old.clusters[0].state, &new.clusters[0].state), "unchanged: kept");
-    assert!(!Arc::ptr_eq(&old.clusters[1].state, &new.clusters[1].state), "changed: fresh");
+    assert!(
+        Arc::ptr_eq(&old.clusters[0].state, &new.clusters[0].state),
+        "unchanged: kept"
+    );
+    assert!(
+        !Arc::ptr_eq(&old.clusters[1].state, &new.clusters[1].state),
+        "changed: fresh"
+    );
 }
 
 #[test]
@@ -166,6 +179,13 @@ bind = "127.0.0.1:1"
     let text: Vec<&str> = p.iter().map(|p| p.message.as_str()).collect();
     assert!(text.iter().any(|m| m.contains("not both")), "{text:?}");
     assert!(text.iter().any(|m| m.contains("needs `port`")), "{text:?}");
-    assert!(text.iter().any(|m| m.contains("needs `hash_key")), "{text:?}");
-    assert!(text.iter().any(|m| m.contains("needs `endpoints` or `discovery`")), "{text:?}");
+    assert!(
+        text.iter().any(|m| m.contains("needs `hash_key")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|m| m.contains("needs `endpoints` or `discovery`")),
+        "{text:?}"
+    );
 }
