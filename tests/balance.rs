@@ -640,11 +640,11 @@ hash_key = {{ cookie = "session" }}
 
 // === discovery ===
 
-/// A DNS server on UDP loopback answering A (and SRV) queries from a table
-/// the test changes, with a 1 s TTL.
+/// A DNS server on UDP loopback answering from a table of records the test
+/// changes (A and SRV), with a 1 s TTL.
 struct Dns {
     addr: SocketAddr,
-    a: Arc<Mutex<Vec<Ipv4Addr>>>,
+    records: Arc<Mutex<Vec<(String, hickory_proto::rr::RData)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -654,18 +654,25 @@ impl Drop for Dns {
     }
 }
 
+fn a_record(ip: Ipv4Addr) -> hickory_proto::rr::RData {
+    hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A(ip))
+}
+
+fn srv_record(port: u16, target: &str) -> hickory_proto::rr::RData {
+    let target = hickory_proto::rr::Name::from_ascii(target).unwrap();
+    hickory_proto::rr::RData::SRV(hickory_proto::rr::rdata::SRV::new(0, 1, port, target))
+}
+
 impl Dns {
-    async fn start(name: &'static str, ips: Vec<Ipv4Addr>) -> Self {
+    async fn start() -> Self {
         use hickory_proto::op::{Message, MessageType, ResponseCode};
-        use hickory_proto::rr::rdata::A;
-        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        use hickory_proto::rr::Record;
         use hickory_proto::serialize::binary::BinEncodable;
 
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let a = Arc::new(Mutex::new(ips));
-        let table = a.clone();
-        let owner = Name::from_ascii(name).unwrap();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let table = records.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
@@ -685,15 +692,14 @@ impl Dns {
                 resp.add_queries(query.queries().to_vec());
                 let mut known = false;
                 for q in query.queries() {
-                    if q.name().eq_case(&owner) || q.name().to_lowercase() == owner.to_lowercase() {
-                        known = true;
-                        if q.query_type() == RecordType::A {
-                            for ip in table.lock().unwrap().iter() {
-                                resp.add_answer(Record::from_rdata(
-                                    q.name().clone(),
-                                    1,
-                                    RData::A(A(*ip)),
-                                ));
+                    let name = q.name().to_lowercase().to_ascii();
+                    let table: Vec<(String, hickory_proto::rr::RData)> =
+                        table.lock().unwrap().clone();
+                    for (owner, data) in table {
+                        if owner == name {
+                            known = true;
+                            if data.record_type() == q.query_type() {
+                                resp.add_answer(Record::from_rdata(q.name().clone(), 1, data));
                             }
                         }
                     }
@@ -706,11 +712,18 @@ impl Dns {
                 }
             }
         });
-        Dns { addr, a, task }
+        Dns {
+            addr,
+            records,
+            task,
+        }
     }
 
-    fn set(&self, ips: Vec<Ipv4Addr>) {
-        *self.a.lock().unwrap() = ips;
+    /// Replaces every record of `name` (a fully qualified, lower-case name).
+    fn set(&self, name: &str, data: Vec<hickory_proto::rr::RData>) {
+        let mut t = self.records.lock().unwrap();
+        t.retain(|(n, _)| n != name);
+        t.extend(data.into_iter().map(|d| (name.to_string(), d)));
     }
 }
 
@@ -755,7 +768,11 @@ async fn dns_discovery_follows_record_changes() {
         }
     }
     let (one, two) = (one.expect("server one"), two.expect("server two"));
-    let dns = Dns::start("svc.wasp.test.", vec![Ipv4Addr::new(127, 0, 0, 2)]).await;
+    let dns = Dns::start().await;
+    dns.set(
+        "svc.wasp.test.",
+        vec![a_record(Ipv4Addr::new(127, 0, 0, 2))],
+    );
     let port = free_port();
     let wasp = Wasp::start(&format!(
         r#"
@@ -780,16 +797,22 @@ discovery = {{ dns = "svc.wasp.test.", port = {}, refresh = "1s", min_refresh = 
     println!("DNS: first answer used after {first:?}");
     assert!(first.is_some(), "log:\n{}", wasp.log_text());
 
-    dns.set(vec![Ipv4Addr::new(127, 0, 0, 3)]);
+    dns.set(
+        "svc.wasp.test.",
+        vec![a_record(Ipv4Addr::new(127, 0, 0, 3))],
+    );
     let moved = until_all_go_to(proxy, "svc", "two", Duration::from_secs(5)).await;
     println!("DNS: record changed to 127.0.0.3, traffic followed after {moved:?} (TTL 1s, max_refresh 1s)");
     let moved = moved.expect("traffic never followed the DNS change");
     assert!(moved < Duration::from_millis(2500), "{moved:?}");
 
-    dns.set(vec![
-        Ipv4Addr::new(127, 0, 0, 2),
-        Ipv4Addr::new(127, 0, 0, 3),
-    ]);
+    dns.set(
+        "svc.wasp.test.",
+        vec![
+            a_record(Ipv4Addr::new(127, 0, 0, 2)),
+            a_record(Ipv4Addr::new(127, 0, 0, 3)),
+        ],
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let c = clusters(&wasp);
     let n = c["clusters"][0]["endpoints"]
@@ -798,6 +821,51 @@ discovery = {{ dns = "svc.wasp.test.", port = {}, refresh = "1s", min_refresh = 
     println!("DNS: two records -> /clusters lists {n} endpoints");
     assert_eq!(n, 2, "{c}");
     drop((one, two));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_discovery_follows_record_changes() {
+    // SRV records carry the ports, so the two servers need not share one.
+    let one = Server::start("one").await;
+    let two = Server::start("two").await;
+    let dns = Dns::start().await;
+    dns.set("one.wasp.test.", vec![a_record(Ipv4Addr::LOCALHOST)]);
+    dns.set("two.wasp.test.", vec![a_record(Ipv4Addr::LOCALHOST)]);
+    dns.set(
+        "_http._tcp.svc.wasp.test.",
+        vec![srv_record(one.addr.port(), "one.wasp.test.")],
+    );
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ host = "svc" }}
+  cluster = "svc"
+
+[clusters.svc]
+discovery = {{ srv = "_http._tcp.svc.wasp.test.", refresh = "1s", min_refresh = "100ms", max_refresh = "1s", nameserver = "{}" }}
+"#,
+        dns.addr
+    ));
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let first = until_all_go_to(proxy, "svc", "one", Duration::from_secs(5)).await;
+    println!("SRV: first answer used after {first:?}");
+    assert!(first.is_some(), "log:\n{}", wasp.log_text());
+
+    dns.set(
+        "_http._tcp.svc.wasp.test.",
+        vec![srv_record(two.addr.port(), "two.wasp.test.")],
+    );
+    let moved = until_all_go_to(proxy, "svc", "two", Duration::from_secs(5)).await;
+    println!("SRV: record changed to another port, traffic followed after {moved:?}");
+    let moved = moved.expect("traffic never followed the SRV change");
+    assert!(moved < Duration::from_millis(2500), "{moved:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
