@@ -167,12 +167,14 @@ pub fn summary(config: &Config) -> String {
                 }
             })
             .collect();
+        let source = crate::upstream::discovery_label(&c.state);
         let _ = writeln!(
             out,
-            "  {} [{:?}, {:?}]: {}",
+            "  {} [{:?}, {:?}, {}]: {}",
             c.name,
             c.protocol,
             c.balance,
+            source,
             eps.join(", ")
         );
     }

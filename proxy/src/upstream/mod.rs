@@ -32,7 +32,7 @@ pub mod retry;
 
 pub use callout::Callouts;
 pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
-pub use report::{clusters_json, render_metrics};
+pub use report::{clusters_json, discovery_name as discovery_label, render_metrics};
 pub use retry::{RetryBudget, RetryPolicy};
 
 use std::collections::HashMap;

@@ -73,7 +73,9 @@ pub fn clusters_json(config: &Config) -> Value {
     json!({ "clusters": clusters })
 }
 
-fn discovery_name(s: &ClusterState) -> String {
+/// Where a cluster's endpoints come from, in one line (`static`,
+/// `dns:name:port`, `srv:name`, `file:path`).
+pub fn discovery_name(s: &ClusterState) -> String {
     match &s.settings.discovery {
         super::discovery::Discovery::Static => "static".into(),
         super::discovery::Discovery::Dns(d) if d.srv => format!("srv:{}", d.name),
