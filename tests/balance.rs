@@ -927,3 +927,135 @@ discovery = {{ file = "{}" }}
     );
     assert!(c["clusters"][0]["discovery_error"].is_string(), "{c}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_checks_take_an_endpoint_out_and_back() {
+    let a = Server::start("a").await;
+    let b = Server::start("b").await;
+    let sick = Server::start("sick").await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ host = "svc" }}
+  cluster = "svc"
+
+[clusters.svc]
+endpoints = ["{}", "{}", "{}"]
+balance = "round_robin"
+health = {{ path = "/healthz", interval = "100ms", timeout = "100ms", unhealthy = 2, healthy = 2 }}
+"#,
+        a.addr, b.addr, sick.addr
+    ));
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let before = load(proxy, "svc", 60, 2).await;
+    assert!(share(&before, "sick") > 0.25, "{before:?}");
+
+    // Health checks fail (the endpoint still answers requests): out.
+    sick.healthy.store(false, Ordering::SeqCst);
+    let marked = Instant::now();
+    while endpoint(&clusters(&wasp), "svc", sick.addr)["health"] != "unhealthy" {
+        assert!(
+            marked.elapsed() < Duration::from_secs(3),
+            "never marked unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = marked.elapsed();
+    let during = load(proxy, "svc", 60, 2).await;
+    println!("health: unhealthy after {took:?}; traffic while unhealthy {during:?}");
+    assert_eq!(during.get("sick"), None, "{during:?}");
+
+    // Passing again: back in rotation.
+    sick.healthy.store(true, Ordering::SeqCst);
+    let back = Instant::now();
+    while endpoint(&clusters(&wasp), "svc", sick.addr)["health"] != "healthy" {
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = load(proxy, "svc", 60, 2).await;
+    println!(
+        "health: healthy again after {:?}; traffic {after:?}",
+        back.elapsed()
+    );
+    assert!(share(&after, "sick") > 0.25, "{after:?}");
+    let m = wasp.metrics();
+    let label = format!("endpoint=\"{}\"", sick.addr);
+    assert_eq!(
+        metric_value(&m, "wasp_endpoint_healthy", &[&label]),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn circuit_breaker_answers_overflow() {
+    let slow = Server::start("slow").await;
+    slow.delay_ms.store(300, Ordering::SeqCst);
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ host = "svc" }}
+  cluster = "svc"
+
+[clusters.svc]
+endpoints = ["{}"]
+limits = {{ max_requests = 2 }}
+"#,
+        slow.addr
+    ));
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        tasks.push(tokio::spawn(async move {
+            let client = h1_client();
+            let req = http::Request::get(format!("http://{proxy}/"))
+                .header("host", "svc")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let code = resp
+                .headers()
+                .get("x-wasp-error")
+                .map(|v| v.to_str().unwrap().to_string());
+            (resp.status().as_u16(), code)
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers.sort();
+    println!("five concurrent requests, max_requests = 2: {answers:?}");
+    assert_eq!(
+        answers.iter().filter(|a| a.0 == 200).count(),
+        2,
+        "{answers:?}"
+    );
+    assert!(answers
+        .iter()
+        .filter(|a| a.0 != 200)
+        .all(|a| a == &(503, Some("overflow".to_string()))));
+    let m = wasp.metrics();
+    assert_eq!(
+        metric_value(&m, "wasp_cluster_overflows_total", &["cluster=\"svc\""]),
+        Some(3.0)
+    );
+    assert_eq!(slow.requests(), 2);
+}
