@@ -9,7 +9,9 @@
 //! retries add at most `ratio` to the load of a failing cluster (plus a
 //! trickle for quiet clusters). A coarser cousin of Finagle's and
 //! Linkerd's token buckets: cheaper, and the one-second reset is fine at
-//! the rates where retry storms matter.
+//! the rates where retry storms matter. The reset at a window edge is not
+//! atomic across the two counters, so a retry or two may slip through
+//! there: a budget, not an exact quota.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
