@@ -1044,4 +1044,11 @@ endpoints = ["{app}"]
     assert_eq!(new.server_cert, pem_certs(&b_cert)[0].to_vec());
     // The connection opened before the reload keeps working.
     assert_eq!(old.get("localhost", "/still").await.unwrap().status, 200);
+    // The effective config shows the TLS settings (paths, never key bytes).
+    let (status, cfg) = wasp.admin_get("/config");
+    assert_eq!(status, 200);
+    assert!(
+        cfg.contains("b-key.pem") && !cfg.contains("PRIVATE KEY"),
+        "{cfg}"
+    );
 }
