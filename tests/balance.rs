@@ -98,7 +98,13 @@ impl Server {
                             healthy.clone(),
                         );
                         async move {
-                            let code = if req.uri().path() == "/healthz" {
+                            let is_health = req.uri().path() == "/healthz";
+                            let got = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_or(0, |b| b.to_bytes().len());
+                            let code = if is_health {
                                 if healthy.load(Ordering::SeqCst) {
                                     200
                                 } else {
@@ -116,6 +122,7 @@ impl Server {
                             *resp.status_mut() = http::StatusCode::from_u16(code).unwrap();
                             resp.headers_mut()
                                 .insert("x-upstream", name.parse().unwrap());
+                            resp.headers_mut().insert("x-body-bytes", got.into());
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
@@ -1059,4 +1066,82 @@ limits = {{ max_requests = 2 }}
         Some(3.0)
     );
     assert_eq!(slow.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_kept_for_retries() {
+    let good = Server::start("good").await;
+    let bad = Server::start("bad").await;
+    bad.status.store(503, Ordering::SeqCst);
+    // Nothing listens here: connections are refused.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    let _wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ host = "refused" }}
+  cluster = "refused"
+  retry = {{ on = ["connect-failure", "5xx"], attempts = 1, backoff = "1ms" }}
+  [[listeners.routes]]
+  match = {{ host = "failing" }}
+  cluster = "failing"
+  retry = {{ on = ["connect-failure", "5xx"], attempts = 1, backoff = "1ms" }}
+
+[clusters.refused]
+endpoints = ["{dead}", "{}"]
+balance = "round_robin"
+
+[clusters.failing]
+endpoints = ["{}", "{}"]
+balance = "round_robin"
+"#,
+        good.addr, bad.addr, good.addr
+    ));
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = h1_client();
+    let send = |host: &'static str, method: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{proxy}/upload"))
+                .header("host", host)
+                .body(Full::new(Bytes::from_static(b"0123456789abcdef")))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .headers()
+                .get("x-body-bytes")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            (status, bytes)
+        }
+    };
+    // POST: retried where the request never left (connection refused).
+    for _ in 0..6 {
+        assert_eq!(send("refused", "POST").await, (200, "16".to_string()));
+    }
+    // PUT is idempotent: a 503 is retried elsewhere, body and all.
+    for _ in 0..6 {
+        assert_eq!(send("failing", "PUT").await, (200, "16".to_string()));
+    }
+    // POST is not: a 503 is the answer.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(send("failing", "POST").await.0);
+    }
+    println!("kept bodies: POST over refused connections and PUT over 503s all answered 200 with 16 bytes; POST over 503s: {statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        3,
+        "{statuses:?}"
+    );
 }

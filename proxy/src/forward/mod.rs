@@ -315,16 +315,32 @@ async fn forward(
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    let replay = retry::Replay::capture(
-        route.retry.as_deref(),
-        &parts,
-        body.is_end_stream() && !upgrade,
-    );
+    // Retries need the body again: empty, or small and read whole first.
+    let empty = body.is_end_stream() && !upgrade;
+    let policy = route.retry.as_deref();
+    let mut kept = empty.then(bytes::Bytes::new);
     let body = RequestBody::new(body, listener.limits.max_body_bytes);
-    let body = match chain {
-        Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
-        None => body.boxed_unsync(),
+    let body = if retry::should_keep_body(policy, &parts, empty, upgrade, chain.is_some()) {
+        match body.collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                kept = Some(bytes.clone());
+                http_body_util::Full::new(bytes)
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            }
+            Err(e) => {
+                out.result = Err(retry::body_error(&*e));
+                return out;
+            }
+        }
+    } else {
+        match chain {
+            Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
+            None => body.boxed_unsync(),
+        }
     };
+    let replay = retry::Replay::capture(policy, &parts, kept);
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = route.timeout.or(upstream.timeout);

@@ -2,9 +2,12 @@
 //! `retry` policy, within the route's overall `timeout`.
 //!
 //! Runs on the worker, inside the request's future. Only replayable
-//! requests are retried: an idempotent method and an empty body (bodies
-//! stream through and are not kept, so a request with one cannot be sent
-//! twice). A retry goes to a different endpoint when the cluster has one,
+//! requests are retried: the body must be empty, or declared at most
+//! [`REPLAY_LIMIT`] bytes and not seen by a filter, in which case it is
+//! read whole before the first try and kept (larger bodies stream through
+//! and cannot be sent twice). Idempotent methods are retried on every
+//! condition the route names; other methods (POST, PATCH) only on
+//! `connect-failure`, when the request certainly never left. A retry goes to a different endpoint when the cluster has one,
 //! after a jittered exponential backoff, and only while the cluster's
 //! retry budget allows, so retries cannot multiply the load of a cluster
 //! that is failing everywhere. Each try is an [`Attempt`]: its latency and
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
 use super::filtered::SharedChain;
@@ -23,10 +26,45 @@ use super::{classify, ProxyError};
 use crate::upstream::balance::{fast_random, now_nanos, PickContext};
 use crate::upstream::{retry, Attempt, Picked, ProxyBody, RetryPolicy, Upstream};
 
-/// What is needed to send the request again: everything but the body,
-/// which is empty.
+/// Request bodies up to this size are kept for retries.
+pub(super) const REPLAY_LIMIT: u64 = 64 << 10;
+
+/// Whether to read the request body whole before the first try, so it
+/// can be sent again: the route retries, the body is declared small, and
+/// no filter reads it (filters see the body as it streams).
+pub(super) fn should_keep_body(
+    policy: Option<&RetryPolicy>,
+    parts: &http::request::Parts,
+    empty: bool,
+    upgrade: bool,
+    filtered: bool,
+) -> bool {
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    policy.is_some_and(|p| p.attempts > 0)
+        && !empty
+        && !upgrade
+        && !filtered
+        && declared.is_some_and(|n| n <= REPLAY_LIMIT)
+}
+
+/// The error to answer when reading a kept body failed.
+pub(super) fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
+    match super::body::downstream_cause(err) {
+        Some(d) => d.to_proxy_error(),
+        None => ProxyError::BadRequest(format!("cannot read the request body: {err}")),
+    }
+}
+
+/// What is needed to send the request again.
 pub(super) struct Replay<'a> {
     policy: &'a RetryPolicy,
+    /// Not idempotent: retried on connect failures only.
+    connect_only: bool,
+    body: Bytes,
     method: Method,
     path_and_query: String,
     version: Version,
@@ -34,18 +72,26 @@ pub(super) struct Replay<'a> {
 }
 
 impl<'a> Replay<'a> {
-    /// `Some` when `policy` exists and the request can be replayed.
+    /// `Some` when `policy` exists and the request can be replayed with
+    /// `body` (`None`: the body streams and cannot be).
     pub(super) fn capture(
         policy: Option<&'a RetryPolicy>,
         parts: &http::request::Parts,
-        body_empty: bool,
+        body: Option<Bytes>,
     ) -> Option<Self> {
         let policy = policy?;
-        if policy.attempts == 0 || !body_empty || !retry::idempotent(&parts.method) {
+        let body = body?;
+        if policy.attempts == 0 {
+            return None;
+        }
+        let connect_only = !retry::idempotent(&parts.method);
+        if connect_only && !policy.connect_failure {
             return None;
         }
         Some(Self {
             policy,
+            connect_only,
+            body,
             method: parts.method.clone(),
             path_and_query: parts
                 .uri
@@ -66,11 +112,16 @@ impl<'a> Replay<'a> {
             .map_err(|e| {
                 ProxyError::BadRequest(format!("cannot rebuild the request to retry it: {e}"))
             })?;
-        let mut req = Request::new(
+        let body = if self.body.is_empty() {
             Empty::<Bytes>::new()
                 .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+                .boxed_unsync()
+        } else {
+            Full::new(self.body.clone())
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        };
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = self.version;
@@ -80,6 +131,9 @@ impl<'a> Replay<'a> {
 
     fn retryable(&self, result: &Result<Response<Incoming>, ProxyError>) -> bool {
         let p = self.policy;
+        if self.connect_only {
+            return p.connect_failure && matches!(result, Err(ProxyError::UpstreamConnect { .. }));
+        }
         match result {
             Ok(resp) => p.retries_status(resp.status()),
             Err(ProxyError::UpstreamConnect { .. }) => p.connect_failure,
