@@ -681,6 +681,12 @@ bind = "127.0.0.1:{outbound_port}"
   [[listeners.routes]]
   match = {{ host = "no-client-cert" }}
   cluster = "no-client-cert"
+  [[listeners.routes]]
+  match = {{ host = "by-address" }}
+  cluster = "by-address"
+  [[listeners.routes]]
+  match = {{ host = "public-roots" }}
+  cluster = "public-roots"
 
 [clusters.reviews]
 endpoints = ["127.0.0.1:{inbound_port}"]
@@ -702,7 +708,18 @@ endpoints = ["127.0.0.1:{inbound_port}"]
 [clusters.no-client-cert]
 endpoints = ["127.0.0.1:{inbound_port}"]
 tls = {{ ca = "{ca}", expect_identity = "{REVIEWS}" }}
+
+[clusters.by-address]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{by_address}
+
+[clusters.public-roots]
+endpoints = ["127.0.0.1:{inbound_port}"]
+tls = {{ cert = "{front}", key = "{front_key}" }}
 "#,
+        by_address = tls(""),
+        front = p("front.pem"),
+        front_key = p("front-key.pem"),
         reviews = tls(&format!(r#", expect_identity = "{REVIEWS}""#)),
         wrong_name = tls(r#", sni = "wrong.example""#),
         wrong_identity = tls(r#", expect_identity = "spiffe://mesh.local/ns/default/sa/ratings""#),
@@ -786,7 +803,19 @@ tls = {{ ca = "{ca}", expect_identity = "{REVIEWS}" }}
             &["reason=\"no_client_cert\""],
         ) == Some(1.0)
     }));
-    assert_eq!(app.requests(), 22);
+
+    // No sni and no expect_identity: the endpoint's IP address is verified
+    // against the certificate's IP SANs (127.0.0.1 from `wasp certs`).
+    assert_eq!(get(&client, out, "by-address", "/").await.status, 200);
+    // Without `ca`, the webpki roots: a mesh certificate is not trusted.
+    let r = get(&client, out, "public-roots", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (502, Some("upstream_tls")),
+        "{r:?}"
+    );
+    assert!(r.body.contains("untrusted"), "{}", r.body);
+    assert_eq!(app.requests(), 23);
 }
 
 // ---- rotation --------------------------------------------------------------------------
