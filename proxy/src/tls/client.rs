@@ -178,6 +178,8 @@ impl ClientTls {
         }
     }
 
+    /// Every file, in the order [`build`] reads them (the fingerprint
+    /// depends on it).
     fn files(&self) -> Vec<PathBuf> {
         let s = &self.settings;
         let mut out: Vec<PathBuf> = s.ca.iter().cloned().collect();
@@ -190,6 +192,9 @@ impl ClientTls {
 
     fn reload(&self) {
         let name = &self.settings.cluster;
+        if PemReader::fingerprint_of(&self.files()).ok() == Some(self.current.load().fingerprint) {
+            return;
+        }
         match build(&self.settings) {
             Ok(new) => {
                 if new.fingerprint == self.current.load().fingerprint {

@@ -179,6 +179,16 @@ impl PemReader {
         Ok((ck, facts))
     }
 
+    /// The fingerprint a build reading `paths` in this order would have,
+    /// without parsing anything: how a reload tells that nothing changed.
+    pub(crate) fn fingerprint_of(paths: &[PathBuf]) -> Result<[u8; 32], String> {
+        let mut reader = Self::new();
+        for p in paths {
+            reader.read(p)?;
+        }
+        Ok(reader.finish())
+    }
+
     pub(crate) fn finish(self) -> [u8; 32] {
         use sha2::Digest;
         self.hasher.finalize().into()

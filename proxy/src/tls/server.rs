@@ -157,6 +157,8 @@ impl ServerTls {
         out
     }
 
+    /// Every file, in the order [`build`] reads them (the fingerprint
+    /// depends on it).
     fn files(&self) -> Vec<PathBuf> {
         let s = &self.settings;
         let mut out = Vec::new();
@@ -171,6 +173,9 @@ impl ServerTls {
     /// Rebuilds from the files; swaps only if they changed and load cleanly.
     fn reload(&self) {
         let name = &self.settings.listener;
+        if PemReader::fingerprint_of(&self.files()).ok() == Some(self.current.load().fingerprint) {
+            return;
+        }
         match build(&self.settings) {
             Ok(new) => {
                 if new.fingerprint == self.current.load().fingerprint {
@@ -272,7 +277,51 @@ fn sni_matches(pattern: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::sni_matches;
+    use super::*;
+
+    #[test]
+    fn the_cheap_fingerprint_matches_the_build() {
+        let dir = std::env::temp_dir().join(format!("wasp-tls-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = crate::certs::Ca::new("t", 10).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = crate::certs::Leaf {
+            common_name: "s".into(),
+            uris: vec![],
+            dns: vec!["localhost".into()],
+            ips: vec![],
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(1),
+        };
+        let mut paths = Vec::new();
+        for name in ["a", "b"] {
+            let (cert, key) = ca.issue(&leaf).unwrap();
+            let p = CertPaths {
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}-key.pem")),
+            };
+            std::fs::write(&p.cert, cert).unwrap();
+            std::fs::write(&p.key, key).unwrap();
+            paths.push(p);
+        }
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        let tls = ServerTls::load(ServerTlsSettings {
+            listener: "l".into(),
+            default: Some(paths[0].clone()),
+            sni: vec![SniCert {
+                sni: "b.test".into(),
+                paths: paths[1].clone(),
+            }],
+            client_ca: Some(dir.join("ca.pem")),
+            min_version: MinVersion::Tls12,
+        })
+        .unwrap();
+        assert_eq!(
+            PemReader::fingerprint_of(&tls.files()).unwrap(),
+            tls.current.load().fingerprint
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn sni_patterns() {

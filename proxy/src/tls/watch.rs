@@ -6,8 +6,9 @@
 //! mounted secret are both seen. Events are debounced until the directory
 //! has been quiet for [`DEBOUNCE`], because a cert and its key are usually
 //! written one after the other. The poll every [`POLL`] catches what inotify
-//! cannot (network filesystems, an exhausted watch limit); the owner compares
-//! file contents, so a poll that finds nothing new costs a few small reads.
+//! cannot (network filesystems, an exhausted watch limit); the owner hashes
+//! the files first, so a poll that finds nothing new costs a few small reads
+//! and no parsing.
 //! The thread ends at the first wake-up after its owner is dropped.
 
 use std::collections::BTreeSet;
@@ -19,7 +20,7 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 const DEBOUNCE: Duration = Duration::from_millis(150);
-const POLL: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_secs(2);
 
 /// Keeps the file watch alive; dropping it stops the notifications (the
 /// thread then ends at its next poll, when the owner is gone too).
