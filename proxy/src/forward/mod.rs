@@ -115,7 +115,11 @@ pub async fn handle(
 }
 
 /// The request's filter chain, when its listener has a pipeline.
-fn start_chain(req: &Request<Incoming>, conn: &ConnCtx, snapshot: &Snapshot) -> Option<SharedChain> {
+fn start_chain(
+    req: &Request<Incoming>,
+    conn: &ConnCtx,
+    snapshot: &Snapshot,
+) -> Option<SharedChain> {
     let listener = &snapshot.config.listeners[conn.listener];
     if listener.pipeline.is_empty() {
         return None;
@@ -130,12 +134,18 @@ fn start_chain(req: &Request<Incoming>, conn: &ConnCtx, snapshot: &Snapshot) -> 
         source: conn.peer,
         destination: conn.local,
         scheme: conn.scheme,
-        protocol: if req.version() == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+        protocol: if req.version() == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
         request_id,
         start: std::time::SystemTime::now(),
         principal: conn.principal.clone(),
     };
-    Some(SharedChain::new(snapshot.filters.stream(&listener.pipeline, info)))
+    Some(SharedChain::new(
+        snapshot.filters.stream(&listener.pipeline, info),
+    ))
 }
 
 const REQUEST_ID: &str = "x-request-id";
@@ -202,7 +212,9 @@ async fn forward(
     // Request-header filters run before routing, so they can steer it.
     if let Some(chain) = chain {
         if let Some(mut filters) = chain.take() {
-            let verdict = filters.request_headers(&mut parts, body.is_end_stream()).await;
+            let verdict = filters
+                .request_headers(&mut parts, body.is_end_stream())
+                .await;
             chain.put(filters);
             if let Verdict::Respond(resp) = verdict {
                 out.result = Ok(local_answer(resp));
@@ -213,9 +225,10 @@ async fn forward(
 
     let host = authority(&parts).unwrap_or_default();
     let path = parts.uri.path().to_string();
-    let Some((route_index, route)) = listener
-        .routes
-        .find(&host, &path, &parts.method, &parts.headers)
+    let Some((route_index, route)) =
+        listener
+            .routes
+            .find(&host, &path, &parts.method, &parts.headers)
     else {
         out.result = Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
@@ -370,7 +383,9 @@ async fn forward(
     let body = match chain {
         Some(chain) if !switching => {
             if let Some(mut filters) = chain.take() {
-                let verdict = filters.response_headers(&mut parts, body.is_end_stream()).await;
+                let verdict = filters
+                    .response_headers(&mut parts, body.is_end_stream())
+                    .await;
                 chain.put(filters);
                 if let Verdict::Respond(resp) = verdict {
                     out.result = Ok(local_answer(resp));
@@ -403,7 +418,11 @@ fn classify(
         return ProxyError::Overflow(format!("cluster \"{}\": {o}", upstream.name));
     }
     let reason = error_chain(err);
-    if find_cause::<crate::tls::UpstreamTlsError>(err).is_some() {
+    // A failed handshake, or a TLS alert after it (TLS 1.3 servers reject
+    // a client certificate after the client thinks the handshake is done).
+    if find_cause::<crate::tls::UpstreamTlsError>(err).is_some()
+        || crate::tls::rustls_cause(err).is_some()
+    {
         return ProxyError::UpstreamTls {
             cluster: upstream.name.to_string(),
             addr,

@@ -291,6 +291,24 @@ pub fn reason(err: &std::io::Error) -> &'static str {
     }
 }
 
+/// A rustls error anywhere in `err`'s cause chain, including inside an
+/// `io::Error` (whose `source()` skips its own payload).
+pub fn rustls_cause<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(tls);
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// The rustls error inside an IO error from tokio-rustls, as text.
 pub fn describe(err: &std::io::Error) -> String {
     match err
