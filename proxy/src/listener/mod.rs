@@ -92,7 +92,10 @@ pub async fn serve(
         if open >= cfg.limits.max_connections {
             runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
             runtime.stats.error("overflow");
-            reject_overflow(stream, cfg.limits.max_connections);
+            // A TLS client cannot read a plaintext answer: just close.
+            if cfg.tls.is_none() {
+                reject_overflow(stream, cfg.limits.max_connections);
+            }
             continue;
         }
         runtime.stats.accepted.inc();
