@@ -1,8 +1,9 @@
 //! TLS through the real binary: termination (TLS 1.3, ALPN h2, SNI), client
 //! certificates (missing, untrusted, expired), identity allow lists, TLS
 //! towards upstreams (wrong name, wrong identity), a two-sidecar mTLS hop
-//! with certificates from `wasp certs`, certificate rotation under load, and
-//! a config reload that changes the certificate.
+//! with certificates from `wasp certs`, certificate rotation under load, a
+//! config reload that changes the certificate, and the peer's identity
+//! reaching a Wasm filter as `source.principal`.
 //!
 //! Certificates are made in the test (rcgen through `wasp::certs`) or by the
 //! `wasp certs` command; clients are rustls + hyper, and curl when present.
@@ -1086,4 +1087,98 @@ endpoints = ["{app}"]
         cfg.contains("b-key.pem") && !cfg.contains("PRIVATE KEY"),
         "{cfg}"
     );
+}
+
+// ---- source.principal reaches a filter ------------------------------------------------------
+
+/// A Proxy-Wasm guest (WAT) that copies the `source.principal` property into
+/// an `x-principal` request header ("none" when the property is absent).
+const PRINCIPAL_FILTER: &str = r#"
+(module
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value"
+    (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $bump (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (data (i32.const 100) "x-principal")
+  (data (i32.const 200) "source\00principal")
+  (data (i32.const 300) "none")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $prop (i32.const 200) (i32.const 16) (i32.const 16) (i32.const 20)))
+      (then (drop (call $add (i32.const 0) (i32.const 100) (i32.const 11)
+        (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+      (else (drop (call $add (i32.const 0) (i32.const 100) (i32.const 11)
+        (i32.const 300) (i32.const 4)))))
+    (i32.const 0)))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_principal_reaches_filters() {
+    let app = TestUpstream::start("app").await;
+    let pki = Pki::new("mesh");
+    let (cert, key) = pki.issue("reviews", Some(REVIEWS), &["localhost"]);
+    let front = pki.issue("front", Some(FRONT), &["front"]);
+    let dir = TempDir::new("principal");
+    std::fs::create_dir_all(dir.path().join("filters.d")).unwrap();
+    std::fs::write(
+        dir.path().join("filters.d/principal.wasm"),
+        wat::parse_str(PRINCIPAL_FILTER).unwrap(),
+    )
+    .unwrap();
+    let (mtls, plain) = (free_port(), free_port());
+    let _wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.principal]
+module = "principal.wasm"
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{mtls}"
+pipeline = ["principal"]
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}" }}
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[[listeners]]
+name = "plain"
+bind = "127.0.0.1:{plain}"
+pipeline = ["principal"]
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+            cert = cert.display(),
+            key = key.display(),
+            ca = pki.ca_path().display(),
+            app = app.addr,
+        ),
+        &[],
+    );
+    let config = client_config(&pki.ca_path(), Some(&front), H2_H1, BOTH);
+    let r = tls_get(addr(mtls), config, "localhost", "/who")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.contains(&format!("x-principal: {FRONT}")),
+        "{}",
+        r.body
+    );
+    let r = get(&h1_client(), addr(plain), "app", "/who").await;
+    assert!(r.body.contains("x-principal: none"), "{}", r.body);
 }
