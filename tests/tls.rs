@@ -729,6 +729,27 @@ tls = {{ cert = "{front}", key = "{front_key}" }}
     let client = h1_client();
     let out = addr(outbound_port);
 
+    // Expiry gauges are published at start, before any traffic.
+    assert!(eventually(Duration::from_secs(5), || {
+        let m = outbound.metrics();
+        metric_value(
+            &m,
+            "wasp_tls_certificate_expiry_timestamp_seconds",
+            &[
+                "scope=\"cluster\"",
+                "name=\"reviews-h2\"",
+                "cert=\"client\"",
+            ],
+        )
+        .is_some()
+    }));
+    assert!(metric_value(
+        &inbound.metrics(),
+        "wasp_tls_certificate_expiry_timestamp_seconds",
+        &["scope=\"listener\"", "name=\"inbound\"", "cert=\"default\""],
+    )
+    .is_some());
+
     // The hop works, over HTTP/1.1 and over h2 picked by ALPN.
     let r = get(&client, out, "reviews", "/ping").await;
     assert_eq!(r.status, 200, "{r:?}");

@@ -67,6 +67,9 @@ pub async fn serve(
         }
     };
     let local = listener.local_addr().ok();
+    // Certificate watchers and expiry gauges from the start, not from the
+    // first connection (the first worker to get here does it).
+    crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
     let builder = http_builder(&shared, index);
     loop {

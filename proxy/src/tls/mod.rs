@@ -42,6 +42,22 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }
 
+/// Starts the file watchers and publishes the expiry gauges of every TLS
+/// listener and cluster of `config`; cheap and idempotent (each owner
+/// starts once).
+pub fn start_all(config: &crate::config::Config, metrics: &crate::telemetry::Metrics) {
+    for l in &config.listeners {
+        if let Some(tls) = &l.tls {
+            tls.start(metrics);
+        }
+    }
+    for c in &config.clusters {
+        if let Some(tls) = &c.tls {
+            tls.start(metrics);
+        }
+    }
+}
+
 /// Lowest TLS version a listener accepts. TLS 1.0 and 1.1 are never offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MinVersion {
