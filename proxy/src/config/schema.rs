@@ -163,7 +163,9 @@ pub struct ListenerDecl {
 }
 
 /// `tls = { cert, key, client_ca, allow, certs, min_version }` on a listener.
-/// Paths are relative to the config file.
+/// Paths are relative to the config file. Hot-reloadable: the files reload
+/// when they change, and a config reload applies the table to new
+/// connections (open ones keep what they negotiated).
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsDecl {
@@ -308,7 +310,8 @@ pub struct ClusterDecl {
 }
 
 /// `tls = { ca, cert, key, sni, expect_identity, insecure_skip_verify }` on a
-/// cluster. Paths are relative to the config file.
+/// cluster. Paths are relative to the config file. Hot-reloadable like the
+/// listener's: new upstream connections use the current files and table.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterTlsDecl {
