@@ -437,6 +437,34 @@ endpoints = ["{app}"]
     } else {
         eprintln!("curl not found: skipping the curl check");
     }
+
+    // openssl s_client: the SNI certificate, TLS 1.3, h2, verified.
+    if Command::new("openssl").arg("version").output().is_ok() {
+        let ca = pki.ca_path();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("openssl")
+                .args(["s_client", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-servername", "other.test", "-alpn", "h2", "-CAfile"])
+                .arg(ca)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("TLSv1.3"), "{text}");
+        assert!(text.contains("ALPN protocol: h2"), "{text}");
+        assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+        assert!(text.contains("CN = other"), "{text}");
+    } else {
+        eprintln!("openssl not found: skipping the s_client check");
+    }
 }
 
 // ---- client certificates ----------------------------------------------------------
