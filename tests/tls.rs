@@ -716,6 +716,9 @@ bind = "127.0.0.1:{outbound_port}"
   [[listeners.routes]]
   match = {{ host = "public-roots" }}
   cluster = "public-roots"
+  [[listeners.routes]]
+  match = {{ host = "insecure" }}
+  cluster = "insecure"
 
 [clusters.reviews]
 endpoints = ["127.0.0.1:{inbound_port}"]
@@ -745,6 +748,10 @@ endpoints = ["127.0.0.1:{inbound_port}"]
 [clusters.public-roots]
 endpoints = ["127.0.0.1:{inbound_port}"]
 tls = {{ cert = "{front}", key = "{front_key}" }}
+
+[clusters.insecure]
+endpoints = ["127.0.0.1:{inbound_port}"]
+tls = {{ cert = "{front}", key = "{front_key}", insecure_skip_verify = true }}
 "#,
         by_address = tls(""),
         front = p("front.pem"),
@@ -871,7 +878,18 @@ tls = {{ cert = "{front}", key = "{front_key}" }}
         "{r:?}"
     );
     assert!(r.body.contains("untrusted"), "{}", r.body);
-    assert_eq!(app.requests(), 23);
+    // insecure_skip_verify: the same untrusted certificate is accepted, and
+    // the log said so loudly at start.
+    assert_eq!(get(&client, out, "insecure", "/").await.status, 200);
+    assert!(
+        outbound
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("insecure") && l.contains("NOT verified")),
+        "{}",
+        outbound.log_text()
+    );
+    assert_eq!(app.requests(), 24);
 }
 
 // ---- rotation --------------------------------------------------------------------------
