@@ -801,6 +801,10 @@ discovery = {{ dns = "svc.wasp.test.", port = {}, refresh = "1s", min_refresh = 
         dns.addr
     ));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The very first request waits for the first DNS answer rather than
+    // failing with no_endpoint.
+    let (status, up) = try_get(&h1_client(), proxy, "svc", &[]).await.unwrap();
+    assert_eq!((status, up.as_str()), (200, "one"));
     let first = until_all_go_to(proxy, "svc", "one", Duration::from_secs(5)).await;
     println!("DNS: first answer used after {first:?}");
     assert!(first.is_some(), "log:\n{}", wasp.log_text());

@@ -280,7 +280,7 @@ async fn forward(
     let hash_key = upstream
         .state
         .hash_key(&parts.headers, conn.peer.ip(), &mut key_buf);
-    let Some(picked) = upstream.pick(&PickContext { hash_key }, None) else {
+    let Some(picked) = upstream.pick_first(&PickContext { hash_key }).await else {
         out.result = Err(ProxyError::NoEndpoint(upstream.name.to_string()));
         return out;
     };

@@ -80,6 +80,10 @@ pub struct ClusterState {
     /// The last discovery failure (cleared by the next success).
     pub discovery_error: ArcSwapOption<String>,
     started: AtomicBool,
+    /// False until DNS discovery has answered once (true for the others).
+    discovered: AtomicBool,
+    /// Wakes requests that arrived before the first DNS answer.
+    first_answer: tokio::sync::Notify,
 }
 
 /// One version of a cluster's endpoints.
@@ -120,6 +124,7 @@ impl ClusterState {
         initial: &[Endpoint],
         budget: Option<RetryBudget>,
     ) -> Self {
+        let settings_discovery_is_dns = matches!(settings.discovery, Discovery::Dns(_));
         let state = Self {
             name,
             settings,
@@ -131,6 +136,8 @@ impl ClusterState {
             budget,
             discovery_error: ArcSwapOption::empty(),
             started: AtomicBool::new(false),
+            discovered: AtomicBool::new(!settings_discovery_is_dns),
+            first_answer: tokio::sync::Notify::new(),
         };
         state.set_endpoints(initial);
         state
@@ -185,6 +192,24 @@ impl ClusterState {
             .fetch_add(1, Ordering::Relaxed);
         self.bump();
         true
+    }
+
+    /// Marks discovery as having answered (or given up) once, waking the
+    /// requests that were waiting for it (control thread).
+    pub(crate) fn discovered(&self) {
+        if !self.discovered.swap(true, Ordering::AcqRel) {
+            self.first_answer.notify_waiters();
+        }
+    }
+
+    /// Waits (at most `limit`) for discovery's first answer: only requests
+    /// that arrive before DNS has answered once ever wait here.
+    pub async fn first_answer(&self, limit: Duration) {
+        let notified = self.first_answer.notified();
+        if self.discovered.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, notified).await;
     }
 
     /// True the first time only: the control thread starts this cluster's

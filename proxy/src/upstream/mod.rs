@@ -72,6 +72,7 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
     pub timeout: Option<Duration>,
+    connect_timeout: Duration,
     pub state: Arc<ClusterState>,
     client: Client<CountingConnector, ProxyBody>,
     balance: Balance,
@@ -177,6 +178,7 @@ impl Upstream {
             name: config.name.clone(),
             protocol: config.protocol,
             timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
             state: config.state.clone(),
             client: builder.build(connector),
             balance: config.balance,
@@ -257,6 +259,17 @@ impl Upstream {
             endpoint: active.endpoints.get(i)?.clone(),
             load: active.loads.get(i)?.clone(),
         })
+    }
+
+    /// [`Upstream::pick`], but a request that arrives before DNS discovery
+    /// has answered once waits for that answer (at most the cluster's
+    /// `connect_timeout`) instead of failing with `no_endpoint`.
+    pub async fn pick_first(&self, ctx: &PickContext<'_>) -> Option<Picked> {
+        if let Some(p) = self.pick(ctx, None) {
+            return Some(p);
+        }
+        self.state.first_answer(self.connect_timeout).await;
+        self.pick(ctx, None)
     }
 
     /// Starts a try to `picked`: counts it in flight until the returned

@@ -51,6 +51,12 @@ pub async fn run(cluster: Weak<ClusterState>, settings: DnsSettings) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(name = %settings.name, "DNS discovery cannot start: {e}");
+            if let Some(state) = cluster.upgrade() {
+                state
+                    .discovery_error
+                    .store(Some(std::sync::Arc::new(e.to_string())));
+                state.discovered();
+            }
             return;
         }
     };
@@ -91,6 +97,8 @@ pub async fn run(cluster: Weak<ClusterState>, settings: DnsSettings) {
                     .max(settings.min_refresh)
             }
         };
+        // Requests waiting for the first answer go on, whatever it was.
+        state.discovered();
         drop(state);
         tokio::time::sleep(wait).await;
     }
