@@ -30,7 +30,7 @@ module = "access_log.wasm"
 module = "metrics.wasm"
 [filters.router]
 module = "router.wasm"
-config = { rules = [] }
+config = { rules = [ { header = "x-canary", equals = "1", cluster = "c" } ] }
 [[listeners]]
 name = "in"
 bind = "127.0.0.1:18281"
@@ -52,8 +52,8 @@ while True:
             break
     except Exception:
         pass
-    if time.monotonic() - start > 20:
-        print("timeout"); break
+    if p.poll() is not None or time.monotonic() - start > 20:
+        sys.exit("wasp exited or did not get ready; run it by hand with this config to see why")
     time.sleep(0.001)
 print(f"{(time.monotonic() - start) * 1000:.1f}")
 p.terminate(); p.wait()

@@ -104,7 +104,11 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
 
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
-pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>) -> anyhow::Result<u8> {
+pub fn run(
+    config: Config,
+    log_level: Option<LevelHandle>,
+    app: Option<AppSpec>,
+) -> anyhow::Result<u8> {
     let metrics = Metrics::new();
     let config = Arc::new(config);
     // Filters load before anything binds: a filter that cannot load stops
@@ -206,7 +210,11 @@ pub fn run(config: Config, log_level: Option<LevelHandle>, app: Option<AppSpec>)
 }
 
 /// Waits for the reason to stop, then drains in order (see the module docs).
-async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut app::Child>) -> u8 {
+async fn drain_sequence(
+    shared: &Shared,
+    config: &Config,
+    mut child: Option<&mut app::Child>,
+) -> u8 {
     let mut app_code = None;
     tokio::select! {
         _ = wait_for_shutdown(shared) => {}
@@ -222,7 +230,10 @@ async fn drain_sequence(shared: &Shared, config: &Config, mut child: Option<&mut
         }
         // Inbound keeps serving a little so load balancers see /ready fail.
         if !config.drain_delay.is_zero() {
-            tracing::info!("inbound keeps serving for drain_delay = {:?}", config.drain_delay);
+            tracing::info!(
+                "inbound keeps serving for drain_delay = {:?}",
+                config.drain_delay
+            );
             tokio::time::sleep(config.drain_delay).await;
         }
     }
@@ -249,7 +260,9 @@ async fn reload_on_sighup(reloads: crate::reload::Requests) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading");
             if reloads.send(crate::reload::Trigger::Signal).is_err() {
@@ -291,11 +304,17 @@ fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
     match value {
         None => bytes::Bytes::new(),
         Some(toml::Value::String(s)) => bytes::Bytes::from(s.clone()),
-        Some(v) => serde_json::to_vec(v).map(bytes::Bytes::from).unwrap_or_default(),
+        Some(v) => serde_json::to_vec(v)
+            .map(bytes::Bytes::from)
+            .unwrap_or_default(),
     }
 }
 
-fn worker_main(index: usize, sockets: Vec<(usize, bool, std::net::TcpListener)>, shared: Arc<Shared>) {
+fn worker_main(
+    index: usize,
+    sockets: Vec<(usize, bool, std::net::TcpListener)>,
+    shared: Arc<Shared>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
