@@ -9,8 +9,9 @@ COPY . .
 RUN cargo build --release -p wasp \
  && mkdir -p /out/filters.d \
  && cp target/release/wasp /out/wasp \
- && (cargo build --release --target wasm32-wasip1 --manifest-path filters/Cargo.toml 2>/dev/null || true) \
- && (cp target/wasm32-wasip1/release/*.wasm /out/filters.d/ 2>/dev/null || true)
+ && cargo build --release --target wasm32-wasip1 -p access-log -p metrics -p trace-context -p router \
+ && cp target/wasm32-wasip1/release/access_log.wasm target/wasm32-wasip1/release/metrics.wasm \
+       target/wasm32-wasip1/release/trace_context.wasm target/wasm32-wasip1/release/router.wasm /out/filters.d/
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/wasp /usr/local/bin/wasp

@@ -8,6 +8,7 @@
 #                 v                     v
 #   [reviews sidecar :16006]    [reviews sidecar :16007]
 #     reviews-v1 :9081, :9082      reviews-v2 :9083
+#     (+ :9084 added live via the watched endpoints file)
 #
 # Every sidecar runs Wasm filters built from filters/: trace-context,
 # access-log, metrics, and on productpage's outbound side the canary router.
@@ -36,7 +37,7 @@ rm -rf "$logs/certs"
 "$bin/wasp" certs --out "$logs/certs" --ca-name mesh --service productpage,reviews >/dev/null
 
 # Fail loudly if something from an earlier run still holds the ports.
-for port in 9080 9081 9082 9083 9901 9902 15001 15006 16006 16007; do
+for port in 9080 9081 9082 9083 9084 9901 9902 15001 15006 16006 16007; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use (an earlier quickstart still running?)"; exit 1
   fi
@@ -48,6 +49,7 @@ trap cleanup EXIT INT TERM
 
 start() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids+=($!); }
 
+echo 'endpoints = ["127.0.0.1:9081", "127.0.0.1:9082"]' > "$logs/reviews-v1.endpoints.toml"
 start reviews-1 "$bin/demo-app" reviews-1 127.0.0.1:9081
 start reviews-2 "$bin/demo-app" reviews-2 127.0.0.1:9082
 start reviews-v2 "$bin/demo-app" reviews-v2 127.0.0.1:9083
@@ -79,10 +81,24 @@ done
 echo "    reviews v1: $v1   reviews-v2: $v2"
 echo "    x-canary: 1 forces v2: $(curl -s -H 'x-canary: 1' http://127.0.0.1:15006/call | grep -o 'reviews-v2 answered' | head -1)"
 echo
-echo "==> balancing: the reviews sidecar spreads v1 traffic over its two instances"
+echo "==> balancing: the reviews sidecar spreads v1 traffic over its instances (peak EWMA: fastest likely)"
 for i in 1 2 3 4; do
   curl -s -x http://127.0.0.1:15001 -H 'x-user: ada' http://reviews/books | head -1 | sed 's/^/    /'
 done
+echo
+echo "==> discovery: a third v1 instance starts and is added to the watched endpoints file"
+start reviews-3 "$bin/demo-app" reviews-3 127.0.0.1:9084
+sleep 0.3
+echo 'endpoints = ["127.0.0.1:9081", "127.0.0.1:9082", "127.0.0.1:9084"]' > "$logs/reviews-v1.endpoints.toml"
+sleep 0.5
+seen=""
+for i in $(seq 30); do
+  seen="$seen $(curl -s -x http://127.0.0.1:15001 -H "x-user: ada" http://reviews/books | grep -o 'reviews-[0-9]' | head -1)"
+done
+echo "    30 calls answered by: $(tr ' ' '\n' <<<"$seen" | grep -v '^$' | sort | uniq -c | tr '\n' ' ')"
+echo "    the reviews sidecar's view (http://127.0.0.1:9902/clusters):"
+curl -s http://127.0.0.1:9902/clusters | head -c 600 | sed 's/^/      /'
+echo
 echo
 echo "==> mTLS between the sidecars: reviews' inbound only lets productpage's certificate in"
 echo "    handshakes on the reviews sidecar: $(curl -s http://127.0.0.1:9902/metrics | awk '/^wasp_tls_handshakes_total\{listener="inbound"\}/ {print $2}')"
