@@ -19,6 +19,11 @@ if ! command -v kubernetes-validate >/dev/null; then
   echo "==> installing kubernetes-validate"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
+# pip's script dir may not be on PATH (or pyenv may not have rehashed yet).
+if ! command -v kubernetes-validate >/dev/null; then
+  PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+  export PATH
+fi
 
 if command -v rustup >/dev/null; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
