@@ -262,7 +262,15 @@ endpoints = ["{rude}"]
             .unwrap_or("")
             .starts_with("text/plain"));
     }
+    // The log line of a proxy-made error carries the request id.
+    let req = http::Request::get(format!("http://{proxy}/"))
+        .header("host", "nowhere")
+        .header("x-request-id", "trace-me-42")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client, req).await.status, 404);
     let log = wasp.log_text();
+    assert!(log.contains("request_id=trace-me-42"), "{log}");
     for (_, _, _, code) in cases {
         assert!(
             log.contains(&format!("code=\"{code}\"")) || log.contains(&format!("code={code}")),

@@ -78,7 +78,7 @@ impl Drop for InFlight {
 
 /// Serves one request. Never fails: errors become local responses.
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     conn.activity.started.fetch_add(1, Ordering::Release);
@@ -86,6 +86,8 @@ pub async fn handle(
     let start = Instant::now();
     let snapshot = conn.shared.snapshot.load_full();
     let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
+    // One id for the request everywhere: upstream header, filters, logs.
+    let request_id = ensure_request_id(req.headers_mut());
     let chain = start_chain(&req, &conn, &snapshot);
     let mut outcome = forward(req, &conn, &snapshot, &upstreams, chain.as_ref()).await;
     let stats = outcome.stats.take();
@@ -95,7 +97,8 @@ pub async fn handle(
             if let Some(c) = &chain {
                 c.with(|c| c.set_error_code(err.code()));
             }
-            respond_error(&conn, &snapshot, &outcome.route, &outcome.cluster, err)
+            let names = (&outcome.route, &outcome.cluster);
+            respond_error(&conn, &snapshot, names, &request_id, err)
         }
     };
     let status = resp.status().as_u16();
@@ -154,6 +157,16 @@ fn new_request_id() -> Arc<str> {
     Arc::from(format!("{:032x}", rand::random::<u128>()))
 }
 
+/// The request's `x-request-id`, added when the client sent none.
+fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(REQUEST_ID) {
+        return v.clone();
+    }
+    let v = HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("-"));
+    headers.insert(REQUEST_ID, v.clone());
+    v
+}
+
 /// Turns a filter's local answer into a response of the proxy's body type.
 fn local_answer(resp: Response<bytes::Bytes>) -> Response<ProxyBody> {
     resp.map(|b| {
@@ -203,11 +216,6 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(REQUEST_ID) {
-        if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
-            parts.headers.insert(REQUEST_ID, v);
-        }
-    }
 
     // Request-header filters run before routing, so they can steer it.
     if let Some(chain) = chain {
@@ -514,8 +522,8 @@ fn authority(req: &http::request::Parts) -> Option<String> {
 fn respond_error(
     conn: &ConnCtx,
     snapshot: &Snapshot,
-    route: &Option<Arc<str>>,
-    cluster: &Option<Arc<str>>,
+    (route, cluster): (&Option<Arc<str>>, &Option<Arc<str>>),
+    request_id: &HeaderValue,
     err: ProxyError,
 ) -> Response<ProxyBody> {
     let listener = &snapshot.config.listeners[conn.listener];
@@ -528,6 +536,7 @@ fn respond_error(
         principal = %conn.principal.as_deref().unwrap_or("-"),
         code = %err.code(),
         status = err.status().as_u16(),
+        request_id = %request_id.to_str().unwrap_or("-"),
         "{err}"
     );
     err.to_response()
