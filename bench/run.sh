@@ -5,7 +5,7 @@
 #
 #   bench/run.sh                    # defaults: 3 rounds of 5 s, 32 connections
 #   ROUNDS=5 DURATION=10s CONNS=64 bench/run.sh
-#   PIPELINE="pass" bench/run.sh    # wasp with a filter pipeline (see bench/README.md)
+#   WASP_BIN=path/to/wasp bench/run.sh   # measure another build of wasp
 #   MTLS=1 bench/run.sh             # mTLS between two sidecars vs plaintext (bench/mtls.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ bind = "$WASP"
 [clusters.upstream]
 endpoints = ["$UP"]
 TOML
-"$bin/wasp" run --config "$out/wasp.toml" 2>"$out/wasp.log" & wasp_pid=$!; pids+=($wasp_pid)
+"${WASP_BIN:-$bin/wasp}" run --config "$out/wasp.toml" 2>"$out/wasp.log" & wasp_pid=$!; pids+=($wasp_pid)
 
 mkdir -p "$out/nginx"
 cat > "$out/nginx/nginx.conf" <<NGINX
