@@ -327,3 +327,58 @@ async fn broken_modules_and_configs_change_nothing() {
     }
     assert!(reload().starts_with("reloaded: generation"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_config_beside_its_module_reloads() {
+    let app = TestUpstream::start("app").await;
+    let dir = TempDir::new("reload-beside");
+    let filters = dir.path().join("filters.d");
+    std::fs::create_dir_all(&filters).unwrap();
+    std::fs::copy(
+        fixture("wasm32-wasip1", "headers"),
+        filters.join("swap.wasm"),
+    )
+    .unwrap();
+    let port = free_port();
+    let config = format!(
+        "[filters.swap]\nmodule = \"swap.wasm\"\nconfig = {SWAP_CONFIG}\n\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"swap\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = h1_client();
+    assert_eq!(
+        get(&client, proxy, "app", "/").await.header("x-v"),
+        Some("1")
+    );
+
+    // swap.toml beside swap.wasm replaces the inline config.
+    std::fs::write(filters.join("swap.toml"), "[response.add]\nx-v = \"2\"\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&client, proxy, "app", "/").await.header("x-v") != Some("2") {
+        assert!(
+            Instant::now() < deadline,
+            "swap.toml not applied:\n{}",
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A broken one changes nothing and says where.
+    std::fs::write(filters.join("swap.toml"), "[response.add\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_value(&wasp.metrics(), "wasp_reload_failures_total", &[]).unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "broken swap.toml not reported:\n{}",
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&client, proxy, "app", "/").await.header("x-v"),
+        Some("2")
+    );
+    let (_, status) = wasp.admin_get("/reload");
+    assert!(status.contains("swap.toml"), "{status}");
+}

@@ -171,7 +171,7 @@ pub fn reload(shared: &Shared) -> Result<u64, String> {
     crate::upstream::adopt_states(&current.config, &mut config);
     let filters = shared
         .filters
-        .load(filter_specs(&config))
+        .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
     let generation = current.generation + 1;
     let next = Snapshot::next(

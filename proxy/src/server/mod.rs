@@ -116,7 +116,7 @@ pub fn run(
     let callouts = Arc::new(crate::upstream::Callouts::default());
     let filters = FilterRuntime::new(Some(config.module_cache.clone()), callouts.clone())
         .context("cannot start the Wasm engine")?;
-    let filter_set = filters.load(filter_specs(&config))?;
+    let filter_set = filters.load(filter_specs(&config)?)?;
     let snapshot = Snapshot::build(1, config.clone(), filter_set, &metrics);
     let (shutdown, _) = watch::channel(false);
     let (drain_inbound, _) = watch::channel(false);
@@ -272,31 +272,41 @@ async fn reload_on_sighup(reloads: crate::reload::Requests) {
     }
 }
 
-/// The engine's view of every `[filters.NAME]` section.
-pub(crate) fn filter_specs(config: &Config) -> Vec<FilterSpec> {
-    config
-        .file
-        .filters
-        .iter()
-        .map(|(name, decl)| {
-            let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
-            spec.config = config_bytes(decl.config.as_ref());
-            spec.vm_config = config_bytes(decl.vm_config.as_ref());
-            spec.fail = match decl.fail {
-                FailMode::Open => FailPolicy::Open,
-                FailMode::Closed => FailPolicy::Closed,
-            };
-            spec.cpu_limit = decl.limits.cpu.0;
-            spec.memory_limit = decl.limits.memory.0;
-            spec.max_body_bytes = config
-                .listeners
-                .iter()
-                .map(|l| l.limits.max_body_bytes)
-                .max()
-                .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
-            spec
-        })
-        .collect()
+/// The engine's view of every `[filters.NAME]` section. A `NAME.toml` in
+/// the filters directory, when present, replaces the section's `config`, so
+/// a filter's settings can ship (and hot-reload) beside its module.
+pub(crate) fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
+    let mut specs = Vec::with_capacity(config.file.filters.len());
+    for (name, decl) in &config.file.filters {
+        let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
+        let beside = config.filters_dir.join(format!("{name}.toml"));
+        spec.config = match std::fs::read_to_string(&beside) {
+            Ok(text) => {
+                let table: toml::Table = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("filter \"{name}\": {}: {e}", beside.display()))?;
+                config_bytes(Some(&toml::Value::Table(table)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                config_bytes(decl.config.as_ref())
+            }
+            Err(e) => anyhow::bail!("filter \"{name}\": cannot read {}: {e}", beside.display()),
+        };
+        spec.vm_config = config_bytes(decl.vm_config.as_ref());
+        spec.fail = match decl.fail {
+            FailMode::Open => FailPolicy::Open,
+            FailMode::Closed => FailPolicy::Closed,
+        };
+        spec.cpu_limit = decl.limits.cpu.0;
+        spec.memory_limit = decl.limits.memory.0;
+        spec.max_body_bytes = config
+            .listeners
+            .iter()
+            .map(|l| l.limits.max_body_bytes)
+            .max()
+            .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
+        specs.push(spec);
+    }
+    Ok(specs)
 }
 
 /// A TOML table reaches the guest as JSON; a string as its raw bytes.
