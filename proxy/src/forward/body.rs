@@ -152,17 +152,3 @@ where
         self.inner.size_hint()
     }
 }
-
-/// Finds a client-side body error anywhere in an error's cause chain.
-pub fn downstream_cause<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a DownstreamBodyError> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(d) = e.downcast_ref::<DownstreamBodyError>() {
-            return Some(d);
-        }
-        cur = e.source();
-    }
-    None
-}

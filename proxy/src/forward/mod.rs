@@ -32,7 +32,7 @@ use crate::server::{Shared, Snapshot};
 use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
-use body::{downstream_cause, RequestBody, Tracked};
+use body::{DownstreamBodyError, RequestBody, Tracked};
 use filtered::{FilteredBody, SharedChain, Side};
 
 const VIA_H1: &str = "1.1 wasp";
@@ -414,7 +414,7 @@ fn classify(
     addr: SocketAddr,
     err: &hyper_util::client::legacy::Error,
 ) -> ProxyError {
-    if let Some(d) = downstream_cause(err) {
+    if let Some(d) = find_cause::<DownstreamBodyError>(err) {
         return d.to_proxy_error();
     }
     if let Some(o) = find_cause::<crate::upstream::ConnectionOverflow>(err) {
@@ -453,7 +453,7 @@ fn classify(
 }
 
 /// The first error of type `E` in `err`'s cause chain.
-fn find_cause<'a, E: std::error::Error + 'static>(
+pub(super) fn find_cause<'a, E: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a E> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);

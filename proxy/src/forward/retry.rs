@@ -53,7 +53,7 @@ pub(super) fn should_keep_body(
 
 /// The error to answer when reading a kept body failed.
 pub(super) fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
-    match super::body::downstream_cause(err) {
+    match super::find_cause::<super::body::DownstreamBodyError>(err) {
         Some(d) => d.to_proxy_error(),
         None => ProxyError::BadRequest(format!("cannot read the request body: {err}")),
     }
