@@ -139,6 +139,7 @@ fn metrics(shared: &Shared) -> AdminResponse {
         "wasp_build_info{{version=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION")
     ));
+    crate::telemetry::process::render(&mut out);
     with_type(
         StatusCode::OK,
         "text/plain; version=0.0.4; charset=utf-8",

@@ -6,5 +6,6 @@
 pub mod histogram;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 
 pub use metrics::{ListenerStats, Metrics, RequestStats, TlsErrors, UpstreamStats};
