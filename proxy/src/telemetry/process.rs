@@ -200,6 +200,9 @@ mod tests {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         let start = value("process_start_time_seconds");
-        assert!(start > now - 86_400.0 && start <= now + 1.0, "{start} vs {now}");
+        assert!(
+            start > now - 86_400.0 && start <= now + 1.0,
+            "{start} vs {now}"
+        );
     }
 }
