@@ -382,3 +382,255 @@ async fn a_filter_config_beside_its_module_reloads() {
     let (_, status) = wasp.admin_get("/reload");
     assert!(status.contains("swap.toml"), "{status}");
 }
+
+// === Listeners on reload ===
+
+/// `POST /reload` on the admin API; the answer's body.
+fn post_reload(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A `[[listeners]]` table routing everything to `cluster`.
+fn listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"{name}\"\nbind = \"{addr}\"\n  [[listeners.routes]]\n  cluster = \"{cluster}\"\n"
+    )
+}
+
+fn clusters(app: &TestUpstream, other: &TestUpstream) -> String {
+    format!(
+        "[clusters.app]\nendpoints = [\"{}\"]\n[clusters.other]\nendpoints = [\"{}\"]\n",
+        app.addr, other.addr
+    )
+}
+
+/// Rewrites the config (keeping the admin table the harness wrote) and asks
+/// for a reload; returns the answer of `POST /reload`.
+fn reconfigure(wasp: &Wasp, body: &str) -> String {
+    let text = format!(
+        "[admin]\nbind = \"{}\"\n\n[proxy]\nworkers = 2\n\n{body}",
+        wasp.admin
+    );
+    std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
+    post_reload(wasp.admin)
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One HTTP/1.1 connection, kept alive, whose local port the test knows.
+async fn one_connection(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    SocketAddr,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (send, local)
+}
+
+async fn send_on(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    path: &str,
+) -> Result<Answer, String> {
+    send.ready().await.map_err(|e| format!("not ready: {e}"))?;
+    let req = http::Request::get(path)
+        .header("host", "app")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_follow_the_config_and_kept_connections_survive() {
+    let app = TestUpstream::start("app").await;
+    let other = TestUpstream::start("other").await;
+    let main = loopback(free_port());
+    let added = loopback(free_port());
+    let config = format!(
+        "[proxy]\nworkers = 2\n\n{}{}",
+        listener("main", main, "app"),
+        clusters(&app, &other)
+    );
+    let wasp = Wasp::start(&config);
+    let (mut kept, local) = one_connection(main).await;
+    let first = send_on(&mut kept, "/").await.unwrap();
+    assert_eq!(first.header("x-upstream"), Some("app"));
+
+    // Add a listener *before* the kept one (so the kept one's position in
+    // the list changes) and send the kept one's routes elsewhere.
+    let answer = reconfigure(
+        &wasp,
+        &format!(
+            "{}{}{}",
+            listener("added", added, "app"),
+            listener("main", main, "other"),
+            clusters(&app, &other)
+        ),
+    );
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+
+    let client = h1_client();
+    let r = get(&client, added, "app", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (200, Some("app")),
+        "the added listener serves"
+    );
+    // The same connection (same local port, never reconnected) still works
+    // and takes the new routes.
+    let again = send_on(&mut kept, "/").await.unwrap_or_else(|e| {
+        panic!(
+            "kept connection broken by the reload: {e}\n{}",
+            wasp.log_text()
+        )
+    });
+    assert_eq!(again.header("x-upstream"), Some("other"));
+    assert!(!kept.is_closed(), "connection from {local} was closed");
+    let (_, cfg) = wasp.admin_get("/config");
+    assert!(
+        cfg.contains("\"added\"") && cfg.contains(&added.to_string()),
+        "/config shows the new listener: {cfg}"
+    );
+    assert_eq!(wasp.admin_get("/ready").0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
+    let app = TestUpstream::start("app").await;
+    let other = TestUpstream::start("other").await;
+    let main = loopback(free_port());
+    let leaving = loopback(free_port());
+    // Never connected to: its serve loops have nothing to drain.
+    let unused = loopback(free_port());
+    let config = format!(
+        "[proxy]\nworkers = 2\n\n{}{}{}{}",
+        listener("leaving", leaving, "app"),
+        listener("main", main, "app"),
+        listener("unused", unused, "app"),
+        clusters(&app, &other)
+    );
+    let wasp = Wasp::start(&config);
+    let (mut slow_conn, _) = one_connection(leaving).await;
+    // A warm-up request, so the connection is a kept-alive one.
+    assert_eq!(send_on(&mut slow_conn, "/").await.unwrap().status, 200);
+    let slow = tokio::spawn(async move {
+        let r = send_on(&mut slow_conn, "/slow?ms=1500").await;
+        (r, slow_conn)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let answer = reconfigure(
+        &wasp,
+        &format!(
+            "{}{}",
+            listener("main", main, "app"),
+            clusters(&app, &other)
+        ),
+    );
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+    for gone in [leaving, unused] {
+        let refused = tokio::net::TcpStream::connect(gone).await;
+        assert!(
+            refused.is_err(),
+            "a removed listener must not accept new connections"
+        );
+    }
+    let (r, slow_conn) = slow.await.unwrap();
+    let r = r.unwrap_or_else(|e| panic!("in-flight request failed: {e}\n{}", wasp.log_text()));
+    assert_eq!((r.status, r.body.as_str()), (200, "slow 1500ms done\n"));
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "a draining connection closes after its current request"
+    );
+    drop(slow_conn);
+    // The kept listener is untouched, on every worker (fresh connections
+    // spread over both).
+    for _ in 0..8 {
+        let r = http_get_blocking(main, "/").map(|(status, _)| status);
+        assert_eq!(r, Some(200), "{}", wasp.log_text());
+    }
+    assert!(!wasp.log_text().contains("panicked"), "{}", wasp.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_new_port_is_taken_changes_nothing() {
+    let app = TestUpstream::start("app").await;
+    let other = TestUpstream::start("other").await;
+    let main = loopback(free_port());
+    let config = format!(
+        "[proxy]\nworkers = 2\n\n{}{}",
+        listener("main", main, "app"),
+        clusters(&app, &other)
+    );
+    let wasp = Wasp::start(&config);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+
+    // A new listener on a taken port, and a route change in the same file.
+    let answer = reconfigure(
+        &wasp,
+        &format!(
+            "{}{}{}",
+            listener("main", main, "other"),
+            listener("blocked", taken_addr, "app"),
+            clusters(&app, &other)
+        ),
+    );
+    assert!(
+        answer.contains("reload rejected")
+            && answer.contains("listener \"blocked\"")
+            && answer.contains(&format!("cannot bind {taken_addr}")),
+        "{answer}"
+    );
+    let r = get(&h1_client(), main, "app", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (200, Some("app")),
+        "nothing of the rejected config applies"
+    );
+    let (_, status) = wasp.admin_get("/reload");
+    assert!(status.contains("cannot bind"), "{status}");
+    let (_, cfg) = wasp.admin_get("/config");
+    assert!(!cfg.contains("\"blocked\""), "{cfg}");
+
+    // Once the port is free, the same file applies.
+    drop(taken);
+    let answer = post_reload(wasp.admin);
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+    let r = get(&h1_client(), taken_addr, "app", "/").await;
+    assert_eq!(r.header("x-upstream"), Some("app"));
+    let r = get(&h1_client(), main, "app", "/").await;
+    assert_eq!(r.header("x-upstream"), Some("other"));
+}

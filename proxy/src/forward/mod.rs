@@ -42,8 +42,9 @@ const VIA_H2: &str = "2.0 wasp";
 #[derive(Debug)]
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
-    /// Index of the listener in the snapshot's config.
-    pub listener: usize,
+    /// The listener's name. Each request finds it in its own snapshot, as a
+    /// reload may add or remove listeners around it.
+    pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub scheme: &'static str,
@@ -85,11 +86,16 @@ pub async fn handle(
     let in_flight = InFlight(conn.activity.clone());
     let start = Instant::now();
     let snapshot = conn.shared.snapshot.load_full();
+    let Some(li) = snapshot.listener_index(&conn.listener) else {
+        // A reload removed the listener while this request's head was
+        // arriving; its connection is closing.
+        return Ok(listener_removed(&conn.listener));
+    };
     let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
     // One id for the request everywhere: upstream header, filters, logs.
     let request_id = ensure_request_id(req.headers_mut());
-    let chain = start_chain(&req, &conn, &snapshot);
-    let mut outcome = forward(req, &conn, &snapshot, &upstreams, chain.as_ref()).await;
+    let chain = start_chain(&req, &conn, &snapshot, li);
+    let mut outcome = forward(req, &conn, li, &snapshot, &upstreams, chain.as_ref()).await;
     let stats = outcome.stats.take();
     let resp = match outcome.result {
         Ok(resp) => resp,
@@ -98,12 +104,12 @@ pub async fn handle(
                 c.with(|c| c.set_error_code(err.code()));
             }
             let names = (&outcome.route, &outcome.cluster);
-            respond_error(&conn, &snapshot, names, &request_id, err)
+            respond_error(&conn, li, &snapshot, names, &request_id, err)
         }
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed().as_secs_f64();
-    let stats = stats.unwrap_or_else(|| snapshot.listeners[conn.listener].unrouted.clone());
+    let stats = stats.unwrap_or_else(|| snapshot.listeners[li].unrouted.clone());
     stats.record(status, elapsed);
     // The connection counts as busy until hyper has finished with the body.
     let (parts, body) = resp.into_parts();
@@ -122,8 +128,9 @@ fn start_chain(
     req: &Request<Incoming>,
     conn: &ConnCtx,
     snapshot: &Snapshot,
+    li: usize,
 ) -> Option<SharedChain> {
-    let listener = &snapshot.config.listeners[conn.listener];
+    let listener = &snapshot.config.listeners[li];
     if listener.pipeline.is_empty() {
         return None;
     }
@@ -186,6 +193,7 @@ struct Outcome {
 async fn forward(
     mut req: Request<Incoming>,
     conn: &ConnCtx,
+    li: usize,
     snapshot: &Snapshot,
     upstreams: &Upstreams,
     chain: Option<&SharedChain>,
@@ -196,8 +204,8 @@ async fn forward(
         route: None,
         cluster: None,
     };
-    let listener = &snapshot.config.listeners[conn.listener];
-    let runtime = &snapshot.listeners[conn.listener];
+    let listener = &snapshot.config.listeners[li];
+    let runtime = &snapshot.listeners[li];
 
     if let Err(e) = check_framing(&req, listener.limits.max_body_bytes) {
         out.result = Err(e);
@@ -518,16 +526,30 @@ fn authority(req: &http::request::Parts) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A request on a listener a reload has just removed: 503, and the
+/// connection closes.
+fn listener_removed(name: &str) -> Response<ProxyBody> {
+    let mut resp = error::local_response(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "listener_removed",
+        &format!("listener \"{name}\" was removed by a reload"),
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// The one place a [`ProxyError`] becomes a response, a counter and a log line.
 fn respond_error(
     conn: &ConnCtx,
+    li: usize,
     snapshot: &Snapshot,
     (route, cluster): (&Option<Arc<str>>, &Option<Arc<str>>),
     request_id: &HeaderValue,
     err: ProxyError,
 ) -> Response<ProxyBody> {
-    let listener = &snapshot.config.listeners[conn.listener];
-    snapshot.listeners[conn.listener].stats.error(err.code());
+    let listener = &snapshot.config.listeners[li];
+    snapshot.listeners[li].stats.error(err.code());
     tracing::warn!(
         listener = %listener.name,
         route = %route.as_deref().unwrap_or("-"),

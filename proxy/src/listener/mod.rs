@@ -12,8 +12,15 @@
 //! The handshake runs in the connection's task with the header timeout as
 //! its deadline; a failure is logged once with its reason and counted. The
 //! peer's certificate identity rides along in [`ConnCtx::principal`].
+//!
+//! A serve loop knows its listener by name and reads the listener's settings
+//! (limits, TLS, routes) from the current snapshot at each accept, so a
+//! reload that keeps the listener changes them for new connections without
+//! touching the socket. Reloads add and remove whole listeners through
+//! [`ListenerSet`].
 
 mod guard;
+mod set;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -25,11 +32,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::forward::{self, Activity, ConnCtx};
 use crate::server::Shared;
 use guard::Guarded;
+pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it.
@@ -51,18 +58,30 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
     Ok(out)
 }
 
-/// Accepts and serves connections until `shutdown` turns true, then drains:
-/// no new connections, in-flight requests finish (up to the drain timeout).
-pub async fn serve(
-    index: usize,
-    socket: std::net::TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Accepts and serves connections until the listener drains (shutdown) or
+/// is retired (removed by a reload), then drains: no new connections, open
+/// ones close after their current request, in-flight requests finish (up to
+/// the drain timeout).
+pub async fn serve(job: Serve, shared: Arc<Shared>) {
+    let Serve {
+        name,
+        outbound,
+        socket,
+        retire,
+    } = job;
+    let mut shutdown = if outbound {
+        shared.drain_outbound.subscribe()
+    } else {
+        shared.drain_inbound.subscribe()
+    };
+    let Retire {
+        signal: mut retired,
+        ack,
+    } = retire;
     let listener = match TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("cannot register a listening socket: {e}");
+            tracing::error!(listener = %name, "cannot register a listening socket: {e}");
             return;
         }
     };
@@ -71,11 +90,17 @@ pub async fn serve(
     // first connection (the first worker to get here does it).
     crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
-    let builder = http_builder(&shared, index);
+    // Rebuilt when a reload changes the snapshot (limits may have changed).
+    let mut http: Option<(u64, auto::Builder<TokioExecutor>)> = None;
+    let mut was_retired = false;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = retired.wait_for(|s| *s) => {
+                was_retired = true;
+                break;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
@@ -87,10 +112,20 @@ pub async fn serve(
             }
         };
         let snapshot = shared.snapshot.load();
-        let Some(cfg) = snapshot.config.listeners.get(index) else {
-            break;
+        let Some(index) = snapshot.listener_index(&name) else {
+            // Removed by a reload that is about to retire this loop.
+            continue;
         };
+        let cfg = &snapshot.config.listeners[index];
         let runtime = &snapshot.listeners[index];
+        let builder = match &mut http {
+            Some((generation, b)) if *generation == snapshot.generation => b,
+            slot => {
+                &mut slot
+                    .insert((snapshot.generation, http_builder(cfg.limits)))
+                    .1
+            }
+        };
         let open = runtime.open_connections.fetch_add(1, Ordering::AcqRel);
         if open >= cfg.limits.max_connections {
             runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
@@ -110,7 +145,7 @@ pub async fn serve(
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
         let Some(tls) = cfg.tls.clone() else {
-            let ctx = conn_ctx(&shared, index, peer, local, "http", None);
+            let ctx = conn_ctx(&shared, &name, peer, local, "http", None);
             let io = Guarded::new(
                 stream,
                 ctx.activity.clone(),
@@ -137,6 +172,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let shared = shared.clone();
+        let name = name.clone();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let accepted =
@@ -157,7 +193,7 @@ pub async fn serve(
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let ctx = conn_ctx(&shared, index, peer, local, "https", principal);
+            let ctx = conn_ctx(&shared, &name, peer, local, "https", principal);
             let io = Guarded::new(
                 stream,
                 ctx.activity.clone(),
@@ -177,11 +213,31 @@ pub async fn serve(
     }
     drop(listener);
     let timeout = shared.snapshot.load().config.drain_timeout;
-    if tokio::time::timeout(timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let mut drained = std::pin::pin!(tokio::time::timeout(timeout, graceful.shutdown()));
+    let mut outcome = None;
+    if was_retired {
+        // The first poll signals every connection (idle keep-alive ones
+        // close, busy ones close after their current request); yielding
+        // lets their tasks act on it before the reload swaps the snapshot.
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(r) = std::future::Future::poll(drained.as_mut(), cx) {
+                outcome = Some(r);
+            }
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::task::yield_now().await;
+        let _ = ack.send(());
+    }
+    drop(ack);
+    // (A future that already finished must not be polled again.)
+    let outcome = match outcome {
+        Some(r) => r,
+        None => drained.await,
+    };
+    if outcome.is_err() {
         tracing::warn!(
+            listener = %name,
             "drain timeout of {timeout:?} reached with connections still open; closing them"
         );
     }
@@ -202,7 +258,7 @@ impl Drop for Closed {
 
 fn conn_ctx(
     shared: &Arc<Shared>,
-    listener: usize,
+    listener: &Arc<str>,
     peer: SocketAddr,
     local: SocketAddr,
     scheme: &'static str,
@@ -210,7 +266,7 @@ fn conn_ctx(
 ) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
         shared: shared.clone(),
-        listener,
+        listener: listener.clone(),
         peer,
         local,
         scheme,
@@ -219,20 +275,7 @@ fn conn_ctx(
     })
 }
 
-fn http_builder(shared: &Shared, index: usize) -> auto::Builder<TokioExecutor> {
-    let snapshot = shared.snapshot.load();
-    let limits = snapshot
-        .config
-        .listeners
-        .get(index)
-        .map(|l| l.limits)
-        .unwrap_or(crate::config::ListenerLimits {
-            max_connections: 0,
-            max_header_bytes: 64 << 10,
-            max_body_bytes: 0,
-            header_timeout: std::time::Duration::from_secs(10),
-            idle_timeout: std::time::Duration::from_secs(60),
-        });
+fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -15,9 +15,13 @@
 //! nothing changes, the error is logged once, counted, and shown on
 //! `/reload` and `/config`.
 //!
-//! Listener set changes (adding, removing or re-binding listeners) are not
-//! applied by a reload yet: such a config is refused with a message saying
-//! a restart is needed.
+//! Listeners follow the config too (see [`ListenerSet`]): added ones are
+//! bound on every worker before anything changes, so a taken port rejects
+//! the reload whole; removed ones stop accepting just before the swap and
+//! drain; a listener with the same name and address keeps its sockets and
+//! connections and takes its new routes, pipeline, limits and TLS settings
+//! from the new snapshot. `[proxy] workers` and `[admin] bind` still need a
+//! restart, and a reload that changes them is refused.
 
 mod watch;
 
@@ -29,6 +33,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
+use crate::listener::ListenerSet;
 use crate::server::{filter_specs, Shared, Snapshot};
 
 /// Why a reload was asked for.
@@ -54,7 +59,7 @@ const DEBOUNCE: Duration = Duration::from_millis(40);
 const RETRY_WINDOW: Duration = Duration::from_millis(500);
 
 /// Starts the watchers and the reload loop. Returns the request handle.
-pub fn start(shared: Arc<Shared>) -> Requests {
+pub fn start(shared: Arc<Shared>, listeners: ListenerSet) -> Requests {
     let (tx, rx) = mpsc::unbounded_channel();
     let snapshot = shared.snapshot.load();
     let watcher = watch::start(
@@ -62,12 +67,13 @@ pub fn start(shared: Arc<Shared>) -> Requests {
         &snapshot.config.filters_dir,
         tx.clone(),
     );
-    tokio::spawn(run(shared, rx, watcher));
+    tokio::spawn(run(shared, listeners, rx, watcher));
     tx
 }
 
 async fn run(
     shared: Arc<Shared>,
+    mut listeners: ListenerSet,
     mut rx: mpsc::UnboundedReceiver<Trigger>,
     _watcher: Option<watch::Watcher>,
 ) {
@@ -104,7 +110,7 @@ async fn run(
         if !wanted {
             continue;
         }
-        let outcome = reload_settled(&shared, &files).await;
+        let outcome = reload_settled(&shared, &mut listeners, &files).await;
         for r in replies {
             let _ = r.send(outcome.clone());
         }
@@ -113,12 +119,16 @@ async fn run(
 
 /// Waits for the changed files to settle, then reloads; a failure while a
 /// file is still being written is retried.
-async fn reload_settled(shared: &Shared, files: &[PathBuf]) -> Result<u64, String> {
+async fn reload_settled(
+    shared: &Shared,
+    listeners: &mut ListenerSet,
+    files: &[PathBuf],
+) -> Result<u64, String> {
     let deadline = tokio::time::Instant::now() + RETRY_WINDOW;
     loop {
         settle(files).await;
         let before = stamps(files);
-        match reload(shared) {
+        match reload(shared, listeners).await {
             Ok(generation) => return Ok(generation),
             Err(e) => {
                 // Still being written? Then this was not the final content.
@@ -162,17 +172,22 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 }
 
 /// Builds and publishes the next generation from the files on disk.
-pub fn reload(shared: &Shared) -> Result<u64, String> {
+async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, String> {
+    if shared.draining.load(Ordering::Acquire) {
+        return Err("shutting down: reloads are no longer applied".to_string());
+    }
     let current = shared.snapshot.load_full();
     let path = current.config.path.clone();
     let mut config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
-    check_listeners(&current.config, &config)?;
+    check_restart_only(&current.config, &config)?;
     // Unchanged clusters keep their endpoints, health and ejections.
     crate::upstream::adopt_states(&current.config, &mut config);
     let filters = shared
         .filters
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
+    // Last, because it binds sockets: every check that can fail came first.
+    let plan = listeners.plan(&config)?;
     let generation = current.generation + 1;
     let next = Snapshot::next(
         &current,
@@ -181,7 +196,11 @@ pub fn reload(shared: &Shared) -> Result<u64, String> {
         filters,
         &shared.metrics,
     );
+    if !plan.is_empty() {
+        listeners.retire(&plan).await;
+    }
     shared.snapshot.store(Arc::new(next));
+    listeners.start(plan);
     shared.reload_succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
     Ok(generation)
@@ -191,20 +210,8 @@ fn shown(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Listener sockets belong to the running workers; a reload keeps them.
-fn check_listeners(old: &Config, new: &Config) -> Result<(), String> {
-    let shape = |c: &Config| -> Vec<(String, std::net::SocketAddr)> {
-        c.listeners
-            .iter()
-            .map(|l| (l.name.to_string(), l.bind))
-            .collect()
-    };
-    if shape(old) != shape(new) {
-        return Err(format!(
-            "{}: listeners were added, removed, renamed or re-bound; that needs a restart (nothing was applied)",
-            shown(&new.path)
-        ));
-    }
+/// The worker threads and the admin socket live as long as the process.
+fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
     if old.workers != new.workers || old.admin != new.admin {
         return Err(format!(
             "{}: [proxy] workers and [admin] bind need a restart (nothing was applied)",

@@ -144,24 +144,15 @@ pub fn run(
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
     let workers = config.workers;
-    let mut per_worker: Vec<Vec<(usize, bool, std::net::TcpListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
     let outbound_name = app
         .as_ref()
         .map_or(app::DEFAULT_PROXY_LISTENER, |a| a.proxy_listener.as_str());
-    let mut outbound_addr = None;
-    for (i, l) in config.listeners.iter().enumerate() {
-        let outbound = *l.name == *outbound_name;
-        if outbound {
-            outbound_addr = Some(l.bind);
-        }
-        let sockets = crate::listener::bind(l.bind, workers)
-            .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
-        tracing::info!(listener = %l.name, bind = %l.bind, workers, "listening");
-        for (w, s) in sockets.into_iter().enumerate() {
-            per_worker[w].push((i, outbound, s));
-        }
-    }
+    let outbound_addr = config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *outbound_name)
+        .map(|l| l.bind);
+    let (listener_set, per_worker) = crate::listener::ListenerSet::bind(&config, outbound_name)?;
     let admin = std::net::TcpListener::bind(config.admin)
         .with_context(|| format!("admin: cannot bind {}", config.admin))?;
     admin.set_nonblocking(true)?;
@@ -184,7 +175,7 @@ pub fn run(
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
         // Discovery, health checks and ejection expiry for every cluster.
         tokio::spawn(crate::upstream::control::run(shared.clone()));
-        let reloads = crate::reload::start(shared.clone());
+        let reloads = crate::reload::start(shared.clone(), listener_set);
         let _ = shared.reload.set(reloads.clone());
         tokio::spawn(reload_on_sighup(reloads));
         shared.ready.store(true, Ordering::Release);
@@ -320,11 +311,7 @@ fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
     }
 }
 
-fn worker_main(
-    index: usize,
-    sockets: Vec<(usize, bool, std::net::TcpListener)>,
-    shared: Arc<Shared>,
-) {
+fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared: Arc<Shared>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -337,24 +324,28 @@ fn worker_main(
         }
     };
     FilterRuntime::init_worker_thread();
+    let (sockets, mut added) = listeners;
     rt.block_on(async {
-        let mut tasks = Vec::new();
-        for (listener, outbound, socket) in sockets {
-            let rx = if outbound {
-                shared.drain_outbound.subscribe()
-            } else {
-                shared.drain_inbound.subscribe()
-            };
-            tasks.push(tokio::spawn(crate::listener::serve(
-                listener,
-                socket,
-                shared.clone(),
-                rx,
-            )));
+        let mut tasks = tokio::task::JoinSet::new();
+        for job in sockets {
+            tasks.spawn(crate::listener::serve(job, shared.clone()));
         }
-        for t in tasks {
-            let _ = t.await;
+        // Listeners added by reloads arrive until the last drain starts.
+        let mut last_drain = shared.drain_outbound.subscribe();
+        loop {
+            tokio::select! {
+                job = added.recv() => match job {
+                    Some(job) => {
+                        tasks.spawn(crate::listener::serve(job, shared.clone()));
+                    }
+                    None => break,
+                },
+                _ = last_drain.wait_for(|d| *d) => break,
+                // Reap the serve loops of removed listeners as they finish.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
         }
+        while tasks.join_next().await.is_some() {}
     });
 }
 

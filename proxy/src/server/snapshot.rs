@@ -101,6 +101,14 @@ impl Snapshot {
         next
     }
 
+    /// Position of the listener named `name` in this generation. Listeners
+    /// are found by name, not by position, because a reload may add or
+    /// remove others around a listener that keeps serving (a handful of
+    /// short names: a scan costs less than hashing).
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.config.listeners.iter().position(|l| *l.name == *name)
+    }
+
     pub fn cluster_id(&self, name: &str) -> Option<usize> {
         self.cluster_ids.get(name).copied()
     }
