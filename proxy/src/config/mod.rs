@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use schema::{Balance, FailMode, LogFormat, LogLevel, UpstreamProtocol};
+pub use schema::{Balance, FailMode, LogFormat, LogLevel, TraceProtocol, UpstreamProtocol};
 
 use crate::route::{self, RouteTable};
 use crate::tls::{
@@ -41,6 +41,19 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Indexed by cluster id (the position in this vector).
     pub clusters: Vec<ClusterConfig>,
+    /// `[tracing]`; `None`: no spans are made at all.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where spans go and how many are kept (`[tracing]`, validated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracingConfig {
+    /// The full export URL: `http://host:port` for gRPC, `.../v1/traces` for HTTP.
+    pub endpoint: String,
+    pub protocol: TraceProtocol,
+    /// 0.0..=1.0, for traces that start here.
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 #[derive(Debug)]
@@ -248,6 +261,7 @@ impl<'a> Validator<'a> {
             .map(|(i, c)| (&*c.name, i))
             .collect();
         let listeners = self.listeners(&file, &index);
+        let tracing = file.tracing.as_ref().map(|t| self.tracing(t));
 
         if !self.problems.is_empty() {
             return Err(self.problems);
@@ -266,8 +280,49 @@ impl<'a> Validator<'a> {
             drain_delay: file.proxy.drain_delay.0,
             listeners,
             clusters,
+            tracing,
             file,
         })
+    }
+
+    fn tracing(&mut self, decl: &toml::Spanned<schema::TracingSection>) -> TracingConfig {
+        let t = decl.get_ref();
+        let ratio = t.sample_ratio.as_ref().map_or(1.0, |r| *r.get_ref());
+        if !(0.0..=1.0).contains(&ratio) {
+            let span = t.sample_ratio.as_ref().map(toml::Spanned::span);
+            self.at(
+                span,
+                format!("[tracing] sample_ratio = {ratio} is not between 0.0 and 1.0"),
+            );
+        }
+        if t.service_name.is_empty() {
+            self.at(Some(decl.span()), "[tracing] service_name is empty");
+        }
+        let raw = t.otlp_endpoint.get_ref();
+        let mut endpoint = raw.clone();
+        match raw.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+                // The HTTP exporter posts to the URL as given; a bare
+                // collector address means its standard traces path.
+                if t.protocol == TraceProtocol::Http && matches!(uri.path(), "" | "/") {
+                    endpoint = format!("http://{}/v1/traces", uri.authority().map_or("", |a| a.as_str()));
+                }
+            }
+            Ok(uri) if uri.scheme_str() == Some("https") => self.at(
+                Some(t.otlp_endpoint.span()),
+                format!("[tracing] otlp_endpoint = \"{raw}\": https is not supported; export to a local collector over http"),
+            ),
+            _ => self.at(
+                Some(t.otlp_endpoint.span()),
+                format!("[tracing] otlp_endpoint = \"{raw}\" is not an http://host:port URL"),
+            ),
+        }
+        TracingConfig {
+            endpoint,
+            protocol: t.protocol,
+            sample_ratio: ratio,
+            service_name: t.service_name.clone(),
+        }
     }
 
     fn clusters(&mut self, file: &schema::File) -> Vec<ClusterConfig> {

@@ -22,6 +22,8 @@ pub struct File {
     pub admin: AdminSection,
     #[serde(default)]
     pub log: LogSection,
+    /// OpenTelemetry trace export; absent: tracing is off.
+    pub tracing: Option<Spanned<TracingSection>>,
     #[serde(default)]
     pub filters: BTreeMap<String, FilterDecl>,
     #[serde(default)]
@@ -100,6 +102,37 @@ pub enum LogLevel {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+// ---- tracing ----------------------------------------------------------------
+
+/// `[tracing]`: spans exported over OTLP. Restart-only: the exporter and its
+/// thread are set up once at start-up.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// `http://host:port` of the collector (gRPC), or its `/v1/traces` URL (HTTP).
+    pub otlp_endpoint: Spanned<String>,
+    #[serde(default)]
+    pub protocol: TraceProtocol,
+    /// Share of new traces (no sampled parent) that are recorded, 0.0..=1.0.
+    /// Requests with a parent follow the parent's sampled flag.
+    pub sample_ratio: Option<Spanned<f64>>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "wasp".into()
+}
+
+/// OTLP transport: gRPC (port 4317 by convention) or HTTP/protobuf (4318).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceProtocol {
+    #[default]
+    Grpc,
+    Http,
 }
 
 // ---- filters ----------------------------------------------------------------

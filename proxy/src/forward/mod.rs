@@ -94,12 +94,26 @@ pub async fn handle(
     let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
     // One id for the request everywhere: upstream header, filters, logs.
     let request_id = ensure_request_id(req.headers_mut());
+    // Spans (when tracing is on) start their clock here.
+    let mut trace = crate::telemetry::trace::begin(&req, conn.peer, conn.local, conn.scheme);
     let chain = start_chain(&req, &conn, &snapshot, li);
-    let mut outcome = forward(req, &conn, li, &snapshot, &upstreams, chain.as_ref()).await;
+    let mut outcome = forward(
+        req,
+        &conn,
+        li,
+        &snapshot,
+        &upstreams,
+        chain.as_ref(),
+        trace.as_mut(),
+    )
+    .await;
     let stats = outcome.stats.take();
     let resp = match outcome.result {
         Ok(resp) => resp,
         Err(err) => {
+            if let Some(t) = &mut trace {
+                t.error(err.code());
+            }
             if let Some(c) = &chain {
                 c.with(|c| c.set_error_code(err.code()));
             }
@@ -108,6 +122,9 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
+    if let Some(t) = trace {
+        t.finish(status, outcome.route.as_ref());
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let stats = stats.unwrap_or_else(|| snapshot.listeners[li].unrouted.clone());
     stats.record(status, elapsed);
@@ -197,6 +214,7 @@ async fn forward(
     snapshot: &Snapshot,
     upstreams: &Upstreams,
     chain: Option<&SharedChain>,
+    mut trace: Option<&mut crate::telemetry::trace::RequestTrace>,
 ) -> Outcome {
     let mut out = Outcome {
         result: Err(ProxyError::BadRequest(String::new())),
@@ -369,11 +387,29 @@ async fn forward(
             None => body.boxed_unsync(),
         }
     };
+    if let Some(t) = &mut trace {
+        // The client span's context goes upstream as `traceparent`.
+        t.upstream_start(
+            &mut parts.headers,
+            &route.name,
+            &upstream.name,
+            endpoint,
+            &parts.uri,
+        );
+    }
     let replay = retry::Replay::capture(policy, &parts, kept);
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = route.timeout.or(upstream.timeout);
-    let mut resp = match retry::send(upstream, picked, upstream_req, replay, timeout, chain).await {
+    let sent = retry::send(upstream, picked, upstream_req, replay, timeout, chain).await;
+    if let Some(t) = &mut trace {
+        t.upstream_end(
+            sent.as_ref()
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.code()),
+        );
+    }
+    let mut resp = match sent {
         Ok(resp) => resp,
         Err(e) => {
             // A filter that answered mid-body aborted the upstream request.

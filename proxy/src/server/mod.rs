@@ -110,6 +110,9 @@ pub fn run(
     app: Option<AppSpec>,
 ) -> anyhow::Result<u8> {
     let metrics = Metrics::new();
+    // Before any worker serves: requests read the tracer without a lock.
+    // Dropped last, outside the runtimes, so queued spans are flushed.
+    let _tracing = crate::telemetry::trace::init(config.tracing.as_ref())?;
     let config = Arc::new(config);
     // Filters load before anything binds: a filter that cannot load stops
     // start-up with its reason, and /ready means "filters loaded" too.

@@ -198,6 +198,7 @@ impl Metrics {
             "When each certificate the proxy presents expires (notAfter, Unix seconds)",
             tls_cert_expiry.clone(),
         );
+        super::trace::register_metrics(&mut registry);
         Arc::new(Self {
             registry,
             tls_handshake_errors,

@@ -1,4 +1,4 @@
-//! Telemetry: the proxy's metrics and logging set-up.
+//! Telemetry: the proxy's metrics, logging set-up and trace export.
 //!
 //! Metrics are recorded on worker threads through pre-resolved handles and
 //! rendered on the control thread by the admin server.
@@ -7,5 +7,6 @@ pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod trace;
 
 pub use metrics::{ListenerStats, Metrics, RequestStats, TlsErrors, UpstreamStats};
