@@ -14,6 +14,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
 
+# The metrics tests check /metrics with promtool and scrape it with a real
+# Prometheus server (Debian package `prometheus`). The package would start
+# its own daemon on :9090; a policy-rc.d refusing service starts keeps the
+# install from doing that (or failing where there is no init system).
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "==> installing prometheus (promtool and the server)"
+  export DEBIAN_FRONTEND=noninteractive
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
+  fi
+  status=0
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } || status=$?
+  if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi
+  [ "$status" = 0 ] || { echo "cannot install prometheus" >&2; exit "$status"; }
+fi
+
 # The Kubernetes manifests are validated against the real API schemas.
 if ! command -v kubernetes-validate >/dev/null; then
   echo "==> installing kubernetes-validate"

@@ -151,18 +151,18 @@ async fn access_log_and_metrics() {
         "{m}"
     );
     assert!(
-        m.contains("# TYPE wasp_http_request_duration_ms histogram"),
+        m.contains("# TYPE wasp_http_request_duration_seconds histogram"),
         "{m}"
     );
     assert_eq!(
-        metric_value(&m, "wasp_http_request_duration_ms_count", &labels),
+        metric_value(&m, "wasp_http_request_duration_seconds_count", &labels),
         Some(n as f64),
         "{m}"
     );
     let mut inf = labels.to_vec();
     inf.push("le=\"+Inf\"");
     assert_eq!(
-        metric_value(&m, "wasp_http_request_duration_ms_bucket", &inf),
+        metric_value(&m, "wasp_http_request_duration_seconds_bucket", &inf),
         Some(n as f64),
         "{m}"
     );

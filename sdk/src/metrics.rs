@@ -10,6 +10,11 @@
 //! name: `base;label=value;label=value` (see [`labeled`]); wasp's `/metrics`
 //! renders that as `base{label="value",...}`. Other hosts show the raw name.
 //!
+//! Values are integers, while Prometheus wants base units (seconds, bytes).
+//! The reserved label `__scale=N` tells wasp the integer holds N units per
+//! exported unit: a counter `lat_seconds_sum;__scale=1000000` that is fed
+//! microseconds shows on `/metrics` as seconds, without the `__scale` label.
+//!
 //! ```
 //! use wasp_sdk::metrics::{Counter, labeled};
 //! let name = labeled("shop_checkouts_total", &[("region", "eu")]);

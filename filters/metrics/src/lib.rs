@@ -20,14 +20,18 @@
 //! | name | type | meaning |
 //! |---|---|---|
 //! | `wasp_http_requests_total;listener=L;route=R;cluster=C;code_class=2xx` | counter | requests (`code_class`: `1xx`..`5xx`, or `none` when no response was sent) |
-//! | `wasp_http_request_duration_ms_bucket;listener=L;route=R;cluster=C;le=B` | counter | cumulative histogram bucket, one per configured bound `B` plus `le=+Inf` |
-//! | `wasp_http_request_duration_ms_sum;listener=L;route=R;cluster=C` | counter | total duration, whole milliseconds (sub-ms remainders carried, not lost) |
-//! | `wasp_http_request_duration_ms_count;listener=L;route=R;cluster=C` | counter | observations |
+//! | `wasp_http_request_duration_seconds_bucket;listener=L;route=R;cluster=C;le=B` | counter | cumulative histogram bucket, one per configured bound `B` (in seconds) plus `le=+Inf` |
+//! | `wasp_http_request_duration_seconds_sum;listener=L;route=R;cluster=C;__scale=1000000` | counter | total duration in microseconds, exported in seconds |
+//! | `wasp_http_request_duration_seconds_count;listener=L;route=R;cluster=C` | counter | observations |
 //!
 //! The histogram is kept in counters rather than the ABI's histogram type so
 //! the buckets are the configured ones and the series are exactly
-//! Prometheus's `_bucket`/`_sum`/`_count`. Bounds are printed as configured
-//! (`5`, `2.5`). Label values are the properties `listener_name`,
+//! Prometheus's `_bucket`/`_sum`/`_count`. Durations are exported in seconds,
+//! Prometheus's base unit: bounds are configured in milliseconds and printed
+//! in seconds (`buckets_ms = [2.5, 5]` gives `le="0.0025"`, `le="0.005"`),
+//! and the sum, an integer count of microseconds in the ABI, carries wasp's
+//! reserved `__scale` label so `/metrics` divides it into seconds (and drops
+//! the label). Label values are the properties `listener_name`,
 //! `route_name`, `cluster_name` (empty when absent, e.g. no route matched);
 //! `;`, `=` and newlines in values become `_`.
 //!
@@ -49,7 +53,9 @@ use wasp_sdk::{props, ConfigError, Filter, HostError, Log, Root};
 /// Base name of the request counter.
 pub const REQUESTS_TOTAL: &str = "wasp_http_requests_total";
 /// Base name of the duration histogram (`_bucket`, `_sum`, `_count`).
-pub const DURATION_MS: &str = "wasp_http_request_duration_ms";
+pub const DURATION: &str = "wasp_http_request_duration_seconds";
+/// The sum is kept in microseconds; this label makes `/metrics` show seconds.
+const MICROS: (&str, &str) = ("__scale", "1000000");
 
 /// The filter's config.
 #[derive(Debug, serde::Deserialize)]
@@ -99,10 +105,9 @@ struct Series {
     requests: [Option<Counter>; 6],
     buckets: Vec<Counter>,
     inf: Counter,
+    /// Microseconds.
     sum: Counter,
     count: Counter,
-    /// Microseconds not yet added to `sum` (below one millisecond).
-    carry_us: u64,
 }
 
 /// Plugin-wide state: bucket bounds and the lazily defined series.
@@ -131,7 +136,7 @@ impl State {
             l.extend(extra);
             Counter::define(&labeled(name, &l))
         };
-        let bucket = format!("{DURATION_MS}_bucket");
+        let bucket = format!("{DURATION}_bucket");
         let mut buckets = Vec::with_capacity(self.bound_labels.len());
         for le in &self.bound_labels {
             buckets.push(with(&bucket, Some(("le", le)))?);
@@ -141,9 +146,8 @@ impl State {
             requests: [None; 6],
             buckets,
             inf: with(&bucket, Some(("le", "+Inf")))?,
-            sum: with(&format!("{DURATION_MS}_sum"), None)?,
-            count: with(&format!("{DURATION_MS}_count"), None)?,
-            carry_us: 0,
+            sum: with(&format!("{DURATION}_sum"), Some(MICROS))?,
+            count: with(&format!("{DURATION}_count"), None)?,
         })
     }
 
@@ -203,28 +207,22 @@ impl State {
             }
             s.inf.inc();
             s.count.inc();
-            s.carry_us += us;
-            let ms = s.carry_us / 1000;
-            if ms > 0 {
-                s.sum.add(ms);
-                s.carry_us %= 1000;
-            }
+            s.sum.add(us);
         }
     }
 }
 
-/// Formats a bucket bound the way it appears in `le`.
+/// Formats a bucket bound, whole microseconds, the way it appears in `le`:
+/// seconds. (An integer divided by 10^6 is the double nearest the exact
+/// decimal, so it prints without binary noise.)
 ///
 /// ```
-/// assert_eq!(metrics::format_bound(5.0), "5");
-/// assert_eq!(metrics::format_bound(2.5), "2.5");
+/// assert_eq!(metrics::format_bound(5_000), "0.005");
+/// assert_eq!(metrics::format_bound(2_500), "0.0025");
+/// assert_eq!(metrics::format_bound(10_000_000), "10");
 /// ```
-pub fn format_bound(ms: f64) -> String {
-    if ms.fract() == 0.0 && ms < 1e15 {
-        format!("{}", ms as u64)
-    } else {
-        format!("{ms}")
-    }
+pub fn format_bound(us: u64) -> String {
+    format!("{}", us as f64 / 1e6)
 }
 
 /// The metrics filter.
@@ -255,13 +253,24 @@ impl Filter for Metrics {
         if config.max_label_sets == 0 {
             return Err("max_label_sets: must be at least 1".into());
         }
+        let bounds_us: Vec<u64> = config
+            .buckets_ms
+            .iter()
+            .map(|b| (b * 1000.0).round() as u64)
+            .collect();
+        // Bounds are kept in whole microseconds, so finer ones would collide.
+        for (i, us) in bounds_us.iter().enumerate() {
+            if *us == 0 || (i > 0 && *us == bounds_us[i - 1]) {
+                return Err(format!(
+                    "buckets_ms[{i}]: {} is not a whole microsecond above the previous bound",
+                    config.buckets_ms[i]
+                )
+                .into());
+            }
+        }
         Ok(State {
-            bounds_us: config
-                .buckets_ms
-                .iter()
-                .map(|b| (b * 1000.0).round() as u64)
-                .collect(),
-            bound_labels: config.buckets_ms.iter().map(|b| format_bound(*b)).collect(),
+            bound_labels: bounds_us.iter().map(|us| format_bound(*us)).collect(),
+            bounds_us,
             max_sets: config.max_label_sets,
             series: RefCell::new(HashMap::new()),
         })

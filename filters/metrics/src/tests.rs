@@ -3,6 +3,8 @@ use std::time::Duration;
 use wasp_sdk::testing::{Harness, TestRequest, TestResponse};
 
 const L: &str = ";listener=outbound;route=reviews;cluster=reviews";
+/// The sum's microseconds become seconds on `/metrics`.
+const SCALE: &str = ";__scale=1000000";
 
 fn harness(config: &str) -> Harness<Metrics> {
     Harness::<Metrics>::new()
@@ -54,18 +56,23 @@ fn latency_histogram_with_configured_buckets() {
     for ms in [1, 5, 7, 10, 20, 30, 1000] {
         req(&mut h, 200, ms);
     }
-    let b = |le: &str| h.counter(&format!("wasp_http_request_duration_ms_bucket{L};le={le}"));
-    assert_eq!(b("5"), 2, "1 and 5 ms (le is inclusive)");
-    assert_eq!(b("10"), 4);
-    assert_eq!(b("25"), 5);
+    let b = |le: &str| {
+        h.counter(&format!(
+            "wasp_http_request_duration_seconds_bucket{L};le={le}"
+        ))
+    };
+    assert_eq!(b("0.005"), 2, "1 and 5 ms (le is inclusive)");
+    assert_eq!(b("0.01"), 4);
+    assert_eq!(b("0.025"), 5);
     assert_eq!(b("+Inf"), 7);
     assert_eq!(
-        h.counter(&format!("wasp_http_request_duration_ms_count{L}")),
+        h.counter(&format!("wasp_http_request_duration_seconds_count{L}")),
         7
     );
     assert_eq!(
-        h.counter(&format!("wasp_http_request_duration_ms_sum{L}")),
-        1073
+        h.counter(&format!("wasp_http_request_duration_seconds_sum{L}{SCALE}")),
+        1_073_000,
+        "microseconds, exported as seconds"
     );
 }
 
@@ -79,11 +86,13 @@ fn sub_millisecond_durations_are_not_lost_in_the_sum() {
         );
     }
     assert_eq!(
-        h.counter(&format!("wasp_http_request_duration_ms_sum{L}")),
-        3
+        h.counter(&format!("wasp_http_request_duration_seconds_sum{L}{SCALE}")),
+        3000
     );
     assert_eq!(
-        h.counter(&format!("wasp_http_request_duration_ms_bucket{L};le=1")),
+        h.counter(&format!(
+            "wasp_http_request_duration_seconds_bucket{L};le=0.001"
+        )),
         10
     );
 }
@@ -123,6 +132,14 @@ fn bad_buckets_are_rejected() {
         ("buckets_ms = []", "between 1 and 64"),
         ("buckets_ms = [5, 5]", "buckets_ms[1]: 5 must be greater"),
         ("buckets_ms = [-1]", "buckets_ms[0]: -1 is not a positive"),
+        (
+            "buckets_ms = [1, 1.0001]",
+            "buckets_ms[1]: 1.0001 is not a whole microsecond",
+        ),
+        (
+            "buckets_ms = [0.0001]",
+            "buckets_ms[0]: 0.0001 is not a whole",
+        ),
         ("bucket = [1]", "unknown field `bucket`"),
     ] {
         let e = Harness::<Metrics>::new()

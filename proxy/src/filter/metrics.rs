@@ -375,6 +375,10 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
     // wasp-sdk convention, since the ABI has none); they become real labels.
     // Counters named `X_bucket` (with `le`), `X_sum` and `X_count` form one
     // histogram family `X`, which is how the SDK exports custom buckets.
+    // The reserved label `__scale=N` is not exported: it says the guest's
+    // integer holds N units per exported unit (ABI values are integers, and
+    // Prometheus wants base units: microseconds kept with `__scale=1000000`
+    // are exported as seconds).
     let mut all: Vec<(&str, Arc<GuestMetric>)> = Vec::new();
     for (filter, _, store) in filters {
         for m in store.snapshot() {
@@ -396,7 +400,12 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
     for (filter, m) in &all {
         let (base, labels) = split_name(&m.name);
         let mut rendered = format!("filter=\"{}\"", label(filter));
+        let mut scale = None;
         for (k, v) in &labels {
+            if *k == SCALE_LABEL {
+                scale = v.parse::<u64>().ok().filter(|n| *n > 0);
+                continue;
+            }
             rendered.push_str(&format!(",{k}=\"{}\"", label(v)));
         }
         let histogram_stem = (m.kind == MetricKind::Counter)
@@ -418,11 +427,11 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
         match &m.histogram {
             Some(h) => h.render(&mut entry.1, base, &rendered, 1.0),
             None => {
-                let _ = writeln!(
-                    entry.1,
-                    "{base}{{{rendered}}} {}",
-                    m.value.load(Ordering::Relaxed)
-                );
+                let v = m.value.load(Ordering::Relaxed);
+                let _ = match scale {
+                    Some(n) => writeln!(entry.1, "{base}{{{rendered}}} {}", v as f64 / n as f64),
+                    None => writeln!(entry.1, "{base}{{{rendered}}} {v}"),
+                };
             }
         }
     }
@@ -432,6 +441,9 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
         out.push_str(&lines);
     }
 }
+
+/// The reserved guest label holding a value's scale (see [`render`]).
+const SCALE_LABEL: &str = "__scale";
 
 /// `base;key=value;...` with the base and keys made valid Prometheus names.
 fn canonical(name: &str) -> String {
@@ -506,6 +518,33 @@ mod unit {
             "{out}"
         );
         assert!(!out.contains("# TYPE lat_ms_sum"), "{out}");
+    }
+
+    #[test]
+    fn scale_label_is_dropped_and_divides_the_value() {
+        let s = Arc::new(MetricStore::default());
+        let (_, sum) = s
+            .define(
+                MetricKind::Counter,
+                "lat_seconds_sum;route=a;__scale=1000000",
+            )
+            .unwrap();
+        sum.increment(2_500_250);
+        let (_, bad) = s
+            .define(MetricKind::Counter, "other_total;__scale=0")
+            .unwrap();
+        bad.increment(7);
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[("f".into(), Arc::new(FilterStats::default()), s)],
+        );
+        assert!(
+            out.contains("lat_seconds_sum{filter=\"f\",route=\"a\"} 2.50025\n"),
+            "{out}"
+        );
+        assert!(out.contains("other_total{filter=\"f\"} 7\n"), "{out}");
+        assert!(!out.contains("__scale"), "{out}");
     }
 
     #[test]
