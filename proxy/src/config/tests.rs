@@ -189,3 +189,65 @@ bind = "127.0.0.1:1"
         "{text:?}"
     );
 }
+
+// ---- [tracing] ----
+
+#[test]
+fn tracing_is_off_unless_configured() {
+    assert!(parse_ok(GOOD).tracing.is_none());
+    let c = parse_ok(&format!(
+        "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n{GOOD}"
+    ));
+    let t = c.tracing.expect("tracing");
+    assert_eq!(t.endpoint, "http://127.0.0.1:4317");
+    assert_eq!(t.protocol, TraceProtocol::Grpc);
+    assert_eq!(t.sample_ratio, 1.0);
+    assert_eq!(t.service_name, "wasp");
+}
+
+#[test]
+fn tracing_as_in_the_reference() {
+    let c = parse_ok(&format!(
+        "[tracing]\notlp_endpoint = \"http://collector:4318\"\nprotocol = \"http\"\nsample_ratio = 0.25\nservice_name = \"reviews-${{APP_PORT}}\"\n{GOOD}"
+    ));
+    let t = c.tracing.expect("tracing");
+    assert_eq!(t.endpoint, "http://collector:4318/v1/traces", "HTTP gets the traces path");
+    assert_eq!(t.protocol, TraceProtocol::Http);
+    assert_eq!(t.sample_ratio, 0.25);
+    assert_eq!(t.service_name, "reviews-8080");
+    let c = parse_ok(&format!(
+        "[tracing]\notlp_endpoint = \"http://collector:4318/custom\"\nprotocol = \"http\"\n{GOOD}"
+    ));
+    assert_eq!(c.tracing.expect("tracing").endpoint, "http://collector:4318/custom");
+}
+
+#[test]
+fn tracing_problems_have_positions() {
+    let p = problems("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 1.5\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!((p[0].line, p[0].column), (3, 16), "{p:?}");
+    assert!(p[0].message.contains("sample_ratio = 1.5"), "{}", p[0].message);
+
+    let p = problems("[tracing]\notlp_endpoint = \"collector:4317\"\n");
+    assert_eq!((p[0].line, p[0].column), (2, 17), "{p:?}");
+    assert!(p[0].message.contains("not an http://host:port URL"), "{}", p[0].message);
+
+    let p = problems("[tracing]\notlp_endpoint = \"https://collector:4317\"\n");
+    assert!(p[0].message.contains("https is not supported"), "{}", p[0].message);
+
+    let p = problems("[tracing]\notlp_endpoint = \"http://c:4317\"\nprotocol = \"thrift\"\n");
+    assert_eq!(p[0].line, 3, "{p:?}");
+
+    let p = problems("[tracing]\notlp_endpont = \"http://c:4317\"\n");
+    assert_eq!((p[0].line, p[0].column), (2, 1), "{p:?}");
+}
+
+#[test]
+fn tracing_sample_ratio_may_be_an_integer() {
+    for (text, want) in [("0", 0.0), ("1", 1.0)] {
+        let c = parse_ok(&format!(
+            "[tracing]\notlp_endpoint = \"http://c:4317\"\nsample_ratio = {text}\n{GOOD}"
+        ));
+        assert_eq!(c.tracing.expect("tracing").sample_ratio, want);
+    }
+}
