@@ -417,3 +417,95 @@ async fn unreachable_collector_is_counted_not_felt() {
         wasp.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_spans_are_flushed_on_shutdown() {
+    let collector = Collector::grpc().await;
+    let app = TestUpstream::start("app").await;
+    let inbound = free_port();
+    // Batches would wait a minute: only the shutdown flush can send them.
+    let mut wasp = Wasp::start_with_env(
+        &format!(
+            "{}\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{inbound}\"\n  [[listeners.routes]]\n  name = \"to-app\"\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+            tracing_table(collector.addr, "grpc", "flushed"),
+            app.addr
+        ),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "60000")],
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{inbound}").parse().unwrap();
+    let trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let r = send(
+        &h1_client(),
+        request(
+            proxy,
+            "app",
+            "/",
+            Some(&format!("00-{trace}-00f067aa0ba902b9-01")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        collector.exports(),
+        0,
+        "nothing exported before the shutdown"
+    );
+    wasp.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = wasp.wait_exit(Duration::from_secs(20));
+        (code, wasp)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "{}", code.1.log_text());
+    let spans = collector.wait_trace(trace, 2, Duration::from_secs(2)).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracing_changes_need_a_restart() {
+    let collector = Collector::grpc().await;
+    let app = TestUpstream::start("app").await;
+    let inbound = free_port();
+    let listener = |tracing: &str| {
+        format!(
+            "{tracing}\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{inbound}\"\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+            app.addr
+        )
+    };
+    let wasp = Wasp::start_with_env(
+        &listener(&tracing_table(collector.addr, "grpc", "first")),
+        FAST_EXPORT,
+    );
+    let changed = listener(&tracing_table(collector.addr, "grpc", "second"));
+    std::fs::write(
+        wasp.dir.path().join("wasp.toml"),
+        format!("[admin]\nbind = \"{}\"\n\n{changed}", wasp.admin),
+    )
+    .unwrap();
+    let req = http::Request::post(format!("http://{}/reload", wasp.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&h1_client(), req).await;
+    assert!(
+        answer.body.contains("[tracing] needs a restart"),
+        "{answer:?}"
+    );
+    // The running exporter keeps its service name.
+    let proxy: SocketAddr = format!("127.0.0.1:{inbound}").parse().unwrap();
+    let trace = "7bf92f3577b34da6a3ce929d0e0e4739";
+    let r = send(
+        &h1_client(),
+        request(
+            proxy,
+            "app",
+            "/",
+            Some(&format!("00-{trace}-00f067aa0ba902ba-01")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let spans = collector.wait_trace(trace, 2, ARRIVAL).await;
+    assert!(spans.iter().all(|s| s.service == "first"), "{spans:#?}");
+}

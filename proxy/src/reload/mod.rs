@@ -218,6 +218,13 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
             shown(&new.path)
         ));
     }
+    // The exporter and its thread are set up once (telemetry::trace::init).
+    if old.tracing != new.tracing {
+        return Err(format!(
+            "{}: [tracing] needs a restart (nothing was applied)",
+            shown(&new.path)
+        ));
+    }
     Ok(())
 }
 
