@@ -207,11 +207,11 @@ endpoints = ["{}"]
     // New connections are refused while the slow one drains.
     let refused = std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(500)).is_err();
     assert!(refused, "listener still accepting after SIGTERM");
-    assert_ne!(
-        wasp.admin_get("/ready").0,
-        200,
-        "still ready while draining"
-    );
+    // Readiness fails with its reason; liveness holds while draining.
+    let (status, body) = wasp.admin_get("/ready");
+    assert_eq!(status, 503, "/ready while draining: {body}");
+    assert!(body.starts_with("draining"), "{body}");
+    assert_eq!(wasp.admin_get("/live").0, 200, "/live while draining");
 
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "in-flight request failed: {r:?}");
@@ -220,6 +220,119 @@ endpoints = ["{}"]
     let code = wasp.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "exit after drain; log:\n{}", wasp.log_text());
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Polls `/ready` from the moment the process starts: it never answers 200
+/// before the filters are loaded and the listener accepts, and a request
+/// sent the instant it does goes through the filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_once_filters_are_loaded_and_listeners_bound() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let dir = with_fixtures("wasm32-wasip1", &["headers", "noop", "metrics"]);
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = dir.path().join("wasp.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[admin]
+bind = "{admin}"
+
+[filters.hdr]
+module = "headers.wasm"
+config = {{ response = {{ add = {{ x-filtered = "yes" }} }} }}
+[filters.noop]
+module = "noop.wasm"
+[filters.metrics]
+module = "metrics.wasm"
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["noop", "metrics", "hdr"]
+  [[listeners.routes]]
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{}"]
+"#,
+            app.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("wasp.log");
+    let mut child = KillOnDrop(
+        Command::new(WASP)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut not_ready = 0;
+    let outcome = loop {
+        if Instant::now() > deadline {
+            break Err("not ready within 20s".to_string());
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            break Err(format!("exited early with {status}"));
+        }
+        match http_get_blocking(admin, "/ready") {
+            // The admin port is not served until start-up is done.
+            None => std::thread::sleep(Duration::from_millis(2)),
+            Some((503, body)) if body.starts_with("starting") => not_ready += 1,
+            Some((200, _)) => {
+                let accepts =
+                    std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(500));
+                let filters = http_get_blocking(admin, "/filters");
+                break Ok((accepts.is_ok(), filters));
+            }
+            other => break Err(format!("unexpected /ready answer {other:?}")),
+        }
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let (accepts, filters) = match outcome {
+        Ok(v) => v,
+        Err(e) => panic!("{e}; log:\n{text}"),
+    };
+    assert!(accepts, "ready but the listener refuses connections");
+    let (status, filters) = filters.expect("/filters answers");
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&filters).expect("/filters is JSON");
+    let states: Vec<(&str, &str)> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (
+                        f["name"].as_str().unwrap_or(""),
+                        f["state"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(states.len(), 3, "{filters}");
+    assert!(states.iter().all(|(_, s)| *s == "ok"), "{filters}");
+    let r = get(&h1_client(), proxy, "x", "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-filtered"), Some("yes"));
+    println!("/ready answered 503 starting {not_ready} times before 200");
+}
+
+/// A child process killed when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,8 @@
 //!
 //! | endpoint | what |
 //! |---|---|
-//! | `GET /live` | 200 while the process runs (Kubernetes liveness) |
-//! | `GET /ready` | 200 once every listener is bound; 503 before that and while draining |
+//! | `GET /live` | 200 while the process serves this port (Kubernetes liveness) |
+//! | `GET /ready` | 200 once every filter is loaded and every listener bound; 503 with the reason (`starting`, `draining`) before that and from the start of a shutdown |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /config` | the effective configuration as JSON |
 //! | `GET /filters` | each filter: module, hash, generation, state, last error |
@@ -63,15 +63,7 @@ pub async fn serve(socket: std::net::TcpListener, shared: Arc<Shared>) {
 fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => {
-            if shared.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else if shared.draining.load(Ordering::Acquire) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-            }
-        }
+        (&Method::GET, "/ready") => ready(shared),
         (&Method::GET, "/metrics") => metrics(shared),
         (&Method::GET, "/clusters") => {
             let snapshot = shared.snapshot.load();
@@ -109,6 +101,24 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             StatusCode::NOT_FOUND,
             "unknown admin endpoint; try /live /ready /metrics /config /filters /clusters /reload /logging /shutdown\n",
         ),
+    }
+}
+
+/// Draining wins over ready: a shutdown that starts while start-up is
+/// finishing (a worker failing) must not be reported ready.
+fn ready(shared: &Shared) -> AdminResponse {
+    if shared.draining.load(Ordering::Acquire) {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: shutting down, in-flight requests are finishing\n",
+        )
+    } else if shared.ready.load(Ordering::Acquire) {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: filters are loading or listeners are not bound yet\n",
+        )
     }
 }
 
