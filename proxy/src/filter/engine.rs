@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -79,7 +79,9 @@ impl Drop for Ticker {
 
 /// The process-wide filter engine.
 pub struct FilterRuntime {
-    engine: Engine,
+    /// Created on first use, so a proxy without filters never pays for
+    /// Cranelift's set-up, its code pages or the epoch ticker's wake-ups.
+    engine: OnceLock<Engine>,
     cache_dir: Option<PathBuf>,
     callouts: Arc<dyn HttpCallouts>,
     modules: Mutex<HashMap<String, Module>>,
@@ -118,12 +120,31 @@ impl FilterRuntime {
         cache_dir: Option<PathBuf>,
         callouts: Arc<dyn HttpCallouts>,
     ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(FilterRuntime {
+            engine: OnceLock::new(),
+            cache_dir,
+            callouts,
+            modules: Mutex::new(HashMap::new()),
+            queues: Arc::default(),
+            filters: Mutex::new(BTreeMap::new()),
+            next_set: AtomicU64::new(1),
+            ticker: Arc::new(Ticker {
+                stop: Arc::new(AtomicBool::new(false)),
+            }),
+        }))
+    }
+
+    /// The engine, created (with its epoch ticker) by the first filter
+    /// load. Loads run on the control thread, one at a time, so the rare
+    /// race of two first loads only builds an engine that is dropped.
+    fn engine(&self) -> anyhow::Result<&Engine> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
         let engine = Engine::new(&engine_config())
             .map_err(|e| anyhow!("creating the wasm engine: {e:#}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let engine = engine.clone();
-            let stop = stop.clone();
+        if self.engine.set(engine.clone()).is_ok() {
+            let stop = self.ticker.stop.clone();
             std::thread::Builder::new()
                 .name("wasp-epoch".into())
                 .spawn(move || {
@@ -134,16 +155,9 @@ impl FilterRuntime {
                 })
                 .context("spawning the epoch ticker")?;
         }
-        Ok(Arc::new(FilterRuntime {
-            engine,
-            cache_dir,
-            callouts,
-            modules: Mutex::new(HashMap::new()),
-            queues: Arc::default(),
-            filters: Mutex::new(BTreeMap::new()),
-            next_set: AtomicU64::new(1),
-            ticker: Arc::new(Ticker { stop }),
-        }))
+        self.engine
+            .get()
+            .ok_or_else(|| anyhow!("the wasm engine was not initialised"))
     }
 
     /// Call once on each worker thread before its first request, so the
@@ -161,7 +175,7 @@ impl FilterRuntime {
         {
             return Ok(m.clone());
         }
-        let m = cache::load_or_compile(&self.engine, bytes, sha, self.cache_dir.as_deref())?;
+        let m = cache::load_or_compile(self.engine()?, bytes, sha, self.cache_dir.as_deref())?;
         self.modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -221,7 +235,7 @@ impl FilterRuntime {
         if !has("proxy_on_memory_allocate") && !has("malloc") {
             bail!("missing export proxy_on_memory_allocate (or malloc)");
         }
-        let mut linker: Linker<Host> = Linker::new(&self.engine);
+        let mut linker: Linker<Host> = Linker::new(self.engine()?);
         abi::link(&mut linker).map_err(|e| anyhow!("linking host functions: {e:#}"))?;
         abi::stub_unknown(&mut linker, &module).map_err(|e| anyhow!("linking: {e:#}"))?;
         let pre = linker
@@ -253,7 +267,7 @@ impl FilterRuntime {
                 stats,
                 callouts: self.callouts.clone(),
             }),
-            engine: self.engine.clone(),
+            engine: self.engine()?.clone(),
             pre,
             sha256: sha,
             generation,
