@@ -258,16 +258,15 @@ async fn forward(
     }
 
     let host = authority(&parts).unwrap_or_default();
-    let path = parts.uri.path().to_string();
     let Some((route_index, route)) =
         listener
             .routes
-            .find(&host, &path, &parts.method, &parts.headers)
+            .find(&host, parts.uri.path(), &parts.method, &parts.headers)
     else {
         out.result = Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
             host,
-            path,
+            path: parts.uri.path().to_string(),
         });
         return out;
     };
@@ -319,6 +318,7 @@ async fn forward(
         return out;
     };
     let endpoint = picked.addr;
+    let endpoint_authority = picked.authority();
     if let Some(chain) = chain {
         chain.with(|c| {
             c.set_route(route.name.clone(), upstream.name.clone());
@@ -329,12 +329,21 @@ async fn forward(
     // Build the upstream request in place: new URI, clean headers.
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let upstream_path = route.rewrite_path(path_and_query);
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(endpoint.to_string())
-        .path_and_query(upstream_path.as_ref())
-        .build()
-    {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(endpoint_authority);
+    uri.path_and_query = match upstream_path {
+        // Unchanged: reuse the parsed value instead of parsing it again.
+        std::borrow::Cow::Borrowed(_) => Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        ),
+        std::borrow::Cow::Owned(p) => p.parse().ok(),
+    };
+    parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
         Err(e) => {
             out.result = Err(ProxyError::BadRequest(format!(

@@ -96,6 +96,10 @@ pub struct EndpointSet {
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once: every request to this
+    /// endpoint names it, and formatting a socket address per request
+    /// shows up in profiles.
+    pub authority: http::uri::Authority,
     weight: AtomicU32,
     /// Active health checks' verdict (true until checks say otherwise).
     healthy: AtomicBool,
@@ -272,8 +276,11 @@ impl ClusterState {
 
 impl EndpointState {
     pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        let authority = http::uri::Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.endpoint"));
         Self {
             addr,
+            authority,
             weight: AtomicU32::new(weight),
             healthy: AtomicBool::new(true),
             check_streak_ok: AtomicU32::new(0),

@@ -324,6 +324,13 @@ impl Upstream {
     }
 }
 
+impl Picked {
+    /// The endpoint as a URI authority (prebuilt; cloning is a refcount).
+    pub fn authority(&self) -> http::uri::Authority {
+        self.endpoint.authority.clone()
+    }
+}
+
 // === Attempt ===
 
 /// One try at one endpoint. Dropping it records the latency sample, ends
