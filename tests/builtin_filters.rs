@@ -134,6 +134,7 @@ async fn access_log_and_metrics() {
         .find(|l| l["path"] == "/missing")
         .expect("404 line");
     assert_eq!(missing["error"], "no_route", "{missing}");
+    assert_eq!(missing["status"], 404, "{missing}");
 
     // RED metrics with real labels and a histogram family.
     let m = wasp.metrics();

@@ -167,6 +167,20 @@ async fn promtool_accepts_a_scrape_after_traffic() {
         text.contains("# TYPE wasp_http_request_duration_seconds histogram"),
         "{text}"
     );
+    // The filter sees the status of replies the proxy made itself.
+    for (route, class) in [("", "4xx"), ("broken", "5xx")] {
+        let labels = [
+            "filter=\"metrics\"".to_string(),
+            format!("route=\"{route}\""),
+            format!("code_class=\"{class}\""),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        assert_eq!(
+            metric_value(&text, "wasp_http_requests_total", &labels),
+            Some(1.0),
+            "{text}"
+        );
+    }
     for code in ["no_route", "upstream_connect"] {
         assert_eq!(
             metric_value(

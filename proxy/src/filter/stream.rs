@@ -594,10 +594,17 @@ impl StreamFilters {
         }
     }
 
-    /// `x-wasp-error` code of a proxy-made response (`wasp.error`).
-    pub fn set_error_code(&mut self, code: &'static str) {
+    /// A response the proxy made itself instead of forwarding: its
+    /// `x-wasp-error` code (`wasp.error`) and its head, so `on_log` sees the
+    /// status the client got (`response.code`) even though no response
+    /// callback ran.
+    pub fn set_local_reply<B>(&mut self, code: &'static str, resp: &http::Response<B>) {
         if let Some(d) = self.data.as_deref_mut() {
             d.error_code = Some(code);
+            d.resp = Some(RespHead {
+                status: resp.status(),
+                headers: resp.headers().clone(),
+            });
         }
     }
 

@@ -114,11 +114,13 @@ pub async fn handle(
             if let Some(t) = &mut trace {
                 t.error(err.code());
             }
-            if let Some(c) = &chain {
-                c.with(|c| c.set_error_code(err.code()));
-            }
+            let code = err.code();
             let names = (&outcome.route, &outcome.cluster);
-            respond_error(&conn, li, &snapshot, names, &request_id, err)
+            let resp = respond_error(&conn, li, &snapshot, names, &request_id, err);
+            if let Some(c) = &chain {
+                c.with(|c| c.set_local_reply(code, &resp));
+            }
+            resp
         }
     };
     let status = resp.status().as_u16();
