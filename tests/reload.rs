@@ -634,3 +634,134 @@ async fn a_reload_whose_new_port_is_taken_changes_nothing() {
     let r = get(&h1_client(), main, "app", "/").await;
     assert_eq!(r.header("x-upstream"), Some("other"));
 }
+
+// === Benchmark helper (bench/reload.sh runs it in release) ===
+
+/// The marker the `versioned` fixture answers with in `x-module-version`.
+const VERSION_MARKER: &[u8] = b"wasp-version:";
+
+/// The `versioned` fixture with its 16-character version replaced.
+fn versioned(base: &[u8], version: &str) -> Vec<u8> {
+    assert_eq!(version.len(), 16);
+    let at = base
+        .windows(VERSION_MARKER.len())
+        .position(|w| w == VERSION_MARKER)
+        .expect("the versioned fixture carries its marker")
+        + VERSION_MARKER.len();
+    let mut out = base.to_vec();
+    out[at..at + 16].copy_from_slice(version.as_bytes());
+    out
+}
+
+/// Writes `bytes` as the watched module, in place or by rename; returns when
+/// the final write is closed.
+fn deploy(dir: &Path, bytes: &[u8], by_rename: bool) -> Instant {
+    let target = dir.join("swap.wasm");
+    if by_rename {
+        let tmp = dir.join(".swap.wasm.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &target).unwrap();
+    } else {
+        std::fs::write(&target, bytes).unwrap();
+    }
+    Instant::now()
+}
+
+/// Polls one keep-alive connection until a response carries `version`;
+/// returns the time since `since`.
+async fn until_version(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    version: &str,
+    since: Instant,
+) -> Duration {
+    loop {
+        let r = send_on(send, "/").await.unwrap();
+        if r.header("x-module-version") == Some(version) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "version {version} not served within 10 s"
+        );
+    }
+}
+
+fn summary(name: &str, mut d: Vec<Duration>) -> String {
+    d.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "{name}\t{}\t{:.1}\t{:.1}\t{:.1}",
+        d.len(),
+        ms(d[d.len() / 2]),
+        ms(d[d.len() - 1]),
+        ms(d[0])
+    )
+}
+
+/// Time from a module's final write to the first response served by it:
+/// SWAPS cold swaps (a version never seen: new hash, empty cache) and SWAPS
+/// cached swaps (alternating two versions compiled before). Prints one
+/// tab-separated line per case: name, swaps, median ms, max ms, min ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/reload.sh runs it with --release"]
+async fn reload_latency() {
+    let swaps: usize = std::env::var("SWAPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let workers: usize = std::env::var("WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let app = TestUpstream::start("app").await;
+    let base = std::fs::read(fixture("wasm32-wasip1", "versioned")).unwrap();
+    let dir = TempDir::new("reload-latency");
+    let filters = dir.path().join("filters.d");
+    std::fs::create_dir_all(&filters).unwrap();
+    std::fs::write(
+        filters.join("swap.wasm"),
+        versioned(&base, "0000000000000000"),
+    )
+    .unwrap();
+    let port = free_port();
+    let config = format!(
+        "[proxy]\nworkers = {workers}\nmodule_cache = \"cache\"\n[log]\nlevel = \"warn\"\n[filters.swap]\nmodule = \"swap.wasm\"\nconfig = {SWAP_CONFIG}\n\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"swap\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let filters = wasp.dir.path().join("filters.d");
+    let (mut conn, _) = one_connection(loopback(port)).await;
+    println!(
+        "module: versioned fixture, {} bytes, {workers} workers",
+        base.len()
+    );
+
+    // Cold: every version is new (its own hash), so nothing is cached.
+    let mut cold = Vec::new();
+    for i in 0..swaps {
+        let version = format!("{:016x}", 0xc01d_0000_0000_0000u64 + i as u64 + 1);
+        let written = deploy(&filters, &versioned(&base, &version), i % 2 == 1);
+        cold.push(until_version(&mut conn, &version, written).await);
+        // Let the debounce window of this swap pass before the next one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Cached: two versions compiled once, then swapped back and forth.
+    let pair = ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"];
+    for v in pair {
+        let written = deploy(&filters, &versioned(&base, v), false);
+        until_version(&mut conn, v, written).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut cached = Vec::new();
+    for i in 0..swaps {
+        let v = pair[i % 2];
+        let written = deploy(&filters, &versioned(&base, v), i % 4 >= 2);
+        cached.push(until_version(&mut conn, v, written).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("case\tswaps\tmedian_ms\tmax_ms\tmin_ms");
+    println!("{}", summary("cold", cold));
+    println!("{}", summary("cached", cached));
+    let failures = metric_value(&wasp.metrics(), "wasp_reload_failures_total", &[]);
+    assert_eq!(failures, Some(0.0), "{}", wasp.log_text());
+}

@@ -2,9 +2,12 @@
 //! change becomes a new snapshot generation without failing a request.
 //!
 //! Runs on the control thread. Triggers: a file event (notify), `SIGHUP`,
-//! and `POST /reload`. Events are debounced and a file is only read once its
-//! size and modification time have stopped changing, so a module written
-//! slowly in chunks or copied over a slow link is taken whole; a module that
+//! and `POST /reload`. A file closed after writing or renamed into place is
+//! complete, and the reload starts at once (a few milliseconds gather a
+//! module and its `NAME.toml` copied together). Other changes may come from
+//! a writer still at work: they are debounced, and a file is only read once
+//! its size and modification time have stopped changing, so a module written
+//! slowly in chunks or copied over a slow link is taken whole. A module that
 //! fails to load while it is still changing is retried, not reported.
 //!
 //! Applying is all or nothing: the new config is parsed and validated, every
@@ -39,8 +42,11 @@ use crate::server::{filter_specs, Shared, Snapshot};
 /// Why a reload was asked for.
 #[derive(Debug)]
 pub enum Trigger {
-    /// A file changed under the config file's name or in the filters dir.
+    /// A file changed under the config file's name or in the filters dir,
+    /// and may still be being written.
     FileChanged(PathBuf),
+    /// Such a file was closed after writing, or renamed into place.
+    FileWritten(PathBuf),
     /// A watched module file was deleted.
     FileRemoved(PathBuf),
     Signal,
@@ -52,8 +58,13 @@ pub type Requests = mpsc::UnboundedSender<Trigger>;
 
 /// How long a file must stay unchanged before it is read.
 const SETTLE: Duration = Duration::from_millis(60);
-/// Quiet time that ends a burst of file events.
+/// Quiet time that ends a burst of file events while a file may still be
+/// being written.
 const DEBOUNCE: Duration = Duration::from_millis(40);
+/// Quiet time that ends a burst once every file in it is complete (closed
+/// or renamed into place): just long enough to take a module and its
+/// `NAME.toml` copied together in one reload.
+const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
 /// How long a module that fails to load is watched for further writes before
 /// the failure is reported.
 const RETRY_WINDOW: Duration = Duration::from_millis(500);
@@ -78,55 +89,96 @@ async fn run(
     _watcher: Option<watch::Watcher>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut triggers = vec![first];
-        // Gather the rest of a burst (an editor's save, a copy in chunks).
+        let mut burst = Burst::default();
+        burst.add(first);
+        // Gather the rest of a burst (an editor's save, a copy in chunks);
+        // short once every file in it is complete.
         loop {
-            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                Ok(Some(t)) => triggers.push(t),
+            let quiet = if burst.complete() {
+                DEBOUNCE_COMPLETE
+            } else {
+                DEBOUNCE
+            };
+            match tokio::time::timeout(quiet, rx.recv()).await {
+                Ok(Some(t)) => burst.add(t),
                 Ok(None) => return,
                 Err(_) => break,
             }
         }
-        let mut replies = Vec::new();
-        let mut files = Vec::new();
-        let mut wanted = false;
-        for t in triggers {
-            match t {
-                Trigger::Admin(reply) => {
-                    replies.push(reply);
-                    wanted = true;
-                }
-                Trigger::Signal => wanted = true,
-                Trigger::FileChanged(p) => {
-                    files.push(p);
-                    wanted = true;
-                }
-                Trigger::FileRemoved(p) => tracing::warn!(
-                    file = %p.display(),
-                    "a filter module was deleted; the loaded version keeps serving (remove the filter from the config to stop using it)"
-                ),
-            }
-        }
-        if !wanted {
+        if !burst.wanted {
             continue;
         }
-        let outcome = reload_settled(&shared, &mut listeners, &files).await;
+        let (files, complete): (Vec<PathBuf>, Vec<bool>) = burst.files.into_iter().unzip();
+        let settled = complete.iter().all(|c| *c);
+        let outcome = reload_settled(&shared, &mut listeners, &files, settled).await;
+        let replies = burst.replies;
         for r in replies {
             let _ = r.send(outcome.clone());
         }
     }
 }
 
-/// Waits for the changed files to settle, then reloads; a failure while a
-/// file is still being written is retried.
+/// The triggers of one burst.
+#[derive(Default)]
+struct Burst {
+    replies: Vec<oneshot::Sender<Result<u64, String>>>,
+    /// Each changed file once, and whether its last event said complete.
+    files: Vec<(PathBuf, bool)>,
+    wanted: bool,
+}
+
+impl Burst {
+    fn add(&mut self, t: Trigger) {
+        let (path, complete) = match t {
+            Trigger::Admin(reply) => {
+                self.replies.push(reply);
+                self.wanted = true;
+                return;
+            }
+            Trigger::Signal => {
+                self.wanted = true;
+                return;
+            }
+            Trigger::FileRemoved(p) => {
+                tracing::warn!(
+                    file = %p.display(),
+                    "a filter module was deleted; the loaded version keeps serving (remove the filter from the config to stop using it)"
+                );
+                return;
+            }
+            Trigger::FileChanged(p) => (p, false),
+            Trigger::FileWritten(p) => (p, true),
+        };
+        self.wanted = true;
+        match self.files.iter_mut().find(|(p, _)| *p == path) {
+            Some(entry) => entry.1 = complete,
+            None => self.files.push((path, complete)),
+        }
+    }
+
+    /// No file in the burst may still be being written.
+    fn complete(&self) -> bool {
+        self.files.iter().all(|(_, c)| *c)
+    }
+}
+
+/// Waits for the changed files to settle (unless every writer is known to
+/// be done), then reloads; a failure while a file is still being written
+/// is retried.
 async fn reload_settled(
     shared: &Shared,
     listeners: &mut ListenerSet,
     files: &[PathBuf],
+    complete: bool,
 ) -> Result<u64, String> {
     let deadline = tokio::time::Instant::now() + RETRY_WINDOW;
+    let mut complete = complete;
     loop {
-        settle(files).await;
+        if !complete {
+            settle(files).await;
+        }
+        // A retry means a writer was not done after all.
+        complete = false;
         let before = stamps(files);
         match reload(shared, listeners).await {
             Ok(generation) => return Ok(generation),

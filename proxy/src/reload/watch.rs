@@ -2,9 +2,15 @@
 //! directory, with events filtered down to the files that matter and sent to
 //! the reload loop. notify calls back on its own thread; the channel carries
 //! the events onto the control runtime.
+//!
+//! Events say whether a file is complete: closed after writing (inotify's
+//! `IN_CLOSE_WRITE`) or renamed into place means the writer is done, so the
+//! reload can start at once; any other change may be a writer still at
+//! work, and waits for the file to settle.
 
 use std::path::{Path, PathBuf};
 
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 
 use super::{Requests, Trigger};
@@ -35,7 +41,17 @@ pub fn start(config: &Path, filters_dir: &Path, tx: Requests) -> Option<Watcher>
                 continue;
             }
             let trigger = match event.kind {
-                EventKind::Remove(_) if !path.exists() => Trigger::FileRemoved(path),
+                // Closed after writing, or renamed into place: complete.
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                    if path.exists() =>
+                {
+                    Trigger::FileWritten(path)
+                }
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) if !path.exists() => {
+                    Trigger::FileRemoved(path)
+                }
+                // Possibly still being written.
                 EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => {
                     Trigger::FileChanged(path)
                 }
