@@ -402,6 +402,8 @@ async fn unreachable_collector_is_counted_not_felt() {
                 metric_value(&m, "wasp_trace_spans_exported_total", &[]),
                 Some(0.0)
             );
+            let ended = metric_value(&m, "wasp_trace_spans_ended_total", &[]).unwrap_or(0.0);
+            assert!(ended >= 40.0, "20 requests, 2 spans each: {m}");
             break failures;
         }
         assert!(Instant::now() < deadline, "no export failure counted: {m}");

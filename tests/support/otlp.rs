@@ -69,11 +69,25 @@ struct Store {
     spans: Mutex<Vec<Received>>,
     /// Export requests received.
     exports: AtomicU64,
+    /// Spans received, kept or not.
+    counted: AtomicU64,
+    /// Count only (the bench's sink), don't keep.
+    count_only: bool,
 }
 
 impl Store {
     fn add(&self, req: ExportTraceServiceRequest) {
         self.exports.fetch_add(1, Ordering::Relaxed);
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        self.counted.fetch_add(n as u64, Ordering::Relaxed);
+        if self.count_only {
+            return;
+        }
         let mut spans = self.spans.lock().unwrap();
         for rs in req.resource_spans {
             let service = rs
@@ -125,9 +139,17 @@ impl Drop for Collector {
 impl Collector {
     /// OTLP/gRPC: `TraceService/Export` over h2c.
     pub async fn grpc() -> Self {
-        let store = Arc::new(Store::default());
+        Self::grpc_on("127.0.0.1:0".parse().unwrap(), false).await
+    }
+
+    /// OTLP/gRPC on `addr`; with `count_only`, spans are counted and dropped.
+    pub async fn grpc_on(addr: SocketAddr, count_only: bool) -> Self {
+        let store = Arc::new(Store {
+            count_only,
+            ..Store::default()
+        });
         let server = TraceServiceServer::new(Grpc(store.clone()));
-        Self::serve(store, move |req| {
+        Self::serve(addr, store, move |req| {
             let mut server = server.clone();
             async move { server.call(req).await }
         })
@@ -138,23 +160,25 @@ impl Collector {
     pub async fn http() -> Self {
         let store = Arc::new(Store::default());
         let s = store.clone();
-        Self::serve(store, move |req: http::Request<Incoming>| {
-            let store = s.clone();
-            async move { Ok::<_, Infallible>(http_export(&store, req).await) }
-        })
+        Self::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            store,
+            move |req: http::Request<Incoming>| {
+                let store = s.clone();
+                async move { Ok::<_, Infallible>(http_export(&store, req).await) }
+            },
+        )
         .await
     }
 
-    async fn serve<S, F, B>(store: Arc<Store>, handler: S) -> Self
+    async fn serve<S, F, B>(addr: SocketAddr, store: Arc<Store>, handler: S) -> Self
     where
         S: Fn(http::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
         F: std::future::Future<Output = Result<http::Response<B>, Infallible>> + Send + 'static,
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind collector");
+        let listener = TcpListener::bind(addr).await.expect("bind collector");
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
@@ -178,6 +202,11 @@ impl Collector {
 
     pub fn exports(&self) -> u64 {
         self.store.exports.load(Ordering::Relaxed)
+    }
+
+    /// Spans received so far, kept or not.
+    pub fn counted(&self) -> u64 {
+        self.store.counted.load(Ordering::Relaxed)
     }
 
     /// The spans of `trace_id` once there are at least `n`, waiting up to

@@ -10,19 +10,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 struct Stats {
+    ended: Counter,
     failures: Counter,
     exported: Counter,
     lost: Counter,
 }
 
 static STATS: LazyLock<Stats> = LazyLock::new(|| Stats {
+    ended: Counter::default(),
     failures: Counter::default(),
     exported: Counter::default(),
     lost: Counter::default(),
@@ -30,6 +33,11 @@ static STATS: LazyLock<Stats> = LazyLock::new(|| Stats {
 
 /// Adds the export counters to the proxy's registry (`wasp_` prefix).
 pub fn register_metrics(registry: &mut Registry) {
+    registry.register(
+        "trace_spans_ended",
+        "Sampled spans handed to the export queue; ended - exported - lost = still queued, or dropped because the queue was full",
+        STATS.ended.clone(),
+    );
     registry.register(
         "trace_export_failures",
         "OTLP trace exports that failed (after the exporter's retries)",
@@ -118,5 +126,34 @@ impl<E: SpanExporter + 'static> SpanExporter for Counting<E> {
             Some(inner) => inner.set_resource(resource),
             None => tracing::warn!("tracing: the exporter's resource could not be set"),
         }
+    }
+}
+
+/// Counts the sampled spans that reach the batch queue, which the SDK's
+/// processor does not expose: with the export counters this shows spans
+/// dropped on a full queue.
+#[derive(Debug)]
+pub(super) struct CountEnded<P>(pub(super) P);
+
+impl<P: SpanProcessor> SpanProcessor for CountEnded<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.0.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        STATS.ended.inc();
+        self.0.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
     }
 }
