@@ -765,3 +765,65 @@ async fn reload_latency() {
     let failures = metric_value(&wasp.metrics(), "wasp_reload_failures_total", &[]);
     assert_eq!(failures, Some(0.0), "{}", wasp.log_text());
 }
+
+/// A reload that leaves a cluster's section alone keeps that cluster's
+/// pooled upstream connections on every worker: a route edit must not
+/// make each worker reconnect to every upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_cluster_keeps_its_upstream_connections_across_reloads() {
+    let app = TestUpstream::start("app").await;
+    let other = TestUpstream::start("other").await;
+    let main = loopback(free_port());
+    let wasp = Wasp::start(&format!(
+        "[proxy]\nworkers = 2\n\n{}{}",
+        listener("main", main, "app"),
+        clusters(&app, &other)
+    ));
+    // One client connection (so one worker serves it all), sequential
+    // requests with a pause so each upstream connection is back in the
+    // pool before the next request.
+    let (mut conn, _) = one_connection(main).await;
+    for _ in 0..5 {
+        assert_eq!(paced(&mut conn, "/").await.status, 200);
+    }
+    assert_eq!(
+        app.accepted.load(Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
+
+    // A new route in front of the old one; cluster "app" is untouched.
+    let routes = format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{main}\"\n  [[listeners.routes]]\n  match = {{ prefix = \"/other\" }}\n  cluster = \"other\"\n  [[listeners.routes]]\n  cluster = \"app\"\n"
+    );
+    for round in 0..3 {
+        let answer = reconfigure(&wasp, &format!("{routes}{}", clusters(&app, &other)));
+        assert!(answer.contains("reloaded: generation"), "{answer}");
+        let r = paced(&mut conn, "/other").await;
+        assert_eq!(
+            r.header("x-upstream"),
+            Some("other"),
+            "round {round}: new route"
+        );
+        for _ in 0..3 {
+            let r = paced(&mut conn, "/").await;
+            assert_eq!(r.header("x-upstream"), Some("app"));
+        }
+    }
+    assert_eq!(
+        app.accepted.load(Ordering::SeqCst),
+        1,
+        "the reloads reconnected to an unchanged cluster"
+    );
+}
+
+/// [`send_on`], then a pause, so the upstream connection is back in the
+/// proxy's pool before the next request.
+async fn paced(
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    path: &str,
+) -> Answer {
+    let r = send_on(conn, path).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r
+}

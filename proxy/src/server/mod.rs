@@ -93,8 +93,9 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
         let mut slot = cell.borrow_mut();
         match &*slot {
             Some((generation, ups)) if *generation == snapshot.generation => ups.clone(),
-            _ => {
-                let ups = Arc::new(Upstreams::build(&snapshot.config, &shared.metrics));
+            prev => {
+                let prev = prev.as_ref().map(|(_, ups)| &**ups);
+                let ups = Arc::new(Upstreams::build(&snapshot.config, &shared.metrics, prev));
                 *slot = Some((snapshot.generation, ups.clone()));
                 ups
             }

@@ -64,7 +64,7 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// One worker's view of every cluster, indexed by cluster id.
 #[derive(Debug)]
 pub struct Upstreams {
-    clusters: Vec<Upstream>,
+    clusters: Vec<Arc<Upstream>>,
 }
 
 #[derive(Debug)]
@@ -100,22 +100,39 @@ pub struct Picked {
 }
 
 impl Upstreams {
-    pub fn build(config: &Config, metrics: &Metrics) -> Self {
+    /// This worker's upstreams for `config`. A cluster that `prev` (the
+    /// worker's previous generation) already has, unchanged, is carried
+    /// over with its pool: a reload that swaps a filter or edits a route
+    /// must not cost every worker its warm upstream connections.
+    /// "Unchanged" is [`adopt_states`]' verdict: the reload handed the new
+    /// config the very same cluster state only if the section is identical.
+    pub fn build(config: &Config, metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
         Self {
             clusters: config
                 .clusters
                 .iter()
-                .map(|c| Upstream::new(c, metrics))
+                .map(|c| {
+                    prev.and_then(|p| {
+                        p.clusters
+                            .iter()
+                            .find(|u| Arc::ptr_eq(&u.state, &c.state))
+                            .cloned()
+                    })
+                    .unwrap_or_else(|| Arc::new(Upstream::new(c, metrics)))
+                })
                 .collect(),
         }
     }
 
     pub fn get(&self, id: usize) -> Option<&Upstream> {
-        self.clusters.get(id)
+        self.clusters.get(id).map(|u| &**u)
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Upstream> {
-        self.clusters.iter().find(|c| &*c.name == name)
+        self.clusters
+            .iter()
+            .find(|c| &*c.name == name)
+            .map(|u| &**u)
     }
 }
 
