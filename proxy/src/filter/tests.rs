@@ -876,11 +876,67 @@ async fn overhead() {
         let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
         println!("filters={chain}: {per:.2} us/request");
     }
+    // A filter doing real guest work per request (JSON config walk, header
+    // edits), where code quality shows more than with a pass-through.
+    let mut hs = spec(TARGETS[0], "headers", "p-headers");
+    hs.config =
+        Bytes::from_static(br#"{"request":{"add":{"x-a":"1"}},"response":{"add":{"x-b":"2"}}}"#);
+    let set = load(vec![hs]);
+    let pl = pipeline(&["p-headers"]);
+    for round in 0..2 {
+        let n = 20_000;
+        let started = Instant::now();
+        for _ in 0..n {
+            let mut s = set.stream(&pl, info());
+            let mut req = request("/bench?x=1", &[("x-a", "1"), ("user-agent", "bench")]);
+            expect_continue(s.request_headers(&mut req, true).await);
+            let mut resp = response(200, &[("content-type", "text/plain")]);
+            expect_continue(s.response_headers(&mut resp, true).await);
+            s.finish(0, 0);
+        }
+        let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+        if round == 1 {
+            println!("headers filter: {per:.2} us/request");
+        }
+    }
     println!(
         "RSS: {} KiB before loading, {} KiB with 4 filters and their VMs on this thread",
         rss_before,
         rss_kib()
     );
+}
+
+/// Cold compile time (no cache) of the built-in filters and the
+/// `versioned` fixture with the engine's settings. Run with
+/// `cargo test --release -p wasp --lib filter::tests::compile_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, not a check"]
+fn compile_cost() {
+    let engine = wasmtime::Engine::new(&super::engine::engine_config()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let files = [
+        root.join("filters/router.wasm"),
+        root.join("filters/access_log.wasm"),
+        root.join("wasm-fixtures/wasm32-wasip1/versioned.wasm"),
+    ];
+    for f in files.iter().filter(|f| f.is_file()) {
+        let bytes = std::fs::read(f).unwrap();
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                wasmtime::Module::new(&engine, &bytes).unwrap();
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{}: {} KB, compile median {:.0} ms, min {:.0} ms",
+            f.file_name().unwrap().to_string_lossy(),
+            bytes.len() / 1000,
+            times[2],
+            times[0]
+        );
+    }
 }
 
 #[tokio::test]
