@@ -48,10 +48,15 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Batch delay unless `OTEL_BSP_SCHEDULE_DELAY` (milliseconds) says otherwise.
 const SCHEDULE_DELAY: Duration = Duration::from_secs(1);
 /// Spans waiting for export unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise;
-/// past it new spans are dropped. The SDK's 2048 dropped about 1% of spans
-/// at 15k requests/s on one worker (bench/tracing.sh); a span is well
-/// under 1 KiB, so this bounds the queue to a few MiB.
+/// past it new spans are dropped. A span is well under 1 KiB, so this
+/// bounds the queue to a few MiB.
 const MAX_QUEUE: usize = 8192;
+/// Spans per export unless `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says otherwise.
+/// Exports run one at a time; with the SDK's 512 the exporter fell behind
+/// at ~18k requests/s on one worker and ~3% of spans were dropped on the
+/// full queue, with 2048 under 0.1% (bench/tracing.sh, 2 cores shared with
+/// the collector). 2048 spans encode to well under gRPC's 4 MiB limit.
+const MAX_BATCH: usize = 2048;
 
 /// What every request needs to make spans; set once by [`init`].
 #[derive(Debug)]
@@ -112,6 +117,9 @@ pub fn init(config: Option<&TracingConfig>) -> anyhow::Result<Option<Guard>> {
     }
     if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
         batch = batch.with_max_queue_size(MAX_QUEUE);
+    }
+    if std::env::var_os("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
+        batch = batch.with_max_export_batch_size(MAX_BATCH);
     }
     let processor = BatchSpanProcessor::builder(exporter)
         .with_batch_config(batch.build())

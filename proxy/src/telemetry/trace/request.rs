@@ -6,8 +6,9 @@
 //! started lazily, when the upstream call begins (or when the response is
 //! ready, for requests the proxy answers itself), but with the arrival time
 //! as its start: by then the request filters have run, so a `traceparent`
-//! they added or changed is the parent. Spans that are not sampled cost an
-//! id and no attributes are kept. Dropping a `RequestTrace` (a cancelled
+//! they added or changed is the parent. A span that is not sampled costs
+//! its ids and the `traceparent` written upstream; its name and attributes
+//! are never built. Dropping a `RequestTrace` (a cancelled
 //! request) ends its spans.
 
 use std::net::SocketAddr;
@@ -88,22 +89,24 @@ impl RequestTrace {
         self.start_server(&parent, Some(route));
         let Some(server) = &self.server else { return };
         let parent = Context::new().with_remote_span_context(server.span_context().clone());
-        let attributes = vec![
-            KeyValue::new("http.request.method", method_name(&self.method)),
-            KeyValue::new("server.address", endpoint.ip().to_string()),
-            KeyValue::new("server.port", i64::from(endpoint.port())),
-            KeyValue::new("network.peer.address", endpoint.ip().to_string()),
-            KeyValue::new("network.peer.port", i64::from(endpoint.port())),
-            KeyValue::new("url.full", url.to_string()),
-            KeyValue::new("wasp.cluster", Value::from(cluster.clone())),
-        ];
         let builder = self
             .tracing
             .tracer
-            .span_builder(span_name(&self.method, Some(route)))
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes);
-        let client = self.tracing.tracer.build_with_context(builder, &parent);
+            .span_builder(method_name(&self.method))
+            .with_kind(SpanKind::Client);
+        let mut client = self.tracing.tracer.build_with_context(builder, &parent);
+        if client.is_recording() {
+            client.update_name(span_name(&self.method, Some(route)));
+            client.set_attributes([
+                KeyValue::new("http.request.method", method_name(&self.method)),
+                KeyValue::new("server.address", endpoint.ip().to_string()),
+                KeyValue::new("server.port", i64::from(endpoint.port())),
+                KeyValue::new("network.peer.address", endpoint.ip().to_string()),
+                KeyValue::new("network.peer.port", i64::from(endpoint.port())),
+                KeyValue::new("url.full", url.to_string()),
+                KeyValue::new("wasp.cluster", Value::from(cluster.clone())),
+            ]);
+        }
         let cx = Context::new().with_remote_span_context(client.span_context().clone());
         headers.remove(TRACESTATE);
         self.tracing
@@ -177,36 +180,42 @@ impl RequestTrace {
         if self.server.is_some() {
             return;
         }
-        let (address, port) = self.server_address();
-        let mut attributes = Vec::with_capacity(11);
-        attributes.extend([
-            KeyValue::new("http.request.method", method_name(&self.method)),
-            KeyValue::new("url.path", self.uri.path().to_string()),
-            KeyValue::new("url.scheme", self.scheme),
-            KeyValue::new("server.address", address),
-            KeyValue::new("server.port", port),
-            KeyValue::new("client.address", self.peer.ip().to_string()),
-            KeyValue::new("network.peer.address", self.peer.ip().to_string()),
-            KeyValue::new("network.peer.port", i64::from(self.peer.port())),
-            KeyValue::new("network.protocol.version", protocol_version(self.version)),
-        ]);
-        if let Some(route) = route {
-            attributes.push(KeyValue::new("http.route", Value::from(route.clone())));
-        }
-        if method_name(&self.method) == "_OTHER" {
-            attributes.push(KeyValue::new(
-                "http.request.method_original",
-                self.method.as_str().to_string(),
-            ));
-        }
+        // Sampling needs neither name nor attributes (parent and trace id
+        // only), so an unsampled span never formats them.
         let builder = self
             .tracing
             .tracer
-            .span_builder(span_name(&self.method, route))
+            .span_builder(method_name(&self.method))
             .with_kind(SpanKind::Server)
-            .with_start_time(self.start)
-            .with_attributes(attributes);
-        self.server = Some(self.tracing.tracer.build_with_context(builder, parent));
+            .with_start_time(self.start);
+        let mut server = self.tracing.tracer.build_with_context(builder, parent);
+        if server.is_recording() {
+            if route.is_some() {
+                server.update_name(span_name(&self.method, route));
+            }
+            let (address, port) = self.server_address();
+            server.set_attributes([
+                KeyValue::new("http.request.method", method_name(&self.method)),
+                KeyValue::new("url.path", self.uri.path().to_string()),
+                KeyValue::new("url.scheme", self.scheme),
+                KeyValue::new("server.address", address),
+                KeyValue::new("server.port", port),
+                KeyValue::new("client.address", self.peer.ip().to_string()),
+                KeyValue::new("network.peer.address", self.peer.ip().to_string()),
+                KeyValue::new("network.peer.port", i64::from(self.peer.port())),
+                KeyValue::new("network.protocol.version", protocol_version(self.version)),
+            ]);
+            if let Some(route) = route {
+                server.set_attribute(KeyValue::new("http.route", Value::from(route.clone())));
+            }
+            if method_name(&self.method) == "_OTHER" {
+                server.set_attribute(KeyValue::new(
+                    "http.request.method_original",
+                    self.method.as_str().to_string(),
+                ));
+            }
+        }
+        self.server = Some(server);
     }
 
     /// The server the client addressed: the Host (or absolute URI)
