@@ -135,6 +135,19 @@ pub fn summary(config: &Config) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", config.path.display());
     let _ = writeln!(out, "workers: {}  admin: {}", config.workers, config.admin);
+    if let Some(t) = &config.tracing {
+        let _ = writeln!(
+            out,
+            "tracing: OTLP/{} to {}  sample_ratio: {}  service: {}",
+            match t.protocol {
+                crate::config::TraceProtocol::Grpc => "gRPC",
+                crate::config::TraceProtocol::Http => "HTTP",
+            },
+            t.endpoint,
+            t.sample_ratio,
+            t.service_name
+        );
+    }
     let _ = writeln!(out, "listeners:");
     for l in &config.listeners {
         let pipeline: Vec<&str> = l.pipeline.iter().map(|p| &**p).collect();
