@@ -211,14 +211,20 @@ fn tracing_as_in_the_reference() {
         "[tracing]\notlp_endpoint = \"http://collector:4318\"\nprotocol = \"http\"\nsample_ratio = 0.25\nservice_name = \"reviews-${{APP_PORT}}\"\n{GOOD}"
     ));
     let t = c.tracing.expect("tracing");
-    assert_eq!(t.endpoint, "http://collector:4318/v1/traces", "HTTP gets the traces path");
+    assert_eq!(
+        t.endpoint, "http://collector:4318/v1/traces",
+        "HTTP gets the traces path"
+    );
     assert_eq!(t.protocol, TraceProtocol::Http);
     assert_eq!(t.sample_ratio, 0.25);
     assert_eq!(t.service_name, "reviews-8080");
     let c = parse_ok(&format!(
         "[tracing]\notlp_endpoint = \"http://collector:4318/custom\"\nprotocol = \"http\"\n{GOOD}"
     ));
-    assert_eq!(c.tracing.expect("tracing").endpoint, "http://collector:4318/custom");
+    assert_eq!(
+        c.tracing.expect("tracing").endpoint,
+        "http://collector:4318/custom"
+    );
 }
 
 #[test]
@@ -226,14 +232,26 @@ fn tracing_problems_have_positions() {
     let p = problems("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 1.5\n");
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!((p[0].line, p[0].column), (3, 16), "{p:?}");
-    assert!(p[0].message.contains("sample_ratio = 1.5"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("sample_ratio = 1.5"),
+        "{}",
+        p[0].message
+    );
 
     let p = problems("[tracing]\notlp_endpoint = \"collector:4317\"\n");
     assert_eq!((p[0].line, p[0].column), (2, 17), "{p:?}");
-    assert!(p[0].message.contains("not an http://host:port URL"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("not an http://host:port URL"),
+        "{}",
+        p[0].message
+    );
 
     let p = problems("[tracing]\notlp_endpoint = \"https://collector:4317\"\n");
-    assert!(p[0].message.contains("https is not supported"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("https is not supported"),
+        "{}",
+        p[0].message
+    );
 
     let p = problems("[tracing]\notlp_endpoint = \"http://c:4317\"\nprotocol = \"thrift\"\n");
     assert_eq!(p[0].line, 3, "{p:?}");
