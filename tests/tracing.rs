@@ -79,26 +79,54 @@ fn one<'a>(spans: &'a [Received], service: &str, kind: i32) -> &'a Received {
     found[0]
 }
 
+/// client -> sidecar A (outbound) -> sidecar B (inbound) -> app, both
+/// sidecars exporting to one gRPC collector.
+struct TwoSidecars {
+    collector: Collector,
+    app: TestUpstream,
+    _a: Wasp,
+    _b: Wasp,
+    /// Sidecar A's outbound listener.
+    proxy: SocketAddr,
+    /// Sidecar B's inbound port.
+    inbound: u16,
+}
+
+impl TwoSidecars {
+    async fn start() -> Self {
+        let collector = Collector::grpc().await;
+        let app = TestUpstream::start("app").await;
+        let (outbound, inbound) = (free_port(), free_port());
+        let _b = sidecar_b(
+            &tracing_table(collector.addr, "grpc", "sidecar-b"),
+            inbound,
+            app.addr,
+        );
+        let _a = Wasp::start_with_env(
+            &outbound_config(
+                &tracing_table(collector.addr, "grpc", "sidecar-a"),
+                outbound,
+                inbound,
+                "",
+            ),
+            FAST_EXPORT,
+        );
+        let proxy = SocketAddr::from(([127, 0, 0, 1], outbound));
+        Self {
+            collector,
+            app,
+            _a,
+            _b,
+            proxy,
+            inbound,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_across_two_sidecars() {
-    let collector = Collector::grpc().await;
-    let app = TestUpstream::start("app").await;
-    let (outbound, inbound) = (free_port(), free_port());
-    let _b = sidecar_b(
-        &tracing_table(collector.addr, "grpc", "sidecar-b"),
-        inbound,
-        app.addr,
-    );
-    let _a = Wasp::start_with_env(
-        &outbound_config(
-            &tracing_table(collector.addr, "grpc", "sidecar-a"),
-            outbound,
-            inbound,
-            "",
-        ),
-        FAST_EXPORT,
-    );
-    let proxy: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let mesh = TwoSidecars::start().await;
+    let (collector, app, proxy, inbound) = (&mesh.collector, &mesh.app, mesh.proxy, mesh.inbound);
     let client = h1_client();
 
     // The caller's trace is continued.
@@ -231,24 +259,8 @@ async fn one_trace_across_two_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsampled_parent_makes_no_spans() {
-    let collector = Collector::grpc().await;
-    let app = TestUpstream::start("app").await;
-    let (outbound, inbound) = (free_port(), free_port());
-    let _b = sidecar_b(
-        &tracing_table(collector.addr, "grpc", "sidecar-b"),
-        inbound,
-        app.addr,
-    );
-    let _a = Wasp::start_with_env(
-        &outbound_config(
-            &tracing_table(collector.addr, "grpc", "sidecar-a"),
-            outbound,
-            inbound,
-            "",
-        ),
-        FAST_EXPORT,
-    );
-    let proxy: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let mesh = TwoSidecars::start().await;
+    let (collector, proxy) = (&mesh.collector, mesh.proxy);
     let client = h1_client();
 
     let unsampled = "11111111111111111111111111111111";
