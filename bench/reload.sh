@@ -85,13 +85,14 @@ for v in b a; do
   cp "$out/$v.wasm" "$out/filters.d/.swap.tmp" && mv "$out/filters.d/.swap.tmp" "$out/filters.d/swap.wasm"; sleep 0.5
 done
 
-# Swaps by rename (what deploy tools do) until the file "$1" disappears.
+# Swaps by rename (what deploy tools do) until the file "$1" disappears;
+# $2: the round (names the prepared cold versions).
 swapper() {
   local n=0
   while [ -e "$1" ]; do
     n=$((n + 1))
     if [ "$SWAP_KIND" = cold ]; then
-      version "$(printf 'c%015x' "$n$RANDOM")" "$out/filters.d/.swap.tmp"
+      cp "$out/cold/$2-$n.wasm" "$out/filters.d/.swap.tmp" 2>/dev/null || break
     else
       cp "$out/$([ $((n % 2)) = 0 ] && echo a || echo b).wasm" "$out/filters.d/.swap.tmp"
     fi
@@ -104,7 +105,12 @@ swapper() {
 results="$out/results.tsv"; : > "$results"
 run() { # $1: steady|swaps, $2: round
   local flag="$out/swapping-$2" pid=
-  if [ "$1" = swaps ]; then touch "$flag"; swapper "$flag" & pid=$!; fi
+  if [ "$1" = swaps ] && [ "$SWAP_KIND" = cold ]; then
+    # Versions never seen, made before the run so the swapper only copies.
+    mkdir -p "$out/cold"
+    for n in $(seq 100); do version "$(printf 'c%07x%08x' "$2" "$n")" "$out/cold/$2-$n.wasm"; done
+  fi
+  if [ "$1" = swaps ]; then touch "$flag"; swapper "$flag" "$2" & pid=$!; fi
   wrk -t1 -c"$CONNS" -d"$DURATION" "http://127.0.0.1:$PORT/bench" > "$out/wrk-$1-$2.txt"
   local swaps=0
   if [ -n "$pid" ]; then rm -f "$flag"; wait "$pid"; swaps=$(cat "$flag.count"); fi
