@@ -409,6 +409,19 @@ impl<'a> Validator<'a> {
                     continue;
                 }
             };
+            // Sockets are bound with SO_REUSEPORT, so the kernel would let
+            // two listeners share an address and split its connections.
+            if bind.port() != 0 {
+                if let Some(other) = out.iter().find(|l| l.bind == bind) {
+                    self.at(
+                        Some(decl.bind.span()),
+                        format!(
+                            "listener \"{}\": bind = \"{bind}\" is already listener \"{}\"'s address",
+                            decl.name, other.name
+                        ),
+                    );
+                }
+            }
             let mut pipeline = Vec::new();
             for f in &decl.pipeline {
                 if !file.filters.contains_key(f.get_ref()) {

@@ -269,3 +269,32 @@ fn tracing_sample_ratio_may_be_an_integer() {
         assert_eq!(c.tracing.expect("tracing").sample_ratio, want);
     }
 }
+
+#[test]
+fn two_listeners_may_not_share_an_address() {
+    let text = r#"
+[[listeners]]
+name = "a"
+bind = "127.0.0.1:15006"
+
+[[listeners]]
+name = "b"
+bind = "127.0.0.1:15006"
+
+[[listeners]]
+name = "c"
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "d"
+bind = "127.0.0.1:0"
+"#;
+    let p = problems(text);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].line, 8, "{p:#?}");
+    assert!(
+        p[0].message.contains("listener \"b\"")
+            && p[0].message.contains("listener \"a\"'s address"),
+        "{p:#?}"
+    );
+}
