@@ -827,3 +827,41 @@ async fn paced(
     tokio::time::sleep(Duration::from_millis(20)).await;
     r
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_moved_to_another_port_is_re_bound() {
+    let app = TestUpstream::start("app").await;
+    let other = TestUpstream::start("other").await;
+    let before = loopback(free_port());
+    let after = loopback(free_port());
+    let config = format!(
+        "[proxy]\nworkers = 2\n\n{}{}",
+        listener("main", before, "app"),
+        clusters(&app, &other)
+    );
+    let wasp = Wasp::start(&config);
+    let (mut open, _) = one_connection(before).await;
+    assert_eq!(send_on(&mut open, "/").await.unwrap().status, 200);
+
+    let answer = reconfigure(
+        &wasp,
+        &format!(
+            "{}{}",
+            listener("main", after, "other"),
+            clusters(&app, &other)
+        ),
+    );
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+    let r = get(&h1_client(), after, "app", "/").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("other")));
+    assert!(
+        tokio::net::TcpStream::connect(before).await.is_err(),
+        "the old address no longer accepts"
+    );
+    // The idle connection on the old socket was closed by the drain.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !open.is_closed() {
+        assert!(Instant::now() < deadline, "idle connection not closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
