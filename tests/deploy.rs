@@ -294,3 +294,63 @@ fn kubernetes_manifests_validate_and_embed_a_valid_config() {
         "{summary}"
     );
 }
+
+/// The app was started with the outbound listener's address as
+/// `HTTP_PROXY`: a reload may change that listener's routes but not move or
+/// remove it (that would silently cut the app's egress).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapper_mode_reload_keeps_the_apps_proxy_listener_in_place() {
+    let app = TestUpstream::start("reviews").await;
+    let dir = TempDir::new("wrap-reload");
+    let script = "trap 'exit 0' TERM; while true; do sleep 0.05; done";
+    let (inbound, outbound) = (free_port(), free_port());
+    let (mut child, admin) = start_wrapped(
+        &sidecar_config(inbound, outbound, app.addr, ""),
+        script,
+        &dir,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get_blocking(admin, "/ready").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reload = |config: String| {
+        std::fs::write(
+            dir.path().join("wasp.toml"),
+            format!("[admin]\nbind = \"{admin}\"\n{config}"),
+        )
+        .unwrap();
+        raw_exchange(
+            admin,
+            b"POST /reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+    };
+    let proxy: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let client = h1_client();
+
+    let moved = reload(sidecar_config(inbound, free_port(), app.addr, ""));
+    assert!(
+        moved.contains("HTTP_PROXY") && moved.contains("needs a restart"),
+        "moving the app's proxy listener must be refused: {moved}"
+    );
+    let r = get(&client, proxy, "reviews", "/still-here").await;
+    assert_eq!(r.status, 200, "the app's proxy listener keeps serving");
+
+    // Its routes may change: an extra route on the same listener applies.
+    let config = sidecar_config(inbound, outbound, app.addr, "").replace(
+        "  match = { host = \"reviews\" }",
+        "  match = { host = \"ratings\" }\n  cluster = \"app\"\n  [[listeners.routes]]\n  match = { host = \"reviews\" }",
+    );
+    let routed = reload(config);
+    assert!(routed.contains("reloaded: generation"), "{routed}");
+    let r = get(&client, proxy, "ratings", "/new-route").await;
+    assert_eq!(r.status, 200, "the new route serves");
+
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(20)), Some(0));
+}

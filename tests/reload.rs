@@ -544,11 +544,21 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
     let (mut slow_conn, _) = one_connection(leaving).await;
     // A warm-up request, so the connection is a kept-alive one.
     assert_eq!(send_on(&mut slow_conn, "/").await.unwrap().status, 200);
+    let arrived = app.requests();
     let slow = tokio::spawn(async move {
         let r = send_on(&mut slow_conn, "/slow?ms=1500").await;
         (r, slow_conn)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reload must find the slow request in flight: wait until the
+    // upstream has it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.requests() == arrived {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let answer = reconfigure(
         &wasp,

@@ -79,9 +79,12 @@ impl Drop for Ticker {
 
 /// The process-wide filter engine.
 pub struct FilterRuntime {
-    /// Created on first use, so a proxy without filters never pays for
-    /// Cranelift's set-up, its code pages or the epoch ticker's wake-ups.
+    /// Created on first use, so a proxy without filters never pays for the
+    /// compiler's set-up, its code pages or the epoch ticker's wake-ups.
     engine: OnceLock<Engine>,
+    /// Held while the engine is created, so exactly one engine (and one
+    /// ticker) is ever made.
+    engine_init: Mutex<()>,
     cache_dir: Option<PathBuf>,
     callouts: Arc<dyn HttpCallouts>,
     /// Compiled modules by sha256: the versions serving and those they
@@ -134,6 +137,7 @@ impl FilterRuntime {
     ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(FilterRuntime {
             engine: OnceLock::new(),
+            engine_init: Mutex::new(()),
             cache_dir,
             callouts,
             modules: Mutex::new(HashMap::new()),
@@ -147,29 +151,29 @@ impl FilterRuntime {
     }
 
     /// The engine, created (with its epoch ticker) by the first filter
-    /// load. Loads run on the control thread, one at a time, so the rare
-    /// race of two first loads only builds an engine that is dropped.
+    /// load. It is published only once its ticker runs: an engine without
+    /// one would never interrupt a guest that loops.
     fn engine(&self) -> anyhow::Result<&Engine> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
+        let _init = self.engine_init.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(engine) = self.engine.get() {
             return Ok(engine);
         }
         let engine = Engine::new(&engine_config())
             .map_err(|e| anyhow!("creating the wasm engine: {e:#}"))?;
-        if self.engine.set(engine.clone()).is_ok() {
-            let stop = self.ticker.stop.clone();
-            std::thread::Builder::new()
-                .name("wasp-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
-                    }
-                })
-                .context("spawning the epoch ticker")?;
-        }
-        self.engine
-            .get()
-            .ok_or_else(|| anyhow!("the wasm engine was not initialised"))
+        let (ticking, stop) = (engine.clone(), self.ticker.stop.clone());
+        std::thread::Builder::new()
+            .name("wasp-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .context("spawning the epoch ticker")?;
+        Ok(self.engine.get_or_init(|| engine))
     }
 
     /// Call once on each worker thread before its first request, so the

@@ -97,7 +97,9 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => break,
-            _ = retired.wait_for(|s| *s) => {
+            // Only a real retirement: if the reload task that owns the
+            // sender is gone (it panicked), this listener keeps serving.
+            Ok(_) = retired.wait_for(|s| *s) => {
                 was_retired = true;
                 break;
             }

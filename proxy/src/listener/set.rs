@@ -54,6 +54,9 @@ pub struct ListenerSet {
     workers: Vec<mpsc::UnboundedSender<Serve>>,
     /// Name of the listener that drains last (wrapper mode's `HTTP_PROXY`).
     outbound: Arc<str>,
+    /// Wrapper mode: the app was started with the outbound listener's
+    /// address in its environment, so a reload must not move or remove it.
+    outbound_pinned: bool,
     bound: Vec<Bound>,
 }
 
@@ -101,6 +104,7 @@ impl ListenerSet {
         let mut set = Self {
             workers: senders,
             outbound: Arc::from(outbound),
+            outbound_pinned: false,
             bound: Vec::new(),
         };
         for l in &config.listeners {
@@ -126,6 +130,12 @@ impl ListenerSet {
                 .iter()
                 .any(|l| l.name == b.name && l.bind == b.bind);
             if !kept {
+                if self.outbound_pinned && b.name == self.outbound {
+                    return Err(format!(
+                        "listener \"{}\" ({}) is the HTTP_PROXY address the app was started with: removing or moving it needs a restart (nothing was applied)",
+                        b.name, b.local
+                    ));
+                }
                 plan.removed.push(i);
             }
         }
@@ -141,17 +151,30 @@ impl ListenerSet {
         Ok(plan)
     }
 
+    /// Wrapper mode: the app's environment names the outbound listener's
+    /// address, so reloads keep that listener where it is.
+    pub fn pin_outbound(&mut self) {
+        self.outbound_pinned = true;
+    }
+
     /// Before the swap: the removed listeners stop accepting and their
     /// connections are told to close after their current request (they
-    /// drain within `drain_timeout` on their workers). Waits until every
-    /// worker has done so, so that no request on a removed listener starts
-    /// under a snapshot that no longer has it.
+    /// drain within `drain_timeout` on their workers). Waits (at most
+    /// `RETIRE_WAIT`) until every worker has done so. A request whose head
+    /// was still arriving then finds no listener in the new snapshot and is
+    /// answered 503 `listener_removed`.
     pub async fn retire(&mut self, plan: &Plan) {
         let workers = self.workers.len();
+        // Signal every removed listener first, then wait for all of them
+        // under one deadline: a stuck worker costs the reload RETIRE_WAIT
+        // once, not once per listener.
+        for &i in &plan.removed {
+            self.bound[i].retire.send_replace(true);
+        }
+        let deadline = tokio::time::Instant::now() + RETIRE_WAIT;
         for &i in &plan.removed {
             let b = &mut self.bound[i];
-            b.retire.send_replace(true);
-            let waited = tokio::time::timeout(RETIRE_WAIT, async {
+            let waited = tokio::time::timeout_at(deadline, async {
                 for _ in 0..workers {
                     if b.acks.recv().await.is_none() {
                         // Every serve loop already ended (shutdown).

@@ -63,7 +63,9 @@ const SETTLE: Duration = Duration::from_millis(60);
 const DEBOUNCE: Duration = Duration::from_millis(40);
 /// Quiet time that ends a burst once every file in it is complete (closed
 /// or renamed into place): just long enough to take a module and its
-/// `NAME.toml` copied together in one reload.
+/// `NAME.toml` copied together in one reload. Written further apart, they
+/// make two reloads (the module with the old settings first), each checked
+/// on its own.
 const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
 /// How long a module that fails to load is watched for further writes before
 /// the failure is reported.
@@ -140,10 +142,11 @@ impl Burst {
                 return;
             }
             Trigger::FileRemoved(p) => {
-                tracing::warn!(
-                    file = %p.display(),
-                    "a filter module was deleted; the loaded version keeps serving (remove the filter from the config to stop using it)"
-                );
+                let what = match p.extension().and_then(|e| e.to_str()) {
+                    Some("wasm") => "a filter module was deleted; the loaded version keeps serving (remove the filter from the config to stop using it)",
+                    _ => "a watched config file was deleted or moved away; the loaded configuration keeps serving",
+                };
+                tracing::warn!(file = %p.display(), "{what}");
                 return;
             }
             Trigger::FileChanged(p) => (p, false),
@@ -234,12 +237,15 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
     check_restart_only(&current.config, &config)?;
     // Unchanged clusters keep their endpoints, health and ejections.
     crate::upstream::adopt_states(&current.config, &mut config);
+    // Bind added listeners before loading filters: loading publishes the
+    // filters' new versions in the registry (and runs their on_configure),
+    // so it must be the last step that can fail. A plan dropped on a filter
+    // error closes the sockets it bound.
+    let plan = listeners.plan(&config)?;
     let filters = shared
         .filters
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
-    // Last, because it binds sockets: every check that can fail came first.
-    let plan = listeners.plan(&config)?;
     let generation = current.generation + 1;
     let next = Snapshot::next(
         &current,
@@ -250,6 +256,11 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
     );
     if !plan.is_empty() {
         listeners.retire(&plan).await;
+        // Shutdown may have begun while the workers were answering; they no
+        // longer take new listeners then, so none are handed over.
+        if shared.draining.load(Ordering::Acquire) {
+            return Err("shutting down: reloads are no longer applied".to_string());
+        }
     }
     shared.snapshot.store(Arc::new(next));
     listeners.start(plan);

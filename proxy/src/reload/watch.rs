@@ -41,12 +41,23 @@ pub fn start(config: &Path, filters_dir: &Path, tx: Requests) -> Option<Watcher>
                 continue;
             }
             let trigger = match event.kind {
-                // Closed after writing, or renamed into place: complete.
-                EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                // Renamed into place: complete.
+                EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
                     if path.exists() =>
                 {
                     Trigger::FileWritten(path)
+                }
+                // Closed after writing: complete for a module or its
+                // NAME.toml. The config file still settles, since tools
+                // write it in several open/close steps (`cat a > f; cat b
+                // >> f`) and a valid prefix could drop listeners.
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    if path.exists() && path != cfg =>
+                {
+                    Trigger::FileWritten(path)
+                }
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) if path == cfg => {
+                    Trigger::FileChanged(path)
                 }
                 EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) if !path.exists() => {
                     Trigger::FileRemoved(path)

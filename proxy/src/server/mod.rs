@@ -156,7 +156,11 @@ pub fn run(
         .iter()
         .find(|l| *l.name == *outbound_name)
         .map(|l| l.bind);
-    let (listener_set, per_worker) = crate::listener::ListenerSet::bind(&config, outbound_name)?;
+    let (mut listener_set, per_worker) =
+        crate::listener::ListenerSet::bind(&config, outbound_name)?;
+    if app.is_some() {
+        listener_set.pin_outbound();
+    }
     let admin = std::net::TcpListener::bind(config.admin)
         .with_context(|| format!("admin: cannot bind {}", config.admin))?;
     admin.set_nonblocking(true)?;
@@ -346,11 +350,23 @@ fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared
                 },
                 _ = last_drain.wait_for(|d| *d) => break,
                 // Reap the serve loops of removed listeners as they finish.
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => report_serve_end(done),
             }
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(done) = tasks.join_next().await {
+            report_serve_end(done);
+        }
     });
+}
+
+/// A serve loop that panicked stopped accepting on its listener: say so
+/// (the other listeners and this worker's connections keep going).
+fn report_serve_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!("a listener's accept loop panicked and stopped: {e}");
+        }
+    }
 }
 
 async fn wait_for_shutdown(shared: &Shared) {
