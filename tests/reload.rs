@@ -645,6 +645,69 @@ async fn a_reload_whose_new_port_is_taken_changes_nothing() {
     assert_eq!(r.header("x-upstream"), Some("other"));
 }
 
+/// A reload rejected because a new listener's port is taken leaves the
+/// filters as they were: the old settings keep serving and `/filters` does
+/// not report a version that never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_reload_leaves_the_filters_as_they_were() {
+    let app = TestUpstream::start("app").await;
+    let dir = TempDir::new("reload-rejected-filters");
+    let filters = dir.path().join("filters.d");
+    std::fs::create_dir_all(&filters).unwrap();
+    std::fs::copy(
+        fixture("wasm32-wasip1", "headers"),
+        filters.join("swap.wasm"),
+    )
+    .unwrap();
+    let main = loopback(free_port());
+    let with = |settings: &str, extra: &str| {
+        format!(
+            "[filters.swap]\nmodule = \"swap.wasm\"\nconfig = {settings}\n\n[[listeners]]\nname = \"main\"\nbind = \"{main}\"\npipeline = [\"swap\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n{extra}[clusters.app]\nendpoints = [\"{}\"]\n",
+            app.addr
+        )
+    };
+    let wasp = Wasp::start_in(dir, &with(SWAP_CONFIG, ""), &[]);
+    let client = h1_client();
+    assert_eq!(
+        get(&client, main, "app", "/").await.header("x-v"),
+        Some("1")
+    );
+    let generation = |wasp: &Wasp| -> u64 {
+        let (_, body) = wasp.admin_get("/filters");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/filters is JSON");
+        let found = v
+            .as_array()
+            .and_then(|a| a.iter().find(|f| f["name"] == "swap"))
+            .or_else(|| v.get("swap"))
+            .unwrap_or_else(|| panic!("no swap filter in {body}"));
+        found["generation"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{body}"))
+    };
+    let before = generation(&wasp);
+
+    // New filter settings and a listener on a taken port, in one file.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let answer = reconfigure(
+        &wasp,
+        &with(
+            r#"{ response = { add = { x-v = "2" } } }"#,
+            &listener("blocked", taken_addr, "app"),
+        ),
+    );
+    assert!(answer.contains("cannot bind"), "{answer}");
+    assert_eq!(
+        get(&client, main, "app", "/").await.header("x-v"),
+        Some("1")
+    );
+    assert_eq!(
+        generation(&wasp),
+        before,
+        "/filters reports a filter version from a rejected reload"
+    );
+}
+
 // === Benchmark helper (bench/reload.sh runs it in release) ===
 
 /// The marker the `versioned` fixture answers with in `x-module-version`.
