@@ -410,14 +410,21 @@ impl<'a> Validator<'a> {
                 }
             };
             // Sockets are bound with SO_REUSEPORT, so the kernel would let
-            // two listeners share an address and split its connections.
+            // two listeners share an address (or a wildcard and a specific
+            // address on one port) and split its connections.
             if bind.port() != 0 {
-                if let Some(other) = out.iter().find(|l| l.bind == bind) {
+                let overlaps = |other: SocketAddr| {
+                    other.port() == bind.port()
+                        && (other.ip() == bind.ip()
+                            || other.ip().is_unspecified()
+                            || bind.ip().is_unspecified())
+                };
+                if let Some(other) = out.iter().find(|l| overlaps(l.bind)) {
                     self.at(
                         Some(decl.bind.span()),
                         format!(
-                            "listener \"{}\": bind = \"{bind}\" is already listener \"{}\"'s address",
-                            decl.name, other.name
+                            "listener \"{}\": bind = \"{bind}\" overlaps listener \"{}\"'s address {} (same port; SO_REUSEPORT would split connections between them)",
+                            decl.name, other.name, other.bind
                         ),
                     );
                 }

@@ -288,13 +288,30 @@ bind = "127.0.0.1:0"
 [[listeners]]
 name = "d"
 bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "e"
+bind = "0.0.0.0:15007"
+
+[[listeners]]
+name = "f"
+bind = "127.0.0.1:15007"
 "#;
     let p = problems(text);
-    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p.len(), 2, "{p:#?}");
     assert_eq!(p[0].line, 8, "{p:#?}");
     assert!(
         p[0].message.contains("listener \"b\"")
             && p[0].message.contains("listener \"a\"'s address"),
+        "{p:#?}"
+    );
+    // A wildcard and a specific address on one port overlap too.
+    assert_eq!(p[1].line, 24, "{p:#?}");
+    assert!(
+        p[1].message.contains("listener \"f\"")
+            && p[1]
+                .message
+                .contains("listener \"e\"'s address 0.0.0.0:15007"),
         "{p:#?}"
     );
 }

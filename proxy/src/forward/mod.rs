@@ -89,6 +89,11 @@ pub async fn handle(
     let Some(li) = snapshot.listener_index(&conn.listener) else {
         // A reload removed the listener while this request's head was
         // arriving; its connection is closing.
+        tracing::info!(
+            listener = %conn.listener,
+            peer = %conn.peer,
+            "request answered 503 listener_removed: its listener was removed by a reload"
+        );
         return Ok(listener_removed(&conn.listener));
     };
     let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);

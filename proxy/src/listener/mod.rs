@@ -116,6 +116,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let snapshot = shared.snapshot.load();
         let Some(index) = snapshot.listener_index(&name) else {
             // Removed by a reload that is about to retire this loop.
+            tracing::info!(listener = %name, %peer, "connection closed: its listener was removed by a reload");
             continue;
         };
         let cfg = &snapshot.config.listeners[index];
