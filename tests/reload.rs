@@ -407,11 +407,44 @@ fn listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
     )
 }
 
-fn clusters(app: &TestUpstream, other: &TestUpstream) -> String {
-    format!(
-        "[clusters.app]\nendpoints = [\"{}\"]\n[clusters.other]\nendpoints = [\"{}\"]\n",
-        app.addr, other.addr
-    )
+/// The two upstreams the listener tests route to ("app" and "other"),
+/// and configs that name them.
+struct Apps {
+    app: TestUpstream,
+    other: TestUpstream,
+}
+
+impl Apps {
+    async fn start() -> Self {
+        Self {
+            app: TestUpstream::start("app").await,
+            other: TestUpstream::start("other").await,
+        }
+    }
+
+    /// `listeners`, then the clusters `app` and `other`.
+    fn config(&self, listeners: &[String]) -> String {
+        format!(
+            "{}[clusters.app]\nendpoints = [\"{}\"]\n[clusters.other]\nendpoints = [\"{}\"]\n",
+            listeners.concat(),
+            self.app.addr,
+            self.other.addr
+        )
+    }
+
+    /// wasp (2 workers) serving `listeners`.
+    fn wasp(&self, listeners: &[String]) -> Wasp {
+        Wasp::start(&format!(
+            "[proxy]\nworkers = 2\n\n{}",
+            self.config(listeners)
+        ))
+    }
+
+    /// Rewrites the config to `listeners` and reloads; the answer of
+    /// `POST /reload`.
+    fn reload(&self, wasp: &Wasp, listeners: &[String]) -> String {
+        reconfigure(wasp, &self.config(listeners))
+    }
 }
 
 /// Rewrites the config (keeping the admin table the harness wrote) and asks
@@ -473,30 +506,22 @@ async fn send_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_follow_the_config_and_kept_connections_survive() {
-    let app = TestUpstream::start("app").await;
-    let other = TestUpstream::start("other").await;
+    let apps = Apps::start().await;
     let main = loopback(free_port());
     let added = loopback(free_port());
-    let config = format!(
-        "[proxy]\nworkers = 2\n\n{}{}",
-        listener("main", main, "app"),
-        clusters(&app, &other)
-    );
-    let wasp = Wasp::start(&config);
+    let wasp = apps.wasp(&[listener("main", main, "app")]);
     let (mut kept, local) = one_connection(main).await;
     let first = send_on(&mut kept, "/").await.unwrap();
     assert_eq!(first.header("x-upstream"), Some("app"));
 
     // Add a listener *before* the kept one (so the kept one's position in
     // the list changes) and send the kept one's routes elsewhere.
-    let answer = reconfigure(
+    let answer = apps.reload(
         &wasp,
-        &format!(
-            "{}{}{}",
+        &[
             listener("added", added, "app"),
             listener("main", main, "other"),
-            clusters(&app, &other)
-        ),
+        ],
     );
     assert!(answer.contains("reloaded: generation"), "{answer}");
 
@@ -527,20 +552,17 @@ async fn listeners_follow_the_config_and_kept_connections_survive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
-    let app = TestUpstream::start("app").await;
-    let other = TestUpstream::start("other").await;
+    let apps = Apps::start().await;
+    let app = &apps.app;
     let main = loopback(free_port());
     let leaving = loopback(free_port());
     // Never connected to: its serve loops have nothing to drain.
     let unused = loopback(free_port());
-    let config = format!(
-        "[proxy]\nworkers = 2\n\n{}{}{}{}",
+    let wasp = apps.wasp(&[
         listener("leaving", leaving, "app"),
         listener("main", main, "app"),
         listener("unused", unused, "app"),
-        clusters(&app, &other)
-    );
-    let wasp = Wasp::start(&config);
+    ]);
     let (mut slow_conn, _) = one_connection(leaving).await;
     // A warm-up request, so the connection is a kept-alive one.
     assert_eq!(send_on(&mut slow_conn, "/").await.unwrap().status, 200);
@@ -560,14 +582,7 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let answer = reconfigure(
-        &wasp,
-        &format!(
-            "{}{}",
-            listener("main", main, "app"),
-            clusters(&app, &other)
-        ),
-    );
+    let answer = apps.reload(&wasp, &[listener("main", main, "app")]);
     assert!(answer.contains("reloaded: generation"), "{answer}");
     for gone in [leaving, unused] {
         let refused = tokio::net::TcpStream::connect(gone).await;
@@ -596,27 +611,19 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_new_port_is_taken_changes_nothing() {
-    let app = TestUpstream::start("app").await;
-    let other = TestUpstream::start("other").await;
+    let apps = Apps::start().await;
     let main = loopback(free_port());
-    let config = format!(
-        "[proxy]\nworkers = 2\n\n{}{}",
-        listener("main", main, "app"),
-        clusters(&app, &other)
-    );
-    let wasp = Wasp::start(&config);
+    let wasp = apps.wasp(&[listener("main", main, "app")]);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
 
     // A new listener on a taken port, and a route change in the same file.
-    let answer = reconfigure(
+    let answer = apps.reload(
         &wasp,
-        &format!(
-            "{}{}{}",
+        &[
             listener("main", main, "other"),
             listener("blocked", taken_addr, "app"),
-            clusters(&app, &other)
-        ),
+        ],
     );
     assert!(
         answer.contains("reload rejected")
@@ -844,14 +851,10 @@ async fn reload_latency() {
 /// make each worker reconnect to every upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_cluster_keeps_its_upstream_connections_across_reloads() {
-    let app = TestUpstream::start("app").await;
-    let other = TestUpstream::start("other").await;
+    let apps = Apps::start().await;
+    let app = &apps.app;
     let main = loopback(free_port());
-    let wasp = Wasp::start(&format!(
-        "[proxy]\nworkers = 2\n\n{}{}",
-        listener("main", main, "app"),
-        clusters(&app, &other)
-    ));
+    let wasp = apps.wasp(&[listener("main", main, "app")]);
     // One client connection (so one worker serves it all), sequential
     // requests with a pause so each upstream connection is back in the
     // pool before the next request.
@@ -870,7 +873,7 @@ async fn an_unchanged_cluster_keeps_its_upstream_connections_across_reloads() {
         "[[listeners]]\nname = \"main\"\nbind = \"{main}\"\n  [[listeners.routes]]\n  match = {{ prefix = \"/other\" }}\n  cluster = \"other\"\n  [[listeners.routes]]\n  cluster = \"app\"\n"
     );
     for round in 0..3 {
-        let answer = reconfigure(&wasp, &format!("{routes}{}", clusters(&app, &other)));
+        let answer = apps.reload(&wasp, std::slice::from_ref(&routes));
         assert!(answer.contains("reloaded: generation"), "{answer}");
         let r = paced(&mut conn, "/other").await;
         assert_eq!(
@@ -903,27 +906,14 @@ async fn paced(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_moved_to_another_port_is_re_bound() {
-    let app = TestUpstream::start("app").await;
-    let other = TestUpstream::start("other").await;
+    let apps = Apps::start().await;
     let before = loopback(free_port());
     let after = loopback(free_port());
-    let config = format!(
-        "[proxy]\nworkers = 2\n\n{}{}",
-        listener("main", before, "app"),
-        clusters(&app, &other)
-    );
-    let wasp = Wasp::start(&config);
+    let wasp = apps.wasp(&[listener("main", before, "app")]);
     let (mut open, _) = one_connection(before).await;
     assert_eq!(send_on(&mut open, "/").await.unwrap().status, 200);
 
-    let answer = reconfigure(
-        &wasp,
-        &format!(
-            "{}{}",
-            listener("main", after, "other"),
-            clusters(&app, &other)
-        ),
-    );
+    let answer = apps.reload(&wasp, &[listener("main", after, "other")]);
     assert!(answer.contains("reloaded: generation"), "{answer}");
     let r = get(&h1_client(), after, "app", "/").await;
     assert_eq!((r.status, r.header("x-upstream")), (200, Some("other")));
