@@ -14,27 +14,6 @@ use http_body_util::Full;
 use support::upstream::TestUpstream;
 use support::*;
 
-fn builtin(name: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters"))
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/build-wasm.sh first",
-        p.display()
-    );
-    p
-}
-
-fn dir_with(names: &[&str]) -> TempDir {
-    let dir = TempDir::new("builtin");
-    let fd = dir.path().join("filters.d");
-    std::fs::create_dir_all(&fd).unwrap();
-    for n in names {
-        std::fs::copy(builtin(n), fd.join(format!("{n}.wasm"))).unwrap();
-    }
-    dir
-}
-
 const FILTERS: &str = r#"
 [filters.trace]
 module = "trace_context.wasm"
@@ -77,7 +56,7 @@ async fn access_log_and_metrics() {
         app.addr
     );
     let wasp = Wasp::start_in(
-        dir_with(&["trace_context", "access_log", "metrics"]),
+        with_builtin_filters(&["trace_context", "access_log", "metrics"]),
         &config,
         &[],
     );
@@ -175,7 +154,7 @@ async fn trace_context_continues_across_two_sidecars() {
     let (outbound, inbound) = (free_port(), free_port());
     // Sidecar B: inbound in front of the app.
     let _b = Wasp::start_in(
-        dir_with(&["trace_context", "access_log", "metrics"]),
+        with_builtin_filters(&["trace_context", "access_log", "metrics"]),
         &format!(
             "{FILTERS}\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{inbound}\"\npipeline = [\"trace\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
             app.addr
@@ -184,7 +163,7 @@ async fn trace_context_continues_across_two_sidecars() {
     );
     // Sidecar A: the caller's outbound, routing to B.
     let _a = Wasp::start_in(
-        dir_with(&["trace_context", "access_log", "metrics"]),
+        with_builtin_filters(&["trace_context", "access_log", "metrics"]),
         &format!(
             "{FILTERS}\n[[listeners]]\nname = \"outbound\"\nbind = \"127.0.0.1:{outbound}\"\npipeline = [\"trace\"]\n  [[listeners.routes]]\n  match = {{ host = \"app\" }}\n  cluster = \"reviews\"\n[clusters.reviews]\nendpoints = [\"127.0.0.1:{inbound}\"]\n"
         ),
@@ -268,7 +247,7 @@ endpoints = ["{}"]
 "#,
         v1.addr, v2.addr
     );
-    let _wasp = Wasp::start_in(dir_with(&["router"]), &config, &[]);
+    let _wasp = Wasp::start_in(with_builtin_filters(&["router"]), &config, &[]);
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = h1_client();
     let users = 400;

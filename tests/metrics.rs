@@ -34,23 +34,6 @@ fn prometheus_tool(name: &str) -> PathBuf {
     })
 }
 
-fn builtin_filters() -> TempDir {
-    let dir = TempDir::new("metrics");
-    let fd = dir.path().join("filters.d");
-    std::fs::create_dir_all(&fd).unwrap();
-    for name in ["trace_context", "access_log", "metrics"] {
-        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters"))
-            .join(format!("{name}.wasm"));
-        assert!(
-            src.exists(),
-            "{} is missing: run scripts/build-wasm.sh first",
-            src.display()
-        );
-        std::fs::copy(&src, fd.join(format!("{name}.wasm"))).unwrap();
-    }
-    dir
-}
-
 /// One listener with the built-in filters: `/ok` goes to `app`, `/dead` to
 /// a cluster whose only endpoint refuses connections, anything else matches
 /// no route.
@@ -101,7 +84,7 @@ async fn promtool_accepts_a_scrape_after_traffic() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let wasp = Wasp::start_in(
-        builtin_filters(),
+        with_builtin_filters(&["trace_context", "access_log", "metrics"]),
         &config(port, app.addr, refusing_addr()),
         &[],
     );
@@ -334,7 +317,7 @@ async fn prometheus_scrapes_the_admin_port_and_answers_queries() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let wasp = Wasp::start_in(
-        builtin_filters(),
+        with_builtin_filters(&["trace_context", "access_log", "metrics"]),
         &config(port, app.addr, refusing_addr()),
         &[],
     );

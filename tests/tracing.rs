@@ -10,7 +10,6 @@ mod otlp;
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -308,29 +307,12 @@ async fn unsampled_parent_makes_no_spans() {
     );
 }
 
-fn builtin(name: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters"))
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/build-wasm.sh first",
-        p.display()
-    );
-    p
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_started_by_the_filter_is_continued() {
     let collector = Collector::grpc().await;
     let app = TestUpstream::start("app").await;
     let port = free_port();
-    let dir = TempDir::new("tracing-filter");
-    std::fs::create_dir_all(dir.path().join("filters.d")).unwrap();
-    std::fs::copy(
-        builtin("trace_context"),
-        dir.path().join("filters.d/trace_context.wasm"),
-    )
-    .unwrap();
+    let dir = with_builtin_filters(&["trace_context"]);
     let config = format!(
         "{}\n[filters.trace]\nmodule = \"trace_context.wasm\"\nconfig = {{ sample_ratio = 1.0 }}\n\n[[listeners]]\nname = \"outbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"trace\"]\n  [[listeners.routes]]\n  name = \"app\"\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
         tracing_table(collector.addr, "grpc", "with-filter"),

@@ -177,6 +177,29 @@ pub fn fixture(target: &str, name: &str) -> PathBuf {
     p
 }
 
+/// Where `scripts/build-wasm.sh` puts the built-in filters (`filters/*`).
+pub fn builtin_filter(name: &str) -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters"))
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-wasm.sh first",
+        p.display()
+    );
+    p
+}
+
+/// A temp dir with `filters.d/` holding the named built-in filters.
+pub fn with_builtin_filters(names: &[&str]) -> TempDir {
+    let dir = TempDir::new("builtin");
+    let fd = dir.path().join("filters.d");
+    std::fs::create_dir_all(&fd).unwrap();
+    for n in names {
+        std::fs::copy(builtin_filter(n), fd.join(format!("{n}.wasm"))).unwrap();
+    }
+    dir
+}
+
 /// A temp dir with `filters.d/` holding the named fixtures of `target`.
 pub fn with_fixtures(target: &str, names: &[&str]) -> TempDir {
     let dir = TempDir::new("filters");
