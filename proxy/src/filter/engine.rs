@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -81,10 +81,8 @@ impl Drop for Ticker {
 pub struct FilterRuntime {
     /// Created on first use, so a proxy without filters never pays for the
     /// compiler's set-up, its code pages or the epoch ticker's wake-ups.
-    engine: OnceLock<Engine>,
-    /// Held while the engine is created, so exactly one engine (and one
-    /// ticker) is ever made.
-    engine_init: Mutex<()>,
+    /// Only loads use it (the control thread), so a lock is no cost here.
+    engine: Mutex<Option<Engine>>,
     cache_dir: Option<PathBuf>,
     callouts: Arc<dyn HttpCallouts>,
     /// Compiled modules by sha256: the versions serving and those they
@@ -136,8 +134,7 @@ impl FilterRuntime {
         callouts: Arc<dyn HttpCallouts>,
     ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(FilterRuntime {
-            engine: OnceLock::new(),
-            engine_init: Mutex::new(()),
+            engine: Mutex::new(None),
             cache_dir,
             callouts,
             modules: Mutex::new(HashMap::new()),
@@ -153,13 +150,10 @@ impl FilterRuntime {
     /// The engine, created (with its epoch ticker) by the first filter
     /// load. It is published only once its ticker runs: an engine without
     /// one would never interrupt a guest that loops.
-    fn engine(&self) -> anyhow::Result<&Engine> {
-        if let Some(engine) = self.engine.get() {
-            return Ok(engine);
-        }
-        let _init = self.engine_init.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(engine) = self.engine.get() {
-            return Ok(engine);
+    fn engine(&self) -> anyhow::Result<Engine> {
+        let mut slot = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = &*slot {
+            return Ok(engine.clone());
         }
         let engine = Engine::new(&engine_config())
             .map_err(|e| anyhow!("creating the wasm engine: {e:#}"))?;
@@ -173,7 +167,7 @@ impl FilterRuntime {
                 }
             })
             .context("spawning the epoch ticker")?;
-        Ok(self.engine.get_or_init(|| engine))
+        Ok(slot.insert(engine).clone())
     }
 
     /// Call once on each worker thread before its first request, so the
@@ -191,7 +185,7 @@ impl FilterRuntime {
         {
             return Ok(m.clone());
         }
-        let m = cache::load_or_compile(self.engine()?, bytes, sha, self.cache_dir.as_deref())?;
+        let m = cache::load_or_compile(&self.engine()?, bytes, sha, self.cache_dir.as_deref())?;
         self.modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -262,7 +256,7 @@ impl FilterRuntime {
         if !has("proxy_on_memory_allocate") && !has("malloc") {
             bail!("missing export proxy_on_memory_allocate (or malloc)");
         }
-        let mut linker: Linker<Host> = Linker::new(self.engine()?);
+        let mut linker: Linker<Host> = Linker::new(module.engine());
         abi::link(&mut linker).map_err(|e| anyhow!("linking host functions: {e:#}"))?;
         abi::stub_unknown(&mut linker, &module).map_err(|e| anyhow!("linking: {e:#}"))?;
         let pre = linker
@@ -294,7 +288,7 @@ impl FilterRuntime {
                 stats,
                 callouts: self.callouts.clone(),
             }),
-            engine: self.engine()?.clone(),
+            engine: module.engine().clone(),
             pre,
             sha256: sha,
             generation,

@@ -228,9 +228,7 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 
 /// Builds and publishes the next generation from the files on disk.
 async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, String> {
-    if shared.draining.load(Ordering::Acquire) {
-        return Err("shutting down: reloads are no longer applied".to_string());
-    }
+    not_draining(shared)?;
     let current = shared.snapshot.load_full();
     let path = current.config.path.clone();
     let mut config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
@@ -258,15 +256,20 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
         // longer take new listeners then, so none are handed over.
-        if shared.draining.load(Ordering::Acquire) {
-            return Err("shutting down: reloads are no longer applied".to_string());
-        }
+        not_draining(shared)?;
     }
     shared.snapshot.store(Arc::new(next));
     listeners.start(plan);
     shared.reload_succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
     Ok(generation)
+}
+
+fn not_draining(shared: &Shared) -> Result<(), String> {
+    if shared.draining.load(Ordering::Acquire) {
+        return Err("shutting down: reloads are no longer applied".to_string());
+    }
+    Ok(())
 }
 
 fn shown(p: &Path) -> String {
