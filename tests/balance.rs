@@ -247,6 +247,26 @@ fn endpoint<'a>(
         .unwrap_or(&serde_json::Value::Null)
 }
 
+/// wasp (2 workers) whose outbound listener on `port` sends host `svc` to
+/// the cluster `svc`, configured by `cluster` (the body of its table).
+fn svc_sidecar(port: u16, cluster: &str) -> Wasp {
+    Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 2
+
+[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ host = "svc" }}
+  cluster = "svc"
+
+[clusters.svc]
+{cluster}"#
+    ))
+}
+
 // === tests ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -782,24 +802,15 @@ async fn dns_discovery_follows_record_changes() {
         vec![a_record(Ipv4Addr::new(127, 0, 0, 2))],
     );
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 2
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-discovery = {{ dns = "svc.wasp.test.", port = {}, refresh = "1s", min_refresh = "100ms", max_refresh = "1s", nameserver = "{}" }}
+    let wasp = svc_sidecar(
+        port,
+        &format!(
+            r#"discovery = {{ dns = "svc.wasp.test.", port = {}, refresh = "1s", min_refresh = "100ms", max_refresh = "1s", nameserver = "{}" }}
 "#,
-        one.addr.port(),
-        dns.addr
-    ));
+            one.addr.port(),
+            dns.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The very first request waits for the first DNS answer rather than
     // failing with no_endpoint.
@@ -848,23 +859,14 @@ async fn srv_discovery_follows_record_changes() {
         vec![srv_record(one.addr.port(), "one.wasp.test.")],
     );
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 2
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-discovery = {{ srv = "_http._tcp.svc.wasp.test.", refresh = "1s", min_refresh = "100ms", max_refresh = "1s", nameserver = "{}" }}
+    let wasp = svc_sidecar(
+        port,
+        &format!(
+            r#"discovery = {{ srv = "_http._tcp.svc.wasp.test.", refresh = "1s", min_refresh = "100ms", max_refresh = "1s", nameserver = "{}" }}
 "#,
-        dns.addr
-    ));
+            dns.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let first = until_all_go_to(proxy, "svc", "one", Duration::from_secs(5)).await;
     println!("SRV: first answer used after {first:?}");
@@ -888,23 +890,14 @@ async fn file_discovery_follows_the_endpoints_file() {
     let dir = TempDir::new("eps");
     let file = dir.path().join("endpoints.toml");
     std::fs::write(&file, format!("endpoints = [\"{}\"]\n", one.addr)).unwrap();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 2
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-discovery = {{ file = "{}" }}
+    let wasp = svc_sidecar(
+        port,
+        &format!(
+            r#"discovery = {{ file = "{}" }}
 "#,
-        file.display()
-    ));
+            file.display()
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(until_all_go_to(proxy, "svc", "one", Duration::from_secs(3))
         .await
@@ -946,25 +939,16 @@ async fn health_checks_take_an_endpoint_out_and_back() {
     let b = Server::start("b").await;
     let sick = Server::start("sick").await;
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 2
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-endpoints = ["{}", "{}", "{}"]
+    let wasp = svc_sidecar(
+        port,
+        &format!(
+            r#"endpoints = ["{}", "{}", "{}"]
 balance = "round_robin"
 health = {{ path = "/healthz", interval = "100ms", timeout = "100ms", unhealthy = 2, healthy = 2 }}
 "#,
-        a.addr, b.addr, sick.addr
-    ));
+            a.addr, b.addr, sick.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let before = load(proxy, "svc", 60, 2).await;
     assert!(share(&before, "sick") > 0.25, "{before:?}");
