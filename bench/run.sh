@@ -5,7 +5,8 @@
 #
 #   bench/run.sh                    # defaults: 3 rounds of 5 s, 32 connections
 #   ROUNDS=5 DURATION=10s CONNS=64 bench/run.sh
-#   WASP_BIN=path/to/wasp bench/run.sh   # measure another build of wasp
+#   WASP_BIN=path/to/wasp bench/run.sh   # measure another build of wasp (default:
+#                                        # scripts/build-release.sh, a static PIE)
 #   MTLS=1 bench/run.sh             # mTLS between two sidecars vs plaintext (bench/mtls.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi
 
-cargo build -q --release -p wasp -p demo-app
+cargo build -q --release -p demo-app
 bin="$root/target/release"
+# The binary as deployed (static PIE on glibc Linux), unless WASP_BIN says otherwise.
+WASP_BIN=${WASP_BIN:-$("$root/scripts/build-release.sh")}
 
 UP=127.0.0.1:18080
 WASP=127.0.0.1:18081
@@ -56,7 +59,7 @@ bind = "$WASP"
 [clusters.upstream]
 endpoints = ["$UP"]
 TOML
-"${WASP_BIN:-$bin/wasp}" run --config "$out/wasp.toml" 2>"$out/wasp.log" & wasp_pid=$!; pids+=($wasp_pid)
+"$WASP_BIN" run --config "$out/wasp.toml" 2>"$out/wasp.log" & wasp_pid=$!; pids+=($wasp_pid)
 
 mkdir -p "$out/nginx"
 cat > "$out/nginx/nginx.conf" <<NGINX
@@ -87,7 +90,8 @@ curl -fs "http://$WASP/bench" >/dev/null || { echo "wasp is not serving; see $ou
 
 # nginx's worker is a child of the master; measure the workers.
 nginx_workers() { pgrep -P "$nginx_pid" | tr '\n' ' '; }
-cpu_secs() { local t=0; for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
+# user and kernel CPU ticks, summed over the processes
+cpu_ticks() { local u=0 k=0; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); k=$((k + b)); done; echo "$u $k"; }
 rss_kb() { local t=0; for p in "$@"; do t=$(( t + $(awk '/VmRSS/{print $2}' "/proc/$p/status") )); done; echo "$t"; }
 hwm_kb() { local t=0; for p in "$@"; do t=$(( t + $(awk '/VmHWM/{print $2}' "/proc/$p/status") )); done; echo "$t"; }
 
@@ -101,22 +105,26 @@ for round in $(seq "$ROUNDS"); do
       wasp) addr=$WASP; procs=($wasp_pid) ;;
       nginx) addr=$NGINX; procs=($(nginx_workers)) ;;
     esac
-    before=0; [ ${#procs[@]} -gt 0 ] && before=$(cpu_secs "${procs[@]}")
+    before="0 0"; [ ${#procs[@]} -gt 0 ] && before=$(cpu_ticks "${procs[@]}")
     wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://$addr/bench" > "$out/wrk-$target-$round.txt"
-    after=0; [ ${#procs[@]} -gt 0 ] && after=$(cpu_secs "${procs[@]}")
+    after="0 0"; [ ${#procs[@]} -gt 0 ] && after=$(cpu_ticks "${procs[@]}")
     rss=0; [ ${#procs[@]} -gt 0 ] && rss=$(rss_kb "${procs[@]}")
-    python3 - "$out/wrk-$target-$round.txt" "$target" "$round" "$(( after - before ))" "$hz" "$rss" >> "$results" <<'PY'
+    python3 - "$out/wrk-$target-$round.txt" "$target" "$round" "$before" "$after" "$hz" "$rss" >> "$results" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-target, rnd, ticks, hz, rss = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+target, rnd, hz, rss = sys.argv[2], sys.argv[3], int(sys.argv[6]), sys.argv[7]
+(u0, k0), (u1, k1) = (map(int, sys.argv[4].split())), (map(int, sys.argv[5].split()))
+user, kern = (u1 - u0) / hz, (k1 - k0) / hz
 def ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
     return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+total = int(re.search(r"(\d+) requests in", text).group(1))
 p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
 p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-print(f"{target}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{ticks/hz:.2f}\t{rss}\t{errors.group(0) if errors else ''}")
+us = lambda secs: secs * 1e6 / total
+print(f"{target}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{user + kern:.2f}\t{us(user):.1f}\t{us(kern):.1f}\t{rss}\t{errors.group(0) if errors else ''}")
 PY
   done
 done
@@ -127,20 +135,20 @@ import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 hwm, conns, dur, rounds, workers = sys.argv[2:7]
 by = {}
-for t, r, rps, p50, p99, cpu, rss, err in rows:
-    by.setdefault(t, []).append((float(rps), float(p50), float(p99), float(cpu), int(rss), err))
+for t, r, rps, p50, p99, cpu, user, kern, rss, err in rows:
+    by.setdefault(t, []).append((float(rps), float(p50), float(p99), float(cpu), float(user), float(kern), int(rss), err))
 print(f"\nwrk -t1 -c{conns} -d{dur}, {rounds} alternating rounds, {workers} proxy worker(s); medians over rounds\n")
-print("| target | req/s | p50 ms | p99 ms | proxy CPU s per round | proxy RSS MiB | errors |")
-print("|---|---|---|---|---|---|---|")
+print("| target | req/s | p50 ms | p99 ms | proxy CPU s per round | proxy user µs/req | proxy kernel µs/req | proxy RSS MiB | errors |")
+print("|---|---|---|---|---|---|---|---|---|")
 med = {}
 for t in ["direct", "wasp", "nginx"]:
     v = by.get(t, [])
     if not v: continue
-    m = [statistics.median(x[i] for x in v) for i in range(4)]
+    m = [statistics.median(x[i] for x in v) for i in range(6)]
     med[t] = m
-    rss = max(x[4] for x in v) / 1024
-    errs = "; ".join(sorted({x[5] for x in v if x[5]})) or "none"
-    print(f"| {t} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.2f} | {rss:.1f} | {errs} |")
+    rss = max(x[6] for x in v) / 1024
+    errs = "; ".join(sorted({x[7] for x in v if x[7]})) or "none"
+    print(f"| {t} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.2f} | {m[4]:.1f} | {m[5]:.1f} | {rss:.1f} | {errs} |")
 if "wasp" in med and "nginx" in med:
     w, n = med["wasp"], med["nginx"]
     print(f"\nwasp/nginx throughput ratio: {w[0]/n[0]:.2f}  p99 ratio: {w[2]/n[2]:.2f}  wasp/direct: {w[0]/med['direct'][0]:.2f}")

@@ -49,7 +49,7 @@ async fn smuggling_shapes_are_rejected_with_400() {
     let port = free_port();
     let _wasp = Wasp::start(&proxy_config(port, app.addr, ""));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let cases: [(&str, &[u8]); 6] = [
+    let cases: [(&str, &[u8]); 8] = [
         (
             "CL then TE",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -68,6 +68,12 @@ async fn smuggling_shapes_are_rejected_with_400() {
         ),
         ("obsolete line folding", b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n"),
         ("bare CR", b"GET / HTTP/1.1\r\nHost: a\rX-Evil: 1\r\n\r\n"),
+        // The route would see one name and the upstream maybe the other.
+        (
+            "two Host headers",
+            b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: admin.internal\r\n\r\n",
+        ),
+        ("HTTP/1.1 without Host", b"GET /echo HTTP/1.1\r\n\r\n"),
     ];
     for (name, bytes) in cases {
         let answer = raw_exchange(proxy, bytes, Duration::from_secs(5));

@@ -21,6 +21,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// switch the proxy tunnels. `TE: trailers` survives because gRPC needs it
 /// end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names is much
+    // cheaper than a hashed removal per hop-by-hop name. Any header named in
+    // `Connection` only matters when `Connection` itself is present.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -50,6 +56,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The same set as [`HOP_BY_HOP`], compared without building it: standard
+/// names compare as enum tags.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || *name == header::PROXY_AUTHORIZATION
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// Whether the request asks to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -69,12 +86,14 @@ pub fn add_forwarding(
     scheme: &'static str,
     via: &'static str,
 ) {
+    use std::fmt::Write as _;
     let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = client.to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
+    let mut value = String::with_capacity(48);
+    if let Some(prev) = headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        value.push_str(prev);
+        value.push_str(", ");
+    }
+    let _ = write!(value, "{client}");
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(xff, v);
     }
@@ -114,6 +133,15 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn fast_check_covers_every_hop_by_hop_name() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        assert!(!is_hop_by_hop(&header::HOST));
+        assert!(!is_hop_by_hop(&HeaderName::from_static("x-keep-alive")));
     }
 
     #[test]

@@ -160,7 +160,7 @@ fn start_chain(
     }
     let request_id = req
         .headers()
-        .get(REQUEST_ID)
+        .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map_or_else(new_request_id, Arc::from);
     let info = StreamInfo {
@@ -182,18 +182,31 @@ fn start_chain(
     ))
 }
 
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// 128 random bits as 32 lowercase hex digits, formatted on the stack.
+fn request_id_hex() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out
+}
 
 fn new_request_id() -> Arc<str> {
-    Arc::from(format!("{:032x}", rand::random::<u128>()))
+    let hex = request_id_hex();
+    Arc::from(std::str::from_utf8(&hex).unwrap_or("-"))
 }
 
 /// The request's `x-request-id`, added when the client sent none.
 fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(REQUEST_ID) {
+    if let Some(v) = headers.get(&REQUEST_ID) {
         return v.clone();
     }
-    let v = HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("-"));
+    let v = HeaderValue::from_bytes(&request_id_hex()).unwrap_or(HeaderValue::from_static("-"));
     headers.insert(REQUEST_ID, v.clone());
     v
 }
@@ -363,6 +376,14 @@ async fn forward(
     parts.headers.remove(header::EXPECT);
     let host_value = match &route.rewrite_host {
         Some(h) => Some(h.clone()),
+        // Usually the Host header is already right: keep it as it is.
+        None if parts
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == host.as_bytes()) =>
+        {
+            None
+        }
         None => HeaderValue::from_str(&host).ok(),
     };
     if let Some(h) = host_value {
@@ -547,6 +568,21 @@ fn check_framing<B>(req: &Request<B>, max_body: u64) -> Result<(), ProxyError> {
     if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
         return Err(ProxyError::BadRequest(
             "both Content-Length and Transfer-Encoding are set".into(),
+        ));
+    }
+    // RFC 9112 section 3.2: more than one Host, or an HTTP/1.1 request
+    // without one, is a 400. Two Hosts would let the route see one name and
+    // the upstream another.
+    let mut hosts = h.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header".into()));
+    }
+    if req.version() == Version::HTTP_11
+        && req.uri().authority().is_none()
+        && !h.contains_key(header::HOST)
+    {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
         ));
     }
     if req.method() == Method::CONNECT {

@@ -218,10 +218,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     this.h2 = got.starts_with(H2_PREFACE);
                 }
                 if !got.is_empty() && !busy {
-                    if this.head_started.is_none() {
-                        this.head_started = Some(Instant::now());
-                    }
-                    this.idle_since = Instant::now();
+                    let now = Instant::now();
+                    this.head_started.get_or_insert(now);
+                    this.idle_since = now;
                     if !this.h2 && !this.head_checked {
                         if let Some(reason) = this.check_head(got) {
                             let reason = reason.to_string();
