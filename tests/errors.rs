@@ -161,6 +161,32 @@ async fn limits_answer_431_413_408_and_close_idle() {
     );
 }
 
+/// A body read whole for retries holds a cluster admission while it
+/// arrives: a client that trickles it gets 408 instead of holding the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_retry_body_answers_408_body_timeout() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let config = proxy_config(port, app.addr, r#"limits = { header_timeout = "300ms" }"#).replace(
+        "  cluster = \"app\"",
+        "  cluster = \"app\"\n  retry = { on = [\"5xx\"], attempts = 1 }",
+    );
+    let _wasp = Wasp::start(&config);
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // One byte of a declared thousand, then silence.
+    let answer = raw_exchange(
+        proxy,
+        b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nA",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        status_and_code(&answer),
+        (408, "body_timeout".into()),
+        "{answer}"
+    );
+    assert_eq!(app.requests(), 0, "the app saw the unfinished request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_answers_503_overflow() {
     let app = TestUpstream::start("app").await;

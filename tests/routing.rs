@@ -259,3 +259,40 @@ endpoints = ["{}"]
         "{m}"
     );
 }
+
+/// `Connection` may name end-to-end headers as hop-by-hop, but not take the
+/// request id the logs use away from the upstream; every `X-Forwarded-For`
+/// line is kept, in order, with the client appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_survives_connection_and_forwarded_for_lines_join() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let _wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{}"]
+"#,
+        app.addr
+    ));
+    let proxy = format!("127.0.0.1:{port}").parse().unwrap();
+    let answer = raw_exchange(
+        proxy,
+        b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close, x-request-id\r\nX-Request-Id: abc-123\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 10.0.0.5\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-request-id: abc-123\n"), "{answer}");
+    assert!(
+        answer.contains("x-forwarded-for: 6.6.6.6, 10.0.0.5, 127.0.0.1\n"),
+        "{answer}"
+    );
+}

@@ -59,6 +59,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("the request body did not arrive within {after:?}")]
+    BodyTimeout { after: Duration },
     #[error("{0}")]
     Overflow(String),
 }
@@ -77,6 +79,7 @@ impl ProxyError {
             Self::UnauthorizedPeer { .. } => "unauthorized_peer",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadRequest(_) => "bad_request",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::Overflow(_) => "overflow",
         }
     }
@@ -94,6 +97,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

@@ -87,16 +87,13 @@ pub fn add_forwarding(
     via: &'static str,
 ) {
     use std::fmt::Write as _;
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let mut value = String::with_capacity(48);
-    if let Some(prev) = headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        value.push_str(prev);
-        value.push_str(", ");
-    }
-    let _ = write!(value, "{client}");
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(xff, v);
-    }
+    let mut ip = String::with_capacity(40);
+    let _ = write!(ip, "{client}");
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        ip.as_bytes(),
+    );
     headers
         .entry(HeaderName::from_static("x-forwarded-proto"))
         .or_insert(HeaderValue::from_static(scheme));
@@ -104,15 +101,31 @@ pub fn add_forwarding(
 }
 
 pub fn append_via(headers: &mut HeaderMap, via: &'static str) {
-    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {via}")) {
-                headers.insert(header::VIA, v);
-            }
-        }
-        None => {
-            headers.insert(header::VIA, HeaderValue::from_static(via));
-        }
+    if headers.contains_key(header::VIA) {
+        append_list(headers, header::VIA, via.as_bytes());
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(via));
+    }
+}
+
+/// Appends `item` to a comma-separated list header. Every field line
+/// counts, in order (a second `X-Forwarded-For` line from a trusted hop must
+/// not be lost), and values are kept as bytes, so one that is not UTF-8 does
+/// not discard the chain.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &[u8]) {
+    let mut joined = Vec::new();
+    for prev in headers.get_all(&name) {
+        joined.extend_from_slice(prev.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    let value = if joined.is_empty() {
+        HeaderValue::from_bytes(item)
+    } else {
+        joined.extend_from_slice(item);
+        HeaderValue::from_bytes(&joined)
+    };
+    if let Ok(v) = value {
+        headers.insert(name, v);
     }
 }
 
@@ -164,5 +177,25 @@ mod tests {
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.2");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get(header::VIA).unwrap(), "1.1 edge, 1.1 wasp");
+    }
+
+    #[test]
+    fn forwarding_keeps_every_line_and_non_utf8_values() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.append("x-forwarded-for", "10.0.0.5".parse().unwrap());
+        h.insert(
+            header::VIA,
+            HeaderValue::from_bytes(b"1.1 caf\xe9").unwrap(),
+        );
+        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp");
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["6.6.6.6, 10.0.0.5, 127.0.0.2"]
+        );
+        assert_eq!(
+            h.get(header::VIA).unwrap().as_bytes(),
+            b"1.1 caf\xe9, 1.1 wasp"
+        );
     }
 }

@@ -15,7 +15,7 @@ mod retry;
 mod upgrade;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,6 +60,9 @@ pub struct ConnCtx {
 pub struct Activity {
     pub started: AtomicU64,
     pub finished: AtomicU64,
+    /// Set once the connection switched protocols (101): its bytes are a
+    /// tunnel from then on, and the guard stops looking at them.
+    pub upgraded: AtomicBool,
 }
 
 impl Activity {
@@ -101,7 +104,7 @@ pub async fn handle(
     let request_id = ensure_request_id(req.headers_mut());
     // Spans (when tracing is on) start their clock here.
     let mut trace = crate::telemetry::trace::begin(&req, conn.peer, conn.local, conn.scheme);
-    let chain = start_chain(&req, &conn, &snapshot, li);
+    let chain = start_chain(&req, &conn, &snapshot, li, &request_id);
     let mut outcome = forward(
         req,
         &conn,
@@ -153,16 +156,15 @@ fn start_chain(
     conn: &ConnCtx,
     snapshot: &Snapshot,
     li: usize,
+    request_id: &HeaderValue,
 ) -> Option<SharedChain> {
     let listener = &snapshot.config.listeners[li];
     if listener.pipeline.is_empty() {
         return None;
     }
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(new_request_id, Arc::from);
+    // The same id as the logs and the upstream, even when the client's is
+    // not UTF-8.
+    let request_id = Arc::from(String::from_utf8_lossy(request_id.as_bytes()));
     let info = StreamInfo {
         listener: listener.name.clone(),
         source: conn.peer,
@@ -194,11 +196,6 @@ fn request_id_hex() -> [u8; 32] {
         n >>= 4;
     }
     out
-}
-
-fn new_request_id() -> Arc<str> {
-    let hex = request_id_hex();
-    Arc::from(std::str::from_utf8(&hex).unwrap_or("-"))
 }
 
 /// The request's `x-request-id`, added when the client sent none.
@@ -372,7 +369,13 @@ async fn forward(
             return out;
         }
     };
+    // `Connection: x-request-id` must not take away the id the logs use
+    // (`handle` has made sure there is one).
+    let request_id = parts.headers.get(&REQUEST_ID).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Some(id) = request_id {
+        parts.headers.entry(REQUEST_ID).or_insert(id);
+    }
     parts.headers.remove(header::EXPECT);
     let host_value = match &route.rewrite_host {
         Some(h) => Some(h.clone()),
@@ -405,7 +408,14 @@ async fn forward(
     let mut kept = empty.then(bytes::Bytes::new);
     let body = RequestBody::new(body, listener.limits.max_body_bytes);
     let body = if retry::should_keep_body(policy, &parts, empty, upgrade, chain.is_some()) {
-        match body.collect().await {
+        // The cluster admission is already held: a client that trickles its
+        // body must not keep it for longer than it may take to send a head.
+        let limit = listener.limits.header_timeout;
+        let Ok(collected) = tokio::time::timeout(limit, body.collect()).await else {
+            out.result = Err(ProxyError::BodyTimeout { after: limit });
+            return out;
+        };
+        match collected {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
                 kept = Some(bytes.clone());
@@ -460,6 +470,7 @@ async fn forward(
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if let Some(down) = downstream_upgrade {
         if switching {
+            conn.activity.upgraded.store(true, Ordering::Release);
             upgrade::tunnel(down, hyper::upgrade::on(&mut resp));
         }
     }
