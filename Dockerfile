@@ -6,9 +6,10 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 RUN rustup target add wasm32-wasip1
 COPY . .
-RUN cargo build --release -p wasp \
- && mkdir -p /out/filters.d \
- && cp target/release/wasp /out/wasp \
+# scripts/build-release.sh links glibc statically (static PIE, ~1.4 MiB less
+# RSS); the cc base image keeps the same glibc's NSS modules for getaddrinfo.
+RUN mkdir -p /out/filters.d \
+ && cp "$(scripts/build-release.sh)" /out/wasp \
  && cargo build --release --target wasm32-wasip1 -p access-log -p metrics -p trace-context -p router \
  && cp target/wasm32-wasip1/release/access_log.wasm target/wasm32-wasip1/release/metrics.wasm \
        target/wasm32-wasip1/release/trace_context.wasm target/wasm32-wasip1/release/router.wasm /out/filters.d/

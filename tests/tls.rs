@@ -1089,6 +1089,85 @@ fn tls_config_errors_name_the_place() {
 
 // ---- config reload ------------------------------------------------------------------------
 
+/// `wasp check` shows each listener's and cluster's TLS: what is served,
+/// who must present a certificate, whom the cluster trusts and expects.
+#[test]
+fn check_prints_tls_and_allow() {
+    let certs = TempDir::new("check-certs");
+    let out = Command::new(WASP)
+        .args(["certs", "--out"])
+        .arg(certs.path())
+        .args(["--ca-name", "mesh", "--service", "front,reviews"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let path = certs.path().join("wasp.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:1"
+tls = {{ cert = "{reviews}", key = "{reviews_key}", client_ca = "{ca}", allow = ["{FRONT}"], min_version = "1.3" }}
+  [[listeners.routes]]
+  cluster = "reviews"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:2"]
+tls = {{ ca = "{ca}", cert = "{front}", key = "{front_key}", expect_identity = "{REVIEWS}" }}
+"#,
+            reviews = p("reviews.pem"),
+            reviews_key = p("reviews-key.pem"),
+            front = p("front.pem"),
+            front_key = p("front-key.pem"),
+            ca = p("mesh-ca.pem"),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(WASP)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix) && l.contains(".pem"))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"))
+            .to_string()
+    };
+    let listener_tls = stdout
+        .lines()
+        .find(|l| l.contains("mTLS: client certificates from"))
+        .unwrap_or_else(|| panic!("listener tls missing:\n{stdout}"));
+    assert!(listener_tls.contains(&p("reviews.pem")), "{stdout}");
+    assert!(listener_tls.contains(&p("mesh-ca.pem")), "{stdout}");
+    assert!(listener_tls.contains("min TLS 1.3"), "{stdout}");
+    assert!(stdout.contains(&format!("allow: [{FRONT}]")), "{stdout}");
+    let cluster_tls = line("tls: trusts");
+    assert!(
+        cluster_tls.contains(&format!("mTLS: presents {}", p("front.pem"))),
+        "{stdout}"
+    );
+    assert!(
+        cluster_tls.contains(&format!("expects {REVIEWS}")),
+        "{stdout}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_changes_the_certificate_for_new_connections_only() {
     let app = TestUpstream::start("app").await;

@@ -166,6 +166,13 @@ pub fn summary(config: &Config) -> String {
                 .collect();
             let _ = writeln!(out, "    route {} -> {}", r.name, clusters.join(" | "));
         }
+        if let Some(tls) = &l.tls {
+            let _ = writeln!(out, "    tls: {}", server_tls_summary(tls.settings()));
+        }
+        if let Some(allow) = &l.allow {
+            let entries: Vec<&str> = allow.entries().collect();
+            let _ = writeln!(out, "    allow: [{}]", entries.join(", "));
+        }
     }
     let _ = writeln!(out, "clusters:");
     for c in &config.clusters {
@@ -190,10 +197,56 @@ pub fn summary(config: &Config) -> String {
             source,
             eps.join(", ")
         );
+        if let Some(tls) = &c.tls {
+            let _ = writeln!(out, "    tls: {}", client_tls_summary(tls.settings()));
+        }
     }
     let _ = writeln!(out, "filters:");
     for (name, f) in &config.file.filters {
         let _ = writeln!(out, "  {name}: {} (fail {:?})", f.module, f.fail);
     }
     out
+}
+
+/// A listener's TLS in one line: what it serves, whom it asks for a
+/// certificate, the lowest version.
+fn server_tls_summary(s: &crate::tls::ServerTlsSettings) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = &s.default {
+        parts.push(format!("cert {}", d.cert.display()));
+    }
+    for sni in &s.sni {
+        parts.push(format!("sni {} -> {}", sni.sni, sni.paths.cert.display()));
+    }
+    parts.push(match &s.client_ca {
+        Some(ca) => format!("mTLS: client certificates from {}", ca.display()),
+        None => "no client certificates".to_string(),
+    });
+    parts.push(match s.min_version {
+        crate::tls::MinVersion::Tls12 => "min TLS 1.2".to_string(),
+        crate::tls::MinVersion::Tls13 => "min TLS 1.3".to_string(),
+    });
+    parts.join(", ")
+}
+
+/// A cluster's TLS in one line: whom it trusts, what it presents, which
+/// name and identity it expects.
+fn client_tls_summary(s: &crate::tls::ClientTlsSettings) -> String {
+    let mut parts = vec![match &s.ca {
+        Some(ca) => format!("trusts {}", ca.display()),
+        None => "trusts the webpki roots".to_string(),
+    }];
+    if let Some(c) = &s.client {
+        parts.push(format!("mTLS: presents {}", c.cert.display()));
+    }
+    if let Some(sni) = &s.sni {
+        parts.push(format!("sni {sni}"));
+    }
+    if let Some(id) = &s.expect_identity {
+        parts.push(format!("expects {id}"));
+    }
+    if s.insecure_skip_verify {
+        parts.push("INSECURE: upstream certificates are not verified".to_string());
+    }
+    parts.join(", ")
 }
