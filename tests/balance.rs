@@ -1133,3 +1133,100 @@ balance = "round_robin"
         "{statuses:?}"
     );
 }
+
+/// `limits.max_connections` is a hard cap even on a cold pool: every
+/// request of a burst checks the limit before any connection has finished
+/// opening, so only a slot reserved before dialling keeps the burst from
+/// opening one connection per request. Two workers, so the cap is shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_holds_for_a_burst_on_a_cold_pool() {
+    const BURST: usize = 40;
+    const MAX: usize = 4;
+    let up = support::upstream::TestUpstream::start("capped").await;
+    let port = free_port();
+    let wasp = svc_sidecar(
+        port,
+        &format!(
+            "endpoints = [\"{}\"]\nlimits = {{ max_connections = {MAX} }}\n",
+            up.addr
+        ),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Every client is connected before the burst, so the requests reach
+    // wasp together instead of one handshake apart.
+    let start = Arc::new(tokio::sync::Barrier::new(BURST));
+    let mut tasks = Vec::new();
+    for _ in 0..BURST {
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(proxy).await.ok()?;
+            start.wait().await;
+            let req = "GET /slow?ms=1000 HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n";
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes())
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            let read = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut out);
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .ok()?
+                .ok()?;
+            let text = String::from_utf8_lossy(&out).to_lowercase();
+            let status: u16 = text.get(9..12)?.parse().ok()?;
+            let overflow = text.contains("\r\nx-wasp-error: overflow\r\n");
+            Some((status, overflow))
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap().expect("an answer within 10s"));
+    }
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let overflow = answers.iter().filter(|a| **a == (503, true)).count();
+    let accepted = up.accepted.load(Ordering::SeqCst);
+    println!(
+        "{BURST} concurrent requests, max_connections = {MAX}: {ok} answered 200, \
+         {overflow} 503 overflow; the upstream accepted {accepted} connections"
+    );
+    assert!(
+        accepted <= MAX,
+        "{accepted} connections opened; {answers:?}"
+    );
+    assert_eq!(ok + overflow, BURST, "{answers:?}");
+    assert!(ok >= 1, "{answers:?}");
+    let m = wasp.metrics();
+    assert_eq!(
+        metric_value(&m, "wasp_cluster_overflows_total", &["cluster=\"svc\""]),
+        Some(overflow as f64),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "wasp_upstream_connections_total", &["cluster=\"svc\""]),
+        Some(accepted as f64),
+        "{m}"
+    );
+}
+
+/// A dial that fails gives its place under `max_connections` back: with a
+/// limit of one, every try at a refusing endpoint is a connect failure,
+/// never an overflow left behind by the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_gives_its_connection_place_back() {
+    // Nothing listens here: connections are refused.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    let _wasp = svc_sidecar(
+        port,
+        &format!("endpoints = [\"{dead}\"]\nlimits = {{ max_connections = 1 }}\n"),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = h1_client();
+    for _ in 0..4 {
+        let answer = get(&client, proxy, "svc", "/").await;
+        assert_eq!(
+            (answer.status, answer.header("x-wasp-error")),
+            (502, Some("upstream_connect")),
+            "{answer:?}"
+        );
+    }
+}

@@ -71,6 +71,25 @@ struct CertLabels {
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Every `x-wasp-error` code (`ProxyError::code` in `forward/error.rs`),
+/// resolved per listener when its stats are built so counting an error
+/// takes no lock. A code missing here is still counted, through the slow
+/// path: add new codes here too.
+const ERROR_CODES: [&str; 12] = [
+    "no_route",
+    "unknown_cluster",
+    "no_endpoint",
+    "upstream_connect",
+    "upstream_timeout",
+    "upstream_reset",
+    "upstream_tls",
+    "unauthorized_peer",
+    "body_too_large",
+    "bad_request",
+    "body_timeout",
+    "overflow",
+];
+
 /// Every metric the core proxy exports. One per process.
 pub struct Metrics {
     registry: Registry,
@@ -104,6 +123,8 @@ pub struct ListenerStats {
     pub tls_handshakes: Counter,
     /// Of those, resumed ones (a session ticket, no certificate exchange).
     pub tls_resumed: Counter,
+    /// The error counter of each code in [`ERROR_CODES`], same order.
+    errors: Arc<[Counter; ERROR_CODES.len()]>,
     metrics: Arc<Metrics>,
     listener: Arc<str>,
 }
@@ -249,6 +270,14 @@ impl Metrics {
             accepted: self.conns_total.get_or_create(&labels).clone(),
             tls_handshakes: self.tls_handshakes.get_or_create(&labels).clone(),
             tls_resumed: self.tls_resumed.get_or_create(&labels).clone(),
+            errors: Arc::new(ERROR_CODES.map(|code| {
+                self.errors
+                    .get_or_create(&ErrorLabels {
+                        listener: listener.to_string(),
+                        code,
+                    })
+                    .clone()
+            })),
             metrics: self.clone(),
             listener: listener.clone(),
         }
@@ -346,8 +375,15 @@ impl RequestStats {
 // === impl ListenerStats ===
 
 impl ListenerStats {
-    /// Counts a proxy-made error. Errors are rare, so the label lookup here is fine.
+    /// Counts a proxy-made error. Errors come in storms (an upstream down,
+    /// a flood of bad requests), and the family's lock is shared by every
+    /// worker, so the known codes go straight to their pre-resolved counter.
     pub fn error(&self, code: &'static str) {
+        let mut known = ERROR_CODES.iter().zip(self.errors.iter());
+        if let Some((_, counter)) = known.find(|(c, _)| **c == code) {
+            counter.inc();
+            return;
+        }
         self.metrics
             .errors
             .get_or_create(&ErrorLabels {
@@ -388,6 +424,50 @@ fn prometheus_text(open_metrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::{ErrorLabels, Metrics, ERROR_CODES};
+
+    fn labels(code: &'static str) -> ErrorLabels {
+        ErrorLabels {
+            listener: "inbound".into(),
+            code,
+        }
+    }
+
+    #[test]
+    fn errors_are_counted_without_the_family_lock() {
+        let metrics = Metrics::new();
+        let stats = metrics.listener_stats(&Arc::from("inbound"));
+        // Dropped from the family, the series can only come back through a
+        // lookup, which the hot path must not do.
+        metrics.errors.remove(&labels("upstream_connect"));
+        stats.error("upstream_connect");
+        assert!(metrics.errors.get(&labels("upstream_connect")).is_none());
+        let i = ERROR_CODES.iter().position(|c| *c == "upstream_connect");
+        assert_eq!(i.map(|i| stats.errors[i].get()), Some(1));
+    }
+
+    #[test]
+    fn error_series_keep_their_names_and_labels() {
+        let metrics = Metrics::new();
+        let stats = metrics.listener_stats(&Arc::from("inbound"));
+        stats.error("no_route");
+        stats.error("no_route");
+        // Not a known code: still counted, through the family.
+        stats.error("not_a_code");
+        let mut text = String::new();
+        metrics.render(&mut text);
+        for line in [
+            "# TYPE wasp_proxy_errors_total counter",
+            "wasp_proxy_errors_total{listener=\"inbound\",code=\"no_route\"} 2",
+            "wasp_proxy_errors_total{listener=\"inbound\",code=\"not_a_code\"} 1",
+            "wasp_proxy_errors_total{listener=\"inbound\",code=\"overflow\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
     #[test]
     fn counter_families_get_their_total_suffix() {
         let text = "# HELP wasp_requests Requests.\n# TYPE wasp_requests counter\nwasp_requests_total{a=\"b\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2";

@@ -12,6 +12,7 @@
 //! endpoint change, and in-flight requests keep the endpoint (and pooled
 //! connection) they started with.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -75,6 +76,11 @@ pub struct ClusterState {
     pub in_flight: AtomicUsize,
     /// Requests waiting for the response headers.
     pub pending: AtomicUsize,
+    /// Connections connecting or open (all workers), counted only when
+    /// `limits.max_connections` is set. A place is taken before dialling,
+    /// not once the connection is up, so a burst on a cold pool cannot
+    /// overshoot the limit (the open-connections gauge counts too late).
+    pub connections: AtomicUsize,
     pub counters: ClusterCounters,
     pub budget: Option<RetryBudget>,
     /// The last discovery failure (cleared by the next success).
@@ -136,6 +142,7 @@ impl ClusterState {
             version: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             counters: ClusterCounters::default(),
             budget,
             discovery_error: ArcSwapOption::empty(),
@@ -162,28 +169,29 @@ impl ClusterState {
 
     /// Publishes a new endpoint list (control thread). Endpoints that stay
     /// keep their state (health, ejection, counters); returns whether
-    /// anything changed.
+    /// anything changed. An address listed twice (two DNS names, a file
+    /// that repeats it) counts once, with its first weight.
     pub fn set_endpoints(&self, list: &[Endpoint]) -> bool {
+        // Deduplicated before comparing: compared by length and membership,
+        // [a, a] would pass for [a, b] and b would never be removed.
+        let mut seen = HashSet::with_capacity(list.len());
+        let unique: Vec<&Endpoint> = list.iter().filter(|e| seen.insert(e.addr)).collect();
         let current = self.endpoints.load();
-        let same = current.endpoints.len() == list.len()
-            && list.iter().all(|e| {
-                current
-                    .endpoints
-                    .iter()
-                    .any(|s| s.addr == e.addr && s.weight() == e.weight)
-            });
+        let by_addr: HashMap<SocketAddr, &Arc<EndpointState>> =
+            current.endpoints.iter().map(|s| (s.addr, s)).collect();
+        let same = by_addr.len() == unique.len()
+            && unique
+                .iter()
+                .all(|e| by_addr.get(&e.addr).is_some_and(|s| s.weight() == e.weight));
         if same {
             return false;
         }
-        let mut next = Vec::with_capacity(list.len());
-        for e in list {
-            if next.iter().any(|s: &Arc<EndpointState>| s.addr == e.addr) {
-                continue;
-            }
-            let state = match current.endpoints.iter().find(|s| s.addr == e.addr) {
+        let mut next = Vec::with_capacity(unique.len());
+        for e in unique {
+            let state = match by_addr.get(&e.addr) {
                 Some(s) => {
                     s.weight.store(e.weight, Ordering::Relaxed);
-                    s.clone()
+                    Arc::clone(s)
                 }
                 None => Arc::new(EndpointState::new(e.addr, e.weight)),
             };
@@ -329,5 +337,63 @@ impl EndpointState {
 
     pub fn available(&self, now: u64) -> bool {
         self.healthy() && !self.ejected(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::{ClusterSettings, ClusterState, Limits};
+    use crate::config::Endpoint;
+    use crate::upstream::discovery::Discovery;
+
+    fn ep(port: u16, weight: u32) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+        }
+    }
+
+    fn cluster(initial: &[Endpoint]) -> ClusterState {
+        let settings = ClusterSettings {
+            discovery: Discovery::Static,
+            hash_key: None,
+            health: None,
+            outlier: None,
+            limits: Limits::default(),
+            decay: Duration::from_secs(10),
+        };
+        ClusterState::new("c".into(), settings, initial, None)
+    }
+
+    fn published(c: &ClusterState) -> Vec<(u16, u32)> {
+        c.endpoints()
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.port(), e.weight()))
+            .collect()
+    }
+
+    #[test]
+    fn a_duplicate_does_not_stand_in_for_an_endpoint_that_left() {
+        let c = cluster(&[ep(1, 1), ep(2, 1)]);
+        let v = c.version();
+        assert!(c.set_endpoints(&[ep(1, 1), ep(1, 1)]));
+        assert_eq!(published(&c), [(1, 1)]);
+        assert!(c.version() > v);
+    }
+
+    #[test]
+    fn endpoint_lists_compare_as_sets() {
+        let c = cluster(&[ep(1, 1), ep(2, 1)]);
+        let v = c.version();
+        assert!(!c.set_endpoints(&[ep(2, 1), ep(1, 1), ep(2, 1)]));
+        assert_eq!(c.version(), v);
+        // The first mention of an address wins, weight included.
+        assert!(c.set_endpoints(&[ep(3, 2), ep(1, 1), ep(3, 5)]));
+        assert_eq!(published(&c), [(3, 2), (1, 1)]);
+        assert!(!c.set_endpoints(&[ep(1, 1), ep(3, 2), ep(1, 7)]));
     }
 }

@@ -8,9 +8,15 @@
 //! is bounded by the cluster's `connect_timeout`. A failed handshake comes
 //! back as [`UpstreamTlsError`], which `forward` turns into 502
 //! `upstream_tls`.
+//!
+//! `limits.max_connections` is enforced here, across workers, by taking a
+//! place in [`ClusterState::connections`] before dialling: checking the
+//! open-connections gauge instead lets every request of a burst on a cold
+//! pool pass, since none of their connections is open yet.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use super::ClusterState;
 use crate::telemetry::UpstreamStats;
 use crate::tls::{ClientTls, UpstreamTlsError};
 
@@ -31,9 +38,10 @@ pub struct CountingConnector {
     stats: UpstreamStats,
     tls: Option<Arc<ClientTls>>,
     handshake_timeout: Duration,
-    /// Circuit breaker: no new connection while the cluster has this many
-    /// open (all workers); the try fails with [`ConnectionOverflow`].
-    max_connections: Option<usize>,
+    /// Circuit breaker: no new connection while the cluster has
+    /// `limits.max_connections` connecting or open (all workers); the try
+    /// fails with [`ConnectionOverflow`]. `None`: no limit, nothing counted.
+    breaker: Option<(usize, Arc<ClusterState>)>,
 }
 
 /// A new connection was refused because the cluster is at its
@@ -47,7 +55,14 @@ pub struct ConnectionOverflow(pub usize);
 pub struct Counted {
     io: Io,
     stats: UpstreamStats,
+    /// Held for the connection's whole life, so closing it frees the place.
+    _slot: Option<Slot>,
 }
+
+/// One place under `limits.max_connections`, given back on drop: when the
+/// dial fails, is cancelled, or the connection it became closes.
+#[derive(Debug)]
+struct Slot(Arc<ClusterState>);
 
 #[derive(Debug)]
 enum Io {
@@ -70,14 +85,41 @@ impl CountingConnector {
             stats,
             tls,
             handshake_timeout,
-            max_connections: None,
+            breaker: None,
         }
     }
 
-    /// Sets the `limits.max_connections` circuit breaker.
-    pub fn with_max_connections(mut self, max: Option<usize>) -> Self {
-        self.max_connections = max;
+    /// Sets the `limits.max_connections` circuit breaker from `cluster`'s
+    /// settings; its places are counted in `cluster`, shared by all workers.
+    pub fn with_max_connections(mut self, cluster: &Arc<ClusterState>) -> Self {
+        self.breaker = cluster
+            .settings
+            .limits
+            .max_connections
+            .map(|max| (max, cluster.clone()));
         self
+    }
+}
+
+// === impl Slot ===
+
+impl Slot {
+    /// Takes a place if fewer than `max` are taken. A compare-and-swap, so
+    /// concurrent dials on any worker can never take more than `max`.
+    fn reserve(cluster: &Arc<ClusterState>, max: usize) -> Option<Self> {
+        cluster
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(cluster.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -113,16 +155,23 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let slot = match &self.breaker {
+            None => None,
+            Some((max, cluster)) => match Slot::reserve(cluster, *max) {
+                Some(slot) => Some(slot),
+                None => {
+                    let max = *max;
+                    return Box::pin(
+                        async move { Err(Box::new(ConnectionOverflow(max)) as BoxError) },
+                    );
+                }
+            },
+        };
         let host = uri.host().unwrap_or_default().to_string();
         let connecting = tower_service::Service::<Uri>::call(&mut self.inner, uri);
         let stats = self.stats.clone();
         let tls = self.tls.clone();
         let limit = self.handshake_timeout;
-        if let Some(max) = self.max_connections {
-            if usize::try_from(self.stats.open.get()).unwrap_or(0) >= max {
-                return Box::pin(async move { Err(Box::new(ConnectionOverflow(max)) as BoxError) });
-            }
-        }
         Box::pin(async move {
             let tcp = connecting.await.map_err(BoxError::from)?;
             let io = match tls {
@@ -137,7 +186,11 @@ impl tower_service::Service<Uri> for CountingConnector {
             };
             stats.opened.inc();
             stats.open.inc();
-            Ok(Counted { io, stats })
+            Ok(Counted {
+                io,
+                stats,
+                _slot: slot,
+            })
         })
     }
 }

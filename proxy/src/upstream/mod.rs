@@ -182,7 +182,7 @@ impl Upstream {
             config.tls.clone(),
             config.connect_timeout,
         )
-        .with_max_connections(config.state.settings.limits.max_connections);
+        .with_max_connections(&config.state);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
