@@ -1,6 +1,7 @@
 //! HTTP behaviour through the real binary: h1 and h2c both ways, streaming
-//! without buffering, WebSocket tunnels, gRPC-shaped trailers,
-//! `Expect: 100-continue`.
+//! without buffering, WebSocket tunnels (past the listener's timeouts, and
+//! counted as open connections), gRPC-shaped trailers, `Expect:
+//! 100-continue`, and which 4xx answers are labelled as the proxy's own.
 
 mod support;
 
@@ -129,11 +130,9 @@ async fn large_body_streams_without_buffering() {
     assert_eq!(back.len(), 32 * CHUNK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrade_is_tunnelled() {
-    let app = TestUpstream::start("app").await;
-    let port = free_port();
-    let _wasp = Wasp::start(&config(port, app.addr, "http1"));
+/// Opens a WebSocket to the upstream's `/ws` echo through wasp on `port`;
+/// returns the stream right after the 101's head.
+async fn websocket(port: u16) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -161,15 +160,147 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    for msg in [&b"hello through wasp"[..], b"second frame"] {
-        s.write_all(msg).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(back, msg);
+    s
+}
+
+/// Sends `msg` on a tunnel and expects the upstream's echo of it.
+async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+    s.write_all(msg).await.map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await {
+        Err(_) => Err("no echo within 5 s".into()),
+        // What came instead (a 408 written into the tunnel, say).
+        Ok(Err(e)) => Err(format!(
+            "read: {e}; got {:?}",
+            String::from_utf8_lossy(&back)
+        )),
+        Ok(Ok(_)) if back != msg => Err(format!("got {:?}", String::from_utf8_lossy(&back))),
+        Ok(Ok(_)) => Ok(()),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_tunnelled() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let _wasp = Wasp::start(&config(port, app.addr, "http1"));
+    let mut s = websocket(port).await;
+    for msg in [&b"hello through wasp"[..], b"second frame"] {
+        echo(&mut s, msg).await.unwrap();
+    }
+}
+
+/// A tunnel is not a connection waiting for its next request head: neither
+/// the header timeout nor the idle timeout may end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_outlives_the_header_and_idle_timeouts() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let cfg = config(port, app.addr, "http1").replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\nlimits = { header_timeout = \"300ms\", idle_timeout = \"400ms\" }",
+    );
+    let wasp = Wasp::start(&cfg);
+    let mut s = websocket(port).await;
+    let opened = std::time::Instant::now();
+    // Each pause outlasts both timeouts; the whole exchange takes ~1.5 s.
+    for (i, msg) in [&b"first"[..], b"after a pause", b"and another"]
+        .into_iter()
+        .enumerate()
+    {
+        if let Err(e) = echo(&mut s, msg).await {
+            panic!(
+                "message {i} after {:?}: {e}\n{}",
+                opened.elapsed(),
+                wasp.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// An open tunnel holds its connection's slot: the gauge (and the
+/// connection limit) count it until it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_counts_as_an_open_connection() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let wasp = Wasp::start(&config(port, app.addr, "http1"));
+    let open = |wasp: &Wasp| {
+        metric_value(
+            &wasp.metrics(),
+            "wasp_downstream_connections_open",
+            &["listener=\"inbound\""],
+        )
+    };
+    let mut s = websocket(port).await;
+    echo(&mut s, b"hello").await.unwrap();
+    assert_eq!(open(&wasp), Some(1.0), "{}", wasp.metrics());
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open(&wasp) != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed tunnel still counts: {}",
+            wasp.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many `x-wasp-error` lines a raw answer has.
+fn wasp_error_lines(answer: &str) -> usize {
+    answer
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-wasp-error:"))
+        .count()
+}
+
+/// The upstream's own 400, 414 and 431 pass through as they are; only the
+/// answers the proxy makes say `x-wasp-error`, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_4xx_is_not_labelled_as_the_proxys() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let wasp = Wasp::start(&config(port, app.addr, "http1"));
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = h1_client();
+    for code in [400u16, 414, 431] {
+        let r = get(&client, proxy, "app", &format!("/status/{code}")).await;
+        assert_eq!(r.status, code, "{r:?}");
+        assert_eq!(r.header("x-upstream"), Some("app"), "{r:?}");
+        assert_eq!(r.header("x-wasp-error"), None, "{code}: {r:?}");
+    }
+    // The same on a raw connection, read byte for byte.
+    let answer = raw_exchange(
+        proxy,
+        b"GET /status/400 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(wasp_error_lines(&answer), 0, "{answer}");
+    // hyper's own answer to a malformed head, and wasp's own 400: labelled once.
+    for (name, bytes) in [
+        (
+            "malformed head",
+            &b"GET / HTTP/1.1\r\nHost: a\rX-Evil: 1\r\n\r\n"[..],
+        ),
+        (
+            "two Host headers",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+    ] {
+        let answer = raw_exchange(proxy, bytes, Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 400"), "{name}: {answer}");
+        assert_eq!(wasp_error_lines(&answer), 1, "{name}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("x-wasp-error: bad_request"),
+            "{name}: {answer}"
+        );
+    }
+    assert!(!wasp.log_text().contains("panicked"), "{}", wasp.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -609,6 +609,101 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
     assert!(!wasp.log_text().contains("panicked"), "{}", wasp.log_text());
 }
 
+/// A WebSocket to the app's `/ws` echo through `addr`, past the 101.
+async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed during the 101");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    s
+}
+
+/// The drain timeout is a deadline: what is still open on a removed
+/// listener when it passes (a long request, a WebSocket) is closed, not
+/// left serving on a listener that no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_listener_closes_what_outlives_the_drain_timeout() {
+    use tokio::io::AsyncReadExt;
+    let apps = Apps::start().await;
+    let app = &apps.app;
+    let main = loopback(free_port());
+    let leaving = loopback(free_port());
+    let drain = "drain_timeout = \"300ms\"\n\n";
+    let wasp = Wasp::start(&format!(
+        "[proxy]\nworkers = 2\n{drain}{}",
+        apps.config(&[
+            listener("leaving", leaving, "app"),
+            listener("main", main, "app"),
+        ])
+    ));
+    let mut tunnel = websocket(leaving).await;
+    let (mut slow_conn, _) = one_connection(leaving).await;
+    let arrived = app.requests();
+    let slow = tokio::spawn(async move { send_on(&mut slow_conn, "/slow?ms=8000").await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.requests() == arrived {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let answer = reconfigure(
+        &wasp,
+        &format!("{drain}{}", apps.config(&[listener("main", main, "app")])),
+    );
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+    let removed = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .unwrap_or_else(|_| panic!("the slow request still runs 5 s after the reload"))
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "the slow request finished on a removed listener: {r:?}"
+    );
+    // The tunnel (which hyper handed over long ago) ends with it.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the tunnel outlived the drain timeout");
+    assert!(
+        removed.elapsed() < Duration::from_secs(4),
+        "closed {:?} after the reload",
+        removed.elapsed()
+    );
+    assert!(
+        wasp.log_text().contains("drain timeout of 300ms reached"),
+        "{}",
+        wasp.log_text()
+    );
+    // The kept listener serves on.
+    assert_eq!(http_get_blocking(main, "/").map(|(s, _)| s), Some(200));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_new_port_is_taken_changes_nothing() {
     let apps = Apps::start().await;

@@ -5,7 +5,11 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 /// Joins the client's and the upstream's upgraded connections. Runs as its
-/// own task on the current worker and ends when either side closes.
+/// own task on the current worker and ends when either side closes, or
+/// when the listener's drain timeout passes (the client side is the
+/// listener's guarded socket, which then fails reads and writes). That
+/// socket also holds the connection's slot in the listener, so the tunnel
+/// counts as an open connection until this task drops it.
 pub fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
     tokio::spawn(async move {
         let (down, up) = match tokio::try_join!(downstream, upstream) {

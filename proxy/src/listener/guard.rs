@@ -13,8 +13,21 @@
 //!   like every other response the proxy makes.
 //!
 //! "Waiting for a head" means no request of this connection is in flight,
-//! as counted by [`Activity`]. HTTP/2 connections (seen by their preface)
-//! get only the idle timeout: h2 has its own framing deadlines.
+//! as counted by [`Activity`]. HTTP/2 connections (seen by their preface,
+//! which may arrive over several reads) get only the idle timeout: h2 has
+//! its own framing deadlines. An automatic answer is told from a proxied
+//! one by the request count: hyper drops a response's body (ending the
+//! request) before it writes it, so "nothing in flight" alone would also
+//! label an upstream's own 400; only an answer written while no request
+//! was dispatched since the current head began arriving is hyper's.
+//!
+//! Once the connection switched protocols (`Activity::upgraded`, set when
+//! the upstream answers 101) the guard is a plain passthrough: the bytes are
+//! a tunnel, with no heads, deadlines or answers of its own. It still holds
+//! the connection's slot in the listener (dropped with the socket, so a
+//! tunnel counts as open until it ends) and, once upgraded, ends the tunnel
+//! when the listener's drain deadline passes: hyper's connection future,
+//! which the listener can drop, is gone by then.
 //!
 //! The guard wraps a plain TCP stream or a TLS stream (it sees the
 //! decrypted bytes either way). Its own answers (408, 400) are written with
@@ -31,6 +44,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::forward::Activity;
@@ -46,9 +60,14 @@ pub struct Guarded<S = TcpStream> {
     seen_started: u64,
     /// When the current request head began arriving.
     head_started: Option<Instant>,
+    /// `activity.started` when the current head began arriving: a request
+    /// dispatched since then makes a 4xx a proxied answer, not hyper's.
+    head_seq: Option<u64>,
     idle_since: Instant,
     timer: Pin<Box<Sleep>>,
-    first_bytes: bool,
+    /// How much of the h2 preface the connection's bytes have matched while
+    /// they are still a strict prefix of it; `None` once decided.
+    preface_seen: Option<usize>,
     h2: bool,
     /// A rewritten automatic error response still being written.
     rewrite: Option<(Vec<u8>, usize, usize)>,
@@ -57,6 +76,13 @@ pub struct Guarded<S = TcpStream> {
     /// The current head has been checked (or cannot be: h2, pipelining).
     head_checked: bool,
     max_head: usize,
+    /// The listener's "drain deadline passed" signal, until a tunnel needs it.
+    close: Option<watch::Receiver<bool>>,
+    /// Waits for `close`; made when the connection becomes a tunnel.
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The connection's slot in its listener (open-connection count, gauge,
+    /// drain tracking), given back when the socket is dropped.
+    _slot: Option<super::Closed>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
@@ -75,14 +101,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             idle_timeout,
             seen_started: 0,
             head_started: None,
+            head_seq: None,
             idle_since: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
-            first_bytes: true,
+            preface_seen: Some(0),
             h2: false,
             rewrite: None,
             head: Vec::new(),
             head_checked: false,
             max_head,
+            close: None,
+            closing: None,
+            _slot: None,
+        }
+    }
+
+    /// Ties the connection to its listener: `slot` is held as long as the
+    /// socket (through an upgrade too), and a tunnel ends once `close`
+    /// turns true.
+    pub(super) fn tied(mut self, close: watch::Receiver<bool>, slot: super::Closed) -> Self {
+        self.close = Some(close);
+        self._slot = Some(slot);
+        self
+    }
+
+    fn upgraded(&self) -> bool {
+        self.activity
+            .upgraded
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// For a tunnel: true once the listener's drain deadline has passed
+    /// (registering for the signal otherwise). Only tunnels poll this: a
+    /// plain connection is closed by dropping its hyper future.
+    fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(mut close) = self.close.take() {
+            self.closing = Some(Box::pin(async move {
+                // A dropped sender means the serve loop is gone: close too.
+                let _ = close.wait_for(|closed| *closed).await;
+            }));
+        }
+        match &mut self.closing {
+            Some(wait) => wait.as_mut().poll(cx).is_ready(),
+            None => false,
+        }
+    }
+
+    /// Follows the h2 preface across reads: decides h2 once all of it has
+    /// arrived, h1 at the first byte that differs.
+    fn detect(&mut self, got: &[u8]) {
+        let Some(seen) = self.preface_seen else {
+            return;
+        };
+        let want = &H2_PREFACE[seen..];
+        let n = want.len().min(got.len());
+        if got[..n] != want[..n] {
+            self.preface_seen = None;
+        } else if seen + n == H2_PREFACE.len() {
+            self.preface_seen = None;
+            self.h2 = true;
+        } else {
+            self.preface_seen = Some(seen + n);
         }
     }
 
@@ -172,6 +251,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     }
 }
 
+/// Why a tunnel ended under its reader or writer.
+fn drained() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the listener's drain timeout passed",
+    )
+}
+
 /// Checks the header lines of one request head.
 fn framing_problem(head: &[u8]) -> Option<&'static str> {
     let mut content_length = false;
@@ -195,6 +282,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.upgraded() {
+            // A tunnel: bytes pass untouched, with no deadline but the drain.
+            if this.drain_expired(cx) {
+                return Poll::Ready(Err(drained()));
+            }
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         let started = this
             .activity
             .started
@@ -205,6 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             // has not started yet, and idleness counts from now.
             this.seen_started = started;
             this.head_started = None;
+            this.head_seq = None;
             this.idle_since = Instant::now();
             this.head.clear();
             this.head_checked = false;
@@ -213,13 +308,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
-                if this.first_bytes && !got.is_empty() {
-                    this.first_bytes = false;
-                    this.h2 = got.starts_with(H2_PREFACE);
+                if !got.is_empty() {
+                    this.detect(got);
                 }
                 if !got.is_empty() && !busy {
                     let now = Instant::now();
-                    this.head_started.get_or_insert(now);
+                    if this.head_started.is_none() {
+                        this.head_started = Some(now);
+                        this.head_seq = Some(started);
+                    }
                     this.idle_since = now;
                     if !this.h2 && !this.head_checked {
                         if let Some(reason) = this.check_head(got) {
@@ -262,6 +359,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         if self.h2 || self.activity.busy() || !buf.starts_with(b"HTTP/1.1 4") {
             return None;
         }
+        // Not busy is not enough: a proxied response is written after its
+        // body (and so its request) ended. hyper's own answer is the one
+        // written while the head that began arriving was never dispatched.
+        let started = self
+            .activity
+            .started
+            .load(std::sync::atomic::Ordering::Acquire);
+        if self.head_seq != Some(started) || self.upgraded() {
+            return None;
+        }
         let code: &[u8] = match buf.get(9..12)? {
             b"400" => b"bad_request",
             b"431" => b"header_too_large",
@@ -302,6 +409,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.upgraded() && self.drain_expired(cx) {
+            return Poll::Ready(Err(drained()));
+        }
         if self.rewrite.is_none() {
             if let Some(bytes) = self.rewrite_auto_error(buf) {
                 self.rewrite = Some((bytes, 0, buf.len()));
@@ -318,6 +428,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.upgraded() && self.drain_expired(cx) {
+            return Poll::Ready(Err(drained()));
+        }
         let first = bufs.iter().find(|b| !b.is_empty());
         if let Some(first) = first {
             if self.rewrite.is_some() || self.rewrite_auto_error(first).is_some() {
@@ -338,5 +451,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const HEADER_TIMEOUT: Duration = Duration::from_millis(50);
+
+    fn guarded() -> (DuplexStream, Guarded<DuplexStream>) {
+        let (client, server) = tokio::io::duplex(4096);
+        let activity = Arc::new(Activity::default());
+        let guard = Guarded::new(
+            server,
+            activity,
+            HEADER_TIMEOUT,
+            Duration::from_secs(30),
+            8192,
+        );
+        (client, guard)
+    }
+
+    /// Writes `parts` one at a time, each read through the guard on its own.
+    async fn arrive(client: &mut DuplexStream, guard: &mut Guarded<DuplexStream>, parts: &[&[u8]]) {
+        let mut buf = [0u8; 64];
+        for part in parts {
+            client.write_all(part).await.unwrap();
+            let n = guard.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], *part);
+        }
+    }
+
+    /// An h2c preface split over reads is still h2: once idle, the
+    /// connection waits for the idle timeout, with no HTTP/1.1 408.
+    #[tokio::test]
+    async fn a_split_h2_preface_is_still_h2() {
+        let (mut client, mut guard) = guarded();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        arrive(
+            &mut client,
+            &mut guard,
+            &[&preface[..5], &preface[5..12], &preface[12..]],
+        )
+        .await;
+        let mut buf = [0u8; 64];
+        let idle = tokio::time::timeout(HEADER_TIMEOUT * 6, guard.read(&mut buf)).await;
+        assert!(idle.is_err(), "closed as an h1 head: {idle:?}");
+        let said = tokio::time::timeout(Duration::from_millis(10), client.read(&mut buf)).await;
+        assert!(said.is_err(), "the guard answered: {said:?}");
+    }
+
+    /// Bytes that only start like the preface ("P" of "POST") are h1 once
+    /// they differ: a head that stalls still gets its 408.
+    #[tokio::test]
+    async fn a_head_that_starts_like_the_preface_is_h1() {
+        let (mut client, mut guard) = guarded();
+        arrive(
+            &mut client,
+            &mut guard,
+            &[b"P", b"OST / HTTP/1.1\r\nHost: a\r\n"],
+        )
+        .await;
+        let mut buf = [0u8; 64];
+        let ended = tokio::time::timeout(HEADER_TIMEOUT * 20, guard.read(&mut buf)).await;
+        assert!(matches!(ended, Ok(Ok(0))), "{ended:?}");
+        let mut said = vec![0u8; 64];
+        let n = client.read(&mut said).await.unwrap();
+        assert!(
+            said[..n].starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&said[..n])
+        );
     }
 }

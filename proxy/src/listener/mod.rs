@@ -18,6 +18,12 @@
 //! reload that keeps the listener changes them for new connections without
 //! touching the socket. Reloads add and remove whole listeners through
 //! [`ListenerSet`].
+//!
+//! A connection's slot (open-connection count and gauge) lives in its
+//! [`Guarded`] socket wrapper, so it is given back when the socket closes,
+//! not when hyper lets go of it: an upgraded connection (WebSocket) still
+//! counts, and is still drained, while its tunnel runs. Draining waits for
+//! every socket up to the drain timeout, then closes whatever is left.
 
 mod guard;
 mod set;
@@ -32,6 +38,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 use crate::forward::{self, Activity, ConnCtx};
 use crate::server::Shared;
@@ -60,8 +67,8 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
 
 /// Accepts and serves connections until the listener drains (shutdown) or
 /// is retired (removed by a reload), then drains: no new connections, open
-/// ones close after their current request, in-flight requests finish (up to
-/// the drain timeout).
+/// ones close after their current request, in-flight requests finish and
+/// tunnels end, up to the drain timeout; then the rest are closed.
 pub async fn serve(job: Serve, shared: Arc<Shared>) {
     let Serve {
         name,
@@ -90,6 +97,12 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
     // first connection (the first worker to get here does it).
     crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
+    // Turns true when the drain timeout passes: every connection of this
+    // loop (and every tunnel it became) closes.
+    let (close, close_rx) = watch::channel(false);
+    // Never sent on: each connection's slot holds a clone, so `recv` gives
+    // `None` once every socket of this loop is closed.
+    let (tracker, mut sockets) = mpsc::channel::<()>(1);
     // Rebuilt when a reload changes the snapshot (limits may have changed).
     let mut http: Option<(u64, auto::Builder<TokioExecutor>)> = None;
     let mut was_retired = false;
@@ -144,6 +157,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let done = Closed {
             counter: runtime.open_connections.clone(),
             stats: runtime.stats.clone(),
+            _tracker: tracker.clone(),
         };
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
@@ -155,18 +169,14 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 limits.header_timeout,
                 limits.idle_timeout,
                 limits.max_header_bytes,
-            );
+            )
+            .tied(close_rx.clone(), done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
             let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, "connection ended with an error: {e}");
-                }
-                drop(done);
-            });
+            tokio::spawn(until_closed(conn, close_rx.clone(), peer));
             continue;
         };
         // TLS: the handshake runs in the connection's own task, bounded by
@@ -176,6 +186,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let builder = builder.clone();
         let shared = shared.clone();
         let name = name.clone();
+        let close_rx = close_rx.clone();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let accepted =
@@ -203,20 +214,25 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 limits.header_timeout,
                 limits.idle_timeout,
                 limits.max_header_bytes,
-            );
+            )
+            .tied(close_rx.clone(), done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, "connection ended with an error: {e}");
-            }
-            drop(done);
+            until_closed(watcher.watch(conn), close_rx, peer).await;
         });
     }
     drop(listener);
+    drop(tracker);
     let timeout = shared.snapshot.load().config.drain_timeout;
-    let mut drained = std::pin::pin!(tokio::time::timeout(timeout, graceful.shutdown()));
+    let all_closed = async move {
+        graceful.shutdown().await;
+        // hyper's connections are done, but a tunnel outlives its hyper
+        // connection: wait for the sockets themselves.
+        while sockets.recv().await.is_some() {}
+    };
+    let mut drained = std::pin::pin!(tokio::time::timeout(timeout, all_closed));
     let mut outcome = None;
     if was_retired {
         // The first poll signals every connection (idle keep-alive ones
@@ -243,13 +259,40 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             listener = %name,
             "drain timeout of {timeout:?} reached with connections still open; closing them"
         );
+        // Their tasks (and tunnels) may outlive this loop on a worker that
+        // keeps running (a reload): close them rather than let them serve on.
+        close.send_replace(true);
+    }
+}
+
+/// Runs one connection until it ends, or until its listener's drain
+/// timeout passes: then dropping it closes the socket, whatever it was
+/// doing (the guard ends a tunnel it became on the same signal).
+async fn until_closed<E: std::fmt::Display>(
+    conn: impl std::future::Future<Output = Result<(), E>>,
+    mut close: watch::Receiver<bool>,
+    peer: SocketAddr,
+) {
+    tokio::select! {
+        ended = conn => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
+        }
+        // A dropped sender means the serve loop is gone: close too.
+        _ = close.wait_for(|closed| *closed) => {
+            tracing::debug!(%peer, "connection closed: the listener's drain timeout passed");
+        }
     }
 }
 
 /// Gives a connection's slot back when the connection ends, however it ends.
+/// Held by the connection's socket wrapper, so an upgrade keeps it.
 struct Closed {
     counter: Arc<std::sync::atomic::AtomicUsize>,
     stats: crate::telemetry::ListenerStats,
+    /// Keeps the serve loop's drain waiting for this socket.
+    _tracker: mpsc::Sender<()>,
 }
 
 impl Drop for Closed {
