@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark on loopback: the upstream directly, wasp, and
 # nginx as an equivalent reverse proxy, measured side by side in one run,
-# alternating, with wrk. Bounded: ROUNDS x 3 targets x DURATION seconds.
+# alternating, with wrk, at saturation and paced (PACE_MS think time per
+# connection, bench/paced.lua). Bounded: ROUNDS x 2 shapes x 3 targets x
+# DURATION seconds.
 #
 #   bench/run.sh                    # defaults: 3 rounds of 5 s, 32 connections
 #   ROUNDS=5 DURATION=10s CONNS=64 bench/run.sh
@@ -98,18 +100,25 @@ hwm_kb() { local t=0; for p in "$@"; do t=$(( t + $(awk '/VmHWM/{print $2}' "/pr
 results="$out/results.tsv"
 : > "$results"
 hz=$(getconf CLK_TCK)
+# Two load shapes: "max" is closed-loop at each target's saturation (its
+# throughput; latency then follows from Little's law), "paced" gives every
+# connection a think time (bench/paced.lua) so all targets see the same
+# offered load below saturation and their latencies compare like for like.
 for round in $(seq "$ROUNDS"); do
+  for shape in max paced; do
   for target in direct wasp nginx; do
+    label=$target; script=()
+    if [ "$shape" = paced ]; then label="$target paced"; script=(-s "$root/bench/paced.lua"); fi
     case $target in
       direct) addr=$UP; procs=() ;;
       wasp) addr=$WASP; procs=($wasp_pid) ;;
       nginx) addr=$NGINX; procs=($(nginx_workers)) ;;
     esac
     before="0 0"; [ ${#procs[@]} -gt 0 ] && before=$(cpu_ticks "${procs[@]}")
-    wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://$addr/bench" > "$out/wrk-$target-$round.txt"
+    wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${script[@]}" "http://$addr/bench" > "$out/wrk-$target-$shape-$round.txt"
     after="0 0"; [ ${#procs[@]} -gt 0 ] && after=$(cpu_ticks "${procs[@]}")
     rss=0; [ ${#procs[@]} -gt 0 ] && rss=$(rss_kb "${procs[@]}")
-    python3 - "$out/wrk-$target-$round.txt" "$target" "$round" "$before" "$after" "$hz" "$rss" >> "$results" <<'PY'
+    python3 - "$out/wrk-$target-$shape-$round.txt" "$label" "$round" "$before" "$after" "$hz" "$rss" >> "$results" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 target, rnd, hz, rss = sys.argv[2], sys.argv[3], int(sys.argv[6]), sys.argv[7]
@@ -127,6 +136,7 @@ us = lambda secs: secs * 1e6 / total
 print(f"{target}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{user + kern:.2f}\t{us(user):.1f}\t{us(kern):.1f}\t{rss}\t{errors.group(0) if errors else ''}")
 PY
   done
+  done
 done
 
 wasp_hwm=$(hwm_kb "$wasp_pid")
@@ -141,7 +151,7 @@ print(f"\nwrk -t1 -c{conns} -d{dur}, {rounds} alternating rounds, {workers} prox
 print("| target | req/s | p50 ms | p99 ms | proxy CPU s per round | proxy user µs/req | proxy kernel µs/req | proxy RSS MiB | errors |")
 print("|---|---|---|---|---|---|---|---|---|")
 med = {}
-for t in ["direct", "wasp", "nginx"]:
+for t in ["direct", "wasp", "nginx", "direct paced", "wasp paced", "nginx paced"]:
     v = by.get(t, [])
     if not v: continue
     m = [statistics.median(x[i] for x in v) for i in range(6)]
@@ -152,5 +162,8 @@ for t in ["direct", "wasp", "nginx"]:
 if "wasp" in med and "nginx" in med:
     w, n = med["wasp"], med["nginx"]
     print(f"\nwasp/nginx throughput ratio: {w[0]/n[0]:.2f}  p99 ratio: {w[2]/n[2]:.2f}  wasp/direct: {w[0]/med['direct'][0]:.2f}")
+if "wasp paced" in med and "nginx paced" in med:
+    w, n = med["wasp paced"], med["nginx paced"]
+    print(f"paced (same offered load): wasp/nginx p50 ratio: {w[1]/n[1]:.2f}  p99 ratio: {w[2]/n[2]:.2f}")
 print(f"wasp peak RSS (VmHWM): {int(hwm)/1024:.1f} MiB")
 PY

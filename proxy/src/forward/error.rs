@@ -65,6 +65,24 @@ pub enum ProxyError {
     Overflow(String),
 }
 
+/// Every `x-wasp-error` code a [`ProxyError`] can have, in one place:
+/// metrics pre-resolve one counter per code from this list (a code missing
+/// here is still counted, on a slower path).
+pub const ERROR_CODES: [&str; 12] = [
+    "no_route",
+    "unknown_cluster",
+    "no_endpoint",
+    "upstream_connect",
+    "upstream_timeout",
+    "upstream_reset",
+    "upstream_tls",
+    "unauthorized_peer",
+    "body_too_large",
+    "bad_request",
+    "body_timeout",
+    "overflow",
+];
+
 impl ProxyError {
     /// The value of `x-wasp-error`: stable, documented, safe to alert on.
     pub fn code(&self) -> &'static str {

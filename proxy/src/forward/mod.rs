@@ -25,7 +25,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-pub use error::{local_response, ProxyError};
+pub use error::{local_response, ProxyError, ERROR_CODES};
 
 use crate::filter::{StreamInfo, Verdict};
 use crate::server::{Shared, Snapshot};

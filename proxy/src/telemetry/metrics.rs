@@ -6,6 +6,9 @@
 //! become labels; the label sets are bounded by the config (listeners,
 //! routes, clusters) and by the fixed list of error codes.
 
+// Every `x-wasp-error` code, resolved per listener when its stats are
+// built so counting an error takes no lock.
+use crate::forward::ERROR_CODES;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -70,25 +73,6 @@ struct CertLabels {
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// Every `x-wasp-error` code (`ProxyError::code` in `forward/error.rs`),
-/// resolved per listener when its stats are built so counting an error
-/// takes no lock. A code missing here is still counted, through the slow
-/// path: add new codes here too.
-const ERROR_CODES: [&str; 12] = [
-    "no_route",
-    "unknown_cluster",
-    "no_endpoint",
-    "upstream_connect",
-    "upstream_timeout",
-    "upstream_reset",
-    "upstream_tls",
-    "unauthorized_peer",
-    "body_too_large",
-    "bad_request",
-    "body_timeout",
-    "overflow",
-];
 
 /// Every metric the core proxy exports. One per process.
 pub struct Metrics {
