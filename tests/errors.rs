@@ -91,7 +91,7 @@ async fn limits_answer_431_413_408_and_close_idle() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let limits = r#"limits = { max_header_bytes = "8KiB", max_body_bytes = "1KiB", header_timeout = "300ms", idle_timeout = "400ms" }"#;
-    let _wasp = Wasp::start(&proxy_config(port, app.addr, limits));
+    let wasp = Wasp::start(&proxy_config(port, app.addr, limits));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let big = format!(
@@ -142,6 +142,17 @@ async fn limits_answer_431_413_408_and_close_idle() {
         started.elapsed() >= Duration::from_millis(250),
         "408 came too early"
     );
+    // The answers the connection guard makes count like every other
+    // proxy-made error.
+    let m = wasp.metrics();
+    for code in ["header_too_large", "header_timeout"] {
+        let labels = [r#"listener="inbound""#, &format!(r#"code="{code}""#)];
+        assert_eq!(
+            metric_value(&m, "wasp_proxy_errors_total", &labels),
+            Some(1.0),
+            "{code}: {m}"
+        );
+    }
 
     // An idle keep-alive connection is closed after the idle timeout.
     let mut s = TcpStream::connect(proxy).unwrap();

@@ -65,10 +65,12 @@ pub enum ProxyError {
     Overflow(String),
 }
 
-/// Every `x-wasp-error` code a [`ProxyError`] can have, in one place:
-/// metrics pre-resolve one counter per code from this list (a code missing
+/// Every `x-wasp-error` code counted in `wasp_proxy_errors_total`, in one
+/// place: a [`ProxyError`]'s, the connection guard's (`header_timeout`,
+/// `header_too_large`, `uri_too_long`) and the listener's `overflow`.
+/// Metrics pre-resolve one counter per code from this list (a code missing
 /// here is still counted, on a slower path).
-pub const ERROR_CODES: [&str; 12] = [
+pub const ERROR_CODES: [&str; 15] = [
     "no_route",
     "unknown_cluster",
     "no_endpoint",
@@ -81,6 +83,9 @@ pub const ERROR_CODES: [&str; 12] = [
     "bad_request",
     "body_timeout",
     "overflow",
+    "header_timeout",
+    "header_too_large",
+    "uri_too_long",
 ];
 
 impl ProxyError {

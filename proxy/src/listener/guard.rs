@@ -81,8 +81,9 @@ pub struct Guarded<S = TcpStream> {
     /// Waits for `close`; made when the connection becomes a tunnel.
     closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The connection's slot in its listener (open-connection count, gauge,
-    /// drain tracking), given back when the socket is dropped.
-    _slot: Option<super::Closed>,
+    /// drain tracking), given back when the socket is dropped; its stats
+    /// count the guard's own answers.
+    slot: Option<super::Closed>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
@@ -112,7 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             max_head,
             close: None,
             closing: None,
-            _slot: None,
+            slot: None,
         }
     }
 
@@ -121,7 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// turns true.
     pub(super) fn tied(mut self, close: watch::Receiver<bool>, slot: super::Closed) -> Self {
         self.close = Some(close);
-        self._slot = Some(slot);
+        self.slot = Some(slot);
         self
     }
 
@@ -172,8 +173,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         }
     }
 
+    /// Counts an answer the guard made (or labelled) in
+    /// `wasp_proxy_errors_total`, like every other proxy-made response.
+    fn count(&self, code: &'static str) {
+        if let Some(slot) = &self.slot {
+            slot.stats.error(code);
+        }
+    }
+
     /// Answers 408 (see [`Self::say`]).
     fn send_408(&mut self, cx: &mut Context<'_>) {
+        self.count("header_timeout");
         let body = format!(
             "request head not received within {:?}\n",
             self.header_timeout
@@ -240,6 +250,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     }
 
     fn reject(&mut self, cx: &mut Context<'_>, reason: &str) {
+        self.count("bad_request");
         let body = format!("bad request: {reason}\n");
         let resp = format!(
             "HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
@@ -354,8 +365,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// If hyper is writing its own error answer to a malformed head, returns
-    /// the same bytes with `x-wasp-error` added after the status line.
-    fn rewrite_auto_error(&self, buf: &[u8]) -> Option<Vec<u8>> {
+    /// the same bytes with `x-wasp-error` added after the status line, and
+    /// the code. Pure: a caller may ask more than once for the same bytes.
+    fn rewrite_auto_error(&self, buf: &[u8]) -> Option<(Vec<u8>, &'static str)> {
         if self.h2 || self.activity.busy() || !buf.starts_with(b"HTTP/1.1 4") {
             return None;
         }
@@ -369,21 +381,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         if self.head_seq != Some(started) || self.upgraded() {
             return None;
         }
-        let code: &[u8] = match buf.get(9..12)? {
-            b"400" => b"bad_request",
-            b"431" => b"header_too_large",
-            b"414" => b"uri_too_long",
+        let code = match buf.get(9..12)? {
+            b"400" => "bad_request",
+            b"431" => "header_too_large",
+            b"414" => "uri_too_long",
             _ => return None,
         };
         let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
         let mut out = Vec::with_capacity(buf.len() + 40);
         out.extend_from_slice(&buf[..line_end]);
         out.extend_from_slice(b"x-wasp-error: ");
-        out.extend_from_slice(code);
+        out.extend_from_slice(code.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&buf[line_end..]);
-        tracing::info!(code = %String::from_utf8_lossy(code), "rejected a malformed request head");
-        Some(out)
+        Some((out, code))
     }
 
     fn drain_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -413,7 +424,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
             return Poll::Ready(Err(drained()));
         }
         if self.rewrite.is_none() {
-            if let Some(bytes) = self.rewrite_auto_error(buf) {
+            if let Some((bytes, code)) = self.rewrite_auto_error(buf) {
+                self.count(code);
+                tracing::info!(code, "rejected a malformed request head");
                 self.rewrite = Some((bytes, 0, buf.len()));
             }
         }
