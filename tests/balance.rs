@@ -1212,8 +1212,8 @@ async fn max_connections_holds_for_a_burst_on_a_cold_pool() {
 /// never an overflow left behind by the one before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_dial_gives_its_connection_place_back() {
-    // Nothing listens here: connections are refused.
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Port 1 (tcpmux): nothing listens there, and no other test can bind it.
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let port = free_port();
     let _wasp = svc_sidecar(
         port,

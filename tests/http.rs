@@ -190,6 +190,48 @@ async fn websocket_upgrade_is_tunnelled() {
     }
 }
 
+/// Accepted connections carry TCP keepalive (inherited from the listening
+/// socket), so a tunnel whose peer vanished without a FIN is found. Read off
+/// the kernel's socket table: timer 2 is the keepalive timer.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_use_tcp_keepalive() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let _wasp = Wasp::start(&config(port, app.addr, "http1"));
+    let mut s = websocket(port).await;
+    echo(&mut s, b"hello").await.unwrap();
+    let client_port = s.local_addr().unwrap().port();
+    // local_address rem_address st tx:rx tr:when ... of wasp's side. While
+    // its last bytes await an ACK the retransmit timer (1) shows instead.
+    let mut ours = Vec::new();
+    for _ in 0..60 {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        ours = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| {
+                f.len() > 5
+                    && f[1].ends_with(&format!(":{port:04X}"))
+                    && f[2].ends_with(&format!(":{client_port:04X}"))
+            })
+            .unwrap_or_else(|| panic!("wasp's side of :{client_port} not in:\n{table}"));
+        if !ours[5].starts_with("01:") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (timer, when) = ours[5].split_once(':').unwrap();
+    let when = u64::from_str_radix(when, 16).unwrap();
+    assert_eq!(
+        timer, "02",
+        "no keepalive timer on the accepted socket: {ours:?}"
+    );
+    // Clock ticks (100 per second) until the first probe: about 60 s.
+    assert!(when > 30 * 100, "keepalive fires in {when} ticks: {ours:?}");
+}
+
 /// A tunnel is not a connection waiting for its next request head: neither
 /// the header timeout nor the idle timeout may end it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,9 @@ pub struct ConnCtx {
     /// The peer's identity from its TLS client certificate (URI SAN, else
     /// DNS SAN); `None` without mTLS. Filters read it as `source.principal`.
     pub principal: Option<Arc<str>>,
+    /// The listener's "drain deadline passed" signal, for tasks that outlive
+    /// the hyper connection (upgrade tunnels).
+    pub drain_deadline: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -471,7 +474,11 @@ async fn forward(
     if let Some(down) = downstream_upgrade {
         if switching {
             conn.activity.upgraded.store(true, Ordering::Release);
-            upgrade::tunnel(down, hyper::upgrade::on(&mut resp));
+            upgrade::tunnel(
+                down,
+                hyper::upgrade::on(&mut resp),
+                conn.drain_deadline.clone(),
+            );
         }
     }
     headers::strip_hop_by_hop(resp.headers_mut(), switching);

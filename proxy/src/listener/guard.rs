@@ -136,11 +136,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// (registering for the signal otherwise). Only tunnels poll this: a
     /// plain connection is closed by dropping its hyper future.
     fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(mut close) = self.close.take() {
-            self.closing = Some(Box::pin(async move {
-                // A dropped sender means the serve loop is gone: close too.
-                let _ = close.wait_for(|closed| *closed).await;
-            }));
+        if let Some(close) = self.close.take() {
+            self.closing = Some(Box::pin(super::drain_deadline_passed(close)));
         }
         match &mut self.closing {
             Some(wait) => wait.as_mut().poll(cx).is_ready(),
@@ -262,6 +259,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     }
 }
 
+/// Whether bytes read between requests can begin a request line: optional
+/// empty lines, then a method token of letters up to a space (or the end of
+/// what has arrived). The rest of a body hyper drains after an early answer
+/// almost never does.
+fn starts_like_head(got: &[u8]) -> bool {
+    let rest = match got.iter().position(|b| !matches!(b, b'\r' | b'\n')) {
+        Some(i) => &got[i..],
+        None => return true,
+    };
+    let method = rest.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    method > 0 && method <= 16 && rest.get(method).is_none_or(|b| *b == b' ')
+}
+
 /// Why a tunnel ended under its reader or writer.
 fn drained() -> io::Error {
     io::Error::new(
@@ -322,14 +332,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                 if !got.is_empty() {
                     this.detect(got);
                 }
+                // Bytes after an early answer (a 404 before the body came)
+                // are the rest of that body, which hyper drains: they start
+                // no head, so no head deadline and no head check.
+                let head_like = this.head_started.is_some() || this.h2 || starts_like_head(got);
                 if !got.is_empty() && !busy {
                     let now = Instant::now();
-                    if this.head_started.is_none() {
+                    if this.head_started.is_none() && head_like {
                         this.head_started = Some(now);
                         this.head_seq = Some(started);
                     }
                     this.idle_since = now;
-                    if !this.h2 && !this.head_checked {
+                    if !this.h2 && !this.head_checked && head_like {
                         if let Some(reason) = this.check_head(got) {
                             let reason = reason.to_string();
                             buf.set_filled(before);
@@ -473,6 +487,28 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     const HEADER_TIMEOUT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn what_can_begin_a_head() {
+        for head in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\r\nPOST /x",
+            b"G",
+            b"DELETE",
+            b"PRI * HTTP/2.0",
+        ] {
+            assert!(starts_like_head(head), "{}", String::from_utf8_lossy(head));
+        }
+        for body in [
+            &b"{\"a\":1}"[..],
+            b"a=1&b=2",
+            b"/x HTTP/1.1",
+            b"\x00\x01",
+            b" GET",
+        ] {
+            assert!(!starts_like_head(body), "{}", String::from_utf8_lossy(body));
+        }
+    }
 
     fn guarded() -> (DuplexStream, Guarded<DuplexStream>) {
         let (client, server) = tokio::io::duplex(4096);

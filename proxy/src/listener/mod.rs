@@ -45,8 +45,17 @@ use crate::server::Shared;
 use guard::Guarded;
 pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 
+/// TCP keepalive on every accepted connection: a peer that vanished without
+/// a FIN (NAT timeout, pulled cable) is found within about two minutes. It
+/// matters most for upgrade tunnels, which no idle timeout closes.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
-/// first socket picks the port and the others share it.
+/// first socket picks the port and the others share it. Accepted sockets
+/// inherit `TCP_NODELAY` and the keepalive settings from these (Linux), so
+/// accepting costs no extra system calls.
 pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(workers);
     let mut addr = addr;
@@ -55,6 +64,12 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nodelay(true)?;
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(KEEPALIVE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(KEEPALIVE_PROBES),
+        )?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
@@ -162,7 +177,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
         let Some(tls) = cfg.tls.clone() else {
-            let ctx = conn_ctx(&shared, &name, peer, local, "http", None);
+            let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
             let io = Guarded::new(
                 stream,
                 ctx.activity.clone(),
@@ -207,7 +222,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let ctx = conn_ctx(&shared, &name, peer, local, "https", principal);
+            let ctx = conn_ctx(&shared, &name, (peer, local), "https", principal, &close_rx);
             let io = Guarded::new(
                 stream,
                 ctx.activity.clone(),
@@ -270,7 +285,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
 /// doing (the guard ends a tunnel it became on the same signal).
 async fn until_closed<E: std::fmt::Display>(
     conn: impl std::future::Future<Output = Result<(), E>>,
-    mut close: watch::Receiver<bool>,
+    close: watch::Receiver<bool>,
     peer: SocketAddr,
 ) {
     tokio::select! {
@@ -279,8 +294,7 @@ async fn until_closed<E: std::fmt::Display>(
                 tracing::debug!(%peer, "connection ended with an error: {e}");
             }
         }
-        // A dropped sender means the serve loop is gone: close too.
-        _ = close.wait_for(|closed| *closed) => {
+        () = drain_deadline_passed(close) => {
             tracing::debug!(%peer, "connection closed: the listener's drain timeout passed");
         }
     }
@@ -305,10 +319,10 @@ impl Drop for Closed {
 fn conn_ctx(
     shared: &Arc<Shared>,
     listener: &Arc<str>,
-    peer: SocketAddr,
-    local: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     scheme: &'static str,
     principal: Option<Arc<str>>,
+    close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
         shared: shared.clone(),
@@ -318,7 +332,17 @@ fn conn_ctx(
         scheme,
         activity: Arc::new(Activity::default()),
         principal,
+        drain_deadline: close.clone(),
     })
+}
+
+/// Completes once the listener's drain deadline has passed (`close` turned
+/// true). A serve loop that ended without sending it (a panic) leaves its
+/// connections running, as `server::report_serve_end` promises.
+pub(crate) async fn drain_deadline_passed(mut close: watch::Receiver<bool>) {
+    if close.wait_for(|closed| *closed).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {
