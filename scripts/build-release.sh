@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the wasp binary to deploy and prints its path on stdout.
 #
-#   scripts/build-release.sh            # -> target/<host triple>/release/wasp
+#   scripts/build-release.sh            # -> target/<host triple>/dist/wasp
 #
+# It uses the `dist` profile (Cargo.toml: `release` plus whole-program LTO).
 # On glibc Linux the binary is a static PIE (glibc linked in, still
 # position-independent, so ASLR stays). A dynamically linked wasp maps all
 # of libc.so, libm.so and ld.so and keeps about 2 MiB of their pages
@@ -16,18 +17,18 @@
 #
 # The static flag is given with an explicit --target: without one, cargo
 # would apply it to build scripts and proc-macros too, which cannot be
-# static. Elsewhere (macOS, musl) this is a plain `cargo build --release`.
+# static. Elsewhere (macOS, musl) the binary is linked as usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host=$(rustc -vV | sed -n 's/^host: //p')
 case "$host" in
   *-linux-gnu*)
     RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-      cargo build -q --release --locked -p wasp --target "$host"
-    echo "$(pwd)/target/$host/release/wasp"
+      cargo build -q --profile dist --locked -p wasp --target "$host"
+    echo "$(pwd)/target/$host/dist/wasp"
     ;;
   *)
-    cargo build -q --release --locked -p wasp
-    echo "$(pwd)/target/release/wasp"
+    cargo build -q --profile dist --locked -p wasp
+    echo "$(pwd)/target/dist/wasp"
     ;;
 esac
