@@ -14,7 +14,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::upstream::TestUpstream;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(port: u16, cluster_addr: std::net::SocketAddr, protocol: &str) -> String {
     format!(
@@ -130,61 +129,12 @@ async fn large_body_streams_without_buffering() {
     assert_eq!(back.len(), 32 * CHUNK);
 }
 
-/// Opens a WebSocket to the upstream's `/ws` echo through wasp on `port`;
-/// returns the stream right after the 101's head.
-async fn websocket(port: u16) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "closed during the 101: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    s
-}
-
-/// Sends `msg` on a tunnel and expects the upstream's echo of it.
-async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
-    s.write_all(msg).await.map_err(|e| format!("write: {e}"))?;
-    let mut back = vec![0u8; msg.len()];
-    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await {
-        Err(_) => Err("no echo within 5 s".into()),
-        // What came instead (a 408 written into the tunnel, say).
-        Ok(Err(e)) => Err(format!(
-            "read: {e}; got {:?}",
-            String::from_utf8_lossy(&back)
-        )),
-        Ok(Ok(_)) if back != msg => Err(format!("got {:?}", String::from_utf8_lossy(&back))),
-        Ok(Ok(_)) => Ok(()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_tunnelled() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let _wasp = Wasp::start(&config(port, app.addr, "http1"));
-    let mut s = websocket(port).await;
+    let mut s = websocket(loopback(port)).await;
     for msg in [&b"hello through wasp"[..], b"second frame"] {
         echo(&mut s, msg).await.unwrap();
     }
@@ -199,7 +149,7 @@ async fn accepted_connections_use_tcp_keepalive() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let _wasp = Wasp::start(&config(port, app.addr, "http1"));
-    let mut s = websocket(port).await;
+    let mut s = websocket(loopback(port)).await;
     echo(&mut s, b"hello").await.unwrap();
     let client_port = s.local_addr().unwrap().port();
     // local_address rem_address st tx:rx tr:when ... of wasp's side. While
@@ -243,7 +193,7 @@ async fn websocket_outlives_the_header_and_idle_timeouts() {
         "name = \"inbound\"\nlimits = { header_timeout = \"300ms\", idle_timeout = \"400ms\" }",
     );
     let wasp = Wasp::start(&cfg);
-    let mut s = websocket(port).await;
+    let mut s = websocket(loopback(port)).await;
     let opened = std::time::Instant::now();
     // Each pause outlasts both timeouts; the whole exchange takes ~1.5 s.
     for (i, msg) in [&b"first"[..], b"after a pause", b"and another"]
@@ -275,7 +225,7 @@ async fn websocket_counts_as_an_open_connection() {
             &["listener=\"inbound\""],
         )
     };
-    let mut s = websocket(port).await;
+    let mut s = websocket(loopback(port)).await;
     echo(&mut s, b"hello").await.unwrap();
     assert_eq!(open(&wasp), Some(1.0), "{}", wasp.metrics());
     drop(s);

@@ -458,10 +458,6 @@ fn reconfigure(wasp: &Wasp, body: &str) -> String {
     post_reload(wasp.admin)
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// One HTTP/1.1 connection, kept alive, whose local port the test knows.
 async fn one_connection(
     addr: SocketAddr,
@@ -609,38 +605,6 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
     assert!(!wasp.log_text().contains("panicked"), "{}", wasp.log_text());
 }
 
-/// A WebSocket to the app's `/ws` echo through `addr`, past the 101.
-async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed during the 101");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s.write_all(b"ping").await.unwrap();
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"ping");
-    s
-}
-
 /// The drain timeout is a deadline: what is still open on a removed
 /// listener when it passes (a long request, a WebSocket) is closed, not
 /// left serving on a listener that no longer exists.
@@ -660,6 +624,7 @@ async fn a_removed_listener_closes_what_outlives_the_drain_timeout() {
         ])
     ));
     let mut tunnel = websocket(leaving).await;
+    echo(&mut tunnel, b"ping").await.unwrap();
     let (mut slow_conn, _) = one_connection(leaving).await;
     let arrived = app.requests();
     let slow = tokio::spawn(async move { send_on(&mut slow_conn, "/slow?ms=8000").await });

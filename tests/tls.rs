@@ -254,6 +254,24 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A "mesh" CA and certificates for `front` and `reviews`, made by
+/// `wasp certs` as an operator would, in a fresh directory.
+fn mesh_certs(name: &str) -> TempDir {
+    let certs = TempDir::new(name);
+    let out = Command::new(WASP)
+        .args(["certs", "--out"])
+        .arg(certs.path())
+        .args(["--ca-name", "mesh", "--service", "front,reviews"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    certs
+}
+
 fn addr(port: u16) -> SocketAddr {
     format!("127.0.0.1:{port}").parse().unwrap()
 }
@@ -631,18 +649,7 @@ endpoints = ["{app}"]
 async fn two_sidecar_mtls_hop_and_upstream_verification() {
     let app = TestUpstream::start("reviews-app").await;
     // Certificates from the CLI, as an operator would make them.
-    let certs = TempDir::new("certs");
-    let out = Command::new(WASP)
-        .args(["certs", "--out"])
-        .arg(certs.path())
-        .args(["--ca-name", "mesh", "--service", "front,reviews"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs = mesh_certs("certs");
     let p = |f: &str| certs.path().join(f).display().to_string();
     for f in [
         "mesh-ca.pem",
@@ -1093,18 +1100,7 @@ fn tls_config_errors_name_the_place() {
 /// who must present a certificate, whom the cluster trusts and expects.
 #[test]
 fn check_prints_tls_and_allow() {
-    let certs = TempDir::new("check-certs");
-    let out = Command::new(WASP)
-        .args(["certs", "--out"])
-        .arg(certs.path())
-        .args(["--ca-name", "mesh", "--service", "front,reviews"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs = mesh_certs("check-certs");
     let p = |f: &str| certs.path().join(f).display().to_string();
     let path = certs.path().join("wasp.toml");
     std::fs::write(

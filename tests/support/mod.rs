@@ -303,3 +303,57 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| labels.iter().all(|f| l.contains(f)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Opens a WebSocket to the test upstream's `/ws` echo through `addr`;
+/// returns the stream right after the 101's head.
+pub async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the 101: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+/// Sends `msg` on a tunnel and expects the upstream's echo of it.
+pub async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await {
+        Err(_) => Err("no echo within 5 s".into()),
+        // What came instead (a 408 written into the tunnel, say).
+        Ok(Err(e)) => Err(format!(
+            "read: {e}; got {:?}",
+            String::from_utf8_lossy(&back)
+        )),
+        Ok(Ok(_)) if back != msg => Err(format!("got {:?}", String::from_utf8_lossy(&back))),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
