@@ -12,22 +12,7 @@ use support::upstream::{rude_upstream, TestUpstream};
 use support::*;
 
 fn proxy_config(port: u16, app: SocketAddr, extra_listener: &str) -> String {
-    format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-{extra_listener}
-  [[listeners.routes]]
-  cluster = "app"
-
-[clusters.app]
-endpoints = ["{app}"]
-"#
-    )
+    one_route_config(port, app, extra_listener, "")
 }
 
 fn status_and_code(answer: &str) -> (u16, String) {

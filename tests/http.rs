@@ -16,21 +16,11 @@ use support::upstream::TestUpstream;
 use support::*;
 
 fn config(port: u16, cluster_addr: std::net::SocketAddr, protocol: &str) -> String {
-    format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  cluster = "app"
-
-[clusters.app]
-endpoints = ["{cluster_addr}"]
-protocol = "{protocol}"
-"#
+    one_route_config(
+        port,
+        cluster_addr,
+        "",
+        &format!("protocol = \"{protocol}\""),
     )
 }
 

@@ -219,7 +219,7 @@ endpoints = ["{}"]
 async fn upstream_connections_are_reused() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
-    let wasp = Wasp::start(&one_cluster(port, app.addr));
+    let wasp = Wasp::start(&one_route_config(port, app.addr, "", ""));
     let proxy = format!("127.0.0.1:{port}").parse().unwrap();
     let client = h1_client();
     for _ in 0..50 {
@@ -252,7 +252,7 @@ async fn upstream_connections_are_reused() {
 async fn request_id_survives_connection_and_forwarded_for_lines_join() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
-    let _wasp = Wasp::start(&one_cluster(port, app.addr));
+    let _wasp = Wasp::start(&one_route_config(port, app.addr, "", ""));
     let proxy = format!("127.0.0.1:{port}").parse().unwrap();
     let answer = raw_exchange(
         proxy,
@@ -265,23 +265,4 @@ async fn request_id_survives_connection_and_forwarded_for_lines_join() {
         answer.contains("x-forwarded-for: 6.6.6.6, 10.0.0.5, 127.0.0.1\n"),
         "{answer}"
     );
-}
-
-/// One listener on `port` whose only route goes to `app`.
-fn one_cluster(port: u16, app: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  cluster = "app"
-
-[clusters.app]
-endpoints = ["{app}"]
-"#
-    )
 }

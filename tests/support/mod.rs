@@ -304,6 +304,34 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// One worker, one listener `inbound` on `port` whose only route goes to
+/// the cluster `app` at `app`; `listener_extra` and `cluster_extra` are
+/// TOML lines added to the listener's and the cluster's tables.
+pub fn one_route_config(
+    port: u16,
+    app: SocketAddr,
+    listener_extra: &str,
+    cluster_extra: &str,
+) -> String {
+    format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+{listener_extra}
+  [[listeners.routes]]
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{app}"]
+{cluster_extra}
+"#
+    )
+}
+
 /// `127.0.0.1:port`.
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
