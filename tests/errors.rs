@@ -34,7 +34,7 @@ async fn smuggling_shapes_are_rejected_with_400() {
     let port = free_port();
     let _wasp = Wasp::start(&proxy_config(port, app.addr, ""));
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let cases: [(&str, &[u8]); 8] = [
+    let cases: [(&str, &[u8]); 9] = [
         (
             "CL then TE",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -59,6 +59,12 @@ async fn smuggling_shapes_are_rejected_with_400() {
             b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: admin.internal\r\n\r\n",
         ),
         ("HTTP/1.1 without Host", b"GET /echo HTTP/1.1\r\n\r\n"),
+        // Pipelined behind a valid GET in one write: hyper would take the
+        // second head from its buffer and drop its Content-Length.
+        (
+            "pipelined TE then CL",
+            b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        ),
     ];
     for (name, bytes) in cases {
         let answer = raw_exchange(proxy, bytes, Duration::from_secs(5));
@@ -155,6 +161,53 @@ async fn limits_answer_431_413_408_and_close_idle() {
         waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
         "closed after {waited:?}"
     );
+}
+
+/// hyper's own head buffer cannot be smaller than 8 KiB, so a smaller
+/// `max_header_bytes` is the guard's to enforce: 431, and the app never
+/// sees the request; a head under the limit still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_header_bytes_below_8k_answers_431() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let _wasp = Wasp::start(&proxy_config(
+        port,
+        app.addr,
+        r#"limits = { max_header_bytes = "2KiB" }"#,
+    ));
+    let proxy = loopback(port);
+    let head = |filler: usize| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+            "f".repeat(filler)
+        )
+    };
+    let answer = raw_exchange(proxy, head(4000).as_bytes(), Duration::from_secs(5));
+    assert_eq!(
+        status_and_code(&answer),
+        (431, "header_too_large".into()),
+        "{answer}"
+    );
+    // Split over several writes, the limit holds as well.
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let big = head(4000);
+    for part in big.as_bytes().chunks(1000) {
+        if s.write_all(part).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert_eq!(
+        status_and_code(&answer),
+        (431, "header_too_large".into()),
+        "{answer}"
+    );
+    assert_eq!(app.requests(), 0, "an oversized head reached the app");
+    let answer = raw_exchange(proxy, head(1000).as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 /// A body read whole for retries holds a cluster admission while it

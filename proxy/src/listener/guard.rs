@@ -211,15 +211,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         let _ = Pin::new(&mut self.inner).poll_flush(cx);
     }
 
-    /// Looks at a request head as it arrives for framing that hyper accepts
-    /// but a proxy must refuse: `Content-Length` together with
+    /// Looks at a request head as it arrives for what hyper accepts but a
+    /// proxy must refuse: `Content-Length` together with
     /// `Transfer-Encoding` (the classic smuggling shape; hyper would drop
-    /// the length and carry on). Returns why the head is refused.
-    fn check_head(&mut self, got: &[u8]) -> Option<&'static str> {
-        let end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+    /// the length and carry on), and a head over the listener's
+    /// `max_header_bytes` (hyper's own buffer limit cannot go below 8 KiB).
+    fn check_head(&mut self, got: &[u8]) -> Option<Refusal> {
+        let too_large = |end: usize| end + 4 > self.max_head;
         let verdict = if self.head.is_empty() {
-            match end(got) {
-                Some(pos) => Some(framing_problem(&got[..pos])),
+            match head_end(got) {
+                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
+                Some(end) => Some(heads_problem(got, end).map(Refusal::Framing)),
                 None => {
                     self.head.extend_from_slice(got);
                     None
@@ -227,35 +229,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             }
         } else {
             self.head.extend_from_slice(got);
-            end(&self.head).map(|pos| framing_problem(&self.head[..pos]))
+            match head_end(&self.head) {
+                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
+                Some(end) => Some(heads_problem(&self.head, end).map(Refusal::Framing)),
+                None => None,
+            }
         };
         match verdict {
-            Some(problem) => {
+            Some(refusal) => {
                 self.head_checked = true;
                 self.head.clear();
-                problem
+                refusal
             }
-            None => {
-                if self.head.len() > self.max_head {
-                    // Too long to matter: hyper answers 431 itself.
-                    self.head_checked = true;
-                    self.head.clear();
-                }
-                None
+            None if self.head.len() > self.max_head => {
+                self.head_checked = true;
+                self.head.clear();
+                Some(Refusal::TooLarge)
             }
+            None => None,
         }
     }
 
-    fn reject(&mut self, cx: &mut Context<'_>, reason: &str) {
-        self.count("bad_request");
-        let body = format!("bad request: {reason}\n");
+    fn reject(&mut self, cx: &mut Context<'_>, refusal: Refusal) {
+        let (status, code, reason) = match refusal {
+            Refusal::Framing(problem) => (
+                "400 Bad Request",
+                "bad_request",
+                format!("bad request: {problem}"),
+            ),
+            Refusal::TooLarge => (
+                "431 Request Header Fields Too Large",
+                "header_too_large",
+                format!(
+                    "request head is larger than the listener's limit of {} bytes",
+                    self.max_head
+                ),
+            ),
+        };
+        self.count(code);
+        let body = format!("{reason}\n");
         let resp = format!(
-            "HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            "HTTP/1.1 {status}\r\nx-wasp-error: {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
             body.len(),
             body
         );
         self.say(cx, resp.as_bytes());
-        tracing::info!("rejected a request head: {reason}");
+        tracing::info!(code, "rejected a request head: {reason}");
     }
 }
 
@@ -278,6 +297,61 @@ fn drained() -> io::Error {
         io::ErrorKind::ConnectionAborted,
         "the listener's drain timeout passed",
     )
+}
+
+/// Why the guard refuses a request head itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// 400: framing a proxy must not pass on.
+    Framing(&'static str),
+    /// 431: over the listener's `max_header_bytes`.
+    TooLarge,
+}
+
+/// Where a request head's blank line starts.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// Checks the head that ends at `end` in `bytes`, then every complete head
+/// pipelined behind it in the same bytes: hyper parses those from its
+/// buffer without another read, so the guard sees them only here. It
+/// follows bodies it can measure (none, or `Content-Length`) and stops at a
+/// chunked body or an incomplete head.
+fn heads_problem(bytes: &[u8], mut end: usize) -> Option<&'static str> {
+    let mut head = &bytes[..end];
+    let mut rest = &bytes[end + 4..];
+    loop {
+        if let Some(problem) = framing_problem(head) {
+            return Some(problem);
+        }
+        let body = body_length(head)?;
+        rest = rest.get(body..)?;
+        let start = rest.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+        rest = &rest[start..];
+        end = head_end(rest)?;
+        head = &rest[..end];
+        rest = &rest[end + 4..];
+    }
+}
+
+/// The body length a head declares: 0 without `Content-Length`, `None`
+/// when it cannot be known from the head (chunked, or unparsable).
+fn body_length(head: &[u8]) -> Option<usize> {
+    let mut length = 0;
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let (name, value) = match line.iter().position(|b| *b == b':') {
+            Some(colon) => (&line[..colon], &line[colon + 1..]),
+            None => continue,
+        };
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            return None;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+        }
+    }
+    Some(length)
 }
 
 /// Checks the header lines of one request head.
@@ -344,10 +418,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     }
                     this.idle_since = now;
                     if !this.h2 && !this.head_checked && head_like {
-                        if let Some(reason) = this.check_head(got) {
-                            let reason = reason.to_string();
+                        if let Some(refusal) = this.check_head(got) {
                             buf.set_filled(before);
-                            this.reject(cx, &reason);
+                            this.reject(cx, refusal);
                             return Poll::Ready(Ok(()));
                         }
                     }
@@ -487,6 +560,34 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     const HEADER_TIMEOUT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn pipelined_heads_are_checked_too() {
+        let bad = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n";
+        let check = |bytes: &[u8]| heads_problem(bytes, head_end(bytes).unwrap());
+        // Behind a GET, and behind a POST whose 3-byte body is skipped.
+        let behind_get = [&b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..], bad].concat();
+        assert!(check(&behind_get).is_some());
+        let behind_post = [
+            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
+            bad,
+        ]
+        .concat();
+        assert!(check(&behind_post).is_some());
+        // Clean pipelines, and a body that only looks like a bad head.
+        let clean = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(check(clean), None);
+        let body_like_head = [
+            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 81\r\n\r\n"[..],
+            bad,
+        ]
+        .concat();
+        assert_eq!(
+            body_like_head.len() - head_end(&body_like_head).unwrap() - 4,
+            81
+        );
+        assert_eq!(check(&body_like_head), None);
+    }
 
     #[test]
     fn what_can_begin_a_head() {
