@@ -121,15 +121,31 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
     // Rebuilt when a reload changes the snapshot (limits may have changed).
     let mut http: Option<(u64, auto::Builder<TokioExecutor>)> = None;
     let mut was_retired = false;
+    // Once draining starts, the connections the kernel has already
+    // accepted (the backlog) are taken and served before the socket
+    // closes: their clients see a connection that succeeded, and closing
+    // the socket would reset them.
+    let mut closing = false;
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => break,
-            // Only a real retirement: if the reload task that owns the
-            // sender is gone (it panicked), this listener keeps serving.
-            Ok(_) = retired.wait_for(|s| *s) => {
-                was_retired = true;
-                break;
+        let accepted = if closing {
+            match accept_queued(&listener) {
+                Some(a) => a,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.wait_for(|s| *s) => {
+                    closing = true;
+                    continue;
+                }
+                // Only a real retirement: if the reload task that owns the
+                // sender is gone (it panicked), this listener keeps serving.
+                Ok(_) = retired.wait_for(|s| *s) => {
+                    was_retired = true;
+                    closing = true;
+                    continue;
+                }
             }
         };
         let (stream, peer) = match accepted {
@@ -240,6 +256,12 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
     }
     drop(listener);
     drop(tracker);
+    // hyper closes a connection that is idle when graceful shutdown reaches
+    // it, and one accepted a moment ago may not have read its first request
+    // yet: give those tasks a few turns (each a run of the worker) first.
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
     let timeout = shared.snapshot.load().config.drain_timeout;
     let all_closed = async move {
         graceful.shutdown().await;
@@ -278,6 +300,31 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         // keeps running (a reload): close them rather than let them serve on.
         close.send_replace(true);
     }
+}
+
+/// A connection already waiting in the listener's backlog, without
+/// waiting for one: a plain non-blocking `accept`, as tokio's readiness
+/// may not have seen the newest ones yet. `None` when the backlog is empty
+/// (or accepting fails: draining goes on without it).
+fn accept_queued(
+    listener: &TcpListener,
+) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+    let (socket, addr) = match socket2::SockRef::from(listener).accept() {
+        Ok(pair) => pair,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+        Err(e) => {
+            tracing::debug!("accepting the backlog while draining: {e}");
+            return None;
+        }
+    };
+    let stream: std::net::TcpStream = socket.into();
+    let adopted = stream.set_nonblocking(true).and_then(|()| {
+        let peer = addr.as_socket().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP peer")
+        })?;
+        Ok((tokio::net::TcpStream::from_std(stream)?, peer))
+    });
+    Some(adopted)
 }
 
 /// Runs one connection until it ends, or until its listener's drain
