@@ -25,9 +25,8 @@
 //! the upstream answers 101) the guard is a plain passthrough: the bytes are
 //! a tunnel, with no heads, deadlines or answers of its own. It still holds
 //! the connection's slot in the listener (dropped with the socket, so a
-//! tunnel counts as open until it ends) and, once upgraded, ends the tunnel
-//! when the listener's drain deadline passes: hyper's connection future,
-//! which the listener can drop, is gone by then.
+//! tunnel counts as open until it ends); the tunnel's own task ends it when
+//! the listener's drain deadline passes (`forward::upgrade`).
 //!
 //! The guard wraps a plain TCP stream or a TLS stream (it sees the
 //! decrypted bytes either way). Its own answers (408, 400) are written with
@@ -44,7 +43,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::forward::Activity;
@@ -76,10 +74,6 @@ pub struct Guarded<S = TcpStream> {
     /// The current head has been checked (or cannot be: h2, pipelining).
     head_checked: bool,
     max_head: usize,
-    /// The listener's "drain deadline passed" signal, until a tunnel needs it.
-    close: Option<watch::Receiver<bool>>,
-    /// Waits for `close`; made when the connection becomes a tunnel.
-    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The connection's slot in its listener (open-connection count, gauge,
     /// drain tracking), given back when the socket is dropped; its stats
     /// count the guard's own answers.
@@ -111,17 +105,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             head: Vec::new(),
             head_checked: false,
             max_head,
-            close: None,
-            closing: None,
             slot: None,
         }
     }
 
     /// Ties the connection to its listener: `slot` is held as long as the
-    /// socket (through an upgrade too), and a tunnel ends once `close`
-    /// turns true.
-    pub(super) fn tied(mut self, close: watch::Receiver<bool>, slot: super::Closed) -> Self {
-        self.close = Some(close);
+    /// socket, through an upgrade too.
+    pub(super) fn tied(mut self, slot: super::Closed) -> Self {
         self.slot = Some(slot);
         self
     }
@@ -130,19 +120,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         self.activity
             .upgraded
             .load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// For a tunnel: true once the listener's drain deadline has passed
-    /// (registering for the signal otherwise). Only tunnels poll this: a
-    /// plain connection is closed by dropping its hyper future.
-    fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(close) = self.close.take() {
-            self.closing = Some(Box::pin(super::drain_deadline_passed(close)));
-        }
-        match &mut self.closing {
-            Some(wait) => wait.as_mut().poll(cx).is_ready(),
-            None => false,
-        }
     }
 
     /// Follows the h2 preface across reads: decides h2 once all of it has
@@ -291,14 +268,6 @@ fn starts_like_head(got: &[u8]) -> bool {
     method > 0 && method <= 16 && rest.get(method).is_none_or(|b| *b == b' ')
 }
 
-/// Why a tunnel ended under its reader or writer.
-fn drained() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "the listener's drain timeout passed",
-    )
-}
-
 /// Why the guard refuses a request head itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
@@ -378,10 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.upgraded() {
-            // A tunnel: bytes pass untouched, with no deadline but the drain.
-            if this.drain_expired(cx) {
-                return Poll::Ready(Err(drained()));
-            }
+            // A tunnel: bytes pass untouched, with no deadline.
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let started = this
@@ -507,9 +473,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.upgraded() && self.drain_expired(cx) {
-            return Poll::Ready(Err(drained()));
-        }
         if self.rewrite.is_none() {
             if let Some((bytes, code)) = self.rewrite_auto_error(buf) {
                 self.count(code);
@@ -528,9 +491,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.upgraded() && self.drain_expired(cx) {
-            return Poll::Ready(Err(drained()));
-        }
         let first = bufs.iter().find(|b| !b.is_empty());
         if let Some(first) = first {
             if self.rewrite.is_some() || self.rewrite_auto_error(first).is_some() {

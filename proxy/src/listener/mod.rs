@@ -201,7 +201,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 limits.idle_timeout,
                 limits.max_header_bytes,
             )
-            .tied(close_rx.clone(), done);
+            .tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -246,7 +246,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 limits.idle_timeout,
                 limits.max_header_bytes,
             )
-            .tied(close_rx.clone(), done);
+            .tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -329,7 +329,7 @@ fn accept_queued(
 
 /// Runs one connection until it ends, or until its listener's drain
 /// timeout passes: then dropping it closes the socket, whatever it was
-/// doing (the guard ends a tunnel it became on the same signal).
+/// doing (a tunnel it became ends on the same signal in its own task).
 async fn until_closed<E: std::fmt::Display>(
     conn: impl std::future::Future<Output = Result<(), E>>,
     close: watch::Receiver<bool>,
