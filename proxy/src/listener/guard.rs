@@ -260,12 +260,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
 /// what has arrived). The rest of a body hyper drains after an early answer
 /// almost never does.
 fn starts_like_head(got: &[u8]) -> bool {
-    let rest = match got.iter().position(|b| !matches!(b, b'\r' | b'\n')) {
-        Some(i) => &got[i..],
-        None => return true,
+    let Some(rest) = after_empty_lines(got) else {
+        return true;
     };
     let method = rest.iter().take_while(|b| b.is_ascii_alphabetic()).count();
     method > 0 && method <= 16 && rest.get(method).is_none_or(|b| *b == b' ')
+}
+
+/// `bytes` after the empty lines a client may send between requests (hyper
+/// skips them); `None` when that is all there is.
+fn after_empty_lines(bytes: &[u8]) -> Option<&[u8]> {
+    let start = bytes.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+    Some(&bytes[start..])
 }
 
 /// Why the guard refuses a request head itself.
@@ -291,52 +297,66 @@ fn heads_problem(bytes: &[u8], mut end: usize) -> Option<&'static str> {
     let mut head = &bytes[..end];
     let mut rest = &bytes[end + 4..];
     loop {
-        if let Some(problem) = framing_problem(head) {
+        let framing = Framing::of(head);
+        if let Some(problem) = framing.problem() {
             return Some(problem);
         }
-        let body = body_length(head)?;
+        let body = framing.length?;
         rest = rest.get(body..)?;
-        let start = rest.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
-        rest = &rest[start..];
+        rest = after_empty_lines(rest)?;
         end = head_end(rest)?;
         head = &rest[..end];
         rest = &rest[end + 4..];
     }
 }
 
-/// The body length a head declares: 0 without `Content-Length`, `None`
-/// when it cannot be known from the head (chunked, or unparsable).
-fn body_length(head: &[u8]) -> Option<usize> {
-    let mut length = 0;
-    for line in head.split(|b| *b == b'\n').skip(1) {
-        let (name, value) = match line.iter().position(|b| *b == b':') {
-            Some(colon) => (&line[..colon], &line[colon + 1..]),
-            None => continue,
-        };
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            return None;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            length = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
-        }
-    }
-    Some(length)
+/// What a request head's header lines say about its body, read in one pass.
+struct Framing {
+    content_length: bool,
+    transfer_encoding: bool,
+    /// The declared `Content-Length` (0 without one); `None` when the body's
+    /// length cannot be known from the head (chunked, or unparsable).
+    length: Option<usize>,
 }
 
-/// Checks the header lines of one request head.
-fn framing_problem(head: &[u8]) -> Option<&'static str> {
-    let mut content_length = false;
-    let mut transfer_encoding = false;
-    for line in head.split(|b| *b == b'\n').skip(1) {
-        let name = line.split(|b| *b == b':').next().unwrap_or(b"");
-        if name.eq_ignore_ascii_case(b"content-length") {
-            content_length = true;
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoding = true;
+impl Framing {
+    fn of(head: &[u8]) -> Self {
+        let mut f = Self {
+            content_length: false,
+            transfer_encoding: false,
+            length: Some(0),
+        };
+        let mut unknown = false;
+        for line in head.split(|b| *b == b'\n').skip(1) {
+            let (name, value) = match line.iter().position(|b| *b == b':') {
+                Some(colon) => (&line[..colon], Some(&line[colon + 1..])),
+                None => (line, None),
+            };
+            if name.eq_ignore_ascii_case(b"content-length") {
+                f.content_length = true;
+                if let Some(v) = value {
+                    let parsed = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok());
+                    unknown |= parsed.is_none();
+                    f.length = parsed;
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                f.transfer_encoding = true;
+                unknown |= value.is_some();
+            }
         }
+        if unknown {
+            f.length = None;
+        }
+        f
     }
-    (content_length && transfer_encoding)
-        .then_some("both Content-Length and Transfer-Encoding are set")
+
+    /// Framing hyper accepts but a proxy must refuse.
+    fn problem(&self) -> Option<&'static str> {
+        (self.content_length && self.transfer_encoding)
+            .then_some("both Content-Length and Transfer-Encoding are set")
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
