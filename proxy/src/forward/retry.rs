@@ -103,10 +103,10 @@ impl<'a> Replay<'a> {
         })
     }
 
-    fn request(&self, addr: std::net::SocketAddr) -> Result<Request<ProxyBody>, ProxyError> {
+    fn request(&self, authority: http::uri::Authority) -> Result<Request<ProxyBody>, ProxyError> {
         let uri = Uri::builder()
             .scheme("http")
-            .authority(addr.to_string())
+            .authority(authority)
             .path_and_query(self.path_and_query.as_str())
             .build()
             .map_err(|e| {
@@ -209,7 +209,7 @@ async fn tries(
             c.with(|c| c.set_upstream(picked.addr));
         }
         last = picked.addr;
-        let req = replay.request(picked.addr)?;
+        let req = replay.request(picked.authority())?;
         result = once(upstream, upstream.start(picked), req, per_try).await;
     }
     result
