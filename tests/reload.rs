@@ -175,14 +175,8 @@ async fn swapping_a_filter_under_load_fails_nothing() {
 async fn broken_modules_and_configs_change_nothing() {
     let app = TestUpstream::start("app").await;
     let other = TestUpstream::start("other").await;
-    let dir = TempDir::new("reload-bad");
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "swap")]);
     let filters = dir.path().join("filters.d");
-    std::fs::create_dir_all(&filters).unwrap();
-    std::fs::copy(
-        fixture("wasm32-wasip1", "headers"),
-        filters.join("swap.wasm"),
-    )
-    .unwrap();
     let port = free_port();
     let config = |cluster: &str| {
         format!(
@@ -331,14 +325,8 @@ async fn broken_modules_and_configs_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_config_beside_its_module_reloads() {
     let app = TestUpstream::start("app").await;
-    let dir = TempDir::new("reload-beside");
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "swap")]);
     let filters = dir.path().join("filters.d");
-    std::fs::create_dir_all(&filters).unwrap();
-    std::fs::copy(
-        fixture("wasm32-wasip1", "headers"),
-        filters.join("swap.wasm"),
-    )
-    .unwrap();
     let port = free_port();
     let config = format!(
         "[filters.swap]\nmodule = \"swap.wasm\"\nconfig = {SWAP_CONFIG}\n\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"swap\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
@@ -718,14 +706,7 @@ async fn a_reload_whose_new_port_is_taken_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_reload_leaves_the_filters_as_they_were() {
     let app = TestUpstream::start("app").await;
-    let dir = TempDir::new("reload-rejected-filters");
-    let filters = dir.path().join("filters.d");
-    std::fs::create_dir_all(&filters).unwrap();
-    std::fs::copy(
-        fixture("wasm32-wasip1", "headers"),
-        filters.join("swap.wasm"),
-    )
-    .unwrap();
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "swap")]);
     let main = loopback(free_port());
     let with = |settings: &str, extra: &str| {
         format!(

@@ -202,11 +202,22 @@ pub fn with_builtin_filters(names: &[&str]) -> TempDir {
 
 /// A temp dir with `filters.d/` holding the named fixtures of `target`.
 pub fn with_fixtures(target: &str, names: &[&str]) -> TempDir {
+    let named: Vec<(&str, &str)> = names.iter().map(|n| (*n, *n)).collect();
+    with_fixtures_as(target, &named)
+}
+
+/// A temp dir with `filters.d/` holding fixtures of `target` under other
+/// names: each `(fixture, file)` is copied to `filters.d/{file}.wasm`.
+pub fn with_fixtures_as(target: &str, named: &[(&str, &str)]) -> TempDir {
     let dir = TempDir::new("filters");
     let fd = dir.path().join("filters.d");
     std::fs::create_dir_all(&fd).unwrap();
-    for n in names {
-        std::fs::copy(fixture(target, n), fd.join(format!("{n}.wasm"))).unwrap();
+    for (fixture_name, file) in named {
+        std::fs::copy(
+            fixture(target, fixture_name),
+            fd.join(format!("{file}.wasm")),
+        )
+        .unwrap();
     }
     dir
 }
