@@ -250,10 +250,15 @@ fn endpoint<'a>(
 /// wasp (2 workers) whose outbound listener on `port` sends host `svc` to
 /// the cluster `svc`, configured by `cluster` (the body of its table).
 fn svc_sidecar(port: u16, cluster: &str) -> Wasp {
+    svc_sidecar_with(port, 2, "", cluster)
+}
+
+/// [`svc_sidecar`] with `workers` and `route` (lines added to the route).
+fn svc_sidecar_with(port: u16, workers: usize, route: &str, cluster: &str) -> Wasp {
     Wasp::start(&format!(
         r#"
 [proxy]
-workers = 2
+workers = {workers}
 
 [[listeners]]
 name = "outbound"
@@ -261,7 +266,7 @@ bind = "127.0.0.1:{port}"
   [[listeners.routes]]
   match = {{ host = "svc" }}
   cluster = "svc"
-
+{route}
 [clusters.svc]
 {cluster}"#
     ))
@@ -362,27 +367,19 @@ async fn killing_an_endpoint_under_load_is_invisible_to_gets() {
     let mut b = Server::start("b").await;
     let c = Server::start("c").await;
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 2
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-  retry = {{ on = ["connect-failure", "reset", "5xx"], attempts = 2, per_try_timeout = "500ms" }}
-
-[clusters.svc]
-endpoints = ["{}", "{}", "{}"]
+    let wasp = svc_sidecar_with(
+        port,
+        2,
+        r#"  retry = { on = ["connect-failure", "reset", "5xx"], attempts = 2, per_try_timeout = "500ms" }"#,
+        &format!(
+            r#"endpoints = ["{}", "{}", "{}"]
 connect_timeout = "200ms"
 health = {{ path = "/healthz", interval = "200ms", timeout = "150ms", unhealthy = 2, healthy = 1 }}
 outlier = {{ consecutive_failures = 3, base_ejection = "1s", max_ejection_percent = 50 }}
 "#,
-        a.addr, b.addr, c.addr
-    ));
+            a.addr, b.addr, c.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -464,25 +461,18 @@ async fn an_endpoint_answering_503_is_ejected_after_the_threshold() {
     let c = Server::start("c").await;
     bad.status.store(503, Ordering::SeqCst);
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-endpoints = ["{}", "{}", "{}"]
+    let wasp = svc_sidecar_with(
+        port,
+        1,
+        "",
+        &format!(
+            r#"endpoints = ["{}", "{}", "{}"]
 balance = "round_robin"
 outlier = {{ consecutive_failures = 5, base_ejection = "30s", max_ejection_percent = 50 }}
 "#,
-        a.addr, bad.addr, c.addr
-    ));
+            a.addr, bad.addr, c.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = h1_client();
     let mut statuses = BTreeMap::new();
@@ -998,24 +988,15 @@ async fn circuit_breaker_answers_overflow() {
     let slow = Server::start("slow").await;
     slow.delay_ms.store(300, Ordering::SeqCst);
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "outbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ host = "svc" }}
-  cluster = "svc"
-
-[clusters.svc]
-endpoints = ["{}"]
-limits = {{ max_requests = 2 }}
-"#,
-        slow.addr
-    ));
+    let wasp = svc_sidecar_with(
+        port,
+        1,
+        "",
+        &format!(
+            "endpoints = [\"{}\"]\nlimits = {{ max_requests = 2 }}\n",
+            slow.addr
+        ),
+    );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut tasks = Vec::new();
     for _ in 0..5 {
