@@ -103,18 +103,12 @@ for round in $(seq "$ROUNDS"); do
     hs_after=$(metric "$inadmin" wasp_tls_handshakes_total)
     res_after=$(metric "$inadmin" wasp_tls_resumed_handshakes_total)
     python3 - "$out/wrk-$shape-$round.txt" "$shape" "$round" "$(( after - before ))" "$hz" "$(( hs_after - hs_before ))" "$(( res_after - res_before ))" >> "$results" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
+import sys
+from bench.wrk import parse
+w = parse(sys.argv[1])
 shape, rnd, ticks, hz, hs, res = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-def ms(v):
-    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
-    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-secs = float(re.search(r"requests in ([\d.]+)s", text).group(1))
-p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
-p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
-errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-print(f"{shape}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{ticks/hz:.2f}\t{hs/secs:.0f}\t{res/secs:.0f}\t{errors.group(0) if errors else ''}")
+secs = w["secs"]
+print(f"{shape}\t{rnd}\t{w['rps']:.0f}\t{w['p50']:.3f}\t{w['p99']:.3f}\t{ticks/hz:.2f}\t{hs/secs:.0f}\t{res/secs:.0f}\t{w['error']}")
 PY
   done
 done

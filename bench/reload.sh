@@ -115,13 +115,11 @@ run() { # $1: steady|swaps, $2: round
   local swaps=0
   if [ -n "$pid" ]; then rm -f "$flag"; wait "$pid"; swaps=$(cat "$flag.count"); fi
   python3 - "$out/wrk-$1-$2.txt" "$1" "$swaps" >> "$results" <<'PY'
-import re, sys
-t = open(sys.argv[1]).read()
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t)
-sock = re.search(r"Socket errors: (.*)", t)
-errs = (f"non2xx={non2xx.group(1)} " if non2xx else "") + (sock.group(1) if sock else "")
-print(f"{sys.argv[2]}\t{rps:.0f}\t{sys.argv[3]}\t{errs.strip() or 'none'}")
+import sys
+from bench.wrk import parse
+w = parse(sys.argv[1])
+errs = (f"non2xx={w['non2xx']} " if w["non2xx"] is not None else "") + (w["socket_errors"] or "")
+print(f"{sys.argv[2]}\t{w['rps']:.0f}\t{sys.argv[3]}\t{errs.strip() or 'none'}")
 PY
 }
 for round in $(seq "$ROUNDS"); do

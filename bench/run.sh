@@ -119,21 +119,14 @@ for round in $(seq "$ROUNDS"); do
     after="0 0"; [ ${#procs[@]} -gt 0 ] && after=$(cpu_ticks "${procs[@]}")
     rss=0; [ ${#procs[@]} -gt 0 ] && rss=$(rss_kb "${procs[@]}")
     python3 - "$out/wrk-$target-$shape-$round.txt" "$label" "$round" "$before" "$after" "$hz" "$rss" >> "$results" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
+import sys
+from bench.wrk import parse
+w = parse(sys.argv[1])
 target, rnd, hz, rss = sys.argv[2], sys.argv[3], int(sys.argv[6]), sys.argv[7]
 (u0, k0), (u1, k1) = (map(int, sys.argv[4].split())), (map(int, sys.argv[5].split()))
 user, kern = (u1 - u0) / hz, (k1 - k0) / hz
-def ms(v):
-    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
-    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-total = int(re.search(r"(\d+) requests in", text).group(1))
-p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
-p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
-errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-us = lambda secs: secs * 1e6 / total
-print(f"{target}\t{rnd}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{user + kern:.2f}\t{us(user):.1f}\t{us(kern):.1f}\t{rss}\t{errors.group(0) if errors else ''}")
+us = lambda secs: secs * 1e6 / w["requests"]
+print(f"{target}\t{rnd}\t{w['rps']:.0f}\t{w['p50']:.3f}\t{w['p99']:.3f}\t{user + kern:.2f}\t{us(user):.1f}\t{us(kern):.1f}\t{rss}\t{w['error']}")
 PY
   done
   done

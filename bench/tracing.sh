@@ -61,16 +61,11 @@ for round in $(seq "$ROUNDS"); do
   for mode in off unsampled on; do
     wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://${addr[$mode]}/bench" > "$out/wrk-$mode-$round.txt"
     python3 - "$out/wrk-$mode-$round.txt" "$mode" >> "$results" <<'PY'
-import re, sys
-t = open(sys.argv[1]).read()
-def ms(v):
-    n, u = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
-    return n * {"us": 0.001, "ms": 1, "s": 1000}[u]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-reqs = int(re.search(r"(\d+) requests in", t).group(1))
-p99 = ms(re.search(r"^\s+99%\s+(\S+)", t, re.M).group(1))
-err = "non2xx" if "Non-2xx" in t else ""
-print(f"{sys.argv[2]}\t{rps:.0f}\t{p99:.3f}\t{reqs}\t{err}")
+import sys
+from bench.wrk import parse
+w = parse(sys.argv[1])
+err = "non2xx" if w["non2xx"] is not None else ""
+print(f"{sys.argv[2]}\t{w['rps']:.0f}\t{w['p99']:.3f}\t{w['requests']}\t{err}")
 PY
   done
 done
