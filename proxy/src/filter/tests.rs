@@ -835,6 +835,21 @@ mod real_upstream {
     }
 }
 
+/// Mean µs per request over `n` requests through `pl`: request headers,
+/// response headers, finish.
+async fn per_request_us(set: &Arc<FilterSet>, pl: &[Arc<str>], n: usize) -> f64 {
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut s = set.stream(pl, info());
+        let mut req = request("/bench?x=1", &[("x-a", "1"), ("user-agent", "bench")]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        let mut resp = response(200, &[("content-type", "text/plain")]);
+        expect_continue(s.response_headers(&mut resp, true).await);
+        s.finish(0, 0);
+    }
+    started.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
 /// Per-request cost of the filter chain (request headers, response headers,
 /// finish) with 0, 1 and 4 pass-through filters. Run with
 /// `cargo test --release -p wasp --lib filter::tests::overhead -- --ignored --nocapture`.
@@ -864,16 +879,7 @@ async fn overhead() {
             expect_continue(s.request_headers(&mut req, true).await);
             s.finish(0, 0);
         }
-        let started = Instant::now();
-        for _ in 0..n {
-            let mut s = set.stream(&pl, info());
-            let mut req = request("/bench?x=1", &[("x-a", "1"), ("user-agent", "bench")]);
-            expect_continue(s.request_headers(&mut req, true).await);
-            let mut resp = response(200, &[("content-type", "text/plain")]);
-            expect_continue(s.response_headers(&mut resp, true).await);
-            s.finish(0, 0);
-        }
-        let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let per = per_request_us(&set, &pl, n).await;
         println!("filters={chain}: {per:.2} us/request");
     }
     // A filter doing real guest work per request (JSON config walk, header
@@ -884,17 +890,7 @@ async fn overhead() {
     let set = load(vec![hs]);
     let pl = pipeline(&["p-headers"]);
     for round in 0..2 {
-        let n = 20_000;
-        let started = Instant::now();
-        for _ in 0..n {
-            let mut s = set.stream(&pl, info());
-            let mut req = request("/bench?x=1", &[("x-a", "1"), ("user-agent", "bench")]);
-            expect_continue(s.request_headers(&mut req, true).await);
-            let mut resp = response(200, &[("content-type", "text/plain")]);
-            expect_continue(s.response_headers(&mut resp, true).await);
-            s.finish(0, 0);
-        }
-        let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let per = per_request_us(&set, &pl, 20_000).await;
         if round == 1 {
             println!("headers filter: {per:.2} us/request");
         }
