@@ -557,14 +557,7 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
     });
     // The reload must find the slow request in flight: wait until the
     // upstream has it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.requests() == arrived {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the app"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app_got_one_more(app, arrived).await;
 
     let answer = apps.reload(&wasp, &[listener("main", main, "app")]);
     assert!(answer.contains("reloaded: generation"), "{answer}");
@@ -593,6 +586,19 @@ async fn a_removed_listener_refuses_new_connections_and_finishes_in_flight() {
     assert!(!wasp.log_text().contains("panicked"), "{}", wasp.log_text());
 }
 
+/// Waits (up to 10 s) until `app` has seen more than `arrived` requests:
+/// the slow request a test started is in flight there.
+async fn app_got_one_more(app: &TestUpstream, arrived: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.requests() == arrived {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The drain timeout is a deadline: what is still open on a removed
 /// listener when it passes (a long request, a WebSocket) is closed, not
 /// left serving on a listener that no longer exists.
@@ -616,14 +622,7 @@ async fn a_removed_listener_closes_what_outlives_the_drain_timeout() {
     let (mut slow_conn, _) = one_connection(leaving).await;
     let arrived = app.requests();
     let slow = tokio::spawn(async move { send_on(&mut slow_conn, "/slow?ms=8000").await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.requests() == arrived {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the app"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app_got_one_more(app, arrived).await;
 
     let answer = reconfigure(
         &wasp,
