@@ -287,16 +287,13 @@ endpoints = ["{}"]
 async fn scaffolded_filter_builds_and_loads() {
     let work = TempDir::new("scaffold");
     let crate_dir = work.path().join("hello-filter");
-    let out = Command::new(WASP)
-        .args(["filter", "new", "hello-filter", "--dir"])
-        .arg(&crate_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wasp_ok([
+        "filter".as_ref(),
+        "new".as_ref(),
+        "hello-filter".as_ref(),
+        "--dir".as_ref(),
+        crate_dir.as_os_str(),
+    ]);
     for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
         let text = std::fs::read_to_string(crate_dir.join(f)).unwrap();
         assert!(!text.contains("{{"), "{f} still has placeholders");

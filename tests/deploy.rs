@@ -212,17 +212,13 @@ fn await_waits_for_ready_and_times_out_clearly() {
     let app = rt.block_on(TestUpstream::start("app"));
     let (inbound, outbound) = (free_port(), free_port());
     let wasp = Wasp::start(&sidecar_config(inbound, outbound, app.addr, ""));
-    let out = Command::new(WASP)
-        .args([
-            "await",
-            "--admin",
-            &wasp.admin.to_string(),
-            "--timeout",
-            "5s",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let out = wasp_ok([
+        "await",
+        "--admin",
+        &wasp.admin.to_string(),
+        "--timeout",
+        "5s",
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("is ready"));
 
     let nowhere = format!("127.0.0.1:{}", free_port());
@@ -276,17 +272,7 @@ fn kubernetes_manifests_validate_and_embed_a_valid_config() {
     let tmp = TempDir::new("k8s");
     let path = tmp.path().join("wasp.toml");
     std::fs::write(&path, toml).unwrap();
-    let out = Command::new(WASP)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
         summary.contains("inbound on 0.0.0.0:15006")

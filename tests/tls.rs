@@ -258,17 +258,16 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// `wasp certs` as an operator would, in a fresh directory.
 fn mesh_certs(name: &str) -> TempDir {
     let certs = TempDir::new(name);
-    let out = Command::new(WASP)
-        .args(["certs", "--out"])
-        .arg(certs.path())
-        .args(["--ca-name", "mesh", "--service", "front,reviews"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = certs.path().as_os_str();
+    wasp_ok([
+        "certs".as_ref(),
+        "--out".as_ref(),
+        dir,
+        "--ca-name".as_ref(),
+        "mesh".as_ref(),
+        "--service".as_ref(),
+        "front,reviews".as_ref(),
+    ]);
     certs
 }
 
@@ -1126,18 +1125,8 @@ tls = {{ ca = "{ca}", cert = "{front}", key = "{front_key}", expect_identity = "
         ),
     )
     .unwrap();
-    let out = Command::new(WASP)
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let line = |prefix: &str| {
         stdout
             .lines()

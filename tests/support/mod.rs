@@ -200,6 +200,21 @@ pub fn with_builtin_filters(names: &[&str]) -> TempDir {
     dir
 }
 
+/// Runs the `wasp` CLI with `args` and returns its output, failing the test
+/// (with the command's stdout and stderr) unless it exited 0.
+pub fn wasp_ok<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
+    let out = Command::new(WASP).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A temp dir with `filters.d/` holding the named fixtures of `target`.
 pub fn with_fixtures(target: &str, names: &[&str]) -> TempDir {
     let named: Vec<(&str, &str)> = names.iter().map(|n| (*n, *n)).collect();
