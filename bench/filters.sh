@@ -7,14 +7,8 @@
 #   bench/filters.sh                 # ROUNDS=3 DURATION=5s CONNS=32 WORKERS=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-32}
-WORKERS=${WORKERS:-1}
-out="$root/target/bench-filters"
+. bench/common.sh bench-filters
 mkdir -p "$out/filters.d"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 
 cargo build -q --release -p wasp -p demo-app
 WASP_BUILD_FIXTURES=1 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null

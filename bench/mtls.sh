@@ -13,18 +13,7 @@
 #   ROUNDS=5 DURATION=10s bench/mtls.sh    # or: MTLS=1 bench/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-32}
-WORKERS=${WORKERS:-1}
-out="$root/target/bench-mtls"
-mkdir -p "$out"
-
-if ! command -v wrk >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq wrk
-fi
+. bench/common.sh bench-mtls
 
 cargo build -q --release -p wasp -p demo-app
 bin="${CARGO_TARGET_DIR:-$root/target}/release"

@@ -16,17 +16,11 @@
 #   bench/reload.sh     # SWAPS=20 ROUNDS=3 DURATION=5s CONNS=32 WORKERS=1 INTERVAL=0.25 SWAP_KIND=cached
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 SWAPS=${SWAPS:-20}
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-32}
-WORKERS=${WORKERS:-1}
 INTERVAL=${INTERVAL:-0.25}
 SWAP_KIND=${SWAP_KIND:-cached}   # cached: two versions back and forth; cold: a new version each swap
-out="$root/target/bench-reload"
+. bench/common.sh bench-reload
 rm -rf "$out"; mkdir -p "$out/filters.d"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 
 cargo build -q --release -p wasp -p demo-app
 WASP_BUILD_FIXTURES=1 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null

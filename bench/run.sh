@@ -12,23 +12,9 @@
 #   MTLS=1 bench/run.sh             # mTLS between two sidecars vs plaintext (bench/mtls.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 # MTLS=1: the sidecar-to-sidecar mTLS hop against plaintext instead (bench/mtls.sh).
-if [ "${MTLS:-0}" = 1 ]; then exec "$root/bench/mtls.sh"; fi
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-32}
-WORKERS=${WORKERS:-1}
-out="$root/target/bench"
-mkdir -p "$out"
-
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}"
-fi
+if [ "${MTLS:-0}" = 1 ]; then exec bench/mtls.sh; fi
+. bench/common.sh bench nginx=nginx-light
 
 cargo build -q --release -p demo-app
 bin="$root/target/release"

@@ -10,14 +10,7 @@
 #   bench/tracing.sh                 # ROUNDS=3 DURATION=5s CONNS=32 WORKERS=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-32}
-WORKERS=${WORKERS:-1}
-out="$root/target/bench-tracing"
-mkdir -p "$out"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+. bench/common.sh bench-tracing
 
 cargo build -q --release -p wasp -p demo-app
 cargo build -q --release -p wasp --example otlp-sink
