@@ -12,6 +12,7 @@ pub mod await_ready;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod errors;
 pub mod filter;
 pub mod forward;
 pub mod listener;

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -32,6 +32,7 @@ use super::set::FilterSet;
 use super::vm::{Callback, Failure};
 use super::worker::{self, spawn_callout, CalloutDone, Deliver};
 use super::{BodyVerdict, FailPolicy, StreamInfo, Verdict};
+use crate::errors::ErrorCode;
 
 /// One filter of the pipeline, for this stream.
 #[derive(Debug, Clone, Copy)]
@@ -86,21 +87,7 @@ impl std::fmt::Debug for StreamFilters {
 }
 
 fn failure_response(name: &str, why: &Failure) -> Response<Bytes> {
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "filter_failed",
-        format!("filter \"{name}\" failed: {why}\n"),
-    )
-}
-
-fn error_response(status: StatusCode, code: &'static str, body: String) -> Response<Bytes> {
-    let mut r = Response::new(Bytes::from(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert("x-wasp-error", HeaderValue::from_static(code));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
+    ErrorCode::FilterFailed.response(&format!("filter \"{name}\" failed: {why}"))
 }
 
 fn local_response(l: LocalResponse) -> Response<Bytes> {
@@ -258,11 +245,10 @@ impl StreamFilters {
             return Step::Respond(local_response(l));
         }
         if out.actions.close {
-            return Step::Respond(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "filter_closed_stream",
-                format!("filter \"{}\" closed the stream\n", self.name(pos)),
-            ));
+            return Step::Respond(
+                ErrorCode::FilterClosedStream
+                    .response(&format!("filter \"{}\" closed the stream", self.name(pos))),
+            );
         }
         Step::Go {
             pause: out.pause,
@@ -442,14 +428,10 @@ impl StreamFilters {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
                 if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
-                    return BodyVerdict::Respond(error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!(
-                            "body buffered for filter \"{}\" exceeds its limit\n",
-                            self.name(pos)
-                        ),
-                    ));
+                    return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                        "body buffered for filter \"{}\" exceeds its limit",
+                        self.name(pos)
+                    )));
                 }
                 b.extend_from_slice(&chunk);
                 (k, b)
@@ -487,14 +469,10 @@ impl StreamFilters {
                 }
                 Step::Go { pause: true, .. } if !eos => {
                     if buf.len() as u64 > self.max_body(pos) {
-                        return BodyVerdict::Respond(error_response(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "body_too_large",
-                            format!(
-                                "body buffered for filter \"{}\" exceeds its limit\n",
-                                self.name(pos)
-                            ),
-                        ));
+                        return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                            "body buffered for filter \"{}\" exceeds its limit",
+                            self.name(pos)
+                        )));
                     }
                     let held = Some((k, buf));
                     match dir {

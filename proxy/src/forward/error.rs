@@ -1,16 +1,18 @@
 //! Responses the proxy makes itself, and why.
 //!
 //! Every failure on the request path ends up as one [`ProxyError`]. It knows
-//! its `x-wasp-error` code, status and one-line reason, so the response, the
-//! log line and the error counter all say the same thing.
+//! its [`ErrorCode`] (which decides the status) and one-line reason, so the
+//! response, the log line and the error counter all say the same thing;
+//! the response itself is rendered by [`crate::errors`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::errors::ErrorCode;
 use crate::upstream::ProxyBody;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,84 +67,46 @@ pub enum ProxyError {
     Overflow(String),
 }
 
-/// Every `x-wasp-error` code counted in `wasp_proxy_errors_total`, in one
-/// place: a [`ProxyError`]'s, the connection guard's (`header_timeout`,
-/// `header_too_large`, `uri_too_long`) and the listener's `overflow`.
-/// Metrics pre-resolve one counter per code from this list (a code missing
-/// here is still counted, on a slower path).
-pub const ERROR_CODES: [&str; 15] = [
-    "no_route",
-    "unknown_cluster",
-    "no_endpoint",
-    "upstream_connect",
-    "upstream_timeout",
-    "upstream_reset",
-    "upstream_tls",
-    "unauthorized_peer",
-    "body_too_large",
-    "bad_request",
-    "body_timeout",
-    "overflow",
-    "header_timeout",
-    "header_too_large",
-    "uri_too_long",
-];
-
 impl ProxyError {
-    /// The value of `x-wasp-error`: stable, documented, safe to alert on.
-    pub fn code(&self) -> &'static str {
+    /// Its `x-wasp-error` code, which also decides the status.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::NoRoute { .. } => "no_route",
-            Self::UnknownCluster(_) => "unknown_cluster",
-            Self::NoEndpoint(_) => "no_endpoint",
-            Self::UpstreamConnect { .. } => "upstream_connect",
-            Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::UpstreamReset { .. } => "upstream_reset",
-            Self::UpstreamTls { .. } => "upstream_tls",
-            Self::UnauthorizedPeer { .. } => "unauthorized_peer",
-            Self::BodyTooLarge { .. } => "body_too_large",
-            Self::BadRequest(_) => "bad_request",
-            Self::BodyTimeout { .. } => "body_timeout",
-            Self::Overflow(_) => "overflow",
+            Self::NoRoute { .. } => ErrorCode::NoRoute,
+            Self::UnknownCluster(_) => ErrorCode::UnknownCluster,
+            Self::NoEndpoint(_) => ErrorCode::NoEndpoint,
+            Self::UpstreamConnect { .. } => ErrorCode::UpstreamConnect,
+            Self::UpstreamTimeout { .. } => ErrorCode::UpstreamTimeout,
+            Self::UpstreamReset { .. } => ErrorCode::UpstreamReset,
+            Self::UpstreamTls { .. } => ErrorCode::UpstreamTls,
+            Self::UnauthorizedPeer { .. } => ErrorCode::UnauthorizedPeer,
+            Self::BodyTooLarge { .. } => ErrorCode::BodyTooLarge,
+            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::BodyTimeout { .. } => ErrorCode::BodyTimeout,
+            Self::Overflow(_) => ErrorCode::Overflow,
         }
     }
 
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::UnknownCluster(_) | Self::NoEndpoint(_) | Self::Overflow(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::UpstreamConnect { .. }
-            | Self::UpstreamReset { .. }
-            | Self::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
-            Self::UnauthorizedPeer { .. } => StatusCode::FORBIDDEN,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-        }
+        self.code().status()
     }
 
     pub fn to_response(&self) -> Response<ProxyBody> {
-        local_response(self.status(), self.code(), &self.to_string())
+        local_response(self.code(), &self.to_string())
     }
 }
 
-/// A plain-text response made by the proxy, carrying `x-wasp-error`.
-pub fn local_response(status: StatusCode, code: &'static str, reason: &str) -> Response<ProxyBody> {
-    let body = format!("{reason}\n");
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
+/// A response made by the proxy (see [`ErrorCode::response`]), with
+/// forward's body type.
+pub fn local_response(code: ErrorCode, reason: &str) -> Response<ProxyBody> {
+    boxed(code.response(reason))
+}
+
+/// A whole-body response (a proxy-made or a filter's local one) with
+/// forward's body type.
+pub(super) fn boxed(resp: Response<Bytes>) -> Response<ProxyBody> {
+    resp.map(|body| {
+        Full::new(body)
             .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert("x-wasp-error", HeaderValue::from_static(code));
-    resp
+            .boxed_unsync()
+    })
 }

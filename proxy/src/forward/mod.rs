@@ -25,8 +25,9 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-pub use error::{local_response, ProxyError, ERROR_CODES};
+pub use error::{local_response, ProxyError};
 
+use crate::errors::ErrorCode;
 use crate::filter::{StreamInfo, Verdict};
 use crate::server::{Shared, Snapshot};
 use crate::telemetry::RequestStats;
@@ -123,9 +124,9 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => {
             if let Some(t) = &mut trace {
-                t.error(err.code());
+                t.error(err.code().as_str());
             }
-            let code = err.code();
+            let code = err.code().as_str();
             let names = (&outcome.route, &outcome.cluster);
             let resp = respond_error(&conn, li, &snapshot, names, &request_id, err);
             if let Some(c) = &chain {
@@ -213,11 +214,7 @@ fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
 
 /// Turns a filter's local answer into a response of the proxy's body type.
 fn local_answer(resp: Response<bytes::Bytes>) -> Response<ProxyBody> {
-    resp.map(|b| {
-        http_body_util::Full::new(b)
-            .map_err(|never| match never {})
-            .boxed_unsync()
-    })
+    error::boxed(resp)
 }
 
 struct Outcome {
@@ -456,7 +453,7 @@ async fn forward(
         t.upstream_end(
             sent.as_ref()
                 .map(|r| r.status().as_u16())
-                .map_err(|e| e.code()),
+                .map_err(|e| e.code().as_str()),
         );
     }
     let mut resp = match sent {
@@ -636,8 +633,7 @@ fn authority(req: &http::request::Parts) -> Option<String> {
 /// connection closes.
 fn listener_removed(name: &str) -> Response<ProxyBody> {
     let mut resp = error::local_response(
-        http::StatusCode::SERVICE_UNAVAILABLE,
-        "listener_removed",
+        ErrorCode::ListenerRemoved,
         &format!("listener \"{name}\" was removed by a reload"),
     );
     resp.headers_mut()

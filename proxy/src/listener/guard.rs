@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::errors::ErrorCode;
 use crate::forward::Activity;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -149,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
 
     /// Counts an answer the guard made (or labelled) in
     /// `wasp_proxy_errors_total`, like every other proxy-made response.
-    fn count(&self, code: &'static str) {
+    fn count(&self, code: ErrorCode) {
         if let Some(slot) = &self.slot {
             slot.stats.error(code);
         }
@@ -157,17 +158,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
 
     /// Answers 408 (see [`Self::say`]).
     fn send_408(&mut self, cx: &mut Context<'_>) {
-        self.count("header_timeout");
-        let body = format!(
-            "request head not received within {:?}\n",
+        self.count(ErrorCode::HeaderTimeout);
+        let resp = ErrorCode::HeaderTimeout.raw_http1(&format!(
+            "request head not received within {:?}",
             self.header_timeout
-        );
-        let resp = format!(
-            "HTTP/1.1 408 Request Timeout\r\nx-wasp-error: header_timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-            body.len(),
-            body
-        );
-        self.say(cx, resp.as_bytes());
+        ));
+        self.say(cx, &resp);
         tracing::info!(
             "closing a connection whose request head did not arrive within {:?}",
             self.header_timeout
@@ -228,15 +224,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     }
 
     fn reject(&mut self, cx: &mut Context<'_>, refusal: Refusal) {
-        let (status, code, reason) = match refusal {
-            Refusal::Framing(problem) => (
-                "400 Bad Request",
-                "bad_request",
-                format!("bad request: {problem}"),
-            ),
+        let (code, reason) = match refusal {
+            Refusal::Framing(problem) => (ErrorCode::BadRequest, format!("bad request: {problem}")),
             Refusal::TooLarge => (
-                "431 Request Header Fields Too Large",
-                "header_too_large",
+                ErrorCode::HeaderTooLarge,
                 format!(
                     "request head is larger than the listener's limit of {} bytes",
                     self.max_head
@@ -244,14 +235,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             ),
         };
         self.count(code);
-        let body = format!("{reason}\n");
-        let resp = format!(
-            "HTTP/1.1 {status}\r\nx-wasp-error: {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-            body.len(),
-            body
-        );
-        self.say(cx, resp.as_bytes());
-        tracing::info!(code, "rejected a request head: {reason}");
+        self.say(cx, &code.raw_http1(&reason));
+        tracing::info!(code = code.as_str(), "rejected a request head: {reason}");
     }
 }
 
@@ -440,7 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// If hyper is writing its own error answer to a malformed head, returns
     /// the same bytes with `x-wasp-error` added after the status line, and
     /// the code. Pure: a caller may ask more than once for the same bytes.
-    fn rewrite_auto_error(&self, buf: &[u8]) -> Option<(Vec<u8>, &'static str)> {
+    fn rewrite_auto_error(&self, buf: &[u8]) -> Option<(Vec<u8>, ErrorCode)> {
         if self.h2 || self.activity.busy() || !buf.starts_with(b"HTTP/1.1 4") {
             return None;
         }
@@ -454,17 +439,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         if self.head_seq != Some(started) || self.upgraded() {
             return None;
         }
-        let code = match buf.get(9..12)? {
-            b"400" => "bad_request",
-            b"431" => "header_too_large",
-            b"414" => "uri_too_long",
-            _ => return None,
-        };
+        let code = ErrorCode::of_hyper_status(buf.get(9..12)?)?;
         let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
         let mut out = Vec::with_capacity(buf.len() + 40);
         out.extend_from_slice(&buf[..line_end]);
-        out.extend_from_slice(b"x-wasp-error: ");
-        out.extend_from_slice(code.as_bytes());
+        out.extend_from_slice(crate::errors::HEADER.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(code.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&buf[line_end..]);
         Some((out, code))
@@ -496,7 +477,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if self.rewrite.is_none() {
             if let Some((bytes, code)) = self.rewrite_auto_error(buf) {
                 self.count(code);
-                tracing::info!(code, "rejected a malformed request head");
+                tracing::info!(code = code.as_str(), "rejected a malformed request head");
                 self.rewrite = Some((bytes, 0, buf.len()));
             }
         }

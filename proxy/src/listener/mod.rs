@@ -40,6 +40,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::errors::ErrorCode;
 use crate::forward::{self, Activity, ConnCtx};
 use crate::server::Shared;
 use guard::Guarded;
@@ -176,7 +177,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let open = runtime.open_connections.fetch_add(1, Ordering::AcqRel);
         if open >= cfg.limits.max_connections {
             runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
-            runtime.stats.error("overflow");
+            runtime.stats.error(ErrorCode::Overflow);
             // A TLS client cannot read a plaintext answer: just close.
             if cfg.tls.is_none() {
                 reject_overflow(stream, cfg.limits.max_connections);
@@ -412,14 +413,10 @@ fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExe
 fn reject_overflow(stream: tokio::net::TcpStream, limit: usize) {
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        let body = format!("listener is at its limit of {limit} connections\n");
-        let resp = format!(
-            "HTTP/1.1 503 Service Unavailable\r\nx-wasp-error: overflow\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-            body.len(),
-            body
-        );
+        let resp = ErrorCode::Overflow
+            .raw_http1(&format!("listener is at its limit of {limit} connections"));
         let mut stream = stream;
-        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.write_all(&resp).await;
         let _ = stream.shutdown().await;
     });
 }

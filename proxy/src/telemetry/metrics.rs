@@ -8,7 +8,7 @@
 
 // Every `x-wasp-error` code, resolved per listener when its stats are
 // built so counting an error takes no lock.
-use crate::forward::ERROR_CODES;
+use crate::errors::ErrorCode;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -107,8 +107,8 @@ pub struct ListenerStats {
     pub tls_handshakes: Counter,
     /// Of those, resumed ones (a session ticket, no certificate exchange).
     pub tls_resumed: Counter,
-    /// The error counter of each code in [`ERROR_CODES`], same order.
-    errors: Arc<[Counter; ERROR_CODES.len()]>,
+    /// The error counter of each code, indexed by `ErrorCode as usize`.
+    errors: Arc<[Counter]>,
     metrics: Arc<Metrics>,
     listener: Arc<str>,
 }
@@ -254,14 +254,17 @@ impl Metrics {
             accepted: self.conns_total.get_or_create(&labels).clone(),
             tls_handshakes: self.tls_handshakes.get_or_create(&labels).clone(),
             tls_resumed: self.tls_resumed.get_or_create(&labels).clone(),
-            errors: Arc::new(ERROR_CODES.map(|code| {
-                self.errors
-                    .get_or_create(&ErrorLabels {
-                        listener: listener.to_string(),
-                        code,
-                    })
-                    .clone()
-            })),
+            errors: ErrorCode::ALL
+                .iter()
+                .map(|code| {
+                    self.errors
+                        .get_or_create(&ErrorLabels {
+                            listener: listener.to_string(),
+                            code: code.as_str(),
+                        })
+                        .clone()
+                })
+                .collect(),
             metrics: self.clone(),
             listener: listener.clone(),
         }
@@ -362,19 +365,23 @@ impl ListenerStats {
     /// Counts a proxy-made error. Errors come in storms (an upstream down,
     /// a flood of bad requests), and the family's lock is shared by every
     /// worker, so the known codes go straight to their pre-resolved counter.
-    pub fn error(&self, code: &'static str) {
-        let mut known = ERROR_CODES.iter().zip(self.errors.iter());
-        if let Some((_, counter)) = known.find(|(c, _)| **c == code) {
-            counter.inc();
-            return;
+    pub fn error(&self, code: ErrorCode) {
+        match self.errors.get(code as usize) {
+            Some(counter) => {
+                counter.inc();
+            }
+            // Unreachable while `errors` is built from `ErrorCode::ALL`;
+            // counting through the family keeps it correct regardless.
+            None => {
+                self.metrics
+                    .errors
+                    .get_or_create(&ErrorLabels {
+                        listener: self.listener.to_string(),
+                        code: code.as_str(),
+                    })
+                    .inc();
+            }
         }
-        self.metrics
-            .errors
-            .get_or_create(&ErrorLabels {
-                listener: self.listener.to_string(),
-                code,
-            })
-            .inc();
     }
 }
 
@@ -410,7 +417,8 @@ fn prometheus_text(open_metrics: &str) -> String {
 mod tests {
     use std::sync::Arc;
 
-    use super::{ErrorLabels, Metrics, ERROR_CODES};
+    use super::{ErrorLabels, Metrics};
+    use crate::errors::ErrorCode;
 
     fn labels(code: &'static str) -> ErrorLabels {
         ErrorLabels {
@@ -426,26 +434,24 @@ mod tests {
         // Dropped from the family, the series can only come back through a
         // lookup, which the hot path must not do.
         metrics.errors.remove(&labels("upstream_connect"));
-        stats.error("upstream_connect");
+        stats.error(ErrorCode::UpstreamConnect);
         assert!(metrics.errors.get(&labels("upstream_connect")).is_none());
-        let i = ERROR_CODES.iter().position(|c| *c == "upstream_connect");
-        assert_eq!(i.map(|i| stats.errors[i].get()), Some(1));
+        let i = ErrorCode::UpstreamConnect as usize;
+        assert_eq!(stats.errors.get(i).map(|c| c.get()), Some(1));
     }
 
     #[test]
     fn error_series_keep_their_names_and_labels() {
         let metrics = Metrics::new();
         let stats = metrics.listener_stats(&Arc::from("inbound"));
-        stats.error("no_route");
-        stats.error("no_route");
-        // Not a known code: still counted, through the family.
-        stats.error("not_a_code");
+        stats.error(ErrorCode::NoRoute);
+        stats.error(ErrorCode::NoRoute);
         let mut text = String::new();
         metrics.render(&mut text);
         for line in [
             "# TYPE wasp_proxy_errors_total counter",
             "wasp_proxy_errors_total{listener=\"inbound\",code=\"no_route\"} 2",
-            "wasp_proxy_errors_total{listener=\"inbound\",code=\"not_a_code\"} 1",
+            "wasp_proxy_errors_total{listener=\"inbound\",code=\"filter_failed\"} 0",
             "wasp_proxy_errors_total{listener=\"inbound\",code=\"overflow\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
