@@ -33,7 +33,7 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                 b'"' | b'\'' => {
                     let quote = if bytes[i] == b'"' { "\"" } else { "'" };
                     let triple = if quote == "\"" { "\"\"\"" } else { "'''" };
-                    if text[i..].starts_with(triple) {
+                    if bytes[i..].starts_with(triple.as_bytes()) {
                         in_string = Some(triple);
                         i += 3;
                     } else {
@@ -49,21 +49,27 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                     i += 2;
                     continue;
                 }
-                if text[i..].starts_with(delim) {
+                // Byte comparisons: an escape (`\\` then any byte) can
+                // leave `i` inside a multi-byte character, where slicing
+                // the `str` would panic.
+                if bytes[i..].starts_with(delim.as_bytes()) {
                     in_string = None;
                     i += delim.len();
                     continue;
                 }
-                if text[i..].starts_with("$${") {
+                if bytes[i..].starts_with(b"$${") {
                     out.push_str(&text[copied..i]);
                     out.push_str("${");
                     i += 3;
                     copied = i;
                     continue;
                 }
-                if text[i..].starts_with("${") {
-                    if let Some(end) = text[i + 2..].find('}') {
-                        let name = &text[i + 2..i + 2 + end];
+                if bytes[i..].starts_with(b"${") {
+                    let name_at = i + 2;
+                    let end = bytes[name_at..].iter().position(|b| *b == b'}');
+                    // `${` and `}` are ASCII, so both ends are char boundaries.
+                    if let Some(name) = end.and_then(|end| text.get(name_at..name_at + end)) {
+                        let end = name.len();
                         let value = lookup(name).ok_or_else(|| Unset {
                             name: name.to_string(),
                             offset: i,

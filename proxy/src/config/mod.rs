@@ -167,7 +167,11 @@ pub fn parse(
         vec![Problem {
             line,
             column,
-            message: e.message().trim().to_string(),
+            // toml leaves the message empty for some truncated files.
+            message: match e.message().trim() {
+                "" => "malformed TOML here: a value, quote or bracket is missing".to_string(),
+                m => m.to_string(),
+            },
         }]
     })?;
     Validator::new(&text, path).run(file)
@@ -643,5 +647,7 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| "resolves to no address".into())
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -39,7 +39,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs_f64(value * scale))
+    Duration::try_from_secs_f64(value * scale)
+        .map_err(|_| format!("duration \"{text}\" is out of range"))
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
