@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 # Debian tools the tests drive as real clients.
 missing=()
 command -v curl >/dev/null || missing+=(curl)
+# The capture tests (tests/capture.rs) drive the real iptables in network
+# namespaces they create, and run a Python upstream as another user.
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
+[ -x /usr/bin/python3 ] || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,5 +1,5 @@
 //! The command line: `wasp run [-- APP...]`, `wasp check`, `wasp await`,
-//! `wasp --version`.
+//! `wasp iptables`, `wasp --version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +52,10 @@ pub enum Command {
     /// Write development certificates: a mesh CA and one certificate per
     /// service (SPIFFE URI SAN, DNS SANs NAME and localhost, IP 127.0.0.1).
     Certs(crate::certs::CertsArgs),
+    /// Install (or print, or remove) the iptables rules that redirect this
+    /// network namespace's TCP into the sidecar (run as root or with
+    /// NET_ADMIN, e.g. in an init container).
+    Iptables(crate::capture::iptables::IptablesArgs),
     /// Validate a configuration file and print what it sets up.
     Check {
         #[arg(short, long, default_value = "wasp.toml")]
@@ -93,6 +97,7 @@ pub fn main() -> ExitCode {
             command: FilterCommand::New { name, dir, sdk },
         } => crate::scaffold::new_filter(&name, dir.as_deref(), sdk.as_deref()),
         Command::Certs(args) => crate::certs::main(&args),
+        Command::Iptables(args) => crate::capture::iptables::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),
     }
 }

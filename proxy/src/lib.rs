@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod await_ready;
+pub mod capture;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,387 @@
+//! Traffic capture with `wasp iptables`, in network namespaces this test
+//! creates (never the host's own tables): an app process under another UID,
+//! with no proxy settings, calls a service address with plain `curl` and
+//! Python `urllib`; the kernel redirects the connection to wasp's outbound
+//! listener, wasp (running as its own UID, so its upstream connection is
+//! not captured again) routes it by `Host`, and the upstream sees wasp's
+//! `via` and `x-forwarded-for`. `--cleanup` leaves the tables as they were.
+//!
+//! Needs root, `ip netns` and the iptables package (scripts/test.sh
+//! installs it); where the kernel refuses namespaces, the tests say so and
+//! skip.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{metric_value, TempDir, WASP};
+
+const PROXY_UID: &str = "1337";
+const APP_UID: &str = "65534";
+
+/// A network namespace, deleted (with every process started in it by this
+/// test) on drop.
+struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    /// `None` (with the reason printed) where namespaces cannot be made.
+    fn new(tag: &str) -> Option<Netns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "wasp-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("ip").args(["netns", "add", &name]).output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: cannot create a network namespace here: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return None;
+            }
+            Err(e) => {
+                eprintln!("SKIP: `ip` (iproute2) is not available: {e}");
+                return None;
+            }
+        }
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
+        ns.ok(&["ip", "link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(argv);
+        c
+    }
+
+    /// Runs `argv` in the namespace as `uid` (when given).
+    fn as_uid(&self, uid: Option<&str>, argv: &[&str]) -> Command {
+        match uid {
+            Some(uid) => {
+                let mut full = vec!["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"];
+                full.extend_from_slice(argv);
+                self.cmd(&full)
+            }
+            None => self.cmd(argv),
+        }
+    }
+
+    fn output(&self, argv: &[&str]) -> std::process::Output {
+        self.cmd(argv)
+            .output()
+            .unwrap_or_else(|e| panic!("running {argv:?} in {}: {e}", self.name))
+    }
+
+    fn ok(&self, argv: &[&str]) -> String {
+        let out = self.output(argv);
+        assert!(
+            out.status.success(),
+            "{argv:?} in {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn spawn(&mut self, mut cmd: Command) -> usize {
+        let child = cmd.spawn().expect("spawn in namespace");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// The namespace's rules in every table wasp touches, as `-S` prints them.
+    fn rules(&self) -> String {
+        let mut all = String::new();
+        for tool in ["iptables", "ip6tables"] {
+            for table in ["nat", "filter"] {
+                let out = self.output(&[tool, "-t", table, "-S"]);
+                all.push_str(&String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn have_iptables() -> bool {
+    let ok = Command::new("iptables-restore")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "iptables-restore is missing: scripts/test.sh installs Debian's iptables package"
+    );
+    ok
+}
+
+/// A pod namespace whose app can reach "service addresses" in
+/// 10.77.0.0/24 (a veth pair gives it a route; nothing answers there).
+fn pod() -> Option<Netns> {
+    if !have_iptables() {
+        return None;
+    }
+    let ns = Netns::new("pod")?;
+    ns.ok(&[
+        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    ns.ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "v0"]);
+    ns.ok(&["ip", "link", "set", "v0", "up"]);
+    ns.ok(&["ip", "link", "set", "v1", "up"]);
+    Some(ns)
+}
+
+/// An upstream (Python's http.server, in the namespace) that answers each
+/// request with one line per header it received, and prints a line per
+/// request on stdout.
+const UPSTREAM: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items()).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        print("request", self.path, flush=True)
+    def log_message(self, *a):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn wait_for_line(child: &mut Child, want: &str, limit: Duration) {
+    let Some(out) = child.stdout.take() else {
+        panic!("no stdout to wait on");
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = want.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with(&prefix) {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("no \"{want}\" line within {limit:?}"));
+}
+
+/// Waits until `GET path` on the admin address (inside the namespace)
+/// answers 200, returning the body.
+fn admin_get(ns: &Netns, admin: &str, path: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = ns.output(&[
+            "curl",
+            "-s",
+            "-f",
+            "-m",
+            "2",
+            &format!("http://{admin}{path}"),
+        ]);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "admin {path} not answering in time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn outbound_capture_sends_an_unmodified_apps_calls_through_wasp() {
+    let Some(mut ns) = pod() else { return };
+    let before = ns.rules();
+
+    let dir = TempDir::new("capture");
+    let config = dir.path().join("wasp.toml");
+    std::fs::write(
+        &config,
+        r#"
+[proxy]
+workers = 1
+
+[admin]
+bind = "127.0.0.1:9901"
+
+[[listeners]]
+name = "outbound"
+bind = "0.0.0.0:15001"
+
+  [[listeners.routes]]
+  name = "reviews"
+  match = { host = "reviews" }
+  cluster = "reviews"
+
+  [[listeners.routes]]
+  name = "by-address"
+  match = { host = "10.77.0.2" }
+  cluster = "reviews"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:18080"]
+"#,
+    )
+    .expect("write config");
+    // The proxy runs as its own user and must read its config.
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rX", &dir.path().to_string_lossy()])
+        .status();
+
+    let mut upstream = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "18080"]);
+    upstream.stdout(Stdio::piped()).stderr(Stdio::null());
+    let up = ns.spawn(upstream);
+    wait_for_line(&mut ns.children[up], "ready", Duration::from_secs(10));
+
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut wasp = ns.as_uid(Some(PROXY_UID), &[WASP, "run", "--config", &config_arg]);
+    wasp.stdout(Stdio::null()).stderr(Stdio::null());
+    ns.spawn(wasp);
+    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+
+    let installed = ns.ok(&[WASP, "iptables", "--proxy-uid", PROXY_UID, "--ipv6", "auto"]);
+    drop(installed);
+    // Running it twice leaves one copy of each rule.
+    let once = ns.rules();
+    ns.ok(&[WASP, "iptables", "--proxy-uid", PROXY_UID, "--ipv6", "auto"]);
+    assert_eq!(once, ns.rules(), "a second run changed the rules");
+    assert!(once.contains("-A OUTPUT -p tcp -j WASP_OUTPUT"), "{once}");
+
+    // curl, as the app's user, with no proxy settings: the kernel sends the
+    // connection to wasp, which routes it by Host.
+    let out = ns
+        .as_uid(
+            Some(APP_UID),
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                "--noproxy",
+                "*",
+                "-H",
+                "Host: reviews",
+                "http://10.77.0.2:8080/from-curl",
+            ],
+        )
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .output()
+        .expect("curl");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl failed: {seen}");
+    assert!(
+        seen.contains("via: 1.1 wasp"),
+        "upstream did not see wasp's via:\n{seen}"
+    );
+    assert!(
+        seen.contains("x-forwarded-for: "),
+        "no x-forwarded-for:\n{seen}"
+    );
+    // Exactly one hop: wasp's own upstream connection was not captured again.
+    assert_eq!(seen.matches("via:").count(), 1, "{seen}");
+
+    // Python's urllib, likewise unaware of any proxy, by the service address.
+    let py = "import urllib.request as u; print(u.build_opener(u.ProxyHandler({})).open('http://10.77.0.2:8080/from-python', timeout=5).read().decode())";
+    let out = ns
+        .as_uid(Some(APP_UID), &[PYTHON, "-c", py])
+        .output()
+        .expect("python");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && seen.contains("via: 1.1 wasp"),
+        "urllib call not proxied: {seen}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    for route in ["route=\"reviews\"", "route=\"by-address\""] {
+        let served = metric_value(
+            &metrics,
+            "wasp_requests_total",
+            &["listener=\"outbound\"", route, "code_class=\"2xx\""],
+        );
+        assert_eq!(served, Some(1.0), "wasp's count for {route}:\n{metrics}");
+    }
+
+    ns.ok(&[WASP, "iptables", "--cleanup", "--ipv6", "auto"]);
+    assert_eq!(before, ns.rules(), "--cleanup did not restore the tables");
+    // And with the rules gone, the same call no longer reaches anything.
+    let out = ns
+        .as_uid(
+            Some(APP_UID),
+            &["curl", "-s", "-m", "2", "http://10.77.0.2:8080/"],
+        )
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "still captured after --cleanup");
+}
+
+#[test]
+fn dry_run_prints_the_rules_without_touching_the_tables() {
+    let Some(ns) = pod() else { return };
+    let before = ns.rules();
+    let text = ns.ok(&[
+        WASP,
+        "iptables",
+        "--dry-run",
+        "--exclude-inbound-ports",
+        "15021,9901",
+        "--exclude-outbound-cidrs",
+        "10.0.0.0/8,fd00::/8",
+    ]);
+    for line in [
+        "-A WASP_INBOUND -p tcp --dport 15021 -j RETURN",
+        "-A WASP_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A WASP_OUTPUT -d 10.0.0.0/8 -j RETURN",
+        "-A WASP_OUTPUT -d fd00::/8 -j RETURN",
+        "-A PREROUTING -p tcp -j WASP_INBOUND",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
+    assert_eq!(before, ns.rules(), "--dry-run changed the tables");
+    let bad = ns.output(&[
+        WASP,
+        "iptables",
+        "--dry-run",
+        "--exclude-outbound-cidrs",
+        "10.0.0.0/40",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("prefix"));
+}
