@@ -10,6 +10,13 @@
 //! istio-iptables and linkerd-init do, and keeps every rule in chains of
 //! its own so they can be listed and removed.
 //!
-//! Runs once, from the command line; nothing here is on the request path.
+//! `detect` tells HTTP/1, HTTP/2, TLS (with SNI and ALPN) and opaque TCP
+//! apart from a connection's first bytes: a pure function, fuzzed in the
+//! suite, that the capture listeners (not wired yet) will call on peeked
+//! bytes.
+//!
+//! `iptables` runs once, from the command line; `detect` will run once per
+//! captured connection, before any request.
 
+pub mod detect;
 pub mod iptables;
