@@ -20,3 +20,4 @@
 
 pub mod detect;
 pub mod iptables;
+pub mod relay;
