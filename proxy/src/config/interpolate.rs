@@ -4,12 +4,19 @@
 //! environment anywhere a string can be written. Comments are left alone (an
 //! example in a comment must not need its variable set). Variables come through
 //! a lookup function rather than `std::env` directly so tests can pass a map.
+//!
+//! The scan walks bytes (multi-byte characters inside strings are stepped
+//! over one byte at a time), so it compares bytes and only slices the text
+//! at ASCII delimiters, which are always character boundaries.
 
-/// Where an unset variable was referenced.
+/// Where a variable that cannot be pasted in was referenced.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unset {
     pub name: String,
     pub offset: usize,
+    /// Set but holding a character that would end the literal (`'...'`)
+    /// string it is pasted into; false: not set at all.
+    pub unquotable: bool,
 }
 
 /// Replaces every `${NAME}` outside comments with `lookup(NAME)`. `$${` is a
@@ -33,7 +40,7 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                 b'"' | b'\'' => {
                     let quote = if bytes[i] == b'"' { "\"" } else { "'" };
                     let triple = if quote == "\"" { "\"\"\"" } else { "'''" };
-                    if text[i..].starts_with(triple) {
+                    if bytes[i..].starts_with(triple.as_bytes()) {
                         in_string = Some(triple);
                         i += 3;
                     } else {
@@ -49,27 +56,35 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                     i += 2;
                     continue;
                 }
-                if text[i..].starts_with(delim) {
+                if bytes[i..].starts_with(delim.as_bytes()) {
                     in_string = None;
                     i += delim.len();
                     continue;
                 }
-                if text[i..].starts_with("$${") {
+                if bytes[i..].starts_with(b"$${") {
                     out.push_str(&text[copied..i]);
                     out.push_str("${");
                     i += 3;
                     copied = i;
                     continue;
                 }
-                if text[i..].starts_with("${") {
+                if bytes[i..].starts_with(b"${") {
+                    // `i` is on the ASCII `$`, so these slices start on
+                    // character boundaries.
                     if let Some(end) = text[i + 2..].find('}') {
                         let name = &text[i + 2..i + 2 + end];
                         let value = lookup(name).ok_or_else(|| Unset {
                             name: name.to_string(),
                             offset: i,
+                            unquotable: false,
+                        })?;
+                        let escaped = escape_for(delim, &value).ok_or_else(|| Unset {
+                            name: name.to_string(),
+                            offset: i,
+                            unquotable: true,
                         })?;
                         out.push_str(&text[copied..i]);
-                        out.push_str(&escape_for(delim, &value));
+                        out.push_str(&escaped);
                         i += end + 3;
                         copied = i;
                         continue;
@@ -83,12 +98,27 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
     Ok(out)
 }
 
-/// A value must not be able to end the string it is pasted into.
-fn escape_for(delim: &str, value: &str) -> String {
+/// A value must not be able to end the string it is pasted into: in a
+/// basic string it is escaped; a literal string has no escapes, so a value
+/// that would end it (a quote, or a line break in a one-line string) is
+/// refused (`None`) rather than pasted in as TOML.
+fn escape_for(delim: &str, value: &str) -> Option<String> {
     if delim.starts_with('"') {
-        value.replace('\\', "\\\\").replace('"', "\\\"")
+        let mut out = String::with_capacity(value.len());
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' if delim.len() == 1 => out.push_str("\\n"),
+                '\r' if delim.len() == 1 => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    } else if value.contains('\'') || (delim.len() == 1 && value.contains(['\n', '\r'])) {
+        None
     } else {
-        value.to_string()
+        Some(value.to_string())
     }
 }
 
@@ -121,6 +151,29 @@ mod tests {
         let err = interpolate("a = 1\nb = \"${MISSING}\"", env).unwrap_err();
         assert_eq!(err.name, "MISSING");
         assert_eq!(err.offset, 11);
+        assert!(!err.unquotable);
+    }
+
+    #[test]
+    fn a_value_cannot_end_a_literal_string() {
+        let err = interpolate("a = '${QUOTE}x'", |_| Some("y' b = 'z".into())).unwrap_err();
+        assert!(err.unquotable);
+        let out = interpolate("a = \"${V}\"", |_| Some("l1\nl2".into())).unwrap();
+        assert_eq!(out, "a = \"l1\\nl2\"");
+    }
+
+    #[test]
+    fn non_ascii_strings_and_escapes_are_scanned_safely() {
+        let text = "a = \"é ${SERVICE} ü\"\nb = '日本 ${SERVICE}'\nc = \"\\é\"\nd = \"\"\"ß\"\"\"";
+        let out = interpolate(text, env).unwrap();
+        assert!(
+            out.contains("é reviews ü") && out.contains("日本 reviews"),
+            "{out}"
+        );
+        // Every prefix of the text: never a panic, whatever is cut off.
+        for end in (0..=text.len()).filter(|e| text.is_char_boundary(*e)) {
+            let _ = interpolate(&text[..end], env);
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ protocol = "http2"
 fn defaults_and_interpolation() {
     let c = parse_ok(GOOD);
     assert_eq!(c.workers, 2);
-    assert_eq!(c.admin.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.admin.bind.to_string(), "127.0.0.1:9901");
     assert_eq!(c.filters_dir, Path::new("/etc/wasp/filters.d"));
     assert_eq!(c.drain_timeout, Duration::from_secs(30));
     let l = &c.listeners[0];

@@ -63,6 +63,7 @@ impl Validator<'_> {
                     None
                 }
             });
+        self.cluster_counts(name, decl);
         if decl.decay.0.is_zero() {
             self.at(
                 None,
@@ -96,6 +97,49 @@ impl Validator<'_> {
             } else {
                 decl.decay.0
             },
+        }
+    }
+
+    /// Counts, percentages and timeouts that parse but make no sense:
+    /// refused with the reason rather than clamped in silence.
+    fn cluster_counts(&mut self, name: &str, decl: &schema::ClusterDecl) {
+        let mut bad = Vec::new();
+        if decl.connect_timeout.0.is_zero() {
+            bad.push("connect_timeout must be more than 0".to_string());
+        }
+        if let Some(h) = &decl.health {
+            if h.timeout.0.is_zero() {
+                bad.push("health.timeout must be more than 0".to_string());
+            }
+            if h.unhealthy == 0 || h.healthy == 0 {
+                bad.push("health.unhealthy and health.healthy must be at least 1".to_string());
+            }
+        }
+        if let Some(o) = &decl.outlier {
+            if o.consecutive_failures == 0 {
+                bad.push("outlier.consecutive_failures must be at least 1".to_string());
+            }
+            if o.max_ejection_percent > 100 {
+                bad.push(format!(
+                    "outlier.max_ejection_percent = {} is more than 100",
+                    o.max_ejection_percent
+                ));
+            }
+        }
+        if let Some(list) = &decl.endpoints {
+            let total = list.get_ref().iter().try_fold(0u32, |sum, ep| match ep {
+                schema::EndpointDecl::Address(_) => sum.checked_add(1),
+                schema::EndpointDecl::Weighted { weight, .. } => sum.checked_add(*weight),
+            });
+            if total.is_none() {
+                bad.push(format!(
+                    "the endpoint weights add up to more than {}",
+                    u32::MAX
+                ));
+            }
+        }
+        for b in bad {
+            self.at(None, format!("cluster \"{name}\": {b}"));
         }
     }
 
@@ -142,6 +186,13 @@ impl Validator<'_> {
             _ => return Discovery::Static,
         };
         let port = match (srv, d.port) {
+            (false, Some(0)) => {
+                self.at(
+                    span.clone(),
+                    format!("cluster \"{name}\": discovery port must not be 0"),
+                );
+                0
+            }
             (false, Some(p)) => p,
             (false, None) => {
                 self.at(
