@@ -19,10 +19,47 @@ pub struct Unset {
     pub unquotable: bool,
 }
 
+/// Maps positions in the interpolated text back to the file as written, so
+/// an error after `${VAR}` on the same line still names the right column.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetMap {
+    /// Each replacement, in order: (start in the output, length in the
+    /// output, start in the source, length in the source).
+    edits: Vec<(usize, usize, usize, usize)>,
+}
+
+impl OffsetMap {
+    /// The source offset of output offset `out`; inside a substituted
+    /// value, the start of its `${...}`.
+    pub fn source(&self, out: usize) -> usize {
+        let mut delta: isize = 0;
+        for &(o, o_len, s, s_len) in &self.edits {
+            if out < o {
+                break;
+            }
+            if out < o + o_len {
+                return s;
+            }
+            delta = (s + s_len) as isize - (o + o_len) as isize;
+        }
+        out.saturating_add_signed(delta)
+    }
+}
+
 /// Replaces every `${NAME}` outside comments with `lookup(NAME)`. `$${` is a
 /// literal `${`.
+#[cfg(test)]
 pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Unset> {
+    interpolate_mapped(text, lookup).map(|(out, _)| out)
+}
+
+/// [`interpolate`], with the map from output positions to source positions.
+pub fn interpolate_mapped(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, OffsetMap), Unset> {
     let bytes = text.as_bytes();
+    let mut map = OffsetMap::default();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     let mut copied = 0;
@@ -63,6 +100,7 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                 }
                 if bytes[i..].starts_with(b"$${") {
                     out.push_str(&text[copied..i]);
+                    map.edits.push((out.len(), 2, i, 3));
                     out.push_str("${");
                     i += 3;
                     copied = i;
@@ -84,6 +122,7 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                             unquotable: true,
                         })?;
                         out.push_str(&text[copied..i]);
+                        map.edits.push((out.len(), escaped.len(), i, end + 3));
                         out.push_str(&escaped);
                         i += end + 3;
                         copied = i;
@@ -95,7 +134,7 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
         i += 1;
     }
     out.push_str(&text[copied.min(text.len())..]);
-    Ok(out)
+    Ok((out, map))
 }
 
 /// A value must not be able to end the string it is pasted into: in a
@@ -152,6 +191,21 @@ mod tests {
         assert_eq!(err.name, "MISSING");
         assert_eq!(err.offset, 11);
         assert!(!err.unquotable);
+    }
+
+    #[test]
+    fn offsets_map_back_to_the_source() {
+        let src = "a = \"${SERVICE}\" b\nc = \"$${x}\" d";
+        let (out, map) = interpolate_mapped(src, env).unwrap();
+        assert_eq!(out, "a = \"reviews\" b\nc = \"${x}\" d");
+        let b_out = out.find(" b").unwrap();
+        assert_eq!(map.source(b_out), src.find(" b").unwrap());
+        assert_eq!(
+            map.source(out.find("views").unwrap()),
+            src.find("${").unwrap()
+        );
+        assert_eq!(map.source(out.find(" d").unwrap()), src.find(" d").unwrap());
+        assert_eq!(map.source(2), 2);
     }
 
     #[test]

@@ -170,7 +170,8 @@ pub fn parse(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, Vec<Problem>> {
-    let text = interpolate::interpolate(text, env).map_err(|unset| {
+    let source = text;
+    let (text, map) = interpolate::interpolate_mapped(text, env).map_err(|unset| {
         let (line, column) = line_col(text, unset.offset);
         let message = if unset.unquotable {
             format!(
@@ -190,14 +191,17 @@ pub fn parse(
         }]
     })?;
     let file: schema::File = toml::from_str(&text).map_err(|e| {
-        let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((0, 0));
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(source, map.source(s.start)))
+            .unwrap_or((0, 0));
         vec![Problem {
             line,
             column,
             message: e.message().trim().to_string(),
         }]
     })?;
-    Validator::new(&text, path).run(file)
+    Validator::new(source, map, path).run(file)
 }
 
 /// Converts a byte offset into a 1-based line and column.
@@ -249,22 +253,26 @@ impl std::error::Error for ConfigError {}
 
 /// Turns the raw schema into a [`Config`], collecting every problem.
 struct Validator<'a> {
+    /// The file as written; spans are in the interpolated text and go
+    /// through `map` first.
     text: &'a str,
+    map: interpolate::OffsetMap,
     path: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl<'a> Validator<'a> {
-    fn new(text: &'a str, path: &'a Path) -> Self {
+    fn new(text: &'a str, map: interpolate::OffsetMap, path: &'a Path) -> Self {
         Self {
             text,
+            map,
             path,
             problems: Vec::new(),
         }
     }
 
     fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
-        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, self.map.source(s.start)));
         self.problems.push(Problem {
             line,
             column,

@@ -315,3 +315,41 @@ bind = "127.0.0.1:15007"
         "{p:#?}"
     );
 }
+
+#[test]
+fn positions_after_a_substitution_point_into_the_file_as_written() {
+    // `${APP_PORT}` (11 characters) becomes `8080` (4): the bad size after
+    // it is still reported at its column in the file.
+    let text = "[filters.f]\nmodule = \"${APP_PORT}.wasm\"\nlimits = { cpu = \"${APP_PORT}ms\", memory = \"lots\" }\n";
+    let p = problems(text);
+    let line = text.lines().nth(2).unwrap();
+    let column = line.find("\"lots\"").unwrap() + 1;
+    assert_eq!((p[0].line, p[0].column), (3, column), "{}", p[0].message);
+}
+
+#[test]
+fn admin_settings_are_checked() {
+    let c = parse_ok(&format!(
+        "[admin]\nbind = \"127.0.0.1:9901\"\nprobes = \"0.0.0.0:15021\"\ntoken = \"abcdefghijklmnop${{APP_PORT}}\"\n{GOOD}"
+    ));
+    assert_eq!(c.admin.probes, Some("0.0.0.0:15021".parse().unwrap()));
+    assert_eq!(c.admin.token.as_deref(), Some("abcdefghijklmnop8080"));
+    let shown = serde_json::to_string(&c.file).unwrap();
+    assert!(
+        !shown.contains("abcdefghijklmnop") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+    assert!(!format!("{:?}", c.file).contains("abcdefghijklmnop"));
+
+    for (admin, expect) in [
+        ("token = \"short\"", "at least 16"),
+        ("token = \"with spaces in the token\"", "printable ASCII"),
+        ("probes = \"127.0.0.1:9901\"", "overlaps"),
+        ("probes = \"0.0.0.0:9901\"", "overlaps"),
+        ("bind = \"localhost:9901\"", "not an ip:port"),
+    ] {
+        let p = problems(&format!("[admin]\n{admin}\n{GOOD}"));
+        assert!(p[0].message.contains(expect), "{admin}: {}", p[0].message);
+        assert_eq!(p[0].line, 2, "{admin}");
+    }
+}
