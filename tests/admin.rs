@@ -620,3 +620,95 @@ fn admin_connections_are_limited() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A request head that never completes is cut after the header timeout
+/// (10 s), so a slow client cannot hold one of the few admin slots.
+#[test]
+fn a_stalled_admin_request_head_is_cut() {
+    let port = free_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let _wasp = start_raw(
+        &format!("[admin]\nbind = \"{local}\"\n\n[proxy]\nworkers = 1\n"),
+        local,
+        &[],
+    );
+    let mut s = TcpStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited < Duration::from_secs(25),
+        "closed after {waited:?}, expected about 10 s"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out).contains("200 OK"),
+        "never served"
+    );
+}
+
+/// Out of file descriptors, accept fails with EMFILE until one is freed:
+/// the admin loop must back off rather than spin the control thread, and
+/// serve again once descriptors are back.
+#[test]
+fn accept_errors_back_off_instead_of_spinning() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        return;
+    }
+    let port = free_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let wasp = start_raw(
+        &format!("[admin]\nbind = \"{local}\"\n\n[proxy]\nworkers = 1\n"),
+        local,
+        &[],
+    );
+    let pid = wasp.child.id().to_string();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let set_limit = |n: usize| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}:")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    set_limit(open_fds);
+    // Queued in the kernel's backlog; every accept now fails with EMFILE.
+    let pending: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(local).unwrap()).collect();
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // utime and stime, fields 14 and 15 of stat(5).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu() - before;
+    // A spinning loop burns about 200 ticks (2 s of one core); backing
+    // off, a handful (the machine may be busy, so the bound is loose).
+    assert!(
+        ticks < 50,
+        "the control thread spent {ticks} ticks of CPU in 2 s while accept failed"
+    );
+    set_limit(1024);
+    drop(pending);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while request(local, "GET", "/live", &[]).map(|r| r.status) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the admin API serves again once descriptors are back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
