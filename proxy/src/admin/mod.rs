@@ -319,8 +319,9 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
     let level = query
         .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix("level="));
-    let Some(level) = level else {
+        .find_map(|kv| kv.strip_prefix("level="))
+        .and_then(percent_decode);
+    let Some(level) = level.as_deref() else {
         return text(
             StatusCode::BAD_REQUEST,
             "use ?level=error|warn|info|debug|trace (or a tracing filter)\n",
@@ -350,6 +351,36 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
     }
 }
 
+/// `%XX` and `+` as a query string encodes them (`warn%2Cwasp%3Ddebug`);
+/// `None` for a broken escape or text that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// An answer the admin API refuses with: the code in `x-wasp-error`.
 fn error(status: StatusCode, code: &'static str, body: &str) -> AdminResponse {
     let mut resp = text(status, body);
@@ -370,4 +401,21 @@ fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Ad
         header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("debug").as_deref(), Some("debug"));
+        assert_eq!(
+            percent_decode("warn%2Cwasp%3Ddebug").as_deref(),
+            Some("warn,wasp=debug")
+        );
+        for broken in ["%", "%2", "%zz", "%+1", "%ff%fe", "a%"] {
+            assert_eq!(percent_decode(broken), None, "{broken}");
+        }
+    }
 }
