@@ -217,6 +217,42 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The offset of `key = ...` in section `[table]` of `text` (or of the
+/// section header when `key` is absent or not found there).
+fn find_key(text: &str, table: &str, key: Option<&str>) -> Option<usize> {
+    let mut offset = 0;
+    let mut header = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.starts_with('[') {
+            if header.is_some() {
+                break;
+            }
+            let name = trimmed
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("");
+            let unquoted: String = name
+                .chars()
+                .filter(|c| !matches!(c, '"' | '\'' | ' '))
+                .collect();
+            if unquoted == table {
+                header = Some(offset + indent);
+            }
+        } else if let (Some(_), Some(key)) = (header, key) {
+            if let Some(rest) = trimmed.strip_prefix(key) {
+                if rest.trim_start().starts_with(['=', '.']) {
+                    return Some(offset + indent);
+                }
+            }
+        }
+        offset += line.len();
+    }
+    header
+}
+
 // === impl ConfigError ===
 
 impl fmt::Display for ConfigError {
@@ -280,12 +316,27 @@ impl<'a> Validator<'a> {
         });
     }
 
+    /// For keys the schema does not keep spans of: the line of `key` inside
+    /// the `[table]` section as written (else the section's header, else no
+    /// position). A lookup in the text, so a table written inline or
+    /// dotted elsewhere falls back to no position.
+    fn at_key(&mut self, table: &str, key: Option<&str>, message: impl Into<String>) {
+        let offset = find_key(self.text, table, key);
+        let (line, column) = offset.map_or((0, 0), |o| line_col(self.text, o));
+        self.problems.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
     fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let admin = self.admin(&file.admin);
         if file.proxy.workers > MAX_WORKERS {
-            self.at(
-                None,
+            self.at_key(
+                "proxy",
+                Some("workers"),
                 format!(
                     "[proxy] workers = {} is more than {MAX_WORKERS} (0 means one per core)",
                     file.proxy.workers

@@ -353,3 +353,28 @@ fn admin_settings_are_checked() {
         assert_eq!(p[0].line, 2, "{admin}");
     }
 }
+
+#[test]
+fn cluster_problems_without_a_span_point_at_their_key() {
+    let text = "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  cluster = \"a\"\n\n[clusters.a]\nendpoints = [\"127.0.0.1:2\"]\nconnect_timeout = \"0s\"\noutlier = { max_ejection_percent = 101 }\n\n[clusters.\"b\"]\nbalance = \"maglev\"\n";
+    let p = problems(text);
+    let at = |needle: &str| {
+        p.iter()
+            .find(|p| p.message.contains(needle))
+            .map(|p| (p.line, p.column))
+            .unwrap_or_else(|| panic!("{needle}: {p:?}"))
+    };
+    assert_eq!(at("connect_timeout"), (9, 1));
+    assert_eq!(at("max_ejection_percent"), (10, 1));
+    assert_eq!(at("needs `hash_key"), (13, 1));
+    assert_eq!(at("\"b\" needs `endpoints`"), (12, 1));
+    assert_eq!(
+        find_key("[proxy]\nworkers = 5\n", "proxy", Some("workers")),
+        Some(8)
+    );
+    assert_eq!(
+        find_key("[proxy]\n[admin]\nworkers = 5\n", "proxy", Some("workers")),
+        Some(0)
+    );
+    assert_eq!(find_key("a = 1\n", "proxy", None), None);
+}
