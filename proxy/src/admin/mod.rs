@@ -28,7 +28,7 @@ pub mod access;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,7 +168,13 @@ async fn handle(
     }
     let token = shared.snapshot.load().config.admin.token.clone();
     if let Err(refusal) = access::check(class, peer, req.uri(), req.headers(), token.as_deref()) {
-        tracing::info!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
+        // Anyone who reaches the port can cause these: at most one a
+        // second at info, the rest at debug.
+        if refusal_log_allowed(shared.started.elapsed().as_secs()) {
+            tracing::info!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
+        } else {
+            tracing::debug!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
+        }
         return error(
             StatusCode::FORBIDDEN,
             "admin_forbidden",
@@ -349,6 +355,16 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
             &format!("invalid level \"{level}\": {e}\n"),
         ),
     }
+}
+
+/// True at most once per second of process time.
+fn refusal_log_allowed(now_secs: u64) -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    let last = LAST.load(Ordering::Relaxed);
+    last != now_secs
+        && LAST
+            .compare_exchange(last, now_secs, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// `%XX` and `+` as a query string encodes them (`warn%2Cwasp%3Ddebug`);
