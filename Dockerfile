@@ -19,6 +19,7 @@ COPY --from=build /out/wasp /usr/local/bin/wasp
 COPY --from=build --chown=nonroot:nonroot /out/filters.d /etc/wasp/filters.d
 USER nonroot
 VOLUME ["/etc/wasp/filters.d"]
-EXPOSE 15001 15006 9901
+# 15021: [admin] probes (/live /ready /metrics); the admin API itself stays on loopback.
+EXPOSE 15001 15006 15021
 ENTRYPOINT ["/usr/local/bin/wasp"]
 CMD ["run", "--config", "/etc/wasp/wasp.toml"]

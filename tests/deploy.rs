@@ -279,6 +279,21 @@ fn kubernetes_manifests_validate_and_embed_a_valid_config() {
             && summary.contains("outbound on 127.0.0.1:15001"),
         "{summary}"
     );
+    // Probes and Prometheus use the probes port; the admin API stays on
+    // loopback, so `wasp check` has nothing to warn about.
+    assert!(
+        summary.contains("admin: 127.0.0.1:9901  probes: 0.0.0.0:15021"),
+        "{summary}"
+    );
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert!(!warnings.contains("warning"), "{warnings}");
+    let deployment = std::fs::read_to_string(&files[1]).unwrap();
+    assert!(
+        deployment.contains("containerPort: 15021")
+            && !deployment.contains("9901")
+            && deployment.matches("port: probes").count() == 3,
+        "every probe and the scrape annotation use the probes port:\n{deployment}"
+    );
 }
 
 /// The app was started with the outbound listener's address as
@@ -308,7 +323,7 @@ async fn wrapper_mode_reload_keeps_the_apps_proxy_listener_in_place() {
         .unwrap();
         raw_exchange(
             admin,
-            b"POST /reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             Duration::from_secs(10),
         )
     };

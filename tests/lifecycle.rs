@@ -164,6 +164,8 @@ endpoints = ["${APP_ADDR}"]
             "-sS",
             "-X",
             "PUT",
+            "-H",
+            "x-wasp-admin: 1",
             &format!("http://{}/logging?level=debug", wasp.admin),
         ])
         .output()
@@ -348,6 +350,8 @@ async fn admin_shutdown_exits_cleanly() {
             "-sS",
             "-X",
             "POST",
+            "-H",
+            "x-wasp-admin: 1",
             &format!("http://{}/shutdown", wasp.admin),
         ])
         .output()

@@ -193,6 +193,8 @@ async fn broken_modules_and_configs_change_nothing() {
                 "-sS",
                 "-X",
                 "POST",
+                "-H",
+                "x-wasp-admin: 1",
                 &format!("http://{}/reload", wasp.admin),
             ])
             .output()
@@ -380,7 +382,7 @@ fn post_reload(admin: SocketAddr) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "POST /reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();

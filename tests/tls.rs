@@ -1198,7 +1198,14 @@ endpoints = ["{app}"]
     let admin = wasp.admin;
     let answer = tokio::task::spawn_blocking(move || {
         Command::new("curl")
-            .args(["-sS", "-X", "POST", &format!("http://{admin}/reload")])
+            .args([
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "x-wasp-admin: 1",
+                &format!("http://{admin}/reload"),
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()

@@ -481,6 +481,7 @@ async fn tracing_changes_need_a_restart() {
     )
     .unwrap();
     let req = http::Request::post(format!("http://{}/reload", wasp.admin))
+        .header("x-wasp-admin", "1")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let answer = send(&h1_client(), req).await;

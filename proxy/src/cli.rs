@@ -131,6 +131,9 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     print!("{}", summary(&config));
+    for w in crate::admin::exposure_warnings(&config.admin) {
+        eprintln!("warning: {w}");
+    }
     ExitCode::SUCCESS
 }
 
@@ -139,7 +142,21 @@ pub fn summary(config: &Config) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", config.path.display());
-    let _ = writeln!(out, "workers: {}  admin: {}", config.workers, config.admin);
+    let _ = writeln!(
+        out,
+        "workers: {}  admin: {}{}{}",
+        config.workers,
+        config.admin.bind,
+        config
+            .admin
+            .probes
+            .map_or(String::new(), |p| format!("  probes: {p}")),
+        if config.admin.token.is_some() {
+            "  (token required)"
+        } else {
+            ""
+        }
+    );
     if let Some(t) = &config.tracing {
         let _ = writeln!(
             out,

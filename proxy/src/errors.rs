@@ -72,6 +72,9 @@ codes! {
     FilterFailed = "filter_failed", SERVICE_UNAVAILABLE, "A filter with `fail = \"closed\"` failed (trap, deadline, memory, proc_exit).";
     FilterClosedStream = "filter_closed_stream", SERVICE_UNAVAILABLE, "A filter closed the stream.";
     ListenerRemoved = "listener_removed", SERVICE_UNAVAILABLE, "The request arrived on a listener a reload has just removed.";
+    // Admin API answers: last, so the listener codes keep their indices.
+    AdminForbidden = "admin_forbidden", FORBIDDEN, "The admin API refused the caller (not loopback, no or wrong token, browser-shaped request, or a Host that is not an IP or localhost).";
+    AdminNotFound = "admin_not_found", NOT_FOUND, "No such admin endpoint (the probes address serves only /live, /ready and /metrics).";
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -81,6 +84,13 @@ impl std::fmt::Display for ErrorCode {
 }
 
 impl ErrorCode {
+    /// Whether the code answers traffic on a listener (and so has a
+    /// per-listener series in `wasp_proxy_errors_total`), rather than an
+    /// admin API caller. Listener codes come first in [`ErrorCode::ALL`].
+    pub const fn on_listener(self) -> bool {
+        !matches!(self, ErrorCode::AdminForbidden | ErrorCode::AdminNotFound)
+    }
+
     /// The code of hyper's own answer to a head it could not parse, by its
     /// status (what the connection guard labels).
     pub fn of_hyper_status(status: &[u8]) -> Option<ErrorCode> {
@@ -133,6 +143,14 @@ mod tests {
 
     #[test]
     fn codes_are_unique_and_indexed_by_position() {
+        let listener_codes = ErrorCode::ALL
+            .iter()
+            .take_while(|c| c.on_listener())
+            .count();
+        assert!(ErrorCode::ALL
+            .iter()
+            .skip(listener_codes)
+            .all(|c| !c.on_listener()));
         for (i, c) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
             assert_eq!(

@@ -245,7 +245,7 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> 
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();

@@ -1,63 +1,189 @@
-//! The admin API, served on the control thread (default `127.0.0.1:9901`).
+//! The admin API, served on the control thread (default `127.0.0.1:9901`),
+//! and the optional probes address (`[admin] probes`).
 //!
-//! | endpoint | what |
-//! |---|---|
-//! | `GET /live` | 200 while the process serves this port (Kubernetes liveness) |
-//! | `GET /ready` | 200 once every filter is loaded and every listener bound; 503 with the reason (`starting`, `draining`) before that and from the start of a shutdown |
-//! | `GET /metrics` | Prometheus text exposition |
-//! | `GET /config` | the effective configuration as JSON |
-//! | `GET /filters` | each filter: module, hash, generation, state, last error |
-//! | `GET /clusters` | each cluster's endpoints: health, weight, in-flight, latency estimate, ejections |
-//! | `PUT /logging?level=debug` | changes the log level at run time |
-//! | `POST /reload` | reload the config and filters now; 200 with the new generation, or 400 with why not |
-//! | `GET /reload` | the current generation and the last reload error |
-//! | `POST /shutdown` | graceful shutdown, as SIGTERM |
+//! | endpoint | class | what |
+//! |---|---|---|
+//! | `GET /live` | open | 200 while the process serves this port (Kubernetes liveness) |
+//! | `GET /ready` | open | 200 once every filter is loaded and every listener bound; 503 with the reason (`starting`, `draining`) before that and from the start of a shutdown |
+//! | `GET /metrics` | open | Prometheus text exposition |
+//! | `GET /config` | guarded read | the effective configuration as JSON (after `${VAR}` substitution; `[admin] token` redacted) |
+//! | `GET /filters` | guarded read | each filter: module, hash, generation, state, last error |
+//! | `GET /clusters` | guarded read | each cluster's endpoints: health, weight, in-flight, latency estimate, ejections |
+//! | `GET /reload` | guarded read | the current generation and the last reload error |
+//! | `PUT /logging?level=debug` | change | changes the log level at run time |
+//! | `POST /reload` | change | reload the config and filters now; 200 with the new generation, or 400 with why not |
+//! | `POST /shutdown` | change | graceful shutdown, as SIGTERM |
+//!
+//! Who may call what is decided in [`access`]; a refusal is a 403 with
+//! `x-wasp-error: admin_forbidden` and the reason. The probes address serves
+//! the open endpoints only. Each address takes at most
+//! [`MAX_CONNECTIONS`] connections (more are closed at once), a request head
+//! must arrive within [`HEADER_TIMEOUT`] (idle keep-alive included), no
+//! connection outlives [`CONNECTION_LIFETIME`], and accept errors (EMFILE)
+//! back off instead of spinning the control thread.
 //!
 //! Nothing here is on the request path; handlers may allocate and format freely.
 
-use std::convert::Infallible;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+pub mod access;
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
+use crate::config::AdminConfig;
+use crate::errors::ErrorCode;
 use crate::server::Shared;
 
 type AdminResponse = Response<Full<Bytes>>;
 
-pub async fn serve(socket: std::net::TcpListener, shared: Arc<Shared>) {
+/// Open connections per admin address; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time to receive a request head, including idle time between requests.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest any admin connection lives (a slow reader of `/metrics`, a
+/// body that never ends).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Accept-error backoff bounds.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The bound admin sockets, made before anything starts so a taken port is
+/// a clean start-up error.
+#[derive(Debug)]
+pub struct Sockets {
+    admin: std::net::TcpListener,
+    probes: Option<std::net::TcpListener>,
+}
+
+/// Binds `[admin] bind` and, when set, `[admin] probes`.
+pub fn bind(config: &AdminConfig) -> anyhow::Result<Sockets> {
+    let open = |addr: SocketAddr, what: &str| -> anyhow::Result<std::net::TcpListener> {
+        let s = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("admin: cannot bind {what} {addr}"))?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    Ok(Sockets {
+        admin: open(config.bind, "[admin] bind")?,
+        probes: config
+            .probes
+            .map(|p| open(p, "[admin] probes"))
+            .transpose()?,
+    })
+}
+
+/// What `wasp check` and start-up warn about: guarded endpoints on a
+/// non-loopback address with no token (they refuse every remote caller, so
+/// the address is only useful for probes, which `probes` serves alone).
+pub fn exposure_warnings(config: &AdminConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.token.is_none() && !config.bind.ip().to_canonical().is_loopback() {
+        out.push(format!(
+            "[admin] bind = \"{}\" is reachable beyond loopback and no [admin] token is set: /shutdown, /reload, /logging, /config, /filters and /clusters refuse every non-loopback caller; keep bind on 127.0.0.1 and set [admin] probes = \"0.0.0.0:15021\" for the kubelet and Prometheus, or set [admin] token = \"${{WASP_ADMIN_TOKEN}}\"",
+            config.bind
+        ));
+    }
+    out
+}
+
+/// Serves the admin address (and the probes address) until aborted.
+pub async fn serve(sockets: Sockets, shared: Arc<Shared>) {
+    if let Some(p) = sockets.probes {
+        tokio::spawn(accept_loop(p, shared.clone(), true));
+    }
+    accept_loop(sockets.admin, shared, false).await;
+}
+
+async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_only: bool) {
+    let what = if probes_only { "admin probes" } else { "admin" };
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("admin: cannot register the socket: {e}");
+            tracing::error!("{what}: cannot register the socket: {e}");
             return;
         }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
+            Err(e) => {
+                // EMFILE and friends do not clear by retrying at once.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!("{what}: accept failed, backing off: {e}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "{what}: {MAX_CONNECTIONS} connections open; closing a new one");
+            drop(stream);
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move {
-                    if req.method() == Method::POST && req.uri().path() == "/reload" {
-                        return Ok::<_, Infallible>(post_reload(&shared).await);
-                    }
-                    Ok(route(req, &shared))
-                }
+                async move { Ok::<_, Infallible>(handle(req, peer, probes_only, &shared).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    probes_only: bool,
+    shared: &Shared,
+) -> AdminResponse {
+    let class = access::classify(req.method(), req.uri().path());
+    if probes_only && class != access::Class::Open {
+        return error(
+            ErrorCode::AdminNotFound,
+            "this is the probes address: it serves only /live, /ready and /metrics",
+        );
+    }
+    let token = shared.snapshot.load().config.admin.token.clone();
+    if let Err(refusal) = access::check(class, peer, req.uri(), req.headers(), token.as_deref()) {
+        // Anyone who reaches the port can cause these: at most one a
+        // second at info, the rest at debug.
+        if refusal_log_allowed(shared.started.elapsed().as_secs()) {
+            tracing::info!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
+        } else {
+            tracing::debug!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
+        }
+        return error(
+            ErrorCode::AdminForbidden,
+            &format!("forbidden: {}", refusal.0),
+        );
+    }
+    if req.method() == Method::POST && req.uri().path() == "/reload" {
+        return post_reload(shared).await;
+    }
+    route(req, shared)
 }
 
 fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
@@ -97,9 +223,9 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
         (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/clusters" | "/reload" | "/shutdown" | "/logging") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "unknown admin endpoint; try /live /ready /metrics /config /filters /clusters /reload /logging /shutdown\n",
+        _ => error(
+            ErrorCode::AdminNotFound,
+            "unknown admin endpoint; try /live /ready /metrics /config /filters /clusters /reload /logging /shutdown",
         ),
     }
 }
@@ -197,8 +323,9 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
     let level = query
         .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix("level="));
-    let Some(level) = level else {
+        .find_map(|kv| kv.strip_prefix("level="))
+        .and_then(percent_decode);
+    let Some(level) = level.as_deref() else {
         return text(
             StatusCode::BAD_REQUEST,
             "use ?level=error|warn|info|debug|trace (or a tracing filter)\n",
@@ -228,6 +355,51 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
     }
 }
 
+/// True at most once per second of process time.
+fn refusal_log_allowed(now_secs: u64) -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    let last = LAST.load(Ordering::Relaxed);
+    last != now_secs
+        && LAST
+            .compare_exchange(last, now_secs, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// `%XX` and `+` as a query string encodes them (`warn%2Cwasp%3Ddebug`);
+/// `None` for a broken escape or text that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An answer the admin API refuses with (see [`ErrorCode::response`]).
+fn error(code: ErrorCode, reason: &str) -> AdminResponse {
+    code.response::<Bytes>(reason).map(Full::new)
+}
+
 fn text(status: StatusCode, body: &str) -> AdminResponse {
     with_type(status, "text/plain; charset=utf-8", body.to_string())
 }
@@ -240,4 +412,21 @@ fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Ad
         header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("debug").as_deref(), Some("debug"));
+        assert_eq!(
+            percent_decode("warn%2Cwasp%3Ddebug").as_deref(),
+            Some("warn,wasp=debug")
+        );
+        for broken in ["%", "%2", "%zz", "%+1", "%ff%fe", "a%"] {
+            assert_eq!(percent_decode(broken), None, "{broken}");
+        }
+    }
 }

@@ -4,18 +4,62 @@
 //! environment anywhere a string can be written. Comments are left alone (an
 //! example in a comment must not need its variable set). Variables come through
 //! a lookup function rather than `std::env` directly so tests can pass a map.
+//!
+//! The scan walks bytes (multi-byte characters inside strings are stepped
+//! over one byte at a time), so it compares bytes and only slices the text
+//! at ASCII delimiters, which are always character boundaries.
 
-/// Where an unset variable was referenced.
+/// Where a variable that cannot be pasted in was referenced.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unset {
     pub name: String,
     pub offset: usize,
+    /// Set but holding a character that would end the literal (`'...'`)
+    /// string it is pasted into; false: not set at all.
+    pub unquotable: bool,
+}
+
+/// Maps positions in the interpolated text back to the file as written, so
+/// an error after `${VAR}` on the same line still names the right column.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetMap {
+    /// Each replacement, in order: (start in the output, length in the
+    /// output, start in the source, length in the source).
+    edits: Vec<(usize, usize, usize, usize)>,
+}
+
+impl OffsetMap {
+    /// The source offset of output offset `out`; inside a substituted
+    /// value, the start of its `${...}`.
+    pub fn source(&self, out: usize) -> usize {
+        let mut delta: isize = 0;
+        for &(o, o_len, s, s_len) in &self.edits {
+            if out < o {
+                break;
+            }
+            if out < o + o_len {
+                return s;
+            }
+            delta = (s + s_len) as isize - (o + o_len) as isize;
+        }
+        out.saturating_add_signed(delta)
+    }
 }
 
 /// Replaces every `${NAME}` outside comments with `lookup(NAME)`. `$${` is a
 /// literal `${`.
+#[cfg(test)]
 pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Unset> {
+    interpolate_mapped(text, lookup).map(|(out, _)| out)
+}
+
+/// [`interpolate`], with the map from output positions to source positions.
+pub fn interpolate_mapped(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, OffsetMap), Unset> {
     let bytes = text.as_bytes();
+    let mut map = OffsetMap::default();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     let mut copied = 0;
@@ -49,9 +93,6 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                     i += 2;
                     continue;
                 }
-                // Byte comparisons: an escape (`\\` then any byte) can
-                // leave `i` inside a multi-byte character, where slicing
-                // the `str` would panic.
                 if bytes[i..].starts_with(delim.as_bytes()) {
                     in_string = None;
                     i += delim.len();
@@ -59,23 +100,30 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
                 }
                 if bytes[i..].starts_with(b"$${") {
                     out.push_str(&text[copied..i]);
+                    map.edits.push((out.len(), 2, i, 3));
                     out.push_str("${");
                     i += 3;
                     copied = i;
                     continue;
                 }
                 if bytes[i..].starts_with(b"${") {
-                    let name_at = i + 2;
-                    let end = bytes[name_at..].iter().position(|b| *b == b'}');
-                    // `${` and `}` are ASCII, so both ends are char boundaries.
-                    if let Some(name) = end.and_then(|end| text.get(name_at..name_at + end)) {
-                        let end = name.len();
+                    // `i` is on the ASCII `$`, so these slices start on
+                    // character boundaries.
+                    if let Some(end) = text[i + 2..].find('}') {
+                        let name = &text[i + 2..i + 2 + end];
                         let value = lookup(name).ok_or_else(|| Unset {
                             name: name.to_string(),
                             offset: i,
+                            unquotable: false,
+                        })?;
+                        let escaped = escape_for(delim, &value).ok_or_else(|| Unset {
+                            name: name.to_string(),
+                            offset: i,
+                            unquotable: true,
                         })?;
                         out.push_str(&text[copied..i]);
-                        out.push_str(&escape_for(delim, &value));
+                        map.edits.push((out.len(), escaped.len(), i, end + 3));
+                        out.push_str(&escaped);
                         i += end + 3;
                         copied = i;
                         continue;
@@ -86,15 +134,30 @@ pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
         i += 1;
     }
     out.push_str(&text[copied.min(text.len())..]);
-    Ok(out)
+    Ok((out, map))
 }
 
-/// A value must not be able to end the string it is pasted into.
-fn escape_for(delim: &str, value: &str) -> String {
+/// A value must not be able to end the string it is pasted into: in a
+/// basic string it is escaped; a literal string has no escapes, so a value
+/// that would end it (a quote, or a line break in a one-line string) is
+/// refused (`None`) rather than pasted in as TOML.
+fn escape_for(delim: &str, value: &str) -> Option<String> {
     if delim.starts_with('"') {
-        value.replace('\\', "\\\\").replace('"', "\\\"")
+        let mut out = String::with_capacity(value.len());
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' if delim.len() == 1 => out.push_str("\\n"),
+                '\r' if delim.len() == 1 => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    } else if value.contains('\'') || (delim.len() == 1 && value.contains(['\n', '\r'])) {
+        None
     } else {
-        value.to_string()
+        Some(value.to_string())
     }
 }
 
@@ -127,6 +190,44 @@ mod tests {
         let err = interpolate("a = 1\nb = \"${MISSING}\"", env).unwrap_err();
         assert_eq!(err.name, "MISSING");
         assert_eq!(err.offset, 11);
+        assert!(!err.unquotable);
+    }
+
+    #[test]
+    fn offsets_map_back_to_the_source() {
+        let src = "a = \"${SERVICE}\" b\nc = \"$${x}\" d";
+        let (out, map) = interpolate_mapped(src, env).unwrap();
+        assert_eq!(out, "a = \"reviews\" b\nc = \"${x}\" d");
+        let b_out = out.find(" b").unwrap();
+        assert_eq!(map.source(b_out), src.find(" b").unwrap());
+        assert_eq!(
+            map.source(out.find("views").unwrap()),
+            src.find("${").unwrap()
+        );
+        assert_eq!(map.source(out.find(" d").unwrap()), src.find(" d").unwrap());
+        assert_eq!(map.source(2), 2);
+    }
+
+    #[test]
+    fn a_value_cannot_end_a_literal_string() {
+        let err = interpolate("a = '${QUOTE}x'", |_| Some("y' b = 'z".into())).unwrap_err();
+        assert!(err.unquotable);
+        let out = interpolate("a = \"${V}\"", |_| Some("l1\nl2".into())).unwrap();
+        assert_eq!(out, "a = \"l1\\nl2\"");
+    }
+
+    #[test]
+    fn non_ascii_strings_and_escapes_are_scanned_safely() {
+        let text = "a = \"é ${SERVICE} ü\"\nb = '日本 ${SERVICE}'\nc = \"\\é\"\nd = \"\"\"ß\"\"\"";
+        let out = interpolate(text, env).unwrap();
+        assert!(
+            out.contains("é reviews ü") && out.contains("日本 reviews"),
+            "{out}"
+        );
+        // Every prefix of the text: never a panic, whatever is cut off.
+        for end in (0..=text.len()).filter(|e| text.is_char_boundary(*e)) {
+            let _ = interpolate(&text[..end], env);
+        }
     }
 
     #[test]

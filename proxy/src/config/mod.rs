@@ -33,7 +33,7 @@ pub struct Config {
     /// The file as parsed (after interpolation), defaults filled in; `/config` shows it.
     pub file: schema::File,
     pub workers: usize,
-    pub admin: SocketAddr,
+    pub admin: AdminConfig,
     pub filters_dir: PathBuf,
     pub module_cache: PathBuf,
     pub drain_timeout: Duration,
@@ -44,6 +44,25 @@ pub struct Config {
     /// `[tracing]`; `None`: no spans are made at all.
     pub tracing: Option<TracingConfig>,
 }
+
+/// `[admin]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Every endpoint (restart-only).
+    pub bind: SocketAddr,
+    /// Only `/live`, `/ready`, `/metrics` (restart-only).
+    pub probes: Option<SocketAddr>,
+    /// Required from every caller of a guarded endpoint when set
+    /// (hot-reloadable).
+    pub token: Option<Arc<str>>,
+}
+
+/// Shortest admin token accepted: guessing must not be practical.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+/// Most worker threads: more is a typo, not a machine.
+pub const MAX_WORKERS: usize = 1024;
+/// Most connections one listener may be told to hold.
+pub const MAX_LISTENER_CONNECTIONS: usize = 10_000_000;
 
 /// Where spans go and how many are kept (`[tracing]`, validated).
 #[derive(Clone, Debug, PartialEq)]
@@ -151,19 +170,31 @@ pub fn parse(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, Vec<Problem>> {
-    let text = interpolate::interpolate(text, env).map_err(|unset| {
+    let source = text;
+    let (text, map) = interpolate::interpolate_mapped(text, env).map_err(|unset| {
         let (line, column) = line_col(text, unset.offset);
+        let message = if unset.unquotable {
+            format!(
+                "environment variable {} holds a quote or line break, which cannot go into a '...' string; use a \"...\" string (referenced as ${{{}}})",
+                unset.name, unset.name
+            )
+        } else {
+            format!(
+                "environment variable {} is not set (referenced as ${{{}}})",
+                unset.name, unset.name
+            )
+        };
         vec![Problem {
             line,
             column,
-            message: format!(
-                "environment variable {} is not set (referenced as ${{{}}})",
-                unset.name, unset.name
-            ),
+            message,
         }]
     })?;
     let file: schema::File = toml::from_str(&text).map_err(|e| {
-        let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((0, 0));
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(source, map.source(s.start)))
+            .unwrap_or((0, 0));
         vec![Problem {
             line,
             column,
@@ -174,15 +205,56 @@ pub fn parse(
             },
         }]
     })?;
-    Validator::new(&text, path).run(file)
+    Validator::new(source, map, path).run(file)
 }
 
 /// Converts a byte offset into a 1-based line and column.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    // An offset inside a character counts from the character's start.
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = text.get(..offset).unwrap_or("");
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
+}
+
+/// The offset of `key = ...` in section `[table]` of `text` (or of the
+/// section header when `key` is absent or not found there).
+fn find_key(text: &str, table: &str, key: Option<&str>) -> Option<usize> {
+    let mut offset = 0;
+    let mut header = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.starts_with('[') {
+            if header.is_some() {
+                break;
+            }
+            let name = trimmed
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("");
+            let unquoted: String = name
+                .chars()
+                .filter(|c| !matches!(c, '"' | '\'' | ' '))
+                .collect();
+            if unquoted == table {
+                header = Some(offset + indent);
+            }
+        } else if let (Some(_), Some(key)) = (header, key) {
+            if let Some(rest) = trimmed.strip_prefix(key) {
+                if rest.trim_start().starts_with(['=', '.']) {
+                    return Some(offset + indent);
+                }
+            }
+        }
+        offset += line.len();
+    }
+    header
 }
 
 // === impl ConfigError ===
@@ -221,22 +293,40 @@ impl std::error::Error for ConfigError {}
 
 /// Turns the raw schema into a [`Config`], collecting every problem.
 struct Validator<'a> {
+    /// The file as written; spans are in the interpolated text and go
+    /// through `map` first.
     text: &'a str,
+    map: interpolate::OffsetMap,
     path: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl<'a> Validator<'a> {
-    fn new(text: &'a str, path: &'a Path) -> Self {
+    fn new(text: &'a str, map: interpolate::OffsetMap, path: &'a Path) -> Self {
         Self {
             text,
+            map,
             path,
             problems: Vec::new(),
         }
     }
 
     fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
-        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, self.map.source(s.start)));
+        self.problems.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    /// For keys the schema does not keep spans of: the line of `key` inside
+    /// the `[table]` section as written (else the section's header, else no
+    /// position). A lookup in the text, so a table written inline or
+    /// dotted elsewhere falls back to no position.
+    fn at_key(&mut self, table: &str, key: Option<&str>, message: impl Into<String>) {
+        let offset = find_key(self.text, table, key);
+        let (line, column) = offset.map_or((0, 0), |o| line_col(self.text, o));
         self.problems.push(Problem {
             line,
             column,
@@ -246,17 +336,17 @@ impl<'a> Validator<'a> {
 
     fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let admin = match file.admin.bind.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                let msg = format!(
-                    "[admin] bind = \"{}\" is not an ip:port address",
-                    file.admin.bind
-                );
-                self.at(None, msg);
-                SocketAddr::from(([127, 0, 0, 1], 9901))
-            }
-        };
+        let admin = self.admin(&file.admin);
+        if file.proxy.workers > MAX_WORKERS {
+            self.at_key(
+                "proxy",
+                Some("workers"),
+                format!(
+                    "[proxy] workers = {} is more than {MAX_WORKERS} (0 means one per core)",
+                    file.proxy.workers
+                ),
+            );
+        }
 
         let clusters = self.clusters(&file);
         let index: HashMap<&str, usize> = clusters
@@ -287,6 +377,57 @@ impl<'a> Validator<'a> {
             tracing,
             file,
         })
+    }
+
+    fn admin(&mut self, a: &schema::AdminSection) -> AdminConfig {
+        let mut addr =
+            |key: &str, v: &toml::Spanned<String>| match v.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.at(
+                        Some(v.span()),
+                        format!(
+                            "[admin] {key} = \"{}\" is not an ip:port address",
+                            v.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+        let bind = addr("bind", &a.bind).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
+        let probes = a.probes.as_ref().and_then(|p| addr("probes", p));
+        if let Some(p) = probes {
+            if p == bind
+                || (p.port() == bind.port()
+                    && p.port() != 0
+                    && (p.ip().is_unspecified() || bind.ip().is_unspecified()))
+            {
+                let span = a.probes.as_ref().map(toml::Spanned::span);
+                self.at(span, format!("[admin] probes = \"{p}\" overlaps bind = \"{bind}\"; give the probes their own port"));
+            }
+        }
+        let token = a.token.as_ref().and_then(|t| {
+            let value = &t.get_ref().0;
+            let problem = if value.len() < MIN_ADMIN_TOKEN {
+                Some(format!("[admin] token is {} characters long; use at least {MIN_ADMIN_TOKEN} (e.g. `openssl rand -hex 32`)", value.len()))
+            } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+                Some("[admin] token must be printable ASCII without spaces (it travels in an Authorization header)".to_string())
+            } else {
+                None
+            };
+            match problem {
+                Some(message) => {
+                    self.at(Some(t.span()), message);
+                    None
+                }
+                None => Some(Arc::from(value.as_str())),
+            }
+        });
+        AdminConfig {
+            bind,
+            probes,
+            token,
+        }
     }
 
     fn tracing(&mut self, decl: &toml::Spanned<schema::TracingSection>) -> TracingConfig {
@@ -480,6 +621,15 @@ impl<'a> Validator<'a> {
                 }
             }
             let l = &decl.limits;
+            if l.max_connections == 0 || l.max_connections > MAX_LISTENER_CONNECTIONS {
+                self.at(
+                    Some(decl.bind.span()),
+                    format!(
+                        "listener \"{}\": limits.max_connections = {} is not between 1 and {MAX_LISTENER_CONNECTIONS}",
+                        decl.name, l.max_connections
+                    ),
+                );
+            }
             out.push(ListenerConfig {
                 name: decl.name.as_str().into(),
                 bind,

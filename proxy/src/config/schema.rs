@@ -57,17 +57,47 @@ impl Default for ProxySection {
     }
 }
 
+/// `[admin]`: the admin API (see `admin/`). `bind` and `probes` are
+/// restart-only (their sockets live as long as the process); `token` is
+/// hot-reloadable.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
-    pub bind: String,
+    /// Every endpoint; loopback by default.
+    pub bind: Spanned<String>,
+    /// A second address serving only `/live`, `/ready` and `/metrics`, for
+    /// the kubelet and Prometheus (Istio uses 15021).
+    pub probes: Option<Spanned<String>>,
+    /// Bearer token for the guarded endpoints; when set, every caller
+    /// (loopback too) must send `Authorization: Bearer <token>`.
+    pub token: Option<Spanned<Secret>>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
-            bind: "127.0.0.1:9901".into(),
+            bind: Spanned::new(0..0, "127.0.0.1:9901".into()),
+            probes: None,
+            token: None,
         }
+    }
+}
+
+/// A value that `/config` must not show (it is the config after `${VAR}`
+/// substitution): serialised as `"<redacted>"`, and `Debug` hides it too.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }
 

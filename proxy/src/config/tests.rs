@@ -37,7 +37,7 @@ protocol = "http2"
 fn defaults_and_interpolation() {
     let c = parse_ok(GOOD);
     assert_eq!(c.workers, 2);
-    assert_eq!(c.admin.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.admin.bind.to_string(), "127.0.0.1:9901");
     assert_eq!(c.filters_dir, Path::new("/etc/wasp/filters.d"));
     assert_eq!(c.drain_timeout, Duration::from_secs(30));
     let l = &c.listeners[0];
@@ -314,4 +314,67 @@ bind = "127.0.0.1:15007"
                 .contains("listener \"e\"'s address 0.0.0.0:15007"),
         "{p:#?}"
     );
+}
+
+#[test]
+fn positions_after_a_substitution_point_into_the_file_as_written() {
+    // `${APP_PORT}` (11 characters) becomes `8080` (4): the bad size after
+    // it is still reported at its column in the file.
+    let text = "[filters.f]\nmodule = \"${APP_PORT}.wasm\"\nlimits = { cpu = \"${APP_PORT}ms\", memory = \"lots\" }\n";
+    let p = problems(text);
+    let line = text.lines().nth(2).unwrap();
+    let column = line.find("\"lots\"").unwrap() + 1;
+    assert_eq!((p[0].line, p[0].column), (3, column), "{}", p[0].message);
+}
+
+#[test]
+fn admin_settings_are_checked() {
+    let c = parse_ok(&format!(
+        "[admin]\nbind = \"127.0.0.1:9901\"\nprobes = \"0.0.0.0:15021\"\ntoken = \"abcdefghijklmnop${{APP_PORT}}\"\n{GOOD}"
+    ));
+    assert_eq!(c.admin.probes, Some("0.0.0.0:15021".parse().unwrap()));
+    assert_eq!(c.admin.token.as_deref(), Some("abcdefghijklmnop8080"));
+    let shown = serde_json::to_string(&c.file).unwrap();
+    assert!(
+        !shown.contains("abcdefghijklmnop") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+    assert!(!format!("{:?}", c.file).contains("abcdefghijklmnop"));
+
+    for (admin, expect) in [
+        ("token = \"short\"", "at least 16"),
+        ("token = \"with spaces in the token\"", "printable ASCII"),
+        ("probes = \"127.0.0.1:9901\"", "overlaps"),
+        ("probes = \"0.0.0.0:9901\"", "overlaps"),
+        ("bind = \"localhost:9901\"", "not an ip:port"),
+    ] {
+        let p = problems(&format!("[admin]\n{admin}\n{GOOD}"));
+        assert!(p[0].message.contains(expect), "{admin}: {}", p[0].message);
+        assert_eq!(p[0].line, 2, "{admin}");
+    }
+}
+
+#[test]
+fn cluster_problems_without_a_span_point_at_their_key() {
+    let text = "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  cluster = \"a\"\n\n[clusters.a]\nendpoints = [\"127.0.0.1:2\"]\nconnect_timeout = \"0s\"\noutlier = { max_ejection_percent = 101 }\n\n[clusters.\"b\"]\nbalance = \"maglev\"\n";
+    let p = problems(text);
+    let at = |needle: &str| {
+        p.iter()
+            .find(|p| p.message.contains(needle))
+            .map(|p| (p.line, p.column))
+            .unwrap_or_else(|| panic!("{needle}: {p:?}"))
+    };
+    assert_eq!(at("connect_timeout"), (9, 1));
+    assert_eq!(at("max_ejection_percent"), (10, 1));
+    assert_eq!(at("needs `hash_key"), (13, 1));
+    assert_eq!(at("\"b\" needs `endpoints`"), (12, 1));
+    assert_eq!(
+        find_key("[proxy]\nworkers = 5\n", "proxy", Some("workers")),
+        Some(8)
+    );
+    assert_eq!(
+        find_key("[proxy]\n[admin]\nworkers = 5\n", "proxy", Some("workers")),
+        Some(0)
+    );
+    assert_eq!(find_key("a = 1\n", "proxy", None), None);
 }

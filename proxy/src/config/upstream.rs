@@ -32,7 +32,8 @@ impl Validator<'_> {
                 Discovery::Static
             }
             (None, None) => {
-                self.at(
+                self.at_key(
+                    &format!("clusters.{name}"),
                     None,
                     format!("cluster \"{name}\" needs `endpoints` or `discovery`"),
                 );
@@ -45,8 +46,9 @@ impl Validator<'_> {
             Some(k) => self.hash_key(name, k),
             None => {
                 if matches!(decl.balance, Balance::RingHash | Balance::Maglev) {
-                    self.at(
-                        None,
+                    self.at_key(
+                        &format!("clusters.{name}"),
+                        Some("balance"),
                         format!("cluster \"{name}\": balance = \"{}\" needs `hash_key = {{ header = \"...\" }}` (or cookie, or source_ip = true)", balance_name(decl.balance)),
                     );
                 }
@@ -59,20 +61,27 @@ impl Validator<'_> {
             .and_then(|h| match HealthSettings::from_decl(h) {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    self.at(None, format!("cluster \"{name}\": {e}"));
+                    self.at_key(
+                        &format!("clusters.{name}"),
+                        Some("health"),
+                        format!("cluster \"{name}\": {e}"),
+                    );
                     None
                 }
             });
+        self.cluster_counts(name, decl);
         if decl.decay.0.is_zero() {
-            self.at(
-                None,
+            self.at_key(
+                &format!("clusters.{name}"),
+                Some("decay"),
                 format!("cluster \"{name}\": decay must be more than 0"),
             );
         }
         if let Some(b) = &decl.retry_budget {
             if !(0.0..=10.0).contains(&b.ratio) {
-                self.at(
-                    None,
+                self.at_key(
+                    &format!("clusters.{name}"),
+                    Some("retry_budget"),
                     format!(
                         "cluster \"{name}\": retry_budget.ratio = {} is not between 0 and 10",
                         b.ratio
@@ -96,6 +105,68 @@ impl Validator<'_> {
             } else {
                 decl.decay.0
             },
+        }
+    }
+
+    /// Counts, percentages and timeouts that parse but make no sense:
+    /// refused with the reason rather than clamped in silence.
+    fn cluster_counts(&mut self, name: &str, decl: &schema::ClusterDecl) {
+        let mut bad: Vec<(&str, String)> = Vec::new();
+        if decl.connect_timeout.0.is_zero() {
+            bad.push((
+                "connect_timeout",
+                "connect_timeout must be more than 0".into(),
+            ));
+        }
+        if let Some(h) = &decl.health {
+            if h.timeout.0.is_zero() {
+                bad.push(("health", "health.timeout must be more than 0".into()));
+            }
+            if h.unhealthy == 0 || h.healthy == 0 {
+                bad.push((
+                    "health",
+                    "health.unhealthy and health.healthy must be at least 1".into(),
+                ));
+            }
+        }
+        if let Some(o) = &decl.outlier {
+            if o.consecutive_failures == 0 {
+                bad.push((
+                    "outlier",
+                    "outlier.consecutive_failures must be at least 1".into(),
+                ));
+            }
+            if o.max_ejection_percent > 100 {
+                bad.push((
+                    "outlier",
+                    format!(
+                        "outlier.max_ejection_percent = {} is more than 100",
+                        o.max_ejection_percent
+                    ),
+                ));
+            }
+        }
+        if let Some(list) = &decl.endpoints {
+            let total = list.get_ref().iter().try_fold(0u32, |sum, ep| match ep {
+                schema::EndpointDecl::Address(_) => sum.checked_add(1),
+                schema::EndpointDecl::Weighted { weight, .. } => sum.checked_add(*weight),
+            });
+            if total.is_none() {
+                self.at(
+                    Some(list.span()),
+                    format!(
+                        "cluster \"{name}\": the endpoint weights add up to more than {}",
+                        u32::MAX
+                    ),
+                );
+            }
+        }
+        for (key, b) in bad {
+            self.at_key(
+                &format!("clusters.{name}"),
+                Some(key),
+                format!("cluster \"{name}\": {b}"),
+            );
         }
     }
 
@@ -142,6 +213,13 @@ impl Validator<'_> {
             _ => return Discovery::Static,
         };
         let port = match (srv, d.port) {
+            (false, Some(0)) => {
+                self.at(
+                    span.clone(),
+                    format!("cluster \"{name}\": discovery port must not be 0"),
+                );
+                0
+            }
             (false, Some(p)) => p,
             (false, None) => {
                 self.at(

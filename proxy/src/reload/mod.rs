@@ -23,8 +23,9 @@
 //! the reload whole; removed ones stop accepting just before the swap and
 //! drain; a listener with the same name and address keeps its sockets and
 //! connections and takes its new routes, pipeline, limits and TLS settings
-//! from the new snapshot. `[proxy] workers` and `[admin] bind` still need a
-//! restart, and a reload that changes them is refused.
+//! from the new snapshot. `[proxy] workers`, `[admin] bind` and
+//! `[admin] probes` still need a restart, and a reload that changes them is
+//! refused (`[admin] token` applies at once).
 
 mod watch;
 
@@ -278,9 +279,13 @@ fn shown(p: &Path) -> String {
 
 /// The worker threads and the admin socket live as long as the process.
 fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
-    if old.workers != new.workers || old.admin != new.admin {
+    // `[admin] token` is read per admin request, so it may change.
+    if old.workers != new.workers
+        || old.admin.bind != new.admin.bind
+        || old.admin.probes != new.admin.probes
+    {
         return Err(format!(
-            "{}: [proxy] workers and [admin] bind need a restart (nothing was applied)",
+            "{}: [proxy] workers, [admin] bind and [admin] probes need a restart (nothing was applied)",
             shown(&new.path)
         ));
     }

@@ -16,6 +16,10 @@ use regex::Regex;
 
 use crate::config::schema::RouteDecl;
 
+/// Compiled size (and lazy DFA cache) one route regex may take: ample for
+/// any path pattern, small enough that a pathological one is an error.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
@@ -91,7 +95,12 @@ pub fn compile(
         PathMatch::Exact(p.clone())
     } else if let Some(r) = &m.regex {
         // Anchored: a path regex that matched a substring would surprise.
-        let re = Regex::new(&format!("^(?:{})$", r.get_ref()))
+        // Bounded: a config regex must not be able to cost the control
+        // thread (and every worker holding it) unbounded memory.
+        let re = regex::RegexBuilder::new(&format!("^(?:{})$", r.get_ref()))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
             .map_err(|e| err(Some(r.span()), format!("invalid regex: {e}")))?;
         PathMatch::Regex(re)
     } else {
@@ -145,7 +154,12 @@ pub fn compile(
             let mut total = 0u32;
             let mut out = Vec::with_capacity(list.len());
             for w in list {
-                total = total.saturating_add(w.weight);
+                total = total.checked_add(w.weight).ok_or_else(|| {
+                    err(
+                        Some(w.name.span()),
+                        format!("the weights of `clusters` add up to more than {}", u32::MAX),
+                    )
+                })?;
                 out.push((lookup(&w.name)?, total));
             }
             if total == 0 {

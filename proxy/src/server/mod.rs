@@ -161,9 +161,10 @@ pub fn run(
     if app.is_some() {
         listener_set.pin_outbound();
     }
-    let admin = std::net::TcpListener::bind(config.admin)
-        .with_context(|| format!("admin: cannot bind {}", config.admin))?;
-    admin.set_nonblocking(true)?;
+    let admin = crate::admin::bind(&config.admin)?;
+    for w in crate::admin::exposure_warnings(&config.admin) {
+        tracing::warn!("{w}");
+    }
 
     let mut threads = Vec::with_capacity(workers);
     for (w, sockets) in per_worker.into_iter().enumerate() {
@@ -187,7 +188,7 @@ pub fn run(
         let _ = shared.reload.set(reloads.clone());
         tokio::spawn(reload_on_sighup(reloads));
         shared.ready.store(true, Ordering::Release);
-        tracing::info!(workers, admin = %config.admin, "wasp is ready");
+        tracing::info!(workers, admin = %config.admin.bind, "wasp is ready");
         // Only now, with every listener bound, may the app start calling out.
         let mut child = match app {
             Some(spec) => Some(app::spawn(&spec, outbound_addr)?),

@@ -256,6 +256,7 @@ impl Metrics {
             tls_resumed: self.tls_resumed.get_or_create(&labels).clone(),
             errors: ErrorCode::ALL
                 .iter()
+                .take_while(|code| code.on_listener())
                 .map(|code| {
                     self.errors
                         .get_or_create(&ErrorLabels {
