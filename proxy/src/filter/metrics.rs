@@ -152,6 +152,15 @@ pub(crate) enum Defined {
 /// or a scrape could carry two families of one name and be rejected whole.
 pub(crate) const RESERVED_PREFIXES: [&str; 2] = ["wasp_", "process_"];
 
+/// Inside `wasp_`, the namespace of the built-in metrics filter
+/// (`wasp_http_requests_total`, ...): open to guests, never used by the core.
+pub(crate) const GUEST_NAMESPACE: &str = "wasp_http_";
+
+/// Whether a (canonical) guest metric name is one wasp keeps for itself.
+pub(crate) fn reserved_name(name: &str) -> bool {
+    RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) && !name.starts_with(GUEST_NAMESPACE)
+}
+
 /// Longest metric name (with its `;key=value` labels) a guest may define.
 pub(crate) const MAX_METRIC_NAME_BYTES: usize = 1024;
 
@@ -196,7 +205,7 @@ impl MetricStore {
             return Defined::Reserved;
         }
         let name = canonical(name);
-        if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if reserved_name(&name) {
             return Defined::Reserved;
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -747,6 +756,10 @@ mod unit {
         assert!(matches!(
             s.define(MetricKind::Gauge, "process.threads", 10),
             Defined::Reserved
+        ));
+        assert!(matches!(
+            s.define(MetricKind::Counter, "wasp_http_requests_total", 10),
+            Defined::Metric(..)
         ));
         let (_, c) = s
             .def(

@@ -156,6 +156,9 @@ impl HostLimits {
     pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
     pub const DEFAULT_METRICS: usize = 1_000;
     pub const DEFAULT_CALLOUTS: usize = 64;
+    /// Largest `headers` a config may ask for (the `http` crate's maps hold
+    /// at most 32,768 entries).
+    pub const MAX_HEADERS: usize = 10_000;
     /// Log budget every line costs on top of its text.
     pub const LOG_LINE_OVERHEAD: usize = 64;
 }
