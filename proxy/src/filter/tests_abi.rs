@@ -432,3 +432,58 @@ async fn random_arguments_to_every_host_call_never_panic_the_host() {
         }
     }
 }
+
+/// A guest that appends 2000 bytes to every request body chunk.
+const GROW: &str = r#"
+(module
+  (import "env" "proxy_set_buffer_bytes"
+    (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 8192))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (drop (call $set (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1024) (i32.const 2000)))
+    (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn a_body_rewritten_past_max_body_bytes_fails_by_policy() {
+    let rt = runtime();
+    let mut spec = module("grow", GROW);
+    spec.max_body_bytes = 3000;
+    let set = rt.load(vec![spec]).unwrap();
+    let send = |n: usize| {
+        let set = set.clone();
+        async move {
+            let mut s = set.stream(&[Arc::from("grow")], info());
+            let mut req = Request::post("/").body(()).unwrap().into_parts().0;
+            assert!(matches!(
+                s.request_headers(&mut req, false).await,
+                Verdict::Continue
+            ));
+            let v = s.request_body(bytes::Bytes::from(vec![b'x'; n]), true);
+            s.finish(0, 0);
+            v
+        }
+    };
+    // 500 + 2000 fits in 3000.
+    match send(500).await {
+        BodyVerdict::Forward(b) => assert_eq!(b.len(), 2500),
+        other => panic!("{other:?}"),
+    }
+    // 1500 + 2000 does not: the request fails (fail = closed), and only it.
+    match send(1500).await {
+        BodyVerdict::Respond(r) => {
+            assert_eq!(r.status(), 503);
+            let body = String::from_utf8_lossy(r.body()).to_string();
+            assert!(body.contains("max_body_bytes"), "{body}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match send(10).await {
+        BodyVerdict::Forward(b) => assert_eq!(b.len(), 2010),
+        other => panic!("{other:?}"),
+    }
+}

@@ -252,3 +252,45 @@ pub(crate) fn dequeue(c: &mut Caller<'_, Host>, id: i32, ptr_out: i32, len_out: 
         Err(()) => Ok(Status::NotFound),
     }
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn queues_are_capped_in_count_depth_and_bytes() {
+        let q = SharedQueues::default();
+        let stats = Arc::new(FilterStats::default());
+        let limits = HostLimits {
+            queues: 2,
+            queue_depth: 3,
+            queue_bytes: 10,
+            ..HostLimits::default()
+        };
+        let f: Arc<str> = Arc::from("f");
+        let a = q.register(&f, "a", None, &limits, &stats).unwrap();
+        assert_eq!(q.register(&f, "a", None, &limits, &stats), Some(a));
+        q.register(&f, "b", None, &limits, &stats).unwrap();
+        assert_eq!(q.register(&f, "c", None, &limits, &stats), None);
+        // Another filter has its own count.
+        assert!(q
+            .register(&Arc::from("g"), "c", None, &limits, &stats)
+            .is_some());
+
+        for i in 0..5u8 {
+            q.enqueue(a, Bytes::from(vec![i])).unwrap();
+        }
+        // Depth 3: the two oldest were dropped.
+        assert_eq!(q.dequeue(a).unwrap().as_deref(), Some(&[2u8][..]));
+        assert_eq!(stats.limit_count(Limit::QueueDepth), 2);
+        // Bytes 10: a 9-byte item pushes out the oldest of [3], [4].
+        q.enqueue(a, Bytes::from(vec![9; 9])).unwrap();
+        assert_eq!(q.dequeue(a).unwrap().as_deref(), Some(&[4u8][..]));
+        assert_eq!(q.dequeue(a).unwrap().map(|b| b.len()), Some(9));
+        assert_eq!(q.dequeue(a).unwrap(), None);
+        assert!(stats.limit_count(Limit::QueueBytes) >= 1);
+        // An item bigger than the whole queue is dropped itself.
+        q.enqueue(a, Bytes::from(vec![0; 11])).unwrap();
+        assert_eq!(q.dequeue(a).unwrap(), None);
+    }
+}
