@@ -2,6 +2,8 @@
 //! request, chosen by the request header `x-abuse`:
 //!
 //! - `headers`: adds 30,000 distinct request headers;
+//! - `set-headers`: replaces the request headers with 30,000 pairs;
+//! - `local-headers`: answers locally with 30,000 headers;
 //! - `fd-write`: one 4 MiB `fd_write` to stdout, then one with 100,000
 //!   small iovecs; answers locally with what the host reported written
 //!   (`x-big-written`, `x-many-written`);
@@ -91,6 +93,17 @@ impl HttpContext for Http {
                     self.add_http_request_header(&format!("x-abuse-{i}"), "v");
                 }
                 Action::Continue
+            }
+            "set-headers" | "local-headers" => {
+                let names: Vec<String> = (0..30_000).map(|i| format!("x-abuse-{i}")).collect();
+                let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+                if mode == "set-headers" {
+                    self.set_http_request_headers(pairs);
+                    Action::Continue
+                } else {
+                    self.send_http_response(200, pairs, None);
+                    Action::Pause
+                }
             }
             "fd-write" => {
                 let big = vec![b'a'; 4 << 20];
