@@ -20,7 +20,7 @@ use support::*;
 /// One worker, one listener through the `abuse` filter to `app`, plus the
 /// cluster `target` (for callouts) with outlier detection that ejects its
 /// only endpoint after 5 consecutive failures.
-fn config(port: u16, app: SocketAddr, filter_limits: &str) -> String {
+fn config(port: u16, app: SocketAddr, filter_limits: &str, target_extra: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -48,6 +48,7 @@ endpoints = ["{app}"]
 [clusters.target]
 endpoints = ["{app}"]
 outlier = {{ consecutive_failures = 5, base_ejection = "30s", max_ejection_percent = 100 }}
+{target_extra}
 "#
     )
 }
@@ -60,11 +61,15 @@ struct Setup {
 }
 
 async fn start(filter_limits: &str) -> Setup {
+    start_with(filter_limits, "").await
+}
+
+async fn start_with(filter_limits: &str, target_extra: &str) -> Setup {
     let app = TestUpstream::start("app").await;
     let port = free_port();
     let wasp = Wasp::start_in(
         with_fixtures("wasm32-wasip1", &["abuse"]),
-        &config(port, app.addr, filter_limits),
+        &config(port, app.addr, filter_limits, target_extra),
         &[],
     );
     Setup {
@@ -337,5 +342,25 @@ async fn callouts_past_the_in_flight_limit_get_a_status() {
         "{r:?}"
     );
     assert!(s.limit_count("callouts") >= 490.0);
+    s.clean_request_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_are_admitted_under_the_cluster_circuit_breakers() {
+    let mut s = start_with(", callouts = 1000", "limits = { max_requests = 5 }").await;
+    let r = s.abuse("callouts", &[("x-cluster", "target")]).await;
+    assert_eq!(r.header("x-dispatched"), Some("500"), "{r:?}");
+    // All 500 start before the first 1 ms timeout: at most 5 are admitted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let overflows = metric_value(
+        &s.wasp.metrics(),
+        "wasp_cluster_overflows_total",
+        &["cluster=\"target\""],
+    )
+    .unwrap_or(0.0);
+    assert!(overflows >= 400.0, "overflows: {overflows}");
+    // Once they are gone the cluster admits again.
+    let r = get(&s.client, s.proxy, "app", "/target/after").await;
+    assert_eq!(r.status, 200, "{r:?}");
     s.clean_request_served().await;
 }
