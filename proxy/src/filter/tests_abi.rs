@@ -1,7 +1,9 @@
 //! ABI edge cases with hand-written guest modules (WAT): what SDK-built
 //! fixtures never do on purpose: bad guest pointers, unknown imports, the
 //! 0.2.0 version marker with `_start` and `malloc`, `proc_exit` during
-//! start-up, missing exports, an initial memory over the cap.
+//! start-up, missing exports, an initial memory over the cap; windowed
+//! body reads, body growth past `max_body_bytes`, and seeded random
+//! arguments to every host function (no host panic, whatever they are).
 
 use std::path::PathBuf;
 use std::sync::Arc;

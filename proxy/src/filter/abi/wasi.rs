@@ -139,7 +139,9 @@ pub(crate) fn fd_write(
         };
         emit(c, slot, &bytes);
         if take < len as usize {
+            // The rest of this write is dropped: so is its partial line.
             charge_log(c, usize::MAX);
+            c.data_mut().out_lines[slot].clear();
         }
     }
     errno(memory::write_u32(c, nwritten, total))
