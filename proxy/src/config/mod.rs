@@ -354,6 +354,7 @@ impl<'a> Validator<'a> {
             .enumerate()
             .map(|(i, c)| (&*c.name, i))
             .collect();
+        self.filter_limits(&file);
         let listeners = self.listeners(&file, &index);
         let tracing = file.tracing.as_ref().map(|t| self.tracing(t));
 
@@ -525,6 +526,22 @@ impl<'a> Validator<'a> {
             });
         }
         out
+    }
+
+    /// `[filters.NAME] limits` the engine cannot honour.
+    fn filter_limits(&mut self, file: &schema::File) {
+        let max = crate::filter::HostLimits::MAX_HEADERS;
+        for (name, decl) in &file.filters {
+            if decl.limits.headers > max {
+                self.at(
+                    None,
+                    format!(
+                        "filter \"{name}\": limits.headers = {} is more than {max} (the most a header map can hold with room to spare)",
+                        decl.limits.headers
+                    ),
+                );
+            }
+        }
     }
 
     fn listeners(

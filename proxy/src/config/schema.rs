@@ -197,13 +197,64 @@ pub struct FilterLimits {
     pub cpu: Dur,
     /// Linear memory one VM may grow to.
     pub memory: Size,
+    /// Entries a filter may grow a header or trailer map to.
+    pub headers: usize,
+    /// Bytes (names plus values) a filter may grow a header map to.
+    pub header_bytes: Size,
+    /// Log bytes one callback may write (`proxy_log`, stdout, stderr).
+    pub log_bytes: Size,
+    /// Shared data of the filter (keys plus values, all workers).
+    pub shared_data: Size,
+    /// Shared-data keys of the filter.
+    pub shared_data_keys: usize,
+    /// Shared queues the filter may register.
+    pub queues: usize,
+    /// Items one shared queue holds.
+    pub queue_depth: usize,
+    /// Bytes one shared queue holds.
+    pub queue_bytes: Size,
+    /// Metrics the filter may define.
+    pub metrics: usize,
+    /// `http_call`s in flight per worker.
+    pub callouts: usize,
 }
 
 impl Default for FilterLimits {
     fn default() -> Self {
+        use crate::filter::HostLimits as H;
+        let size = |n: usize| Size(n as u64);
         Self {
             cpu: Dur(std::time::Duration::from_millis(50)),
             memory: Size(64 << 20),
+            headers: H::DEFAULT_HEADERS,
+            header_bytes: size(H::DEFAULT_HEADER_BYTES),
+            log_bytes: size(H::DEFAULT_LOG_BYTES),
+            shared_data: size(H::DEFAULT_SHARED_DATA),
+            shared_data_keys: H::DEFAULT_SHARED_DATA_KEYS,
+            queues: H::DEFAULT_QUEUES,
+            queue_depth: H::DEFAULT_QUEUE_DEPTH,
+            queue_bytes: size(H::DEFAULT_QUEUE_BYTES),
+            metrics: H::DEFAULT_METRICS,
+            callouts: H::DEFAULT_CALLOUTS,
+        }
+    }
+}
+
+impl FilterLimits {
+    /// The engine's host-call caps (sizes past `usize` saturate).
+    pub fn host_limits(&self) -> crate::filter::HostLimits {
+        let size = |s: Size| usize::try_from(s.0).unwrap_or(usize::MAX);
+        crate::filter::HostLimits {
+            headers: self.headers,
+            header_bytes: size(self.header_bytes),
+            log_bytes: size(self.log_bytes),
+            shared_data: size(self.shared_data),
+            shared_data_keys: self.shared_data_keys,
+            queues: self.queues,
+            queue_depth: self.queue_depth,
+            queue_bytes: size(self.queue_bytes),
+            metrics: self.metrics,
+            callouts: self.callouts,
         }
     }
 }

@@ -378,3 +378,24 @@ fn cluster_problems_without_a_span_point_at_their_key() {
     );
     assert_eq!(find_key("a = 1\n", "proxy", None), None);
 }
+
+#[test]
+fn filter_host_limits_parse_with_defaults_and_a_bound() {
+    let c = parse_ok(
+        "[filters.a]\nmodule = \"a.wasm\"\nlimits = { headers = 50, log_bytes = \"1KiB\", callouts = 3 }\n",
+    );
+    let l = c.file.filters["a"].limits.host_limits();
+    assert_eq!((l.headers, l.log_bytes, l.callouts), (50, 1024, 3));
+    let d = crate::filter::HostLimits::default();
+    assert_eq!(
+        (l.header_bytes, l.shared_data, l.metrics),
+        (d.header_bytes, d.shared_data, d.metrics)
+    );
+    assert_eq!((d.headers, d.header_bytes), (100, 60 << 10));
+    let p = problems("[filters.a]\nmodule = \"a.wasm\"\nlimits = { headers = 40000 }\n");
+    assert!(
+        p.iter()
+            .any(|p| p.message.contains("limits.headers = 40000")),
+        "{p:?}"
+    );
+}

@@ -287,6 +287,8 @@ impl FilterRuntime {
                 metrics: metric_store,
                 stats,
                 callouts: self.callouts.clone(),
+                limits: spec.host_limits.clone(),
+                max_body_bytes: spec.max_body_bytes,
             }),
             engine: module.engine().clone(),
             pre,

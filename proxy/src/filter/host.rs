@@ -104,6 +104,8 @@ pub(crate) struct Actions {
     pub continue_request: bool,
     pub continue_response: bool,
     pub close: bool,
+    /// Log bytes this callback emitted so far (`limits.log_bytes`).
+    pub log_bytes: usize,
 }
 
 /// An `http_call` the guest started; spawned by the caller after the callback.

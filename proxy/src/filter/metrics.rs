@@ -70,8 +70,13 @@ impl Histogram {
     }
 
     pub(crate) fn record(&self, v: u64) {
-        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .and_then(|i| self.counts.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
         }
         self.sum.fetch_add(v, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -81,7 +86,8 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
         let mut cumulative = 0;
         for (i, b) in self.bounds.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let n = self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+            cumulative = u64::wrapping_add(cumulative, n);
             let le = *b as f64 / scale;
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
         }
@@ -129,10 +135,61 @@ impl GuestMetric {
     }
 }
 
+/// Outcome of a `proxy_define_metric`.
+#[derive(Debug)]
+pub(crate) enum Defined {
+    /// Defined (or found) under this id.
+    Metric(u32, Arc<GuestMetric>),
+    /// Already defined with another kind.
+    KindClash,
+    /// The filter already defined `limits.metrics` metrics.
+    Full,
+    /// The name is wasp's own (`wasp_*`, `process_*`) or too long.
+    Reserved,
+}
+
+/// Name prefixes of wasp's own families: a guest metric may not use them,
+/// or a scrape could carry two families of one name and be rejected whole.
+pub(crate) const RESERVED_PREFIXES: [&str; 2] = ["wasp_", "process_"];
+
+/// Inside `wasp_`, the namespace of the built-in metrics filter
+/// (`wasp_http_requests_total`, ...): open to guests, never used by the core.
+pub(crate) const GUEST_NAMESPACE: &str = "wasp_http_";
+
+/// Whether a (canonical) guest metric name is one wasp keeps for itself.
+pub(crate) fn reserved_name(name: &str) -> bool {
+    RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) && !name.starts_with(GUEST_NAMESPACE)
+}
+
+/// Longest metric name (with its `;key=value` labels) a guest may define.
+pub(crate) const MAX_METRIC_NAME_BYTES: usize = 1024;
+
+/// Ids handed out for metrics that are not kept (over a limit, reserved
+/// name, kind clash): `DISCARD_BASE + kind`. Updates to them answer OK and
+/// go nowhere, so a filter over its limit keeps serving.
+const DISCARD_BASE: u32 = 0xffff_ff00;
+
 /// The guest metrics of one filter (all VMs, all workers, all generations).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct MetricStore {
     inner: Mutex<MetricStoreInner>,
+    /// The sink behind every discard id (never rendered; a gauge, so any
+    /// update answers OK).
+    discard: Arc<GuestMetric>,
+}
+
+impl Default for MetricStore {
+    fn default() -> Self {
+        MetricStore {
+            inner: Mutex::default(),
+            discard: Arc::new(GuestMetric {
+                name: String::new(),
+                kind: MetricKind::Gauge,
+                value: AtomicI64::new(0),
+                histogram: None,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -142,13 +199,28 @@ struct MetricStoreInner {
 }
 
 impl MetricStore {
-    /// Defines (or finds) a metric; ids start at 1. `None` on a kind clash.
-    pub(crate) fn define(&self, kind: MetricKind, name: &str) -> Option<(u32, Arc<GuestMetric>)> {
+    /// Defines (or finds) a metric; ids start at 1. At most `max` metrics.
+    pub(crate) fn define(&self, kind: MetricKind, name: &str, max: usize) -> Defined {
+        if name.len() > MAX_METRIC_NAME_BYTES {
+            return Defined::Reserved;
+        }
         let name = canonical(name);
+        if reserved_name(&name) {
+            return Defined::Reserved;
+        }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = g.by_name.get(&name).copied() {
-            let m = g.metrics.get(id as usize - 1)?.clone();
-            return (m.kind == kind).then_some((id, m));
+            let Some(m) = g.metrics.get((id as usize).saturating_sub(1)).cloned() else {
+                return Defined::KindClash;
+            };
+            return if m.kind == kind {
+                Defined::Metric(id, m)
+            } else {
+                Defined::KindClash
+            };
+        }
+        if g.metrics.len() >= max {
+            return Defined::Full;
         }
         let m = Arc::new(GuestMetric {
             name: name.clone(),
@@ -157,13 +229,26 @@ impl MetricStore {
             histogram: (kind == MetricKind::Histogram).then(|| Histogram::new(&GUEST_BUCKETS)),
         });
         g.metrics.push(m.clone());
-        let id = g.metrics.len() as u32;
+        let id = u32::try_from(g.metrics.len()).unwrap_or(u32::MAX);
         g.by_name.insert(name, id);
-        Some((id, m))
+        Defined::Metric(id, m)
     }
 
-    /// Finds a metric defined by another VM of the same filter.
+    /// The id of the sink for metrics of `kind` that are not kept.
+    pub(crate) fn discard_id(kind: MetricKind) -> u32 {
+        DISCARD_BASE
+            + match kind {
+                MetricKind::Counter => 0,
+                MetricKind::Gauge => 1,
+                MetricKind::Histogram => 2,
+            }
+    }
+
+    /// Finds a metric defined by another VM of the same filter (or a sink).
     pub(crate) fn get(&self, id: u32) -> Option<Arc<GuestMetric>> {
+        if id >= DISCARD_BASE {
+            return Some(self.discard.clone());
+        }
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.metrics.get((id as usize).checked_sub(1)?).cloned()
     }
@@ -244,15 +329,99 @@ struct PhaseStats {
     duration: Histogram,
 }
 
+/// A host-side cap of a filter (`[filters.NAME] limits`), as counted in
+/// `wasp_filter_limit_exceeded_total{limit}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    Headers,
+    HeaderBytes,
+    LogBytes,
+    SharedData,
+    SharedDataKeys,
+    Queues,
+    QueueDepth,
+    QueueBytes,
+    Metrics,
+    /// A metric name in wasp's own namespace (`wasp_*`, `process_*`).
+    MetricName,
+    Callouts,
+    /// A body rewritten past `max_body_bytes`.
+    BodyBytes,
+    /// Properties set on one stream past [`MAX_PROPERTY_BYTES`](super::abi::properties::MAX_PROPERTY_BYTES).
+    Properties,
+}
+
+impl Limit {
+    const ALL: [Limit; 13] = [
+        Limit::Headers,
+        Limit::HeaderBytes,
+        Limit::LogBytes,
+        Limit::SharedData,
+        Limit::SharedDataKeys,
+        Limit::Queues,
+        Limit::QueueDepth,
+        Limit::QueueBytes,
+        Limit::Metrics,
+        Limit::MetricName,
+        Limit::Callouts,
+        Limit::BodyBytes,
+        Limit::Properties,
+    ];
+
+    /// The config key (and metric label) of the limit.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Limit::Headers => "headers",
+            Limit::HeaderBytes => "header_bytes",
+            Limit::LogBytes => "log_bytes",
+            Limit::SharedData => "shared_data",
+            Limit::SharedDataKeys => "shared_data_keys",
+            Limit::Queues => "queues",
+            Limit::QueueDepth => "queue_depth",
+            Limit::QueueBytes => "queue_bytes",
+            Limit::Metrics => "metrics",
+            Limit::MetricName => "metric_name",
+            Limit::Callouts => "callouts",
+            Limit::BodyBytes => "max_body_bytes",
+            Limit::Properties => "properties",
+        }
+    }
+
+    fn index(self) -> usize {
+        Limit::ALL.iter().position(|l| *l == self).unwrap_or(0)
+    }
+}
+
+/// Least time between two log lines about the same filter and limit.
+const LIMIT_LOG_INTERVAL_MS: u64 = 10_000;
+
+fn millis_since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Default)]
+struct LimitStats {
+    exceeded: AtomicU64,
+    /// `millis_since_start() + 1` of the last log line (0: never logged).
+    logged_at: AtomicU64,
+}
+
 /// Per filter+phase statistics of the engine.
 #[derive(Debug)]
 pub(crate) struct FilterStats {
     phases: Vec<PhaseStats>,
+    limits: Vec<LimitStats>,
+    /// Bytes the host copied into guest memory (`copy_out`).
+    copied_to_guest: AtomicU64,
 }
 
 impl Default for FilterStats {
     fn default() -> Self {
         FilterStats {
+            limits: Limit::ALL.iter().map(|_| LimitStats::default()).collect(),
+            copied_to_guest: AtomicU64::new(0),
             phases: Phase::ALL
                 .iter()
                 .map(|_| PhaseStats {
@@ -289,6 +458,48 @@ impl FilterStats {
                 s.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Counts a host call refused (or trimmed) by a limit and logs it, at
+    /// most once per [`LIMIT_LOG_INTERVAL_MS`] per filter and limit.
+    pub(crate) fn limit_exceeded(&self, filter: &str, limit: Limit, detail: &str) {
+        let Some(s) = self.limits.get(limit.index()) else {
+            return;
+        };
+        let total = s.exceeded.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let now = millis_since_start().saturating_add(1);
+        let last = s.logged_at.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= LIMIT_LOG_INTERVAL_MS;
+        if due
+            && s.logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                filter,
+                limit = limit.name(),
+                times = total,
+                "filter exceeded limits.{}: {detail} (logged at most every {}s)",
+                limit.name(),
+                LIMIT_LOG_INTERVAL_MS / 1000
+            );
+        }
+    }
+
+    pub(crate) fn limit_count(&self, limit: Limit) -> u64 {
+        self.limits
+            .get(limit.index())
+            .map_or(0, |s| s.exceeded.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn copied_to_guest(&self, bytes: usize) {
+        self.copied_to_guest
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn copied_to_guest_total(&self) -> u64 {
+        self.copied_to_guest.load(Ordering::Relaxed)
     }
 
     #[cfg(test)]
@@ -358,6 +569,37 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
             }
         }
     }
+    let name = "wasp_filter_limit_exceeded_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Host calls refused or trimmed by a filter's limits (see docs/filter-contract.md)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (filter, stats, _) in filters {
+        for limit in Limit::ALL {
+            let v = stats.limit_count(limit);
+            if v > 0 {
+                let f = label(filter);
+                let _ = writeln!(
+                    out,
+                    "{name}{{filter=\"{f}\",limit=\"{}\"}} {v}",
+                    limit.name()
+                );
+            }
+        }
+    }
+    let name = "wasp_filter_guest_copy_bytes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Bytes the host copied into filter memory."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (filter, stats, _) in filters {
+        let v = stats.copied_to_guest.load(Ordering::Relaxed);
+        if v > 0 {
+            let _ = writeln!(out, "{name}{{filter=\"{}\"}} {v}", label(filter));
+        }
+    }
     let name = "wasp_filter_callback_duration_seconds";
     let _ = writeln!(out, "# HELP {name} Duration of filter callbacks.");
     let _ = writeln!(out, "# TYPE {name} histogram");
@@ -400,13 +642,20 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
     for (filter, m) in &all {
         let (base, labels) = split_name(&m.name);
         let mut rendered = format!("filter=\"{}\"", label(filter));
+        let mut used: Vec<String> = vec!["filter".to_string()];
         let mut scale = None;
         for (k, v) in &labels {
             if *k == SCALE_LABEL {
                 scale = v.parse::<u64>().ok().filter(|n| *n > 0);
                 continue;
             }
+            let k = label_name(k, m.kind);
+            // A repeated label name would make the whole scrape invalid.
+            if used.contains(&k) {
+                continue;
+            }
             rendered.push_str(&format!(",{k}=\"{}\"", label(v)));
+            used.push(k);
         }
         let histogram_stem = (m.kind == MetricKind::Counter)
             .then(|| {
@@ -442,6 +691,21 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
     }
 }
 
+/// A guest label name as exported: valid for Prometheus (no `:`), and
+/// never one wasp sets itself (`filter`; `le` on a histogram) nor one
+/// Prometheus reserves (`__*`): those get the `exported_` prefix, as
+/// Prometheus itself renames a target's clashing labels.
+fn label_name(k: &str, kind: MetricKind) -> String {
+    let k = k.replace(':', "_");
+    let reserved =
+        k == "filter" || k.starts_with("__") || (kind == MetricKind::Histogram && k == "le");
+    if reserved {
+        format!("exported_{k}")
+    } else {
+        k
+    }
+}
+
 /// The reserved guest label holding a value's scale (see [`render`]).
 const SCALE_LABEL: &str = "__scale";
 
@@ -473,6 +737,66 @@ fn split_name(name: &str) -> (&str, Vec<(&str, &str)>) {
 mod unit {
     use super::*;
 
+    impl MetricStore {
+        fn def(&self, kind: MetricKind, name: &str) -> Option<(u32, Arc<GuestMetric>)> {
+            match self.define(kind, name, 1000) {
+                Defined::Metric(id, m) => Some((id, m)),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn guest_metrics_never_collide_with_wasp_families_or_labels() {
+        let s = Arc::new(MetricStore::default());
+        assert!(matches!(
+            s.define(MetricKind::Counter, "wasp_requests_total", 10),
+            Defined::Reserved
+        ));
+        assert!(matches!(
+            s.define(MetricKind::Gauge, "process.threads", 10),
+            Defined::Reserved
+        ));
+        assert!(matches!(
+            s.define(MetricKind::Counter, "wasp_http_requests_total", 10),
+            Defined::Metric(..)
+        ));
+        let (_, c) = s
+            .def(
+                MetricKind::Counter,
+                "mine_total;filter=evil;a:b=1;__x=2;a_b=3",
+            )
+            .unwrap();
+        c.increment(1);
+        let (_, h) = s.def(MetricKind::Histogram, "lat;le=5").unwrap();
+        h.record(3);
+        for i in 0..3 {
+            s.def(MetricKind::Counter, &format!("n{i}_total")).unwrap();
+        }
+        assert!(matches!(
+            s.define(MetricKind::Counter, "one_too_many_total", 5),
+            Defined::Full
+        ));
+        let sink = s
+            .get(MetricStore::discard_id(MetricKind::Histogram))
+            .unwrap();
+        assert!(sink.increment(5));
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[("f".into(), Arc::new(FilterStats::default()), s)],
+        );
+        assert!(
+            out.contains("mine_total{filter=\"f\",exported_filter=\"evil\",a_b=\"1\",exported___x=\"2\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("lat_bucket{filter=\"f\",exported_le=\"5\",le=\"5\"} 1\n"),
+            "{out}"
+        );
+        assert!(!out.contains("wasp_requests_total"), "{out}");
+    }
+
     #[test]
     fn sanitizes_names() {
         assert_eq!(sanitize("a.b-c"), "a_b_c");
@@ -484,23 +808,21 @@ mod unit {
     fn labels_in_names_become_labels_and_bucket_counters_a_histogram() {
         let s = Arc::new(MetricStore::default());
         let (_, c) = s
-            .define(MetricKind::Counter, "req.total;route=a b;code_class=2xx")
+            .def(MetricKind::Counter, "req.total;route=a b;code_class=2xx")
             .unwrap();
         c.increment(3);
         for (le, v) in [("5", 1), ("+Inf", 2)] {
             let (_, b) = s
-                .define(
+                .def(
                     MetricKind::Counter,
                     &format!("lat_ms_bucket;route=a;le={le}"),
                 )
                 .unwrap();
             b.increment(v);
         }
-        let (_, sum) = s.define(MetricKind::Counter, "lat_ms_sum;route=a").unwrap();
+        let (_, sum) = s.def(MetricKind::Counter, "lat_ms_sum;route=a").unwrap();
         sum.increment(12);
-        let (_, count) = s
-            .define(MetricKind::Counter, "lat_ms_count;route=a")
-            .unwrap();
+        let (_, count) = s.def(MetricKind::Counter, "lat_ms_count;route=a").unwrap();
         count.increment(2);
         let mut out = String::new();
         render(
@@ -524,15 +846,13 @@ mod unit {
     fn scale_label_is_dropped_and_divides_the_value() {
         let s = Arc::new(MetricStore::default());
         let (_, sum) = s
-            .define(
+            .def(
                 MetricKind::Counter,
                 "lat_seconds_sum;route=a;__scale=1000000",
             )
             .unwrap();
         sum.increment(2_500_250);
-        let (_, bad) = s
-            .define(MetricKind::Counter, "other_total;__scale=0")
-            .unwrap();
+        let (_, bad) = s.def(MetricKind::Counter, "other_total;__scale=0").unwrap();
         bad.increment(7);
         let mut out = String::new();
         render(
@@ -550,9 +870,9 @@ mod unit {
     #[test]
     fn define_is_idempotent_and_typed() {
         let s = MetricStore::default();
-        let (a, _) = s.define(MetricKind::Counter, "x").unwrap();
-        let (b, _) = s.define(MetricKind::Counter, "x").unwrap();
+        let (a, _) = s.def(MetricKind::Counter, "x").unwrap();
+        let (b, _) = s.def(MetricKind::Counter, "x").unwrap();
         assert_eq!(a, b);
-        assert!(s.define(MetricKind::Gauge, "x").is_none());
+        assert!(s.def(MetricKind::Gauge, "x").is_none());
     }
 }

@@ -16,7 +16,7 @@ use super::abi::shared_queue::SharedQueues;
 use super::engine::Ticker;
 use super::host::Host;
 use super::metrics::{FilterStats, MetricStore};
-use super::{FailPolicy, FilterSpec, HttpCallouts};
+use super::{FailPolicy, FilterSpec, HostLimits, HttpCallouts};
 
 /// What a VM's host functions need to know about their filter.
 pub(crate) struct PluginShared {
@@ -28,6 +28,10 @@ pub(crate) struct PluginShared {
     pub metrics: Arc<MetricStore>,
     pub stats: Arc<FilterStats>,
     pub callouts: Arc<dyn HttpCallouts>,
+    /// Caps on host calls (from the spec).
+    pub limits: HostLimits,
+    /// A body a filter rewrites may not grow past this (from the spec).
+    pub max_body_bytes: u64,
 }
 
 /// A filter of one generation.

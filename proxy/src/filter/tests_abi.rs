@@ -1,7 +1,9 @@
 //! ABI edge cases with hand-written guest modules (WAT): what SDK-built
 //! fixtures never do on purpose: bad guest pointers, unknown imports, the
 //! 0.2.0 version marker with `_start` and `malloc`, `proc_exit` during
-//! start-up, missing exports, an initial memory over the cap.
+//! start-up, missing exports, an initial memory over the cap; windowed
+//! body reads, body growth past `max_body_bytes`, and seeded random
+//! arguments to every host function (no host panic, whatever they are).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -225,4 +227,265 @@ fn a_loop_in_configure_fails_the_load_within_the_start_deadline() {
     let err = rt.load(vec![module("spin", &wat)]).unwrap_err().to_string();
     assert_eq!(err, "filter \"spin\": CPU deadline exceeded");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// A guest that reads three 64 KiB windows and the last 1000 bytes of a
+/// 4 MiB body, and checks the first byte of each window.
+const WINDOWS: &str = r#"
+(module
+  (import "env" "proxy_get_buffer_bytes"
+    (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 16)
+  (global $bump (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $check (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  (func $window (param $start i32) (param $max i32) (param $len i32)
+    (call $check (call $get (i32.const 0) (local.get $start) (local.get $max)
+      (i32.const 16) (i32.const 20)) (i32.const 0))
+    (call $check (i32.load (i32.const 20)) (local.get $len))
+    ;; byte i of the body is i mod 251
+    (call $check (i32.load8_u (i32.load (i32.const 16)))
+      (i32.rem_u (local.get $start) (i32.const 251))))
+  (func (export "proxy_on_request_body") (param i32) (param $size i32) (param i32) (result i32)
+    (call $window (i32.const 0) (i32.const 65536) (i32.const 65536))
+    (call $window (i32.const 1048576) (i32.const 65536) (i32.const 65536))
+    (call $window (i32.const 2097152) (i32.const 65536) (i32.const 65536))
+    ;; A window past the end is clamped: 1000 bytes.
+    (call $window (i32.sub (local.get $size) (i32.const 1000)) (i32.const -1) (i32.const 1000))
+    (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn get_buffer_bytes_copies_only_the_window() {
+    let rt = runtime();
+    let set = rt.load(vec![module("window", WINDOWS)]).unwrap();
+    let mut s = set.stream(&[Arc::from("window")], info());
+    let mut req = Request::post("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        s.request_headers(&mut req, false).await,
+        Verdict::Continue
+    ));
+    let body: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    match s.request_body(bytes::Bytes::from(body), true) {
+        BodyVerdict::Forward(b) => assert_eq!(b.len(), 4 << 20),
+        other => panic!("guest check failed: {other:?}"),
+    }
+    s.finish(0, 0);
+    let copied = rt.stats_of("window").unwrap().copied_to_guest_total();
+    assert_eq!(copied, 3 * 65536 + 1000);
+}
+
+/// Every host function the table links, with its parameter types.
+const HOST_CALLS: &[(&str, &str, &str)] = &[
+    ("env", "proxy_log", "i32 i32 i32"),
+    ("env", "proxy_get_log_level", "i32"),
+    ("env", "proxy_get_current_time_nanoseconds", "i32"),
+    ("env", "proxy_set_tick_period_milliseconds", "i32"),
+    ("env", "proxy_get_buffer_bytes", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_set_buffer_bytes", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_get_buffer_status", "i32 i32 i32"),
+    ("env", "proxy_get_configuration", "i32 i32"),
+    ("env", "proxy_get_header_map_pairs", "i32 i32 i32"),
+    ("env", "proxy_set_header_map_pairs", "i32 i32 i32"),
+    ("env", "proxy_get_header_map_size", "i32 i32"),
+    ("env", "proxy_get_header_map_value", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_add_header_map_value", "i32 i32 i32 i32 i32"),
+    (
+        "env",
+        "proxy_replace_header_map_value",
+        "i32 i32 i32 i32 i32",
+    ),
+    ("env", "proxy_remove_header_map_value", "i32 i32 i32"),
+    ("env", "proxy_get_property", "i32 i32 i32 i32"),
+    ("env", "proxy_set_property", "i32 i32 i32 i32"),
+    ("env", "proxy_get_shared_data", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_set_shared_data", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_continue_stream", "i32"),
+    ("env", "proxy_close_stream", "i32"),
+    (
+        "env",
+        "proxy_send_local_response",
+        "i32 i32 i32 i32 i32 i32 i32 i32",
+    ),
+    (
+        "env",
+        "proxy_http_call",
+        "i32 i32 i32 i32 i32 i32 i32 i32 i32 i32",
+    ),
+    ("env", "proxy_get_status", "i32 i32 i32"),
+    ("env", "proxy_set_effective_context", "i32"),
+    ("env", "proxy_define_metric", "i32 i32 i32 i32"),
+    ("env", "proxy_get_metric", "i32 i32"),
+    ("env", "proxy_increment_metric", "i32 i64"),
+    ("env", "proxy_record_metric", "i32 i64"),
+    ("env", "proxy_register_shared_queue", "i32 i32 i32"),
+    ("env", "proxy_resolve_shared_queue", "i32 i32 i32 i32 i32"),
+    ("env", "proxy_enqueue_shared_queue", "i32 i32 i32"),
+    ("env", "proxy_dequeue_shared_queue", "i32 i32 i32"),
+    ("wasi_snapshot_preview1", "fd_write", "i32 i32 i32 i32"),
+    ("wasi_snapshot_preview1", "environ_sizes_get", "i32 i32"),
+    ("wasi_snapshot_preview1", "environ_get", "i32 i32"),
+    ("wasi_snapshot_preview1", "clock_time_get", "i32 i64 i32"),
+    ("wasi_snapshot_preview1", "clock_res_get", "i32 i32"),
+    ("wasi_snapshot_preview1", "random_get", "i32 i32"),
+    ("wasi_snapshot_preview1", "fd_fdstat_get", "i32 i32"),
+];
+
+/// A guest that calls every host function `rounds` times with arguments
+/// from an xorshift generator seeded with `seed`: zero, small numbers,
+/// pointers into (and just past) its two pages, huge and negative values.
+fn fuzz_module(seed: u32, rounds: u32) -> String {
+    let mut imports = String::new();
+    let mut calls = String::new();
+    for (i, (module, name, params)) in HOST_CALLS.iter().enumerate() {
+        imports.push_str(&format!(
+            "(import \"{module}\" \"{name}\" (func $f{i} (param {params}) (result i32)))\n"
+        ));
+        let args: String = params
+            .split(' ')
+            .map(|t| match t {
+                "i64" => "(i64.extend_i32_s (call $r)) ",
+                _ => "(call $r) ",
+            })
+            .collect();
+        calls.push_str(&format!("(drop (call $f{i} {args}))\n"));
+    }
+    format!(
+        r#"(module
+  {imports}
+  (memory (export "memory") 2)
+  (global $bump (mut i32) (i32.const 1024))
+  (global $s (mut i32) (i32.const {seed}))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    ;; A bump allocator that wraps within the two pages.
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.and (i32.add (global.get $bump) (local.get $n)) (i32.const 0xffff)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $next (result i32)
+    (global.set $s (i32.xor (global.get $s) (i32.shl (global.get $s) (i32.const 13))))
+    (global.set $s (i32.xor (global.get $s) (i32.shr_u (global.get $s) (i32.const 17))))
+    (global.set $s (i32.xor (global.get $s) (i32.shl (global.get $s) (i32.const 5))))
+    (global.get $s))
+  (func $r (result i32) (local $x i32) (local $k i32)
+    (local.set $x (call $next))
+    (local.set $k (i32.and (local.get $x) (i32.const 7)))
+    (if (i32.eqz (local.get $k)) (then (return (i32.const 0))))
+    (if (i32.eq (local.get $k) (i32.const 1)) (then (return (i32.shr_u (local.get $x) (i32.const 24)))))
+    (if (i32.eq (local.get $k) (i32.const 2))
+      (then (return (i32.and (i32.shr_u (local.get $x) (i32.const 8)) (i32.const 0x1ffff)))))
+    (if (i32.eq (local.get $k) (i32.const 3)) (then (return (i32.const 0x7fffffff))))
+    (if (i32.eq (local.get $k) (i32.const 4)) (then (return (i32.const -1))))
+    (if (i32.eq (local.get $k) (i32.const 5))
+      (then (return (i32.sub (i32.const 0x20000) (i32.shr_u (local.get $x) (i32.const 20))))))
+    (if (i32.eq (local.get $k) (i32.const 6)) (then (return (i32.shr_u (local.get $x) (i32.const 16)))))
+    (local.get $x))
+  (func $fuzz (local $i i32)
+    (loop $l
+      {calls}
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const {rounds})))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $fuzz) (i32.const 0))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (call $fuzz) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (call $fuzz) (i32.const 0))
+)"#
+    )
+}
+
+/// Arbitrary pointers, lengths and counts to every host function never
+/// panic the host: each callback ends normally or fails the filter by its
+/// policy (a limit, a trap), and the next stream runs again.
+#[tokio::test]
+async fn random_arguments_to_every_host_call_never_panic_the_host() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x005e_ed0f_f00d);
+    let rt = runtime();
+    for round in 0..12 {
+        let seed: u32 = rng.gen::<u32>() | 1;
+        let name = format!("fuzz{round}");
+        let set = rt
+            .load(vec![module(&name, &fuzz_module(seed, 30))])
+            .unwrap_or_else(|e| panic!("seed {seed:#x}: {e}"));
+        for _ in 0..3 {
+            let mut s = set.stream(&[Arc::from(name.as_str())], info());
+            let mut req = Request::post("/p")
+                .header("x-a", "1")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            if let Verdict::Continue = s.request_headers(&mut req, false).await {
+                let _ = s.request_body(bytes::Bytes::from(vec![b'b'; 70_000]), true);
+                let mut resp = http::Response::new(()).into_parts().0;
+                let _ = s.response_headers(&mut resp, true).await;
+            }
+            s.finish(1, 1);
+        }
+    }
+}
+
+/// A guest that appends 2000 bytes to every request body chunk.
+const GROW: &str = r#"
+(module
+  (import "env" "proxy_set_buffer_bytes"
+    (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 8192))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (drop (call $set (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1024) (i32.const 2000)))
+    (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn a_body_rewritten_past_max_body_bytes_fails_by_policy() {
+    let rt = runtime();
+    let mut spec = module("grow", GROW);
+    spec.max_body_bytes = 3000;
+    let set = rt.load(vec![spec]).unwrap();
+    let send = |n: usize| {
+        let set = set.clone();
+        async move {
+            let mut s = set.stream(&[Arc::from("grow")], info());
+            let mut req = Request::post("/").body(()).unwrap().into_parts().0;
+            assert!(matches!(
+                s.request_headers(&mut req, false).await,
+                Verdict::Continue
+            ));
+            let v = s.request_body(bytes::Bytes::from(vec![b'x'; n]), true);
+            s.finish(0, 0);
+            v
+        }
+    };
+    // 500 + 2000 fits in 3000.
+    match send(500).await {
+        BodyVerdict::Forward(b) => assert_eq!(b.len(), 2500),
+        other => panic!("{other:?}"),
+    }
+    // 1500 + 2000 does not: the request fails (fail = closed), and only it.
+    match send(1500).await {
+        BodyVerdict::Respond(r) => {
+            assert_eq!(r.status(), 503);
+            let body = String::from_utf8_lossy(r.body()).to_string();
+            assert!(body.contains("max_body_bytes"), "{body}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match send(10).await {
+        BodyVerdict::Forward(b) => assert_eq!(b.len(), 2010),
+        other => panic!("{other:?}"),
+    }
 }

@@ -304,6 +304,7 @@ pub(crate) fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
             .map(|l| l.limits.max_body_bytes)
             .max()
             .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
+        spec.host_limits = decl.limits.host_limits();
         specs.push(spec);
     }
     Ok(specs)

@@ -2,7 +2,16 @@
 //!
 //! The engine calls [`Callouts::call`] from inside a host call on a worker,
 //! so it only builds the future; the request then uses that worker's own
-//! pools and balancer, exactly like proxied traffic.
+//! pools and balancer, exactly like proxied traffic: it is admitted under
+//! the cluster's circuit breakers (`limits.max_requests` / `max_pending`;
+//! over them the guest's answer is a failure and the overflow is counted),
+//! and its outcome feeds load balancing and outlier detection.
+//!
+//! One difference: a callout *timeout* counts against the endpoint only if
+//! the guest's timeout was at least [`MIN_COUNTED_TIMEOUT`] and at least
+//! the cluster's `connect_timeout`. The timeout is the guest's choice, so
+//! a filter asking for 1 ms answers cannot make healthy endpoints look
+//! failed and get them ejected.
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -17,6 +26,10 @@ use crate::upstream::balance::PickContext;
 
 /// Largest callout answer a filter can receive.
 const MAX_CALLOUT_BODY: usize = 4 << 20;
+
+/// Shortest guest-chosen timeout whose expiry counts as an endpoint failure
+/// (see the module docs; the cluster's `connect_timeout` applies if longer).
+pub const MIN_COUNTED_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 pub struct Callouts {
@@ -39,6 +52,14 @@ impl HttpCallouts for Callouts {
         let cluster = cluster.to_string();
         Some(Box::pin(async move {
             let upstream = upstreams.get(id).ok_or("cluster vanished")?;
+            // Held until the answer is read, as for proxied requests.
+            let Some(mut admission) = upstream.admit() else {
+                return Err(format!(
+                    "cluster \"{cluster}\" is at its request limits (limits.max_requests / max_pending)"
+                ));
+            };
+            let counts_timeout =
+                timeout >= MIN_COUNTED_TIMEOUT && timeout >= upstream.connect_timeout();
             let picked = upstream
                 .pick(&PickContext::default(), None)
                 .ok_or_else(|| format!("cluster \"{cluster}\" has no endpoint"))?;
@@ -70,7 +91,9 @@ impl HttpCallouts for Callouts {
                     ));
                 }
                 Err(_) => {
-                    attempt.failed();
+                    if counts_timeout {
+                        attempt.failed();
+                    }
                     return Err(format!(
                         "callout to \"{cluster}\" timed out after {timeout:?}"
                     ));
@@ -81,6 +104,7 @@ impl HttpCallouts for Callouts {
             } else {
                 attempt.succeeded();
             }
+            admission.headers_received();
             drop(attempt);
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_CALLOUT_BODY)
@@ -88,6 +112,7 @@ impl HttpCallouts for Callouts {
                 .await
                 .map_err(|e| format!("callout answer from \"{cluster}\": {e}"))?
                 .to_bytes();
+            drop(admission);
             Ok(Response::from_parts(parts, body))
         }))
     }

@@ -303,6 +303,11 @@ impl Upstream {
         }
     }
 
+    /// The cluster's `connect_timeout`.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Admits a request under the cluster's `max_requests` and
     /// `max_pending`; `None` means overflow (counted).
     pub fn admit(&self) -> Option<Admission> {

@@ -7,12 +7,13 @@
 //! configuration. A buffer that does not exist now reads as NOT_FOUND and
 //! ignores writes with OK.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use wasmtime::Caller;
 
-use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::memory::{self, copy_out, copy_out_with, HostResult};
+use super::{fail_request, Status};
 use crate::filter::host::{Dir, Host};
+use crate::filter::metrics::Limit;
 
 const REQUEST_BODY: i32 = 0;
 const RESPONSE_BODY: i32 = 1;
@@ -20,7 +21,8 @@ const CALL_RESPONSE_BODY: i32 = 4;
 const VM_CONFIGURATION: i32 = 6;
 const PLUGIN_CONFIGURATION: i32 = 7;
 
-fn buffer(h: &Host, kind: i32) -> Option<Bytes> {
+/// The bytes of buffer `kind`, borrowed (never copied whole).
+fn buffer(h: &Host, kind: i32) -> Option<&[u8]> {
     match kind {
         REQUEST_BODY | RESPONSE_BODY => {
             let want = if kind == REQUEST_BODY {
@@ -29,15 +31,24 @@ fn buffer(h: &Host, kind: i32) -> Option<Bytes> {
                 Dir::Response
             };
             let s = h.stream()?;
-            (s.body_dir == Some(want)).then(|| Bytes::copy_from_slice(&s.body))
+            (s.body_dir == Some(want)).then_some(&s.body[..])
         }
-        CALL_RESPONSE_BODY => h.answer.as_ref().map(|a| a.body.clone()),
-        VM_CONFIGURATION => Some(h.plugin.vm_config.clone()),
-        PLUGIN_CONFIGURATION => Some(h.plugin.config.clone()),
+        CALL_RESPONSE_BODY => h.answer.as_ref().map(|a| &a.body[..]),
+        VM_CONFIGURATION => Some(&h.plugin.vm_config[..]),
+        PLUGIN_CONFIGURATION => Some(&h.plugin.config[..]),
         _ => None,
     }
 }
 
+/// `[start, start+max)` of a buffer of `len` bytes, clamped.
+fn window(len: usize, start: i32, max: i32) -> std::ops::Range<usize> {
+    let start = (start as u32 as usize).min(len);
+    let end = start.saturating_add(max as u32 as usize).min(len);
+    start..end
+}
+
+/// `proxy_get_buffer_bytes`: copies only the window `[start, start+max)`,
+/// straight from the host's buffer into the guest's allocation.
 pub(crate) fn get(
     c: &mut Caller<'_, Host>,
     kind: i32,
@@ -46,12 +57,19 @@ pub(crate) fn get(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let Some(buf) = buffer(c.data(), kind) else {
+    let Some(len) = buffer(c.data(), kind).map(<[u8]>::len) else {
         return Ok(Status::NotFound);
     };
-    let start = (start as u32 as usize).min(buf.len());
-    let end = start.saturating_add(max as u32 as usize).min(buf.len());
-    copy_out(c, &buf[start..end], ptr_out, len_out)
+    let range = window(len, start, max);
+    let n = range.len();
+    copy_out_with(c, n, ptr_out, len_out, |h, dst| {
+        // The guest's allocator ran in between: the buffer is re-read, and
+        // anything that changed its length leaves `dst` zeroed.
+        match buffer(h, kind).and_then(|b| b.get(range)) {
+            Some(src) if src.len() == dst.len() => dst.copy_from_slice(src),
+            _ => dst.fill(0),
+        }
+    })
 }
 
 /// `proxy_get_buffer_status`: the buffer's size.
@@ -61,11 +79,11 @@ pub(crate) fn status(
     size_out: i32,
     flags_out: i32,
 ) -> HostResult {
-    let Some(len) = buffer(c.data(), kind).map(|b| b.len()) else {
+    let Some(len) = buffer(c.data(), kind).map(<[u8]>::len) else {
         return Ok(Status::NotFound);
     };
-    let r = memory::write_u32(c, size_out, len as u32)
-        .and_then(|()| memory::write_u32(c, flags_out, 0));
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    let r = memory::write_u32(c, size_out, len).and_then(|()| memory::write_u32(c, flags_out, 0));
     Ok(match r {
         Ok(()) => Status::Ok,
         Err(s) => s,
@@ -82,7 +100,9 @@ pub(crate) fn get_configuration(
 }
 
 /// Replaces `[start, start+size)` of the body with the given bytes (clamped:
-/// `start` past the end appends; `size` 0 inserts).
+/// `start` past the end appends; `size` 0 inserts). A body may not grow
+/// past `max_body_bytes`: the SDK accepts only OK here, so that fails the
+/// request by the filter's policy.
 pub(crate) fn set(
     c: &mut Caller<'_, Host>,
     kind: i32,
@@ -91,28 +111,41 @@ pub(crate) fn set(
     ptr: i32,
     len: i32,
 ) -> HostResult {
+    let want = match kind {
+        REQUEST_BODY => Dir::Request,
+        RESPONSE_BODY => Dir::Response,
+        _ => return Ok(memory::check(c, ptr, len).map_or_else(|s| s, |()| Status::Ok)),
+    };
+    let max = usize::try_from(c.data().plugin.max_body_bytes).unwrap_or(usize::MAX);
+    let (old_len, range) = match c.data().stream() {
+        Some(s) if s.body_dir == Some(want) => (s.body.len(), window(s.body.len(), start, size)),
+        _ => return Ok(memory::check(c, ptr, len).map_or_else(|s| s, |()| Status::Ok)),
+    };
+    let new_len = old_len
+        .saturating_sub(range.len())
+        .saturating_add(len as u32 as usize);
+    if new_len > max && new_len > old_len {
+        if let Err(s) = memory::check(c, ptr, len) {
+            return Ok(s);
+        }
+        let detail = format!("a body rewritten to {new_len} bytes (max_body_bytes {max})");
+        return Err(fail_request(c, Limit::BodyBytes, &detail));
+    }
     let data = match memory::read(c, ptr, len) {
         Ok(d) => d,
         Err(s) => return Ok(s),
     };
-    let want = match kind {
-        REQUEST_BODY => Dir::Request,
-        RESPONSE_BODY => Dir::Response,
-        _ => return Ok(Status::Ok),
-    };
     let Some(s) = c.data_mut().stream_mut() else {
         return Ok(Status::Ok);
     };
-    if s.body_dir != Some(want) {
-        return Ok(Status::Ok);
-    }
     let body = &s.body;
-    let start = (start as u32 as usize).min(body.len());
-    let end = start.saturating_add(size as u32 as usize).min(body.len());
-    let mut new = BytesMut::with_capacity(body.len() - (end - start) + data.len());
-    new.extend_from_slice(&body[..start]);
+    let (Some(head), Some(tail)) = (body.get(..range.start), body.get(range.end..)) else {
+        return Ok(Status::Ok);
+    };
+    let mut new = BytesMut::with_capacity(new_len);
+    new.extend_from_slice(head);
     new.extend_from_slice(&data);
-    new.extend_from_slice(&body[end..]);
+    new.extend_from_slice(tail);
     s.body = new;
     Ok(Status::Ok)
 }

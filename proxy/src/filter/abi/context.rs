@@ -11,10 +11,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::Caller;
 
-use super::headers::deserialize;
+use super::headers::{deserialize, serialized_bound, MapError};
 use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::{fail_request, note_limit, Status};
 use crate::filter::host::{Host, LocalResponse};
+use crate::filter::metrics::Limit;
+use crate::filter::HostLimits;
+
+/// Charges one log line of `len` bytes to the running callback's budget
+/// (`limits.log_bytes`); false (and counted) if it does not fit.
+pub(crate) fn charge_log(c: &mut Caller<'_, Host>, len: usize) -> bool {
+    let cost = len.saturating_add(HostLimits::LOG_LINE_OVERHEAD);
+    let h = c.data_mut();
+    let budget = h.plugin.limits.log_bytes;
+    let used = h.actions.log_bytes;
+    if used.saturating_add(cost) > budget {
+        let crossing = used <= budget;
+        // Past the budget: later lines of this callback are dropped too.
+        h.actions.log_bytes = budget.saturating_add(1);
+        if crossing {
+            let detail = format!("log lines past {budget} bytes in one callback were dropped");
+            note_limit(c, Limit::LogBytes, &detail);
+        }
+        return false;
+    }
+    h.actions.log_bytes = used.saturating_add(cost);
+    true
+}
 
 pub(crate) fn log(c: &mut Caller<'_, Host>, level: i32, ptr: i32, len: i32) -> HostResult {
     use tracing::Level;
@@ -26,7 +49,7 @@ pub(crate) fn log(c: &mut Caller<'_, Host>, level: i32, ptr: i32, len: i32) -> H
         3 => tracing::enabled!(target: "wasp::filter::guest", Level::WARN),
         _ => tracing::enabled!(target: "wasp::filter::guest", Level::ERROR),
     };
-    if !enabled {
+    if !enabled || !charge_log(c, len as u32 as usize) {
         return Ok(match memory::check(c, ptr, len) {
             Ok(()) => Status::Ok,
             Err(s) => s,
@@ -97,6 +120,24 @@ pub(crate) fn close_stream(c: &mut Caller<'_, Host>, _kind: i32) -> HostResult {
     Ok(Status::Ok)
 }
 
+/// Headers a filter may not set on a local response: framing and
+/// hop-by-hop headers. hyper computes the framing from the body it is
+/// given; a filter's `content-length: 0` over a real body would otherwise
+/// make the client read the rest as another response.
+const LOCAL_RESPONSE_DROPPED: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "proxy-connection",
+    "te",
+    "trailer",
+];
+
+/// Longest `details` string of a local response that is kept (it is only logged).
+const MAX_DETAILS_BYTES: usize = 1024;
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send_local_response(
     c: &mut Caller<'_, Host>,
@@ -109,20 +150,63 @@ pub(crate) fn send_local_response(
     hl: i32,
     _grpc: i32,
 ) -> HostResult {
+    let limits = c.data().plugin.limits.clone();
+    let max_body = usize::try_from(c.data().plugin.max_body_bytes).unwrap_or(usize::MAX);
+    let max_map = serialized_bound(limits.headers, limits.header_bytes);
     let read = (|| {
         Ok::<_, Status>((
-            memory::read_str(c, dp, dl)?,
-            memory::read(c, bp, bl)?,
-            memory::read(c, hp, hl)?,
+            memory::read_at_most(c, dp, dl, MAX_DETAILS_BYTES)?,
+            memory::read_at_most(c, bp, bl, max_body)?,
+            memory::read_at_most(c, hp, hl, max_map)?,
         ))
     })();
     let (details, body, headers) = match read {
         Ok(v) => v,
         Err(s) => return Ok(s),
     };
-    let Some(headers) = deserialize(&headers) else {
-        return Ok(Status::BadArgument);
+    let Some(body) = body else {
+        let detail = format!(
+            "a local response body of {} bytes (max_body_bytes {max_body})",
+            bl as u32
+        );
+        return Err(fail_request(c, Limit::BodyBytes, &detail));
     };
+    let Some(headers) = headers else {
+        let detail = format!("local response headers of {} serialized bytes", hl as u32);
+        return Err(fail_request(c, Limit::HeaderBytes, &detail));
+    };
+    let headers = match deserialize(&headers, limits.headers) {
+        Ok(h) => h,
+        Err(MapError::Malformed) => return Ok(Status::BadArgument),
+        Err(MapError::TooMany) => {
+            let detail = format!("a local response with more than {} headers", limits.headers);
+            return Err(fail_request(c, Limit::Headers, &detail));
+        }
+    };
+    let bytes = headers
+        .iter()
+        .fold(0usize, |n, (k, v)| n.saturating_add(k.len() + v.len()));
+    if bytes > limits.header_bytes {
+        let detail = format!("local response headers of {bytes} bytes");
+        return Err(fail_request(c, Limit::HeaderBytes, &detail));
+    }
+    let headers = headers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .filter(|(k, _)| {
+            let keep = !k.starts_with(':') && !LOCAL_RESPONSE_DROPPED.contains(&k.as_str());
+            if !keep {
+                tracing::debug!(
+                    header = k,
+                    "dropped a framing or hop-by-hop header from a filter's local response"
+                );
+            }
+            keep
+        })
+        .collect();
+    let details = details
+        .map(|d| String::from_utf8_lossy(&d).into_owned())
+        .unwrap_or_default();
     c.data_mut().actions.local = Some(LocalResponse {
         status: status as u32,
         details,

@@ -14,8 +14,9 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use wasmtime::Caller;
 
 use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::{fail_request, Status};
 use crate::filter::host::{Host, ReqHead, RespHead};
+use crate::filter::metrics::Limit;
 
 const REQUEST_HEADERS: i32 = 0;
 const REQUEST_TRAILERS: i32 = 1;
@@ -47,31 +48,65 @@ where
     out
 }
 
-/// Parses the ABI map format; `None` if it is malformed.
-pub(crate) fn deserialize(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+/// Why a serialized map was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MapError {
+    Malformed,
+    /// More entries than the caller allows (nothing was allocated for them).
+    TooMany,
+}
+
+/// Parses the ABI map format, allowing at most `max_count` entries; the
+/// count is checked before anything is allocated for the entries.
+pub(crate) fn deserialize(
+    bytes: &[u8],
+    max_count: usize,
+) -> Result<Vec<(String, Vec<u8>)>, MapError> {
     if bytes.is_empty() {
-        return Some(Vec::new());
+        return Ok(Vec::new());
     }
-    let u32_at = |at: usize| -> Option<usize> {
-        let b = bytes.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    let u32_at = |at: usize| -> Result<usize, MapError> {
+        let end = at.checked_add(4).ok_or(MapError::Malformed)?;
+        let b: [u8; 4] = bytes
+            .get(at..end)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(MapError::Malformed)?;
+        Ok(u32::from_le_bytes(b) as usize)
     };
     let count = u32_at(0)?;
     if count > bytes.len() / 8 {
-        return None;
+        return Err(MapError::Malformed);
     }
-    let mut p = 4 + count * 8;
+    if count > max_count {
+        return Err(MapError::TooMany);
+    }
+    let mut p = count
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(4))
+        .ok_or(MapError::Malformed)?;
     let mut out = Vec::with_capacity(count);
+    let mut take = |len: usize| -> Result<&[u8], MapError> {
+        let end = p.checked_add(len).ok_or(MapError::Malformed)?;
+        let s = bytes.get(p..end).ok_or(MapError::Malformed)?;
+        p = end.checked_add(1).ok_or(MapError::Malformed)?;
+        Ok(s)
+    };
     for i in 0..count {
         let kl = u32_at(4 + i * 8)?;
         let vl = u32_at(8 + i * 8)?;
-        let k = bytes.get(p..p + kl)?;
-        p += kl + 1;
-        let v = bytes.get(p..p + vl)?;
-        p += vl + 1;
+        let k = take(kl)?;
+        let v = take(vl)?;
         out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
     }
-    Some(out)
+    Ok(out)
+}
+
+/// Longest serialized map that can hold `count` entries of `bytes` bytes.
+pub(crate) fn serialized_bound(count: usize, bytes: usize) -> usize {
+    count
+        .saturating_mul(10)
+        .saturating_add(bytes)
+        .saturating_add(4)
 }
 
 /// Pseudo headers of a request head, in the order Envoy shows them.
@@ -225,7 +260,44 @@ enum Op {
     Remove,
 }
 
-fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8]) {
+/// How far a filter may grow a header map.
+#[derive(Clone, Copy)]
+struct Caps {
+    count: usize,
+    bytes: usize,
+}
+
+impl Caps {
+    fn of(h: &Host) -> Self {
+        Caps {
+            count: h.plugin.limits.headers,
+            bytes: h.plugin.limits.header_bytes,
+        }
+    }
+}
+
+/// Entries and bytes (names plus values) of a map.
+fn usage(h: &HeaderMap) -> (usize, usize) {
+    let bytes = h.iter().fold(0usize, |n, (k, v)| {
+        n.saturating_add(k.as_str().len() + v.len())
+    });
+    (h.len(), bytes)
+}
+
+/// Whether going from `before` to `after` (entries, bytes) grows the map
+/// past a cap. A map already past a cap (say, from the client) may still be
+/// edited as long as the edit does not make it bigger.
+fn grows_past(before: (usize, usize), after: (usize, usize), caps: Caps) -> Option<Limit> {
+    if after.0 > caps.count && after.0 > before.0 {
+        return Some(Limit::Headers);
+    }
+    if after.1 > caps.bytes && after.1 > before.1 {
+        return Some(Limit::HeaderBytes);
+    }
+    None
+}
+
+fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8], caps: Caps) -> Result<(), Limit> {
     match key {
         ":method" => {
             if let Ok(m) = Method::from_bytes(value) {
@@ -233,6 +305,9 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8]) {
             }
         }
         ":path" => {
+            if value.len() > caps.bytes {
+                return Err(Limit::HeaderBytes);
+            }
             if let Ok(pq) = PathAndQuery::try_from(value) {
                 let mut parts = req.uri.clone().into_parts();
                 parts.path_and_query = Some(pq);
@@ -242,9 +317,7 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8]) {
             }
         }
         ":authority" => {
-            if let Ok(v) = HeaderValue::from_bytes(value) {
-                req.headers.insert(HOST, v);
-            }
+            apply_plain(&mut req.headers, Op::Replace, "host", value, caps)?;
             if req.uri.authority().is_some() {
                 if let Ok(a) = Authority::try_from(value) {
                     let mut parts = req.uri.clone().into_parts();
@@ -257,38 +330,64 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8]) {
         }
         _ => {}
     }
+    Ok(())
 }
 
-fn apply_plain(h: &mut HeaderMap, op: Op, key: &str, value: &[u8]) {
+fn apply_plain(
+    h: &mut HeaderMap,
+    op: Op,
+    key: &str,
+    value: &[u8],
+    caps: Caps,
+) -> Result<(), Limit> {
     let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
         tracing::debug!(key, "filter used an invalid header name; ignored");
-        return;
+        return Ok(());
     };
     if op == Op::Remove {
         h.remove(&name);
-        return;
+        return Ok(());
     }
     let Ok(v) = HeaderValue::from_bytes(value) else {
         tracing::debug!(key, "filter used an invalid header value; ignored");
-        return;
+        return Ok(());
     };
-    if op == Op::Add {
-        h.append(name, v);
+    let before = usage(h);
+    let added = name.as_str().len().saturating_add(v.len());
+    let after = if op == Op::Add {
+        (before.0.saturating_add(1), before.1.saturating_add(added))
     } else {
-        h.insert(name, v);
+        let (n, b) = h.get_all(&name).iter().fold((0usize, 0usize), |(n, b), v| {
+            (n + 1, b.saturating_add(name.as_str().len() + v.len()))
+        });
+        (
+            before.0.saturating_sub(n).saturating_add(1),
+            before.1.saturating_sub(b).saturating_add(added),
+        )
+    };
+    if let Some(limit) = grows_past(before, after, caps) {
+        return Err(limit);
     }
+    // The fallible calls: `append`/`insert` panic past 32768 entries.
+    let r = if op == Op::Add {
+        h.try_append(name, v).map(|_| ())
+    } else {
+        h.try_insert(name, v).map(|_| ())
+    };
+    r.map_err(|_| Limit::Headers)
 }
 
-fn apply(m: &mut MapMut<'_>, op: Op, key: &str, value: &[u8]) {
+fn apply(m: &mut MapMut<'_>, op: Op, key: &str, value: &[u8], caps: Caps) -> Result<(), Limit> {
     let key = key.to_ascii_lowercase();
     match m {
         MapMut::Req(req) => {
             if key.starts_with(':') {
                 if op != Op::Remove {
-                    set_pseudo_req(req, &key, value);
+                    set_pseudo_req(req, &key, value, caps)?;
                 }
+                Ok(())
             } else {
-                apply_plain(&mut req.headers, op, &key, value);
+                apply_plain(&mut req.headers, op, &key, value, caps)
             }
         }
         MapMut::Resp(resp) => {
@@ -298,15 +397,37 @@ fn apply(m: &mut MapMut<'_>, op: Op, key: &str, value: &[u8]) {
                         resp.status = s;
                     }
                 }
+                Ok(())
             } else if !key.starts_with(':') {
-                apply_plain(&mut resp.headers, op, &key, value);
+                apply_plain(&mut resp.headers, op, &key, value, caps)
+            } else {
+                Ok(())
             }
         }
         MapMut::Plain(h) => {
             if !key.starts_with(':') {
-                apply_plain(h, op, &key, value);
+                apply_plain(h, op, &key, value, caps)
+            } else {
+                Ok(())
             }
         }
+    }
+}
+
+impl MapMut<'_> {
+    fn headers(&mut self) -> &mut HeaderMap {
+        match self {
+            MapMut::Req(r) => &mut r.headers,
+            MapMut::Resp(r) => &mut r.headers,
+            MapMut::Plain(h) => h,
+        }
+    }
+}
+
+fn limit_detail(limit: Limit, caps: Caps) -> String {
+    match limit {
+        Limit::HeaderBytes => format!("a header map grown past {} bytes", caps.bytes),
+        _ => format!("a header map grown past {} entries", caps.count),
     }
 }
 
@@ -331,29 +452,64 @@ pub(crate) fn get_size(c: &mut Caller<'_, Host>, map: i32, size_out: i32) -> Hos
 }
 
 pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) -> HostResult {
-    let bytes = match memory::read(c, ptr, len) {
-        Ok(b) => b,
+    let caps = Caps::of(c.data());
+    // The map may be replaced by one as big as the caps, or as the map it
+    // replaces (a filter may write back what it read).
+    let current = map_mut(c.data_mut(), map).map(|mut m| usage(m.headers()));
+    let (cur_count, cur_bytes) = current.unwrap_or((0, 0));
+    let max_count = caps.count.max(cur_count).saturating_add(4);
+    let max_len = serialized_bound(max_count, caps.bytes.max(cur_bytes).saturating_add(4 << 10));
+    let bytes = match memory::read_at_most(c, ptr, len, max_len) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            let detail = format!("a serialized header map of {} bytes", len as u32);
+            return Err(fail_request(c, Limit::HeaderBytes, &detail));
+        }
         Err(s) => return Ok(s),
     };
-    let Some(pairs) = deserialize(&bytes) else {
-        return Ok(Status::BadArgument);
-    };
-    if let Some(mut m) = map_mut(c.data_mut(), map) {
-        match &mut m {
-            MapMut::Req(r) => r.headers.clear(),
-            MapMut::Resp(r) => r.headers.clear(),
-            MapMut::Plain(h) => h.clear(),
+    let pairs = match deserialize(&bytes, max_count) {
+        Ok(p) => p,
+        Err(MapError::Malformed) => return Ok(Status::BadArgument),
+        Err(MapError::TooMany) => {
+            let detail = format!("a header map of more than {max_count} entries");
+            return Err(fail_request(c, Limit::Headers, &detail));
         }
+    };
+    let Some(mut m) = map_mut(c.data_mut(), map) else {
+        return Ok(Status::Ok);
+    };
+    let plain = pairs.iter().filter(|(k, _)| !k.starts_with(':'));
+    let after = plain.fold((0usize, 0usize), |(n, b), (k, v)| {
+        (n + 1, b.saturating_add(k.len() + v.len()))
+    });
+    let mut result = match grows_past((cur_count, cur_bytes), after, caps) {
+        Some(limit) => Err(limit),
+        None => Ok(()),
+    };
+    if result.is_ok() {
+        // The whole map was checked above; the entries are bounded by
+        // `max_count` and the bytes by the read.
+        let unbounded = Caps {
+            count: usize::MAX,
+            bytes: usize::MAX,
+        };
+        m.headers().clear();
         for (k, v) in &pairs {
             let op = if k.starts_with(':') {
                 Op::Replace
             } else {
                 Op::Add
             };
-            apply(&mut m, op, k, v);
+            if let Err(limit) = apply(&mut m, op, k, v, unbounded) {
+                result = Err(limit);
+                break;
+            }
         }
     }
-    Ok(Status::Ok)
+    match result {
+        Ok(()) => Ok(Status::Ok),
+        Err(limit) => Err(fail_request(c, limit, &limit_detail(limit, caps))),
+    }
 }
 
 pub(crate) fn get_value(
@@ -364,8 +520,10 @@ pub(crate) fn get_value(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let key = match memory::read_str(c, key_ptr, key_len) {
-        Ok(k) => k,
+    let max = c.data().plugin.limits.header_bytes.max(64 << 10);
+    let key = match memory::read_at_most(c, key_ptr, key_len, max) {
+        Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
+        Ok(None) => return Ok(Status::NotFound),
         Err(s) => return Ok(s),
     };
     match value(c.data(), map, &key) {
@@ -383,20 +541,33 @@ fn edit(
     vp: i32,
     vl: i32,
 ) -> HostResult {
-    let key = match memory::read_str(c, kp, kl) {
-        Ok(k) => k,
+    let caps = Caps::of(c.data());
+    let key = match memory::read_at_most(c, kp, kl, caps.bytes) {
+        Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
+        // No header has so long a name: nothing to remove, too much to add.
+        Ok(None) if op == Op::Remove => return Ok(Status::Ok),
+        Ok(None) => {
+            let limit = Limit::HeaderBytes;
+            return Err(fail_request(c, limit, &limit_detail(limit, caps)));
+        }
         Err(s) => return Ok(s),
     };
     let value = if op == Op::Remove {
         Vec::new()
     } else {
-        match memory::read(c, vp, vl) {
-            Ok(v) => v,
+        match memory::read_at_most(c, vp, vl, caps.bytes) {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                let limit = Limit::HeaderBytes;
+                return Err(fail_request(c, limit, &limit_detail(limit, caps)));
+            }
             Err(s) => return Ok(s),
         }
     };
     if let Some(mut m) = map_mut(c.data_mut(), map) {
-        apply(&mut m, op, &key, &value);
+        if let Err(limit) = apply(&mut m, op, &key, &value, caps) {
+            return Err(fail_request(c, limit, &limit_detail(limit, caps)));
+        }
     }
     Ok(Status::Ok)
 }
@@ -435,7 +606,8 @@ mod unit {
     fn map_round_trip() {
         let pairs: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b":path", b"/x"), (b"empty", b"")];
         let bytes = serialize(pairs.iter().copied());
-        let back = deserialize(&bytes).unwrap();
+        let back = deserialize(&bytes, 3).unwrap();
+        assert_eq!(deserialize(&bytes, 2), Err(MapError::TooMany));
         assert_eq!(back.len(), 3);
         assert_eq!(back[1].0, ":path");
         assert_eq!(back[1].1, b"/x");
@@ -444,8 +616,11 @@ mod unit {
 
     #[test]
     fn malformed_maps_are_rejected() {
-        assert!(deserialize(&[5, 0, 0, 0, 1]).is_none());
-        assert!(deserialize(&[1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0]).is_none());
-        assert_eq!(deserialize(&[]).unwrap().len(), 0);
+        assert_eq!(deserialize(&[5, 0, 0, 0, 1], 9), Err(MapError::Malformed));
+        let bad = [1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(deserialize(&bad, 9), Err(MapError::Malformed));
+        let huge = [1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(deserialize(&huge, 9), Err(MapError::Malformed));
+        assert_eq!(deserialize(&[], 0).unwrap().len(), 0);
     }
 }

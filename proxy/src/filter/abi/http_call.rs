@@ -8,6 +8,9 @@
 //! cluster or a request without `:method`, `:path` or `:authority` answers
 //! BAD_ARGUMENT (a status the Rust SDK accepts).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,13 +18,64 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::{Method, Request};
 use wasmtime::Caller;
 
-use super::headers::deserialize;
+use super::headers::{deserialize, serialized_bound, MapError};
 use super::memory::{self, HostResult};
-use super::Status;
+use super::{note_limit, Status};
 use crate::filter::host::{Host, NewCallout};
+use crate::filter::metrics::Limit;
+use crate::filter::CalloutFuture;
 
 /// Default timeout when the guest passes 0.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest cluster name read from the guest.
+const MAX_CLUSTER_NAME: usize = 1024;
+
+thread_local! {
+    /// `http_call`s in flight on this worker, by filter name.
+    static IN_FLIGHT: RefCell<HashMap<Arc<str>, usize>> = RefCell::new(HashMap::new());
+}
+
+/// One of a filter's `limits.callouts` slots on this worker, held by the
+/// callout's future until it ends or is dropped (both happen on the worker
+/// that made the call: callouts run on its current-thread runtime).
+struct InFlight {
+    filter: Arc<str>,
+}
+
+impl InFlight {
+    fn take(filter: &Arc<str>, max: usize) -> Option<Self> {
+        IN_FLIGHT
+            .try_with(|m| {
+                let mut m = m.try_borrow_mut().ok()?;
+                let n = m.entry(filter.clone()).or_insert(0);
+                if *n >= max {
+                    return None;
+                }
+                *n += 1;
+                Some(InFlight {
+                    filter: filter.clone(),
+                })
+            })
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let _ = IN_FLIGHT.try_with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                if let Some(n) = m.get_mut(&self.filter) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(&self.filter);
+                    }
+                }
+            }
+        });
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn call(
@@ -37,20 +91,43 @@ pub(crate) fn call(
     timeout_ms: i32,
     token_out: i32,
 ) -> HostResult {
-    let read = |c: &mut Caller<'_, Host>, p, l| memory::read(c, p, l);
-    let (cluster, headers, body, _trailers) = match (|| {
+    let limits = c.data().plugin.limits.clone();
+    let max_body = usize::try_from(c.data().plugin.max_body_bytes).unwrap_or(usize::MAX);
+    let max_map = serialized_bound(limits.headers, limits.header_bytes);
+    let read = (|| {
+        memory::check(c, tp, tl)?;
         Ok::<_, Status>((
-            memory::read_str(c, up, ul)?,
-            read(c, hp, hl)?,
-            read(c, bp, bl)?,
-            read(c, tp, tl)?,
+            memory::read_at_most(c, up, ul, MAX_CLUSTER_NAME)?,
+            memory::read_at_most(c, hp, hl, max_map)?,
+            memory::read_at_most(c, bp, bl, max_body)?,
         ))
-    })() {
+    })();
+    let (cluster, headers, body) = match read {
         Ok(v) => v,
         Err(s) => return Ok(s),
     };
-    let Some(headers) = deserialize(&headers) else {
+    let Some(cluster) = cluster.map(|c| String::from_utf8_lossy(&c).into_owned()) else {
         return Ok(Status::BadArgument);
+    };
+    let Some(body) = body else {
+        let detail = format!(
+            "an http_call body of {} bytes (max_body_bytes {max_body})",
+            bl as u32
+        );
+        note_limit(c, Limit::BodyBytes, &detail);
+        return Ok(Status::BadArgument);
+    };
+    let headers = match headers.map(|h| deserialize(&h, limits.headers)) {
+        Some(Ok(h)) => h,
+        Some(Err(MapError::Malformed)) => return Ok(Status::BadArgument),
+        None | Some(Err(MapError::TooMany)) => {
+            let detail = format!(
+                "http_call headers over {} entries or {} bytes",
+                limits.headers, limits.header_bytes
+            );
+            note_limit(c, Limit::Headers, &detail);
+            return Ok(Status::BadArgument);
+        }
     };
     // `:method`, `:path` and `:authority` are required (as in the spec and Envoy).
     let mut method = None;
@@ -92,11 +169,24 @@ pub(crate) fn call(
         0 => DEFAULT_TIMEOUT,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    let callouts = c.data().plugin.callouts.clone();
-    let Some(future) = callouts.call(&cluster, req, timeout) else {
-        tracing::debug!(filter = %c.data().plugin.name, cluster, "http_call to an unknown cluster");
+    let plugin = c.data().plugin.clone();
+    let Some(slot) = InFlight::take(&plugin.name, limits.callouts) else {
+        let detail = format!(
+            "more than {} http_calls in flight on one worker",
+            limits.callouts
+        );
+        note_limit(c, Limit::Callouts, &detail);
+        return Ok(Status::InternalFailure);
+    };
+    let Some(future) = plugin.callouts.call(&cluster, req, timeout) else {
+        tracing::debug!(filter = %plugin.name, cluster, "http_call to an unknown cluster");
         return Ok(Status::BadArgument);
     };
+    // The slot is given back when the callout ends or is dropped.
+    let future: CalloutFuture = Box::pin(async move {
+        let _slot = slot;
+        future.await
+    });
     let h = c.data_mut();
     let token = h.next_token;
     h.next_token = h.next_token.wrapping_add(1).max(1);

@@ -31,6 +31,20 @@ pub(crate) fn read(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> Result<
         .ok_or(Status::InvalidMemoryAccess)
 }
 
+/// Copies `len` bytes at `ptr` out of guest memory if `len <= max`;
+/// `Ok(None)` (nothing copied) if the range is valid but longer than `max`.
+pub(crate) fn read_at_most(
+    caller: &mut Caller<'_, Host>,
+    ptr: i32,
+    len: i32,
+    max: usize,
+) -> Result<Option<Vec<u8>>, Status> {
+    if len as u32 as usize > max {
+        return check(caller, ptr, len).map(|()| None);
+    }
+    read(caller, ptr, len).map(Some)
+}
+
 /// Reads a UTF-8 string (lossy) from guest memory.
 pub(crate) fn read_str(
     caller: &mut Caller<'_, Host>,
@@ -96,26 +110,53 @@ pub(crate) fn copy_out(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let guest_ptr = if bytes.is_empty() {
+    copy_out_with(caller, bytes.len(), ptr_out, len_out, |_, dst| {
+        dst.copy_from_slice(bytes)
+    })
+}
+
+/// [`copy_out`] of `len` bytes that `fill` writes straight from host state
+/// into the guest's new allocation (`dst.len() == len`), so a window of a
+/// large host buffer is copied once and nothing else is.
+pub(crate) fn copy_out_with(
+    caller: &mut Caller<'_, Host>,
+    len: usize,
+    ptr_out: i32,
+    len_out: i32,
+    fill: impl FnOnce(&Host, &mut [u8]),
+) -> HostResult {
+    let Ok(len32) = u32::try_from(len) else {
+        return Ok(Status::InternalFailure);
+    };
+    let guest_ptr = if len == 0 {
         0
     } else {
         let Some(alloc) = caller.data().alloc.clone() else {
             return Ok(Status::InternalFailure);
         };
-        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        let p = alloc.call(&mut *caller, len)?;
+        let p = alloc.call(&mut *caller, len32)?;
         if p == 0 {
             return Ok(Status::InternalFailure);
         }
-        if let Err(s) = write(caller, p as i32, bytes) {
-            return Ok(s);
-        }
+        let Ok(mem) = memory(caller) else {
+            return Ok(Status::InternalFailure);
+        };
+        let (data, host) = mem.data_and_store_mut(&mut *caller);
+        let start = p as usize;
+        let Some(dst) = start
+            .checked_add(len)
+            .and_then(|end| data.get_mut(start..end))
+        else {
+            return Ok(Status::InvalidMemoryAccess);
+        };
+        fill(host, dst);
+        host.plugin.stats.copied_to_guest(len);
         p
     };
     if let Err(s) = write_u32(caller, ptr_out, guest_ptr) {
         return Ok(s);
     }
-    if let Err(s) = write_u32(caller, len_out, bytes.len() as u32) {
+    if let Err(s) = write_u32(caller, len_out, len32) {
         return Ok(s);
     }
     Ok(Status::Ok)

@@ -12,7 +12,9 @@ use wasmtime::Caller;
 use super::memory::{self, HostResult};
 use super::Status;
 use crate::filter::host::Host;
-use crate::filter::metrics::{GuestMetric, MetricKind};
+use crate::filter::metrics::{
+    Defined, GuestMetric, Limit, MetricKind, MetricStore, MAX_METRIC_NAME_BYTES,
+};
 
 fn lookup(h: &mut Host, id: u32) -> Option<Arc<GuestMetric>> {
     if let Some(m) = h.metrics.get(&id) {
@@ -23,6 +25,9 @@ fn lookup(h: &mut Host, id: u32) -> Option<Arc<GuestMetric>> {
     Some(m)
 }
 
+/// `proxy_define_metric`. The Rust SDK accepts only OK here, so a metric
+/// that is not kept (over `limits.metrics`, a reserved or over-long name, a
+/// kind clash) gets a discard id: updates to it answer OK and go nowhere.
 pub(crate) fn define(
     c: &mut Caller<'_, Host>,
     kind: i32,
@@ -30,18 +35,56 @@ pub(crate) fn define(
     nl: i32,
     id_out: i32,
 ) -> HostResult {
-    let name = match memory::read_str(c, np, nl) {
-        Ok(n) => n,
-        Err(s) => return Ok(s),
-    };
     let Some(kind) = MetricKind::from_abi(kind) else {
         return Ok(Status::BadArgument);
     };
-    let Some((id, m)) = c.data().plugin.metrics.define(kind, &name) else {
-        tracing::warn!(filter = %c.data().plugin.name, metric = name, "metric redefined with another type");
-        return Ok(Status::BadArgument);
+    // An over-long name is refused before it is copied.
+    let name = if (nl as u32 as usize) > MAX_METRIC_NAME_BYTES {
+        if let Err(s) = memory::check(c, np, nl) {
+            return Ok(s);
+        }
+        None
+    } else {
+        match memory::read_str(c, np, nl) {
+            Ok(n) => Some(n),
+            Err(s) => return Ok(s),
+        }
     };
-    c.data_mut().metrics.insert(id, m);
+    let plugin = c.data().plugin.clone();
+    let defined = match &name {
+        Some(n) => plugin.metrics.define(kind, n, plugin.limits.metrics),
+        None => Defined::Reserved,
+    };
+    let shown = name.as_deref().unwrap_or("(over-long name)");
+    let id = match defined {
+        Defined::Metric(id, m) => {
+            c.data_mut().metrics.insert(id, m);
+            id
+        }
+        Defined::KindClash => {
+            tracing::warn!(filter = %plugin.name, metric = shown, "metric redefined with another type; updates to it are dropped");
+            MetricStore::discard_id(kind)
+        }
+        Defined::Full => {
+            let detail = format!(
+                "defining metric \"{shown}\" past {} metrics; updates to it are dropped",
+                plugin.limits.metrics
+            );
+            plugin
+                .stats
+                .limit_exceeded(&plugin.name, Limit::Metrics, &detail);
+            MetricStore::discard_id(kind)
+        }
+        Defined::Reserved => {
+            let detail = format!(
+                "metric name \"{shown}\" is reserved (wasp_*, process_*) or longer than {MAX_METRIC_NAME_BYTES} bytes; it is not exported"
+            );
+            plugin
+                .stats
+                .limit_exceeded(&plugin.name, Limit::MetricName, &detail);
+            MetricStore::discard_id(kind)
+        }
+    };
     Ok(match memory::write_u32(c, id_out, id) {
         Ok(()) => Status::Ok,
         Err(s) => s,

@@ -8,7 +8,13 @@
 //! - answer only statuses the Rust SDK accepts for that call (it panics, and
 //!   so traps, on anything else; see `shared/proxy-wasm-notes.md`);
 //! - never call back into the guest except its allocator;
-//! - a bad guest pointer is INVALID_MEMORY_ACCESS, never a host panic.
+//! - a bad guest pointer is INVALID_MEMORY_ACCESS, never a host panic;
+//! - what a guest asks the host to do or keep is bounded by the filter's
+//!   `limits` ([`crate::filter::HostLimits`]), checked *before* copying or
+//!   allocating: over a limit the guest gets a status the SDK accepts for
+//!   that call, or (where the SDK accepts only OK and the call changes the
+//!   request) the request fails by the filter's policy ([`fail_request`]);
+//!   either way the event is counted and logged, rate-limited.
 //!
 //! Imports this table does not know are stubbed per module by
 //! [`stub_unknown`]: WASI ones answer ENOSYS, `env` ones UNIMPLEMENTED (or
@@ -28,6 +34,7 @@ pub(crate) mod wasi;
 use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
 
 use super::host::Host;
+use super::metrics::Limit;
 
 /// Proxy-Wasm status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +48,22 @@ pub(crate) enum Status {
     CasMismatch = 8,
     InternalFailure = 10,
     Unimplemented = 12,
+}
+
+/// Counts `limit` for the filter and returns the error that fails the
+/// current request by the filter's `fail` policy: for calls where the Rust
+/// SDK accepts only OK, so no status could tell the guest "no".
+pub(crate) fn fail_request(c: &Caller<'_, Host>, limit: Limit, detail: &str) -> wasmtime::Error {
+    let p = &c.data().plugin;
+    p.stats.limit_exceeded(&p.name, limit, detail);
+    wasmtime::Error::msg(format!("over limits.{}: {detail}", limit.name()))
+}
+
+/// Counts `limit` for the filter (the guest gets a status, or the work is
+/// trimmed) and logs it, rate-limited.
+pub(crate) fn note_limit(c: &Caller<'_, Host>, limit: Limit, detail: &str) {
+    let p = &c.data().plugin;
+    p.stats.limit_exceeded(&p.name, limit, detail);
 }
 
 const ENV: &str = "env";

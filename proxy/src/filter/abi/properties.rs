@@ -15,8 +15,9 @@ use wasmtime::Caller;
 
 use super::headers::{authority, serialize};
 use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::{fail_request, Status};
 use crate::filter::host::{Host, StreamData};
+use crate::filter::metrics::Limit;
 
 fn int(v: i64) -> Bytes {
     Bytes::copy_from_slice(&v.to_le_bytes())
@@ -102,6 +103,20 @@ fn join_path(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw).replace('\0', ".")
 }
 
+/// Bytes of properties filters may set on one stream (paths plus values,
+/// plus [`PROPERTY_OVERHEAD`] each). The SDK accepts only OK from
+/// `proxy_set_property`, so going past this fails the request by policy.
+pub(crate) const MAX_PROPERTY_BYTES: usize = 64 << 10;
+
+/// What each set property costs on top of its path and value.
+const PROPERTY_OVERHEAD: usize = 32;
+
+fn props_bytes(s: &StreamData) -> usize {
+    s.props.iter().fold(0usize, |n, (k, v)| {
+        n.saturating_add(k.len() + v.len() + PROPERTY_OVERHEAD)
+    })
+}
+
 pub(crate) fn get(
     c: &mut Caller<'_, Host>,
     pp: i32,
@@ -109,8 +124,9 @@ pub(crate) fn get(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let raw = match memory::read(c, pp, pl) {
-        Ok(r) => r,
+    let raw = match memory::read_at_most(c, pp, pl, MAX_PROPERTY_BYTES) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Status::NotFound),
         Err(s) => return Ok(s),
     };
     let path = join_path(&raw);
@@ -121,19 +137,37 @@ pub(crate) fn get(
 }
 
 pub(crate) fn set(c: &mut Caller<'_, Host>, pp: i32, pl: i32, vp: i32, vl: i32) -> HostResult {
-    let raw = match memory::read(c, pp, pl) {
-        Ok(r) => r,
-        Err(s) => return Ok(s),
-    };
-    let value = match memory::read(c, vp, vl) {
-        Ok(v) => Bytes::from(v),
+    let read = (|| {
+        Ok::<_, Status>((
+            memory::read_at_most(c, pp, pl, MAX_PROPERTY_BYTES)?,
+            memory::read_at_most(c, vp, vl, MAX_PROPERTY_BYTES)?,
+        ))
+    })();
+    let (raw, value) = match read {
+        Ok((Some(r), Some(v))) => (r, Bytes::from(v)),
+        Ok(_) => {
+            let detail = format!("a property over {MAX_PROPERTY_BYTES} bytes");
+            return Err(fail_request(c, Limit::Properties, &detail));
+        }
         Err(s) => return Ok(s),
     };
     let path = join_path(&raw);
-    if let Some(s) = c.data_mut().stream_mut() {
-        s.props.insert(path, value);
-    } else {
+    let Some(s) = c.data_mut().stream_mut() else {
         tracing::debug!(path, "set_property outside a stream; ignored");
+        return Ok(Status::Ok);
+    };
+    let before = props_bytes(s);
+    let old = s
+        .props
+        .get(&path)
+        .map_or(0, |v| v.len() + path.len() + PROPERTY_OVERHEAD);
+    let after = before
+        .saturating_sub(old)
+        .saturating_add(path.len() + value.len() + PROPERTY_OVERHEAD);
+    if after > MAX_PROPERTY_BYTES && after > before {
+        let detail = format!("properties of one stream past {MAX_PROPERTY_BYTES} bytes");
+        return Err(fail_request(c, Limit::Properties, &detail));
     }
+    s.props.insert(path, value);
     Ok(Status::Ok)
 }

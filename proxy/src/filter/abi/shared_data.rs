@@ -14,37 +14,76 @@ use bytes::Bytes;
 use wasmtime::Caller;
 
 use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::{note_limit, Status};
 use crate::filter::host::Host;
+use crate::filter::metrics::Limit;
+use crate::filter::HostLimits;
 
 /// The store of one filter.
 #[derive(Debug, Default)]
 pub(crate) struct SharedData {
-    map: Mutex<HashMap<String, (Bytes, u32)>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<String, (Bytes, u32)>,
+    /// Keys plus values, in bytes.
+    bytes: usize,
+}
+
+/// Why a write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetError {
+    CasMismatch,
+    Limit(Limit),
 }
 
 impl SharedData {
     pub(crate) fn get(&self, key: &str) -> Option<(Bytes, u32)> {
-        let g = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        g.get(key).cloned()
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.map.get(key).cloned()
     }
 
-    /// Writes `value` if `cas` is 0 or matches; `Err(())` on a CAS mismatch.
-    pub(crate) fn set(&self, key: &str, value: Bytes, cas: u32) -> Result<(), ()> {
-        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match g.get_mut(key) {
+    /// Writes `value` if `cas` is 0 or matches, within `limits.shared_data`
+    /// (bytes) and `limits.shared_data_keys`. A write that does not grow
+    /// the store is always allowed (so a store over lowered limits can
+    /// still shrink).
+    pub(crate) fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        cas: u32,
+        limits: &HostLimits,
+    ) -> Result<(), SetError> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Inner { map, bytes } = &mut *g;
+        match map.get_mut(key) {
             Some((v, current)) => {
                 if cas != 0 && cas != *current {
-                    return Err(());
+                    return Err(SetError::CasMismatch);
                 }
+                let after = bytes.saturating_sub(v.len()).saturating_add(value.len());
+                if after > limits.shared_data && value.len() > v.len() {
+                    return Err(SetError::Limit(Limit::SharedData));
+                }
+                *bytes = after;
                 *v = value;
                 *current = current.wrapping_add(1).max(1);
             }
             None => {
                 if cas != 0 {
-                    return Err(());
+                    return Err(SetError::CasMismatch);
                 }
-                g.insert(key.to_string(), (value, 1));
+                if map.len() >= limits.shared_data_keys {
+                    return Err(SetError::Limit(Limit::SharedDataKeys));
+                }
+                let after = bytes.saturating_add(key.len()).saturating_add(value.len());
+                if after > limits.shared_data {
+                    return Err(SetError::Limit(Limit::SharedData));
+                }
+                *bytes = after;
+                map.insert(key.to_string(), (value, 1));
             }
         }
         Ok(())
@@ -59,8 +98,10 @@ pub(crate) fn get(
     len_out: i32,
     cas_out: i32,
 ) -> HostResult {
-    let key = match memory::read_str(c, kp, kl) {
-        Ok(k) => k,
+    let max = c.data().plugin.limits.shared_data;
+    let key = match memory::read_at_most(c, kp, kl, max) {
+        Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
+        Ok(None) => return Ok(Status::NotFound),
         Err(s) => return Ok(s),
     };
     let Some((value, cas)) = c.data().plugin.shared.get(&key) else {
@@ -72,6 +113,9 @@ pub(crate) fn get(
     copy_out(c, &value, ptr_out, len_out)
 }
 
+/// `proxy_set_shared_data`. Over a limit the guest gets CAS_MISMATCH (the
+/// only refusal the Rust SDK accepts here); nothing past the limit is
+/// copied out of guest memory.
 pub(crate) fn set(
     c: &mut Caller<'_, Host>,
     kp: i32,
@@ -80,17 +124,40 @@ pub(crate) fn set(
     vl: i32,
     cas: i32,
 ) -> HostResult {
-    let key = match memory::read_str(c, kp, kl) {
-        Ok(k) => k,
+    let limits = c.data().plugin.limits.clone();
+    let read = (|| {
+        Ok::<_, Status>((
+            memory::read_at_most(c, kp, kl, limits.shared_data)?,
+            memory::read_at_most(c, vp, vl, limits.shared_data)?,
+        ))
+    })();
+    let (key, value) = match read {
+        Ok((Some(k), Some(v))) => (String::from_utf8_lossy(&k).into_owned(), Bytes::from(v)),
+        Ok(_) => {
+            let detail = format!(
+                "a shared data entry of {} bytes (limit {} bytes)",
+                (kl as u32 as u64).saturating_add(u64::from(vl as u32)),
+                limits.shared_data
+            );
+            note_limit(c, Limit::SharedData, &detail);
+            return Ok(Status::CasMismatch);
+        }
         Err(s) => return Ok(s),
     };
-    let value = match memory::read(c, vp, vl) {
-        Ok(v) => Bytes::from(v),
-        Err(s) => return Ok(s),
-    };
-    Ok(match c.data().plugin.shared.set(&key, value, cas as u32) {
+    let plugin = c.data().plugin.clone();
+    Ok(match plugin.shared.set(&key, value, cas as u32, &limits) {
         Ok(()) => Status::Ok,
-        Err(()) => Status::CasMismatch,
+        Err(SetError::CasMismatch) => Status::CasMismatch,
+        Err(SetError::Limit(limit)) => {
+            let detail = match limit {
+                Limit::SharedDataKeys => {
+                    format!("more than {} shared data keys", limits.shared_data_keys)
+                }
+                _ => format!("shared data past {} bytes", limits.shared_data),
+            };
+            note_limit(c, limit, &detail);
+            Status::CasMismatch
+        }
     })
 }
 
@@ -101,12 +168,44 @@ mod unit {
     #[test]
     fn cas_semantics() {
         let s = SharedData::default();
+        let l = HostLimits::default();
         assert!(s.get("k").is_none());
-        assert!(s.set("k", Bytes::from_static(b"1"), 7).is_err());
-        s.set("k", Bytes::from_static(b"1"), 0).unwrap();
+        assert!(s.set("k", Bytes::from_static(b"1"), 7, &l).is_err());
+        s.set("k", Bytes::from_static(b"1"), 0, &l).unwrap();
         let (_, cas) = s.get("k").unwrap();
-        s.set("k", Bytes::from_static(b"2"), cas).unwrap();
-        assert!(s.set("k", Bytes::from_static(b"3"), cas).is_err());
+        s.set("k", Bytes::from_static(b"2"), cas, &l).unwrap();
+        assert!(s.set("k", Bytes::from_static(b"3"), cas, &l).is_err());
         assert_eq!(s.get("k").unwrap().0, Bytes::from_static(b"2"));
+    }
+
+    #[test]
+    fn bytes_and_keys_are_capped_and_a_full_store_can_shrink() {
+        let s = SharedData::default();
+        let l = HostLimits {
+            shared_data: 10,
+            shared_data_keys: 2,
+            ..HostLimits::default()
+        };
+        let v = |n: usize| Bytes::from(vec![b'x'; n]);
+        s.set("a", v(4), 0, &l).unwrap();
+        assert_eq!(
+            s.set("b", v(6), 0, &l),
+            Err(SetError::Limit(Limit::SharedData))
+        );
+        s.set("b", v(2), 0, &l).unwrap();
+        assert_eq!(
+            s.set("c", v(0), 0, &l),
+            Err(SetError::Limit(Limit::SharedDataKeys))
+        );
+        assert_eq!(
+            s.set("a", v(7), 0, &l),
+            Err(SetError::Limit(Limit::SharedData))
+        );
+        s.set("a", v(5), 0, &l).unwrap();
+        let tight = HostLimits {
+            shared_data: 1,
+            ..l
+        };
+        s.set("a", v(1), 0, &tight).unwrap();
     }
 }

@@ -6,25 +6,36 @@
 //!
 //! Called from worker threads inside host calls; one mutex guards the
 //! registry (queues are a cross-worker hand-off, not a per-request path).
-//! A queue holds at most [`MAX_ITEMS`]; beyond that the oldest item is
-//! dropped with a warning.
+//! A queue holds at most `limits.queue_depth` items and
+//! `limits.queue_bytes` bytes of its owner (the filter that registered it);
+//! beyond, the oldest items are dropped (counted, and logged rate-limited).
+//! A filter registers at most `limits.queues` queues.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use wasmtime::Caller;
 
 use super::memory::{self, copy_out, HostResult};
-use super::Status;
+use super::{fail_request, note_limit, Status};
 use crate::filter::host::Host;
-use crate::filter::worker::{RootEvent, RootTx};
+use crate::filter::metrics::{FilterStats, Limit};
+use crate::filter::HostLimits;
 
-/// Items kept per queue.
-pub(crate) const MAX_ITEMS: usize = 10_000;
+/// Longest queue or VM id name read from the guest.
+const MAX_QUEUE_NAME: usize = 1024;
+use crate::filter::worker::{RootEvent, RootTx};
 
 struct Queue {
     items: VecDeque<Bytes>,
+    /// Bytes of `items`.
+    bytes: usize,
+    /// Caps of the owner, and where to count what they drop.
+    depth: usize,
+    max_bytes: usize,
+    owner_stats: Arc<FilterStats>,
+    owner_name: Arc<str>,
     /// Root drivers of the VMs that registered the queue (latest last).
     owners: Vec<RootTx>,
 }
@@ -47,12 +58,25 @@ impl SharedQueues {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn register(&self, vm_id: &str, name: &str, owner: Option<RootTx>) -> u32 {
+    /// Registers (or finds) queue `name` of filter `vm_id`; `None` if the
+    /// filter already has `limits.queues` others.
+    pub(crate) fn register(
+        &self,
+        vm_id: &Arc<str>,
+        name: &str,
+        owner: Option<RootTx>,
+        limits: &HostLimits,
+        stats: &Arc<FilterStats>,
+    ) -> Option<u32> {
         let mut g = self.lock();
         let key = (vm_id.to_string(), name.to_string());
         let id = match g.by_key.get(&key) {
             Some(id) => *id,
             None => {
+                let mine = g.by_key.keys().filter(|(v, _)| **v == **vm_id).count();
+                if mine >= limits.queues {
+                    return None;
+                }
                 g.next_id = g.next_id.wrapping_add(1).max(1);
                 let id = g.next_id;
                 g.by_key.insert(key, id);
@@ -60,18 +84,28 @@ impl SharedQueues {
                     id,
                     Queue {
                         items: VecDeque::new(),
+                        bytes: 0,
+                        depth: limits.queue_depth,
+                        max_bytes: limits.queue_bytes,
+                        owner_stats: stats.clone(),
+                        owner_name: vm_id.clone(),
                         owners: Vec::new(),
                     },
                 );
                 id
             }
         };
-        if let (Some(q), Some(owner)) = (g.queues.get_mut(&id), owner) {
-            q.owners
-                .retain(|tx| !tx.is_closed() && !tx.same_channel(&owner));
-            q.owners.push(owner);
+        if let Some(q) = g.queues.get_mut(&id) {
+            // The latest generation's limits apply.
+            q.depth = limits.queue_depth;
+            q.max_bytes = limits.queue_bytes;
+            if let Some(owner) = owner {
+                q.owners
+                    .retain(|tx| !tx.is_closed() && !tx.same_channel(&owner));
+                q.owners.push(owner);
+            }
         }
-        id
+        Some(id)
     }
 
     pub(crate) fn resolve(&self, vm_id: &str, name: &str) -> Option<u32> {
@@ -81,15 +115,40 @@ impl SharedQueues {
             .copied()
     }
 
-    /// `Err(())` if the queue does not exist.
+    /// `Err(())` if the queue does not exist. Beyond the owner's depth or
+    /// bytes the oldest items are dropped (an item bigger than the whole
+    /// queue is dropped itself).
     pub(crate) fn enqueue(&self, id: u32, value: Bytes) -> Result<(), ()> {
         let mut g = self.lock();
         let q = g.queues.get_mut(&id).ok_or(())?;
-        if q.items.len() >= MAX_ITEMS {
-            q.items.pop_front();
-            tracing::warn!(queue = id, "shared queue full; dropped its oldest item");
+        let mut dropped = 0usize;
+        let mut limit = Limit::QueueDepth;
+        if value.len() > q.max_bytes {
+            dropped += 1;
+            limit = Limit::QueueBytes;
+        } else {
+            while q.items.len() >= q.depth.max(1)
+                || q.bytes.saturating_add(value.len()) > q.max_bytes
+            {
+                if q.items.len() < q.depth.max(1) {
+                    limit = Limit::QueueBytes;
+                }
+                let Some(old) = q.items.pop_front() else {
+                    break;
+                };
+                q.bytes = q.bytes.saturating_sub(old.len());
+                dropped += 1;
+            }
+            q.bytes = q.bytes.saturating_add(value.len());
+            q.items.push_back(value);
         }
-        q.items.push_back(value);
+        if dropped > 0 {
+            let detail = format!(
+                "shared queue {id} full ({} items, {} bytes): dropped {dropped} item(s)",
+                q.depth, q.max_bytes
+            );
+            q.owner_stats.limit_exceeded(&q.owner_name, limit, &detail);
+        }
         // Wake the most recent registrant that is still alive.
         while let Some(tx) = q.owners.last() {
             if tx.send(RootEvent::QueueReady(id)).is_ok() {
@@ -104,20 +163,32 @@ impl SharedQueues {
     pub(crate) fn dequeue(&self, id: u32) -> Result<Option<Bytes>, ()> {
         let mut g = self.lock();
         let q = g.queues.get_mut(&id).ok_or(())?;
-        Ok(q.items.pop_front())
+        let item = q.items.pop_front();
+        if let Some(v) = &item {
+            q.bytes = q.bytes.saturating_sub(v.len());
+        }
+        Ok(item)
     }
 }
 
+/// `proxy_register_shared_queue`: the SDK accepts only OK here, so a
+/// filter registering more than `limits.queues` queues fails the request
+/// (or, at start-up, the load) by its policy.
 pub(crate) fn register(c: &mut Caller<'_, Host>, np: i32, nl: i32, id_out: i32) -> HostResult {
-    let name = match memory::read_str(c, np, nl) {
-        Ok(n) => n,
+    let name = match memory::read_at_most(c, np, nl, MAX_QUEUE_NAME) {
+        Ok(Some(n)) => String::from_utf8_lossy(&n).into_owned(),
+        Ok(None) => return Err(fail_request(c, Limit::Queues, "a queue name over 1 KiB")),
         Err(s) => return Ok(s),
     };
     let h = c.data();
-    let id = h
-        .plugin
+    let p = &h.plugin;
+    let Some(id) = p
         .queues
-        .register(&h.plugin.name, &name, h.root_tx.clone());
+        .register(&p.name, &name, h.root_tx.clone(), &p.limits, &p.stats)
+    else {
+        let detail = format!("registering more than {} shared queues", p.limits.queues);
+        return Err(fail_request(c, Limit::Queues, &detail));
+    };
     Ok(match memory::write_u32(c, id_out, id) {
         Ok(()) => Status::Ok,
         Err(s) => s,
@@ -132,9 +203,14 @@ pub(crate) fn resolve(
     nl: i32,
     id_out: i32,
 ) -> HostResult {
-    let (vm_id, name) = match (memory::read_str(c, vp, vl), memory::read_str(c, np, nl)) {
-        (Ok(v), Ok(n)) => (v, n),
+    let read = |c: &mut Caller<'_, Host>, p, l| {
+        memory::read_at_most(c, p, l, MAX_QUEUE_NAME)
+            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
+    let (vm_id, name) = match (read(c, vp, vl), read(c, np, nl)) {
+        (Ok(Some(v)), Ok(Some(n))) => (v, n),
         (Err(s), _) | (_, Err(s)) => return Ok(s),
+        _ => return Ok(Status::NotFound),
     };
     // An empty VM id means "this filter".
     let vm_id = if vm_id.is_empty() {
@@ -152,8 +228,15 @@ pub(crate) fn resolve(
 }
 
 pub(crate) fn enqueue(c: &mut Caller<'_, Host>, id: i32, vp: i32, vl: i32) -> HostResult {
-    let value = match memory::read(c, vp, vl) {
-        Ok(v) => Bytes::from(v),
+    // An item bigger than a whole queue is dropped unread.
+    let max = c.data().plugin.limits.queue_bytes;
+    let value = match memory::read_at_most(c, vp, vl, max) {
+        Ok(Some(v)) => Bytes::from(v),
+        Ok(None) => {
+            let detail = format!("a shared queue item of {} bytes was dropped", vl as u32);
+            note_limit(c, Limit::QueueBytes, &detail);
+            return Ok(Status::Ok);
+        }
         Err(s) => return Ok(s),
     };
     Ok(match c.data().plugin.queues.enqueue(id as u32, value) {
@@ -167,5 +250,47 @@ pub(crate) fn dequeue(c: &mut Caller<'_, Host>, id: i32, ptr_out: i32, len_out: 
         Ok(Some(v)) => copy_out(c, &v, ptr_out, len_out),
         Ok(None) => Ok(Status::Empty),
         Err(()) => Ok(Status::NotFound),
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn queues_are_capped_in_count_depth_and_bytes() {
+        let q = SharedQueues::default();
+        let stats = Arc::new(FilterStats::default());
+        let limits = HostLimits {
+            queues: 2,
+            queue_depth: 3,
+            queue_bytes: 10,
+            ..HostLimits::default()
+        };
+        let f: Arc<str> = Arc::from("f");
+        let a = q.register(&f, "a", None, &limits, &stats).unwrap();
+        assert_eq!(q.register(&f, "a", None, &limits, &stats), Some(a));
+        q.register(&f, "b", None, &limits, &stats).unwrap();
+        assert_eq!(q.register(&f, "c", None, &limits, &stats), None);
+        // Another filter has its own count.
+        assert!(q
+            .register(&Arc::from("g"), "c", None, &limits, &stats)
+            .is_some());
+
+        for i in 0..5u8 {
+            q.enqueue(a, Bytes::from(vec![i])).unwrap();
+        }
+        // Depth 3: the two oldest were dropped.
+        assert_eq!(q.dequeue(a).unwrap().as_deref(), Some(&[2u8][..]));
+        assert_eq!(stats.limit_count(Limit::QueueDepth), 2);
+        // Bytes 10: a 9-byte item pushes out the oldest of [3], [4].
+        q.enqueue(a, Bytes::from(vec![9; 9])).unwrap();
+        assert_eq!(q.dequeue(a).unwrap().as_deref(), Some(&[4u8][..]));
+        assert_eq!(q.dequeue(a).unwrap().map(|b| b.len()), Some(9));
+        assert_eq!(q.dequeue(a).unwrap(), None);
+        assert!(stats.limit_count(Limit::QueueBytes) >= 1);
+        // An item bigger than the whole queue is dropped itself.
+        q.enqueue(a, Bytes::from(vec![0; 11])).unwrap();
+        assert_eq!(q.dequeue(a).unwrap(), None);
     }
 }

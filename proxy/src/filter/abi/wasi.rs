@@ -12,6 +12,7 @@ use std::time::Instant;
 use rand::RngCore;
 use wasmtime::Caller;
 
+use super::context::charge_log;
 use super::memory;
 use crate::filter::host::{Host, ProcExit};
 
@@ -30,28 +31,62 @@ fn errno(r: Result<(), super::Status>) -> i32 {
     }
 }
 
-/// Appends to the fd's line buffer; logs each complete line.
-fn emit(c: &mut Caller<'_, Host>, fd: usize, bytes: &[u8]) {
-    let h = c.data_mut();
-    let buf = &mut h.out_lines[fd];
-    buf.extend_from_slice(bytes);
-    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=pos).collect();
-        let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-        let filter = &*h.plugin.name;
-        if fd == 0 {
-            tracing::info!(target: "wasp::filter::stdout", filter, "{text}");
-        } else {
-            tracing::error!(target: "wasp::filter::stderr", filter, "{text}");
-        }
-    }
-    if buf.len() > 16 << 10 {
-        let text = String::from_utf8_lossy(buf).into_owned();
-        buf.clear();
-        tracing::info!(target: "wasp::filter::stdout", filter = %h.plugin.name, "{text}");
+/// Longest partial line kept between writes; a longer one is logged as is.
+const MAX_PENDING_LINE: usize = 16 << 10;
+
+/// Iovecs one `fd_write` looks at (Linux's `IOV_MAX`): past them the write
+/// is short, which callers of `writev` handle by writing the rest again.
+pub(crate) const MAX_IOVECS: usize = 1024;
+
+fn log_line(filter: &str, fd: usize, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    if fd == 0 {
+        tracing::info!(target: "wasp::filter::stdout", filter, "{text}");
+    } else {
+        tracing::error!(target: "wasp::filter::stderr", filter, "{text}");
     }
 }
 
+/// Logs each complete line of `bytes` (after the fd's pending partial
+/// line), within the callback's log budget. One pass over `bytes`: each
+/// byte is looked at once, whatever the number of lines.
+fn emit(c: &mut Caller<'_, Host>, fd: usize, bytes: &[u8]) {
+    let mut rest = bytes;
+    while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+        let (line, tail) = rest.split_at(pos);
+        rest = tail.get(1..).unwrap_or_default();
+        let pending = std::mem::take(&mut c.data_mut().out_lines[fd]);
+        if charge_log(c, pending.len().saturating_add(line.len())) {
+            let filter = c.data().plugin.name.clone();
+            if pending.is_empty() {
+                log_line(&filter, fd, line);
+            } else {
+                let mut whole = pending;
+                whole.extend_from_slice(line);
+                log_line(&filter, fd, &whole);
+            }
+        }
+    }
+    if rest.is_empty() {
+        return;
+    }
+    let h = c.data_mut();
+    let room = MAX_PENDING_LINE.saturating_sub(h.out_lines[fd].len());
+    let keep = rest.get(..room.min(rest.len())).unwrap_or_default();
+    h.out_lines[fd].extend_from_slice(keep);
+    if h.out_lines[fd].len() >= MAX_PENDING_LINE {
+        let line = std::mem::take(&mut h.out_lines[fd]);
+        if charge_log(c, line.len()) {
+            let filter = c.data().plugin.name.clone();
+            log_line(&filter, fd, &line);
+        }
+    }
+}
+
+/// `fd_write` to stdout/stderr: the bytes go to the proxy's log within the
+/// callback's `limits.log_bytes` (the rest is dropped but reported as
+/// written, so the guest does not retry); nothing is copied out of guest
+/// memory past the budget, and at most [`MAX_IOVECS`] iovecs are read.
 pub(crate) fn fd_write(
     c: &mut Caller<'_, Host>,
     fd: i32,
@@ -64,18 +99,50 @@ pub(crate) fn fd_write(
         2 => 1,
         _ => return EBADF,
     };
+    let n = usize::try_from(iovs_len).unwrap_or(0).min(MAX_IOVECS);
     let mut total: u32 = 0;
-    for i in 0..iovs_len.max(0) {
-        let Ok(iov) = memory::read(c, iovs.wrapping_add(i.wrapping_mul(8)), 8) else {
+    for i in 0..n {
+        let at = (iovs as u32).wrapping_add((i as u32).wrapping_mul(8));
+        let Ok(iov) = memory::read(c, at as i32, 8) else {
             return EFAULT;
         };
-        let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-        let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-        let Ok(bytes) = memory::read(c, ptr, len) else {
+        let word = |r: std::ops::Range<usize>| -> i32 {
+            iov.get(r)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, i32::from_le_bytes)
+        };
+        let (ptr, len) = (word(0..4), word(4..8));
+        if memory::check(c, ptr, len).is_err() {
+            return EFAULT;
+        }
+        let len = len as u32;
+        let Some(next) = total.checked_add(len) else {
+            // A short write: the guest writes the rest again.
+            break;
+        };
+        total = next;
+        let over = c.data().actions.log_bytes > c.data().plugin.limits.log_bytes;
+        if over || len == 0 {
+            continue;
+        }
+        let budget = c
+            .data()
+            .plugin
+            .limits
+            .log_bytes
+            .saturating_sub(c.data().actions.log_bytes);
+        // Copy at most what could still be logged, plus one byte so a
+        // line that does not fit is still seen (and counted) as too long.
+        let take = (len as usize).min(budget.saturating_add(1));
+        let Ok(bytes) = memory::read(c, ptr, take as i32) else {
             return EFAULT;
         };
-        total = total.wrapping_add(bytes.len() as u32);
         emit(c, slot, &bytes);
+        if take < len as usize {
+            // The rest of this write is dropped: so is its partial line.
+            charge_log(c, usize::MAX);
+            c.data_mut().out_lines[slot].clear();
+        }
     }
     errno(memory::write_u32(c, nwritten, total))
 }
