@@ -168,6 +168,7 @@ async fn an_oversized_duration_on_reload_is_a_400_with_its_position_and_the_prox
     .await
     .unwrap();
     assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.error_code(), Some("reload_rejected"), "{reply:?}");
     assert!(
         reply.body.contains(&format!("wasp.toml:{line}:{column}"))
             && reply.body.contains("too long"),

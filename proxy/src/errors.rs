@@ -75,6 +75,11 @@ codes! {
     // Admin API answers: last, so the listener codes keep their indices.
     AdminForbidden = "admin_forbidden", FORBIDDEN, "The admin API refused the caller (not loopback, no or wrong token, browser-shaped request, or a Host that is not an IP or localhost).";
     AdminNotFound = "admin_not_found", NOT_FOUND, "No such admin endpoint (the probes address serves only /live, /ready and /metrics).";
+    AdminMethodNotAllowed = "admin_method_not_allowed", METHOD_NOT_ALLOWED, "The admin endpoint exists but not with this method.";
+    AdminBadRequest = "admin_bad_request", BAD_REQUEST, "The admin request's parameters are invalid (e.g. an unknown log level).";
+    ReloadRejected = "reload_rejected", BAD_REQUEST, "`POST /reload` found the new configuration or a filter invalid; the previous one keeps serving (the body lists each problem with file:line:column).";
+    AdminUnavailable = "admin_unavailable", SERVICE_UNAVAILABLE, "The admin action cannot run in this process now (reload not running yet, log level not adjustable).";
+    AdminInternal = "admin_internal", INTERNAL_SERVER_ERROR, "The admin API could not render its answer.";
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -88,7 +93,16 @@ impl ErrorCode {
     /// per-listener series in `wasp_proxy_errors_total`), rather than an
     /// admin API caller. Listener codes come first in [`ErrorCode::ALL`].
     pub const fn on_listener(self) -> bool {
-        !matches!(self, ErrorCode::AdminForbidden | ErrorCode::AdminNotFound)
+        !matches!(
+            self,
+            ErrorCode::AdminForbidden
+                | ErrorCode::AdminNotFound
+                | ErrorCode::AdminMethodNotAllowed
+                | ErrorCode::AdminBadRequest
+                | ErrorCode::ReloadRejected
+                | ErrorCode::AdminUnavailable
+                | ErrorCode::AdminInternal
+        )
     }
 
     /// The code of hyper's own answer to a head it could not parse, by its

@@ -195,12 +195,12 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             let snapshot = shared.snapshot.load();
             match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.config)) {
                 Ok(json) => with_type(StatusCode::OK, "application/json", json),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render clusters: {e}\n")),
+                Err(e) => error(ErrorCode::AdminInternal, &format!("cannot render clusters: {e}")),
             }
         }
         (&Method::GET, "/filters") => match serde_json::to_string_pretty(&shared.filters.status_json()) {
             Ok(json) => with_type(StatusCode::OK, "application/json", json),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render filters: {e}\n")),
+            Err(e) => error(ErrorCode::AdminInternal, &format!("cannot render filters: {e}")),
         },
         (&Method::GET, "/reload") => reload_status(shared),
         (&Method::GET, "/config") => {
@@ -212,7 +212,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             }
             match serde_json::to_string_pretty(&value) {
                 Ok(json) => with_type(StatusCode::OK, "application/json", json),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {e}\n")),
+                Err(e) => error(ErrorCode::AdminInternal, &format!("cannot render the config: {e}")),
             }
         }
         (&Method::PUT, "/logging") | (&Method::POST, "/logging") => set_log_level(req.uri().query(), shared),
@@ -221,7 +221,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             text(StatusCode::OK, "shutting down\n")
         }
         (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/clusters" | "/reload" | "/shutdown" | "/logging") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            error(ErrorCode::AdminMethodNotAllowed, "method not allowed")
         }
         _ => error(
             ErrorCode::AdminNotFound,
@@ -286,25 +286,22 @@ fn metrics(shared: &Shared) -> AdminResponse {
 /// Reloads now and answers with the outcome.
 async fn post_reload(shared: &Shared) -> AdminResponse {
     let Some(reloads) = shared.reload.get() else {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "reload is not running yet\n",
-        );
+        return error(ErrorCode::AdminUnavailable, "reload is not running yet");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     if reloads.send(crate::reload::Trigger::Admin(tx)).is_err() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "reload is not running\n");
+        return error(ErrorCode::AdminUnavailable, "reload is not running");
     }
     match rx.await {
         Ok(Ok(generation)) => text(
             StatusCode::OK,
             &format!("reloaded: generation {generation}\n"),
         ),
-        Ok(Err(e)) => text(
-            StatusCode::BAD_REQUEST,
-            &format!("reload rejected, the previous configuration keeps serving:\n{e}\n"),
+        Ok(Err(e)) => error(
+            ErrorCode::ReloadRejected,
+            &format!("reload rejected, the previous configuration keeps serving:\n{e}"),
         ),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "reload was abandoned\n"),
+        Err(_) => error(ErrorCode::AdminUnavailable, "reload was abandoned"),
     }
 }
 
@@ -326,15 +323,15 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
         .find_map(|kv| kv.strip_prefix("level="))
         .and_then(percent_decode);
     let Some(level) = level.as_deref() else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "use ?level=error|warn|info|debug|trace (or a tracing filter)\n",
+        return error(
+            ErrorCode::AdminBadRequest,
+            "use ?level=error|warn|info|debug|trace (or a tracing filter)",
         );
     };
     let Some(handle) = &shared.log_level else {
-        return text(
-            StatusCode::CONFLICT,
-            "log level is not adjustable in this process\n",
+        return error(
+            ErrorCode::AdminUnavailable,
+            "log level is not adjustable in this process",
         );
     };
     match tracing_subscriber::EnvFilter::try_new(level) {
@@ -343,14 +340,14 @@ fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
                 tracing::info!("log level set to {level}");
                 text(StatusCode::OK, &format!("log level set to {level}\n"))
             }
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("cannot set log level: {e}\n"),
+            Err(e) => error(
+                ErrorCode::AdminInternal,
+                &format!("cannot set log level: {e}"),
             ),
         },
-        Err(e) => text(
-            StatusCode::BAD_REQUEST,
-            &format!("invalid level \"{level}\": {e}\n"),
+        Err(e) => error(
+            ErrorCode::AdminBadRequest,
+            &format!("invalid level \"{level}\": {e}"),
         ),
     }
 }
