@@ -293,7 +293,6 @@ fn hostile_edits_never_panic() {
 }
 
 #[test]
-#[ignore = "cluster-, route- and [admin]-level problems have no position yet (issue 15: config as spanned plain data)"]
 fn every_problem_has_a_position() {
     let missing: Vec<String> = run_cases()
         .into_iter()

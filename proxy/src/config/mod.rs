@@ -334,6 +334,25 @@ impl<'a> Validator<'a> {
         });
     }
 
+    /// For a route problem without a span of its own: the route's
+    /// `[[listeners.routes]]` header, the `index`-th after the listener's
+    /// `bind` (at `listener_at` in the interpolated text), else the listener.
+    fn at_route(&mut self, listener_at: usize, index: usize, message: String) {
+        let from = self.map.source(listener_at);
+        let offset = self.text.get(from..).and_then(|rest| {
+            let end = rest.find("[[listeners]]").unwrap_or(rest.len());
+            let within = rest.get(..end)?;
+            let found = within.match_indices("[[listeners.routes]]").nth(index)?;
+            Some(from + found.0)
+        });
+        let (line, column) = line_col(self.text, offset.unwrap_or(from));
+        self.problems.push(Problem {
+            line,
+            column,
+            message,
+        });
+    }
+
     fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let admin = self.admin(&file.admin);
@@ -631,10 +650,14 @@ impl<'a> Validator<'a> {
                         routes.push(route);
                         route_allow.push(r.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())));
                     }
-                    Err(e) => self.at(
-                        e.span,
-                        format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message),
-                    ),
+                    Err(e) => {
+                        let message =
+                            format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message);
+                        match e.span {
+                            Some(span) => self.at(Some(span), message),
+                            None => self.at_route(decl.bind.span().start, i, message),
+                        }
+                    }
                 }
             }
             let l = &decl.limits;
