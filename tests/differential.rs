@@ -208,6 +208,16 @@ fn parse(raw: &str, echoed: bool) -> Seen {
             }
         }
     }
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let dechunked;
+    let body = if chunked {
+        dechunked = dechunk(body);
+        dechunked.as_str()
+    } else {
+        body
+    };
     let body = if echoed {
         let mut kept: Vec<&str> = body
             .lines()
@@ -226,6 +236,20 @@ fn parse(raw: &str, echoed: bool) -> Seen {
         response,
         body,
     }
+}
+
+/// The data of a chunked body (sizes in hex, then CRLF-framed data).
+fn dechunk(mut raw: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = raw.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        raw = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 /// The same request through both proxies.
@@ -301,5 +325,20 @@ fn a_local_reply_matches_envoy() {
     let request = "GET /allowed HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n";
     let (envoy, wasp) = both("local-reply", "", request, true);
     assert_eq!(envoy.status, 200);
+    assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
+}
+
+#[test]
+fn body_rewrites_on_both_sides_match_envoy() {
+    // The upstream's /echo streams the request body back: the filter turns
+    // `foo` into `bar` on the way up and `world` into `wasm` on the way down.
+    let body = "hello foo world";
+    let request = format!(
+        "POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (envoy, wasp) = both("body-rewrite", "", &request, false);
+    assert_eq!(envoy.status, 200, "envoy: {envoy:#?}");
+    assert_eq!(envoy.body, "hello bar wasm", "{envoy:#?}");
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
 }
