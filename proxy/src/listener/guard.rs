@@ -55,8 +55,20 @@ pub struct Guarded<S = TcpStream> {
     activity: Arc<Activity>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// No bytes either way for this long while a request is in flight cuts
+    /// the connection (see "Busy connections" above).
+    stream_idle_timeout: Option<Duration>,
     /// Requests started as of the last read, to notice a request completing.
     seen_started: u64,
+    /// Requests finished as of the last look (h2 idleness counts from the
+    /// last stream's end, not from the last bytes: pings are bytes too).
+    seen_finished: u64,
+    /// When bytes last moved either way.
+    last_io: Instant,
+    /// The last write did not go through: the peer is not reading.
+    write_blocked: bool,
+    /// A deadline passed while busy: every read and write fails from now on.
+    cut: bool,
     /// When the current request head began arriving.
     head_started: Option<Instant>,
     /// `activity.started` when the current head began arriving: a request
@@ -82,20 +94,20 @@ pub struct Guarded<S = TcpStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
-    pub fn new(
-        inner: S,
-        activity: Arc<Activity>,
-        header_timeout: Duration,
-        idle_timeout: Duration,
-        max_head: usize,
-    ) -> Self {
+    pub fn new(inner: S, activity: Arc<Activity>, limits: &crate::config::ListenerLimits) -> Self {
         let now = Instant::now();
+        let idle_timeout = limits.idle_timeout;
         Self {
             inner,
             activity,
-            header_timeout,
+            header_timeout: limits.header_timeout,
             idle_timeout,
+            stream_idle_timeout: limits.stream_idle_timeout,
             seen_started: 0,
+            seen_finished: 0,
+            last_io: now,
+            write_blocked: false,
+            cut: false,
             head_started: None,
             head_seq: None,
             idle_since: now,
@@ -105,7 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             rewrite: None,
             head: Vec::new(),
             head_checked: false,
-            max_head,
+            max_head: limits.max_header_bytes,
             slot: None,
         }
     }
@@ -344,6 +356,78 @@ impl Framing {
     }
 }
 
+/// What reads and writes fail with once a stream deadline cut the
+/// connection.
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no bytes moved either way within stream_idle_timeout",
+    )
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
+    /// When a connection busy with a request (or blocked writing) is cut:
+    /// no bytes either way for `stream_idle_timeout`. A peer that stopped
+    /// reading is the guard's to cut; a request that stalled otherwise is
+    /// answered by the request path (408, `forward::deadline`) at the same
+    /// deadline, so the guard waits half as long again before it closes
+    /// the connection as the backstop.
+    fn stream_deadline(&self) -> Option<Instant> {
+        let idle = self.stream_idle_timeout?;
+        let after = if self.write_blocked {
+            idle
+        } else {
+            idle.saturating_add(idle / 2)
+        };
+        Some(self.last_io + after)
+    }
+
+    /// An I/O call on a busy (or write-blocked) connection is pending:
+    /// fails it once the stream deadline passed, else arms the timer.
+    fn poll_stream_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.upgraded() {
+            return Poll::Pending;
+        }
+        let Some(deadline) = self.stream_deadline() else {
+            return Poll::Pending;
+        };
+        if Instant::now() >= deadline {
+            if !self.cut {
+                self.cut = true;
+                self.count(ErrorCode::StreamIdleTimeout);
+                tracing::info!(
+                    code = ErrorCode::StreamIdleTimeout.as_str(),
+                    blocked_writing = self.write_blocked,
+                    "closing a connection on which no bytes moved for {:?}",
+                    self.stream_idle_timeout.unwrap_or_default()
+                );
+            }
+            return Poll::Ready(Err(cut_error()));
+        }
+        self.timer.as_mut().reset(deadline);
+        if self.timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    /// Bookkeeping after a write: progress, or a peer not reading.
+    fn wrote(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.last_io = Instant::now();
+                self.write_blocked = false;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if !self.upgraded() => {
+                self.write_blocked = true;
+                self.poll_stream_deadline(cx)
+            }
+            other => other,
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -355,11 +439,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             // A tunnel: bytes pass untouched, with no deadline.
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
+        if this.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
         let started = this
             .activity
             .started
             .load(std::sync::atomic::Ordering::Acquire);
         let busy = this.activity.busy();
+        let finished = this
+            .activity
+            .finished
+            .load(std::sync::atomic::Ordering::Acquire);
+        if finished != this.seen_finished {
+            this.seen_finished = finished;
+            if this.h2 {
+                this.idle_since = Instant::now();
+            }
+        }
         if started != this.seen_started {
             // A request head completed since the last read: the next head
             // has not started yet, and idleness counts from now.
@@ -375,6 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
                 if !got.is_empty() {
+                    this.last_io = Instant::now();
                     this.detect(got);
                 }
                 // Bytes after an early answer (a 404 before the body came)
@@ -387,7 +485,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                         this.head_started = Some(now);
                         this.head_seq = Some(started);
                     }
-                    this.idle_since = now;
+                    if !this.h2 {
+                        this.idle_since = now;
+                    }
                     if !this.h2 && !this.head_checked && head_like {
                         if let Some(refusal) = this.check_head(got) {
                             buf.set_filled(before);
@@ -401,7 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if busy {
-                    return Poll::Pending;
+                    return this.poll_stream_deadline(cx);
                 }
                 let deadline = this.deadline();
                 if Instant::now() >= deadline {
@@ -484,7 +584,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if self.rewrite.is_some() {
             return self.drain_rewrite(cx);
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -499,7 +603,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
                 return self.poll_write(cx, first);
             }
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -507,7 +615,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            // (A TLS stream flushes its buffered records here.)
+            Poll::Pending if !self.upgraded() => {
+                self.write_blocked = true;
+                self.poll_stream_deadline(cx)
+            }
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -575,13 +693,16 @@ mod tests {
     fn guarded() -> (DuplexStream, Guarded<DuplexStream>) {
         let (client, server) = tokio::io::duplex(4096);
         let activity = Arc::new(Activity::default());
-        let guard = Guarded::new(
-            server,
-            activity,
-            HEADER_TIMEOUT,
-            Duration::from_secs(30),
-            8192,
-        );
+        let limits = crate::config::ListenerLimits {
+            max_connections: 1,
+            max_header_bytes: 8192,
+            max_body_bytes: 1 << 20,
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: Duration::from_secs(30),
+            stream_idle_timeout: Some(Duration::from_secs(30)),
+            request_timeout: None,
+        };
+        let guard = Guarded::new(server, activity, &limits);
         (client, guard)
     }
 

@@ -53,6 +53,13 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
 
+/// HTTP/2 keepalive: a PING after this long without a frame from the peer
+/// (idle connections too), and the connection is closed when the answer
+/// takes longer than the timeout. The same values apply towards h2
+/// upstreams (`upstream`).
+pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it. Accepted sockets
 /// inherit `TCP_NODELAY` and the keepalive settings from these (Linux), so
@@ -195,14 +202,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let local = local.unwrap_or(peer);
         let Some(tls) = cfg.tls.clone() else {
             let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
-            let io = Guarded::new(
-                stream,
-                ctx.activity.clone(),
-                limits.header_timeout,
-                limits.idle_timeout,
-                limits.max_header_bytes,
-            )
-            .tied(done);
+            let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -240,14 +240,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
             let ctx = conn_ctx(&shared, &name, (peer, local), "https", principal, &close_rx);
-            let io = Guarded::new(
-                stream,
-                ctx.activity.clone(),
-                limits.header_timeout,
-                limits.idle_timeout,
-                limits.max_header_bytes,
-            )
-            .tied(done);
+            let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -405,7 +398,11 @@ fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExe
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find a peer that vanished (or stopped reading) while its
+        // streams wait; the guard does not count them as activity.
+        .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     builder
 }
 
