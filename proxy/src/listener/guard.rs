@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::head::{Refusal, Scanner};
 use crate::errors::ErrorCode;
 use crate::forward::Activity;
 
@@ -82,11 +83,12 @@ pub struct Guarded<S = TcpStream> {
     h2: bool,
     /// A rewritten automatic error response still being written.
     rewrite: Option<(Vec<u8>, usize, usize)>,
-    /// The current request head so far, while it spans several reads.
-    head: Vec<u8>,
-    /// The current head has been checked (or cannot be: h2, pipelining).
-    head_checked: bool,
-    max_head: usize,
+    /// Follows the HTTP/1 bytes head by head and checks each head.
+    scanner: Scanner,
+    /// A refused head arrived behind a request in flight and was replaced
+    /// with bytes hyper refuses: hyper's 400 for it, written in order after
+    /// the earlier response, is labelled `bad_request`.
+    poisoned: bool,
     /// The connection's slot in its listener (open-connection count, gauge,
     /// drain tracking), given back when the socket is dropped; its stats
     /// count the guard's own answers.
@@ -115,9 +117,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             preface_seen: Some(0),
             h2: false,
             rewrite: None,
-            head: Vec::new(),
-            head_checked: false,
-            max_head: limits.max_header_bytes,
+            scanner: Scanner::new(limits.max_header_bytes),
+            poisoned: false,
             slot: None,
         }
     }
@@ -196,42 +197,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         let _ = Pin::new(&mut self.inner).poll_flush(cx);
     }
 
-    /// Looks at a request head as it arrives for what hyper accepts but a
-    /// proxy must refuse: `Content-Length` together with
-    /// `Transfer-Encoding` (the classic smuggling shape; hyper would drop
-    /// the length and carry on), and a head over the listener's
-    /// `max_header_bytes` (hyper's own buffer limit cannot go below 8 KiB).
-    fn check_head(&mut self, got: &[u8]) -> Option<Refusal> {
-        let too_large = |end: usize| end + 4 > self.max_head;
-        let verdict = if self.head.is_empty() {
-            match head_end(got) {
-                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
-                Some(end) => Some(heads_problem(got, end).map(Refusal::Framing)),
-                None => {
-                    self.head.extend_from_slice(got);
-                    None
-                }
+    /// Replaces the bytes from `from` (a refused head, or its tail when it
+    /// began in an earlier read) with a NUL, which hyper's parser refuses
+    /// wherever it lands in a head; returns the new end of the filled
+    /// bytes.
+    fn poison(&mut self, buf: &mut ReadBuf<'_>, from: usize, end: usize) -> usize {
+        self.poisoned = true;
+        match buf.filled_mut().get_mut(from..end) {
+            Some([first, ..]) => {
+                *first = 0;
+                from + 1
             }
-        } else {
-            self.head.extend_from_slice(got);
-            match head_end(&self.head) {
-                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
-                Some(end) => Some(heads_problem(&self.head, end).map(Refusal::Framing)),
-                None => None,
-            }
-        };
-        match verdict {
-            Some(refusal) => {
-                self.head_checked = true;
-                self.head.clear();
-                refusal
-            }
-            None if self.head.len() > self.max_head => {
-                self.head_checked = true;
-                self.head.clear();
-                Some(Refusal::TooLarge)
-            }
-            None => None,
+            _ => end,
         }
     }
 
@@ -240,10 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             Refusal::Framing(problem) => (ErrorCode::BadRequest, format!("bad request: {problem}")),
             Refusal::TooLarge => (
                 ErrorCode::HeaderTooLarge,
-                format!(
-                    "request head is larger than the listener's limit of {} bytes",
-                    self.max_head
-                ),
+                "request head is larger than the listener's max_header_bytes".to_string(),
             ),
         };
         self.count(code);
@@ -269,91 +243,6 @@ fn starts_like_head(got: &[u8]) -> bool {
 fn after_empty_lines(bytes: &[u8]) -> Option<&[u8]> {
     let start = bytes.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
     Some(&bytes[start..])
-}
-
-/// Why the guard refuses a request head itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Refusal {
-    /// 400: framing a proxy must not pass on.
-    Framing(&'static str),
-    /// 431: over the listener's `max_header_bytes`.
-    TooLarge,
-}
-
-/// Where a request head's blank line starts.
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-/// Checks the head that ends at `end` in `bytes`, then every complete head
-/// pipelined behind it in the same bytes: hyper parses those from its
-/// buffer without another read, so the guard sees them only here. It
-/// follows bodies it can measure (none, or `Content-Length`) and stops at a
-/// chunked body or an incomplete head.
-fn heads_problem(bytes: &[u8], mut end: usize) -> Option<&'static str> {
-    let mut head = &bytes[..end];
-    let mut rest = &bytes[end + 4..];
-    loop {
-        let framing = Framing::of(head);
-        if let Some(problem) = framing.problem() {
-            return Some(problem);
-        }
-        let body = framing.length?;
-        rest = rest.get(body..)?;
-        rest = after_empty_lines(rest)?;
-        end = head_end(rest)?;
-        head = &rest[..end];
-        rest = &rest[end + 4..];
-    }
-}
-
-/// What a request head's header lines say about its body, read in one pass.
-struct Framing {
-    content_length: bool,
-    transfer_encoding: bool,
-    /// The declared `Content-Length` (0 without one); `None` when the body's
-    /// length cannot be known from the head (chunked, or unparsable).
-    length: Option<usize>,
-}
-
-impl Framing {
-    fn of(head: &[u8]) -> Self {
-        let mut f = Self {
-            content_length: false,
-            transfer_encoding: false,
-            length: Some(0),
-        };
-        let mut unknown = false;
-        for line in head.split(|b| *b == b'\n').skip(1) {
-            let (name, value) = match line.iter().position(|b| *b == b':') {
-                Some(colon) => (&line[..colon], Some(&line[colon + 1..])),
-                None => (line, None),
-            };
-            if name.eq_ignore_ascii_case(b"content-length") {
-                f.content_length = true;
-                if let Some(v) = value {
-                    let parsed = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|v| v.trim().parse().ok());
-                    unknown |= parsed.is_none();
-                    f.length = parsed;
-                }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                f.transfer_encoding = true;
-                unknown |= value.is_some();
-            }
-        }
-        if unknown {
-            f.length = None;
-        }
-        f
-    }
-
-    /// Framing hyper accepts but a proxy must refuse.
-    fn problem(&self) -> Option<&'static str> {
-        (self.content_length && self.transfer_encoding)
-            .then_some("both Content-Length and Transfer-Encoding are set")
-    }
 }
 
 /// What reads and writes fail with once a stream deadline cut the
@@ -442,6 +331,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
         if this.cut {
             return Poll::Ready(Err(cut_error()));
         }
+        if this.poisoned {
+            // hyper stops at the poisoned head; nothing after it is read.
+            return Poll::Ready(Ok(()));
+        }
         let started = this
             .activity
             .started
@@ -464,8 +357,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             this.head_started = None;
             this.head_seq = None;
             this.idle_since = Instant::now();
-            this.head.clear();
-            this.head_checked = false;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -488,12 +379,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     if !this.h2 {
                         this.idle_since = now;
                     }
-                    if !this.h2 && !this.head_checked && head_like {
-                        if let Some(refusal) = this.check_head(got) {
-                            buf.set_filled(before);
-                            this.reject(cx, refusal);
-                            return Poll::Ready(Ok(()));
-                        }
+                }
+                if got.is_empty() || this.h2 {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some((at, refusal)) = this.scanner.feed(got) {
+                    if busy {
+                        // Behind a request in flight: hyper must answer
+                        // that one first, so the refused head becomes bytes
+                        // hyper itself refuses, answered in order.
+                        let len = got.len();
+                        let end = this.poison(buf, before + at, before + len);
+                        buf.set_filled(end);
+                        tracing::info!(
+                            code = ErrorCode::BadRequest.as_str(),
+                            "refused a request head pipelined behind one in flight: {refusal:?}"
+                        );
+                    } else {
+                        buf.set_filled(before);
+                        this.reject(cx, refusal);
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -536,7 +440,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             .activity
             .started
             .load(std::sync::atomic::Ordering::Acquire);
-        if self.head_seq != Some(started) || self.upgraded() {
+        // A poisoned head's 400 comes once the request ahead of it is done.
+        if (self.head_seq != Some(started) && !self.poisoned) || self.upgraded() {
             return None;
         }
         let code = ErrorCode::of_hyper_status(buf.get(9..12)?)?;
@@ -639,34 +544,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     const HEADER_TIMEOUT: Duration = Duration::from_millis(50);
-
-    #[test]
-    fn pipelined_heads_are_checked_too() {
-        let bad = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n";
-        let check = |bytes: &[u8]| heads_problem(bytes, head_end(bytes).unwrap());
-        // Behind a GET, and behind a POST whose 3-byte body is skipped.
-        let behind_get = [&b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..], bad].concat();
-        assert!(check(&behind_get).is_some());
-        let behind_post = [
-            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
-            bad,
-        ]
-        .concat();
-        assert!(check(&behind_post).is_some());
-        // Clean pipelines, and a body that only looks like a bad head.
-        let clean = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(check(clean), None);
-        let body_like_head = [
-            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 81\r\n\r\n"[..],
-            bad,
-        ]
-        .concat();
-        assert_eq!(
-            body_like_head.len() - head_end(&body_like_head).unwrap() - 4,
-            81
-        );
-        assert_eq!(check(&body_like_head), None);
-    }
 
     #[test]
     fn what_can_begin_a_head() {

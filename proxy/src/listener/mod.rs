@@ -26,6 +26,7 @@
 //! every socket up to the drain timeout, then closes whatever is left.
 
 mod guard;
+mod head;
 mod set;
 
 use std::net::SocketAddr;
