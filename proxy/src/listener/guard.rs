@@ -154,6 +154,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         }
     }
 
+    /// Notices requests dispatched or finished since the last look: a
+    /// request head completed, so the next one has not started yet, and
+    /// idleness counts from now (for h2, only from a stream's end: pings
+    /// and settings are bytes too, but not activity).
+    fn sync_requests(&mut self) {
+        use std::sync::atomic::Ordering::Acquire;
+        let finished = self.activity.finished.load(Acquire);
+        if finished != self.seen_finished {
+            self.seen_finished = finished;
+            if self.h2 {
+                self.idle_since = Instant::now();
+            }
+        }
+        let started = self.activity.started.load(Acquire);
+        if started != self.seen_started {
+            self.seen_started = started;
+            self.head_started = None;
+            self.head_seq = None;
+            self.idle_since = Instant::now();
+        }
+    }
+
     fn deadline(&self) -> Instant {
         match self.head_started {
             Some(t) if !self.h2 => t + self.header_timeout,
@@ -293,11 +315,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             }
             return Poll::Ready(Err(cut_error()));
         }
-        self.timer.as_mut().reset(deadline);
+        // Also wake at the idle deadline still ahead, to look again once
+        // the request is done (hyper may not read again by itself).
+        let idle = self.idle_since + self.idle_timeout;
+        let wake = if idle > Instant::now() { idle.min(deadline) } else { deadline };
+        self.arm(cx, wake);
+        Poll::Pending
+    }
+
+    fn arm(&mut self, cx: &mut Context<'_>, at: Instant) {
+        if self.timer.deadline() != at {
+            self.timer.as_mut().reset(at);
+        }
         if self.timer.as_mut().poll(cx).is_ready() {
             cx.waker().wake_by_ref();
         }
-        Poll::Pending
     }
 
     /// Bookkeeping after a write: progress, or a peer not reading.
@@ -306,6 +338,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.last_io = Instant::now();
                 self.write_blocked = false;
+                if !self.activity.busy() && !self.upgraded() {
+                    // The tail of a response, written after its request
+                    // ended: idleness counts from here, and the timer must
+                    // say so even if hyper does not read again.
+                    self.sync_requests();
+                    let at = self.deadline();
+                    self.arm(cx, at);
+                }
                 Poll::Ready(Ok(n))
             }
             Poll::Pending if !self.upgraded() => {
@@ -340,24 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             .started
             .load(std::sync::atomic::Ordering::Acquire);
         let busy = this.activity.busy();
-        let finished = this
-            .activity
-            .finished
-            .load(std::sync::atomic::Ordering::Acquire);
-        if finished != this.seen_finished {
-            this.seen_finished = finished;
-            if this.h2 {
-                this.idle_since = Instant::now();
-            }
-        }
-        if started != this.seen_started {
-            // A request head completed since the last read: the next head
-            // has not started yet, and idleness counts from now.
-            this.seen_started = started;
-            this.head_started = None;
-            this.head_seq = None;
-            this.idle_since = Instant::now();
-        }
+        this.sync_requests();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
