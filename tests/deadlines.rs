@@ -229,9 +229,16 @@ async fn endless_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) 
                     let flag = Flag(d.clone());
                     let chunks = futures_util::stream::repeat_with(move || {
                         let _ = &flag;
-                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'x'; 65536])))
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![
+                            b'x';
+                            65536
+                        ])))
                     });
-                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(chunks))) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(
+                            chunks,
+                        )))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -256,7 +263,9 @@ async fn a_slow_reader_is_cut() {
         "",
     ));
     let mut s = TcpStream::connect(loopback(port)).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while dropped.load(Ordering::SeqCst) == 0 {
         assert!(
@@ -271,7 +280,11 @@ async fn a_slow_reader_is_cut() {
         assert!(Instant::now() < deadline, "{}", wasp.metrics());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(errors(&wasp, "stream_idle_timeout") >= 1.0, "{}", wasp.metrics());
+    assert!(
+        errors(&wasp, "stream_idle_timeout") >= 1.0,
+        "{}",
+        wasp.metrics()
+    );
     drop(s);
 }
 
@@ -321,11 +334,17 @@ endpoints = ["{}"]
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(!seen.contains("https"), "{seen}");
     assert!(!seen.contains("x-forwarded-host"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+        "{seen}"
+    );
     let seen = send(&client, ask(trusted)).await.body;
     assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
     assert!(seen.contains("x-forwarded-host: bank.example\n"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+        "{seen}"
+    );
 }
 
 /// An upstream that accepts, reads, and never answers.
@@ -380,8 +399,15 @@ timeout = "400ms"
     let client = h1_client();
     let start = Instant::now();
     let r = get(&client, loopback(port), "a", "/x").await;
-    assert_eq!((r.status, r.header("x-wasp-error")), (504, Some("upstream_timeout")));
-    assert!(start.elapsed() < Duration::from_millis(1400), "{:?}", start.elapsed());
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (504, Some("upstream_timeout"))
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
     let start = Instant::now();
     let r = get(&client, loopback(port), "a", "/off").await;
     assert_eq!(
@@ -390,7 +416,11 @@ timeout = "400ms"
         "{}",
         wasp.log_text()
     );
-    assert!(start.elapsed() >= Duration::from_millis(1400), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// The guard refuses `Content-Length` with `Transfer-Encoding` in every
@@ -404,7 +434,11 @@ async fn smuggling_heads_are_refused_in_every_shape() {
     let smuggle_crlf: &[u8] = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     let smuggle_lf: &[u8] = b"POST /a HTTP/1.1\nHost: a\nTransfer-Encoding: chunked\nContent-Length: 6\n\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     let smuggle_mixed: &[u8] = b"POST /a HTTP/1.1\r\nHost: a\nContent-Length: 6\r\nTransfer-Encoding: chunked\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
-    for (name, bytes) in [("CRLF", smuggle_crlf), ("bare LF", smuggle_lf), ("mixed", smuggle_mixed)] {
+    for (name, bytes) in [
+        ("CRLF", smuggle_crlf),
+        ("bare LF", smuggle_lf),
+        ("mixed", smuggle_mixed),
+    ] {
         let answer = raw_exchange(loopback(port), bytes, Duration::from_secs(5));
         assert_eq!(
             status_and_code(&answer),
@@ -417,7 +451,9 @@ async fn smuggling_heads_are_refused_in_every_shape() {
     for (name, bad) in [("CRLF", smuggle_crlf), ("bare LF", smuggle_lf)] {
         let before = app.requests();
         let mut s = TcpStream::connect(loopback(port)).await.unwrap();
-        s.write_all(b"GET /slow?ms=600 HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /slow?ms=600 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while app.requests() == before {
             assert!(Instant::now() < deadline, "the slow request never arrived");
@@ -438,7 +474,11 @@ async fn smuggling_heads_are_refused_in_every_shape() {
             "{name}: {answer}\n{}",
             wasp.log_text()
         );
-        assert_eq!(app.requests(), before + 1, "{name}: the smuggled request got through");
+        assert_eq!(
+            app.requests(),
+            before + 1,
+            "{name}: the smuggled request got through"
+        );
     }
     assert!(errors(&wasp, "bad_request") >= 5.0, "{}", wasp.metrics());
     let _ = AtomicBool::new(false);

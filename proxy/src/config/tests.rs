@@ -325,7 +325,9 @@ fn stream_deadline_defaults_are_envoys() {
     // No route or cluster timeout: 15 s; "0s" on the route turns it off.
     assert_eq!(DEFAULT_ROUTE_TIMEOUT, Duration::from_secs(15));
     assert_eq!(route_timeout(None, None), Some(Duration::from_secs(15)));
-    let route = c.listeners[0].routes.find("a", "/", &http::Method::GET, &http::HeaderMap::new());
+    let route = c.listeners[0]
+        .routes
+        .find("a", "/", &http::Method::GET, &http::HeaderMap::new());
     let route = route.map(|(_, r)| r.timeout);
     assert_eq!(route, Some(None));
     assert_eq!(
@@ -336,7 +338,10 @@ fn stream_deadline_defaults_are_envoys() {
         route_timeout(Some(Duration::from_secs(2)), Some(Duration::from_secs(3))),
         Some(Duration::from_secs(2))
     );
-    assert_eq!(route_timeout(Some(Duration::ZERO), Some(Duration::from_secs(3))), None);
+    assert_eq!(
+        route_timeout(Some(Duration::ZERO), Some(Duration::from_secs(3))),
+        None
+    );
     let off = parse_ok(&GOOD.replace(
         "name = \"inbound\"",
         "name = \"inbound\"\nlimits = { stream_idle_timeout = \"0s\", request_timeout = \"30s\" }",

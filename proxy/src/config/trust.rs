@@ -40,9 +40,11 @@ impl Net {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                same_prefix(u128::from(u32::from(net)) << 96, u128::from(u32::from(ip)) << 96, self.prefix)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => same_prefix(
+                u128::from(u32::from(net)) << 96,
+                u128::from(u32::from(ip)) << 96,
+                self.prefix,
+            ),
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 same_prefix(u128::from(net), u128::from(ip), self.prefix)
             }
@@ -109,7 +111,14 @@ mod tests {
 
     #[test]
     fn bad_entries_are_errors() {
-        for bad in ["10.0.0.0/33", "::/129", "ten.0.0.0/8", "10.0.0.0/", "10.0.0.0/x", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "ten.0.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/x",
+            "",
+        ] {
             assert!(Net::parse(bad).is_err(), "{bad}");
         }
     }

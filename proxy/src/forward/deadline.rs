@@ -40,6 +40,14 @@ use crate::errors::ErrorCode;
 use crate::telemetry::ListenerStats;
 use crate::upstream::BoxError;
 
+/// `at + after`, saturating: a configured duration too large for the
+/// clock means "never" (a year on), not a panic.
+pub(crate) fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(at)
+}
+
 /// Which deadline passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Cut {
@@ -81,7 +89,7 @@ impl StreamClock {
             origin,
             last: AtomicU64::new(0),
             idle,
-            request: request.map(|r| (origin + r, r)),
+            request: request.map(|r| (later(origin, r), r)),
             received: AtomicBool::new(false),
         }))
     }
@@ -102,7 +110,10 @@ impl StreamClock {
     fn next(&self) -> Option<(Instant, Cut)> {
         let idle = self.idle.map(|idle| {
             let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
-            (self.origin + last + idle, Cut::Idle(idle))
+            (
+                later(self.origin, last.saturating_add(idle)),
+                Cut::Idle(idle),
+            )
         });
         let request = self
             .request
@@ -116,7 +127,11 @@ impl StreamClock {
 
     /// Polls `timer` against the clock: `Ready` with the deadline that
     /// passed, else `Pending` with the timer armed for the next one.
-    pub fn poll_expired(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<Cut> {
+    pub fn poll_expired(
+        &self,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Cut> {
         loop {
             let Some((at, cut)) = self.next() else {
                 return Poll::Pending;

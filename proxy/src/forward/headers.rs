@@ -192,7 +192,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.insert(header::VIA, "1.1 edge".parse().unwrap());
-        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp", false);
+        add_forwarding(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.2");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get(header::VIA).unwrap(), "1.1 edge, 1.1 wasp");
@@ -207,7 +213,13 @@ mod tests {
             header::VIA,
             HeaderValue::from_bytes(b"1.1 caf\xe9").unwrap(),
         );
-        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp", false);
+        add_forwarding(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
             ["6.6.6.6, 10.0.0.5, 127.0.0.2"]
@@ -224,9 +236,18 @@ mod tests {
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.append("x-forwarded-proto", "https".parse().unwrap());
         h.insert("x-forwarded-host", "bank.example".parse().unwrap());
-        h.insert(header::FORWARDED, "for=1.2.3.4;proto=https".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=1.2.3.4;proto=https".parse().unwrap(),
+        );
         h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        add_forwarding(&mut h, "192.0.2.7".parse().unwrap(), "http", "1.1 wasp", false);
+        add_forwarding(
+            &mut h,
+            "192.0.2.7".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
         assert_eq!(
             h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
             ["http"]
@@ -243,14 +264,26 @@ mod tests {
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert("x-forwarded-host", "shop.example".parse().unwrap());
         h.insert(header::FORWARDED, "proto=https".parse().unwrap());
-        add_forwarding(&mut h, "10.0.0.9".parse().unwrap(), "http", "1.1 wasp", true);
+        add_forwarding(
+            &mut h,
+            "10.0.0.9".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            true,
+        );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example");
         assert_eq!(h.get(header::FORWARDED).unwrap(), "proto=https");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
         // Absent, it is set from the connection even for a trusted peer.
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "10.0.0.9".parse().unwrap(), "https", "1.1 wasp", true);
+        add_forwarding(
+            &mut h,
+            "10.0.0.9".parse().unwrap(),
+            "https",
+            "1.1 wasp",
+            true,
+        );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }
 }

@@ -26,6 +26,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+pub(crate) use deadline::later;
 pub use error::{local_response, ProxyError};
 
 use crate::errors::ErrorCode;
@@ -404,7 +405,13 @@ async fn forward(
         VIA_H1
     };
     let trusted = listener.trust_forwarded.trusts(conn.peer.ip());
-    headers::add_forwarding(&mut parts.headers, conn.peer.ip(), conn.scheme, via, trusted);
+    headers::add_forwarding(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.scheme,
+        via,
+        trusted,
+    );
     parts.version = match upstream.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -517,9 +524,7 @@ async fn forward(
         _ => body.map_err(upstream::BoxError::from).boxed_unsync(),
     };
     let body = match clock {
-        Some(clock) if !switching => {
-            Timed::new(body, clock, runtime.stats.clone()).boxed_unsync()
-        }
+        Some(clock) if !switching => Timed::new(body, clock, runtime.stats.clone()).boxed_unsync(),
         _ => body,
     };
     out.result = Ok(Response::from_parts(parts, body));

@@ -47,7 +47,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::head::{Refusal, Scanner};
 use crate::errors::ErrorCode;
-use crate::forward::Activity;
+use crate::forward::{later, Activity};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -113,7 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             head_started: None,
             head_seq: None,
             idle_since: now,
-            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(later(now, idle_timeout))),
             preface_seen: Some(0),
             h2: false,
             rewrite: None,
@@ -178,8 +178,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
 
     fn deadline(&self) -> Instant {
         match self.head_started {
-            Some(t) if !self.h2 => t + self.header_timeout,
-            _ => self.idle_since + self.idle_timeout,
+            Some(t) if !self.h2 => later(t, self.header_timeout),
+            _ => later(self.idle_since, self.idle_timeout),
         }
     }
 
@@ -290,7 +290,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         } else {
             idle.saturating_add(idle / 2)
         };
-        Some(self.last_io + after)
+        Some(later(self.last_io, after))
     }
 
     /// An I/O call on a busy (or write-blocked) connection is pending:
@@ -317,8 +317,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         }
         // Also wake at the idle deadline still ahead, to look again once
         // the request is done (hyper may not read again by itself).
-        let idle = self.idle_since + self.idle_timeout;
-        let wake = if idle > Instant::now() { idle.min(deadline) } else { deadline };
+        let idle = later(self.idle_since, self.idle_timeout);
+        let wake = if idle > Instant::now() {
+            idle.min(deadline)
+        } else {
+            deadline
+        };
         self.arm(cx, wake);
         Poll::Pending
     }
@@ -333,7 +337,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     }
 
     /// Bookkeeping after a write: progress, or a peer not reading.
-    fn wrote(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.last_io = Instant::now();

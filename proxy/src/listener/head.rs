@@ -222,10 +222,19 @@ pub(super) enum State {
 /// simplified: anything hyper would refuse makes the scanner stop).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Chunk {
-    Size { size: u64, digits: bool },
-    SizeWs { size: u64 },
-    Extension { size: u64 },
-    SizeLf { size: u64 },
+    Size {
+        size: u64,
+        digits: bool,
+    },
+    SizeWs {
+        size: u64,
+    },
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
     Data(u64),
     DataCr,
     DataLf,
@@ -275,7 +284,11 @@ impl Scanner {
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
                     at += take;
                     let left = left.saturating_sub(take as u64);
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
                 }
                 State::Chunked(chunk) => {
                     let (used, next) = chunk_step(chunk, rest);
@@ -343,7 +356,7 @@ impl Scanner {
             Some(len) => {
                 let head = std::mem::take(&mut self.head);
                 self.end = EndScan::default();
-                self.complete(&head[..len], len - had)
+                self.complete(&head[..len], len.saturating_sub(had))
             }
             None if self.head.len() > self.max_head => {
                 self.head = Vec::new();
@@ -377,10 +390,16 @@ fn chunk_step(mut chunk: Chunk, bytes: &[u8]) -> (usize, State) {
     let mut i = 0;
     while i < bytes.len() {
         if let Chunk::Data(left) = chunk {
-            let take = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len() - i);
+            let take = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len() - i);
             i += take;
             let left = left.saturating_sub(take as u64);
-            chunk = if left == 0 { Chunk::DataCr } else { Chunk::Data(left) };
+            chunk = if left == 0 {
+                Chunk::DataCr
+            } else {
+                Chunk::Data(left)
+            };
             continue;
         }
         let b = bytes[i];

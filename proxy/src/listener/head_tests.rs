@@ -32,7 +32,13 @@ fn crlf_bare_lf_and_mixed_heads_end_where_httparse_says() {
             "{}",
             String::from_utf8_lossy(bytes)
         );
-        assert_eq!(oracle(bytes, MAX), Oracle::Complete { len, framing: Ok(BodyLen::Length(0)) });
+        assert_eq!(
+            oracle(bytes, MAX),
+            Oracle::Complete {
+                len,
+                framing: Ok(BodyLen::Length(0))
+            }
+        );
     }
     assert_eq!(head(b"GET / HTTP/1.1\r\nHost: a\r\n"), Verdict::Incomplete);
 }
@@ -148,7 +154,10 @@ fn oracle(bytes: &[u8], max: usize) -> Oracle {
         if h.name.eq_ignore_ascii_case("content-length") {
             for item in h.value.split(|b| *b == b',') {
                 let v = std::str::from_utf8(item).ok().map(str::trim);
-                match v.filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok()) {
+                match v
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
                     Some(n) if length.is_some_and(|l| l != n) => framing = Err("conflicting"),
                     Some(n) => length = Some(n),
                     None => framing = Err("invalid length"),
@@ -156,13 +165,18 @@ fn oracle(bytes: &[u8], max: usize) -> Oracle {
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            let last = std::str::from_utf8(last).unwrap_or("").trim_matches([' ', '\t']);
+            let last = std::str::from_utf8(last)
+                .unwrap_or("")
+                .trim_matches([' ', '\t']);
             te = Some(last.eq_ignore_ascii_case("chunked"));
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
     }
-    let has_cl = req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let has_cl = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("content-length"));
     let framing = match (framing, te) {
         (_, Some(_)) if has_cl => Err("both"),
         (Err(e), _) => Err(e),
@@ -186,7 +200,9 @@ fn agrees(bytes: &[u8], max: usize) -> Result<(), String> {
         (Verdict::Refuse(Refusal::TooLarge), Oracle::Partial) => bytes.len() - skip > max,
         (Verdict::Refuse(Refusal::TooLarge), Oracle::Complete { len, .. }) => len - skip > max,
         // Refusing what hyper refuses anyway is a 400 either way.
-        (Verdict::Refuse(Refusal::Framing(_)), Oracle::Complete { framing, .. }) => framing.is_err(),
+        (Verdict::Refuse(Refusal::Framing(_)), Oracle::Complete { framing, .. }) => {
+            framing.is_err()
+        }
         (Verdict::Head { len, body }, Oracle::Complete { len: l, framing }) => {
             len == l
                 && match framing {
@@ -302,7 +318,7 @@ fn valid_ish(rng: &mut StdRng) -> Vec<u8> {
 /// refusal at the same place.
 fn split_consistent(rng: &mut StdRng, stream: &[u8], max: usize) -> Result<(), String> {
     let mut whole = Scanner::new(max);
-    let expected = whole.feed(stream).map(|(at, r)| (at, r));
+    let expected = whole.feed(stream);
     let mut parts = Scanner::new(max);
     let mut offset = 0;
     let mut got = None;
@@ -337,8 +353,16 @@ fn guard_fuzz_heads_agree_with_httparse() {
     let mut failures = Vec::new();
     let mut complete = 0;
     for i in 0..cases() {
-        let bytes = if i % 2 == 0 { arbitrary(&mut rng) } else { valid_ish(&mut rng) };
-        let max = if rng.gen_bool(0.1) { rng.gen_range(0..64) } else { MAX };
+        let bytes = if i % 2 == 0 {
+            arbitrary(&mut rng)
+        } else {
+            valid_ish(&mut rng)
+        };
+        let max = if rng.gen_bool(0.1) {
+            rng.gen_range(0..64)
+        } else {
+            MAX
+        };
         if matches!(oracle(&bytes, max), Oracle::Complete { .. }) {
             complete += 1;
         }
@@ -346,8 +370,16 @@ fn guard_fuzz_heads_agree_with_httparse() {
             failures.push(e);
         }
     }
-    assert!(complete > cases() / 10, "only {complete} heads parsed: the generator is off");
-    assert!(failures.is_empty(), "{} disagreements, e.g.:\n{}", failures.len(), failures[..failures.len().min(5)].join("\n"));
+    assert!(
+        complete > cases() / 10,
+        "only {complete} heads parsed: the generator is off"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} disagreements, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
 }
 
 #[test]
@@ -365,10 +397,19 @@ fn guard_fuzz_scanner_is_split_consistent() {
                 _ => {}
             }
         }
-        let max = if rng.gen_bool(0.2) { rng.gen_range(0..64) } else { MAX };
+        let max = if rng.gen_bool(0.2) {
+            rng.gen_range(0..64)
+        } else {
+            MAX
+        };
         if let Err(e) = split_consistent(&mut rng, &stream, max) {
             failures.push(e);
         }
     }
-    assert!(failures.is_empty(), "{} disagreements, e.g.:\n{}", failures.len(), failures[..failures.len().min(5)].join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} disagreements, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
 }
