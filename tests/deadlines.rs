@@ -57,8 +57,9 @@ async fn read_all(s: &mut TcpStream, limit: Duration) -> String {
 }
 
 /// 100 clients that send a head with `Content-Length: 1000000`, a few
-/// bytes, then nothing hold every slot of `max_connections = 100`; the
-/// stream idle timeout cuts them (408) and a fresh client gets through.
+/// bytes, then nothing hold every slot of `max_connections = 100` (and of
+/// the cluster's `max_requests = 100`); the stream idle timeout cuts them
+/// (408) and a fresh client gets through both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_body_clients_are_cut_and_give_their_slots_back() {
     let app = TestUpstream::start("app").await;
@@ -67,7 +68,7 @@ async fn slow_body_clients_are_cut_and_give_their_slots_back() {
         port,
         app.addr,
         r#"limits = { max_connections = 100, stream_idle_timeout = "1s" }"#,
-        "",
+        "limits = { max_requests = 100 }",
     ));
     let mut stalled = Vec::new();
     for _ in 0..100 {

@@ -1,21 +1,39 @@
 //! The connection guard: deadlines hyper does not enforce the way a proxy
-//! needs, applied at the byte level of one downstream connection.
+//! needs, and head checks, applied at the byte level of one downstream
+//! connection (a worker's task; nothing here blocks or locks).
 //!
 //! - Header timeout: once the first byte of an HTTP/1 request head arrives,
 //!   the whole head must arrive within `header_timeout`, else the client
 //!   gets `408` with `x-wasp-error: header_timeout` and the connection closes
 //!   (hyper's own timeout closes without a response).
-//! - Idle timeout: a connection with no request in flight and no bytes for
+//! - Idle timeout: a connection with no request in flight for
 //!   `idle_timeout` is closed (read side reports end of stream, so hyper
-//!   closes cleanly).
+//!   closes cleanly). For h1 idleness counts from the last bytes; for h2
+//!   from the last stream's end (keepalive pings are bytes, not activity).
+//! - Busy connections: no bytes either way for `stream_idle_timeout` while
+//!   a request is in flight (or while a write is blocked) fails every read
+//!   and write, so hyper drops the connection and everything its requests
+//!   held; counted as `stream_idle_timeout`. A peer that stopped reading is
+//!   cut at the deadline; a request that stalled otherwise is answered 408
+//!   by the request path (`forward::deadline`) at the same deadline, so the
+//!   guard waits half as long again before it closes as the backstop.
+//! - Head checks (`head.rs`, pure functions): every HTTP/1 head, CRLF or
+//!   bare LF, including heads pipelined behind a request in flight (the
+//!   scanner follows the bodies between them). A refused head on an idle
+//!   connection is answered 400/431 here and never given to hyper; one
+//!   behind a request in flight is replaced by a NUL byte, which hyper's
+//!   parser refuses wherever it lands, so hyper answers 400 in order after
+//!   the response ahead of it, and the guard labels that 400.
 //! - hyper answers malformed heads itself (400, 431, 414) before any service
 //!   runs; the guard adds `x-wasp-error` to those answers so they say why
 //!   like every other response the proxy makes.
 //!
 //! "Waiting for a head" means no request of this connection is in flight,
 //! as counted by [`Activity`]. HTTP/2 connections (seen by their preface,
-//! which may arrive over several reads) get only the idle timeout: h2 has
-//! its own framing deadlines. An automatic answer is told from a proxied
+//! which may arrive over several reads) get the idle and stream idle
+//! timeouts and no head checks: hyper's h2 handles framing, and each h2
+//! stream's own deadlines are in `forward::deadline`. An automatic answer
+//! is told from a proxied
 //! one by the request count: hyper drops a response's body (ending the
 //! request) before it writes it, so "nothing in flight" alone would also
 //! label an upstream's own 400; only an answer written while no request

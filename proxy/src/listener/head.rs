@@ -198,12 +198,16 @@ fn has_length_name(head: &[u8]) -> bool {
     })
 }
 
-/// A `Content-Length` value: ASCII digits only, no sign, fits u64.
+/// A `Content-Length` value: ASCII digits only (leading zeros too, as
+/// hyper reads them), no sign, fits u64.
 fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    v.iter().try_fold(0u64, |n, b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Where the scanner is in a connection's bytes.

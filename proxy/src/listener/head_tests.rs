@@ -263,6 +263,7 @@ fn valid_ish(rng: &mut StdRng) -> Vec<u8> {
         "Content-Length: 5, 5",
         "Content-Length: 5,6",
         "Content-Length: 99999999999999999999",
+        "Content-Length: 00000000000000000000000000007",
         "Content-Length: -1",
         "Content-Length: +5",
         "content-length:7",
