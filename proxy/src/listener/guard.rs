@@ -617,6 +617,10 @@ mod tests {
     }
 
     fn guarded() -> (DuplexStream, Guarded<DuplexStream>) {
+        guarded_with(Duration::from_secs(30))
+    }
+
+    fn guarded_with(stream_idle: Duration) -> (DuplexStream, Guarded<DuplexStream>) {
         let (client, server) = tokio::io::duplex(4096);
         let activity = Arc::new(Activity::default());
         let limits = crate::config::ListenerLimits {
@@ -625,11 +629,68 @@ mod tests {
             max_body_bytes: 1 << 20,
             header_timeout: HEADER_TIMEOUT,
             idle_timeout: Duration::from_secs(30),
-            stream_idle_timeout: Some(Duration::from_secs(30)),
+            stream_idle_timeout: Some(stream_idle),
             request_timeout: None,
         };
         let guard = Guarded::new(server, activity, &limits);
         (client, guard)
+    }
+
+    /// A busy connection whose peer stopped reading: once the buffers are
+    /// full nothing moves, and the stream idle timeout fails the write.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_cut() {
+        let idle = Duration::from_millis(100);
+        let (_client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let chunk = [b'x'; 1024];
+        let mut blocked_at = None;
+        let err = loop {
+            let write = guard.write(&chunk);
+            match tokio::time::timeout(Duration::from_millis(20), write).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => {
+                    blocked_at.get_or_insert_with(Instant::now);
+                }
+            }
+            assert!(
+                blocked_at.is_none_or(|t| t.elapsed() < Duration::from_secs(5)),
+                "the blocked write was never cut"
+            );
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = blocked_at.map(|t| t.elapsed()).unwrap_or_default();
+        assert!(waited >= idle - Duration::from_millis(25), "{waited:?}");
+        // Reads fail too: hyper drops the connection.
+        let mut buf = [0u8; 8];
+        assert!(guard.read(&mut buf).await.is_err());
+    }
+
+    /// A busy connection on which nothing moves either way is closed as
+    /// the backstop, half the timeout again after the request path's own
+    /// deadline.
+    #[tokio::test]
+    async fn a_busy_connection_with_nothing_moving_is_cut() {
+        let idle = Duration::from_millis(100);
+        let (_client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), guard.read(&mut buf)).await;
+        let err = read.expect("never cut").expect_err("a read succeeded");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= idle + idle / 2, "{:?}", start.elapsed());
+        // Not busy: no stream deadline, only the idle timeout.
+        let (_client, mut guard) = guarded_with(idle);
+        let read = tokio::time::timeout(idle * 3, guard.read(&mut buf)).await;
+        assert!(read.is_err(), "an idle connection was cut: {read:?}");
     }
 
     /// Writes `parts` one at a time, each read through the guard on its own.
