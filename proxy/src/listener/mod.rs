@@ -19,6 +19,11 @@
 //! touching the socket. Reloads add and remove whole listeners through
 //! [`ListenerSet`].
 //!
+//! Deadlines: the guard times heads, idle connections and busy connections
+//! on which nothing moves (`stream_idle_timeout`); each request's stream
+//! has its own deadlines in `forward::deadline`; HTTP/2 connections send
+//! keepalive pings so a vanished peer is found.
+//!
 //! A connection's slot (open-connection count and gauge) lives in its
 //! [`Guarded`] socket wrapper, so it is given back when the socket closes,
 //! not when hyper lets go of it: an upgraded connection (WebSocket) still
