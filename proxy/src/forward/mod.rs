@@ -7,7 +7,7 @@
 //! `x-wasp-error` code, in [`respond_error`], the one place that maps
 //! errors to responses, metrics and the log line. Each request's stream
 //! deadlines (`stream_idle_timeout`, `request_timeout`) live in
-//! [`deadline`]; the response-header deadline is the route's timeout
+//! `deadline`; the response-header deadline is the route's timeout
 //! (default 15 s, `config::route_timeout`).
 
 mod body;
