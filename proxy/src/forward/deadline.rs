@@ -154,10 +154,18 @@ impl StreamClock {
         }
     }
 
-    /// Completes when a deadline passes with nothing moving.
+    /// Completes when a deadline passes with nothing moving (its timer
+    /// lives in the caller's future: no allocation).
     pub async fn expired(&self) -> Cut {
-        let mut timer = None;
-        std::future::poll_fn(|cx| self.poll_expired(&mut timer, cx)).await
+        loop {
+            let Some((at, cut)) = self.next() else {
+                return std::future::pending().await;
+            };
+            if Instant::now() >= at {
+                return cut;
+            }
+            tokio::time::sleep_until(at).await;
+        }
     }
 }
 
