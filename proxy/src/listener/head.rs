@@ -15,10 +15,16 @@
 //! both. What it leaves to hyper, which answers 400 itself: invalid tokens
 //! and characters, obsolete line folding, a header line without a colon,
 //! an unparsable `Content-Length`, a `Transfer-Encoding` whose last coding
-//! is not `chunked`. After such a head, after a chunked body it cannot
-//! follow, and after a `CONNECT` or `Upgrade` request, the scanner stops
-//! ([`State::Opaque`]): hyper rejects or tunnels what follows, and
-//! nothing it could still check would reach an upstream as a request.
+//! is not `chunked`. After such a head, and after a chunked body it cannot
+//! follow, the scanner stops ([`State::Opaque`]): hyper refuses it and
+//! closes the connection, so nothing it could still check would reach an
+//! upstream as a request.
+//!
+//! `Upgrade` and `CONNECT` heads are framed like any other: wasp answers
+//! every `CONNECT` itself (400) and an upgrade the upstream refuses leaves
+//! an HTTP connection, whose next heads are checked. An accepted upgrade
+//! turns the guard into a passthrough before the 101 is written, and a
+//! client sends tunnel bytes only after the 101 (RFC 6455, RFC 9113 3.2).
 //!
 //! No allocation except the bytes of a head that spans reads; every scan is
 //! incremental, so a head arriving a byte at a time costs linear time.
@@ -38,8 +44,7 @@ pub(super) enum BodyLen {
     /// `Content-Length` (0 without one).
     Length(u64),
     Chunked,
-    /// The bytes after the head are not followed: a tunnel (`CONNECT`,
-    /// `Upgrade`) or a head hyper refuses.
+    /// The bytes after the head are not followed: hyper refuses the head.
     Opaque,
 }
 
@@ -136,14 +141,11 @@ fn trim(mut v: &[u8]) -> &[u8] {
 /// The body framing of a complete head (`head` ends with its blank line),
 /// as hyper will decide it, or the guard's reason to refuse it.
 fn framing(head: &[u8]) -> Result<BodyLen, &'static str> {
-    let mut lines = lines(head);
-    let request_line = lines.next().unwrap_or_default();
-    let tunnel = request_line.starts_with(b"CONNECT ");
+    let mut lines = lines(head).skip(1);
     let mut length: Option<u64> = None;
     let mut malformed = false;
     let mut chunked = None;
-    let mut upgrade = false;
-    for line in lines {
+    for line in lines.by_ref() {
         if line.is_empty() {
             break;
         }
@@ -172,14 +174,12 @@ fn framing(head: &[u8]) -> Result<BodyLen, &'static str> {
             // order); hyper refuses a request whose last is not chunked.
             let last = value.rsplit(|b| *b == b',').next().map(trim);
             chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
         }
     }
     if chunked.is_some() && (length.is_some() || malformed && has_length_name(head)) {
         return Err("both Content-Length and Transfer-Encoding are set");
     }
-    if malformed || chunked == Some(false) || tunnel || upgrade {
+    if malformed || chunked == Some(false) {
         return Ok(BodyLen::Opaque);
     }
     Ok(match chunked {

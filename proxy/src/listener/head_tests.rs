@@ -114,10 +114,22 @@ fn the_scanner_follows_bodies_to_the_next_head() {
     let mut s = Scanner::new(MAX);
     assert_eq!(s.feed(&body_like), None);
     assert_eq!(s.state(), State::Head);
-    // After an upgrade request the bytes are not followed.
+    // An upgrade or CONNECT the proxy did not accept leaves an HTTP
+    // connection: the next head is checked.
+    for first in [
+        &b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    ] {
+        let mut s = Scanner::new(MAX);
+        assert_eq!(
+            s.feed(&[first, bad].concat()).map(|(at, _)| at),
+            Some(first.len())
+        );
+    }
+    // After a head hyper refuses, nothing is followed.
     let mut s = Scanner::new(MAX);
-    let up = b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
-    assert_eq!(s.feed(&[&up[..], bad].concat()), None);
+    let refused = b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+    assert_eq!(s.feed(&[&refused[..], bad].concat()), None);
     assert_eq!(s.state(), State::Opaque);
 }
 
@@ -148,7 +160,6 @@ fn oracle(bytes: &[u8], max: usize) -> Oracle {
     };
     let mut length: Option<u64> = None;
     let mut te: Option<bool> = None;
-    let mut upgrade = req.method == Some("CONNECT");
     let mut framing = Ok(());
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -169,8 +180,6 @@ fn oracle(bytes: &[u8], max: usize) -> Oracle {
                 .unwrap_or("")
                 .trim_matches([' ', '\t']);
             te = Some(last.eq_ignore_ascii_case("chunked"));
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     let has_cl = req
@@ -181,7 +190,6 @@ fn oracle(bytes: &[u8], max: usize) -> Oracle {
         (_, Some(_)) if has_cl => Err("both"),
         (Err(e), _) => Err(e),
         (Ok(()), Some(false)) => Err("te not chunked"),
-        (Ok(()), _) if upgrade => Ok(BodyLen::Opaque),
         (Ok(()), Some(true)) => Ok(BodyLen::Chunked),
         (Ok(()), None) => Ok(BodyLen::Length(length.unwrap_or(0))),
     };
