@@ -252,17 +252,22 @@ async fn endless_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) 
 
 /// A client that asks for a large response and never reads it: once the
 /// buffers are full nothing moves, and `stream_idle_timeout` closes the
-/// connection and lets go of the upstream response.
+/// connection and lets go of the upstream response and of the request's
+/// filter context (its `on_done` runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_cut() {
     let (app, started, dropped) = endless_upstream().await;
     let port = free_port();
-    let wasp = Wasp::start(&one_route_config(
-        port,
-        app,
-        r#"limits = { stream_idle_timeout = "1s" }"#,
-        "",
-    ));
+    let config = format!(
+        "[filters.noop]\nmodule = \"noop.wasm\"\n{}",
+        one_route_config(
+            port,
+            app,
+            "pipeline = [\"noop\"]\nlimits = { stream_idle_timeout = \"1s\" }",
+            "",
+        )
+    );
+    let wasp = Wasp::start_in(with_fixtures("wasm32-wasip1", &["noop"]), &config, &[]);
     let mut s = TcpStream::connect(loopback(port)).await.unwrap();
     s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -286,6 +291,13 @@ async fn a_slow_reader_is_cut() {
         "{}",
         wasp.metrics()
     );
+    // The request's context was ended (logged), not left behind.
+    let logged = metric_value(
+        &wasp.metrics(),
+        "wasp_filter_calls_total",
+        &["filter=\"noop\"", "phase=\"log\""],
+    );
+    assert_eq!(logged, Some(1.0), "{}", wasp.metrics());
     drop(s);
 }
 
