@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -494,5 +494,38 @@ async fn smuggling_heads_are_refused_in_every_shape() {
         );
     }
     assert!(errors(&wasp, "bad_request") >= 5.0, "{}", wasp.metrics());
-    let _ = AtomicBool::new(false);
+}
+
+/// An HTTP/2 HEADERS frame without END_HEADERS, then nothing: the header
+/// block never completes, no stream is dispatched, and the connection is
+/// closed by the idle timeout (the keepalive PING would end it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_header_block_is_closed() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let _wasp = Wasp::start(&one_route_config(
+        port,
+        app.addr,
+        r#"limits = { idle_timeout = "1s", stream_idle_timeout = "1s" }"#,
+        "",
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.unwrap();
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+                                                            // HEADERS on stream 1, no END_HEADERS: GET, http, / (static table).
+    frames.extend_from_slice(&[0, 0, 3, 1, 0, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+    s.write_all(&frames).await.unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the stalled connection is still open after 10 s"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(app.requests(), 0);
 }
