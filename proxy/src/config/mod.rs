@@ -7,6 +7,7 @@
 
 mod interpolate;
 pub mod schema;
+pub mod trust;
 pub mod units;
 mod upstream;
 
@@ -89,6 +90,8 @@ pub struct ListenerConfig {
     pub allow: Option<Allow>,
     /// Per route, same order as `routes`: who may use it (`allow`).
     pub route_allow: Vec<Option<Allow>>,
+    /// Peers whose forwarded headers are kept (`trust_forwarded`).
+    pub trust_forwarded: trust::TrustedPeers,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -98,6 +101,21 @@ pub struct ListenerLimits {
     pub max_body_bytes: u64,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `None`: off ("0s").
+    pub stream_idle_timeout: Option<Duration>,
+    /// `None`: off ("0s", the default).
+    pub request_timeout: Option<Duration>,
+}
+
+/// A route's deadline for the response headers when neither it nor its
+/// cluster sets one (Envoy's default).
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The deadline for the response headers: the route's `timeout`, else the
+/// cluster's, else [`DEFAULT_ROUTE_TIMEOUT`]; zero turns it off.
+pub fn route_timeout(route: Option<Duration>, cluster: Option<Duration>) -> Option<Duration> {
+    let t = route.or(cluster).unwrap_or(DEFAULT_ROUTE_TIMEOUT);
+    (!t.is_zero()).then_some(t)
 }
 
 #[derive(Debug)]
@@ -680,15 +698,43 @@ impl<'a> Validator<'a> {
                     max_body_bytes: l.max_body_bytes.0,
                     header_timeout: l.header_timeout.0,
                     idle_timeout: l.idle_timeout.0,
+                    stream_idle_timeout: nonzero(l.stream_idle_timeout.0),
+                    request_timeout: nonzero(l.request_timeout.0),
                 },
                 routes: RouteTable::new(routes),
                 tls,
                 allow,
                 route_allow,
+                trust_forwarded: self.trust_forwarded(decl),
             });
         }
         out
     }
+}
+
+impl Validator<'_> {
+    fn trust_forwarded(&mut self, decl: &schema::ListenerDecl) -> trust::TrustedPeers {
+        let mut nets = Vec::with_capacity(decl.trust_forwarded.len());
+        for entry in &decl.trust_forwarded {
+            match trust::Net::parse(entry.get_ref()) {
+                Ok(net) => nets.push(net),
+                Err(e) => self.at(
+                    Some(entry.span()),
+                    format!(
+                        "listener \"{}\": trust_forwarded entry \"{}\": {e}",
+                        decl.name,
+                        entry.get_ref()
+                    ),
+                ),
+            }
+        }
+        trust::TrustedPeers::new(nets)
+    }
+}
+
+/// `None` for a zero duration: the "0s turns it off" convention.
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 // === TLS ===

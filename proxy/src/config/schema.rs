@@ -274,6 +274,11 @@ pub struct ListenerDecl {
     pub tls: Option<Spanned<ListenerTlsDecl>>,
     #[serde(default)]
     pub routes: Vec<RouteDecl>,
+    /// Peers whose `x-forwarded-proto`, `-host` and `forwarded` headers are
+    /// kept: CIDRs (`"10.0.0.0/8"`) or single addresses. Everyone else's
+    /// are replaced (proto) or dropped (host, forwarded).
+    #[serde(default)]
+    pub trust_forwarded: Vec<Spanned<String>>,
 }
 
 /// `tls = { cert, key, client_ca, allow, certs, min_version }` on a listener.
@@ -329,6 +334,12 @@ pub struct ListenerLimits {
     pub header_timeout: Dur,
     /// A connection with no request in flight is closed after this long.
     pub idle_timeout: Dur,
+    /// A request's stream with no bytes either way for this long is cut:
+    /// 408 before its response started, else reset. "0s" turns it off.
+    pub stream_idle_timeout: Dur,
+    /// The whole request (head and body) must arrive within this long;
+    /// "0s" (the default) turns it off.
+    pub request_timeout: Dur,
 }
 
 impl Default for ListenerLimits {
@@ -339,6 +350,8 @@ impl Default for ListenerLimits {
             max_body_bytes: Size(16 << 20),
             header_timeout: Dur(std::time::Duration::from_secs(10)),
             idle_timeout: Dur(std::time::Duration::from_secs(60)),
+            stream_idle_timeout: Dur(std::time::Duration::from_secs(300)),
+            request_timeout: Dur(std::time::Duration::ZERO),
         }
     }
 }
@@ -351,7 +364,8 @@ pub struct RouteDecl {
     pub matcher: MatchDecl,
     pub cluster: Option<Spanned<String>>,
     pub clusters: Option<Vec<WeightedClusterDecl>>,
-    /// Whole-request deadline: until the response headers arrive.
+    /// Whole-request deadline: until the response headers arrive. Absent:
+    /// the cluster's `timeout`, else 15 s (as Envoy); "0s" turns it off.
     pub timeout: Option<Dur>,
     /// Replaces the matched `prefix` of the path.
     pub rewrite_prefix: Option<String>,

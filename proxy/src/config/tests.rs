@@ -399,3 +399,57 @@ fn filter_host_limits_parse_with_defaults_and_a_bound() {
         "{p:?}"
     );
 }
+
+#[test]
+fn stream_deadline_defaults_are_envoys() {
+    let c = parse_ok(GOOD);
+    let l = &c.listeners[0].limits;
+    assert_eq!(l.stream_idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(l.request_timeout, None);
+    // No route or cluster timeout: 15 s; "0s" on the route turns it off.
+    assert_eq!(DEFAULT_ROUTE_TIMEOUT, Duration::from_secs(15));
+    assert_eq!(route_timeout(None, None), Some(Duration::from_secs(15)));
+    let route = c.listeners[0]
+        .routes
+        .find("a", "/", &http::Method::GET, &http::HeaderMap::new());
+    let route = route.map(|(_, r)| r.timeout);
+    assert_eq!(route, Some(None));
+    assert_eq!(
+        route_timeout(None, Some(Duration::from_secs(3))),
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(
+        route_timeout(Some(Duration::from_secs(2)), Some(Duration::from_secs(3))),
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(
+        route_timeout(Some(Duration::ZERO), Some(Duration::from_secs(3))),
+        None
+    );
+    let off = parse_ok(&GOOD.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\nlimits = { stream_idle_timeout = \"0s\", request_timeout = \"30s\" }",
+    ));
+    let l = &off.listeners[0].limits;
+    assert_eq!(l.stream_idle_timeout, None);
+    assert_eq!(l.request_timeout, Some(Duration::from_secs(30)));
+}
+
+#[test]
+fn trust_forwarded_takes_cidrs_and_addresses() {
+    let c = parse_ok(&GOOD.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\ntrust_forwarded = [\"10.0.0.0/8\", \"127.0.0.1\", \"fd00::/8\"]",
+    ));
+    let t = &c.listeners[0].trust_forwarded;
+    assert!(t.trusts("10.1.2.3".parse().unwrap()));
+    assert!(t.trusts("127.0.0.1".parse().unwrap()));
+    assert!(!t.trusts("192.168.0.1".parse().unwrap()));
+    let p = problems(&GOOD.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\ntrust_forwarded = [\"10.0.0.0/8\", \"10.0.0.0/40\"]",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].message.contains("10.0.0.0/40"), "{}", p[0].message);
+    assert_eq!((p[0].line, p[0].column), (7, 34), "{p:?}");
+}

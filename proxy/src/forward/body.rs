@@ -3,16 +3,21 @@
 //! [`RequestBody`] streams the client's body upstream frame by frame (no
 //! buffering: backpressure comes from hyper polling it only as fast as the
 //! upstream takes it), counts bytes, enforces the listener's size limit,
+//! enforces the stream's deadlines while the client is the one to wait for,
 //! and tags its errors as the client's fault so the error mapping can answer
-//! 400/413 instead of blaming the upstream. [`Tracked`] wraps any body and
+//! 400/408/413 instead of blaming the upstream. [`Tracked`] wraps any body and
 //! runs a callback when it is dropped, which is when hyper is done with it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use tokio::time::Sleep;
+
+use super::deadline::{Cut, StreamClock};
 use super::error::ProxyError;
 use crate::upstream::BoxError;
 
@@ -23,6 +28,10 @@ pub enum DownstreamBodyError {
     TooLarge(u64),
     #[error("invalid request body: {0}")]
     Invalid(#[source] hyper::Error),
+    /// The client stopped sending (`stream_idle_timeout`) or was too slow
+    /// overall (`request_timeout`).
+    #[error("{0}")]
+    Cut(Cut),
 }
 
 impl DownstreamBodyError {
@@ -30,6 +39,7 @@ impl DownstreamBodyError {
         match self {
             Self::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
             Self::Invalid(e) => ProxyError::BadRequest(format!("invalid request body: {e}")),
+            Self::Cut(cut) => ProxyError::Cut(*cut),
         }
     }
 }
@@ -40,15 +50,25 @@ pin_project_lite::pin_project! {
         inner: B,
         seen: u64,
         limit: u64,
+        // The stream's deadlines (see `deadline`), when the listener has any.
+        clock: Option<Arc<StreamClock>>,
+        timer: Option<Pin<Box<Sleep>>>,
     }
 }
 
-impl<B> RequestBody<B> {
-    pub fn new(inner: B, limit: u64) -> Self {
+impl<B: Body> RequestBody<B> {
+    pub fn new(inner: B, limit: u64, clock: Option<Arc<StreamClock>>) -> Self {
+        if inner.is_end_stream() {
+            if let Some(c) = &clock {
+                c.received();
+            }
+        }
         Self {
             inner,
             seen: 0,
             limit,
+            clock,
+            timer: None,
         }
     }
 }
@@ -64,8 +84,23 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if let Some(clock) = this.clock.as_deref() {
+            match &polled {
+                Poll::Pending => {
+                    if let Poll::Ready(cut) = clock.poll_expired(this.timer, cx) {
+                        return Poll::Ready(Some(Err(DownstreamBodyError::Cut(cut).into())));
+                    }
+                }
+                Poll::Ready(None) => clock.received(),
+                // A body with a known length ends with its last frame: the
+                // client is not polled again to say so.
+                Poll::Ready(Some(_)) if this.inner.is_end_stream() => clock.received(),
+                Poll::Ready(Some(_)) => clock.touch(),
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;

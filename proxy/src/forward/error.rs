@@ -65,6 +65,9 @@ pub enum ProxyError {
     BodyTimeout { after: Duration },
     #[error("{0}")]
     Overflow(String),
+    /// A stream deadline passed before the response started.
+    #[error("{0}")]
+    Cut(super::deadline::Cut),
 }
 
 impl ProxyError {
@@ -83,6 +86,7 @@ impl ProxyError {
             Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::BodyTimeout { .. } => ErrorCode::BodyTimeout,
             Self::Overflow(_) => ErrorCode::Overflow,
+            Self::Cut(cut) => cut.code(),
         }
     }
 

@@ -70,13 +70,25 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Appends the client to `x-forwarded-for`, sets `x-forwarded-proto` when
-/// absent, and appends this hop to `via`.
+/// Sets the forwarding headers the upstream reads to learn who called
+/// and how:
+///
+/// - `x-forwarded-for`: the peer is appended, every incoming line kept in
+///   order (Envoy's `use_remote_address` with no trusted hops). From an
+///   untrusted peer the earlier entries are whatever the client wrote; only
+///   the last one is known to be true.
+/// - `x-forwarded-proto`: from a trusted peer (`trust_forwarded`) kept, set
+///   to this connection's scheme when absent; from anyone else replaced by
+///   this connection's scheme, so a plaintext client cannot claim https.
+/// - `x-forwarded-host` and `forwarded` (RFC 7239): kept from a trusted
+///   peer, dropped from anyone else (they carry claims wasp cannot check).
+/// - `via`: this hop appended.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: IpAddr,
     scheme: &'static str,
     via: &'static str,
+    trusted: bool,
 ) {
     use std::fmt::Write as _;
     let mut ip = String::with_capacity(40);
@@ -86,9 +98,16 @@ pub fn add_forwarding(
         HeaderName::from_static("x-forwarded-for"),
         ip.as_bytes(),
     );
-    headers
-        .entry(HeaderName::from_static("x-forwarded-proto"))
-        .or_insert(HeaderValue::from_static(scheme));
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if trusted {
+        headers
+            .entry(proto)
+            .or_insert(HeaderValue::from_static(scheme));
+    } else {
+        headers.insert(proto, HeaderValue::from_static(scheme));
+        headers.remove(HeaderName::from_static("x-forwarded-host"));
+        headers.remove(header::FORWARDED);
+    }
     append_via(headers, via);
 }
 
@@ -173,7 +192,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.insert(header::VIA, "1.1 edge".parse().unwrap());
-        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp");
+        add_forwarding(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.2");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get(header::VIA).unwrap(), "1.1 edge, 1.1 wasp");
@@ -188,7 +213,13 @@ mod tests {
             header::VIA,
             HeaderValue::from_bytes(b"1.1 caf\xe9").unwrap(),
         );
-        add_forwarding(&mut h, "127.0.0.2".parse().unwrap(), "http", "1.1 wasp");
+        add_forwarding(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
             ["6.6.6.6, 10.0.0.5, 127.0.0.2"]
@@ -197,5 +228,62 @@ mod tests {
             h.get(header::VIA).unwrap().as_bytes(),
             b"1.1 caf\xe9, 1.1 wasp"
         );
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_claim_proto_or_host() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.append("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "bank.example".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=1.2.3.4;proto=https".parse().unwrap(),
+        );
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        add_forwarding(
+            &mut h,
+            "192.0.2.7".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            false,
+        );
+        assert_eq!(
+            h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+            ["http"]
+        );
+        assert!(h.get("x-forwarded-host").is_none());
+        assert!(h.get(header::FORWARDED).is_none());
+        // Appended, as Envoy does: the last entry is the peer wasp saw.
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 192.0.2.7");
+    }
+
+    #[test]
+    fn trusted_peers_keep_their_claims() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "shop.example".parse().unwrap());
+        h.insert(header::FORWARDED, "proto=https".parse().unwrap());
+        add_forwarding(
+            &mut h,
+            "10.0.0.9".parse().unwrap(),
+            "http",
+            "1.1 wasp",
+            true,
+        );
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example");
+        assert_eq!(h.get(header::FORWARDED).unwrap(), "proto=https");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
+        // Absent, it is set from the connection even for a trusted peer.
+        let mut h = HeaderMap::new();
+        add_forwarding(
+            &mut h,
+            "10.0.0.9".parse().unwrap(),
+            "https",
+            "1.1 wasp",
+            true,
+        );
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }
 }

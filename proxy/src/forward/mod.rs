@@ -5,9 +5,13 @@
 //! snapshot load per request; after that, no locks. Bodies stream in both
 //! directions. Every failure becomes a [`ProxyError`] with its
 //! `x-wasp-error` code, in [`respond_error`], the one place that maps
-//! errors to responses, metrics and the log line.
+//! errors to responses, metrics and the log line. Each request's stream
+//! deadlines (`stream_idle_timeout`, `request_timeout`) live in
+//! `deadline`; the response-header deadline is the route's timeout
+//! (default 15 s, `config::route_timeout`).
 
 mod body;
+mod deadline;
 pub mod error;
 mod filtered;
 mod headers;
@@ -25,6 +29,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+pub(crate) use deadline::later;
 pub use error::{local_response, ProxyError};
 
 use crate::errors::ErrorCode;
@@ -34,6 +39,7 @@ use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
 use body::{DownstreamBodyError, RequestBody, Tracked};
+use deadline::{StreamClock, Timed};
 use filtered::{FilteredBody, SharedChain, Side};
 
 const VIA_H1: &str = "1.1 wasp";
@@ -246,6 +252,10 @@ async fn forward(
         out.result = Err(e);
         return out;
     }
+    let clock = StreamClock::new(
+        listener.limits.stream_idle_timeout,
+        listener.limits.request_timeout,
+    );
     if let Some(allow) = &listener.allow {
         if !allow.permits(conn.principal.as_deref()) {
             out.result = Err(ProxyError::UnauthorizedPeer {
@@ -397,7 +407,14 @@ async fn forward(
     } else {
         VIA_H1
     };
-    headers::add_forwarding(&mut parts.headers, conn.peer.ip(), conn.scheme, via);
+    let trusted = listener.trust_forwarded.trusts(conn.peer.ip());
+    headers::add_forwarding(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.scheme,
+        via,
+        trusted,
+    );
     parts.version = match upstream.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -406,7 +423,7 @@ async fn forward(
     let empty = body.is_end_stream() && !upgrade;
     let policy = route.retry.as_deref();
     let mut kept = empty.then(bytes::Bytes::new);
-    let body = RequestBody::new(body, listener.limits.max_body_bytes);
+    let body = RequestBody::new(body, listener.limits.max_body_bytes, clock.clone());
     let body = if retry::should_keep_body(policy, &parts, empty, upgrade, chain.is_some()) {
         // The cluster admission is already held: a client that trickles its
         // body must not keep it for longer than it may take to send a head.
@@ -447,8 +464,17 @@ async fn forward(
     let replay = retry::Replay::capture(policy, &parts, kept);
     let upstream_req = Request::from_parts(parts, body);
 
-    let timeout = route.timeout.or(upstream.timeout);
-    let sent = retry::send(upstream, picked, upstream_req, replay, timeout, chain).await;
+    let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
+    let sending = retry::send(upstream, picked, upstream_req, replay, timeout, chain);
+    let sent = match &clock {
+        // Nothing moving either way while the upstream thinks counts as
+        // idle too; the request body's own timer covers a stalled upload.
+        Some(clock) => tokio::select! {
+            sent = sending => sent,
+            cut = clock.expired() => Err(ProxyError::Cut(cut)),
+        },
+        None => sending.await,
+    };
     if let Some(t) = &mut trace {
         t.upstream_end(
             sent.as_ref()
@@ -499,6 +525,10 @@ async fn forward(
             FilteredBody::new(body, chain.clone(), Side::Response).boxed_unsync()
         }
         _ => body.map_err(upstream::BoxError::from).boxed_unsync(),
+    };
+    let body = match clock {
+        Some(clock) if !switching => Timed::new(body, clock, runtime.stats.clone()).boxed_unsync(),
+        _ => body,
     };
     out.result = Ok(Response::from_parts(parts, body));
     out

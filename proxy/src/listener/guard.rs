@@ -1,21 +1,39 @@
 //! The connection guard: deadlines hyper does not enforce the way a proxy
-//! needs, applied at the byte level of one downstream connection.
+//! needs, and head checks, applied at the byte level of one downstream
+//! connection (a worker's task; nothing here blocks or locks).
 //!
 //! - Header timeout: once the first byte of an HTTP/1 request head arrives,
 //!   the whole head must arrive within `header_timeout`, else the client
 //!   gets `408` with `x-wasp-error: header_timeout` and the connection closes
 //!   (hyper's own timeout closes without a response).
-//! - Idle timeout: a connection with no request in flight and no bytes for
+//! - Idle timeout: a connection with no request in flight for
 //!   `idle_timeout` is closed (read side reports end of stream, so hyper
-//!   closes cleanly).
+//!   closes cleanly). For h1 idleness counts from the last bytes; for h2
+//!   from the last stream's end (keepalive pings are bytes, not activity).
+//! - Busy connections: no bytes either way for `stream_idle_timeout` while
+//!   a request is in flight (or while a write is blocked) fails every read
+//!   and write, so hyper drops the connection and everything its requests
+//!   held; counted as `stream_idle_timeout`. A peer that stopped reading is
+//!   cut at the deadline; a request that stalled otherwise is answered 408
+//!   by the request path (`forward::deadline`) at the same deadline, so the
+//!   guard waits half as long again before it closes as the backstop.
+//! - Head checks (`head.rs`, pure functions): every HTTP/1 head, CRLF or
+//!   bare LF, including heads pipelined behind a request in flight (the
+//!   scanner follows the bodies between them). A refused head on an idle
+//!   connection is answered 400/431 here and never given to hyper; one
+//!   behind a request in flight is replaced by a NUL byte, which hyper's
+//!   parser refuses wherever it lands, so hyper answers 400 in order after
+//!   the response ahead of it, and the guard labels that 400.
 //! - hyper answers malformed heads itself (400, 431, 414) before any service
 //!   runs; the guard adds `x-wasp-error` to those answers so they say why
 //!   like every other response the proxy makes.
 //!
 //! "Waiting for a head" means no request of this connection is in flight,
 //! as counted by [`Activity`]. HTTP/2 connections (seen by their preface,
-//! which may arrive over several reads) get only the idle timeout: h2 has
-//! its own framing deadlines. An automatic answer is told from a proxied
+//! which may arrive over several reads) get the idle and stream idle
+//! timeouts and no head checks: hyper's h2 handles framing, and each h2
+//! stream's own deadlines are in `forward::deadline`. An automatic answer
+//! is told from a proxied
 //! one by the request count: hyper drops a response's body (ending the
 //! request) before it writes it, so "nothing in flight" alone would also
 //! label an upstream's own 400; only an answer written while no request
@@ -45,8 +63,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::head::{Refusal, Scanner};
 use crate::errors::ErrorCode;
-use crate::forward::Activity;
+use crate::forward::{later, Activity};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -55,8 +74,20 @@ pub struct Guarded<S = TcpStream> {
     activity: Arc<Activity>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// No bytes either way for this long while a request is in flight cuts
+    /// the connection (see "Busy connections" above).
+    stream_idle_timeout: Option<Duration>,
     /// Requests started as of the last read, to notice a request completing.
     seen_started: u64,
+    /// Requests finished as of the last look (h2 idleness counts from the
+    /// last stream's end, not from the last bytes: pings are bytes too).
+    seen_finished: u64,
+    /// When bytes last moved either way.
+    last_io: Instant,
+    /// The last write did not go through: the peer is not reading.
+    write_blocked: bool,
+    /// A deadline passed while busy: every read and write fails from now on.
+    cut: bool,
     /// When the current request head began arriving.
     head_started: Option<Instant>,
     /// `activity.started` when the current head began arriving: a request
@@ -70,11 +101,12 @@ pub struct Guarded<S = TcpStream> {
     h2: bool,
     /// A rewritten automatic error response still being written.
     rewrite: Option<(Vec<u8>, usize, usize)>,
-    /// The current request head so far, while it spans several reads.
-    head: Vec<u8>,
-    /// The current head has been checked (or cannot be: h2, pipelining).
-    head_checked: bool,
-    max_head: usize,
+    /// Follows the HTTP/1 bytes head by head and checks each head.
+    scanner: Scanner,
+    /// A refused head arrived behind a request in flight and was replaced
+    /// with bytes hyper refuses: hyper's 400 for it, written in order after
+    /// the earlier response, is labelled `bad_request`.
+    poisoned: bool,
     /// The connection's slot in its listener (open-connection count, gauge,
     /// drain tracking), given back when the socket is dropped; its stats
     /// count the guard's own answers.
@@ -82,30 +114,29 @@ pub struct Guarded<S = TcpStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
-    pub fn new(
-        inner: S,
-        activity: Arc<Activity>,
-        header_timeout: Duration,
-        idle_timeout: Duration,
-        max_head: usize,
-    ) -> Self {
+    pub fn new(inner: S, activity: Arc<Activity>, limits: &crate::config::ListenerLimits) -> Self {
         let now = Instant::now();
+        let idle_timeout = limits.idle_timeout;
         Self {
             inner,
             activity,
-            header_timeout,
+            header_timeout: limits.header_timeout,
             idle_timeout,
+            stream_idle_timeout: limits.stream_idle_timeout,
             seen_started: 0,
+            seen_finished: 0,
+            last_io: now,
+            write_blocked: false,
+            cut: false,
             head_started: None,
             head_seq: None,
             idle_since: now,
-            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(later(now, idle_timeout))),
             preface_seen: Some(0),
             h2: false,
             rewrite: None,
-            head: Vec::new(),
-            head_checked: false,
-            max_head,
+            scanner: Scanner::new(limits.max_header_bytes),
+            poisoned: false,
             slot: None,
         }
     }
@@ -141,10 +172,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         }
     }
 
+    /// Notices requests dispatched or finished since the last look: a
+    /// request head completed, so the next one has not started yet, and
+    /// idleness counts from now (for h2, only from a stream's end: pings
+    /// and settings are bytes too, but not activity).
+    fn sync_requests(&mut self) {
+        use std::sync::atomic::Ordering::Acquire;
+        let finished = self.activity.finished.load(Acquire);
+        if finished != self.seen_finished {
+            self.seen_finished = finished;
+            if self.h2 {
+                self.idle_since = Instant::now();
+            }
+        }
+        let started = self.activity.started.load(Acquire);
+        if started != self.seen_started {
+            self.seen_started = started;
+            self.head_started = None;
+            self.head_seq = None;
+            self.idle_since = Instant::now();
+        }
+    }
+
     fn deadline(&self) -> Instant {
         match self.head_started {
-            Some(t) if !self.h2 => t + self.header_timeout,
-            _ => self.idle_since + self.idle_timeout,
+            Some(t) if !self.h2 => later(t, self.header_timeout),
+            _ => later(self.idle_since, self.idle_timeout),
         }
     }
 
@@ -184,42 +237,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         let _ = Pin::new(&mut self.inner).poll_flush(cx);
     }
 
-    /// Looks at a request head as it arrives for what hyper accepts but a
-    /// proxy must refuse: `Content-Length` together with
-    /// `Transfer-Encoding` (the classic smuggling shape; hyper would drop
-    /// the length and carry on), and a head over the listener's
-    /// `max_header_bytes` (hyper's own buffer limit cannot go below 8 KiB).
-    fn check_head(&mut self, got: &[u8]) -> Option<Refusal> {
-        let too_large = |end: usize| end + 4 > self.max_head;
-        let verdict = if self.head.is_empty() {
-            match head_end(got) {
-                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
-                Some(end) => Some(heads_problem(got, end).map(Refusal::Framing)),
-                None => {
-                    self.head.extend_from_slice(got);
-                    None
-                }
+    /// Replaces the bytes from `from` (a refused head, or its tail when it
+    /// began in an earlier read) with a NUL, which hyper's parser refuses
+    /// wherever it lands in a head; returns the new end of the filled
+    /// bytes.
+    fn poison(&mut self, buf: &mut ReadBuf<'_>, from: usize, end: usize) -> usize {
+        self.poisoned = true;
+        match buf.filled_mut().get_mut(from..end) {
+            Some([first, ..]) => {
+                *first = 0;
+                from + 1
             }
-        } else {
-            self.head.extend_from_slice(got);
-            match head_end(&self.head) {
-                Some(end) if too_large(end) => Some(Some(Refusal::TooLarge)),
-                Some(end) => Some(heads_problem(&self.head, end).map(Refusal::Framing)),
-                None => None,
-            }
-        };
-        match verdict {
-            Some(refusal) => {
-                self.head_checked = true;
-                self.head.clear();
-                refusal
-            }
-            None if self.head.len() > self.max_head => {
-                self.head_checked = true;
-                self.head.clear();
-                Some(Refusal::TooLarge)
-            }
-            None => None,
+            _ => end,
         }
     }
 
@@ -228,10 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             Refusal::Framing(problem) => (ErrorCode::BadRequest, format!("bad request: {problem}")),
             Refusal::TooLarge => (
                 ErrorCode::HeaderTooLarge,
-                format!(
-                    "request head is larger than the listener's limit of {} bytes",
-                    self.max_head
-                ),
+                "request head is larger than the listener's max_header_bytes".to_string(),
             ),
         };
         self.count(code);
@@ -259,88 +285,101 @@ fn after_empty_lines(bytes: &[u8]) -> Option<&[u8]> {
     Some(&bytes[start..])
 }
 
-/// Why the guard refuses a request head itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Refusal {
-    /// 400: framing a proxy must not pass on.
-    Framing(&'static str),
-    /// 431: over the listener's `max_header_bytes`.
-    TooLarge,
+/// What reads and writes fail with once a stream deadline cut the
+/// connection.
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no bytes moved either way within stream_idle_timeout",
+    )
 }
 
-/// Where a request head's blank line starts.
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-/// Checks the head that ends at `end` in `bytes`, then every complete head
-/// pipelined behind it in the same bytes: hyper parses those from its
-/// buffer without another read, so the guard sees them only here. It
-/// follows bodies it can measure (none, or `Content-Length`) and stops at a
-/// chunked body or an incomplete head.
-fn heads_problem(bytes: &[u8], mut end: usize) -> Option<&'static str> {
-    let mut head = &bytes[..end];
-    let mut rest = &bytes[end + 4..];
-    loop {
-        let framing = Framing::of(head);
-        if let Some(problem) = framing.problem() {
-            return Some(problem);
-        }
-        let body = framing.length?;
-        rest = rest.get(body..)?;
-        rest = after_empty_lines(rest)?;
-        end = head_end(rest)?;
-        head = &rest[..end];
-        rest = &rest[end + 4..];
-    }
-}
-
-/// What a request head's header lines say about its body, read in one pass.
-struct Framing {
-    content_length: bool,
-    transfer_encoding: bool,
-    /// The declared `Content-Length` (0 without one); `None` when the body's
-    /// length cannot be known from the head (chunked, or unparsable).
-    length: Option<usize>,
-}
-
-impl Framing {
-    fn of(head: &[u8]) -> Self {
-        let mut f = Self {
-            content_length: false,
-            transfer_encoding: false,
-            length: Some(0),
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
+    /// When a connection busy with a request (or blocked writing) is cut:
+    /// no bytes either way for `stream_idle_timeout`. A peer that stopped
+    /// reading is the guard's to cut; a request that stalled otherwise is
+    /// answered by the request path (408, `forward::deadline`) at the same
+    /// deadline, so the guard waits half as long again before it closes
+    /// the connection as the backstop.
+    fn stream_deadline(&self) -> Option<Instant> {
+        let idle = self.stream_idle_timeout?;
+        let after = if self.write_blocked {
+            idle
+        } else {
+            idle.saturating_add(idle / 2)
         };
-        let mut unknown = false;
-        for line in head.split(|b| *b == b'\n').skip(1) {
-            let (name, value) = match line.iter().position(|b| *b == b':') {
-                Some(colon) => (&line[..colon], Some(&line[colon + 1..])),
-                None => (line, None),
-            };
-            if name.eq_ignore_ascii_case(b"content-length") {
-                f.content_length = true;
-                if let Some(v) = value {
-                    let parsed = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|v| v.trim().parse().ok());
-                    unknown |= parsed.is_none();
-                    f.length = parsed;
-                }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                f.transfer_encoding = true;
-                unknown |= value.is_some();
-            }
-        }
-        if unknown {
-            f.length = None;
-        }
-        f
+        Some(later(self.last_io, after))
     }
 
-    /// Framing hyper accepts but a proxy must refuse.
-    fn problem(&self) -> Option<&'static str> {
-        (self.content_length && self.transfer_encoding)
-            .then_some("both Content-Length and Transfer-Encoding are set")
+    /// An I/O call on a busy (or write-blocked) connection is pending:
+    /// fails it once the stream deadline passed, else arms the timer.
+    fn poll_stream_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.upgraded() {
+            return Poll::Pending;
+        }
+        let Some(deadline) = self.stream_deadline() else {
+            return Poll::Pending;
+        };
+        if Instant::now() >= deadline {
+            if !self.cut {
+                self.cut = true;
+                self.count(ErrorCode::StreamIdleTimeout);
+                tracing::info!(
+                    code = ErrorCode::StreamIdleTimeout.as_str(),
+                    blocked_writing = self.write_blocked,
+                    "closing a connection on which no bytes moved for {:?}",
+                    self.stream_idle_timeout.unwrap_or_default()
+                );
+            }
+            return Poll::Ready(Err(cut_error()));
+        }
+        // Also wake at the idle deadline still ahead, to look again once
+        // the request is done (hyper may not read again by itself).
+        let idle = later(self.idle_since, self.idle_timeout);
+        let wake = if idle > Instant::now() {
+            idle.min(deadline)
+        } else {
+            deadline
+        };
+        self.arm(cx, wake);
+        Poll::Pending
+    }
+
+    fn arm(&mut self, cx: &mut Context<'_>, at: Instant) {
+        if self.timer.deadline() != at {
+            self.timer.as_mut().reset(at);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    /// Bookkeeping after a write: progress, or a peer not reading.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.last_io = Instant::now();
+                self.write_blocked = false;
+                if !self.activity.busy() && !self.upgraded() {
+                    // The tail of a response, written after its request
+                    // ended: idleness counts from here, and the timer must
+                    // say so even if hyper does not read again.
+                    self.sync_requests();
+                    let at = self.deadline();
+                    self.arm(cx, at);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if !self.upgraded() => {
+                self.write_blocked = true;
+                self.poll_stream_deadline(cx)
+            }
+            other => other,
+        }
     }
 }
 
@@ -355,26 +394,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             // A tunnel: bytes pass untouched, with no deadline.
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
+        if this.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        if this.poisoned {
+            // hyper stops at the poisoned head; nothing after it is read.
+            return Poll::Ready(Ok(()));
+        }
         let started = this
             .activity
             .started
             .load(std::sync::atomic::Ordering::Acquire);
         let busy = this.activity.busy();
-        if started != this.seen_started {
-            // A request head completed since the last read: the next head
-            // has not started yet, and idleness counts from now.
-            this.seen_started = started;
-            this.head_started = None;
-            this.head_seq = None;
-            this.idle_since = Instant::now();
-            this.head.clear();
-            this.head_checked = false;
-        }
+        this.sync_requests();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
                 if !got.is_empty() {
+                    this.last_io = Instant::now();
                     this.detect(got);
                 }
                 // Bytes after an early answer (a 404 before the body came)
@@ -387,13 +425,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                         this.head_started = Some(now);
                         this.head_seq = Some(started);
                     }
-                    this.idle_since = now;
-                    if !this.h2 && !this.head_checked && head_like {
-                        if let Some(refusal) = this.check_head(got) {
-                            buf.set_filled(before);
-                            this.reject(cx, refusal);
-                            return Poll::Ready(Ok(()));
-                        }
+                    if !this.h2 {
+                        this.idle_since = now;
+                    }
+                }
+                if got.is_empty() || this.h2 {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some((at, refusal)) = this.scanner.feed(got) {
+                    if busy {
+                        // Behind a request in flight: hyper must answer
+                        // that one first, so the refused head becomes bytes
+                        // hyper itself refuses, answered in order.
+                        let len = got.len();
+                        let end = this.poison(buf, before + at, before + len);
+                        buf.set_filled(end);
+                        tracing::info!(
+                            code = ErrorCode::BadRequest.as_str(),
+                            "refused a request head pipelined behind one in flight: {refusal:?}"
+                        );
+                    } else {
+                        buf.set_filled(before);
+                        this.reject(cx, refusal);
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -401,7 +454,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if busy {
-                    return Poll::Pending;
+                    return this.poll_stream_deadline(cx);
                 }
                 let deadline = this.deadline();
                 if Instant::now() >= deadline {
@@ -436,7 +489,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             .activity
             .started
             .load(std::sync::atomic::Ordering::Acquire);
-        if self.head_seq != Some(started) || self.upgraded() {
+        // A poisoned head's 400 comes once the request ahead of it is done.
+        if (self.head_seq != Some(started) && !self.poisoned) || self.upgraded() {
             return None;
         }
         let code = ErrorCode::of_hyper_status(buf.get(9..12)?)?;
@@ -484,7 +538,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if self.rewrite.is_some() {
             return self.drain_rewrite(cx);
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -499,7 +557,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
                 return self.poll_write(cx, first);
             }
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -507,7 +569,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        if self.cut {
+            return Poll::Ready(Err(cut_error()));
+        }
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            // (A TLS stream flushes its buffered records here.)
+            Poll::Pending if !self.upgraded() => {
+                self.write_blocked = true;
+                self.poll_stream_deadline(cx)
+            }
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -521,34 +593,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     const HEADER_TIMEOUT: Duration = Duration::from_millis(50);
-
-    #[test]
-    fn pipelined_heads_are_checked_too() {
-        let bad = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n";
-        let check = |bytes: &[u8]| heads_problem(bytes, head_end(bytes).unwrap());
-        // Behind a GET, and behind a POST whose 3-byte body is skipped.
-        let behind_get = [&b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..], bad].concat();
-        assert!(check(&behind_get).is_some());
-        let behind_post = [
-            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
-            bad,
-        ]
-        .concat();
-        assert!(check(&behind_post).is_some());
-        // Clean pipelines, and a body that only looks like a bad head.
-        let clean = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(check(clean), None);
-        let body_like_head = [
-            &b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 81\r\n\r\n"[..],
-            bad,
-        ]
-        .concat();
-        assert_eq!(
-            body_like_head.len() - head_end(&body_like_head).unwrap() - 4,
-            81
-        );
-        assert_eq!(check(&body_like_head), None);
-    }
 
     #[test]
     fn what_can_begin_a_head() {
@@ -573,16 +617,80 @@ mod tests {
     }
 
     fn guarded() -> (DuplexStream, Guarded<DuplexStream>) {
+        guarded_with(Duration::from_secs(30))
+    }
+
+    fn guarded_with(stream_idle: Duration) -> (DuplexStream, Guarded<DuplexStream>) {
         let (client, server) = tokio::io::duplex(4096);
         let activity = Arc::new(Activity::default());
-        let guard = Guarded::new(
-            server,
-            activity,
-            HEADER_TIMEOUT,
-            Duration::from_secs(30),
-            8192,
-        );
+        let limits = crate::config::ListenerLimits {
+            max_connections: 1,
+            max_header_bytes: 8192,
+            max_body_bytes: 1 << 20,
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: Duration::from_secs(30),
+            stream_idle_timeout: Some(stream_idle),
+            request_timeout: None,
+        };
+        let guard = Guarded::new(server, activity, &limits);
         (client, guard)
+    }
+
+    /// A busy connection whose peer stopped reading: once the buffers are
+    /// full nothing moves, and the stream idle timeout fails the write.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_cut() {
+        let idle = Duration::from_millis(100);
+        let (_client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let chunk = [b'x'; 1024];
+        let mut blocked_at = None;
+        let err = loop {
+            let write = guard.write(&chunk);
+            match tokio::time::timeout(Duration::from_millis(20), write).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => {
+                    blocked_at.get_or_insert_with(Instant::now);
+                }
+            }
+            assert!(
+                blocked_at.is_none_or(|t| t.elapsed() < Duration::from_secs(5)),
+                "the blocked write was never cut"
+            );
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = blocked_at.map(|t| t.elapsed()).unwrap_or_default();
+        assert!(waited >= idle - Duration::from_millis(25), "{waited:?}");
+        // Reads fail too: hyper drops the connection.
+        let mut buf = [0u8; 8];
+        assert!(guard.read(&mut buf).await.is_err());
+    }
+
+    /// A busy connection on which nothing moves either way is closed as
+    /// the backstop, half the timeout again after the request path's own
+    /// deadline.
+    #[tokio::test]
+    async fn a_busy_connection_with_nothing_moving_is_cut() {
+        let idle = Duration::from_millis(100);
+        let (_client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), guard.read(&mut buf)).await;
+        let err = read.expect("never cut").expect_err("a read succeeded");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= idle + idle / 2, "{:?}", start.elapsed());
+        // Not busy: no stream deadline, only the idle timeout.
+        let (_client, mut guard) = guarded_with(idle);
+        let read = tokio::time::timeout(idle * 3, guard.read(&mut buf)).await;
+        assert!(read.is_err(), "an idle connection was cut: {read:?}");
     }
 
     /// Writes `parts` one at a time, each read through the guard on its own.

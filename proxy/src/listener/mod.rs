@@ -19,6 +19,11 @@
 //! touching the socket. Reloads add and remove whole listeners through
 //! [`ListenerSet`].
 //!
+//! Deadlines: the guard times heads, idle connections and busy connections
+//! on which nothing moves (`stream_idle_timeout`); each request's stream
+//! has its own deadlines in `forward::deadline`; HTTP/2 connections send
+//! keepalive pings so a vanished peer is found.
+//!
 //! A connection's slot (open-connection count and gauge) lives in its
 //! [`Guarded`] socket wrapper, so it is given back when the socket closes,
 //! not when hyper lets go of it: an upgraded connection (WebSocket) still
@@ -26,6 +31,7 @@
 //! every socket up to the drain timeout, then closes whatever is left.
 
 mod guard;
+mod head;
 mod set;
 
 use std::net::SocketAddr;
@@ -52,6 +58,13 @@ pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
+
+/// HTTP/2 keepalive: a PING after this long without a frame from the peer
+/// (idle connections too), and the connection is closed when the answer
+/// takes longer than the timeout. The same values apply towards h2
+/// upstreams (`upstream`).
+pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it. Accepted sockets
@@ -195,14 +208,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let local = local.unwrap_or(peer);
         let Some(tls) = cfg.tls.clone() else {
             let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
-            let io = Guarded::new(
-                stream,
-                ctx.activity.clone(),
-                limits.header_timeout,
-                limits.idle_timeout,
-                limits.max_header_bytes,
-            )
-            .tied(done);
+            let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -240,14 +246,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
             let ctx = conn_ctx(&shared, &name, (peer, local), "https", principal, &close_rx);
-            let io = Guarded::new(
-                stream,
-                ctx.activity.clone(),
-                limits.header_timeout,
-                limits.idle_timeout,
-                limits.max_header_bytes,
-            )
-            .tied(done);
+            let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -405,7 +404,11 @@ fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExe
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find a peer that vanished (or stopped reading) while its
+        // streams wait; the guard does not count them as activity.
+        .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     builder
 }
 

@@ -189,7 +189,10 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
-            .http2_only(config.protocol == UpstreamProtocol::Http2);
+            .http2_only(config.protocol == UpstreamProtocol::Http2)
+            .http2_keep_alive_interval(Some(crate::listener::H2_KEEPALIVE_INTERVAL))
+            .http2_keep_alive_timeout(crate::listener::H2_KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_while_idle(true);
         let neutral = Arc::new(Neutral::default());
         let up = Self {
             name: config.name.clone(),

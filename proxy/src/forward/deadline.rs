@@ -1,0 +1,266 @@
+//! Per-stream deadlines on the request path, the same for HTTP/1.1 and
+//! HTTP/2 streams (the connection guard only sees HTTP/1 bytes, and h2
+//! multiplexes many streams on one connection).
+//!
+//! A [`StreamClock`] is made per request when its listener has a
+//! `stream_idle_timeout` or `request_timeout`. Every frame of the request
+//! body and of the response body touches it; three places wait on it:
+//! the request body (a client that stops sending mid-body), the wait for
+//! the response headers (nothing moves while the upstream thinks), and the
+//! response body (an upstream that stops mid-body). Each arms one timer
+//! (boxed once per request, reset afterwards, never per frame) only when
+//! its side is pending, and re-checks the shared clock when it fires, so
+//! progress in either direction pushes every deadline back.
+//!
+//! What a deadline does depends on whether the response has started: the
+//! request side fails the request with a [`Cut`], which forward answers
+//! 408 (`stream_idle_timeout` / `request_timeout`); the response side
+//! fails the response body, which resets the h2 stream or closes the
+//! h1 connection. Either way the request future ends, dropping its cluster
+//! admission, filter chain and snapshot.
+//!
+//! A client that stops reading is a connection matter: an h1 connection's
+//! guard sees its writes stall (`listener::guard`), an h2 connection that
+//! stops reading stops answering keepalive pings. An h2 stream stalled by
+//! its own flow-control window while the connection is healthy is not
+//! timed: hyper does not poll the body then, so no timer here would fire.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::errors::ErrorCode;
+use crate::telemetry::ListenerStats;
+use crate::upstream::BoxError;
+
+/// `at + after`, saturating: a configured duration too large for the
+/// clock means "never" (a year on), not a panic.
+pub(crate) fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(at)
+}
+
+/// Which deadline passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Cut {
+    #[error("no bytes moved either way on the stream for {0:?} (stream_idle_timeout)")]
+    Idle(Duration),
+    #[error("the whole request did not arrive within {0:?} (request_timeout)")]
+    Request(Duration),
+}
+
+impl Cut {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Idle(_) => ErrorCode::StreamIdleTimeout,
+            Self::Request(_) => ErrorCode::RequestTimeout,
+        }
+    }
+}
+
+/// The last time bytes moved on one request's stream, and its deadlines.
+#[derive(Debug)]
+pub struct StreamClock {
+    origin: Instant,
+    /// Nanoseconds from `origin` to the last progress.
+    last: AtomicU64,
+    idle: Option<Duration>,
+    /// `request_timeout` from the request's start, until its body ended.
+    request: Option<(Instant, Duration)>,
+    received: AtomicBool,
+}
+
+impl StreamClock {
+    /// `None` when neither deadline is configured.
+    pub fn new(idle: Option<Duration>, request: Option<Duration>) -> Option<Arc<Self>> {
+        if idle.is_none() && request.is_none() {
+            return None;
+        }
+        let origin = Instant::now();
+        Some(Arc::new(Self {
+            origin,
+            last: AtomicU64::new(0),
+            idle,
+            request: request.map(|r| (later(origin, r), r)),
+            received: AtomicBool::new(false),
+        }))
+    }
+
+    /// Bytes moved (a frame either way).
+    pub fn touch(&self) {
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// The request body has ended: `request_timeout` no longer applies.
+    pub fn received(&self) {
+        self.received.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// The earliest deadline still pending, and what passing it means.
+    fn next(&self) -> Option<(Instant, Cut)> {
+        let idle = self.idle.map(|idle| {
+            let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            (
+                later(self.origin, last.saturating_add(idle)),
+                Cut::Idle(idle),
+            )
+        });
+        let request = self
+            .request
+            .filter(|_| !self.received.load(Ordering::Relaxed))
+            .map(|(at, after)| (at, Cut::Request(after)));
+        match (idle, request) {
+            (Some(i), Some(r)) => Some(if r.0 <= i.0 { r } else { i }),
+            (i, r) => i.or(r),
+        }
+    }
+
+    /// Polls `timer` against the clock: `Ready` with the deadline that
+    /// passed, else `Pending` with the timer armed for the next one.
+    pub fn poll_expired(
+        &self,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Cut> {
+        loop {
+            let Some((at, cut)) = self.next() else {
+                return Poll::Pending;
+            };
+            if Instant::now() >= at {
+                return Poll::Ready(cut);
+            }
+            let sleep = match timer {
+                Some(s) => {
+                    if s.deadline() != at {
+                        s.as_mut().reset(at);
+                    }
+                    s
+                }
+                None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Completes when a deadline passes with nothing moving (its timer
+    /// lives in the caller's future: no allocation).
+    pub async fn expired(&self) -> Cut {
+        loop {
+            let Some((at, cut)) = self.next() else {
+                return std::future::pending().await;
+            };
+            if Instant::now() >= at {
+                return cut;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body on its way to the client: touches the clock on
+    /// every frame and fails when the clock expires while the upstream
+    /// sends nothing.
+    pub struct Timed<B> {
+        #[pin]
+        inner: B,
+        clock: Arc<StreamClock>,
+        timer: Option<Pin<Box<Sleep>>>,
+        stats: ListenerStats,
+    }
+}
+
+impl<B> Timed<B> {
+    pub fn new(inner: B, clock: Arc<StreamClock>, stats: ListenerStats) -> Self {
+        Self {
+            inner,
+            clock,
+            timer: None,
+            stats,
+        }
+    }
+}
+
+impl<B> Body for Timed<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Pending => match this.clock.poll_expired(this.timer, cx) {
+                Poll::Ready(cut) => {
+                    this.stats.error(cut.code());
+                    tracing::info!(code = cut.code().as_str(), "response stream cut: {cut}");
+                    Poll::Ready(Some(Err(cut.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                this.clock.touch();
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test]
+    async fn progress_pushes_the_idle_deadline_back() {
+        let clock = StreamClock::new(Some(200 * MS), None).unwrap();
+        let start = Instant::now();
+        tokio::time::sleep(150 * MS).await;
+        clock.touch();
+        let cut = clock.expired().await;
+        assert_eq!(cut, Cut::Idle(200 * MS));
+        assert!(start.elapsed() >= 350 * MS, "{:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn request_timeout_ends_with_the_body() {
+        let clock = StreamClock::new(Some(300 * MS), Some(100 * MS)).unwrap();
+        let start = Instant::now();
+        assert_eq!(clock.expired().await, Cut::Request(100 * MS));
+        let first = start.elapsed();
+        assert!(first >= 100 * MS && first < 300 * MS, "{first:?}");
+        clock.received();
+        assert_eq!(clock.expired().await, Cut::Idle(300 * MS));
+        assert!(start.elapsed() >= first + 300 * MS, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn no_deadline_no_clock() {
+        assert!(StreamClock::new(None, None).is_none());
+    }
+}
