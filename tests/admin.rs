@@ -622,6 +622,44 @@ fn admin_connections_are_limited() {
     }
 }
 
+/// One non-loopback peer holding many idle connections (any pod that can
+/// reach a probes port) gets at most 8; loopback callers still get in.
+#[test]
+fn one_peer_cannot_take_every_admin_slot() {
+    let Some(own) = own_address() else {
+        eprintln!("SKIP: this machine has no non-loopback address");
+        return;
+    };
+    let port = free_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let remote = SocketAddr::new(own, port);
+    let _wasp = start_raw(
+        &format!("[admin]\nbind = \"0.0.0.0:{port}\"\n\n[proxy]\nworkers = 1\n"),
+        local,
+        &[],
+    );
+    let held: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(remote).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(remote).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        extra.read(&mut buf).unwrap_or(0),
+        0,
+        "the 9th from one peer is closed"
+    );
+    assert_eq!(
+        must(local, "GET", "/live", &[("Host", "127.0.0.1")]).status,
+        200
+    );
+    drop(held);
+}
+
 /// A request head that never completes is cut after the header timeout
 /// (10 s), so a slow client cannot hold one of the few admin slots.
 #[test]

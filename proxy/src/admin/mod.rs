@@ -17,7 +17,8 @@
 //! Who may call what is decided in [`access`]; a refusal is a 403 with
 //! `x-wasp-error: admin_forbidden` and the reason. The probes address serves
 //! the open endpoints only. Each address takes at most
-//! [`MAX_CONNECTIONS`] connections (more are closed at once), a request head
+//! [`MAX_CONNECTIONS`] connections, [`MAX_CONNECTIONS_PER_PEER`] from one
+//! non-loopback peer (more are closed at once), a request head
 //! must arrive within [`HEADER_TIMEOUT`] (idle keep-alive included), no
 //! connection outlives [`CONNECTION_LIFETIME`], and accept errors (EMFILE)
 //! back off instead of spinning the control thread.
@@ -48,6 +49,10 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Open connections per admin address; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Open connections one non-loopback peer may hold per admin address, so
+/// one pod cannot take every slot of a probes port the kubelet needs.
+/// Loopback peers (this host's own tools) share only the global limit.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// Time to receive a request head, including idle time between requests.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest any admin connection lives (a slow reader of `/metrics`, a
@@ -114,6 +119,7 @@ async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer: PeerCounts = Arc::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -131,6 +137,13 @@ async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_
                 continue;
             }
         };
+        // One peer (say, any pod reaching a probes port on 0.0.0.0) may not
+        // hold every slot: the kubelet's probes must still get in.
+        let Some(per_peer) = PeerSlot::take(&per_peer, peer.ip()) else {
+            tracing::debug!(%peer, "{what}: {MAX_CONNECTIONS_PER_PEER} connections open from this peer; closing a new one");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "{what}: {MAX_CONNECTIONS} connections open; closing a new one");
             drop(stream);
@@ -138,7 +151,7 @@ async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, per_peer);
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, peer, probes_only, &shared).await) }
@@ -150,6 +163,44 @@ async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
+    }
+}
+
+/// Open admin connections by peer address.
+type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One peer's share of the admin connections, given back on drop.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(counts: &PeerCounts, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        let loopback = ip.is_loopback()
+            || matches!(ip, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+        if *n >= MAX_CONNECTIONS_PER_PEER && !loopback {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
