@@ -16,8 +16,10 @@ RUN mkdir -p /out/filters.d \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/wasp /usr/local/bin/wasp
-COPY --from=build --chown=nonroot:nonroot /out/filters.d /etc/wasp/filters.d
-USER nonroot
+COPY --from=build --chown=1337:1337 /out/filters.d /etc/wasp/filters.d
+# The proxy's own UID/GID: `wasp iptables --proxy-uid 1337` exempts its
+# connections from capture (the default), as Istio does with 1337.
+USER 1337:1337
 VOLUME ["/etc/wasp/filters.d"]
 # 15021: [admin] probes (/live /ready /metrics); the admin API itself stays on loopback.
 EXPOSE 15001 15006 15021

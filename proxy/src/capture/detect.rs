@@ -65,20 +65,52 @@ pub fn detect(bytes: &[u8]) -> Detection {
     http1(bytes)
 }
 
-/// A method token (RFC 9110 tchar, upper-case letters in practice) then a
-/// space.
+/// Request methods recognised as HTTP/1 (RFC 9110, PATCH, WebDAV): any
+/// other word is opaque, so a text protocol whose commands look alike
+/// (Redis inline `SET k v`, SMTP `HELO x`) is not taken for HTTP.
+const METHODS: &[&[u8]] = &[
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+    b"REPORT",
+    b"SEARCH",
+    b"MKCALENDAR",
+    b"ACL",
+];
+
+/// A known method followed by a space.
 fn http1(bytes: &[u8]) -> Detection {
-    for (i, b) in bytes.iter().enumerate() {
-        if i > MAX_METHOD {
-            return Detection::Opaque;
-        }
-        match b {
-            b'A'..=b'Z' | b'-' | b'_' => continue,
-            b' ' if i > 0 => return Detection::Http1,
-            _ => return Detection::Opaque,
-        }
+    let word_end = bytes.iter().position(|b| *b == b' ');
+    let word = match word_end {
+        Some(end) => bytes.get(..end).unwrap_or_default(),
+        None => bytes.get(..bytes.len().min(MAX_METHOD)).unwrap_or_default(),
+    };
+    if word_end.is_some() {
+        return if METHODS.contains(&word) {
+            Detection::Http1
+        } else {
+            Detection::Opaque
+        };
     }
-    Detection::NeedMore
+    // No space yet: still a prefix of some method?
+    if bytes.len() <= MAX_METHOD && METHODS.iter().any(|m| m.starts_with(word)) {
+        Detection::NeedMore
+    } else {
+        Detection::Opaque
+    }
 }
 
 /// A big-endian reader that answers `None` past the end.
@@ -210,6 +242,10 @@ fn more_records(bytes: &[u8], hello_len: usize) -> Detection {
         let Some(header) = header else {
             return Detection::NeedMore;
         };
+        // Every record of a ClientHello is a handshake record.
+        if header.first() != Some(&0x16) {
+            return Detection::Opaque;
+        }
         let len = usize::from(u16::from_be_bytes([
             *header.get(3).unwrap_or(&0),
             *header.get(4).unwrap_or(&0),
@@ -320,7 +356,10 @@ mod tests {
     #[test]
     fn tells_the_protocols_apart() {
         assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Detection::Http1);
-        assert_eq!(detect(b"M-SEARCH * HTTP/1.1"), Detection::Http1);
+        assert_eq!(detect(b"PROPFIND /dav HTTP/1.1"), Detection::Http1);
+        assert_eq!(detect(b"SET k v\r\n"), Detection::Opaque, "redis inline");
+        assert_eq!(detect(b"HELO mail.example\r\n"), Detection::Opaque, "smtp");
+        assert_eq!(detect(b"XYZ"), Detection::Opaque);
         assert_eq!(detect(b"GE"), Detection::NeedMore);
         assert_eq!(
             detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),

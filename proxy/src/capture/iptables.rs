@@ -31,12 +31,20 @@ const CHAINS: [&str; 4] = [
     "WASP_REDIRECT",
 ];
 
+/// Inbound ports never redirected, whatever `--exclude-inbound-ports` says:
+/// the probes address (`[admin] probes`, 15021 by convention) and the admin
+/// API (9901), so the kubelet's probes reach wasp itself, not the app.
+pub const ALWAYS_EXCLUDED_INBOUND: [u16; 2] = [15021, 9901];
+
 /// The jumps from the built-in chains into ours.
 const HOOKS: [(&str, &str); 2] = [("PREROUTING", "WASP_INBOUND"), ("OUTPUT", "WASP_OUTPUT")];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct IptablesArgs {
     /// UID the proxy runs as: its own connections are never redirected.
+    /// It must be the UID wasp really runs as (the image's `USER 1337`, a
+    /// pod's `runAsUser: 1337`), or wasp's upstream connections would be
+    /// captured again and loop back into it.
     #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
     /// GID the proxy runs as (also exempt), if it has one of its own.
@@ -48,7 +56,7 @@ pub struct IptablesArgs {
     /// Port of the outbound capture listener; 0 turns outbound capture off.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// Inbound ports left alone (e.g. the admin/probe ports), comma separated.
+    /// Inbound ports left alone besides 15021 and 9901 (always), comma separated.
     #[arg(long, value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound destination ports left alone, comma separated.
@@ -169,7 +177,15 @@ impl Plan {
             proxy_gid: args.proxy_gid,
             inbound_port: args.inbound_port,
             outbound_port: args.outbound_port,
-            exclude_inbound_ports: args.exclude_inbound_ports.clone(),
+            exclude_inbound_ports: {
+                let mut ports = ALWAYS_EXCLUDED_INBOUND.to_vec();
+                for p in &args.exclude_inbound_ports {
+                    if !ports.contains(p) {
+                        ports.push(*p);
+                    }
+                }
+                ports
+            },
             exclude_outbound_ports: args.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: cidrs,
         })

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -60,6 +61,11 @@ pub struct Relayed {
 
 /// Copies `client` <-> `upstream` until both directions end, one fails, no
 /// byte moves for `idle`, or `stop` completes.
+///
+/// The two directions are separate futures, so a write blocked on a peer
+/// that stopped reading stalls only its own direction, and the idle
+/// deadline and `stop` are watched beside both (a blocked write makes no
+/// progress, so it ends at the idle timeout too).
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
@@ -72,53 +78,61 @@ where
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let mut up_buf = vec![0u8; CHUNK];
-    let mut down_buf = vec![0u8; CHUNK];
-    let mut out = Relayed {
-        to_upstream: 0,
-        to_client: 0,
-        end: RelayEnd::Closed,
+    let base = Instant::now();
+    // Milliseconds since `base` of the last byte moved either way.
+    let last = AtomicU64::new(0);
+    let to_upstream = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let progress = |moved: &AtomicU64, n: usize| {
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        let ms = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(ms, Ordering::Relaxed);
     };
-    let (mut up_open, mut down_open) = (true, true);
-    let deadline = tokio::time::sleep(idle);
-    tokio::pin!(deadline);
-    tokio::pin!(stop);
-    while up_open || down_open {
-        tokio::select! {
-            n = cr.read(&mut up_buf), if up_open => {
-                let n = n?;
-                if n == 0 {
-                    up_open = false;
-                    // Half-close: the upstream sees the client's end.
-                    let _ = uw.shutdown().await;
-                } else {
-                    uw.write_all(up_buf.get(..n).unwrap_or_default()).await?;
-                    out.to_upstream = out.to_upstream.saturating_add(n as u64);
-                    deadline.as_mut().reset(Instant::now() + idle);
-                }
+    let up = copy_one_way(&mut cr, &mut uw, |n| progress(&to_upstream, n));
+    let down = copy_one_way(&mut ur, &mut cw, |n| progress(&to_client, n));
+    let idle_watch = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let due = base + since + idle;
+            if Instant::now() >= due {
+                return;
             }
-            n = ur.read(&mut down_buf), if down_open => {
-                let n = n?;
-                if n == 0 {
-                    down_open = false;
-                    let _ = cw.shutdown().await;
-                } else {
-                    cw.write_all(down_buf.get(..n).unwrap_or_default()).await?;
-                    out.to_client = out.to_client.saturating_add(n as u64);
-                    deadline.as_mut().reset(Instant::now() + idle);
-                }
-            }
-            () = &mut deadline => {
-                out.end = RelayEnd::Idle;
-                return Ok(out);
-            }
-            () = &mut stop => {
-                out.end = RelayEnd::Stopped;
-                return Ok(out);
-            }
+            tokio::time::sleep_until(due).await;
         }
+    };
+    let end = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => {
+            r?;
+            RelayEnd::Closed
+        }
+        () = idle_watch => RelayEnd::Idle,
+        () = stop => RelayEnd::Stopped,
+    };
+    Ok(Relayed {
+        to_upstream: to_upstream.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+        end,
+    })
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to`'s write side
+/// (half-close: the other side sees the end and may still answer).
+async fn copy_one_way<R, W>(from: &mut R, to: &mut W, moved: impl Fn(usize)) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // The peer may already be gone; its end is what we report.
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(buf.get(..n).unwrap_or_default()).await?;
+        moved(n);
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -212,6 +226,34 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(done.end, RelayEnd::Idle);
         assert_eq!(done.to_upstream, 6);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_at_the_idle_timeout() {
+        let (mut app, client_side) = pair().await;
+        let (upstream_side, _server_never_reads) = pair().await;
+        let relay = tokio::spawn(relay(
+            client_side,
+            upstream_side,
+            Duration::from_millis(300),
+            std::future::pending(),
+        ));
+        // Far more than the socket buffers hold: the relay's write blocks.
+        let chunk = vec![7u8; 64 * 1024];
+        let writer = tokio::spawn(async move {
+            for _ in 0..512 {
+                if app.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let done = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .unwrap_or_else(|e| panic!("relay stuck on a blocked write: {e}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done.end, RelayEnd::Idle);
+        writer.abort();
     }
 
     #[tokio::test]
