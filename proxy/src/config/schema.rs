@@ -167,6 +167,13 @@ pub struct FilterLimits {
     pub cpu: Dur,
     /// Linear memory one VM may grow to.
     pub memory: Size,
+    /// Most instances of the filter per worker serving streams (one per
+    /// in-flight stream, reused across streams; the root instance is extra).
+    pub instances: u32,
+    /// Shortest tick period a filter may set.
+    pub tick_min: Dur,
+    /// CPU time per second root-context callbacks may use on one worker.
+    pub root_cpu: Dur,
 }
 
 impl Default for FilterLimits {
@@ -174,6 +181,9 @@ impl Default for FilterLimits {
         Self {
             cpu: Dur(std::time::Duration::from_millis(50)),
             memory: Size(64 << 20),
+            instances: 16,
+            tick_min: Dur(std::time::Duration::from_millis(100)),
+            root_cpu: Dur(std::time::Duration::from_millis(100)),
         }
     }
 }

@@ -112,6 +112,15 @@ pub struct FilterSpec {
     pub memory_limit: u64,
     /// Cap of a body buffered because a filter paused on it (over it: 413).
     pub max_body_bytes: u64,
+    /// Most instances of this filter one worker keeps for streams (each
+    /// in-flight stream leases one; above the cap streams share the
+    /// least-loaded one). The worker's root instance comes on top.
+    pub instances: u32,
+    /// Floor of the tick period: a guest asking for a shorter one gets this.
+    pub tick_min: Duration,
+    /// CPU time root-context callbacks (ticks, queue wake-ups, root callout
+    /// answers) may use per second on one worker; over it ticks are skipped.
+    pub root_cpu: Duration,
 }
 
 impl FilterSpec {
@@ -121,6 +130,12 @@ impl FilterSpec {
     pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
     /// Default cap of a buffered body.
     pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+    /// Default cap of stream instances per worker.
+    pub const DEFAULT_INSTANCES: u32 = 16;
+    /// Default tick period floor.
+    pub const DEFAULT_TICK_MIN: Duration = Duration::from_millis(100);
+    /// Default root-context CPU budget per second per worker.
+    pub const DEFAULT_ROOT_CPU: Duration = Duration::from_millis(100);
 
     /// A spec with every optional field at its default.
     pub fn new(name: impl Into<String>, module_path: impl Into<PathBuf>) -> Self {
@@ -133,6 +148,9 @@ impl FilterSpec {
             cpu_limit: Self::DEFAULT_CPU_LIMIT,
             memory_limit: Self::DEFAULT_MEMORY_LIMIT,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            instances: Self::DEFAULT_INSTANCES,
+            tick_min: Self::DEFAULT_TICK_MIN,
+            root_cpu: Self::DEFAULT_ROOT_CPU,
         }
     }
 }
