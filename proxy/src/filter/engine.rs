@@ -135,8 +135,7 @@ pub(crate) fn instances_needed(specs: &[FilterSpec], workers: usize) -> u64 {
 fn pool_capacity(need: u64) -> u64 {
     need.saturating_mul(GENERATIONS)
         .saturating_add(POOL_SLACK)
-        .max(MIN_POOL_INSTANCES)
-        .min(MAX_POOL_INSTANCES)
+        .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
 }
 
 pub(crate) fn engine_config(instances: u32) -> Config {
