@@ -13,12 +13,18 @@
 //!   immutable [`FilterSet`]; [`FilterRuntime::render_metrics`] and
 //!   [`FilterRuntime::status_json`] read atomics and small locked maps.
 //!   A control thread of our own ("wasp-epoch") ticks the engine epoch.
-//! - **worker threads**: each keeps its own VMs (one wasmtime `Store` +
-//!   `Instance` per filter per [`FilterSet`] generation) in a thread-local,
-//!   created lazily on first use. [`StreamFilters`] borrows a VM only inside
-//!   one synchronous callback: **no await ever happens while a VM is
-//!   borrowed**, and the request future holds only ids and `Arc`s, so it is
-//!   `Send`.
+//! - **worker threads**: each keeps, per filter and [`FilterSet`]
+//!   generation, a small pool of pre-initialised *stream instances* (one
+//!   leased per in-flight stream, returned and reused when it ends) and one
+//!   *root instance* (ticks, queue wake-ups, root callouts), in a
+//!   thread-local (`worker`). A failure discards only the instance that
+//!   failed, so it fails only the stream it served. [`StreamFilters`]
+//!   borrows its instance only inside one synchronous callback: **no await
+//!   ever happens while an instance is borrowed**, and the request future
+//!   holds only ids and `Arc`s, so it is `Send`.
+//! - **builder threads** ("wasp-filter-build-N"): build instances
+//!   (instantiate, `_initialize`, `proxy_on_vm_start`, `proxy_on_configure`)
+//!   off the request path and hand them to the worker that asked.
 //!
 //! What it hands on: [`Verdict`] / [`BodyVerdict`] for each phase, stream
 //! properties (e.g. `wasp.cluster`) via [`StreamFilters::property`].
@@ -83,7 +89,7 @@ pub use set::FilterSet;
 pub use stream::StreamFilters;
 
 /// What happens to a request when its filter fails (trap, CPU deadline,
-/// memory cap, `proc_exit`, or a VM that could not be rebuilt yet).
+/// memory cap, `proc_exit`, or no healthy instance could be built).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailPolicy {
