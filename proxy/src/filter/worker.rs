@@ -45,6 +45,10 @@ pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(5);
 /// Idle stream instances a pool keeps ready (built ahead of demand).
 const WARM: usize = 1;
 
+/// An idle stream instance beyond [`WARM`] unused this long is freed (the
+/// pool shrinks back after a burst).
+const IDLE_TTL: Duration = Duration::from_secs(30);
+
 /// Window of the root CPU budget.
 const ROOT_WINDOW: Duration = Duration::from_secs(1);
 
@@ -301,6 +305,8 @@ struct Inst {
     streams: u32,
     /// When it was last leased (the pool's lease count then).
     last_used: u64,
+    /// When its last stream ended (or it arrived).
+    idle_since: Instant,
 }
 
 /// CPU used by root callbacks in the current window.
@@ -438,6 +444,7 @@ impl Pool {
                         vm: Box::new(vm),
                         streams: 0,
                         last_used: 0,
+                        idle_since: now,
                     });
                 }
                 (Kind::Root, Ok(mut vm)) => {
@@ -616,6 +623,7 @@ impl Pool {
         {
             inst.streams = inst.streams.saturating_sub(1);
             if inst.streams == 0 {
+                inst.idle_since = Instant::now();
                 self.plugin.counts.in_use.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -640,6 +648,28 @@ impl Pool {
         self.plugin.note_failure(&why.to_string());
         drop(inst);
         self.top_up();
+    }
+
+    /// Frees idle instances unused for [`IDLE_TTL`], keeping [`WARM`].
+    fn trim(&mut self, now: Instant) {
+        let mut idle = self.idle();
+        while idle > WARM {
+            let stale = self
+                .insts
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| {
+                    i.streams == 0 && now.saturating_duration_since(i.idle_since) >= IDLE_TTL
+                })
+                .min_by_key(|(_, i)| i.last_used)
+                .map(|(p, _)| p);
+            let Some(pos) = stale else {
+                break;
+            };
+            self.insts.swap_remove(pos);
+            self.plugin.counts.live.fetch_sub(1, Ordering::Relaxed);
+            idle -= 1;
+        }
     }
 
     fn drop_root(&mut self, why: &Failure) {
@@ -859,6 +889,7 @@ async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, 
         }
         let Some(due) = with_pool(set_id, idx, |p| {
             p.drain();
+            p.trim(Instant::now());
             p.top_up();
             p.next_due()
         }) else {
