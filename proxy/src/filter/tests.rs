@@ -1098,3 +1098,49 @@ async fn pausing_at_end_of_body_for_a_callout_applies_the_policy() {
         }
     }
 }
+
+#[test]
+fn a_config_that_cannot_fit_the_instance_pool_is_refused_at_load() {
+    let mut sp = spec(TARGETS[0], "noop", "too-many-instances");
+    sp.instances = 100_000;
+    let err = runtime().load(vec![sp]).unwrap_err().to_string();
+    assert!(
+        err.contains("instance pool") && err.contains("limits.instances"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_streams_get_their_own_instances() {
+    let t = TARGETS[0];
+    let name = "trap10-concurrent";
+    let set = load(vec![spec(t, "trap-every-10th", name)]);
+    // Nine streams in flight at once: each on its own instance (each sees
+    // its instance's first request), none shared.
+    let mut streams = Vec::new();
+    for _ in 0..9 {
+        let mut s = set.stream(&pipeline(&[name]), info());
+        let mut req = request("/", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        assert_eq!(hdr(&req.headers, "x-seen"), Some("1"));
+        streams.push(s);
+    }
+    for s in &mut streams {
+        let mut resp = response(200, &[]);
+        expect_continue(s.response_headers(&mut resp, true).await);
+    }
+    for s in streams {
+        s.finish(0, 0);
+    }
+    let status = runtime().status_json();
+    let entry = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap()
+        .clone();
+    assert_eq!(entry["instances"]["failed"], 0, "{entry}");
+    assert_eq!(entry["instances"]["shared_leases"], 0, "{entry}");
+    assert!(entry["instances"]["live"].as_i64().unwrap() >= 9, "{entry}");
+}
