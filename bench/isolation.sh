@@ -65,13 +65,10 @@ import sys
 from bench.wrk import parse
 f, key, b, a, rss, hwm, hz = sys.argv[1:]
 w = parse(f)
-reqs = w["rps"] * w.get("seconds", 0) if w.get("seconds") else None
-text = open(f).read()
-import re
-m = re.search(r"(\d+) requests in", text)
-n = int(m.group(1)) if m else 1
+n = w["requests"]
 us = (int(a) - int(b)) / int(hz) * 1e6 / max(n, 1)
-print(f"{key}\t{w['rps']:.0f}\t{us:.1f}\t{int(rss)/1024:.1f}\t{int(hwm)/1024:.1f}")
+err = w["error"] or "none"
+print(f"{key}\t{w['rps']:.0f}\t{us:.1f}\t{int(rss)/1024:.1f}\t{int(hwm)/1024:.1f}\t{err}")
 PY
   done
 done
@@ -80,15 +77,19 @@ python3 - "$results" "$WORKERS" "$CONNS" <<'PY'
 import sys, statistics
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
 by = {}
-for k, rps, us, rss, hwm in rows:
+errors = {}
+for k, rps, us, rss, hwm, err in rows:
     by.setdefault(k, []).append((float(rps), float(us), float(rss), float(hwm)))
+    if err != "none":
+        errors.setdefault(k, set()).add(err)
 print(f"\nworkers={sys.argv[2]}, {sys.argv[3]} connections, medians over rounds\n")
-print("| design | filters | req/s | proxy CPU us/req | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|")
+print("| design | filters | req/s | proxy CPU us/req | RSS MiB | peak RSS MiB | errors |\n|---|---|---|---|---|---|---|")
 for n in ["1", "4"]:
     for which, name in [("old", "one VM per filter per worker"), ("new", "per-stream instances")]:
         v = by[f"{which}-{n}"]
         med = [statistics.median(x[i] for x in v) for i in range(4)]
-        print(f"| {name} | {n} | {med[0]:.0f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} |")
+        errs = ", ".join(sorted(errors.get(f"{which}-{n}", []))) or "none"
+        print(f"| {name} | {n} | {med[0]:.0f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} | {errs} |")
 PY
 
 # --- recovery after a trap ---------------------------------------------------
