@@ -94,8 +94,8 @@ PY
 
 # --- recovery after a trap ---------------------------------------------------
 for which in old new; do
-  bin=$OLD; [ "$which" = new ] && bin=$NEW
-  port=$((18300 + ${#which})); admin=$((18310 + ${#which}))
+  bin=$OLD; port=18303; admin=18313
+  [ "$which" = new ] && bin=$NEW && port=18304 && admin=18314
   {
     echo "[proxy]"; echo "workers = 1"; echo "filters_dir = \"filters.d\""
     echo "[admin]"; echo "bind = \"127.0.0.1:$admin\""
