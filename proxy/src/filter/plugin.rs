@@ -67,7 +67,8 @@ pub(crate) struct InstanceCounts {
     pub build_failures: AtomicU64,
     /// Stream instances alive.
     pub live: AtomicI64,
-    /// Stream instances serving at least one stream.
+    /// Stream instances serving at least one stream (refreshed by each
+    /// worker every 250 ms).
     pub in_use: AtomicI64,
     /// Streams that shared an instance because the cap was reached.
     pub shared_leases: AtomicU64,

@@ -326,6 +326,9 @@ struct Pool {
     building: usize,
     cap: usize,
     leases: u64,
+    /// This pool's share of `counts.in_use`, published by the pump (not
+    /// per lease: that would bounce one cache line between workers).
+    published_in_use: i64,
     /// Consecutive failed builds, and when the next may start.
     failures: u32,
     retry_at: Option<Instant>,
@@ -374,6 +377,7 @@ impl Pool {
             building: 0,
             cap,
             leases: 0,
+            published_in_use: 0,
             failures: 0,
             retry_at: None,
             last_error: String::new(),
@@ -539,9 +543,7 @@ impl Pool {
 
     fn take(&mut self, pos: usize) -> Option<u64> {
         let inst = self.insts.get_mut(pos)?;
-        if inst.streams == 0 {
-            self.plugin.counts.in_use.fetch_add(1, Ordering::Relaxed);
-        } else {
+        if inst.streams > 0 {
             self.plugin
                 .counts
                 .shared_leases
@@ -624,7 +626,6 @@ impl Pool {
             inst.streams = inst.streams.saturating_sub(1);
             if inst.streams == 0 {
                 inst.idle_since = Instant::now();
-                self.plugin.counts.in_use.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -642,12 +643,23 @@ impl Pool {
         let counts = &self.plugin.counts;
         counts.failed.fetch_add(1, Ordering::Relaxed);
         counts.live.fetch_sub(1, Ordering::Relaxed);
-        if inst.streams > 0 {
-            counts.in_use.fetch_sub(1, Ordering::Relaxed);
-        }
         self.plugin.note_failure(&why.to_string());
         drop(inst);
         self.top_up();
+    }
+
+    /// Publishes how many of this pool's instances serve streams now.
+    fn publish(&mut self) {
+        let busy = self.insts.iter().filter(|i| i.streams > 0).count();
+        let busy = i64::try_from(busy).unwrap_or(0);
+        let delta = busy - self.published_in_use;
+        if delta != 0 {
+            self.plugin
+                .counts
+                .in_use
+                .fetch_add(delta, Ordering::Relaxed);
+            self.published_in_use = busy;
+        }
     }
 
     /// Frees idle instances unused for [`IDLE_TTL`], keeping [`WARM`].
@@ -689,9 +701,10 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let counts = &self.plugin.counts;
         let live = i64::try_from(self.insts.len()).unwrap_or(0);
-        let busy = i64::try_from(self.insts.iter().filter(|i| i.streams > 0).count()).unwrap_or(0);
         counts.live.fetch_sub(live, Ordering::Relaxed);
-        counts.in_use.fetch_sub(busy, Ordering::Relaxed);
+        counts
+            .in_use
+            .fetch_sub(self.published_in_use, Ordering::Relaxed);
         self.set_failed(false);
     }
 }
@@ -771,16 +784,20 @@ pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failu
     let deadline = Instant::now() + LEASE_WAIT;
     let mut asked = false;
     loop {
-        let Some((r, ready)) =
-            with_pool(set.id, idx, |p| (p.try_lease(&mut asked), p.ready.clone()))
-        else {
+        let Some((r, ready)) = with_pool(set.id, idx, |p| {
+            let r = p.try_lease(&mut asked);
+            // The notifier is cloned only for a stream that has to wait.
+            let ready = matches!(r, Try::Wait).then(|| p.ready.clone());
+            (r, ready)
+        }) else {
             return Err(Failure::Setup("no such filter index".into()));
         };
-        match r {
-            Try::Got(inc) => return Ok(inc),
-            Try::Fail(f) => return Err(f),
-            Try::Wait => {}
-        }
+        let ready = match (r, ready) {
+            (Try::Got(inc), _) => return Ok(inc),
+            (Try::Fail(f), _) => return Err(f),
+            (Try::Wait, Some(ready)) => ready,
+            (Try::Wait, None) => return Err(Failure::Setup("no instance notifier".into())),
+        };
         // Same thread as every notifier's drain: nothing can arrive between
         // the check above and this registration.
         let left = deadline.saturating_duration_since(Instant::now());
@@ -891,6 +908,7 @@ async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, 
             p.drain();
             p.trim(Instant::now());
             p.top_up();
+            p.publish();
             p.next_due()
         }) else {
             return;
