@@ -217,6 +217,13 @@ pub struct FilterLimits {
     pub metrics: usize,
     /// `http_call`s in flight per worker.
     pub callouts: usize,
+    /// Most instances of the filter per worker serving streams (one per
+    /// in-flight stream, reused across streams; the root instance is extra).
+    pub instances: u32,
+    /// Shortest tick period a filter may set.
+    pub tick_min: Dur,
+    /// CPU time per second root-context callbacks may use on one worker.
+    pub root_cpu: Dur,
 }
 
 impl Default for FilterLimits {
@@ -236,6 +243,9 @@ impl Default for FilterLimits {
             queue_bytes: size(H::DEFAULT_QUEUE_BYTES),
             metrics: H::DEFAULT_METRICS,
             callouts: H::DEFAULT_CALLOUTS,
+            instances: 16,
+            tick_min: Dur(std::time::Duration::from_millis(100)),
+            root_cpu: Dur(std::time::Duration::from_millis(100)),
         }
     }
 }

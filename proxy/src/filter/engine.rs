@@ -1,6 +1,8 @@
 //! [`FilterRuntime`]: the process-wide part of the engine. One wasmtime
-//! `Engine` (Winch, pooling allocator, epoch interruption), the epoch
-//! ticker thread, the module caches, and the per-filter-name registry of
+//! `Engine` (Winch, pooling allocator sized from workers x filters x
+//! instances x generations, copy-on-write memory images, epoch
+//! interruption), the epoch ticker thread, the instance builder threads,
+//! the module caches, and the per-filter-name registry of
 //! state that outlives generations (shared data, guest metrics, call
 //! statistics, generation counter, last error).
 //!
@@ -10,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -28,12 +30,21 @@ use super::metrics::{self, FilterStats, MetricStore};
 use super::plugin::{Plugin, PluginShared};
 use super::set::FilterSet;
 use super::vm::Vm;
+use super::worker::Builder;
 use super::{FilterSpec, HttpCallouts};
 
 /// Epoch tick: the granularity of CPU deadlines.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
-/// Pool size: live VMs (workers x filters x generations in flight).
-const POOL_INSTANCES: u32 = 512;
+/// Generations whose instances may be alive at once (the serving one and
+/// the ones in-flight requests still finish on, during reloads).
+const GENERATIONS: u64 = 3;
+/// Least instance slots in the pool (room for filters added by reloads).
+const MIN_POOL_INSTANCES: u64 = 1024;
+/// Most instance slots (each reserves `POOL_MAX_MEMORY` of address space).
+const MAX_POOL_INSTANCES: u64 = 16_384;
+/// Slots beyond the computed need: validation instances of `load` and
+/// instances on their way from the builder threads.
+const POOL_SLACK: u64 = 16;
 /// Largest linear memory any VM may reach (per-filter caps are lower).
 const POOL_MAX_MEMORY: usize = 1 << 30;
 
@@ -92,6 +103,12 @@ pub struct FilterRuntime {
     filters: Mutex<BTreeMap<String, FilterEntry>>,
     next_set: AtomicU64,
     ticker: Arc<Ticker>,
+    /// Worker threads that keep instances (sizes the pool).
+    workers: AtomicUsize,
+    /// Instance slots of the engine's pool, fixed when the engine is created.
+    capacity: AtomicU64,
+    /// Builds instances off the request path; started with the engine.
+    builder: Mutex<Option<Arc<Builder>>>,
 }
 
 impl std::fmt::Debug for FilterRuntime {
@@ -102,11 +119,30 @@ impl std::fmt::Debug for FilterRuntime {
     }
 }
 
-pub(crate) fn engine_config() -> Config {
+/// Instance slots a filter set needs on `workers` workers at once: each
+/// worker keeps up to `limits.instances` stream instances and one root
+/// instance of every filter.
+pub(crate) fn instances_needed(specs: &[FilterSpec], workers: usize) -> u64 {
+    let per_worker: u64 = specs
+        .iter()
+        .map(|s| u64::from(s.instances.max(1)) + 1)
+        .sum();
+    per_worker.saturating_mul(workers.max(1) as u64)
+}
+
+/// Pool slots for a first load needing `need` at once: room for
+/// [`GENERATIONS`] of it, and never less than [`MIN_POOL_INSTANCES`].
+fn pool_capacity(need: u64) -> u64 {
+    need.saturating_mul(GENERATIONS)
+        .saturating_add(POOL_SLACK)
+        .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
+}
+
+pub(crate) fn engine_config(instances: u32) -> Config {
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_core_instances(POOL_INSTANCES)
-        .total_memories(POOL_INSTANCES)
-        .total_tables(POOL_INSTANCES)
+    pool.total_core_instances(instances)
+        .total_memories(instances)
+        .total_tables(instances)
         .max_memory_size(POOL_MAX_MEMORY);
     let mut cfg = Config::new();
     // Winch, wasmtime's baseline compiler, compiles in one pass: a 190 KB
@@ -119,6 +155,11 @@ pub(crate) fn engine_config() -> Config {
     // would run slower than under Cranelift; tiering up in the background is
     // the way to have both, and is not done yet.
     cfg.strategy(wasmtime::Strategy::Winch);
+    // Copy-on-write memory images (wasmtime's default, stated because the
+    // per-stream instances rely on it): instantiating maps the module's
+    // initial memory instead of copying it, so a new instance costs ~tens
+    // of microseconds and only the pages a guest writes become its own.
+    cfg.memory_init_cow(true);
     cfg.epoch_interruption(true)
         .memory_reservation(POOL_MAX_MEMORY as u64)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -144,7 +185,50 @@ impl FilterRuntime {
             ticker: Arc::new(Ticker {
                 stop: Arc::new(AtomicBool::new(false)),
             }),
+            workers: AtomicUsize::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            capacity: AtomicU64::new(0),
+            builder: Mutex::new(None),
         }))
+    }
+
+    /// How many worker threads will keep instances of every filter (the
+    /// pool is sized from it at the first load). Defaults to the core count.
+    pub fn set_workers(&self, workers: usize) {
+        self.workers.store(workers.max(1), Ordering::Relaxed);
+    }
+
+    /// Checks that `specs` fit the engine's instance pool (sizing it on the
+    /// first load): a config that cannot fit is an error now, not 503s later.
+    fn check_capacity(&self, specs: &[FilterSpec]) -> anyhow::Result<()> {
+        let workers = self.workers.load(Ordering::Relaxed);
+        let need = instances_needed(specs, workers);
+        let capacity = match self.capacity.load(Ordering::Relaxed) {
+            0 => {
+                let c = pool_capacity(need);
+                self.capacity.store(c, Ordering::Relaxed);
+                c
+            }
+            c => c,
+        };
+        if need.saturating_mul(GENERATIONS) > capacity {
+            bail!(
+                "the filters need up to {need} wasm instances at once ({workers} workers x the sum over filters of (limits.instances + 1 root)), {} with reloads in flight, but the instance pool holds {capacity} (sized at start-up{}); lower limits.instances or restart wasp to resize the pool",
+                need.saturating_mul(GENERATIONS),
+                if capacity >= MAX_POOL_INSTANCES { ", at its maximum" } else { "" },
+            );
+        }
+        Ok(())
+    }
+
+    fn builder(&self) -> Arc<Builder> {
+        let mut slot = self.builder.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| {
+            // Two threads: a slow on_configure does not hold up every build,
+            // and builds leave the cores to the workers.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+            Builder::start(threads)
+        })
+        .clone()
     }
 
     /// The engine, created (with its epoch ticker) by the first filter
@@ -155,7 +239,14 @@ impl FilterRuntime {
         if let Some(engine) = &*slot {
             return Ok(engine.clone());
         }
-        let engine = Engine::new(&engine_config())
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        let capacity = if capacity == 0 {
+            MIN_POOL_INSTANCES
+        } else {
+            capacity
+        };
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+        let engine = Engine::new(&engine_config(capacity))
             .map_err(|e| anyhow!("creating the wasm engine: {e:#}"))?;
         let (ticking, stop) = (engine.clone(), self.ticker.stop.clone());
         std::thread::Builder::new()
@@ -198,6 +289,7 @@ impl FilterRuntime {
     /// `proxy_on_vm_start` and `proxy_on_configure`. The error names the
     /// filter and says why; on error nothing is published.
     pub fn load(self: &Arc<Self>, specs: Vec<FilterSpec>) -> anyhow::Result<Arc<FilterSet>> {
+        self.check_capacity(&specs)?;
         let mut plugins: Vec<Arc<Plugin>> = Vec::with_capacity(specs.len());
         let mut seen = std::collections::HashSet::new();
         for spec in specs {
@@ -299,6 +391,8 @@ impl FilterRuntime {
             rebuild_failing: Default::default(),
             last_error: Mutex::new(None),
             _ticker: self.ticker.clone(),
+            builder: self.builder(),
+            counts: Default::default(),
             spec,
         });
         // Validate: a throw-away VM runs the whole start-up sequence.
@@ -352,6 +446,12 @@ impl FilterRuntime {
                         super::FailPolicy::Closed => "closed",
                     }),
                     "last_error": last_error,
+                    "instances": plugin.as_ref().map(|p| p.counts.json()),
+                    "limits": plugin.as_ref().map(|p| serde_json::json!({
+                        "instances": p.spec.instances.max(1),
+                        "tick_min_ms": p.spec.tick_min.as_millis() as u64,
+                        "root_cpu_ms": p.spec.root_cpu.as_millis() as u64,
+                    })),
                 })
             })
             .collect();

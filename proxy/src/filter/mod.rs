@@ -13,12 +13,18 @@
 //!   immutable [`FilterSet`]; [`FilterRuntime::render_metrics`] and
 //!   [`FilterRuntime::status_json`] read atomics and small locked maps.
 //!   A control thread of our own ("wasp-epoch") ticks the engine epoch.
-//! - **worker threads**: each keeps its own VMs (one wasmtime `Store` +
-//!   `Instance` per filter per [`FilterSet`] generation) in a thread-local,
-//!   created lazily on first use. [`StreamFilters`] borrows a VM only inside
-//!   one synchronous callback: **no await ever happens while a VM is
-//!   borrowed**, and the request future holds only ids and `Arc`s, so it is
-//!   `Send`.
+//! - **worker threads**: each keeps, per filter and [`FilterSet`]
+//!   generation, a small pool of pre-initialised *stream instances* (one
+//!   leased per in-flight stream, returned and reused when it ends) and one
+//!   *root instance* (ticks, queue wake-ups, root callouts), in a
+//!   thread-local (`worker`). A failure discards only the instance that
+//!   failed, so it fails only the stream it served. [`StreamFilters`]
+//!   borrows its instance only inside one synchronous callback: **no await
+//!   ever happens while an instance is borrowed**, and the request future
+//!   holds only ids and `Arc`s, so it is `Send`.
+//! - **builder threads** ("wasp-filter-build-N"): build instances
+//!   (instantiate, `_initialize`, `proxy_on_vm_start`, `proxy_on_configure`)
+//!   off the request path and hand them to the worker that asked.
 //!
 //! What it hands on: [`Verdict`] / [`BodyVerdict`] for each phase, stream
 //! properties (e.g. `wasp.cluster`) via [`StreamFilters::property`].
@@ -83,7 +89,7 @@ pub use set::FilterSet;
 pub use stream::StreamFilters;
 
 /// What happens to a request when its filter fails (trap, CPU deadline,
-/// memory cap, `proc_exit`, or a VM that could not be rebuilt yet).
+/// memory cap, `proc_exit`, or no healthy instance could be built).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailPolicy {
@@ -114,6 +120,15 @@ pub struct FilterSpec {
     pub max_body_bytes: u64,
     /// Caps on what host calls may do and hold for this filter.
     pub host_limits: HostLimits,
+    /// Most instances of this filter one worker keeps for streams (each
+    /// in-flight stream leases one; above the cap streams share the
+    /// least-loaded one). The worker's root instance comes on top.
+    pub instances: u32,
+    /// Floor of the tick period: a guest asking for a shorter one gets this.
+    pub tick_min: Duration,
+    /// CPU time root-context callbacks (ticks, queue wake-ups, root callout
+    /// answers) may use per second on one worker; over it ticks are skipped.
+    pub root_cpu: Duration,
 }
 
 /// Caps on host-side work and state of one filter (`[filters.NAME] limits`).
@@ -187,6 +202,12 @@ impl FilterSpec {
     pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
     /// Default cap of a buffered body.
     pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+    /// Default cap of stream instances per worker.
+    pub const DEFAULT_INSTANCES: u32 = 16;
+    /// Default tick period floor.
+    pub const DEFAULT_TICK_MIN: Duration = Duration::from_millis(100);
+    /// Default root-context CPU budget per second per worker.
+    pub const DEFAULT_ROOT_CPU: Duration = Duration::from_millis(100);
 
     /// A spec with every optional field at its default.
     pub fn new(name: impl Into<String>, module_path: impl Into<PathBuf>) -> Self {
@@ -200,6 +221,9 @@ impl FilterSpec {
             memory_limit: Self::DEFAULT_MEMORY_LIMIT,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             host_limits: HostLimits::default(),
+            instances: Self::DEFAULT_INSTANCES,
+            tick_min: Self::DEFAULT_TICK_MIN,
+            root_cpu: Self::DEFAULT_ROOT_CPU,
         }
     }
 }

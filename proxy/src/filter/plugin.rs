@@ -3,9 +3,10 @@
 //! other generation of the same filter name (shared data, metrics, stats).
 //!
 //! Built on the control thread by `FilterRuntime::load`; read-only afterwards
-//! and shared (`Arc`) by every worker's VMs of this generation.
+//! (but for its counters) and shared (`Arc`) by every worker's instances of
+//! this generation and by the builder threads.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use super::abi::shared_queue::SharedQueues;
 use super::engine::Ticker;
 use super::host::Host;
 use super::metrics::{FilterStats, MetricStore};
+use super::worker::Builder;
 use super::{FailPolicy, FilterSpec, HostLimits, HttpCallouts};
 
 /// What a VM's host functions need to know about their filter.
@@ -44,14 +46,57 @@ pub(crate) struct Plugin {
     pub generation: u64,
     /// Epoch ticks of one callback's deadline.
     pub deadline_ticks: u64,
-    /// VMs of this generation that failed and are not rebuilt yet (all workers).
+    /// Worker pools of this generation whose last build failed (all workers).
     pub failed_vms: AtomicI64,
-    /// The last attempt to rebuild a VM of this generation failed.
+    /// The last attempt to build an instance of this generation failed.
     pub rebuild_failing: AtomicBool,
     /// The last VM failure or rebuild error of this generation.
     pub last_error: Mutex<Option<String>>,
     /// Keeps the epoch ticker running while this generation can run code.
     pub _ticker: Arc<Ticker>,
+    /// Builds this generation's instances off the request path.
+    pub builder: Arc<Builder>,
+    /// Instance counts of this generation, all workers together.
+    pub counts: InstanceCounts,
+}
+
+/// Instance counters and gauges of one generation (shown on `/filters`).
+#[derive(Debug, Default)]
+pub(crate) struct InstanceCounts {
+    /// Instances built (stream and root).
+    pub created: AtomicU64,
+    /// Instances discarded after a trap, deadline, memory cap or `proc_exit`.
+    pub failed: AtomicU64,
+    /// Builds that failed (instantiation, start-up callbacks).
+    pub build_failures: AtomicU64,
+    /// Stream instances alive.
+    pub live: AtomicI64,
+    /// Stream instances serving at least one stream (refreshed by each
+    /// worker every 250 ms).
+    pub in_use: AtomicI64,
+    /// Streams that shared an instance because the cap was reached.
+    pub shared_leases: AtomicU64,
+    /// Ticks run and ticks skipped for the root CPU budget.
+    pub ticks: AtomicU64,
+    pub ticks_skipped: AtomicU64,
+}
+
+impl InstanceCounts {
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let live = self.live.load(Ordering::Relaxed).max(0);
+        let in_use = self.in_use.load(Ordering::Relaxed).clamp(0, live);
+        serde_json::json!({
+            "created": self.created.load(Ordering::Relaxed),
+            "failed": self.failed.load(Ordering::Relaxed),
+            "build_failures": self.build_failures.load(Ordering::Relaxed),
+            "live": live,
+            "in_use": in_use,
+            "idle": live - in_use,
+            "shared_leases": self.shared_leases.load(Ordering::Relaxed),
+            "ticks": self.ticks.load(Ordering::Relaxed),
+            "ticks_skipped": self.ticks_skipped.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl Plugin {
@@ -64,7 +109,7 @@ impl Plugin {
     }
 
     pub(crate) fn note_failure(&self, error: &str) {
-        tracing::warn!(filter = %self.shared.name, error, "wasm filter VM failed");
+        tracing::warn!(filter = %self.shared.name, error, "wasm filter instance failed");
         let mut g = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
         *g = Some(error.to_string());
     }

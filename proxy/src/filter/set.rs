@@ -2,8 +2,8 @@
 //! core's config snapshot and by every stream started on it.
 //!
 //! Built on the control thread by `FilterRuntime::load`; read by workers.
-//! Its VMs live in each worker's thread-local (see `worker`) and are freed
-//! once the set is gone.
+//! Its instances live in each worker's thread-local pools (see `worker`)
+//! and are freed once the set is gone.
 
 use std::collections::HashMap;
 use std::sync::Arc;

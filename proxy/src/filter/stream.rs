@@ -30,7 +30,7 @@ use super::abi::properties::stream_property;
 use super::host::{Dir, LocalResponse, ReqHead, RespHead, StreamData};
 use super::set::FilterSet;
 use super::vm::{Callback, Failure};
-use super::worker::{self, spawn_callout, CalloutDone, Deliver};
+use super::worker::{self, spawn_callout, CalloutDone, Deliver, InstanceRef};
 use super::{BodyVerdict, FailPolicy, StreamInfo, Verdict};
 use crate::errors::ErrorCode;
 
@@ -39,9 +39,9 @@ use crate::errors::ErrorCode;
 struct Slot {
     /// Index of the filter in the set.
     idx: usize,
-    /// Context id in the VM (0 = not created yet).
+    /// Context id in the instance (0 = not created yet).
     ctx: u32,
-    /// VM incarnation that owns `ctx`.
+    /// The leased instance (0 = none leased yet).
     incarnation: u64,
     /// Failed under `fail = "open"`: skipped for the rest of the stream.
     skipped: bool,
@@ -192,7 +192,34 @@ impl StreamFilters {
         }
     }
 
-    /// Runs one callback of filter `pos` synchronously.
+    fn instance(&self, pos: usize) -> Option<InstanceRef> {
+        let slot = self.slots.get(pos)?;
+        (slot.incarnation != 0).then_some(InstanceRef {
+            set_id: self.set.id,
+            idx: slot.idx,
+            incarnation: slot.incarnation,
+        })
+    }
+
+    /// Leases filter `pos`'s instance before its first callback, waiting
+    /// (bounded) for one being built. On failure the policy applies.
+    async fn lease(&mut self, pos: usize) -> Option<Step> {
+        let slot = self.slots.get(pos).copied()?;
+        if slot.skipped || slot.incarnation != 0 {
+            return None;
+        }
+        match worker::lease(&self.set, slot.idx).await {
+            Ok(inc) => {
+                if let Some(s) = self.slots.get_mut(pos) {
+                    s.incarnation = inc;
+                }
+                None
+            }
+            Err(f) => Some(self.fail(pos, &f)),
+        }
+    }
+
+    /// Runs one callback of filter `pos` synchronously on its own instance.
     fn run_one(&mut self, pos: usize, cb: Callback) -> Step {
         let Some(slot) = self.slots.get(pos).copied() else {
             return GO;
@@ -203,28 +230,37 @@ impl StreamFilters {
         if self.data.is_none() {
             return self.fail(pos, &Failure::ContextLost);
         }
-        let set = self.set.clone();
+        if slot.incarnation == 0 {
+            // Not leased in a header phase (which can wait): take what is ready.
+            match worker::lease_now(&self.set, slot.idx) {
+                Ok(inc) => {
+                    if let Some(s) = self.slots.get_mut(pos) {
+                        s.incarnation = inc;
+                    }
+                }
+                Err(f) => return self.fail(pos, &f),
+            }
+        }
+        let Some(at) = self.instance(pos) else {
+            return GO;
+        };
         let data = &mut self.data;
-        let r = worker::with_vm(&set, slot.idx, |vm, root_tx| {
+        let r = worker::with_instance(at, |vm| {
             let ctx = if slot.ctx == 0 {
                 vm.create_context()?
-            } else if slot.incarnation != vm.incarnation {
-                return Err(Failure::ContextLost);
             } else {
                 slot.ctx
             };
-            let inc = vm.incarnation;
-            // A failed callback kills the VM, and with it every context in it.
+            // A failed callback discards this instance, and only it.
             let out = vm.run(ctx, data, cb)?;
-            Ok((ctx, inc, out, root_tx.cloned()))
+            Ok((ctx, out))
         });
-        let (ctx, inc, out, root_tx) = match r {
+        let (ctx, out) = match r {
             Ok(v) => v,
             Err(f) => return self.fail(pos, &f),
         };
         if let Some(s) = self.slots.get_mut(pos) {
             s.ctx = ctx;
-            s.incarnation = inc;
         }
         for c in out.callouts {
             if c.context == ctx {
@@ -236,9 +272,9 @@ impl StreamFilters {
                 let mut c = c;
                 // Tag the answer with the pipeline position.
                 c.context = pos as u32;
-                spawn_callout(c, Deliver::Stream(tx.clone(), root_tx.clone()));
-            } else if let Some(tx) = &root_tx {
-                spawn_callout(c, Deliver::Root(tx.clone()));
+                spawn_callout(c, Deliver::Stream(tx.clone(), Some(at)));
+            } else {
+                spawn_callout(c, Deliver::Instance(at));
             }
         }
         if let Some(l) = out.actions.local {
@@ -333,6 +369,9 @@ impl StreamFilters {
         let n = self.slots.len();
         for k in 0..n {
             let pos = order(dir, n, k);
+            if let Some(Step::Respond(r)) = self.lease(pos).await {
+                return Verdict::Respond(r);
+            }
             let count = self.header_count(dir);
             let cb = match dir {
                 Dir::Request => Callback::RequestHeaders { n: count, eos },
@@ -606,24 +645,29 @@ impl StreamFilters {
             return;
         }
         self.finished = true;
-        let set_id = self.set.id;
         for pos in 0..self.slots.len() {
-            let slot = self.slots[pos];
-            if slot.ctx == 0 {
+            let Some(slot) = self.slots.get(pos).copied() else {
                 continue;
-            }
-            let data = &mut self.data;
-            let r = worker::with_live_vm(set_id, slot.idx, slot.incarnation, |vm, _| {
-                if log && !slot.skipped {
-                    vm.run(slot.ctx, data, Callback::Log)?;
+            };
+            let Some(at) = self.instance(pos) else {
+                continue;
+            };
+            if slot.ctx != 0 {
+                let data = &mut self.data;
+                let r = worker::with_instance(at, |vm| {
+                    if log && !slot.skipped {
+                        vm.run(slot.ctx, data, Callback::Log)?;
+                    }
+                    vm.run(slot.ctx, data, Callback::Done)?;
+                    vm.run(slot.ctx, data, Callback::Delete)?;
+                    Ok(())
+                });
+                if let Err(f) = r {
+                    tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream");
                 }
-                vm.run(slot.ctx, data, Callback::Done)?;
-                vm.run(slot.ctx, data, Callback::Delete)?;
-                Ok(())
-            });
-            if let Some(Err(f)) = r {
-                tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream");
             }
+            // A healthy instance goes back to the pool for the next stream.
+            worker::give_back(at);
         }
     }
 }

@@ -360,7 +360,10 @@ async fn callout_timeout_answers_the_guest() {
 async fn timer_ticks_on_the_worker() {
     for t in TARGETS {
         let name = format!("timer-{t}");
-        let set = load(vec![spec(t, "timer", &name)]);
+        let mut sp = spec(t, "timer", &name);
+        // The fixture ticks every 10 ms: under the default floor (100 ms).
+        sp.tick_min = Duration::from_millis(10);
+        let set = load(vec![sp]);
         // The first stream creates this worker's VM, which starts ticking.
         let _ = exchange(&set, &[&name], "/").await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -908,7 +911,7 @@ async fn overhead() {
 #[test]
 #[ignore = "measurement, not a check"]
 fn compile_cost() {
-    let engine = wasmtime::Engine::new(&super::engine::engine_config()).unwrap();
+    let engine = wasmtime::Engine::new(&super::engine::engine_config(64)).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let files = [
         root.join("filters/router.wasm"),
@@ -973,6 +976,10 @@ async fn answers_for_abandoned_streams_reach_the_root_context() {
         let name = format!("authz-abandoned-{t}");
         let set = load(vec![spec(t, "callout", &name)]);
         let stats = runtime().stats_of(&name).unwrap();
+        // A first stream waits for this worker's instances to be built;
+        // once they are, the filter runs (and pauses) on the first poll.
+        let _ = exchange(&set, &[&name], "/warm").await;
+        let answers = stats.calls(metrics::Phase::HttpCallResponse);
         {
             let mut s = set.stream(&pipeline(&[&name]), info());
             let mut req = request("/x", &[("x-user", "alice")]);
@@ -986,7 +993,11 @@ async fn answers_for_abandoned_streams_reach_the_root_context() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The guest got its answer on the root context and did not trap.
-        assert_eq!(stats.calls(metrics::Phase::HttpCallResponse), 1, "{t}");
+        assert_eq!(
+            stats.calls(metrics::Phase::HttpCallResponse),
+            answers + 1,
+            "{t}"
+        );
         // No x-user: denied by a healthy VM (403), not failed (503).
         let r = exchange(&set, &[&name], "/x").await.unwrap_err();
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
@@ -1086,4 +1097,50 @@ async fn pausing_at_end_of_body_for_a_callout_applies_the_policy() {
             other => panic!("{t}: fail=open skips the filter: {other:?}"),
         }
     }
+}
+
+#[test]
+fn a_config_that_cannot_fit_the_instance_pool_is_refused_at_load() {
+    let mut sp = spec(TARGETS[0], "noop", "too-many-instances");
+    sp.instances = 100_000;
+    let err = runtime().load(vec![sp]).unwrap_err().to_string();
+    assert!(
+        err.contains("instance pool") && err.contains("limits.instances"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_streams_get_their_own_instances() {
+    let t = TARGETS[0];
+    let name = "trap10-concurrent";
+    let set = load(vec![spec(t, "trap-every-10th", name)]);
+    // Nine streams in flight at once: each on its own instance (each sees
+    // its instance's first request), none shared.
+    let mut streams = Vec::new();
+    for _ in 0..9 {
+        let mut s = set.stream(&pipeline(&[name]), info());
+        let mut req = request("/", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        assert_eq!(hdr(&req.headers, "x-seen"), Some("1"));
+        streams.push(s);
+    }
+    for s in &mut streams {
+        let mut resp = response(200, &[]);
+        expect_continue(s.response_headers(&mut resp, true).await);
+    }
+    for s in streams {
+        s.finish(0, 0);
+    }
+    let status = runtime().status_json();
+    let entry = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap()
+        .clone();
+    assert_eq!(entry["instances"]["failed"], 0, "{entry}");
+    assert_eq!(entry["instances"]["shared_leases"], 0, "{entry}");
+    assert!(entry["instances"]["live"].as_i64().unwrap() >= 9, "{entry}");
 }

@@ -146,6 +146,71 @@ async fn hostile_pointers_and_unknown_imports() {
     s.finish(0, 0);
 }
 
+/// Panics in the host (a stand-in for a wasp bug a guest could reach)
+/// when a request has more than 6 header entries.
+const HOST_PANIC: &str = r#"
+(module
+  (import "env" "wasp_test_host_panic" (func $panic (result i32)))
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.gt_u (local.get 1) (i32.const 6)) (then (drop (call $panic))))
+    (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn a_host_panic_fails_only_its_own_request() {
+    let rt = runtime();
+    let set = rt
+        .load(vec![module(
+            "host-panic",
+            &HOST_PANIC.replace("PRELUDE", PRELUDE),
+        )])
+        .unwrap();
+    let names = [Arc::from("host-panic")];
+    let mut clean = set.stream(&names, info());
+    let mut head = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        clean.request_headers(&mut head, true).await,
+        Verdict::Continue
+    ));
+
+    let mut poisoned = set.stream(&names, info());
+    let mut head = Request::get("/")
+        .header("a", "1")
+        .header("b", "2")
+        .header("c", "3")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    match poisoned.request_headers(&mut head, true).await {
+        Verdict::Respond(r) => {
+            assert_eq!(r.status(), 503);
+            assert_eq!(r.headers()["x-wasp-error"], "filter_failed");
+            let body = String::from_utf8_lossy(r.body()).into_owned();
+            assert!(body.contains("host panic"), "{body}");
+        }
+        Verdict::Continue => panic!("the panicking callback was not failed"),
+    }
+    poisoned.finish(0, 0);
+
+    // The stream already in flight and a new one both carry on.
+    let mut resp = http::Response::new(()).into_parts().0;
+    assert!(matches!(
+        clean.response_headers(&mut resp, true).await,
+        Verdict::Continue
+    ));
+    clean.finish(0, 0);
+    let mut next = set.stream(&names, info());
+    let mut head = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        next.request_headers(&mut head, true).await,
+        Verdict::Continue
+    ));
+    next.finish(0, 0);
+}
+
 fn start_module(start_body: &str) -> String {
     format!(
         r#"(module

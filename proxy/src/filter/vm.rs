@@ -2,10 +2,11 @@
 //! context, and the single entry point [`Vm::run`] that runs one guest
 //! callback under the CPU deadline and memory cap.
 //!
-//! Runs on the worker thread that owns the VM (or on the control thread for
-//! the validation VM of `load`). A failed callback (trap, deadline, memory
-//! cap, `proc_exit`) makes the whole VM unusable: the caller drops it and
-//! builds a new one later (see `worker`). Nothing here awaits.
+//! Built on a builder thread (or on the control thread for the validation
+//! VM of `load`), then moved to the worker that uses it (a `Vm` is `Send`;
+//! it is only ever used by one thread at a time). A failed callback (trap,
+//! deadline, memory cap, `proc_exit`) makes the whole instance unusable:
+//! the worker drops it (see `worker`). Nothing here awaits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,8 +38,10 @@ pub(crate) enum Failure {
     Rejected(&'static str),
     /// Instantiation or a missing export.
     Setup(String),
-    /// The VM is down and waits for its backoff to rebuild.
+    /// No healthy instance could be had (builds fail, or none within the wait).
     Unavailable(String),
+    /// The engine's instance pool is full (a capacity problem, not the filter's).
+    PoolFull(String),
     /// The stream's context died with an earlier VM.
     ContextLost,
     /// The filter paused with nothing that could resume it.
@@ -71,8 +74,11 @@ impl std::fmt::Display for Failure {
             Failure::Exit(c) => write!(f, "proc_exit({c})"),
             Failure::Rejected(what) => write!(f, "{what} returned false"),
             Failure::Setup(m) => f.write_str(m),
-            Failure::Unavailable(m) => write!(f, "VM unavailable after failure ({m})"),
-            Failure::ContextLost => f.write_str("stream context lost with a failed VM"),
+            Failure::Unavailable(m) => write!(f, "no healthy instance ({m})"),
+            Failure::PoolFull(m) => write!(f, "instance pool full ({m})"),
+            Failure::ContextLost => {
+                f.write_str("stream context lost with a failed instance it shared")
+            }
             Failure::Stuck => f.write_str("paused with no pending http_call to resume it"),
             Failure::BodyWait => {
                 f.write_str("paused at the end of a body to wait for an http_call (not supported)")
@@ -412,7 +418,27 @@ impl Vm {
         self.store.set_epoch_deadline(ticks);
         self.store.data_mut().limiter.hit = false;
         let started = Instant::now();
-        let r = f(&mut self.store);
+        // A panic in a host function (a bug in wasp, reachable from this
+        // guest) unwinds through wasmtime back to here: it fails this
+        // callback like a trap, the instance is discarded, and every other
+        // stream and the process go on.
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut self.store)))
+        {
+            Ok(r) => r,
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-text panic".into());
+                tracing::error!(
+                    filter = %self.plugin.name(),
+                    phase = phase.name(),
+                    "host panic while running a filter (a wasp bug; the instance is discarded): {what}"
+                );
+                Err(wasmtime::Error::msg(format!("host panic: {what}")))
+            }
+        };
         let took = started.elapsed();
         let stats = &self.plugin.shared.stats;
         match r {
@@ -436,6 +462,9 @@ impl Vm {
 
 /// Maps a wasmtime error to a [`Failure`].
 fn classify(store: &Store<Host>, e: &wasmtime::Error, during: &str) -> Failure {
+    if let Some(full) = e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+        return Failure::PoolFull(full.to_string());
+    }
     if let Some(exit) = e.downcast_ref::<ProcExit>() {
         return Failure::Exit(exit.0);
     }

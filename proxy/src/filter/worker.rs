@@ -1,60 +1,99 @@
-//! Per-worker VM registry: a thread-local map from (filter-set generation,
-//! filter index) to that worker's VM, created lazily on first use, dropped
-//! on failure and rebuilt on a later use after a backoff; plus the
-//! per-VM root driver task (ticks and root-context `http_call` answers) and
-//! callout spawning.
+//! Per-worker instance pools: for each (filter-set generation, filter) a
+//! worker keeps a small pool of pre-initialised **stream instances** (each
+//! in-flight stream leases one and gives it back when it ends) and one
+//! **root instance** (ticks, shared-queue wake-ups, root-context callout
+//! answers). Instances are built on the engine's builder threads
+//! ([`Builder`]), never inside a request's callback, and handed to the
+//! worker through a per-pool [`Inbox`].
 //!
-//! Runs on worker threads only. [`with_vm`] borrows the registry for one
-//! synchronous callback: it must never be held across an await, and guest
-//! code run inside it never reaches this registry again (host functions do
-//! not), so the `RefCell` borrow cannot be re-entered. VMs of a generation
-//! whose `FilterSet` is gone are swept when a new generation first runs on
-//! the thread.
+//! Why: a trap, deadline, memory overrun or `proc_exit` makes a wasm
+//! instance unusable. With one instance per stream, that failure discards
+//! the one instance and fails the one stream; other streams in flight on the
+//! same filter and worker keep theirs. A replacement is built in the
+//! background, so clean requests never skip a filter because another one
+//! broke it.
+//!
+//! Runs on worker threads, but for [`Builder`] (its own threads). The
+//! registry is a thread-local `RefCell`, borrowed for one synchronous step
+//! at a time: never across an await, and guest code run inside it never
+//! reaches the registry again (host functions do not), so the borrow cannot
+//! be re-entered. A pool's "pump" task (on the worker) takes built
+//! instances in, rebuilds with backoff and frees the pools of a generation
+//! once its `FilterSet` is gone.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Notify;
 
 use super::host::{CalloutAnswer, NewCallout};
+use super::plugin::Plugin;
 use super::set::FilterSet;
 use super::vm::{Callback, Failure, Vm, ROOT_ID};
 
-/// What a VM's root driver is woken for.
+/// How long a stream waits for an instance being built before its filter's
+/// `fail` policy applies. Start-up callbacks get at least a second each, so
+/// this covers a slow but healthy `on_configure`.
+pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Idle stream instances a pool keeps ready (built ahead of demand).
+const WARM: usize = 1;
+
+/// An idle stream instance beyond [`WARM`] unused this long is freed (the
+/// pool shrinks back after a burst).
+const IDLE_TTL: Duration = Duration::from_secs(30);
+
+/// Window of the root CPU budget.
+const ROOT_WINDOW: Duration = Duration::from_secs(1);
+
+/// What a root instance's driver is woken for.
 pub(crate) enum RootEvent {
     /// An `http_call` made on the root context finished.
     Callout(CalloutDone),
-    /// A shared queue this VM registered got an item.
+    /// A shared queue this instance registered got an item.
     QueueReady(u32),
 }
 
-/// Sender to a VM's root driver.
+/// Sender to a root instance's driver.
 pub(crate) type RootTx = UnboundedSender<RootEvent>;
 
+/// One stream instance of one worker: valid only on the thread that leased it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InstanceRef {
+    pub set_id: u64,
+    pub idx: usize,
+    pub incarnation: u64,
+}
+
 /// Where a finished callout goes: a stream's own channel (falling back to
-/// the VM's root driver once the stream is gone, so the guest still hears
-/// about its token) or a root driver.
+/// the instance's root context once the stream is gone, so the guest still
+/// hears about its token), a root driver, or a stream instance's root
+/// context.
 pub(crate) enum Deliver {
-    Stream(UnboundedSender<CalloutDone>, Option<RootTx>),
+    Stream(UnboundedSender<CalloutDone>, Option<InstanceRef>),
     Root(RootTx),
+    Instance(InstanceRef),
 }
 
 impl Deliver {
+    /// Runs on the worker (callout tasks are spawned on its runtime).
     fn send(&self, done: CalloutDone) {
         match self {
-            Deliver::Stream(tx, root) => {
-                if let (Err(e), Some(root)) = (tx.send(done), root) {
-                    let _ = root.send(RootEvent::Callout(e.0));
+            Deliver::Stream(tx, fallback) => {
+                if let (Err(e), Some(at)) = (tx.send(done), fallback) {
+                    root_answer_on_instance(*at, e.0);
                 }
             }
             Deliver::Root(tx) => {
                 let _ = tx.send(RootEvent::Callout(done));
             }
+            Deliver::Instance(at) => root_answer_on_instance(*at, done),
         }
     }
 }
@@ -129,32 +168,550 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
     }
 }
 
-struct Slot {
-    vm: Option<Box<Vm>>,
-    /// Sends root-context callout answers to this VM's driver.
-    root_tx: Option<RootTx>,
+// ---- builder threads --------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Stream,
+    Root,
+}
+
+/// A finished build, waiting in its pool's inbox.
+struct Built {
+    kind: Kind,
+    result: Result<Vm, Failure>,
+    root: Option<(RootTx, UnboundedReceiver<RootEvent>)>,
+}
+
+/// Where builder threads drop finished instances for one worker's pool.
+/// The lock is taken once per finished build and, when `pending` says
+/// something is there, once by the worker to take it: not per request.
+pub(crate) struct Inbox {
+    items: Mutex<Vec<Built>>,
+    pending: AtomicUsize,
+    /// Wakes the pool's pump task (a permit is kept if it is busy).
+    wake: Notify,
+}
+
+impl Inbox {
+    fn new() -> Arc<Self> {
+        Arc::new(Inbox {
+            items: Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
+            wake: Notify::new(),
+        })
+    }
+
+    fn put(&self, b: Built) {
+        self.items.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+        self.pending.fetch_add(1, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<Built> {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let items = std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()));
+        self.pending.fetch_sub(items.len(), Ordering::Release);
+        items
+    }
+}
+
+struct Job {
+    plugin: Arc<Plugin>,
+    kind: Kind,
+    inbox: Arc<Inbox>,
+}
+
+impl Job {
+    fn run(self) {
+        let root = (self.kind == Kind::Root).then(unbounded_channel);
+        let result = Vm::new(&self.plugin, root.as_ref().map(|(tx, _)| tx.clone()));
+        self.inbox.put(Built {
+            kind: self.kind,
+            result,
+            root,
+        });
+    }
+}
+
+/// Threads that build instances (instantiate, `_initialize`, root context,
+/// `proxy_on_vm_start`, `proxy_on_configure`) so no request waits behind a
+/// slow start-up on its worker. They end when the last `Builder` handle
+/// (the runtime's and every plugin's) is gone.
+pub(crate) struct Builder {
+    tx: Option<mpsc::Sender<Job>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder").finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Starts `threads` builder threads. If none can start, builds happen
+    /// inline on the worker (outside any request's callback), which still
+    /// works, only slower for the worker.
+    pub(crate) fn start(threads: usize) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        for n in 0..threads.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("wasp-filter-build-{n}"))
+                .spawn(move || {
+                    wasmtime::Engine::tls_eager_initialize();
+                    loop {
+                        let job = {
+                            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                            rx.recv()
+                        };
+                        match job {
+                            Ok(job) => job.run(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!("cannot start a filter builder thread: {e}"),
+            }
+        }
+        Arc::new(Builder {
+            tx: (started > 0).then_some(tx),
+        })
+    }
+
+    fn submit(&self, job: Job) {
+        let job = match &self.tx {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => job,
+        };
+        job.run();
+    }
+}
+
+// ---- per-worker pools -----------------------------------------------------
+
+struct Inst {
+    vm: Box<Vm>,
+    /// Streams holding a lease on it (more than one only above the cap).
+    streams: u32,
+    /// When it was last leased (the pool's lease count then).
+    last_used: u64,
+    /// When its last stream ended (or it arrived).
+    idle_since: Instant,
+}
+
+/// CPU used by root callbacks in the current window.
+struct RootBudget {
+    window: Instant,
+    used: Duration,
+}
+
+struct Pool {
+    set_id: u64,
+    idx: usize,
+    plugin: Arc<Plugin>,
+    inbox: Arc<Inbox>,
+    /// Woken whenever an instance arrives or a build fails.
+    ready: Arc<Notify>,
+    insts: Vec<Inst>,
+    building: usize,
+    cap: usize,
+    leases: u64,
+    /// This pool's share of `counts.in_use`, published by the pump (not
+    /// per lease: that would bounce one cache line between workers).
+    published_in_use: i64,
+    /// Consecutive failed builds, and when the next may start.
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
     counted_failed: bool,
+    /// The engine's pool was full: share instances until then.
+    pool_full_until: Option<Instant>,
+    root: Option<Box<Vm>>,
+    root_tx: Option<RootTx>,
+    root_building: bool,
+    root_failures: u32,
+    root_retry_at: Option<Instant>,
+    budget: RootBudget,
 }
 
-impl Slot {
-    fn new() -> Self {
-        Slot {
-            vm: None,
-            root_tx: None,
+enum Try {
+    Got(u64),
+    Wait,
+    Fail(Failure),
+}
+
+/// Delay before the next build after `failures` consecutive failures: the
+/// first retry is immediate, then 50 ms doubling up to 10 s.
+fn backoff(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let ms = 50u64.saturating_mul(1 << (failures - 2).min(10));
+    Duration::from_millis(ms.min(10_000))
+}
+
+fn passed(at: Option<Instant>, now: Instant) -> bool {
+    at.is_none_or(|t| now >= t)
+}
+
+impl Pool {
+    fn new(set_id: u64, idx: usize, plugin: Arc<Plugin>) -> Self {
+        let cap = usize::try_from(plugin.spec.instances.max(1)).unwrap_or(1);
+        Pool {
+            set_id,
+            idx,
+            plugin,
+            inbox: Inbox::new(),
+            ready: Arc::new(Notify::new()),
+            insts: Vec::new(),
+            building: 0,
+            cap,
+            leases: 0,
+            published_in_use: 0,
             failures: 0,
             retry_at: None,
             last_error: String::new(),
             counted_failed: false,
+            pool_full_until: None,
+            root: None,
+            root_tx: None,
+            root_building: false,
+            root_failures: 0,
+            root_retry_at: None,
+            budget: RootBudget {
+                window: Instant::now(),
+                used: Duration::ZERO,
+            },
         }
+    }
+
+    fn submit(&mut self, kind: Kind) {
+        match kind {
+            Kind::Stream => self.building += 1,
+            Kind::Root => self.root_building = true,
+        }
+        self.plugin.builder.submit(Job {
+            plugin: self.plugin.clone(),
+            kind,
+            inbox: self.inbox.clone(),
+        });
+    }
+
+    fn set_failed(&mut self, failed: bool) {
+        if failed != self.counted_failed {
+            let delta = if failed { 1 } else { -1 };
+            self.plugin.failed_vms.fetch_add(delta, Ordering::Relaxed);
+            self.counted_failed = failed;
+        }
+        self.plugin.rebuild_failing.store(failed, Ordering::Relaxed);
+    }
+
+    /// Takes finished builds in. Returns whether anything arrived.
+    fn drain(&mut self) -> bool {
+        let items = self.inbox.take();
+        if items.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        for b in items {
+            let plugin = self.plugin.clone();
+            let counts = &plugin.counts;
+            match (b.kind, b.result) {
+                (Kind::Stream, Ok(mut vm)) => {
+                    self.building = self.building.saturating_sub(1);
+                    self.failures = 0;
+                    self.retry_at = None;
+                    self.set_failed(false);
+                    counts.created.fetch_add(1, Ordering::Relaxed);
+                    counts.live.fetch_add(1, Ordering::Relaxed);
+                    let at = InstanceRef {
+                        set_id: self.set_id,
+                        idx: self.idx,
+                        incarnation: vm.incarnation,
+                    };
+                    // Callouts started in on_configure answer on this
+                    // instance's root context.
+                    for c in vm.take_root_callouts() {
+                        spawn_callout(c, Deliver::Instance(at));
+                    }
+                    self.insts.push(Inst {
+                        vm: Box::new(vm),
+                        streams: 0,
+                        last_used: 0,
+                        idle_since: now,
+                    });
+                }
+                (Kind::Root, Ok(mut vm)) => {
+                    self.root_building = false;
+                    self.root_failures = 0;
+                    self.root_retry_at = None;
+                    counts.created.fetch_add(1, Ordering::Relaxed);
+                    let callouts = vm.take_root_callouts();
+                    if let Some((tx, rx)) = b.root {
+                        spawn_driver(self, &vm, rx);
+                        for c in callouts {
+                            spawn_callout(c, Deliver::Root(tx.clone()));
+                        }
+                        self.root_tx = Some(tx);
+                    }
+                    self.root = Some(Box::new(vm));
+                }
+                (kind, Err(Failure::PoolFull(msg))) => {
+                    // Not the filter's fault: share instances for a while.
+                    tracing::warn!(filter = %self.plugin.name(), "wasm instance pool full: {msg}");
+                    self.pool_full_until = Some(now + Duration::from_millis(200));
+                    match kind {
+                        Kind::Stream => self.building = self.building.saturating_sub(1),
+                        Kind::Root => {
+                            self.root_building = false;
+                            self.root_retry_at = Some(now + Duration::from_millis(200));
+                        }
+                    }
+                }
+                (Kind::Stream, Err(f)) => {
+                    self.building = self.building.saturating_sub(1);
+                    let msg = format!("building an instance: {f}");
+                    self.plugin.note_failure(&msg);
+                    counts.build_failures.fetch_add(1, Ordering::Relaxed);
+                    self.failures = self.failures.saturating_add(1);
+                    self.retry_at = Some(now + backoff(self.failures));
+                    self.last_error = msg;
+                    if self.insts.is_empty() {
+                        self.set_failed(true);
+                    }
+                }
+                (Kind::Root, Err(f)) => {
+                    self.root_building = false;
+                    let msg = format!("building the root instance: {f}");
+                    self.plugin.note_failure(&msg);
+                    counts.build_failures.fetch_add(1, Ordering::Relaxed);
+                    self.root_failures = self.root_failures.saturating_add(1);
+                    self.root_retry_at = Some(now + backoff(self.root_failures));
+                }
+            }
+        }
+        self.ready.notify_waiters();
+        true
+    }
+
+    fn idle(&self) -> usize {
+        self.insts.iter().filter(|i| i.streams == 0).count()
+    }
+
+    fn pool_full(&self, now: Instant) -> bool {
+        !passed(self.pool_full_until, now)
+    }
+
+    /// Keeps a warm idle instance and the root instance coming, with backoff.
+    fn top_up(&mut self) {
+        let now = Instant::now();
+        if self.pool_full(now) {
+            return;
+        }
+        if self.root.is_none() && !self.root_building && passed(self.root_retry_at, now) {
+            self.submit(Kind::Root);
+        }
+        let total = self.insts.len() + self.building;
+        if self.idle() + self.building < WARM && total < self.cap && passed(self.retry_at, now) {
+            self.submit(Kind::Stream);
+        }
+    }
+
+    /// When the pump should next look at this pool without being woken.
+    fn next_due(&self) -> Option<Instant> {
+        let stream = (self.idle() + self.building < WARM)
+            .then_some(self.retry_at)
+            .flatten();
+        let root = (self.root.is_none() && !self.root_building)
+            .then_some(self.root_retry_at)
+            .flatten();
+        [stream, root, self.pool_full_until]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn take(&mut self, pos: usize) -> Option<u64> {
+        let inst = self.insts.get_mut(pos)?;
+        if inst.streams > 0 {
+            self.plugin
+                .counts
+                .shared_leases
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        inst.streams = inst.streams.saturating_add(1);
+        self.leases = self.leases.wrapping_add(1);
+        inst.last_used = self.leases;
+        Some(inst.vm.incarnation)
+    }
+
+    /// Least-loaded instance, shared (the cap is reached or the engine's
+    /// pool is full): degraded isolation rather than a failed request.
+    fn share(&mut self) -> Option<u64> {
+        let pos = self
+            .insts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, i)| i.streams)
+            .map(|(p, _)| p)?;
+        self.take(pos)
+    }
+
+    /// One attempt to lease. `asked`: this stream already requested a build.
+    fn try_lease(&mut self, asked: &mut bool) -> Try {
+        self.drain();
+        // Most recently used first: sequential streams reuse one warm
+        // instance (its caches stay hot; the spare stays a spare).
+        let idle = self
+            .insts
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.streams == 0)
+            .max_by_key(|(_, i)| i.last_used)
+            .map(|(p, _)| p);
+        if self.root.is_none() && self.root_building && self.root_failures == 0 {
+            // The first root instance is on its way: let it register its
+            // queues and timers before streams start using the filter.
+            return Try::Wait;
+        }
+        if let Some(pos) = idle {
+            if let Some(inc) = self.take(pos) {
+                self.top_up();
+                return Try::Got(inc);
+            }
+        }
+        let now = Instant::now();
+        let at_cap = self.insts.len() + self.building >= self.cap || self.pool_full(now);
+        if at_cap {
+            if let Some(inc) = self.share() {
+                return Try::Got(inc);
+            }
+        } else if !*asked && passed(self.retry_at, now) {
+            self.submit(Kind::Stream);
+            *asked = true;
+            return Try::Wait;
+        }
+        if self.building > 0 {
+            return Try::Wait;
+        }
+        // Nothing on its way (builds fail and back off): a busy healthy
+        // instance is still better than failing.
+        if let Some(inc) = self.share() {
+            return Try::Got(inc);
+        }
+        let why = if self.last_error.is_empty() {
+            "the instance pool is full".to_string()
+        } else {
+            self.last_error.clone()
+        };
+        Try::Fail(Failure::Unavailable(why))
+    }
+
+    fn give_back(&mut self, incarnation: u64) {
+        if let Some(inst) = self
+            .insts
+            .iter_mut()
+            .find(|i| i.vm.incarnation == incarnation)
+        {
+            inst.streams = inst.streams.saturating_sub(1);
+            if inst.streams == 0 {
+                inst.idle_since = Instant::now();
+            }
+        }
+    }
+
+    /// Drops a failed stream instance and builds a replacement.
+    fn discard(&mut self, incarnation: u64, why: &Failure) {
+        let Some(pos) = self
+            .insts
+            .iter()
+            .position(|i| i.vm.incarnation == incarnation)
+        else {
+            return;
+        };
+        let inst = self.insts.swap_remove(pos);
+        let counts = &self.plugin.counts;
+        counts.failed.fetch_add(1, Ordering::Relaxed);
+        counts.live.fetch_sub(1, Ordering::Relaxed);
+        self.plugin.note_failure(&why.to_string());
+        drop(inst);
+        self.top_up();
+    }
+
+    /// Publishes how many of this pool's instances serve streams now.
+    fn publish(&mut self) {
+        let busy = self.insts.iter().filter(|i| i.streams > 0).count();
+        let busy = i64::try_from(busy).unwrap_or(0);
+        let delta = busy - self.published_in_use;
+        if delta != 0 {
+            self.plugin
+                .counts
+                .in_use
+                .fetch_add(delta, Ordering::Relaxed);
+            self.published_in_use = busy;
+        }
+    }
+
+    /// Frees idle instances unused for [`IDLE_TTL`], keeping [`WARM`].
+    fn trim(&mut self, now: Instant) {
+        let mut idle = self.idle();
+        while idle > WARM {
+            let stale = self
+                .insts
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| {
+                    i.streams == 0 && now.saturating_duration_since(i.idle_since) >= IDLE_TTL
+                })
+                .min_by_key(|(_, i)| i.last_used)
+                .map(|(p, _)| p);
+            let Some(pos) = stale else {
+                break;
+            };
+            self.insts.swap_remove(pos);
+            self.plugin.counts.live.fetch_sub(1, Ordering::Relaxed);
+            idle -= 1;
+        }
+    }
+
+    fn drop_root(&mut self, why: &Failure) {
+        if self.root.take().is_some() {
+            self.plugin.counts.failed.fetch_add(1, Ordering::Relaxed);
+            self.plugin.note_failure(&format!("root instance: {why}"));
+        }
+        self.root_tx = None;
+        self.root_failures = self.root_failures.saturating_add(1);
+        self.root_retry_at = Some(Instant::now() + backoff(self.root_failures));
+        // Let the pump schedule the rebuild.
+        self.inbox.wake.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let counts = &self.plugin.counts;
+        let live = i64::try_from(self.insts.len()).unwrap_or(0);
+        counts.live.fetch_sub(live, Ordering::Relaxed);
+        counts
+            .in_use
+            .fetch_sub(self.published_in_use, Ordering::Relaxed);
+        self.set_failed(false);
     }
 }
 
 struct WorkerSet {
     set: Weak<FilterSet>,
-    slots: Vec<Slot>,
+    pools: Vec<Pool>,
 }
 
 #[derive(Default)]
@@ -166,178 +723,234 @@ thread_local! {
     static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
 }
 
-/// Delay before rebuilding a VM after `failures` consecutive failures: the
-/// first rebuild is immediate, then 50 ms doubling up to 10 s.
-fn backoff(failures: u32) -> Duration {
-    if failures <= 1 {
-        return Duration::ZERO;
-    }
-    let ms = 50u64.saturating_mul(1 << (failures - 2).min(10));
-    Duration::from_millis(ms.min(10_000))
-}
-
-/// Applies a callback result to the slot: a VM-killing failure drops it.
-fn settle<R>(slot: &mut Slot, r: Result<R, Failure>) -> Result<R, Failure> {
-    match &r {
-        Ok(_) => slot.failures = 0,
-        Err(f) if f.kills_vm() => {
-            if let Some(vm) = slot.vm.take() {
-                let msg = f.to_string();
-                vm.plugin.note_failure(&msg);
-                if !slot.counted_failed {
-                    vm.plugin.failed_vms.fetch_add(1, Ordering::Relaxed);
-                    slot.counted_failed = true;
-                }
-                slot.last_error = msg;
-            }
-            slot.root_tx = None;
-            slot.failures = slot.failures.saturating_add(1);
-            slot.retry_at = Some(Instant::now() + backoff(slot.failures));
-        }
-        Err(_) => {}
-    }
-    r
-}
-
-/// Builds the VM of a slot if it has none and its backoff has passed.
-fn ensure_vm(set: &Arc<FilterSet>, idx: usize, slot: &mut Slot) -> Result<(), Failure> {
-    if slot.vm.is_some() {
-        return Ok(());
-    }
-    if let Some(at) = slot.retry_at {
-        if Instant::now() < at {
-            return Err(Failure::Unavailable(slot.last_error.clone()));
-        }
-    }
-    let plugin = set
-        .plugins
-        .get(idx)
-        .ok_or_else(|| Failure::Setup("no such filter index".into()))?;
-    // The root driver's channel exists before start-up, so a queue the guest
-    // registers in `proxy_on_vm_start` can already wake it.
-    let (root_tx, root_rx) = match tokio::runtime::Handle::try_current() {
-        Ok(_) => {
-            let (tx, rx) = unbounded_channel();
-            (Some(tx), Some(rx))
-        }
-        Err(_) => (None, None),
-    };
-    let mut vm = match Vm::new(plugin, root_tx.clone()) {
-        Ok(vm) => vm,
-        Err(f) => {
-            let msg = format!("rebuilding the VM: {f}");
-            plugin.note_failure(&msg);
-            plugin.rebuild_failing.store(true, Ordering::Relaxed);
-            if !slot.counted_failed {
-                plugin.failed_vms.fetch_add(1, Ordering::Relaxed);
-                slot.counted_failed = true;
-            }
-            slot.last_error = msg;
-            slot.failures = slot.failures.saturating_add(1);
-            slot.retry_at = Some(Instant::now() + backoff(slot.failures));
-            return Err(f);
-        }
-    };
-    plugin.rebuild_failing.store(false, Ordering::Relaxed);
-    if slot.counted_failed {
-        plugin.failed_vms.fetch_sub(1, Ordering::Relaxed);
-        slot.counted_failed = false;
-        tracing::info!(filter = %plugin.name(), "wasm filter VM rebuilt");
-    }
-    let startup_callouts = vm.take_root_callouts();
-    if let Some(rx) = root_rx {
-        spawn_driver(set, idx, &vm, rx);
-    }
-    slot.root_tx = root_tx;
-    for c in startup_callouts {
-        if let Some(tx) = &slot.root_tx {
-            spawn_callout(c, Deliver::Root(tx.clone()));
-        }
-    }
-    slot.vm = Some(Box::new(vm));
-    Ok(())
-}
-
-/// Runs `f` on this worker's VM for filter `idx` of `set`, creating or
-/// rebuilding it if needed. Also hands `f` the root driver's sender.
-pub(crate) fn with_vm<R>(
-    set: &Arc<FilterSet>,
-    idx: usize,
-    f: impl FnOnce(&mut Vm, Option<&RootTx>) -> Result<R, Failure>,
-) -> Result<R, Failure> {
-    let r = WORKER.try_with(|w| {
-        let Ok(mut w) = w.try_borrow_mut() else {
-            return Err(Failure::Setup("filter VM registry re-entered".into()));
-        };
-        if !w.sets.contains_key(&set.id) {
-            if w.sets.is_empty() {
-                // First use on this thread: pay wasmtime's TLS setup now, once.
-                wasmtime::Engine::tls_eager_initialize();
-            }
-            w.sets.retain(|_, ws| ws.set.strong_count() > 0);
-            w.sets.insert(
-                set.id,
-                WorkerSet {
-                    set: Arc::downgrade(set),
-                    slots: (0..set.plugins.len()).map(|_| Slot::new()).collect(),
-                },
-            );
-        }
-        let Some(slot) = w.sets.get_mut(&set.id).and_then(|ws| ws.slots.get_mut(idx)) else {
-            return Err(Failure::Setup("no such filter index".into()));
-        };
-        ensure_vm(set, idx, slot)?;
-        let Some(vm) = slot.vm.as_deref_mut() else {
-            return Err(Failure::Unavailable(slot.last_error.clone()));
-        };
-        let r = f(vm, slot.root_tx.as_ref());
-        settle(slot, r)
-    });
-    r.unwrap_or_else(|_| Err(Failure::Setup("worker thread is shutting down".into())))
-}
-
-/// Like [`with_vm`] but only if that exact VM incarnation still lives on
-/// this thread; never creates one. `None` if it is gone.
-pub(crate) fn with_live_vm<R>(
-    set_id: u64,
-    idx: usize,
-    incarnation: u64,
-    f: impl FnOnce(&mut Vm, Option<&RootTx>) -> Result<R, Failure>,
-) -> Option<Result<R, Failure>> {
+/// Runs `f` on the pool of filter `idx` of generation `set_id`, if it exists here.
+fn with_pool<R>(set_id: u64, idx: usize, f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
     WORKER
         .try_with(|w| {
             let mut w = w.try_borrow_mut().ok()?;
-            let slot = w.sets.get_mut(&set_id)?.slots.get_mut(idx)?;
-            let vm = slot.vm.as_deref_mut()?;
-            if vm.incarnation != incarnation {
-                return None;
-            }
-            let r = f(vm, slot.root_tx.as_ref());
-            Some(settle(slot, r))
+            let pool = w.sets.get_mut(&set_id)?.pools.get_mut(idx)?;
+            Some(f(pool))
         })
         .ok()
         .flatten()
 }
 
-/// Starts the root driver of a new VM (ticks, root callout answers, queue
-/// wake-ups) on the current runtime.
-fn spawn_driver(set: &Arc<FilterSet>, idx: usize, vm: &Vm, rx: UnboundedReceiver<RootEvent>) {
+/// Creates this worker's pools of `set` on first use: starts their pumps,
+/// which build the root instance and a warm stream instance of each filter.
+fn ensure_set(set: &Arc<FilterSet>) -> Result<(), Failure> {
+    let fresh = WORKER
+        .try_with(|w| {
+            let Ok(mut w) = w.try_borrow_mut() else {
+                return Err(Failure::Setup("filter instance registry re-entered".into()));
+            };
+            if w.sets.contains_key(&set.id) {
+                return Ok(false);
+            }
+            if w.sets.is_empty() {
+                // First use on this thread: pay wasmtime's TLS setup now, once.
+                wasmtime::Engine::tls_eager_initialize();
+            }
+            w.sets.retain(|_, ws| ws.set.strong_count() > 0);
+            let pools = set
+                .plugins
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Pool::new(set.id, i, p.clone()))
+                .collect();
+            w.sets.insert(
+                set.id,
+                WorkerSet {
+                    set: Arc::downgrade(set),
+                    pools,
+                },
+            );
+            Ok(true)
+        })
+        .unwrap_or_else(|_| Err(Failure::Setup("worker thread is shutting down".into())))?;
+    if fresh {
+        for idx in 0..set.plugins.len() {
+            with_pool(set.id, idx, Pool::top_up);
+            spawn_pump(set, idx);
+        }
+    }
+    Ok(())
+}
+
+/// Leases a stream instance of filter `idx`: an idle one, a new one (waiting
+/// for the builder, within [`LEASE_WAIT`]) or, above the cap, the least
+/// loaded one. Fails only when the filter cannot produce a healthy instance.
+pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
+    ensure_set(set)?;
+    let deadline = Instant::now() + LEASE_WAIT;
+    let mut asked = false;
+    loop {
+        let Some((r, ready)) = with_pool(set.id, idx, |p| {
+            let r = p.try_lease(&mut asked);
+            // The notifier is cloned only for a stream that has to wait.
+            let ready = matches!(r, Try::Wait).then(|| p.ready.clone());
+            (r, ready)
+        }) else {
+            return Err(Failure::Setup("no such filter index".into()));
+        };
+        let ready = match (r, ready) {
+            (Try::Got(inc), _) => return Ok(inc),
+            (Try::Fail(f), _) => return Err(f),
+            (Try::Wait, Some(ready)) => ready,
+            (Try::Wait, None) => return Err(Failure::Setup("no instance notifier".into())),
+        };
+        // Same thread as every notifier's drain: nothing can arrive between
+        // the check above and this registration.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, ready.notified()).await.is_err() {
+            return Err(Failure::Unavailable(format!(
+                "no instance ready within {LEASE_WAIT:?}"
+            )));
+        }
+    }
+}
+
+/// A lease without waiting (for a callback that cannot await): an idle or
+/// shared instance, else the filter's policy applies.
+pub(crate) fn lease_now(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
+    ensure_set(set)?;
+    let mut asked = false;
+    match with_pool(set.id, idx, |p| p.try_lease(&mut asked)) {
+        Some(Try::Got(inc)) => Ok(inc),
+        Some(Try::Fail(f)) => Err(f),
+        Some(Try::Wait) => Err(Failure::Unavailable("no instance ready".into())),
+        None => Err(Failure::Setup("no such filter index".into())),
+    }
+}
+
+/// Runs `f` on the leased stream instance `at`. A failure that kills the
+/// instance discards it (and only it). `ContextLost` if it is gone.
+pub(crate) fn with_instance<R>(
+    at: InstanceRef,
+    f: impl FnOnce(&mut Vm) -> Result<R, Failure>,
+) -> Result<R, Failure> {
+    let r = with_pool(at.set_id, at.idx, |p| {
+        let Some(inst) = p
+            .insts
+            .iter_mut()
+            .find(|i| i.vm.incarnation == at.incarnation)
+        else {
+            return Err(Failure::ContextLost);
+        };
+        let r = f(&mut inst.vm);
+        if let Err(e) = &r {
+            if e.kills_vm() {
+                p.discard(at.incarnation, e);
+            }
+        }
+        r
+    });
+    r.unwrap_or(Err(Failure::ContextLost))
+}
+
+/// Ends a lease taken with [`lease`] / [`lease_now`].
+pub(crate) fn give_back(at: InstanceRef) {
+    with_pool(at.set_id, at.idx, |p| p.give_back(at.incarnation));
+}
+
+/// A callout answer for a stream instance whose stream is gone, or for a
+/// root callout it made: runs `proxy_on_http_call_response` on its root
+/// context if the instance still lives.
+fn root_answer_on_instance(at: InstanceRef, done: CalloutDone) {
+    let (token, answer) = done.into_answer();
+    let r = with_instance(at, |vm| {
+        vm.run(
+            ROOT_ID,
+            &mut None,
+            Callback::HttpCallResponse { token, answer },
+        )
+    });
+    if let Ok(out) = r {
+        for c in out.callouts {
+            spawn_callout(c, Deliver::Instance(at));
+        }
+    }
+}
+
+/// Starts the pump of one pool on the current runtime.
+fn spawn_pump(set: &Arc<FilterSet>, idx: usize) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(inbox) = with_pool(set.id, idx, |p| p.inbox.clone()) else {
+        return;
+    };
+    handle.spawn(pump(
+        Arc::downgrade(set),
+        set.id,
+        idx,
+        inbox,
+        std::thread::current().id(),
+    ));
+}
+
+/// Takes built instances into the pool as they arrive, keeps the warm and
+/// root instances coming (with backoff after failures), and frees this
+/// worker's pools of the generation once it is gone.
+async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, owner: ThreadId) {
+    loop {
+        if std::thread::current().id() != owner {
+            return;
+        }
+        if set.strong_count() == 0 {
+            let _ = WORKER.try_with(|w| {
+                if let Ok(mut w) = w.try_borrow_mut() {
+                    w.sets.remove(&set_id);
+                }
+            });
+            return;
+        }
+        let Some(due) = with_pool(set_id, idx, |p| {
+            p.drain();
+            p.trim(Instant::now());
+            p.top_up();
+            p.publish();
+            p.next_due()
+        }) else {
+            return;
+        };
+        // Also wakes now and then to notice that the generation is gone.
+        let wait = due
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_millis(250))
+            .min(Duration::from_millis(250));
+        tokio::select! {
+            _ = inbox.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Starts the driver of a new root instance (ticks, root callout answers,
+/// queue wake-ups) on the current runtime.
+fn spawn_driver(pool: &Pool, vm: &Vm, rx: UnboundedReceiver<RootEvent>) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
     handle.spawn(root_driver(
-        Arc::downgrade(set),
-        set.id,
-        idx,
+        pool.set_id,
+        pool.idx,
         vm.incarnation,
         rx,
         std::thread::current().id(),
     ));
 }
 
-/// Drives one VM's root context until the VM or its generation is gone.
+/// What the root driver does next.
+enum RootStep {
+    Run(Callback),
+    Skip,
+}
+
+/// Drives one root instance until it or its generation is gone. Ticks run
+/// at the guest's period but never faster than `limits.tick_min`, and are
+/// skipped (and counted) while root callbacks have used more than
+/// `limits.root_cpu` in the current second.
 async fn root_driver(
-    set: Weak<FilterSet>,
     set_id: u64,
     idx: usize,
     incarnation: u64,
@@ -348,60 +961,94 @@ async fn root_driver(
         if std::thread::current().id() != owner {
             return;
         }
-        if set.strong_count() == 0 {
-            // The generation is gone: free this thread's VMs of it now.
-            let _ = WORKER.try_with(|w| {
-                if let Ok(mut w) = w.try_borrow_mut() {
-                    w.sets.remove(&set_id);
-                }
-            });
+        let period = with_pool(set_id, idx, |p| match &p.root {
+            Some(vm) if vm.incarnation == incarnation => {
+                let ms = vm.tick_period_ms();
+                Some(
+                    (ms > 0)
+                        .then(|| Duration::from_millis(u64::from(ms)).max(p.plugin.spec.tick_min)),
+                )
+            }
+            _ => None,
+        })
+        .flatten();
+        let Some(period) = period else {
             return;
-        }
-        let period = match with_live_vm(set_id, idx, incarnation, |vm, _| Ok(vm.tick_period_ms())) {
-            Some(Ok(p)) => p,
-            _ => return,
         };
-        let wait = if period == 0 {
-            Duration::from_millis(250)
-        } else {
-            Duration::from_millis(u64::from(period))
-        };
-        let cb = tokio::select! {
+        let wait = period.unwrap_or(Duration::from_millis(250));
+        let step = tokio::select! {
             ev = rx.recv() => match ev {
                 None => return,
                 Some(RootEvent::Callout(done)) => {
                     let (token, answer) = done.into_answer();
-                    Callback::HttpCallResponse { token, answer }
+                    RootStep::Run(Callback::HttpCallResponse { token, answer })
                 }
-                Some(RootEvent::QueueReady(queue)) => Callback::QueueReady { queue },
+                Some(RootEvent::QueueReady(queue)) => RootStep::Run(Callback::QueueReady { queue }),
             },
             _ = tokio::time::sleep(wait) => {
-                if period == 0 {
-                    continue;
-                }
-                Callback::Tick
+                if period.is_none() { RootStep::Skip } else { RootStep::Run(Callback::Tick) }
             }
+        };
+        let RootStep::Run(cb) = step else {
+            continue;
         };
         if std::thread::current().id() != owner {
             return;
         }
-        let r = with_live_vm(set_id, idx, incarnation, |vm, tx| {
-            let out = vm.run(ROOT_ID, &mut None, cb)?;
-            if let Some(tx) = tx {
-                for c in out.callouts {
-                    spawn_callout(c, Deliver::Root(tx.clone()));
-                }
-            }
-            Ok(())
-        });
-        match r {
-            Some(Ok(())) => {}
-            Some(Err(_)) | None => return,
+        let alive = with_pool(set_id, idx, |p| run_root(p, incarnation, cb)).unwrap_or(false);
+        if !alive {
+            return;
         }
     }
 }
 
-/// Whether this thread still holds VMs of generation `set_id`.
+/// Runs one root callback under the root CPU budget. False once the root
+/// instance is gone.
+fn run_root(p: &mut Pool, incarnation: u64, cb: Callback) -> bool {
+    let now = Instant::now();
+    if now.saturating_duration_since(p.budget.window) >= ROOT_WINDOW {
+        p.budget.window = now;
+        p.budget.used = Duration::ZERO;
+    }
+    let is_tick = matches!(cb, Callback::Tick);
+    if is_tick && p.budget.used >= p.plugin.spec.root_cpu {
+        p.plugin
+            .counts
+            .ticks_skipped
+            .fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
+    let Some(vm) = p
+        .root
+        .as_deref_mut()
+        .filter(|v| v.incarnation == incarnation)
+    else {
+        return false;
+    };
+    if is_tick {
+        p.plugin.counts.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+    let started = Instant::now();
+    let r = vm.run(ROOT_ID, &mut None, cb);
+    p.budget.used = p.budget.used.saturating_add(started.elapsed());
+    match r {
+        Ok(out) => {
+            if let Some(tx) = &p.root_tx {
+                for c in out.callouts {
+                    spawn_callout(c, Deliver::Root(tx.clone()));
+                }
+            }
+            true
+        }
+        Err(f) if f.kills_vm() => {
+            p.drop_root(&f);
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// Whether this thread still holds instances of generation `set_id`.
 #[cfg(test)]
 pub(crate) fn holds_set(set_id: u64) -> bool {
     WORKER.with(|w| w.borrow().sets.contains_key(&set_id))

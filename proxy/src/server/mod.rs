@@ -120,6 +120,8 @@ pub fn run(
     let callouts = Arc::new(crate::upstream::Callouts::default());
     let filters = FilterRuntime::new(Some(config.module_cache.clone()), callouts.clone())
         .context("cannot start the Wasm engine")?;
+    // Sizes the instance pool: every worker keeps instances of every filter.
+    filters.set_workers(config.workers);
     let filter_set = filters.load(filter_specs(&config)?)?;
     let snapshot = Snapshot::build(1, config.clone(), filter_set, &metrics);
     let (shutdown, _) = watch::channel(false);
@@ -298,6 +300,9 @@ pub(crate) fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
         };
         spec.cpu_limit = decl.limits.cpu.0;
         spec.memory_limit = decl.limits.memory.0;
+        spec.instances = decl.limits.instances;
+        spec.tick_min = decl.limits.tick_min.0;
+        spec.root_cpu = decl.limits.root_cpu.0;
         spec.max_body_bytes = config
             .listeners
             .iter()

@@ -94,6 +94,12 @@ macro_rules! fixed {
 
 /// Adds every host function to `l`.
 pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    // Tests prove that a host panic fails only its callback: this import
+    // exists only in the crate's own test build.
+    #[cfg(test)]
+    l.func_wrap("env", "wasp_test_host_panic", || -> i32 {
+        panic!("deliberate host panic (test import)")
+    })?;
     host!(l, "proxy_log", |c, lv, p, n| context::log(c, lv, p, n));
     host!(l, "proxy_get_log_level", |c, o| context::get_log_level(
         c, o
