@@ -14,14 +14,16 @@
 //!   a request is in flight (or while a write is blocked) fails every read
 //!   and write, so hyper drops the connection and everything its requests
 //!   held; counted as `stream_idle_timeout`. A peer that stopped reading is
-//!   cut at the deadline; a request that stalled otherwise is answered 408
+//!   cut `stream_idle_timeout` after its writes stopped going through,
+//!   whatever it still sends (h2 PINGs would otherwise keep it); a request that stalled otherwise is answered 408
 //!   by the request path (`forward::deadline`) at the same deadline, so the
 //!   guard waits half as long again before it closes as the backstop.
 //! - Head checks (`head.rs`, pure functions): every HTTP/1 head, CRLF or
 //!   bare LF, including heads pipelined behind a request in flight (the
-//!   scanner follows the bodies between them). A refused head on an idle
-//!   connection is answered 400/431 here and never given to hyper; one
-//!   behind a request in flight is replaced by a NUL byte, which hyper's
+//!   scanner follows the bodies between them). A refused first head of a
+//!   connection is answered 400/431 here and never given to hyper; any
+//!   other (behind a request in flight, behind complete requests in the
+//!   same read, or after an earlier response) is replaced by a NUL byte, which hyper's
 //!   parser refuses wherever it lands, so hyper answers 400 in order after
 //!   the response ahead of it, and the guard labels that 400.
 //! - hyper answers malformed heads itself (400, 431, 414) before any service
@@ -86,6 +88,11 @@ pub struct Guarded<S = TcpStream> {
     last_io: Instant,
     /// The last write did not go through: the peer is not reading.
     write_blocked: bool,
+    /// When writes stopped going through (the first blocked write since
+    /// the last one that did). A peer that stopped reading is cut by this,
+    /// not by `last_io`: frames it keeps sending (h2 PINGs, PRIORITY) are
+    /// reads, and must not keep a connection whose writes are stuck.
+    blocked_since: Instant,
     /// A deadline passed while busy: every read and write fails from now on.
     cut: bool,
     /// When the current request head began arriving.
@@ -127,6 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             seen_finished: 0,
             last_io: now,
             write_blocked: false,
+            blocked_since: now,
             cut: false,
             head_started: None,
             head_seq: None,
@@ -303,12 +311,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// the connection as the backstop.
     fn stream_deadline(&self) -> Option<Instant> {
         let idle = self.stream_idle_timeout?;
-        let after = if self.write_blocked {
-            idle
+        Some(if self.write_blocked {
+            later(self.blocked_since, idle)
         } else {
-            idle.saturating_add(idle / 2)
-        };
-        Some(later(self.last_io, after))
+            later(self.last_io, idle.saturating_add(idle / 2))
+        })
+    }
+
+    /// A write (or flush) did not go through.
+    fn blocked(&mut self) {
+        if !self.write_blocked {
+            self.write_blocked = true;
+            self.blocked_since = Instant::now();
+        }
     }
 
     /// An I/O call on a busy (or write-blocked) connection is pending:
@@ -375,7 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
                 Poll::Ready(Ok(n))
             }
             Poll::Pending if !self.upgraded() => {
-                self.write_blocked = true;
+                self.blocked();
                 self.poll_stream_deadline(cx)
             }
             other => other,
@@ -433,16 +448,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     return Poll::Ready(Ok(()));
                 }
                 if let Some((at, refusal)) = this.scanner.feed(got) {
-                    if busy {
-                        // Behind a request in flight: hyper must answer
-                        // that one first, so the refused head becomes bytes
-                        // hyper itself refuses, answered in order.
+                    // Answered here only when it is the connection's first
+                    // head and the first bytes of this read: nothing could be
+                    // lost or interleaved. Behind complete requests in this
+                    // read, a request in flight, or a response hyper may not
+                    // have flushed yet, hyper must answer the earlier ones
+                    // first, so the refused head becomes bytes hyper itself
+                    // refuses, answered in order.
+                    if busy || at > 0 || started > 0 {
                         let len = got.len();
                         let end = this.poison(buf, before + at, before + len);
                         buf.set_filled(end);
                         tracing::info!(
                             code = ErrorCode::BadRequest.as_str(),
-                            "refused a request head pipelined behind one in flight: {refusal:?}"
+                            "refused a request head pipelined behind another: {refusal:?}"
                         );
                     } else {
                         buf.set_filled(before);
@@ -575,8 +594,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         match Pin::new(&mut self.inner).poll_flush(cx) {
             // (A TLS stream flushes its buffered records here.)
             Poll::Pending if !self.upgraded() => {
-                self.write_blocked = true;
+                self.blocked();
                 self.poll_stream_deadline(cx)
+            }
+            Poll::Ready(Ok(())) => {
+                // Everything buffered went out: the peer is reading.
+                self.write_blocked = false;
+                Poll::Ready(Ok(()))
             }
             other => other,
         }
@@ -631,6 +655,8 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             stream_idle_timeout: Some(stream_idle),
             request_timeout: None,
+            h2_keepalive_interval: None,
+            h2_keepalive_timeout: Duration::from_secs(60),
         };
         let guard = Guarded::new(server, activity, &limits);
         (client, guard)
