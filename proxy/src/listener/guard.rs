@@ -696,6 +696,66 @@ mod tests {
         assert!(guard.read(&mut buf).await.is_err());
     }
 
+    /// A peer that stopped reading but keeps sending (h2 PINGs, PRIORITY
+    /// frames) is still cut: the deadline counts from the write that
+    /// blocked, not from the last bytes read.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_but_keeps_sending_is_cut() {
+        let idle = Duration::from_millis(150);
+        let (mut client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let chunk = [b'x'; 1024];
+        let mut blocked_at = None;
+        let mut buf = [0u8; 64];
+        let err = loop {
+            match tokio::time::timeout(Duration::from_millis(20), guard.write(&chunk)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => {
+                    blocked_at.get_or_insert_with(Instant::now);
+                }
+            }
+            // A frame from the peer, read through the guard.
+            client.write_all(b"p").await.unwrap();
+            let read = tokio::time::timeout(Duration::from_millis(20), guard.read(&mut buf)).await;
+            if let Ok(Err(e)) = read {
+                break e;
+            }
+            assert!(
+                blocked_at.is_none_or(|t| t.elapsed() < Duration::from_secs(3)),
+                "a peer that sends but never reads was never cut"
+            );
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = blocked_at.map(|t| t.elapsed()).unwrap_or_default();
+        assert!(waited >= idle - Duration::from_millis(25), "{waited:?}");
+    }
+
+    /// A refused head behind complete requests in the same read, on an
+    /// idle connection, does not take those requests with it: they reach
+    /// hyper, and the refused head becomes bytes hyper refuses after them.
+    #[tokio::test]
+    async fn a_refused_head_keeps_the_requests_before_it() {
+        let (mut client, mut guard) = guarded();
+        let first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+        let bad = b"GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut both = first.to_vec();
+        both.extend_from_slice(bad);
+        client.write_all(&both).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = guard.read(&mut buf).await.unwrap();
+        assert!(n > first.len(), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        assert_eq!(&buf[..first.len()], first);
+        assert_eq!(buf[first.len()], 0, "the refused head was not poisoned");
+        assert!(guard.poisoned);
+        // No answer of the guard's own interleaved with hyper's.
+        let said = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await;
+        assert!(said.is_err(), "the guard answered: {said:?}");
+    }
+
     /// A busy connection on which nothing moves either way is closed as
     /// the backstop, half the timeout again after the request path's own
     /// deadline.
