@@ -607,7 +607,11 @@ async fn an_h2_client_with_a_closed_window_gives_its_streams_back() {
         "the stalled streams kept their slots: {}",
         wasp.log_text()
     );
-    assert!(errors(&wasp, "stream_idle_timeout") >= 2.0, "{}", wasp.metrics());
+    assert!(
+        errors(&wasp, "stream_idle_timeout") >= 2.0,
+        "{}",
+        wasp.metrics()
+    );
     drop(bodies);
 }
 

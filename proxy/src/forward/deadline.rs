@@ -136,9 +136,7 @@ impl StreamClock {
 
     /// The earliest deadline still pending, and what passing it means.
     fn next(&self) -> Option<(Instant, Cut)> {
-        let idle = self
-            .idle_deadline()
-            .map(|(at, idle)| (at, Cut::Idle(idle)));
+        let idle = self.idle_deadline().map(|(at, idle)| (at, Cut::Idle(idle)));
         let request = self
             .request
             .filter(|_| !self.received.load(Ordering::Relaxed))
@@ -267,7 +265,8 @@ struct Slot {
 /// Locks a slot; a poisoned lock still holds a usable body (nothing in
 /// here can be left half-updated).
 fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An HTTP/2 response body with a watchdog that does not need hyper to poll
