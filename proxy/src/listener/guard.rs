@@ -512,6 +512,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         if (self.head_seq != Some(started) && !self.poisoned) || self.upgraded() {
             return None;
         }
+        // Every response the proxy made or passed on carries `via` or
+        // `x-wasp-error`; hyper's own answer carries neither. This tells a
+        // proxied 4xx written ahead of a poisoned head's 400 from that 400.
+        let head_end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(buf.len());
+        if buf[..head_end].split(|b| *b == b'\n').any(|line| {
+            let line = line.trim_ascii_start();
+            line.len() > 4
+                && (line[..4].eq_ignore_ascii_case(b"via:")
+                    || line
+                        .get(..crate::errors::HEADER.len() + 1)
+                        .is_some_and(|n| {
+                            n[..n.len() - 1].eq_ignore_ascii_case(crate::errors::HEADER.as_bytes())
+                                && n[n.len() - 1] == b':'
+                        }))
+        }) {
+            return None;
+        }
         let code = ErrorCode::of_hyper_status(buf.get(9..12)?)?;
         let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
         let mut out = Vec::with_capacity(buf.len() + 40);
@@ -754,6 +774,34 @@ mod tests {
         // No answer of the guard's own interleaved with hyper's.
         let said = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await;
         assert!(said.is_err(), "the guard answered: {said:?}");
+    }
+
+    /// A proxied 4xx written ahead of a poisoned head's 400 is passed on
+    /// as it is: only hyper's own answer is labelled.
+    #[tokio::test]
+    async fn a_proxied_4xx_ahead_of_a_poisoned_head_is_not_relabelled() {
+        let (mut client, mut guard) = guarded();
+        guard.poisoned = true;
+        let proxied = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nvia: 1.1 wasp\r\n\r\n";
+        guard.write_all(proxied).await.unwrap();
+        let hyper_own =
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        guard.write_all(hyper_own).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let mut got = Vec::new();
+        while got.len() < proxied.len() + hyper_own.len() + 20 {
+            let n = client.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with(std::str::from_utf8(proxied).unwrap()),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"),
+            "{got}"
+        );
     }
 
     /// A busy connection on which nothing moves either way is closed as
