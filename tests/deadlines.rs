@@ -666,3 +666,73 @@ async fn request_timeout_stops_when_the_response_starts() {
     assert!(start.elapsed() >= Duration::from_millis(1700));
     assert_eq!(errors(&wasp, "request_timeout"), 0.0);
 }
+
+/// One HTTP/2 frame: 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HTTP/2 client that opens its windows wide, asks for an endless
+/// response, never reads a byte, and sends a PING every 200 ms: its frames
+/// do not keep the connection, which is cut `stream_idle_timeout` after
+/// wasp's writes stopped going through, letting go of the upstream. (hyper's
+/// h2 also stops reading while it cannot write, so the PINGs may not even
+/// reach the guard; the guard's unit test
+/// `a_peer_that_stops_reading_but_keeps_sending_is_cut` covers the case
+/// where they do.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_pings_but_never_reads_is_cut() {
+    let (app, started, dropped) = endless_upstream().await;
+    let port = free_port();
+    let wasp = Wasp::start(&one_route_config(
+        port,
+        app,
+        r#"limits = { stream_idle_timeout = "1s" }"#,
+        "",
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31-1, and the connection window too.
+    hello.extend(h2_frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    hello.extend(h2_frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    // GET http://a/ (HPACK: :method GET, :scheme http, :path /,
+    // :authority "a"), END_STREAM | END_HEADERS.
+    hello.extend(h2_frame(1, 0x5, 1, &[0x82, 0x86, 0x84, 0x41, 0x01, b'a']));
+    s.write_all(&hello).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Acknowledge the server's SETTINGS (sent first thing) without reading.
+    s.write_all(&h2_frame(4, 0x1, 0, &[])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0u64;
+    while dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unread response is still held (started {})\n{}",
+            started.load(Ordering::SeqCst),
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        n += 1;
+        if s.write_all(&h2_frame(6, 0, 0, &n.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dropped.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "{}", wasp.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    assert!(
+        errors(&wasp, "stream_idle_timeout") >= 1.0,
+        "{}",
+        wasp.metrics()
+    );
+}
