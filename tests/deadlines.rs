@@ -301,9 +301,10 @@ async fn a_slow_reader_is_cut() {
     drop(s);
 }
 
-/// A plaintext client cannot claim https: `x-forwarded-proto` from an
-/// untrusted peer is replaced (and `x-forwarded-host` dropped); a peer in
-/// `trust_forwarded` keeps both.
+/// A plaintext client cannot claim https or a made-up address:
+/// `x-forwarded-proto` and `x-forwarded-for` from an untrusted peer are
+/// replaced (and `x-forwarded-host` dropped); a peer in `trust_forwarded`
+/// keeps them (its address appended to `x-forwarded-for`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_follow_the_listeners_trust() {
     let app = TestUpstream::start("app").await;
@@ -347,10 +348,9 @@ endpoints = ["{}"]
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(!seen.contains("https"), "{seen}");
     assert!(!seen.contains("x-forwarded-host"), "{seen}");
-    assert!(
-        seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
-        "{seen}"
-    );
+    // Replaced: an app reading the first entry sees the real peer.
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(!seen.contains("6.6.6.6"), "{seen}");
     let seen = send(&client, ask(trusted)).await.body;
     assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
     assert!(seen.contains("x-forwarded-host: bank.example\n"), "{seen}");
@@ -382,7 +382,8 @@ async fn silent_upstream() -> SocketAddr {
 /// Without a route timeout the cluster's applies (here short; 15 s when
 /// neither is set: a config unit test checks that default), answering 504;
 /// `timeout = "0s"` turns the route's off, and the stream idle timeout
-/// still bounds the wait.
+/// still bounds the wait (504 too: the request was whole, the upstream
+/// silent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_timeouts_default_and_turn_off() {
     let app = silent_upstream().await;
@@ -421,11 +422,12 @@ timeout = "400ms"
         "{:?}",
         start.elapsed()
     );
+    // The whole request arrived: the upstream is the one not answering.
     let start = Instant::now();
     let r = get(&client, loopback(port), "a", "/off").await;
     assert_eq!(
         (r.status, r.header("x-wasp-error")),
-        (408, Some("stream_idle_timeout")),
+        (504, Some("upstream_timeout")),
         "{}",
         wasp.log_text()
     );
@@ -528,4 +530,209 @@ async fn a_stalled_h2_header_block_is_closed() {
         start.elapsed()
     );
     assert_eq!(app.requests(), 0);
+}
+
+/// An HTTP/2 client that holds its flow-control window at 0 (and keeps the
+/// connection lively with PINGs) is never sent a body byte, so hyper never
+/// polls the response bodies: the per-stream watchdog still drops them at
+/// `stream_idle_timeout`, giving back the cluster's `max_requests` slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_with_a_closed_window_gives_its_streams_back() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let wasp = Wasp::start(&one_route_config(
+        port,
+        app.addr,
+        r#"limits = { stream_idle_timeout = "1s" }"#,
+        "limits = { max_requests = 2 }",
+    ));
+    let tcp = TcpStream::connect(loopback(port)).await.unwrap();
+    let (client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut pings = conn.ping_pong().expect("ping_pong");
+    tokio::spawn(conn);
+    // Frames from the client every 200 ms: the connection is never idle.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let req = http::Request::get(format!("http://a/held{i}"))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        streams.push(resp);
+        client = client.ready().await.unwrap();
+    }
+    let mut bodies = Vec::new();
+    for resp in streams {
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("no response headers")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        bodies.push(resp.into_body());
+    }
+    // Both slots are held by streams the client takes nothing from.
+    let h1 = h1_client();
+    let r = get(&h1, loopback(port), "a", "/third").await;
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (503, Some("overflow")),
+        "{}",
+        r.body
+    );
+    let start = Instant::now();
+    let freed = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = get(&h1, loopback(port), "a", "/third").await;
+        if r.status == 200 {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(8) {
+            break false;
+        }
+    };
+    assert!(
+        freed,
+        "the stalled streams kept their slots: {}",
+        wasp.log_text()
+    );
+    assert!(
+        errors(&wasp, "stream_idle_timeout") >= 2.0,
+        "{}",
+        wasp.metrics()
+    );
+    drop(bodies);
+}
+
+/// `request_timeout` stops once the response has started (as in Envoy): an
+/// upload the upstream answers early and echoes back runs past it while
+/// bytes keep moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_stops_when_the_response_starts() {
+    let app = TestUpstream::start("app").await;
+    let port = free_port();
+    let wasp = Wasp::start(&one_route_config(
+        port,
+        app.addr,
+        r#"limits = { stream_idle_timeout = "2s", request_timeout = "800ms" }"#,
+        "",
+    ));
+    let tcp = TcpStream::connect(loopback(port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Eight chunks, 250 ms apart: 2 s in all, well past request_timeout.
+    let chunks = futures_util::stream::unfold(0u8, |i| async move {
+        if i == 8 {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'a' + i; 100]))),
+            i + 1,
+        ))
+    });
+    let req = http::Request::post(format!("http://{}/echo", loopback(port)))
+        .header("host", "a")
+        .body(StreamBody::new(chunks).boxed())
+        .unwrap();
+    let start = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("no response")
+        .expect("the stream failed");
+    assert_eq!(resp.status(), 200, "{}", wasp.log_text());
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the echo never ended")
+        .unwrap_or_else(|e| panic!("the echo was cut: {e}\n{}", wasp.log_text()))
+        .to_bytes();
+    assert_eq!(body.len(), 800, "{}", wasp.log_text());
+    assert!(start.elapsed() >= Duration::from_millis(1700));
+    assert_eq!(errors(&wasp, "request_timeout"), 0.0);
+}
+
+/// One HTTP/2 frame: 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HTTP/2 client that opens its windows wide, asks for an endless
+/// response, never reads a byte, and sends a PING every 200 ms: its frames
+/// do not keep the connection, which is cut `stream_idle_timeout` after
+/// wasp's writes stopped going through, letting go of the upstream. (hyper's
+/// h2 also stops reading while it cannot write, so the PINGs may not even
+/// reach the guard; the guard's unit test
+/// `a_peer_that_stops_reading_but_keeps_sending_is_cut` covers the case
+/// where they do.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_pings_but_never_reads_is_cut() {
+    let (app, started, dropped) = endless_upstream().await;
+    let port = free_port();
+    let wasp = Wasp::start(&one_route_config(
+        port,
+        app,
+        r#"limits = { stream_idle_timeout = "1s" }"#,
+        "",
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31-1, and the connection window too.
+    hello.extend(h2_frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    hello.extend(h2_frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    // GET http://a/ (HPACK: :method GET, :scheme http, :path /,
+    // :authority "a"), END_STREAM | END_HEADERS.
+    hello.extend(h2_frame(1, 0x5, 1, &[0x82, 0x86, 0x84, 0x41, 0x01, b'a']));
+    s.write_all(&hello).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Acknowledge the server's SETTINGS (sent first thing) without reading.
+    s.write_all(&h2_frame(4, 0x1, 0, &[])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0u64;
+    while dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unread response is still held (started {})\n{}",
+            started.load(Ordering::SeqCst),
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        n += 1;
+        if s.write_all(&h2_frame(6, 0, 0, &n.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dropped.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "{}", wasp.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    assert!(
+        errors(&wasp, "stream_idle_timeout") >= 1.0,
+        "{}",
+        wasp.metrics()
+    );
 }

@@ -247,12 +247,18 @@ async fn upstream_connections_are_reused() {
 
 /// `Connection` may name end-to-end headers as hop-by-hop, but not take the
 /// request id the logs use away from the upstream; every `X-Forwarded-For`
-/// line is kept, in order, with the client appended.
+/// line from a trusted peer is kept, in order, with the peer appended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_survives_connection_and_forwarded_for_lines_join() {
     let app = TestUpstream::start("app").await;
     let port = free_port();
-    let _wasp = Wasp::start(&one_route_config(port, app.addr, "", ""));
+    // Only a trusted peer's forwarded lines are kept.
+    let _wasp = Wasp::start(&one_route_config(
+        port,
+        app.addr,
+        r#"trust_forwarded = ["127.0.0.1"]"#,
+        "",
+    ));
     let proxy = format!("127.0.0.1:{port}").parse().unwrap();
     let answer = raw_exchange(
         proxy,

@@ -105,6 +105,9 @@ pub struct ListenerLimits {
     pub stream_idle_timeout: Option<Duration>,
     /// `None`: off ("0s", the default).
     pub request_timeout: Option<Duration>,
+    /// `None`: no HTTP/2 keepalive pings ("0s").
+    pub h2_keepalive_interval: Option<Duration>,
+    pub h2_keepalive_timeout: Duration,
 }
 
 /// A route's deadline for the response headers when neither it nor its
@@ -679,6 +682,15 @@ impl<'a> Validator<'a> {
                 }
             }
             let l = &decl.limits;
+            if l.h2_keepalive_timeout.0.is_zero() && !l.h2_keepalive_interval.0.is_zero() {
+                self.at(
+                    Some(decl.bind.span()),
+                    format!(
+                        "listener \"{}\": limits.h2_keepalive_timeout must be more than 0s (turn pings off with h2_keepalive_interval = \"0s\")",
+                        decl.name
+                    ),
+                );
+            }
             if l.max_connections == 0 || l.max_connections > MAX_LISTENER_CONNECTIONS {
                 self.at(
                     Some(decl.bind.span()),
@@ -700,6 +712,8 @@ impl<'a> Validator<'a> {
                     idle_timeout: l.idle_timeout.0,
                     stream_idle_timeout: nonzero(l.stream_idle_timeout.0),
                     request_timeout: nonzero(l.request_timeout.0),
+                    h2_keepalive_interval: nonzero(l.h2_keepalive_interval.0),
+                    h2_keepalive_timeout: l.h2_keepalive_timeout.0,
                 },
                 routes: RouteTable::new(routes),
                 tls,

@@ -350,6 +350,12 @@ pub struct ListenerLimits {
     /// The whole request (head and body) must arrive within this long;
     /// "0s" (the default) turns it off.
     pub request_timeout: Dur,
+    /// HTTP/2 PING after this long without a frame from the peer; "0s"
+    /// turns keepalive pings off.
+    pub h2_keepalive_interval: Dur,
+    /// An HTTP/2 connection whose PING is not answered within this long is
+    /// closed.
+    pub h2_keepalive_timeout: Dur,
 }
 
 impl Default for ListenerLimits {
@@ -362,6 +368,8 @@ impl Default for ListenerLimits {
             idle_timeout: Dur(std::time::Duration::from_secs(60)),
             stream_idle_timeout: Dur(std::time::Duration::from_secs(300)),
             request_timeout: Dur(std::time::Duration::ZERO),
+            h2_keepalive_interval: Dur(crate::listener::H2_KEEPALIVE_INTERVAL),
+            h2_keepalive_timeout: Dur(crate::listener::H2_KEEPALIVE_TIMEOUT),
         }
     }
 }

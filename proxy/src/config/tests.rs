@@ -436,6 +436,25 @@ fn stream_deadline_defaults_are_envoys() {
 }
 
 #[test]
+fn h2_keepalive_is_generous_by_default_and_can_be_off() {
+    let l = parse_ok(GOOD).listeners[0].limits;
+    assert_eq!(l.h2_keepalive_interval, Some(Duration::from_secs(60)));
+    assert_eq!(l.h2_keepalive_timeout, Duration::from_secs(60));
+    let off = parse_ok(&GOOD.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\nlimits = { h2_keepalive_interval = \"0s\", h2_keepalive_timeout = \"5s\" }",
+    ));
+    let l = off.listeners[0].limits;
+    assert_eq!(l.h2_keepalive_interval, None);
+    assert_eq!(l.h2_keepalive_timeout, Duration::from_secs(5));
+    let zero = GOOD.replace(
+        "name = \"inbound\"",
+        "name = \"inbound\"\nlimits = { h2_keepalive_timeout = \"0s\" }",
+    );
+    assert!(parse(Path::new("/etc/wasp/wasp.toml"), &zero, env).is_err());
+}
+
+#[test]
 fn trust_forwarded_takes_cidrs_and_addresses() {
     let c = parse_ok(&GOOD.replace(
         "name = \"inbound\"",

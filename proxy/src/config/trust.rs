@@ -3,7 +3,8 @@
 //! Pure data, parsed on the control thread and read by workers: a list of
 //! networks, matched against the connection's peer address. IPv4 peers that
 //! arrive as IPv4-mapped IPv6 (`::ffff:10.0.0.1`, a dual-stack socket) match
-//! IPv4 networks.
+//! IPv4 networks, and mapped networks (`::ffff:10.0.0.0/104`) are read as
+//! the IPv4 networks they are.
 
 use std::net::IpAddr;
 
@@ -34,6 +35,16 @@ impl Net {
                 _ => return Err(format!("the prefix length must be 0..={max}")),
             },
         };
+        // `::ffff:10.0.0.0/104` is 10.0.0.0/8: peers are matched in their
+        // IPv4 form, so a mapped network must be too.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), Some(p)) = (v6.to_ipv4_mapped(), prefix.checked_sub(96)) {
+                return Ok(Self {
+                    addr: IpAddr::V4(v4),
+                    prefix: p,
+                });
+            }
+        }
         Ok(Self { addr, prefix })
     }
 
@@ -48,6 +59,13 @@ impl Net {
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 same_prefix(u128::from(net), u128::from(ip), self.prefix)
             }
+            // An IPv6 network wider than the mapped range (`::/0`) holds
+            // IPv4 peers in their mapped form.
+            (IpAddr::V6(net), IpAddr::V4(ip)) => same_prefix(
+                u128::from(net),
+                u128::from(ip.to_ipv6_mapped()),
+                self.prefix,
+            ),
             _ => false,
         }
     }
@@ -63,7 +81,7 @@ fn same_prefix(a: u128, b: u128, prefix: u8) -> bool {
 }
 
 /// IPv4-mapped IPv6 addresses as the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -107,6 +125,23 @@ mod tests {
         assert!(trusts(&["10.0.0.0/8"], "::ffff:10.1.2.3"));
         assert!(!trusts(&["10.0.0.0/8"], "2001:db8::1"));
         assert!(!trusts(&[], "127.0.0.1"));
+    }
+
+    /// IPv4-mapped networks are the IPv4 networks they carry, and a wide
+    /// IPv6 network holds IPv4 peers in their mapped form.
+    #[test]
+    fn mapped_networks_match_ipv4_peers() {
+        assert_eq!(
+            Net::parse("::ffff:10.0.0.0/104").unwrap(),
+            Net::parse("10.0.0.0/8").unwrap()
+        );
+        assert!(trusts(&["::ffff:10.0.0.0/104"], "10.1.2.3"));
+        assert!(trusts(&["::ffff:10.0.0.0/104"], "::ffff:10.1.2.3"));
+        assert!(!trusts(&["::ffff:10.0.0.0/104"], "11.1.2.3"));
+        assert!(trusts(&["::ffff:127.0.0.1"], "127.0.0.1"));
+        assert!(trusts(&["::/0"], "127.0.0.1"));
+        assert!(trusts(&["::ffff:0:0/96"], "8.8.8.8"));
+        assert!(!trusts(&["fd00::/8"], "10.0.0.1"));
     }
 
     #[test]

@@ -14,31 +14,39 @@
 //!
 //! What a deadline does depends on whether the response has started: the
 //! request side fails the request with a [`Cut`], which forward answers
-//! 408 (`stream_idle_timeout` / `request_timeout`); the response side
+//! 408 (`stream_idle_timeout` / `request_timeout`) while the client still
+//! owes request bytes, and 504 (`upstream_timeout`) when the whole request
+//! arrived and the upstream is the one not answering; the response side
 //! fails the response body, which resets the h2 stream or closes the
 //! h1 connection. Either way the request future ends, dropping its cluster
 //! admission, filter chain and snapshot.
 //!
-//! A client that stops reading is a connection matter: an h1 connection's
-//! guard sees its writes stall (`listener::guard`), an h2 connection that
-//! stops reading stops answering keepalive pings. An h2 stream stalled by
-//! its own flow-control window while the connection is healthy is not
-//! timed: hyper does not poll the body then, so no timer here would fire.
+//! A client that stops reading at the TCP level is a connection matter:
+//! the guard sees its writes stall (`listener::guard`) and cuts the
+//! connection `stream_idle_timeout` after the last write went through,
+//! whatever the client still sends. An h2 stream stalled by its own
+//! flow-control window while the connection is healthy is never polled by
+//! hyper, so the timers above cannot fire for it: [`Watched`] gives each
+//! h2 response a watchdog task that drops the body from outside.
+//!
+//! `request_timeout` runs from the request's start until its body ended
+//! or the response headers arrived, whichever is first.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
 use crate::errors::ErrorCode;
 use crate::telemetry::ListenerStats;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, ProxyBody};
 
 /// `at + after`, saturating: a configured duration too large for the
 /// clock means "never" (a year on), not a panic.
@@ -73,7 +81,8 @@ pub struct StreamClock {
     /// Nanoseconds from `origin` to the last progress.
     last: AtomicU64,
     idle: Option<Duration>,
-    /// `request_timeout` from the request's start, until its body ended.
+    /// `request_timeout` from the request's start, until its body ended or
+    /// the response started.
     request: Option<(Instant, Duration)>,
     received: AtomicBool,
 }
@@ -106,15 +115,28 @@ impl StreamClock {
         self.touch();
     }
 
+    /// The response headers arrived: `request_timeout` no longer applies
+    /// (as in Envoy), so a bidirectional stream or an upload answered early
+    /// runs as long as bytes move.
+    pub fn response_started(&self) {
+        self.received();
+    }
+
+    /// Whether the request body has ended (or the response started).
+    pub fn request_done(&self) -> bool {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// When `stream_idle_timeout` passes if nothing moves from now on.
+    fn idle_deadline(&self) -> Option<(Instant, Duration)> {
+        let idle = self.idle?;
+        let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        Some((later(self.origin, last.saturating_add(idle)), idle))
+    }
+
     /// The earliest deadline still pending, and what passing it means.
     fn next(&self) -> Option<(Instant, Cut)> {
-        let idle = self.idle.map(|idle| {
-            let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
-            (
-                later(self.origin, last.saturating_add(idle)),
-                Cut::Idle(idle),
-            )
-        });
+        let idle = self.idle_deadline().map(|(at, idle)| (at, Cut::Idle(idle)));
         let request = self
             .request
             .filter(|_| !self.received.load(Ordering::Relaxed))
@@ -227,6 +249,133 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// What a watched stream's body and its watchdog share.
+struct Slot {
+    /// The response body, with everything it holds (upstream connection,
+    /// cluster admission, filter chain); `None` once the watchdog took it.
+    body: Option<ProxyBody>,
+    /// The last poll was pending on the body itself: the upstream is the
+    /// one to wait for, and `Timed` owns that deadline.
+    waiting_upstream: bool,
+}
+
+/// Locks a slot; a poisoned lock still holds a usable body (nothing in
+/// here can be left half-updated).
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An HTTP/2 response body with a watchdog that does not need hyper to poll
+/// it. hyper polls a stream's body only when the client's flow-control
+/// window has room, so a client that holds its window at 0 (while still
+/// answering pings) would keep the stream, and all the body holds, forever.
+/// The watchdog (one task per stream, aborted with the body) wakes at the
+/// stream's idle deadline; when nothing moved either way for
+/// `stream_idle_timeout` and hyper is not waiting on the upstream, it takes
+/// the body out and drops it, giving back the upstream connection, the
+/// cluster admission, the filter chain and the request's place in the
+/// connection's count. hyper's next poll, if any, ends the stream with an
+/// error (a reset).
+pub struct Watched {
+    slot: Arc<Mutex<Slot>>,
+    task: tokio::task::AbortHandle,
+    idle: Duration,
+}
+
+impl Watched {
+    /// Wraps `body` when the stream has an idle timeout; else returns it.
+    pub fn wrap(body: ProxyBody, clock: Arc<StreamClock>, stats: ListenerStats) -> ProxyBody {
+        let Some(idle) = clock.idle else {
+            return body;
+        };
+        let slot = Arc::new(Mutex::new(Slot {
+            body: Some(body),
+            waiting_upstream: false,
+        }));
+        let weak = Arc::downgrade(&slot);
+        let task = tokio::spawn(async move {
+            loop {
+                let Some((at, _)) = clock.idle_deadline() else {
+                    return;
+                };
+                let now = Instant::now();
+                if at > now {
+                    tokio::time::sleep_until(at).await;
+                    continue;
+                }
+                let Some(slot) = weak.upgrade() else {
+                    return;
+                };
+                let taken = {
+                    let mut slot = lock(&slot);
+                    if slot.waiting_upstream {
+                        None
+                    } else {
+                        slot.body.take()
+                    }
+                };
+                drop(slot);
+                match taken {
+                    Some(body) => {
+                        stats.error(ErrorCode::StreamIdleTimeout);
+                        tracing::info!(
+                            code = ErrorCode::StreamIdleTimeout.as_str(),
+                            "response stream cut: the client took nothing for {idle:?} \
+                             (stream_idle_timeout)"
+                        );
+                        drop(body);
+                        return;
+                    }
+                    // Waiting on the upstream: `Timed` cuts it if it stays
+                    // silent; look again a timeout later.
+                    None => tokio::time::sleep_until(later(now, idle)).await,
+                }
+            }
+        })
+        .abort_handle();
+        Self { slot, task, idle }.boxed_unsync()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut slot = lock(&self.slot);
+        let Some(body) = slot.body.as_mut() else {
+            return Poll::Ready(Some(Err(Cut::Idle(self.idle).into())));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        slot.waiting_upstream = polled.is_pending();
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.slot)
+            .body
+            .as_ref()
+            .is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        lock(&self.slot)
+            .body
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }
 

@@ -73,10 +73,11 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Sets the forwarding headers the upstream reads to learn who called
 /// and how:
 ///
-/// - `x-forwarded-for`: the peer is appended, every incoming line kept in
-///   order (Envoy's `use_remote_address` with no trusted hops). From an
-///   untrusted peer the earlier entries are whatever the client wrote; only
-///   the last one is known to be true.
+/// - `x-forwarded-for`: from a trusted peer (`trust_forwarded`) the peer is
+///   appended, every incoming line kept in order; from anyone else the
+///   header is **replaced** by the peer's address, so an app reading the
+///   first entry cannot be told a made-up client. An IPv4 peer on a
+///   dual-stack socket (`::ffff:10.0.0.1`) is written as IPv4.
 /// - `x-forwarded-proto`: from a trusted peer (`trust_forwarded`) kept, set
 ///   to this connection's scheme when absent; from anyone else replaced by
 ///   this connection's scheme, so a plaintext client cannot claim https.
@@ -91,13 +92,15 @@ pub fn add_forwarding(
     trusted: bool,
 ) {
     use std::fmt::Write as _;
+    let client = crate::config::trust::canonical(client);
     let mut ip = String::with_capacity(40);
     let _ = write!(ip, "{client}");
-    append_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        ip.as_bytes(),
-    );
+    let xff = HeaderName::from_static("x-forwarded-for");
+    if trusted {
+        append_list(headers, xff, ip.as_bytes());
+    } else if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert(xff, v);
+    }
     let proto = HeaderName::from_static("x-forwarded-proto");
     if trusted {
         headers
@@ -188,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_headers_append() {
+    fn forwarding_headers_append_from_a_trusted_peer() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.insert(header::VIA, "1.1 edge".parse().unwrap());
@@ -197,7 +200,7 @@ mod tests {
             "127.0.0.2".parse().unwrap(),
             "http",
             "1.1 wasp",
-            false,
+            true,
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.2");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
@@ -218,7 +221,7 @@ mod tests {
             "127.0.0.2".parse().unwrap(),
             "http",
             "1.1 wasp",
-            false,
+            true,
         );
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
@@ -254,8 +257,26 @@ mod tests {
         );
         assert!(h.get("x-forwarded-host").is_none());
         assert!(h.get(header::FORWARDED).is_none());
-        // Appended, as Envoy does: the last entry is the peer wasp saw.
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 192.0.2.7");
+        // Replaced: only the peer wasp saw, never the client's claim.
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["192.0.2.7"]
+        );
+    }
+
+    #[test]
+    fn mapped_peers_are_written_as_ipv4() {
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            add_forwarding(
+                &mut h,
+                "::ffff:10.1.2.3".parse().unwrap(),
+                "http",
+                "1.1 wasp",
+                trusted,
+            );
+            assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
 use body::{DownstreamBodyError, RequestBody, Tracked};
-use deadline::{StreamClock, Timed};
+use deadline::{Cut, StreamClock, Timed, Watched};
 use filtered::{FilteredBody, SharedChain, Side};
 
 const VIA_H1: &str = "1.1 wasp";
@@ -98,6 +98,7 @@ pub async fn handle(
     conn.activity.started.fetch_add(1, Ordering::Release);
     let in_flight = InFlight(conn.activity.clone());
     let start = Instant::now();
+    let h2 = req.version() == Version::HTTP_2;
     let snapshot = conn.shared.snapshot.load_full();
     let Some(li) = snapshot.listener_index(&conn.listener) else {
         // A reload removed the listener while this request's head was
@@ -126,6 +127,7 @@ pub async fn handle(
     )
     .await;
     let stats = outcome.stats.take();
+    let clock = outcome.clock.take();
     let resp = match outcome.result {
         Ok(resp) => resp,
         Err(err) => {
@@ -157,6 +159,14 @@ pub async fn handle(
         drop(in_flight)
     })
     .boxed_unsync();
+    // hyper polls an h2 body only while the client's window has room: the
+    // watchdog ends a stream the client stopped taking (`deadline::Watched`).
+    let body = match clock {
+        Some(clock) if h2 && !body.is_end_stream() => {
+            Watched::wrap(body, clock, snapshot.listeners[li].stats.clone())
+        }
+        _ => body,
+    };
     Ok(Response::from_parts(parts, body))
 }
 
@@ -228,6 +238,8 @@ struct Outcome {
     stats: Option<RequestStats>,
     route: Option<Arc<str>>,
     cluster: Option<Arc<str>>,
+    /// The stream's deadlines, for the h2 watchdog around the response.
+    clock: Option<Arc<StreamClock>>,
 }
 
 async fn forward(
@@ -244,6 +256,7 @@ async fn forward(
         stats: None,
         route: None,
         cluster: None,
+        clock: None,
     };
     let listener = &snapshot.config.listeners[li];
     let runtime = &snapshot.listeners[li];
@@ -256,6 +269,7 @@ async fn forward(
         listener.limits.stream_idle_timeout,
         listener.limits.request_timeout,
     );
+    out.clock = clock.clone();
     if let Some(allow) = &listener.allow {
         if !allow.permits(conn.principal.as_deref()) {
             out.result = Err(ProxyError::UnauthorizedPeer {
@@ -471,7 +485,16 @@ async fn forward(
         // idle too; the request body's own timer covers a stalled upload.
         Some(clock) => tokio::select! {
             sent = sending => sent,
-            cut = clock.expired() => Err(ProxyError::Cut(cut)),
+            cut = clock.expired() => Err(match cut {
+                // The whole request arrived: the upstream is the one not
+                // answering.
+                Cut::Idle(after) if clock.request_done() => ProxyError::UpstreamTimeout {
+                    cluster: upstream.name.to_string(),
+                    addr: endpoint,
+                    after,
+                },
+                cut => ProxyError::Cut(cut),
+            }),
         },
         None => sending.await,
     };
@@ -483,7 +506,15 @@ async fn forward(
         );
     }
     let mut resp = match sent {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // Envoy stops request_timeout once the response starts: a
+            // bidirectional stream or an upload answered early is timed by
+            // stream_idle_timeout alone from here.
+            if let Some(clock) = &clock {
+                clock.response_started();
+            }
+            resp
+        }
         Err(e) => {
             // A filter that answered mid-body aborted the upstream request.
             out.result = match chain.and_then(SharedChain::take_local) {

@@ -14,14 +14,16 @@
 //!   a request is in flight (or while a write is blocked) fails every read
 //!   and write, so hyper drops the connection and everything its requests
 //!   held; counted as `stream_idle_timeout`. A peer that stopped reading is
-//!   cut at the deadline; a request that stalled otherwise is answered 408
+//!   cut `stream_idle_timeout` after its writes stopped going through,
+//!   whatever it still sends (h2 PINGs would otherwise keep it); a request that stalled otherwise is answered 408
 //!   by the request path (`forward::deadline`) at the same deadline, so the
 //!   guard waits half as long again before it closes as the backstop.
 //! - Head checks (`head.rs`, pure functions): every HTTP/1 head, CRLF or
 //!   bare LF, including heads pipelined behind a request in flight (the
-//!   scanner follows the bodies between them). A refused head on an idle
-//!   connection is answered 400/431 here and never given to hyper; one
-//!   behind a request in flight is replaced by a NUL byte, which hyper's
+//!   scanner follows the bodies between them). A refused first head of a
+//!   connection is answered 400/431 here and never given to hyper; any
+//!   other (behind a request in flight, behind complete requests in the
+//!   same read, or after an earlier response) is replaced by a NUL byte, which hyper's
 //!   parser refuses wherever it lands, so hyper answers 400 in order after
 //!   the response ahead of it, and the guard labels that 400.
 //! - hyper answers malformed heads itself (400, 431, 414) before any service
@@ -86,6 +88,11 @@ pub struct Guarded<S = TcpStream> {
     last_io: Instant,
     /// The last write did not go through: the peer is not reading.
     write_blocked: bool,
+    /// When writes stopped going through (the first blocked write since
+    /// the last one that did). A peer that stopped reading is cut by this,
+    /// not by `last_io`: frames it keeps sending (h2 PINGs, PRIORITY) are
+    /// reads, and must not keep a connection whose writes are stuck.
+    blocked_since: Instant,
     /// A deadline passed while busy: every read and write fails from now on.
     cut: bool,
     /// When the current request head began arriving.
@@ -127,6 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             seen_finished: 0,
             last_io: now,
             write_blocked: false,
+            blocked_since: now,
             cut: false,
             head_started: None,
             head_seq: None,
@@ -303,12 +311,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// the connection as the backstop.
     fn stream_deadline(&self) -> Option<Instant> {
         let idle = self.stream_idle_timeout?;
-        let after = if self.write_blocked {
-            idle
+        Some(if self.write_blocked {
+            later(self.blocked_since, idle)
         } else {
-            idle.saturating_add(idle / 2)
-        };
-        Some(later(self.last_io, after))
+            later(self.last_io, idle.saturating_add(idle / 2))
+        })
+    }
+
+    /// A write (or flush) did not go through.
+    fn blocked(&mut self) {
+        if !self.write_blocked {
+            self.write_blocked = true;
+            self.blocked_since = Instant::now();
+        }
     }
 
     /// An I/O call on a busy (or write-blocked) connection is pending:
@@ -375,7 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
                 Poll::Ready(Ok(n))
             }
             Poll::Pending if !self.upgraded() => {
-                self.write_blocked = true;
+                self.blocked();
                 self.poll_stream_deadline(cx)
             }
             other => other,
@@ -433,16 +448,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     return Poll::Ready(Ok(()));
                 }
                 if let Some((at, refusal)) = this.scanner.feed(got) {
-                    if busy {
-                        // Behind a request in flight: hyper must answer
-                        // that one first, so the refused head becomes bytes
-                        // hyper itself refuses, answered in order.
+                    // Answered here only when it is the connection's first
+                    // head and the first bytes of this read: nothing could be
+                    // lost or interleaved. Behind complete requests in this
+                    // read, a request in flight, or a response hyper may not
+                    // have flushed yet, hyper must answer the earlier ones
+                    // first, so the refused head becomes bytes hyper itself
+                    // refuses, answered in order.
+                    if busy || at > 0 || started > 0 {
                         let len = got.len();
                         let end = this.poison(buf, before + at, before + len);
                         buf.set_filled(end);
                         tracing::info!(
                             code = ErrorCode::BadRequest.as_str(),
-                            "refused a request head pipelined behind one in flight: {refusal:?}"
+                            "refused a request head pipelined behind another: {refusal:?}"
                         );
                     } else {
                         buf.set_filled(before);
@@ -491,6 +510,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             .load(std::sync::atomic::Ordering::Acquire);
         // A poisoned head's 400 comes once the request ahead of it is done.
         if (self.head_seq != Some(started) && !self.poisoned) || self.upgraded() {
+            return None;
+        }
+        // Every response the proxy made or passed on carries `via` or
+        // `x-wasp-error`; hyper's own answer carries neither. This tells a
+        // proxied 4xx written ahead of a poisoned head's 400 from that 400.
+        let head_end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(buf.len());
+        if buf[..head_end].split(|b| *b == b'\n').any(|line| {
+            let line = line.trim_ascii_start();
+            line.len() > 4
+                && (line[..4].eq_ignore_ascii_case(b"via:")
+                    || line
+                        .get(..crate::errors::HEADER.len() + 1)
+                        .is_some_and(|n| {
+                            n[..n.len() - 1].eq_ignore_ascii_case(crate::errors::HEADER.as_bytes())
+                                && n[n.len() - 1] == b':'
+                        }))
+        }) {
             return None;
         }
         let code = ErrorCode::of_hyper_status(buf.get(9..12)?)?;
@@ -575,8 +614,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         match Pin::new(&mut self.inner).poll_flush(cx) {
             // (A TLS stream flushes its buffered records here.)
             Poll::Pending if !self.upgraded() => {
-                self.write_blocked = true;
+                self.blocked();
                 self.poll_stream_deadline(cx)
+            }
+            Poll::Ready(Ok(())) => {
+                // Everything buffered went out: the peer is reading.
+                self.write_blocked = false;
+                Poll::Ready(Ok(()))
             }
             other => other,
         }
@@ -631,6 +675,8 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             stream_idle_timeout: Some(stream_idle),
             request_timeout: None,
+            h2_keepalive_interval: None,
+            h2_keepalive_timeout: Duration::from_secs(60),
         };
         let guard = Guarded::new(server, activity, &limits);
         (client, guard)
@@ -668,6 +714,94 @@ mod tests {
         // Reads fail too: hyper drops the connection.
         let mut buf = [0u8; 8];
         assert!(guard.read(&mut buf).await.is_err());
+    }
+
+    /// A peer that stopped reading but keeps sending (h2 PINGs, PRIORITY
+    /// frames) is still cut: the deadline counts from the write that
+    /// blocked, not from the last bytes read.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_but_keeps_sending_is_cut() {
+        let idle = Duration::from_millis(150);
+        let (mut client, mut guard) = guarded_with(idle);
+        guard
+            .activity
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let chunk = [b'x'; 1024];
+        let mut blocked_at = None;
+        let mut buf = [0u8; 64];
+        let err = loop {
+            match tokio::time::timeout(Duration::from_millis(20), guard.write(&chunk)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => {
+                    blocked_at.get_or_insert_with(Instant::now);
+                }
+            }
+            // A frame from the peer, read through the guard.
+            client.write_all(b"p").await.unwrap();
+            let read = tokio::time::timeout(Duration::from_millis(20), guard.read(&mut buf)).await;
+            if let Ok(Err(e)) = read {
+                break e;
+            }
+            assert!(
+                blocked_at.is_none_or(|t| t.elapsed() < Duration::from_secs(3)),
+                "a peer that sends but never reads was never cut"
+            );
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = blocked_at.map(|t| t.elapsed()).unwrap_or_default();
+        assert!(waited >= idle - Duration::from_millis(25), "{waited:?}");
+    }
+
+    /// A refused head behind complete requests in the same read, on an
+    /// idle connection, does not take those requests with it: they reach
+    /// hyper, and the refused head becomes bytes hyper refuses after them.
+    #[tokio::test]
+    async fn a_refused_head_keeps_the_requests_before_it() {
+        let (mut client, mut guard) = guarded();
+        let first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+        let bad = b"GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut both = first.to_vec();
+        both.extend_from_slice(bad);
+        client.write_all(&both).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = guard.read(&mut buf).await.unwrap();
+        assert!(n > first.len(), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        assert_eq!(&buf[..first.len()], first);
+        assert_eq!(buf[first.len()], 0, "the refused head was not poisoned");
+        assert!(guard.poisoned);
+        // No answer of the guard's own interleaved with hyper's.
+        let said = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await;
+        assert!(said.is_err(), "the guard answered: {said:?}");
+    }
+
+    /// A proxied 4xx written ahead of a poisoned head's 400 is passed on
+    /// as it is: only hyper's own answer is labelled.
+    #[tokio::test]
+    async fn a_proxied_4xx_ahead_of_a_poisoned_head_is_not_relabelled() {
+        let (mut client, mut guard) = guarded();
+        guard.poisoned = true;
+        let proxied = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nvia: 1.1 wasp\r\n\r\n";
+        guard.write_all(proxied).await.unwrap();
+        let hyper_own =
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        guard.write_all(hyper_own).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let mut got = Vec::new();
+        while got.len() < proxied.len() + hyper_own.len() + 20 {
+            let n = client.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with(std::str::from_utf8(proxied).unwrap()),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("HTTP/1.1 400 Bad Request\r\nx-wasp-error: bad_request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"),
+            "{got}"
+        );
     }
 
     /// A busy connection on which nothing moves either way is closed as

@@ -59,12 +59,17 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
 
-/// HTTP/2 keepalive: a PING after this long without a frame from the peer
-/// (idle connections too), and the connection is closed when the answer
-/// takes longer than the timeout. The same values apply towards h2
-/// upstreams (`upstream`).
-pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// HTTP/2 keepalive defaults (listener limits `h2_keepalive_interval`,
+/// `h2_keepalive_timeout`): a PING after this long without a frame from the
+/// peer (idle connections too), and the connection is closed when the
+/// answer takes longer than the timeout. The timeout is generous because a
+/// PING queues behind the response bytes already in the send buffer: a
+/// healthy client downloading slowly must not be taken for a dead one (a
+/// client that stopped reading is the guard's, `stream_idle_timeout` after
+/// its writes stopped). The same values apply towards h2 upstreams
+/// (`upstream`).
+pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it. Accepted sockets
@@ -407,8 +412,8 @@ fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExe
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         // Pings find a peer that vanished (or stopped reading) while its
         // streams wait; the guard does not count them as activity.
-        .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+        .keep_alive_interval(limits.h2_keepalive_interval)
+        .keep_alive_timeout(limits.h2_keepalive_timeout);
     builder
 }
 
