@@ -3,7 +3,7 @@
 # side by side in alternating rounds: two wasp binaries (OLD, default
 # target/wasp-base: a release build of the commit before isolation; NEW,
 # default target/release/wasp), WORKERS=2, CONNS=32, 1 and 4 pass-through
-# `noop` filters. Per cell: req/s (wrk), proxy CPU us/request (utime+stime
+# `noop` filters, and the empty chain (0) as the baseline. Per cell: req/s (wrk), proxy CPU us/request (utime+stime
 # of the wasp process over the run / requests), RSS after the run and peak.
 # Then the recovery time after a trap: `isolation` fixture, one worker; a
 # request with `x-trap: 1`, then clean requests back to back until one comes
@@ -31,7 +31,7 @@ DEMO_THREADS=1 "$root/target/release/demo-app" upstream "$UP" 2>/dev/null & pids
 declare -A addr pid
 i=0
 for which in old new; do
-  for n in 1 4; do
+  for n in 0 1 4; do
     i=$((i + 1)); port=$((18280 + i)); admin=$((18290 + i)); key="$which-$n"
     pipeline=$(python3 -c "print(', '.join('\"noop%d\"' % i for i in range($n)))")
     {
@@ -53,7 +53,7 @@ done
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 results="$out/results.tsv"; : > "$results"
 for round in $(seq "$ROUNDS"); do
-  for key in old-1 new-1 old-4 new-4; do
+  for key in old-0 new-0 old-1 new-1 old-4 new-4; do
     p=${pid[$key]}
     before=$(cpu_ticks "$p")
     wrk -t2 -c"$CONNS" -d"$DURATION" "http://${addr[$key]}/bench" > "$out/wrk-$key-$round.txt"
@@ -84,7 +84,7 @@ for k, rps, us, rss, hwm, err in rows:
         errors.setdefault(k, set()).add(err)
 print(f"\nworkers={sys.argv[2]}, {sys.argv[3]} connections, medians over rounds\n")
 print("| design | filters | req/s | proxy CPU us/req | RSS MiB | peak RSS MiB | errors |\n|---|---|---|---|---|---|---|")
-for n in ["1", "4"]:
+for n in ["0", "1", "4"]:
     for which, name in [("old", "one VM per filter per worker"), ("new", "per-stream instances")]:
         v = by[f"{which}-{n}"]
         med = [statistics.median(x[i] for x in v) for i in range(4)]

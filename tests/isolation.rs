@@ -82,13 +82,22 @@ fn count(v: &serde_json::Value, key: &str) -> u64 {
 /// 8 clean requests in flight to a slow upstream while one request on the
 /// same worker traps: all 8 are answered 200 with the filter's effect; the
 /// trapping one by the policy.
+///
+/// Also with `limits.instances = 2`, far below the 8 in flight: a busy
+/// worker builds past what it keeps rather than make strangers share an
+/// instance (and so share its failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_fails_only_its_own_request() {
     let app = TestUpstream::start("app").await;
-    for fail in ["closed", "open"] {
+    for (fail, extra) in [
+        ("closed", ""),
+        ("open", ""),
+        ("closed", "limits = { instances = 2 }"),
+        ("open", "limits = { instances = 2 }"),
+    ] {
         let dir = with_fixtures(TARGET, &["isolation"]);
         let (port, plain) = (free_port(), free_port());
-        let wasp = Wasp::start_in(dir, &config(port, plain, app.addr, fail, ""), &[]);
+        let wasp = Wasp::start_in(dir, &config(port, plain, app.addr, fail, extra), &[]);
         let proxy = loopback(port);
         let client = h1_client();
         // The filter is warm on the worker.

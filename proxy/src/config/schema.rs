@@ -215,7 +215,7 @@ pub struct FilterLimits {
     pub queue_bytes: Size,
     /// Metrics the filter may define.
     pub metrics: usize,
-    /// `http_call`s in flight per worker.
+    /// `http_call`s of the filter in flight, all workers together.
     pub callouts: usize,
     /// Most instances of the filter per worker serving streams (one per
     /// in-flight stream, reused across streams; the root instance is extra).

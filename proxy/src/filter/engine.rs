@@ -381,6 +381,7 @@ impl FilterRuntime {
                 callouts: self.callouts.clone(),
                 limits: spec.host_limits.clone(),
                 max_body_bytes: spec.max_body_bytes,
+                callouts_in_flight: Arc::default(),
             }),
             engine: module.engine().clone(),
             pre,

@@ -120,9 +120,10 @@ pub struct FilterSpec {
     pub max_body_bytes: u64,
     /// Caps on what host calls may do and hold for this filter.
     pub host_limits: HostLimits,
-    /// Most instances of this filter one worker keeps for streams (each
-    /// in-flight stream leases one; above the cap streams share the
-    /// least-loaded one). The worker's root instance comes on top.
+    /// Instances of this filter one worker keeps for streams (each
+    /// in-flight stream leases one; a busy worker builds up to 8x this,
+    /// and only past that do streams share the least-loaded one). The
+    /// worker's root instance comes on top.
     pub instances: u32,
     /// Floor of the tick period: a guest asking for a shorter one gets this.
     pub tick_min: Duration,
@@ -156,7 +157,7 @@ pub struct HostLimits {
     pub queue_bytes: usize,
     /// Metrics this filter may define (all workers, all generations).
     pub metrics: usize,
-    /// `http_call`s of this filter in flight on one worker.
+    /// `http_call`s of this filter in flight (all workers together).
     pub callouts: usize,
 }
 
@@ -170,7 +171,7 @@ impl HostLimits {
     pub const DEFAULT_QUEUE_DEPTH: usize = 1_000;
     pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
     pub const DEFAULT_METRICS: usize = 1_000;
-    pub const DEFAULT_CALLOUTS: usize = 64;
+    pub const DEFAULT_CALLOUTS: usize = 256;
     /// Largest `headers` a config may ask for (the `http` crate's maps hold
     /// at most 32,768 entries).
     pub const MAX_HEADERS: usize = 10_000;

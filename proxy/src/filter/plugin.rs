@@ -34,6 +34,8 @@ pub(crate) struct PluginShared {
     pub limits: HostLimits,
     /// A body a filter rewrites may not grow past this (from the spec).
     pub max_body_bytes: u64,
+    /// `http_call`s of this filter in flight (all threads; `limits.callouts`).
+    pub callouts_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A filter of one generation.

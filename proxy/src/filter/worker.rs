@@ -42,6 +42,10 @@ use super::vm::{Callback, Failure, Vm, ROOT_ID};
 /// this covers a slow but healthy `on_configure`.
 pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// How far past `limits.instances` a busy worker builds before streams
+/// share an instance (the extra ones are freed after `IDLE_TTL` idle).
+const GROWTH: usize = 8;
+
 /// Idle stream instances a pool keeps ready (built ahead of demand).
 const WARM: usize = 1;
 
@@ -591,12 +595,19 @@ impl Pool {
             }
         }
         let now = Instant::now();
-        let at_cap = self.insts.len() + self.building >= self.cap || self.pool_full(now);
+        // `limits.instances` is what a worker keeps; under concurrency it
+        // builds up to GROWTH times that, so a few slow streams cannot
+        // force strangers to share (and so share a failure). Sharing is
+        // the last resort, past that or with the engine's pool full.
+        let hard_cap = self.cap.saturating_mul(GROWTH);
+        let at_cap = self.insts.len() + self.building >= hard_cap || self.pool_full(now);
         if at_cap {
             if let Some(inc) = self.share() {
                 return Try::Got(inc);
             }
-        } else if !*asked && passed(self.retry_at, now) {
+        } else if (!*asked || self.building == 0) && passed(self.retry_at, now) {
+            // Asked again when the build this stream asked for went to
+            // another stream and nothing else is on its way.
             self.submit(Kind::Stream);
             *asked = true;
             return Try::Wait;

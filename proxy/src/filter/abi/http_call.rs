@@ -8,8 +8,7 @@
 //! cluster or a request without `:method`, `:path` or `:authority` answers
 //! BAD_ARGUMENT (a status the Rust SDK accepts).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,49 +30,34 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest cluster name read from the guest.
 const MAX_CLUSTER_NAME: usize = 1024;
 
-thread_local! {
-    /// `http_call`s in flight on this worker, by filter name.
-    static IN_FLIGHT: RefCell<HashMap<Arc<str>, usize>> = RefCell::new(HashMap::new());
-}
-
-/// One of a filter's `limits.callouts` slots on this worker, held by the
-/// callout's future until it ends or is dropped (both happen on the worker
-/// that made the call: callouts run on its current-thread runtime).
+/// One of a filter's `limits.callouts` slots, held by the callout's future
+/// until it ends or is dropped. The count is one atomic per filter (all
+/// workers, and the builder threads that run start-up callbacks), so a
+/// slot taken on one thread and given back on another balances.
 struct InFlight {
-    filter: Arc<str>,
+    count: Arc<AtomicUsize>,
 }
 
 impl InFlight {
-    fn take(filter: &Arc<str>, max: usize) -> Option<Self> {
-        IN_FLIGHT
-            .try_with(|m| {
-                let mut m = m.try_borrow_mut().ok()?;
-                let n = m.entry(filter.clone()).or_insert(0);
-                if *n >= max {
-                    return None;
-                }
-                *n += 1;
-                Some(InFlight {
-                    filter: filter.clone(),
-                })
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
             })
-            .ok()
-            .flatten()
+            .ok()?;
+        Some(InFlight {
+            count: count.clone(),
+        })
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let _ = IN_FLIGHT.try_with(|m| {
-            if let Ok(mut m) = m.try_borrow_mut() {
-                if let Some(n) = m.get_mut(&self.filter) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        m.remove(&self.filter);
-                    }
-                }
-            }
-        });
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 }
 
@@ -170,9 +154,9 @@ pub(crate) fn call(
         ms => Duration::from_millis(u64::from(ms)),
     };
     let plugin = c.data().plugin.clone();
-    let Some(slot) = InFlight::take(&plugin.name, limits.callouts) else {
+    let Some(slot) = InFlight::take(&plugin.callouts_in_flight, limits.callouts) else {
         let detail = format!(
-            "more than {} http_calls in flight on one worker",
+            "more than {} http_calls of this filter in flight",
             limits.callouts
         );
         note_limit(c, Limit::Callouts, &detail);
