@@ -364,3 +364,22 @@ async fn callouts_are_admitted_under_the_cluster_circuit_breakers() {
     assert_eq!(r.status, 200, "{r:?}");
     s.clean_request_served().await;
 }
+
+/// The header caps bound what a filter adds, not what arrived: a client
+/// request with more headers than `limits.headers` (say, at hyper's
+/// 100-header limit with the default cap), plus the core's `x-request-id`,
+/// still leaves the filter room to add its header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_client_header_map_still_leaves_the_filter_its_allowance() {
+    let mut s = start(", headers = 20").await;
+    let mut req = http::Request::get(format!("http://{}/full", s.proxy)).header("host", "app");
+    for i in 0..30 {
+        req = req.header(format!("x-client-{i}"), "v");
+    }
+    let r = send(&s.client, req.body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("x-abuse-filter: seen"), "{r:?}");
+    assert!(r.body.contains("x-client-29: v"), "{r:?}");
+    assert_eq!(s.limit_count("headers"), 0.0);
+    s.clean_request_served().await;
+}

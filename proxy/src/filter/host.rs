@@ -66,6 +66,19 @@ pub(crate) struct StreamData {
     pub props: HashMap<String, Bytes>,
     /// Set at log time.
     pub sizes: Option<(u64, u64)>,
+    /// Entries and bytes of the request and response header maps as the
+    /// chain received them: filters may grow each by `limits.headers` /
+    /// `limits.header_bytes` beyond that, whatever the client or upstream
+    /// sent (up to its own limits) and the core added.
+    pub received: [(usize, usize); 2],
+}
+
+/// Entries and bytes (names plus values) of a header map.
+pub(crate) fn map_usage(h: &http::HeaderMap) -> (usize, usize) {
+    let bytes = h.iter().fold(0usize, |n, (k, v)| {
+        n.saturating_add(k.as_str().len().saturating_add(v.len()))
+    });
+    (h.len(), bytes)
 }
 
 impl StreamData {
@@ -73,6 +86,7 @@ impl StreamData {
         StreamData {
             info,
             req: None,
+            received: [(0, 0); 2],
             req_trailers: None,
             resp: None,
             resp_trailers: None,

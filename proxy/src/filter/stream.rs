@@ -27,7 +27,7 @@ use http::{HeaderMap, Response, StatusCode};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::abi::properties::stream_property;
-use super::host::{Dir, LocalResponse, ReqHead, RespHead, StreamData};
+use super::host::{map_usage, Dir, LocalResponse, ReqHead, RespHead, StreamData};
 use super::set::FilterSet;
 use super::vm::{Callback, Failure};
 use super::worker::{self, spawn_callout, CalloutDone, Deliver, InstanceRef};
@@ -410,6 +410,7 @@ impl StreamFilters {
             return Verdict::Continue;
         }
         if let Some(d) = self.data.as_deref_mut() {
+            d.received[0] = map_usage(&head.headers);
             d.req = Some(ReqHead {
                 method: head.method.clone(),
                 uri: head.uri.clone(),
@@ -438,6 +439,7 @@ impl StreamFilters {
             return Verdict::Continue;
         }
         if let Some(d) = self.data.as_deref_mut() {
+            d.received[1] = map_usage(&head.headers);
             d.resp = Some(RespHead {
                 status: head.status,
                 headers: std::mem::take(&mut head.headers),

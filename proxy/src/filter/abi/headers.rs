@@ -268,10 +268,22 @@ struct Caps {
 }
 
 impl Caps {
-    fn of(h: &Host) -> Self {
+    /// The caps for `map`: the filter's limits on top of what the map held
+    /// when the chain received it (so a client's 100 headers plus the
+    /// core's `x-request-id` still leave a filter its full allowance).
+    fn of(h: &Host, map: i32) -> Self {
+        let received = h
+            .stream
+            .as_deref()
+            .and_then(|s| match map {
+                REQUEST_HEADERS => s.received.first().copied(),
+                RESPONSE_HEADERS => s.received.get(1).copied(),
+                _ => None,
+            })
+            .unwrap_or((0, 0));
         Caps {
-            count: h.plugin.limits.headers,
-            bytes: h.plugin.limits.header_bytes,
+            count: h.plugin.limits.headers.saturating_add(received.0),
+            bytes: h.plugin.limits.header_bytes.saturating_add(received.1),
         }
     }
 }
@@ -452,7 +464,7 @@ pub(crate) fn get_size(c: &mut Caller<'_, Host>, map: i32, size_out: i32) -> Hos
 }
 
 pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) -> HostResult {
-    let caps = Caps::of(c.data());
+    let caps = Caps::of(c.data(), map);
     // The map may be replaced by one as big as the caps, or as the map it
     // replaces (a filter may write back what it read).
     let current = map_mut(c.data_mut(), map).map(|mut m| usage(m.headers()));
@@ -541,7 +553,7 @@ fn edit(
     vp: i32,
     vl: i32,
 ) -> HostResult {
-    let caps = Caps::of(c.data());
+    let caps = Caps::of(c.data(), map);
     let key = match memory::read_at_most(c, kp, kl, caps.bytes) {
         Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
         // No header has so long a name: nothing to remove, too much to add.
