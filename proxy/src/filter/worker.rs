@@ -231,7 +231,18 @@ struct Job {
 impl Job {
     fn run(self) {
         let root = (self.kind == Kind::Root).then(unbounded_channel);
-        let result = Vm::new(&self.plugin, root.as_ref().map(|(tx, _)| tx.clone()));
+        let root_tx = root.as_ref().map(|(tx, _)| tx.clone());
+        // A panic while building (a wasp bug) must still report a result,
+        // or the pool would wait for this build forever; and the builder
+        // thread lives on for the next job.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Vm::new(&self.plugin, root_tx)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Failure::Setup(
+                "host panic while building an instance".into(),
+            ))
+        });
         self.inbox.put(Built {
             kind: self.kind,
             result,
