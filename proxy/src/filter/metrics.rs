@@ -638,6 +638,17 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
                 .then(|| stem.to_string())
         })
         .collect();
+    // A histogram family `X` owns the sample names `X_bucket`, `X_sum` and
+    // `X_count`: a gauge or plain counter of one of those names (from any
+    // filter) would make a parser see a second TYPE for the family and
+    // reject the whole scrape, so such a metric is not exported.
+    let histogram_samples: std::collections::HashSet<String> = all
+        .iter()
+        .filter(|(_, m)| m.kind == MetricKind::Histogram)
+        .map(|(_, m)| split_name(&m.name).0.to_string())
+        .chain(stems.iter().cloned())
+        .flat_map(|stem| ["_bucket", "_sum", "_count"].map(|suffix| format!("{stem}{suffix}")))
+        .collect();
     let mut families: BTreeMap<String, (&'static str, String)> = BTreeMap::new();
     for (filter, m) in &all {
         let (base, labels) = split_name(&m.name);
@@ -665,6 +676,19 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
                     .filter(|stem| stems.contains(*stem))
             })
             .flatten();
+        if histogram_stem.is_none() && histogram_samples.contains(base) {
+            continue;
+        }
+        // A bucket's `le` must be a number (or +Inf), or the scrape is invalid.
+        if histogram_stem.is_some() && base.ends_with("_bucket") {
+            let le_ok = labels
+                .iter()
+                .find(|(k, _)| *k == "le")
+                .is_some_and(|(_, v)| *v == "+Inf" || v.parse::<f64>().is_ok_and(|f| !f.is_nan()));
+            if !le_ok {
+                continue;
+            }
+        }
         let (family, kind) = match histogram_stem {
             Some(stem) => (stem.to_string(), "histogram"),
             None => (base.to_string(), m.kind.prom()),
@@ -795,6 +819,56 @@ mod unit {
             "{out}"
         );
         assert!(!out.contains("wasp_requests_total"), "{out}");
+    }
+
+    /// A gauge or counter named like a histogram's samples, and a bucket
+    /// whose `le` is not a number, are left out: the scrape stays valid
+    /// (checked with promtool when it is installed, as scripts/test.sh does).
+    #[test]
+    fn histogram_sample_names_and_bad_le_cannot_break_the_scrape() {
+        let s = Arc::new(MetricStore::default());
+        let (_, h) = s.def(MetricKind::Histogram, "lat").unwrap();
+        h.record(3);
+        for name in ["lat_count", "lat_sum"] {
+            let (_, g) = s.def(MetricKind::Gauge, name).unwrap();
+            g.record(7);
+        }
+        let (_, b) = s.def(MetricKind::Counter, "x_bucket;le=abc").unwrap();
+        b.increment(1);
+        let (_, b) = s.def(MetricKind::Counter, "x_bucket;le=+Inf").unwrap();
+        b.increment(1);
+        let (_, c) = s.def(MetricKind::Counter, "x_count").unwrap();
+        c.increment(1);
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[("f".into(), Arc::new(FilterStats::default()), s)],
+        );
+        assert_eq!(out.matches("# TYPE lat ").count(), 1, "{out}");
+        assert!(!out.contains("# TYPE lat_count"), "{out}");
+        assert!(!out.contains("le=\"abc\""), "{out}");
+        assert!(
+            out.contains("x_bucket{filter=\"f\",le=\"+Inf\"} 1"),
+            "{out}"
+        );
+        if let Ok(mut child) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            use std::io::Write as _;
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(out.as_bytes());
+            }
+            let done = child
+                .wait_with_output()
+                .unwrap_or_else(|e| panic!("promtool: {e}"));
+            let said = String::from_utf8_lossy(&done.stderr).into_owned()
+                + &String::from_utf8_lossy(&done.stdout);
+            assert!(!said.contains("error"), "promtool: {said}\n{out}");
+        }
     }
 
     #[test]
