@@ -53,6 +53,9 @@ const WARM: usize = 1;
 /// pool shrinks back after a burst).
 const IDLE_TTL: Duration = Duration::from_secs(30);
 
+/// How long an idle instance of a superseded generation is kept.
+const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
 /// Window of the root CPU budget.
 const ROOT_WINDOW: Duration = Duration::from_secs(1);
 
@@ -706,6 +709,23 @@ impl Pool {
         }
     }
 
+    /// A newer generation serves new requests on this worker: keep only
+    /// the instances streams still hold, build nothing more, and let the
+    /// root go (the new generation has its own). Long streams then keep
+    /// one instance each alive, not a warm spare and a root per reload.
+    fn retire(&mut self, now: Instant) {
+        let before = self.insts.len();
+        // One just built for a stream that loaded the old snapshot before
+        // the reload may not be leased yet: give it a moment.
+        self.insts.retain(|i| {
+            i.streams > 0 || now.saturating_duration_since(i.idle_since) < RETIRE_GRACE
+        });
+        let freed = i64::try_from(before - self.insts.len()).unwrap_or(0);
+        self.plugin.counts.live.fetch_sub(freed, Ordering::Relaxed);
+        self.root = None;
+        self.root_tx = None;
+    }
+
     fn drop_root(&mut self, why: &Failure) {
         if self.root.take().is_some() {
             self.plugin.counts.failed.fetch_add(1, Ordering::Relaxed);
@@ -926,9 +946,22 @@ async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, 
             });
             return;
         }
+        // Set ids grow with each load: a larger one on this worker means a
+        // newer generation took over.
+        let superseded = WORKER
+            .try_with(|w| {
+                w.try_borrow()
+                    .is_ok_and(|w| w.sets.keys().any(|id| *id > set_id))
+            })
+            .unwrap_or(false);
         let Some(due) = with_pool(set_id, idx, |p| {
             p.drain();
             p.trim(Instant::now());
+            if superseded {
+                p.retire(Instant::now());
+                p.publish();
+                return None;
+            }
             p.top_up();
             p.publish();
             p.next_due()
