@@ -382,6 +382,7 @@ impl FilterRuntime {
                 limits: spec.host_limits.clone(),
                 max_body_bytes: spec.max_body_bytes,
                 callouts_in_flight: Arc::default(),
+                callout_bytes_in_flight: Arc::default(),
             }),
             engine: module.engine().clone(),
             pre,

@@ -36,6 +36,8 @@ pub(crate) struct PluginShared {
     pub max_body_bytes: u64,
     /// `http_call`s of this filter in flight (all threads; `limits.callouts`).
     pub callouts_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Request-body bytes of those callouts (all threads).
+    pub callout_bytes_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A filter of one generation.

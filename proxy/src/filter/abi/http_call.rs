@@ -61,6 +61,43 @@ impl Drop for InFlight {
     }
 }
 
+/// Request-body bytes of a filter's callouts in flight, all workers: a
+/// filter re-sending one big buffer to a slow cluster cannot pin
+/// `callouts` x `max_body_bytes` of memory.
+pub(crate) const CALLOUT_BYTES_IN_FLIGHT: usize = 64 << 20;
+
+/// `n` of those bytes, given back on drop.
+struct InFlightBytes {
+    bytes: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl InFlightBytes {
+    fn take(bytes: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
+        bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+                have.checked_add(n)
+                    .filter(|t| *t <= CALLOUT_BYTES_IN_FLIGHT)
+            })
+            .ok()?;
+        Some(InFlightBytes {
+            bytes: bytes.clone(),
+            n,
+        })
+    }
+}
+
+impl Drop for InFlightBytes {
+    fn drop(&mut self) {
+        let n = self.n;
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+                Some(have.saturating_sub(n))
+            });
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn call(
     c: &mut Caller<'_, Host>,
@@ -162,13 +199,22 @@ pub(crate) fn call(
         note_limit(c, Limit::Callouts, &detail);
         return Ok(Status::InternalFailure);
     };
+    let Some(bytes_slot) = InFlightBytes::take(&plugin.callout_bytes_in_flight, req.body().len())
+    else {
+        let detail = format!(
+            "more than {} MiB of http_call bodies of this filter in flight",
+            CALLOUT_BYTES_IN_FLIGHT >> 20
+        );
+        note_limit(c, Limit::Callouts, &detail);
+        return Ok(Status::InternalFailure);
+    };
     let Some(future) = plugin.callouts.call(&cluster, req, timeout) else {
         tracing::debug!(filter = %plugin.name, cluster, "http_call to an unknown cluster");
         return Ok(Status::BadArgument);
     };
     // The slot is given back when the callout ends or is dropped.
     let future: CalloutFuture = Box::pin(async move {
-        let _slot = slot;
+        let _slots = (slot, bytes_slot);
         future.await
     });
     let h = c.data_mut();
@@ -185,4 +231,40 @@ pub(crate) fn call(
         Ok(()) => Status::Ok,
         Err(s) => s,
     })
+}
+
+#[cfg(test)]
+mod in_flight {
+    use super::*;
+
+    #[test]
+    fn callout_slots_and_bytes_are_given_back_on_any_thread() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let a = InFlight::take(&count, 2);
+        let b = InFlight::take(&count, 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(InFlight::take(&count, 2).is_none(), "third over a cap of 2");
+        // Taken here, given back on another thread (a builder thread's
+        // start-up callout ends on the worker).
+        std::thread::spawn(move || drop((a, b)))
+            .join()
+            .unwrap_or_else(|_| panic!("dropping slots panicked"));
+        assert_eq!(count.load(Ordering::Acquire), 0);
+
+        let big = InFlightBytes::take(&bytes, CALLOUT_BYTES_IN_FLIGHT - 10);
+        assert!(big.is_some());
+        assert!(
+            InFlightBytes::take(&bytes, 11).is_none(),
+            "past the byte budget"
+        );
+        let small = InFlightBytes::take(&bytes, 10);
+        assert!(small.is_some());
+        drop((big, small));
+        assert_eq!(bytes.load(Ordering::Acquire), 0);
+        assert!(
+            InFlightBytes::take(&bytes, usize::MAX).is_none(),
+            "no overflow"
+        );
+    }
 }
