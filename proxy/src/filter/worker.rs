@@ -1038,7 +1038,13 @@ async fn root_driver(
                     let (token, answer) = done.into_answer();
                     RootStep::Run(Callback::HttpCallResponse { token, answer })
                 }
-                Some(RootEvent::QueueReady(queue)) => RootStep::Run(Callback::QueueReady { queue }),
+                Some(RootEvent::QueueReady(queue)) => {
+                    let _ = with_pool(set_id, idx, |p| {
+                        p.plugin.shared.queues.woken(queue);
+                        Some(())
+                    });
+                    RootStep::Run(Callback::QueueReady { queue })
+                }
             },
             _ = tokio::time::sleep(wait) => {
                 if period.is_none() { RootStep::Skip } else { RootStep::Run(Callback::Tick) }

@@ -38,6 +38,10 @@ struct Queue {
     owner_name: Arc<str>,
     /// Root drivers of the VMs that registered the queue (latest last).
     owners: Vec<RootTx>,
+    /// A wake-up is on its way to the owner and not yet delivered: one
+    /// per queue is enough (the guest drains what is there), so a filter
+    /// enqueueing per request cannot flood the owner's channel.
+    wake_pending: bool,
 }
 
 #[derive(Default)]
@@ -90,6 +94,7 @@ impl SharedQueues {
                         owner_stats: stats.clone(),
                         owner_name: vm_id.clone(),
                         owners: Vec::new(),
+                        wake_pending: false,
                     },
                 );
                 id
@@ -103,6 +108,9 @@ impl SharedQueues {
                 q.owners
                     .retain(|tx| !tx.is_closed() && !tx.same_channel(&owner));
                 q.owners.push(owner);
+                // A wake-up pending on an owner that is gone is lost: the
+                // new owner must hear about the next item.
+                q.wake_pending = false;
             }
         }
         Some(id)
@@ -149,14 +157,30 @@ impl SharedQueues {
             );
             q.owner_stats.limit_exceeded(&q.owner_name, limit, &detail);
         }
-        // Wake the most recent registrant that is still alive.
-        while let Some(tx) = q.owners.last() {
-            if tx.send(RootEvent::QueueReady(id)).is_ok() {
-                break;
+        // Wake the most recent registrant that is still alive, unless a
+        // wake-up is already on its way.
+        // A pending wake-up whose owner has gone is lost with its channel.
+        if q.owners.last().is_some_and(|tx| tx.is_closed()) {
+            q.wake_pending = false;
+        }
+        if !q.wake_pending {
+            while let Some(tx) = q.owners.last() {
+                if tx.send(RootEvent::QueueReady(id)).is_ok() {
+                    q.wake_pending = true;
+                    break;
+                }
+                q.owners.pop();
             }
-            q.owners.pop();
         }
         Ok(())
+    }
+
+    /// The owner is about to run `proxy_on_queue_ready` for `id`: items
+    /// enqueued from now on wake it again.
+    pub(crate) fn woken(&self, id: u32) {
+        if let Some(q) = self.lock().queues.get_mut(&id) {
+            q.wake_pending = false;
+        }
     }
 
     /// `Err(())` if the queue does not exist; `Ok(None)` if it is empty.
@@ -256,6 +280,39 @@ pub(crate) fn dequeue(c: &mut Caller<'_, Host>, id: i32, ptr_out: i32, len_out: 
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    /// A thousand enqueues wake the owner once; after it is woken, the
+    /// next item wakes it again; a new owner is woken even if the old one
+    /// died with a wake-up pending.
+    #[test]
+    fn wake_ups_are_coalesced_per_queue() {
+        let q = SharedQueues::default();
+        let stats = Arc::new(FilterStats::default());
+        let limits = HostLimits::default();
+        let f: Arc<str> = Arc::from("f");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = q.register(&f, "a", Some(tx), &limits, &stats).unwrap();
+        for _ in 0..1000 {
+            q.enqueue(id, Bytes::from_static(b"x")).unwrap();
+        }
+        let mut events = 0;
+        while rx.try_recv().is_ok() {
+            events += 1;
+        }
+        assert_eq!(events, 1);
+        q.woken(id);
+        q.enqueue(id, Bytes::from_static(b"y")).unwrap();
+        assert!(rx.try_recv().is_ok(), "woken again after delivery");
+        // The owner dies with that wake-up pending; a new one registers.
+        drop(rx);
+        let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();
+        q.register(&f, "a", Some(tx2), &limits, &stats).unwrap();
+        q.enqueue(id, Bytes::from_static(b"z")).unwrap();
+        assert!(
+            rx2.try_recv().is_ok(),
+            "the new owner hears of the next item"
+        );
+    }
 
     #[test]
     fn queues_are_capped_in_count_depth_and_bytes() {
