@@ -179,9 +179,7 @@ impl PeerSlot {
     fn take(counts: &PeerCounts, ip: std::net::IpAddr) -> Option<PeerSlot> {
         let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        let loopback = ip.is_loopback()
-            || matches!(ip, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
-        if *n >= MAX_CONNECTIONS_PER_PEER && !loopback {
+        if *n >= MAX_CONNECTIONS_PER_PEER && !ip.to_canonical().is_loopback() {
             return None;
         }
         *n += 1;

@@ -18,10 +18,11 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context as _};
+
+use crate::config::trust::Net;
 
 /// The chains this command owns, in the order they are removed.
 const CHAINS: [&str; 4] = [
@@ -105,43 +106,6 @@ impl Family {
     }
 }
 
-/// A network `addr/prefix` (a bare address means a single host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("\"{s}\" is not an address or addr/prefix network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix =
-            match prefix {
-                None => max,
-                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                    format!("\"{s}\": the prefix must be a number from 0 to {max}")
-                })?,
-            };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
 /// Validated arguments: what to install.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -151,7 +115,7 @@ pub struct Plan {
     pub outbound_port: u16,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
-    pub exclude_outbound_cidrs: Vec<Cidr>,
+    pub exclude_outbound_cidrs: Vec<Net>,
 }
 
 impl Plan {
@@ -160,7 +124,7 @@ impl Plan {
             .exclude_outbound_cidrs
             .iter()
             .filter(|c| !c.trim().is_empty())
-            .map(|c| c.parse::<Cidr>().map_err(anyhow::Error::msg))
+            .map(|c| Net::parse(c).map_err(|e| anyhow::anyhow!("\"{}\": {e}", c.trim())))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("--exclude-outbound-cidrs")?;
         if args.inbound_port == 0 && args.outbound_port == 0 {
@@ -237,7 +201,7 @@ impl Plan {
             for cidr in self
                 .exclude_outbound_cidrs
                 .iter()
-                .filter(|c| c.addr.is_ipv4() == v4)
+                .filter(|c| c.is_ipv4() == v4)
             {
                 let _ = writeln!(s, "-A WASP_OUTPUT -d {cidr} -j RETURN");
             }
@@ -436,10 +400,8 @@ mod tests {
             exclude_inbound_ports: vec![15021, 9901],
             exclude_outbound_ports: vec![5432],
             exclude_outbound_cidrs: vec![
-                "10.0.0.0/8"
-                    .parse()
-                    .unwrap_or_else(|e: String| panic!("{e}")),
-                "fd00::/8".parse().unwrap_or_else(|e: String| panic!("{e}")),
+                Net::parse("10.0.0.0/8").unwrap_or_else(|e| panic!("{e}")),
+                Net::parse("fd00::/8").unwrap_or_else(|e| panic!("{e}")),
             ],
         }
     }
@@ -488,10 +450,10 @@ mod tests {
     #[test]
     fn cidrs_are_checked() {
         for bad in ["10.0.0.0/33", "fd00::/129", "nonsense", "10.0.0.0/x", "/8"] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+            assert!(Net::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(
-            "192.168.1.7".parse::<Cidr>().map(|c| c.to_string()),
+            Net::parse("192.168.1.7").map(|c| c.to_string()),
             Ok("192.168.1.7/32".into())
         );
     }

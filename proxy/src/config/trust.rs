@@ -48,8 +48,13 @@ impl Net {
         Ok(Self { addr, prefix })
     }
 
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        // IPv4-mapped IPv6 peers as the IPv4 address they carry.
+        let ip = ip.to_canonical();
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => same_prefix(
                 u128::from(u32::from(net)) << 96,
@@ -71,6 +76,13 @@ impl Net {
     }
 }
 
+/// `addr/prefix`, as iptables and the config take it.
+impl std::fmt::Display for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// Whether the first `prefix` bits (from the top) of `a` and `b` agree.
 fn same_prefix(a: u128, b: u128, prefix: u8) -> bool {
     let mask = match u32::from(prefix) {
@@ -78,14 +90,6 @@ fn same_prefix(a: u128, b: u128, prefix: u8) -> bool {
         p => u128::MAX.checked_shl(128 - p.min(128)).unwrap_or(0),
     };
     (a & mask) == (b & mask)
-}
-
-/// IPv4-mapped IPv6 addresses as the IPv4 address they carry.
-pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// The listener's trusted peers; empty trusts no one (the default).

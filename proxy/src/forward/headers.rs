@@ -92,7 +92,7 @@ pub fn add_forwarding(
     trusted: bool,
 ) {
     use std::fmt::Write as _;
-    let client = crate::config::trust::canonical(client);
+    let client = client.to_canonical();
     let mut ip = String::with_capacity(40);
     let _ = write!(ip, "{client}");
     let xff = HeaderName::from_static("x-forwarded-for");

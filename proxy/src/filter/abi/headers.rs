@@ -15,7 +15,7 @@ use wasmtime::Caller;
 
 use super::memory::{self, copy_out, HostResult};
 use super::{fail_request, Status};
-use crate::filter::host::{Host, ReqHead, RespHead};
+use crate::filter::host::{map_usage, Host, ReqHead, RespHead};
 use crate::filter::metrics::Limit;
 
 const REQUEST_HEADERS: i32 = 0;
@@ -288,14 +288,6 @@ impl Caps {
     }
 }
 
-/// Entries and bytes (names plus values) of a map.
-fn usage(h: &HeaderMap) -> (usize, usize) {
-    let bytes = h.iter().fold(0usize, |n, (k, v)| {
-        n.saturating_add(k.as_str().len() + v.len())
-    });
-    (h.len(), bytes)
-}
-
 /// Whether going from `before` to `after` (entries, bytes) grows the map
 /// past a cap. A map already past a cap (say, from the client) may still be
 /// edited as long as the edit does not make it bigger.
@@ -364,7 +356,7 @@ fn apply_plain(
         tracing::debug!(key, "filter used an invalid header value; ignored");
         return Ok(());
     };
-    let before = usage(h);
+    let before = map_usage(h);
     let added = name.as_str().len().saturating_add(v.len());
     let after = if op == Op::Add {
         (before.0.saturating_add(1), before.1.saturating_add(added))
@@ -467,7 +459,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
     let caps = Caps::of(c.data(), map);
     // The map may be replaced by one as big as the caps, or as the map it
     // replaces (a filter may write back what it read).
-    let current = map_mut(c.data_mut(), map).map(|mut m| usage(m.headers()));
+    let current = map_mut(c.data_mut(), map).map(|mut m| map_usage(m.headers()));
     let (cur_count, cur_bytes) = current.unwrap_or((0, 0));
     let max_count = caps.count.max(cur_count).saturating_add(4);
     let max_len = serialized_bound(max_count, caps.bytes.max(cur_bytes).saturating_add(4 << 10));

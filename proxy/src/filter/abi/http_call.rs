@@ -30,68 +30,41 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest cluster name read from the guest.
 const MAX_CLUSTER_NAME: usize = 1024;
 
-/// One of a filter's `limits.callouts` slots, held by the callout's future
-/// until it ends or is dropped. The count is one atomic per filter (all
-/// workers, and the builder threads that run start-up callbacks), so a
-/// slot taken on one thread and given back on another balances.
+/// Request-body bytes of a filter's callouts in flight, all workers: a
+/// filter re-sending one big buffer to a slow cluster cannot pin
+/// `callouts` x `max_body_bytes` of memory.
+pub(crate) const CALLOUT_BYTES_IN_FLIGHT: usize = 64 << 20;
+
+/// `n` units of a filter's callout budget (one of its `limits.callouts`
+/// slots, or body bytes), held by the callout's future until it ends or is
+/// dropped. Each budget is one atomic per filter (all workers, and the
+/// builder threads that run start-up callbacks), so units taken on one
+/// thread and given back on another balance.
 struct InFlight {
-    count: Arc<AtomicUsize>,
+    budget: Arc<AtomicUsize>,
+    n: usize,
 }
 
 impl InFlight {
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
+    /// `n` more units if the budget stays at most `max`.
+    fn take(budget: &Arc<AtomicUsize>, n: usize, max: usize) -> Option<Self> {
+        budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+                have.checked_add(n).filter(|t| *t <= max)
             })
             .ok()?;
         Some(InFlight {
-            count: count.clone(),
+            budget: budget.clone(),
+            n,
         })
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let _ = self
-            .count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(1))
-            });
-    }
-}
-
-/// Request-body bytes of a filter's callouts in flight, all workers: a
-/// filter re-sending one big buffer to a slow cluster cannot pin
-/// `callouts` x `max_body_bytes` of memory.
-pub(crate) const CALLOUT_BYTES_IN_FLIGHT: usize = 64 << 20;
-
-/// `n` of those bytes, given back on drop.
-struct InFlightBytes {
-    bytes: Arc<AtomicUsize>,
-    n: usize,
-}
-
-impl InFlightBytes {
-    fn take(bytes: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
-        bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
-                have.checked_add(n)
-                    .filter(|t| *t <= CALLOUT_BYTES_IN_FLIGHT)
-            })
-            .ok()?;
-        Some(InFlightBytes {
-            bytes: bytes.clone(),
-            n,
-        })
-    }
-}
-
-impl Drop for InFlightBytes {
-    fn drop(&mut self) {
         let n = self.n;
         let _ = self
-            .bytes
+            .budget
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
                 Some(have.saturating_sub(n))
             });
@@ -191,7 +164,7 @@ pub(crate) fn call(
         ms => Duration::from_millis(u64::from(ms)),
     };
     let plugin = c.data().plugin.clone();
-    let Some(slot) = InFlight::take(&plugin.callouts_in_flight, limits.callouts) else {
+    let Some(slot) = InFlight::take(&plugin.callouts_in_flight, 1, limits.callouts) else {
         let detail = format!(
             "more than {} http_calls of this filter in flight",
             limits.callouts
@@ -199,8 +172,11 @@ pub(crate) fn call(
         note_limit(c, Limit::Callouts, &detail);
         return Ok(Status::InternalFailure);
     };
-    let Some(bytes_slot) = InFlightBytes::take(&plugin.callout_bytes_in_flight, req.body().len())
-    else {
+    let Some(bytes_slot) = InFlight::take(
+        &plugin.callout_bytes_in_flight,
+        req.body().len(),
+        CALLOUT_BYTES_IN_FLIGHT,
+    ) else {
         let detail = format!(
             "more than {} MiB of http_call bodies of this filter in flight",
             CALLOUT_BYTES_IN_FLIGHT >> 20
@@ -241,10 +217,13 @@ mod in_flight {
     fn callout_slots_and_bytes_are_given_back_on_any_thread() {
         let count = Arc::new(AtomicUsize::new(0));
         let bytes = Arc::new(AtomicUsize::new(0));
-        let a = InFlight::take(&count, 2);
-        let b = InFlight::take(&count, 2);
+        let a = InFlight::take(&count, 1, 2);
+        let b = InFlight::take(&count, 1, 2);
         assert!(a.is_some() && b.is_some());
-        assert!(InFlight::take(&count, 2).is_none(), "third over a cap of 2");
+        assert!(
+            InFlight::take(&count, 1, 2).is_none(),
+            "third over a cap of 2"
+        );
         // Taken here, given back on another thread (a builder thread's
         // start-up callout ends on the worker).
         std::thread::spawn(move || drop((a, b)))
@@ -252,18 +231,22 @@ mod in_flight {
             .unwrap_or_else(|_| panic!("dropping slots panicked"));
         assert_eq!(count.load(Ordering::Acquire), 0);
 
-        let big = InFlightBytes::take(&bytes, CALLOUT_BYTES_IN_FLIGHT - 10);
+        let big = InFlight::take(
+            &bytes,
+            CALLOUT_BYTES_IN_FLIGHT - 10,
+            CALLOUT_BYTES_IN_FLIGHT,
+        );
         assert!(big.is_some());
         assert!(
-            InFlightBytes::take(&bytes, 11).is_none(),
+            InFlight::take(&bytes, 11, CALLOUT_BYTES_IN_FLIGHT).is_none(),
             "past the byte budget"
         );
-        let small = InFlightBytes::take(&bytes, 10);
+        let small = InFlight::take(&bytes, 10, CALLOUT_BYTES_IN_FLIGHT);
         assert!(small.is_some());
         drop((big, small));
         assert_eq!(bytes.load(Ordering::Acquire), 0);
         assert!(
-            InFlightBytes::take(&bytes, usize::MAX).is_none(),
+            InFlight::take(&bytes, usize::MAX, CALLOUT_BYTES_IN_FLIGHT).is_none(),
             "no overflow"
         );
     }
