@@ -21,6 +21,7 @@ pub mod reload;
 pub mod route;
 pub mod scaffold;
 pub mod server;
+pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

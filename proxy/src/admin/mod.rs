@@ -242,7 +242,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
         (&Method::GET, "/metrics") => metrics(shared),
         (&Method::GET, "/clusters") => {
             let snapshot = shared.snapshot.load();
-            match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.config)) {
+            match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.clusters)) {
                 Ok(json) => with_type(StatusCode::OK, "application/json", json),
                 Err(e) => error(ErrorCode::AdminInternal, &format!("cannot render clusters: {e}")),
             }
@@ -301,7 +301,7 @@ fn metrics(shared: &Shared) -> AdminResponse {
     let mut out = String::with_capacity(16 << 10);
     shared.metrics.render(&mut out);
     shared.filters.render_metrics(&mut out);
-    crate::upstream::render_metrics(&shared.snapshot.load().config, &mut out);
+    crate::upstream::render_metrics(&shared.snapshot.load().clusters, &mut out);
     let uptime = shared.started.elapsed().as_secs_f64();
     out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
     out.push_str("# TYPE wasp_uptime_seconds gauge\n");

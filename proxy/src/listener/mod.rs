@@ -127,9 +127,6 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         }
     };
     let local = listener.local_addr().ok();
-    // Certificate watchers and expiry gauges from the start, not from the
-    // first connection (the first worker to get here does it).
-    crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
     // Turns true when the drain timeout passes: every connection of this
     // loop (and every tunnel it became) closes.
@@ -177,13 +174,12 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             }
         };
         let snapshot = shared.snapshot.load();
-        let Some(index) = snapshot.listener_index(&name) else {
+        let Some(cfg) = snapshot.listener(&name) else {
             // Removed by a reload that is about to retire this loop.
             tracing::info!(listener = %name, %peer, "connection closed: its listener was removed by a reload");
             continue;
         };
-        let cfg = &snapshot.config.listeners[index];
-        let runtime = &snapshot.listeners[index];
+        let runtime = cfg;
         let builder = match &mut http {
             Some((generation, b)) if *generation == snapshot.generation => b,
             slot => {

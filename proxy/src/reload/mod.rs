@@ -38,7 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
 use crate::listener::ListenerSet;
-use crate::server::{filter_specs, Shared, Snapshot};
+use crate::server::{filter_specs, Shared};
+use crate::snapshot::{self, Snapshot};
 
 /// Why a reload was asked for.
 #[derive(Debug)]
@@ -232,10 +233,21 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
     not_draining(shared)?;
     let current = shared.snapshot.load_full();
     let path = current.config.path.clone();
-    let mut config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
+    let config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
     check_restart_only(&current.config, &config)?;
-    // Unchanged clusters keep their endpoints, health and ejections.
-    crate::upstream::adopt_states(&current.config, &mut config);
+    // Names, certificates and discovery files, off the control runtime
+    // (which also serves admin). Unchanged clusters keep their endpoints,
+    // health and ejections.
+    let compiled = {
+        let (previous, metrics) = (current.clone(), shared.metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            snapshot::compile(Arc::new(config), Some(&previous), &metrics)
+        })
+        .await
+        .map_err(|e| format!("compiling the configuration failed: {e}"))?
+        .map_err(|e| e.to_string().trim_end().to_string())?
+    };
+    let config = compiled.config.clone();
     // Bind added listeners before loading filters: loading publishes the
     // filters' new versions in the registry (and runs their on_configure),
     // so it must be the last step that can fail. A plan dropped on a filter
@@ -246,13 +258,7 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
     let generation = current.generation + 1;
-    let next = Snapshot::next(
-        &current,
-        generation,
-        Arc::new(config),
-        filters,
-        &shared.metrics,
-    );
+    let next = Snapshot::new(generation, compiled, filters);
     if !plan.is_empty() {
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
@@ -260,6 +266,7 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
         not_draining(shared)?;
     }
     shared.snapshot.store(Arc::new(next));
+    shared.snapshot.load().start_tls(&shared.metrics);
     listeners.start(plan);
     shared.reload_succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
@@ -277,26 +284,30 @@ fn shown(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// The worker threads and the admin socket live as long as the process.
+/// The worker threads and the admin socket live as long as the process,
+/// and so does the trace exporter (telemetry::trace::init); `[admin]
+/// token` is read per admin request, so it may change.
 fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
-    // `[admin] token` is read per admin request, so it may change.
-    if old.workers != new.workers
-        || old.admin.bind != new.admin.bind
-        || old.admin.probes != new.admin.probes
-    {
-        return Err(format!(
-            "{}: [proxy] workers, [admin] bind and [admin] probes need a restart (nothing was applied)",
-            shown(&new.path)
-        ));
+    let (was, now) = (old.restart_only(), new.restart_only());
+    if was == now {
+        return Ok(());
     }
-    // The exporter and its thread are set up once (telemetry::trace::init).
-    if old.tracing != new.tracing {
-        return Err(format!(
-            "{}: [tracing] needs a restart (nothing was applied)",
-            shown(&new.path)
-        ));
-    }
-    Ok(())
+    let only_tracing = config::RestartOnly {
+        tracing: None,
+        ..was
+    } == config::RestartOnly {
+        tracing: None,
+        ..now
+    };
+    let what = if only_tracing {
+        "[tracing] needs"
+    } else {
+        "[proxy] workers, [admin] bind and [admin] probes need"
+    };
+    Err(format!(
+        "{}: {what} a restart (nothing was applied)",
+        shown(&new.path)
+    ))
 }
 
 impl Shared {

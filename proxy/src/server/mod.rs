@@ -15,7 +15,6 @@
 //! app's exit code in wrapper mode.
 
 mod app;
-mod snapshot;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,10 +30,11 @@ pub use app::AppSpec;
 pub const fn app_default_proxy_listener() -> &'static str {
     app::DEFAULT_PROXY_LISTENER
 }
-pub use snapshot::{ListenerRuntime, Snapshot};
+pub use crate::snapshot::Snapshot;
 
 use crate::config::{Config, FailMode};
 use crate::filter::{FailPolicy, FilterRuntime, FilterSpec};
+use crate::snapshot::Compiled;
 use crate::telemetry::logging::LevelHandle;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstreams;
@@ -95,7 +95,7 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
             Some((generation, ups)) if *generation == snapshot.generation => ups.clone(),
             prev => {
                 let prev = prev.as_ref().map(|(_, ups)| &**ups);
-                let ups = Arc::new(Upstreams::build(&snapshot.config, &shared.metrics, prev));
+                let ups = Arc::new(Upstreams::build(&snapshot.clusters, &shared.metrics, prev));
                 *slot = Some((snapshot.generation, ups.clone()));
                 ups
             }
@@ -105,16 +105,18 @@ pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> 
 
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
+///
+/// `compiled` is the first generation's config, compiled with `metrics`.
 pub fn run(
-    config: Config,
+    compiled: Compiled,
+    metrics: Arc<Metrics>,
     log_level: Option<LevelHandle>,
     app: Option<AppSpec>,
 ) -> anyhow::Result<u8> {
-    let metrics = Metrics::new();
+    let config = compiled.config.clone();
     // Before any worker serves: requests read the tracer without a lock.
     // Dropped last, outside the runtimes, so queued spans are flushed.
     let _tracing = crate::telemetry::trace::init(config.tracing.as_ref())?;
-    let config = Arc::new(config);
     // Filters load before anything binds: a filter that cannot load stops
     // start-up with its reason, and /ready means "filters loaded" too.
     let callouts = Arc::new(crate::upstream::Callouts::default());
@@ -123,7 +125,10 @@ pub fn run(
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
     let filter_set = filters.load(filter_specs(&config)?)?;
-    let snapshot = Snapshot::build(1, config.clone(), filter_set, &metrics);
+    let snapshot = Snapshot::new(1, compiled, filter_set);
+    // Certificate watchers and expiry gauges from the start, not from the
+    // first connection.
+    snapshot.start_tls(&metrics);
     let (shutdown, _) = watch::channel(false);
     let (drain_inbound, _) = watch::channel(false);
     let (drain_outbound, _) = watch::channel(false);
@@ -185,7 +190,11 @@ pub fn run(
     let code = control.block_on(async {
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
         // Discovery, health checks and ejection expiry for every cluster.
-        tokio::spawn(crate::upstream::control::run(shared.clone()));
+        let snapshots = shared.clone();
+        tokio::spawn(crate::upstream::control::run(move || {
+            let snapshot = snapshots.snapshot.load();
+            snapshot.clusters.iter().map(|c| c.state.clone()).collect()
+        }));
         let reloads = crate::reload::start(shared.clone(), listener_set);
         let _ = shared.reload.set(reloads.clone());
         tokio::spawn(reload_on_sighup(reloads));

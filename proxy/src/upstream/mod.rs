@@ -50,8 +50,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Balance, ClusterConfig, Config, UpstreamProtocol};
+use crate::config::{Balance, ClusterConfig, Endpoint, UpstreamProtocol};
 use crate::telemetry::Metrics;
+use crate::tls::ClientTls;
 use balance::{now_nanos, Balancer, Candidate, Load, Neutral, PickContext, Tuning};
 use connector::CountingConnector;
 
@@ -60,6 +61,32 @@ pub use connector::ConnectionOverflow;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type requests are sent upstream with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// One cluster of a snapshot: its settings, the endpoints it started
+/// with, the TLS material towards them and its live state. Reads as its
+/// [`ClusterConfig`] for the settings.
+#[derive(Debug)]
+pub struct Cluster {
+    pub config: ClusterConfig,
+    /// The static list resolved, or the first answer of file discovery;
+    /// DNS clusters start empty. The live set is in `state`.
+    pub endpoints: Vec<Endpoint>,
+    /// TLS towards the endpoints (current client config swapped in place
+    /// by its file watcher).
+    pub tls: Option<Arc<ClientTls>>,
+    /// Discovery, health, outlier and circuit-breaker state and the live
+    /// endpoint set, shared by the control thread and the workers; the
+    /// same `Arc` across generations while the cluster's config is equal.
+    pub state: Arc<ClusterState>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = ClusterConfig;
+
+    fn deref(&self) -> &ClusterConfig {
+        &self.config
+    }
+}
 
 /// One worker's view of every cluster, indexed by cluster id.
 #[derive(Debug)]
@@ -104,12 +131,11 @@ impl Upstreams {
     /// worker's previous generation) already has, unchanged, is carried
     /// over with its pool: a reload that swaps a filter or edits a route
     /// must not cost every worker its warm upstream connections.
-    /// "Unchanged" is [`adopt_states`]' verdict: the reload handed the new
-    /// config the very same cluster state only if the section is identical.
-    pub fn build(config: &Config, metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
+    /// "Unchanged" is the snapshot compiler's verdict: the new generation
+    /// has the very same cluster state only if the cluster's config is equal.
+    pub fn build(clusters: &[Cluster], metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
         Self {
-            clusters: config
-                .clusters
+            clusters: clusters
                 .iter()
                 .map(|c| {
                     prev.and_then(|p| {
@@ -136,39 +162,8 @@ impl Upstreams {
     }
 }
 
-/// Called by a reload before the new config is published: clusters whose
-/// section did not change keep their live state (discovered endpoints,
-/// health verdicts, ejections, counters, running discovery and health
-/// tasks); changed or new clusters start fresh (control thread).
-pub fn adopt_states(old: &Config, new: &mut Config) {
-    let unchanged: Vec<bool> = new
-        .clusters
-        .iter()
-        .map(|c| {
-            match (
-                old.file.clusters.get(&*c.name),
-                new.file.clusters.get(&*c.name),
-            ) {
-                (Some(a), Some(b)) => match (serde_json::to_value(a), serde_json::to_value(b)) {
-                    (Ok(a), Ok(b)) => a == b,
-                    _ => false,
-                },
-                _ => false,
-            }
-        })
-        .collect();
-    for (c, same) in new.clusters.iter_mut().zip(unchanged) {
-        if !same {
-            continue;
-        }
-        if let Some(prev) = old.clusters.iter().find(|p| p.name == c.name) {
-            c.state = prev.state.clone();
-        }
-    }
-}
-
 impl Upstream {
-    fn new(config: &ClusterConfig, metrics: &Metrics) -> Self {
+    fn new(config: &Cluster, metrics: &Metrics) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
