@@ -13,6 +13,7 @@
 //! and nothing is applied unless all is well.
 
 pub mod cluster;
+pub mod filter;
 mod interpolate;
 pub mod route;
 pub mod schema;
@@ -118,6 +119,18 @@ pub struct ListenerLimits {
     pub h2_keepalive_interval: Option<Duration>,
     pub h2_keepalive_timeout: Duration,
 }
+
+/// HTTP/2 keepalive defaults (listener limits `h2_keepalive_interval`,
+/// `h2_keepalive_timeout`): a PING after this long without a frame from the
+/// peer (idle connections too), and the connection is closed when the
+/// answer takes longer than the timeout. The timeout is generous because a
+/// PING queues behind the response bytes already in the send buffer: a
+/// healthy client downloading slowly must not be taken for a dead one (a
+/// client that stopped reading is the guard's, `stream_idle_timeout` after
+/// its writes stopped). The same values apply towards h2 upstreams
+/// (`upstream`).
+pub const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A route's deadline for the response headers when neither it nor its
 /// cluster sets one (Envoy's default).
@@ -663,7 +676,7 @@ impl<'a> Validator<'a> {
 
     /// `[filters.NAME] limits` the engine cannot honour.
     fn filter_limits(&mut self, file: &schema::File) {
-        let max = crate::filter::HostLimits::MAX_HEADERS;
+        let max = filter::HostLimits::MAX_HEADERS;
         for (name, decl) in &file.filters {
             if decl.limits.headers > max {
                 self.at(

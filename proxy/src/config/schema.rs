@@ -228,7 +228,7 @@ pub struct FilterLimits {
 
 impl Default for FilterLimits {
     fn default() -> Self {
-        use crate::filter::HostLimits as H;
+        use super::filter::HostLimits as H;
         let size = |n: usize| Size(n as u64);
         Self {
             cpu: Dur(std::time::Duration::from_millis(50)),
@@ -252,9 +252,9 @@ impl Default for FilterLimits {
 
 impl FilterLimits {
     /// The engine's host-call caps (sizes past `usize` saturate).
-    pub fn host_limits(&self) -> crate::filter::HostLimits {
+    pub fn host_limits(&self) -> super::filter::HostLimits {
         let size = |s: Size| usize::try_from(s.0).unwrap_or(usize::MAX);
-        crate::filter::HostLimits {
+        super::filter::HostLimits {
             headers: self.headers,
             header_bytes: size(self.header_bytes),
             log_bytes: size(self.log_bytes),
@@ -368,8 +368,8 @@ impl Default for ListenerLimits {
             idle_timeout: Dur(std::time::Duration::from_secs(60)),
             stream_idle_timeout: Dur(std::time::Duration::from_secs(300)),
             request_timeout: Dur(std::time::Duration::ZERO),
-            h2_keepalive_interval: Dur(crate::listener::H2_KEEPALIVE_INTERVAL),
-            h2_keepalive_timeout: Dur(crate::listener::H2_KEEPALIVE_TIMEOUT),
+            h2_keepalive_interval: Dur(super::H2_KEEPALIVE_INTERVAL),
+            h2_keepalive_timeout: Dur(super::H2_KEEPALIVE_TIMEOUT),
         }
     }
 }

@@ -382,7 +382,7 @@ fn filter_host_limits_parse_with_defaults_and_a_bound() {
     );
     let l = c.file.filters["a"].limits.host_limits();
     assert_eq!((l.headers, l.log_bytes, l.callouts), (50, 1024, 3));
-    let d = crate::filter::HostLimits::default();
+    let d = super::filter::HostLimits::default();
     assert_eq!(
         (l.header_bytes, l.shared_data, l.metrics),
         (d.header_bytes, d.shared_data, d.metrics)

@@ -34,8 +34,7 @@ pub use error::{local_response, ProxyError};
 
 use crate::errors::ErrorCode;
 use crate::filter::{StreamInfo, Verdict};
-use crate::server::Shared;
-use crate::snapshot::{ListenerSnapshot, Snapshot};
+use crate::snapshot::{ListenerSnapshot, Snapshot, Snapshots};
 use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
@@ -49,7 +48,9 @@ const VIA_H2: &str = "2.0 wasp";
 /// What a request needs to know about the connection it came on.
 #[derive(Debug)]
 pub struct ConnCtx {
-    pub shared: Arc<Shared>,
+    pub snapshots: Arc<Snapshots>,
+    /// The worker's upstream pools.
+    pub pools: Arc<upstream::WorkerPools>,
     /// The listener's name. Each request finds it in its own snapshot, as a
     /// reload may add or remove listeners around it.
     pub listener: Arc<str>,
@@ -100,7 +101,7 @@ pub async fn handle(
     let in_flight = InFlight(conn.activity.clone());
     let start = Instant::now();
     let h2 = req.version() == Version::HTTP_2;
-    let snapshot = conn.shared.snapshot.load_full();
+    let snapshot = conn.snapshots.load_full();
     let Some(listener) = snapshot.listener(&conn.listener) else {
         // A reload removed the listener while this request's head was
         // arriving; its connection is closing.
@@ -111,7 +112,9 @@ pub async fn handle(
         );
         return Ok(listener_removed(&conn.listener));
     };
-    let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
+    let upstreams = conn
+        .pools
+        .upstreams(snapshot.generation, &snapshot.clusters);
     // One id for the request everywhere: upstream header, filters, logs.
     let request_id = ensure_request_id(req.headers_mut());
     // Spans (when tracing is on) start their clock here.

@@ -37,9 +37,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
+use crate::filter::FilterRuntime;
+use crate::lifecycle::Lifecycle;
 use crate::listener::ListenerSet;
-use crate::server::{filter_specs, Shared};
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, filter_specs, Snapshot, Snapshots};
+use crate::telemetry::Metrics;
 
 /// Why a reload was asked for.
 #[derive(Debug)]
@@ -58,6 +60,69 @@ pub enum Trigger {
 /// The handle the admin API and signal handler use to ask for a reload.
 pub type Requests = mpsc::UnboundedSender<Trigger>;
 
+/// What the reload loop works with: the published snapshots, the process's
+/// lifecycle (no reload once draining), the Wasm engine and the metrics.
+#[derive(Clone)]
+pub struct Context {
+    pub snapshots: Arc<Snapshots>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub filters: Arc<FilterRuntime>,
+    pub metrics: Arc<Metrics>,
+    pub handle: Arc<ReloadHandle>,
+}
+
+/// How `/reload` and `/config` ask for a reload and read its outcome.
+#[derive(Debug, Default)]
+pub struct ReloadHandle {
+    /// Last reload outcome (control thread).
+    status: std::sync::Mutex<Status>,
+    failures: std::sync::atomic::AtomicU64,
+    /// Set once the reload loop runs.
+    requests: std::sync::OnceLock<Requests>,
+}
+
+impl ReloadHandle {
+    pub fn new(generation: u64) -> Arc<Self> {
+        Arc::new(Self {
+            status: std::sync::Mutex::new(Status {
+                generation,
+                last_error: None,
+            }),
+            ..Self::default()
+        })
+    }
+
+    /// The reload loop's request channel; `None` until it runs.
+    pub fn requests(&self) -> Option<&Requests> {
+        self.requests.get()
+    }
+
+    /// The last outcome.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Rejected reloads since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self, generation: u64) {
+        if let Ok(mut s) = self.status.lock() {
+            s.generation = generation;
+            s.last_error = None;
+        }
+    }
+
+    fn failed(&self, error: &str) {
+        tracing::error!("reload rejected, the previous configuration keeps serving: {error}");
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = Some(error.to_string());
+        }
+    }
+}
+
 /// How long a file must stay unchanged before it is read.
 const SETTLE: Duration = Duration::from_millis(60);
 /// Quiet time that ends a burst of file events while a file may still be
@@ -74,9 +139,10 @@ const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
 const RETRY_WINDOW: Duration = Duration::from_millis(500);
 
 /// Starts the watchers and the reload loop. Returns the request handle.
-pub fn start(shared: Arc<Shared>, listeners: ListenerSet) -> Requests {
+pub fn start(shared: Context, listeners: ListenerSet) -> Requests {
     let (tx, rx) = mpsc::unbounded_channel();
-    let snapshot = shared.snapshot.load();
+    let _ = shared.handle.requests.set(tx.clone());
+    let snapshot = shared.snapshots.load();
     let watcher = watch::start(
         &snapshot.config.path,
         &snapshot.config.filters_dir,
@@ -87,7 +153,7 @@ pub fn start(shared: Arc<Shared>, listeners: ListenerSet) -> Requests {
 }
 
 async fn run(
-    shared: Arc<Shared>,
+    shared: Context,
     mut listeners: ListenerSet,
     mut rx: mpsc::UnboundedReceiver<Trigger>,
     _watcher: Option<watch::Watcher>,
@@ -171,7 +237,7 @@ impl Burst {
 /// be done), then reloads; a failure while a file is still being written
 /// is retried.
 async fn reload_settled(
-    shared: &Shared,
+    shared: &Context,
     listeners: &mut ListenerSet,
     files: &[PathBuf],
     complete: bool,
@@ -194,7 +260,7 @@ async fn reload_settled(
                     tracing::debug!("reload failed while a file was still changing; retrying: {e}");
                     continue;
                 }
-                shared.reload_failed(&e);
+                shared.handle.failed(&e);
                 return Err(e);
             }
         }
@@ -229,9 +295,9 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 }
 
 /// Builds and publishes the next generation from the files on disk.
-async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, String> {
+async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, String> {
     not_draining(shared)?;
-    let current = shared.snapshot.load_full();
+    let current = shared.snapshots.load_full();
     let path = current.config.path.clone();
     let config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
     check_restart_only(&current.config, &config)?;
@@ -265,16 +331,16 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
         // longer take new listeners then, so none are handed over.
         not_draining(shared)?;
     }
-    shared.snapshot.store(Arc::new(next));
-    shared.snapshot.load().start_tls(&shared.metrics);
+    next.start_tls(&shared.metrics);
+    shared.snapshots.store(Arc::new(next));
     listeners.start(plan);
-    shared.reload_succeeded(generation);
+    shared.handle.succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
     Ok(generation)
 }
 
-fn not_draining(shared: &Shared) -> Result<(), String> {
-    if shared.draining.load(Ordering::Acquire) {
+fn not_draining(shared: &Context) -> Result<(), String> {
+    if shared.lifecycle.is_draining() {
         return Err("shutting down: reloads are no longer applied".to_string());
     }
     Ok(())
@@ -308,23 +374,6 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
         "{}: {what} a restart (nothing was applied)",
         shown(&new.path)
     ))
-}
-
-impl Shared {
-    fn reload_succeeded(&self, generation: u64) {
-        if let Ok(mut s) = self.reload_status.lock() {
-            s.generation = generation;
-            s.last_error = None;
-        }
-    }
-
-    fn reload_failed(&self, error: &str) {
-        tracing::error!("reload rejected, the previous configuration keeps serving: {error}");
-        self.reload_failures.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut s) = self.reload_status.lock() {
-            s.last_error = Some(error.to_string());
-        }
-    }
 }
 
 /// What `/reload` and `/config` report.

@@ -16,13 +16,10 @@
 
 mod app;
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 pub use app::AppSpec;
 
@@ -30,78 +27,16 @@ pub use app::AppSpec;
 pub const fn app_default_proxy_listener() -> &'static str {
     app::DEFAULT_PROXY_LISTENER
 }
-pub use crate::snapshot::Snapshot;
 
-use crate::config::{Config, FailMode};
-use crate::filter::{FailPolicy, FilterRuntime, FilterSpec};
-use crate::snapshot::Compiled;
+use crate::config::Config;
+use crate::filter::FilterRuntime;
+use crate::lifecycle::Lifecycle;
+use crate::listener::Worker;
+use crate::reload::ReloadHandle;
+use crate::snapshot::{filter_specs, Compiled, Snapshot, Snapshots};
 use crate::telemetry::logging::LevelHandle;
 use crate::telemetry::Metrics;
-use crate::upstream::Upstreams;
-
-/// State shared by the control thread and every worker.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Arc<Metrics>,
-    /// Listeners bound and everything loaded; false again once draining.
-    pub ready: AtomicBool,
-    pub draining: AtomicBool,
-    /// Turns true when a shutdown starts (signal or admin); the control
-    /// thread then runs the drain sequence.
-    pub shutdown: watch::Sender<bool>,
-    /// Tell inbound / outbound listeners to stop accepting and drain.
-    pub drain_inbound: watch::Sender<bool>,
-    pub drain_outbound: watch::Sender<bool>,
-    pub log_level: Option<LevelHandle>,
-    pub started: std::time::Instant,
-    /// The Wasm engine: compiled modules, filter metrics and status.
-    pub filters: Arc<FilterRuntime>,
-    /// Last reload outcome, for `/reload` and `/config` (control thread).
-    pub reload_status: std::sync::Mutex<crate::reload::Status>,
-    pub reload_failures: std::sync::atomic::AtomicU64,
-    /// Asks the reload loop for a reload (set once the loop runs).
-    pub reload: std::sync::OnceLock<crate::reload::Requests>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("generation", &self.snapshot.load().generation)
-            .finish()
-    }
-}
-
-impl Shared {
-    /// Starts a graceful shutdown; safe to call more than once.
-    pub fn begin_shutdown(&self, why: &str) {
-        if !self.draining.swap(true, Ordering::AcqRel) {
-            tracing::info!("shutting down ({why}): draining in-flight requests");
-            self.ready.store(false, Ordering::Release);
-            self.shutdown.send_replace(true);
-        }
-    }
-}
-
-thread_local! {
-    /// This worker's pools, for the snapshot generation they were built from.
-    static UPSTREAMS: RefCell<Option<(u64, Arc<Upstreams>)>> = const { RefCell::new(None) };
-}
-
-/// The calling worker's upstream pools for `snapshot`, built on first use.
-pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> {
-    UPSTREAMS.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        match &*slot {
-            Some((generation, ups)) if *generation == snapshot.generation => ups.clone(),
-            prev => {
-                let prev = prev.as_ref().map(|(_, ups)| &**ups);
-                let ups = Arc::new(Upstreams::build(&snapshot.clusters, &shared.metrics, prev));
-                *slot = Some((snapshot.generation, ups.clone()));
-                ups
-            }
-        }
-    })
-}
+use crate::upstream::WorkerPools;
 
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
@@ -129,28 +64,20 @@ pub fn run(
     // Certificate watchers and expiry gauges from the start, not from the
     // first connection.
     snapshot.start_tls(&metrics);
-    let (shutdown, _) = watch::channel(false);
-    let (drain_inbound, _) = watch::channel(false);
-    let (drain_outbound, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        metrics,
-        ready: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
-        shutdown,
-        drain_inbound,
-        drain_outbound,
-        log_level,
-        started: std::time::Instant::now(),
-        filters,
-        reload_status: std::sync::Mutex::new(crate::reload::Status {
-            generation: 1,
-            last_error: None,
-        }),
-        reload_failures: std::sync::atomic::AtomicU64::new(0),
-        reload: std::sync::OnceLock::new(),
+    let snapshots: Arc<Snapshots> = Arc::new(ArcSwap::from_pointee(snapshot));
+    let lifecycle = Arc::new(Lifecycle::default());
+    let reload = ReloadHandle::new(1);
+    callouts.attach({
+        // Weak: the snapshot holds the filters, which hold the callouts.
+        let snapshots = Arc::downgrade(&snapshots);
+        let metrics = metrics.clone();
+        Box::new(move |cluster: &str| {
+            let snapshot = snapshots.upgrade()?.load_full();
+            let id = snapshot.cluster_id(cluster)?;
+            let pools = WorkerPools::current(&metrics);
+            Some((id, pools.upstreams(snapshot.generation, &snapshot.clusters)))
+        })
     });
-    callouts.attach(&shared);
 
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
@@ -175,10 +102,15 @@ pub fn run(
 
     let mut threads = Vec::with_capacity(workers);
     for (w, sockets) in per_worker.into_iter().enumerate() {
-        let shared = shared.clone();
+        let worker = Worker {
+            snapshots: snapshots.clone(),
+            lifecycle: lifecycle.clone(),
+            metrics: metrics.clone(),
+            pools: WorkerPools::new(metrics.clone()),
+        };
         let handle = std::thread::Builder::new()
             .name(format!("wasp-worker-{w}"))
-            .spawn(move || worker_main(w, sockets, shared))
+            .spawn(move || worker_main(w, sockets, worker))
             .context("cannot start a worker thread")?;
         threads.push(handle);
     }
@@ -188,24 +120,42 @@ pub fn run(
         .build()
         .context("cannot start the control runtime")?;
     let code = control.block_on(async {
-        let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        let admin_task = tokio::spawn(crate::admin::serve(
+            admin,
+            Arc::new(crate::admin::Context {
+                snapshots: snapshots.clone(),
+                lifecycle: lifecycle.clone(),
+                reload: reload.clone(),
+                filters: filters.clone(),
+                metrics: metrics.clone(),
+                log_level,
+            }),
+        ));
         // Discovery, health checks and ejection expiry for every cluster.
-        let snapshots = shared.clone();
+        let current = snapshots.clone();
         tokio::spawn(crate::upstream::control::run(move || {
-            let snapshot = snapshots.snapshot.load();
+            let snapshot = current.load();
             snapshot.clusters.iter().map(|c| c.state.clone()).collect()
         }));
-        let reloads = crate::reload::start(shared.clone(), listener_set);
-        let _ = shared.reload.set(reloads.clone());
+        let reloads = crate::reload::start(
+            crate::reload::Context {
+                snapshots: snapshots.clone(),
+                lifecycle: lifecycle.clone(),
+                filters: filters.clone(),
+                metrics: metrics.clone(),
+                handle: reload.clone(),
+            },
+            listener_set,
+        );
         tokio::spawn(reload_on_sighup(reloads));
-        shared.ready.store(true, Ordering::Release);
+        lifecycle.set_ready();
         tracing::info!(workers, admin = %config.admin.bind, "wasp is ready");
         // Only now, with every listener bound, may the app start calling out.
         let mut child = match app {
             Some(spec) => Some(app::spawn(&spec, outbound_addr)?),
             None => None,
         };
-        let code = drain_sequence(&shared, &config, child.as_mut()).await;
+        let code = drain_sequence(&lifecycle, &config, child.as_mut()).await;
         // Workers drain on their own threads; wait for them off the runtime.
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -222,7 +172,7 @@ pub fn run(
 
 /// Waits for the reason to stop, then drains in order (see the module docs).
 async fn drain_sequence(
-    shared: &Shared,
+    shared: &Lifecycle,
     config: &Config,
     mut child: Option<&mut app::Child>,
 ) -> u8 {
@@ -248,7 +198,7 @@ async fn drain_sequence(
             tokio::time::sleep(config.drain_delay).await;
         }
     }
-    shared.drain_inbound.send_replace(true);
+    shared.start_drain(false);
     if app_code.is_none() && child.is_some() {
         // The app may still be finishing its own outbound calls.
         match tokio::time::timeout(config.drain_timeout, app::wait(&mut child)).await {
@@ -262,7 +212,7 @@ async fn drain_sequence(
             }
         }
     }
-    shared.drain_outbound.send_replace(true);
+    shared.start_drain(true);
     app_code.unwrap_or(0)
 }
 
@@ -283,59 +233,7 @@ async fn reload_on_sighup(reloads: crate::reload::Requests) {
     }
 }
 
-/// The engine's view of every `[filters.NAME]` section. A `NAME.toml` in
-/// the filters directory, when present, replaces the section's `config`, so
-/// a filter's settings can ship (and hot-reload) beside its module.
-pub(crate) fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
-    let mut specs = Vec::with_capacity(config.file.filters.len());
-    for (name, decl) in &config.file.filters {
-        let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
-        let beside = config.filters_dir.join(format!("{name}.toml"));
-        spec.config = match std::fs::read_to_string(&beside) {
-            Ok(text) => {
-                let table: toml::Table = toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("filter \"{name}\": {}: {e}", beside.display()))?;
-                config_bytes(Some(&toml::Value::Table(table)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                config_bytes(decl.config.as_ref())
-            }
-            Err(e) => anyhow::bail!("filter \"{name}\": cannot read {}: {e}", beside.display()),
-        };
-        spec.vm_config = config_bytes(decl.vm_config.as_ref());
-        spec.fail = match decl.fail {
-            FailMode::Open => FailPolicy::Open,
-            FailMode::Closed => FailPolicy::Closed,
-        };
-        spec.cpu_limit = decl.limits.cpu.0;
-        spec.memory_limit = decl.limits.memory.0;
-        spec.instances = decl.limits.instances;
-        spec.tick_min = decl.limits.tick_min.0;
-        spec.root_cpu = decl.limits.root_cpu.0;
-        spec.max_body_bytes = config
-            .listeners
-            .iter()
-            .map(|l| l.limits.max_body_bytes)
-            .max()
-            .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
-        spec.host_limits = decl.limits.host_limits();
-        specs.push(spec);
-    }
-    Ok(specs)
-}
-
-/// A TOML table reaches the guest as JSON; a string as its raw bytes.
-fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
-    match value {
-        None => bytes::Bytes::new(),
-        Some(toml::Value::String(s)) => bytes::Bytes::from(s.clone()),
-        Some(v) => serde_json::to_vec(v)
-            .map(bytes::Bytes::from)
-            .unwrap_or_default(),
-    }
-}
-
-fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared: Arc<Shared>) {
+fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, worker: Worker) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -343,24 +241,25 @@ fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(worker = index, "cannot start the worker runtime: {e}");
-            shared.begin_shutdown("a worker failed to start");
+            worker.lifecycle.begin_shutdown("a worker failed to start");
             return;
         }
     };
     FilterRuntime::init_worker_thread();
+    worker.pools.enter();
     let (sockets, mut added) = listeners;
     rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for job in sockets {
-            tasks.spawn(crate::listener::serve(job, shared.clone()));
+            tasks.spawn(crate::listener::serve(job, worker.clone()));
         }
         // Listeners added by reloads arrive until the last drain starts.
-        let mut last_drain = shared.drain_outbound.subscribe();
+        let mut last_drain = worker.lifecycle.drain_signal(true);
         loop {
             tokio::select! {
                 job = added.recv() => match job {
                     Some(job) => {
-                        tasks.spawn(crate::listener::serve(job, shared.clone()));
+                        tasks.spawn(crate::listener::serve(job, worker.clone()));
                     }
                     None => break,
                 },
@@ -385,8 +284,8 @@ fn report_serve_end(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-async fn wait_for_shutdown(shared: &Shared) {
-    let mut rx = shared.shutdown.subscribe();
+async fn wait_for_shutdown(shared: &Lifecycle) {
+    let mut rx = shared.shutdown_requested();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

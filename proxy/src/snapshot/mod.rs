@@ -21,14 +21,21 @@ use std::ops::Deref;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use crate::config::FailMode;
 use crate::config::{
     ClusterConfig, Config, ConfigError, Discovery, Endpoint, ListenerConfig, Problem,
 };
-use crate::filter::FilterSet;
+use crate::filter::{FailPolicy, FilterSet, FilterSpec};
 use crate::route::{self, RouteTable};
 use crate::telemetry::{ListenerStats, Metrics, RequestStats};
 use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::{discovery, Cluster, ClusterState, RetryBudget};
+
+/// The current generation, published with `arc-swap`: the control thread
+/// stores, everyone else loads (once per request on the workers).
+pub type Snapshots = ArcSwap<Snapshot>;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -286,6 +293,58 @@ impl Snapshot {
         for tls in self.clusters.iter().filter_map(|c| c.tls.as_ref()) {
             tls.start(metrics);
         }
+    }
+}
+
+/// The engine's view of every `[filters.NAME]` section. A `NAME.toml` in
+/// the filters directory, when present, replaces the section's `config`, so
+/// a filter's settings can ship (and hot-reload) beside its module.
+pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
+    let mut specs = Vec::with_capacity(config.file.filters.len());
+    for (name, decl) in &config.file.filters {
+        let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
+        let beside = config.filters_dir.join(format!("{name}.toml"));
+        spec.config = match std::fs::read_to_string(&beside) {
+            Ok(text) => {
+                let table: toml::Table = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("filter \"{name}\": {}: {e}", beside.display()))?;
+                config_bytes(Some(&toml::Value::Table(table)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                config_bytes(decl.config.as_ref())
+            }
+            Err(e) => anyhow::bail!("filter \"{name}\": cannot read {}: {e}", beside.display()),
+        };
+        spec.vm_config = config_bytes(decl.vm_config.as_ref());
+        spec.fail = match decl.fail {
+            FailMode::Open => FailPolicy::Open,
+            FailMode::Closed => FailPolicy::Closed,
+        };
+        spec.cpu_limit = decl.limits.cpu.0;
+        spec.memory_limit = decl.limits.memory.0;
+        spec.instances = decl.limits.instances;
+        spec.tick_min = decl.limits.tick_min.0;
+        spec.root_cpu = decl.limits.root_cpu.0;
+        spec.max_body_bytes = config
+            .listeners
+            .iter()
+            .map(|l| l.limits.max_body_bytes)
+            .max()
+            .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
+        spec.host_limits = decl.limits.host_limits();
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+/// A TOML table reaches the guest as JSON; a string as its raw bytes.
+fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
+    match value {
+        None => bytes::Bytes::new(),
+        Some(toml::Value::String(s)) => bytes::Bytes::from(s.clone()),
+        Some(v) => serde_json::to_vec(v)
+            .map(bytes::Bytes::from)
+            .unwrap_or_default(),
     }
 }
 

@@ -88,6 +88,69 @@ impl std::ops::Deref for Cluster {
     }
 }
 
+/// One worker's upstream pools, for the snapshot generation they were built
+/// from: made by `server` for each worker thread and handed to its
+/// listeners, so a request finds its worker's pools without a lookup.
+/// Only its own worker touches it; the `ArcSwap` is for `Sync`, not for
+/// contention.
+#[derive(Debug)]
+pub struct WorkerPools {
+    metrics: Arc<Metrics>,
+    current: arc_swap::ArcSwapOption<Pools>,
+}
+
+#[derive(Debug)]
+struct Pools {
+    generation: u64,
+    upstreams: Arc<Upstreams>,
+}
+
+thread_local! {
+    /// The pools of the worker running on this thread, for callouts, which
+    /// the filter engine makes without a connection at hand.
+    static CURRENT: std::cell::RefCell<Option<Arc<WorkerPools>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl WorkerPools {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            current: arc_swap::ArcSwapOption::empty(),
+        })
+    }
+
+    /// Makes these the pools of the calling thread (a worker, at start).
+    pub fn enter(self: &Arc<Self>) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The calling thread's pools; a thread that is not a worker gets its
+    /// own on first use.
+    pub fn current(metrics: &Arc<Metrics>) -> Arc<Self> {
+        CURRENT.with(|c| {
+            c.borrow_mut()
+                .get_or_insert_with(|| Self::new(metrics.clone()))
+                .clone()
+        })
+    }
+
+    /// The pools for generation `generation` of `clusters`, built on first
+    /// use from the previous generation's (see [`Upstreams::build`]).
+    pub fn upstreams(&self, generation: u64, clusters: &[Cluster]) -> Arc<Upstreams> {
+        let current = self.current.load();
+        if let Some(p) = current.as_ref().filter(|p| p.generation == generation) {
+            return p.upstreams.clone();
+        }
+        let prev = current.as_ref().map(|p| &*p.upstreams);
+        let upstreams = Arc::new(Upstreams::build(clusters, &self.metrics, prev));
+        self.current.store(Some(Arc::new(Pools {
+            generation,
+            upstreams: upstreams.clone(),
+        })));
+        upstreams
+    }
+}
+
 /// One worker's view of every cluster, indexed by cluster id.
 #[derive(Debug)]
 pub struct Upstreams {
@@ -185,8 +248,8 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .http2_keep_alive_interval(Some(crate::listener::H2_KEEPALIVE_INTERVAL))
-            .http2_keep_alive_timeout(crate::listener::H2_KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_interval(Some(crate::config::H2_KEEPALIVE_INTERVAL))
+            .http2_keep_alive_timeout(crate::config::H2_KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true);
         let neutral = Arc::new(Neutral::default());
         let up = Self {
