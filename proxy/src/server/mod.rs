@@ -1,10 +1,15 @@
-//! The process: the control thread, the workers, snapshots and shutdown.
+//! The process: wires the control thread, the workers, snapshots and
+//! shutdown together, and owns nothing else.
 //!
 //! The control thread (the main thread, a current-thread tokio runtime) owns
 //! the admin server and signals, and publishes [`Snapshot`]s through
-//! `arc-swap`. Each worker is a thread with its own current-thread runtime,
-//! its own listening sockets and its own upstream pools; workers read the
-//! snapshot once per request and otherwise share nothing.
+//! `arc-swap` ([`Snapshots`]). Each worker is a thread with its own
+//! current-thread runtime, its own listening sockets and its own upstream
+//! pools ([`Worker`], handed to every serve loop); workers read the snapshot
+//! once per request and otherwise share nothing. Each part gets only the
+//! handles it uses: `admin` an [`crate::admin::Context`], `reload` a
+//! [`crate::reload::Context`], listeners a [`Worker`], and all of them the
+//! process's [`Lifecycle`].
 //!
 //! Shutdown ordering (SIGTERM, SIGINT or `POST /shutdown`): `/ready` fails
 //! at once; inbound listeners keep serving for `drain_delay` so load

@@ -2,7 +2,7 @@
 //! the webpki roots), the client certificate presented for mTLS, the SNI
 //! sent, ALPN, and the identity check of `expect_identity`.
 //!
-//! Built on the control thread at config validation, reloaded on the
+//! Built when a snapshot is compiled (off the async runtimes), reloaded on the
 //! `wasp-tls-watch` thread when the files change, read by a worker's
 //! connector once per new upstream connection (never per request).
 //!

@@ -6,7 +6,7 @@
 //! - Loading PEM files, building rustls `ServerConfig`s and `ClientConfig`s,
 //!   and the identity rules (a peer's identity is its first URI SAN, e.g.
 //!   `spiffe://mesh.local/ns/default/sa/reviews`, else its first DNS SAN).
-//!   This runs on the control thread when the config is validated, and on a
+//!   This runs when a snapshot is compiled (`snapshot::compile`), and on a
 //!   watcher thread (`wasp-tls-watch`) when a certificate file changes.
 //! - [`ServerTls`] and [`ClientTls`] each hold their current rustls config
 //!   in an `ArcSwap`. Workers load it once per new connection (never per

@@ -2,8 +2,8 @@
 //! one and any number chosen by SNI), the client CA it may require, and the
 //! reload of all of that when the files change.
 //!
-//! Built on the control thread at config validation (so a bad file is a
-//! config error with a position), reloaded on the `wasp-tls-watch` thread,
+//! Built when a snapshot is compiled (so a bad file is a config error with
+//! the position of the listener's `tls`), reloaded on the `wasp-tls-watch` thread,
 //! read by workers once per accepted connection.
 
 use std::path::PathBuf;

@@ -2,13 +2,14 @@
 //! and balancers.
 //!
 //! Two halves:
-//! - Shared, per cluster ([`ClusterState`], built with the config, owned by
-//!   the control thread): the current endpoint set in an `ArcSwap`, each
+//! - Shared, per cluster ([`ClusterState`], made when a snapshot is
+//!   compiled and kept across generations while the cluster's config is
+//!   equal; owned by the control thread): the current endpoint set in an `ArcSwap`, each
 //!   endpoint's health, ejection and counters, the circuit-breaker counts
 //!   and retry budget. [`discovery`], [`health`] and the ejection timer
 //!   ([`control`]) update it on the control thread.
-//! - Per worker ([`Upstreams`], built from each config snapshot by the
-//!   worker that uses it): hyper-util's pooled client and the balancer.
+//! - Per worker ([`Upstreams`], built from each snapshot by the worker that
+//!   uses it, cached in its [`WorkerPools`]): hyper-util's pooled client and the balancer.
 //!   The balancer is rebuilt lazily, on the worker, when the cluster's
 //!   version moves (endpoints changed, an endpoint was ejected or marked
 //!   unhealthy); the pool is kept, so connections to endpoints that stay
