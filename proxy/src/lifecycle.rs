@@ -94,3 +94,31 @@ pub async fn drain_deadline_passed(mut close: watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_starts_once_and_ends_readiness() {
+        let l = Lifecycle::default();
+        let asked = l.shutdown_requested();
+        l.set_ready();
+        assert!(l.is_ready() && !l.is_draining());
+        l.begin_shutdown("test");
+        l.begin_shutdown("again");
+        assert!(!l.is_ready() && l.is_draining());
+        assert!(*asked.borrow());
+    }
+
+    #[test]
+    fn inbound_and_outbound_drain_separately() {
+        let l = Lifecycle::default();
+        let (inbound, outbound) = (l.drain_signal(false), l.drain_signal(true));
+        l.start_drain(false);
+        assert!(*inbound.borrow());
+        assert!(!*outbound.borrow());
+        l.start_drain(true);
+        assert!(*outbound.borrow());
+    }
+}

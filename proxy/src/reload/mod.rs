@@ -382,3 +382,44 @@ pub struct Status {
     pub generation: u64,
     pub last_error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[proxy]\nworkers = 2\n[admin]\nbind = \"127.0.0.1:9901\"\n";
+
+    fn config(text: &str) -> Config {
+        config::parse(Path::new("/etc/wasp/wasp.toml"), text, |_| None).expect("valid config")
+    }
+
+    #[test]
+    fn restart_only_settings_are_compared_whole() {
+        let old = config(BASE);
+        assert!(check_restart_only(&old, &config(BASE)).is_ok());
+        // A token is read per admin request: it may change.
+        let token = format!("{BASE}token = \"0123456789abcdef0123\"\n");
+        assert!(check_restart_only(&old, &config(&token)).is_ok());
+        let workers = config(&BASE.replace("workers = 2", "workers = 3"));
+        let e = check_restart_only(&old, &workers).expect_err("workers need a restart");
+        assert!(e.contains("[proxy] workers"), "{e}");
+        let tracing = config(&format!(
+            "{BASE}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n"
+        ));
+        let e = check_restart_only(&old, &tracing).expect_err("tracing needs a restart");
+        assert!(e.contains("[tracing] needs a restart"), "{e}");
+    }
+
+    #[test]
+    fn the_handle_keeps_the_last_outcome() {
+        let h = ReloadHandle::new(1);
+        assert!(h.requests().is_none(), "no loop yet");
+        h.failed("bad file");
+        assert_eq!(h.failures(), 1);
+        assert_eq!(h.status().last_error.as_deref(), Some("bad file"));
+        h.succeeded(2);
+        assert_eq!(h.status().generation, 2);
+        assert!(h.status().last_error.is_none());
+        assert_eq!(h.failures(), 1, "failures count since start");
+    }
+}
