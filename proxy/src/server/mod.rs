@@ -41,7 +41,7 @@ use crate::reload::ReloadHandle;
 use crate::snapshot::{filter_specs, Compiled, Snapshot, Snapshots};
 use crate::telemetry::logging::LevelHandle;
 use crate::telemetry::Metrics;
-use crate::upstream::WorkerPools;
+use crate::upstream::{ClusterLookup, WorkerPools};
 
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
@@ -72,17 +72,7 @@ pub fn run(
     let snapshots: Arc<Snapshots> = Arc::new(ArcSwap::from_pointee(snapshot));
     let lifecycle = Arc::new(Lifecycle::default());
     let reload = ReloadHandle::new(1);
-    callouts.attach({
-        // Weak: the snapshot holds the filters, which hold the callouts.
-        let snapshots = Arc::downgrade(&snapshots);
-        let metrics = metrics.clone();
-        Box::new(move |cluster: &str| {
-            let snapshot = snapshots.upgrade()?.load_full();
-            let id = snapshot.cluster_id(cluster)?;
-            let pools = WorkerPools::current(&metrics);
-            Some((id, pools.upstreams(snapshot.generation, &snapshot.clusters)))
-        })
-    });
+    callouts.attach(callout_lookup(&snapshots, &metrics));
 
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
@@ -173,6 +163,20 @@ pub fn run(
     })?;
     tracing::info!("drained; bye");
     Ok(code)
+}
+
+/// How filter callouts find a cluster: by name in the current snapshot,
+/// through the calling worker's pools. Weak: the snapshot holds the
+/// filters, which hold the callouts.
+fn callout_lookup(snapshots: &Arc<Snapshots>, metrics: &Arc<Metrics>) -> ClusterLookup {
+    let snapshots = Arc::downgrade(snapshots);
+    let metrics = metrics.clone();
+    Box::new(move |cluster: &str| {
+        let snapshot = snapshots.upgrade()?.load_full();
+        let id = snapshot.cluster_id(cluster)?;
+        let pools = WorkerPools::current(&metrics);
+        Some((id, pools.upstreams(snapshot.generation, &snapshot.clusters)))
+    })
 }
 
 /// Waits for the reason to stop, then drains in order (see the module docs).

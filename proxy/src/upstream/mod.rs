@@ -31,7 +31,7 @@ pub mod outlier;
 mod report;
 pub mod retry;
 
-pub use callout::Callouts;
+pub use callout::{Callouts, ClusterLookup};
 pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
 pub use report::{clusters_json, discovery_name as discovery_label, render_metrics};
 pub use retry::{RetryBudget, RetryPolicy};
