@@ -34,7 +34,7 @@ pub use error::{local_response, ProxyError};
 
 use crate::errors::ErrorCode;
 use crate::filter::{StreamInfo, Verdict};
-use crate::server::{Shared, Snapshot};
+use crate::snapshot::{ListenerSnapshot, Snapshot, Snapshots};
 use crate::telemetry::RequestStats;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{self, ProxyBody, Upstream, Upstreams};
@@ -48,7 +48,9 @@ const VIA_H2: &str = "2.0 wasp";
 /// What a request needs to know about the connection it came on.
 #[derive(Debug)]
 pub struct ConnCtx {
-    pub shared: Arc<Shared>,
+    pub snapshots: Arc<Snapshots>,
+    /// The worker's upstream pools.
+    pub pools: Arc<upstream::WorkerPools>,
     /// The listener's name. Each request finds it in its own snapshot, as a
     /// reload may add or remove listeners around it.
     pub listener: Arc<str>,
@@ -99,8 +101,8 @@ pub async fn handle(
     let in_flight = InFlight(conn.activity.clone());
     let start = Instant::now();
     let h2 = req.version() == Version::HTTP_2;
-    let snapshot = conn.shared.snapshot.load_full();
-    let Some(li) = snapshot.listener_index(&conn.listener) else {
+    let snapshot = conn.snapshots.load_full();
+    let Some(listener) = snapshot.listener(&conn.listener) else {
         // A reload removed the listener while this request's head was
         // arriving; its connection is closing.
         tracing::info!(
@@ -110,16 +112,18 @@ pub async fn handle(
         );
         return Ok(listener_removed(&conn.listener));
     };
-    let upstreams = crate::server::worker_upstreams(&conn.shared, &snapshot);
+    let upstreams = conn
+        .pools
+        .upstreams(snapshot.generation, &snapshot.clusters);
     // One id for the request everywhere: upstream header, filters, logs.
     let request_id = ensure_request_id(req.headers_mut());
     // Spans (when tracing is on) start their clock here.
     let mut trace = crate::telemetry::trace::begin(&req, conn.peer, conn.local, conn.scheme);
-    let chain = start_chain(&req, &conn, &snapshot, li, &request_id);
+    let chain = start_chain(&req, &conn, &snapshot, listener, &request_id);
     let mut outcome = forward(
         req,
         &conn,
-        li,
+        listener,
         &snapshot,
         &upstreams,
         chain.as_ref(),
@@ -136,7 +140,7 @@ pub async fn handle(
             }
             let code = err.code().as_str();
             let names = (&outcome.route, &outcome.cluster);
-            let resp = respond_error(&conn, li, &snapshot, names, &request_id, err);
+            let resp = respond_error(&conn, listener, names, &request_id, err);
             if let Some(c) = &chain {
                 c.with(|c| c.set_local_reply(code, &resp));
             }
@@ -148,7 +152,7 @@ pub async fn handle(
         t.finish(status, outcome.route.as_ref());
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let stats = stats.unwrap_or_else(|| snapshot.listeners[li].unrouted.clone());
+    let stats = stats.unwrap_or_else(|| listener.unrouted.clone());
     stats.record(status, elapsed);
     // The connection counts as busy until hyper has finished with the body.
     let (parts, body) = resp.into_parts();
@@ -163,7 +167,7 @@ pub async fn handle(
     // watchdog ends a stream the client stopped taking (`deadline::Watched`).
     let body = match clock {
         Some(clock) if h2 && !body.is_end_stream() => {
-            Watched::wrap(body, clock, snapshot.listeners[li].stats.clone())
+            Watched::wrap(body, clock, listener.stats.clone())
         }
         _ => body,
     };
@@ -175,10 +179,9 @@ fn start_chain(
     req: &Request<Incoming>,
     conn: &ConnCtx,
     snapshot: &Snapshot,
-    li: usize,
+    listener: &ListenerSnapshot,
     request_id: &HeaderValue,
 ) -> Option<SharedChain> {
-    let listener = &snapshot.config.listeners[li];
     if listener.pipeline.is_empty() {
         return None;
     }
@@ -245,7 +248,7 @@ struct Outcome {
 async fn forward(
     mut req: Request<Incoming>,
     conn: &ConnCtx,
-    li: usize,
+    listener: &ListenerSnapshot,
     snapshot: &Snapshot,
     upstreams: &Upstreams,
     chain: Option<&SharedChain>,
@@ -258,9 +261,6 @@ async fn forward(
         cluster: None,
         clock: None,
     };
-    let listener = &snapshot.config.listeners[li];
-    let runtime = &snapshot.listeners[li];
-
     if let Err(e) = check_framing(&req, listener.limits.max_body_bytes) {
         out.result = Err(e);
         return out;
@@ -299,7 +299,7 @@ async fn forward(
     }
 
     let host = authority(&parts).unwrap_or_default();
-    let Some((route_index, route)) =
+    let Some((_, route)) =
         listener
             .routes
             .find(&host, parts.uri.path(), &parts.method, &parts.headers)
@@ -312,7 +312,7 @@ async fn forward(
         return out;
     };
     out.route = Some(route.name.clone());
-    if let Some(Some(allow)) = listener.route_allow.get(route_index) {
+    if let Some(allow) = &route.allow {
         if !allow.permits(conn.principal.as_deref()) {
             out.result = Err(ProxyError::UnauthorizedPeer {
                 scope: format!("route \"{}\"", route.name),
@@ -338,7 +338,8 @@ async fn forward(
         return out;
     };
     out.cluster = Some(upstream.name.clone());
-    out.stats = runtime.route_stats[route_index]
+    out.stats = route
+        .stats
         .iter()
         .find(|(c, _)| *c == cluster_id)
         .map(|(_, s)| s.clone());
@@ -558,7 +559,7 @@ async fn forward(
         _ => body.map_err(upstream::BoxError::from).boxed_unsync(),
     };
     let body = match clock {
-        Some(clock) if !switching => Timed::new(body, clock, runtime.stats.clone()).boxed_unsync(),
+        Some(clock) if !switching => Timed::new(body, clock, listener.stats.clone()).boxed_unsync(),
         _ => body,
     };
     out.result = Ok(Response::from_parts(parts, body));
@@ -705,14 +706,12 @@ fn listener_removed(name: &str) -> Response<ProxyBody> {
 /// The one place a [`ProxyError`] becomes a response, a counter and a log line.
 fn respond_error(
     conn: &ConnCtx,
-    li: usize,
-    snapshot: &Snapshot,
+    listener: &ListenerSnapshot,
     (route, cluster): (&Option<Arc<str>>, &Option<Arc<str>>),
     request_id: &HeaderValue,
     err: ProxyError,
 ) -> Response<ProxyBody> {
-    let listener = &snapshot.config.listeners[li];
-    snapshot.listeners[li].stats.error(err.code());
+    listener.stats.error(err.code());
     tracing::warn!(
         listener = %listener.name,
         route = %route.as_deref().unwrap_or("-"),

@@ -48,7 +48,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::errors::ErrorCode;
 use crate::forward::{self, Activity, ConnCtx};
-use crate::server::Shared;
+use crate::lifecycle::Lifecycle;
+use crate::snapshot::Snapshots;
+use crate::telemetry::Metrics;
+use crate::upstream::WorkerPools;
 use guard::Guarded;
 pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 
@@ -58,18 +61,6 @@ pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
-
-/// HTTP/2 keepalive defaults (listener limits `h2_keepalive_interval`,
-/// `h2_keepalive_timeout`): a PING after this long without a frame from the
-/// peer (idle connections too), and the connection is closed when the
-/// answer takes longer than the timeout. The timeout is generous because a
-/// PING queues behind the response bytes already in the send buffer: a
-/// healthy client downloading slowly must not be taken for a dead one (a
-/// client that stopped reading is the guard's, `stream_idle_timeout` after
-/// its writes stopped). The same values apply towards h2 upstreams
-/// (`upstream`).
-pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
-pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it. Accepted sockets
@@ -103,18 +94,24 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
 /// is retired (removed by a reload), then drains: no new connections, open
 /// ones close after their current request, in-flight requests finish and
 /// tunnels end, up to the drain timeout; then the rest are closed.
-pub async fn serve(job: Serve, shared: Arc<Shared>) {
+/// What one worker's serve loops work with: the published snapshots, the
+/// drain signals, the metrics and the worker's own upstream pools.
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub snapshots: Arc<Snapshots>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Arc<Metrics>,
+    pub pools: Arc<WorkerPools>,
+}
+
+pub async fn serve(job: Serve, worker: Worker) {
     let Serve {
         name,
         outbound,
         socket,
         retire,
     } = job;
-    let mut shutdown = if outbound {
-        shared.drain_outbound.subscribe()
-    } else {
-        shared.drain_inbound.subscribe()
-    };
+    let mut shutdown = worker.lifecycle.drain_signal(outbound);
     let Retire {
         signal: mut retired,
         ack,
@@ -127,9 +124,6 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         }
     };
     let local = listener.local_addr().ok();
-    // Certificate watchers and expiry gauges from the start, not from the
-    // first connection (the first worker to get here does it).
-    crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
     // Turns true when the drain timeout passes: every connection of this
     // loop (and every tunnel it became) closes.
@@ -176,14 +170,13 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let snapshot = shared.snapshot.load();
-        let Some(index) = snapshot.listener_index(&name) else {
+        let snapshot = worker.snapshots.load();
+        let Some(cfg) = snapshot.listener(&name) else {
             // Removed by a reload that is about to retire this loop.
             tracing::info!(listener = %name, %peer, "connection closed: its listener was removed by a reload");
             continue;
         };
-        let cfg = &snapshot.config.listeners[index];
-        let runtime = &snapshot.listeners[index];
+        let runtime = cfg;
         let builder = match &mut http {
             Some((generation, b)) if *generation == snapshot.generation => b,
             slot => {
@@ -212,7 +205,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
         let Some(tls) = cfg.tls.clone() else {
-            let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
+            let ctx = conn_ctx(&worker, &name, (peer, local), "http", None, &close_rx);
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -224,10 +217,10 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         };
         // TLS: the handshake runs in the connection's own task, bounded by
         // the header timeout, so a slow client never holds up the accept loop.
-        tls.start(&shared.metrics);
+        tls.start(&worker.metrics);
         let watcher = graceful.watcher();
         let builder = builder.clone();
-        let shared = shared.clone();
+        let worker = worker.clone();
         let name = name.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
@@ -250,7 +243,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let ctx = conn_ctx(&shared, &name, (peer, local), "https", principal, &close_rx);
+            let ctx = conn_ctx(&worker, &name, (peer, local), "https", principal, &close_rx);
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -267,7 +260,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
     for _ in 0..3 {
         tokio::task::yield_now().await;
     }
-    let timeout = shared.snapshot.load().config.drain_timeout;
+    let timeout = worker.snapshots.load().config.drain_timeout;
     let all_closed = async move {
         graceful.shutdown().await;
         // hyper's connections are done, but a tunnel outlives its hyper
@@ -346,7 +339,7 @@ async fn until_closed<E: std::fmt::Display>(
                 tracing::debug!(%peer, "connection ended with an error: {e}");
             }
         }
-        () = drain_deadline_passed(close) => {
+        () = crate::lifecycle::drain_deadline_passed(close) => {
             tracing::debug!(%peer, "connection closed: the listener's drain timeout passed");
         }
     }
@@ -369,7 +362,7 @@ impl Drop for Closed {
 }
 
 fn conn_ctx(
-    shared: &Arc<Shared>,
+    worker: &Worker,
     listener: &Arc<str>,
     (peer, local): (SocketAddr, SocketAddr),
     scheme: &'static str,
@@ -377,7 +370,8 @@ fn conn_ctx(
     close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
-        shared: shared.clone(),
+        snapshots: worker.snapshots.clone(),
+        pools: worker.pools.clone(),
         listener: listener.clone(),
         peer,
         local,
@@ -386,15 +380,6 @@ fn conn_ctx(
         principal,
         drain_deadline: close.clone(),
     })
-}
-
-/// Completes once the listener's drain deadline has passed (`close` turned
-/// true). A serve loop that ended without sending it (a panic) leaves its
-/// connections running, as `server::report_serve_end` promises.
-pub(crate) async fn drain_deadline_passed(mut close: watch::Receiver<bool>) {
-    if close.wait_for(|closed| *closed).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {

@@ -13,7 +13,7 @@
 //! a filter asking for 1 ms answers cannot make healthy endpoints look
 //! failed and get them ejected.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,8 +21,8 @@ use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::filter::{CalloutFuture, HttpCallouts};
-use crate::server::{worker_upstreams, Shared};
 use crate::upstream::balance::PickContext;
+use crate::upstream::Upstreams;
 
 /// Largest callout answer a filter can receive.
 const MAX_CALLOUT_BODY: usize = 4 << 20;
@@ -31,24 +31,35 @@ const MAX_CALLOUT_BODY: usize = 4 << 20;
 /// (see the module docs; the cluster's `connect_timeout` applies if longer).
 pub const MIN_COUNTED_TIMEOUT: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Default)]
+/// Finds a cluster by name in the current snapshot: its id and the calling
+/// worker's pools for that snapshot.
+pub type ClusterLookup = Box<dyn Fn(&str) -> Option<(usize, Arc<Upstreams>)> + Send + Sync>;
+
+#[derive(Default)]
 pub struct Callouts {
-    shared: OnceLock<Weak<Shared>>,
+    /// Set once the first snapshot exists (it holds the filters, which
+    /// hold these callouts).
+    lookup: OnceLock<ClusterLookup>,
+}
+
+impl std::fmt::Debug for Callouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callouts")
+            .field("attached", &self.lookup.get().is_some())
+            .finish()
+    }
 }
 
 impl Callouts {
     /// Connects the callouts to the running proxy; before that they fail.
-    pub fn attach(&self, shared: &Arc<Shared>) {
-        let _ = self.shared.set(Arc::downgrade(shared));
+    pub fn attach(&self, lookup: ClusterLookup) {
+        let _ = self.lookup.set(lookup);
     }
 }
 
 impl HttpCallouts for Callouts {
     fn call(&self, cluster: &str, req: Request<Bytes>, timeout: Duration) -> Option<CalloutFuture> {
-        let shared = self.shared.get()?.upgrade()?;
-        let snapshot = shared.snapshot.load_full();
-        let id = snapshot.cluster_id(cluster)?;
-        let upstreams = worker_upstreams(&shared, &snapshot);
+        let (id, upstreams) = (self.lookup.get()?)(cluster)?;
         let cluster = cluster.to_string();
         Some(Box::pin(async move {
             let upstream = upstreams.get(id).ok_or("cluster vanished")?;

@@ -2,13 +2,14 @@
 //! and balancers.
 //!
 //! Two halves:
-//! - Shared, per cluster ([`ClusterState`], built with the config, owned by
-//!   the control thread): the current endpoint set in an `ArcSwap`, each
+//! - Shared, per cluster ([`ClusterState`], made when a snapshot is
+//!   compiled and kept across generations while the cluster's config is
+//!   equal; owned by the control thread): the current endpoint set in an `ArcSwap`, each
 //!   endpoint's health, ejection and counters, the circuit-breaker counts
 //!   and retry budget. [`discovery`], [`health`] and the ejection timer
 //!   ([`control`]) update it on the control thread.
-//! - Per worker ([`Upstreams`], built from each config snapshot by the
-//!   worker that uses it): hyper-util's pooled client and the balancer.
+//! - Per worker ([`Upstreams`], built from each snapshot by the worker that
+//!   uses it, cached in its [`WorkerPools`]): hyper-util's pooled client and the balancer.
 //!   The balancer is rebuilt lazily, on the worker, when the cluster's
 //!   version moves (endpoints changed, an endpoint was ejected or marked
 //!   unhealthy); the pool is kept, so connections to endpoints that stay
@@ -30,7 +31,7 @@ pub mod outlier;
 mod report;
 pub mod retry;
 
-pub use callout::Callouts;
+pub use callout::{Callouts, ClusterLookup};
 pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
 pub use report::{clusters_json, discovery_name as discovery_label, render_metrics};
 pub use retry::{RetryBudget, RetryPolicy};
@@ -50,8 +51,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Balance, ClusterConfig, Config, UpstreamProtocol};
+use crate::config::{Balance, ClusterConfig, Endpoint, UpstreamProtocol};
 use crate::telemetry::Metrics;
+use crate::tls::ClientTls;
 use balance::{now_nanos, Balancer, Candidate, Load, Neutral, PickContext, Tuning};
 use connector::CountingConnector;
 
@@ -60,6 +62,95 @@ pub use connector::ConnectionOverflow;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type requests are sent upstream with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// One cluster of a snapshot: its settings, the endpoints it started
+/// with, the TLS material towards them and its live state. Reads as its
+/// [`ClusterConfig`] for the settings.
+#[derive(Debug)]
+pub struct Cluster {
+    pub config: ClusterConfig,
+    /// The static list resolved, or the first answer of file discovery;
+    /// DNS clusters start empty. The live set is in `state`.
+    pub endpoints: Vec<Endpoint>,
+    /// TLS towards the endpoints (current client config swapped in place
+    /// by its file watcher).
+    pub tls: Option<Arc<ClientTls>>,
+    /// Discovery, health, outlier and circuit-breaker state and the live
+    /// endpoint set, shared by the control thread and the workers; the
+    /// same `Arc` across generations while the cluster's config is equal.
+    pub state: Arc<ClusterState>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = ClusterConfig;
+
+    fn deref(&self) -> &ClusterConfig {
+        &self.config
+    }
+}
+
+/// One worker's upstream pools, for the snapshot generation they were built
+/// from: made by `server` for each worker thread and handed to its
+/// listeners, so a request finds its worker's pools without a lookup.
+/// Only its own worker touches it; the `ArcSwap` is for `Sync`, not for
+/// contention.
+#[derive(Debug)]
+pub struct WorkerPools {
+    metrics: Arc<Metrics>,
+    current: arc_swap::ArcSwapOption<Pools>,
+}
+
+#[derive(Debug)]
+struct Pools {
+    generation: u64,
+    upstreams: Arc<Upstreams>,
+}
+
+thread_local! {
+    /// The pools of the worker running on this thread, for callouts, which
+    /// the filter engine makes without a connection at hand.
+    static CURRENT: std::cell::RefCell<Option<Arc<WorkerPools>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl WorkerPools {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            current: arc_swap::ArcSwapOption::empty(),
+        })
+    }
+
+    /// Makes these the pools of the calling thread (a worker, at start).
+    pub fn enter(self: &Arc<Self>) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The calling thread's pools; a thread that is not a worker gets its
+    /// own on first use.
+    pub fn current(metrics: &Arc<Metrics>) -> Arc<Self> {
+        CURRENT.with(|c| {
+            c.borrow_mut()
+                .get_or_insert_with(|| Self::new(metrics.clone()))
+                .clone()
+        })
+    }
+
+    /// The pools for generation `generation` of `clusters`, built on first
+    /// use from the previous generation's (see [`Upstreams::build`]).
+    pub fn upstreams(&self, generation: u64, clusters: &[Cluster]) -> Arc<Upstreams> {
+        let current = self.current.load();
+        if let Some(p) = current.as_ref().filter(|p| p.generation == generation) {
+            return p.upstreams.clone();
+        }
+        let prev = current.as_ref().map(|p| &*p.upstreams);
+        let upstreams = Arc::new(Upstreams::build(clusters, &self.metrics, prev));
+        self.current.store(Some(Arc::new(Pools {
+            generation,
+            upstreams: upstreams.clone(),
+        })));
+        upstreams
+    }
+}
 
 /// One worker's view of every cluster, indexed by cluster id.
 #[derive(Debug)]
@@ -104,12 +195,11 @@ impl Upstreams {
     /// worker's previous generation) already has, unchanged, is carried
     /// over with its pool: a reload that swaps a filter or edits a route
     /// must not cost every worker its warm upstream connections.
-    /// "Unchanged" is [`adopt_states`]' verdict: the reload handed the new
-    /// config the very same cluster state only if the section is identical.
-    pub fn build(config: &Config, metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
+    /// "Unchanged" is the snapshot compiler's verdict: the new generation
+    /// has the very same cluster state only if the cluster's config is equal.
+    pub fn build(clusters: &[Cluster], metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
         Self {
-            clusters: config
-                .clusters
+            clusters: clusters
                 .iter()
                 .map(|c| {
                     prev.and_then(|p| {
@@ -136,39 +226,8 @@ impl Upstreams {
     }
 }
 
-/// Called by a reload before the new config is published: clusters whose
-/// section did not change keep their live state (discovered endpoints,
-/// health verdicts, ejections, counters, running discovery and health
-/// tasks); changed or new clusters start fresh (control thread).
-pub fn adopt_states(old: &Config, new: &mut Config) {
-    let unchanged: Vec<bool> = new
-        .clusters
-        .iter()
-        .map(|c| {
-            match (
-                old.file.clusters.get(&*c.name),
-                new.file.clusters.get(&*c.name),
-            ) {
-                (Some(a), Some(b)) => match (serde_json::to_value(a), serde_json::to_value(b)) {
-                    (Ok(a), Ok(b)) => a == b,
-                    _ => false,
-                },
-                _ => false,
-            }
-        })
-        .collect();
-    for (c, same) in new.clusters.iter_mut().zip(unchanged) {
-        if !same {
-            continue;
-        }
-        if let Some(prev) = old.clusters.iter().find(|p| p.name == c.name) {
-            c.state = prev.state.clone();
-        }
-    }
-}
-
 impl Upstream {
-    fn new(config: &ClusterConfig, metrics: &Metrics) -> Self {
+    fn new(config: &Cluster, metrics: &Metrics) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -190,8 +249,8 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .http2_keep_alive_interval(Some(crate::listener::H2_KEEPALIVE_INTERVAL))
-            .http2_keep_alive_timeout(crate::listener::H2_KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_interval(Some(crate::config::H2_KEEPALIVE_INTERVAL))
+            .http2_keep_alive_timeout(crate::config::H2_KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true);
         let neutral = Arc::new(Neutral::default());
         let up = Self {

@@ -18,43 +18,11 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
-use crate::config::schema::{RetryBudgetDecl, RetryDecl, RetryOn};
+use crate::config::schema::RetryBudgetDecl;
 
-/// What a route retries, how often, and how fast.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub connect_failure: bool,
-    pub reset: bool,
-    pub five_xx: bool,
-    pub gateway_error: bool,
-    /// Retries after the first try.
-    pub attempts: u32,
-    pub per_try_timeout: Option<Duration>,
-    pub backoff: Duration,
-}
+pub use crate::config::cluster::RetryPolicy;
 
 impl RetryPolicy {
-    pub fn from_decl(decl: &RetryDecl) -> Result<Self, String> {
-        if decl.on.is_empty() {
-            return Err("retry.on is empty: name at least one of connect-failure, reset, 5xx, gateway-error".into());
-        }
-        if decl.attempts > 10 {
-            return Err(format!(
-                "retry.attempts = {} is more than 10",
-                decl.attempts
-            ));
-        }
-        Ok(Self {
-            connect_failure: decl.on.contains(&RetryOn::ConnectFailure),
-            reset: decl.on.contains(&RetryOn::Reset),
-            five_xx: decl.on.contains(&RetryOn::FiveXx),
-            gateway_error: decl.on.contains(&RetryOn::GatewayError),
-            attempts: decl.attempts,
-            per_try_timeout: decl.per_try_timeout.map(|d| d.0),
-            backoff: decl.backoff.0,
-        })
-    }
-
     /// Whether an answer with this status is worth another try.
     pub fn retries_status(&self, status: StatusCode) -> bool {
         (self.five_xx && status.is_server_error())
