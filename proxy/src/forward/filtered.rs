@@ -1,6 +1,6 @@
 //! Bodies through the Wasm filter chain.
 //!
-//! The header phases run inline in [`super::forward`]; this module carries
+//! The header phases run inline in `super::phases`; this module carries
 //! the chain along the bodies, which hyper polls from other tasks of the same
 //! worker (the upstream connection task polls the request body, the
 //! downstream connection task the response body). The chain is therefore
@@ -51,15 +51,44 @@ impl SharedChain {
         }
     }
 
-    /// Takes the chain out for an async phase; give it back with [`Self::put`].
-    pub fn take(&self) -> Option<StreamFilters> {
+    /// Takes the chain out of its slot (to end it).
+    fn take(&self) -> Option<StreamFilters> {
         self.inner.chain.lock().ok()?.take()
     }
 
-    pub fn put(&self, chain: StreamFilters) {
+    fn put(&self, chain: StreamFilters) {
         if let Ok(mut slot) = self.inner.chain.lock() {
             *slot = Some(chain);
         }
+    }
+
+    /// Runs the request-header filters; `None` when the chain is not in
+    /// its slot. The chain is out of the slot for the phase, as it awaits
+    /// and the lock is not held across an await; nothing else can want it
+    /// yet (the body has not been handed to the upstream connection).
+    pub async fn request_headers(
+        &self,
+        head: &mut http::request::Parts,
+        end_of_stream: bool,
+    ) -> Option<Verdict> {
+        let mut chain = self.take()?;
+        let verdict = chain.request_headers(head, end_of_stream).await;
+        self.put(chain);
+        Some(verdict)
+    }
+
+    /// Runs the response-header filters; `None` when the chain is not in
+    /// its slot. While the phase awaits, a request body chunk still on its
+    /// way passes unfiltered (see the module docs).
+    pub async fn response_headers(
+        &self,
+        head: &mut http::response::Parts,
+        end_of_stream: bool,
+    ) -> Option<Verdict> {
+        let mut chain = self.take()?;
+        let verdict = chain.response_headers(head, end_of_stream).await;
+        self.put(chain);
+        Some(verdict)
     }
 
     /// Runs `f` on the chain if it is in its slot.
