@@ -2,7 +2,12 @@
 //! and bring the response back.
 //!
 //! Runs on the worker that accepted the connection and never leaves it. One
-//! snapshot load per request; after that, no locks. Bodies stream in both
+//! snapshot load per request, in [`handle`], which gathers what the request
+//! path may read into a [`Ctx`]; after that, no locks. The path itself is
+//! a chain of named phases (`phases`: precheck, request filters, route,
+//! the upstream request, respond), generic over the client's body type so
+//! they are unit-tested on hand-built requests. Sending, retries and the
+//! verdict on a failed try belong to `upstream`. Bodies stream in both
 //! directions. Every failure becomes a [`ProxyError`] with its
 //! `x-wasp-error` code, in [`respond_error`], the one place that maps
 //! errors to responses, metrics and the log line. Each request's stream
@@ -16,6 +21,8 @@ pub mod error;
 mod filtered;
 mod headers;
 mod phases;
+#[cfg(test)]
+mod tests;
 mod upgrade;
 
 use std::net::SocketAddr;

@@ -239,3 +239,127 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use http_body_util::{Full, StreamBody};
+    use hyper::body::Frame;
+
+    use super::*;
+    use crate::upstream::balance::PickContext;
+    use crate::upstream::Upstreams;
+
+    fn upstreams(endpoint: SocketAddr) -> Upstreams {
+        let toml = format!(
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\n"
+        );
+        let config = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), &toml, |_| None)
+            .unwrap_or_else(|p| panic!("test config: {p:?}"));
+        Upstreams::build(&config, &crate::telemetry::Metrics::new(), None)
+    }
+
+    fn failures(up: &Upstream) -> u64 {
+        up.state
+            .endpoints()
+            .endpoints
+            .iter()
+            .map(|e| e.failures.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn request(body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.uri_mut() = Uri::from_static("/x");
+        req
+    }
+
+    fn empty() -> ProxyBody {
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_connect_and_blames_the_endpoint() {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let err = up.send_once(picked, request(empty()), None).await.err();
+        assert!(
+            matches!(err, Some(SendError::Connect { addr: a, .. }) if a == addr),
+            "{err:?}"
+        );
+        assert_eq!(failures(up), 1);
+    }
+
+    #[tokio::test]
+    async fn a_silent_endpoint_times_out_per_try() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and holds the connection, never answering.
+        let hold = tokio::spawn(async move {
+            let conn = listener.accept().await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(conn);
+        });
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let after = Duration::from_millis(100);
+        let err = up
+            .send_once(picked, request(empty()), Some(after))
+            .await
+            .err();
+        assert!(
+            matches!(err, Some(SendError::Timeout { after: t, .. }) if t == after),
+            "{err:?}"
+        );
+        assert_eq!(failures(up), 1);
+        hold.abort();
+    }
+
+    /// A body that fails on the way is the sender's side, whatever the
+    /// endpoint did: classified here, no verdict on the endpoint.
+    #[tokio::test]
+    async fn a_failing_body_is_not_the_endpoints_fault() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            if let Ok((stream, _)) = listener.accept().await {
+                // Answers only a whole body; a broken one ends the connection.
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    req.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            Err("the client went away".into()),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+        let mut req = request(body);
+        *req.method_mut() = http::Method::POST;
+        let err = up.send_once(picked, req, None).await.err();
+        match err {
+            Some(SendError::Body { source, .. }) => {
+                assert!(error_chain(&source).contains("the client went away"));
+            }
+            other => panic!("expected a body error, got {other:?}"),
+        }
+        assert_eq!(failures(up), 0);
+    }
+}
