@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::phases;
-use super::{Activity, Ctx, ProxyError, RequestLog};
+use super::{Activity, Ctx, InFlight, ProxyError, RequestLog};
 use crate::errors::ErrorCode;
 use crate::filter::FilterSet;
 use crate::server::Snapshot;
@@ -26,7 +26,7 @@ use crate::upstream::Upstreams;
 struct World {
     snapshot: Snapshot,
     upstreams: Upstreams,
-    activity: Activity,
+    activity: Arc<Activity>,
     drain: tokio::sync::watch::Receiver<bool>,
     _drain_tx: tokio::sync::watch::Sender<bool>,
 }
@@ -42,7 +42,7 @@ fn world(toml: &str) -> World {
     World {
         snapshot,
         upstreams,
-        activity: Activity::default(),
+        activity: Arc::default(),
         drain: rx,
         _drain_tx: tx,
     }
@@ -347,4 +347,30 @@ async fn a_body_over_the_limit_is_the_clients_fault() {
         .map(|e| e.failures.load(Ordering::Relaxed))
         .sum();
     assert_eq!(failures, 0);
+}
+
+/// A failure becomes its response in one place (`serve`): the code's
+/// status and `x-wasp-error`, the listener's error counter; the request
+/// counts as in flight until its body is done.
+#[tokio::test]
+async fn serve_answers_a_failure_with_its_code() {
+    let w = world(&config(
+        "[[listeners.routes]]\nmatch = { prefix = \"/api\" }\ncluster = \"app\"",
+        "[clusters.app]\nendpoints = [\"127.0.0.1:9\"]",
+    ));
+    let ctx = w.ctx();
+    w.activity.started.fetch_add(1, Ordering::Release);
+    let in_flight = InFlight(w.activity.clone());
+    let resp = super::serve(
+        get("/nope", "a"),
+        &ctx,
+        std::time::Instant::now(),
+        in_flight,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.headers()["x-wasp-error"], "no_route");
+    assert!(w.activity.busy());
+    assert!(text(resp).await.contains("no route on listener \"in\""));
+    assert!(!w.activity.busy());
 }
