@@ -81,18 +81,8 @@ where
     let routed = route(&parts, ctx, chain, log)?;
     let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
     rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
-    let empty = body.is_end_stream() && !upgrade;
-    let (body, kept) = request_body(
-        body,
-        &parts,
-        &routed,
-        ctx,
-        chain,
-        clock.clone(),
-        empty,
-        upgrade,
-    )
-    .await?;
+    let (body, kept) =
+        request_body(body, &parts, &routed, ctx, chain, clock.clone(), upgrade).await?;
     if let Some(t) = &mut trace {
         // The client span's context goes upstream as `traceparent`.
         t.upstream_start(
@@ -320,7 +310,6 @@ pub(super) fn rewrite(
 /// Phase 4c: the body to send, and a copy kept for retries when the route
 /// retries and the body is small enough to read whole first (empty bodies
 /// are always kept); otherwise it streams through the filters.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn request_body<B>(
     body: B,
     parts: &http::request::Parts,
@@ -328,7 +317,6 @@ pub(super) async fn request_body<B>(
     ctx: &Ctx<'_>,
     chain: Option<&SharedChain>,
     clock: Option<Arc<StreamClock>>,
-    empty: bool,
     upgrade: bool,
 ) -> Result<(ProxyBody, Option<Bytes>), ProxyError>
 where
@@ -336,6 +324,7 @@ where
     B::Error: Into<BoxError>,
 {
     let limits = &ctx.listener.limits;
+    let empty = body.is_end_stream() && !upgrade;
     let body = RequestBody::new(body, limits.max_body_bytes, clock);
     let policy = routed.route.retry.as_deref();
     if !body::should_keep_body(policy, parts, empty, upgrade, chain.is_some()) {
