@@ -15,10 +15,14 @@
 //!   unhealthy); the pool is kept, so connections to endpoints that stay
 //!   are reused and in-flight requests on ones that left finish.
 //!
-//! The endpoint choice is made here, before the pool sees the request, by
-//! rewriting the request's URI to the endpoint address. A try is tracked
-//! by an [`Attempt`] guard that records latency, in-flight and the outcome
-//! when dropped, so a cancelled request still counts.
+//! Sending is owned here too: the endpoint choice is made before the pool
+//! sees the request, and [`Upstream::send_once`] (module `send`) rewrites
+//! the request's URI to the endpoint address, sends it, and classifies a
+//! failure ([`SendError`]); [`Upstream::send_with_retries`] (module
+//! [`retry`]) repeats it under the route's policy. A try is tracked by an
+//! [`Attempt`] guard that records latency, in-flight and the outcome when
+//! dropped, so a cancelled request still counts. Cluster counters change
+//! only in this module's methods.
 
 pub mod balance;
 mod callout;
@@ -30,11 +34,13 @@ pub mod health;
 pub mod outlier;
 mod report;
 pub mod retry;
+mod send;
 
 pub use callout::{Callouts, ClusterLookup};
 pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
 pub use report::{clusters_json, discovery_name as discovery_label, render_metrics};
-pub use retry::{RetryBudget, RetryPolicy};
+pub use retry::{Replay, RetryBudget, RetryPolicy};
+pub use send::{error_chain, find_cause, SendError};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,9 +50,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -353,7 +357,7 @@ impl Upstream {
 
     /// Starts a try to `picked`: counts it in flight until the returned
     /// guard is dropped.
-    pub fn start(&self, picked: Picked) -> Attempt {
+    fn start(&self, picked: Picked) -> Attempt {
         picked.load.start();
         picked.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         picked.endpoint.requests.fetch_add(1, Ordering::Relaxed);
@@ -380,31 +384,17 @@ impl Upstream {
             pending: false,
         };
         if limits.max_requests.is_some_and(|max| requests >= max) {
-            self.state
-                .counters
-                .overflows
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_overflow();
             return None;
         }
         let pending = self.state.pending.fetch_add(1, Ordering::AcqRel);
         let mut admission = admission;
         admission.pending = true;
         if limits.max_pending.is_some_and(|max| pending >= max) {
-            self.state
-                .counters
-                .overflows
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_overflow();
             return None;
         }
         Some(admission)
-    }
-
-    /// Sends `req`, whose URI must already name the endpoint.
-    pub async fn send(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
     }
 }
 
