@@ -119,7 +119,7 @@ impl From<SendError> for ProxyError {
                 addr,
                 reason,
                 source,
-            } => match find_cause::<DownstreamBodyError>(&source) {
+            } => match find_cause::<DownstreamBodyError>(&*source) {
                 Some(d) => d.to_proxy_error(),
                 // A filter's answer mid-body (its answer replaces this one).
                 None => Self::UpstreamReset {

@@ -87,9 +87,21 @@ impl SharedChain {
     }
 
     /// Ends the stream for the filters (`on_log`, `on_done`, `on_delete`).
+    /// Called when hyper drops the response body, after every header phase
+    /// has returned; a second call finds the stream already ended.
     pub fn finish(&self, response_bytes: u64) {
-        let chain = self.inner.chain.try_lock().and_then(|mut slot| slot.take());
-        if let Some(chain) = chain {
+        let Some(mut slot) = self.inner.chain.try_lock() else {
+            // A header phase still holds the chain: its future outlived the
+            // response it was producing (not expected: they all end before
+            // `serve` returns). The filters then get no on_log/on_done; say
+            // so rather than lose them silently. No debug_assert: this runs
+            // in a body's drop, where a panic would abort.
+            tracing::warn!(
+                "filter chain busy when the stream ended: on_log and on_done skipped for this request"
+            );
+            return;
+        };
+        if let Some(chain) = slot.take() {
             chain.finish(
                 self.inner.request_bytes.load(Ordering::Relaxed),
                 response_bytes,

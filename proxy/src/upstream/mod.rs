@@ -169,7 +169,7 @@ pub struct Upstream {
     pub timeout: Option<Duration>,
     connect_timeout: Duration,
     pub state: Arc<ClusterState>,
-    client: Client<CountingConnector, ProxyBody>,
+    client: Client<CountingConnector, send::SendBody>,
     balance: Balance,
     /// This worker's balancer over the pickable endpoints; replaced (by
     /// this worker only) when the cluster version moves.

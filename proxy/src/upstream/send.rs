@@ -7,17 +7,20 @@
 //! here whose fault a failure was: the endpoint's (connect, reset, TLS,
 //! timeout: a verdict for outlier detection), the cluster's limits
 //! (overflow, counted here), or the request's own body (the sender's side:
-//! no verdict on the endpoint). Callers only map a [`SendError`] to their
-//! answer.
+//! no verdict on the endpoint). The body reports its own failure to the
+//! try ([`SendBody`]), as hyper's HTTP/2 client would report it as a reset
+//! by the endpoint. Callers only map a [`SendError`] to their answer.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
-use http_body::Body as _;
-use http_body_util::BodyExt;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::{BoxError, ConnectionOverflow, Picked, ProxyBody, Upstream};
@@ -58,14 +61,14 @@ pub enum SendError {
         source: ConnectionOverflow,
     },
     /// The request's own body failed while it was sent (too large, cut by
-    /// a deadline, answered by a filter): not the endpoint's fault. The
-    /// body's error is in `source`'s cause chain.
+    /// a deadline, answered by a filter): not the endpoint's fault, and not
+    /// retried. `source` is the body's own error.
     #[error("the request body to {addr} in cluster \"{cluster}\" failed: {reason}")]
     Body {
         cluster: Arc<str>,
         addr: SocketAddr,
         reason: String,
-        source: ClientError,
+        source: BoxError,
     },
     /// The request could not be addressed to the endpoint.
     #[error("cannot address the request to {addr}: {reason}")]
@@ -83,13 +86,80 @@ impl SendError {
     }
 }
 
-/// Marks an error that came from the request body itself, so the failed
-/// try is classified [`SendError::Body`] whatever the HTTP version. Its
-/// source is the body's error, so callers still find their own type in
-/// the cause chain.
+/// What hyper is told when the request body fails; the body's own error
+/// waits in the try's [`Failure`] slot.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct FromBody(#[source] BoxError);
+#[error("the request body failed")]
+pub struct BodyFailed;
+
+/// How a try ended without a response, before the verdict.
+enum Failed {
+    Client(ClientError),
+    Elapsed(Duration),
+}
+
+/// Where a request body leaves its error for the try that sends it.
+type Failure = Arc<Mutex<Option<BoxError>>>;
+
+/// The request body as the client sends it. hyper's HTTP/2 client drops a
+/// request body's error (it resets the stream and reports the reset, which
+/// would blame the endpoint), so the body keeps its own error in a slot
+/// the try reads before any verdict, the same way over HTTP/1 and HTTP/2.
+/// Wrapping costs no second boxing; a body that is already over (nothing
+/// to fail) gets no slot.
+pub struct SendBody {
+    inner: ProxyBody,
+    failure: Option<Failure>,
+}
+
+impl SendBody {
+    fn new(inner: ProxyBody) -> (Self, Option<Failure>) {
+        let failure = (!inner.is_end_stream()).then(Failure::default);
+        let body = Self {
+            inner,
+            failure: failure.clone(),
+        };
+        (body, failure)
+    }
+}
+
+impl Body for SendBody {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                match self.failure.as_ref().map(|f| f.lock()) {
+                    Some(Ok(mut slot)) => {
+                        slot.get_or_insert(e);
+                    }
+                    _ => tracing::debug!(error = %e, "request body failed"),
+                }
+                Poll::Ready(Some(Err(BodyFailed)))
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body's own error, if it failed.
+fn take_failure(failure: Option<&Failure>) -> Option<BoxError> {
+    failure?.lock().ok()?.take()
+}
 
 impl Upstream {
     /// One try of `req` at `picked`, within `per_try` if given. The
@@ -106,19 +176,34 @@ impl Upstream {
         let addr = picked.addr;
         let authority = picked.authority();
         let req = point_at(req, authority).map_err(|reason| SendError::Address { addr, reason })?;
+        let (parts, body) = req.into_parts();
+        let (body, failure) = SendBody::new(body);
         let mut attempt = self.start(picked);
-        let sent = self.client.request(req);
-        let result = match per_try {
+        let sent = self.client.request(Request::from_parts(parts, body));
+        let outcome = match per_try {
             Some(after) => match tokio::time::timeout(after, sent).await {
-                Ok(r) => r.map_err(|e| self.classify(addr, e)),
-                Err(_) => Err(SendError::Timeout {
+                Ok(r) => r.map_err(Failed::Client),
+                Err(_) => Err(Failed::Elapsed(after)),
+            },
+            None => sent.await.map_err(Failed::Client),
+        };
+        let result = outcome.map_err(|failed| match take_failure(failure.as_ref()) {
+            // The body's own failure first, whatever hyper made of it.
+            Some(source) => SendError::Body {
+                cluster: self.name.clone(),
+                addr,
+                reason: error_chain(&*source),
+                source,
+            },
+            None => match failed {
+                Failed::Client(e) => self.classify(addr, e),
+                Failed::Elapsed(after) => SendError::Timeout {
                     cluster: self.name.clone(),
                     addr,
                     after,
-                }),
+                },
             },
-            None => sent.await.map_err(|e| self.classify(addr, e)),
-        };
+        });
         match &result {
             Ok(resp) if resp.status().is_server_error() => attempt.failed(),
             Ok(_) => attempt.succeeded(),
@@ -133,12 +218,14 @@ impl Upstream {
     fn classify(&self, addr: SocketAddr, err: ClientError) -> SendError {
         let cluster = self.name.clone();
         let reason = error_chain(&err);
-        if find_cause::<FromBody>(&err).is_some() {
+        // A body failure whose slot was not there to keep it (cannot
+        // happen: only bodies already over go without one).
+        if find_cause::<BodyFailed>(&err).is_some() {
             return SendError::Body {
                 cluster,
                 addr,
                 reason,
-                source: err,
+                source: Box::new(err),
             };
         }
         if let Some(o) = find_cause::<ConnectionOverflow>(&err) {
@@ -184,31 +271,22 @@ impl Upstream {
 }
 
 /// `req` addressed to `authority` over plain `http` (TLS is the cluster's
-/// setting, not the scheme's). A body that can fail is marked so a failure
-/// is told apart from the endpoint's.
+/// setting, not the scheme's).
 fn point_at(
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
     authority: http::uri::Authority,
 ) -> Result<Request<ProxyBody>, String> {
-    let (mut parts, body) = req.into_parts();
-    if parts.uri.authority() != Some(&authority)
-        || parts.uri.scheme() != Some(&http::uri::Scheme::HTTP)
-    {
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(authority);
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    let uri = req.uri_mut();
+    if uri.authority() != Some(&authority) || uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+        let mut parts = std::mem::take(uri).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        parts.uri = Uri::from_parts(uri).map_err(|e| e.to_string())?;
+        *uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
     }
-    // An empty body cannot fail: no wrapper (and no allocation) for it.
-    let body = if body.is_end_stream() {
-        body
-    } else {
-        body.map_err(|e| BoxError::from(FromBody(e))).boxed_unsync()
-    };
-    Ok(Request::from_parts(parts, body))
+    Ok(req)
 }
 
 /// The first error of type `E` in `err`'s cause chain.
@@ -245,7 +323,7 @@ mod tests {
     use std::path::Path;
 
     use bytes::Bytes;
-    use http_body_util::{Full, StreamBody};
+    use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::Frame;
 
     use super::*;
@@ -253,8 +331,12 @@ mod tests {
     use crate::upstream::{Cluster, ClusterState, Endpoint, Upstreams};
 
     fn upstreams(endpoint: SocketAddr) -> Upstreams {
+        upstreams_over(endpoint, "http1")
+    }
+
+    fn upstreams_over(endpoint: SocketAddr, protocol: &str) -> Upstreams {
         let toml = format!(
-            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\n"
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\nprotocol = \"{protocol}\"\n"
         );
         let config = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), &toml, |_| None)
             .unwrap_or_else(|p| panic!("test config: {p:?}"));
@@ -348,21 +430,39 @@ mod tests {
     /// endpoint did: classified here, no verdict on the endpoint.
     #[tokio::test]
     async fn a_failing_body_is_not_the_endpoints_fault() {
+        failing_body_over(false).await;
+    }
+
+    /// hyper's HTTP/2 client drops the body's error and resets the stream:
+    /// still the body's failure, not a reset by the endpoint.
+    #[tokio::test]
+    async fn a_failing_body_is_not_the_endpoints_fault_over_h2() {
+        failing_body_over(true).await;
+    }
+
+    async fn failing_body_over(h2: bool) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             if let Ok((stream, _)) = listener.accept().await {
-                // Answers only a whole body; a broken one ends the connection.
+                // Answers only a whole body; a broken one ends the request.
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     req.into_body().collect().await?;
                     Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = if h2 {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await
+                };
             }
         });
-        let ups = upstreams(addr);
+        let ups = upstreams_over(addr, if h2 { "http2" } else { "http1" });
         let up = ups.by_name("app").unwrap();
         let picked = up.pick(&PickContext::default(), None).unwrap();
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
@@ -372,12 +472,15 @@ mod tests {
         let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
         let mut req = request(body);
         *req.method_mut() = http::Method::POST;
+        if h2 {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
         let err = up.send_once(picked, req, None).await.err();
         match err {
             Some(SendError::Body { source, .. }) => {
-                assert!(error_chain(&source).contains("the client went away"));
+                assert!(error_chain(&*source).contains("the client went away"));
             }
-            other => panic!("expected a body error, got {other:?}"),
+            other => panic!("h2={h2}: expected a body error, got {other:?}"),
         }
         assert_eq!(failures(up), 0);
     }
