@@ -233,6 +233,17 @@ impl FilterSpec {
 pub type CalloutFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, String>> + Send>>;
 
+/// Error of a streamed callout body.
+pub type StreamError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body of a streamed callout (gRPC), each way: frames as they are sent or
+/// arrive, trailers included.
+pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, StreamError>;
+
+/// The response head of a streamed callout, its body still arriving.
+pub type StreamFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<StreamBody>, String>> + Send>>;
+
 /// How the engine sends `proxy_http_call` requests to clusters (implemented by the core).
 pub trait HttpCallouts: Send + Sync + 'static {
     /// `None` if `cluster` is unknown (the guest then gets BAD_ARGUMENT).
@@ -243,6 +254,16 @@ pub trait HttpCallouts: Send + Sync + 'static {
         req: http::Request<Bytes>,
         timeout: Duration,
     ) -> Option<CalloutFuture>;
+
+    /// Opens a streamed exchange with `cluster` (gRPC calls and streams:
+    /// the request body is sent as the filter produces it, the answer is
+    /// read frame by frame). The answer's body holds whatever the cluster's
+    /// circuit breakers counted until it is dropped. `None` if `cluster` is
+    /// unknown; the default knows no cluster.
+    fn open(&self, cluster: &str, req: http::Request<StreamBody>) -> Option<StreamFuture> {
+        let _ = (cluster, req);
+        None
+    }
 }
 
 /// Facts about the downstream connection and request, for properties.

@@ -296,21 +296,19 @@ impl StreamFilters {
     /// Delivers one callout answer to the filter that asked for it.
     fn deliver(&mut self, done: CalloutDone) -> (usize, Step) {
         let pos = done.context as usize;
-        if let Some(s) = self.slots.get_mut(pos) {
-            s.pending = s.pending.saturating_sub(1);
+        if done.last() {
+            self.pending = self.pending.saturating_sub(1);
+            if let Some(s) = self.slots.get_mut(pos) {
+                s.pending = s.pending.saturating_sub(1);
+            }
         }
-        let (token, answer) = done.into_answer();
-        (
-            pos,
-            self.run_one(pos, Callback::HttpCallResponse { token, answer }),
-        )
+        (pos, self.run_one(pos, done.into_callback()))
     }
 
     /// Delivers answers that arrived while no phase was waiting.
     fn drain_events(&mut self) -> Option<Response<Bytes>> {
         loop {
             let done = self.events.as_mut()?.1.try_recv().ok()?;
-            self.pending = self.pending.saturating_sub(1);
             if let (_, Step::Respond(r)) = self.deliver(done) {
                 return Some(r);
             }
@@ -332,7 +330,6 @@ impl StreamFilters {
             let Some(done) = rx.recv().await else {
                 return Ok(());
             };
-            self.pending = self.pending.saturating_sub(1);
             let (from, step) = self.deliver(done);
             match step {
                 Step::Respond(r) => return Err(r),

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use wasmtime::{Instance, Store, Trap, TypedFunc};
 
+use super::abi::grpc::{self, GrpcCallback, GrpcEvent};
 use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData};
 use super::metrics::{CallResult, Phase};
 use super::plugin::Plugin;
@@ -79,7 +80,9 @@ impl std::fmt::Display for Failure {
             Failure::ContextLost => {
                 f.write_str("stream context lost with a failed instance it shared")
             }
-            Failure::Stuck => f.write_str("paused with no pending http_call to resume it"),
+            Failure::Stuck => {
+                f.write_str("paused with no pending http_call or gRPC callout to resume it")
+            }
             Failure::BodyWait => {
                 f.write_str("paused at the end of a body to wait for an http_call (not supported)")
             }
@@ -97,6 +100,8 @@ pub(crate) enum Callback {
     ResponseBody { size: u32, eos: bool },
     ResponseTrailers { n: u32 },
     HttpCallResponse { token: u32, answer: CalloutAnswer },
+    /// One event of a gRPC call or stream; `last` ends its token.
+    Grpc { token: u32, event: GrpcEvent, last: bool },
     Tick,
     QueueReady { queue: u32 },
     Log,
@@ -114,6 +119,7 @@ impl Callback {
             Callback::ResponseBody { .. } => Phase::ResponseBody,
             Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
             Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
+            Callback::Grpc { .. } => Phase::GrpcCallback,
             Callback::Tick | Callback::QueueReady { .. } => Phase::Tick,
             Callback::Log => Phase::Log,
             Callback::Done | Callback::Delete => Phase::Done,
@@ -133,6 +139,7 @@ type F1 = TypedFunc<u32, ()>;
 type F1R = TypedFunc<u32, u32>;
 type F2R = TypedFunc<(u32, u32), u32>;
 type F3R = TypedFunc<(u32, u32, u32), u32>;
+type F3 = TypedFunc<(u32, u32, u32), ()>;
 type F5 = TypedFunc<(u32, u32, u32, u32, u32), ()>;
 
 struct Exports {
@@ -151,6 +158,10 @@ struct Exports {
     response_body: Option<F3R>,
     response_trailers: Option<F2R>,
     http_call_response: Option<F5>,
+    grpc_initial_metadata: Option<F3>,
+    grpc_receive: Option<F3>,
+    grpc_trailing_metadata: Option<F3>,
+    grpc_close: Option<F3>,
 }
 
 /// A live VM.
@@ -231,6 +242,18 @@ impl Vm {
             response_body: opt(&instance, &mut store, "proxy_on_response_body")?,
             response_trailers: opt(&instance, &mut store, "proxy_on_response_trailers")?,
             http_call_response: opt(&instance, &mut store, "proxy_on_http_call_response")?,
+            grpc_initial_metadata: opt(
+                &instance,
+                &mut store,
+                "proxy_on_grpc_receive_initial_metadata",
+            )?,
+            grpc_receive: opt(&instance, &mut store, "proxy_on_grpc_receive")?,
+            grpc_trailing_metadata: opt(
+                &instance,
+                &mut store,
+                "proxy_on_grpc_receive_trailing_metadata",
+            )?,
+            grpc_close: opt(&instance, &mut store, "proxy_on_grpc_close")?,
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
@@ -355,6 +378,30 @@ impl Vm {
                 }
                 None => Ok(0),
             },
+            Callback::Grpc { token, event, last } => {
+                // A cancelled token is never reported to the guest.
+                if grpc::wanted(self.store.data_mut(), token, last) {
+                    let (which, n, answer) = event.into_callback();
+                    let f = match which {
+                        GrpcCallback::InitialMetadata => ex.grpc_initial_metadata.clone(),
+                        GrpcCallback::Receive => ex.grpc_receive.clone(),
+                        GrpcCallback::TrailingMetadata => ex.grpc_trailing_metadata.clone(),
+                        GrpcCallback::Close => ex.grpc_close.clone(),
+                    };
+                    match f {
+                        Some(f) => {
+                            self.store.data_mut().answer = Some(answer);
+                            let root = ROOT_ID;
+                            let r = self.guard(phase, |s| f.call(s, (root, token, n)));
+                            self.store.data_mut().answer = None;
+                            r.map(|()| 0)
+                        }
+                        None => Ok(0),
+                    }
+                } else {
+                    Ok(0)
+                }
+            }
             Callback::Tick => match ex.on_tick.clone() {
                 Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),

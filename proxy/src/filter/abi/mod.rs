@@ -22,6 +22,7 @@
 
 pub(crate) mod buffers;
 pub(crate) mod context;
+pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod http_call;
 pub(crate) mod memory;
@@ -43,6 +44,7 @@ pub(crate) enum Status {
     Ok = 0,
     NotFound = 1,
     BadArgument = 2,
+    ParseFailure = 4,
     InvalidMemoryAccess = 6,
     Empty = 7,
     CasMismatch = 8,
@@ -232,41 +234,25 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         shared_queue::dequeue(c, id, po, lo)
     });
 
-    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
-    fixed!(
+    host!(
         l,
         "proxy_grpc_call",
-        Status::InternalFailure,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f,
-        g,
-        h,
-        i,
-        j,
-        k,
-        m
+        |c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok| {
+            grpc::call(c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok)
+        }
     );
-    fixed!(
+    host!(
         l,
         "proxy_grpc_stream",
-        Status::InternalFailure,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f,
-        g,
-        h,
-        i
+        |c, up, ul, sp, sl, mp, ml, hp, hl, tok| {
+            grpc::stream(c, up, ul, sp, sl, mp, ml, hp, hl, tok)
+        }
     );
-    fixed!(l, "proxy_grpc_send", Status::NotFound, a, b, c2, d);
-    fixed!(l, "proxy_grpc_cancel", Status::NotFound, a);
-    fixed!(l, "proxy_grpc_close", Status::NotFound, a);
+    host!(l, "proxy_grpc_send", |c, t, p, n, e| grpc::send(c, t, p, n, e));
+    host!(l, "proxy_grpc_cancel", |c, t| grpc::cancel(c, t));
+    host!(l, "proxy_grpc_close", |c, t| grpc::close(c, t));
+
+    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
     fixed!(
         l,
         "proxy_call_foreign_function",
