@@ -93,17 +93,42 @@ impl std::fmt::Display for Failure {
 /// One guest callback.
 #[derive(Debug)]
 pub(crate) enum Callback {
-    RequestHeaders { n: u32, eos: bool },
-    RequestBody { size: u32, eos: bool },
-    RequestTrailers { n: u32 },
-    ResponseHeaders { n: u32, eos: bool },
-    ResponseBody { size: u32, eos: bool },
-    ResponseTrailers { n: u32 },
-    HttpCallResponse { token: u32, answer: CalloutAnswer },
+    RequestHeaders {
+        n: u32,
+        eos: bool,
+    },
+    RequestBody {
+        size: u32,
+        eos: bool,
+    },
+    RequestTrailers {
+        n: u32,
+    },
+    ResponseHeaders {
+        n: u32,
+        eos: bool,
+    },
+    ResponseBody {
+        size: u32,
+        eos: bool,
+    },
+    ResponseTrailers {
+        n: u32,
+    },
+    HttpCallResponse {
+        token: u32,
+        answer: CalloutAnswer,
+    },
     /// One event of a gRPC call or stream; `last` ends its token.
-    Grpc { token: u32, event: GrpcEvent, last: bool },
+    Grpc {
+        token: u32,
+        event: GrpcEvent,
+        last: bool,
+    },
     Tick,
-    QueueReady { queue: u32 },
+    QueueReady {
+        queue: u32,
+    },
     Log,
     Done,
     Delete,

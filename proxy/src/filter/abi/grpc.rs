@@ -240,7 +240,11 @@ fn too_much_metadata(c: &Caller<'_, Host>) -> Status {
 
 /// The HTTP/2 request of a call or stream. Metadata the protocol owns
 /// (pseudo headers, `content-type`, `te`, `grpc-timeout`) is the host's.
-fn request(open: &Open, timeout: Option<Duration>, body: StreamBody) -> Result<Request<StreamBody>, Status> {
+fn request(
+    open: &Open,
+    timeout: Option<Duration>,
+    body: StreamBody,
+) -> Result<Request<StreamBody>, Status> {
     let path = format!("/{}/{}", open.service, open.method);
     let mut b = Request::builder()
         .method(Method::POST)
@@ -255,10 +259,15 @@ fn request(open: &Open, timeout: Option<Duration>, body: StreamBody) -> Result<R
     }
     for (k, v) in &open.metadata {
         let k = k.to_ascii_lowercase();
-        if k.starts_with(':') || matches!(k.as_str(), "content-type" | "te" | "grpc-timeout" | "host") {
+        if k.starts_with(':')
+            || matches!(k.as_str(), "content-type" | "te" | "grpc-timeout" | "host")
+        {
             continue;
         }
-        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             (Ok(n), Ok(v)) => b = b.header(n, v),
             _ => return Err(Status::ParseFailure),
         }
@@ -285,7 +294,9 @@ fn start(
     };
     let (send, body, bytes_slot) = match unary {
         Some((message, budget)) => {
-            let body = Full::new(message).map_err(|never| match never {}).boxed_unsync();
+            let body = Full::new(message)
+                .map_err(|never| match never {})
+                .boxed_unsync();
             (None, body, Some(budget))
         }
         None => {
@@ -357,7 +368,10 @@ pub(crate) fn call(
     let message = match memory::read_at_most(c, msg_p, msg_l, MAX_MESSAGE) {
         Ok(Some(m)) => m,
         Ok(None) => {
-            let detail = format!("a gRPC message of {} bytes (max {MAX_MESSAGE})", msg_l as u32);
+            let detail = format!(
+                "a gRPC message of {} bytes (max {MAX_MESSAGE})",
+                msg_l as u32
+            );
             note_limit(c, Limit::BodyBytes, &detail);
             return Ok(Status::InternalFailure);
         }
@@ -422,7 +436,8 @@ pub(crate) fn send(c: &mut Caller<'_, Host>, token: i32, p: i32, n: i32, end: i3
     match c.data().grpc.get(&token) {
         None => return Ok(Status::NotFound),
         Some(g) if g.unary => return Ok(Status::NotFound),
-        Some(g) if g.send.is_none() => return Ok(Status::BadArgument),
+        // After the guest's own half-close: nothing more can be sent.
+        Some(g) if g.send.is_none() => return Ok(Status::Ok),
         Some(_) => {}
     }
     let message = match memory::read_at_most(c, p, n, MAX_MESSAGE) {
@@ -458,10 +473,9 @@ pub(crate) fn send(c: &mut Caller<'_, Host>, token: i32, p: i32, n: i32, end: i3
         return Ok(Status::NotFound);
     };
     if let (Some(m), Some(b), Some(tx)) = (message, budget, g.send.as_ref()) {
-        if tx.send((m, b)).is_err() {
-            // The stream already ended; its close is on the way.
-            return Ok(Status::NotFound);
-        }
+        // A stream the server already ended drops the message: its close
+        // is on the way, and the SDK's trait methods trap on any status but OK.
+        let _ = tx.send((m, b));
     }
     if end != 0 {
         g.send = None;
@@ -726,19 +740,28 @@ mod tests {
         assert_eq!(next_message(&mut buf), Ok(Some(Bytes::new())));
         assert_eq!(next_message(&mut buf), Ok(None), "partial prefix waits");
         buf.extend_from_slice(&framed(b"three")[4..]);
-        assert_eq!(next_message(&mut buf), Ok(Some(Bytes::from_static(b"three"))));
+        assert_eq!(
+            next_message(&mut buf),
+            Ok(Some(Bytes::from_static(b"three")))
+        );
         let mut huge = BytesMut::from(&[0u8, 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(
             next_message(&mut huge).map_err(|e| e.0),
             Err(code::RESOURCE_EXHAUSTED)
         );
         let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 1, 7][..]);
-        assert_eq!(next_message(&mut compressed).map_err(|e| e.0), Err(code::INTERNAL));
+        assert_eq!(
+            next_message(&mut compressed).map_err(|e| e.0),
+            Err(code::INTERNAL)
+        );
     }
 
     #[test]
     fn grpc_message_is_percent_decoded() {
-        assert_eq!(percent_decode(b"no%20such%20thing%ZZ%"), "no such thing%ZZ%");
+        assert_eq!(
+            percent_decode(b"no%20such%20thing%ZZ%"),
+            "no such thing%ZZ%"
+        );
         assert_eq!(percent_decode(b"caf%C3%A9"), "café");
     }
 }

@@ -234,13 +234,21 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         shared_queue::dequeue(c, id, po, lo)
     });
 
-    host!(
-        l,
-        "proxy_grpc_call",
-        |c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok| {
-            grpc::call(c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok)
-        }
-    );
+    host!(l, "proxy_grpc_call", |c,
+                                 up,
+                                 ul,
+                                 sp,
+                                 sl,
+                                 mp,
+                                 ml,
+                                 hp,
+                                 hl,
+                                 bp,
+                                 bl,
+                                 to,
+                                 tok| {
+        grpc::call(c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok)
+    });
     host!(
         l,
         "proxy_grpc_stream",
@@ -248,7 +256,9 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             grpc::stream(c, up, ul, sp, sl, mp, ml, hp, hl, tok)
         }
     );
-    host!(l, "proxy_grpc_send", |c, t, p, n, e| grpc::send(c, t, p, n, e));
+    host!(l, "proxy_grpc_send", |c, t, p, n, e| grpc::send(
+        c, t, p, n, e
+    ));
     host!(l, "proxy_grpc_cancel", |c, t| grpc::cancel(c, t));
     host!(l, "proxy_grpc_close", |c, t| grpc::close(c, t));
 
