@@ -341,3 +341,70 @@ async fn grpc_callouts_respect_the_clusters_circuit_breakers_and_end_with_their_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+fn post(
+    proxy: SocketAddr,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> http::Request<Full<Bytes>> {
+    // `/count` answers only after the whole body (with its length).
+    let mut b = http::Request::post(format!("http://{proxy}/count")).header("host", "app");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+/// proxy-wasm-rust-sdk#66: a filter that pauses at the end of the request
+/// body for a callout (gRPC or HTTP) is resumed by the answer, and the
+/// whole body then reaches the upstream; a denial answers instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_paused_for_a_callout_resumes_when_it_answers() {
+    let app = TestUpstream::start("app").await;
+    let authz = TestUpstream::start("authz").await;
+    let server = GrpcServer::start();
+    let dir = with_fixtures("wasm32-wasip1", &["grpc-call", "body-callout"]);
+    let port = free_port();
+    let mut cfg = config(port, app.addr, server.addr, "");
+    cfg = cfg.replace(
+        "pipeline = [\"grpc\"]",
+        "pipeline = [\"grpc\", \"approve\"]",
+    );
+    cfg.push_str(&format!(
+        "\n[filters.approve]\nmodule = \"body-callout.wasm\"\n\n[clusters.authz]\nendpoints = [\"{}\"]\n",
+        authz.addr
+    ));
+    let wasp = Wasp::start_in(dir, &cfg, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+
+    // The HTTP callout filter alone (the gRPC one lets bodies through
+    // without `x-grpc: body`): approved, the upstream gets the whole body.
+    let r = send(&client, post(proxy, &[], "alice")).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.body, "5", "the upstream got the whole body");
+    let r = send(&client, post(proxy, &[], "mallory")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body, "body denied\n");
+
+    // Both: the gRPC filter waits on the body, is resumed by the gRPC
+    // answer, then the HTTP one waits on the same body and is resumed too.
+    let r = send(&client, post(proxy, &[("x-grpc", "body")], "alice")).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.body, "5", "the whole body went on");
+    assert!(
+        server.saw("CHECK alice"),
+        "{:?}",
+        server.lines.lock().unwrap()
+    );
+    // gRPC approves, the HTTP callout denies: the second filter saw the body.
+    let r = send(&client, post(proxy, &[("x-grpc", "body")], "allow-x")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body, "body denied\n");
+    // Denied by the gRPC filter: its answer, with the gRPC status.
+    let r = send(&client, post(proxy, &[("x-grpc", "body")], "eve")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-grpc-status"), Some("7"), "{r:?}");
+    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+}

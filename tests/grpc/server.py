@@ -1,8 +1,8 @@
 """A real gRPC server (Python grpcio) for the gRPC callout tests (tests/grpc.rs).
 
 Service `wasp.test.Auth`, raw bytes in and out (no generated code):
-- Check (unary): a token starting with "allow" answers b"ok-<token>-<x-user
-  metadata>"; "slow" sleeps 3 s first; anything else fails PERMISSION_DENIED
+- Check (unary): a token starting with "allow" (or "alice") answers
+  b"ok-<token>-<x-user metadata>"; "slow" sleeps 3 s first; anything else fails PERMISSION_DENIED
   with the message "token denied: <token>".
 - Echo (bidi stream): initial metadata x-initial=hello, each message back in
   upper case, trailing metadata x-trailing=bye, status OK.
@@ -31,7 +31,7 @@ def check(request, context):
     say(f"CHECK {token}")
     if token.startswith("slow"):
         time.sleep(3)
-    if token.startswith("allow") or token.startswith("slow"):
+    if token.startswith(("allow", "alice", "slow")):
         return f"ok-{token}-{user}".encode()
     context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token denied: {token}")
 
@@ -56,8 +56,11 @@ def hold(requests, context):
     try:
         for _ in requests:
             pass
-    except Exception:  # the iterator fails when the stream is reset
+    except Exception:  # the iterator may fail when the stream is reset
         return
+    # A reset may end the iterator too; the RPC is then no longer active
+    # (its callback reports it). A half-close leaves it active.
+    time.sleep(0.3)
     if context.is_active():
         done.set()
         say("HOLD-ENDED")

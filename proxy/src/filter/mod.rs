@@ -43,16 +43,17 @@
 //! - A local response made during the request phase is returned as is; the
 //!   response-side callbacks are not run on it.
 //!
+//! gRPC calls and streams (`proxy_grpc_*`) go to a cluster over HTTP/2
+//! through [`HttpCallouts::open`] (see `abi::grpc`).
+//!
 //! Not implemented (linked, answering statuses the Rust SDK accepts):
-//! gRPC calls and streams (`proxy_grpc_*`: INTERNAL_FAILURE / NOT_FOUND),
 //! foreign functions (NOT_FOUND), TCP/network filters
 //! (`proxy_on_new_connection` and friends are never called). Shared queues
 //! are implemented (process-wide, keyed by filter name + queue name; an
 //! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
-//! worker). Resuming a paused *body* from an `http_call`
-//! answer is not supported (the body stays buffered until end of stream;
-//! pausing *at* the end of a body while an `http_call` is pending fails
-//! the filter by its policy rather than forwarding the body unapproved),
+//! worker). A filter pausing *at* the end of a body while a callout is
+//! pending gets [`BodyVerdict::Wait`]: the core polls
+//! [`StreamFilters::poll_body_wait`] until the body may go on.
 //! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
 //! `http_call` fails the filter (its policy applies; a timer cannot resume
 //! a stream), and a callout answer that arrives
@@ -298,5 +299,8 @@ pub enum BodyVerdict {
     Forward(Bytes),
     /// A filter paused: the engine is buffering, nothing to send yet.
     Hold,
+    /// The body ended and a filter paused on it to wait for a callout:
+    /// nothing to send until [`StreamFilters::poll_body_wait`] is ready.
+    Wait,
     Respond(http::Response<Bytes>),
 }

@@ -13,13 +13,15 @@
 //! current runtime and their answers come back through this stream's own
 //! channel.
 //!
-//! Not supported (documented limits): resuming a paused *body* from an
-//! `http_call` answer (the body keeps buffering until end of stream; a
-//! filter that pauses at the end of a body with a callout pending fails by
-//! its policy instead of seeing its body forwarded unapproved), and PAUSE on
+//! A filter that pauses at the *end* of a body with a callout pending holds
+//! the whole body ([`BodyVerdict::Wait`]) until an answer resumes it
+//! ([`StreamFilters::poll_body_wait`]; answers delivered by a concurrent
+//! header phase settle it too), answers locally, or fails; a pause before
+//! the end buffers as usual. Not supported (documented limit): PAUSE on
 //! trailers (treated as CONTINUE).
 
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -49,6 +51,13 @@ struct Slot {
     pending: u32,
 }
 
+/// A finished body waiting for filter `k` (in `dir`'s order) to resume it.
+struct BodyWait {
+    dir: Dir,
+    k: usize,
+    buf: BytesMut,
+}
+
 /// What one callback means for the chain.
 enum Step {
     Go {
@@ -74,6 +83,12 @@ pub struct StreamFilters {
     pending: usize,
     held_request: Option<(usize, BytesMut)>,
     held_response: Option<(usize, BytesMut)>,
+    /// A whole body held while filter `k` waits for a callout to resume it.
+    body_wait: Option<BodyWait>,
+    /// What the chain made of a waiting body once it was resumed.
+    body_done: Option<BodyVerdict>,
+    /// The body task parked in [`StreamFilters::poll_body_wait`].
+    body_waker: Option<std::task::Waker>,
     finished: bool,
 }
 
@@ -114,6 +129,15 @@ fn local_response(l: LocalResponse) -> Response<Bytes> {
     r
 }
 
+/// A second copy of a local response (one for the phase that delivered the
+/// answer, one for the body that waited on it).
+fn copy_response(r: &Response<Bytes>) -> Response<Bytes> {
+    let mut c = Response::new(r.body().clone());
+    *c.status_mut() = r.status();
+    *c.headers_mut() = r.headers().clone();
+    c
+}
+
 fn order(dir: Dir, n: usize, k: usize) -> usize {
     match dir {
         Dir::Request => k,
@@ -141,6 +165,9 @@ impl StreamFilters {
             pending: 0,
             held_request: None,
             held_response: None,
+            body_wait: None,
+            body_done: None,
+            body_waker: None,
             finished: false,
         }
     }
@@ -302,7 +329,9 @@ impl StreamFilters {
                 s.pending = s.pending.saturating_sub(1);
             }
         }
-        (pos, self.run_one(pos, done.into_callback()))
+        let step = self.run_one(pos, done.into_callback());
+        self.settle_body_wait(pos, &step);
+        (pos, step)
     }
 
     /// Delivers answers that arrived while no phase was waiting.
@@ -462,7 +491,7 @@ impl StreamFilters {
             Dir::Request => self.held_request.take(),
             Dir::Response => self.held_response.take(),
         };
-        let (start, mut buf) = match held {
+        let (start, buf) = match held {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
                 if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
@@ -476,6 +505,12 @@ impl StreamFilters {
             }
             None => (0, BytesMut::from(&chunk[..])),
         };
+        self.body_from(dir, start, buf, eos)
+    }
+
+    /// Runs the body callbacks of filters `start..` (in `dir`'s order) on `buf`.
+    fn body_from(&mut self, dir: Dir, start: usize, mut buf: BytesMut, eos: bool) -> BodyVerdict {
+        let n = self.slots.len();
         for k in start..n {
             let pos = order(dir, n, k);
             let size = buf.len() as u32;
@@ -494,15 +529,21 @@ impl StreamFilters {
             }
             match step {
                 Step::Respond(r) => return BodyVerdict::Respond(r),
-                Step::Go { pause: true, .. }
-                    if eos && self.slots.get(pos).is_some_and(|s| s.pending > 0) =>
-                {
-                    // Waiting on an http_call at the end of a body cannot be
-                    // honoured by the synchronous body path: never forward
-                    // the body as if the filter had agreed.
-                    match self.fail(pos, &Failure::BodyWait) {
-                        Step::Respond(r) => return BodyVerdict::Respond(r),
-                        Step::Go { .. } => {}
+                Step::Go {
+                    pause: true,
+                    resume_request,
+                    resume_response,
+                } if eos && self.slots.get(pos).is_some_and(|s| s.pending > 0) => {
+                    let resumed = match dir {
+                        Dir::Request => resume_request,
+                        Dir::Response => resume_response,
+                    };
+                    if !resumed {
+                        // Waiting on a callout at the end of a body: the
+                        // whole body stays here until the filter resumes
+                        // (`poll_body_wait`), answers, or fails.
+                        self.body_wait = Some(BodyWait { dir, k, buf });
+                        return BodyVerdict::Wait;
                     }
                 }
                 Step::Go { pause: true, .. } if !eos => {
@@ -523,6 +564,100 @@ impl StreamFilters {
             }
         }
         BodyVerdict::Forward(buf.freeze())
+    }
+
+    /// After [`BodyVerdict::Wait`]: delivers callout answers as they come
+    /// until the waiting filter resumes its body (the rest of the chain then
+    /// runs on it: `Forward`, or `Respond`/`Wait` again), answers locally,
+    /// or fails (no callout left that could resume it: its `fail` policy).
+    /// Registers `cx` for the next answer while it returns `Pending`
+    /// (answers a concurrent header phase delivers wake it too). Without a
+    /// wait it is `Forward` of nothing.
+    pub fn poll_body_wait(&mut self, cx: &mut std::task::Context<'_>) -> Poll<BodyVerdict> {
+        loop {
+            if let Some(v) = self.body_done.take() {
+                return Poll::Ready(v);
+            }
+            let Some(w) = self.body_wait.as_ref() else {
+                return Poll::Ready(BodyVerdict::Forward(Bytes::new()));
+            };
+            let pos = order(w.dir, self.slots.len(), w.k);
+            if self.pending == 0 {
+                // Nothing left that could resume it.
+                match self.fail(pos, &Failure::Stuck) {
+                    Step::Respond(r) => {
+                        self.body_wait = None;
+                        return Poll::Ready(BodyVerdict::Respond(r));
+                    }
+                    step => {
+                        self.settle_body_wait(pos, &step);
+                        continue;
+                    }
+                }
+            }
+            let Some((_, rx)) = self.events.as_mut() else {
+                self.pending = 0;
+                continue;
+            };
+            let done = match rx.poll_recv(cx) {
+                Poll::Pending => {
+                    self.body_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(done)) => done,
+                Poll::Ready(None) => {
+                    self.pending = 0;
+                    continue;
+                }
+            };
+            if let (_, Step::Respond(r)) = self.deliver(done) {
+                self.body_wait = None;
+                self.body_done = None;
+                return Poll::Ready(BodyVerdict::Respond(r));
+            }
+        }
+    }
+
+    /// After filter `from` ran a callback: if a body waits on it and the
+    /// callback resumed it (or the filter is now skipped), the rest of the
+    /// chain runs on the body and the outcome waits in `body_done` for
+    /// [`Self::poll_body_wait`], woken here. A local response ends it too.
+    fn settle_body_wait(&mut self, from: usize, step: &Step) {
+        let Some(w) = self.body_wait.as_ref() else {
+            return;
+        };
+        let (dir, k) = (w.dir, w.k);
+        let pos = order(dir, self.slots.len(), k);
+        let verdict = match step {
+            Step::Respond(r) => BodyVerdict::Respond(copy_response(r)),
+            Step::Go {
+                resume_request,
+                resume_response,
+                ..
+            } => {
+                let resumed = match dir {
+                    Dir::Request => *resume_request,
+                    Dir::Response => *resume_response,
+                };
+                let skipped = self.slots.get(pos).is_none_or(|s| s.skipped);
+                if !((from == pos && resumed) || skipped) {
+                    return;
+                }
+                let Some(w) = self.body_wait.take() else {
+                    return;
+                };
+                match self.body_from(dir, k + 1, w.buf, true) {
+                    // A later filter waits now: `body_wait` is its.
+                    BodyVerdict::Wait => return,
+                    v => v,
+                }
+            }
+        };
+        self.body_wait = None;
+        self.body_done = Some(verdict);
+        if let Some(w) = self.body_waker.take() {
+            w.wake();
+        }
     }
 
     /// A request body chunk through the chain. When a filter pauses, the

@@ -47,8 +47,6 @@ pub(crate) enum Failure {
     ContextLost,
     /// The filter paused with nothing that could resume it.
     Stuck,
-    /// The filter paused at the end of a body to wait for an `http_call`.
-    BodyWait,
 }
 
 impl Failure {
@@ -82,9 +80,6 @@ impl std::fmt::Display for Failure {
             }
             Failure::Stuck => {
                 f.write_str("paused with no pending http_call or gRPC callout to resume it")
-            }
-            Failure::BodyWait => {
-                f.write_str("paused at the end of a body to wait for an http_call (not supported)")
             }
         }
     }

@@ -12,7 +12,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -32,6 +32,9 @@ struct Inner {
     /// A local response a filter made while the request body streamed.
     local: Mutex<Option<http::Response<Bytes>>>,
     request_bytes: AtomicU64,
+    /// A body waiting for a callout found the chain out for a header
+    /// phase: woken when the chain is put back.
+    waiter: Mutex<Option<Waker>>,
 }
 
 /// Returned by the request body when a filter answered locally mid-body; the
@@ -47,6 +50,7 @@ impl SharedChain {
                 chain: Mutex::new(Some(chain)),
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
+                waiter: Mutex::new(None),
             }),
         }
     }
@@ -59,6 +63,9 @@ impl SharedChain {
     pub fn put(&self, chain: StreamFilters) {
         if let Ok(mut slot) = self.inner.chain.lock() {
             *slot = Some(chain);
+        }
+        if let Some(w) = self.inner.waiter.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
         }
     }
 
@@ -100,6 +107,9 @@ pin_project_lite::pin_project! {
         side: Side,
         ended: bool,
         pending_trailers: Option<HeaderMap>,
+        // The body ended and a filter waits for a callout before letting it
+        // go (with the trailers that ended it, if any).
+        waiting: Option<Option<HeaderMap>>,
     }
 }
 
@@ -111,6 +121,7 @@ impl<B> FilteredBody<B> {
             side,
             ended: false,
             pending_trailers: None,
+            waiting: None,
         }
     }
 }
@@ -132,42 +143,66 @@ where
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
         loop {
-            if *this.ended {
-                return Poll::Ready(None);
-            }
-            let frame = match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Some(Ok(f))) => Some(f),
-                Poll::Ready(None) => None,
-            };
-            let (data, trailers, eos) = match frame {
-                None => (Bytes::new(), None, true),
-                Some(f) => match f.into_data() {
-                    Ok(d) => {
-                        let eos = this.inner.is_end_stream();
-                        (d, None, eos)
-                    }
-                    Err(f) => match f.into_trailers() {
-                        Ok(t) => (Bytes::new(), Some(t), true),
-                        Err(_) => continue,
-                    },
-                },
-            };
-            if eos {
-                *this.ended = true;
-            }
-            if let Side::Request = this.side {
-                this.chain
-                    .inner
-                    .request_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
             let side = *this.side;
-            let verdict = this.chain.with(|c| match side {
-                Side::Request => c.request_body(data.clone(), eos),
-                Side::Response => c.response_body(data.clone(), eos),
-            });
+            let (data, trailers, eos, verdict) = if let Some(trailers) = this.waiting.take() {
+                let verdict = match this.chain.with(|c| c.poll_body_wait(cx)) {
+                    Some(Poll::Pending) => {
+                        *this.waiting = Some(trailers);
+                        return Poll::Pending;
+                    }
+                    Some(Poll::Ready(v)) => Some(v),
+                    None => {
+                        // Out for a response header phase: the held body
+                        // is in the chain, so wait for it to come back.
+                        if let Ok(mut w) = this.chain.inner.waiter.lock() {
+                            *w = Some(cx.waker().clone());
+                        }
+                        *this.waiting = Some(trailers);
+                        if this.chain.with(|_| ()).is_some() {
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                (Bytes::new(), trailers, true, verdict)
+            } else {
+                if *this.ended {
+                    return Poll::Ready(None);
+                }
+                let frame = match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(Some(Ok(f))) => Some(f),
+                    Poll::Ready(None) => None,
+                };
+                let (data, trailers, eos) = match frame {
+                    None => (Bytes::new(), None, true),
+                    Some(f) => match f.into_data() {
+                        Ok(d) => {
+                            let eos = this.inner.is_end_stream();
+                            (d, None, eos)
+                        }
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => (Bytes::new(), Some(t), true),
+                            Err(_) => continue,
+                        },
+                    },
+                };
+                if eos {
+                    *this.ended = true;
+                }
+                if let Side::Request = this.side {
+                    this.chain
+                        .inner
+                        .request_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                let verdict = this.chain.with(|c| match side {
+                    Side::Request => c.request_body(data.clone(), eos),
+                    Side::Response => c.response_body(data.clone(), eos),
+                });
+                (data, trailers, eos, verdict)
+            };
             let out = match verdict {
                 // The chain is out for a header phase: pass the chunk on.
                 None => data,
@@ -177,6 +212,10 @@ where
                         return Poll::Ready(None);
                     }
                     Bytes::new()
+                }
+                Some(BodyVerdict::Wait) => {
+                    *this.waiting = Some(trailers);
+                    continue;
                 }
                 Some(BodyVerdict::Respond(resp)) => {
                     return Poll::Ready(Some(Err(respond(this.chain, side, resp))))
@@ -209,7 +248,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.pending_trailers.is_none()
+        self.ended && self.pending_trailers.is_none() && self.waiting.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

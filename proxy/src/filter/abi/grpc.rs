@@ -126,8 +126,13 @@ impl GrpcEvent {
     }
 }
 
-/// A request message on its way, with the bytes it holds of the budget.
-type Outgoing = (Bytes, InFlight);
+/// What the guest queues on a stream: a message (with the bytes it holds
+/// of the budget) or its half-close. A channel closed without `End` is a
+/// cancel (or the VM went away): the stream is reset, not ended.
+pub(crate) enum Outgoing {
+    Message(Bytes, InFlight),
+    End,
+}
 
 /// The guest's side of an open call or stream (kept in [`Host::grpc`]).
 pub(crate) struct GrpcHandle {
@@ -163,10 +168,11 @@ impl Body for Outbound {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         // The budget is given back as the connection takes the bytes.
-        self.get_mut()
-            .0
-            .poll_recv(cx)
-            .map(|m| m.map(|(bytes, _budget)| Ok(Frame::data(bytes))))
+        self.get_mut().0.poll_recv(cx).map(|m| match m {
+            Some(Outgoing::Message(bytes, _budget)) => Some(Ok(Frame::data(bytes))),
+            Some(Outgoing::End) => None,
+            None => Some(Err("gRPC stream cancelled".into())),
+        })
     }
 }
 
@@ -475,12 +481,18 @@ pub(crate) fn send(c: &mut Caller<'_, Host>, token: i32, p: i32, n: i32, end: i3
     if let (Some(m), Some(b), Some(tx)) = (message, budget, g.send.as_ref()) {
         // A stream the server already ended drops the message: its close
         // is on the way, and the SDK's trait methods trap on any status but OK.
-        let _ = tx.send((m, b));
+        let _ = tx.send(Outgoing::Message(m, b));
     }
     if end != 0 {
-        g.send = None;
+        half_close(g);
     }
     Ok(Status::Ok)
+}
+
+fn half_close(g: &mut GrpcHandle) {
+    if let Some(tx) = g.send.take() {
+        let _ = tx.send(Outgoing::End);
+    }
 }
 
 /// `proxy_grpc_close`: half-closes a stream (the answer keeps coming);
@@ -495,7 +507,7 @@ pub(crate) fn close(c: &mut Caller<'_, Host>, token: i32) -> HostResult {
             Ok(Status::Ok)
         }
         Some(g) => {
-            g.send = None;
+            half_close(g);
             Ok(Status::Ok)
         }
     }

@@ -14,6 +14,10 @@
 //!   the request go on with `x-grpc-cancelled: yes` (a later close would
 //!   add `x-grpc-close`, which must never happen).
 //!
+//! - `x-grpc: body` lets the headers go, buffers the request body, and at
+//!   its end asks `Check` with the whole body as the message, pausing the
+//!   body until the answer (OK: the body goes on; else 403 as above).
+//!
 //! A dispatch error answers 500 with `x-grpc-error`.
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
@@ -26,6 +30,7 @@ proxy_wasm::main! {{
 #[derive(Default)]
 struct Grpc {
     cancel: bool,
+    body: bool,
     messages: Vec<String>,
     initial: String,
     trailing: String,
@@ -150,7 +155,32 @@ impl HttpContext for Grpc {
                     Err(s) => self.failed(s),
                 }
             }
+            Some("body") => {
+                self.body = true;
+                Action::Continue
+            }
             _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
+        if !self.body {
+            return Action::Continue;
+        }
+        if !eos {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, size).unwrap_or_default();
+        match self.dispatch_grpc_call(
+            "auth",
+            "wasp.test.Auth",
+            "Check",
+            vec![("x-user", b"body")],
+            Some(&body),
+            Duration::from_secs(2),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(s) => self.failed(s),
         }
     }
 }
