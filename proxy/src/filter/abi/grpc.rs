@@ -721,7 +721,7 @@ fn percent_decode(v: &[u8]) -> String {
 }
 
 /// gRPC's mapping of HTTP statuses of a non-gRPC answer.
-fn from_http(s: StatusCode) -> u32 {
+pub(crate) fn from_http(s: StatusCode) -> u32 {
     match s.as_u16() {
         400 => code::INTERNAL,
         401 => code::UNAUTHENTICATED,

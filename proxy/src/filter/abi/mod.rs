@@ -22,6 +22,7 @@
 
 pub(crate) mod buffers;
 pub(crate) mod context;
+pub(crate) mod foreign;
 pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod http_call;
@@ -80,16 +81,6 @@ macro_rules! host {
         $l.func_wrap(ENV, $name, |mut $c: C<'_> $(, $a: i32)*| -> R {
             let $c = &mut $c;
             $body.map(|s| s as i32)
-        })?;
-    };
-}
-
-/// A constant status, for the unimplemented parts of the ABI.
-macro_rules! fixed {
-    ($l:ident, $name:literal, $status:expr, $($a:ident),*) => {
-        $l.func_wrap(ENV, $name, |_c: C<'_> $(, $a: i32)*| -> i32 {
-            $(let _ = $a;)*
-            $status as i32
         })?;
     };
 }
@@ -262,17 +253,10 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     host!(l, "proxy_grpc_cancel", |c, t| grpc::cancel(c, t));
     host!(l, "proxy_grpc_close", |c, t| grpc::close(c, t));
 
-    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
-    fixed!(
+    host!(
         l,
         "proxy_call_foreign_function",
-        Status::NotFound,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f
+        |c, np, nl, ap, al, po, lo| foreign::call(c, np, nl, ap, al, po, lo)
     );
 
     // WASI preview1.
