@@ -408,3 +408,71 @@ async fn a_body_paused_for_a_callout_resumes_when_it_answers() {
     assert_eq!(r.header("x-grpc-status"), Some("7"), "{r:?}");
     assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
 }
+
+/// PAUSE on request trailers while a gRPC call is pending holds them (and
+/// so the end of the request) until the answer: allowed, the request ends
+/// upstream; denied, the filter's answer replaces the upstream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let app = TestUpstream::start("app").await;
+    let server = GrpcServer::start();
+    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
+    let port = free_port();
+    let wasp = Wasp::start_in(dir, &config(port, app.addr, server.addr, ""), &[]);
+    let proxy = loopback(port);
+    let client: Client<_, BoxBody<Bytes, std::convert::Infallible>> =
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let with_trailer = |token: &'static str| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-token", http::HeaderValue::from_static(token));
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        http::Request::post(format!("http://{proxy}/count"))
+            .header("host", "app")
+            .header("x-grpc", "trailers")
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap()
+    };
+    let answer = |r: http::Response<hyper::body::Incoming>| async move {
+        let status = r.status().as_u16();
+        let grpc = r
+            .headers()
+            .get("x-grpc-status")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        let body = r.into_body().collect().await.map(|b| b.to_bytes());
+        (status, grpc, body.ok())
+    };
+
+    let r = client.request(with_trailer("allow-t")).await.unwrap();
+    let (status, _, body) = answer(r).await;
+    assert_eq!(status, 200, "{}", wasp.log_text());
+    assert_eq!(
+        body.as_deref(),
+        Some(&b"5"[..]),
+        "the upstream got the body"
+    );
+    assert!(server.saw("CHECK allow-t"));
+
+    let r = client.request(with_trailer("mallory")).await.unwrap();
+    let (status, grpc, _) = answer(r).await;
+    assert_eq!(status, 403, "held until the denial: {}", wasp.log_text());
+    assert_eq!(grpc.as_deref(), Some("7"));
+    // A slow server: the upstream could answer at once, but the request
+    // cannot end before the filter's 2 s deadline does, so the client gets
+    // the filter's DEADLINE_EXCEEDED, not the upstream's 200.
+    let r = client.request(with_trailer("slow-t")).await.unwrap();
+    let (status, grpc, _) = answer(r).await;
+    assert_eq!(status, 403, "{}", wasp.log_text());
+    assert_eq!(grpc.as_deref(), Some("4"));
+    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+}

@@ -54,7 +54,8 @@
 //! worker). A filter pausing *at* the end of a body while a callout is
 //! pending gets [`BodyVerdict::Wait`]: the core polls
 //! [`StreamFilters::poll_body_wait`] until the body may go on.
-//! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
+//! PAUSE on trailers with a callout pending gives [`Verdict::Wait`]
+//! ([`StreamFilters::poll_trailers_wait`]); with none it acts as CONTINUE, PAUSE on headers with no pending
 //! `http_call` fails the filter (its policy applies; a timer cannot resume
 //! a stream), and a callout answer that arrives
 //! after its stream ended is dropped. Root-only ("background") plugins
@@ -287,6 +288,9 @@ pub struct StreamInfo {
 #[derive(Debug)]
 pub enum Verdict {
     Continue,
+    /// Trailers only: a filter paused on them to wait for a callout; they
+    /// go on once [`StreamFilters::poll_trailers_wait`] is ready.
+    Wait,
     /// Answer with this response instead (local response, or a failure under
     /// `fail = "closed"`).
     Respond(http::Response<Bytes>),

@@ -17,8 +17,9 @@
 //! the whole body ([`BodyVerdict::Wait`]) until an answer resumes it
 //! ([`StreamFilters::poll_body_wait`]; answers delivered by a concurrent
 //! header phase settle it too), answers locally, or fails; a pause before
-//! the end buffers as usual. Not supported (documented limit): PAUSE on
-//! trailers (treated as CONTINUE).
+//! the end buffers as usual. Trailers work the same way
+//! ([`Verdict::Wait`], [`StreamFilters::poll_trailers_wait`]); a PAUSE on
+//! trailers with no callout pending is treated as CONTINUE.
 
 use std::sync::Arc;
 use std::task::Poll;
@@ -87,6 +88,11 @@ pub struct StreamFilters {
     body_wait: Option<BodyWait>,
     /// What the chain made of a waiting body once it was resumed.
     body_done: Option<BodyVerdict>,
+    /// Trailers held while filter `k` (in the direction's order) waits.
+    trailers_wait: Option<(Dir, usize)>,
+    /// What the chain made of waiting trailers once resumed, and their side.
+    trailers_done: Option<Verdict>,
+    trailers_done_dir: Option<Dir>,
     /// The body task parked in [`StreamFilters::poll_body_wait`].
     body_waker: Option<std::task::Waker>,
     finished: bool,
@@ -167,6 +173,9 @@ impl StreamFilters {
             held_response: None,
             body_wait: None,
             body_done: None,
+            trailers_wait: None,
+            trailers_done: None,
+            trailers_done_dir: None,
             body_waker: None,
             finished: false,
         }
@@ -330,7 +339,7 @@ impl StreamFilters {
             }
         }
         let step = self.run_one(pos, done.into_callback());
-        self.settle_body_wait(pos, &step);
+        self.settle_wait(pos, &step);
         (pos, step)
     }
 
@@ -566,31 +575,34 @@ impl StreamFilters {
         BodyVerdict::Forward(buf.freeze())
     }
 
-    /// After [`BodyVerdict::Wait`]: delivers callout answers as they come
-    /// until the waiting filter resumes its body (the rest of the chain then
-    /// runs on it: `Forward`, or `Respond`/`Wait` again), answers locally,
-    /// or fails (no callout left that could resume it: its `fail` policy).
-    /// Registers `cx` for the next answer while it returns `Pending`
-    /// (answers a concurrent header phase delivers wake it too). Without a
-    /// wait it is `Forward` of nothing.
-    pub fn poll_body_wait(&mut self, cx: &mut std::task::Context<'_>) -> Poll<BodyVerdict> {
+    /// The filter a held body or held trailers wait on.
+    fn waited(&self) -> Option<(Dir, usize)> {
+        self.body_wait
+            .as_ref()
+            .map(|w| (w.dir, w.k))
+            .or(self.trailers_wait)
+    }
+
+    /// Delivers callout answers while a body or trailers wait, until the
+    /// wait settles (`Ready(None)`: the outcome is in `body_done` /
+    /// `trailers_done`) or a local response or failure ends the stream
+    /// (`Ready(Some)`). Registers `cx` while `Pending`.
+    fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Response<Bytes>>> {
         loop {
-            if let Some(v) = self.body_done.take() {
-                return Poll::Ready(v);
-            }
-            let Some(w) = self.body_wait.as_ref() else {
-                return Poll::Ready(BodyVerdict::Forward(Bytes::new()));
+            let Some((dir, k)) = self.waited() else {
+                return Poll::Ready(None);
             };
-            let pos = order(w.dir, self.slots.len(), w.k);
+            let pos = order(dir, self.slots.len(), k);
             if self.pending == 0 {
                 // Nothing left that could resume it.
                 match self.fail(pos, &Failure::Stuck) {
                     Step::Respond(r) => {
                         self.body_wait = None;
-                        return Poll::Ready(BodyVerdict::Respond(r));
+                        self.trailers_wait = None;
+                        return Poll::Ready(Some(r));
                     }
                     step => {
-                        self.settle_body_wait(pos, &step);
+                        self.settle_wait(pos, &step);
                         continue;
                     }
                 }
@@ -612,24 +624,74 @@ impl StreamFilters {
             };
             if let (_, Step::Respond(r)) = self.deliver(done) {
                 self.body_wait = None;
+                self.trailers_wait = None;
                 self.body_done = None;
-                return Poll::Ready(BodyVerdict::Respond(r));
+                self.trailers_done = None;
+                return Poll::Ready(Some(r));
             }
         }
     }
 
-    /// After filter `from` ran a callback: if a body waits on it and the
-    /// callback resumed it (or the filter is now skipped), the rest of the
-    /// chain runs on the body and the outcome waits in `body_done` for
-    /// [`Self::poll_body_wait`], woken here. A local response ends it too.
-    fn settle_body_wait(&mut self, from: usize, step: &Step) {
-        let Some(w) = self.body_wait.as_ref() else {
+    /// After [`BodyVerdict::Wait`]: delivers callout answers as they come
+    /// until the waiting filter resumes its body (the rest of the chain then
+    /// runs on it: `Forward`, or `Respond`), answers locally, or fails (no
+    /// callout left that could resume it: its `fail` policy). Registers
+    /// `cx` for the next answer while it returns `Pending` (answers a
+    /// concurrent header phase delivers wake it too). Without a wait it is
+    /// `Forward` of nothing.
+    pub fn poll_body_wait(&mut self, cx: &mut std::task::Context<'_>) -> Poll<BodyVerdict> {
+        if self.body_done.is_none() && self.body_wait.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(r)) => return Poll::Ready(BodyVerdict::Respond(r)),
+                Poll::Ready(None) => {}
+            }
+        }
+        Poll::Ready(
+            self.body_done
+                .take()
+                .unwrap_or(BodyVerdict::Forward(Bytes::new())),
+        )
+    }
+
+    /// After [`Verdict::Wait`] from a trailers phase: as
+    /// [`Self::poll_body_wait`], then writes the trailers (as the filters
+    /// left them) into `trailers`.
+    pub fn poll_trailers_wait(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        trailers: &mut HeaderMap,
+    ) -> Poll<Verdict> {
+        let dir = self.trailers_wait.map(|(d, _)| d);
+        if self.trailers_done.is_none() && self.trailers_wait.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(r)) => return Poll::Ready(Verdict::Respond(r)),
+                Poll::Ready(None) => {}
+            }
+        }
+        let dir = dir.or(self.trailers_done_dir).unwrap_or(Dir::Request);
+        if let Some(d) = self.data.as_deref_mut() {
+            let t = match dir {
+                Dir::Request => d.req_trailers.clone(),
+                Dir::Response => d.resp_trailers.clone(),
+            };
+            *trailers = t.unwrap_or_default();
+        }
+        Poll::Ready(self.trailers_done.take().unwrap_or(Verdict::Continue))
+    }
+
+    /// After filter `from` ran a callback: if a body or trailers wait on it
+    /// and the callback resumed it (or the filter is now skipped), the rest
+    /// of the chain runs and the outcome waits in `body_done` /
+    /// `trailers_done` for the poll, woken here. A local response ends it.
+    fn settle_wait(&mut self, from: usize, step: &Step) {
+        let Some((dir, k)) = self.waited() else {
             return;
         };
-        let (dir, k) = (w.dir, w.k);
         let pos = order(dir, self.slots.len(), k);
-        let verdict = match step {
-            Step::Respond(r) => BodyVerdict::Respond(copy_response(r)),
+        let resumed = match step {
+            Step::Respond(_) => true,
             Step::Go {
                 resume_request,
                 resume_response,
@@ -639,22 +701,34 @@ impl StreamFilters {
                     Dir::Request => *resume_request,
                     Dir::Response => *resume_response,
                 };
-                let skipped = self.slots.get(pos).is_none_or(|s| s.skipped);
-                if !((from == pos && resumed) || skipped) {
-                    return;
-                }
-                let Some(w) = self.body_wait.take() else {
-                    return;
-                };
-                match self.body_from(dir, k + 1, w.buf, true) {
+                (from == pos && resumed) || self.slots.get(pos).is_none_or(|s| s.skipped)
+            }
+        };
+        if !resumed {
+            return;
+        }
+        if let Some(w) = self.body_wait.take() {
+            let v = match step {
+                Step::Respond(r) => BodyVerdict::Respond(copy_response(r)),
+                Step::Go { .. } => match self.body_from(dir, k + 1, w.buf, true) {
                     // A later filter waits now: `body_wait` is its.
                     BodyVerdict::Wait => return,
                     v => v,
-                }
-            }
-        };
-        self.body_wait = None;
-        self.body_done = Some(verdict);
+                },
+            };
+            self.body_done = Some(v);
+        } else {
+            self.trailers_wait = None;
+            let v = match step {
+                Step::Respond(r) => Verdict::Respond(copy_response(r)),
+                Step::Go { .. } => match self.trailers_from(dir, k + 1) {
+                    Verdict::Wait => return,
+                    v => v,
+                },
+            };
+            self.trailers_done = Some(v);
+            self.trailers_done_dir = Some(dir);
+        }
         if let Some(w) = self.body_waker.take() {
             w.wake();
         }
@@ -690,19 +764,10 @@ impl StreamFilters {
                 Dir::Response => d.resp_trailers = t,
             }
         }
-        let n = self.slots.len();
-        let mut verdict = Verdict::Continue;
-        for k in 0..n {
-            let pos = order(dir, n, k);
-            let count = trailers_len(self.data.as_deref(), dir);
-            let cb = match dir {
-                Dir::Request => Callback::RequestTrailers { n: count },
-                Dir::Response => Callback::ResponseTrailers { n: count },
-            };
-            if let Step::Respond(r) = self.run_one(pos, cb) {
-                verdict = Verdict::Respond(r);
-                break;
-            }
+        let verdict = self.trailers_from(dir, 0);
+        if matches!(verdict, Verdict::Wait) {
+            // The trailers stay in the stream until `poll_trailers_wait`.
+            return verdict;
         }
         if let Some(d) = self.data.as_deref_mut() {
             let t = match dir {
@@ -712,6 +777,40 @@ impl StreamFilters {
             *trailers = t.unwrap_or_default();
         }
         verdict
+    }
+
+    /// Runs the trailer callbacks of filters `start..` (in `dir`'s order).
+    /// A filter that pauses with a callout pending holds the trailers
+    /// (`Wait`); a pause with nothing that could resume it continues.
+    fn trailers_from(&mut self, dir: Dir, start: usize) -> Verdict {
+        let n = self.slots.len();
+        for k in start..n {
+            let pos = order(dir, n, k);
+            let count = trailers_len(self.data.as_deref(), dir);
+            let cb = match dir {
+                Dir::Request => Callback::RequestTrailers { n: count },
+                Dir::Response => Callback::ResponseTrailers { n: count },
+            };
+            match self.run_one(pos, cb) {
+                Step::Respond(r) => return Verdict::Respond(r),
+                Step::Go {
+                    pause: true,
+                    resume_request,
+                    resume_response,
+                } if self.slots.get(pos).is_some_and(|s| s.pending > 0) => {
+                    let resumed = match dir {
+                        Dir::Request => resume_request,
+                        Dir::Response => resume_response,
+                    };
+                    if !resumed {
+                        self.trailers_wait = Some((dir, k));
+                        return Verdict::Wait;
+                    }
+                }
+                Step::Go { .. } => {}
+            }
+        }
+        Verdict::Continue
     }
 
     /// Request trailers through the chain.

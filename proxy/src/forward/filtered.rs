@@ -110,6 +110,8 @@ pin_project_lite::pin_project! {
         // The body ended and a filter waits for a callout before letting it
         // go (with the trailers that ended it, if any).
         waiting: Option<Option<HeaderMap>>,
+        // A filter paused on the trailers to wait for a callout.
+        waiting_trailers: bool,
     }
 }
 
@@ -122,6 +124,7 @@ impl<B> FilteredBody<B> {
             ended: false,
             pending_trailers: None,
             waiting: None,
+            waiting_trailers: false,
         }
     }
 }
@@ -140,6 +143,29 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if let Some(t) = this.pending_trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        if *this.waiting_trailers {
+            let mut t = HeaderMap::new();
+            let side = *this.side;
+            let v = match this.chain.with(|c| c.poll_trailers_wait(cx, &mut t)) {
+                Some(Poll::Ready(v)) => v,
+                Some(Poll::Pending) => return Poll::Pending,
+                None => {
+                    // Out for a response header phase: wait for it to come back.
+                    if let Ok(mut w) = this.chain.inner.waiter.lock() {
+                        *w = Some(cx.waker().clone());
+                    }
+                    if this.chain.with(|_| ()).is_some() {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
+            };
+            *this.waiting_trailers = false;
+            if let Verdict::Respond(resp) = v {
+                return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+            }
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
         loop {
@@ -227,8 +253,20 @@ where
                         Side::Request => c.request_trailers(&mut t),
                         Side::Response => c.response_trailers(&mut t),
                     });
-                    if let Some(Verdict::Respond(resp)) = v {
-                        return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+                    match v {
+                        Some(Verdict::Respond(resp)) => {
+                            return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+                        }
+                        Some(Verdict::Wait) => {
+                            // Held in the chain: data first, then the wait.
+                            *this.waiting_trailers = true;
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        _ => {}
                     }
                     Some(t)
                 }
@@ -248,7 +286,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.pending_trailers.is_none() && self.waiting.is_none()
+        self.ended
+            && self.pending_trailers.is_none()
+            && self.waiting.is_none()
+            && !self.waiting_trailers
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -18,6 +18,10 @@
 //!   its end asks `Check` with the whole body as the message, pausing the
 //!   body until the answer (OK: the body goes on; else 403 as above).
 //!
+//! - `x-grpc: trailers` asks `Check` with the request trailer `x-token`
+//!   from the trailers callback and pauses the trailers until the answer
+//!   (OK: they go on with `x-grpc-answer` added; else 403 as above).
+//!
 //! A dispatch error answers 500 with `x-grpc-error`.
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
@@ -31,6 +35,7 @@ proxy_wasm::main! {{
 struct Grpc {
     cancel: bool,
     body: bool,
+    trailers: bool,
     messages: Vec<String>,
     initial: String,
     trailing: String,
@@ -56,7 +61,11 @@ impl Context for Grpc {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
         if status == 0 {
             let answer = text(self.get_grpc_call_response_body(0, size));
-            self.set_http_request_header("x-grpc-answer", Some(&answer));
+            if self.trailers {
+                self.set_http_request_trailer("x-grpc-answer", Some(&answer));
+            } else {
+                self.set_http_request_header("x-grpc-answer", Some(&answer));
+            }
             self.resume_http_request();
             return;
         }
@@ -159,7 +168,29 @@ impl HttpContext for Grpc {
                 self.body = true;
                 Action::Continue
             }
+            Some("trailers") => {
+                self.trailers = true;
+                Action::Continue
+            }
             _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        if !self.trailers {
+            return Action::Continue;
+        }
+        let token = self.get_http_request_trailer("x-token").unwrap_or_default();
+        match self.dispatch_grpc_call(
+            "auth",
+            "wasp.test.Auth",
+            "Check",
+            vec![("x-user", b"trailers")],
+            Some(token.as_bytes()),
+            Duration::from_secs(2),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(s) => self.failed(s),
         }
     }
 
