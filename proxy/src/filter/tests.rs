@@ -129,6 +129,7 @@ fn expect_respond(v: Verdict) -> Response<Bytes> {
     match v {
         Verdict::Respond(r) => r,
         Verdict::Continue => panic!("expected a local response, got Continue"),
+        Verdict::Wait => panic!("expected a local response, got Wait"),
     }
 }
 
