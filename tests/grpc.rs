@@ -476,3 +476,63 @@ async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
     assert_eq!(grpc.as_deref(), Some("4"));
     assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
 }
+
+/// An open gRPC stream holds one of the filter's `limits.callouts` slots
+/// (shared with `http_call`): past it a call fails with a status the SDK
+/// accepts. When the HTTP request that opened the stream goes away, the
+/// stream is reset (the server sees the cancel) and the slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_hold_callout_slots_and_end_with_their_request() {
+    let app = TestUpstream::start("app").await;
+    let server = GrpcServer::start();
+    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
+    let port = free_port();
+    let cfg = config(port, app.addr, server.addr, "").replace(
+        "module = \"grpc-call.wasm\"",
+        "module = \"grpc-call.wasm\"\nlimits = { callouts = 1 }",
+    );
+    let wasp = Wasp::start_in(dir, &cfg, &[]);
+    let proxy = loopback(port);
+    let client = h2_client();
+
+    let holder = {
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, request(proxy, &[("x-grpc", "hold")])).await })
+    };
+    assert!(server.wait_for("HOLD-START", Duration::from_secs(5)));
+    let r = send(
+        &client,
+        request(proxy, &[("x-grpc", "call"), ("x-token", "allow-z")]),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.header("x-grpc-error"), Some("InternalFailure"));
+    let limits = metric_value(
+        &wasp.metrics(),
+        "wasp_filter_limit_exceeded_total",
+        &["filter=\"grpc\"", "limit=\"callouts\""],
+    );
+    assert_eq!(limits, Some(1.0), "{}", wasp.metrics());
+
+    // The client gives up on the held request: its stream is reset.
+    holder.abort();
+    assert!(
+        server.wait_for("HOLD-CANCELLED", Duration::from_secs(5)),
+        "{:?}",
+        server.lines.lock().unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = send(
+            &client,
+            request(proxy, &[("x-grpc", "call"), ("x-token", "allow-z")]),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never given back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+}

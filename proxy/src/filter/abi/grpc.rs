@@ -153,11 +153,18 @@ pub(crate) struct GrpcTask {
     timeout: Option<Duration>,
     /// The `limits.callouts` slot (and a call's message bytes), held until the end.
     _slots: (InFlight, Option<InFlight>),
+    /// Dropped when the task ends: a stream's request body then fails.
+    _over: Option<oneshot::Sender<()>>,
 }
 
 /// Request body of a stream: the messages `proxy_grpc_send` queues; ends
-/// when the guest half-closes.
-struct Outbound(mpsc::UnboundedReceiver<Outgoing>);
+/// when the guest half-closes. Once its task is over (cancelled, its HTTP
+/// stream gone, or the exchange done) it fails, so the stream is reset
+/// rather than left half open.
+struct Outbound {
+    messages: mpsc::UnboundedReceiver<Outgoing>,
+    task_over: oneshot::Receiver<()>,
+}
 
 impl Body for Outbound {
     type Data = Bytes;
@@ -167,8 +174,12 @@ impl Body for Outbound {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+        let this = self.get_mut();
+        if Pin::new(&mut this.task_over).poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("gRPC stream over".into())));
+        }
         // The budget is given back as the connection takes the bytes.
-        self.get_mut().0.poll_recv(cx).map(|m| match m {
+        this.messages.poll_recv(cx).map(|m| match m {
             Some(Outgoing::Message(bytes, _budget)) => Some(Ok(Frame::data(bytes))),
             Some(Outgoing::End) => None,
             None => Some(Err("gRPC stream cancelled".into())),
@@ -298,16 +309,21 @@ fn start(
         note_limit(c, Limit::Callouts, &detail);
         return Err(Status::InternalFailure);
     };
-    let (send, body, bytes_slot) = match unary {
+    let (send, body, bytes_slot, over) = match unary {
         Some((message, budget)) => {
             let body = Full::new(message)
                 .map_err(|never| match never {})
                 .boxed_unsync();
-            (None, body, Some(budget))
+            (None, body, Some(budget), None)
         }
         None => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Outbound(rx).boxed_unsync(), None)
+            let (tx, messages) = mpsc::unbounded_channel();
+            let (over, task_over) = oneshot::channel();
+            let body = Outbound {
+                messages,
+                task_over,
+            };
+            (Some(tx), body.boxed_unsync(), None, Some(over))
         }
     };
     let req = request(open, timeout, body)?;
@@ -346,6 +362,7 @@ fn start(
             unary,
             timeout,
             _slots: (slot, bytes_slot),
+            _over: over,
         }),
     });
     Ok(token)
@@ -548,6 +565,7 @@ pub(crate) async fn run(
         unary,
         timeout,
         _slots,
+        _over,
     } = task;
     let deadline = async {
         match timeout {

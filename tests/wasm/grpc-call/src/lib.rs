@@ -14,6 +14,8 @@
 //!   the request go on with `x-grpc-cancelled: yes` (a later close would
 //!   add `x-grpc-close`, which must never happen).
 //!
+//! - `x-grpc: hold` opens `wasp.test.Auth/Hold`, sends one message and
+//!   pauses for good: the stream stays open until the request goes away.
 //! - `x-grpc: body` lets the headers go, buffers the request body, and at
 //!   its end asks `Check` with the whole body as the message, pausing the
 //!   body until the answer (OK: the body goes on; else 403 as above).
@@ -149,6 +151,15 @@ impl HttpContext for Grpc {
                             self.send_grpc_stream_message(token, Some(w.as_bytes()), false);
                         }
                         self.send_grpc_stream_message(token, None, true);
+                        Action::Pause
+                    }
+                    Err(s) => self.failed(s),
+                }
+            }
+            Some("hold") => {
+                match self.open_grpc_stream(&cluster, "wasp.test.Auth", "Hold", vec![]) {
+                    Ok(token) => {
+                        self.send_grpc_stream_message(token, Some(b"hold"), false);
                         Action::Pause
                     }
                     Err(s) => self.failed(s),
