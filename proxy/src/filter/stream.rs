@@ -129,6 +129,13 @@ fn local_response(l: LocalResponse) -> Response<Bytes> {
             r.headers_mut().append(n, v);
         }
     }
+    // As Envoy's local replies: a body without a type is plain text.
+    if !r.body().is_empty() && !r.headers().contains_key(http::header::CONTENT_TYPE) {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
     if !l.details.is_empty() {
         tracing::debug!(details = l.details, "filter sent a local response");
     }

@@ -472,33 +472,29 @@ pub(crate) fn send(c: &mut Caller<'_, Host>, token: i32, p: i32, n: i32, end: i3
         }
         Err(s) => return Ok(s),
     };
-    // An empty message with `end_stream` is the SDK's plain half-close.
-    let message = (!message.is_empty() || end == 0).then(|| framed(&message));
-    let budget = match &message {
-        Some(m) => match InFlight::take(
-            &c.data().plugin.callout_bytes_in_flight,
-            m.len(),
-            CALLOUT_BYTES_IN_FLIGHT,
-        ) {
-            Some(b) => Some(b),
-            None => {
-                let detail = format!(
-                    "more than {} MiB of callout bodies of this filter in flight",
-                    CALLOUT_BYTES_IN_FLIGHT >> 20
-                );
-                note_limit(c, Limit::Callouts, &detail);
-                return Ok(Status::BadArgument);
-            }
-        },
-        None => None,
+    // Every send is a message, even an empty one (as Envoy: the SDK's
+    // `send_grpc_stream_message(token, None, true)` sends an empty message
+    // and then half-closes).
+    let message = framed(&message);
+    let Some(budget) = InFlight::take(
+        &c.data().plugin.callout_bytes_in_flight,
+        message.len(),
+        CALLOUT_BYTES_IN_FLIGHT,
+    ) else {
+        let detail = format!(
+            "more than {} MiB of callout bodies of this filter in flight",
+            CALLOUT_BYTES_IN_FLIGHT >> 20
+        );
+        note_limit(c, Limit::Callouts, &detail);
+        return Ok(Status::BadArgument);
     };
     let Some(g) = c.data_mut().grpc.get_mut(&token) else {
         return Ok(Status::NotFound);
     };
-    if let (Some(m), Some(b), Some(tx)) = (message, budget, g.send.as_ref()) {
+    if let Some(tx) = g.send.as_ref() {
         // A stream the server already ended drops the message: its close
         // is on the way, and the SDK's trait methods trap on any status but OK.
-        let _ = tx.send(Outgoing::Message(m, b));
+        let _ = tx.send(Outgoing::Message(message, budget));
     }
     if end != 0 {
         half_close(g);
