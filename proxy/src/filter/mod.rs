@@ -44,22 +44,25 @@
 //!   response-side callbacks are not run on it.
 //!
 //! gRPC calls and streams (`proxy_grpc_*`) go to a cluster over HTTP/2
-//! through [`HttpCallouts::open`] (see `abi::grpc`).
+//! through [`HttpCallouts::open`] (see `abi::grpc`). Foreign functions:
+//! `clear_route_cache` answers OK (routing runs after the request-header
+//! callbacks anyway), any other name NOT_FOUND. Shared queues are
+//! process-wide, keyed by filter name + queue name; an enqueue wakes the
+//! latest registrant's `proxy_on_queue_ready` on its own worker.
 //!
-//! Not implemented (linked, answering statuses the Rust SDK accepts):
-//! foreign functions (NOT_FOUND), TCP/network filters
-//! (`proxy_on_new_connection` and friends are never called). Shared queues
-//! are implemented (process-wide, keyed by filter name + queue name; an
-//! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
-//! worker). A filter pausing *at* the end of a body while a callout is
-//! pending gets [`BodyVerdict::Wait`]: the core polls
-//! [`StreamFilters::poll_body_wait`] until the body may go on.
-//! PAUSE on trailers with a callout pending gives [`Verdict::Wait`]
-//! ([`StreamFilters::poll_trailers_wait`]); with none it acts as CONTINUE, PAUSE on headers with no pending
-//! `http_call` fails the filter (its policy applies; a timer cannot resume
-//! a stream), and a callout answer that arrives
-//! after its stream ended is dropped. Root-only ("background") plugins
-//! must not be put in a pipeline: the SDK traps on the HTTP context.
+//! Waiting for callouts: a filter pausing *at* the end of a body while a
+//! callout is pending gets [`BodyVerdict::Wait`], and one pausing on
+//! trailers [`Verdict::Wait`]; the core polls
+//! [`StreamFilters::poll_body_wait`] / [`StreamFilters::poll_trailers_wait`]
+//! until they may go on. PAUSE on trailers with no callout pending acts as
+//! CONTINUE; PAUSE on headers with no pending callout fails the filter (its
+//! policy applies; a timer cannot resume a stream).
+//!
+//! Not implemented: TCP/network filters (`proxy_on_new_connection` and
+//! friends are never called). An `http_call` answer that arrives after its
+//! stream ended goes to the instance's root context; a gRPC call or stream
+//! is cancelled with its stream. Root-only ("background") plugins must not
+//! be put in a pipeline: the SDK traps on the HTTP context.
 
 mod abi;
 mod cache;
