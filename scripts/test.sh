@@ -56,6 +56,12 @@ if ! command -v envoy >/dev/null; then
   command -v pyenv >/dev/null && pyenv rehash || true
 fi
 
+# The gRPC callout tests (tests/grpc.rs) run a real gRPC server: Python grpcio.
+if ! python3 -c 'import grpc' 2>/dev/null; then
+  echo "==> installing grpcio (the gRPC callout tests' server)"
+  python3 -m pip install --quiet --disable-pip-version-check grpcio
+fi
+
 if command -v rustup >/dev/null; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi

@@ -122,16 +122,26 @@ pub(crate) struct Actions {
     pub log_bytes: usize,
 }
 
-/// An `http_call` the guest started; spawned by the caller after the callback.
+/// What a callout does once spawned.
+pub(crate) enum CalloutWork {
+    /// `proxy_http_call`: one answer.
+    Http(CalloutFuture),
+    /// `proxy_grpc_call` / `proxy_grpc_stream`: a sequence of events.
+    Grpc(super::abi::grpc::GrpcTask),
+}
+
+/// A callout the guest started; spawned by the caller after the callback.
 pub(crate) struct NewCallout {
     pub token: u32,
     /// Context that was effective when the call was made.
     pub context: u32,
     pub timeout: Duration,
-    pub future: CalloutFuture,
+    pub work: CalloutWork,
 }
 
-/// The answer of an `http_call`, readable during `proxy_on_http_call_response`.
+/// The answer of an `http_call`, readable during `proxy_on_http_call_response`
+/// (and one gRPC event, readable during its `proxy_on_grpc_*` callback:
+/// metadata as `headers`/`trailers`, a message as `body`, the close status).
 #[derive(Debug, Default)]
 pub(crate) struct CalloutAnswer {
     pub headers: Vec<(String, Vec<u8>)>,
@@ -202,6 +212,8 @@ pub(crate) struct Host {
     pub answer: Option<CalloutAnswer>,
     pub actions: Actions,
     pub callouts: Vec<NewCallout>,
+    /// The guest's open gRPC calls and streams, by token.
+    pub grpc: HashMap<u32, super::abi::grpc::GrpcHandle>,
     pub next_token: u32,
     /// Milliseconds; 0 = no ticks.
     pub tick_period_ms: u32,
@@ -229,6 +241,7 @@ impl Host {
             answer: None,
             actions: Actions::default(),
             callouts: Vec::new(),
+            grpc: HashMap::new(),
             next_token: 1,
             tick_period_ms: 0,
             metrics: HashMap::new(),

@@ -271,13 +271,15 @@ pub(crate) enum Phase {
     ResponseBody,
     ResponseTrailers,
     HttpCallResponse,
+    /// `proxy_on_grpc_*` (metadata, message, close).
+    GrpcCallback,
     Tick,
     Log,
     Done,
 }
 
 impl Phase {
-    const ALL: [Phase; 12] = [
+    const ALL: [Phase; 13] = [
         Phase::Start,
         Phase::ContextCreate,
         Phase::RequestHeaders,
@@ -287,6 +289,7 @@ impl Phase {
         Phase::ResponseBody,
         Phase::ResponseTrailers,
         Phase::HttpCallResponse,
+        Phase::GrpcCallback,
         Phase::Tick,
         Phase::Log,
         Phase::Done,
@@ -303,6 +306,7 @@ impl Phase {
             Phase::ResponseBody => "response_body",
             Phase::ResponseTrailers => "response_trailers",
             Phase::HttpCallResponse => "http_call_response",
+            Phase::GrpcCallback => "grpc_callback",
             Phase::Tick => "tick",
             Phase::Log => "log",
             Phase::Done => "done",

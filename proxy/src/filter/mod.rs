@@ -43,21 +43,26 @@
 //! - A local response made during the request phase is returned as is; the
 //!   response-side callbacks are not run on it.
 //!
-//! Not implemented (linked, answering statuses the Rust SDK accepts):
-//! gRPC calls and streams (`proxy_grpc_*`: INTERNAL_FAILURE / NOT_FOUND),
-//! foreign functions (NOT_FOUND), TCP/network filters
-//! (`proxy_on_new_connection` and friends are never called). Shared queues
-//! are implemented (process-wide, keyed by filter name + queue name; an
-//! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
-//! worker). Resuming a paused *body* from an `http_call`
-//! answer is not supported (the body stays buffered until end of stream;
-//! pausing *at* the end of a body while an `http_call` is pending fails
-//! the filter by its policy rather than forwarding the body unapproved),
-//! PAUSE on trailers acts as CONTINUE, PAUSE on headers with no pending
-//! `http_call` fails the filter (its policy applies; a timer cannot resume
-//! a stream), and a callout answer that arrives
-//! after its stream ended is dropped. Root-only ("background") plugins
-//! must not be put in a pipeline: the SDK traps on the HTTP context.
+//! gRPC calls and streams (`proxy_grpc_*`) go to a cluster over HTTP/2
+//! through [`HttpCallouts::open`] (see `abi::grpc`). Foreign functions:
+//! `clear_route_cache` answers OK (routing runs after the request-header
+//! callbacks anyway), any other name NOT_FOUND. Shared queues are
+//! process-wide, keyed by filter name + queue name; an enqueue wakes the
+//! latest registrant's `proxy_on_queue_ready` on its own worker.
+//!
+//! Waiting for callouts: a filter pausing *at* the end of a body while a
+//! callout is pending gets [`BodyVerdict::Wait`], and one pausing on
+//! trailers [`Verdict::Wait`]; the core polls
+//! [`StreamFilters::poll_body_wait`] / [`StreamFilters::poll_trailers_wait`]
+//! until they may go on. PAUSE on trailers with no callout pending acts as
+//! CONTINUE; PAUSE on headers with no pending callout fails the filter (its
+//! policy applies; a timer cannot resume a stream).
+//!
+//! Not implemented: TCP/network filters (`proxy_on_new_connection` and
+//! friends are never called). An `http_call` answer that arrives after its
+//! stream ended goes to the instance's root context; a gRPC call or stream
+//! is cancelled with its stream. Root-only ("background") plugins must not
+//! be put in a pipeline: the SDK traps on the HTTP context.
 
 mod abi;
 mod cache;
@@ -171,6 +176,17 @@ impl FilterSpec {
 pub type CalloutFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, String>> + Send>>;
 
+/// Error of a streamed callout body.
+pub type StreamError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body of a streamed callout (gRPC), each way: frames as they are sent or
+/// arrive, trailers included.
+pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, StreamError>;
+
+/// The response head of a streamed callout, its body still arriving.
+pub type StreamFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<StreamBody>, String>> + Send>>;
+
 /// How the engine sends `proxy_http_call` requests to clusters (implemented by the core).
 pub trait HttpCallouts: Send + Sync + 'static {
     /// `None` if `cluster` is unknown (the guest then gets BAD_ARGUMENT).
@@ -181,6 +197,16 @@ pub trait HttpCallouts: Send + Sync + 'static {
         req: http::Request<Bytes>,
         timeout: Duration,
     ) -> Option<CalloutFuture>;
+
+    /// Opens a streamed exchange with `cluster` (gRPC calls and streams:
+    /// the request body is sent as the filter produces it, the answer is
+    /// read frame by frame). The answer's body holds whatever the cluster's
+    /// circuit breakers counted until it is dropped. `None` if `cluster` is
+    /// unknown; the default knows no cluster.
+    fn open(&self, cluster: &str, req: http::Request<StreamBody>) -> Option<StreamFuture> {
+        let _ = (cluster, req);
+        None
+    }
 }
 
 /// Facts about the downstream connection and request, for properties.
@@ -203,6 +229,9 @@ pub struct StreamInfo {
 #[derive(Debug)]
 pub enum Verdict {
     Continue,
+    /// Trailers only: a filter paused on them to wait for a callout; they
+    /// go on once [`StreamFilters::poll_trailers_wait`] is ready.
+    Wait,
     /// Answer with this response instead (local response, or a failure under
     /// `fail = "closed"`).
     Respond(http::Response<Bytes>),
@@ -215,5 +244,8 @@ pub enum BodyVerdict {
     Forward(Bytes),
     /// A filter paused: the engine is buffering, nothing to send yet.
     Hold,
+    /// The body ended and a filter paused on it to wait for a callout:
+    /// nothing to send until [`StreamFilters::poll_body_wait`] is ready.
+    Wait,
     Respond(http::Response<Bytes>),
 }

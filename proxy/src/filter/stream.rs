@@ -13,13 +13,16 @@
 //! current runtime and their answers come back through this stream's own
 //! channel.
 //!
-//! Not supported (documented limits): resuming a paused *body* from an
-//! `http_call` answer (the body keeps buffering until end of stream; a
-//! filter that pauses at the end of a body with a callout pending fails by
-//! its policy instead of seeing its body forwarded unapproved), and PAUSE on
-//! trailers (treated as CONTINUE).
+//! A filter that pauses at the *end* of a body with a callout pending holds
+//! the whole body ([`BodyVerdict::Wait`]) until an answer resumes it
+//! ([`StreamFilters::poll_body_wait`]; answers delivered by a concurrent
+//! header phase settle it too), answers locally, or fails; a pause before
+//! the end buffers as usual. Trailers work the same way
+//! ([`Verdict::Wait`], [`StreamFilters::poll_trailers_wait`]); a PAUSE on
+//! trailers with no callout pending is treated as CONTINUE.
 
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -49,6 +52,13 @@ struct Slot {
     pending: u32,
 }
 
+/// A finished body waiting for filter `k` (in `dir`'s order) to resume it.
+struct BodyWait {
+    dir: Dir,
+    k: usize,
+    buf: BytesMut,
+}
+
 /// What one callback means for the chain.
 enum Step {
     Go {
@@ -74,6 +84,17 @@ pub struct StreamFilters {
     pending: usize,
     held_request: Option<(usize, BytesMut)>,
     held_response: Option<(usize, BytesMut)>,
+    /// A whole body held while filter `k` waits for a callout to resume it.
+    body_wait: Option<BodyWait>,
+    /// What the chain made of a waiting body once it was resumed.
+    body_done: Option<BodyVerdict>,
+    /// Trailers held while filter `k` (in the direction's order) waits.
+    trailers_wait: Option<(Dir, usize)>,
+    /// What the chain made of waiting trailers once resumed, and their side.
+    trailers_done: Option<Verdict>,
+    trailers_done_dir: Option<Dir>,
+    /// The body task parked in [`StreamFilters::poll_body_wait`].
+    body_waker: Option<std::task::Waker>,
     finished: bool,
 }
 
@@ -108,10 +129,26 @@ fn local_response(l: LocalResponse) -> Response<Bytes> {
             r.headers_mut().append(n, v);
         }
     }
+    // As Envoy's local replies: a body without a type is plain text.
+    if !r.body().is_empty() && !r.headers().contains_key(http::header::CONTENT_TYPE) {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
     if !l.details.is_empty() {
         tracing::debug!(details = l.details, "filter sent a local response");
     }
     r
+}
+
+/// A second copy of a local response (one for the phase that delivered the
+/// answer, one for the body that waited on it).
+fn copy_response(r: &Response<Bytes>) -> Response<Bytes> {
+    let mut c = Response::new(r.body().clone());
+    *c.status_mut() = r.status();
+    *c.headers_mut() = r.headers().clone();
+    c
 }
 
 fn order(dir: Dir, n: usize, k: usize) -> usize {
@@ -141,6 +178,12 @@ impl StreamFilters {
             pending: 0,
             held_request: None,
             held_response: None,
+            body_wait: None,
+            body_done: None,
+            trailers_wait: None,
+            trailers_done: None,
+            trailers_done_dir: None,
+            body_waker: None,
             finished: false,
         }
     }
@@ -296,21 +339,21 @@ impl StreamFilters {
     /// Delivers one callout answer to the filter that asked for it.
     fn deliver(&mut self, done: CalloutDone) -> (usize, Step) {
         let pos = done.context as usize;
-        if let Some(s) = self.slots.get_mut(pos) {
-            s.pending = s.pending.saturating_sub(1);
+        if done.last() {
+            self.pending = self.pending.saturating_sub(1);
+            if let Some(s) = self.slots.get_mut(pos) {
+                s.pending = s.pending.saturating_sub(1);
+            }
         }
-        let (token, answer) = done.into_answer();
-        (
-            pos,
-            self.run_one(pos, Callback::HttpCallResponse { token, answer }),
-        )
+        let step = self.run_one(pos, done.into_callback());
+        self.settle_wait(pos, &step);
+        (pos, step)
     }
 
     /// Delivers answers that arrived while no phase was waiting.
     fn drain_events(&mut self) -> Option<Response<Bytes>> {
         loop {
             let done = self.events.as_mut()?.1.try_recv().ok()?;
-            self.pending = self.pending.saturating_sub(1);
             if let (_, Step::Respond(r)) = self.deliver(done) {
                 return Some(r);
             }
@@ -332,7 +375,6 @@ impl StreamFilters {
             let Some(done) = rx.recv().await else {
                 return Ok(());
             };
-            self.pending = self.pending.saturating_sub(1);
             let (from, step) = self.deliver(done);
             match step {
                 Step::Respond(r) => return Err(r),
@@ -465,7 +507,7 @@ impl StreamFilters {
             Dir::Request => self.held_request.take(),
             Dir::Response => self.held_response.take(),
         };
-        let (start, mut buf) = match held {
+        let (start, buf) = match held {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
                 if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
@@ -479,6 +521,12 @@ impl StreamFilters {
             }
             None => (0, BytesMut::from(&chunk[..])),
         };
+        self.body_from(dir, start, buf, eos)
+    }
+
+    /// Runs the body callbacks of filters `start..` (in `dir`'s order) on `buf`.
+    fn body_from(&mut self, dir: Dir, start: usize, mut buf: BytesMut, eos: bool) -> BodyVerdict {
+        let n = self.slots.len();
         for k in start..n {
             let pos = order(dir, n, k);
             let size = buf.len() as u32;
@@ -497,15 +545,21 @@ impl StreamFilters {
             }
             match step {
                 Step::Respond(r) => return BodyVerdict::Respond(r),
-                Step::Go { pause: true, .. }
-                    if eos && self.slots.get(pos).is_some_and(|s| s.pending > 0) =>
-                {
-                    // Waiting on an http_call at the end of a body cannot be
-                    // honoured by the synchronous body path: never forward
-                    // the body as if the filter had agreed.
-                    match self.fail(pos, &Failure::BodyWait) {
-                        Step::Respond(r) => return BodyVerdict::Respond(r),
-                        Step::Go { .. } => {}
+                Step::Go {
+                    pause: true,
+                    resume_request,
+                    resume_response,
+                } if eos && self.slots.get(pos).is_some_and(|s| s.pending > 0) => {
+                    let resumed = match dir {
+                        Dir::Request => resume_request,
+                        Dir::Response => resume_response,
+                    };
+                    if !resumed {
+                        // Waiting on a callout at the end of a body: the
+                        // whole body stays here until the filter resumes
+                        // (`poll_body_wait`), answers, or fails.
+                        self.body_wait = Some(BodyWait { dir, k, buf });
+                        return BodyVerdict::Wait;
                     }
                 }
                 Step::Go { pause: true, .. } if !eos => {
@@ -526,6 +580,165 @@ impl StreamFilters {
             }
         }
         BodyVerdict::Forward(buf.freeze())
+    }
+
+    /// The filter a held body or held trailers wait on.
+    fn waited(&self) -> Option<(Dir, usize)> {
+        self.body_wait
+            .as_ref()
+            .map(|w| (w.dir, w.k))
+            .or(self.trailers_wait)
+    }
+
+    /// Delivers callout answers while a body or trailers wait, until the
+    /// wait settles (`Ready(None)`: the outcome is in `body_done` /
+    /// `trailers_done`) or a local response or failure ends the stream
+    /// (`Ready(Some)`). Registers `cx` while `Pending`.
+    fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Response<Bytes>>> {
+        loop {
+            let Some((dir, k)) = self.waited() else {
+                return Poll::Ready(None);
+            };
+            let pos = order(dir, self.slots.len(), k);
+            if self.pending == 0 {
+                // Nothing left that could resume it.
+                match self.fail(pos, &Failure::Stuck) {
+                    Step::Respond(r) => {
+                        self.body_wait = None;
+                        self.trailers_wait = None;
+                        return Poll::Ready(Some(r));
+                    }
+                    step => {
+                        self.settle_wait(pos, &step);
+                        continue;
+                    }
+                }
+            }
+            let Some((_, rx)) = self.events.as_mut() else {
+                self.pending = 0;
+                continue;
+            };
+            let done = match rx.poll_recv(cx) {
+                Poll::Pending => {
+                    self.body_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(done)) => done,
+                Poll::Ready(None) => {
+                    self.pending = 0;
+                    continue;
+                }
+            };
+            if let (_, Step::Respond(r)) = self.deliver(done) {
+                self.body_wait = None;
+                self.trailers_wait = None;
+                self.body_done = None;
+                self.trailers_done = None;
+                return Poll::Ready(Some(r));
+            }
+        }
+    }
+
+    /// After [`BodyVerdict::Wait`]: delivers callout answers as they come
+    /// until the waiting filter resumes its body (the rest of the chain then
+    /// runs on it: `Forward`, or `Respond`), answers locally, or fails (no
+    /// callout left that could resume it: its `fail` policy). Registers
+    /// `cx` for the next answer while it returns `Pending` (answers a
+    /// concurrent header phase delivers wake it too). Without a wait it is
+    /// `Forward` of nothing.
+    pub fn poll_body_wait(&mut self, cx: &mut std::task::Context<'_>) -> Poll<BodyVerdict> {
+        if self.body_done.is_none() && self.body_wait.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(r)) => return Poll::Ready(BodyVerdict::Respond(r)),
+                Poll::Ready(None) => {}
+            }
+        }
+        Poll::Ready(
+            self.body_done
+                .take()
+                .unwrap_or(BodyVerdict::Forward(Bytes::new())),
+        )
+    }
+
+    /// After [`Verdict::Wait`] from a trailers phase: as
+    /// [`Self::poll_body_wait`], then writes the trailers (as the filters
+    /// left them) into `trailers`.
+    pub fn poll_trailers_wait(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        trailers: &mut HeaderMap,
+    ) -> Poll<Verdict> {
+        let dir = self.trailers_wait.map(|(d, _)| d);
+        if self.trailers_done.is_none() && self.trailers_wait.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(r)) => return Poll::Ready(Verdict::Respond(r)),
+                Poll::Ready(None) => {}
+            }
+        }
+        let dir = dir.or(self.trailers_done_dir).unwrap_or(Dir::Request);
+        if let Some(d) = self.data.as_deref_mut() {
+            let t = match dir {
+                Dir::Request => d.req_trailers.clone(),
+                Dir::Response => d.resp_trailers.clone(),
+            };
+            *trailers = t.unwrap_or_default();
+        }
+        Poll::Ready(self.trailers_done.take().unwrap_or(Verdict::Continue))
+    }
+
+    /// After filter `from` ran a callback: if a body or trailers wait on it
+    /// and the callback resumed it (or the filter is now skipped), the rest
+    /// of the chain runs and the outcome waits in `body_done` /
+    /// `trailers_done` for the poll, woken here. A local response ends it.
+    fn settle_wait(&mut self, from: usize, step: &Step) {
+        let Some((dir, k)) = self.waited() else {
+            return;
+        };
+        let pos = order(dir, self.slots.len(), k);
+        let resumed = match step {
+            Step::Respond(_) => true,
+            Step::Go {
+                resume_request,
+                resume_response,
+                ..
+            } => {
+                let resumed = match dir {
+                    Dir::Request => *resume_request,
+                    Dir::Response => *resume_response,
+                };
+                (from == pos && resumed) || self.slots.get(pos).is_none_or(|s| s.skipped)
+            }
+        };
+        if !resumed {
+            return;
+        }
+        if let Some(w) = self.body_wait.take() {
+            let v = match step {
+                Step::Respond(r) => BodyVerdict::Respond(copy_response(r)),
+                Step::Go { .. } => match self.body_from(dir, k + 1, w.buf, true) {
+                    // A later filter waits now: `body_wait` is its.
+                    BodyVerdict::Wait => return,
+                    v => v,
+                },
+            };
+            self.body_done = Some(v);
+        } else {
+            self.trailers_wait = None;
+            let v = match step {
+                Step::Respond(r) => Verdict::Respond(copy_response(r)),
+                Step::Go { .. } => match self.trailers_from(dir, k + 1) {
+                    Verdict::Wait => return,
+                    v => v,
+                },
+            };
+            self.trailers_done = Some(v);
+            self.trailers_done_dir = Some(dir);
+        }
+        if let Some(w) = self.body_waker.take() {
+            w.wake();
+        }
     }
 
     /// A request body chunk through the chain. When a filter pauses, the
@@ -558,19 +771,10 @@ impl StreamFilters {
                 Dir::Response => d.resp_trailers = t,
             }
         }
-        let n = self.slots.len();
-        let mut verdict = Verdict::Continue;
-        for k in 0..n {
-            let pos = order(dir, n, k);
-            let count = trailers_len(self.data.as_deref(), dir);
-            let cb = match dir {
-                Dir::Request => Callback::RequestTrailers { n: count },
-                Dir::Response => Callback::ResponseTrailers { n: count },
-            };
-            if let Step::Respond(r) = self.run_one(pos, cb) {
-                verdict = Verdict::Respond(r);
-                break;
-            }
+        let verdict = self.trailers_from(dir, 0);
+        if matches!(verdict, Verdict::Wait) {
+            // The trailers stay in the stream until `poll_trailers_wait`.
+            return verdict;
         }
         if let Some(d) = self.data.as_deref_mut() {
             let t = match dir {
@@ -580,6 +784,40 @@ impl StreamFilters {
             *trailers = t.unwrap_or_default();
         }
         verdict
+    }
+
+    /// Runs the trailer callbacks of filters `start..` (in `dir`'s order).
+    /// A filter that pauses with a callout pending holds the trailers
+    /// (`Wait`); a pause with nothing that could resume it continues.
+    fn trailers_from(&mut self, dir: Dir, start: usize) -> Verdict {
+        let n = self.slots.len();
+        for k in start..n {
+            let pos = order(dir, n, k);
+            let count = trailers_len(self.data.as_deref(), dir);
+            let cb = match dir {
+                Dir::Request => Callback::RequestTrailers { n: count },
+                Dir::Response => Callback::ResponseTrailers { n: count },
+            };
+            match self.run_one(pos, cb) {
+                Step::Respond(r) => return Verdict::Respond(r),
+                Step::Go {
+                    pause: true,
+                    resume_request,
+                    resume_response,
+                } if self.slots.get(pos).is_some_and(|s| s.pending > 0) => {
+                    let resumed = match dir {
+                        Dir::Request => resume_request,
+                        Dir::Response => resume_response,
+                    };
+                    if !resumed {
+                        self.trailers_wait = Some((dir, k));
+                        return Verdict::Wait;
+                    }
+                }
+                Step::Go { .. } => {}
+            }
+        }
+        Verdict::Continue
     }
 
     /// Request trailers through the chain.

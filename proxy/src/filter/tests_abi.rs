@@ -140,6 +140,7 @@ async fn hostile_pointers_and_unknown_imports() {
     match s.request_headers(&mut req, true).await {
         Verdict::Continue => {}
         Verdict::Respond(r) => panic!("guest check failed: {:?}", r.body()),
+        Verdict::Wait => panic!("a header phase never waits"),
     }
     assert_eq!(req.headers.get("x-edge").unwrap(), "ok");
     assert_eq!(req.headers.get("x-path").unwrap(), "/p?q");
@@ -191,7 +192,7 @@ async fn a_host_panic_fails_only_its_own_request() {
             let body = String::from_utf8_lossy(r.body()).into_owned();
             assert!(body.contains("host panic"), "{body}");
         }
-        Verdict::Continue => panic!("the panicking callback was not failed"),
+        Verdict::Continue | Verdict::Wait => panic!("the panicking callback was not failed"),
     }
     poisoned.finish(0, 0);
 

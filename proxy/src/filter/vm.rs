@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use wasmtime::{Instance, Store, Trap, TypedFunc};
 
+use super::abi::grpc::{self, GrpcCallback, GrpcEvent};
 use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData};
 use super::metrics::{CallResult, Phase};
 use super::plugin::Plugin;
@@ -46,8 +47,6 @@ pub(crate) enum Failure {
     ContextLost,
     /// The filter paused with nothing that could resume it.
     Stuck,
-    /// The filter paused at the end of a body to wait for an `http_call`.
-    BodyWait,
 }
 
 impl Failure {
@@ -79,9 +78,8 @@ impl std::fmt::Display for Failure {
             Failure::ContextLost => {
                 f.write_str("stream context lost with a failed instance it shared")
             }
-            Failure::Stuck => f.write_str("paused with no pending http_call to resume it"),
-            Failure::BodyWait => {
-                f.write_str("paused at the end of a body to wait for an http_call (not supported)")
+            Failure::Stuck => {
+                f.write_str("paused with no pending http_call or gRPC callout to resume it")
             }
         }
     }
@@ -90,15 +88,42 @@ impl std::fmt::Display for Failure {
 /// One guest callback.
 #[derive(Debug)]
 pub(crate) enum Callback {
-    RequestHeaders { n: u32, eos: bool },
-    RequestBody { size: u32, eos: bool },
-    RequestTrailers { n: u32 },
-    ResponseHeaders { n: u32, eos: bool },
-    ResponseBody { size: u32, eos: bool },
-    ResponseTrailers { n: u32 },
-    HttpCallResponse { token: u32, answer: CalloutAnswer },
+    RequestHeaders {
+        n: u32,
+        eos: bool,
+    },
+    RequestBody {
+        size: u32,
+        eos: bool,
+    },
+    RequestTrailers {
+        n: u32,
+    },
+    ResponseHeaders {
+        n: u32,
+        eos: bool,
+    },
+    ResponseBody {
+        size: u32,
+        eos: bool,
+    },
+    ResponseTrailers {
+        n: u32,
+    },
+    HttpCallResponse {
+        token: u32,
+        answer: CalloutAnswer,
+    },
+    /// One event of a gRPC call or stream; `last` ends its token.
+    Grpc {
+        token: u32,
+        event: GrpcEvent,
+        last: bool,
+    },
     Tick,
-    QueueReady { queue: u32 },
+    QueueReady {
+        queue: u32,
+    },
     Log,
     Done,
     Delete,
@@ -114,6 +139,7 @@ impl Callback {
             Callback::ResponseBody { .. } => Phase::ResponseBody,
             Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
             Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
+            Callback::Grpc { .. } => Phase::GrpcCallback,
             Callback::Tick | Callback::QueueReady { .. } => Phase::Tick,
             Callback::Log => Phase::Log,
             Callback::Done | Callback::Delete => Phase::Done,
@@ -133,6 +159,7 @@ type F1 = TypedFunc<u32, ()>;
 type F1R = TypedFunc<u32, u32>;
 type F2R = TypedFunc<(u32, u32), u32>;
 type F3R = TypedFunc<(u32, u32, u32), u32>;
+type F3 = TypedFunc<(u32, u32, u32), ()>;
 type F5 = TypedFunc<(u32, u32, u32, u32, u32), ()>;
 
 struct Exports {
@@ -151,6 +178,10 @@ struct Exports {
     response_body: Option<F3R>,
     response_trailers: Option<F2R>,
     http_call_response: Option<F5>,
+    grpc_initial_metadata: Option<F3>,
+    grpc_receive: Option<F3>,
+    grpc_trailing_metadata: Option<F3>,
+    grpc_close: Option<F3>,
 }
 
 /// A live VM.
@@ -231,6 +262,18 @@ impl Vm {
             response_body: opt(&instance, &mut store, "proxy_on_response_body")?,
             response_trailers: opt(&instance, &mut store, "proxy_on_response_trailers")?,
             http_call_response: opt(&instance, &mut store, "proxy_on_http_call_response")?,
+            grpc_initial_metadata: opt(
+                &instance,
+                &mut store,
+                "proxy_on_grpc_receive_initial_metadata",
+            )?,
+            grpc_receive: opt(&instance, &mut store, "proxy_on_grpc_receive")?,
+            grpc_trailing_metadata: opt(
+                &instance,
+                &mut store,
+                "proxy_on_grpc_receive_trailing_metadata",
+            )?,
+            grpc_close: opt(&instance, &mut store, "proxy_on_grpc_close")?,
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
@@ -355,6 +398,30 @@ impl Vm {
                 }
                 None => Ok(0),
             },
+            Callback::Grpc { token, event, last } => {
+                // A cancelled token is never reported to the guest.
+                if grpc::wanted(self.store.data_mut(), token, last) {
+                    let (which, n, answer) = event.into_callback();
+                    let f = match which {
+                        GrpcCallback::InitialMetadata => ex.grpc_initial_metadata.clone(),
+                        GrpcCallback::Receive => ex.grpc_receive.clone(),
+                        GrpcCallback::TrailingMetadata => ex.grpc_trailing_metadata.clone(),
+                        GrpcCallback::Close => ex.grpc_close.clone(),
+                    };
+                    match f {
+                        Some(f) => {
+                            self.store.data_mut().answer = Some(answer);
+                            let root = ROOT_ID;
+                            let r = self.guard(phase, |s| f.call(s, (root, token, n)));
+                            self.store.data_mut().answer = None;
+                            r.map(|()| 0)
+                        }
+                        None => Ok(0),
+                    }
+                } else {
+                    Ok(0)
+                }
+            }
             Callback::Tick => match ex.on_tick.clone() {
                 Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),

@@ -32,7 +32,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
 
-use super::host::{CalloutAnswer, NewCallout};
+use super::abi::grpc::{self, GrpcEvent};
+use super::host::{CalloutAnswer, CalloutWork, NewCallout};
 use super::plugin::Plugin;
 use super::set::FilterSet;
 use super::vm::{Callback, Failure, Vm, ROOT_ID};
@@ -103,18 +104,47 @@ impl Deliver {
             Deliver::Instance(at) => root_answer_on_instance(*at, done),
         }
     }
+
+    /// Resolves when the stream that asked is gone (never for root callouts).
+    async fn gone(&self) {
+        match self {
+            Deliver::Stream(tx, _) => tx.closed().await,
+            Deliver::Root(_) | Deliver::Instance(_) => std::future::pending().await,
+        }
+    }
 }
 
-/// A finished `http_call`, on its way back to the VM.
+/// What came back from a callout.
+pub(crate) enum Reply {
+    /// The one answer of an `http_call`.
+    Http(Result<http::Response<Bytes>, String>),
+    /// One event of a gRPC call or stream; `last` ends the token.
+    Grpc { event: GrpcEvent, last: bool },
+}
+
+/// A finished `http_call` (or one gRPC event), on its way back to the VM.
 pub(crate) struct CalloutDone {
     pub token: u32,
     pub context: u32,
-    pub result: Result<http::Response<Bytes>, String>,
+    pub reply: Reply,
 }
 
 impl CalloutDone {
-    pub(crate) fn into_answer(self) -> (u32, CalloutAnswer) {
-        let answer = match self.result {
+    /// Whether nothing more comes for this token (the callout is over).
+    pub(crate) fn last(&self) -> bool {
+        match &self.reply {
+            Reply::Http(_) => true,
+            Reply::Grpc { last, .. } => *last,
+        }
+    }
+
+    pub(crate) fn into_callback(self) -> Callback {
+        let token = self.token;
+        let result = match self.reply {
+            Reply::Http(r) => r,
+            Reply::Grpc { event, last } => return Callback::Grpc { token, event, last },
+        };
+        let answer = match result {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
                 let mut headers = Vec::with_capacity(parts.headers.len() + 1);
@@ -138,21 +168,42 @@ impl CalloutDone {
                 ..CalloutAnswer::default()
             },
         };
-        (self.token, answer)
+        Callback::HttpCallResponse { token, answer }
     }
 }
 
-/// Spawns a callout on the current runtime; its answer goes to `to`.
-/// Without a runtime the answer is an immediate failure.
+/// Spawns a callout on the current runtime; its answer (or, for gRPC, each
+/// event) goes to `to`. Without a runtime the answer is an immediate failure.
 pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
     let NewCallout {
         token,
         context,
         timeout,
-        future,
+        work,
     } = c;
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
+    let handle = match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle,
+        Err(_) => {
+            let reply = match work {
+                CalloutWork::Http(_) => Reply::Http(Err("no async runtime on this thread".into())),
+                CalloutWork::Grpc(_) => Reply::Grpc {
+                    event: GrpcEvent::Close {
+                        status: grpc::code::UNAVAILABLE,
+                        message: "no async runtime on this thread".into(),
+                    },
+                    last: true,
+                },
+            };
+            to.send(CalloutDone {
+                token,
+                context,
+                reply,
+            });
+            return;
+        }
+    };
+    match work {
+        CalloutWork::Http(future) => {
             handle.spawn(async move {
                 let result = match tokio::time::timeout(timeout, future).await {
                     Ok(r) => r,
@@ -161,15 +212,20 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
                 to.send(CalloutDone {
                     token,
                     context,
-                    result,
+                    reply: Reply::Http(result),
                 });
             });
         }
-        Err(_) => {
-            to.send(CalloutDone {
-                token,
-                context,
-                result: Err("no async runtime on this thread".into()),
+        CalloutWork::Grpc(task) => {
+            handle.spawn(async move {
+                let emit = |event, last| {
+                    to.send(CalloutDone {
+                        token,
+                        context,
+                        reply: Reply::Grpc { event, last },
+                    })
+                };
+                grpc::run(task, to.gone(), emit).await;
             });
         }
     }
@@ -898,14 +954,8 @@ pub(crate) fn give_back(at: InstanceRef) {
 /// root callout it made: runs `proxy_on_http_call_response` on its root
 /// context if the instance still lives.
 fn root_answer_on_instance(at: InstanceRef, done: CalloutDone) {
-    let (token, answer) = done.into_answer();
-    let r = with_instance(at, |vm| {
-        vm.run(
-            ROOT_ID,
-            &mut None,
-            Callback::HttpCallResponse { token, answer },
-        )
-    });
+    let cb = done.into_callback();
+    let r = with_instance(at, |vm| vm.run(ROOT_ID, &mut None, cb));
     if let Ok(out) = r {
         for c in out.callouts {
             spawn_callout(c, Deliver::Instance(at));
@@ -1034,10 +1084,7 @@ async fn root_driver(
         let step = tokio::select! {
             ev = rx.recv() => match ev {
                 None => return,
-                Some(RootEvent::Callout(done)) => {
-                    let (token, answer) = done.into_answer();
-                    RootStep::Run(Callback::HttpCallResponse { token, answer })
-                }
+                Some(RootEvent::Callout(done)) => RootStep::Run(done.into_callback()),
                 Some(RootEvent::QueueReady(queue)) => {
                     let _ = with_pool(set_id, idx, |p| {
                         p.plugin.shared.queues.woken(queue);

@@ -13,7 +13,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -34,6 +34,9 @@ struct Inner {
     /// A local response a filter made while the request body streamed.
     local: Mutex<Option<http::Response<Bytes>>>,
     request_bytes: AtomicU64,
+    /// A body waiting for a callout found the chain out for a header
+    /// phase: woken when the chain is put back.
+    waiter: Mutex<Option<Waker>>,
 }
 
 /// Returned by the request body when a filter answered locally mid-body; the
@@ -49,6 +52,7 @@ impl SharedChain {
                 chain: futures_util::lock::Mutex::new(Some(chain)),
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
+                waiter: Mutex::new(None),
             }),
         }
     }
@@ -60,7 +64,10 @@ impl SharedChain {
         end_of_stream: bool,
     ) -> Option<Verdict> {
         let mut slot = self.inner.chain.lock().await;
-        Some(slot.as_mut()?.request_headers(head, end_of_stream).await)
+        let verdict = slot.as_mut()?.request_headers(head, end_of_stream).await;
+        drop(slot);
+        self.wake_waiting_body();
+        Some(verdict)
     }
 
     /// Runs the response-header filters; `None` once the stream ended.
@@ -72,7 +79,18 @@ impl SharedChain {
         end_of_stream: bool,
     ) -> Option<Verdict> {
         let mut slot = self.inner.chain.lock().await;
-        Some(slot.as_mut()?.response_headers(head, end_of_stream).await)
+        let verdict = slot.as_mut()?.response_headers(head, end_of_stream).await;
+        drop(slot);
+        self.wake_waiting_body();
+        Some(verdict)
+    }
+
+    /// A body waiting for a callout found the chain held by a header phase
+    /// (`try_lock` registers no waker): wake it now the phase let go.
+    fn wake_waiting_body(&self) {
+        if let Some(w) = self.inner.waiter.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
+        }
     }
 
     /// Runs `f` on the chain unless a header phase has it (or the stream
@@ -126,6 +144,11 @@ pin_project_lite::pin_project! {
         side: Side,
         ended: bool,
         pending_trailers: Option<HeaderMap>,
+        // The body ended and a filter waits for a callout before letting it
+        // go (with the trailers that ended it, if any).
+        waiting: Option<Option<HeaderMap>>,
+        // A filter paused on the trailers to wait for a callout.
+        waiting_trailers: bool,
     }
 }
 
@@ -137,6 +160,8 @@ impl<B> FilteredBody<B> {
             side,
             ended: false,
             pending_trailers: None,
+            waiting: None,
+            waiting_trailers: false,
         }
     }
 }
@@ -157,43 +182,90 @@ where
         if let Some(t) = this.pending_trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
-        loop {
-            if *this.ended {
-                return Poll::Ready(None);
-            }
-            let frame = match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Some(Ok(f))) => Some(f),
-                Poll::Ready(None) => None,
-            };
-            let (data, trailers, eos) = match frame {
-                None => (Bytes::new(), None, true),
-                Some(f) => match f.into_data() {
-                    Ok(d) => {
-                        let eos = this.inner.is_end_stream();
-                        (d, None, eos)
-                    }
-                    Err(f) => match f.into_trailers() {
-                        Ok(t) => (Bytes::new(), Some(t), true),
-                        Err(_) => continue,
-                    },
-                },
-            };
-            if eos {
-                *this.ended = true;
-            }
-            if let Side::Request = this.side {
-                this.chain
-                    .inner
-                    .request_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+        if *this.waiting_trailers {
+            let mut t = HeaderMap::new();
             let side = *this.side;
-            let verdict = this.chain.with(|c| match side {
-                Side::Request => c.request_body(data.clone(), eos),
-                Side::Response => c.response_body(data.clone(), eos),
-            });
+            let v = match this.chain.with(|c| c.poll_trailers_wait(cx, &mut t)) {
+                Some(Poll::Ready(v)) => v,
+                Some(Poll::Pending) => return Poll::Pending,
+                None => {
+                    // Out for a response header phase: wait for it to come back.
+                    if let Ok(mut w) = this.chain.inner.waiter.lock() {
+                        *w = Some(cx.waker().clone());
+                    }
+                    if this.chain.with(|_| ()).is_some() {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
+            };
+            *this.waiting_trailers = false;
+            if let Verdict::Respond(resp) = v {
+                return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        loop {
+            let side = *this.side;
+            let (data, trailers, eos, verdict) = if let Some(trailers) = this.waiting.take() {
+                let verdict = match this.chain.with(|c| c.poll_body_wait(cx)) {
+                    Some(Poll::Pending) => {
+                        *this.waiting = Some(trailers);
+                        return Poll::Pending;
+                    }
+                    Some(Poll::Ready(v)) => Some(v),
+                    None => {
+                        // Out for a response header phase: the held body
+                        // is in the chain, so wait for it to come back.
+                        if let Ok(mut w) = this.chain.inner.waiter.lock() {
+                            *w = Some(cx.waker().clone());
+                        }
+                        *this.waiting = Some(trailers);
+                        if this.chain.with(|_| ()).is_some() {
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                (Bytes::new(), trailers, true, verdict)
+            } else {
+                if *this.ended {
+                    return Poll::Ready(None);
+                }
+                let frame = match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(Some(Ok(f))) => Some(f),
+                    Poll::Ready(None) => None,
+                };
+                let (data, trailers, eos) = match frame {
+                    None => (Bytes::new(), None, true),
+                    Some(f) => match f.into_data() {
+                        Ok(d) => {
+                            let eos = this.inner.is_end_stream();
+                            (d, None, eos)
+                        }
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => (Bytes::new(), Some(t), true),
+                            Err(_) => continue,
+                        },
+                    },
+                };
+                if eos {
+                    *this.ended = true;
+                }
+                if let Side::Request = this.side {
+                    this.chain
+                        .inner
+                        .request_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                let verdict = this.chain.with(|c| match side {
+                    Side::Request => c.request_body(data.clone(), eos),
+                    Side::Response => c.response_body(data.clone(), eos),
+                });
+                (data, trailers, eos, verdict)
+            };
             let out = match verdict {
                 // The chain is out for a header phase: pass the chunk on.
                 None => data,
@@ -203,6 +275,10 @@ where
                         return Poll::Ready(None);
                     }
                     Bytes::new()
+                }
+                Some(BodyVerdict::Wait) => {
+                    *this.waiting = Some(trailers);
+                    continue;
                 }
                 Some(BodyVerdict::Respond(resp)) => {
                     return Poll::Ready(Some(Err(respond(this.chain, side, resp))))
@@ -214,8 +290,20 @@ where
                         Side::Request => c.request_trailers(&mut t),
                         Side::Response => c.response_trailers(&mut t),
                     });
-                    if let Some(Verdict::Respond(resp)) = v {
-                        return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+                    match v {
+                        Some(Verdict::Respond(resp)) => {
+                            return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
+                        }
+                        Some(Verdict::Wait) => {
+                            // Held in the chain: data first, then the wait.
+                            *this.waiting_trailers = true;
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        _ => {}
                     }
                     Some(t)
                 }
@@ -235,7 +323,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.pending_trailers.is_none()
+        self.ended
+            && self.pending_trailers.is_none()
+            && self.waiting.is_none()
+            && !self.waiting_trailers
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
-use crate::filter::{CalloutFuture, HttpCallouts};
+use crate::filter::{CalloutFuture, HttpCallouts, StreamBody, StreamFuture};
 use crate::upstream::balance::PickContext;
 use crate::upstream::{SendError, Upstreams};
 
@@ -59,6 +59,45 @@ impl Callouts {
 }
 
 impl HttpCallouts for Callouts {
+    /// Streamed exchanges (gRPC) go through the same admission, balancing
+    /// and outlier accounting as [`Callouts::call`]; the cluster's
+    /// `max_requests` slot is held until the answer's body is dropped, so a
+    /// long-lived stream counts as one request in flight for its lifetime.
+    fn open(&self, cluster: &str, req: Request<StreamBody>) -> Option<StreamFuture> {
+        let (id, upstreams) = (self.lookup.get()?)(cluster)?;
+        let cluster = cluster.to_string();
+        Some(Box::pin(async move {
+            let upstream = upstreams.get(id).ok_or("cluster vanished")?;
+            let Some(mut admission) = upstream.admit() else {
+                return Err(format!(
+                    "cluster \"{cluster}\" is at its request limits (limits.max_requests / max_pending)"
+                ));
+            };
+            let picked = upstream
+                .pick(&PickContext::default(), None)
+                .ok_or_else(|| format!("cluster \"{cluster}\" has no endpoint"))?;
+            let endpoint = picked.addr;
+            // No per-try timeout: a stream lives as long as the guest keeps
+            // it; the engine's own deadline bounds a unary call.
+            let resp = upstream
+                .send_once(picked, req, None)
+                .await
+                .map_err(|e| format!("callout to \"{cluster}\" at {endpoint} failed: {e}"))?;
+            admission.headers_received();
+            let (parts, body) = resp.into_parts();
+            // The closure owns the admission: the circuit-breaker slot is
+            // given back when the body is dropped (stream over or cancelled).
+            let body = body
+                .map_err(|e| -> crate::filter::StreamError { Box::new(e) })
+                .map_frame(move |f| {
+                    let _held = &admission;
+                    f
+                })
+                .boxed_unsync();
+            Ok(Response::from_parts(parts, body))
+        }))
+    }
+
     fn call(&self, cluster: &str, req: Request<Bytes>, timeout: Duration) -> Option<CalloutFuture> {
         let (id, upstreams) = (self.lookup.get()?)(cluster)?;
         let cluster = cluster.to_string();

@@ -3,7 +3,7 @@
 //!
 //! Runs inside a host call on the VM's thread. Buffers: the body of the
 //! running body callback (request or response; the whole buffered body when
-//! a filter paused), the `http_call` answer body, VM and plugin
+//! a filter paused), the `http_call` answer body or gRPC message, VM and plugin
 //! configuration. A buffer that does not exist now reads as NOT_FOUND and
 //! ignores writes with OK.
 
@@ -18,6 +18,7 @@ use crate::filter::metrics::Limit;
 const REQUEST_BODY: i32 = 0;
 const RESPONSE_BODY: i32 = 1;
 const CALL_RESPONSE_BODY: i32 = 4;
+const GRPC_RECEIVE_BUFFER: i32 = 5;
 const VM_CONFIGURATION: i32 = 6;
 const PLUGIN_CONFIGURATION: i32 = 7;
 
@@ -33,7 +34,7 @@ fn buffer(h: &Host, kind: i32) -> Option<&[u8]> {
             let s = h.stream()?;
             (s.body_dir == Some(want)).then_some(&s.body[..])
         }
-        CALL_RESPONSE_BODY => h.answer.as_ref().map(|a| &a.body[..]),
+        CALL_RESPONSE_BODY | GRPC_RECEIVE_BUFFER => h.answer.as_ref().map(|a| &a.body[..]),
         VM_CONFIGURATION => Some(&h.plugin.vm_config[..]),
         PLUGIN_CONFIGURATION => Some(&h.plugin.config[..]),
         _ => None,

@@ -4,7 +4,8 @@
 //! Runs inside a host call on the VM's thread. Maps: request/response headers
 //! and trailers of the loaded stream (request headers expose `:method`,
 //! `:path`, `:authority`, `:scheme`; response headers `:status`), and the
-//! read-only headers/trailers of an `http_call` answer. A map that does not
+//! read-only headers/trailers of an `http_call` answer and the metadata of
+//! a gRPC event (initial as headers, trailing as trailers). A map that does not
 //! exist in the current phase reads as empty (single value: NOT_FOUND) and
 //! ignores writes with OK, because the Rust SDK panics on any other status.
 
@@ -22,6 +23,8 @@ const REQUEST_HEADERS: i32 = 0;
 const REQUEST_TRAILERS: i32 = 1;
 const RESPONSE_HEADERS: i32 = 2;
 const RESPONSE_TRAILERS: i32 = 3;
+const GRPC_INITIAL_METADATA: i32 = 4;
+const GRPC_TRAILING_METADATA: i32 = 5;
 const CALL_RESPONSE_HEADERS: i32 = 6;
 const CALL_RESPONSE_TRAILERS: i32 = 7;
 
@@ -144,9 +147,12 @@ fn header_pairs(h: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
 /// Serialized view of a map, or `None` if the map does not exist now.
 fn serialized(h: &Host, map: i32) -> Option<Vec<u8>> {
     match map {
-        CALL_RESPONSE_HEADERS | CALL_RESPONSE_TRAILERS => {
+        CALL_RESPONSE_HEADERS
+        | CALL_RESPONSE_TRAILERS
+        | GRPC_INITIAL_METADATA
+        | GRPC_TRAILING_METADATA => {
             let a = h.answer.as_ref()?;
-            let list = if map == CALL_RESPONSE_HEADERS {
+            let list = if matches!(map, CALL_RESPONSE_HEADERS | GRPC_INITIAL_METADATA) {
                 &a.headers
             } else {
                 &a.trailers
@@ -186,9 +192,12 @@ fn serialized(h: &Host, map: i32) -> Option<Vec<u8>> {
 fn value(h: &Host, map: i32, key: &str) -> Option<Vec<u8>> {
     let key = key.to_ascii_lowercase();
     match map {
-        CALL_RESPONSE_HEADERS | CALL_RESPONSE_TRAILERS => {
+        CALL_RESPONSE_HEADERS
+        | CALL_RESPONSE_TRAILERS
+        | GRPC_INITIAL_METADATA
+        | GRPC_TRAILING_METADATA => {
             let a = h.answer.as_ref()?;
-            let list = if map == CALL_RESPONSE_HEADERS {
+            let list = if matches!(map, CALL_RESPONSE_HEADERS | GRPC_INITIAL_METADATA) {
                 &a.headers
             } else {
                 &a.trailers

@@ -20,15 +20,15 @@ use wasmtime::Caller;
 use super::headers::{deserialize, serialized_bound, MapError};
 use super::memory::{self, HostResult};
 use super::{note_limit, Status};
-use crate::filter::host::{Host, NewCallout};
+use crate::filter::host::{CalloutWork, Host, NewCallout};
 use crate::filter::metrics::Limit;
 use crate::filter::CalloutFuture;
 
 /// Default timeout when the guest passes 0.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest cluster name read from the guest.
-const MAX_CLUSTER_NAME: usize = 1024;
+pub(crate) const MAX_CLUSTER_NAME: usize = 1024;
 
 /// Request-body bytes of a filter's callouts in flight, all workers: a
 /// filter re-sending one big buffer to a slow cluster cannot pin
@@ -40,14 +40,14 @@ pub(crate) const CALLOUT_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// dropped. Each budget is one atomic per filter (all workers, and the
 /// builder threads that run start-up callbacks), so units taken on one
 /// thread and given back on another balance.
-struct InFlight {
+pub(crate) struct InFlight {
     budget: Arc<AtomicUsize>,
     n: usize,
 }
 
 impl InFlight {
     /// `n` more units if the budget stays at most `max`.
-    fn take(budget: &Arc<AtomicUsize>, n: usize, max: usize) -> Option<Self> {
+    pub(crate) fn take(budget: &Arc<AtomicUsize>, n: usize, max: usize) -> Option<Self> {
         budget
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
                 have.checked_add(n).filter(|t| *t <= max)
@@ -201,7 +201,7 @@ pub(crate) fn call(
         token,
         context,
         timeout,
-        future,
+        work: CalloutWork::Http(future),
     });
     Ok(match memory::write_u32(c, token_out, token) {
         Ok(()) => Status::Ok,

@@ -22,6 +22,8 @@
 
 pub(crate) mod buffers;
 pub(crate) mod context;
+pub(crate) mod foreign;
+pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod http_call;
 pub(crate) mod memory;
@@ -43,6 +45,7 @@ pub(crate) enum Status {
     Ok = 0,
     NotFound = 1,
     BadArgument = 2,
+    ParseFailure = 4,
     InvalidMemoryAccess = 6,
     Empty = 7,
     CasMismatch = 8,
@@ -78,16 +81,6 @@ macro_rules! host {
         $l.func_wrap(ENV, $name, |mut $c: C<'_> $(, $a: i32)*| -> R {
             let $c = &mut $c;
             $body.map(|s| s as i32)
-        })?;
-    };
-}
-
-/// A constant status, for the unimplemented parts of the ABI.
-macro_rules! fixed {
-    ($l:ident, $name:literal, $status:expr, $($a:ident),*) => {
-        $l.func_wrap(ENV, $name, |_c: C<'_> $(, $a: i32)*| -> i32 {
-            $(let _ = $a;)*
-            $status as i32
         })?;
     };
 }
@@ -232,51 +225,38 @@ pub(crate) fn link(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         shared_queue::dequeue(c, id, po, lo)
     });
 
-    // Not implemented: statuses the SDK maps to an `Err`/`None`, never a panic.
-    fixed!(
-        l,
-        "proxy_grpc_call",
-        Status::InternalFailure,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f,
-        g,
-        h,
-        i,
-        j,
-        k,
-        m
-    );
-    fixed!(
+    host!(l, "proxy_grpc_call", |c,
+                                 up,
+                                 ul,
+                                 sp,
+                                 sl,
+                                 mp,
+                                 ml,
+                                 hp,
+                                 hl,
+                                 bp,
+                                 bl,
+                                 to,
+                                 tok| {
+        grpc::call(c, up, ul, sp, sl, mp, ml, hp, hl, bp, bl, to, tok)
+    });
+    host!(
         l,
         "proxy_grpc_stream",
-        Status::InternalFailure,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f,
-        g,
-        h,
-        i
+        |c, up, ul, sp, sl, mp, ml, hp, hl, tok| {
+            grpc::stream(c, up, ul, sp, sl, mp, ml, hp, hl, tok)
+        }
     );
-    fixed!(l, "proxy_grpc_send", Status::NotFound, a, b, c2, d);
-    fixed!(l, "proxy_grpc_cancel", Status::NotFound, a);
-    fixed!(l, "proxy_grpc_close", Status::NotFound, a);
-    fixed!(
+    host!(l, "proxy_grpc_send", |c, t, p, n, e| grpc::send(
+        c, t, p, n, e
+    ));
+    host!(l, "proxy_grpc_cancel", |c, t| grpc::cancel(c, t));
+    host!(l, "proxy_grpc_close", |c, t| grpc::close(c, t));
+
+    host!(
         l,
         "proxy_call_foreign_function",
-        Status::NotFound,
-        a,
-        b,
-        c2,
-        d,
-        e,
-        f
+        |c, np, nl, ap, al, po, lo| foreign::call(c, np, nl, ap, al, po, lo)
     );
 
     // WASI preview1.

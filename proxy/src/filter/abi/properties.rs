@@ -1,6 +1,8 @@
 //! Properties (`proxy_get_property` / `proxy_set_property`), as listed in
 //! `docs/filter-contract.md`: strings are raw UTF-8, integers i64
-//! little-endian, header maps in the ABI map format.
+//! little-endian, booleans one byte (0 or 1), header maps in the ABI map
+//! format, each as Envoy encodes the attribute of the same name (checked
+//! by `tests/differential.rs`).
 //!
 //! Runs inside a host call on the VM's thread (and from
 //! `StreamFilters::property` for the core). A property that is not
@@ -53,6 +55,21 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
                     .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
             )))
         }
+        "request.query" => text(s.req.as_ref()?.uri.query().unwrap_or("")),
+        "request.referer" => Some(Bytes::copy_from_slice(
+            s.req
+                .as_ref()?
+                .headers
+                .get(http::header::REFERER)?
+                .as_bytes(),
+        )),
+        "request.useragent" => Some(Bytes::copy_from_slice(
+            s.req
+                .as_ref()?
+                .headers
+                .get(http::header::USER_AGENT)?
+                .as_bytes(),
+        )),
         "request.id" => text(&s.info.request_id),
         "request.protocol" => text(s.info.protocol),
         "request.time" => Some(int(nanos(s.info.start))),
@@ -79,7 +96,43 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
                     .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
             )))
         }
+        // Envoy's details for an answer the upstream made; wasp's own
+        // answers carry their `x-wasp-error` code instead.
+        "response.code_details" => {
+            s.resp.as_ref()?;
+            text(s.error_code.unwrap_or("via_upstream"))
+        }
+        // No flag is set on an answer the upstream made; wasp's own answers
+        // are told by `wasp.error`, not by Envoy's flag bits.
+        "response.flags" => {
+            s.resp.as_ref()?;
+            match s.error_code {
+                None => Some(int(0)),
+                Some(_) => None,
+            }
+        }
+        "response.grpc_status" => {
+            let resp = s.resp.as_ref()?;
+            let explicit = s
+                .resp_trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-status"))
+                .or_else(|| resp.headers.get("grpc-status"))
+                .and_then(|v| v.to_str().ok()?.trim().parse::<i64>().ok());
+            Some(int(explicit.unwrap_or_else(|| {
+                i64::from(super::grpc::from_http(resp.status))
+            })))
+        }
         "upstream.address" => text(&s.upstream?.to_string()),
+        "upstream.port" => Some(int(i64::from(s.upstream?.port()))),
+        // Plain text or TLS without a client certificate: false.
+        "connection.mtls" => Some(Bytes::from_static(if s.info.principal.is_some() {
+            &[1]
+        } else {
+            &[0]
+        })),
+        "xds.cluster_name" => text(s.cluster.as_deref()?),
+        "xds.route_name" => text(s.route.as_deref()?),
         "listener_name" => text(&s.info.listener),
         "route_name" => text(s.route.as_deref()?),
         "cluster_name" => text(s.cluster.as_deref()?),

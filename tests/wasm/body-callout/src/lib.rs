@@ -1,7 +1,7 @@
 //! Fixture: at the end of the request body, asks cluster `authz` about the
 //! user named in the body and pauses until the answer (an "approve the
-//! body" filter). The host cannot hold a finished body for a callout, so it
-//! must apply the filter's failure policy rather than forward the body.
+//! body" filter): the host holds the whole body until the answer resumes it
+//! (proxy-wasm-rust-sdk#66) or the filter answers 403.
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 use std::time::Duration;
