@@ -396,7 +396,7 @@ async fn a_body_paused_for_a_callout_resumes_when_it_answers() {
     assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
     assert_eq!(r.body, "5", "the whole body went on");
     assert!(
-        server.saw("CHECK alice"),
+        server.wait_for("CHECK alice", Duration::from_secs(5)),
         "{:?}",
         server.lines.lock().unwrap()
     );
@@ -463,7 +463,7 @@ async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
         Some(&b"5"[..]),
         "the upstream got the body"
     );
-    assert!(server.saw("CHECK allow-t"));
+    assert!(server.wait_for("CHECK allow-t", Duration::from_secs(5)));
 
     let r = client.request(with_trailer("mallory")).await.unwrap();
     let (status, grpc, _) = answer(r).await;
