@@ -1,4 +1,5 @@
 //! The command line: `wasp run [-- APP...]`, `wasp check`, `wasp await`,
+//! `wasp filter new|test`,
 //! `wasp iptables`, `wasp --version`.
 
 use std::path::PathBuf;
@@ -65,9 +66,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum FilterCommand {
-    /// Create a filter crate from the template (Rust, wasp-sdk, wasm32-wasip1).
+    /// Create a filter crate from the template (Rust, wasp-sdk, wasm32-wasip1)
+    /// with a `filter-test.toml` fixture file; given an existing crate's
+    /// folder (any SDK, any language), add only the fixture file to it.
     New {
-        /// The crate name, e.g. `my-auth`.
+        /// The crate name, e.g. `my-auth`, or the folder of an existing filter.
         name: String,
         /// Where to create it (default: ./NAME).
         #[arg(long)]
@@ -75,6 +78,18 @@ pub enum FilterCommand {
         /// The wasp-sdk source folder (default: the one this wasp was built from).
         #[arg(long)]
         sdk: Option<PathBuf>,
+    },
+    /// Run a compiled filter through the real engine against a fixture file:
+    /// per case a request, the upstream's answer, callout answers and what
+    /// must be seen. Exit 0 when every case passes, 1 on a difference.
+    Test {
+        /// The module, e.g. target/wasm32-wasip1/release/my_auth.wasm.
+        module: PathBuf,
+        /// The fixture file (see `wasp filter new`).
+        fixtures: PathBuf,
+        /// Run only the cases whose name contains this.
+        #[arg(long)]
+        case: Option<String>,
     },
 }
 
@@ -96,6 +111,14 @@ pub fn main() -> ExitCode {
         Command::Filter {
             command: FilterCommand::New { name, dir, sdk },
         } => crate::scaffold::new_filter(&name, dir.as_deref(), sdk.as_deref()),
+        Command::Filter {
+            command:
+                FilterCommand::Test {
+                    module,
+                    fixtures,
+                    case,
+                },
+        } => crate::filtertest::main(&module, &fixtures, case.as_deref()),
         Command::Certs(args) => crate::certs::main(&args),
         Command::Iptables(args) => crate::capture::iptables::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),

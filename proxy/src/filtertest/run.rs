@@ -1,0 +1,378 @@
+//! Runs one fixture case through the real filter engine and records what
+//! a client, the upstream and the callout clusters would have seen.
+//!
+//! Each case gets a fresh [`FilterRuntime`] on a thread of its own (a
+//! current-thread tokio runtime, as a wasp worker has), so metrics, shared
+//! data and instances never leak from one case into the next. The harness
+//! plays the proxy around the chain: it sends the request through
+//! [`StreamFilters`] the way `forward` does (headers, body, trailers; then
+//! the response in reverse), answers as the fixture's upstream, and answers
+//! `http_call`s from the fixture's `callouts`. What it does not do: routing,
+//! the proxy's own headers (`x-request-id`, `x-forwarded-*`, `via`) and
+//! connection handling; those belong to the proxy, not to the filter.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Response, StatusCode};
+
+use super::capture;
+use super::fixture::{Callout, Case, FilterSection, Headers};
+use crate::filter::{
+    BodyVerdict, CalloutFuture, FilterRuntime, FilterSpec, HttpCallouts, StreamFilters,
+    StreamInfo, Verdict,
+};
+
+/// Longest a case may take (a filter that never resumes, say).
+const CASE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A request as the upstream (or a callout cluster) received it.
+#[derive(Debug, Default)]
+pub struct SeenRequest {
+    pub cluster: String,
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: HeaderMap,
+}
+
+/// The response as the client received it.
+#[derive(Debug, Default)]
+pub struct SeenResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: HeaderMap,
+}
+
+/// Everything observable about one case.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// The module did not load (then nothing else ran).
+    pub load_error: Option<String>,
+    /// `None`: the request never reached the upstream.
+    pub upstream: Option<SeenRequest>,
+    pub response: SeenResponse,
+    /// The filter's log lines (`level: message`, `stdout: text`).
+    pub logs: Vec<String>,
+    /// Prometheus text of the filter's metrics after the case.
+    pub metrics: String,
+    pub callouts: Vec<SeenRequest>,
+}
+
+/// Answers `http_call`s from the fixture and records them.
+struct FixtureCallouts {
+    answers: Vec<Callout>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+impl HttpCallouts for FixtureCallouts {
+    fn call(
+        &self,
+        cluster: &str,
+        req: http::Request<Bytes>,
+        _timeout: Duration,
+    ) -> Option<CalloutFuture> {
+        let (parts, body) = req.into_parts();
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(SeenRequest {
+                cluster: cluster.to_string(),
+                method: parts.method.to_string(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
+                headers: parts.headers,
+                body,
+                trailers: HeaderMap::new(),
+            });
+        let answer = self.answers.iter().find(|c| c.cluster == cluster)?.clone();
+        Some(Box::pin(async move {
+            if let Some(why) = answer.fail {
+                return Err(why);
+            }
+            let mut resp = Response::new(Bytes::from(answer.body.into_bytes()));
+            *resp.status_mut() = StatusCode::from_u16(answer.status)
+                .map_err(|_| format!("callout status {} is not valid", answer.status))?;
+            *resp.headers_mut() = header_map(&answer.headers)?;
+            Ok(resp)
+        }))
+    }
+}
+
+/// Fixture headers as a map; an invalid name or value is an error.
+pub fn header_map(h: &Headers) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, values) in h {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("\"{name}\" is not a valid header name"))?;
+        for v in values.list() {
+            let v = HeaderValue::from_str(&v)
+                .map_err(|_| format!("header {name}: {v:?} is not a valid value"))?;
+            map.append(n.clone(), v);
+        }
+    }
+    Ok(map)
+}
+
+/// A TOML table reaches the guest as JSON; a string as its raw bytes (as
+/// wasp.toml's `config`).
+fn config_bytes(value: Option<&toml::Value>) -> Bytes {
+    match value {
+        None => Bytes::new(),
+        Some(toml::Value::String(s)) => Bytes::from(s.clone()),
+        Some(v) => serde_json::to_vec(v).map(Bytes::from).unwrap_or_default(),
+    }
+}
+
+/// Runs `case` on a thread of its own; an `Err` is a case that could not be
+/// run (bad fixture values, a harness failure), not a mismatch.
+/// `cache`: where compiled modules are kept between cases (`None`: compile
+/// for each case).
+pub fn run_case(
+    module: &Path,
+    filter: &FilterSection,
+    case: &Case,
+    cache: Option<&Path>,
+) -> Result<Observed, String> {
+    let mut spec = FilterSpec::new(filter.name.clone(), module);
+    spec.config = config_bytes(case.config.as_ref().or(filter.config.as_ref()));
+    spec.vm_config = config_bytes(filter.vm_config.as_ref());
+    spec.fail = filter.fail;
+    // One instance is all a single request needs.
+    spec.instances = 1;
+    let answers = case.callouts.clone();
+    let request = Prepared::new(case)?;
+    let cache = cache.map(Path::to_path_buf);
+    let handle = std::thread::Builder::new()
+        .name("wasp-filter-test".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            rt.block_on(async move {
+                tokio::time::timeout(CASE_LIMIT, observe(spec, answers, request, cache))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("the case did not finish in {CASE_LIMIT:?}")))
+            })
+        })
+        .map_err(|e| format!("cannot start the case's thread: {e}"))?;
+    handle
+        .join()
+        .unwrap_or_else(|_| Err("the harness panicked (a wasp bug)".to_string()))
+}
+
+/// The fixture's request and upstream answer, checked and built.
+struct Prepared {
+    head: http::request::Parts,
+    body: Bytes,
+    trailers: HeaderMap,
+    upstream: http::response::Parts,
+    upstream_body: Bytes,
+    upstream_trailers: HeaderMap,
+}
+
+impl Prepared {
+    fn new(case: &Case) -> Result<Self, String> {
+        let r = &case.request;
+        let mut headers = header_map(&r.headers).map_err(|e| format!("request: {e}"))?;
+        if !headers.contains_key(HOST) {
+            let host = HeaderValue::from_str(&r.authority)
+                .map_err(|_| format!("request.authority {:?} is not valid", r.authority))?;
+            headers.insert(HOST, host);
+        }
+        // As a client sends it.
+        if !r.body.is_empty()
+            && !headers.contains_key(CONTENT_LENGTH)
+            && !headers.contains_key(TRANSFER_ENCODING)
+        {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(r.body.len()));
+        }
+        let (mut head, ()) = http::Request::builder()
+            .method(r.method.as_str())
+            .uri(r.path.as_str())
+            .body(())
+            .map_err(|e| format!("request: method {:?} / path {:?}: {e}", r.method, r.path))?
+            .into_parts();
+        head.headers = headers;
+        let u = &case.upstream;
+        let mut up_headers = header_map(&u.headers).map_err(|e| format!("upstream: {e}"))?;
+        if !up_headers.contains_key(CONTENT_LENGTH) && !up_headers.contains_key(TRANSFER_ENCODING)
+        {
+            up_headers.insert(CONTENT_LENGTH, HeaderValue::from(u.body.len()));
+        }
+        let status = StatusCode::from_u16(u.status)
+            .map_err(|_| format!("upstream.status {} is not valid", u.status))?;
+        let (mut upstream, ()) = Response::new(()).into_parts();
+        upstream.status = status;
+        upstream.headers = up_headers;
+        Ok(Prepared {
+            head,
+            body: Bytes::from(r.body.clone().into_bytes()),
+            trailers: header_map(&r.trailers).map_err(|e| format!("request.trailers: {e}"))?,
+            upstream,
+            upstream_body: Bytes::from(u.body.clone().into_bytes()),
+            upstream_trailers: header_map(&u.trailers)
+                .map_err(|e| format!("upstream.trailers: {e}"))?,
+        })
+    }
+}
+
+fn client_response(r: Response<Bytes>) -> SeenResponse {
+    let (parts, body) = r.into_parts();
+    SeenResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+        trailers: HeaderMap::new(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
+}
+
+/// A body (and trailers) through the chain as `forward` sends them:
+/// the body in one chunk, then, with trailers, an empty end-of-stream
+/// chunk and the trailers. `Err` is a response a filter made instead.
+fn body_through(
+    chain: &mut StreamFilters,
+    side: Side,
+    body: Bytes,
+    trailers: &mut HeaderMap,
+) -> Result<Bytes, Response<Bytes>> {
+    let mut out = BytesMut::new();
+    let mut send = |chain: &mut StreamFilters, chunk: Bytes, eos: bool| {
+        let v = match side {
+            Side::Request => chain.request_body(chunk, eos),
+            Side::Response => chain.response_body(chunk, eos),
+        };
+        match v {
+            BodyVerdict::Forward(b) => {
+                out.extend_from_slice(&b);
+                Ok(())
+            }
+            BodyVerdict::Hold => Ok(()),
+            BodyVerdict::Respond(r) => Err(r),
+        }
+    };
+    let has_trailers = !trailers.is_empty();
+    if !body.is_empty() {
+        send(chain, body, !has_trailers)?;
+    }
+    if has_trailers {
+        send(chain, Bytes::new(), true)?;
+        let v = match side {
+            Side::Request => chain.request_trailers(trailers),
+            Side::Response => chain.response_trailers(trailers),
+        };
+        if let Verdict::Respond(r) = v {
+            return Err(r);
+        }
+    }
+    Ok(out.freeze())
+}
+
+async fn observe(
+    spec: FilterSpec,
+    answers: Vec<Callout>,
+    mut p: Prepared,
+    cache: Option<std::path::PathBuf>,
+) -> Result<Observed, String> {
+    capture::clear();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let callouts = Arc::new(FixtureCallouts {
+        answers,
+        seen: seen.clone(),
+    });
+    let runtime = FilterRuntime::new(cache, callouts).map_err(|e| format!("{e:#}"))?;
+    runtime.set_workers(1);
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    let mut observed = Observed::default();
+    let set = match runtime.load(vec![spec]) {
+        Ok(set) => set,
+        Err(e) => {
+            observed.load_error = Some(format!("{e:#}"));
+            observed.logs = capture::take();
+            return Ok(observed);
+        }
+    };
+    let info = StreamInfo {
+        listener: Arc::from("filter-test"),
+        source: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        destination: SocketAddr::from(([127, 0, 0, 1], 15006)),
+        scheme: "http",
+        protocol: "HTTP/1.1",
+        request_id: Arc::from("filter-test"),
+        start: SystemTime::now(),
+        principal: None,
+    };
+    let mut chain = set.stream(std::slice::from_ref(&name), info);
+    let request_size = p.body.len() as u64;
+    let mut response_size = 0;
+
+    let eos = p.body.is_empty() && p.trailers.is_empty();
+    let mut local = match chain.request_headers(&mut p.head, eos).await {
+        Verdict::Respond(r) => Some(r),
+        Verdict::Continue => None,
+    };
+    if local.is_none() {
+        match body_through(&mut chain, Side::Request, p.body.clone(), &mut p.trailers) {
+            Ok(body) => {
+                observed.upstream = Some(SeenRequest {
+                    cluster: String::new(),
+                    method: p.head.method.to_string(),
+                    path: p
+                        .head
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| p.head.uri.path().to_string(), |q| q.to_string()),
+                    headers: p.head.headers.clone(),
+                    body,
+                    trailers: p.trailers.clone(),
+                });
+            }
+            Err(r) => local = Some(r),
+        }
+    }
+    observed.response = match local {
+        Some(r) => client_response(r),
+        None => {
+            let eos = p.upstream_body.is_empty() && p.upstream_trailers.is_empty();
+            match chain.response_headers(&mut p.upstream, eos).await {
+                Verdict::Respond(r) => client_response(r),
+                Verdict::Continue => {
+                    let mut trailers = p.upstream_trailers;
+                    match body_through(&mut chain, Side::Response, p.upstream_body, &mut trailers)
+                    {
+                        Ok(body) => {
+                            response_size = body.len() as u64;
+                            SeenResponse {
+                                status: p.upstream.status.as_u16(),
+                                headers: p.upstream.headers,
+                                body,
+                                trailers,
+                            }
+                        }
+                        Err(r) => client_response(r),
+                    }
+                }
+            }
+        }
+    };
+    chain.finish(request_size, response_size);
+    runtime.render_metrics(&mut observed.metrics);
+    observed.callouts = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    observed.logs = capture::take();
+    Ok(observed)
+}
