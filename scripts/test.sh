@@ -13,6 +13,8 @@ command -v curl >/dev/null || missing+=(curl)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
+# The AssemblyScript example filter is built from npm packages.
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

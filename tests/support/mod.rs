@@ -189,6 +189,29 @@ pub fn builtin_filter(name: &str) -> PathBuf {
     p
 }
 
+/// The AssemblyScript example filter (examples/filters/assemblyscript),
+/// built from its npm packages by `scripts/build-assemblyscript.sh` (which
+/// `scripts/build-wasm.sh` runs); built here when missing.
+pub fn assemblyscript_filter() -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let p = root.join("target/wasm-fixtures/assemblyscript/as_filter.wasm");
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !p.exists() {
+        let out = Command::new(root.join("scripts/build-assemblyscript.sh"))
+            .output()
+            .expect("run scripts/build-assemblyscript.sh");
+        assert!(
+            out.status.success(),
+            "building the AssemblyScript filter failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(p.exists(), "{} is missing after the build", p.display());
+    p
+}
+
 /// A temp dir with `filters.d/` holding the named built-in filters.
 pub fn with_builtin_filters(names: &[&str]) -> TempDir {
     let dir = TempDir::new("builtin");

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the AssemblyScript example filter (examples/filters/assemblyscript)
+# from its pinned npm packages (package-lock.json: assemblyscript and the
+# AssemblyScript Proxy-Wasm SDK) and copies the module to
+# target/wasm-fixtures/assemblyscript/as_filter.wasm for the tests.
+# Idempotent: `npm ci` runs only when the lock file changed.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+src="$root/examples/filters/assemblyscript"
+out="$root/target/wasm-fixtures/assemblyscript"
+
+if ! command -v npm >/dev/null; then
+  echo "build-assemblyscript: npm is missing (scripts/test.sh installs nodejs and npm)" >&2
+  exit 1
+fi
+cd "$src"
+stamp="node_modules/.wasp-lock"
+if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then
+  npm ci --no-audit --no-fund --loglevel=error
+  cp package-lock.json "$stamp"
+fi
+npm run --silent build
+mkdir -p "$out"
+cp -f build/as_filter.wasm "$out/as_filter.wasm"
+echo "assemblyscript filter in $out"
