@@ -254,7 +254,12 @@ fn dechunk(mut raw: &str) -> String {
 
 /// The same request through both proxies, with a fixture of tests/wasm.
 fn both(fixture_name: &str, config: &str, request: &str, echoed: bool) -> (Seen, Seen) {
-    both_with(&fixture("wasm32-wasip1", fixture_name), config, request, echoed)
+    both_with(
+        &fixture("wasm32-wasip1", fixture_name),
+        config,
+        request,
+        echoed,
+    )
 }
 
 /// The same request through both proxies, with the module at `module`.

@@ -147,14 +147,23 @@ pub fn compare(expect: &Expect, seen: &Observed) -> Vec<Mismatch> {
         let got = metric(&seen.metrics, key);
         match got {
             Some(v) if (v - want).abs() < 1e-9 => {}
-            Some(v) => d.push(format!("metrics.\"{key}\""), want.to_string(), v.to_string()),
+            Some(v) => d.push(
+                format!("metrics.\"{key}\""),
+                want.to_string(),
+                v.to_string(),
+            ),
             None => d.push(
                 format!("metrics.\"{key}\""),
                 want.to_string(),
-                format!(
-                    "(no such sample; the filter's metrics: {})",
-                    sample_names(&seen.metrics).join(", ")
-                ),
+                match sample_names(&seen.metrics) {
+                    names if names.is_empty() => {
+                        "(no such sample; the filter defined no metrics)".to_string()
+                    }
+                    names => format!(
+                        "(no such sample; the filter's metrics: {})",
+                        names.join(", ")
+                    ),
+                },
             ),
         }
     }
@@ -197,7 +206,7 @@ fn logs(d: &mut Diff, want: &[String], got: &[String]) {
 fn indent(lines: &[String]) -> String {
     lines
         .iter()
-        .map(|l| format!("        {l}"))
+        .map(|l| format!("            {l}"))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -231,10 +231,7 @@ pub fn load(path: &Path) -> Result<File, String> {
 /// problem has no single place).
 pub fn parse(text: &str) -> Result<File, (usize, usize, String)> {
     let file: File = toml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((0, 0));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
         let message = match e.message().trim() {
             "" => "malformed TOML here".to_string(),
             m => m.to_string(),

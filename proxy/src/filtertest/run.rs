@@ -23,8 +23,8 @@ use http::{HeaderMap, Response, StatusCode};
 use super::capture;
 use super::fixture::{Callout, Case, FilterSection, Headers};
 use crate::filter::{
-    BodyVerdict, CalloutFuture, FilterRuntime, FilterSpec, HttpCallouts, StreamFilters,
-    StreamInfo, Verdict,
+    BodyVerdict, CalloutFuture, FilterRuntime, FilterSpec, HttpCallouts, StreamFilters, StreamInfo,
+    Verdict,
 };
 
 /// Longest a case may take (a filter that never resumes, say).
@@ -205,8 +205,7 @@ impl Prepared {
         head.headers = headers;
         let u = &case.upstream;
         let mut up_headers = header_map(&u.headers).map_err(|e| format!("upstream: {e}"))?;
-        if !up_headers.contains_key(CONTENT_LENGTH) && !up_headers.contains_key(TRANSFER_ENCODING)
-        {
+        if !up_headers.contains_key(CONTENT_LENGTH) && !up_headers.contains_key(TRANSFER_ENCODING) {
             up_headers.insert(CONTENT_LENGTH, HeaderValue::from(u.body.len()));
         }
         let status = StatusCode::from_u16(u.status)
@@ -250,7 +249,7 @@ fn body_through(
     side: Side,
     body: Bytes,
     trailers: &mut HeaderMap,
-) -> Result<Bytes, Response<Bytes>> {
+) -> Result<Bytes, Box<Response<Bytes>>> {
     let mut out = BytesMut::new();
     let mut send = |chain: &mut StreamFilters, chunk: Bytes, eos: bool| {
         let v = match side {
@@ -263,7 +262,7 @@ fn body_through(
                 Ok(())
             }
             BodyVerdict::Hold => Ok(()),
-            BodyVerdict::Respond(r) => Err(r),
+            BodyVerdict::Respond(r) => Err(Box::new(r)),
         }
     };
     let has_trailers = !trailers.is_empty();
@@ -277,7 +276,7 @@ fn body_through(
             Side::Response => chain.response_trailers(trailers),
         };
         if let Verdict::Respond(r) = v {
-            return Err(r);
+            return Err(Box::new(r));
         }
     }
     Ok(out.freeze())
@@ -342,7 +341,7 @@ async fn observe(
                     trailers: p.trailers.clone(),
                 });
             }
-            Err(r) => local = Some(r),
+            Err(r) => local = Some(*r),
         }
     }
     observed.response = match local {
@@ -353,8 +352,7 @@ async fn observe(
                 Verdict::Respond(r) => client_response(r),
                 Verdict::Continue => {
                     let mut trailers = p.upstream_trailers;
-                    match body_through(&mut chain, Side::Response, p.upstream_body, &mut trailers)
-                    {
+                    match body_through(&mut chain, Side::Response, p.upstream_body, &mut trailers) {
                         Ok(body) => {
                             response_size = body.len() as u64;
                             SeenResponse {
@@ -364,7 +362,7 @@ async fn observe(
                                 trailers,
                             }
                         }
-                        Err(r) => client_response(r),
+                        Err(r) => client_response(*r),
                     }
                 }
             }
