@@ -14,6 +14,12 @@ if ! command -v npm >/dev/null; then
   echo "build-assemblyscript: npm is missing (scripts/test.sh installs nodejs and npm)" >&2
   exit 1
 fi
+# Test binaries may build it at once (tests/support: assemblyscript_filter).
+mkdir -p "$root/target"
+if command -v flock >/dev/null; then
+  exec 9>"$root/target/.assemblyscript-build.lock"
+  flock 9
+fi
 cd "$src"
 stamp="node_modules/.wasp-lock"
 if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then
