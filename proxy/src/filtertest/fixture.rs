@@ -61,8 +61,9 @@ pub struct Case {
     /// What the upstream answers if the request reaches it.
     #[serde(default)]
     pub upstream: Upstream,
-    /// Answers to the filter's `http_call`s, by cluster. Calls to a cluster
-    /// not listed get BAD_ARGUMENT, as an unknown cluster does in wasp.
+    /// Answers to the filter's `http_call`s, by cluster: the n-th call to a
+    /// cluster gets its n-th entry (the last one repeats). Calls to a
+    /// cluster not listed get BAD_ARGUMENT, as an unknown cluster does in wasp.
     #[serde(default)]
     pub callouts: Vec<Callout>,
     #[serde(default)]
@@ -136,8 +137,7 @@ impl Default for Upstream {
     }
 }
 
-/// The answer to `http_call`s made to one cluster (the same answer for
-/// each call to it).
+/// One answer to an `http_call` to a cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Callout {

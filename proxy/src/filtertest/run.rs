@@ -79,21 +79,27 @@ impl HttpCallouts for FixtureCallouts {
         _timeout: Duration,
     ) -> Option<CalloutFuture> {
         let (parts, body) = req.into_parts();
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(SeenRequest {
-                cluster: cluster.to_string(),
-                method: parts.method.to_string(),
-                path: parts
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
-                headers: parts.headers,
-                body,
-                trailers: HeaderMap::new(),
-            });
-        let answer = self.answers.iter().find(|c| c.cluster == cluster)?.clone();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // The n-th call to a cluster gets its n-th answer; the last repeats.
+        let earlier = seen.iter().filter(|s| s.cluster == cluster).count();
+        seen.push(SeenRequest {
+            cluster: cluster.to_string(),
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
+            headers: parts.headers,
+            body,
+            trailers: HeaderMap::new(),
+        });
+        drop(seen);
+        let answers: Vec<&Callout> = self
+            .answers
+            .iter()
+            .filter(|c| c.cluster == cluster)
+            .collect();
+        let answer = (*answers.get(earlier).or(answers.last())?).clone();
         Some(Box::pin(async move {
             if let Some(why) = answer.fail {
                 return Err(why);
@@ -373,4 +379,49 @@ async fn observe(
     observed.callouts = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
     observed.logs = capture::take();
     Ok(observed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(cluster: &str, status: u16) -> Callout {
+        Callout {
+            cluster: cluster.into(),
+            status,
+            headers: Headers::new(),
+            body: String::new(),
+            fail: None,
+        }
+    }
+
+    #[test]
+    fn callouts_are_answered_in_order_and_recorded() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let c = FixtureCallouts {
+            answers: vec![answer("a", 200), answer("b", 201), answer("a", 403)],
+            seen: seen.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let call = |cluster: &str| {
+            let req = http::Request::get("/check")
+                .body(Bytes::new())
+                .unwrap_or_else(|e| panic!("{e}"));
+            c.call(cluster, req, Duration::from_secs(1))
+                .map(|f| rt.block_on(f).map(|r| r.status().as_u16()))
+        };
+        assert_eq!(call("a"), Some(Ok(200)));
+        assert_eq!(call("b"), Some(Ok(201)));
+        assert_eq!(call("a"), Some(Ok(403)));
+        // The last answer repeats.
+        assert_eq!(call("a"), Some(Ok(403)));
+        // An unknown cluster: no answer (the guest gets BAD_ARGUMENT), but recorded.
+        assert!(call("nowhere").is_none());
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let clusters: Vec<&str> = seen.iter().map(|s| s.cluster.as_str()).collect();
+        assert_eq!(clusters, ["a", "b", "a", "a", "nowhere"]);
+        assert_eq!(seen[0].path, "/check");
+    }
 }
