@@ -264,6 +264,43 @@ fn both(fixture_name: &str, config: &str, request: &str, echoed: bool) -> (Seen,
 
 /// The same request through both proxies, with the module at `module`.
 fn both_with(module: &Path, config: &str, request: &str, echoed: bool) -> (Seen, Seen) {
+    let (envoy, wasp, _logs) = both_logged(module, config, request, echoed);
+    (envoy, wasp)
+}
+
+/// Each proxy's log after the exchange.
+struct Logs {
+    envoy: String,
+    wasp: String,
+}
+
+/// The filter's log lines in Envoy's log, as (level, message):
+/// `[time][thread][info][wasm] [file:line] wasm log f: message`.
+fn envoy_guest_lines(log: &str) -> Vec<(String, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let (_, msg) = l.split_once("] wasm log ")?.1.split_once(": ")?;
+            let level = l.split('[').nth(3)?.split(']').next()?;
+            Some((level.to_string(), msg.to_string()))
+        })
+        .collect()
+}
+
+/// The filter's log lines in wasp's text log, as (level, message):
+/// `time  INFO wasp::filter::guest: message filter="f"`.
+fn wasp_guest_lines(log: &str) -> Vec<(String, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let (head, msg) = l.split_once(" wasp::filter::guest: ")?;
+            let level = head.split_whitespace().last()?.to_ascii_lowercase();
+            let msg = msg.strip_suffix(" filter=\"f\"").unwrap_or(msg);
+            Some((level, msg.to_string()))
+        })
+        .collect()
+}
+
+/// [`both_with`], also returning each proxy's log.
+fn both_logged(module: &Path, config: &str, request: &str, echoed: bool) -> (Seen, Seen, Logs) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let upstream = rt.block_on(TestUpstream::start("app"));
     let envoy = Envoy::start(module, config, upstream.addr);
@@ -303,10 +340,14 @@ endpoints = ["{}"]
     let limit = Duration::from_secs(5);
     let from_envoy = raw_exchange(envoy.addr(), request.as_bytes(), limit);
     let from_wasp = raw_exchange(wasp_addr, request.as_bytes(), limit);
+    let logs = Logs {
+        envoy: envoy.log_text(),
+        wasp: wasp.log_text(),
+    };
     drop(wasp);
     drop(envoy);
     drop(upstream);
-    (parse(&from_envoy, echoed), parse(&from_wasp, echoed))
+    (parse(&from_envoy, echoed), parse(&from_wasp, echoed), logs)
 }
 
 #[test]
@@ -360,8 +401,17 @@ fn an_assemblyscript_filter_matches_envoy() {
     // AssemblyScript Proxy-Wasm SDK: a second guest language, same results.
     let module = assemblyscript_filter();
     let request = "GET /orders/7 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n";
-    let (envoy, wasp) = both_with(&module, "payments", request, true);
+    let (envoy, wasp, logs) = both_logged(&module, "payments", request, true);
     assert_eq!(envoy.status, 200, "envoy: {envoy:#?}");
+    // The filter's proxy_log lines, with their levels, match too.
+    let (from_envoy, from_wasp) = (envoy_guest_lines(&logs.envoy), wasp_guest_lines(&logs.wasp));
+    assert_eq!(
+        from_envoy,
+        vec![("info".to_string(), "as-filter: GET /orders/7".to_string())],
+        "envoy log:\n{}",
+        logs.envoy
+    );
+    assert_eq!(from_wasp, from_envoy, "wasp log:\n{}", logs.wasp);
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
     assert!(envoy.body.contains("x-team: payments"), "{envoy:#?}");
     assert!(
