@@ -36,8 +36,9 @@ fn passes(module: &Path, file: &Path, cases: usize) {
     assert_eq!(code, Some(0), "{out}{err}");
     let ok_lines = out.lines().filter(|l| l.starts_with("ok    ")).count();
     assert_eq!(ok_lines, cases, "{out}");
+    let plural = if cases == 1 { "" } else { "s" };
     assert!(
-        out.contains(&format!("{cases} cases, {cases} ok, 0 failed")),
+        out.contains(&format!(": {cases} case{plural}, {cases} ok, 0 failed")),
         "{out}"
     );
 }
@@ -202,4 +203,27 @@ fn filter_new_adds_a_fixture_file_to_an_existing_filter() {
         .output()
         .unwrap();
     assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn case_selects_cases_by_name() {
+    let out = Command::new(WASP)
+        .args(["filter", "test"])
+        .arg(fixture("wasm32-wasip1", "callout"))
+        .arg(fixtures("callout.toml"))
+        .args(["--case", "denied"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok    denied by the authz cluster"), "{text}");
+    assert!(text.contains(": 1 case, 1 ok, 0 failed"), "{text}");
+    let none = Command::new(WASP)
+        .args(["filter", "test"])
+        .arg(fixture("wasm32-wasip1", "callout"))
+        .arg(fixtures("callout.toml"))
+        .args(["--case", "no such case"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2));
 }

@@ -96,8 +96,9 @@ pub fn main(module: &Path, fixtures: &Path, only: Option<&str>) -> ExitCode {
         return ExitCode::from(2);
     }
     println!(
-        "filter test {}: {total} cases, {ok} ok, {failed} failed",
-        module.display()
+        "filter test {}: {total} case{}, {ok} ok, {failed} failed",
+        module.display(),
+        if total == 1 { "" } else { "s" }
     );
     if failed == 0 {
         ExitCode::SUCCESS
