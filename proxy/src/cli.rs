@@ -66,9 +66,12 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum FilterCommand {
-    /// Create a filter crate from the template (Rust, wasp-sdk, wasm32-wasip1)
-    /// with a `filter-test.toml` fixture file; given an existing crate's
-    /// folder (any SDK, any language), add only the fixture file to it.
+    /// Create a filter crate with a filter-test.toml, or add the fixture file to a filter's folder
+    ///
+    /// With a NAME: a crate from the template (Rust, wasp-sdk, wasm32-wasip1)
+    /// and its `filter-test.toml`. With the folder of an existing filter (any
+    /// SDK, any language: it has a Cargo.toml, package.json, go.mod or
+    /// CMakeLists.txt): only `filter-test.toml`, beside it.
     New {
         /// The crate name, e.g. `my-auth`, or the folder of an existing filter.
         name: String,
@@ -79,9 +82,13 @@ pub enum FilterCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Run a compiled filter through the real engine against a fixture file:
-    /// per case a request, the upstream's answer, callout answers and what
-    /// must be seen. Exit 0 when every case passes, 1 on a difference.
+    /// Run a compiled filter in wasp's real engine against the cases of a fixture file
+    ///
+    /// Per case: a request, the upstream's answer, answers to the filter's
+    /// http_calls, and what the upstream, the client, the logs and the
+    /// metrics must show (docs/filters.md). Exit 0 when every case passes,
+    /// 1 when one differs (each differing field is printed), 2 when the
+    /// fixture file is unusable.
     Test {
         /// The module, e.g. target/wasm32-wasip1/release/my_auth.wasm.
         module: PathBuf,
