@@ -49,7 +49,7 @@ fn community_sdk_fixtures_pass() {
     passes(&wasip1("headers"), &fixtures("headers.toml"), 2);
     passes(&wasip1("callout"), &fixtures("callout.toml"), 4);
     passes(&wasip1("metrics"), &fixtures("metrics.toml"), 1);
-    passes(&wasip1("body-rewrite"), &fixtures("body-rewrite.toml"), 2);
+    passes(&wasip1("body-rewrite"), &fixtures("body-rewrite.toml"), 3);
     passes(
         &wasip1("configure-false"),
         &fixtures("configure-false.toml"),

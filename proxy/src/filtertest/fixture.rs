@@ -100,6 +100,9 @@ pub struct Request {
     pub authority: String,
     pub headers: Headers,
     pub body: String,
+    /// The body in several chunks instead of `body` (each one a body
+    /// callback; the last one ends the stream unless trailers follow).
+    pub chunks: Vec<String>,
     pub trailers: Headers,
 }
 
@@ -111,6 +114,7 @@ impl Default for Request {
             authority: "example.com".to_string(),
             headers: Headers::new(),
             body: String::new(),
+            chunks: Vec::new(),
             trailers: Headers::new(),
         }
     }
@@ -123,6 +127,8 @@ pub struct Upstream {
     pub status: u16,
     pub headers: Headers,
     pub body: String,
+    /// The body in several chunks instead of `body`.
+    pub chunks: Vec<String>,
     pub trailers: Headers,
 }
 
@@ -132,6 +138,7 @@ impl Default for Upstream {
             status: 200,
             headers: Headers::new(),
             body: String::new(),
+            chunks: Vec::new(),
             trailers: Headers::new(),
         }
     }

@@ -179,16 +179,36 @@ pub fn run_case(
 /// The fixture's request and upstream answer, checked and built.
 struct Prepared {
     head: http::request::Parts,
-    body: Bytes,
+    body: Vec<Bytes>,
     trailers: HeaderMap,
     upstream: http::response::Parts,
-    upstream_body: Bytes,
+    upstream_body: Vec<Bytes>,
     upstream_trailers: HeaderMap,
+}
+
+/// A fixture body as the chunks it is sent in (none for an empty body).
+fn chunks(field: &str, body: &str, chunks: &[String]) -> Result<Vec<Bytes>, String> {
+    if !chunks.is_empty() && !body.is_empty() {
+        return Err(format!("{field}: give body or chunks, not both"));
+    }
+    if chunks.is_empty() {
+        return Ok(if body.is_empty() {
+            Vec::new()
+        } else {
+            vec![Bytes::from(body.to_string())]
+        });
+    }
+    Ok(chunks.iter().map(|c| Bytes::from(c.clone())).collect())
+}
+
+fn total(chunks: &[Bytes]) -> usize {
+    chunks.iter().map(Bytes::len).sum()
 }
 
 impl Prepared {
     fn new(case: &Case) -> Result<Self, String> {
         let r = &case.request;
+        let body = chunks("request", &r.body, &r.chunks)?;
         let mut headers = header_map(&r.headers).map_err(|e| format!("request: {e}"))?;
         if !headers.contains_key(HOST) {
             let host = HeaderValue::from_str(&r.authority)
@@ -196,11 +216,11 @@ impl Prepared {
             headers.insert(HOST, host);
         }
         // As a client sends it.
-        if !r.body.is_empty()
+        if !body.is_empty()
             && !headers.contains_key(CONTENT_LENGTH)
             && !headers.contains_key(TRANSFER_ENCODING)
         {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(r.body.len()));
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(total(&body)));
         }
         let (mut head, ()) = http::Request::builder()
             .method(r.method.as_str())
@@ -210,9 +230,10 @@ impl Prepared {
             .into_parts();
         head.headers = headers;
         let u = &case.upstream;
+        let upstream_body = chunks("upstream", &u.body, &u.chunks)?;
         let mut up_headers = header_map(&u.headers).map_err(|e| format!("upstream: {e}"))?;
         if !up_headers.contains_key(CONTENT_LENGTH) && !up_headers.contains_key(TRANSFER_ENCODING) {
-            up_headers.insert(CONTENT_LENGTH, HeaderValue::from(u.body.len()));
+            up_headers.insert(CONTENT_LENGTH, HeaderValue::from(total(&upstream_body)));
         }
         let status = StatusCode::from_u16(u.status)
             .map_err(|_| format!("upstream.status {} is not valid", u.status))?;
@@ -221,10 +242,10 @@ impl Prepared {
         upstream.headers = up_headers;
         Ok(Prepared {
             head,
-            body: Bytes::from(r.body.clone().into_bytes()),
+            body,
             trailers: header_map(&r.trailers).map_err(|e| format!("request.trailers: {e}"))?,
             upstream,
-            upstream_body: Bytes::from(u.body.clone().into_bytes()),
+            upstream_body,
             upstream_trailers: header_map(&u.trailers)
                 .map_err(|e| format!("upstream.trailers: {e}"))?,
         })
@@ -247,13 +268,14 @@ enum Side {
     Response,
 }
 
-/// A body (and trailers) through the chain as `forward` sends them:
-/// the body in one chunk, then, with trailers, an empty end-of-stream
-/// chunk and the trailers. `Err` is a response a filter made instead.
+/// A body (and trailers) through the chain as `forward` sends them: the
+/// chunks, the last one ending the stream, or, with trailers, an empty
+/// end-of-stream chunk and then the trailers. `Err` is a response a filter
+/// made instead.
 fn body_through(
     chain: &mut StreamFilters,
     side: Side,
-    body: Bytes,
+    body: Vec<Bytes>,
     trailers: &mut HeaderMap,
 ) -> Result<Bytes, Box<Response<Bytes>>> {
     let mut out = BytesMut::new();
@@ -272,8 +294,9 @@ fn body_through(
         }
     };
     let has_trailers = !trailers.is_empty();
-    if !body.is_empty() {
-        send(chain, body, !has_trailers)?;
+    let last = body.len().saturating_sub(1);
+    for (i, chunk) in body.into_iter().enumerate() {
+        send(chain, chunk, i == last && !has_trailers)?;
     }
     if has_trailers {
         send(chain, Bytes::new(), true)?;
@@ -323,7 +346,7 @@ async fn observe(
         principal: None,
     };
     let mut chain = set.stream(std::slice::from_ref(&name), info);
-    let request_size = p.body.len() as u64;
+    let request_size = total(&p.body) as u64;
     let mut response_size = 0;
 
     let eos = p.body.is_empty() && p.trailers.is_empty();
