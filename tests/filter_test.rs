@@ -50,6 +50,7 @@ fn community_sdk_fixtures_pass() {
     passes(&wasip1("callout"), &fixtures("callout.toml"), 4);
     passes(&wasip1("metrics"), &fixtures("metrics.toml"), 1);
     passes(&wasip1("body-rewrite"), &fixtures("body-rewrite.toml"), 3);
+    passes(&wasip1("properties"), &fixtures("properties.toml"), 1);
     passes(
         &wasip1("configure-false"),
         &fixtures("configure-false.toml"),

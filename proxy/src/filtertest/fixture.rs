@@ -72,7 +72,10 @@ pub struct Case {
 
 /// Header values: one string, or a list for a repeated header.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a header value: a string, or a list of strings (quote a header name that holds a dot: \"x-a.b\" = ...)"
+)]
 pub enum Values {
     One(String),
     Many(Vec<String>),
@@ -124,6 +127,11 @@ impl Default for Request {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upstream {
+    /// The route and cluster the proxy picked (`route_name`,
+    /// `cluster_name` properties), and the endpoint (`upstream.address`).
+    pub route: String,
+    pub cluster: String,
+    pub address: String,
     pub status: u16,
     pub headers: Headers,
     pub body: String,
@@ -135,6 +143,9 @@ pub struct Upstream {
 impl Default for Upstream {
     fn default() -> Self {
         Upstream {
+            route: "default".to_string(),
+            cluster: "app".to_string(),
+            address: "127.0.0.1:8080".to_string(),
             status: 200,
             headers: Headers::new(),
             body: String::new(),

@@ -178,6 +178,9 @@ pub fn run_case(
 
 /// The fixture's request and upstream answer, checked and built.
 struct Prepared {
+    route: Arc<str>,
+    cluster: Arc<str>,
+    address: SocketAddr,
     head: http::request::Parts,
     body: Vec<Bytes>,
     trailers: HeaderMap,
@@ -231,6 +234,10 @@ impl Prepared {
         head.headers = headers;
         let u = &case.upstream;
         let upstream_body = chunks("upstream", &u.body, &u.chunks)?;
+        let address = u
+            .address
+            .parse()
+            .map_err(|_| format!("upstream.address {:?} is not ip:port", u.address))?;
         let mut up_headers = header_map(&u.headers).map_err(|e| format!("upstream: {e}"))?;
         if !up_headers.contains_key(CONTENT_LENGTH) && !up_headers.contains_key(TRANSFER_ENCODING) {
             up_headers.insert(CONTENT_LENGTH, HeaderValue::from(total(&upstream_body)));
@@ -241,6 +248,9 @@ impl Prepared {
         upstream.status = status;
         upstream.headers = up_headers;
         Ok(Prepared {
+            route: Arc::from(u.route.as_str()),
+            cluster: Arc::from(u.cluster.as_str()),
+            address,
             head,
             body,
             trailers: header_map(&r.trailers).map_err(|e| format!("request.trailers: {e}"))?,
@@ -355,6 +365,9 @@ async fn observe(
         Verdict::Continue => None,
     };
     if local.is_none() {
+        // Routing happens here in the proxy, after the request headers.
+        chain.set_route(p.route.clone(), p.cluster.clone());
+        chain.set_upstream(p.address);
         match body_through(&mut chain, Side::Request, p.body.clone(), &mut p.trailers) {
             Ok(body) => {
                 observed.upstream = Some(SeenRequest {
