@@ -228,3 +228,81 @@ fn case_selects_cases_by_name() {
         .unwrap();
     assert_eq!(none.status.code(), Some(2));
 }
+
+#[test]
+fn the_harness_treats_a_filter_as_the_proxy_does() {
+    // Callouts from on_configure and fire-and-forget ones are answered; the
+    // proxy's header hygiene, `via` and `x-forwarded-*` apply; log_level is
+    // what proxy_get_log_level answers; answers made after the request or
+    // response started are reported as cuts, not as the client's response.
+    passes(
+        &fixture("wasm32-wasip1", "harness"),
+        &fixtures("harness.toml"),
+        3,
+    );
+}
+
+#[test]
+fn a_cut_the_fixture_does_not_expect_is_a_mismatch() {
+    let dir = TempDir::new("filter-test");
+    let file = dir.path().join("cut.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[case]]
+name = "late answer"
+request = { headers = { x-late = "response" } }
+upstream = { chunks = ["a", "b"] }
+[case.expect.response]
+status = 200
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = filter_test(&fixture("wasm32-wasip1", "harness"), &file);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("response.cut:"), "{out}");
+}
+
+#[test]
+fn the_fixture_sets_the_filter_limits() {
+    let dir = TempDir::new("filter-test");
+    let file = dir.path().join("limits.toml");
+    std::fs::write(
+        &file,
+        r#"
+[filter]
+limits = { memory = "64KiB", cpu = "20ms" }
+max_body_bytes = "1MiB"
+[[case]]
+name = "too little memory to load"
+[case.expect]
+load_error = "memory limit exceeded"
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = filter_test(&fixture("wasm32-wasip1", "headers"), &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    std::fs::write(
+        &file,
+        "[filter]\nlimits = { bogus = 1 }\n[[case]]\nname = \"x\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = filter_test(&fixture("wasm32-wasip1", "headers"), &file);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("bogus"), "{err}");
+}
+
+#[test]
+fn more_header_values_than_a_map_holds_is_a_fixture_error() {
+    let dir = TempDir::new("filter-test");
+    let file = dir.path().join("many.toml");
+    let mut text = "[[case]]\nname = \"many\"\n[case.request.headers]\n".to_string();
+    for i in 0..40_000 {
+        text.push_str(&format!("x-many-{i} = \"v\"\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let (code, out, err) = filter_test(&fixture("wasm32-wasip1", "headers"), &file);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("more header values than a map holds"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -46,6 +46,8 @@ pub fn level(name: &str) -> Option<LevelFilter> {
 /// Installs the process's subscriber: the filter's lines at `guest` and
 /// above are collected; wasp's own warnings and errors go to stderr.
 pub fn install(guest: LevelFilter) {
+    // The filter asks the level it is logged at, as in the proxy.
+    crate::filter::set_reported_log_level(Some(guest));
     let collect = Targets::new()
         .with_target(GUEST, guest)
         .with_target(STDOUT, LevelFilter::TRACE)

@@ -54,6 +54,14 @@ impl Diff {
         }
     }
 
+    /// A flag that is false unless the fixture says otherwise.
+    fn flag(&mut self, field: &str, expected: Option<bool>, got: bool) {
+        let want = expected.unwrap_or(false);
+        if want != got {
+            self.push(field, want.to_string(), got.to_string());
+        }
+    }
+
     fn body(&mut self, field: &str, expected: &Option<String>, got: &[u8]) {
         if let Some(e) = expected {
             if e.as_bytes() != got {
@@ -117,6 +125,8 @@ pub fn compare(expect: &Expect, seen: &Observed) -> Vec<Mismatch> {
             (Some(_), false) => d.push("upstream.reached", "false".into(), "true".into()),
             (None, false) => {}
             (Some(req), true) => {
+                d.text("upstream.cluster", &u.cluster, &req.cluster);
+                d.flag("upstream.cut", u.cut, req.cut);
                 d.text("upstream.method", &u.method, &req.method);
                 d.text("upstream.path", &u.path, &req.path);
                 d.headers("upstream.headers", &u.headers, &req.headers);
@@ -137,6 +147,7 @@ pub fn compare(expect: &Expect, seen: &Observed) -> Vec<Mismatch> {
                 );
             }
         }
+        d.flag("response.cut", r.cut, got.cut);
         d.headers("response.headers", &r.headers, &got.headers);
         d.absent("response.headers", &r.absent, &got.headers);
         d.body("response.body", &r.body, &got.body);

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::schema::FilterLimits;
+use crate::config::units::Size;
 use crate::filter::FailPolicy;
 
 /// A whole fixture file.
@@ -35,6 +37,11 @@ pub struct FilterSection {
     /// Lowest level of the filter's log lines that are kept (and what
     /// `proxy_get_log_level` answers): trace | debug | info | warn | error.
     pub log_level: String,
+    /// The same table as `[filters.NAME] limits` in wasp.toml.
+    pub limits: FilterLimits,
+    /// The largest body a filter may buffer, as the largest listener
+    /// `limits.max_body_bytes` sets it in the proxy.
+    pub max_body_bytes: Size,
 }
 
 impl Default for FilterSection {
@@ -45,6 +52,8 @@ impl Default for FilterSection {
             vm_config: None,
             fail: FailPolicy::Closed,
             log_level: "trace".to_string(),
+            limits: FilterLimits::default(),
+            max_body_bytes: Size(crate::filter::FilterSpec::DEFAULT_MAX_BODY_BYTES),
         }
     }
 }
@@ -200,6 +209,12 @@ pub struct ExpectUpstream {
     /// Whether the request reached the upstream at all (default: true when
     /// this table is present).
     pub reached: Option<bool>,
+    /// The cluster it was sent to: `[case.upstream] cluster`, or the
+    /// filter's `wasp.cluster` choice.
+    pub cluster: Option<String>,
+    /// Whether the upstream request was abandoned mid-body because a filter
+    /// answered the client (default false when this table is present).
+    pub cut: Option<bool>,
     pub method: Option<String>,
     pub path: Option<String>,
     /// Must be present with exactly these values; others are not checked.
@@ -215,6 +230,10 @@ pub struct ExpectUpstream {
 #[serde(deny_unknown_fields, default)]
 pub struct ExpectResponse {
     pub status: Option<u16>,
+    /// Whether the response was reset after it started because a filter
+    /// answered during the response body or trailers (default false when
+    /// this table is present).
+    pub cut: Option<bool>,
     pub headers: Headers,
     pub absent: Vec<String>,
     pub body: Option<String>,
@@ -258,6 +277,17 @@ pub fn parse(text: &str) -> Result<File, (usize, usize, String)> {
     })?;
     if file.cases.is_empty() {
         return Err((0, 0, "no [[case]] in the file".to_string()));
+    }
+    let max = crate::filter::HostLimits::MAX_HEADERS;
+    if file.filter.limits.headers > max {
+        return Err((
+            0,
+            0,
+            format!(
+                "[filter] limits.headers = {} is more than {max}",
+                file.filter.limits.headers
+            ),
+        ));
     }
     Ok(file)
 }

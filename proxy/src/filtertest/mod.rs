@@ -54,10 +54,24 @@ pub fn main(module: &Path, fixtures: &Path, only: Option<&str>) -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    for case in &file.cases {
+        if let Err(e) = run::check_case(case) {
+            eprintln!("error: {}: case {:?}: {e}", fixtures.display(), case.name);
+            return ExitCode::from(2);
+        }
+    }
     capture::install(level);
     // Each case loads the module into a fresh engine; the compiled code is
     // shared through a cache of our own, so only the first case compiles.
-    let cache = std::env::temp_dir().join(format!("wasp-filter-test-{}", std::process::id()));
+    // The cache holds native code that is loaded without further checks, so
+    // it must be a directory nobody else could have made or written to.
+    let cache = match private_dir() {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            eprintln!("warning: compiling for each case (no private cache directory: {e})");
+            None
+        }
+    };
 
     let (mut ok, mut failed) = (0usize, 0usize);
     for case in &file.cases {
@@ -65,7 +79,7 @@ pub fn main(module: &Path, fixtures: &Path, only: Option<&str>) -> ExitCode {
             continue;
         }
         let started = Instant::now();
-        let outcome = run::run_case(module, &file.filter, case, Some(&cache));
+        let outcome = run::run_case(module, &file.filter, case, cache.as_deref());
         let took = started.elapsed().as_millis();
         match outcome {
             Err(e) => {
@@ -89,7 +103,9 @@ pub fn main(module: &Path, fixtures: &Path, only: Option<&str>) -> ExitCode {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&cache);
+    if let Some(dir) = &cache {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let total = ok + failed;
     if total == 0 {
         eprintln!("error: no case matches {:?}", only.unwrap_or_default());
@@ -107,6 +123,33 @@ pub fn main(module: &Path, fixtures: &Path, only: Option<&str>) -> ExitCode {
     }
 }
 
+/// A fresh directory under the temp dir with a random name, made by this
+/// call (never an existing one: `create`, not `create_dir_all`), mode 0700
+/// and owned by this user, for the compiled-module cache.
+pub fn private_dir() -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let base = std::env::temp_dir();
+    for _ in 0..8 {
+        let dir = base.join(format!("wasp-filter-test-{:032x}", rand::random::<u128>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+        let meta =
+            std::fs::symlink_metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != me || meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "{}: not a private directory of this user",
+                dir.display()
+            ));
+        }
+        return Ok(dir);
+    }
+    Err(format!("{}: no free random name", base.display()))
+}
+
 /// One line on what a passing case did.
 fn summary(seen: &Observed) -> String {
     if let Some(e) = &seen.load_error {
@@ -118,7 +161,14 @@ fn summary(seen: &Observed) -> String {
     } else {
         "answered by the filter"
     };
+    let upstream = match &seen.upstream {
+        Some(u) if u.cut => "upstream request cut mid-body",
+        _ => upstream,
+    };
     let mut s = format!("{} to the client, {upstream}", seen.response.status);
+    if seen.response.cut {
+        s.push_str(", response cut by the filter");
+    }
     if !seen.callouts.is_empty() {
         s.push_str(&format!(", {} callout(s)", seen.callouts.len()));
     }
@@ -126,4 +176,26 @@ fn summary(seen: &Observed) -> String {
         s.push_str(&format!(", {} log line(s)", seen.logs.len()));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_cache_dir_is_new_private_and_unguessable() {
+        let a = super::private_dir().unwrap_or_else(|e| panic!("{e}"));
+        let b = super::private_dir().unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let mode = std::fs::metadata(d)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or_default();
+            assert_eq!(mode, 0o700, "{}", d.display());
+            assert!(!d
+                .to_string_lossy()
+                .contains(&std::process::id().to_string()));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
 }

@@ -7,28 +7,43 @@
 //! plays the proxy around the chain: it sends the request through
 //! [`StreamFilters`] the way `forward` does (headers, body, trailers; then
 //! the response in reverse), answers as the fixture's upstream, and answers
-//! `http_call`s from the fixture's `callouts`. What it does not do: routing,
-//! the proxy's own headers (`x-request-id`, `x-forwarded-*`, `via`) and
-//! connection handling; those belong to the proxy, not to the filter.
+//! `http_call`s from the fixture's `callouts`. Around the chain it does
+//! what the proxy does to headers: `x-request-id` before the chain, the
+//! hop-by-hop strip and `x-forwarded-*`/`via` on the way to the upstream,
+//! the strip and `via` on the response before the response filters (the
+//! same functions as `forward`), and it honours a filter's `wasp.cluster`.
+//! It yields to the runtime between phases and chunks, as a worker does
+//! between network reads, so callout answers arrive. What it does not do:
+//! route matching and connection handling.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Response, StatusCode};
 
 use super::capture;
 use super::fixture::{Callout, Case, FilterSection, Headers};
 use crate::filter::{
-    BodyVerdict, CalloutFuture, FilterRuntime, FilterSpec, HttpCallouts, StreamFilters, StreamInfo,
-    Verdict,
+    BodyVerdict, CalloutFuture, FilterRuntime, FilterSet, FilterSpec, HttpCallouts, StreamFilters,
+    StreamInfo, Verdict,
 };
+use crate::forward;
 
 /// Longest a case may take (a filter that never resumes, say).
 const CASE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Longest the harness waits for instances to be built and callouts to be
+/// answered, after loading and before ending the stream.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Where the harness's client connects from.
+const CLIENT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
 
 /// A request as the upstream (or a callout cluster) received it.
 #[derive(Debug, Default)]
@@ -37,8 +52,12 @@ pub struct SeenRequest {
     pub method: String,
     pub path: String,
     pub headers: HeaderMap,
+    /// What was forwarded (all of it unless `cut`).
     pub body: Bytes,
     pub trailers: HeaderMap,
+    /// A filter answered the client mid-body: the upstream request was
+    /// abandoned after its head and `body` (the client got the answer).
+    pub cut: bool,
 }
 
 /// The response as the client received it.
@@ -46,8 +65,12 @@ pub struct SeenRequest {
 pub struct SeenResponse {
     pub status: u16,
     pub headers: HeaderMap,
+    /// What was forwarded (all of it unless `cut`).
     pub body: Bytes,
     pub trailers: HeaderMap,
+    /// A filter answered during the response body or trailers: the head and
+    /// `body` had gone out, then the stream was reset (as the proxy does).
+    pub cut: bool,
 }
 
 /// Everything observable about one case.
@@ -69,6 +92,24 @@ pub struct Observed {
 struct FixtureCallouts {
     answers: Vec<Callout>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Answers not yet handed back (so the harness can wait for them).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts one callout as in flight until its future ends or is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HttpCallouts for FixtureCallouts {
@@ -92,6 +133,7 @@ impl HttpCallouts for FixtureCallouts {
             headers: parts.headers,
             body,
             trailers: HeaderMap::new(),
+            cut: false,
         });
         drop(seen);
         let answers: Vec<&Callout> = self
@@ -100,7 +142,9 @@ impl HttpCallouts for FixtureCallouts {
             .filter(|c| c.cluster == cluster)
             .collect();
         let answer = (*answers.get(earlier).or(answers.last())?).clone();
+        let in_flight = InFlight::new(&self.in_flight);
         Some(Box::pin(async move {
+            let _in_flight = in_flight;
             if let Some(why) = answer.fail {
                 return Err(why);
             }
@@ -122,7 +166,8 @@ pub fn header_map(h: &Headers) -> Result<HeaderMap, String> {
         for v in values.list() {
             let v = HeaderValue::from_str(&v)
                 .map_err(|_| format!("header {name}: {v:?} is not a valid value"))?;
-            map.append(n.clone(), v);
+            map.try_append(n.clone(), v)
+                .map_err(|_| format!("header {name}: more header values than a map holds"))?;
         }
     }
     Ok(map)
@@ -152,8 +197,14 @@ pub fn run_case(
     spec.config = config_bytes(case.config.as_ref().or(filter.config.as_ref()));
     spec.vm_config = config_bytes(filter.vm_config.as_ref());
     spec.fail = filter.fail;
-    // One instance is all a single request needs.
-    spec.instances = 1;
+    let l = &filter.limits;
+    spec.cpu_limit = l.cpu.0;
+    spec.memory_limit = l.memory.0;
+    spec.instances = l.instances;
+    spec.tick_min = l.tick_min.0;
+    spec.root_cpu = l.root_cpu.0;
+    spec.host_limits = l.host_limits();
+    spec.max_body_bytes = filter.max_body_bytes.0;
     let answers = case.callouts.clone();
     let request = Prepared::new(case)?;
     let cache = cache.map(Path::to_path_buf);
@@ -174,6 +225,18 @@ pub fn run_case(
     handle
         .join()
         .unwrap_or_else(|_| Err("the harness panicked (a wasp bug)".to_string()))
+}
+
+/// Whether a case's values (headers, statuses, addresses) are usable; the
+/// message names what is not.
+pub fn check_case(case: &Case) -> Result<(), String> {
+    Prepared::new(case)?;
+    for (i, c) in case.callouts.iter().enumerate() {
+        header_map(&c.headers).map_err(|e| format!("callouts[{i}]: {e}"))?;
+        StatusCode::from_u16(c.status)
+            .map_err(|_| format!("callouts[{i}].status {} is not valid", c.status))?;
+    }
+    Ok(())
 }
 
 /// The fixture's request and upstream answer, checked and built.
@@ -269,6 +332,7 @@ fn client_response(r: Response<Bytes>) -> SeenResponse {
         headers: parts.headers,
         body,
         trailers: HeaderMap::new(),
+        cut: false,
     }
 }
 
@@ -278,47 +342,107 @@ enum Side {
     Response,
 }
 
+/// Lets spawned tasks (callouts, instance pumps, root drivers) run, as a
+/// worker does between two reads from the network.
+async fn breathe() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits (within [`SETTLE_LIMIT`]) until this worker's instances are built
+/// and every `http_call` has been answered and delivered.
+async fn settle(set: &Arc<FilterSet>, in_flight: &AtomicUsize) {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        breathe().await;
+        if in_flight.load(Ordering::Relaxed) == 0 && !set.building_on_worker() {
+            // The last answers may still sit in a root driver's channel.
+            breathe().await;
+            return;
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What passed a body (and trailers) through the chain.
+struct Through {
+    /// What the chain forwarded.
+    body: Bytes,
+    /// A filter answered instead, after `body` had been forwarded.
+    local: Option<Response<Bytes>>,
+}
+
 /// A body (and trailers) through the chain as `forward` sends them: the
 /// chunks, the last one ending the stream, or, with trailers, an empty
-/// end-of-stream chunk and then the trailers. `Err` is a response a filter
-/// made instead.
-fn body_through(
+/// end-of-stream chunk and then the trailers.
+async fn body_through(
     chain: &mut StreamFilters,
     side: Side,
     body: Vec<Bytes>,
     trailers: &mut HeaderMap,
-) -> Result<Bytes, Box<Response<Bytes>>> {
+) -> Through {
     let mut out = BytesMut::new();
-    let mut send = |chain: &mut StreamFilters, chunk: Bytes, eos: bool| {
+    let has_trailers = !trailers.is_empty();
+    let last = body.len().saturating_sub(1);
+    let mut chunks: Vec<(Bytes, bool)> = body
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c, i == last && !has_trailers))
+        .collect();
+    if has_trailers {
+        chunks.push((Bytes::new(), true));
+    }
+    for (chunk, eos) in chunks {
+        breathe().await;
         let v = match side {
             Side::Request => chain.request_body(chunk, eos),
             Side::Response => chain.response_body(chunk, eos),
         };
         match v {
-            BodyVerdict::Forward(b) => {
-                out.extend_from_slice(&b);
-                Ok(())
+            BodyVerdict::Forward(b) => out.extend_from_slice(&b),
+            BodyVerdict::Hold => {}
+            BodyVerdict::Respond(r) => {
+                return Through {
+                    body: out.freeze(),
+                    local: Some(r),
+                }
             }
-            BodyVerdict::Hold => Ok(()),
-            BodyVerdict::Respond(r) => Err(Box::new(r)),
         }
-    };
-    let has_trailers = !trailers.is_empty();
-    let last = body.len().saturating_sub(1);
-    for (i, chunk) in body.into_iter().enumerate() {
-        send(chain, chunk, i == last && !has_trailers)?;
     }
     if has_trailers {
-        send(chain, Bytes::new(), true)?;
+        breathe().await;
         let v = match side {
             Side::Request => chain.request_trailers(trailers),
             Side::Response => chain.response_trailers(trailers),
         };
         if let Verdict::Respond(r) = v {
-            return Err(Box::new(r));
+            return Through {
+                body: out.freeze(),
+                local: Some(r),
+            };
         }
     }
-    Ok(out.freeze())
+    Through {
+        body: out.freeze(),
+        local: None,
+    }
+}
+
+/// The upstream request's head as the proxy sends it after the request
+/// filters (no `trust_forwarded` peers, HTTP/1.1 client).
+fn as_forwarded(headers: &mut HeaderMap) {
+    // `Connection: x-request-id` must not take the id away, as in forward.
+    let id = headers.get(&forward::REQUEST_ID).cloned();
+    forward::strip_hop_by_hop(headers, false);
+    if let Some(id) = id {
+        headers.entry(forward::REQUEST_ID).or_insert(id);
+    }
+    headers.remove(EXPECT);
+    forward::add_forwarding(headers, CLIENT.ip(), "http", forward::VIA_H1, false);
 }
 
 async fn observe(
@@ -329,9 +453,11 @@ async fn observe(
 ) -> Result<Observed, String> {
     capture::clear();
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let callouts = Arc::new(FixtureCallouts {
         answers,
         seen: seen.clone(),
+        in_flight: in_flight.clone(),
     });
     let runtime = FilterRuntime::new(cache, callouts).map_err(|e| format!("{e:#}"))?;
     runtime.set_workers(1);
@@ -345,13 +471,18 @@ async fn observe(
             return Ok(observed);
         }
     };
+    // A proxy serves requests long after its filters started: callouts
+    // made in on_vm_start / on_configure have their answers by then.
+    set.prepare_worker();
+    settle(&set, &in_flight).await;
+    let request_id = forward::ensure_request_id(&mut p.head.headers);
     let info = StreamInfo {
         listener: Arc::from("filter-test"),
-        source: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        source: CLIENT,
         destination: SocketAddr::from(([127, 0, 0, 1], 15006)),
         scheme: "http",
         protocol: "HTTP/1.1",
-        request_id: Arc::from("filter-test"),
+        request_id: Arc::from(String::from_utf8_lossy(request_id.as_bytes())),
         start: SystemTime::now(),
         principal: None,
     };
@@ -365,52 +496,71 @@ async fn observe(
         Verdict::Continue => None,
     };
     if local.is_none() {
-        // Routing happens here in the proxy, after the request headers.
-        chain.set_route(p.route.clone(), p.cluster.clone());
+        // Routing happens here in the proxy, after the request headers; a
+        // filter may have picked the cluster.
+        let cluster = match chain.property("wasp.cluster") {
+            Some(c) => Arc::from(String::from_utf8_lossy(&c).as_ref()),
+            None => p.cluster.clone(),
+        };
+        chain.set_route(p.route.clone(), cluster.clone());
         chain.set_upstream(p.address);
-        match body_through(&mut chain, Side::Request, p.body.clone(), &mut p.trailers) {
-            Ok(body) => {
-                observed.upstream = Some(SeenRequest {
-                    cluster: String::new(),
-                    method: p.head.method.to_string(),
-                    path: p
-                        .head
-                        .uri
-                        .path_and_query()
-                        .map_or_else(|| p.head.uri.path().to_string(), |q| q.to_string()),
-                    headers: p.head.headers.clone(),
-                    body,
-                    trailers: p.trailers.clone(),
-                });
-            }
-            Err(r) => local = Some(*r),
-        }
+        as_forwarded(&mut p.head.headers);
+        let sent = body_through(&mut chain, Side::Request, p.body.clone(), &mut p.trailers).await;
+        let cut = sent.local.is_some();
+        observed.upstream = Some(SeenRequest {
+            cluster: cluster.to_string(),
+            method: p.head.method.to_string(),
+            path: p
+                .head
+                .uri
+                .path_and_query()
+                .map_or_else(|| p.head.uri.path().to_string(), |q| q.to_string()),
+            headers: p.head.headers.clone(),
+            body: sent.body,
+            trailers: if cut {
+                HeaderMap::new()
+            } else {
+                p.trailers.clone()
+            },
+            cut,
+        });
+        // The proxy abandons the upstream request and sends this instead.
+        local = sent.local;
     }
     observed.response = match local {
         Some(r) => client_response(r),
         None => {
+            breathe().await;
+            forward::strip_hop_by_hop(&mut p.upstream.headers, false);
+            forward::append_via(&mut p.upstream.headers, forward::VIA_H1);
             let eos = p.upstream_body.is_empty() && p.upstream_trailers.is_empty();
             match chain.response_headers(&mut p.upstream, eos).await {
                 Verdict::Respond(r) => client_response(r),
                 Verdict::Continue => {
                     let mut trailers = p.upstream_trailers;
-                    match body_through(&mut chain, Side::Response, p.upstream_body, &mut trailers) {
-                        Ok(body) => {
-                            response_size = body.len() as u64;
-                            SeenResponse {
-                                status: p.upstream.status.as_u16(),
-                                headers: p.upstream.headers,
-                                body,
-                                trailers,
-                            }
-                        }
-                        Err(r) => client_response(*r),
+                    let sent =
+                        body_through(&mut chain, Side::Response, p.upstream_body, &mut trailers)
+                            .await;
+                    response_size = sent.body.len() as u64;
+                    // After the head went out a filter's answer cannot
+                    // replace it: the proxy resets the stream.
+                    let cut = sent.local.is_some();
+                    SeenResponse {
+                        status: p.upstream.status.as_u16(),
+                        headers: p.upstream.headers,
+                        body: sent.body,
+                        trailers: if cut { HeaderMap::new() } else { trailers },
+                        cut,
                     }
                 }
             }
         }
     };
+    // Fire-and-forget callouts: answered before the stream ends, as they
+    // would be on a proxy that is not in a hurry.
+    settle(&set, &in_flight).await;
     chain.finish(request_size, response_size);
+    settle(&set, &in_flight).await;
     runtime.render_metrics(&mut observed.metrics);
     observed.callouts = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
     observed.logs = capture::take();
@@ -437,6 +587,7 @@ mod tests {
         let c = FixtureCallouts {
             answers: vec![answer("a", 200), answer("b", 201), answer("a", 403)],
             seen: seen.clone(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -30,7 +30,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 pub(crate) use deadline::later;
+// `wasp filter test` applies the same header hygiene around a filter.
 pub use error::{local_response, ProxyError};
+pub(crate) use headers::{add_forwarding, append_via, strip_hop_by_hop};
 
 use crate::errors::ErrorCode;
 use crate::filter::{StreamInfo, Verdict};
@@ -42,7 +44,7 @@ use body::{DownstreamBodyError, RequestBody, Tracked};
 use deadline::{Cut, StreamClock, Timed, Watched};
 use filtered::{FilteredBody, SharedChain, Side};
 
-const VIA_H1: &str = "1.1 wasp";
+pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
 
 /// What a request needs to know about the connection it came on.
@@ -204,7 +206,7 @@ fn start_chain(
     ))
 }
 
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// 128 random bits as 32 lowercase hex digits, formatted on the stack.
 fn request_id_hex() -> [u8; 32] {
@@ -219,7 +221,7 @@ fn request_id_hex() -> [u8; 32] {
 }
 
 /// The request's `x-request-id`, added when the client sent none.
-fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+pub(crate) fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID) {
         return v.clone();
     }
