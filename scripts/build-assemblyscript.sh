@@ -10,8 +10,20 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 src="$root/examples/filters/assemblyscript"
 out="$root/target/wasm-fixtures/assemblyscript"
 
+skip="(WASP_BUILD_ASSEMBLYSCRIPT=0 skips this filter; its tests then report SKIPPED)"
+# assemblyscript 0.28 needs Node.js 20 or newer; Debian's nodejs package may
+# be older, and the compiler then fails with an obscure syntax error.
+if ! command -v node >/dev/null; then
+  echo "build-assemblyscript: node is missing: install Node.js 20 or newer (with npm) $skip" >&2
+  exit 1
+fi
+node_major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+if ! [ "$node_major" -ge 20 ] 2>/dev/null; then
+  echo "build-assemblyscript: node $(node --version 2>/dev/null || echo '?') is too old: assemblyscript 0.28 needs Node.js 20 or newer (e.g. from nodesource or nvm) $skip" >&2
+  exit 1
+fi
 if ! command -v npm >/dev/null; then
-  echo "build-assemblyscript: npm is missing (scripts/test.sh installs nodejs and npm)" >&2
+  echo "build-assemblyscript: npm is missing (scripts/test.sh installs nodejs and npm) $skip" >&2
   exit 1
 fi
 # Test binaries may build it at once (tests/support: assemblyscript_filter).

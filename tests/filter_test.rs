@@ -70,7 +70,11 @@ fn the_assemblyscript_filter_passes_its_fixtures() {
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/filters/assemblyscript/filter-test.toml"
     ));
-    passes(&assemblyscript_filter(), &file, 3);
+    let Some(module) = assemblyscript_filter("the_assemblyscript_filter_passes_its_fixtures")
+    else {
+        return;
+    };
+    passes(&module, &file, 3);
 }
 
 #[test]
