@@ -7,9 +7,9 @@
 //! upstream and callout clusters around one filter (`run`), the comparison
 //! (`compare`) and the log capture (`capture`). It uses only the engine's
 //! public API ([`crate::filter::FilterRuntime`], `FilterSet::stream`,
-//! [`crate::filter::StreamFilters`]), the same calls `forward` makes, so a
-//! case sees what a request through wasp would, minus routing and the
-//! proxy's own headers.
+//! [`crate::filter::StreamFilters`]), the same calls `forward` makes, and
+//! `forward`'s own header functions, so a case sees what a request through
+//! wasp would, minus route matching and connections.
 //!
 //! Runs on the CLI's main thread; each case runs on a thread of its own
 //! with a current-thread runtime, like a worker. Not for the proxy: the
