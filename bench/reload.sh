@@ -23,7 +23,8 @@ SWAP_KIND=${SWAP_KIND:-cached}   # cached: two versions back and forth; cold: a 
 rm -rf "$out"; mkdir -p "$out/filters.d"
 
 cargo build -q --release -p wasp -p demo-app
-WASP_BUILD_FIXTURES=1 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
+# No AssemblyScript module is measured here: no need for node and npm.
+WASP_BUILD_FIXTURES=1 WASP_BUILD_ASSEMBLYSCRIPT=0 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
 fixture="$root/target/wasm-fixtures/wasm32-wasip1/versioned.wasm"
 bin="$root/target/release"
 

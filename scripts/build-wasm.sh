@@ -53,4 +53,11 @@ if grep -qx wasm32-wasip1 <<<"$(rustup target list --installed 2>/dev/null || ec
 fi
 # --- end built-in filters -----------------------------------------------------
 
+# --- the AssemblyScript example filter (a second guest language), from npm ---
+# A test fixture: built with the fixtures (not for WASP_BUILD_FIXTURES=0);
+# WASP_BUILD_ASSEMBLYSCRIPT=0 skips it alone.
+if [ "${WASP_BUILD_FIXTURES:-1}" != 0 ] && [ "${WASP_BUILD_ASSEMBLYSCRIPT:-1}" != 0 ]; then
+  "$root/scripts/build-assemblyscript.sh"
+fi
+
 echo "wasm modules in $out"

@@ -13,6 +13,12 @@ command -v curl >/dev/null || missing+=(curl)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
+# The AssemblyScript example filter is built from npm packages (Node.js 20
+# or newer: scripts/build-assemblyscript.sh says so if the packaged one is
+# older; WASP_BUILD_ASSEMBLYSCRIPT=0 skips it and its tests).
+if [ "${WASP_BUILD_ASSEMBLYSCRIPT:-1}" != 0 ]; then
+  command -v npm >/dev/null || missing+=(nodejs npm)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

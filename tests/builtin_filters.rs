@@ -294,7 +294,7 @@ async fn scaffolded_filter_builds_and_loads() {
         "--dir".as_ref(),
         crate_dir.as_os_str(),
     ]);
-    for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
+    for f in ["Cargo.toml", "src/lib.rs", "README.md", "filter-test.toml"] {
         let text = std::fs::read_to_string(crate_dir.join(f)).unwrap();
         assert!(!text.contains("{{"), "{f} still has placeholders");
     }
@@ -319,6 +319,15 @@ async fn scaffolded_filter_builds_and_loads() {
         String::from_utf8_lossy(&build.stderr)
     );
     let wasm = target_dir.join("wasm32-wasip1/release/hello_filter.wasm");
+    // The scaffolded fixture file passes against the scaffolded filter.
+    let tested = wasp_ok([
+        "filter".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        crate_dir.join("filter-test.toml").as_os_str(),
+    ]);
+    let out = String::from_utf8_lossy(&tested.stdout);
+    assert!(out.contains("2 cases, 2 ok, 0 failed"), "{out}");
     let dir = TempDir::new("scaffold-run");
     std::fs::create_dir_all(dir.path().join("filters.d")).unwrap();
     std::fs::copy(&wasm, dir.path().join("filters.d/hello_filter.wasm")).unwrap();

@@ -1,4 +1,5 @@
 //! The command line: `wasp run [-- APP...]`, `wasp check`, `wasp await`,
+//! `wasp filter new|test`,
 //! `wasp iptables`, `wasp --version`.
 
 use std::path::PathBuf;
@@ -69,9 +70,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum FilterCommand {
-    /// Create a filter crate from the template (Rust, wasp-sdk, wasm32-wasip1).
+    /// Create a filter crate with a filter-test.toml, or add the fixture file to a filter's folder
+    ///
+    /// With a NAME: a crate from the template (Rust, wasp-sdk, wasm32-wasip1)
+    /// and its `filter-test.toml`. With the folder of an existing filter (any
+    /// SDK, any language: it has a Cargo.toml, package.json, go.mod or
+    /// CMakeLists.txt): only `filter-test.toml`, beside it.
     New {
-        /// The crate name, e.g. `my-auth`.
+        /// The crate name, e.g. `my-auth`, or the folder of an existing filter.
         name: String,
         /// Where to create it (default: ./NAME).
         #[arg(long)]
@@ -79,6 +85,22 @@ pub enum FilterCommand {
         /// The wasp-sdk source folder (default: the one this wasp was built from).
         #[arg(long)]
         sdk: Option<PathBuf>,
+    },
+    /// Run a compiled filter in wasp's real engine against the cases of a fixture file
+    ///
+    /// Per case: a request, the upstream's answer, answers to the filter's
+    /// http_calls, and what the upstream, the client, the logs and the
+    /// metrics must show (docs/filters.md). Exit 0 when every case passes,
+    /// 1 when one differs (each differing field is printed), 2 when the
+    /// fixture file is unusable.
+    Test {
+        /// The module, e.g. target/wasm32-wasip1/release/my_auth.wasm.
+        module: PathBuf,
+        /// The fixture file (see `wasp filter new`).
+        fixtures: PathBuf,
+        /// Run only the cases whose name contains this.
+        #[arg(long)]
+        case: Option<String>,
     },
 }
 
@@ -100,6 +122,14 @@ pub fn main() -> ExitCode {
         Command::Filter {
             command: FilterCommand::New { name, dir, sdk },
         } => crate::scaffold::new_filter(&name, dir.as_deref(), sdk.as_deref()),
+        Command::Filter {
+            command:
+                FilterCommand::Test {
+                    module,
+                    fixtures,
+                    case,
+                },
+        } => crate::filtertest::main(&module, &fixtures, case.as_deref()),
         Command::Certs(args) => crate::certs::main(&args),
         Command::Iptables(args) => crate::capture::iptables::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod filter;
+pub mod filtertest;
 pub mod forward;
 pub mod lifecycle;
 pub mod listener;

@@ -189,6 +189,72 @@ pub fn builtin_filter(name: &str) -> PathBuf {
     p
 }
 
+/// The AssemblyScript example filter (examples/filters/assemblyscript),
+/// built from its npm packages by `scripts/build-assemblyscript.sh` (which
+/// `scripts/build-wasm.sh` runs); built here when missing or older than its
+/// sources. `None` only when the build was opted out of
+/// (`WASP_BUILD_ASSEMBLYSCRIPT=0`): the caller returns early and the skip is
+/// written to the terminal, not to the captured output. A failed build
+/// (no node, node older than 20, no npm) fails the test.
+pub fn assemblyscript_filter(test: &str) -> Option<PathBuf> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if std::env::var("WASP_BUILD_ASSEMBLYSCRIPT").as_deref() == Ok("0") {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: WASP_BUILD_ASSEMBLYSCRIPT=0 (the AssemblyScript filter is not built)"
+        );
+        return None;
+    }
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let p = root.join("target/wasm-fixtures/assemblyscript/as_filter.wasm");
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let src = root.join("examples/filters/assemblyscript");
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+    let stale = match built {
+        None => true,
+        Some(at) => {
+            newest(&src.join("assembly")).is_some_and(|t| t > at)
+                || ["asconfig.json", "package.json", "package-lock.json"]
+                    .iter()
+                    .filter_map(|f| {
+                        std::fs::metadata(src.join(f))
+                            .and_then(|m| m.modified())
+                            .ok()
+                    })
+                    .any(|t| t > at)
+        }
+    };
+    if stale {
+        let out = Command::new(root.join("scripts/build-assemblyscript.sh"))
+            .output()
+            .expect("run scripts/build-assemblyscript.sh");
+        assert!(
+            out.status.success(),
+            "building the AssemblyScript filter failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(p.exists(), "{} is missing after the build", p.display());
+    Some(p)
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut latest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        latest = latest.max(t);
+    }
+    latest
+}
+
 /// A temp dir with `filters.d/` holding the named built-in filters.
 pub fn with_builtin_filters(names: &[&str]) -> TempDir {
     let dir = TempDir::new("builtin");

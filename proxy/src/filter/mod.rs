@@ -172,6 +172,23 @@ impl FilterSpec {
     }
 }
 
+/// Makes `proxy_get_log_level` answer `level` (trace..error) rather than
+/// the process subscriber's most verbose level: `wasp filter test` collects
+/// the guest's lines at its own level. `None` goes back to the subscriber's.
+pub fn set_reported_log_level(level: Option<tracing::level_filters::LevelFilter>) {
+    use tracing::level_filters::LevelFilter;
+    let n = match level {
+        None => u8::MAX,
+        Some(LevelFilter::TRACE) => 0,
+        Some(LevelFilter::DEBUG) => 1,
+        Some(LevelFilter::INFO) => 2,
+        Some(LevelFilter::WARN) => 3,
+        Some(LevelFilter::ERROR) => 4,
+        Some(_) => 5,
+    };
+    abi::context::REPORTED_LOG_LEVEL.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A boxed answer to an `http_call`.
 pub type CalloutFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, String>> + Send>>;

@@ -52,6 +52,19 @@ impl FilterSet {
         self.plugins.iter().map(|p| &**p.name())
     }
 
+    /// Builds this worker's instances of the set now rather than on its
+    /// first stream (`wasp filter test`, so callouts made while an
+    /// instance starts can be answered before a request arrives). Call on
+    /// the worker's runtime.
+    pub fn prepare_worker(self: &Arc<Self>) -> bool {
+        super::worker::prepare(self)
+    }
+
+    /// Whether an instance of the set is still being built for this worker.
+    pub fn building_on_worker(&self) -> bool {
+        super::worker::building(self.id)
+    }
+
     /// Starts a stream through `pipeline` (names in request order; unknown
     /// names are skipped with a warning, the core validates them first).
     /// An empty pipeline gives a no-op stream that allocates nothing.

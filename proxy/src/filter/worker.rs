@@ -874,6 +874,29 @@ fn ensure_set(set: &Arc<FilterSet>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Creates this worker's pools of `set` now (their root and warm stream
+/// instances start building), as the first stream on the worker would.
+pub(crate) fn prepare(set: &Arc<FilterSet>) -> bool {
+    ensure_set(set).is_ok()
+}
+
+/// Whether this worker still waits for an instance of `set` to be built.
+pub(crate) fn building(set_id: u64) -> bool {
+    WORKER
+        .try_with(|w| {
+            w.try_borrow().is_ok_and(|w| {
+                w.sets.get(&set_id).is_some_and(|ws| {
+                    ws.pools.iter().any(|p| {
+                        p.building > 0
+                            || p.root_building
+                            || p.inbox.pending.load(Ordering::Acquire) > 0
+                    })
+                })
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// Leases a stream instance of filter `idx`: an idle one, a new one (waiting
 /// for the builder, within [`LEASE_WAIT`]) or, above the cap, the least
 /// loaded one. Fails only when the filter cannot produce a healthy instance.

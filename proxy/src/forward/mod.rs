@@ -37,7 +37,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 pub(crate) use deadline::later;
+// `wasp filter test` applies the same header hygiene around a filter.
 pub use error::{local_response, ProxyError};
+pub(crate) use headers::{add_forwarding, append_via, strip_hop_by_hop};
+pub(crate) use phases::VIA_H1;
 
 use crate::errors::ErrorCode;
 use crate::filter::StreamInfo;
@@ -257,7 +260,7 @@ fn start_chain<B>(
     ))
 }
 
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// 128 random bits as 32 lowercase hex digits, formatted on the stack.
 fn request_id_hex() -> [u8; 32] {
@@ -272,7 +275,7 @@ fn request_id_hex() -> [u8; 32] {
 }
 
 /// The request's `x-request-id`, added when the client sent none.
-fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+pub(crate) fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID) {
         return v.clone();
     }

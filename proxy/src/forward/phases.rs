@@ -41,7 +41,7 @@ use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, Upstream};
 
-const VIA_H1: &str = "1.1 wasp";
+pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
 
 /// A routed request: where it goes.

@@ -70,9 +70,16 @@ pub(crate) fn log(c: &mut Caller<'_, Host>, level: i32, ptr: i32, len: i32) -> H
     Ok(Status::Ok)
 }
 
+/// What `proxy_get_log_level` answers instead of the subscriber's level
+/// (0 trace .. 4 error); `u8::MAX`: no override (the proxy never sets one).
+pub(crate) static REPORTED_LOG_LEVEL: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(u8::MAX);
+
 pub(crate) fn get_log_level(c: &mut Caller<'_, Host>, out: i32) -> HostResult {
     use tracing::level_filters::LevelFilter;
+    let reported = REPORTED_LOG_LEVEL.load(std::sync::atomic::Ordering::Relaxed);
     let level = match LevelFilter::current() {
+        _ if reported != u8::MAX => u32::from(reported),
         LevelFilter::TRACE => 0,
         LevelFilter::DEBUG => 1,
         LevelFilter::INFO => 2,
