@@ -690,11 +690,33 @@ async fn a_reload_whose_new_port_is_taken_changes_nothing() {
     assert!(status.contains("cannot bind"), "{status}");
     let (_, cfg) = wasp.admin_get("/config");
     assert!(!cfg.contains("\"blocked\""), "{cfg}");
+    // No series of the rejected config: a series once shown is never removed.
+    let rejected = |m: &str| -> Vec<String> {
+        m.lines()
+            .filter(|l| {
+                l.contains("listener=\"blocked\"")
+                    || (l.contains("listener=\"main\"") && l.contains("cluster=\"other\""))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let metrics = wasp.metrics();
+    assert!(
+        metrics.contains("wasp_downstream_connections_open{listener=\"main\"}"),
+        "{metrics}"
+    );
+    assert_eq!(rejected(&metrics), Vec::<String>::new());
 
     // Once the port is free, the same file applies.
     drop(taken);
     let answer = post_reload(wasp.admin);
     assert!(answer.contains("reloaded: generation"), "{answer}");
+    let metrics = wasp.metrics();
+    assert!(
+        metrics.contains("wasp_downstream_connections_open{listener=\"blocked\"}"),
+        "{metrics}"
+    );
+    assert!(!rejected(&metrics).is_empty(), "{metrics}");
     let r = get(&h1_client(), taken_addr, "app", "/").await;
     assert_eq!(r.header("x-upstream"), Some("app"));
     let r = get(&h1_client(), main, "app", "/").await;

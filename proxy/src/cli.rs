@@ -138,24 +138,23 @@ pub fn main() -> ExitCode {
 
 /// Loads the config and compiles it (names resolved, certificates and
 /// discovery files read): a problem in either is a config error.
-fn load(path: &std::path::Path, metrics: &Arc<Metrics>) -> Result<Compiled, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Compiled, ExitCode> {
     let report = |e: config::ConfigError| {
         eprint!("error: {e}");
         ExitCode::from(2)
     };
     let config = config::load(path).map_err(report)?;
-    crate::snapshot::compile(Arc::new(config), None, metrics).map_err(report)
+    crate::snapshot::compile(Arc::new(config), None).map_err(report)
 }
 
 fn run(path: &std::path::Path, app: Option<crate::server::AppSpec>) -> ExitCode {
-    let metrics = Metrics::new();
-    let compiled = match load(path, &metrics) {
+    let compiled = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let file = &compiled.config.file;
     let log = crate::telemetry::logging::init(file.log.level, file.log.format);
-    match crate::server::run(compiled, metrics, log, app) {
+    match crate::server::run(compiled, Metrics::new(), log, app) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!("{e:#}");
@@ -166,7 +165,7 @@ fn run(path: &std::path::Path, app: Option<crate::server::AppSpec>) -> ExitCode 
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let compiled = match load(path, &Metrics::new()) {
+    let compiled = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -221,7 +220,7 @@ pub fn summary(compiled: &Compiled) -> String {
             l.bind,
             pipeline.join(", ")
         );
-        for r in l.routes.routes() {
+        for r in &l.routes {
             let clusters: Vec<&str> = r
                 .clusters()
                 .iter()

@@ -456,10 +456,10 @@ impl<'a> Validator<'a> {
         });
     }
 
-    /// For a route problem without a span of its own: the route's
-    /// `[[listeners.routes]]` header, the `index`-th after the listener's
+    /// Where a route is, for its problems without a span of their own
+    /// (found validating or compiling): its `[[listeners.routes]]` header, the `index`-th after the listener's
     /// `bind` (at `listener_at` in the interpolated text), else the listener.
-    fn at_route(&mut self, listener_at: usize, index: usize, message: String) {
+    fn route_site(&self, listener_at: usize, index: usize) -> Site {
         let from = self.map.source(listener_at);
         let offset = self.text.get(from..).and_then(|rest| {
             let end = rest.find("[[listeners]]").unwrap_or(rest.len());
@@ -468,11 +468,7 @@ impl<'a> Validator<'a> {
             Some(from + found.0)
         });
         let (line, column) = line_col(self.text, offset.unwrap_or(from));
-        self.problems.push(Problem {
-            line,
-            column,
-            message,
-        });
+        Site { line, column }
     }
 
     fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
@@ -778,14 +774,15 @@ impl<'a> Validator<'a> {
                         );
                     }
                 }
+                let site = self.route_site(decl.bind.span().start, i);
                 match route::validate(i, r, clusters) {
-                    Ok(route) => routes.push(route),
+                    Ok(route) => routes.push(RouteConfig { site, ..route }),
                     Err(e) => {
                         let message =
                             format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message);
                         match e.span {
                             Some(span) => self.at(Some(span), message),
-                            None => self.at_route(decl.bind.span().start, i, message),
+                            None => self.problems.push(site.problem(message)),
                         }
                     }
                 }

@@ -12,6 +12,7 @@ use http::{HeaderName, HeaderValue, Method};
 use super::cluster::RetryPolicy;
 use super::schema::{RetryDecl, RetryOn, RouteDecl};
 use super::tls::Allow;
+use super::Site;
 
 /// Compiled size (and lazy DFA cache) one route regex may take: ample for
 /// any path pattern, small enough that a pathological one is an error.
@@ -34,6 +35,9 @@ pub struct RouteConfig {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Who may use this route (`allow`).
     pub allow: Option<Allow>,
+    /// Where the route is in the file (its `[[listeners.routes]]`), for a
+    /// problem found compiling it.
+    pub site: Site,
 }
 
 impl RouteConfig {
@@ -225,6 +229,7 @@ pub fn validate(
             None => None,
         },
         allow: decl.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())),
+        site: Site::default(),
     })
 }
 

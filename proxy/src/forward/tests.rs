@@ -45,9 +45,9 @@ fn world(toml: &str) -> World {
     } else {
         filter_runtime().load(specs).unwrap()
     };
-    let compiled = compile(Arc::new(config), None, &metrics)
-        .unwrap_or_else(|p| panic!("test config compiles: {p:?}"));
-    let snapshot = Snapshot::new(1, compiled, filters);
+    let compiled =
+        compile(Arc::new(config), None).unwrap_or_else(|p| panic!("test config compiles: {p:?}"));
+    let snapshot = Snapshot::new(1, compiled, filters, &metrics);
     let upstreams = Upstreams::build(&snapshot.clusters, &metrics, None);
     let (tx, rx) = tokio::sync::watch::channel(false);
     World {

@@ -296,7 +296,7 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 
 /// Builds and publishes the next generation from the files on disk.
 async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, String> {
-    not_draining(shared)?;
+    not_draining(&shared.lifecycle)?;
     let current = shared.snapshots.load_full();
     let path = current.config.path.clone();
     let config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
@@ -305,12 +305,11 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     // (which also serves admin). Unchanged clusters keep their endpoints,
     // health and ejections.
     let compiled = {
-        let (previous, metrics) = (current.clone(), shared.metrics.clone());
-        tokio::task::spawn_blocking(move || {
-            snapshot::compile(Arc::new(config), Some(&previous), &metrics)
+        let previous = current.clone();
+        off_thread(&shared.lifecycle, move || {
+            snapshot::compile(Arc::new(config), Some(&previous))
         })
-        .await
-        .map_err(|e| format!("compiling the configuration failed: {e}"))?
+        .await?
         .map_err(|e| e.to_string().trim_end().to_string())?
     };
     let config = compiled.config.clone();
@@ -323,14 +322,16 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
         .filters
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
-    let generation = current.generation + 1;
-    let next = Snapshot::new(generation, compiled, filters);
     if !plan.is_empty() {
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
         // longer take new listeners then, so none are handed over.
-        not_draining(shared)?;
+        not_draining(&shared.lifecycle)?;
     }
+    // Nothing rejects the reload from here on: only now are the new
+    // listeners' and routes' metric series registered (never removed).
+    let generation = current.generation + 1;
+    let next = Snapshot::new(generation, compiled, filters, &shared.metrics);
     next.start_tls(&shared.metrics);
     shared.snapshots.store(Arc::new(next));
     listeners.start(plan);
@@ -339,8 +340,22 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     Ok(generation)
 }
 
-fn not_draining(shared: &Context) -> Result<(), String> {
-    if shared.lifecycle.is_draining() {
+/// Runs `work` (blocking) off the control runtime. Shutdown may begin
+/// meanwhile, and a reload must not be applied once it has: checked again
+/// after the wait.
+async fn off_thread<T: Send + 'static>(
+    lifecycle: &Lifecycle,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let out = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("compiling the configuration failed: {e}"))?;
+    not_draining(lifecycle)?;
+    Ok(out)
+}
+
+fn not_draining(lifecycle: &Lifecycle) -> Result<(), String> {
+    if lifecycle.is_draining() {
         return Err("shutting down: reloads are no longer applied".to_string());
     }
     Ok(())
@@ -408,6 +423,17 @@ mod tests {
         ));
         let e = check_restart_only(&old, &tracing).expect_err("tracing needs a restart");
         assert!(e.contains("[tracing] needs a restart"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_begun_while_compiling_stops_the_reload() {
+        let lifecycle = Arc::new(Lifecycle::default());
+        let during = lifecycle.clone();
+        let out = off_thread(&lifecycle, move || during.begin_shutdown("test")).await;
+        let e = out.expect_err("shutdown began during the work");
+        assert!(e.contains("shutting down"), "{e}");
+        let fine = off_thread(&Arc::new(Lifecycle::default()), || 7).await;
+        assert_eq!(fine, Ok(7));
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::upstream::{ClusterLookup, WorkerPools};
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
 ///
-/// `compiled` is the first generation's config, compiled with `metrics`.
+/// `compiled` is the first generation's config; its series go to `metrics`.
 pub fn run(
     compiled: Compiled,
     metrics: Arc<Metrics>,
@@ -65,7 +65,7 @@ pub fn run(
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
     let filter_set = filters.load(filter_specs(&config)?)?;
-    let snapshot = Snapshot::new(1, compiled, filter_set);
+    let snapshot = Snapshot::new(1, compiled, filter_set, &metrics);
     // Certificate watchers and expiry gauges from the start, not from the
     // first connection.
     snapshot.start_tls(&metrics);

@@ -12,6 +12,11 @@
 //! Problems found here are config problems with the file position the
 //! config kept for them.
 //!
+//! Compiling registers no metric series: a compiled config may still be
+//! rejected (a taken port, a filter that fails to load), and a series once
+//! registered is never removed. [`Snapshot::new`] attaches them, once the
+//! reload is accepted.
+//!
 //! Built on the control thread, published with `arc-swap`, loaded once per
 //! request.
 
@@ -28,7 +33,7 @@ use crate::config::{
     ClusterConfig, Config, ConfigError, Discovery, Endpoint, ListenerConfig, Problem,
 };
 use crate::filter::{FailPolicy, FilterSet, FilterSpec};
-use crate::route::{self, RouteTable};
+use crate::route::{self, Route, RouteTable};
 use crate::telemetry::{ListenerStats, Metrics, RequestStats};
 use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::{discovery, Cluster, ClusterState, RetryBudget};
@@ -76,32 +81,47 @@ impl Deref for ListenerSnapshot {
     }
 }
 
-/// A config compiled, waiting for its filters to make a [`Snapshot`].
+/// A config compiled, waiting for its filters (and its metric series) to
+/// make a [`Snapshot`].
 #[derive(Debug)]
 pub struct Compiled {
     pub config: Arc<Config>,
-    pub listeners: Vec<ListenerSnapshot>,
+    pub listeners: Vec<CompiledListener>,
     pub clusters: Vec<Cluster>,
+}
+
+/// A listener compiled, without its metric series yet (its routes' `stats`
+/// are empty until [`Snapshot::new`]).
+#[derive(Debug)]
+pub struct CompiledListener {
+    pub config: ListenerConfig,
+    pub routes: Vec<Route>,
+    pub tls: Option<Arc<ServerTls>>,
+    pub open_connections: Arc<AtomicUsize>,
+}
+
+impl Deref for CompiledListener {
+    type Target = ListenerConfig;
+
+    fn deref(&self) -> &ListenerConfig {
+        &self.config
+    }
 }
 
 /// Compiles `config` against the generation before it (blocking: resolves
 /// names, reads certificate and discovery files). Every problem found is
 /// reported, each with its position in the file.
-pub fn compile(
-    config: Arc<Config>,
-    previous: Option<&Snapshot>,
-    metrics: &Arc<Metrics>,
-) -> Result<Compiled, ConfigError> {
+pub fn compile(config: Arc<Config>, previous: Option<&Snapshot>) -> Result<Compiled, ConfigError> {
     let mut problems = Vec::new();
     let clusters: Vec<Cluster> = config
         .clusters
         .iter()
         .filter_map(|c| cluster(c, previous, &mut problems))
         .collect();
-    let listeners: Vec<ListenerSnapshot> = config
+    let listeners: Vec<CompiledListener> = config
         .listeners
         .iter()
-        .filter_map(|l| listener(&config, l, previous, metrics, &mut problems))
+        .filter_map(|l| listener(l, previous, &mut problems))
         .collect();
     if !problems.is_empty() {
         return Err(config.error(problems));
@@ -142,8 +162,13 @@ fn cluster(
             ),
         }
     }
-    let tls = match &c.tls {
-        Some(settings) => match ClientTls::load(settings.clone()) {
+    // An unchanged cluster keeps its endpoints, health, ejections and TLS
+    // material: that TLS's watcher already follows its files, and a new
+    // one per reload would start another watcher.
+    let kept = previous.and_then(|p| p.clusters.iter().find(|prev| prev.config == *c));
+    let tls = match (&c.tls, kept) {
+        (Some(_), Some(prev)) if prev.tls.is_some() => prev.tls.clone(),
+        (Some(settings), _) => match ClientTls::load(settings.clone()) {
             Ok(tls) => Some(Arc::new(tls)),
             Err(e) => {
                 problems.push(
@@ -154,16 +179,12 @@ fn cluster(
                 None
             }
         },
-        None => None,
+        (None, _) => None,
     };
     if problems.len() > before {
         return None;
     }
-    // Unchanged clusters keep their endpoints, health and ejections.
-    let kept = previous
-        .and_then(|p| p.clusters.iter().find(|prev| prev.config == *c))
-        .map(|prev| prev.state.clone());
-    let state = kept.unwrap_or_else(|| {
+    let state = kept.map(|prev| prev.state.clone()).unwrap_or_else(|| {
         Arc::new(ClusterState::new(
             c.name.clone(),
             c.settings.clone(),
@@ -180,14 +201,18 @@ fn cluster(
 }
 
 fn listener(
-    config: &Config,
     l: &ListenerConfig,
     previous: Option<&Snapshot>,
-    metrics: &Arc<Metrics>,
     problems: &mut Vec<Problem>,
-) -> Option<ListenerSnapshot> {
-    let tls = match &l.tls {
-        Some(settings) => match ServerTls::load(settings.clone()) {
+) -> Option<CompiledListener> {
+    let before = previous.and_then(|p| p.listener(&l.name));
+    let tls = match (&l.tls, before) {
+        // Same TLS settings: the loaded material and its file watcher
+        // carry over (the watcher already follows the files).
+        (Some(settings), Some(prev)) if prev.config.tls.as_ref() == Some(settings) => {
+            prev.tls.clone()
+        }
+        (Some(settings), _) => match ServerTls::load(settings.clone()) {
             Ok(tls) => Some(Arc::new(tls)),
             Err(e) => {
                 problems.push(
@@ -197,42 +222,24 @@ fn listener(
                 return None;
             }
         },
-        None => None,
+        (None, _) => None,
     };
     let mut routes = Vec::with_capacity(l.routes.len());
     for r in &l.routes {
-        // With filters, any cluster may be picked (wasp.cluster).
-        let clusters = if l.pipeline.is_empty() {
-            r.clusters()
-        } else {
-            (0..config.clusters.len()).collect()
-        };
-        let stats = clusters
-            .into_iter()
-            .map(|c| {
-                let cluster = config.clusters.get(c).map_or("", |c| &*c.name);
-                (c, metrics.request_stats(&l.name, &r.name, cluster))
-            })
-            .collect();
-        match route::compile(r, stats) {
+        match route::compile(r, Vec::new()) {
             Ok(route) => routes.push(route),
-            Err(e) => problems.push(Problem {
-                line: 0,
-                column: 0,
-                message: format!("listener \"{}\", route {}: {e}", l.name, r.name),
-            }),
+            Err(e) => problems.push(
+                r.site
+                    .problem(format!("listener \"{}\", route {}: {e}", l.name, r.name)),
+            ),
         }
     }
     // Connections opened under the previous generation still count.
-    let open_connections = previous
-        .and_then(|p| p.listener(&l.name))
-        .map_or_else(Arc::default, |p| p.open_connections.clone());
-    Some(ListenerSnapshot {
+    let open_connections = before.map_or_else(Arc::default, |p| p.open_connections.clone());
+    Some(CompiledListener {
         config: l.clone(),
-        routes: RouteTable::new(routes),
+        routes,
         tls,
-        stats: metrics.listener_stats(&l.name),
-        unrouted: metrics.request_stats(&l.name, "", ""),
         open_connections,
     })
 }
@@ -252,8 +259,22 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 }
 
 impl Snapshot {
-    /// Generation `generation` from a compiled config and its filters.
-    pub fn new(generation: u64, compiled: Compiled, filters: Arc<FilterSet>) -> Self {
+    /// Generation `generation` from a compiled config and its filters, with
+    /// the metric series of its listeners and routes (registered here, once
+    /// nothing can reject the generation any more: a series is never
+    /// removed).
+    pub fn new(
+        generation: u64,
+        compiled: Compiled,
+        filters: Arc<FilterSet>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let config = &compiled.config;
+        let listeners = compiled
+            .listeners
+            .into_iter()
+            .map(|l| series(config, l, metrics))
+            .collect();
         let cluster_ids = compiled
             .config
             .clusters
@@ -264,7 +285,7 @@ impl Snapshot {
         Self {
             generation,
             config: compiled.config,
-            listeners: compiled.listeners,
+            listeners,
             clusters: compiled.clusters,
             filters,
             cluster_ids,
@@ -293,6 +314,35 @@ impl Snapshot {
         for tls in self.clusters.iter().filter_map(|c| c.tls.as_ref()) {
             tls.start(metrics);
         }
+    }
+}
+
+/// A compiled listener with its series: the listener's, the unrouted
+/// requests', and each route's per cluster it may pick.
+fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> ListenerSnapshot {
+    let mut routes = l.routes;
+    for r in &mut routes {
+        // With filters, any cluster may be picked (wasp.cluster).
+        let clusters = if l.config.pipeline.is_empty() {
+            r.clusters()
+        } else {
+            (0..config.clusters.len()).collect()
+        };
+        r.stats = clusters
+            .into_iter()
+            .map(|c| {
+                let cluster = config.clusters.get(c).map_or("", |c| &*c.name);
+                (c, metrics.request_stats(&l.config.name, &r.name, cluster))
+            })
+            .collect();
+    }
+    ListenerSnapshot {
+        stats: metrics.listener_stats(&l.config.name),
+        unrouted: metrics.request_stats(&l.config.name, "", ""),
+        routes: RouteTable::new(routes),
+        tls: l.tls,
+        open_connections: l.open_connections,
+        config: l.config,
     }
 }
 

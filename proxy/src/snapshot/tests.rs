@@ -23,18 +23,29 @@ balance = "maglev"
 hash_key = { cookie = "session" }
 "#;
 
-fn config(text: &str) -> Arc<Config> {
+fn parsed(text: &str) -> Config {
     let c = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), text, |_| None);
-    Arc::new(c.expect("valid config"))
+    c.expect("valid config")
+}
+
+fn config(text: &str) -> Arc<Config> {
+    Arc::new(parsed(text))
 }
 
 fn snapshot(text: &str, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Snapshot {
-    let compiled = compile(config(text), previous, metrics).expect("compiles");
+    let compiled = compile(config(text), previous).expect("compiles");
     Snapshot::new(
         previous.map_or(1, |p| p.generation + 1),
         compiled,
         Arc::new(FilterSet::new(0, Vec::new())),
+        metrics,
     )
+}
+
+fn rendered(metrics: &Metrics) -> String {
+    let mut out = String::new();
+    metrics.render(&mut out);
+    out
 }
 
 #[test]
@@ -85,9 +96,97 @@ fn a_listener_keeps_its_connection_count_and_routes_carry_allow_and_stats() {
 #[test]
 fn problems_found_compiling_point_into_the_file() {
     let text = "[clusters.a]\nendpoints = [\"no-such-host.invalid:80\"]\n\n[clusters.f]\ndiscovery = { file = \"missing-endpoints.toml\" }\n";
-    let err = compile(config(text), None, &Metrics::new()).expect_err("cannot compile");
+    let err = compile(config(text), None).expect_err("cannot compile");
     let at: Vec<(usize, usize)> = err.problems.iter().map(|p| (p.line, p.column)).collect();
     assert_eq!(at, vec![(2, 13), (5, 13)], "{err}");
     assert!(err.problems[0].message.contains("cannot resolve"), "{err}");
     assert!(err.problems[1].message.contains("discovery"), "{err}");
+}
+
+/// A compiled config may still be rejected (a taken port, a filter that
+/// fails to load), and a series is never removed: compiling registers none.
+#[test]
+fn series_are_registered_by_the_snapshot_not_by_compiling() {
+    let metrics = Metrics::new();
+    let compiled = compile(config(TEXT), None).expect("compiles");
+    let before = rendered(&metrics);
+    assert!(!before.contains("listener=\"outbound\""), "{before}");
+    let snap = Snapshot::new(
+        1,
+        compiled,
+        Arc::new(FilterSet::new(0, Vec::new())),
+        &metrics,
+    );
+    let after = rendered(&metrics);
+    assert!(
+        after.contains("wasp_downstream_connections_open{listener=\"outbound\"}"),
+        "{after}"
+    );
+    let route = &snap.listener("outbound").expect("listener").routes.routes()[0];
+    assert_eq!(route.stats.len(), 1);
+}
+
+/// Reloading an unchanged TLS listener or cluster keeps its loaded TLS (and
+/// so its one file watcher); a changed one loads anew.
+#[test]
+fn unchanged_tls_is_kept_across_generations() {
+    let dir = std::env::temp_dir().join(format!("wasp-snapshot-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let ca = crate::certs::Ca::new("t", 10).expect("ca");
+    let now = time::OffsetDateTime::now_utc();
+    let (cert, key) = ca
+        .issue(&crate::certs::Leaf {
+            common_name: "t".into(),
+            uris: vec![],
+            dns: vec!["localhost".into()],
+            ips: vec![],
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(2),
+        })
+        .expect("leaf");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert).expect("cert");
+    std::fs::write(&key_path, key).expect("key");
+    let text = format!(
+        "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n  [[listeners.routes]]\n  cluster = \"a\"\n\n[clusters.a]\nendpoints = [\"127.0.0.1:1\"]\ntls = {{ sni = \"a.example\" }}\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let metrics = Metrics::new();
+    let tls = |s: &Snapshot| {
+        let l = s
+            .listener("in")
+            .and_then(|l| l.tls.clone())
+            .expect("listener tls");
+        let c = s.clusters[0].tls.clone().expect("cluster tls");
+        (l, c)
+    };
+    let first = snapshot(&text, None, &metrics);
+    let second = snapshot(&text, Some(&first), &metrics);
+    let (l1, c1) = tls(&first);
+    let (l2, c2) = tls(&second);
+    assert!(Arc::ptr_eq(&l1, &l2), "unchanged listener TLS: kept");
+    assert!(Arc::ptr_eq(&c1, &c2), "unchanged cluster TLS: kept");
+
+    let changed = text
+        .replace("a.example", "b.example")
+        .replace(" }\n  [[", ", min_version = \"1.3\" }\n  [[");
+    let third = snapshot(&changed, Some(&second), &metrics);
+    let (l3, c3) = tls(&third);
+    assert!(!Arc::ptr_eq(&l2, &l3), "changed listener TLS: loaded anew");
+    assert!(!Arc::ptr_eq(&c2, &c3), "changed cluster TLS: loaded anew");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A route that fails to compile is reported at its `[[listeners.routes]]`.
+#[test]
+fn a_route_that_fails_to_compile_points_at_the_route() {
+    let mut config = parsed(TEXT);
+    // Validation compiles the same regex, so a pattern it accepted cannot
+    // fail here in practice: put one in by hand.
+    config.listeners[0].routes[0].path = crate::config::route::PathMatch::Regex("(".into());
+    let err = compile(Arc::new(config), None).expect_err("cannot compile");
+    let at: Vec<(usize, usize)> = err.problems.iter().map(|p| (p.line, p.column)).collect();
+    assert_eq!(at, vec![(5, 3)], "{err}");
+    assert!(err.problems[0].message.contains("invalid regex"), "{err}");
 }
