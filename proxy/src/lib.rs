@@ -16,6 +16,7 @@ pub mod config;
 pub mod errors;
 pub mod filter;
 pub mod forward;
+pub mod l4;
 pub mod listener;
 pub mod reload;
 pub mod route;

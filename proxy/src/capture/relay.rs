@@ -76,6 +76,23 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_metered(client, upstream, idle, stop, |_| {}, |_| {}).await
+}
+
+/// [`relay`], telling `up` and `down` each chunk's size as it is written
+/// (metrics that move while a long connection lasts).
+pub async fn relay_metered<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+    on_up: impl Fn(u64),
+    on_down: impl Fn(u64),
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let base = Instant::now();
@@ -85,11 +102,18 @@ where
     let to_client = AtomicU64::new(0);
     let progress = |moved: &AtomicU64, n: usize| {
         moved.fetch_add(n as u64, Ordering::Relaxed);
+
         let ms = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
         last.store(ms, Ordering::Relaxed);
     };
-    let up = copy_one_way(&mut cr, &mut uw, |n| progress(&to_upstream, n));
-    let down = copy_one_way(&mut ur, &mut cw, |n| progress(&to_client, n));
+    let up = copy_one_way(&mut cr, &mut uw, |n| {
+        progress(&to_upstream, n);
+        on_up(n as u64);
+    });
+    let down = copy_one_way(&mut ur, &mut cw, |n| {
+        progress(&to_client, n);
+        on_down(n as u64);
+    });
     let idle_watch = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));

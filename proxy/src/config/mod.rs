@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use schema::{Balance, FailMode, LogFormat, LogLevel, TraceProtocol, UpstreamProtocol};
+pub use schema::{
+    Balance, CaptureMode, FailMode, ListenerProtocol, LogFormat, LogLevel, TraceProtocol,
+    UpstreamProtocol,
+};
 
 use crate::route::{self, RouteTable};
 use crate::tls::{
@@ -92,6 +95,29 @@ pub struct ListenerConfig {
     pub route_allow: Vec<Option<Allow>>,
     /// Peers whose forwarded headers are kept (`trust_forwarded`).
     pub trust_forwarded: trust::TrustedPeers,
+    /// TCP-level settings: L4 listeners and capture (plain data; `l4/`
+    /// and `capture/` act on it).
+    pub l4: L4Config,
+}
+
+/// How a listener treats connections below HTTP.
+#[derive(Clone, Debug, Default)]
+pub struct L4Config {
+    pub protocol: ListenerProtocol,
+    pub capture: Option<CaptureMode>,
+    pub detect_protocol: bool,
+    pub opaque_ports: Vec<u16>,
+    /// `None`: off ("0s").
+    pub idle_timeout: Option<Duration>,
+    pub detect_timeout: Duration,
+    /// Per route of a `tcp` listener, same order as `routes`.
+    pub matches: Vec<crate::l4::TcpMatch>,
+}
+
+impl L4Config {
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == ListenerProtocol::Tcp
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -590,6 +616,17 @@ impl<'a> Validator<'a> {
         clusters: &HashMap<&str, usize>,
     ) -> Vec<ListenerConfig> {
         let mut out: Vec<ListenerConfig> = Vec::new();
+        // Routes may name the built-in passthrough cluster.
+        let mut with_builtin = clusters.clone();
+        if file.clusters.contains_key(route::PASSTHROUGH_NAME) {
+            self.at_key(
+                &format!("clusters.{}", route::PASSTHROUGH_NAME),
+                None,
+                "cluster \"passthrough\" is built in (each connection's original destination); name yours differently",
+            );
+        }
+        with_builtin.insert(route::PASSTHROUGH_NAME, route::PASSTHROUGH);
+        let clusters = &with_builtin;
         for decl in &file.listeners {
             if out.iter().any(|l| *l.name == *decl.name) {
                 self.at(
@@ -652,7 +689,9 @@ impl<'a> Validator<'a> {
             };
             let mutual = tls.as_ref().is_some_and(|t| t.requires_client_cert());
             let mut routes = Vec::new();
+            let mut tcp_matches = Vec::new();
             let mut route_allow = Vec::new();
+            self.l4_listener(decl);
             for (i, r) in decl.routes.iter().enumerate() {
                 if let Some(a) = &r.allow {
                     if !mutual {
@@ -666,9 +705,11 @@ impl<'a> Validator<'a> {
                         );
                     }
                 }
+                let tcp_match = self.tcp_match(decl, i, r);
                 match route::compile(i, r, clusters) {
                     Ok(route) => {
                         routes.push(route);
+                        tcp_matches.push(tcp_match);
                         route_allow.push(r.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())));
                     }
                     Err(e) => {
@@ -720,6 +761,15 @@ impl<'a> Validator<'a> {
                 allow,
                 route_allow,
                 trust_forwarded: self.trust_forwarded(decl),
+                l4: L4Config {
+                    protocol: decl.protocol,
+                    capture: decl.capture.as_ref().map(|c| *c.get_ref()),
+                    detect_protocol: decl.detect_protocol,
+                    opaque_ports: decl.opaque_ports.clone(),
+                    idle_timeout: nonzero(l.tcp_idle_timeout.0),
+                    detect_timeout: l.detect_timeout.0,
+                    matches: tcp_matches,
+                },
             });
         }
         out
@@ -727,6 +777,68 @@ impl<'a> Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// The listener-wide L4 and capture keys that cannot go together.
+    fn l4_listener(&mut self, decl: &schema::ListenerDecl) {
+        let name = &decl.name;
+        if let Some(c) = &decl.capture {
+            if decl.protocol == ListenerProtocol::Tcp {
+                self.at(Some(c.span()), format!("listener \"{name}\": `capture` is for HTTP listeners (they detect the protocol and proxy the rest as TCP); a protocol = \"tcp\" listener routes TCP only"));
+            }
+            if let Some(t) = &decl.tls {
+                self.at(Some(t.span()), format!("listener \"{name}\": a capture listener does not terminate TLS (TLS the app sends passes through by SNI); remove `tls`"));
+            }
+        } else if !decl.opaque_ports.is_empty() {
+            self.at(Some(decl.bind.span()), format!("listener \"{name}\": opaque_ports needs `capture` (only captured connections have an original destination port)"));
+        }
+        if decl.protocol == ListenerProtocol::Tcp {
+            if let Some(t) = &decl.tls {
+                self.at(Some(t.span()), format!("listener \"{name}\": protocol = \"tcp\" passes TLS through (route it by `sni`); it does not terminate it, remove `tls`"));
+            }
+        }
+    }
+
+    /// A route's TCP match (`sni`, `port`, `cidr`); HTTP keys on a TCP
+    /// listener and TCP keys on an HTTP one are errors.
+    fn tcp_match(
+        &mut self,
+        decl: &schema::ListenerDecl,
+        index: usize,
+        r: &schema::RouteDecl,
+    ) -> crate::l4::TcpMatch {
+        let m = &r.matcher;
+        let tcp_keys = m.sni.is_some() || m.port.is_some() || m.cidr.is_some();
+        let http_keys = m.host.is_some()
+            || m.prefix.is_some()
+            || m.path.is_some()
+            || m.regex.is_some()
+            || m.method.is_some()
+            || !m.headers.is_empty()
+            || r.rewrite_prefix.is_some()
+            || r.rewrite_host.is_some()
+            || r.retry.is_some()
+            || r.allow.is_some();
+        let at = decl.bind.span().start;
+        let name = &decl.name;
+        if decl.protocol == ListenerProtocol::Tcp && http_keys {
+            self.at_route(at, index, format!("listener \"{name}\", route {}: a protocol = \"tcp\" listener matches by `sni`, `port` or `cidr` only (host, path, method, headers, rewrites, retry and allow are HTTP)", index + 1));
+        }
+        if decl.protocol == ListenerProtocol::Http && tcp_keys {
+            self.at_route(at, index, format!("listener \"{name}\", route {}: `sni`, `port` and `cidr` match TCP connections; set protocol = \"tcp\" on the listener", index + 1));
+        }
+        match crate::l4::TcpMatch::compile(m) {
+            Ok(t) => t,
+            Err(e) => {
+                let span = m.cidr.as_ref().map(toml::Spanned::span);
+                let message = format!("listener \"{name}\", route {}: {e}", index + 1);
+                match span {
+                    Some(s) => self.at(Some(s), message),
+                    None => self.at_route(at, index, message),
+                }
+                crate::l4::TcpMatch::default()
+            }
+        }
+    }
+
     fn trust_forwarded(&mut self, decl: &schema::ListenerDecl) -> trust::TrustedPeers {
         let mut nets = Vec::with_capacity(decl.trust_forwarded.len());
         for entry in &decl.trust_forwarded {

@@ -62,6 +62,10 @@ pub struct ConnCtx {
     /// The listener's "drain deadline passed" signal, for tasks that outlive
     /// the hyper connection (upgrade tunnels).
     pub drain_deadline: tokio::sync::watch::Receiver<bool>,
+    /// Where the client meant to connect, on a capture listener (iptables
+    /// redirected it here): a request no route claims, and routes to the
+    /// built-in `passthrough` cluster, go there.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -299,11 +303,15 @@ async fn forward(
     }
 
     let host = authority(&parts).unwrap_or_default();
-    let Some((route_index, route)) =
-        listener
-            .routes
-            .find(&host, parts.uri.path(), &parts.method, &parts.headers)
-    else {
+    let found = listener
+        .routes
+        .find(&host, parts.uri.path(), &parts.method, &parts.headers)
+        // Captured: what no route claims goes where the app sent it.
+        .or_else(|| {
+            conn.original_dst
+                .map(|_| (usize::MAX, crate::route::passthrough_route()))
+        });
+    let Some((route_index, route)) = found else {
         out.result = Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
             host,
@@ -338,9 +346,10 @@ async fn forward(
         return out;
     };
     out.cluster = Some(upstream.name.clone());
-    out.stats = runtime.route_stats[route_index]
-        .iter()
-        .find(|(c, _)| *c == cluster_id)
+    out.stats = runtime
+        .route_stats
+        .get(route_index)
+        .and_then(|r| r.iter().find(|(c, _)| *c == cluster_id))
         .map(|(_, s)| s.clone());
     // Circuit breakers, then the balancer (hash key from the request).
     let Some(mut admission) = upstream.admit() else {
@@ -354,7 +363,12 @@ async fn forward(
     let hash_key = upstream
         .state
         .hash_key(&parts.headers, conn.peer.ip(), &mut key_buf);
-    let Some(picked) = upstream.pick_first(&PickContext { hash_key }).await else {
+    let picked = if cluster_id == crate::route::PASSTHROUGH {
+        conn.original_dst.map(|dst| upstream.direct(dst))
+    } else {
+        upstream.pick_first(&PickContext { hash_key }).await
+    };
+    let Some(picked) = picked else {
         out.result = Err(ProxyError::NoEndpoint(upstream.name.to_string()));
         return out;
     };

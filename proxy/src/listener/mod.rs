@@ -196,8 +196,9 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         if open >= cfg.limits.max_connections {
             runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
             runtime.stats.error(ErrorCode::Overflow);
-            // A TLS client cannot read a plaintext answer: just close.
-            if cfg.tls.is_none() {
+            // A TLS client cannot read a plaintext answer, nor can a TCP
+            // one: just close.
+            if cfg.tls.is_none() && !cfg.l4.is_tcp() && cfg.l4.capture.is_none() {
                 reject_overflow(stream, cfg.limits.max_connections);
             }
             continue;
@@ -211,6 +212,23 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         };
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
+        if cfg.l4.is_tcp() || cfg.l4.capture.is_some() {
+            // Detection (and TCP routing) run in the connection's own task.
+            let original = crate::capture::original_dst(&stream, &snapshot.config);
+            let below = BelowHttp {
+                shared: shared.clone(),
+                name: name.clone(),
+                stream,
+                addrs: (peer, local),
+                original,
+                done,
+                watcher: graceful.watcher(),
+                builder: builder.clone(),
+                close: close_rx.clone(),
+            };
+            tokio::spawn(below.serve());
+            continue;
+        }
         let Some(tls) = cfg.tls.clone() else {
             let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
@@ -368,6 +386,71 @@ impl Drop for Closed {
     }
 }
 
+/// A connection on a `tcp` or capture listener, on its way to L4 or (when
+/// detection finds HTTP) to the HTTP path, bytes untouched either way.
+struct BelowHttp {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    stream: tokio::net::TcpStream,
+    /// (peer, local)
+    addrs: (SocketAddr, SocketAddr),
+    original: Option<SocketAddr>,
+    done: Closed,
+    watcher: hyper_util::server::graceful::Watcher,
+    builder: auto::Builder<TokioExecutor>,
+    close: watch::Receiver<bool>,
+}
+
+impl BelowHttp {
+    async fn serve(self) {
+        let (peer, local) = self.addrs;
+        let snapshot = self.shared.snapshot.load_full();
+        let Some(cfg) = snapshot
+            .listener_index(&self.name)
+            .and_then(|i| snapshot.config.listeners.get(i))
+        else {
+            return;
+        };
+        let tcp = cfg.l4.is_tcp();
+        let class = if tcp {
+            crate::capture::Class::Tcp { sni: None }
+        } else {
+            crate::capture::classify(&self.stream, self.original, &cfg.l4).await
+        };
+        let limits = cfg.limits;
+        drop(snapshot);
+        match class {
+            crate::capture::Class::Http => {
+                let mut ctx = conn_ctx(&self.shared, &self.name, (peer, local), "http", None, &self.close);
+                if let Some(c) = Arc::get_mut(&mut ctx) {
+                    c.original_dst = self.original;
+                }
+                let io = Guarded::new(self.stream, ctx.activity.clone(), &limits).tied(self.done);
+                let service = service_fn(move |req| forward::handle(req, ctx.clone()));
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .into_owned();
+                until_closed(self.watcher.watch(conn), self.close, peer).await;
+            }
+            crate::capture::Class::Tcp { sni } => {
+                // The slot is held until the relay ends.
+                let _slot = self.done;
+                drop(self.watcher);
+                let accepted = crate::l4::Accepted {
+                    stream: self.stream,
+                    peer,
+                    dst: self.original.unwrap_or(local),
+                    original_dst: self.original,
+                    sni,
+                    sniffed: !tcp,
+                };
+                crate::l4::proxy(self.shared, self.name, accepted, self.close).await;
+            }
+        }
+    }
+}
+
 fn conn_ctx(
     shared: &Arc<Shared>,
     listener: &Arc<str>,
@@ -385,6 +468,7 @@ fn conn_ctx(
         activity: Arc::new(Activity::default()),
         principal,
         drain_deadline: close.clone(),
+        original_dst: None,
     })
 }
 

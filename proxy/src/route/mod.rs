@@ -68,6 +68,34 @@ enum Target {
     Weighted(Vec<(usize, u32)>),
 }
 
+/// The cluster id of the built-in `passthrough` cluster: a connection's
+/// original destination (capture listeners). Never an index into the
+/// config's clusters; `upstream::Upstreams::get` knows it.
+pub const PASSTHROUGH: usize = usize::MAX;
+
+/// The name routes use for [`PASSTHROUGH`].
+pub const PASSTHROUGH_NAME: &str = "passthrough";
+
+/// What a capture listener does with a request no route claims: send it
+/// where the app meant it to go, untouched.
+pub fn passthrough_route() -> &'static Route {
+    static ROUTE: std::sync::LazyLock<Route> = std::sync::LazyLock::new(|| Route {
+        name: Arc::from(PASSTHROUGH_NAME),
+        matcher: Matcher {
+            host: None,
+            path: PathMatch::Any,
+            method: None,
+            headers: Vec::new(),
+        },
+        target: Target::One(PASSTHROUGH),
+        timeout: None,
+        rewrite_prefix: None,
+        rewrite_host: None,
+        retry: None,
+    });
+    &ROUTE
+}
+
 #[derive(Debug)]
 pub struct RouteError {
     pub span: Option<Range<usize>>,

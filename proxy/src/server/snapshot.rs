@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::filter::FilterSet;
-use crate::telemetry::{ListenerStats, Metrics, RequestStats};
+use crate::telemetry::{ListenerStats, Metrics, RequestStats, TcpStats};
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -30,6 +30,18 @@ pub struct ListenerRuntime {
     pub unrouted: RequestStats,
     /// Open connections across all workers, for `max_connections`.
     pub open_connections: Arc<AtomicUsize>,
+    /// L4 series (tcp and capture listeners only): per route (config
+    /// order) and cluster, then the unrouted passthrough last.
+    pub tcp_stats: Vec<Vec<(usize, TcpStats)>>,
+    pub tcp_passthrough: Option<TcpStats>,
+}
+
+/// A cluster id's name for metric labels (the built-in passthrough too).
+fn cluster_name(config: &Config, id: usize) -> &str {
+    if id == crate::route::PASSTHROUGH {
+        return crate::route::PASSTHROUGH_NAME;
+    }
+    config.clusters.get(id).map_or("", |c| &*c.name)
 }
 
 impl Snapshot {
@@ -58,7 +70,7 @@ impl Snapshot {
                         clusters
                             .into_iter()
                             .map(|c| {
-                                let cluster = config.clusters.get(c).map_or("", |c| &*c.name);
+                                let cluster = cluster_name(&config, c);
                                 (c, metrics.request_stats(&l.name, &r.name, cluster))
                             })
                             .collect()
@@ -66,6 +78,26 @@ impl Snapshot {
                     .collect(),
                 unrouted: metrics.request_stats(&l.name, "", ""),
                 open_connections: Arc::new(AtomicUsize::new(0)),
+                tcp_stats: if l.l4.is_tcp() {
+                    l.routes
+                        .routes()
+                        .iter()
+                        .map(|r| {
+                            r.clusters()
+                                .into_iter()
+                                .map(|c| {
+                                    let name = cluster_name(&config, c);
+                                    (c, metrics.tcp_stats(&l.name, &r.name, name))
+                                })
+                                .collect()
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                tcp_passthrough: (l.l4.is_tcp() || l.l4.capture.is_some()).then(|| {
+                    metrics.tcp_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
+                }),
             })
             .collect();
         let cluster_ids = config
