@@ -13,6 +13,8 @@ command -v curl >/dev/null || missing+=(curl)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
+# L4 tests (tests/l4.rs, tests/capture.rs) proxy a real Redis.
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
