@@ -350,7 +350,12 @@ async fn forward(
         .route_stats
         .get(route_index)
         .and_then(|r| r.iter().find(|(c, _)| *c == cluster_id))
-        .map(|(_, s)| s.clone());
+        .map(|(_, s)| s.clone())
+        .or_else(|| {
+            (route_index == usize::MAX)
+                .then(|| runtime.passthrough.clone())
+                .flatten()
+        });
     // Circuit breakers, then the balancer (hash key from the request).
     let Some(mut admission) = upstream.admit() else {
         out.result = Err(ProxyError::Overflow(format!(

@@ -101,11 +101,13 @@ pub async fn proxy(
             sni = hello.sni;
         }
     }
+    // A capture listener's routes are HTTP routes: its TCP goes through.
     let routed = cfg
         .l4
         .matches
         .iter()
         .position(|m| m.matches(conn.dst, sni.as_deref()))
+        .filter(|_| cfg.l4.is_tcp())
         .and_then(|i| Some((i, cfg.routes.routes().get(i)?)));
     let (route_name, cluster_id, stats) = match routed {
         Some((i, route)) => {

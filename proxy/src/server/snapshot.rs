@@ -28,6 +28,9 @@ pub struct ListenerRuntime {
     pub route_stats: Vec<Vec<(usize, RequestStats)>>,
     /// Requests that matched no route.
     pub unrouted: RequestStats,
+    /// Requests a capture listener sent to their original destination
+    /// because no route claimed them (route "", cluster "passthrough").
+    pub passthrough: Option<RequestStats>,
     /// Open connections across all workers, for `max_connections`.
     pub open_connections: Arc<AtomicUsize>,
     /// L4 series (tcp and capture listeners only): per route (config
@@ -77,6 +80,9 @@ impl Snapshot {
                     })
                     .collect(),
                 unrouted: metrics.request_stats(&l.name, "", ""),
+                passthrough: l.l4.capture.is_some().then(|| {
+                    metrics.request_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
+                }),
                 open_connections: Arc::new(AtomicUsize::new(0)),
                 tcp_stats: if l.l4.is_tcp() {
                     l.routes
