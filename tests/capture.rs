@@ -560,13 +560,22 @@ endpoints = ["127.0.0.1:18080"]
 
     // HTTP that a route claims, by Host.
     let (ok, seen) = app_run(&[
-        "curl", "-s", "-m", "5", "-H", "Host: reviews", "http://10.77.0.2:8080/routed",
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-H",
+        "Host: reviews",
+        "http://10.77.0.2:8080/routed",
     ]);
     assert!(ok && seen.contains("via: 1.1 wasp"), "routed: {seen}");
     // HTTP no route claims: to the original destination, through wasp.
     let (ok, seen) = app_run(&["curl", "-s", "-m", "5", "http://10.77.0.2:8080/unrouted"]);
     assert!(ok, "unrouted: {seen}");
-    assert!(seen.contains("via: 1.1 wasp"), "unrouted not through wasp: {seen}");
+    assert!(
+        seen.contains("via: 1.1 wasp"),
+        "unrouted not through wasp: {seen}"
+    );
     assert!(seen.contains("host: 10.77.0.2:8080"), "{seen}");
 
     // Redis: opaque TCP (detected at its first bytes) to where it was going.
@@ -617,17 +626,28 @@ endpoints = ["127.0.0.1:18080"]
     let inbound = metric_value(
         &metrics,
         "wasp_requests_total",
-        &["listener=\"inbound\"", "cluster=\"passthrough\"", "code_class=\"2xx\""],
+        &[
+            "listener=\"inbound\"",
+            "cluster=\"passthrough\"",
+            "code_class=\"2xx\"",
+        ],
     );
     assert_eq!(inbound, Some(1.0), "{metrics}");
     let unrouted = metric_value(
         &metrics,
         "wasp_requests_total",
-        &["listener=\"outbound\"", "cluster=\"passthrough\"", "code_class=\"2xx\""],
+        &[
+            "listener=\"outbound\"",
+            "cluster=\"passthrough\"",
+            "code_class=\"2xx\"",
+        ],
     );
     assert_eq!(unrouted, Some(1.0), "{metrics}");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("tls.svc"), "no SNI in the access log:\n{text}");
+    assert!(
+        text.contains("tls.svc"),
+        "no SNI in the access log:\n{text}"
+    );
 
     ns.ok(&[WASP, "iptables", "--cleanup", "--ipv6", "off"]);
     assert_eq!(before, ns.rules(), "--cleanup did not restore the tables");

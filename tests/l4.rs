@@ -46,7 +46,9 @@ async fn banner_server(name: &'static str) -> SocketAddr {
                 if let Ok(n) = s.read(&mut buf).await {
                     let first = buf.first().copied().unwrap_or(0);
                     let _ = s
-                        .write_all(format!("{name} got {n} bytes starting {first:02x}\n").as_bytes())
+                        .write_all(
+                            format!("{name} got {n} bytes starting {first:02x}\n").as_bytes(),
+                        )
                         .await;
                 }
                 let _ = s.shutdown().await;
@@ -168,7 +170,9 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
     }
 
     // The idle timeout closes a connection on which nothing moves.
-    let mut s = TcpStream::connect(loopback(idle_port)).await.expect("connect");
+    let mut s = TcpStream::connect(loopback(idle_port))
+        .await
+        .expect("connect");
     s.write_all(b"x").await.expect("write");
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.expect("echo");
@@ -183,7 +187,11 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
         metric_value(
             &metrics,
             "wasp_tcp_connections_total",
-            &["listener=\"tcp\"", &format!("route=\"{route}\""), &format!("cluster=\"{cluster}\"")],
+            &[
+                "listener=\"tcp\"",
+                &format!("route=\"{route}\""),
+                &format!("cluster=\"{cluster}\""),
+            ],
         )
     };
     assert_eq!(conns("to-a", "a"), Some(1.0), "{metrics}");
@@ -255,7 +263,11 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 
 #[test]
 fn redis_through_a_tcp_listener() {
-    if Command::new("redis-server").arg("--version").output().is_err() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         panic!("redis-server is missing: scripts/test.sh installs Debian's redis-server");
     }
     let redis_port = free_port();

@@ -43,7 +43,11 @@ pub enum Class {
 /// Decides a connection's path on a capture listener. A connection made to
 /// the listener directly (no original destination) is HTTP, as on any
 /// listener; `opaque_ports` and `detect_protocol = false` skip detection.
-pub async fn classify(stream: &TcpStream, original_dst: Option<SocketAddr>, l4: &L4Config) -> Class {
+pub async fn classify(
+    stream: &TcpStream,
+    original_dst: Option<SocketAddr>,
+    l4: &L4Config,
+) -> Class {
     let Some(dst) = original_dst else {
         return Class::Http;
     };

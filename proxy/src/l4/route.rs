@@ -43,7 +43,9 @@ impl TcpMatch {
             return Err("port = 0 matches nothing; use 1..=65535".into());
         }
         let cidr = match &m.cidr {
-            Some(c) => Some(Net::parse(c.get_ref()).map_err(|e| format!("cidr \"{}\": {e}", c.get_ref()))?),
+            Some(c) => Some(
+                Net::parse(c.get_ref()).map_err(|e| format!("cidr \"{}\": {e}", c.get_ref()))?,
+            ),
             None => None,
         };
         Ok(Self {
@@ -85,7 +87,11 @@ impl TcpMatch {
 mod tests {
     use super::*;
 
-    fn compile(sni: Option<&str>, port: Option<u16>, cidr: Option<&str>) -> Result<TcpMatch, String> {
+    fn compile(
+        sni: Option<&str>,
+        port: Option<u16>,
+        cidr: Option<&str>,
+    ) -> Result<TcpMatch, String> {
         let m = MatchDecl {
             sni: sni.map(str::to_string),
             port,

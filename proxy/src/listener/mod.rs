@@ -421,7 +421,14 @@ impl BelowHttp {
         drop(snapshot);
         match class {
             crate::capture::Class::Http => {
-                let mut ctx = conn_ctx(&self.shared, &self.name, (peer, local), "http", None, &self.close);
+                let mut ctx = conn_ctx(
+                    &self.shared,
+                    &self.name,
+                    (peer, local),
+                    "http",
+                    None,
+                    &self.close,
+                );
                 if let Some(c) = Arc::get_mut(&mut ctx) {
                     c.original_dst = self.original;
                 }

@@ -54,58 +54,58 @@ impl Snapshot {
         filters: Arc<FilterSet>,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let listeners = config
-            .listeners
-            .iter()
-            .map(|l| ListenerRuntime {
-                stats: metrics.listener_stats(&l.name),
-                route_stats: l
-                    .routes
-                    .routes()
-                    .iter()
-                    .map(|r| {
-                        // With filters, any cluster may be picked (wasp.cluster).
-                        let clusters = if l.pipeline.is_empty() {
-                            r.clusters()
-                        } else {
-                            (0..config.clusters.len()).collect()
-                        };
-                        clusters
-                            .into_iter()
-                            .map(|c| {
-                                let cluster = cluster_name(&config, c);
-                                (c, metrics.request_stats(&l.name, &r.name, cluster))
-                            })
-                            .collect()
-                    })
-                    .collect(),
-                unrouted: metrics.request_stats(&l.name, "", ""),
-                passthrough: l.l4.capture.is_some().then(|| {
-                    metrics.request_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
-                }),
-                open_connections: Arc::new(AtomicUsize::new(0)),
-                tcp_stats: if l.l4.is_tcp() {
-                    l.routes
+        let listeners =
+            config
+                .listeners
+                .iter()
+                .map(|l| ListenerRuntime {
+                    stats: metrics.listener_stats(&l.name),
+                    route_stats: l
+                        .routes
                         .routes()
                         .iter()
                         .map(|r| {
-                            r.clusters()
+                            // With filters, any cluster may be picked (wasp.cluster).
+                            let clusters = if l.pipeline.is_empty() {
+                                r.clusters()
+                            } else {
+                                (0..config.clusters.len()).collect()
+                            };
+                            clusters
                                 .into_iter()
                                 .map(|c| {
-                                    let name = cluster_name(&config, c);
-                                    (c, metrics.tcp_stats(&l.name, &r.name, name))
+                                    let cluster = cluster_name(&config, c);
+                                    (c, metrics.request_stats(&l.name, &r.name, cluster))
                                 })
                                 .collect()
                         })
-                        .collect()
-                } else {
-                    Vec::new()
-                },
-                tcp_passthrough: (l.l4.is_tcp() || l.l4.capture.is_some()).then(|| {
-                    metrics.tcp_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
-                }),
-            })
-            .collect();
+                        .collect(),
+                    unrouted: metrics.request_stats(&l.name, "", ""),
+                    passthrough: l.l4.capture.is_some().then(|| {
+                        metrics.request_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
+                    }),
+                    open_connections: Arc::new(AtomicUsize::new(0)),
+                    tcp_stats: if l.l4.is_tcp() {
+                        l.routes
+                            .routes()
+                            .iter()
+                            .map(|r| {
+                                r.clusters()
+                                    .into_iter()
+                                    .map(|c| {
+                                        let name = cluster_name(&config, c);
+                                        (c, metrics.tcp_stats(&l.name, &r.name, name))
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    tcp_passthrough: (l.l4.is_tcp() || l.l4.capture.is_some())
+                        .then(|| metrics.tcp_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)),
+                })
+                .collect();
         let cluster_ids = config
             .clusters
             .iter()
