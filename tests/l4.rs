@@ -328,3 +328,135 @@ balance = "least_request"
         "{metrics}"
     );
 }
+
+/// Reads until `want` bytes arrived (or the peer closed / 5 s passed).
+async fn read_n(s: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.len() < want && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_community_sdk_network_filter_counts_and_rewrites_bytes() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let broken_port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite", "noop"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.tcprw]
+module = "tcp-rewrite.wasm"
+
+# An HTTP filter put on a TCP listener: its SDK traps on the first
+# network callback, which must fail that connection only.
+[filters.http_only]
+module = "noop.wasm"
+fail = "closed"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["tcprw"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "broken"
+protocol = "tcp"
+bind = "127.0.0.1:{broken_port}"
+pipeline = ["http_only"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    let listener = loopback(port);
+
+    // Rewritten both ways: upper-cased to the upstream, prefixed back.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // PAUSE holds the bytes until the filter lets them go.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"hold on").await.expect("write");
+    let mut early = [0u8; 64];
+    let held = tokio::time::timeout(Duration::from_millis(300), s.read(&mut early)).await;
+    assert!(held.is_err(), "held bytes went through: {held:?}");
+    s.write_all(b"!").await.expect("write");
+    assert_eq!(read_n(&mut s, 14).await, b"[wasm]HOLD ON!");
+    drop(s);
+
+    // The filter closes the connection.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"please close").await.expect("write");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "{back:?}");
+
+    // A filter that fails closes its own connection and nothing else.
+    let mut b = TcpStream::connect(loopback(broken_port))
+        .await
+        .expect("connect");
+    let _ = b.write_all(b"x").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut back)).await;
+    assert!(
+        back.is_empty(),
+        "a trapping filter let bytes through: {back:?}"
+    );
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"still").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]STILL");
+    drop(s);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = wasp.metrics();
+        let down = metric_value(
+            &metrics,
+            "tcp_rewrite_downstream_bytes",
+            &["filter=\"tcprw\""],
+        );
+        let up = metric_value(
+            &metrics,
+            "tcp_rewrite_upstream_bytes",
+            &["filter=\"tcprw\""],
+        );
+        if down == Some(18.0) && up == Some(18.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "filter counters: down {down:?} up {up:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = wasp.log_text();
+    assert!(
+        log.contains("tcp-rewrite: opened=true down=5 up=5"),
+        "no on_log line:\n{log}"
+    );
+    assert!(log.contains("filter_closed"), "{log}");
+}

@@ -45,8 +45,8 @@
 //!
 //! Not implemented (linked, answering statuses the Rust SDK accepts):
 //! gRPC calls and streams (`proxy_grpc_*`: INTERNAL_FAILURE / NOT_FOUND),
-//! foreign functions (NOT_FOUND), TCP/network filters
-//! (`proxy_on_new_connection` and friends are never called). Shared queues
+//! foreign functions (NOT_FOUND). Network (TCP) filters run on L4
+//! listeners through [`network::NetworkFilters`]. Shared queues
 //! are implemented (process-wide, keyed by filter name + queue name; an
 //! enqueue wakes the latest registrant's `proxy_on_queue_ready` on its own
 //! worker). Resuming a paused *body* from an `http_call`
@@ -64,6 +64,7 @@ mod cache;
 mod engine;
 mod host;
 mod metrics;
+pub mod network;
 mod plugin;
 mod set;
 mod stream;

@@ -90,15 +90,53 @@ impl std::fmt::Display for Failure {
 /// One guest callback.
 #[derive(Debug)]
 pub(crate) enum Callback {
-    RequestHeaders { n: u32, eos: bool },
-    RequestBody { size: u32, eos: bool },
-    RequestTrailers { n: u32 },
-    ResponseHeaders { n: u32, eos: bool },
-    ResponseBody { size: u32, eos: bool },
-    ResponseTrailers { n: u32 },
-    HttpCallResponse { token: u32, answer: CalloutAnswer },
+    RequestHeaders {
+        n: u32,
+        eos: bool,
+    },
+    RequestBody {
+        size: u32,
+        eos: bool,
+    },
+    RequestTrailers {
+        n: u32,
+    },
+    ResponseHeaders {
+        n: u32,
+        eos: bool,
+    },
+    ResponseBody {
+        size: u32,
+        eos: bool,
+    },
+    ResponseTrailers {
+        n: u32,
+    },
+    HttpCallResponse {
+        token: u32,
+        answer: CalloutAnswer,
+    },
+    /// Network (TCP) filters: the ABI's stream side.
+    NewConnection,
+    DownstreamData {
+        size: u32,
+        eos: bool,
+    },
+    UpstreamData {
+        size: u32,
+        eos: bool,
+    },
+    /// `peer`: 0 unknown, 1 local (the proxy closed), 2 remote.
+    DownstreamClose {
+        peer: u32,
+    },
+    UpstreamClose {
+        peer: u32,
+    },
     Tick,
-    QueueReady { queue: u32 },
+    QueueReady {
+        queue: u32,
+    },
     Log,
     Done,
     Delete,
@@ -114,6 +152,12 @@ impl Callback {
             Callback::ResponseBody { .. } => Phase::ResponseBody,
             Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
             Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
+            // Network callbacks are counted with the HTTP phase they mirror
+            // (connection = headers, data = body, close = log).
+            Callback::NewConnection => Phase::RequestHeaders,
+            Callback::DownstreamData { .. } => Phase::RequestBody,
+            Callback::UpstreamData { .. } => Phase::ResponseBody,
+            Callback::DownstreamClose { .. } | Callback::UpstreamClose { .. } => Phase::Log,
             Callback::Tick | Callback::QueueReady { .. } => Phase::Tick,
             Callback::Log => Phase::Log,
             Callback::Done | Callback::Delete => Phase::Done,
@@ -151,6 +195,11 @@ struct Exports {
     response_body: Option<F3R>,
     response_trailers: Option<F2R>,
     http_call_response: Option<F5>,
+    new_connection: Option<F1R>,
+    downstream_data: Option<F3R>,
+    upstream_data: Option<F3R>,
+    downstream_close: Option<TypedFunc<(u32, u32), ()>>,
+    upstream_close: Option<TypedFunc<(u32, u32), ()>>,
 }
 
 /// A live VM.
@@ -231,6 +280,15 @@ impl Vm {
             response_body: opt(&instance, &mut store, "proxy_on_response_body")?,
             response_trailers: opt(&instance, &mut store, "proxy_on_response_trailers")?,
             http_call_response: opt(&instance, &mut store, "proxy_on_http_call_response")?,
+            new_connection: opt(&instance, &mut store, "proxy_on_new_connection")?,
+            downstream_data: opt(&instance, &mut store, "proxy_on_downstream_data")?,
+            upstream_data: opt(&instance, &mut store, "proxy_on_upstream_data")?,
+            downstream_close: opt(
+                &instance,
+                &mut store,
+                "proxy_on_downstream_connection_close",
+            )?,
+            upstream_close: opt(&instance, &mut store, "proxy_on_upstream_connection_close")?,
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
@@ -353,6 +411,24 @@ impl Vm {
                     self.store.data_mut().answer = None;
                     r.map(|()| 0)
                 }
+                None => Ok(0),
+            },
+            Callback::NewConnection => match ex.new_connection.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+                None => Ok(0),
+            },
+            Callback::DownstreamData { size, eos } => {
+                self.call3(ex.downstream_data.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::UpstreamData { size, eos } => {
+                self.call3(ex.upstream_data.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::DownstreamClose { peer } => match ex.downstream_close.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+                None => Ok(0),
+            },
+            Callback::UpstreamClose { peer } => match ex.upstream_close.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
                 None => Ok(0),
             },
             Callback::Tick => match ex.on_tick.clone() {

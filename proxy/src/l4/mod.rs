@@ -21,6 +21,10 @@
 //! The connect counts as the try's latency (peak EWMA), not the whole
 //! connection. Cluster `tls` is not applied at L4 (bytes pass as they are).
 //!
+//! A listener's `pipeline` names Proxy-Wasm network filters
+//! (`filter::network`): they see the connection open, every chunk each way
+//! (and may rewrite, hold or close), and both ends.
+//!
 //! A connection ends when both sides have closed (half-close is passed on),
 //! at `limits.tcp_idle_timeout`, or when the listener's drain timeout
 //! passes; the serve loop's drain waits for it before that. Failures close
@@ -40,8 +44,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::capture::detect::Detection;
-use crate::capture::relay::{relay_metered, RelayEnd};
+use crate::capture::relay::{relay_tapped, RelayEnd, Tapped, CLOSED_BY_TAP};
 use crate::errors::ErrorCode;
+use crate::filter::network::{NetVerdict, Side};
 use crate::route::PASSTHROUGH;
 use crate::server::Shared;
 use crate::upstream::balance::PickContext;
@@ -159,6 +164,32 @@ pub async fn proxy(
             return;
         }
     };
+    let mut filters = (!cfg.pipeline.is_empty()).then(|| {
+        let info = crate::filter::StreamInfo {
+            listener: cfg.name.clone(),
+            source: conn.peer,
+            destination: conn.dst,
+            scheme: "tcp",
+            protocol: "TCP",
+            request_id: Arc::from(""),
+            start: std::time::SystemTime::now(),
+            principal: None,
+        };
+        snapshot.filters.network(&cfg.pipeline, info)
+    });
+    if let Some(f) = filters.as_mut() {
+        if let Err(why) = f.new_connection().await {
+            runtime.stats.error(ErrorCode::FilterFailed);
+            tracing::info!(
+                listener = %listener,
+                peer = %conn.peer,
+                route = %route_name,
+                code = ErrorCode::FilterFailed.as_str(),
+                "tcp connection closed: {why}"
+            );
+            return;
+        }
+    }
     if let Some(s) = &stats {
         s.connections.inc();
         s.open.inc();
@@ -172,23 +203,56 @@ pub async fn proxy(
         stats.as_ref().map(|s| s.to_upstream.clone()),
         stats.as_ref().map(|s| s.to_downstream.clone()),
     );
-    let relayed = relay_metered(
+    // Both directions run in this one task and call the filters only
+    // synchronously, so this lock is never contended; it is here because
+    // the task must be `Send`.
+    let filters = std::sync::Mutex::new(filters);
+    let tap = |side: Side| {
+        let filters = &filters;
+        move |chunk: &[u8], eos: bool| {
+            let Ok(mut guard) = filters.lock() else {
+                return Tapped::Close;
+            };
+            let Some(f) = guard.as_mut() else {
+                return Tapped::Pass;
+            };
+            let verdict = f.data(side, chunk, eos);
+            if eos {
+                f.side_closed(side);
+            }
+            match verdict {
+                NetVerdict::Forward(b) => Tapped::Replace(b),
+                NetVerdict::Hold => Tapped::Hold,
+                NetVerdict::Close(why) => {
+                    tracing::debug!(%why, "a network filter closed the connection");
+                    Tapped::Close
+                }
+            }
+        }
+    };
+    let relayed = relay_tapped(
         conn.stream,
         server,
         idle,
         crate::listener::drain_deadline_passed(close),
-        |n| {
-            if let Some(c) = &up {
-                c.inc_by(n);
-            }
-        },
-        |n| {
-            if let Some(c) = &down {
-                c.inc_by(n);
-            }
-        },
+        (
+            |n| {
+                if let Some(c) = &up {
+                    c.inc_by(n);
+                }
+            },
+            |n| {
+                if let Some(c) = &down {
+                    c.inc_by(n);
+                }
+            },
+        ),
+        (tap(Side::Downstream), tap(Side::Upstream)),
     )
     .await;
+    if let Some(f) = filters.into_inner().ok().flatten() {
+        f.finish();
+    }
     let elapsed = start.elapsed();
     if let Some(s) = &stats {
         s.open.dec();
@@ -204,6 +268,7 @@ pub async fn proxy(
                 RelayEnd::Stopped => "drained",
             },
         ),
+        Err(e) if e.kind() == CLOSED_BY_TAP => (0, 0, "filter_closed"),
         Err(_) => (0, 0, "reset"),
     };
     tracing::info!(
