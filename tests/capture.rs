@@ -569,6 +569,18 @@ endpoints = ["127.0.0.1:18080"]
         "http://10.77.0.2:8080/routed",
     ]);
     assert!(ok && seen.contains("via: 1.1 wasp"), "routed: {seen}");
+    // HTTP/2 with prior knowledge: detected by its preface, routed the same.
+    let (ok, seen) = app_run(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: reviews",
+        "http://10.77.0.2:8080/routed-h2",
+    ]);
+    assert!(ok && seen.contains("via: 2.0 wasp"), "routed h2: {seen}");
     // HTTP no route claims: to the original destination, through wasp.
     let (ok, seen) = app_run(&["curl", "-s", "-m", "5", "http://10.77.0.2:8080/unrouted"]);
     assert!(ok, "unrouted: {seen}");

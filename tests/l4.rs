@@ -460,3 +460,59 @@ endpoints = ["{echo}"]
     );
     assert!(log.contains("filter_closed"), "{log}");
 }
+
+#[tokio::test]
+async fn draining_keeps_open_tcp_connections_until_the_drain_timeout() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let mut wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+drain_timeout = "1500ms"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"before").await.expect("write");
+    assert_eq!(read_n(&mut s, 6).await, b"before");
+    wasp.signal("TERM");
+    // New connections are refused once the listener has closed...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused = match TcpStream::connect(loopback(port)).await {
+            Err(_) => true,
+            Ok(mut c) => {
+                let mut b = [0u8; 1];
+                let _ = c.write_all(b"x").await;
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await,
+                    Ok(Ok(0) | Err(_))
+                )
+            }
+        };
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still accepting while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...while the open one keeps working until the drain timeout.
+    s.write_all(b"during").await.expect("write while draining");
+    assert_eq!(read_n(&mut s, 6).await, b"during");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "not closed at the drain timeout");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = wasp.log_text();
+    assert!(log.contains("end=\"drained\""), "{log}");
+}

@@ -164,7 +164,8 @@ pub async fn proxy(
             return;
         }
     };
-    let mut filters = (!cfg.pipeline.is_empty()).then(|| {
+    // A capture listener's pipeline is HTTP filters, for its HTTP.
+    let mut filters = (cfg.l4.is_tcp() && !cfg.pipeline.is_empty()).then(|| {
         let info = crate::filter::StreamInfo {
             listener: cfg.name.clone(),
             source: conn.peer,
