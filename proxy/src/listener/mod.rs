@@ -461,12 +461,25 @@ impl BelowHttp {
 fn conn_ctx(
     shared: &Arc<Shared>,
     listener: &Arc<str>,
-    (peer, local): (SocketAddr, SocketAddr),
+    addrs: (SocketAddr, SocketAddr),
     scheme: &'static str,
     principal: Option<Arc<str>>,
     close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
-    Arc::new(ConnCtx {
+    Arc::new(new_conn_ctx(
+        shared, listener, addrs, scheme, principal, close,
+    ))
+}
+
+fn new_conn_ctx(
+    shared: &Arc<Shared>,
+    listener: &Arc<str>,
+    (peer, local): (SocketAddr, SocketAddr),
+    scheme: &'static str,
+    principal: Option<Arc<str>>,
+    close: &watch::Receiver<bool>,
+) -> ConnCtx {
+    ConnCtx {
         shared: shared.clone(),
         listener: listener.clone(),
         peer,
@@ -476,7 +489,7 @@ fn conn_ctx(
         principal,
         drain_deadline: close.clone(),
         original_dst: None,
-    })
+    }
 }
 
 /// Completes once the listener's drain deadline has passed (`close` turned
