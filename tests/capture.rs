@@ -416,7 +416,7 @@ s.listen(16)
 print("ready", flush=True)
 while True:
     c, _ = s.accept()
-    c.sendall(b"220 banner\n")
+    c.sendall(b"220 %s\n" % (sys.argv[3] if len(sys.argv) > 3 else "banner").encode())
     data = c.recv(65536)
     c.sendall(b"got %d bytes starting %02x\n" % (len(data), data[0] if data else 0))
     c.close()
@@ -433,13 +433,13 @@ c.sendall(b"hi\n")
 print(banner, "|", c.recv(100).decode().strip(), "|", "%.3f" % waited)
 "#;
 
-/// The app opening TLS: a real ClientHello for `tls.svc` (Python's ssl),
+/// The app opening TLS: a real ClientHello for `argv[1]` (Python's ssl),
 /// sent raw, so the test sees what reaches the server.
 const TLS_CLIENT: &str = r#"
-import socket, ssl
+import socket, ssl, sys
 ctx = ssl.create_default_context()
 inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-obj = ctx.wrap_bio(inc, out, server_hostname="tls.svc")
+obj = ctx.wrap_bio(inc, out, server_hostname=sys.argv[1])
 try:
     obj.do_handshake()
 except ssl.SSLWantReadError:
@@ -453,7 +453,7 @@ while data.count(b"\n") < 2:
     if not more:
         break
     data += more
-print(len(hello), "|", data.decode().strip().split("\n")[-1])
+print(len(hello), "|", " / ".join(data.decode().strip().split("\n")))
 "#;
 
 #[test]
@@ -485,6 +485,12 @@ limits = { detect_timeout = "3s" }
   match = { host = "reviews" }
   cluster = "reviews"
 
+  # TLS the app opens, routed by its server name (never terminated).
+  [[listeners.routes]]
+  name = "tls"
+  match = { sni = "tls.svc" }
+  cluster = "tls"
+
 [[listeners]]
 name = "inbound"
 bind = "0.0.0.0:15006"
@@ -492,6 +498,9 @@ capture = "inbound"
 
 [clusters.reviews]
 endpoints = ["127.0.0.1:18080"]
+
+[clusters.tls]
+endpoints = ["127.0.0.1:18443"]
 "#,
     )
     .expect("write config");
@@ -503,6 +512,13 @@ endpoints = ["127.0.0.1:18080"]
     let mut routed = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "18080"]);
     routed.stdout(Stdio::piped()).stderr(Stdio::null());
     let i = ns.spawn(routed);
+    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
+    let mut tls = ns.as_uid(
+        None,
+        &[PYTHON, "-c", BANNER, "127.0.0.1", "18443", "routed-tls"],
+    );
+    tls.stdout(Stdio::piped()).stderr(Stdio::null());
+    let i = ns.spawn(tls);
     wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
     let mut app = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "9000", "0.0.0.0"]);
     app.stdout(Stdio::piped()).stderr(Stdio::null());
@@ -612,12 +628,19 @@ endpoints = ["127.0.0.1:18080"]
     let waited: f64 = parts.get(2).and_then(|w| w.parse().ok()).unwrap_or(99.0);
     assert!(waited < 1.5, "the banner waited for detection: {waited}s");
 
-    // TLS the app opens passes through untouched: the server gets the
-    // ClientHello, byte count and all; wasp logs its SNI.
-    let (ok, seen) = app_run(&[PYTHON, "-c", TLS_CLIENT]);
-    assert!(ok, "tls client: {seen}");
-    let (len, answer) = seen.trim().split_once(" | ").unwrap_or(("", ""));
-    assert_eq!(answer, format!("got {len} bytes starting 16"), "{seen}");
+    // TLS the app opens is never terminated: a TCP route claims it by its
+    // server name, else it goes to its original destination; either server
+    // gets the ClientHello, byte count and all; wasp logs the SNI.
+    for (sni, server) in [("tls.svc", "routed-tls"), ("other.svc", "banner")] {
+        let (ok, seen) = app_run(&[PYTHON, "-c", TLS_CLIENT, sni]);
+        assert!(ok, "tls client: {seen}");
+        let (len, answer) = seen.trim().split_once(" | ").unwrap_or(("", ""));
+        assert_eq!(
+            answer,
+            format!("220 {server} / got {len} bytes starting 16"),
+            "{sni}: {seen}"
+        );
+    }
 
     // Inbound: the other namespace calls the pod; wasp's inbound listener
     // takes it and hands it to the app on the original port.
@@ -634,7 +657,13 @@ endpoints = ["127.0.0.1:18080"]
         "wasp_tcp_connections_total",
         &["listener=\"outbound\"", "cluster=\"passthrough\""],
     );
-    assert_eq!(tcp, Some(5.0), "3 redis, banner, tls:\n{metrics}");
+    assert_eq!(tcp, Some(5.0), "3 redis, banner, other.svc:\n{metrics}");
+    let by_sni = metric_value(
+        &metrics,
+        "wasp_tcp_connections_total",
+        &["listener=\"outbound\"", "route=\"tls\"", "cluster=\"tls\""],
+    );
+    assert_eq!(by_sni, Some(1.0), "{metrics}");
     let inbound = metric_value(
         &metrics,
         "wasp_requests_total",

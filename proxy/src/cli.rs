@@ -199,6 +199,14 @@ pub fn summary(config: &Config) -> String {
                 .collect();
             let _ = writeln!(out, "    route {} -> {}", r.name, clusters.join(" | "));
         }
+        for r in l.l4.tcp_routes.routes() {
+            let clusters: Vec<&str> = r
+                .clusters()
+                .iter()
+                .filter_map(|c| config.clusters.get(*c).map(|c| &*c.name))
+                .collect();
+            let _ = writeln!(out, "    tcp route {} -> {}", r.name, clusters.join(" | "));
+        }
         if let Some(tls) = &l.tls {
             let _ = writeln!(out, "    tls: {}", server_tls_summary(tls.settings()));
         }

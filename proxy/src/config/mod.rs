@@ -101,7 +101,7 @@ pub struct ListenerConfig {
 }
 
 /// How a listener treats connections below HTTP.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct L4Config {
     pub protocol: ListenerProtocol,
     pub capture: Option<CaptureMode>,
@@ -110,14 +110,25 @@ pub struct L4Config {
     /// `None`: off ("0s").
     pub idle_timeout: Option<Duration>,
     pub detect_timeout: Duration,
-    /// Per route of a `tcp` listener, same order as `routes`.
+    /// The TCP routes' matches: per route of `routes` on a `tcp` listener;
+    /// per route of `tcp_routes` on a capture listener.
     pub matches: Vec<crate::l4::TcpMatch>,
+    /// A capture listener's TCP routes (matching by `sni`, `port`, `cidr`),
+    /// for the connections detection does not take for HTTP; its other
+    /// routes are in `routes`. Empty on other listeners.
+    pub tcp_routes: RouteTable,
 }
 
 impl L4Config {
     pub fn is_tcp(&self) -> bool {
         self.protocol == ListenerProtocol::Tcp
     }
+}
+
+/// Whether a route matches TCP connections (`sni`, `port`, `cidr`).
+fn is_tcp_route(r: &schema::RouteDecl) -> bool {
+    let m = &r.matcher;
+    m.sni.is_some() || m.port.is_some() || m.cidr.is_some()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -690,6 +701,8 @@ impl<'a> Validator<'a> {
             let mutual = tls.as_ref().is_some_and(|t| t.requires_client_cert());
             let mut routes = Vec::new();
             let mut tcp_matches = Vec::new();
+            let mut capture_routes = Vec::new();
+            let mut capture_matches = Vec::new();
             let mut route_allow = Vec::new();
             self.l4_listener(decl);
             for (i, r) in decl.routes.iter().enumerate() {
@@ -706,7 +719,15 @@ impl<'a> Validator<'a> {
                     }
                 }
                 let tcp_match = self.tcp_match(decl, i, r);
+                // On a capture listener, a route matching by `sni`, `port`
+                // or `cidr` is a TCP route (for what detection does not
+                // take for HTTP); the others are HTTP routes.
+                let captured_tcp = decl.capture.is_some() && is_tcp_route(r);
                 match route::compile(i, r, clusters) {
+                    Ok(route) if captured_tcp => {
+                        capture_routes.push(route);
+                        capture_matches.push(tcp_match);
+                    }
                     Ok(route) => {
                         routes.push(route);
                         tcp_matches.push(tcp_match);
@@ -768,7 +789,12 @@ impl<'a> Validator<'a> {
                     opaque_ports: decl.opaque_ports.clone(),
                     idle_timeout: nonzero(l.tcp_idle_timeout.0),
                     detect_timeout: l.detect_timeout.0,
-                    matches: tcp_matches,
+                    matches: if decl.capture.is_some() {
+                        capture_matches
+                    } else {
+                        tcp_matches
+                    },
+                    tcp_routes: RouteTable::new(capture_routes),
                 },
             });
         }
@@ -823,7 +849,11 @@ impl Validator<'_> {
             self.at_route(at, index, format!("listener \"{name}\", route {}: a protocol = \"tcp\" listener matches by `sni`, `port` or `cidr` only (host, path, method, headers, rewrites, retry and allow are HTTP)", index + 1));
         }
         if decl.protocol == ListenerProtocol::Http && tcp_keys {
-            self.at_route(at, index, format!("listener \"{name}\", route {}: `sni`, `port` and `cidr` match TCP connections; set protocol = \"tcp\" on the listener", index + 1));
+            if decl.capture.is_none() {
+                self.at_route(at, index, format!("listener \"{name}\", route {}: `sni`, `port` and `cidr` match TCP connections; set protocol = \"tcp\" on the listener (or `capture`, for its non-HTTP connections)", index + 1));
+            } else if http_keys {
+                self.at_route(at, index, format!("listener \"{name}\", route {}: a route matches HTTP requests (host, path, ...) or TCP connections (sni, port, cidr), not both", index + 1));
+            }
         }
         match crate::l4::TcpMatch::compile(m) {
             Ok(t) => t,

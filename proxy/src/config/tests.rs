@@ -493,6 +493,12 @@ bind = "0.0.0.0:15001"
 capture = "outbound"
 opaque_ports = [3306, 6379]
 limits = { tcp_idle_timeout = "0s", detect_timeout = "1s" }
+  [[listeners.routes]]
+  match = { host = "web" }
+  cluster = "pg"
+  [[listeners.routes]]
+  match = { sni = "db.example.com" }
+  cluster = "pg"
 
 [clusters.pg]
 endpoints = ["127.0.0.1:5432"]
@@ -512,6 +518,10 @@ endpoints = ["127.0.0.1:5432"]
     assert_eq!(out.opaque_ports, vec![3306, 6379]);
     assert_eq!(out.idle_timeout, None);
     assert_eq!(out.detect_timeout, Duration::from_secs(1));
+    // On a capture listener, TCP routes are kept apart from HTTP ones.
+    assert_eq!(c.listeners[1].routes.routes().len(), 1);
+    assert_eq!(out.tcp_routes.routes().len(), 1);
+    assert_eq!(out.matches.len(), 1);
 }
 
 #[test]

@@ -106,14 +106,18 @@ pub async fn proxy(
             sni = hello.sni;
         }
     }
-    // A capture listener's routes are HTTP routes: its TCP goes through.
+    // A capture listener keeps its TCP routes apart from its HTTP ones.
+    let table = if cfg.l4.is_tcp() {
+        &cfg.routes
+    } else {
+        &cfg.l4.tcp_routes
+    };
     let routed = cfg
         .l4
         .matches
         .iter()
         .position(|m| m.matches(conn.dst, sni.as_deref()))
-        .filter(|_| cfg.l4.is_tcp())
-        .and_then(|i| Some((i, cfg.routes.routes().get(i)?)));
+        .and_then(|i| Some((i, table.routes().get(i)?)));
     let (route_name, cluster_id, stats) = match routed {
         Some((i, route)) => {
             let c = route.pick_cluster(rand::random());

@@ -85,8 +85,13 @@ impl Snapshot {
                         metrics.request_stats(&l.name, "", crate::route::PASSTHROUGH_NAME)
                     }),
                     open_connections: Arc::new(AtomicUsize::new(0)),
-                    tcp_stats: if l.l4.is_tcp() {
-                        l.routes
+                    tcp_stats: if l.l4.is_tcp() || l.l4.capture.is_some() {
+                        let table = if l.l4.is_tcp() {
+                            &l.routes
+                        } else {
+                            &l.l4.tcp_routes
+                        };
+                        table
                             .routes()
                             .iter()
                             .map(|r| {
