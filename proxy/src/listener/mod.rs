@@ -13,6 +13,11 @@
 //! its deadline; a failure is logged once with its reason and counted. The
 //! peer's certificate identity rides along in [`ConnCtx::principal`].
 //!
+//! A `protocol = "tcp"` listener hands each connection to `crate::l4`; a
+//! capture listener reads the original destination and lets
+//! `crate::capture::classify` decide, in the connection's own task, between
+//! the HTTP path here (bytes untouched: detection only peeks) and `l4`.
+//!
 //! A serve loop knows its listener by name and reads the listener's settings
 //! (limits, TLS, routes) from the current snapshot at each accept, so a
 //! reload that keeps the listener changes them for new connections without
