@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config};
+use std::sync::Arc;
+
+use crate::config;
+use crate::snapshot::Compiled;
+use crate::telemetry::Metrics;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,20 +106,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|e| {
+/// Loads the config and compiles it (names resolved, certificates and
+/// discovery files read): a problem in either is a config error.
+fn load(path: &std::path::Path, metrics: &Arc<Metrics>) -> Result<Compiled, ExitCode> {
+    let report = |e: config::ConfigError| {
         eprint!("error: {e}");
         ExitCode::from(2)
-    })
+    };
+    let config = config::load(path).map_err(report)?;
+    crate::snapshot::compile(Arc::new(config), None, metrics).map_err(report)
 }
 
 fn run(path: &std::path::Path, app: Option<crate::server::AppSpec>) -> ExitCode {
-    let config = match load(path) {
+    let metrics = Metrics::new();
+    let compiled = match load(path, &metrics) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let log = crate::telemetry::logging::init(config.file.log.level, config.file.log.format);
-    match crate::server::run(config, log, app) {
+    let file = &compiled.config.file;
+    let log = crate::telemetry::logging::init(file.log.level, file.log.format);
+    match crate::server::run(compiled, metrics, log, app) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!("{e:#}");
@@ -126,20 +136,21 @@ fn run(path: &std::path::Path, app: Option<crate::server::AppSpec>) -> ExitCode 
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
+    let compiled = match load(path, &Metrics::new()) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    print!("{}", summary(&config));
-    for w in crate::admin::exposure_warnings(&config.admin) {
+    print!("{}", summary(&compiled));
+    for w in crate::admin::exposure_warnings(&compiled.config.admin) {
         eprintln!("warning: {w}");
     }
     ExitCode::SUCCESS
 }
 
 /// What `wasp check` prints: every listener with its routes, every cluster.
-pub fn summary(config: &Config) -> String {
+pub fn summary(compiled: &Compiled) -> String {
     use std::fmt::Write;
+    let config = &compiled.config;
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", config.path.display());
     let _ = writeln!(
@@ -171,7 +182,7 @@ pub fn summary(config: &Config) -> String {
         );
     }
     let _ = writeln!(out, "listeners:");
-    for l in &config.listeners {
+    for l in &compiled.listeners {
         let pipeline: Vec<&str> = l.pipeline.iter().map(|p| &**p).collect();
         let _ = writeln!(
             out,
@@ -199,11 +210,16 @@ pub fn summary(config: &Config) -> String {
                 .collect();
             let _ = writeln!(out, "    route {} -> {}", r.name, clusters.join(" | "));
         }
-        for r in l.l4.tcp_routes.routes() {
+        for r in &l.l4.tcp_routes {
             let clusters: Vec<&str> = r
                 .clusters()
                 .iter()
-                .filter_map(|c| config.clusters.get(*c).map(|c| &*c.name))
+                .filter_map(|c| {
+                    if *c == crate::route::PASSTHROUGH {
+                        return Some(crate::route::PASSTHROUGH_NAME);
+                    }
+                    config.clusters.get(*c).map(|c| &*c.name)
+                })
                 .collect();
             let _ = writeln!(out, "    tcp route {} -> {}", r.name, clusters.join(" | "));
         }
@@ -216,7 +232,7 @@ pub fn summary(config: &Config) -> String {
         }
     }
     let _ = writeln!(out, "clusters:");
-    for c in &config.clusters {
+    for c in &compiled.clusters {
         let eps: Vec<String> = c
             .endpoints
             .iter()

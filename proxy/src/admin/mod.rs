@@ -43,7 +43,23 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::config::AdminConfig;
 use crate::errors::ErrorCode;
-use crate::server::Shared;
+use crate::filter::FilterRuntime;
+use crate::lifecycle::Lifecycle;
+use crate::reload::ReloadHandle;
+use crate::snapshot::Snapshots;
+use crate::telemetry::logging::LevelHandle;
+use crate::telemetry::Metrics;
+
+/// What the admin API reads and acts on.
+pub struct Context {
+    pub snapshots: Arc<Snapshots>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub reload: Arc<ReloadHandle>,
+    /// The Wasm engine: filter metrics and status.
+    pub filters: Arc<FilterRuntime>,
+    pub metrics: Arc<Metrics>,
+    pub log_level: Option<LevelHandle>,
+}
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -102,14 +118,14 @@ pub fn exposure_warnings(config: &AdminConfig) -> Vec<String> {
 }
 
 /// Serves the admin address (and the probes address) until aborted.
-pub async fn serve(sockets: Sockets, shared: Arc<Shared>) {
+pub async fn serve(sockets: Sockets, shared: Arc<Context>) {
     if let Some(p) = sockets.probes {
         tokio::spawn(accept_loop(p, shared.clone(), true));
     }
     accept_loop(sockets.admin, shared, false).await;
 }
 
-async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Shared>, probes_only: bool) {
+async fn accept_loop(socket: std::net::TcpListener, shared: Arc<Context>, probes_only: bool) {
     let what = if probes_only { "admin probes" } else { "admin" };
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
@@ -206,7 +222,7 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     probes_only: bool,
-    shared: &Shared,
+    shared: &Context,
 ) -> AdminResponse {
     let class = access::classify(req.method(), req.uri().path());
     if probes_only && class != access::Class::Open {
@@ -215,11 +231,11 @@ async fn handle(
             "this is the probes address: it serves only /live, /ready and /metrics",
         );
     }
-    let token = shared.snapshot.load().config.admin.token.clone();
+    let token = shared.snapshots.load().config.admin.token.clone();
     if let Err(refusal) = access::check(class, peer, req.uri(), req.headers(), token.as_deref()) {
         // Anyone who reaches the port can cause these: at most one a
         // second at info, the rest at debug.
-        if refusal_log_allowed(shared.started.elapsed().as_secs()) {
+        if refusal_log_allowed(shared.lifecycle.started().elapsed().as_secs()) {
             tracing::info!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
         } else {
             tracing::debug!(%peer, method = %req.method(), path = req.uri().path(), "admin: refused: {}", refusal.0);
@@ -235,14 +251,14 @@ async fn handle(
     route(req, shared)
 }
 
-fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
+fn route(req: Request<Incoming>, shared: &Context) -> AdminResponse {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(shared),
         (&Method::GET, "/metrics") => metrics(shared),
         (&Method::GET, "/clusters") => {
-            let snapshot = shared.snapshot.load();
-            match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.config)) {
+            let snapshot = shared.snapshots.load();
+            match serde_json::to_string_pretty(&crate::upstream::clusters_json(&snapshot.clusters)) {
                 Ok(json) => with_type(StatusCode::OK, "application/json", json),
                 Err(e) => error(ErrorCode::AdminInternal, &format!("cannot render clusters: {e}")),
             }
@@ -253,9 +269,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
         },
         (&Method::GET, "/reload") => reload_status(shared),
         (&Method::GET, "/config") => {
-            let snapshot = shared.snapshot.load();
+            let snapshot = shared.snapshots.load();
             let mut value = serde_json::to_value(&snapshot.config.file).unwrap_or_default();
-            if let (Some(obj), Ok(status)) = (value.as_object_mut(), shared.reload_status.lock()) {
+            if let Some(obj) = value.as_object_mut() {
+                let status = shared.reload.status();
                 obj.insert("generation".into(), snapshot.generation.into());
                 obj.insert("last_reload_error".into(), status.last_error.clone().into());
             }
@@ -266,7 +283,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
         }
         (&Method::PUT, "/logging") | (&Method::POST, "/logging") => set_log_level(req.uri().query(), shared),
         (&Method::POST, "/shutdown") => {
-            shared.begin_shutdown("admin /shutdown");
+            shared.lifecycle.begin_shutdown("admin /shutdown");
             text(StatusCode::OK, "shutting down\n")
         }
         (_, "/live" | "/ready" | "/metrics" | "/config" | "/filters" | "/clusters" | "/reload" | "/shutdown" | "/logging") => {
@@ -281,13 +298,13 @@ fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
 
 /// Draining wins over ready: a shutdown that starts while start-up is
 /// finishing (a worker failing) must not be reported ready.
-fn ready(shared: &Shared) -> AdminResponse {
-    if shared.draining.load(Ordering::Acquire) {
+fn ready(shared: &Context) -> AdminResponse {
+    if shared.lifecycle.is_draining() {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: shutting down, in-flight requests are finishing\n",
         )
-    } else if shared.ready.load(Ordering::Acquire) {
+    } else if shared.lifecycle.is_ready() {
         text(StatusCode::OK, "ready\n")
     } else {
         text(
@@ -297,12 +314,12 @@ fn ready(shared: &Shared) -> AdminResponse {
     }
 }
 
-fn metrics(shared: &Shared) -> AdminResponse {
+fn metrics(shared: &Context) -> AdminResponse {
     let mut out = String::with_capacity(16 << 10);
     shared.metrics.render(&mut out);
     shared.filters.render_metrics(&mut out);
-    crate::upstream::render_metrics(&shared.snapshot.load().config, &mut out);
-    let uptime = shared.started.elapsed().as_secs_f64();
+    crate::upstream::render_metrics(&shared.snapshots.load().clusters, &mut out);
+    let uptime = shared.lifecycle.started().elapsed().as_secs_f64();
     out.push_str("# HELP wasp_uptime_seconds Seconds since the process started.\n");
     out.push_str("# TYPE wasp_uptime_seconds gauge\n");
     out.push_str(&format!("wasp_uptime_seconds {uptime:.3}\n"));
@@ -310,13 +327,13 @@ fn metrics(shared: &Shared) -> AdminResponse {
     out.push_str("# TYPE wasp_reload_failures_total counter\n");
     out.push_str(&format!(
         "wasp_reload_failures_total {}\n",
-        shared.reload_failures.load(Ordering::Relaxed)
+        shared.reload.failures()
     ));
     out.push_str("# HELP wasp_config_generation The snapshot generation serving new requests.\n");
     out.push_str("# TYPE wasp_config_generation gauge\n");
     out.push_str(&format!(
         "wasp_config_generation {}\n",
-        shared.snapshot.load().generation
+        shared.snapshots.load().generation
     ));
     out.push_str("# HELP wasp_build_info Build information; the value is always 1.\n");
     out.push_str("# TYPE wasp_build_info gauge\n");
@@ -333,8 +350,8 @@ fn metrics(shared: &Shared) -> AdminResponse {
 }
 
 /// Reloads now and answers with the outcome.
-async fn post_reload(shared: &Shared) -> AdminResponse {
-    let Some(reloads) = shared.reload.get() else {
+async fn post_reload(shared: &Context) -> AdminResponse {
+    let Some(reloads) = shared.reload.requests() else {
         return error(ErrorCode::AdminUnavailable, "reload is not running yet");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -354,18 +371,14 @@ async fn post_reload(shared: &Shared) -> AdminResponse {
     }
 }
 
-fn reload_status(shared: &Shared) -> AdminResponse {
-    let generation = shared.snapshot.load().generation;
-    let error = shared
-        .reload_status
-        .lock()
-        .ok()
-        .and_then(|s| s.last_error.clone());
+fn reload_status(shared: &Context) -> AdminResponse {
+    let generation = shared.snapshots.load().generation;
+    let error = shared.reload.status().last_error;
     let body = serde_json::json!({ "generation": generation, "last_error": error });
     with_type(StatusCode::OK, "application/json", body.to_string())
 }
 
-fn set_log_level(query: Option<&str>, shared: &Shared) -> AdminResponse {
+fn set_log_level(query: Option<&str>, shared: &Context) -> AdminResponse {
     let level = query
         .unwrap_or("")
         .split('&')

@@ -14,7 +14,7 @@
 //! apart from a connection's first bytes: a pure function, fuzzed in the
 //! suite; `peek` runs it on a live socket's peeked bytes, and [`classify`]
 //! decides a captured connection's path: HTTP (the listener's hyper path,
-//! bytes untouched) or L4 (`crate::l4`, with the SNI when it was TLS).
+//! bytes untouched) or L4 (the `l4` module, with the SNI when it was TLS).
 //!
 //! `iptables` runs once, from the command line; `classify` runs once per
 //! captured connection, on its worker, before any request.

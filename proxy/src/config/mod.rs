@@ -1,37 +1,49 @@
 //! Configuration: reading the TOML file, `${VAR}` interpolation, validation,
 //! and the immutable typed [`Config`] the rest of the proxy runs from.
 //!
-//! Runs on the control thread only. Loading never half-succeeds: every
-//! problem found is collected and reported together, each with the file,
-//! line and column it comes from, and nothing is applied unless all is well.
+//! Plain data only: every type here is `Clone + PartialEq` (so a reload
+//! tells "unchanged" with `==`), and nothing here resolves a name, loads a
+//! certificate or allocates runtime state. The `snapshot` module compiles
+//! a `Config` into what the workers serve from (route matchers, TLS
+//! material, resolved endpoints, cluster state); the problems it finds
+//! point into the file through the [`Site`]s kept here.
+//!
+//! Loading never half-succeeds: every problem found is collected and
+//! reported together, each with the file, line and column it comes from,
+//! and nothing is applied unless all is well.
 
+pub mod cluster;
+pub mod filter;
 mod interpolate;
+pub mod l4;
+pub mod route;
 pub mod schema;
+pub mod tls;
 pub mod trust;
 pub mod units;
 mod upstream;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cluster::{ClusterSettings, Discovery, RetryPolicy};
+pub use l4::{L4Config, TcpMatch};
+pub use route::RouteConfig;
 pub use schema::{
     Balance, CaptureMode, FailMode, ListenerProtocol, LogFormat, LogLevel, TraceProtocol,
     UpstreamProtocol,
 };
+pub use tls::{Allow, ClientTlsSettings, ServerTlsSettings};
 
-use crate::route::{self, RouteTable};
-use crate::tls::{
-    Allow, CertPaths, ClientTls, ClientTlsSettings, MinVersion, ServerTls, ServerTlsSettings,
-    SniCert,
-};
+use tls::{CertPaths, MinVersion, SniCert};
 
 /// The validated configuration. Cheap to share: held in an `Arc` by snapshots.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub path: PathBuf,
     /// The file as parsed (after interpolation), defaults filled in; `/config` shows it.
@@ -79,59 +91,28 @@ pub struct TracingConfig {
     pub service_name: String,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ListenerConfig {
     pub name: Arc<str>,
     pub bind: SocketAddr,
     pub pipeline: Vec<Arc<str>>,
     pub limits: ListenerLimits,
-    pub routes: RouteTable,
-    /// TLS termination. Holds the current certificates, which its file
-    /// watcher swaps in place: the one part of a config that changes.
-    pub tls: Option<Arc<ServerTls>>,
+    /// In file order (the first match wins).
+    pub routes: Vec<RouteConfig>,
+    /// TLS termination, loaded when a snapshot is compiled.
+    pub tls: Option<ServerTlsSettings>,
     /// Peer identities that may call this listener (`tls.allow`).
     pub allow: Option<Allow>,
-    /// Per route, same order as `routes`: who may use it (`allow`).
-    pub route_allow: Vec<Option<Allow>>,
     /// Peers whose forwarded headers are kept (`trust_forwarded`).
     pub trust_forwarded: trust::TrustedPeers,
-    /// TCP-level settings: L4 listeners and capture (plain data; `l4/`
-    /// and `capture/` act on it).
+    /// The `tls` table, for problems found loading it.
+    pub tls_site: Site,
+    /// TCP-level settings: L4 listeners and capture (`l4` and `capture`
+    /// act on them).
     pub l4: L4Config,
 }
 
-/// How a listener treats connections below HTTP.
-#[derive(Debug, Default)]
-pub struct L4Config {
-    pub protocol: ListenerProtocol,
-    pub capture: Option<CaptureMode>,
-    pub detect_protocol: bool,
-    pub opaque_ports: Vec<u16>,
-    /// `None`: off ("0s").
-    pub idle_timeout: Option<Duration>,
-    pub detect_timeout: Duration,
-    /// The TCP routes' matches: per route of `routes` on a `tcp` listener;
-    /// per route of `tcp_routes` on a capture listener.
-    pub matches: Vec<crate::l4::TcpMatch>,
-    /// A capture listener's TCP routes (matching by `sni`, `port`, `cidr`),
-    /// for the connections detection does not take for HTTP; its other
-    /// routes are in `routes`. Empty on other listeners.
-    pub tcp_routes: RouteTable,
-}
-
-impl L4Config {
-    pub fn is_tcp(&self) -> bool {
-        self.protocol == ListenerProtocol::Tcp
-    }
-}
-
-/// Whether a route matches TCP connections (`sni`, `port`, `cidr`).
-fn is_tcp_route(r: &schema::RouteDecl) -> bool {
-    let m = &r.matcher;
-    m.sni.is_some() || m.port.is_some() || m.cidr.is_some()
-}
-
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ListenerLimits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
@@ -147,6 +128,18 @@ pub struct ListenerLimits {
     pub h2_keepalive_timeout: Duration,
 }
 
+/// HTTP/2 keepalive defaults (listener limits `h2_keepalive_interval`,
+/// `h2_keepalive_timeout`): a PING after this long without a frame from the
+/// peer (idle connections too), and the connection is closed when the
+/// answer takes longer than the timeout. The timeout is generous because a
+/// PING queues behind the response bytes already in the send buffer: a
+/// healthy client downloading slowly must not be taken for a dead one (a
+/// client that stopped reading is the guard's, `stream_idle_timeout` after
+/// its writes stopped). The same values apply towards h2 upstreams
+/// (`upstream`).
+pub const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A route's deadline for the response headers when neither it nor its
 /// cluster sets one (Envoy's default).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -158,30 +151,103 @@ pub fn route_timeout(route: Option<Duration>, cluster: Option<Duration>) -> Opti
     (!t.is_zero()).then_some(t)
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ClusterConfig {
     pub name: Arc<str>,
-    /// The static list, or the first answer of file discovery; DNS
-    /// clusters start empty. The live set is in `state`.
-    pub endpoints: Vec<Endpoint>,
+    /// The static list as written; empty with discovery. Names are
+    /// resolved when a snapshot is compiled.
+    pub endpoints: Vec<EndpointAddress>,
     pub balance: Balance,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
-    /// TLS towards the endpoints (current client config swapped in place
-    /// by its file watcher).
-    pub tls: Option<Arc<ClientTls>>,
-    /// Discovery, health, outlier and circuit-breaker settings and the
-    /// live endpoint set, shared by the control thread and the workers.
-    pub state: Arc<crate::upstream::ClusterState>,
+    /// TLS towards the endpoints, loaded when a snapshot is compiled.
+    pub tls: Option<ClientTlsSettings>,
+    /// Discovery, hash key, health, outlier and circuit-breaker settings.
+    pub settings: ClusterSettings,
+    pub retry_budget: Option<schema::RetryBudgetDecl>,
+    /// Where problems found compiling this cluster point.
+    pub sites: ClusterSites,
 }
 
+/// An endpoint as written: `ip:port` or `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointAddress {
+    pub addr: String,
+    pub weight: u32,
+}
+
+/// A resolved endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
+}
+
+/// A position in the config file as written (1-based; 0: none), kept for
+/// problems found after validation (resolving, loading certificates).
+/// Never part of a value's identity: every `Site` equals every other, so
+/// moving a section in the file does not make it "changed".
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Site {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl PartialEq for Site {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Site {
+    /// A problem at this site.
+    pub fn problem(self, message: String) -> Problem {
+        Problem {
+            line: self.line,
+            column: self.column,
+            message,
+        }
+    }
+}
+
+/// The places of a cluster's `endpoints`, `discovery` and `tls`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ClusterSites {
+    pub endpoints: Site,
+    pub discovery: Site,
+    pub tls: Site,
+}
+
+/// What only a restart can change: the worker threads and the admin
+/// sockets live as long as the process, and so does the trace exporter.
+#[derive(Debug, PartialEq)]
+pub struct RestartOnly<'a> {
+    pub workers: usize,
+    pub admin_bind: SocketAddr,
+    pub admin_probes: Option<SocketAddr>,
+    pub tracing: Option<&'a TracingConfig>,
+}
+
+impl Config {
+    pub fn restart_only(&self) -> RestartOnly<'_> {
+        RestartOnly {
+            workers: self.workers,
+            admin_bind: self.admin.bind,
+            admin_probes: self.admin.probes,
+            tracing: self.tracing.as_ref(),
+        }
+    }
+
+    /// The problems of this config as a [`ConfigError`] of its file.
+    pub fn error(&self, problems: Vec<Problem>) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            problems,
+        }
+    }
 }
 
 /// Everything wrong with a config file, each with its position.
@@ -191,7 +257,7 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Problem {
     /// 1-based; 0 when the problem has no single place in the file.
     pub line: usize,
@@ -367,6 +433,12 @@ impl<'a> Validator<'a> {
             path,
             problems: Vec::new(),
         }
+    }
+
+    /// The position of `span` in the file as written.
+    fn site(&self, span: Range<usize>) -> Site {
+        let (line, column) = line_col(self.text, self.map.source(span.start));
+        Site { line, column }
     }
 
     fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
@@ -552,7 +624,9 @@ impl<'a> Validator<'a> {
         let mut out = Vec::with_capacity(file.clusters.len());
         for (name, decl) in &file.clusters {
             let mut endpoints = Vec::new();
+            let mut sites = ClusterSites::default();
             if let Some(list) = &decl.endpoints {
+                sites.endpoints = self.site(list.span());
                 for ep in list.get_ref() {
                     let (address, weight) = match ep {
                         schema::EndpointDecl::Address(a) => (a.as_str(), 1),
@@ -560,13 +634,20 @@ impl<'a> Validator<'a> {
                             (address.as_str(), *weight)
                         }
                     };
-                    match resolve(address) {
-                        Ok(addr) => endpoints.push(Endpoint { addr, weight }),
-                        Err(e) => self.at(
+                    // Names are resolved when the snapshot is compiled;
+                    // what needs no lookup is checked here.
+                    if address.parse::<SocketAddr>().is_err() && !address.contains(':') {
+                        self.at(
                             Some(list.span()),
-                            format!("cluster \"{name}\": endpoint \"{address}\": {e}"),
-                        ),
+                            format!(
+                                "cluster \"{name}\": endpoint \"{address}\": expected host:port"
+                            ),
+                        );
                     }
+                    endpoints.push(EndpointAddress {
+                        addr: address.to_string(),
+                        weight,
+                    });
                 }
                 if list.get_ref().is_empty() {
                     self.at(
@@ -575,17 +656,14 @@ impl<'a> Validator<'a> {
                     );
                 }
             }
-            let settings = self.cluster_settings(name, decl, &mut endpoints);
-            let budget = decl
-                .retry_budget
-                .as_ref()
-                .map(crate::upstream::RetryBudget::new);
-            let state = Arc::new(crate::upstream::ClusterState::new(
-                name.as_str().into(),
-                settings,
-                &endpoints,
-                budget,
-            ));
+            if let Some(d) = &decl.discovery {
+                sites.discovery = self.site(d.span());
+            }
+            let settings = self.cluster_settings(name, decl);
+            let tls = decl.tls.as_ref().and_then(|t| {
+                sites.tls = self.site(t.span());
+                self.cluster_tls(name, decl.protocol, t)
+            });
             out.push(ClusterConfig {
                 name: name.as_str().into(),
                 endpoints,
@@ -595,11 +673,10 @@ impl<'a> Validator<'a> {
                 timeout: decl.timeout.map(|d| d.0),
                 pool_idle_timeout: decl.pool_idle_timeout.0,
                 pool_max_idle: decl.pool_max_idle,
-                tls: decl
-                    .tls
-                    .as_ref()
-                    .and_then(|t| self.cluster_tls(name, decl.protocol, t)),
-                state,
+                tls,
+                settings,
+                retry_budget: decl.retry_budget.clone(),
+                sites,
             });
         }
         out
@@ -607,7 +684,7 @@ impl<'a> Validator<'a> {
 
     /// `[filters.NAME] limits` the engine cannot honour.
     fn filter_limits(&mut self, file: &schema::File) {
-        let max = crate::filter::HostLimits::MAX_HEADERS;
+        let max = filter::HostLimits::MAX_HEADERS;
         for (name, decl) in &file.filters {
             if decl.limits.headers > max {
                 self.at(
@@ -629,14 +706,14 @@ impl<'a> Validator<'a> {
         let mut out: Vec<ListenerConfig> = Vec::new();
         // Routes may name the built-in passthrough cluster.
         let mut with_builtin = clusters.clone();
-        if file.clusters.contains_key(route::PASSTHROUGH_NAME) {
+        if file.clusters.contains_key(l4::PASSTHROUGH_NAME) {
             self.at_key(
-                &format!("clusters.{}", route::PASSTHROUGH_NAME),
+                &format!("clusters.{}", l4::PASSTHROUGH_NAME),
                 None,
                 "cluster \"passthrough\" is built in (each connection's original destination); name yours differently",
             );
         }
-        with_builtin.insert(route::PASSTHROUGH_NAME, route::PASSTHROUGH);
+        with_builtin.insert(l4::PASSTHROUGH_NAME, l4::PASSTHROUGH);
         let clusters = &with_builtin;
         for decl in &file.listeners {
             if out.iter().any(|l| *l.name == *decl.name) {
@@ -698,12 +775,18 @@ impl<'a> Validator<'a> {
                 Some(t) => self.listener_tls(&decl.name, t),
                 None => (None, None),
             };
-            let mutual = tls.as_ref().is_some_and(|t| t.requires_client_cert());
+            let tls_site = decl
+                .tls
+                .as_ref()
+                .map(|t| self.site(t.span()))
+                .unwrap_or_default();
+            let mutual = tls
+                .as_ref()
+                .is_some_and(ServerTlsSettings::requires_client_cert);
             let mut routes = Vec::new();
             let mut tcp_matches = Vec::new();
             let mut capture_routes = Vec::new();
             let mut capture_matches = Vec::new();
-            let mut route_allow = Vec::new();
             self.l4_listener(decl);
             for (i, r) in decl.routes.iter().enumerate() {
                 if let Some(a) = &r.allow {
@@ -722,8 +805,8 @@ impl<'a> Validator<'a> {
                 // On a capture listener, a route matching by `sni`, `port`
                 // or `cidr` is a TCP route (for what detection does not
                 // take for HTTP); the others are HTTP routes.
-                let captured_tcp = decl.capture.is_some() && is_tcp_route(r);
-                match route::compile(i, r, clusters) {
+                let captured_tcp = decl.capture.is_some() && l4::is_tcp_route(r);
+                match route::validate(i, r, clusters) {
                     Ok(route) if captured_tcp => {
                         capture_routes.push(route);
                         capture_matches.push(tcp_match);
@@ -731,7 +814,6 @@ impl<'a> Validator<'a> {
                     Ok(route) => {
                         routes.push(route);
                         tcp_matches.push(tcp_match);
-                        route_allow.push(r.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())));
                     }
                     Err(e) => {
                         let message =
@@ -777,11 +859,11 @@ impl<'a> Validator<'a> {
                     h2_keepalive_interval: nonzero(l.h2_keepalive_interval.0),
                     h2_keepalive_timeout: l.h2_keepalive_timeout.0,
                 },
-                routes: RouteTable::new(routes),
+                routes,
                 tls,
                 allow,
-                route_allow,
                 trust_forwarded: self.trust_forwarded(decl),
+                tls_site,
                 l4: L4Config {
                     protocol: decl.protocol,
                     capture: decl.capture.as_ref().map(|c| *c.get_ref()),
@@ -794,7 +876,7 @@ impl<'a> Validator<'a> {
                     } else {
                         tcp_matches
                     },
-                    tcp_routes: RouteTable::new(capture_routes),
+                    tcp_routes: capture_routes,
                 },
             });
         }
@@ -830,7 +912,7 @@ impl Validator<'_> {
         decl: &schema::ListenerDecl,
         index: usize,
         r: &schema::RouteDecl,
-    ) -> crate::l4::TcpMatch {
+    ) -> TcpMatch {
         let m = &r.matcher;
         let tcp_keys = m.sni.is_some() || m.port.is_some() || m.cidr.is_some();
         let http_keys = m.host.is_some()
@@ -855,7 +937,7 @@ impl Validator<'_> {
                 self.at_route(at, index, format!("listener \"{name}\", route {}: a route matches HTTP requests (host, path, ...) or TCP connections (sni, port, cidr), not both", index + 1));
             }
         }
-        match crate::l4::TcpMatch::compile(m) {
+        match TcpMatch::compile(m) {
             Ok(t) => t,
             Err(e) => {
                 let span = m.cidr.as_ref().map(toml::Spanned::span);
@@ -864,7 +946,7 @@ impl Validator<'_> {
                     Some(s) => self.at(Some(s), message),
                     None => self.at_route(at, index, message),
                 }
-                crate::l4::TcpMatch::default()
+                TcpMatch::default()
             }
         }
     }
@@ -905,7 +987,7 @@ impl Validator<'_> {
         &mut self,
         name: &str,
         decl: &toml::Spanned<schema::ListenerTlsDecl>,
-    ) -> (Option<Arc<ServerTls>>, Option<Allow>) {
+    ) -> (Option<ServerTlsSettings>, Option<Allow>) {
         let span = Some(decl.span());
         let t = decl.get_ref();
         let before = self.problems.len();
@@ -968,13 +1050,7 @@ impl Validator<'_> {
                 schema::TlsVersion::Tls13 => MinVersion::Tls13,
             },
         };
-        match ServerTls::load(settings) {
-            Ok(tls) => (Some(Arc::new(tls)), t.allow.clone().map(Allow::new)),
-            Err(e) => {
-                self.at(span, format!("listener \"{name}\": tls: {e}"));
-                (None, None)
-            }
-        }
+        (Some(settings), t.allow.clone().map(Allow::new))
     }
 
     fn cluster_tls(
@@ -982,7 +1058,7 @@ impl Validator<'_> {
         name: &str,
         protocol: UpstreamProtocol,
         decl: &toml::Spanned<schema::ClusterTlsDecl>,
-    ) -> Option<Arc<ClientTls>> {
+    ) -> Option<ClientTlsSettings> {
         let span = Some(decl.span());
         let t = decl.get_ref();
         let client = match (&t.cert, &t.key) {
@@ -1015,28 +1091,8 @@ impl Validator<'_> {
             insecure_skip_verify: t.insecure_skip_verify,
             h2: protocol == UpstreamProtocol::Http2,
         };
-        match ClientTls::load(settings) {
-            Ok(tls) => Some(Arc::new(tls)),
-            Err(e) => {
-                self.at(span, format!("cluster \"{name}\": tls: {e}"));
-                None
-            }
-        }
+        Some(settings)
     }
-}
-
-fn resolve(address: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = address.parse() {
-        return Ok(addr);
-    }
-    if !address.contains(':') {
-        return Err("expected host:port".into());
-    }
-    address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve: {e}"))?
-        .next()
-        .ok_or_else(|| "resolves to no address".into())
 }
 
 #[cfg(test)]

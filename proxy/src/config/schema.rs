@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use super::units::{Dur, Size};
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
     #[serde(default)]
@@ -32,7 +32,7 @@ pub struct File {
     pub clusters: BTreeMap<String, ClusterDecl>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
     /// Worker threads; 0 means one per core.
@@ -60,7 +60,7 @@ impl Default for ProxySection {
 /// `[admin]`: the admin API (see `admin/`). `bind` and `probes` are
 /// restart-only (their sockets live as long as the process); `token` is
 /// hot-reloadable.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// Every endpoint; loopback by default.
@@ -101,7 +101,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     pub level: LogLevel,
@@ -138,7 +138,7 @@ pub enum LogFormat {
 
 /// `[tracing]`: spans exported over OTLP. Restart-only: the exporter and its
 /// thread are set up once at start-up.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingSection {
     /// `http://host:port` of the collector (gRPC), or its `/v1/traces` URL (HTTP).
@@ -167,7 +167,7 @@ pub enum TraceProtocol {
 
 // ---- filters ----------------------------------------------------------------
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterDecl {
     /// File name inside `filters_dir`.
@@ -190,7 +190,7 @@ pub enum FailMode {
     Closed,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FilterLimits {
     /// CPU time one callback may use.
@@ -228,7 +228,7 @@ pub struct FilterLimits {
 
 impl Default for FilterLimits {
     fn default() -> Self {
-        use crate::filter::HostLimits as H;
+        use super::filter::HostLimits as H;
         let size = |n: usize| Size(n as u64);
         Self {
             cpu: Dur(std::time::Duration::from_millis(50)),
@@ -252,9 +252,9 @@ impl Default for FilterLimits {
 
 impl FilterLimits {
     /// The engine's host-call caps (sizes past `usize` saturate).
-    pub fn host_limits(&self) -> crate::filter::HostLimits {
+    pub fn host_limits(&self) -> super::filter::HostLimits {
         let size = |s: Size| usize::try_from(s.0).unwrap_or(usize::MAX);
-        crate::filter::HostLimits {
+        super::filter::HostLimits {
             headers: self.headers,
             header_bytes: size(self.header_bytes),
             log_bytes: size(self.log_bytes),
@@ -271,7 +271,7 @@ impl FilterLimits {
 
 // ---- listeners and routes ------------------------------------------------------
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerDecl {
     pub name: String,
@@ -335,7 +335,7 @@ pub enum CaptureMode {
 /// Paths are relative to the config file. Hot-reloadable: the files reload
 /// when they change, and a config reload applies the table to new
 /// connections (open ones keep what they negotiated).
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsDecl {
     /// Default certificate chain (PEM), served when no `certs` entry matches the SNI.
@@ -353,7 +353,7 @@ pub struct ListenerTlsDecl {
     pub min_version: TlsVersion,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniCertDecl {
     /// Host name, or `*.example.com` for any subdomain.
@@ -371,7 +371,7 @@ pub enum TlsVersion {
     Tls13,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerLimits {
     /// Concurrent downstream connections; more are answered 503 and closed.
@@ -416,15 +416,15 @@ impl Default for ListenerLimits {
             idle_timeout: Dur(std::time::Duration::from_secs(60)),
             stream_idle_timeout: Dur(std::time::Duration::from_secs(300)),
             request_timeout: Dur(std::time::Duration::ZERO),
-            h2_keepalive_interval: Dur(crate::listener::H2_KEEPALIVE_INTERVAL),
-            h2_keepalive_timeout: Dur(crate::listener::H2_KEEPALIVE_TIMEOUT),
+            h2_keepalive_interval: Dur(super::H2_KEEPALIVE_INTERVAL),
+            h2_keepalive_timeout: Dur(super::H2_KEEPALIVE_TIMEOUT),
             tcp_idle_timeout: Dur(std::time::Duration::from_secs(3600)),
             detect_timeout: Dur(std::time::Duration::from_millis(500)),
         }
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteDecl {
     pub name: Option<String>,
@@ -445,7 +445,7 @@ pub struct RouteDecl {
     pub retry: Option<RetryDecl>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchDecl {
     /// Host without port, case-insensitive; `*.example.com` matches subdomains.
@@ -466,7 +466,7 @@ pub struct MatchDecl {
     pub cidr: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedClusterDecl {
     pub name: Spanned<String>,
@@ -475,7 +475,7 @@ pub struct WeightedClusterDecl {
 
 // ---- clusters ----------------------------------------------------------------------
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterDecl {
     /// A static list; exactly one of `endpoints` and `discovery` is set.
@@ -516,7 +516,7 @@ pub struct ClusterDecl {
 /// `tls = { ca, cert, key, sni, expect_identity, insecure_skip_verify }` on a
 /// cluster. Paths are relative to the config file. Hot-reloadable like the
 /// listener's: new upstream connections use the current files and table.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterTlsDecl {
     /// CA bundle (PEM) to verify endpoints against; absent: the webpki roots.
@@ -536,7 +536,7 @@ pub struct ClusterTlsDecl {
 
 /// `discovery = { dns = "name", port = 80 }`, `{ srv = "_http._tcp.name" }`
 /// or `{ file = "endpoints.toml" }`, with refresh bounds for DNS.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryDecl {
     /// A/AAAA records of this name.
@@ -558,7 +558,7 @@ pub struct DiscoveryDecl {
 
 /// `hash_key = { header = "x-user" }`, `{ cookie = "session" }` or
 /// `{ source_ip = true }`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashKeyDecl {
     pub header: Option<String>,
@@ -567,7 +567,7 @@ pub struct HashKeyDecl {
     pub source_ip: bool,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthDecl {
     /// Path of the HTTP GET; any 2xx is healthy.
@@ -584,7 +584,7 @@ pub struct HealthDecl {
     pub healthy: u32,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDecl {
     /// Consecutive 5xx answers or connect failures/resets that eject.
@@ -598,7 +598,7 @@ pub struct OutlierDecl {
     pub max_ejection_percent: u32,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterLimitsDecl {
     /// Open connections to the cluster (all workers together).
@@ -609,7 +609,7 @@ pub struct ClusterLimitsDecl {
     pub max_requests: Option<usize>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetDecl {
     /// Retries may add this share of the requests.
@@ -620,7 +620,7 @@ pub struct RetryBudgetDecl {
 }
 
 /// `retry = { on = [...], attempts = 2, per_try_timeout = "500ms" }` on a route.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryDecl {
     pub on: Vec<RetryOn>,
@@ -693,7 +693,7 @@ fn default_pool_max_idle() -> usize {
     64
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum EndpointDecl {
     Address(String),

@@ -1,27 +1,25 @@
 //! Validation of the upstream keys of a cluster: `discovery`, `hash_key`,
-//! `health`, `outlier`, `limits`, `decay`. Control thread, at load time;
-//! every problem is reported with its position, like the rest of the
-//! config.
+//! `health`, `outlier`, `limits`, `decay`, into the plain settings of
+//! [`super::cluster`]. Every problem is reported with its position, like
+//! the rest of the config.
 
 use std::time::Duration;
 
 use http::HeaderName;
 
-use super::{schema, Endpoint, Validator};
+use super::cluster::{
+    self as discovery, ClusterSettings, Discovery, DnsSettings, HashKey, HealthSettings, Limits,
+    OutlierSettings,
+};
+use super::{schema, Validator};
 use crate::config::Balance;
-use crate::upstream::discovery::{self, Discovery, DnsSettings};
-use crate::upstream::health::HealthSettings;
-use crate::upstream::outlier::OutlierSettings;
-use crate::upstream::{ClusterSettings, HashKey, Limits};
 
 impl Validator<'_> {
-    /// The typed settings of cluster `name`; for file discovery, also
-    /// reads the file's first version into `endpoints`.
+    /// The typed settings of cluster `name`.
     pub(super) fn cluster_settings(
         &mut self,
         name: &str,
         decl: &schema::ClusterDecl,
-        endpoints: &mut Vec<Endpoint>,
     ) -> ClusterSettings {
         let discovery = match (&decl.endpoints, &decl.discovery) {
             (Some(list), Some(_)) => {
@@ -40,7 +38,7 @@ impl Validator<'_> {
                 Discovery::Static
             }
             (Some(_), None) => Discovery::Static,
-            (None, Some(d)) => self.discovery(name, d, endpoints),
+            (None, Some(d)) => self.discovery(name, d),
         };
         let hash_key = match &decl.hash_key {
             Some(k) => self.hash_key(name, k),
@@ -55,20 +53,17 @@ impl Validator<'_> {
                 None
             }
         };
-        let health = decl
-            .health
-            .as_ref()
-            .and_then(|h| match HealthSettings::from_decl(h) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    self.at_key(
-                        &format!("clusters.{name}"),
-                        Some("health"),
-                        format!("cluster \"{name}\": {e}"),
-                    );
-                    None
-                }
-            });
+        let health = decl.health.as_ref().and_then(|h| match health_settings(h) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                self.at_key(
+                    &format!("clusters.{name}"),
+                    Some("health"),
+                    format!("cluster \"{name}\": {e}"),
+                );
+                None
+            }
+        });
         self.cluster_counts(name, decl);
         if decl.decay.0.is_zero() {
             self.at_key(
@@ -94,7 +89,11 @@ impl Validator<'_> {
             discovery,
             hash_key,
             health,
-            outlier: decl.outlier.as_ref().map(OutlierSettings::from_decl),
+            outlier: decl.outlier.as_ref().map(|o| OutlierSettings {
+                consecutive_failures: o.consecutive_failures.max(1),
+                base_ejection: o.base_ejection.0,
+                max_ejection_percent: o.max_ejection_percent.min(100),
+            }),
             limits: Limits {
                 max_connections: l.max_connections,
                 max_pending: l.max_pending,
@@ -170,12 +169,7 @@ impl Validator<'_> {
         }
     }
 
-    fn discovery(
-        &mut self,
-        name: &str,
-        decl: &toml::Spanned<schema::DiscoveryDecl>,
-        endpoints: &mut Vec<Endpoint>,
-    ) -> Discovery {
+    fn discovery(&mut self, name: &str, decl: &toml::Spanned<schema::DiscoveryDecl>) -> Discovery {
         let span = Some(decl.span());
         let d = decl.get_ref();
         let sources = [d.dns.is_some(), d.srv.is_some(), d.file.is_some()];
@@ -200,12 +194,8 @@ impl Validator<'_> {
                     format!("cluster \"{name}\": port, refresh and nameserver belong to DNS discovery, not to `file`"),
                 );
             }
-            let path = self.file(file);
-            match discovery::read_endpoints_file(&path) {
-                Ok(list) => *endpoints = list,
-                Err(e) => self.at(span, format!("cluster \"{name}\": discovery: {e}")),
-            }
-            return Discovery::File(path);
+            // Read when the snapshot is compiled.
+            return Discovery::File(self.file(file));
         }
         let (host, srv) = match (&d.dns, &d.srv) {
             (Some(h), _) => (h.clone(), false),
@@ -311,4 +301,20 @@ fn balance_name(b: Balance) -> &'static str {
         Balance::RingHash => "ring_hash",
         Balance::Maglev => "maglev",
     }
+}
+
+fn health_settings(d: &schema::HealthDecl) -> Result<HealthSettings, String> {
+    if !d.path.starts_with('/') {
+        return Err(format!("health.path \"{}\" must start with /", d.path));
+    }
+    if d.interval.0.is_zero() {
+        return Err("health.interval must be more than 0".into());
+    }
+    Ok(HealthSettings {
+        path: d.path.clone(),
+        interval: d.interval.0,
+        timeout: d.timeout.0,
+        unhealthy: d.unhealthy.max(1),
+        healthy: d.healthy.max(1),
+    })
 }

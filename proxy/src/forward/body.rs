@@ -5,7 +5,9 @@
 //! upstream takes it), counts bytes, enforces the listener's size limit,
 //! enforces the stream's deadlines while the client is the one to wait for,
 //! and tags its errors as the client's fault so the error mapping can answer
-//! 400/408/413 instead of blaming the upstream. [`Tracked`] wraps any body and
+//! 400/408/413 instead of blaming the upstream. Which bodies are read whole
+//! first, so a retry can send them again, is decided here too
+//! ([`should_keep_body`]). [`Tracked`] wraps any body and
 //! runs a callback when it is dropped, which is when hyper is done with it.
 
 use std::pin::Pin;
@@ -27,7 +29,7 @@ pub enum DownstreamBodyError {
     #[error("request body is larger than the listener's limit of {0} bytes")]
     TooLarge(u64),
     #[error("invalid request body: {0}")]
-    Invalid(#[source] hyper::Error),
+    Invalid(#[source] BoxError),
     /// The client stopped sending (`stream_idle_timeout`) or was too slow
     /// overall (`request_timeout`).
     #[error("{0}")]
@@ -41,6 +43,39 @@ impl DownstreamBodyError {
             Self::Invalid(e) => ProxyError::BadRequest(format!("invalid request body: {e}")),
             Self::Cut(cut) => ProxyError::Cut(*cut),
         }
+    }
+}
+
+/// Request bodies up to this size are kept for retries.
+pub(super) const REPLAY_LIMIT: u64 = 64 << 10;
+
+/// Whether to read the request body whole before the first try, so it
+/// can be sent again: the route retries, the body is declared small, and
+/// no filter reads it (filters see the body as it streams).
+pub(super) fn should_keep_body(
+    policy: Option<&crate::upstream::RetryPolicy>,
+    parts: &http::request::Parts,
+    empty: bool,
+    upgrade: bool,
+    filtered: bool,
+) -> bool {
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    policy.is_some_and(|p| p.attempts > 0)
+        && !empty
+        && !upgrade
+        && !filtered
+        && declared.is_some_and(|n| n <= REPLAY_LIMIT)
+}
+
+/// The error to answer when reading a kept body failed.
+pub(super) fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
+    match crate::upstream::find_cause::<DownstreamBodyError>(err) {
+        Some(d) => d.to_proxy_error(),
+        None => ProxyError::BadRequest(format!("cannot read the request body: {err}")),
     }
 }
 
@@ -75,7 +110,8 @@ impl<B: Body> RequestBody<B> {
 
 impl<B> Body for RequestBody<B>
 where
-    B: Body<Data = Bytes, Error = hyper::Error>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -113,9 +149,10 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                Poll::Ready(Some(Err(DownstreamBodyError::Invalid(e).into())))
+                Poll::Ready(Some(Err(DownstreamBodyError::Invalid(e.into()).into())))
             }
-            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -12,8 +12,9 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use super::body::DownstreamBodyError;
 use crate::errors::ErrorCode;
-use crate::upstream::ProxyBody;
+use crate::upstream::{find_cause, ProxyBody, SendError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -68,6 +69,68 @@ pub enum ProxyError {
     /// A stream deadline passed before the response started.
     #[error("{0}")]
     Cut(super::deadline::Cut),
+}
+
+/// A failed try, as the client hears of it. `upstream` decided whose
+/// fault it was; a request body that failed is answered as the client's
+/// fault when it was (too large, malformed, too slow).
+impl From<SendError> for ProxyError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Connect {
+                cluster,
+                addr,
+                reason,
+            } => Self::UpstreamConnect {
+                cluster: cluster.to_string(),
+                addr,
+                reason,
+            },
+            SendError::Timeout {
+                cluster,
+                addr,
+                after,
+            } => Self::UpstreamTimeout {
+                cluster: cluster.to_string(),
+                addr,
+                after,
+            },
+            SendError::Reset {
+                cluster,
+                addr,
+                reason,
+            } => Self::UpstreamReset {
+                cluster: cluster.to_string(),
+                addr,
+                reason,
+            },
+            SendError::Tls {
+                cluster,
+                addr,
+                reason,
+            } => Self::UpstreamTls {
+                cluster: cluster.to_string(),
+                addr,
+                reason,
+            },
+            e @ SendError::Overflow { .. } => Self::Overflow(e.to_string()),
+            SendError::Body {
+                cluster,
+                addr,
+                reason,
+                source,
+            } => match find_cause::<DownstreamBodyError>(&*source) {
+                Some(d) => d.to_proxy_error(),
+                // A filter's answer mid-body (its answer replaces this one).
+                None => Self::UpstreamReset {
+                    cluster: cluster.to_string(),
+                    addr,
+                    reason,
+                },
+            },
+            e @ SendError::Address { .. } => Self::BadRequest(e.to_string()),
+        }
+    }
 }
 
 impl ProxyError {

@@ -1,13 +1,14 @@
 //! Bodies through the Wasm filter chain.
 //!
-//! The header phases run inline in [`super::forward`]; this module carries
+//! The header phases run inline in `super::phases`; this module carries
 //! the chain along the bodies, which hyper polls from other tasks of the same
 //! worker (the upstream connection task polls the request body, the
 //! downstream connection task the response body). The chain is therefore
-//! shared per request behind a mutex that only this request's tasks, all on
-//! one thread, ever take: it is never contended. While an async header
-//! phase has the chain out of the slot, a body chunk passes unfiltered
-//! (only possible when the upstream answers before the request body ended).
+//! shared per request behind an async mutex that only this request's tasks,
+//! all on one thread, ever take. A header phase holds it across its awaits;
+//! the bodies only try it, never wait: while a header phase runs, a body
+//! chunk passes unfiltered (only possible when the upstream answers before
+//! the request body ended).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,8 @@ pub struct SharedChain {
 }
 
 struct Inner {
-    chain: Mutex<Option<StreamFilters>>,
+    /// `None` once the stream has ended ([`SharedChain::finish`]).
+    chain: futures_util::lock::Mutex<Option<StreamFilters>>,
     /// A local response a filter made while the request body streamed.
     local: Mutex<Option<http::Response<Bytes>>>,
     request_bytes: AtomicU64,
@@ -44,27 +46,39 @@ impl SharedChain {
     pub fn new(chain: StreamFilters) -> Self {
         Self {
             inner: Arc::new(Inner {
-                chain: Mutex::new(Some(chain)),
+                chain: futures_util::lock::Mutex::new(Some(chain)),
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Takes the chain out for an async phase; give it back with [`Self::put`].
-    pub fn take(&self) -> Option<StreamFilters> {
-        self.inner.chain.lock().ok()?.take()
+    /// Runs the request-header filters; `None` once the stream ended.
+    pub async fn request_headers(
+        &self,
+        head: &mut http::request::Parts,
+        end_of_stream: bool,
+    ) -> Option<Verdict> {
+        let mut slot = self.inner.chain.lock().await;
+        Some(slot.as_mut()?.request_headers(head, end_of_stream).await)
     }
 
-    pub fn put(&self, chain: StreamFilters) {
-        if let Ok(mut slot) = self.inner.chain.lock() {
-            *slot = Some(chain);
-        }
+    /// Runs the response-header filters; `None` once the stream ended.
+    /// While they run, a request body chunk still on its way passes
+    /// unfiltered (see the module docs).
+    pub async fn response_headers(
+        &self,
+        head: &mut http::response::Parts,
+        end_of_stream: bool,
+    ) -> Option<Verdict> {
+        let mut slot = self.inner.chain.lock().await;
+        Some(slot.as_mut()?.response_headers(head, end_of_stream).await)
     }
 
-    /// Runs `f` on the chain if it is in its slot.
+    /// Runs `f` on the chain unless a header phase has it (or the stream
+    /// ended); never waits.
     pub fn with<R>(&self, f: impl FnOnce(&mut StreamFilters) -> R) -> Option<R> {
-        let mut slot = self.inner.chain.lock().ok()?;
+        let mut slot = self.inner.chain.try_lock()?;
         slot.as_mut().map(f)
     }
 
@@ -73,9 +87,21 @@ impl SharedChain {
     }
 
     /// Ends the stream for the filters (`on_log`, `on_done`, `on_delete`).
+    /// Called when hyper drops the response body, after every header phase
+    /// has returned; a second call finds the stream already ended.
     pub fn finish(&self, response_bytes: u64) {
-        let chain = self.take();
-        if let Some(chain) = chain {
+        let Some(mut slot) = self.inner.chain.try_lock() else {
+            // A header phase still holds the chain: its future outlived the
+            // response it was producing (not expected: they all end before
+            // `serve` returns). The filters then get no on_log/on_done; say
+            // so rather than lose them silently. No debug_assert: this runs
+            // in a body's drop, where a panic would abort.
+            tracing::warn!(
+                "filter chain busy when the stream ended: on_log and on_done skipped for this request"
+            );
+            return;
+        };
+        if let Some(chain) = slot.take() {
             chain.finish(
                 self.inner.request_bytes.load(Ordering::Relaxed),
                 response_bytes,

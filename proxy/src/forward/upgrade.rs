@@ -34,7 +34,7 @@ pub fn tunnel(
         // the upstream side never touches the client side to notice.
         tokio::select! {
             () = joined => {}
-            () = crate::listener::drain_deadline_passed(drain_deadline) => {
+            () = crate::lifecycle::drain_deadline_passed(drain_deadline) => {
                 tracing::debug!("upgraded tunnel closed: the listener's drain timeout passed");
             }
         }

@@ -32,9 +32,7 @@
 //! they are counted in `wasp_proxy_errors_total` with their code and logged
 //! once; every proxied connection has one access log line at its end.
 
-mod route;
-
-pub use route::TcpMatch;
+pub use crate::route::TcpMatch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,9 +46,9 @@ use crate::capture::relay::{relay_tapped, RelayEnd, Tapped, CLOSED_BY_TAP};
 use crate::errors::ErrorCode;
 use crate::filter::network::{NetVerdict, Side};
 use crate::route::PASSTHROUGH;
-use crate::server::Shared;
+use crate::snapshot::Snapshots;
 use crate::upstream::balance::PickContext;
-use crate::upstream::{Admission, Upstream, PASSTHROUGH_CONNECT_TIMEOUT};
+use crate::upstream::{Admission, Upstream, WorkerPools, PASSTHROUGH_CONNECT_TIMEOUT};
 
 /// Endpoints tried per connection when connecting fails.
 pub const CONNECT_TRIES: usize = 3;
@@ -79,54 +77,44 @@ struct Refused {
     why: String,
 }
 
-/// Proxies one connection to its end. `close` is the listener's "drain
-/// deadline passed" signal.
+/// Proxies one connection to its end, on the worker that accepted it
+/// (`pools` are that worker's). `close` is the listener's "drain deadline
+/// passed" signal.
 pub async fn proxy(
-    shared: Arc<Shared>,
+    snapshots: &Snapshots,
+    pools: &WorkerPools,
     listener: Arc<str>,
     conn: Accepted,
     close: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
-    let snapshot = shared.snapshot.load_full();
-    let Some(li) = snapshot.listener_index(&listener) else {
+    let snapshot = snapshots.load_full();
+    // The listener's settings (through `Deref`), TCP routes and series.
+    let Some(cfg) = snapshot.listener(&listener) else {
         return;
     };
-    let (Some(cfg), Some(runtime)) = (
-        snapshot.config.listeners.get(li),
-        snapshot.listeners.get(li),
-    ) else {
-        return;
-    };
+    let runtime = cfg;
     let mut sni = conn.sni.clone();
-    if !conn.sniffed && cfg.l4.matches.iter().any(TcpMatch::wants_sni) {
+    if !conn.sniffed && cfg.tcp_routes.iter().any(|r| r.matcher.wants_sni()) {
         if let Detection::Tls(hello) =
             crate::capture::peek::sniff(&conn.stream, cfg.l4.detect_timeout).await
         {
             sni = hello.sni;
         }
     }
-    // A capture listener keeps its TCP routes apart from its HTTP ones.
-    let table = if cfg.l4.is_tcp() {
-        &cfg.routes
-    } else {
-        &cfg.l4.tcp_routes
-    };
     let routed = cfg
-        .l4
-        .matches
+        .tcp_routes
         .iter()
-        .position(|m| m.matches(conn.dst, sni.as_deref()))
-        .and_then(|i| Some((i, table.routes().get(i)?)));
+        .find(|r| r.matcher.matches(conn.dst, sni.as_deref()));
     let (route_name, cluster_id, stats) = match routed {
-        Some((i, route)) => {
-            let c = route.pick_cluster(rand::random());
-            let stats = runtime
-                .tcp_stats
-                .get(i)
-                .and_then(|r| r.iter().find(|(id, _)| *id == c))
+        Some(tcp) => {
+            let c = tcp.route.pick_cluster(rand::random());
+            let stats = tcp
+                .stats
+                .iter()
+                .find(|(id, _)| *id == c)
                 .map(|(_, s)| s.clone());
-            (route.name.clone(), c, stats)
+            (tcp.route.name.clone(), c, stats)
         }
         None if conn.original_dst.is_some() => (
             Arc::from(crate::route::PASSTHROUGH_NAME),
@@ -146,7 +134,7 @@ pub async fn proxy(
             return;
         }
     };
-    let upstreams = crate::server::worker_upstreams(&shared, &snapshot);
+    let upstreams = pools.upstreams(snapshot.generation, &snapshot.clusters);
     let Some(upstream) = upstreams.get(cluster_id) else {
         runtime.stats.error(ErrorCode::UnknownCluster);
         return;
@@ -239,7 +227,7 @@ pub async fn proxy(
         conn.stream,
         server,
         idle,
-        crate::listener::drain_deadline_passed(close),
+        crate::lifecycle::drain_deadline_passed(close),
         (
             |n| {
                 if let Some(c) = &up {

@@ -53,7 +53,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::errors::ErrorCode;
 use crate::forward::{self, Activity, ConnCtx};
-use crate::server::Shared;
+use crate::lifecycle::Lifecycle;
+use crate::snapshot::Snapshots;
+use crate::telemetry::Metrics;
+use crate::upstream::WorkerPools;
 use guard::Guarded;
 pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 
@@ -63,18 +66,6 @@ pub use set::{ListenerSet, Plan, Retire, Serve, WorkerListeners};
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
-
-/// HTTP/2 keepalive defaults (listener limits `h2_keepalive_interval`,
-/// `h2_keepalive_timeout`): a PING after this long without a frame from the
-/// peer (idle connections too), and the connection is closed when the
-/// answer takes longer than the timeout. The timeout is generous because a
-/// PING queues behind the response bytes already in the send buffer: a
-/// healthy client downloading slowly must not be taken for a dead one (a
-/// client that stopped reading is the guard's, `stream_idle_timeout` after
-/// its writes stopped). The same values apply towards h2 upstreams
-/// (`upstream`).
-pub(crate) const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
-pub(crate) const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Binds `workers` sockets on `addr` with `SO_REUSEPORT`. With port 0 the
 /// first socket picks the port and the others share it. Accepted sockets
@@ -108,18 +99,24 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
 /// is retired (removed by a reload), then drains: no new connections, open
 /// ones close after their current request, in-flight requests finish and
 /// tunnels end, up to the drain timeout; then the rest are closed.
-pub async fn serve(job: Serve, shared: Arc<Shared>) {
+/// What one worker's serve loops work with: the published snapshots, the
+/// drain signals, the metrics and the worker's own upstream pools.
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub snapshots: Arc<Snapshots>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Arc<Metrics>,
+    pub pools: Arc<WorkerPools>,
+}
+
+pub async fn serve(job: Serve, worker: Worker) {
     let Serve {
         name,
         outbound,
         socket,
         retire,
     } = job;
-    let mut shutdown = if outbound {
-        shared.drain_outbound.subscribe()
-    } else {
-        shared.drain_inbound.subscribe()
-    };
+    let mut shutdown = worker.lifecycle.drain_signal(outbound);
     let Retire {
         signal: mut retired,
         ack,
@@ -132,9 +129,6 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         }
     };
     let local = listener.local_addr().ok();
-    // Certificate watchers and expiry gauges from the start, not from the
-    // first connection (the first worker to get here does it).
-    crate::tls::start_all(&shared.snapshot.load().config, &shared.metrics);
     let graceful = GracefulShutdown::new();
     // Turns true when the drain timeout passes: every connection of this
     // loop (and every tunnel it became) closes.
@@ -181,14 +175,13 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let snapshot = shared.snapshot.load();
-        let Some(index) = snapshot.listener_index(&name) else {
+        let snapshot = worker.snapshots.load();
+        let Some(cfg) = snapshot.listener(&name) else {
             // Removed by a reload that is about to retire this loop.
             tracing::info!(listener = %name, %peer, "connection closed: its listener was removed by a reload");
             continue;
         };
-        let cfg = &snapshot.config.listeners[index];
-        let runtime = &snapshot.listeners[index];
+        let runtime = cfg;
         let builder = match &mut http {
             Some((generation, b)) if *generation == snapshot.generation => b,
             slot => {
@@ -203,7 +196,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             runtime.stats.error(ErrorCode::Overflow);
             // A TLS client cannot read a plaintext answer, nor can a TCP
             // one: just close.
-            if cfg.tls.is_none() && !cfg.l4.is_tcp() && cfg.l4.capture.is_none() {
+            if cfg.tls.is_none() && !cfg.l4.below_http() {
                 reject_overflow(stream, cfg.limits.max_connections);
             }
             continue;
@@ -217,11 +210,11 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         };
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
-        if cfg.l4.is_tcp() || cfg.l4.capture.is_some() {
+        if cfg.l4.below_http() {
             // Detection (and TCP routing) run in the connection's own task.
             let original = crate::capture::original_dst(&stream, &snapshot.config);
             let below = BelowHttp {
-                shared: shared.clone(),
+                worker: worker.clone(),
                 name: name.clone(),
                 stream,
                 addrs: (peer, local),
@@ -235,7 +228,14 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
             continue;
         }
         let Some(tls) = cfg.tls.clone() else {
-            let ctx = conn_ctx(&shared, &name, (peer, local), "http", None, &close_rx);
+            let ctx = conn_ctx(
+                &worker,
+                &name,
+                (peer, local),
+                ("http", None),
+                None,
+                &close_rx,
+            );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -247,10 +247,10 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
         };
         // TLS: the handshake runs in the connection's own task, bounded by
         // the header timeout, so a slow client never holds up the accept loop.
-        tls.start(&shared.metrics);
+        tls.start(&worker.metrics);
         let watcher = graceful.watcher();
         let builder = builder.clone();
-        let shared = shared.clone();
+        let worker = worker.clone();
         let name = name.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
@@ -273,7 +273,14 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let ctx = conn_ctx(&shared, &name, (peer, local), "https", principal, &close_rx);
+            let ctx = conn_ctx(
+                &worker,
+                &name,
+                (peer, local),
+                ("https", principal),
+                None,
+                &close_rx,
+            );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -290,7 +297,7 @@ pub async fn serve(job: Serve, shared: Arc<Shared>) {
     for _ in 0..3 {
         tokio::task::yield_now().await;
     }
-    let timeout = shared.snapshot.load().config.drain_timeout;
+    let timeout = worker.snapshots.load().config.drain_timeout;
     let all_closed = async move {
         graceful.shutdown().await;
         // hyper's connections are done, but a tunnel outlives its hyper
@@ -369,7 +376,7 @@ async fn until_closed<E: std::fmt::Display>(
                 tracing::debug!(%peer, "connection ended with an error: {e}");
             }
         }
-        () = drain_deadline_passed(close) => {
+        () = crate::lifecycle::drain_deadline_passed(close) => {
             tracing::debug!(%peer, "connection closed: the listener's drain timeout passed");
         }
     }
@@ -394,7 +401,7 @@ impl Drop for Closed {
 /// A connection on a `tcp` or capture listener, on its way to L4 or (when
 /// detection finds HTTP) to the HTTP path, bytes untouched either way.
 struct BelowHttp {
-    shared: Arc<Shared>,
+    worker: Worker,
     name: Arc<str>,
     stream: tokio::net::TcpStream,
     /// (peer, local)
@@ -409,11 +416,8 @@ struct BelowHttp {
 impl BelowHttp {
     async fn serve(self) {
         let (peer, local) = self.addrs;
-        let snapshot = self.shared.snapshot.load_full();
-        let Some(cfg) = snapshot
-            .listener_index(&self.name)
-            .and_then(|i| snapshot.config.listeners.get(i))
-        else {
+        let snapshot = self.worker.snapshots.load_full();
+        let Some(cfg) = snapshot.listener(&self.name) else {
             return;
         };
         let tcp = cfg.l4.is_tcp();
@@ -426,17 +430,14 @@ impl BelowHttp {
         drop(snapshot);
         match class {
             crate::capture::Class::Http => {
-                let mut ctx = conn_ctx(
-                    &self.shared,
+                let ctx = conn_ctx(
+                    &self.worker,
                     &self.name,
                     (peer, local),
-                    "http",
-                    None,
+                    ("http", None),
+                    self.original,
                     &self.close,
                 );
-                if let Some(c) = Arc::get_mut(&mut ctx) {
-                    c.original_dst = self.original;
-                }
                 let io = Guarded::new(self.stream, ctx.activity.clone(), &limits).tied(self.done);
                 let service = service_fn(move |req| forward::handle(req, ctx.clone()));
                 let conn = self
@@ -457,35 +458,31 @@ impl BelowHttp {
                     sni,
                     sniffed: !tcp,
                 };
-                crate::l4::proxy(self.shared, self.name, accepted, self.close).await;
+                crate::l4::proxy(
+                    &self.worker.snapshots,
+                    &self.worker.pools,
+                    self.name,
+                    accepted,
+                    self.close,
+                )
+                .await;
             }
         }
     }
 }
 
+/// `(scheme, principal)`: how the connection arrived and who the peer is.
 fn conn_ctx(
-    shared: &Arc<Shared>,
-    listener: &Arc<str>,
-    addrs: (SocketAddr, SocketAddr),
-    scheme: &'static str,
-    principal: Option<Arc<str>>,
-    close: &watch::Receiver<bool>,
-) -> Arc<ConnCtx> {
-    Arc::new(new_conn_ctx(
-        shared, listener, addrs, scheme, principal, close,
-    ))
-}
-
-fn new_conn_ctx(
-    shared: &Arc<Shared>,
+    worker: &Worker,
     listener: &Arc<str>,
     (peer, local): (SocketAddr, SocketAddr),
-    scheme: &'static str,
-    principal: Option<Arc<str>>,
+    (scheme, principal): (&'static str, Option<Arc<str>>),
+    original_dst: Option<SocketAddr>,
     close: &watch::Receiver<bool>,
-) -> ConnCtx {
-    ConnCtx {
-        shared: shared.clone(),
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        snapshots: worker.snapshots.clone(),
+        pools: worker.pools.clone(),
         listener: listener.clone(),
         peer,
         local,
@@ -493,17 +490,8 @@ fn new_conn_ctx(
         activity: Arc::new(Activity::default()),
         principal,
         drain_deadline: close.clone(),
-        original_dst: None,
-    }
-}
-
-/// Completes once the listener's drain deadline has passed (`close` turned
-/// true). A serve loop that ended without sending it (a panic) leaves its
-/// connections running, as `server::report_serve_end` promises.
-pub(crate) async fn drain_deadline_passed(mut close: watch::Receiver<bool>) {
-    if close.wait_for(|closed| *closed).await.is_err() {
-        std::future::pending::<()>().await;
-    }
+        original_dst,
+    })
 }
 
 fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {

@@ -37,8 +37,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
+use crate::filter::FilterRuntime;
+use crate::lifecycle::Lifecycle;
 use crate::listener::ListenerSet;
-use crate::server::{filter_specs, Shared, Snapshot};
+use crate::snapshot::{self, filter_specs, Snapshot, Snapshots};
+use crate::telemetry::Metrics;
 
 /// Why a reload was asked for.
 #[derive(Debug)]
@@ -57,6 +60,69 @@ pub enum Trigger {
 /// The handle the admin API and signal handler use to ask for a reload.
 pub type Requests = mpsc::UnboundedSender<Trigger>;
 
+/// What the reload loop works with: the published snapshots, the process's
+/// lifecycle (no reload once draining), the Wasm engine and the metrics.
+#[derive(Clone)]
+pub struct Context {
+    pub snapshots: Arc<Snapshots>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub filters: Arc<FilterRuntime>,
+    pub metrics: Arc<Metrics>,
+    pub handle: Arc<ReloadHandle>,
+}
+
+/// How `/reload` and `/config` ask for a reload and read its outcome.
+#[derive(Debug, Default)]
+pub struct ReloadHandle {
+    /// Last reload outcome (control thread).
+    status: std::sync::Mutex<Status>,
+    failures: std::sync::atomic::AtomicU64,
+    /// Set once the reload loop runs.
+    requests: std::sync::OnceLock<Requests>,
+}
+
+impl ReloadHandle {
+    pub fn new(generation: u64) -> Arc<Self> {
+        Arc::new(Self {
+            status: std::sync::Mutex::new(Status {
+                generation,
+                last_error: None,
+            }),
+            ..Self::default()
+        })
+    }
+
+    /// The reload loop's request channel; `None` until it runs.
+    pub fn requests(&self) -> Option<&Requests> {
+        self.requests.get()
+    }
+
+    /// The last outcome.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Rejected reloads since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self, generation: u64) {
+        if let Ok(mut s) = self.status.lock() {
+            s.generation = generation;
+            s.last_error = None;
+        }
+    }
+
+    fn failed(&self, error: &str) {
+        tracing::error!("reload rejected, the previous configuration keeps serving: {error}");
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = Some(error.to_string());
+        }
+    }
+}
+
 /// How long a file must stay unchanged before it is read.
 const SETTLE: Duration = Duration::from_millis(60);
 /// Quiet time that ends a burst of file events while a file may still be
@@ -73,9 +139,10 @@ const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
 const RETRY_WINDOW: Duration = Duration::from_millis(500);
 
 /// Starts the watchers and the reload loop. Returns the request handle.
-pub fn start(shared: Arc<Shared>, listeners: ListenerSet) -> Requests {
+pub fn start(shared: Context, listeners: ListenerSet) -> Requests {
     let (tx, rx) = mpsc::unbounded_channel();
-    let snapshot = shared.snapshot.load();
+    let _ = shared.handle.requests.set(tx.clone());
+    let snapshot = shared.snapshots.load();
     let watcher = watch::start(
         &snapshot.config.path,
         &snapshot.config.filters_dir,
@@ -86,7 +153,7 @@ pub fn start(shared: Arc<Shared>, listeners: ListenerSet) -> Requests {
 }
 
 async fn run(
-    shared: Arc<Shared>,
+    shared: Context,
     mut listeners: ListenerSet,
     mut rx: mpsc::UnboundedReceiver<Trigger>,
     _watcher: Option<watch::Watcher>,
@@ -170,7 +237,7 @@ impl Burst {
 /// be done), then reloads; a failure while a file is still being written
 /// is retried.
 async fn reload_settled(
-    shared: &Shared,
+    shared: &Context,
     listeners: &mut ListenerSet,
     files: &[PathBuf],
     complete: bool,
@@ -193,7 +260,7 @@ async fn reload_settled(
                     tracing::debug!("reload failed while a file was still changing; retrying: {e}");
                     continue;
                 }
-                shared.reload_failed(&e);
+                shared.handle.failed(&e);
                 return Err(e);
             }
         }
@@ -228,14 +295,25 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<(u64, std::time::SystemTime)>> {
 }
 
 /// Builds and publishes the next generation from the files on disk.
-async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, String> {
+async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, String> {
     not_draining(shared)?;
-    let current = shared.snapshot.load_full();
+    let current = shared.snapshots.load_full();
     let path = current.config.path.clone();
-    let mut config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
+    let config = config::load(&path).map_err(|e| e.to_string().trim_end().to_string())?;
     check_restart_only(&current.config, &config)?;
-    // Unchanged clusters keep their endpoints, health and ejections.
-    crate::upstream::adopt_states(&current.config, &mut config);
+    // Names, certificates and discovery files, off the control runtime
+    // (which also serves admin). Unchanged clusters keep their endpoints,
+    // health and ejections.
+    let compiled = {
+        let (previous, metrics) = (current.clone(), shared.metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            snapshot::compile(Arc::new(config), Some(&previous), &metrics)
+        })
+        .await
+        .map_err(|e| format!("compiling the configuration failed: {e}"))?
+        .map_err(|e| e.to_string().trim_end().to_string())?
+    };
+    let config = compiled.config.clone();
     // Bind added listeners before loading filters: loading publishes the
     // filters' new versions in the registry (and runs their on_configure),
     // so it must be the last step that can fail. A plan dropped on a filter
@@ -246,28 +324,23 @@ async fn reload(shared: &Shared, listeners: &mut ListenerSet) -> Result<u64, Str
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
     let generation = current.generation + 1;
-    let next = Snapshot::next(
-        &current,
-        generation,
-        Arc::new(config),
-        filters,
-        &shared.metrics,
-    );
+    let next = Snapshot::new(generation, compiled, filters);
     if !plan.is_empty() {
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
         // longer take new listeners then, so none are handed over.
         not_draining(shared)?;
     }
-    shared.snapshot.store(Arc::new(next));
+    next.start_tls(&shared.metrics);
+    shared.snapshots.store(Arc::new(next));
     listeners.start(plan);
-    shared.reload_succeeded(generation);
+    shared.handle.succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
     Ok(generation)
 }
 
-fn not_draining(shared: &Shared) -> Result<(), String> {
-    if shared.draining.load(Ordering::Acquire) {
+fn not_draining(shared: &Context) -> Result<(), String> {
+    if shared.lifecycle.is_draining() {
         return Err("shutting down: reloads are no longer applied".to_string());
     }
     Ok(())
@@ -277,43 +350,30 @@ fn shown(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// The worker threads and the admin socket live as long as the process.
+/// The worker threads and the admin socket live as long as the process,
+/// and so does the trace exporter (telemetry::trace::init); `[admin]
+/// token` is read per admin request, so it may change.
 fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
-    // `[admin] token` is read per admin request, so it may change.
-    if old.workers != new.workers
-        || old.admin.bind != new.admin.bind
-        || old.admin.probes != new.admin.probes
-    {
-        return Err(format!(
-            "{}: [proxy] workers, [admin] bind and [admin] probes need a restart (nothing was applied)",
-            shown(&new.path)
-        ));
+    let (was, now) = (old.restart_only(), new.restart_only());
+    if was == now {
+        return Ok(());
     }
-    // The exporter and its thread are set up once (telemetry::trace::init).
-    if old.tracing != new.tracing {
-        return Err(format!(
-            "{}: [tracing] needs a restart (nothing was applied)",
-            shown(&new.path)
-        ));
-    }
-    Ok(())
-}
-
-impl Shared {
-    fn reload_succeeded(&self, generation: u64) {
-        if let Ok(mut s) = self.reload_status.lock() {
-            s.generation = generation;
-            s.last_error = None;
-        }
-    }
-
-    fn reload_failed(&self, error: &str) {
-        tracing::error!("reload rejected, the previous configuration keeps serving: {error}");
-        self.reload_failures.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut s) = self.reload_status.lock() {
-            s.last_error = Some(error.to_string());
-        }
-    }
+    let only_tracing = config::RestartOnly {
+        tracing: None,
+        ..was
+    } == config::RestartOnly {
+        tracing: None,
+        ..now
+    };
+    let what = if only_tracing {
+        "[tracing] needs"
+    } else {
+        "[proxy] workers, [admin] bind and [admin] probes need"
+    };
+    Err(format!(
+        "{}: {what} a restart (nothing was applied)",
+        shown(&new.path)
+    ))
 }
 
 /// What `/reload` and `/config` report.
@@ -321,4 +381,45 @@ impl Shared {
 pub struct Status {
     pub generation: u64,
     pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[proxy]\nworkers = 2\n[admin]\nbind = \"127.0.0.1:9901\"\n";
+
+    fn config(text: &str) -> Config {
+        config::parse(Path::new("/etc/wasp/wasp.toml"), text, |_| None).expect("valid config")
+    }
+
+    #[test]
+    fn restart_only_settings_are_compared_whole() {
+        let old = config(BASE);
+        assert!(check_restart_only(&old, &config(BASE)).is_ok());
+        // A token is read per admin request: it may change.
+        let token = format!("{BASE}token = \"0123456789abcdef0123\"\n");
+        assert!(check_restart_only(&old, &config(&token)).is_ok());
+        let workers = config(&BASE.replace("workers = 2", "workers = 3"));
+        let e = check_restart_only(&old, &workers).expect_err("workers need a restart");
+        assert!(e.contains("[proxy] workers"), "{e}");
+        let tracing = config(&format!(
+            "{BASE}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n"
+        ));
+        let e = check_restart_only(&old, &tracing).expect_err("tracing needs a restart");
+        assert!(e.contains("[tracing] needs a restart"), "{e}");
+    }
+
+    #[test]
+    fn the_handle_keeps_the_last_outcome() {
+        let h = ReloadHandle::new(1);
+        assert!(h.requests().is_none(), "no loop yet");
+        h.failed("bad file");
+        assert_eq!(h.failures(), 1);
+        assert_eq!(h.status().last_error.as_deref(), Some("bad file"));
+        h.succeeded(2);
+        assert_eq!(h.status().generation, 2);
+        assert!(h.status().last_error.is_none());
+        assert_eq!(h.failures(), 1, "failures count since start");
+    }
 }

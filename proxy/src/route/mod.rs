@@ -1,24 +1,22 @@
 //! Route matching: which route of a listener a request takes, and which
 //! cluster that route sends it to.
 //!
-//! Pure logic, no IO: compiled once per config on the control thread, then
-//! read by every worker. Routes are tried in file order and the first match
+//! Pure logic, no IO: compiled from the validated [`RouteConfig`] once per
+//! snapshot on the control thread, then read by every worker. Routes are tried in file order and the first match
 //! wins. Host matching ignores case and any port; a leading `*.` matches
 //! any subdomain.
 
-use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
-use crate::config::schema::RouteDecl;
-
-/// Compiled size (and lazy DFA cache) one route regex may take: ample for
-/// any path pattern, small enough that a pathological one is an error.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub use crate::config::l4::{TcpMatch, PASSTHROUGH, PASSTHROUGH_NAME};
+use crate::config::route::build_regex;
+pub use crate::config::route::{HostMatch, PathMatch, RouteConfig, Target};
+use crate::config::Allow;
+use crate::telemetry::{RequestStats, TcpStats};
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -35,218 +33,64 @@ pub struct Route {
     rewrite_prefix: Option<(String, String)>,
     pub rewrite_host: Option<HeaderValue>,
     /// Retries of failed tries (`retry`).
-    pub retry: Option<Arc<crate::upstream::RetryPolicy>>,
+    pub retry: Option<Arc<crate::config::RetryPolicy>>,
+    /// Who may use this route (`allow`).
+    pub allow: Option<Allow>,
+    /// The series for each cluster this route may pick.
+    pub stats: Vec<(usize, RequestStats)>,
+}
+
+/// A TCP route of a `tcp` or capture listener: the route (name, target
+/// clusters), the connections it takes and the L4 series of each cluster
+/// it may pick.
+#[derive(Debug)]
+pub struct TcpRoute {
+    pub route: Route,
+    pub matcher: TcpMatch,
+    pub stats: Vec<(usize, TcpStats)>,
 }
 
 #[derive(Debug)]
 struct Matcher {
     host: Option<HostMatch>,
-    path: PathMatch,
+    path: CompiledPath,
     method: Option<Method>,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 #[derive(Debug)]
-enum HostMatch {
-    Exact(String),
-    /// `*.example.com` stored as `.example.com`.
-    Suffix(String),
-}
-
-#[derive(Debug)]
-enum PathMatch {
+enum CompiledPath {
     Any,
     Exact(String),
     Prefix(String),
     Regex(Regex),
 }
 
-#[derive(Debug)]
-enum Target {
-    One(usize),
-    /// Cluster ids with cumulative weights; the last entry's weight is the total.
-    Weighted(Vec<(usize, u32)>),
-}
-
-/// The cluster id of the built-in `passthrough` cluster: a connection's
-/// original destination (capture listeners). Never an index into the
-/// config's clusters; `upstream::Upstreams::get` knows it.
-pub const PASSTHROUGH: usize = usize::MAX;
-
-/// The name routes use for [`PASSTHROUGH`].
-pub const PASSTHROUGH_NAME: &str = "passthrough";
-
-/// What a capture listener does with a request no route claims: send it
-/// where the app meant it to go, untouched.
-pub fn passthrough_route() -> &'static Route {
-    static ROUTE: std::sync::LazyLock<Route> = std::sync::LazyLock::new(|| Route {
-        name: Arc::from(PASSTHROUGH_NAME),
-        matcher: Matcher {
-            host: None,
-            path: PathMatch::Any,
-            method: None,
-            headers: Vec::new(),
-        },
-        target: Target::One(PASSTHROUGH),
-        timeout: None,
-        rewrite_prefix: None,
-        rewrite_host: None,
-        retry: None,
-    });
-    &ROUTE
-}
-
-#[derive(Debug)]
-pub struct RouteError {
-    pub span: Option<Range<usize>>,
-    pub message: String,
-}
-
-/// Compiles the `index`-th route of a listener; `clusters` maps names to ids.
-pub fn compile(
-    index: usize,
-    decl: &RouteDecl,
-    clusters: &HashMap<&str, usize>,
-) -> Result<Route, RouteError> {
-    let err = |span: Option<Range<usize>>, message: String| RouteError { span, message };
-    let m = &decl.matcher;
-    let set = [m.prefix.is_some(), m.path.is_some(), m.regex.is_some()];
-    if set.iter().filter(|s| **s).count() > 1 {
-        return Err(err(
-            None,
-            "use only one of prefix, path and regex in a match".into(),
-        ));
-    }
-    let path = if let Some(p) = &m.prefix {
-        PathMatch::Prefix(p.clone())
-    } else if let Some(p) = &m.path {
-        PathMatch::Exact(p.clone())
-    } else if let Some(r) = &m.regex {
-        // Anchored: a path regex that matched a substring would surprise.
-        // Bounded: a config regex must not be able to cost the control
-        // thread (and every worker holding it) unbounded memory.
-        let re = regex::RegexBuilder::new(&format!("^(?:{})$", r.get_ref()))
-            .size_limit(REGEX_SIZE_LIMIT)
-            .dfa_size_limit(REGEX_SIZE_LIMIT)
-            .build()
-            .map_err(|e| err(Some(r.span()), format!("invalid regex: {e}")))?;
-        PathMatch::Regex(re)
-    } else {
-        PathMatch::Any
-    };
-    let host = m.host.as_ref().map(|h| {
-        let h = h.to_ascii_lowercase();
-        match h.strip_prefix('*') {
-            Some(rest) => HostMatch::Suffix(rest.to_string()),
-            None => HostMatch::Exact(h),
+/// Compiles a validated route; `stats` are its series per cluster it may pick.
+pub fn compile(config: &RouteConfig, stats: Vec<(usize, RequestStats)>) -> Result<Route, String> {
+    let path = match &config.path {
+        PathMatch::Any => CompiledPath::Any,
+        PathMatch::Exact(p) => CompiledPath::Exact(p.clone()),
+        PathMatch::Prefix(p) => CompiledPath::Prefix(p.clone()),
+        PathMatch::Regex(pattern) => {
+            CompiledPath::Regex(build_regex(pattern).map_err(|e| format!("invalid regex: {e}"))?)
         }
-    });
-    let method = match &m.method {
-        Some(name) => Some(
-            Method::from_bytes(name.to_ascii_uppercase().as_bytes())
-                .map_err(|_| err(None, format!("\"{name}\" is not an HTTP method")))?,
-        ),
-        None => None,
-    };
-    let mut headers = Vec::new();
-    for (name, value) in &m.headers {
-        let n = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| err(None, format!("\"{name}\" is not a valid header name")))?;
-        let v = HeaderValue::from_str(value).map_err(|_| {
-            err(
-                None,
-                format!("header {name}: \"{value}\" is not a valid value"),
-            )
-        })?;
-        headers.push((n, v));
-    }
-
-    let lookup = |name: &toml::Spanned<String>| {
-        clusters
-            .get(name.get_ref().as_str())
-            .copied()
-            .ok_or_else(|| {
-                err(
-                    Some(name.span()),
-                    format!(
-                        "unknown cluster \"{}\" (no [clusters.{}] section)",
-                        name.get_ref(),
-                        name.get_ref()
-                    ),
-                )
-            })
-    };
-    let target = match (&decl.cluster, &decl.clusters) {
-        (Some(c), None) => Target::One(lookup(c)?),
-        (None, Some(list)) if !list.is_empty() => {
-            let mut total = 0u32;
-            let mut out = Vec::with_capacity(list.len());
-            for w in list {
-                total = total.checked_add(w.weight).ok_or_else(|| {
-                    err(
-                        Some(w.name.span()),
-                        format!("the weights of `clusters` add up to more than {}", u32::MAX),
-                    )
-                })?;
-                out.push((lookup(&w.name)?, total));
-            }
-            if total == 0 {
-                return Err(err(None, "the weights of `clusters` add up to 0".into()));
-            }
-            Target::Weighted(out)
-        }
-        (Some(_), Some(_)) => {
-            return Err(err(
-                None,
-                "set either `cluster` or `clusters`, not both".into(),
-            ))
-        }
-        _ => {
-            return Err(err(
-                None,
-                "a route needs `cluster` or a non-empty `clusters`".into(),
-            ))
-        }
-    };
-    let rewrite_prefix = match (&decl.rewrite_prefix, &m.prefix) {
-        (Some(to), Some(from)) => Some((from.clone(), to.clone())),
-        (Some(_), None) => {
-            return Err(err(
-                None,
-                "rewrite_prefix needs a `prefix` in the match".into(),
-            ))
-        }
-        _ => None,
-    };
-    let rewrite_host = match &decl.rewrite_host {
-        Some(h) => Some(
-            HeaderValue::from_str(h)
-                .map_err(|_| err(None, format!("rewrite_host \"{h}\" is not a valid host")))?,
-        ),
-        None => None,
     };
     Ok(Route {
-        name: decl
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("route-{}", index + 1))
-            .into(),
+        name: config.name.clone(),
         matcher: Matcher {
-            host,
+            host: config.host.clone(),
             path,
-            method,
-            headers,
+            method: config.method.clone(),
+            headers: config.headers.clone(),
         },
-        target,
-        timeout: decl.timeout.map(|d| d.0),
-        rewrite_prefix,
-        rewrite_host,
-        retry: match &decl.retry {
-            Some(r) => Some(Arc::new(
-                crate::upstream::RetryPolicy::from_decl(r).map_err(|m| err(None, m))?,
-            )),
-            None => None,
-        },
+        target: config.target.clone(),
+        timeout: config.timeout,
+        rewrite_prefix: config.rewrite_prefix.clone(),
+        rewrite_host: config.rewrite_host.clone(),
+        retry: config.retry.clone(),
+        allow: config.allow.clone(),
+        stats,
     })
 }
 
@@ -308,10 +152,10 @@ impl Matcher {
             }
         }
         let path_ok = match &self.path {
-            PathMatch::Any => true,
-            PathMatch::Exact(p) => path == p,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            PathMatch::Regex(r) => r.is_match(path),
+            CompiledPath::Any => true,
+            CompiledPath::Exact(p) => path == p,
+            CompiledPath::Prefix(p) => path.starts_with(p.as_str()),
+            CompiledPath::Regex(r) => r.is_match(path),
         };
         path_ok
             && self

@@ -8,7 +8,8 @@ use crate::config::schema::RouteDecl;
 fn route(toml_text: &str) -> Route {
     let decl: RouteDecl = toml::from_str(toml_text).expect("route toml");
     let clusters: HashMap<&str, usize> = [("a", 0), ("b", 1)].into_iter().collect();
-    compile(0, &decl, &clusters).expect("compiles")
+    let config = crate::config::route::validate(0, &decl, &clusters).expect("valid");
+    compile(&config, Vec::new()).expect("compiles")
 }
 
 fn table(routes: &[&str]) -> RouteTable {
@@ -77,7 +78,7 @@ fn prefix_rewrite() {
 fn unknown_cluster_is_an_error() {
     let decl: RouteDecl = toml::from_str("cluster='nope'").unwrap();
     let clusters = HashMap::new();
-    let e = compile(0, &decl, &clusters).unwrap_err();
+    let e = crate::config::route::validate(0, &decl, &clusters).unwrap_err();
     assert!(
         e.message.contains("unknown cluster \"nope\""),
         "{}",

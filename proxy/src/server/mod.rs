@@ -1,10 +1,15 @@
-//! The process: the control thread, the workers, snapshots and shutdown.
+//! The process: wires the control thread, the workers, snapshots and
+//! shutdown together, and owns nothing else.
 //!
 //! The control thread (the main thread, a current-thread tokio runtime) owns
 //! the admin server and signals, and publishes [`Snapshot`]s through
-//! `arc-swap`. Each worker is a thread with its own current-thread runtime,
-//! its own listening sockets and its own upstream pools; workers read the
-//! snapshot once per request and otherwise share nothing.
+//! `arc-swap` ([`Snapshots`]). Each worker is a thread with its own
+//! current-thread runtime, its own listening sockets and its own upstream
+//! pools ([`Worker`], handed to every serve loop); workers read the snapshot
+//! once per request and otherwise share nothing. Each part gets only the
+//! handles it uses: `admin` an [`crate::admin::Context`], `reload` a
+//! [`crate::reload::Context`], listeners a [`Worker`], and all of them the
+//! process's [`Lifecycle`].
 //!
 //! Shutdown ordering (SIGTERM, SIGINT or `POST /shutdown`): `/ready` fails
 //! at once; inbound listeners keep serving for `drain_delay` so load
@@ -15,15 +20,11 @@
 //! app's exit code in wrapper mode.
 
 mod app;
-mod snapshot;
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 pub use app::AppSpec;
 
@@ -31,90 +32,31 @@ pub use app::AppSpec;
 pub const fn app_default_proxy_listener() -> &'static str {
     app::DEFAULT_PROXY_LISTENER
 }
-pub use snapshot::{ListenerRuntime, Snapshot};
 
-use crate::config::{Config, FailMode};
-use crate::filter::{FailPolicy, FilterRuntime, FilterSpec};
+use crate::config::Config;
+use crate::filter::FilterRuntime;
+use crate::lifecycle::Lifecycle;
+use crate::listener::Worker;
+use crate::reload::ReloadHandle;
+use crate::snapshot::{filter_specs, Compiled, Snapshot, Snapshots};
 use crate::telemetry::logging::LevelHandle;
 use crate::telemetry::Metrics;
-use crate::upstream::Upstreams;
-
-/// State shared by the control thread and every worker.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Arc<Metrics>,
-    /// Listeners bound and everything loaded; false again once draining.
-    pub ready: AtomicBool,
-    pub draining: AtomicBool,
-    /// Turns true when a shutdown starts (signal or admin); the control
-    /// thread then runs the drain sequence.
-    pub shutdown: watch::Sender<bool>,
-    /// Tell inbound / outbound listeners to stop accepting and drain.
-    pub drain_inbound: watch::Sender<bool>,
-    pub drain_outbound: watch::Sender<bool>,
-    pub log_level: Option<LevelHandle>,
-    pub started: std::time::Instant,
-    /// The Wasm engine: compiled modules, filter metrics and status.
-    pub filters: Arc<FilterRuntime>,
-    /// Last reload outcome, for `/reload` and `/config` (control thread).
-    pub reload_status: std::sync::Mutex<crate::reload::Status>,
-    pub reload_failures: std::sync::atomic::AtomicU64,
-    /// Asks the reload loop for a reload (set once the loop runs).
-    pub reload: std::sync::OnceLock<crate::reload::Requests>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("generation", &self.snapshot.load().generation)
-            .finish()
-    }
-}
-
-impl Shared {
-    /// Starts a graceful shutdown; safe to call more than once.
-    pub fn begin_shutdown(&self, why: &str) {
-        if !self.draining.swap(true, Ordering::AcqRel) {
-            tracing::info!("shutting down ({why}): draining in-flight requests");
-            self.ready.store(false, Ordering::Release);
-            self.shutdown.send_replace(true);
-        }
-    }
-}
-
-thread_local! {
-    /// This worker's pools, for the snapshot generation they were built from.
-    static UPSTREAMS: RefCell<Option<(u64, Arc<Upstreams>)>> = const { RefCell::new(None) };
-}
-
-/// The calling worker's upstream pools for `snapshot`, built on first use.
-pub fn worker_upstreams(shared: &Shared, snapshot: &Snapshot) -> Arc<Upstreams> {
-    UPSTREAMS.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        match &*slot {
-            Some((generation, ups)) if *generation == snapshot.generation => ups.clone(),
-            prev => {
-                let prev = prev.as_ref().map(|(_, ups)| &**ups);
-                let ups = Arc::new(Upstreams::build(&snapshot.config, &shared.metrics, prev));
-                *slot = Some((snapshot.generation, ups.clone()));
-                ups
-            }
-        }
-    })
-}
+use crate::upstream::{ClusterLookup, WorkerPools};
 
 /// Runs the proxy until it is shut down, and the app too in wrapper mode.
 /// Returns the exit code once drained.
+///
+/// `compiled` is the first generation's config, compiled with `metrics`.
 pub fn run(
-    config: Config,
+    compiled: Compiled,
+    metrics: Arc<Metrics>,
     log_level: Option<LevelHandle>,
     app: Option<AppSpec>,
 ) -> anyhow::Result<u8> {
-    let metrics = Metrics::new();
+    let config = compiled.config.clone();
     // Before any worker serves: requests read the tracer without a lock.
     // Dropped last, outside the runtimes, so queued spans are flushed.
     let _tracing = crate::telemetry::trace::init(config.tracing.as_ref())?;
-    let config = Arc::new(config);
     // Filters load before anything binds: a filter that cannot load stops
     // start-up with its reason, and /ready means "filters loaded" too.
     let callouts = Arc::new(crate::upstream::Callouts::default());
@@ -123,29 +65,14 @@ pub fn run(
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
     let filter_set = filters.load(filter_specs(&config)?)?;
-    let snapshot = Snapshot::build(1, config.clone(), filter_set, &metrics);
-    let (shutdown, _) = watch::channel(false);
-    let (drain_inbound, _) = watch::channel(false);
-    let (drain_outbound, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        metrics,
-        ready: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
-        shutdown,
-        drain_inbound,
-        drain_outbound,
-        log_level,
-        started: std::time::Instant::now(),
-        filters,
-        reload_status: std::sync::Mutex::new(crate::reload::Status {
-            generation: 1,
-            last_error: None,
-        }),
-        reload_failures: std::sync::atomic::AtomicU64::new(0),
-        reload: std::sync::OnceLock::new(),
-    });
-    callouts.attach(&shared);
+    let snapshot = Snapshot::new(1, compiled, filter_set);
+    // Certificate watchers and expiry gauges from the start, not from the
+    // first connection.
+    snapshot.start_tls(&metrics);
+    let snapshots: Arc<Snapshots> = Arc::new(ArcSwap::from_pointee(snapshot));
+    let lifecycle = Arc::new(Lifecycle::default());
+    let reload = ReloadHandle::new(1);
+    callouts.attach(callout_lookup(&snapshots, &metrics));
 
     // Bind everything before starting anything, so a taken port is a clean
     // start-up error.
@@ -170,10 +97,15 @@ pub fn run(
 
     let mut threads = Vec::with_capacity(workers);
     for (w, sockets) in per_worker.into_iter().enumerate() {
-        let shared = shared.clone();
+        let worker = Worker {
+            snapshots: snapshots.clone(),
+            lifecycle: lifecycle.clone(),
+            metrics: metrics.clone(),
+            pools: WorkerPools::new(metrics.clone()),
+        };
         let handle = std::thread::Builder::new()
             .name(format!("wasp-worker-{w}"))
-            .spawn(move || worker_main(w, sockets, shared))
+            .spawn(move || worker_main(w, sockets, worker))
             .context("cannot start a worker thread")?;
         threads.push(handle);
     }
@@ -183,20 +115,42 @@ pub fn run(
         .build()
         .context("cannot start the control runtime")?;
     let code = control.block_on(async {
-        let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        let admin_task = tokio::spawn(crate::admin::serve(
+            admin,
+            Arc::new(crate::admin::Context {
+                snapshots: snapshots.clone(),
+                lifecycle: lifecycle.clone(),
+                reload: reload.clone(),
+                filters: filters.clone(),
+                metrics: metrics.clone(),
+                log_level,
+            }),
+        ));
         // Discovery, health checks and ejection expiry for every cluster.
-        tokio::spawn(crate::upstream::control::run(shared.clone()));
-        let reloads = crate::reload::start(shared.clone(), listener_set);
-        let _ = shared.reload.set(reloads.clone());
+        let current = snapshots.clone();
+        tokio::spawn(crate::upstream::control::run(move || {
+            let snapshot = current.load();
+            snapshot.clusters.iter().map(|c| c.state.clone()).collect()
+        }));
+        let reloads = crate::reload::start(
+            crate::reload::Context {
+                snapshots: snapshots.clone(),
+                lifecycle: lifecycle.clone(),
+                filters: filters.clone(),
+                metrics: metrics.clone(),
+                handle: reload.clone(),
+            },
+            listener_set,
+        );
         tokio::spawn(reload_on_sighup(reloads));
-        shared.ready.store(true, Ordering::Release);
+        lifecycle.set_ready();
         tracing::info!(workers, admin = %config.admin.bind, "wasp is ready");
         // Only now, with every listener bound, may the app start calling out.
         let mut child = match app {
             Some(spec) => Some(app::spawn(&spec, outbound_addr)?),
             None => None,
         };
-        let code = drain_sequence(&shared, &config, child.as_mut()).await;
+        let code = drain_sequence(&lifecycle, &config, child.as_mut()).await;
         // Workers drain on their own threads; wait for them off the runtime.
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -211,9 +165,23 @@ pub fn run(
     Ok(code)
 }
 
+/// How filter callouts find a cluster: by name in the current snapshot,
+/// through the calling worker's pools. Weak: the snapshot holds the
+/// filters, which hold the callouts.
+fn callout_lookup(snapshots: &Arc<Snapshots>, metrics: &Arc<Metrics>) -> ClusterLookup {
+    let snapshots = Arc::downgrade(snapshots);
+    let metrics = metrics.clone();
+    Box::new(move |cluster: &str| {
+        let snapshot = snapshots.upgrade()?.load_full();
+        let id = snapshot.cluster_id(cluster)?;
+        let pools = WorkerPools::current(&metrics);
+        Some((id, pools.upstreams(snapshot.generation, &snapshot.clusters)))
+    })
+}
+
 /// Waits for the reason to stop, then drains in order (see the module docs).
 async fn drain_sequence(
-    shared: &Shared,
+    shared: &Lifecycle,
     config: &Config,
     mut child: Option<&mut app::Child>,
 ) -> u8 {
@@ -239,7 +207,7 @@ async fn drain_sequence(
             tokio::time::sleep(config.drain_delay).await;
         }
     }
-    shared.drain_inbound.send_replace(true);
+    shared.start_drain(false);
     if app_code.is_none() && child.is_some() {
         // The app may still be finishing its own outbound calls.
         match tokio::time::timeout(config.drain_timeout, app::wait(&mut child)).await {
@@ -253,7 +221,7 @@ async fn drain_sequence(
             }
         }
     }
-    shared.drain_outbound.send_replace(true);
+    shared.start_drain(true);
     app_code.unwrap_or(0)
 }
 
@@ -274,59 +242,7 @@ async fn reload_on_sighup(reloads: crate::reload::Requests) {
     }
 }
 
-/// The engine's view of every `[filters.NAME]` section. A `NAME.toml` in
-/// the filters directory, when present, replaces the section's `config`, so
-/// a filter's settings can ship (and hot-reload) beside its module.
-pub(crate) fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
-    let mut specs = Vec::with_capacity(config.file.filters.len());
-    for (name, decl) in &config.file.filters {
-        let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
-        let beside = config.filters_dir.join(format!("{name}.toml"));
-        spec.config = match std::fs::read_to_string(&beside) {
-            Ok(text) => {
-                let table: toml::Table = toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("filter \"{name}\": {}: {e}", beside.display()))?;
-                config_bytes(Some(&toml::Value::Table(table)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                config_bytes(decl.config.as_ref())
-            }
-            Err(e) => anyhow::bail!("filter \"{name}\": cannot read {}: {e}", beside.display()),
-        };
-        spec.vm_config = config_bytes(decl.vm_config.as_ref());
-        spec.fail = match decl.fail {
-            FailMode::Open => FailPolicy::Open,
-            FailMode::Closed => FailPolicy::Closed,
-        };
-        spec.cpu_limit = decl.limits.cpu.0;
-        spec.memory_limit = decl.limits.memory.0;
-        spec.instances = decl.limits.instances;
-        spec.tick_min = decl.limits.tick_min.0;
-        spec.root_cpu = decl.limits.root_cpu.0;
-        spec.max_body_bytes = config
-            .listeners
-            .iter()
-            .map(|l| l.limits.max_body_bytes)
-            .max()
-            .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
-        spec.host_limits = decl.limits.host_limits();
-        specs.push(spec);
-    }
-    Ok(specs)
-}
-
-/// A TOML table reaches the guest as JSON; a string as its raw bytes.
-fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
-    match value {
-        None => bytes::Bytes::new(),
-        Some(toml::Value::String(s)) => bytes::Bytes::from(s.clone()),
-        Some(v) => serde_json::to_vec(v)
-            .map(bytes::Bytes::from)
-            .unwrap_or_default(),
-    }
-}
-
-fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared: Arc<Shared>) {
+fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, worker: Worker) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -334,24 +250,25 @@ fn worker_main(index: usize, listeners: crate::listener::WorkerListeners, shared
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(worker = index, "cannot start the worker runtime: {e}");
-            shared.begin_shutdown("a worker failed to start");
+            worker.lifecycle.begin_shutdown("a worker failed to start");
             return;
         }
     };
     FilterRuntime::init_worker_thread();
+    worker.pools.enter();
     let (sockets, mut added) = listeners;
     rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for job in sockets {
-            tasks.spawn(crate::listener::serve(job, shared.clone()));
+            tasks.spawn(crate::listener::serve(job, worker.clone()));
         }
         // Listeners added by reloads arrive until the last drain starts.
-        let mut last_drain = shared.drain_outbound.subscribe();
+        let mut last_drain = worker.lifecycle.drain_signal(true);
         loop {
             tokio::select! {
                 job = added.recv() => match job {
                     Some(job) => {
-                        tasks.spawn(crate::listener::serve(job, shared.clone()));
+                        tasks.spawn(crate::listener::serve(job, worker.clone()));
                     }
                     None => break,
                 },
@@ -376,8 +293,8 @@ fn report_serve_end(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-async fn wait_for_shutdown(shared: &Shared) {
-    let mut rx = shared.shutdown.subscribe();
+async fn wait_for_shutdown(shared: &Lifecycle) {
+    let mut rx = shared.shutdown_requested();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

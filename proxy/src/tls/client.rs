@@ -2,7 +2,7 @@
 //! the webpki roots), the client certificate presented for mTLS, the SNI
 //! sent, ALPN, and the identity check of `expect_identity`.
 //!
-//! Built on the control thread at config validation, reloaded on the
+//! Built when a snapshot is compiled (off the async runtimes), reloaded on the
 //! `wasp-tls-watch` thread when the files change, read by a worker's
 //! connector once per new upstream connection (never per request).
 //!
@@ -25,25 +25,8 @@ use rustls::{
 };
 
 use super::watch::{self, Watch};
-use super::{provider, CertFacts, CertPaths, PemReader};
+use super::{provider, CertFacts, ClientTlsSettings, PemReader};
 use crate::telemetry::{Metrics, TlsErrors};
-
-/// What a cluster's `tls = { ... }` says, with paths resolved.
-#[derive(Clone, Debug)]
-pub struct ClientTlsSettings {
-    pub cluster: Arc<str>,
-    /// CA bundle to verify upstreams against; `None`: the webpki roots.
-    pub ca: Option<PathBuf>,
-    /// Client certificate for mTLS.
-    pub client: Option<CertPaths>,
-    /// Server name sent and verified; `None`: the endpoint's address.
-    pub sni: Option<String>,
-    /// The URI or DNS SAN the upstream's certificate must carry.
-    pub expect_identity: Option<String>,
-    pub insecure_skip_verify: bool,
-    /// Offer `h2` (cluster protocol http2) instead of `http/1.1`.
-    pub h2: bool,
-}
 
 /// A TLS handshake with an upstream failed; `forward` answers 502
 /// `upstream_tls` when it finds this in an error's cause chain.

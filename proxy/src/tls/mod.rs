@@ -6,7 +6,7 @@
 //! - Loading PEM files, building rustls `ServerConfig`s and `ClientConfig`s,
 //!   and the identity rules (a peer's identity is its first URI SAN, e.g.
 //!   `spiffe://mesh.local/ns/default/sa/reviews`, else its first DNS SAN).
-//!   This runs on the control thread when the config is validated, and on a
+//!   This runs when a snapshot is compiled (`snapshot::compile`), and on a
 //!   watcher thread (`wasp-tls-watch`) when a certificate file changes.
 //! - [`ServerTls`] and [`ClientTls`] each hold their current rustls config
 //!   in an `ArcSwap`. Workers load it once per new connection (never per
@@ -32,37 +32,17 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 
-pub use client::{ClientTls, ClientTlsSettings, UpstreamTlsError};
-pub use server::{ServerTls, ServerTlsSettings, SniCert};
+pub use crate::config::tls::{
+    Allow, CertPaths, ClientTlsSettings, MinVersion, ServerTlsSettings, SniCert,
+};
+pub use client::{ClientTls, UpstreamTlsError};
+pub use server::ServerTls;
 
 /// The one crypto provider of the process: rustls on `ring`.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: LazyLock<Arc<CryptoProvider>> =
         LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
     PROVIDER.clone()
-}
-
-/// Starts the file watchers and publishes the expiry gauges of every TLS
-/// listener and cluster of `config`; cheap and idempotent (each owner
-/// starts once).
-pub fn start_all(config: &crate::config::Config, metrics: &crate::telemetry::Metrics) {
-    for l in &config.listeners {
-        if let Some(tls) = &l.tls {
-            tls.start(metrics);
-        }
-    }
-    for c in &config.clusters {
-        if let Some(tls) = &c.tls {
-            tls.start(metrics);
-        }
-    }
-}
-
-/// Lowest TLS version a listener accepts. TLS 1.0 and 1.1 are never offered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MinVersion {
-    Tls12,
-    Tls13,
 }
 
 impl MinVersion {
@@ -74,43 +54,6 @@ impl MinVersion {
             Self::Tls12 => &BOTH,
             Self::Tls13 => &ONLY13,
         }
-    }
-}
-
-/// A certificate chain and its private key, as two PEM files.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CertPaths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Which peer identities may call: exact entries, or prefixes written with
-/// a trailing `*` (`spiffe://mesh.local/ns/default/*`). A peer without an
-/// identity never matches.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Allow {
-    entries: Vec<Box<str>>,
-}
-
-// === impl Allow ===
-
-impl Allow {
-    pub fn new(entries: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            entries: entries.into_iter().map(String::into_boxed_str).collect(),
-        }
-    }
-
-    pub fn permits(&self, principal: Option<&str>) -> bool {
-        let Some(p) = principal else { return false };
-        self.entries.iter().any(|e| match e.strip_suffix('*') {
-            Some(prefix) => p.starts_with(prefix),
-            None => **e == *p,
-        })
-    }
-
-    pub fn entries(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|e| &**e)
     }
 }
 

@@ -2,8 +2,8 @@
 //! one and any number chosen by SNI), the client CA it may require, and the
 //! reload of all of that when the files change.
 //!
-//! Built on the control thread at config validation (so a bad file is a
-//! config error with a position), reloaded on the `wasp-tls-watch` thread,
+//! Built when a snapshot is compiled (so a bad file is a config error with
+//! the position of the listener's `tls`), reloaded on the `wasp-tls-watch` thread,
 //! read by workers once per accepted connection.
 
 use std::path::PathBuf;
@@ -16,28 +16,8 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 use super::watch::{self, Watch};
-use super::{provider, CertPaths, MinVersion, PemReader};
+use super::{provider, PemReader, ServerTlsSettings};
 use crate::telemetry::{Metrics, TlsErrors};
-
-/// A certificate served when the client's SNI matches `sni`: a host name,
-/// or `*.example.com` for any subdomain.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SniCert {
-    pub sni: String,
-    pub paths: CertPaths,
-}
-
-/// What a listener's `tls = { ... }` says, with paths resolved.
-#[derive(Clone, Debug)]
-pub struct ServerTlsSettings {
-    pub listener: Arc<str>,
-    /// Served when no SNI entry matches (or the client sends no SNI).
-    pub default: Option<CertPaths>,
-    pub sni: Vec<SniCert>,
-    /// When set, every client must present a certificate issued by it.
-    pub client_ca: Option<PathBuf>,
-    pub min_version: MinVersion,
-}
 
 /// A listener's TLS state: the current rustls config and its watcher.
 pub struct ServerTls {
@@ -278,6 +258,7 @@ fn sni_matches(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::{CertPaths, MinVersion, SniCert};
 
     #[test]
     fn the_cheap_fingerprint_matches_the_build() {

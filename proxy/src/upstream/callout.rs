@@ -5,7 +5,8 @@
 //! pools and balancer, exactly like proxied traffic: it is admitted under
 //! the cluster's circuit breakers (`limits.max_requests` / `max_pending`;
 //! over them the guest's answer is a failure and the overflow is counted),
-//! and its outcome feeds load balancing and outlier detection.
+//! and it is sent by the same [`super::Upstream::send_once`] as proxied
+//! traffic, so its outcome feeds load balancing and outlier detection.
 //!
 //! One difference: a callout *timeout* counts against the endpoint only if
 //! the guest's timeout was at least [`MIN_COUNTED_TIMEOUT`] and at least
@@ -13,16 +14,16 @@
 //! a filter asking for 1 ms answers cannot make healthy endpoints look
 //! failed and get them ejected.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::filter::{CalloutFuture, HttpCallouts};
-use crate::server::{worker_upstreams, Shared};
 use crate::upstream::balance::PickContext;
+use crate::upstream::{SendError, Upstreams};
 
 /// Largest callout answer a filter can receive.
 const MAX_CALLOUT_BODY: usize = 4 << 20;
@@ -31,24 +32,35 @@ const MAX_CALLOUT_BODY: usize = 4 << 20;
 /// (see the module docs; the cluster's `connect_timeout` applies if longer).
 pub const MIN_COUNTED_TIMEOUT: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Default)]
+/// Finds a cluster by name in the current snapshot: its id and the calling
+/// worker's pools for that snapshot.
+pub type ClusterLookup = Box<dyn Fn(&str) -> Option<(usize, Arc<Upstreams>)> + Send + Sync>;
+
+#[derive(Default)]
 pub struct Callouts {
-    shared: OnceLock<Weak<Shared>>,
+    /// Set once the first snapshot exists (it holds the filters, which
+    /// hold these callouts).
+    lookup: OnceLock<ClusterLookup>,
+}
+
+impl std::fmt::Debug for Callouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callouts")
+            .field("attached", &self.lookup.get().is_some())
+            .finish()
+    }
 }
 
 impl Callouts {
     /// Connects the callouts to the running proxy; before that they fail.
-    pub fn attach(&self, shared: &Arc<Shared>) {
-        let _ = self.shared.set(Arc::downgrade(shared));
+    pub fn attach(&self, lookup: ClusterLookup) {
+        let _ = self.lookup.set(lookup);
     }
 }
 
 impl HttpCallouts for Callouts {
     fn call(&self, cluster: &str, req: Request<Bytes>, timeout: Duration) -> Option<CalloutFuture> {
-        let shared = self.shared.get()?.upgrade()?;
-        let snapshot = shared.snapshot.load_full();
-        let id = snapshot.cluster_id(cluster)?;
-        let upstreams = worker_upstreams(&shared, &snapshot);
+        let (id, upstreams) = (self.lookup.get()?)(cluster)?;
         let cluster = cluster.to_string();
         Some(Box::pin(async move {
             let upstream = upstreams.get(id).ok_or("cluster vanished")?;
@@ -64,48 +76,38 @@ impl HttpCallouts for Callouts {
                 .pick(&PickContext::default(), None)
                 .ok_or_else(|| format!("cluster \"{cluster}\" has no endpoint"))?;
             let endpoint = picked.addr;
-            // Counts for load, latency and outlier detection like proxied traffic.
-            let mut attempt = upstream.start(picked);
-            let (mut parts, body) = req.into_parts();
-            let path = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            parts.uri = Uri::builder()
-                .scheme("http")
-                .authority(endpoint.to_string())
-                .path_and_query(path)
-                .build()
-                .map_err(|e| format!("bad callout path: {e}"))?;
-            let body = Full::new(body)
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            let sent = upstream.send(Request::from_parts(parts, body));
-            let resp = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => {
-                    attempt.failed();
-                    return Err(format!(
-                        "callout to \"{cluster}\" at {endpoint} failed: {e}"
-                    ));
-                }
-                Err(_) => {
-                    if counts_timeout {
-                        attempt.failed();
-                    }
+            let req = req.map(|body| {
+                Full::new(body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            });
+            // A timeout that must not count against the endpoint cancels
+            // the try from outside: counted for load, no verdict.
+            let sent = if counts_timeout {
+                upstream.send_once(picked, req, Some(timeout)).await
+            } else {
+                tokio::time::timeout(timeout, upstream.send_once(picked, req, None))
+                    .await
+                    .unwrap_or(Err(SendError::Timeout {
+                        cluster: upstream.name.clone(),
+                        addr: endpoint,
+                        after: timeout,
+                    }))
+            };
+            let resp = match sent {
+                Ok(resp) => resp,
+                Err(SendError::Timeout { .. }) => {
                     return Err(format!(
                         "callout to \"{cluster}\" timed out after {timeout:?}"
                     ));
                 }
+                Err(e) => {
+                    return Err(format!(
+                        "callout to \"{cluster}\" at {endpoint} failed: {e}"
+                    ));
+                }
             };
-            if resp.status().is_server_error() {
-                attempt.failed();
-            } else {
-                attempt.succeeded();
-            }
             admission.headers_received();
-            drop(attempt);
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_CALLOUT_BODY)
                 .collect()

@@ -19,41 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use http::header::{HeaderMap, HeaderName, COOKIE};
+use http::header::{HeaderMap, COOKIE};
 
-use super::discovery::Discovery;
-use super::health::HealthSettings;
-use super::outlier::OutlierSettings;
 use super::retry::RetryBudget;
 use crate::config::Endpoint;
 
-/// What `ring_hash` and `maglev` hash.
-#[derive(Clone, Debug)]
-pub enum HashKey {
-    Header(HeaderName),
-    Cookie(String),
-    SourceIp,
-}
-
-/// Circuit-breaker caps; `None` is unlimited.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Limits {
-    pub max_connections: Option<usize>,
-    pub max_pending: Option<usize>,
-    pub max_requests: Option<usize>,
-}
-
-/// The typed cluster settings this module and its neighbours act on.
-#[derive(Debug)]
-pub struct ClusterSettings {
-    pub discovery: Discovery,
-    pub hash_key: Option<HashKey>,
-    pub health: Option<HealthSettings>,
-    pub outlier: Option<OutlierSettings>,
-    pub limits: Limits,
-    /// Peak-EWMA time constant.
-    pub decay: Duration,
-}
+pub use crate::config::cluster::{ClusterSettings, HashKey, Limits};
 
 /// Cluster-wide counters, summed over workers.
 #[derive(Debug, Default)]
@@ -134,7 +105,8 @@ impl ClusterState {
         initial: &[Endpoint],
         budget: Option<RetryBudget>,
     ) -> Self {
-        let settings_discovery_is_dns = matches!(settings.discovery, Discovery::Dns(_));
+        let settings_discovery_is_dns =
+            matches!(settings.discovery, crate::config::Discovery::Dns(_));
         let state = Self {
             name,
             settings,

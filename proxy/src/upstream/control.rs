@@ -11,21 +11,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::balance::now_nanos;
-use super::{health, outlier};
-use crate::server::Shared;
+use super::{health, outlier, ClusterState};
 
 /// How often ejections are checked for expiry (their resolution).
 pub const TICK: Duration = Duration::from_millis(100);
 
-/// Runs until the process ends.
-pub async fn run(shared: Arc<Shared>) {
+/// Runs until the process ends; `clusters` gives the current generation's
+/// cluster states.
+pub async fn run<F>(clusters: F)
+where
+    F: Fn() -> Vec<Arc<ClusterState>>,
+{
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let snapshot = shared.snapshot.load_full();
-        for cluster in &snapshot.config.clusters {
-            let state = &cluster.state;
+        for state in &clusters() {
             if state.claim_start() {
                 state.settings.discovery.spawn(Arc::downgrade(state));
                 if let Some(h) = &state.settings.health {

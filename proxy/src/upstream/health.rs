@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -21,34 +20,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::cluster::ClusterState;
-use crate::config::schema::HealthDecl;
 
-#[derive(Clone, Debug)]
-pub struct HealthSettings {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub unhealthy: u32,
-    pub healthy: u32,
-}
-
-impl HealthSettings {
-    pub fn from_decl(d: &HealthDecl) -> Result<Self, String> {
-        if !d.path.starts_with('/') {
-            return Err(format!("health.path \"{}\" must start with /", d.path));
-        }
-        if d.interval.0.is_zero() {
-            return Err("health.interval must be more than 0".into());
-        }
-        Ok(Self {
-            path: d.path.clone(),
-            interval: d.interval.0,
-            timeout: d.timeout.0,
-            unhealthy: d.unhealthy.max(1),
-            healthy: d.healthy.max(1),
-        })
-    }
-}
+pub use crate::config::cluster::HealthSettings;
 
 /// Checks `cluster` until it is dropped (control thread).
 pub async fn run(cluster: Weak<ClusterState>, settings: HealthSettings) {

@@ -2,22 +2,27 @@
 //! and balancers.
 //!
 //! Two halves:
-//! - Shared, per cluster ([`ClusterState`], built with the config, owned by
-//!   the control thread): the current endpoint set in an `ArcSwap`, each
+//! - Shared, per cluster ([`ClusterState`], made when a snapshot is
+//!   compiled and kept across generations while the cluster's config is
+//!   equal; owned by the control thread): the current endpoint set in an `ArcSwap`, each
 //!   endpoint's health, ejection and counters, the circuit-breaker counts
 //!   and retry budget. [`discovery`], [`health`] and the ejection timer
 //!   ([`control`]) update it on the control thread.
-//! - Per worker ([`Upstreams`], built from each config snapshot by the
-//!   worker that uses it): hyper-util's pooled client and the balancer.
+//! - Per worker ([`Upstreams`], built from each snapshot by the worker that
+//!   uses it, cached in its [`WorkerPools`]): hyper-util's pooled client and the balancer.
 //!   The balancer is rebuilt lazily, on the worker, when the cluster's
 //!   version moves (endpoints changed, an endpoint was ejected or marked
 //!   unhealthy); the pool is kept, so connections to endpoints that stay
 //!   are reused and in-flight requests on ones that left finish.
 //!
-//! The endpoint choice is made here, before the pool sees the request, by
-//! rewriting the request's URI to the endpoint address. A try is tracked
-//! by an [`Attempt`] guard that records latency, in-flight and the outcome
-//! when dropped, so a cancelled request still counts.
+//! Sending is owned here too: the endpoint choice is made before the pool
+//! sees the request, and [`Upstream::send_once`] (module `send`) rewrites
+//! the request's URI to the endpoint address, sends it, and classifies a
+//! failure ([`SendError`]); [`Upstream::send_with_retries`] (module
+//! [`retry`]) repeats it under the route's policy. A try is tracked by an
+//! [`Attempt`] guard that records latency, in-flight and the outcome when
+//! dropped, so a cancelled request still counts. Cluster counters change
+//! only in this module's methods.
 
 pub mod balance;
 mod callout;
@@ -29,11 +34,13 @@ pub mod health;
 pub mod outlier;
 mod report;
 pub mod retry;
+mod send;
 
-pub use callout::Callouts;
+pub use callout::{Callouts, ClusterLookup};
 pub use cluster::{ClusterSettings, ClusterState, EndpointState, HashKey, Limits};
 pub use report::{clusters_json, discovery_name as discovery_label, render_metrics};
-pub use retry::{RetryBudget, RetryPolicy};
+pub use retry::{Replay, RetryBudget, RetryPolicy};
+pub use send::{error_chain, find_cause, SendError};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,15 +50,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Balance, ClusterConfig, Config, UpstreamProtocol};
+use crate::config::{Balance, ClusterConfig, Endpoint, UpstreamProtocol};
 use crate::telemetry::Metrics;
+use crate::tls::ClientTls;
 use balance::{now_nanos, Balancer, Candidate, Load, Neutral, PickContext, Tuning};
 use connector::CountingConnector;
 
@@ -60,6 +66,95 @@ pub use connector::ConnectionOverflow;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type requests are sent upstream with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// One cluster of a snapshot: its settings, the endpoints it started
+/// with, the TLS material towards them and its live state. Reads as its
+/// [`ClusterConfig`] for the settings.
+#[derive(Debug)]
+pub struct Cluster {
+    pub config: ClusterConfig,
+    /// The static list resolved, or the first answer of file discovery;
+    /// DNS clusters start empty. The live set is in `state`.
+    pub endpoints: Vec<Endpoint>,
+    /// TLS towards the endpoints (current client config swapped in place
+    /// by its file watcher).
+    pub tls: Option<Arc<ClientTls>>,
+    /// Discovery, health, outlier and circuit-breaker state and the live
+    /// endpoint set, shared by the control thread and the workers; the
+    /// same `Arc` across generations while the cluster's config is equal.
+    pub state: Arc<ClusterState>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = ClusterConfig;
+
+    fn deref(&self) -> &ClusterConfig {
+        &self.config
+    }
+}
+
+/// One worker's upstream pools, for the snapshot generation they were built
+/// from: made by `server` for each worker thread and handed to its
+/// listeners, so a request finds its worker's pools without a lookup.
+/// Only its own worker touches it; the `ArcSwap` is for `Sync`, not for
+/// contention.
+#[derive(Debug)]
+pub struct WorkerPools {
+    metrics: Arc<Metrics>,
+    current: arc_swap::ArcSwapOption<Pools>,
+}
+
+#[derive(Debug)]
+struct Pools {
+    generation: u64,
+    upstreams: Arc<Upstreams>,
+}
+
+thread_local! {
+    /// The pools of the worker running on this thread, for callouts, which
+    /// the filter engine makes without a connection at hand.
+    static CURRENT: std::cell::RefCell<Option<Arc<WorkerPools>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl WorkerPools {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            current: arc_swap::ArcSwapOption::empty(),
+        })
+    }
+
+    /// Makes these the pools of the calling thread (a worker, at start).
+    pub fn enter(self: &Arc<Self>) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The calling thread's pools; a thread that is not a worker gets its
+    /// own on first use.
+    pub fn current(metrics: &Arc<Metrics>) -> Arc<Self> {
+        CURRENT.with(|c| {
+            c.borrow_mut()
+                .get_or_insert_with(|| Self::new(metrics.clone()))
+                .clone()
+        })
+    }
+
+    /// The pools for generation `generation` of `clusters`, built on first
+    /// use from the previous generation's (see [`Upstreams::build`]).
+    pub fn upstreams(&self, generation: u64, clusters: &[Cluster]) -> Arc<Upstreams> {
+        let current = self.current.load();
+        if let Some(p) = current.as_ref().filter(|p| p.generation == generation) {
+            return p.upstreams.clone();
+        }
+        let prev = current.as_ref().map(|p| &*p.upstreams);
+        let upstreams = Arc::new(Upstreams::build(clusters, &self.metrics, prev));
+        self.current.store(Some(Arc::new(Pools {
+            generation,
+            upstreams: upstreams.clone(),
+        })));
+        upstreams
+    }
+}
 
 /// One worker's view of every cluster, indexed by cluster id.
 #[derive(Debug)]
@@ -78,7 +173,7 @@ pub struct Upstream {
     pub timeout: Option<Duration>,
     connect_timeout: Duration,
     pub state: Arc<ClusterState>,
-    client: Client<CountingConnector, ProxyBody>,
+    client: Client<CountingConnector, send::SendBody>,
     balance: Balance,
     /// This worker's balancer over the pickable endpoints; replaced (by
     /// this worker only) when the cluster version moves.
@@ -108,12 +203,11 @@ impl Upstreams {
     /// worker's previous generation) already has, unchanged, is carried
     /// over with its pool: a reload that swaps a filter or edits a route
     /// must not cost every worker its warm upstream connections.
-    /// "Unchanged" is [`adopt_states`]' verdict: the reload handed the new
-    /// config the very same cluster state only if the section is identical.
-    pub fn build(config: &Config, metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
+    /// "Unchanged" is the snapshot compiler's verdict: the new generation
+    /// has the very same cluster state only if the cluster's config is equal.
+    pub fn build(clusters: &[Cluster], metrics: &Metrics, prev: Option<&Upstreams>) -> Self {
         Self {
-            clusters: config
-                .clusters
+            clusters: clusters
                 .iter()
                 .map(|c| {
                     prev.and_then(|p| {
@@ -147,45 +241,14 @@ impl Upstreams {
     }
 }
 
-/// Called by a reload before the new config is published: clusters whose
-/// section did not change keep their live state (discovered endpoints,
-/// health verdicts, ejections, counters, running discovery and health
-/// tasks); changed or new clusters start fresh (control thread).
-pub fn adopt_states(old: &Config, new: &mut Config) {
-    let unchanged: Vec<bool> = new
-        .clusters
-        .iter()
-        .map(|c| {
-            match (
-                old.file.clusters.get(&*c.name),
-                new.file.clusters.get(&*c.name),
-            ) {
-                (Some(a), Some(b)) => match (serde_json::to_value(a), serde_json::to_value(b)) {
-                    (Ok(a), Ok(b)) => a == b,
-                    _ => false,
-                },
-                _ => false,
-            }
-        })
-        .collect();
-    for (c, same) in new.clusters.iter_mut().zip(unchanged) {
-        if !same {
-            continue;
-        }
-        if let Some(prev) = old.clusters.iter().find(|p| p.name == c.name) {
-            c.state = prev.state.clone();
-        }
-    }
-}
-
 /// How long a connection to an original destination may take.
 pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The built-in `passthrough` cluster's settings: plain HTTP/1.1 (what an
-/// app that was captured spoke), no endpoints, no health or outlier state.
-fn passthrough_cluster() -> ClusterConfig {
+/// The built-in `passthrough` cluster: plain HTTP/1.1 (what an app that
+/// was captured spoke), no endpoints, no health or outlier state.
+fn passthrough_cluster() -> Cluster {
     let settings = ClusterSettings {
-        discovery: discovery::Discovery::Static,
+        discovery: crate::config::Discovery::Static,
         hash_key: None,
         health: None,
         outlier: None,
@@ -193,17 +256,24 @@ fn passthrough_cluster() -> ClusterConfig {
         decay: Duration::from_secs(10),
     };
     let name: Arc<str> = Arc::from(crate::route::PASSTHROUGH_NAME);
-    ClusterConfig {
-        name: name.clone(),
+    Cluster {
+        state: Arc::new(ClusterState::new(name.clone(), settings.clone(), &[], None)),
+        config: ClusterConfig {
+            name,
+            endpoints: Vec::new(),
+            balance: Balance::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout: PASSTHROUGH_CONNECT_TIMEOUT,
+            timeout: None,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 16,
+            tls: None,
+            settings,
+            retry_budget: None,
+            sites: crate::config::ClusterSites::default(),
+        },
         endpoints: Vec::new(),
-        balance: Balance::RoundRobin,
-        protocol: UpstreamProtocol::Http1,
-        connect_timeout: PASSTHROUGH_CONNECT_TIMEOUT,
-        timeout: None,
-        pool_idle_timeout: Duration::from_secs(90),
-        pool_max_idle: 16,
         tls: None,
-        state: Arc::new(ClusterState::new(name, settings, &[], None)),
     }
 }
 
@@ -219,7 +289,7 @@ impl Upstream {
         }
     }
 
-    fn new(config: &ClusterConfig, metrics: &Metrics) -> Self {
+    fn new(config: &Cluster, metrics: &Metrics) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -241,8 +311,8 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .http2_keep_alive_interval(Some(crate::listener::H2_KEEPALIVE_INTERVAL))
-            .http2_keep_alive_timeout(crate::listener::H2_KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_interval(Some(crate::config::H2_KEEPALIVE_INTERVAL))
+            .http2_keep_alive_timeout(crate::config::H2_KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true);
         let neutral = Arc::new(Neutral::default());
         let up = Self {
@@ -372,31 +442,17 @@ impl Upstream {
             pending: false,
         };
         if limits.max_requests.is_some_and(|max| requests >= max) {
-            self.state
-                .counters
-                .overflows
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_overflow();
             return None;
         }
         let pending = self.state.pending.fetch_add(1, Ordering::AcqRel);
         let mut admission = admission;
         admission.pending = true;
         if limits.max_pending.is_some_and(|max| pending >= max) {
-            self.state
-                .counters
-                .overflows
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_overflow();
             return None;
         }
         Some(admission)
-    }
-
-    /// Sends `req`, whose URI must already name the endpoint.
-    pub async fn send(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
     }
 }
 

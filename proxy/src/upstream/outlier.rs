@@ -12,27 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::cluster::{ClusterState, EndpointState};
-use crate::config::schema::OutlierDecl;
 
 /// Longest single ejection.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
-#[derive(Clone, Copy, Debug)]
-pub struct OutlierSettings {
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection_percent: u32,
-}
-
-impl OutlierSettings {
-    pub fn from_decl(d: &OutlierDecl) -> Self {
-        Self {
-            consecutive_failures: d.consecutive_failures.max(1),
-            base_ejection: d.base_ejection.0,
-            max_ejection_percent: d.max_ejection_percent.min(100),
-        }
-    }
-}
+pub use crate::config::cluster::OutlierSettings;
 
 /// Records a try's outcome; ejects the endpoint when it crosses the
 /// threshold. Returns true when this call ejected it.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::balance::now_nanos;
 use super::cluster::ClusterState;
-use crate::config::Config;
+use super::Cluster;
 
 fn state_of(ep: &super::EndpointState, now: u64) -> &'static str {
     if !ep.healthy() {
@@ -24,10 +24,9 @@ fn state_of(ep: &super::EndpointState, now: u64) -> &'static str {
 }
 
 /// `GET /clusters`.
-pub fn clusters_json(config: &Config) -> Value {
+pub fn clusters_json(clusters: &[Cluster]) -> Value {
     let now = now_nanos();
-    let clusters: Vec<Value> = config
-        .clusters
+    let clusters: Vec<Value> = clusters
         .iter()
         .map(|c| {
             let s: &ClusterState = &c.state;
@@ -85,7 +84,7 @@ pub fn discovery_name(s: &ClusterState) -> String {
 }
 
 /// Appends the upstream series to a Prometheus text exposition.
-pub fn render_metrics(config: &Config, out: &mut String) {
+pub fn render_metrics(clusters: &[Cluster], out: &mut String) {
     let now = now_nanos();
     type ClusterGet = fn(&ClusterState) -> u64;
     let cluster_counters: [(&str, &str, ClusterGet); 6] = [
@@ -120,12 +119,12 @@ pub fn render_metrics(config: &Config, out: &mut String) {
     ];
     for (name, help, get) in cluster_counters {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
-        for c in &config.clusters {
+        for c in clusters {
             let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", c.name, get(&c.state));
         }
     }
     let _ = writeln!(out, "# HELP wasp_cluster_requests_in_flight Requests to the cluster in flight.\n# TYPE wasp_cluster_requests_in_flight gauge");
-    for c in &config.clusters {
+    for c in clusters {
         let _ = writeln!(
             out,
             "wasp_cluster_requests_in_flight{{cluster=\"{}\"}} {}",
@@ -180,7 +179,7 @@ pub fn render_metrics(config: &Config, out: &mut String) {
     ];
     for (name, kind, help, get) in endpoint_series {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
-        for c in &config.clusters {
+        for c in clusters {
             for ep in &c.state.endpoints().endpoints {
                 let _ = writeln!(
                     out,

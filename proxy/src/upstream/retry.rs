@@ -1,6 +1,16 @@
-//! Retry policy (per route) and retry budget (per cluster): pure logic and
-//! atomics, no IO. The loop that uses them is `forward::retry`, on the
-//! worker.
+//! Retries: the policy (per route), the budget (per cluster), and the
+//! loop that sends a request once or again under them
+//! ([`Upstream::send_with_retries`], on the worker, inside the request's
+//! future).
+//!
+//! Only replayable requests are retried ([`Replay`]): the caller keeps the
+//! body (empty, or small and read whole first). Idempotent methods are
+//! retried on every condition the route names; other methods (POST,
+//! PATCH) only on `connect-failure`, when the request certainly never
+//! left. A retry goes to a different endpoint when the cluster has one,
+//! after a jittered exponential backoff, and only while the cluster's
+//! retry budget allows, so retries cannot multiply the load of a cluster
+//! that is failing everywhere. Each try is one [`Upstream::send_once`].
 //!
 //! The budget is shared by every worker (relaxed atomics, no lock). It
 //! counts requests and retries in one-second windows: a retry is allowed
@@ -13,48 +23,24 @@
 //! atomic across the two counters, so a retry or two may slip through
 //! there: a budget, not an exact quota.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 
-use crate::config::schema::{RetryBudgetDecl, RetryDecl, RetryOn};
+use super::balance::{fast_random, now_nanos, PickContext};
+use super::send::SendError;
+use super::{Picked, ProxyBody, Upstream};
 
-/// What a route retries, how often, and how fast.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub connect_failure: bool,
-    pub reset: bool,
-    pub five_xx: bool,
-    pub gateway_error: bool,
-    /// Retries after the first try.
-    pub attempts: u32,
-    pub per_try_timeout: Option<Duration>,
-    pub backoff: Duration,
-}
+use crate::config::schema::RetryBudgetDecl;
+
+pub use crate::config::cluster::RetryPolicy;
 
 impl RetryPolicy {
-    pub fn from_decl(decl: &RetryDecl) -> Result<Self, String> {
-        if decl.on.is_empty() {
-            return Err("retry.on is empty: name at least one of connect-failure, reset, 5xx, gateway-error".into());
-        }
-        if decl.attempts > 10 {
-            return Err(format!(
-                "retry.attempts = {} is more than 10",
-                decl.attempts
-            ));
-        }
-        Ok(Self {
-            connect_failure: decl.on.contains(&RetryOn::ConnectFailure),
-            reset: decl.on.contains(&RetryOn::Reset),
-            five_xx: decl.on.contains(&RetryOn::FiveXx),
-            gateway_error: decl.on.contains(&RetryOn::GatewayError),
-            attempts: decl.attempts,
-            per_try_timeout: decl.per_try_timeout.map(|d| d.0),
-            backoff: decl.backoff.0,
-        })
-    }
-
     /// Whether an answer with this status is worth another try.
     pub fn retries_status(&self, status: StatusCode) -> bool {
         (self.five_xx && status.is_server_error())
@@ -143,6 +129,147 @@ impl RetryBudget {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             false
         }
+    }
+}
+
+/// What is needed to send a request again.
+pub struct Replay<'a> {
+    policy: &'a RetryPolicy,
+    /// Not idempotent: retried on connect failures only.
+    connect_only: bool,
+    body: Bytes,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl<'a> Replay<'a> {
+    /// `Some` when `policy` retries and the request can be replayed with
+    /// `body` (`None`: the body streams and cannot be).
+    pub fn capture(
+        policy: Option<&'a RetryPolicy>,
+        parts: &http::request::Parts,
+        body: Option<Bytes>,
+    ) -> Option<Self> {
+        let policy = policy?;
+        let body = body?;
+        if policy.attempts == 0 {
+            return None;
+        }
+        let connect_only = !idempotent(&parts.method);
+        if connect_only && !policy.connect_failure {
+            return None;
+        }
+        Some(Self {
+            policy,
+            connect_only,
+            body,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        })
+    }
+
+    /// The request again; [`Upstream::send_once`] points it at the new
+    /// endpoint.
+    fn request(&self) -> Request<ProxyBody> {
+        let body = if self.body.is_empty() {
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        } else {
+            Full::new(self.body.clone())
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    fn retryable(&self, result: &Result<Response<Incoming>, SendError>) -> bool {
+        let p = self.policy;
+        if self.connect_only {
+            return p.connect_failure && matches!(result, Err(SendError::Connect { .. }));
+        }
+        match result {
+            Ok(resp) => p.retries_status(resp.status()),
+            Err(SendError::Connect { .. }) => p.connect_failure,
+            Err(SendError::Reset { .. }) => p.reset,
+            Err(SendError::Timeout { .. }) => p.retries_timeout(),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends `req` to `first`, again per `replay`, all within `timeout`.
+    /// `on_retry` learns each new endpoint before it is tried.
+    pub async fn send_with_retries(
+        &self,
+        first: Picked,
+        req: Request<ProxyBody>,
+        replay: Option<Replay<'_>>,
+        timeout: Option<Duration>,
+        on_retry: impl FnMut(SocketAddr),
+    ) -> Result<Response<Incoming>, SendError> {
+        let addr = first.addr;
+        let work = self.tries(first, req, replay, on_retry);
+        match timeout {
+            Some(after) => match tokio::time::timeout(after, work).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError::Timeout {
+                    cluster: self.name.clone(),
+                    addr,
+                    after,
+                }),
+            },
+            None => work.await,
+        }
+    }
+
+    async fn tries(
+        &self,
+        first: Picked,
+        req: Request<ProxyBody>,
+        replay: Option<Replay<'_>>,
+        mut on_retry: impl FnMut(SocketAddr),
+    ) -> Result<Response<Incoming>, SendError> {
+        let budget = self.state.budget.as_ref();
+        if let Some(b) = budget {
+            b.deposit(now_nanos());
+        }
+        let per_try = replay.as_ref().and_then(|r| r.policy.per_try_timeout);
+        let mut last = first.addr;
+        let mut result = self.send_once(first, req, per_try).await;
+        let Some(replay) = replay else { return result };
+        let mut n = 0;
+        while n < replay.policy.attempts && replay.retryable(&result) {
+            if let Some(b) = budget {
+                if !b.withdraw(now_nanos()) {
+                    self.state
+                        .counters
+                        .budget_exhausted
+                        .fetch_add(1, Ordering::Relaxed);
+                    return result;
+                }
+            }
+            n += 1;
+            self.state.counters.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(replay.policy.backoff(n, fast_random())).await;
+            let Some(picked) = self.pick(&PickContext::default(), Some(last)) else {
+                return result;
+            };
+            on_retry(picked.addr);
+            last = picked.addr;
+            result = self.send_once(picked, replay.request(), per_try).await;
+        }
+        result
     }
 }
 

@@ -12,20 +12,7 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use crate::config::Endpoint;
 use crate::upstream::cluster::ClusterState;
 
-#[derive(Clone, Debug)]
-pub struct DnsSettings {
-    pub name: String,
-    /// SRV records (with their own ports and weights) rather than A/AAAA.
-    pub srv: bool,
-    /// The port of every A/AAAA address.
-    pub port: u16,
-    /// Interval when the answer carries no TTL, and after failures.
-    pub refresh: Duration,
-    pub min_refresh: Duration,
-    pub max_refresh: Duration,
-    /// Absent: the system's resolver configuration.
-    pub nameserver: Option<SocketAddr>,
-}
+use super::DnsSettings;
 
 fn resolver(settings: &DnsSettings) -> Result<TokioResolver, ResolveError> {
     let provider = TokioConnectionProvider::default();

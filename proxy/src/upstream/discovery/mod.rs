@@ -19,22 +19,15 @@
 mod dns;
 mod file;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Weak;
-use std::time::Duration;
 
-pub use dns::DnsSettings;
 pub use file::read_endpoints_file;
 
 use super::cluster::ClusterState;
 
-#[derive(Clone, Debug)]
-pub enum Discovery {
-    Static,
-    Dns(DnsSettings),
-    File(PathBuf),
-}
+pub use crate::config::cluster::{
+    parse_nameserver, Discovery, DnsSettings, DEFAULT_MIN_REFRESH, DEFAULT_REFRESH,
+};
 
 impl Discovery {
     /// Starts the task that keeps `cluster` current (control thread).
@@ -49,18 +42,4 @@ impl Discovery {
             }
         }
     }
-}
-
-/// Defaults of the DNS refresh bounds.
-pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5);
-pub const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(1);
-
-/// `ip:port` for a DNS server setting.
-pub fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
-    text.parse::<SocketAddr>()
-        .or_else(|_| {
-            text.parse::<std::net::IpAddr>()
-                .map(|ip| SocketAddr::new(ip, 53))
-        })
-        .map_err(|_| format!("nameserver \"{text}\" is not an ip or ip:port"))
 }

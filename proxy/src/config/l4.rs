@@ -1,12 +1,88 @@
-//! TCP route matching: which route of an L4 listener a connection takes,
-//! by its destination (port, network) and, for TLS, the server name its
-//! ClientHello asks for. Pure data and logic, compiled on the control
-//! thread with the config, read by workers.
+//! A listener's settings below HTTP as plain data: `protocol = "tcp"`
+//! (L4 listeners), `capture` (transparent listeners: detection, opaque
+//! ports) and the TCP routes' matches (destination port, network, TLS
+//! server name). `l4` and `capture` act on them; `snapshot` compiles the
+//! TCP routes with their series.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use crate::config::schema::MatchDecl;
-use crate::config::trust::Net;
+use super::route::{PathMatch, RouteConfig, Target};
+use super::schema::{self, CaptureMode, ListenerProtocol, MatchDecl};
+use super::trust::Net;
+
+/// The cluster id of the built-in `passthrough` cluster: a connection's
+/// original destination (capture listeners). Never an index into the
+/// config's clusters; `upstream::Upstreams::get` knows it.
+pub const PASSTHROUGH: usize = usize::MAX;
+
+/// The name routes use for [`PASSTHROUGH`].
+pub const PASSTHROUGH_NAME: &str = "passthrough";
+
+/// How a listener treats connections below HTTP.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct L4Config {
+    pub protocol: ListenerProtocol,
+    pub capture: Option<CaptureMode>,
+    pub detect_protocol: bool,
+    pub opaque_ports: Vec<u16>,
+    /// `None`: off ("0s").
+    pub idle_timeout: Option<Duration>,
+    pub detect_timeout: Duration,
+    /// The TCP routes' matches: per route of the listener's `routes` on a
+    /// `tcp` listener; per route of `tcp_routes` on a capture listener.
+    pub matches: Vec<TcpMatch>,
+    /// A capture listener's TCP routes (matching by `sni`, `port`, `cidr`),
+    /// for the connections detection does not take for HTTP; its other
+    /// routes are the listener's `routes`. Empty on other listeners.
+    pub tcp_routes: Vec<RouteConfig>,
+}
+
+impl L4Config {
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == ListenerProtocol::Tcp
+    }
+
+    /// Whether connections are proxied below HTTP here (a `tcp` or a
+    /// capture listener).
+    pub fn below_http(&self) -> bool {
+        self.is_tcp() || self.capture.is_some()
+    }
+
+    /// The TCP routes, in the order of [`L4Config::matches`]: the
+    /// listener's routes on a `tcp` listener, `tcp_routes` on a capture one.
+    pub fn routes<'a>(&'a self, listener_routes: &'a [RouteConfig]) -> &'a [RouteConfig] {
+        if self.is_tcp() {
+            listener_routes
+        } else {
+            &self.tcp_routes
+        }
+    }
+}
+
+/// Whether a route matches TCP connections (`sni`, `port`, `cidr`).
+pub fn is_tcp_route(r: &schema::RouteDecl) -> bool {
+    let m = &r.matcher;
+    m.sni.is_some() || m.port.is_some() || m.cidr.is_some()
+}
+
+/// What a capture listener does with a request no route claims: send it
+/// where the app meant it to go, untouched.
+pub fn passthrough_route() -> RouteConfig {
+    RouteConfig {
+        name: PASSTHROUGH_NAME.into(),
+        host: None,
+        path: PathMatch::Any,
+        method: None,
+        headers: Vec::new(),
+        target: Target::One(PASSTHROUGH),
+        timeout: None,
+        rewrite_prefix: None,
+        rewrite_host: None,
+        retry: None,
+        allow: None,
+    }
+}
 
 /// A TCP route's match; every key set must hold, none set matches all.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

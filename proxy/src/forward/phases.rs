@@ -1,0 +1,510 @@
+//! The request path as named phases, in the order a request meets them:
+//!
+//! 1. [`precheck`]: framing the proxy refuses, the stream's deadlines, the
+//!    listener's allow list;
+//! 2. [`request_filters`]: the request-header filters, before routing so
+//!    they can steer it;
+//! 3. [`route`]: the route, its allow list, the cluster (or a filter's
+//!    override);
+//! 4. the upstream request: [`admit_and_pick`] (circuit breakers, then the
+//!    balancer), [`rewrite`] (URI, hop-by-hop and forwarding headers),
+//!    [`request_body`] (kept whole for a replay, or streamed through the
+//!    filters), [`send`] (tries and retries by `upstream`, under the
+//!    stream's deadlines), [`switch_protocols`] on a 101;
+//! 5. [`respond`]: the response-header filters and the response body's
+//!    wrappers.
+//!
+//! Each phase returns `Result<_, ProxyError>`; [`forward`] chains them
+//! with `?` and leaves turning a failure into the response to its caller
+//! (`super::serve`). A filter's own answer is not a failure: it ends the
+//! path with `Ok`. The phases are generic over the client's body type, so
+//! they run in unit tests on hand-built requests (below).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+use super::body::{self, RequestBody, Tracked};
+use super::deadline::{Cut, StreamClock, Timed};
+use super::filtered::{FilteredBody, SharedChain, Side};
+use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
+use crate::filter::Verdict;
+use crate::route::Route;
+use crate::telemetry::trace::RequestTrace;
+use crate::upstream::balance::PickContext;
+use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, Upstream};
+
+const VIA_H1: &str = "1.1 wasp";
+const VIA_H2: &str = "2.0 wasp";
+
+/// A routed request: where it goes.
+pub(super) struct Routed<'a> {
+    pub route: &'a Route,
+    pub upstream: &'a Upstream,
+    /// The cluster's id (`route::PASSTHROUGH` for the built-in one).
+    pub cluster: usize,
+    /// The authority the client addressed (empty when none).
+    pub host: String,
+}
+
+/// The request path from the client's request to the response to send
+/// back (the upstream's, or a filter's), or the failure to answer.
+pub(super) async fn forward<B>(
+    mut req: Request<B>,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+    mut trace: Option<&mut RequestTrace>,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    precheck(&req, ctx, log)?;
+    let clock = log.clock.clone();
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let via = if req.version() == Version::HTTP_2 {
+        VIA_H2
+    } else {
+        VIA_H1
+    };
+    let (mut parts, body) = req.into_parts();
+    if let Some(answer) = request_filters(&mut parts, body.is_end_stream(), chain).await {
+        return Ok(answer);
+    }
+    let routed = route(&parts, ctx, chain, log)?;
+    let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
+    rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
+    let (body, kept) =
+        request_body(body, &parts, &routed, ctx, chain, clock.clone(), upgrade).await?;
+    if let Some(t) = &mut trace {
+        // The client span's context goes upstream as `traceparent`.
+        t.upstream_start(
+            &mut parts.headers,
+            &routed.route.name,
+            &routed.upstream.name,
+            picked.addr,
+            &parts.uri,
+        );
+    }
+    let sent = send(&routed, picked, parts, body, kept, clock.as_deref(), chain).await;
+    if let Some(t) = &mut trace {
+        t.upstream_end(
+            sent.as_ref()
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.code().as_str()),
+        );
+    }
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        // A filter that answered mid-body aborted the upstream request.
+        Err(e) => {
+            return match chain.and_then(SharedChain::take_local) {
+                Some(local) => Ok(error::boxed(local)),
+                None => Err(e),
+            }
+        }
+    };
+    // Envoy stops request_timeout once the response starts: a
+    // bidirectional stream or an upload answered early is timed by
+    // stream_idle_timeout alone from here.
+    if let Some(clock) = &clock {
+        clock.response_started();
+    }
+    let switching = switch_protocols(&mut resp, downstream_upgrade, ctx);
+    Ok(respond(resp, admission, switching, via, ctx, chain, clock).await)
+}
+
+/// Phase 1: shapes of request the proxy refuses, the stream's deadlines,
+/// and the listener's allow list.
+pub(super) fn precheck<B>(
+    req: &Request<B>,
+    ctx: &Ctx<'_>,
+    log: &mut RequestLog,
+) -> Result<(), ProxyError> {
+    let listener = ctx.listener;
+    check_framing(req, listener.limits.max_body_bytes)?;
+    log.clock = StreamClock::new(
+        listener.limits.stream_idle_timeout,
+        listener.limits.request_timeout,
+    );
+    match &listener.allow {
+        Some(allow) if !allow.permits(ctx.principal.map(|p| &**p)) => {
+            Err(ProxyError::UnauthorizedPeer {
+                scope: format!("listener \"{}\"", listener.name),
+                principal: ctx.principal.cloned(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Phase 2: the request-header filters; `Some` is a filter's own answer.
+pub(super) async fn request_filters(
+    parts: &mut http::request::Parts,
+    end_of_stream: bool,
+    chain: Option<&SharedChain>,
+) -> Option<Response<ProxyBody>> {
+    match chain?.request_headers(parts, end_of_stream).await? {
+        Verdict::Respond(resp) => Some(error::boxed(resp)),
+        _ => None,
+    }
+}
+
+/// Phase 3: the route, who may use it, and the cluster it sends to.
+pub(super) fn route<'c>(
+    parts: &http::request::Parts,
+    ctx: &Ctx<'c>,
+    chain: Option<&SharedChain>,
+    log: &mut RequestLog,
+) -> Result<Routed<'c>, ProxyError> {
+    let listener = ctx.listener;
+    let host = authority(parts).unwrap_or_default();
+    let found = listener
+        .routes
+        .find(&host, parts.uri.path(), &parts.method, &parts.headers)
+        .map(|(_, route)| route)
+        // Captured: what no route claims goes where the app sent it.
+        .or_else(|| ctx.original_dst.and(listener.passthrough.as_ref()));
+    let Some(route) = found else {
+        return Err(ProxyError::NoRoute {
+            listener: listener.name.to_string(),
+            host,
+            path: parts.uri.path().to_string(),
+        });
+    };
+    log.route = Some(route.name.clone());
+    if let Some(allow) = &route.allow {
+        if !allow.permits(ctx.principal.map(|p| &**p)) {
+            return Err(ProxyError::UnauthorizedPeer {
+                scope: format!("route \"{}\"", route.name),
+                principal: ctx.principal.cloned(),
+            });
+        }
+    }
+    let mut cluster_id = route.pick_cluster(rand::random());
+    // A filter may pick the cluster (e.g. a canary router).
+    if let Some(name) = chain.and_then(|c| c.with(|c| c.property("wasp.cluster")).flatten()) {
+        let name = String::from_utf8_lossy(&name);
+        cluster_id = ctx
+            .snapshot
+            .cluster_id(&name)
+            .ok_or_else(|| ProxyError::UnknownCluster(name.into_owned()))?;
+    }
+    let upstream = ctx
+        .upstreams
+        .get(cluster_id)
+        .ok_or_else(|| ProxyError::UnknownCluster(cluster_id.to_string()))?;
+    log.cluster = Some(upstream.name.clone());
+    log.stats = route
+        .stats
+        .iter()
+        .find(|(c, _)| *c == cluster_id)
+        .map(|(_, s)| s.clone());
+    Ok(Routed {
+        route,
+        upstream,
+        cluster: cluster_id,
+        host,
+    })
+}
+
+/// Phase 4a: the cluster's circuit breakers, then the balancer (hash key
+/// from the request). The admission is held until the response ends.
+pub(super) async fn admit_and_pick(
+    routed: &Routed<'_>,
+    parts: &http::request::Parts,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+) -> Result<(Admission, Picked), ProxyError> {
+    let upstream = routed.upstream;
+    let admission = upstream.admit().ok_or_else(|| {
+        ProxyError::Overflow(format!(
+            "cluster \"{}\" is at its request limits (limits.max_requests / max_pending)",
+            upstream.name
+        ))
+    })?;
+    let mut key_buf = [0u8; 16];
+    let hash_key = upstream
+        .state
+        .hash_key(&parts.headers, ctx.peer.ip(), &mut key_buf);
+    let picked = if routed.cluster == crate::route::PASSTHROUGH {
+        // The built-in cluster's one endpoint: the original destination.
+        ctx.original_dst.map(|dst| upstream.direct(dst))
+    } else {
+        upstream.pick_first(&PickContext { hash_key }).await
+    };
+    let picked = picked.ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
+    if let Some(chain) = chain {
+        chain.with(|c| {
+            c.set_route(routed.route.name.clone(), upstream.name.clone());
+            c.set_upstream(picked.addr);
+        });
+    }
+    Ok((admission, picked))
+}
+
+/// Phase 4b: the upstream request's head, rewritten in place: the
+/// endpoint's URI with the route's path, no hop-by-hop headers, the Host
+/// the upstream expects, forwarding headers, the cluster's protocol.
+pub(super) fn rewrite(
+    parts: &mut http::request::Parts,
+    routed: &Routed<'_>,
+    picked: &Picked,
+    ctx: &Ctx<'_>,
+    upgrade: bool,
+    via: &'static str,
+) -> Result<(), ProxyError> {
+    let route = routed.route;
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(picked.authority());
+    uri.path_and_query = match route.rewrite_path(path_and_query) {
+        // Unchanged: reuse the parsed value instead of parsing it again.
+        std::borrow::Cow::Borrowed(_) => Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        ),
+        std::borrow::Cow::Owned(p) => p.parse().ok(),
+    };
+    parts.uri = Uri::from_parts(uri)
+        .map_err(|e| ProxyError::BadRequest(format!("cannot rewrite the path: {e}")))?;
+    // `Connection: x-request-id` must not take away the id the logs use
+    // (`serve` has made sure there is one).
+    let request_id = parts.headers.get(&REQUEST_ID).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Some(id) = request_id {
+        parts.headers.entry(REQUEST_ID).or_insert(id);
+    }
+    parts.headers.remove(header::EXPECT);
+    let host = &routed.host;
+    let host_value = match &route.rewrite_host {
+        Some(h) => Some(h.clone()),
+        // Usually the Host header is already right: keep it as it is.
+        None if parts
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == host.as_bytes()) =>
+        {
+            None
+        }
+        None => HeaderValue::from_str(host).ok(),
+    };
+    if let Some(h) = host_value {
+        parts.headers.insert(header::HOST, h);
+    }
+    let trusted = ctx.listener.trust_forwarded.trusts(ctx.peer.ip());
+    headers::add_forwarding(&mut parts.headers, ctx.peer.ip(), ctx.scheme, via, trusted);
+    parts.version = match routed.upstream.protocol {
+        crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
+        crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    Ok(())
+}
+
+/// Phase 4c: the body to send, and a copy kept for retries when the route
+/// retries and the body is small enough to read whole first (empty bodies
+/// are always kept); otherwise it streams through the filters.
+pub(super) async fn request_body<B>(
+    body: B,
+    parts: &http::request::Parts,
+    routed: &Routed<'_>,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+    clock: Option<Arc<StreamClock>>,
+    upgrade: bool,
+) -> Result<(ProxyBody, Option<Bytes>), ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let limits = &ctx.listener.limits;
+    let empty = body.is_end_stream() && !upgrade;
+    let body = RequestBody::new(body, limits.max_body_bytes, clock);
+    let policy = routed.route.retry.as_deref();
+    if !body::should_keep_body(policy, parts, empty, upgrade, chain.is_some()) {
+        let kept = empty.then(Bytes::new);
+        let body = match chain {
+            Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
+            None => body.boxed_unsync(),
+        };
+        return Ok((body, kept));
+    }
+    // The cluster admission is already held: a client that trickles its
+    // body must not keep it for longer than it may take to send a head.
+    let after = limits.header_timeout;
+    let collected = tokio::time::timeout(after, body.collect())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout { after })?
+        .map_err(|e| body::body_error(&*e))?;
+    let bytes = collected.to_bytes();
+    let full = http_body_util::Full::new(bytes.clone())
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Ok((full, Some(bytes)))
+}
+
+/// Phase 4d: `upstream` sends (and retries, when `kept` allows a replay)
+/// within the route's timeout, while the stream's deadlines run.
+pub(super) async fn send(
+    routed: &Routed<'_>,
+    picked: Picked,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    kept: Option<Bytes>,
+    clock: Option<&StreamClock>,
+    chain: Option<&SharedChain>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (route, upstream) = (routed.route, routed.upstream);
+    let endpoint = picked.addr;
+    let replay = Replay::capture(route.retry.as_deref(), &parts, kept);
+    let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
+    let on_retry = |addr| {
+        if let Some(c) = chain {
+            c.with(|c| c.set_upstream(addr));
+        }
+    };
+    let request = Request::from_parts(parts, body);
+    let sending = upstream.send_with_retries(picked, request, replay, timeout, on_retry);
+    let Some(clock) = clock else {
+        return Ok(sending.await?);
+    };
+    tokio::select! {
+        sent = sending => Ok(sent?),
+        // Nothing moving either way while the upstream thinks counts as
+        // idle too; the request body's own timer covers a stalled upload.
+        cut = clock.expired() => Err(match cut {
+            // The whole request arrived: the upstream is the one not
+            // answering.
+            Cut::Idle(after) if clock.request_done() => ProxyError::UpstreamTimeout {
+                cluster: upstream.name.to_string(),
+                addr: endpoint,
+                after,
+            },
+            cut => ProxyError::Cut(cut),
+        }),
+    }
+}
+
+/// Phase 4e: on a 101 to an upgrade request, joins the two connections
+/// into a tunnel. Returns whether the response switches protocols.
+pub(super) fn switch_protocols(
+    resp: &mut Response<Incoming>,
+    downstream: Option<OnUpgrade>,
+    ctx: &Ctx<'_>,
+) -> bool {
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(down), true) = (downstream, switching) {
+        ctx.activity.upgraded.store(true, Ordering::Release);
+        upgrade::tunnel(down, hyper::upgrade::on(resp), ctx.drain_deadline.clone());
+    }
+    switching
+}
+
+/// Phase 5: the response on its way back: clean headers, the
+/// response-header filters (which may answer instead), and the body's
+/// filters, deadlines and the admission it holds until it ends.
+pub(super) async fn respond<R>(
+    resp: Response<R>,
+    mut admission: Admission,
+    switching: bool,
+    via: &'static str,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+    clock: Option<Arc<StreamClock>>,
+) -> Response<ProxyBody>
+where
+    R: Body<Data = Bytes> + Send + 'static,
+    R::Error: Into<BoxError>,
+{
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, switching);
+    headers::append_via(&mut parts.headers, via);
+    // The request counts against max_requests until its response ends.
+    admission.headers_received();
+    let body = Tracked::new(body, move |_| drop(admission));
+    let body = match chain {
+        Some(chain) if !switching => {
+            let verdict = chain
+                .response_headers(&mut parts, body.is_end_stream())
+                .await;
+            if let Some(Verdict::Respond(resp)) = verdict {
+                return error::boxed(resp);
+            }
+            FilteredBody::new(body, chain.clone(), Side::Response).boxed_unsync()
+        }
+        _ => body.map_err(Into::into).boxed_unsync(),
+    };
+    let body = match clock {
+        Some(clock) if !switching => {
+            Timed::new(body, clock, ctx.listener.stats.clone()).boxed_unsync()
+        }
+        _ => body,
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Rejects shapes of request that hyper lets through but a proxy must not
+/// pass on, and bodies that declare a length over the limit.
+pub(super) fn check_framing<B>(req: &Request<B>, max_body: u64) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding are set".into(),
+        ));
+    }
+    // RFC 9112 section 3.2: more than one Host, or an HTTP/1.1 request
+    // without one, is a 400. Two Hosts would let the route see one name and
+    // the upstream another.
+    let mut hosts = h.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header".into()));
+    }
+    if req.version() == Version::HTTP_11
+        && req.uri().authority().is_none()
+        && !h.contains_key(header::HOST)
+    {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
+        ));
+    }
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest(
+            "CONNECT tunnels are not supported".into(),
+        ));
+    }
+    if let Some(len) = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max_body {
+            return Err(ProxyError::BodyTooLarge { limit: max_body });
+        }
+    }
+    Ok(())
+}
+
+/// The authority the client addressed: from an absolute-form URI (forward
+/// proxy use), else `:authority`, else `Host`.
+fn authority(req: &http::request::Parts) -> Option<String> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
