@@ -1,7 +1,9 @@
 //! The compile step: turns a validated [`Config`] (plain data) into the
 //! [`Snapshot`] the workers serve from, one immutable generation of
 //! everything the request path reads: per listener its compiled routes
-//! (matcher, allow list, metric series), TLS material and counters; per
+//! (matcher, allow list, metric series), on `tcp` and capture listeners
+//! its TCP routes (with their L4 series) and the passthrough route, TLS
+//! material and counters; per
 //! cluster its resolved endpoints, TLS material and live state.
 //!
 //! [`compile`] does the blocking work (name resolution, certificate and
