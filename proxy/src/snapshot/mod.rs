@@ -3,8 +3,8 @@
 //! everything the request path reads: per listener its compiled routes
 //! (matcher, allow list, metric series), on `tcp` and capture listeners
 //! its TCP routes (with their L4 series) and the passthrough route, TLS
-//! material and counters; per
-//! cluster its resolved endpoints, TLS material and live state.
+//! material and counters; per cluster its resolved endpoints, TLS
+//! material and live state.
 //!
 //! [`compile`] does the blocking work (name resolution, certificate and
 //! discovery files): callers run it on a plain thread or `spawn_blocking`,
