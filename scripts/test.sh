@@ -19,6 +19,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 if [ "${WASP_BUILD_ASSEMBLYSCRIPT:-1}" != 0 ]; then
   command -v npm >/dev/null || missing+=(nodejs npm)
 fi
+# L4 tests (tests/l4.rs, tests/capture.rs) proxy a real Redis.
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

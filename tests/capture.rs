@@ -171,7 +171,7 @@ class H(http.server.BaseHTTPRequestHandler):
         print("request", self.path, flush=True)
     def log_message(self, *a):
         pass
-s = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+s = http.server.HTTPServer((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1])), H)
 print("ready", flush=True)
 s.serve_forever()
 "#;
@@ -384,4 +384,312 @@ fn dry_run_prints_the_rules_without_touching_the_tables() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("prefix"));
+}
+
+/// A pod namespace (10.77.0.1) and a "service" namespace (10.77.0.2) on
+/// the two ends of a veth pair: what the app calls is really elsewhere.
+fn pod_and_service() -> Option<(Netns, Netns)> {
+    if !have_iptables() {
+        return None;
+    }
+    let pod = Netns::new("pod")?;
+    let svc = Netns::new("svc")?;
+    pod.ok(&[
+        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    pod.ok(&["ip", "link", "set", "v1", "netns", &svc.name]);
+    pod.ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "v0"]);
+    pod.ok(&["ip", "link", "set", "v0", "up"]);
+    svc.ok(&["ip", "addr", "add", "10.77.0.2/24", "dev", "v1"]);
+    svc.ok(&["ip", "link", "set", "v1", "up"]);
+    Some((pod, svc))
+}
+
+/// Speaks first (`220 banner`), then answers the first chunk it reads
+/// with its size and first byte.
+const BANNER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"220 %s\n" % (sys.argv[3] if len(sys.argv) > 3 else "banner").encode())
+    data = c.recv(65536)
+    c.sendall(b"got %d bytes starting %02x\n" % (len(data), data[0] if data else 0))
+    c.close()
+"#;
+
+/// The app's banner client: prints the banner, how long it took, and the answer.
+const BANNER_CLIENT: &str = r#"
+import socket, time
+t = time.time()
+c = socket.create_connection(("10.77.0.2", 2525), timeout=5)
+banner = c.recv(100).decode().strip()
+waited = time.time() - t
+c.sendall(b"hi\n")
+print(banner, "|", c.recv(100).decode().strip(), "|", "%.3f" % waited)
+"#;
+
+/// The app opening TLS: a real ClientHello for `argv[1]` (Python's ssl),
+/// sent raw, so the test sees what reaches the server.
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(inc, out, server_hostname=sys.argv[1])
+try:
+    obj.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+c = socket.create_connection(("10.77.0.2", 8443), timeout=5)
+c.sendall(hello)
+data = b""
+while data.count(b"\n") < 2:
+    more = c.recv(100)
+    if not more:
+        break
+    data += more
+print(len(hello), "|", " / ".join(data.decode().strip().split("\n")))
+"#;
+
+#[test]
+fn capture_listeners_detect_http_and_pass_everything_else_through() {
+    let Some((mut ns, mut svc)) = pod_and_service() else {
+        return;
+    };
+    let before = ns.rules();
+    let dir = TempDir::new("capture-l4");
+    let config = dir.path().join("wasp.toml");
+    std::fs::write(
+        &config,
+        r#"
+[proxy]
+workers = 1
+
+[admin]
+bind = "127.0.0.1:9901"
+
+[[listeners]]
+name = "outbound"
+bind = "0.0.0.0:15001"
+capture = "outbound"
+opaque_ports = [2525]
+limits = { detect_timeout = "3s" }
+
+  [[listeners.routes]]
+  name = "reviews"
+  match = { host = "reviews" }
+  cluster = "reviews"
+
+  # TLS the app opens, routed by its server name (never terminated).
+  [[listeners.routes]]
+  name = "tls"
+  match = { sni = "tls.svc" }
+  cluster = "tls"
+
+[[listeners]]
+name = "inbound"
+bind = "0.0.0.0:15006"
+capture = "inbound"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:18080"]
+
+[clusters.tls]
+endpoints = ["127.0.0.1:18443"]
+"#,
+    )
+    .expect("write config");
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rX", &dir.path().to_string_lossy()])
+        .status();
+
+    // In the pod: the routed upstream and the app's own server (inbound).
+    let mut routed = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "18080"]);
+    routed.stdout(Stdio::piped()).stderr(Stdio::null());
+    let i = ns.spawn(routed);
+    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
+    let mut tls = ns.as_uid(
+        None,
+        &[PYTHON, "-c", BANNER, "127.0.0.1", "18443", "routed-tls"],
+    );
+    tls.stdout(Stdio::piped()).stderr(Stdio::null());
+    let i = ns.spawn(tls);
+    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
+    let mut app = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "9000", "0.0.0.0"]);
+    app.stdout(Stdio::piped()).stderr(Stdio::null());
+    let i = ns.spawn(app);
+    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
+
+    // In the service namespace: what the app calls directly.
+    let mut http = svc.as_uid(None, &[PYTHON, "-c", UPSTREAM, "8080", "10.77.0.2"]);
+    http.stdout(Stdio::piped()).stderr(Stdio::null());
+    let i = svc.spawn(http);
+    wait_for_line(&mut svc.children[i], "ready", Duration::from_secs(10));
+    for port in ["2525", "8443"] {
+        let mut banner = svc.as_uid(None, &[PYTHON, "-c", BANNER, "10.77.0.2", port]);
+        banner.stdout(Stdio::piped()).stderr(Stdio::null());
+        let i = svc.spawn(banner);
+        wait_for_line(&mut svc.children[i], "ready", Duration::from_secs(10));
+    }
+    let mut redis = svc.cmd(&[
+        "redis-server",
+        "--bind",
+        "10.77.0.2",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]);
+    redis.stdout(Stdio::null()).stderr(Stdio::null());
+    svc.spawn(redis);
+
+    let config_arg = config.to_string_lossy().into_owned();
+    let log = dir.path().join("wasp.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut wasp = ns.as_uid(Some(PROXY_UID), &[WASP, "run", "--config", &config_arg]);
+    wasp.stdout(Stdio::null()).stderr(log_file);
+    ns.spawn(wasp);
+    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+    ns.ok(&[WASP, "iptables", "--proxy-uid", PROXY_UID, "--ipv6", "off"]);
+    let app_run = |argv: &[&str]| {
+        let out = ns
+            .as_uid(Some(APP_UID), argv)
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .expect("app command");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    // HTTP that a route claims, by Host.
+    let (ok, seen) = app_run(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-H",
+        "Host: reviews",
+        "http://10.77.0.2:8080/routed",
+    ]);
+    assert!(ok && seen.contains("via: 1.1 wasp"), "routed: {seen}");
+    // HTTP/2 with prior knowledge: detected by its preface, routed the same.
+    let (ok, seen) = app_run(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: reviews",
+        "http://10.77.0.2:8080/routed-h2",
+    ]);
+    assert!(ok && seen.contains("via: 2.0 wasp"), "routed h2: {seen}");
+    // HTTP no route claims: to the original destination, through wasp.
+    let (ok, seen) = app_run(&["curl", "-s", "-m", "5", "http://10.77.0.2:8080/unrouted"]);
+    assert!(ok, "unrouted: {seen}");
+    assert!(
+        seen.contains("via: 1.1 wasp"),
+        "unrouted not through wasp: {seen}"
+    );
+    assert!(seen.contains("host: 10.77.0.2:8080"), "{seen}");
+
+    // Redis: opaque TCP (detected at its first bytes) to where it was going.
+    let (_, pong) = app_run(&["redis-cli", "-h", "10.77.0.2", "PING"]);
+    assert_eq!(
+        pong.trim(),
+        "PONG",
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (_, set) = app_run(&["redis-cli", "-h", "10.77.0.2", "SET", "k", "captured"]);
+    assert_eq!(set.trim(), "OK");
+    let (_, got) = app_run(&["redis-cli", "-h", "10.77.0.2", "GET", "k"]);
+    assert_eq!(got.trim(), "captured");
+
+    // Server speaks first on an opaque port: no detection wait (3 s here).
+    let (ok, seen) = app_run(&[PYTHON, "-c", BANNER_CLIENT]);
+    assert!(ok, "banner client: {seen}");
+    let parts: Vec<&str> = seen.trim().split(" | ").collect();
+    assert_eq!(parts.first(), Some(&"220 banner"), "{seen}");
+    assert_eq!(parts.get(1), Some(&"got 3 bytes starting 68"), "{seen}");
+    let waited: f64 = parts.get(2).and_then(|w| w.parse().ok()).unwrap_or(99.0);
+    assert!(waited < 1.5, "the banner waited for detection: {waited}s");
+
+    // TLS the app opens is never terminated: a TCP route claims it by its
+    // server name, else it goes to its original destination; either server
+    // gets the ClientHello, byte count and all; wasp logs the SNI.
+    for (sni, server) in [("tls.svc", "routed-tls"), ("other.svc", "banner")] {
+        let (ok, seen) = app_run(&[PYTHON, "-c", TLS_CLIENT, sni]);
+        assert!(ok, "tls client: {seen}");
+        let (len, answer) = seen.trim().split_once(" | ").unwrap_or(("", ""));
+        assert_eq!(
+            answer,
+            format!("220 {server} / got {len} bytes starting 16"),
+            "{sni}: {seen}"
+        );
+    }
+
+    // Inbound: the other namespace calls the pod; wasp's inbound listener
+    // takes it and hands it to the app on the original port.
+    let out = svc.output(&["curl", "-s", "-m", "5", "http://10.77.0.1:9000/inbound"]);
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && seen.contains("via: 1.1 wasp"),
+        "inbound not through wasp: {seen}"
+    );
+
+    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    let tcp = metric_value(
+        &metrics,
+        "wasp_tcp_connections_total",
+        &["listener=\"outbound\"", "cluster=\"passthrough\""],
+    );
+    assert_eq!(tcp, Some(5.0), "3 redis, banner, other.svc:\n{metrics}");
+    let by_sni = metric_value(
+        &metrics,
+        "wasp_tcp_connections_total",
+        &["listener=\"outbound\"", "route=\"tls\"", "cluster=\"tls\""],
+    );
+    assert_eq!(by_sni, Some(1.0), "{metrics}");
+    let inbound = metric_value(
+        &metrics,
+        "wasp_requests_total",
+        &[
+            "listener=\"inbound\"",
+            "cluster=\"passthrough\"",
+            "code_class=\"2xx\"",
+        ],
+    );
+    assert_eq!(inbound, Some(1.0), "{metrics}");
+    let unrouted = metric_value(
+        &metrics,
+        "wasp_requests_total",
+        &[
+            "listener=\"outbound\"",
+            "cluster=\"passthrough\"",
+            "code_class=\"2xx\"",
+        ],
+    );
+    assert_eq!(unrouted, Some(1.0), "{metrics}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("tls.svc"),
+        "no SNI in the access log:\n{text}"
+    );
+
+    ns.ok(&[WASP, "iptables", "--cleanup", "--ipv6", "off"]);
+    assert_eq!(before, ns.rules(), "--cleanup did not restore the tables");
 }

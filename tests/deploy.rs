@@ -355,3 +355,53 @@ async fn wrapper_mode_reload_keeps_the_apps_proxy_listener_in_place() {
         .unwrap();
     assert_eq!(wait_exit(&mut child, Duration::from_secs(20)), Some(0));
 }
+
+/// The transparent-capture example (`examples/kubernetes/transparent.yaml`):
+/// valid manifests, an init container running `wasp iptables` with the UID
+/// wasp runs as, and an embedded config `wasp check` accepts with both
+/// capture listeners.
+#[test]
+fn transparent_capture_manifest_validates_and_embeds_a_valid_config() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/kubernetes/transparent.yaml"
+    );
+    let out = Command::new("kubernetes-validate")
+        .args(["-k", "1.30.0", "--strict", file])
+        .output()
+        .expect("kubernetes-validate (pip install kubernetes-validate; scripts/test.sh does)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !text.contains("ERROR"), "{text}");
+    assert_eq!(text.matches("passed").count(), 2, "{text}");
+    let yaml = std::fs::read_to_string(file).unwrap();
+    assert!(yaml.contains("--proxy-uid=1337") && yaml.contains("runAsUser: 1337"));
+    assert!(
+        !yaml.contains("name: HTTP_PROXY"),
+        "the app must be unmodified"
+    );
+    let toml: String = yaml
+        .split_once("wasp.toml: |\n")
+        .expect("wasp.toml key")
+        .1
+        .split("\n---")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tmp = TempDir::new("k8s-transparent");
+    let path = tmp.path().join("wasp.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("outbound on 0.0.0.0:15001 (capture outbound)")
+            && summary.contains("inbound on 0.0.0.0:15006 (capture inbound)"),
+        "{summary}"
+    );
+}

@@ -215,18 +215,42 @@ pub fn summary(compiled: &Compiled) -> String {
         let pipeline: Vec<&str> = l.pipeline.iter().map(|p| &**p).collect();
         let _ = writeln!(
             out,
-            "  {} on {}  pipeline: [{}]",
+            "  {} on {}{}  pipeline: [{}]",
             l.name,
             l.bind,
+            match (l.l4.is_tcp(), l.l4.capture) {
+                (true, _) => " (tcp)",
+                (false, Some(crate::config::CaptureMode::Outbound)) => " (capture outbound)",
+                (false, Some(crate::config::CaptureMode::Inbound)) => " (capture inbound)",
+                (false, None) => "",
+            },
             pipeline.join(", ")
         );
         for r in &l.routes {
             let clusters: Vec<&str> = r
                 .clusters()
                 .iter()
-                .filter_map(|c| config.clusters.get(*c).map(|c| &*c.name))
+                .filter_map(|c| {
+                    if *c == crate::route::PASSTHROUGH {
+                        return Some(crate::route::PASSTHROUGH_NAME);
+                    }
+                    config.clusters.get(*c).map(|c| &*c.name)
+                })
                 .collect();
             let _ = writeln!(out, "    route {} -> {}", r.name, clusters.join(" | "));
+        }
+        for r in &l.l4.tcp_routes {
+            let clusters: Vec<&str> = r
+                .clusters()
+                .iter()
+                .filter_map(|c| {
+                    if *c == crate::route::PASSTHROUGH {
+                        return Some(crate::route::PASSTHROUGH_NAME);
+                    }
+                    config.clusters.get(*c).map(|c| &*c.name)
+                })
+                .collect();
+            let _ = writeln!(out, "    tcp route {} -> {}", r.name, clusters.join(" | "));
         }
         if let Some(tls) = &l.tls {
             let _ = writeln!(out, "    tls: {}", server_tls_summary(tls.settings()));

@@ -17,6 +17,7 @@ pub mod errors;
 pub mod filter;
 pub mod filtertest;
 pub mod forward;
+pub mod l4;
 pub mod lifecycle;
 pub mod listener;
 pub mod reload;

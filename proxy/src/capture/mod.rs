@@ -12,12 +12,63 @@
 //!
 //! `detect` tells HTTP/1, HTTP/2, TLS (with SNI and ALPN) and opaque TCP
 //! apart from a connection's first bytes: a pure function, fuzzed in the
-//! suite, that the capture listeners (not wired yet) will call on peeked
-//! bytes.
+//! suite; `peek` runs it on a live socket's peeked bytes, and [`classify`]
+//! decides a captured connection's path: HTTP (the listener's hyper path,
+//! bytes untouched) or L4 (the `l4` module, with the SNI when it was TLS).
 //!
-//! `iptables` runs once, from the command line; `detect` will run once per
-//! captured connection, before any request.
+//! `iptables` runs once, from the command line; `classify` runs once per
+//! captured connection, on its worker, before any request.
 
 pub mod detect;
 pub mod iptables;
+pub mod peek;
 pub mod relay;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+use crate::config::{Config, L4Config};
+use detect::Detection;
+
+/// Which path a captured connection takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    /// HTTP/1 or HTTP/2: the listener's HTTP serving, routes by `Host`.
+    Http,
+    /// Opaque TCP or TLS (with its SNI): proxied at L4.
+    Tcp { sni: Option<String> },
+}
+
+/// Decides a connection's path on a capture listener. A connection made to
+/// the listener directly (no original destination) is HTTP, as on any
+/// listener; `opaque_ports` and `detect_protocol = false` skip detection.
+pub async fn classify(
+    stream: &TcpStream,
+    original_dst: Option<SocketAddr>,
+    l4: &L4Config,
+) -> Class {
+    let Some(dst) = original_dst else {
+        return Class::Http;
+    };
+    if !l4.detect_protocol || l4.opaque_ports.contains(&dst.port()) {
+        return Class::Tcp { sni: None };
+    }
+    match peek::sniff(stream, l4.detect_timeout).await {
+        Detection::Http1 | Detection::Http2 => Class::Http,
+        Detection::Tls(hello) => Class::Tcp { sni: hello.sni },
+        Detection::Opaque | Detection::NeedMore => Class::Tcp { sni: None },
+    }
+}
+
+/// The connection's original destination, unless it is one of this
+/// proxy's own listeners (sending it there would loop the connection back
+/// into the proxy): such a connection is served as if made directly.
+pub fn original_dst(stream: &TcpStream, config: &Config) -> Option<SocketAddr> {
+    let dst = relay::original_dst(stream)?;
+    let own = config.listeners.iter().any(|l| {
+        l.bind.port() == dst.port()
+            && (l.bind.ip() == dst.ip() || l.bind.ip().is_unspecified() || dst.ip().is_loopback())
+    });
+    (!own).then_some(dst)
+}

@@ -76,6 +76,61 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_metered(client, upstream, idle, stop, |_| {}, |_| {}).await
+}
+
+/// [`relay`], telling `up` and `down` each chunk's size as it is written
+/// (metrics that move while a long connection lasts).
+pub async fn relay_metered<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+    on_up: impl Fn(u64),
+    on_down: impl Fn(u64),
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let pass = |_: &[u8], _: bool| Tapped::Pass;
+    relay_tapped(client, upstream, idle, stop, (on_up, on_down), (pass, pass)).await
+}
+
+/// What a tap makes of one chunk read (network filters).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tapped {
+    /// Write the chunk as read.
+    Pass,
+    /// Write these bytes instead (may be empty).
+    Replace(bytes::Bytes),
+    /// Write nothing now (the tap keeps the bytes).
+    Hold,
+    /// End the whole relay: the connection is closed.
+    Close,
+}
+
+/// The error a relay ends with when a tap closed it.
+pub const CLOSED_BY_TAP: io::ErrorKind = io::ErrorKind::ConnectionAborted;
+
+/// [`relay_metered`] with a tap per direction (upstream-bound, then
+/// client-bound), called with each chunk read and once with an empty chunk
+/// and `true` at that side's end, before the half-close is passed on.
+pub async fn relay_tapped<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+    (on_up, on_down): (impl Fn(u64), impl Fn(u64)),
+    (tap_up, tap_down): (
+        impl FnMut(&[u8], bool) -> Tapped,
+        impl FnMut(&[u8], bool) -> Tapped,
+    ),
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let base = Instant::now();
@@ -85,11 +140,28 @@ where
     let to_client = AtomicU64::new(0);
     let progress = |moved: &AtomicU64, n: usize| {
         moved.fetch_add(n as u64, Ordering::Relaxed);
+
         let ms = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
         last.store(ms, Ordering::Relaxed);
     };
-    let up = copy_one_way(&mut cr, &mut uw, |n| progress(&to_upstream, n));
-    let down = copy_one_way(&mut ur, &mut cw, |n| progress(&to_client, n));
+    let up = copy_one_way(
+        &mut cr,
+        &mut uw,
+        |n| {
+            progress(&to_upstream, n);
+            on_up(n as u64);
+        },
+        tap_up,
+    );
+    let down = copy_one_way(
+        &mut ur,
+        &mut cw,
+        |n| {
+            progress(&to_client, n);
+            on_down(n as u64);
+        },
+        tap_down,
+    );
     let idle_watch = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -117,7 +189,12 @@ where
 
 /// Copies `from` to `to` until `from` ends, then shuts `to`'s write side
 /// (half-close: the other side sees the end and may still answer).
-async fn copy_one_way<R, W>(from: &mut R, to: &mut W, moved: impl Fn(usize)) -> io::Result<()>
+async fn copy_one_way<R, W>(
+    from: &mut R,
+    to: &mut W,
+    moved: impl Fn(usize),
+    mut tap: impl FnMut(&[u8], bool) -> Tapped,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -125,13 +202,28 @@ where
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = from.read(&mut buf).await?;
-        if n == 0 {
+        let chunk = buf.get(..n).unwrap_or_default();
+        let eos = n == 0;
+        match tap(chunk, eos) {
+            Tapped::Pass if !eos => {
+                to.write_all(chunk).await?;
+                moved(n);
+            }
+            Tapped::Replace(bytes) if !bytes.is_empty() => {
+                to.write_all(&bytes).await?;
+                moved(bytes.len());
+            }
+            Tapped::Close => {
+                let _ = to.shutdown().await;
+                return Err(io::Error::new(CLOSED_BY_TAP, "closed by a filter"));
+            }
+            Tapped::Pass | Tapped::Replace(_) | Tapped::Hold => {}
+        }
+        if eos {
             // The peer may already be gone; its end is what we report.
             let _ = to.shutdown().await;
             return Ok(());
         }
-        to.write_all(buf.get(..n).unwrap_or_default()).await?;
-        moved(n);
     }
 }
 

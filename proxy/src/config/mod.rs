@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod filter;
 mod interpolate;
+pub mod l4;
 pub mod route;
 pub mod schema;
 pub mod tls;
@@ -31,8 +32,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cluster::{ClusterSettings, Discovery, RetryPolicy};
+pub use l4::{L4Config, TcpMatch};
 pub use route::RouteConfig;
-pub use schema::{Balance, FailMode, LogFormat, LogLevel, TraceProtocol, UpstreamProtocol};
+pub use schema::{
+    Balance, CaptureMode, FailMode, ListenerProtocol, LogFormat, LogLevel, TraceProtocol,
+    UpstreamProtocol,
+};
 pub use tls::{Allow, ClientTlsSettings, ServerTlsSettings};
 
 use tls::{CertPaths, MinVersion, SniCert};
@@ -102,6 +107,9 @@ pub struct ListenerConfig {
     pub trust_forwarded: trust::TrustedPeers,
     /// The `tls` table, for problems found loading it.
     pub tls_site: Site,
+    /// TCP-level settings: L4 listeners and capture (`l4` and `capture`
+    /// act on them).
+    pub l4: L4Config,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -471,6 +479,12 @@ impl<'a> Validator<'a> {
         Site { line, column }
     }
 
+    /// A problem at the `index`-th route of the listener at `listener_at`.
+    fn at_route(&mut self, listener_at: usize, index: usize, message: String) {
+        let site = self.route_site(listener_at, index);
+        self.problems.push(site.problem(message));
+    }
+
     fn run(mut self, file: schema::File) -> Result<Config, Vec<Problem>> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let admin = self.admin(&file.admin);
@@ -692,6 +706,17 @@ impl<'a> Validator<'a> {
         clusters: &HashMap<&str, usize>,
     ) -> Vec<ListenerConfig> {
         let mut out: Vec<ListenerConfig> = Vec::new();
+        // Routes may name the built-in passthrough cluster.
+        let mut with_builtin = clusters.clone();
+        if file.clusters.contains_key(l4::PASSTHROUGH_NAME) {
+            self.at_key(
+                &format!("clusters.{}", l4::PASSTHROUGH_NAME),
+                None,
+                "cluster \"passthrough\" is built in (each connection's original destination); name yours differently",
+            );
+        }
+        with_builtin.insert(l4::PASSTHROUGH_NAME, l4::PASSTHROUGH);
+        let clusters = &with_builtin;
         for decl in &file.listeners {
             if out.iter().any(|l| *l.name == *decl.name) {
                 self.at(
@@ -761,6 +786,10 @@ impl<'a> Validator<'a> {
                 .as_ref()
                 .is_some_and(ServerTlsSettings::requires_client_cert);
             let mut routes = Vec::new();
+            let mut tcp_matches = Vec::new();
+            let mut capture_routes = Vec::new();
+            let mut capture_matches = Vec::new();
+            self.l4_listener(decl);
             for (i, r) in decl.routes.iter().enumerate() {
                 if let Some(a) = &r.allow {
                     if !mutual {
@@ -775,8 +804,20 @@ impl<'a> Validator<'a> {
                     }
                 }
                 let site = self.route_site(decl.bind.span().start, i);
+                let tcp_match = self.tcp_match(decl, i, r);
+                // On a capture listener, a route matching by `sni`, `port`
+                // or `cidr` is a TCP route (for what detection does not
+                // take for HTTP); the others are HTTP routes.
+                let captured_tcp = decl.capture.is_some() && l4::is_tcp_route(r);
                 match route::validate(i, r, clusters) {
-                    Ok(route) => routes.push(RouteConfig { site, ..route }),
+                    Ok(route) if captured_tcp => {
+                        capture_routes.push(RouteConfig { site, ..route });
+                        capture_matches.push(tcp_match);
+                    }
+                    Ok(route) => {
+                        routes.push(RouteConfig { site, ..route });
+                        tcp_matches.push(tcp_match);
+                    }
                     Err(e) => {
                         let message =
                             format!("listener \"{}\", route {}: {}", decl.name, i + 1, e.message);
@@ -826,6 +867,20 @@ impl<'a> Validator<'a> {
                 allow,
                 trust_forwarded: self.trust_forwarded(decl),
                 tls_site,
+                l4: L4Config {
+                    protocol: decl.protocol,
+                    capture: decl.capture.as_ref().map(|c| *c.get_ref()),
+                    detect_protocol: decl.detect_protocol,
+                    opaque_ports: decl.opaque_ports.clone(),
+                    idle_timeout: nonzero(l.tcp_idle_timeout.0),
+                    detect_timeout: l.detect_timeout.0,
+                    matches: if decl.capture.is_some() {
+                        capture_matches
+                    } else {
+                        tcp_matches
+                    },
+                    tcp_routes: capture_routes,
+                },
             });
         }
         out
@@ -833,6 +888,72 @@ impl<'a> Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// The listener-wide L4 and capture keys that cannot go together.
+    fn l4_listener(&mut self, decl: &schema::ListenerDecl) {
+        let name = &decl.name;
+        if let Some(c) = &decl.capture {
+            if decl.protocol == ListenerProtocol::Tcp {
+                self.at(Some(c.span()), format!("listener \"{name}\": `capture` is for HTTP listeners (they detect the protocol and proxy the rest as TCP); a protocol = \"tcp\" listener routes TCP only"));
+            }
+            if let Some(t) = &decl.tls {
+                self.at(Some(t.span()), format!("listener \"{name}\": a capture listener does not terminate TLS (TLS the app sends passes through by SNI); remove `tls`"));
+            }
+        } else if !decl.opaque_ports.is_empty() {
+            self.at(Some(decl.bind.span()), format!("listener \"{name}\": opaque_ports needs `capture` (only captured connections have an original destination port)"));
+        }
+        if decl.protocol == ListenerProtocol::Tcp {
+            if let Some(t) = &decl.tls {
+                self.at(Some(t.span()), format!("listener \"{name}\": protocol = \"tcp\" passes TLS through (route it by `sni`); it does not terminate it, remove `tls`"));
+            }
+        }
+    }
+
+    /// A route's TCP match (`sni`, `port`, `cidr`); HTTP keys on a TCP
+    /// listener and TCP keys on an HTTP one are errors.
+    fn tcp_match(
+        &mut self,
+        decl: &schema::ListenerDecl,
+        index: usize,
+        r: &schema::RouteDecl,
+    ) -> TcpMatch {
+        let m = &r.matcher;
+        let tcp_keys = m.sni.is_some() || m.port.is_some() || m.cidr.is_some();
+        let http_keys = m.host.is_some()
+            || m.prefix.is_some()
+            || m.path.is_some()
+            || m.regex.is_some()
+            || m.method.is_some()
+            || !m.headers.is_empty()
+            || r.rewrite_prefix.is_some()
+            || r.rewrite_host.is_some()
+            || r.retry.is_some()
+            || r.allow.is_some();
+        let at = decl.bind.span().start;
+        let name = &decl.name;
+        if decl.protocol == ListenerProtocol::Tcp && http_keys {
+            self.at_route(at, index, format!("listener \"{name}\", route {}: a protocol = \"tcp\" listener matches by `sni`, `port` or `cidr` only (host, path, method, headers, rewrites, retry and allow are HTTP)", index + 1));
+        }
+        if decl.protocol == ListenerProtocol::Http && tcp_keys {
+            if decl.capture.is_none() {
+                self.at_route(at, index, format!("listener \"{name}\", route {}: `sni`, `port` and `cidr` match TCP connections; set protocol = \"tcp\" on the listener (or `capture`, for its non-HTTP connections)", index + 1));
+            } else if http_keys {
+                self.at_route(at, index, format!("listener \"{name}\", route {}: a route matches HTTP requests (host, path, ...) or TCP connections (sni, port, cidr), not both", index + 1));
+            }
+        }
+        match TcpMatch::compile(m) {
+            Ok(t) => t,
+            Err(e) => {
+                let span = m.cidr.as_ref().map(toml::Spanned::span);
+                let message = format!("listener \"{name}\", route {}: {e}", index + 1);
+                match span {
+                    Some(s) => self.at(Some(s), message),
+                    None => self.at_route(at, index, message),
+                }
+                TcpMatch::default()
+            }
+        }
+    }
+
     fn trust_forwarded(&mut self, decl: &schema::ListenerDecl) -> trust::TrustedPeers {
         let mut nets = Vec::with_capacity(decl.trust_forwarded.len());
         for entry in &decl.trust_forwarded {

@@ -289,6 +289,46 @@ pub struct ListenerDecl {
     /// are replaced (proto) or dropped (host, forwarded).
     #[serde(default)]
     pub trust_forwarded: Vec<Spanned<String>>,
+    /// `http` (the default) or `tcp`: an L4 listener copies bytes both
+    /// ways to the cluster its TCP routes pick (by destination port, CIDR
+    /// or TLS SNI).
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// A capture listener receives connections iptables redirected to it
+    /// (`wasp iptables`) and reads where they were going
+    /// (`SO_ORIGINAL_DST`): `outbound` for the app's calls, `inbound` for
+    /// calls to the app.
+    pub capture: Option<Spanned<CaptureMode>>,
+    /// On a capture listener: tell HTTP/1, HTTP/2 and TLS apart from the
+    /// first bytes (else everything is opaque TCP to the original
+    /// destination).
+    #[serde(default = "yes")]
+    pub detect_protocol: bool,
+    /// Original destination ports whose connections skip detection and go
+    /// straight to L4 (server-speaks-first protocols: MySQL, SMTP, ...).
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// Which side of the pod a capture listener receives.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    Outbound,
+    Inbound,
 }
 
 /// `tls = { cert, key, client_ca, allow, certs, min_version }` on a listener.
@@ -356,6 +396,14 @@ pub struct ListenerLimits {
     /// An HTTP/2 connection whose PING is not answered within this long is
     /// closed.
     pub h2_keepalive_timeout: Dur,
+    /// A proxied TCP connection (L4 listener, opaque or TLS passthrough on
+    /// a capture listener) with no byte either way for this long is closed
+    /// (Envoy's tcp_proxy `idle_timeout`). "0s" turns it off.
+    pub tcp_idle_timeout: Dur,
+    /// How long a capture listener waits for a silent client's first bytes
+    /// before taking the connection for opaque TCP (server-speaks-first
+    /// protocols; list their ports in `opaque_ports` to skip the wait).
+    pub detect_timeout: Dur,
 }
 
 impl Default for ListenerLimits {
@@ -370,6 +418,8 @@ impl Default for ListenerLimits {
             request_timeout: Dur(std::time::Duration::ZERO),
             h2_keepalive_interval: Dur(super::H2_KEEPALIVE_INTERVAL),
             h2_keepalive_timeout: Dur(super::H2_KEEPALIVE_TIMEOUT),
+            tcp_idle_timeout: Dur(std::time::Duration::from_secs(3600)),
+            detect_timeout: Dur(std::time::Duration::from_millis(500)),
         }
     }
 }
@@ -406,6 +456,14 @@ pub struct MatchDecl {
     pub method: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// TCP routes: the TLS server name of a ClientHello (TLS passthrough);
+    /// `*.example.com` matches subdomains.
+    pub sni: Option<String>,
+    /// TCP routes: the destination port (the original one on a capture
+    /// listener, else the listener's).
+    pub port: Option<u16>,
+    /// TCP routes: the destination address is in this network.
+    pub cidr: Option<Spanned<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

@@ -465,3 +465,98 @@ fn trust_forwarded_takes_cidrs_and_addresses() {
     assert!(p[0].message.contains("10.0.0.0/40"), "{}", p[0].message);
     assert_eq!((p[0].line, p[0].column), (7, 34), "{p:?}");
 }
+
+#[test]
+fn l4_and_capture_keys_parse_with_their_defaults() {
+    let c = parse_ok(
+        r#"
+[[listeners]]
+name = "db"
+protocol = "tcp"
+bind = "127.0.0.1:15432"
+  [[listeners.routes]]
+  match = { sni = "db.example.com", port = 5432, cidr = "10.0.0.0/8" }
+  cluster = "pg"
+  [[listeners.routes]]
+  cluster = "passthrough"
+
+[[listeners]]
+name = "outbound"
+bind = "0.0.0.0:15001"
+capture = "outbound"
+opaque_ports = [3306, 6379]
+limits = { tcp_idle_timeout = "0s", detect_timeout = "1s" }
+  [[listeners.routes]]
+  match = { host = "web" }
+  cluster = "pg"
+  [[listeners.routes]]
+  match = { sni = "db.example.com" }
+  cluster = "pg"
+
+[clusters.pg]
+endpoints = ["127.0.0.1:5432"]
+"#,
+    );
+    let db = &c.listeners[0].l4;
+    assert!(db.is_tcp());
+    assert_eq!(db.matches.len(), 2);
+    assert_eq!(db.idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        c.listeners[0].routes[1].clusters(),
+        vec![super::l4::PASSTHROUGH]
+    );
+    let out = &c.listeners[1].l4;
+    assert_eq!(out.capture, Some(CaptureMode::Outbound));
+    assert!(out.detect_protocol);
+    assert_eq!(out.opaque_ports, vec![3306, 6379]);
+    assert_eq!(out.idle_timeout, None);
+    assert_eq!(out.detect_timeout, Duration::from_secs(1));
+    // On a capture listener, TCP routes are kept apart from HTTP ones.
+    assert_eq!(c.listeners[1].routes.len(), 1);
+    assert_eq!(out.tcp_routes.len(), 1);
+    assert_eq!(out.matches.len(), 1);
+}
+
+#[test]
+fn l4_key_mixups_are_errors_with_positions() {
+    let p = problems(
+        r#"
+[[listeners]]
+name = "db"
+protocol = "tcp"
+bind = "127.0.0.1:15432"
+  [[listeners.routes]]
+  match = { host = "db" }
+  cluster = "pg"
+  [[listeners.routes]]
+  match = { cidr = "10.0.0.0/33" }
+  cluster = "pg"
+
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:15433"
+opaque_ports = [6379]
+  [[listeners.routes]]
+  match = { port = 80 }
+  cluster = "pg"
+
+[clusters.pg]
+endpoints = ["127.0.0.1:5432"]
+
+[clusters.passthrough]
+endpoints = ["127.0.0.1:1"]
+"#,
+    );
+    let text: Vec<String> = p
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
+    let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+    assert!(has("7:1") || has("6:3"), "{text:#?}");
+    assert!(has("matches by `sni`, `port` or `cidr` only"), "{text:#?}");
+    assert!(has("cidr \"10.0.0.0/33\""), "{text:#?}");
+    assert!(has("set protocol = \"tcp\" on the listener"), "{text:#?}");
+    assert!(has("opaque_ports needs `capture`"), "{text:#?}");
+    assert!(has("is built in"), "{text:#?}");
+    assert!(p.iter().all(|p| p.line > 0), "{text:#?}");
+}

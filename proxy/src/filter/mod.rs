@@ -58,8 +58,8 @@
 //! CONTINUE; PAUSE on headers with no pending callout fails the filter (its
 //! policy applies; a timer cannot resume a stream).
 //!
-//! Not implemented: TCP/network filters (`proxy_on_new_connection` and
-//! friends are never called). An `http_call` answer that arrives after its
+//! Network (TCP) filters run on L4 listeners through
+//! [`network::NetworkFilters`]. An `http_call` answer that arrives after its
 //! stream ended goes to the instance's root context; a gRPC call or stream
 //! is cancelled with its stream. Root-only ("background") plugins must not
 //! be put in a pipeline: the SDK traps on the HTTP context.
@@ -69,6 +69,7 @@ mod cache;
 mod engine;
 mod host;
 mod metrics;
+pub mod network;
 mod plugin;
 mod set;
 mod stream;

@@ -80,4 +80,23 @@ impl FilterSet {
         }
         StreamFilters::new(self.clone(), idx, info)
     }
+
+    /// A TCP connection's network filter chain (L4 listeners).
+    pub fn network(
+        self: &Arc<Self>,
+        pipeline: &[Arc<str>],
+        info: StreamInfo,
+    ) -> super::network::NetworkFilters {
+        let idx = pipeline
+            .iter()
+            .filter_map(|name| {
+                let i = self.by_name.get(&**name).copied();
+                if i.is_none() {
+                    tracing::warn!(filter = %name, "pipeline names a filter not in this set; skipped");
+                }
+                i
+            })
+            .collect();
+        super::network::NetworkFilters::new(self.clone(), idx, info)
+    }
 }

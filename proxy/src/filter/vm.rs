@@ -120,6 +120,23 @@ pub(crate) enum Callback {
         event: GrpcEvent,
         last: bool,
     },
+    /// Network (TCP) filters: the ABI's stream side.
+    NewConnection,
+    DownstreamData {
+        size: u32,
+        eos: bool,
+    },
+    UpstreamData {
+        size: u32,
+        eos: bool,
+    },
+    /// `peer`: 0 unknown, 1 local (the proxy closed), 2 remote.
+    DownstreamClose {
+        peer: u32,
+    },
+    UpstreamClose {
+        peer: u32,
+    },
     Tick,
     QueueReady {
         queue: u32,
@@ -140,6 +157,12 @@ impl Callback {
             Callback::ResponseTrailers { .. } => Phase::ResponseTrailers,
             Callback::HttpCallResponse { .. } => Phase::HttpCallResponse,
             Callback::Grpc { .. } => Phase::GrpcCallback,
+            // Network callbacks are counted with the HTTP phase they mirror
+            // (connection = headers, data = body, close = log).
+            Callback::NewConnection => Phase::RequestHeaders,
+            Callback::DownstreamData { .. } => Phase::RequestBody,
+            Callback::UpstreamData { .. } => Phase::ResponseBody,
+            Callback::DownstreamClose { .. } | Callback::UpstreamClose { .. } => Phase::Log,
             Callback::Tick | Callback::QueueReady { .. } => Phase::Tick,
             Callback::Log => Phase::Log,
             Callback::Done | Callback::Delete => Phase::Done,
@@ -182,6 +205,11 @@ struct Exports {
     grpc_receive: Option<F3>,
     grpc_trailing_metadata: Option<F3>,
     grpc_close: Option<F3>,
+    new_connection: Option<F1R>,
+    downstream_data: Option<F3R>,
+    upstream_data: Option<F3R>,
+    downstream_close: Option<TypedFunc<(u32, u32), ()>>,
+    upstream_close: Option<TypedFunc<(u32, u32), ()>>,
 }
 
 /// A live VM.
@@ -274,6 +302,15 @@ impl Vm {
                 "proxy_on_grpc_receive_trailing_metadata",
             )?,
             grpc_close: opt(&instance, &mut store, "proxy_on_grpc_close")?,
+            new_connection: opt(&instance, &mut store, "proxy_on_new_connection")?,
+            downstream_data: opt(&instance, &mut store, "proxy_on_downstream_data")?,
+            upstream_data: opt(&instance, &mut store, "proxy_on_upstream_data")?,
+            downstream_close: opt(
+                &instance,
+                &mut store,
+                "proxy_on_downstream_connection_close",
+            )?,
+            upstream_close: opt(&instance, &mut store, "proxy_on_upstream_connection_close")?,
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
@@ -422,6 +459,24 @@ impl Vm {
                     Ok(0)
                 }
             }
+            Callback::NewConnection => match ex.new_connection.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+                None => Ok(0),
+            },
+            Callback::DownstreamData { size, eos } => {
+                self.call3(ex.downstream_data.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::UpstreamData { size, eos } => {
+                self.call3(ex.upstream_data.clone(), phase, (ctx, size, eos as u32))
+            }
+            Callback::DownstreamClose { peer } => match ex.downstream_close.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+                None => Ok(0),
+            },
+            Callback::UpstreamClose { peer } => match ex.upstream_close.clone() {
+                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+                None => Ok(0),
+            },
             Callback::Tick => match ex.on_tick.clone() {
                 Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),

@@ -70,6 +70,10 @@ pub struct ConnCtx {
     /// The listener's "drain deadline passed" signal, for tasks that outlive
     /// the hyper connection (upgrade tunnels).
     pub drain_deadline: tokio::sync::watch::Receiver<bool>,
+    /// Where the client meant to connect, on a capture listener (iptables
+    /// redirected it here): a request no route claims, and routes to the
+    /// built-in `passthrough` cluster, go there.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -114,6 +118,8 @@ pub(crate) struct Ctx<'a> {
     pub principal: Option<&'a Arc<str>>,
     pub activity: &'a Activity,
     pub drain_deadline: &'a tokio::sync::watch::Receiver<bool>,
+    /// The connection's original destination (capture listeners).
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// What the request's log line, metrics and trace need, filled in by the
@@ -162,6 +168,7 @@ pub async fn handle(
         principal: conn.principal.as_ref(),
         activity: &conn.activity,
         drain_deadline: &conn.drain_deadline,
+        original_dst: conn.original_dst,
     };
     Ok(serve(req, &ctx, start, in_flight).await)
 }

@@ -48,6 +48,8 @@ const VIA_H2: &str = "2.0 wasp";
 pub(super) struct Routed<'a> {
     pub route: &'a Route,
     pub upstream: &'a Upstream,
+    /// The cluster's id (`route::PASSTHROUGH` for the built-in one).
+    pub cluster: usize,
     /// The authority the client addressed (empty when none).
     pub host: String,
 }
@@ -166,11 +168,13 @@ pub(super) fn route<'c>(
 ) -> Result<Routed<'c>, ProxyError> {
     let listener = ctx.listener;
     let host = authority(parts).unwrap_or_default();
-    let Some((_, route)) =
-        listener
-            .routes
-            .find(&host, parts.uri.path(), &parts.method, &parts.headers)
-    else {
+    let found = listener
+        .routes
+        .find(&host, parts.uri.path(), &parts.method, &parts.headers)
+        .map(|(_, route)| route)
+        // Captured: what no route claims goes where the app sent it.
+        .or_else(|| ctx.original_dst.and(listener.passthrough.as_ref()));
+    let Some(route) = found else {
         return Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
             host,
@@ -208,6 +212,7 @@ pub(super) fn route<'c>(
     Ok(Routed {
         route,
         upstream,
+        cluster: cluster_id,
         host,
     })
 }
@@ -231,10 +236,13 @@ pub(super) async fn admit_and_pick(
     let hash_key = upstream
         .state
         .hash_key(&parts.headers, ctx.peer.ip(), &mut key_buf);
-    let picked = upstream
-        .pick_first(&PickContext { hash_key })
-        .await
-        .ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
+    let picked = if routed.cluster == crate::route::PASSTHROUGH {
+        // The built-in cluster's one endpoint: the original destination.
+        ctx.original_dst.map(|dst| upstream.direct(dst))
+    } else {
+        upstream.pick_first(&PickContext { hash_key }).await
+    };
+    let picked = picked.ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
     if let Some(chain) = chain {
         chain.with(|c| {
             c.set_route(routed.route.name.clone(), upstream.name.clone());

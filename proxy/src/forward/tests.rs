@@ -84,6 +84,7 @@ impl World {
             principal: None,
             activity: &self.activity,
             drain_deadline: &self.drain,
+            original_dst: None,
         }
     }
 

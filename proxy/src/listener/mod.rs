@@ -13,6 +13,11 @@
 //! its deadline; a failure is logged once with its reason and counted. The
 //! peer's certificate identity rides along in [`ConnCtx::principal`].
 //!
+//! A `protocol = "tcp"` listener hands each connection to `crate::l4`; a
+//! capture listener reads the original destination and lets
+//! `crate::capture::classify` decide, in the connection's own task, between
+//! the HTTP path here (bytes untouched: detection only peeks) and `l4`.
+//!
 //! A serve loop knows its listener by name and reads the listener's settings
 //! (limits, TLS, routes) from the current snapshot at each accept, so a
 //! reload that keeps the listener changes them for new connections without
@@ -189,8 +194,9 @@ pub async fn serve(job: Serve, worker: Worker) {
         if open >= cfg.limits.max_connections {
             runtime.open_connections.fetch_sub(1, Ordering::AcqRel);
             runtime.stats.error(ErrorCode::Overflow);
-            // A TLS client cannot read a plaintext answer: just close.
-            if cfg.tls.is_none() {
+            // A TLS client cannot read a plaintext answer, nor can a TCP
+            // one: just close.
+            if cfg.tls.is_none() && !cfg.l4.below_http() {
                 reject_overflow(stream, cfg.limits.max_connections);
             }
             continue;
@@ -204,8 +210,32 @@ pub async fn serve(job: Serve, worker: Worker) {
         };
         let limits = cfg.limits;
         let local = local.unwrap_or(peer);
+        if cfg.l4.below_http() {
+            // Detection (and TCP routing) run in the connection's own task.
+            let original = crate::capture::original_dst(&stream, &snapshot.config);
+            let below = BelowHttp {
+                worker: worker.clone(),
+                name: name.clone(),
+                stream,
+                addrs: (peer, local),
+                original,
+                done,
+                watcher: graceful.watcher(),
+                builder: builder.clone(),
+                close: close_rx.clone(),
+            };
+            tokio::spawn(below.serve());
+            continue;
+        }
         let Some(tls) = cfg.tls.clone() else {
-            let ctx = conn_ctx(&worker, &name, (peer, local), "http", None, &close_rx);
+            let ctx = conn_ctx(
+                &worker,
+                &name,
+                (peer, local),
+                ("http", None),
+                None,
+                &close_rx,
+            );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -243,7 +273,14 @@ pub async fn serve(job: Serve, worker: Worker) {
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let ctx = conn_ctx(&worker, &name, (peer, local), "https", principal, &close_rx);
+            let ctx = conn_ctx(
+                &worker,
+                &name,
+                (peer, local),
+                ("https", principal),
+                None,
+                &close_rx,
+            );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
             let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
@@ -361,12 +398,86 @@ impl Drop for Closed {
     }
 }
 
+/// A connection on a `tcp` or capture listener, on its way to L4 or (when
+/// detection finds HTTP) to the HTTP path, bytes untouched either way.
+struct BelowHttp {
+    worker: Worker,
+    name: Arc<str>,
+    stream: tokio::net::TcpStream,
+    /// (peer, local)
+    addrs: (SocketAddr, SocketAddr),
+    original: Option<SocketAddr>,
+    done: Closed,
+    watcher: hyper_util::server::graceful::Watcher,
+    builder: auto::Builder<TokioExecutor>,
+    close: watch::Receiver<bool>,
+}
+
+impl BelowHttp {
+    async fn serve(self) {
+        let (peer, local) = self.addrs;
+        let snapshot = self.worker.snapshots.load_full();
+        let Some(cfg) = snapshot.listener(&self.name) else {
+            return;
+        };
+        let tcp = cfg.l4.is_tcp();
+        let class = if tcp {
+            crate::capture::Class::Tcp { sni: None }
+        } else {
+            crate::capture::classify(&self.stream, self.original, &cfg.l4).await
+        };
+        let limits = cfg.limits;
+        drop(snapshot);
+        match class {
+            crate::capture::Class::Http => {
+                let ctx = conn_ctx(
+                    &self.worker,
+                    &self.name,
+                    (peer, local),
+                    ("http", None),
+                    self.original,
+                    &self.close,
+                );
+                let io = Guarded::new(self.stream, ctx.activity.clone(), &limits).tied(self.done);
+                let service = service_fn(move |req| forward::handle(req, ctx.clone()));
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .into_owned();
+                until_closed(self.watcher.watch(conn), self.close, peer).await;
+            }
+            crate::capture::Class::Tcp { sni } => {
+                // The slot is held until the relay ends.
+                let _slot = self.done;
+                drop(self.watcher);
+                let accepted = crate::l4::Accepted {
+                    stream: self.stream,
+                    peer,
+                    dst: self.original.unwrap_or(local),
+                    original_dst: self.original,
+                    sni,
+                    sniffed: !tcp,
+                };
+                crate::l4::proxy(
+                    &self.worker.snapshots,
+                    &self.worker.pools,
+                    self.name,
+                    accepted,
+                    self.close,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// `(scheme, principal)`: how the connection arrived and who the peer is.
 fn conn_ctx(
     worker: &Worker,
     listener: &Arc<str>,
     (peer, local): (SocketAddr, SocketAddr),
-    scheme: &'static str,
-    principal: Option<Arc<str>>,
+    (scheme, principal): (&'static str, Option<Arc<str>>),
+    original_dst: Option<SocketAddr>,
     close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
@@ -379,6 +490,7 @@ fn conn_ctx(
         activity: Arc::new(Activity::default()),
         principal,
         drain_deadline: close.clone(),
+        original_dst,
     })
 }
 

@@ -12,10 +12,11 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
+pub use crate::config::l4::{TcpMatch, PASSTHROUGH, PASSTHROUGH_NAME};
 use crate::config::route::build_regex;
 pub use crate::config::route::{HostMatch, PathMatch, RouteConfig, Target};
 use crate::config::Allow;
-use crate::telemetry::RequestStats;
+use crate::telemetry::{RequestStats, TcpStats};
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -37,6 +38,16 @@ pub struct Route {
     pub allow: Option<Allow>,
     /// The series for each cluster this route may pick.
     pub stats: Vec<(usize, RequestStats)>,
+}
+
+/// A TCP route of a `tcp` or capture listener: the route (name, target
+/// clusters), the connections it takes and the L4 series of each cluster
+/// it may pick.
+#[derive(Debug)]
+pub struct TcpRoute {
+    pub route: Route,
+    pub matcher: TcpMatch,
+    pub stats: Vec<(usize, TcpStats)>,
 }
 
 #[derive(Debug)]

@@ -1,8 +1,10 @@
 //! The compile step: turns a validated [`Config`] (plain data) into the
 //! [`Snapshot`] the workers serve from, one immutable generation of
 //! everything the request path reads: per listener its compiled routes
-//! (matcher, allow list, metric series), TLS material and counters; per
-//! cluster its resolved endpoints, TLS material and live state.
+//! (matcher, allow list, metric series), on `tcp` and capture listeners
+//! its TCP routes (with their L4 series) and the passthrough route, TLS
+//! material and counters; per cluster its resolved endpoints, TLS
+//! material and live state.
 //!
 //! [`compile`] does the blocking work (name resolution, certificate and
 //! discovery files): callers run it on a plain thread or `spawn_blocking`,
@@ -33,8 +35,8 @@ use crate::config::{
     ClusterConfig, Config, ConfigError, Discovery, Endpoint, ListenerConfig, Problem,
 };
 use crate::filter::{FailPolicy, FilterSet, FilterSpec};
-use crate::route::{self, Route, RouteTable};
-use crate::telemetry::{ListenerStats, Metrics, RequestStats};
+use crate::route::{self, Route, RouteTable, TcpMatch, TcpRoute, PASSTHROUGH, PASSTHROUGH_NAME};
+use crate::telemetry::{ListenerStats, Metrics, RequestStats, TcpStats};
 use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::{discovery, Cluster, ClusterState, RetryBudget};
 
@@ -68,6 +70,16 @@ pub struct ListenerSnapshot {
     pub stats: ListenerStats,
     /// Requests that matched no route.
     pub unrouted: RequestStats,
+    /// A capture listener's route for the requests no route claims: to
+    /// their original destination (route "passthrough", series with route
+    /// "" and cluster "passthrough"). `None` on other listeners.
+    pub passthrough: Option<Route>,
+    /// The TCP routes of a `tcp` or capture listener, in config order,
+    /// each with its match and L4 series; empty on other listeners.
+    pub tcp_routes: Vec<TcpRoute>,
+    /// The L4 series of a captured connection no TCP route claims (sent
+    /// to its original destination).
+    pub tcp_passthrough: Option<TcpStats>,
     /// Open connections across all workers, for `max_connections`; carried
     /// over to the next generation of a listener of the same name.
     pub open_connections: Arc<AtomicUsize>,
@@ -96,6 +108,10 @@ pub struct Compiled {
 pub struct CompiledListener {
     pub config: ListenerConfig,
     pub routes: Vec<Route>,
+    /// A `tcp` or capture listener's TCP routes with their matches.
+    pub tcp_routes: Vec<(Route, TcpMatch)>,
+    /// A capture listener's route to the original destination.
+    pub passthrough: Option<Route>,
     pub tls: Option<Arc<ServerTls>>,
     pub open_connections: Arc<AtomicUsize>,
 }
@@ -226,22 +242,59 @@ fn listener(
     };
     let mut routes = Vec::with_capacity(l.routes.len());
     for r in &l.routes {
-        match route::compile(r, Vec::new()) {
-            Ok(route) => routes.push(route),
-            Err(e) => problems.push(
-                r.site
-                    .problem(format!("listener \"{}\", route {}: {e}", l.name, r.name)),
-            ),
+        if let Some(route) = compile_route(l, r, problems) {
+            routes.push(route);
         }
     }
+    // A `tcp` or capture listener's TCP routes; their series come with
+    // the snapshot (see `series`).
+    let mut tcp_routes = Vec::new();
+    if l.l4.below_http() {
+        let table = l.l4.routes(&l.routes);
+        for (r, matcher) in table.iter().zip(&l.l4.matches) {
+            if let Some(route) = compile_route(l, r, problems) {
+                tcp_routes.push((route, matcher.clone()));
+            }
+        }
+    }
+    let passthrough =
+        l.l4.capture
+            .and_then(|_| compile_route(l, &crate::config::l4::passthrough_route(), problems));
     // Connections opened under the previous generation still count.
     let open_connections = before.map_or_else(Arc::default, |p| p.open_connections.clone());
     Some(CompiledListener {
         config: l.clone(),
         routes,
         tls,
+        tcp_routes,
+        passthrough,
         open_connections,
     })
+}
+
+fn compile_route(
+    l: &ListenerConfig,
+    r: &route::RouteConfig,
+    problems: &mut Vec<Problem>,
+) -> Option<Route> {
+    match route::compile(r, Vec::new()) {
+        Ok(route) => Some(route),
+        Err(e) => {
+            problems.push(
+                r.site
+                    .problem(format!("listener \"{}\", route {}: {e}", l.name, r.name)),
+            );
+            None
+        }
+    }
+}
+
+/// A cluster id's name for metric labels (the built-in passthrough too).
+fn cluster_name(config: &Config, id: usize) -> &str {
+    if id == PASSTHROUGH {
+        return PASSTHROUGH_NAME;
+    }
+    config.clusters.get(id).map_or("", |c| &*c.name)
 }
 
 fn resolve(address: &str) -> Result<SocketAddr, String> {
@@ -320,6 +373,7 @@ impl Snapshot {
 /// A compiled listener with its series: the listener's, the unrouted
 /// requests', and each route's per cluster it may pick.
 fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> ListenerSnapshot {
+    let name = &l.config.name;
     let mut routes = l.routes;
     for r in &mut routes {
         // With filters, any cluster may be picked (wasp.cluster).
@@ -331,15 +385,53 @@ fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> Liste
         r.stats = clusters
             .into_iter()
             .map(|c| {
-                let cluster = config.clusters.get(c).map_or("", |c| &*c.name);
-                (c, metrics.request_stats(&l.config.name, &r.name, cluster))
+                (
+                    c,
+                    metrics.request_stats(name, &r.name, cluster_name(config, c)),
+                )
             })
             .collect();
     }
+    let tcp_routes = l
+        .tcp_routes
+        .into_iter()
+        .map(|(route, matcher)| {
+            let stats = route
+                .clusters()
+                .into_iter()
+                .map(|c| {
+                    (
+                        c,
+                        metrics.tcp_stats(name, &route.name, cluster_name(config, c)),
+                    )
+                })
+                .collect();
+            TcpRoute {
+                route,
+                matcher,
+                stats,
+            }
+        })
+        .collect();
+    let passthrough = l.passthrough.map(|mut route| {
+        route.stats = vec![(
+            PASSTHROUGH,
+            metrics.request_stats(name, "", PASSTHROUGH_NAME),
+        )];
+        route
+    });
+    let tcp_passthrough = l
+        .config
+        .l4
+        .below_http()
+        .then(|| metrics.tcp_stats(name, "", PASSTHROUGH_NAME));
     ListenerSnapshot {
-        stats: metrics.listener_stats(&l.config.name),
-        unrouted: metrics.request_stats(&l.config.name, "", ""),
+        stats: metrics.listener_stats(name),
+        unrouted: metrics.request_stats(name, "", ""),
         routes: RouteTable::new(routes),
+        passthrough,
+        tcp_routes,
+        tcp_passthrough,
         tls: l.tls,
         open_connections: l.open_connections,
         config: l.config,

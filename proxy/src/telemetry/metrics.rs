@@ -35,6 +35,15 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpBytesLabels {
+    listener: String,
+    route: String,
+    cluster: String,
+    /// `upstream` (client to upstream) or `downstream` (back).
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
 }
@@ -89,6 +98,20 @@ pub struct Metrics {
     tls_handshakes: Family<ListenerLabels, Counter>,
     tls_resumed: Family<ListenerLabels, Counter>,
     tls_cert_expiry: Family<CertLabels, Gauge>,
+    tcp_connections: Family<RouteLabels, Counter>,
+    tcp_open: Family<RouteLabels, Gauge>,
+    tcp_bytes: Family<TcpBytesLabels, Counter>,
+    tcp_duration: Family<RouteLabels, Histogram>,
+}
+
+/// Pre-resolved series for one (listener, route, cluster) of proxied TCP.
+#[derive(Clone, Debug)]
+pub struct TcpStats {
+    pub connections: Counter,
+    pub open: Gauge,
+    pub to_upstream: Counter,
+    pub to_downstream: Counter,
+    pub duration: Histogram,
 }
 
 /// Pre-resolved series for one (listener, route, cluster).
@@ -203,6 +226,30 @@ impl Metrics {
             "When each certificate the proxy presents expires (notAfter, Unix seconds)",
             tls_cert_expiry.clone(),
         );
+        let tcp_connections = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "tcp_connections",
+            "TCP connections proxied at L4 (tcp listeners; opaque and TLS passthrough on capture listeners), by listener, route and cluster",
+            tcp_connections.clone(),
+        );
+        let tcp_open = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "tcp_connections_open",
+            "TCP connections proxied at L4 currently open",
+            tcp_open.clone(),
+        );
+        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
+        registry.register(
+            "tcp_bytes",
+            "Bytes relayed at L4, by direction (upstream: from the client; downstream: back to it), counted as they move",
+            tcp_bytes.clone(),
+        );
+        let tcp_duration = Family::<RouteLabels, Histogram>::default();
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "How long proxied TCP connections lasted",
+            tcp_duration.clone(),
+        );
         super::trace::register_metrics(&mut registry);
         Arc::new(Self {
             registry,
@@ -218,7 +265,38 @@ impl Metrics {
             upstream_open,
             upstream_total,
             errors,
+            tcp_connections,
+            tcp_open,
+            tcp_bytes,
+            tcp_duration,
         })
+    }
+
+    /// The L4 series of one (listener, route, cluster); resolved when a
+    /// snapshot is built.
+    pub fn tcp_stats(&self, listener: &str, route: &str, cluster: &str) -> TcpStats {
+        let labels = RouteLabels {
+            listener: listener.into(),
+            route: route.into(),
+            cluster: cluster.into(),
+        };
+        let bytes = |direction| {
+            self.tcp_bytes
+                .get_or_create(&TcpBytesLabels {
+                    listener: listener.into(),
+                    route: route.into(),
+                    cluster: cluster.into(),
+                    direction,
+                })
+                .clone()
+        };
+        TcpStats {
+            connections: self.tcp_connections.get_or_create(&labels).clone(),
+            open: self.tcp_open.get_or_create(&labels).clone(),
+            to_upstream: bytes("upstream"),
+            to_downstream: bytes("downstream"),
+            duration: self.tcp_duration.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn request_stats(&self, listener: &str, route: &str, cluster: &str) -> RequestStats {

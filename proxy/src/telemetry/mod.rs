@@ -9,4 +9,4 @@ pub mod metrics;
 pub mod process;
 pub mod trace;
 
-pub use metrics::{ListenerStats, Metrics, RequestStats, TlsErrors, UpstreamStats};
+pub use metrics::{ListenerStats, Metrics, RequestStats, TcpStats, TlsErrors, UpstreamStats};

@@ -160,6 +160,10 @@ impl WorkerPools {
 #[derive(Debug)]
 pub struct Upstreams {
     clusters: Vec<Arc<Upstream>>,
+    /// The built-in `passthrough` cluster (`route::PASSTHROUGH`): no
+    /// endpoints of its own, each request or connection goes to its
+    /// original destination ([`Upstream::direct`]).
+    passthrough: Arc<Upstream>,
 }
 
 #[derive(Debug)]
@@ -215,10 +219,17 @@ impl Upstreams {
                     .unwrap_or_else(|| Arc::new(Upstream::new(c, metrics)))
                 })
                 .collect(),
+            passthrough: prev.map_or_else(
+                || Arc::new(Upstream::new(&passthrough_cluster(), metrics)),
+                |p| p.passthrough.clone(),
+            ),
         }
     }
 
     pub fn get(&self, id: usize) -> Option<&Upstream> {
+        if id == crate::route::PASSTHROUGH {
+            return Some(&self.passthrough);
+        }
         self.clusters.get(id).map(|u| &**u)
     }
 
@@ -230,7 +241,54 @@ impl Upstreams {
     }
 }
 
+/// How long a connection to an original destination may take.
+pub const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The built-in `passthrough` cluster: plain HTTP/1.1 (what an app that
+/// was captured spoke), no endpoints, no health or outlier state.
+fn passthrough_cluster() -> Cluster {
+    let settings = ClusterSettings {
+        discovery: crate::config::Discovery::Static,
+        hash_key: None,
+        health: None,
+        outlier: None,
+        limits: Limits::default(),
+        decay: Duration::from_secs(10),
+    };
+    let name: Arc<str> = Arc::from(crate::route::PASSTHROUGH_NAME);
+    Cluster {
+        state: Arc::new(ClusterState::new(name.clone(), settings.clone(), &[], None)),
+        config: ClusterConfig {
+            name,
+            endpoints: Vec::new(),
+            balance: Balance::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout: PASSTHROUGH_CONNECT_TIMEOUT,
+            timeout: None,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 16,
+            tls: None,
+            settings,
+            retry_budget: None,
+            sites: crate::config::ClusterSites::default(),
+        },
+        endpoints: Vec::new(),
+        tls: None,
+    }
+}
+
 impl Upstream {
+    /// An endpoint outside the cluster's set: a connection's original
+    /// destination for the `passthrough` cluster. It has load and
+    /// latency accounting of its own, none shared with picked endpoints.
+    pub fn direct(&self, addr: SocketAddr) -> Picked {
+        Picked {
+            addr,
+            endpoint: Arc::new(EndpointState::new(addr, 1)),
+            load: Arc::new(Load::new(self.neutral.clone())),
+        }
+    }
+
     fn new(config: &Cluster, metrics: &Metrics) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -357,7 +415,7 @@ impl Upstream {
 
     /// Starts a try to `picked`: counts it in flight until the returned
     /// guard is dropped.
-    fn start(&self, picked: Picked) -> Attempt {
+    pub fn start(&self, picked: Picked) -> Attempt {
         picked.load.start();
         picked.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         picked.endpoint.requests.fetch_add(1, Ordering::Relaxed);

@@ -3,8 +3,10 @@
 //!
 //! Runs inside a host call on the VM's thread. Buffers: the body of the
 //! running body callback (request or response; the whole buffered body when
-//! a filter paused), the `http_call` answer body or gRPC message, VM and plugin
-//! configuration. A buffer that does not exist now reads as NOT_FOUND and
+//! a filter paused), a network filter's downstream or upstream data (the
+//! same buffer, request side = downstream), the `http_call` answer body or
+//! gRPC message, VM and plugin configuration. A buffer that does not exist
+//! now reads as NOT_FOUND and
 //! ignores writes with OK.
 
 use bytes::BytesMut;
@@ -17,6 +19,8 @@ use crate::filter::metrics::Limit;
 
 const REQUEST_BODY: i32 = 0;
 const RESPONSE_BODY: i32 = 1;
+const DOWNSTREAM_DATA: i32 = 2;
+const UPSTREAM_DATA: i32 = 3;
 const CALL_RESPONSE_BODY: i32 = 4;
 const GRPC_RECEIVE_BUFFER: i32 = 5;
 const VM_CONFIGURATION: i32 = 6;
@@ -25,18 +29,23 @@ const PLUGIN_CONFIGURATION: i32 = 7;
 /// The bytes of buffer `kind`, borrowed (never copied whole).
 fn buffer(h: &Host, kind: i32) -> Option<&[u8]> {
     match kind {
-        REQUEST_BODY | RESPONSE_BODY => {
-            let want = if kind == REQUEST_BODY {
-                Dir::Request
-            } else {
-                Dir::Response
-            };
+        REQUEST_BODY | RESPONSE_BODY | DOWNSTREAM_DATA | UPSTREAM_DATA => {
+            let want = direction(kind)?;
             let s = h.stream()?;
             (s.body_dir == Some(want)).then_some(&s.body[..])
         }
         CALL_RESPONSE_BODY | GRPC_RECEIVE_BUFFER => h.answer.as_ref().map(|a| &a.body[..]),
         VM_CONFIGURATION => Some(&h.plugin.vm_config[..]),
         PLUGIN_CONFIGURATION => Some(&h.plugin.config[..]),
+        _ => None,
+    }
+}
+
+/// The side a body or data buffer belongs to.
+fn direction(kind: i32) -> Option<Dir> {
+    match kind {
+        REQUEST_BODY | DOWNSTREAM_DATA => Some(Dir::Request),
+        RESPONSE_BODY | UPSTREAM_DATA => Some(Dir::Response),
         _ => None,
     }
 }
@@ -112,10 +121,8 @@ pub(crate) fn set(
     ptr: i32,
     len: i32,
 ) -> HostResult {
-    let want = match kind {
-        REQUEST_BODY => Dir::Request,
-        RESPONSE_BODY => Dir::Response,
-        _ => return Ok(memory::check(c, ptr, len).map_or_else(|s| s, |()| Status::Ok)),
+    let Some(want) = direction(kind) else {
+        return Ok(memory::check(c, ptr, len).map_or_else(|s| s, |()| Status::Ok));
     };
     let max = usize::try_from(c.data().plugin.max_body_bytes).unwrap_or(usize::MAX);
     let (old_len, range) = match c.data().stream() {

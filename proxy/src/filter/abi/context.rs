@@ -114,9 +114,11 @@ pub(crate) fn set_tick_period(c: &mut Caller<'_, Host>, ms: i32) -> HostResult {
 
 pub(crate) fn continue_stream(c: &mut Caller<'_, Host>, kind: i32) -> HostResult {
     let h = c.data_mut();
+    // Downstream (2) and upstream (3) data of a network filter travel the
+    // request and response sides of the same machinery.
     match kind {
-        0 => h.actions.continue_request = true,
-        1 => h.actions.continue_response = true,
+        0 | 2 => h.actions.continue_request = true,
+        1 | 3 => h.actions.continue_response = true,
         _ => {}
     }
     Ok(Status::Ok)

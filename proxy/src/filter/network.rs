@@ -1,0 +1,362 @@
+//! [`NetworkFilters`]: one TCP connection's pass through a pipeline of
+//! Proxy-Wasm network filters (the ABI's stream side, what the community
+//! SDK calls a `StreamContext`).
+//!
+//! `proxy_on_new_connection` runs once per filter when the upstream is
+//! connected; each chunk read from the client goes through
+//! `proxy_on_downstream_data` in pipeline order, each chunk from the
+//! upstream through `proxy_on_upstream_data` in reverse order (as Envoy runs
+//! read and write filters). During a data callback the chunk is the
+//! `DownstreamData` / `UpstreamData` buffer, which the filter may read and
+//! rewrite. PAUSE holds the bytes (that filter sees them again, with what
+//! arrives next, until it continues or the side ends; a held buffer is
+//! capped by `max_body_bytes`); `proxy_close_stream` closes the connection.
+//! The end of each side is `proxy_on_downstream_connection_close` /
+//! `proxy_on_upstream_connection_close`, then `proxy_on_log`,
+//! `proxy_on_done`, `proxy_on_delete`.
+//!
+//! Isolation as for HTTP: each filter's instance is leased from the worker
+//! pool for the connection (built off the connection's path), a failure
+//! discards that instance and applies the filter's policy to this
+//! connection only (`closed`: the connection is closed; `open`: the filter
+//! is skipped from then on). Runs on the worker that accepted the
+//! connection; callbacks are synchronous and no instance is borrowed across
+//! an await. `http_call` answers go to the filter's root context.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::host::{Dir, StreamData};
+use super::set::FilterSet;
+use super::vm::{Callback, Failure};
+use super::worker::{self, spawn_callout, Deliver, InstanceRef};
+use super::{FailPolicy, StreamInfo};
+
+/// What to do with a chunk after the filters saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NetVerdict {
+    /// Send these bytes on (possibly rewritten, possibly empty).
+    Forward(Bytes),
+    /// A filter paused: nothing goes on yet.
+    Hold,
+    /// Close the connection (a filter asked, or failed under `fail = "closed"`).
+    Close(String),
+}
+
+/// Which side a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// From the client (downstream data).
+    Downstream,
+    /// From the upstream.
+    Upstream,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    idx: usize,
+    ctx: u32,
+    incarnation: u64,
+    skipped: bool,
+}
+
+/// Per-connection filter state.
+pub struct NetworkFilters {
+    set: Arc<FilterSet>,
+    slots: Vec<Slot>,
+    data: Option<Box<StreamData>>,
+    /// Per side: the pipeline step that paused and the bytes it holds.
+    held: [Option<(usize, BytesMut)>; 2],
+    finished: bool,
+}
+
+impl std::fmt::Debug for NetworkFilters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkFilters")
+            .field("set", &self.set.id)
+            .field("filters", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A callback's meaning for the chain.
+enum Step {
+    Go { pause: bool, resumed: bool },
+    Close(String),
+}
+
+impl NetworkFilters {
+    pub(crate) fn new(set: Arc<FilterSet>, idx: Vec<usize>, info: StreamInfo) -> Self {
+        let data = (!idx.is_empty()).then(|| Box::new(StreamData::new(info)));
+        NetworkFilters {
+            set,
+            slots: idx
+                .into_iter()
+                .map(|idx| Slot {
+                    idx,
+                    ctx: 0,
+                    incarnation: 0,
+                    skipped: false,
+                })
+                .collect(),
+            data,
+            held: [None, None],
+            finished: false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn name(&self, pos: usize) -> Arc<str> {
+        self.slots
+            .get(pos)
+            .and_then(|s| self.set.plugins.get(s.idx))
+            .map(|p| p.name().clone())
+            .unwrap_or_else(|| Arc::from("?"))
+    }
+
+    fn max_held(&self, pos: usize) -> u64 {
+        self.slots
+            .get(pos)
+            .and_then(|s| self.set.plugins.get(s.idx))
+            .map(|p| p.spec.max_body_bytes)
+            .unwrap_or(u64::MAX)
+    }
+
+    fn fail(&mut self, pos: usize, why: &Failure) -> Step {
+        let name = self.name(pos);
+        let policy = self
+            .slots
+            .get(pos)
+            .and_then(|s| self.set.plugins.get(s.idx))
+            .map(|p| p.fail_policy())
+            .unwrap_or_default();
+        match policy {
+            FailPolicy::Closed => {
+                tracing::debug!(filter = %name, error = %why, "network filter failed; closing the connection (fail = closed)");
+                Step::Close(format!("filter \"{name}\" failed: {why}"))
+            }
+            FailPolicy::Open => {
+                tracing::debug!(filter = %name, error = %why, "network filter failed; skipping it (fail = open)");
+                if let Some(s) = self.slots.get_mut(pos) {
+                    s.skipped = true;
+                }
+                Step::Go {
+                    pause: false,
+                    resumed: false,
+                }
+            }
+        }
+    }
+
+    fn instance(&self, pos: usize) -> Option<InstanceRef> {
+        let slot = self.slots.get(pos)?;
+        (slot.incarnation != 0).then_some(InstanceRef {
+            set_id: self.set.id,
+            idx: slot.idx,
+            incarnation: slot.incarnation,
+        })
+    }
+
+    fn run_one(&mut self, pos: usize, cb: Callback) -> Step {
+        let go = Step::Go {
+            pause: false,
+            resumed: false,
+        };
+        let Some(slot) = self.slots.get(pos).copied() else {
+            return go;
+        };
+        if slot.skipped {
+            return go;
+        }
+        if slot.incarnation == 0 {
+            match worker::lease_now(&self.set, slot.idx) {
+                Ok(inc) => {
+                    if let Some(s) = self.slots.get_mut(pos) {
+                        s.incarnation = inc;
+                    }
+                }
+                Err(f) => return self.fail(pos, &f),
+            }
+        }
+        let Some(at) = self.instance(pos) else {
+            return go;
+        };
+        let data = &mut self.data;
+        let r = worker::with_instance(at, |vm| {
+            let ctx = if slot.ctx == 0 {
+                vm.create_context()?
+            } else {
+                slot.ctx
+            };
+            let out = vm.run(ctx, data, cb)?;
+            Ok((ctx, out))
+        });
+        let (ctx, out) = match r {
+            Ok(v) => v,
+            Err(f) => return self.fail(pos, &f),
+        };
+        if let Some(s) = self.slots.get_mut(pos) {
+            s.ctx = ctx;
+        }
+        for c in out.callouts {
+            spawn_callout(c, Deliver::Instance(at));
+        }
+        if out.actions.close {
+            return Step::Close(format!(
+                "filter \"{}\" closed the connection",
+                self.name(pos)
+            ));
+        }
+        Step::Go {
+            pause: out.pause,
+            resumed: out.actions.continue_request || out.actions.continue_response,
+        }
+    }
+
+    /// Leases every filter's instance (waiting, bounded, for one being
+    /// built) and runs `proxy_on_new_connection`.
+    pub async fn new_connection(&mut self) -> Result<(), String> {
+        for pos in 0..self.slots.len() {
+            let Some(slot) = self.slots.get(pos).copied() else {
+                continue;
+            };
+            if slot.incarnation == 0 && !slot.skipped {
+                match worker::lease(&self.set, slot.idx).await {
+                    Ok(inc) => {
+                        if let Some(s) = self.slots.get_mut(pos) {
+                            s.incarnation = inc;
+                        }
+                    }
+                    Err(f) => {
+                        if let Step::Close(why) = self.fail(pos, &f) {
+                            return Err(why);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Step::Close(why) = self.run_one(pos, Callback::NewConnection) {
+                return Err(why);
+            }
+        }
+        Ok(())
+    }
+
+    /// One chunk from `side` (empty with `eos` at that side's end) through
+    /// the filters.
+    pub fn data(&mut self, side: Side, chunk: &[u8], eos: bool) -> NetVerdict {
+        let n = self.slots.len();
+        if n == 0 {
+            return NetVerdict::Forward(Bytes::copy_from_slice(chunk));
+        }
+        let (dir, which) = match side {
+            Side::Downstream => (Dir::Request, 0),
+            Side::Upstream => (Dir::Response, 1),
+        };
+        let held = self.held.get_mut(which).and_then(Option::take);
+        let (start, mut buf) = match held {
+            Some((k, mut b)) => {
+                b.extend_from_slice(chunk);
+                (k, b)
+            }
+            None => (0, BytesMut::from(chunk)),
+        };
+        for k in start..n {
+            let pos = match dir {
+                Dir::Request => k,
+                Dir::Response => n - 1 - k,
+            };
+            if buf.len() as u64 > self.max_held(pos) {
+                return NetVerdict::Close(format!(
+                    "bytes held for filter \"{}\" exceed its limit",
+                    self.name(pos)
+                ));
+            }
+            let size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+            if let Some(d) = self.data.as_deref_mut() {
+                d.body = std::mem::take(&mut buf);
+                d.body_dir = Some(dir);
+            }
+            let cb = match side {
+                Side::Downstream => Callback::DownstreamData { size, eos },
+                Side::Upstream => Callback::UpstreamData { size, eos },
+            };
+            let step = self.run_one(pos, cb);
+            if let Some(d) = self.data.as_deref_mut() {
+                buf = std::mem::take(&mut d.body);
+                d.body_dir = None;
+            }
+            match step {
+                Step::Close(why) => return NetVerdict::Close(why),
+                Step::Go { pause, resumed } => {
+                    if pause && !resumed && !eos {
+                        if let Some(slot) = self.held.get_mut(which) {
+                            *slot = Some((k, buf));
+                        }
+                        return NetVerdict::Hold;
+                    }
+                }
+            }
+        }
+        NetVerdict::Forward(buf.freeze())
+    }
+
+    /// `side` has ended: its connection-close callback on every filter.
+    pub fn side_closed(&mut self, side: Side) {
+        for pos in 0..self.slots.len() {
+            let cb = match side {
+                Side::Downstream => Callback::DownstreamClose { peer: 2 },
+                Side::Upstream => Callback::UpstreamClose { peer: 2 },
+            };
+            if self.slots.get(pos).is_some_and(|s| s.ctx != 0) {
+                let _ = self.run_one(pos, cb);
+            }
+        }
+    }
+
+    /// `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`, and the
+    /// instances go back to the pool.
+    pub fn finish(mut self) {
+        self.release(true);
+    }
+
+    fn release(&mut self, log: bool) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for pos in 0..self.slots.len() {
+            let Some(slot) = self.slots.get(pos).copied() else {
+                continue;
+            };
+            let Some(at) = self.instance(pos) else {
+                continue;
+            };
+            if slot.ctx != 0 {
+                let data = &mut self.data;
+                let r = worker::with_instance(at, |vm| {
+                    if log && !slot.skipped {
+                        vm.run(slot.ctx, data, Callback::Log)?;
+                    }
+                    vm.run(slot.ctx, data, Callback::Done)?;
+                    vm.run(slot.ctx, data, Callback::Delete)?;
+                    Ok(())
+                });
+                if let Err(f) = r {
+                    tracing::debug!(filter = %self.name(pos), error = %f, "network filter failed while ending a connection");
+                }
+            }
+            worker::give_back(at);
+        }
+    }
+}
+
+impl Drop for NetworkFilters {
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}

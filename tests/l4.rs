@@ -1,0 +1,518 @@
+//! L4 listeners (`protocol = "tcp"`) through the real binary: TCP routes by
+//! TLS server name (passthrough: the upstream gets the ClientHello as the
+//! client sent it), an echo with half-close, a server-speaks-first banner,
+//! a dead endpoint skipped at connect, the idle timeout, per-route TCP
+//! metrics and access log lines, and Redis (Debian `redis-server`, driven
+//! with `redis-cli`) proxied unchanged.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::{free_port, loopback, metric_value, Wasp};
+
+/// Echoes each connection until the client's end, then closes.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Speaks first: writes `banner` on accept, then reads the first chunk
+/// the client sends and answers `<name> got <n> bytes starting <hex byte>`.
+async fn banner_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind banner");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(format!("hello from {name}\n").as_bytes()).await;
+                let mut buf = vec![0u8; 4096];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let first = buf.first().copied().unwrap_or(0);
+                    let _ = s
+                        .write_all(
+                            format!("{name} got {n} bytes starting {first:02x}\n").as_bytes(),
+                        )
+                        .await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A real TLS ClientHello for `sni`, as rustls writes it.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let roots = rustls::RootCertStore::empty();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("client hello");
+    out
+}
+
+async fn read_line(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut one = [0u8; 1];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut one)).await {
+            Ok(Ok(1)) if one[0] == b'\n' => break,
+            Ok(Ok(1)) => out.push(one[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn config(port: u16, idle_port: u16, clusters: &str) -> String {
+    format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+
+  [[listeners.routes]]
+  name = "to-a"
+  match = {{ sni = "a.example" }}
+  cluster = "a"
+
+  [[listeners.routes]]
+  name = "to-b"
+  match = {{ sni = "*.b.example" }}
+  cluster = "b"
+
+  [[listeners.routes]]
+  name = "plain"
+  match = {{ port = {port}, cidr = "127.0.0.0/8" }}
+  cluster = "echo"
+
+[[listeners]]
+name = "idle"
+protocol = "tcp"
+bind = "127.0.0.1:{idle_port}"
+limits = {{ tcp_idle_timeout = "300ms" }}
+
+  [[listeners.routes]]
+  cluster = "echo"
+
+{clusters}
+"#
+    )
+}
+
+#[tokio::test]
+async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
+    let a = banner_server("a").await;
+    let b = banner_server("b").await;
+    let echo = echo_server().await;
+    // An endpoint that refuses: connects fail there and move on to the live one.
+    let dead = loopback(free_port());
+    let port = free_port();
+    let idle_port = free_port();
+    let clusters = format!(
+        "[clusters.a]\nendpoints = [\"{a}\"]\n\n[clusters.b]\nendpoints = [\"{b}\"]\n\n[clusters.echo]\nendpoints = [\"{dead}\", \"{echo}\"]\n"
+    );
+    let wasp = Wasp::start(&config(port, idle_port, &clusters));
+    let listener = loopback(port);
+
+    // TLS passthrough: the route is chosen by the ClientHello's name, and
+    // the upstream receives the ClientHello itself (0x16: a TLS record).
+    for (sni, name) in [("a.example", "a"), ("db.b.example", "b")] {
+        let hello = client_hello(sni);
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(&hello).await.expect("send hello");
+        assert_eq!(read_line(&mut s).await, format!("hello from {name}"));
+        let got = read_line(&mut s).await;
+        assert_eq!(
+            got,
+            format!("{name} got {} bytes starting 16", hello.len()),
+            "{sni}"
+        );
+    }
+
+    // Plain bytes match the port route; half-close: the client ends its
+    // side and still reads the whole answer.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(b"ping over tcp").await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(back, b"ping over tcp");
+    }
+
+    // The idle timeout closes a connection on which nothing moves.
+    let mut s = TcpStream::connect(loopback(idle_port))
+        .await
+        .expect("connect");
+    s.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.expect("echo");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "idle connection not closed");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    let metrics = wasp.metrics();
+    let conns = |route: &str, cluster: &str| {
+        metric_value(
+            &metrics,
+            "wasp_tcp_connections_total",
+            &[
+                "listener=\"tcp\"",
+                &format!("route=\"{route}\""),
+                &format!("cluster=\"{cluster}\""),
+            ],
+        )
+    };
+    assert_eq!(conns("to-a", "a"), Some(1.0), "{metrics}");
+    assert_eq!(conns("to-b", "b"), Some(1.0), "{metrics}");
+    assert_eq!(conns("plain", "echo"), Some(4.0), "{metrics}");
+    let up = metric_value(
+        &metrics,
+        "wasp_tcp_bytes_total",
+        &["route=\"plain\"", "direction=\"upstream\""],
+    );
+    assert_eq!(up, Some(52.0), "{metrics}");
+    let log = wasp.log_text();
+    assert!(log.contains("tcp connection"), "no access log line:\n{log}");
+    assert!(log.contains("idle_timeout"), "{log}");
+}
+
+#[tokio::test]
+async fn a_tcp_listener_without_a_matching_route_closes_and_counts_it() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ sni = "only.example" }}
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"not tls").await.expect("write");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(back.is_empty());
+    let metrics = wasp.metrics();
+    let count = metric_value(
+        &metrics,
+        "wasp_proxy_errors_total",
+        &["listener=\"tcp\"", "code=\"no_route\""],
+    );
+    assert_eq!(count, Some(1.0), "{metrics}");
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn redis_through_a_tcp_listener() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("redis-server is missing: scripts/test.sh installs Debian's redis-server");
+    }
+    let redis_port = free_port();
+    let _redis = Killed(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_cli(redis_port, &["PING"]) != "PONG" {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "redis"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  name = "redis"
+  cluster = "redis"
+
+[clusters.redis]
+endpoints = ["127.0.0.1:{redis_port}"]
+balance = "least_request"
+"#
+    ));
+    assert_eq!(redis_cli(port, &["PING"]), "PONG");
+    assert_eq!(redis_cli(port, &["SET", "wasp", "l4"]), "OK");
+    assert_eq!(redis_cli(port, &["GET", "wasp"]), "l4");
+    // Straight at Redis: the value went there.
+    assert_eq!(redis_cli(redis_port, &["GET", "wasp"]), "l4");
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_tcp_connections_total",
+            &["listener=\"redis\"", "cluster=\"redis\""]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+}
+
+/// Reads until `want` bytes arrived (or the peer closed / 5 s passed).
+async fn read_n(s: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.len() < want && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_community_sdk_network_filter_counts_and_rewrites_bytes() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let broken_port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite", "noop"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.tcprw]
+module = "tcp-rewrite.wasm"
+
+# An HTTP filter put on a TCP listener: its SDK traps on the first
+# network callback, which must fail that connection only.
+[filters.http_only]
+module = "noop.wasm"
+fail = "closed"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["tcprw"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "broken"
+protocol = "tcp"
+bind = "127.0.0.1:{broken_port}"
+pipeline = ["http_only"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    let listener = loopback(port);
+
+    // Rewritten both ways: upper-cased to the upstream, prefixed back.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // PAUSE holds the bytes until the filter lets them go.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"hold on").await.expect("write");
+    let mut early = [0u8; 64];
+    let held = tokio::time::timeout(Duration::from_millis(300), s.read(&mut early)).await;
+    assert!(held.is_err(), "held bytes went through: {held:?}");
+    s.write_all(b"!").await.expect("write");
+    assert_eq!(read_n(&mut s, 14).await, b"[wasm]HOLD ON!");
+    drop(s);
+
+    // The filter closes the connection.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"please close").await.expect("write");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "{back:?}");
+
+    // A filter that fails closes its own connection and nothing else.
+    let mut b = TcpStream::connect(loopback(broken_port))
+        .await
+        .expect("connect");
+    let _ = b.write_all(b"x").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut back)).await;
+    assert!(
+        back.is_empty(),
+        "a trapping filter let bytes through: {back:?}"
+    );
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"still").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]STILL");
+    drop(s);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = wasp.metrics();
+        let down = metric_value(
+            &metrics,
+            "tcp_rewrite_downstream_bytes",
+            &["filter=\"tcprw\""],
+        );
+        let up = metric_value(
+            &metrics,
+            "tcp_rewrite_upstream_bytes",
+            &["filter=\"tcprw\""],
+        );
+        if down == Some(18.0) && up == Some(18.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "filter counters: down {down:?} up {up:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = wasp.log_text();
+    assert!(
+        log.contains("tcp-rewrite: opened=true down=5 up=5"),
+        "no on_log line:\n{log}"
+    );
+    assert!(log.contains("filter_closed"), "{log}");
+}
+
+#[tokio::test]
+async fn draining_keeps_open_tcp_connections_until_the_drain_timeout() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let mut wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+drain_timeout = "1500ms"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"before").await.expect("write");
+    assert_eq!(read_n(&mut s, 6).await, b"before");
+    wasp.signal("TERM");
+    // New connections are refused once the listener has closed...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused = match TcpStream::connect(loopback(port)).await {
+            Err(_) => true,
+            Ok(mut c) => {
+                let mut b = [0u8; 1];
+                let _ = c.write_all(b"x").await;
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await,
+                    Ok(Ok(0) | Err(_))
+                )
+            }
+        };
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still accepting while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...while the open one keeps working until the drain timeout.
+    s.write_all(b"during").await.expect("write while draining");
+    assert_eq!(read_n(&mut s, 6).await, b"during");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "not closed at the drain timeout");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = wasp.log_text();
+    assert!(log.contains("end=\"drained\""), "{log}");
+}

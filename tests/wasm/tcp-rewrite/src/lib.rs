@@ -1,0 +1,97 @@
+//! Fixture: a network (TCP) filter written against the community SDK's
+//! `StreamContext`. Counts the bytes each way in two counters
+//! (`tcp_rewrite_downstream_bytes`, `tcp_rewrite_upstream_bytes`, as the
+//! filter saw them before rewriting), upper-cases what the client sends,
+//! and prefixes each chunk the upstream sends with `[wasm]`. A client
+//! chunk containing `close` makes it close the connection; one containing
+//! `hold` is held (paused) until the next chunk arrives. Logs its totals
+//! when the connection ends.
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0) }) });
+}}
+
+struct Root {
+    ids: (u32, u32),
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        let down = hostcalls::define_metric(MetricType::Counter, "tcp_rewrite_downstream_bytes")
+            .unwrap_or(0);
+        let up =
+            hostcalls::define_metric(MetricType::Counter, "tcp_rewrite_upstream_bytes").unwrap_or(0);
+        self.ids = (down, up);
+        true
+    }
+    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp {
+            ids: self.ids,
+            down: 0,
+            up: 0,
+            opened: false,
+        }))
+    }
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::StreamContext)
+    }
+}
+
+struct Tcp {
+    ids: (u32, u32),
+    down: usize,
+    up: usize,
+    opened: bool,
+}
+
+impl Context for Tcp {}
+
+impl StreamContext for Tcp {
+    fn on_new_connection(&mut self) -> Action {
+        self.opened = true;
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, eos: bool) -> Action {
+        if size == 0 {
+            return Action::Continue;
+        }
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        if data.windows(5).any(|w| w == b"close") {
+            self.close_downstream();
+            return Action::Continue;
+        }
+        if !eos && data.windows(4).any(|w| w == b"hold") && !data.ends_with(b"!") {
+            return Action::Pause;
+        }
+        self.down += size;
+        let _ = hostcalls::increment_metric(self.ids.0, size as i64);
+        self.set_downstream_data(0, size, &data.to_ascii_uppercase());
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _eos: bool) -> Action {
+        if size == 0 {
+            return Action::Continue;
+        }
+        self.up += size;
+        let _ = hostcalls::increment_metric(self.ids.1, size as i64);
+        self.set_upstream_data(0, 0, b"[wasm]");
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        log::info!(
+            "tcp-rewrite: opened={} down={} up={}",
+            self.opened,
+            self.down,
+            self.up
+        );
+    }
+}
