@@ -91,6 +91,7 @@ use bytes::Bytes;
 
 pub use engine::FilterRuntime;
 pub use set::FilterSet;
+pub(crate) use host::Dir;
 pub use stream::StreamFilters;
 
 /// What happens to a request when its filter fails (trap, CPU deadline,
