@@ -90,8 +90,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 pub use engine::FilterRuntime;
-pub use set::FilterSet;
 pub(crate) use host::Dir;
+pub use set::FilterSet;
 pub use stream::StreamFilters;
 
 /// What happens to a request when its filter fails (trap, CPU deadline,

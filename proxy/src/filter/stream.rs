@@ -746,7 +746,12 @@ impl StreamFilters {
             };
             *trailers = t.unwrap_or_default();
         }
-        Poll::Ready(self.waits[d].trailers_done.take().unwrap_or(Verdict::Continue))
+        Poll::Ready(
+            self.waits[d]
+                .trailers_done
+                .take()
+                .unwrap_or(Verdict::Continue),
+        )
     }
 
     /// After filter `from` ran a callback: if a body or trailers of either

@@ -208,7 +208,10 @@ where
         if *this.waiting_trailers {
             let mut t = HeaderMap::new();
             let side = *this.side;
-            let v = match this.chain.with(|c| c.poll_trailers_wait(cx, side.dir(), &mut t)) {
+            let v = match this
+                .chain
+                .with(|c| c.poll_trailers_wait(cx, side.dir(), &mut t))
+            {
                 Some(Poll::Ready(v)) => v,
                 Some(Poll::Pending) => return Poll::Pending,
                 None => {
