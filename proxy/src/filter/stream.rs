@@ -19,7 +19,11 @@
 //! header phase settle it too), answers locally, or fails; a pause before
 //! the end buffers as usual. Trailers work the same way
 //! ([`Verdict::Wait`], [`StreamFilters::poll_trailers_wait`]); a PAUSE on
-//! trailers with no callout pending is treated as CONTINUE.
+//! trailers with no callout pending is treated as CONTINUE. Each direction
+//! has its own wait and waker: the request and the response body may wait
+//! at once. Whoever delivers an answer (a header phase, either body) wakes
+//! every parked body, since it took their place as the channel's waiter. A
+//! header phase waits at most [`HEADER_WAIT_LIMIT`].
 
 use std::sync::Arc;
 use std::task::Poll;
