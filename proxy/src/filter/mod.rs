@@ -91,6 +91,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 pub use engine::FilterRuntime;
+pub(crate) use host::Dir;
 pub use set::FilterSet;
 pub use stream::StreamFilters;
 

@@ -19,7 +19,11 @@
 //! header phase settle it too), answers locally, or fails; a pause before
 //! the end buffers as usual. Trailers work the same way
 //! ([`Verdict::Wait`], [`StreamFilters::poll_trailers_wait`]); a PAUSE on
-//! trailers with no callout pending is treated as CONTINUE.
+//! trailers with no callout pending is treated as CONTINUE. Each direction
+//! has its own wait and waker: the request and the response body may wait
+//! at once. Whoever delivers an answer (a header phase, either body) wakes
+//! every parked body, since it took their place as the channel's waiter. A
+//! header phase waits at most [`HEADER_WAIT_LIMIT`].
 
 use std::sync::Arc;
 use std::task::Poll;
@@ -52,12 +56,48 @@ struct Slot {
     pending: u32,
 }
 
-/// A finished body waiting for filter `k` (in `dir`'s order) to resume it.
+/// A finished body waiting for filter `k` (in its direction's order) to
+/// resume it.
 struct BodyWait {
-    dir: Dir,
     k: usize,
     buf: BytesMut,
 }
+
+/// One direction's body or trailers waiting for a callout, and what the
+/// chain made of them once resumed. Each direction has its own: a filter
+/// may wait at the end of the request body and again at the end of the
+/// response body, and each body task parks its own waker.
+#[derive(Default)]
+struct Waits {
+    body: Option<BodyWait>,
+    body_done: Option<BodyVerdict>,
+    /// Trailers held while filter `k` waits.
+    trailers: Option<usize>,
+    trailers_done: Option<Verdict>,
+    /// The body task parked in [`StreamFilters::poll_body_wait`] /
+    /// [`StreamFilters::poll_trailers_wait`] of this direction.
+    waker: Option<std::task::Waker>,
+}
+
+impl Waits {
+    /// The filter (in the direction's order) a held body or trailers wait on.
+    fn waited(&self) -> Option<usize> {
+        self.body.as_ref().map(|w| w.k).or(self.trailers)
+    }
+}
+
+fn side(dir: Dir) -> usize {
+    match dir {
+        Dir::Request => 0,
+        Dir::Response => 1,
+    }
+}
+
+/// Longest a header phase waits for a paused filter to resume it; past it
+/// the filter is stuck (its `fail` policy applies). As Envoy's default
+/// `stream_idle_timeout`: a callout without a deadline of its own (a gRPC
+/// stream) cannot hold a request forever.
+pub(crate) const HEADER_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What one callback means for the chain.
 enum Step {
@@ -81,20 +121,12 @@ pub struct StreamFilters {
     slots: Vec<Slot>,
     data: Option<Box<StreamData>>,
     events: Option<(UnboundedSender<CalloutDone>, UnboundedReceiver<CalloutDone>)>,
-    pending: usize,
     held_request: Option<(usize, BytesMut)>,
     held_response: Option<(usize, BytesMut)>,
-    /// A whole body held while filter `k` waits for a callout to resume it.
-    body_wait: Option<BodyWait>,
-    /// What the chain made of a waiting body once it was resumed.
-    body_done: Option<BodyVerdict>,
-    /// Trailers held while filter `k` (in the direction's order) waits.
-    trailers_wait: Option<(Dir, usize)>,
-    /// What the chain made of waiting trailers once resumed, and their side.
-    trailers_done: Option<Verdict>,
-    trailers_done_dir: Option<Dir>,
-    /// The body task parked in [`StreamFilters::poll_body_wait`].
-    body_waker: Option<std::task::Waker>,
+    /// Bodies and trailers waiting for a callout: request, response.
+    waits: [Waits; 2],
+    /// How long a header phase waits for a paused filter.
+    header_wait_limit: std::time::Duration,
     finished: bool,
 }
 
@@ -175,16 +207,33 @@ impl StreamFilters {
                 .collect(),
             data,
             events: None,
-            pending: 0,
             held_request: None,
             held_response: None,
-            body_wait: None,
-            body_done: None,
-            trailers_wait: None,
-            trailers_done: None,
-            trailers_done_dir: None,
-            body_waker: None,
+            waits: Default::default(),
+            header_wait_limit: HEADER_WAIT_LIMIT,
             finished: false,
+        }
+    }
+
+    /// Shortens [`HEADER_WAIT_LIMIT`] (tests).
+    #[cfg(test)]
+    pub(crate) fn set_header_wait_limit(&mut self, limit: std::time::Duration) {
+        self.header_wait_limit = limit;
+    }
+
+    /// Callouts of filter `pos` still to answer (only they can resume it).
+    fn pending_of(&self, pos: usize) -> u32 {
+        self.slots.get(pos).map_or(0, |s| s.pending)
+    }
+
+    /// Wakes the body tasks parked on a wait: whoever delivered an answer
+    /// (a header phase, or the other direction's body) may have taken their
+    /// place as the channel's waiter, so each looks again for itself.
+    fn wake_waiters(&mut self) {
+        for w in &mut self.waits {
+            if let Some(w) = w.waker.take() {
+                w.wake();
+            }
         }
     }
 
@@ -308,7 +357,6 @@ impl StreamFilters {
         for c in out.callouts {
             if c.context == ctx {
                 let tx = &self.events.get_or_insert_with(unbounded_channel).0;
-                self.pending += 1;
                 if let Some(s) = self.slots.get_mut(pos) {
                     s.pending += 1;
                 }
@@ -340,13 +388,13 @@ impl StreamFilters {
     fn deliver(&mut self, done: CalloutDone) -> (usize, Step) {
         let pos = done.context as usize;
         if done.last() {
-            self.pending = self.pending.saturating_sub(1);
             if let Some(s) = self.slots.get_mut(pos) {
                 s.pending = s.pending.saturating_sub(1);
             }
         }
         let step = self.run_one(pos, done.into_callback());
         self.settle_wait(pos, &step);
+        self.wake_waiters();
         (pos, step)
     }
 
@@ -360,10 +408,13 @@ impl StreamFilters {
         }
     }
 
-    /// Waits until filter `pos` resumes `dir`, answers locally, or fails.
+    /// Waits until filter `pos` resumes `dir`, answers locally, or fails
+    /// (nothing of its own left that could resume it, or
+    /// `header_wait_limit` passed).
     async fn wait_resume(&mut self, pos: usize, dir: Dir) -> Result<(), Response<Bytes>> {
+        let deadline = tokio::time::Instant::now() + self.header_wait_limit;
         loop {
-            if self.pending == 0 {
+            if self.pending_of(pos) == 0 {
                 return match self.fail(pos, &Failure::Stuck) {
                     Step::Respond(r) => Err(r),
                     Step::Go { .. } => Ok(()),
@@ -372,8 +423,16 @@ impl StreamFilters {
             let Some((_, rx)) = self.events.as_mut() else {
                 return Ok(());
             };
-            let Some(done) = rx.recv().await else {
-                return Ok(());
+            let done = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(done)) => done,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    tracing::debug!(filter = %self.name(pos), "filter paused past the header wait limit");
+                    return match self.fail(pos, &Failure::Stuck) {
+                        Step::Respond(r) => Err(r),
+                        Step::Go { .. } => Ok(()),
+                    };
+                }
             };
             let (from, step) = self.deliver(done);
             match step {
@@ -460,6 +519,8 @@ impl StreamFilters {
             });
         }
         let v = self.headers_chain(Dir::Request, end_of_stream).await;
+        // Its waits on the callout channel took a waiting body's place.
+        self.wake_waiters();
         match self.data.as_deref().and_then(|d| d.req.as_ref()) {
             Some(req) => {
                 head.method = req.method.clone();
@@ -488,6 +549,7 @@ impl StreamFilters {
             });
         }
         let v = self.headers_chain(Dir::Response, end_of_stream).await;
+        self.wake_waiters();
         match self.data.as_deref().and_then(|d| d.resp.as_ref()) {
             Some(resp) => {
                 head.status = resp.status;
@@ -558,7 +620,7 @@ impl StreamFilters {
                         // Waiting on a callout at the end of a body: the
                         // whole body stays here until the filter resumes
                         // (`poll_body_wait`), answers, or fails.
-                        self.body_wait = Some(BodyWait { dir, k, buf });
+                        self.waits[side(dir)].body = Some(BodyWait { k, buf });
                         return BodyVerdict::Wait;
                     }
                 }
@@ -582,30 +644,27 @@ impl StreamFilters {
         BodyVerdict::Forward(buf.freeze())
     }
 
-    /// The filter a held body or held trailers wait on.
-    fn waited(&self) -> Option<(Dir, usize)> {
-        self.body_wait
-            .as_ref()
-            .map(|w| (w.dir, w.k))
-            .or(self.trailers_wait)
-    }
-
-    /// Delivers callout answers while a body or trailers wait, until the
-    /// wait settles (`Ready(None)`: the outcome is in `body_done` /
+    /// Delivers callout answers while `dir`'s body or trailers wait, until
+    /// the wait settles (`Ready(None)`: the outcome is in its `body_done` /
     /// `trailers_done`) or a local response or failure ends the stream
     /// (`Ready(Some)`). Registers `cx` while `Pending`.
-    fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Response<Bytes>>> {
+    fn poll_waiting(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        dir: Dir,
+    ) -> Poll<Option<Response<Bytes>>> {
+        let d = side(dir);
         loop {
-            let Some((dir, k)) = self.waited() else {
+            let Some(k) = self.waits[d].waited() else {
                 return Poll::Ready(None);
             };
             let pos = order(dir, self.slots.len(), k);
-            if self.pending == 0 {
+            if self.pending_of(pos) == 0 {
                 // Nothing left that could resume it.
                 match self.fail(pos, &Failure::Stuck) {
                     Step::Respond(r) => {
-                        self.body_wait = None;
-                        self.trailers_wait = None;
+                        self.waits[d].body = None;
+                        self.waits[d].trailers = None;
                         return Poll::Ready(Some(r));
                     }
                     step => {
@@ -614,86 +673,105 @@ impl StreamFilters {
                     }
                 }
             }
-            let Some((_, rx)) = self.events.as_mut() else {
-                self.pending = 0;
-                continue;
-            };
-            let done = match rx.poll_recv(cx) {
-                Poll::Pending => {
-                    self.body_waker = Some(cx.waker().clone());
+            let done = match self.events.as_mut().map(|(_, rx)| rx.poll_recv(cx)) {
+                Some(Poll::Pending) => {
+                    self.waits[d].waker = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
-                Poll::Ready(Some(done)) => done,
-                Poll::Ready(None) => {
-                    self.pending = 0;
+                Some(Poll::Ready(Some(done))) => done,
+                // No answer can come any more.
+                None | Some(Poll::Ready(None)) => {
+                    for s in &mut self.slots {
+                        s.pending = 0;
+                    }
                     continue;
                 }
             };
             if let (_, Step::Respond(r)) = self.deliver(done) {
-                self.body_wait = None;
-                self.trailers_wait = None;
-                self.body_done = None;
-                self.trailers_done = None;
+                let w = &mut self.waits[d];
+                w.body = None;
+                w.trailers = None;
+                w.body_done = None;
+                w.trailers_done = None;
                 return Poll::Ready(Some(r));
             }
         }
     }
 
-    /// After [`BodyVerdict::Wait`]: delivers callout answers as they come
-    /// until the waiting filter resumes its body (the rest of the chain then
-    /// runs on it: `Forward`, or `Respond`), answers locally, or fails (no
-    /// callout left that could resume it: its `fail` policy). Registers
-    /// `cx` for the next answer while it returns `Pending` (answers a
-    /// concurrent header phase delivers wake it too). Without a wait it is
-    /// `Forward` of nothing.
-    pub fn poll_body_wait(&mut self, cx: &mut std::task::Context<'_>) -> Poll<BodyVerdict> {
-        if self.body_done.is_none() && self.body_wait.is_some() {
-            match self.poll_waiting(cx) {
+    /// After [`BodyVerdict::Wait`] from `dir`'s body: delivers callout
+    /// answers as they come until the waiting filter resumes its body (the
+    /// rest of the chain then runs on it: `Forward`, or `Respond`), answers
+    /// locally, or fails (no callout of its own left that could resume it:
+    /// its `fail` policy). Registers `cx` for the next answer while it
+    /// returns `Pending` (answers a concurrent header phase or the other
+    /// body delivers wake it too). Without a wait it is `Forward` of nothing.
+    pub(crate) fn poll_body_wait(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        dir: Dir,
+    ) -> Poll<BodyVerdict> {
+        let d = side(dir);
+        if self.waits[d].body_done.is_none() && self.waits[d].body.is_some() {
+            match self.poll_waiting(cx, dir) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(r)) => return Poll::Ready(BodyVerdict::Respond(r)),
                 Poll::Ready(None) => {}
             }
         }
         Poll::Ready(
-            self.body_done
+            self.waits[d]
+                .body_done
                 .take()
                 .unwrap_or(BodyVerdict::Forward(Bytes::new())),
         )
     }
 
-    /// After [`Verdict::Wait`] from a trailers phase: as
+    /// After [`Verdict::Wait`] from `dir`'s trailers phase: as
     /// [`Self::poll_body_wait`], then writes the trailers (as the filters
     /// left them) into `trailers`.
-    pub fn poll_trailers_wait(
+    pub(crate) fn poll_trailers_wait(
         &mut self,
         cx: &mut std::task::Context<'_>,
+        dir: Dir,
         trailers: &mut HeaderMap,
     ) -> Poll<Verdict> {
-        let dir = self.trailers_wait.map(|(d, _)| d);
-        if self.trailers_done.is_none() && self.trailers_wait.is_some() {
-            match self.poll_waiting(cx) {
+        let d = side(dir);
+        if self.waits[d].trailers_done.is_none() && self.waits[d].trailers.is_some() {
+            match self.poll_waiting(cx, dir) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(r)) => return Poll::Ready(Verdict::Respond(r)),
                 Poll::Ready(None) => {}
             }
         }
-        let dir = dir.or(self.trailers_done_dir).unwrap_or(Dir::Request);
-        if let Some(d) = self.data.as_deref_mut() {
+        if let Some(data) = self.data.as_deref_mut() {
             let t = match dir {
-                Dir::Request => d.req_trailers.clone(),
-                Dir::Response => d.resp_trailers.clone(),
+                Dir::Request => data.req_trailers.clone(),
+                Dir::Response => data.resp_trailers.clone(),
             };
             *trailers = t.unwrap_or_default();
         }
-        Poll::Ready(self.trailers_done.take().unwrap_or(Verdict::Continue))
+        Poll::Ready(
+            self.waits[d]
+                .trailers_done
+                .take()
+                .unwrap_or(Verdict::Continue),
+        )
     }
 
-    /// After filter `from` ran a callback: if a body or trailers wait on it
-    /// and the callback resumed it (or the filter is now skipped), the rest
-    /// of the chain runs and the outcome waits in `body_done` /
-    /// `trailers_done` for the poll, woken here. A local response ends it.
+    /// After filter `from` ran a callback: if a body or trailers of either
+    /// direction wait on it and the callback resumed them (or the filter is
+    /// now skipped), the rest of the chain runs and the outcome waits in
+    /// that direction's `body_done` / `trailers_done` for the poll, woken
+    /// here. A local response ends them.
     fn settle_wait(&mut self, from: usize, step: &Step) {
-        let Some((dir, k)) = self.waited() else {
+        for dir in [Dir::Request, Dir::Response] {
+            self.settle_dir(dir, from, step);
+        }
+    }
+
+    fn settle_dir(&mut self, dir: Dir, from: usize, step: &Step) {
+        let d = side(dir);
+        let Some(k) = self.waits[d].waited() else {
             return;
         };
         let pos = order(dir, self.slots.len(), k);
@@ -714,18 +792,18 @@ impl StreamFilters {
         if !resumed {
             return;
         }
-        if let Some(w) = self.body_wait.take() {
+        if let Some(w) = self.waits[d].body.take() {
             let v = match step {
                 Step::Respond(r) => BodyVerdict::Respond(copy_response(r)),
                 Step::Go { .. } => match self.body_from(dir, k + 1, w.buf, true) {
-                    // A later filter waits now: `body_wait` is its.
+                    // A later filter waits now: the wait is its.
                     BodyVerdict::Wait => return,
                     v => v,
                 },
             };
-            self.body_done = Some(v);
+            self.waits[d].body_done = Some(v);
         } else {
-            self.trailers_wait = None;
+            self.waits[d].trailers = None;
             let v = match step {
                 Step::Respond(r) => Verdict::Respond(copy_response(r)),
                 Step::Go { .. } => match self.trailers_from(dir, k + 1) {
@@ -733,10 +811,9 @@ impl StreamFilters {
                     v => v,
                 },
             };
-            self.trailers_done = Some(v);
-            self.trailers_done_dir = Some(dir);
+            self.waits[d].trailers_done = Some(v);
         }
-        if let Some(w) = self.body_waker.take() {
+        if let Some(w) = self.waits[d].waker.take() {
             w.wake();
         }
     }
@@ -810,7 +887,7 @@ impl StreamFilters {
                         Dir::Response => resume_response,
                     };
                     if !resumed {
-                        self.trailers_wait = Some((dir, k));
+                        self.waits[side(dir)].trailers = Some(k);
                         return Verdict::Wait;
                     }
                 }

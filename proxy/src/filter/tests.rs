@@ -1086,7 +1086,7 @@ async fn a_body_paused_for_a_callout_resumes_on_its_answer() {
             ),
             "{t}: nothing goes on before the answer"
         );
-        match std::future::poll_fn(|cx| s.poll_body_wait(cx)).await {
+        match std::future::poll_fn(|cx| s.poll_body_wait(cx, Dir::Request)).await {
             BodyVerdict::Forward(b) => assert_eq!(&b[..], b"alice", "{t}"),
             other => panic!("{t}: approved body: {other:?}"),
         }
@@ -1100,7 +1100,7 @@ async fn a_body_paused_for_a_callout_resumes_on_its_answer() {
             s.request_body(Bytes::from_static(b"mallory"), true),
             BodyVerdict::Wait
         ));
-        match std::future::poll_fn(|cx| s.poll_body_wait(cx)).await {
+        match std::future::poll_fn(|cx| s.poll_body_wait(cx, Dir::Request)).await {
             BodyVerdict::Respond(r) => {
                 assert_eq!(r.status(), StatusCode::FORBIDDEN, "{t}");
                 assert_eq!(&r.body()[..], b"body denied\n", "{t}");
@@ -1108,6 +1108,73 @@ async fn a_body_paused_for_a_callout_resumes_on_its_answer() {
             other => panic!("{t}: the body must not be forwarded: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn request_and_response_bodies_wait_each_for_their_own_answer() {
+    let t = TARGETS[0];
+    let name = "both-bodies-wait";
+    let set = load(vec![spec(t, "body-callout", name)]);
+    let mut s = set.stream(&pipeline(&[name]), info());
+    let mut req = request("/upload", &[("x-check-response", "1")]);
+    expect_continue(s.request_headers(&mut req, false).await);
+    assert!(matches!(
+        s.request_body(Bytes::from_static(b"alice"), true),
+        BodyVerdict::Wait
+    ));
+    let mut resp = response(200, &[]);
+    expect_continue(s.response_headers(&mut resp, false).await);
+    assert!(matches!(
+        s.response_body(Bytes::from_static(b" alice "), true),
+        BodyVerdict::Wait
+    ));
+    // Both bodies' tasks poll at once, each for its own side.
+    let (mut up, mut down) = (None, None);
+    let both = std::future::poll_fn(|cx| {
+        if up.is_none() {
+            if let std::task::Poll::Ready(v) = s.poll_body_wait(cx, Dir::Request) {
+                up = Some(v);
+            }
+        }
+        if down.is_none() {
+            if let std::task::Poll::Ready(v) = s.poll_body_wait(cx, Dir::Response) {
+                down = Some(v);
+            }
+        }
+        if up.is_some() && down.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .expect("a waiting body was never woken");
+    match up {
+        Some(BodyVerdict::Forward(b)) => assert_eq!(&b[..], b"alice"),
+        other => panic!("request body: {other:?}"),
+    }
+    match down {
+        Some(BodyVerdict::Forward(b)) => assert_eq!(&b[..], b" alice "),
+        other => panic!("response body: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_header_phase_waits_for_a_callout_at_most_its_limit() {
+    let t = TARGETS[0];
+    let mut sp = spec(t, "callout", "authz-slow-limited");
+    sp.config = Bytes::from_static(b"slow");
+    let set = load(vec![sp]);
+    let mut s = set.stream(&pipeline(&["authz-slow-limited"]), info());
+    s.set_header_wait_limit(Duration::from_millis(100));
+    let mut req = request("/x", &[("x-user", "alice")]);
+    let started = Instant::now();
+    // The callout's own timeout (2 s, answered 403) comes too late.
+    let r = expect_respond(s.request_headers(&mut req, true).await);
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(hdr(r.headers(), "x-wasp-error"), Some("filter_failed"));
+    assert!(started.elapsed() < Duration::from_millis(1500));
 }
 
 #[test]

@@ -400,6 +400,7 @@ impl Vm {
             h.actions = Actions::default();
         }
         let phase = cb.phase();
+        let deleting = matches!(cb, Callback::Delete);
         let ex = &self.ex;
         let result: Result<u32, Failure> = match cb {
             Callback::RequestHeaders { n, eos } => {
@@ -499,6 +500,9 @@ impl Vm {
             },
         };
         let h = self.store.data_mut();
+        if deleting {
+            grpc::forget_context(h, ctx);
+        }
         *data = h.stream.take();
         h.stream_ctx = 0;
         h.effective = ROOT_ID;

@@ -119,7 +119,13 @@ pub(crate) enum Reply {
     /// The one answer of an `http_call`.
     Http(Result<http::Response<Bytes>, String>),
     /// One event of a gRPC call or stream; `last` ends the token.
-    Grpc { event: GrpcEvent, last: bool },
+    /// `_credit` is the share of the stream's undelivered-bytes bound the
+    /// event holds: released when the event reaches the guest (or is dropped).
+    Grpc {
+        event: GrpcEvent,
+        last: bool,
+        _credit: grpc::Credit,
+    },
 }
 
 /// A finished `http_call` (or one gRPC event), on its way back to the VM.
@@ -142,7 +148,8 @@ impl CalloutDone {
         let token = self.token;
         let result = match self.reply {
             Reply::Http(r) => r,
-            Reply::Grpc { event, last } => return Callback::Grpc { token, event, last },
+            // The credit goes as the event reaches the guest.
+            Reply::Grpc { event, last, .. } => return Callback::Grpc { token, event, last },
         };
         let answer = match result {
             Ok(resp) => {
@@ -192,6 +199,7 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
                         message: "no async runtime on this thread".into(),
                     },
                     last: true,
+                    _credit: None,
                 },
             };
             to.send(CalloutDone {
@@ -218,11 +226,15 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
         }
         CalloutWork::Grpc(task) => {
             handle.spawn(async move {
-                let emit = |event, last| {
+                let emit = |event, last, credit| {
                     to.send(CalloutDone {
                         token,
                         context,
-                        reply: Reply::Grpc { event, last },
+                        reply: Reply::Grpc {
+                            event,
+                            last,
+                            _credit: credit,
+                        },
                     })
                 };
                 grpc::run(task, to.gone(), emit).await;

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::filter::{BodyVerdict, StreamFilters, Verdict};
+use crate::filter::{BodyVerdict, Dir, StreamFilters, Verdict};
 use crate::upstream::BoxError;
 
 /// One request's filter chain, shared by its header phases and its bodies.
@@ -35,8 +35,9 @@ struct Inner {
     local: Mutex<Option<http::Response<Bytes>>>,
     request_bytes: AtomicU64,
     /// A body waiting for a callout found the chain out for a header
-    /// phase: woken when the chain is put back.
-    waiter: Mutex<Option<Waker>>,
+    /// phase: woken when the chain is put back. One per side (request,
+    /// response): both bodies may wait at once.
+    waiters: [Mutex<Option<Waker>>; 2],
 }
 
 /// Returned by the request body when a filter answered locally mid-body; the
@@ -52,7 +53,7 @@ impl SharedChain {
                 chain: futures_util::lock::Mutex::new(Some(chain)),
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
-                waiter: Mutex::new(None),
+                waiters: [Mutex::new(None), Mutex::new(None)],
             }),
         }
     }
@@ -88,8 +89,21 @@ impl SharedChain {
     /// A body waiting for a callout found the chain held by a header phase
     /// (`try_lock` registers no waker): wake it now the phase let go.
     fn wake_waiting_body(&self) {
-        if let Some(w) = self.inner.waiter.lock().ok().and_then(|mut w| w.take()) {
-            w.wake();
+        for waiter in &self.inner.waiters {
+            if let Some(w) = waiter.lock().ok().and_then(|mut w| w.take()) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Parks a body of `side` until a header phase puts the chain back.
+    fn park(&self, side: Side, cx: &Context<'_>) {
+        let i = match side {
+            Side::Request => 0,
+            Side::Response => 1,
+        };
+        if let Some(Ok(mut w)) = self.inner.waiters.get(i).map(|w| w.lock()) {
+            *w = Some(cx.waker().clone());
         }
     }
 
@@ -133,6 +147,15 @@ impl SharedChain {
 pub enum Side {
     Request,
     Response,
+}
+
+impl Side {
+    fn dir(self) -> Dir {
+        match self {
+            Side::Request => Dir::Request,
+            Side::Response => Dir::Response,
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -185,14 +208,15 @@ where
         if *this.waiting_trailers {
             let mut t = HeaderMap::new();
             let side = *this.side;
-            let v = match this.chain.with(|c| c.poll_trailers_wait(cx, &mut t)) {
+            let v = match this
+                .chain
+                .with(|c| c.poll_trailers_wait(cx, side.dir(), &mut t))
+            {
                 Some(Poll::Ready(v)) => v,
                 Some(Poll::Pending) => return Poll::Pending,
                 None => {
                     // Out for a response header phase: wait for it to come back.
-                    if let Ok(mut w) = this.chain.inner.waiter.lock() {
-                        *w = Some(cx.waker().clone());
-                    }
+                    this.chain.park(side, cx);
                     if this.chain.with(|_| ()).is_some() {
                         cx.waker().wake_by_ref();
                     }
@@ -208,7 +232,7 @@ where
         loop {
             let side = *this.side;
             let (data, trailers, eos, verdict) = if let Some(trailers) = this.waiting.take() {
-                let verdict = match this.chain.with(|c| c.poll_body_wait(cx)) {
+                let verdict = match this.chain.with(|c| c.poll_body_wait(cx, side.dir())) {
                     Some(Poll::Pending) => {
                         *this.waiting = Some(trailers);
                         return Poll::Pending;
@@ -217,9 +241,7 @@ where
                     None => {
                         // Out for a response header phase: the held body
                         // is in the chain, so wait for it to come back.
-                        if let Ok(mut w) = this.chain.inner.waiter.lock() {
-                            *w = Some(cx.waker().clone());
-                        }
+                        this.chain.park(side, cx);
                         *this.waiting = Some(trailers);
                         if this.chain.with(|_| ()).is_some() {
                             continue;

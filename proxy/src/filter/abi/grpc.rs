@@ -35,7 +35,9 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, TE};
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use wasmtime::Caller;
 
 use super::headers::{deserialize, serialized_bound, MapError};
@@ -48,6 +50,19 @@ use crate::filter::{StreamBody, StreamError, StreamFuture};
 
 /// Largest gRPC message sent or received (gRPC's default receive limit).
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
+
+/// Message bytes a stream may have received but not yet delivered to the
+/// guest (one whole message always fits). Past it the task stops reading,
+/// so HTTP/2 flow control holds the server back until the guest catches up.
+pub(crate) const UNDELIVERED: usize = 2 * MAX_MESSAGE;
+
+/// What one received message costs of [`UNDELIVERED`] besides its bytes,
+/// so that a flood of empty messages is bounded too.
+const MESSAGE_COST: usize = 64;
+
+/// The share of [`UNDELIVERED`] a received message holds until the guest
+/// has it (dropped when its callback is made, or with the event).
+pub(crate) type Credit = Option<OwnedSemaphorePermit>;
 
 /// Longest service or method name read from the guest.
 const MAX_NAME: usize = 1024;
@@ -142,7 +157,7 @@ pub(crate) struct GrpcHandle {
     send: Option<mpsc::UnboundedSender<Outgoing>>,
     unary: bool,
     /// Dropping it cancels the task (also when the VM goes away).
-    cancel: oneshot::Sender<()>,
+    _cancel: oneshot::Sender<()>,
 }
 
 /// One call or stream, spawned after the callback that opened it.
@@ -272,7 +287,7 @@ fn request(
         .header(CONTENT_TYPE, "application/grpc")
         .header(TE, "trailers");
     if let Some(t) = timeout {
-        b = b.header("grpc-timeout", format!("{}m", t.as_millis()));
+        b = b.header("grpc-timeout", grpc_timeout(t));
     }
     for (k, v) in &open.metadata {
         let k = k.to_ascii_lowercase();
@@ -290,6 +305,21 @@ fn request(
         }
     }
     b.body(body).map_err(|_| Status::ParseFailure)
+}
+
+/// A `grpc-timeout` value: at most 8 digits (gRPC over HTTP/2), so a
+/// long timeout switches to a coarser unit (rounded up), as Envoy does.
+fn grpc_timeout(t: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let ms = t.as_millis();
+    let mut v = ms;
+    for (unit, per) in [("m", 1u128), ("S", 1_000), ("M", 60_000), ("H", 3_600_000)] {
+        v = ms.div_ceil(per);
+        if v <= MAX {
+            return format!("{v}{unit}");
+        }
+    }
+    format!("{}H", v.min(MAX))
 }
 
 /// Takes a callout slot, opens the exchange and records the task. `Err`
@@ -336,12 +366,9 @@ fn start(
     let token = h.next_token;
     h.next_token = h.next_token.wrapping_add(1).max(1);
     let context = h.effective;
-    // Handles whose task ended and whose last event cannot come any more
-    // (their stream is gone) are dropped here; the current stream's and
-    // the root's wait for their last event.
-    let (root, current) = (h.root_id, h.stream_ctx);
-    h.grpc
-        .retain(|_, g| !g.cancel.is_closed() || g.context == root || g.context == current);
+    // A handle goes when its last event is delivered ([`wanted`]) or its
+    // context is deleted ([`forget_context`]), never earlier: another
+    // stream sharing this instance may still have its last event queued.
     let unary = send.is_none();
     h.grpc.insert(
         token,
@@ -349,7 +376,7 @@ fn start(
             context,
             send,
             unary,
-            cancel: cancel_tx,
+            _cancel: cancel_tx,
         },
     );
     h.callouts.push(NewCallout {
@@ -535,6 +562,12 @@ pub(crate) fn cancel(c: &mut Caller<'_, Host>, token: i32) -> HostResult {
     })
 }
 
+/// Forgets (and so cancels) the calls and streams of a deleted context:
+/// their last event can no longer reach it.
+pub(crate) fn forget_context(h: &mut Host, context: u32) {
+    h.grpc.retain(|_, g| g.context != context);
+}
+
 /// Whether the guest still wants events of `token` (not cancelled), and
 /// forgets it after its last one.
 pub(crate) fn wanted(h: &mut Host, token: u32, last: bool) -> bool {
@@ -553,7 +586,7 @@ pub(crate) fn wanted(h: &mut Host, token: u32, last: bool) -> bool {
 pub(crate) async fn run(
     task: GrpcTask,
     gone: impl Future<Output = ()>,
-    emit: impl Fn(GrpcEvent, bool),
+    emit: impl Fn(GrpcEvent, bool, Credit),
 ) {
     let GrpcTask {
         open,
@@ -569,20 +602,21 @@ pub(crate) async fn run(
             None => std::future::pending().await,
         }
     };
+    let credit = Arc::new(Semaphore::new(UNDELIVERED));
     tokio::select! {
-        end = exchange(open, unary, &emit) => {
+        end = exchange(open, unary, &credit, &emit) => {
             if let Some((status, message)) = end {
-                emit(GrpcEvent::Close { status, message }, true);
+                emit(GrpcEvent::Close { status, message }, true, None);
             }
         }
         _ = &mut cancel => {
             // Not seen by the guest (its handle is gone); it tells a paused
             // stream that nothing more is coming from this token.
-            emit(GrpcEvent::Close { status: code::CANCELLED, message: "cancelled".into() }, true);
+            emit(GrpcEvent::Close { status: code::CANCELLED, message: "cancelled".into() }, true, None);
         }
         _ = deadline => {
             let t = timeout.unwrap_or_default();
-            emit(GrpcEvent::Close { status: code::DEADLINE_EXCEEDED, message: format!("gRPC call timed out after {t:?}") }, true);
+            emit(GrpcEvent::Close { status: code::DEADLINE_EXCEEDED, message: format!("gRPC call timed out after {t:?}") }, true, None);
         }
         () = gone => {}
     }
@@ -593,7 +627,8 @@ pub(crate) async fn run(
 async fn exchange(
     open: StreamFuture,
     unary: bool,
-    emit: &impl Fn(GrpcEvent, bool),
+    credit: &Arc<Semaphore>,
+    emit: &impl Fn(GrpcEvent, bool, Credit),
 ) -> Option<(u32, String)> {
     let resp = match open.await {
         Ok(r) => r,
@@ -609,12 +644,25 @@ async fn exchange(
     if parts.headers.contains_key("grpc-status") {
         // Trailers-Only: the status came with the headers.
         if !unary {
-            emit(GrpcEvent::TrailingMetadata(pairs(&parts.headers)), false);
+            emit(
+                GrpcEvent::TrailingMetadata(pairs(&parts.headers)),
+                false,
+                None,
+            );
+            return Some(closing(&parts.headers));
         }
-        return Some(closing(&parts.headers));
+        return Some(match closing(&parts.headers) {
+            // A unary call's OK needs its message (as in the body's case).
+            (code::OK, _) => (code::INTERNAL, "no message answered a unary call".into()),
+            other => other,
+        });
     }
     if !unary {
-        emit(GrpcEvent::InitialMetadata(pairs(&parts.headers)), false);
+        emit(
+            GrpcEvent::InitialMetadata(pairs(&parts.headers)),
+            false,
+            None,
+        );
     }
     let mut buf = BytesMut::new();
     let mut reply: Option<Bytes> = None;
@@ -642,7 +690,16 @@ async fn exchange(
                                 ));
                             }
                         }
-                        Ok(Some(m)) => emit(GrpcEvent::Message(m), false),
+                        Ok(Some(m)) => {
+                            // Waits (reading nothing more) while the
+                            // guest has not taken enough of what came.
+                            let cost = m.len().saturating_add(MESSAGE_COST).min(UNDELIVERED);
+                            let permit = match u32::try_from(cost) {
+                                Ok(n) => credit.clone().acquire_many_owned(n).await.ok(),
+                                Err(_) => None,
+                            };
+                            emit(GrpcEvent::Message(m), false, permit)
+                        }
                         Ok(None) => break,
                         Err(e) => return Some(e),
                     }
@@ -655,13 +712,13 @@ async fn exchange(
             continue;
         };
         if !unary {
-            emit(GrpcEvent::TrailingMetadata(pairs(&trailers)), false);
+            emit(GrpcEvent::TrailingMetadata(pairs(&trailers)), false, None);
             return Some(closing(&trailers));
         }
         let (status, message) = closing(&trailers);
         return match (status, reply) {
             (code::OK, Some(m)) => {
-                emit(GrpcEvent::Message(m), true);
+                emit(GrpcEvent::Message(m), true, None);
                 None
             }
             (code::OK, None) => Some((code::INTERNAL, "no message answered a unary call".into())),
@@ -702,7 +759,9 @@ fn closing(h: &HeaderMap) -> (u32, String) {
     let status = h
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(code::UNKNOWN);
     let message = h
         .get("grpc-message")
@@ -718,6 +777,7 @@ fn percent_decode(v: &[u8]) -> String {
     while let Some(&b) = v.get(i) {
         let hex = v
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (b, hex) {
@@ -789,5 +849,86 @@ mod tests {
             "no such thing%ZZ%"
         );
         assert_eq!(percent_decode(b"caf%C3%A9"), "café");
+        assert_eq!(percent_decode(b"%+1x"), "%+1x", "a sign is no hex digit");
+    }
+
+    #[test]
+    fn grpc_status_is_digits_only() {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", HeaderValue::from_static("+0"));
+        assert_eq!(closing(&h).0, code::UNKNOWN);
+        h.insert("grpc-status", HeaderValue::from_static("7"));
+        assert_eq!(closing(&h).0, code::PERMISSION_DENIED);
+    }
+
+    #[test]
+    fn long_grpc_timeouts_switch_units() {
+        assert_eq!(grpc_timeout(Duration::from_millis(1500)), "1500m");
+        assert_eq!(grpc_timeout(Duration::from_millis(99_999_999)), "99999999m");
+        assert_eq!(grpc_timeout(Duration::from_millis(100_000_000)), "100000S");
+        let week = Duration::from_secs(7 * 86_400 * 1_000_000);
+        assert!(grpc_timeout(week).len() <= 9, "{}", grpc_timeout(week));
+        assert_eq!(grpc_timeout(Duration::MAX), "99999999H");
+    }
+
+    fn answer(headers: &[(&'static str, &'static str)], body: StreamBody) -> StreamFuture {
+        let mut r = http::Response::new(body);
+        for (k, v) in headers {
+            r.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        Box::pin(async move { Ok(r) })
+    }
+
+    #[tokio::test]
+    async fn unary_trailers_only_ok_without_message_is_internal() {
+        let open = answer(
+            &[("grpc-status", "0")],
+            http_body_util::Empty::new()
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        );
+        let sem = Arc::new(Semaphore::new(UNDELIVERED));
+        let end = exchange(open, true, &sem, &|_, _, _| {}).await;
+        assert_eq!(end.map(|e| e.0), Some(code::INTERNAL));
+    }
+
+    /// A server that never stops sending, yielding between messages.
+    struct Flood(bool);
+
+    impl Body for Flood {
+        type Data = Bytes;
+        type Error = StreamError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+            let this = self.get_mut();
+            this.0 = !this.0;
+            if this.0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Ok(Frame::data(framed(&[7u8; 1000])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn undelivered_messages_are_bounded() {
+        let open = answer(&[], Flood(false).boxed_unsync());
+        let sem = Arc::new(Semaphore::new(UNDELIVERED));
+        let got = std::sync::Mutex::new(Vec::new());
+        let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
+        let run = exchange(open, false, &sem, &emit);
+        tokio::pin!(run);
+        let bound = UNDELIVERED / (1000 + MESSAGE_COST) + 2;
+        let r = tokio::time::timeout(Duration::from_millis(300), &mut run).await;
+        assert!(r.is_err(), "the flood never ends");
+        let held = got.lock().unwrap().len();
+        assert!(held <= bound, "{held} events held (bound {bound})");
+        assert!(held > bound / 2, "reading stopped early: {held}");
+        // The guest takes them: reading goes on.
+        got.lock().unwrap().clear();
+        let _ = tokio::time::timeout(Duration::from_millis(300), &mut run).await;
+        assert!(got.lock().unwrap().len() > bound / 2);
     }
 }
