@@ -342,6 +342,15 @@ enum Side {
     Response,
 }
 
+impl Side {
+    fn dir(self) -> crate::filter::Dir {
+        match self {
+            Side::Request => crate::filter::Dir::Request,
+            Side::Response => crate::filter::Dir::Response,
+        }
+    }
+}
+
 /// Lets spawned tasks (callouts, instance pumps, root drivers) run, as a
 /// worker does between two reads from the network.
 async fn breathe() {
@@ -405,7 +414,8 @@ async fn body_through(
         if let BodyVerdict::Wait = v {
             // A filter waits for a callout before letting the body go, as
             // the proxy's body does (`forward/filtered.rs`).
-            v = std::future::poll_fn(|cx| chain.poll_body_wait(cx)).await;
+            let dir = side.dir();
+            v = std::future::poll_fn(|cx| chain.poll_body_wait(cx, dir)).await;
         }
         match v {
             BodyVerdict::Forward(b) => out.extend_from_slice(&b),
@@ -425,7 +435,8 @@ async fn body_through(
             Side::Response => chain.response_trailers(trailers),
         };
         if let Verdict::Wait = v {
-            v = std::future::poll_fn(|cx| chain.poll_trailers_wait(cx, trailers)).await;
+            let dir = side.dir();
+            v = std::future::poll_fn(|cx| chain.poll_trailers_wait(cx, dir, trailers)).await;
         }
         if let Verdict::Respond(r) = v {
             return Through {
