@@ -135,7 +135,23 @@ pub(crate) fn instances_needed(specs: &[FilterSpec], workers: usize) -> u64 {
 fn pool_capacity(need: u64) -> u64 {
     need.saturating_mul(GENERATIONS)
         .saturating_add(POOL_SLACK)
-        .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
+        .clamp(
+            min_pool_instances().min(MAX_POOL_INSTANCES),
+            MAX_POOL_INSTANCES,
+        )
+}
+
+/// [`MIN_POOL_INSTANCES`], or `WASP_WASM_POOL_MIN_INSTANCES` from the
+/// environment. Each slot reserves address space (not memory) for a
+/// filter's largest linear memory, so the default reserves about half a
+/// TiB: fine on Linux, too much where the address space is capped, e.g.
+/// under valgrind (bench/instructions.sh sets it to 1; the pool is then
+/// sized from the config alone, and reloads that add filters past it fail).
+fn min_pool_instances() -> u64 {
+    std::env::var("WASP_WASM_POOL_MIN_INSTANCES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(MIN_POOL_INSTANCES)
 }
 
 pub(crate) fn engine_config(instances: u32) -> Config {
@@ -241,7 +257,7 @@ impl FilterRuntime {
         }
         let capacity = self.capacity.load(Ordering::Relaxed);
         let capacity = if capacity == 0 {
-            MIN_POOL_INSTANCES
+            min_pool_instances().max(1)
         } else {
             capacity
         };
