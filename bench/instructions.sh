@@ -14,6 +14,7 @@
 #
 #   bench/instructions.sh                          # target/release/wasp
 #   bench/instructions.sh old=path/a new=path/b    # side by side, one run
+#   bench/instructions.sh cl=WASP_WASM_COMPILER=cranelift@path/b   # with env
 #   REQUESTS=2000 WARMUP=200 CHAINS="0 1 4" PROFILE=1 bench/instructions.sh
 #
 # PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
@@ -47,12 +48,13 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT INT TERM
 DEMO_THREADS=1 "$root/target/release/demo-app" upstream "$UP" 2>/dev/null & pids+=($!)
 
-config() { # config N -> path
-  local n=$1 f="$out/wasp-$1.toml"
+config() { # config N LABEL -> path (each label its own module cache)
+  local n=$1 f="$out/$2/wasp-$1.toml"
   local pipeline
+  mkdir -p "$out/$2"
   pipeline=$(python3 -c "print(', '.join('\"f%d\"' % i for i in range($n)))")
   {
-    echo "[proxy]"; echo "workers = 1"; echo "filters_dir = \"filters.d\""
+    echo "[proxy]"; echo "workers = 1"; echo "filters_dir = \"$out/filters.d\""
     echo "[admin]"; echo "bind = \"$ADMIN\""
     echo "[log]"; echo "level = \"warn\""
     for i in 0 1 2 3; do echo "[filters.f$i]"; echo "module = \"add-headers.wasm\""; done
@@ -79,12 +81,13 @@ PY
 
 results="$out/results.tsv"; : > "$results"
 for n in $CHAINS; do
-  cfg=$(config "$n")
   for spec in "${bins[@]}"; do
-    label=${spec%%=*}; bin=${spec#*=}
+    label=${spec%%=*}; bin=${spec#*=}; envs=()
+    if [[ $bin == *@* ]]; then read -r -a envs <<<"${bin%@*}"; bin=${bin##*@}; fi
+    cfg=$(config "$n" "$label")
     run="$out/cg-$label-$n"
     rm -f "$run".* "$run"-*
-    (cd "$out" && WASP_WASM_POOL_MIN_INSTANCES=1 exec valgrind -q --tool=callgrind --separate-threads=yes \
+    (cd "$out" && exec env "${envs[@]}" WASP_WASM_POOL_MIN_INSTANCES=1 valgrind -q --tool=callgrind --separate-threads=yes \
       --dump-instr=no --collect-atstart=yes --callgrind-out-file="$run.%p" \
       "$bin" run --config "$cfg" 2>"$out/wasp-$label-$n.log") & vg=$!; pids+=($vg)
     ok=""

@@ -170,7 +170,7 @@ pub(crate) fn engine_config(instances: u32) -> Config {
     // `overhead` in the tests). A compute-heavy guest (say, scanning bodies)
     // would run slower than under Cranelift; tiering up in the background is
     // the way to have both, and is not done yet.
-    cfg.strategy(wasmtime::Strategy::Winch);
+    cfg.strategy(strategy());
     // Copy-on-write memory images (wasmtime's default, stated because the
     // per-stream instances rely on it): instantiating maps the module's
     // initial memory instead of copying it, so a new instance costs ~tens
@@ -180,6 +180,15 @@ pub(crate) fn engine_config(instances: u32) -> Config {
         .memory_reservation(POOL_MAX_MEMORY as u64)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     cfg
+}
+
+/// Winch, or Cranelift when `WASP_WASM_COMPILER=cranelift` (for measuring
+/// what the compiler costs per request: bench/instructions.sh).
+fn strategy() -> wasmtime::Strategy {
+    match std::env::var("WASP_WASM_COMPILER").as_deref() {
+        Ok("cranelift") => wasmtime::Strategy::Cranelift,
+        _ => wasmtime::Strategy::Winch,
+    }
 }
 
 impl FilterRuntime {

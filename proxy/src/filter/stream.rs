@@ -74,6 +74,10 @@ pub struct StreamFilters {
     pending: usize,
     held_request: Option<(usize, BytesMut)>,
     held_response: Option<(usize, BytesMut)>,
+    /// The request / response head came with `end_of_stream`: no body
+    /// follows, so the empty end-of-stream "body" the core may still pass
+    /// is not shown to filters (as in Envoy, no body callback runs).
+    no_body: [bool; 2],
     finished: bool,
 }
 
@@ -141,6 +145,7 @@ impl StreamFilters {
             pending: 0,
             held_request: None,
             held_response: None,
+            no_body: [false; 2],
             finished: false,
         }
     }
@@ -363,6 +368,7 @@ impl StreamFilters {
     }
 
     async fn headers_chain(&mut self, dir: Dir, eos: bool) -> Verdict {
+        self.no_body[dir as usize] = eos;
         if let Some(r) = self.drain_events() {
             return Verdict::Respond(r);
         }
@@ -465,6 +471,9 @@ impl StreamFilters {
             Dir::Request => self.held_request.take(),
             Dir::Response => self.held_response.take(),
         };
+        if held.is_none() && chunk.is_empty() && eos && self.no_body[dir as usize] {
+            return BodyVerdict::Forward(chunk);
+        }
         let (start, mut buf) = match held {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
@@ -477,7 +486,8 @@ impl StreamFilters {
                 b.extend_from_slice(&chunk);
                 (k, b)
             }
-            None => (0, BytesMut::from(&chunk[..])),
+            // No copy when the chunk is not shared.
+            None => (0, BytesMut::from(chunk)),
         };
         for k in start..n {
             let pos = order(dir, n, k);
@@ -654,22 +664,24 @@ impl StreamFilters {
             let Some(at) = self.instance(pos) else {
                 continue;
             };
-            if slot.ctx != 0 {
-                let data = &mut self.data;
-                let r = worker::with_instance(at, |vm| {
+            // A healthy instance goes back to the pool for the next stream.
+            let data = &mut self.data;
+            let r = worker::finish_lease(at, |vm| {
+                if slot.ctx != 0 {
                     if log && !slot.skipped {
                         vm.run(slot.ctx, data, Callback::Log)?;
                     }
                     vm.run(slot.ctx, data, Callback::Done)?;
                     vm.run(slot.ctx, data, Callback::Delete)?;
-                    Ok(())
-                });
-                if let Err(f) = r {
-                    tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream");
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) | Err(Failure::ContextLost) => {}
+                Err(f) => {
+                    tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream")
                 }
             }
-            // A healthy instance goes back to the pool for the next stream.
-            worker::give_back(at);
         }
     }
 }
