@@ -16,6 +16,7 @@
 #   bench/instructions.sh old=path/a new=path/b    # side by side, one run
 #   bench/instructions.sh cl=WASP_WASM_COMPILER=cranelift@path/b   # with env
 #   REQUESTS=2000 WARMUP=200 CHAINS="0 1 4" PROFILE=1 bench/instructions.sh
+#   BUILD=0 ...                  # do not (re)build the demo app first
 #
 # PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
 # prints the top functions (inclusive) of each one with callgrind_annotate.
@@ -35,7 +36,7 @@ command -v valgrind >/dev/null || {
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=("wasp=$root/target/release/wasp")
 
-cargo build -q --release -p demo-app
+[ "${BUILD:-1}" = 0 ] || cargo build -q --release -p demo-app
 [ -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm ] ||
   WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
 cp -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm "$out/filters.d/add-headers.wasm"
@@ -57,7 +58,12 @@ config() { # config N LABEL -> path (each label its own module cache)
     echo "[proxy]"; echo "workers = 1"; echo "filters_dir = \"$out/filters.d\""
     echo "[admin]"; echo "bind = \"$ADMIN\""
     echo "[log]"; echo "level = \"warn\""
-    for i in 0 1 2 3; do echo "[filters.f$i]"; echo "module = \"add-headers.wasm\""; done
+    # limits.instances = 1 keeps the instance pool (and its address-space
+    # reservation) small enough for valgrind; one connection needs one.
+    for i in 0 1 2 3; do
+      echo "[filters.f$i]"; echo "module = \"add-headers.wasm\""
+      echo "[filters.f$i.limits]"; echo "instances = 1"
+    done
     echo "[[listeners]]"; echo "name = \"bench\""; echo "bind = \"127.0.0.1:$PORT\""; echo "pipeline = [$pipeline]"
     echo "  [[listeners.routes]]"; echo "  cluster = \"upstream\""
     echo "[clusters.upstream]"; echo "endpoints = [\"$UP\"]"
@@ -65,17 +71,17 @@ config() { # config N LABEL -> path (each label its own module cache)
   echo "$f"
 }
 
-# Instructions of the busiest thread in the newest dump of run $1.
+# "INSTRUCTIONS FILE" of the busiest thread's dump among files $1*.
 busiest() {
   python3 - "$@" <<'PY'
-import glob, os, sys
-best = 0
+import glob, sys
+best = (0, "")
 for f in glob.glob(sys.argv[1] + "*"):
     for line in open(f, errors="replace"):
-        if line.startswith("summary:") or line.startswith("totals:"):
-            best = max(best, int(line.split()[1]))
+        if line.startswith(("summary:", "totals:")):
+            best = max(best, (int(line.split()[1]), f))
             break
-print(best)
+print(*best)
 PY
 }
 
@@ -103,12 +109,14 @@ for n in $CHAINS; do
     python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$REQUESTS" /bench
     callgrind_control -d "$vg" >/dev/null
     sleep 1
-    instr=$(busiest "$run.")
+    read -r instr dump < <(busiest "$run.")
     kill "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
+    [ "${instr:-0}" -gt 0 ] || { echo "no callgrind dump for $label, $n filters" >&2; exit 1; }
     printf '%s\t%s\t%s\n' "$label" "$n" "$instr" >> "$results"
     if [ "$PROFILE" = 1 ]; then
-      main=$(grep -l "^summary:\|^totals:" "$run".* | xargs -I{} sh -c 'echo "$(grep -m1 "^summary:\|^totals:" {} | cut -d" " -f2) {}"' | sort -n | tail -n 1 | cut -d" " -f2)
-      callgrind_annotate --inclusive=yes --threshold=99 "$main" 2>/dev/null | head -n 60 > "$out/top-$label-$n.txt" || true
+      cp "$dump" "$out/profile-$label-$n.callgrind"
+      callgrind_annotate --inclusive=yes --threshold=99 "$dump" 2>/dev/null | head -n 80 > "$out/top-incl-$label-$n.txt" || true
+      callgrind_annotate --threshold=95 "$dump" 2>/dev/null | head -n 80 > "$out/top-self-$label-$n.txt" || true
     fi
   done
 done
