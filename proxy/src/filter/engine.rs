@@ -164,12 +164,13 @@ pub(crate) fn engine_config(instances: u32) -> Config {
     // Winch, wasmtime's baseline compiler, compiles in one pass: a 190 KB
     // module takes ~40 ms where Cranelift (opt level `speed`) takes ~300 ms
     // and ~180 ms at `none` (2 loaded cores; `compile_cost` in the tests).
-    // That is the cold part of a hot reload. Filters spend their time in
-    // host calls, so the per-request cost did not move measurably (pass-
-    // through 2.4-3.0 us both ways, a header-editing filter 5.4-6.7 us;
-    // `overhead` in the tests). A compute-heavy guest (say, scanning bodies)
-    // would run slower than under Cranelift; tiering up in the background is
-    // the way to have both, and is not done yet.
+    // That is the cold part of a hot reload. What the compiler costs per
+    // request was measured with a wall clock on a shared machine whose
+    // upstream was the bottleneck (withdrawn): compare instruction counts
+    // instead (bench/instructions.sh, `WASP_WASM_COMPILER=cranelift`). A
+    // filter's guest code is a small part of its cost (docs/benchmarks.md);
+    // a background tier-up to Cranelift would need a second engine and
+    // instance pool, since the compiler is an engine setting.
     cfg.strategy(strategy());
     // Copy-on-write memory images (wasmtime's default, stated because the
     // per-stream instances rely on it): instantiating maps the module's
