@@ -135,7 +135,23 @@ pub(crate) fn instances_needed(specs: &[FilterSpec], workers: usize) -> u64 {
 fn pool_capacity(need: u64) -> u64 {
     need.saturating_mul(GENERATIONS)
         .saturating_add(POOL_SLACK)
-        .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
+        .clamp(
+            min_pool_instances().min(MAX_POOL_INSTANCES),
+            MAX_POOL_INSTANCES,
+        )
+}
+
+/// [`MIN_POOL_INSTANCES`], or `WASP_WASM_POOL_MIN_INSTANCES` from the
+/// environment. Each slot reserves address space (not memory) for a
+/// filter's largest linear memory, so the default reserves about half a
+/// TiB: fine on Linux, too much where the address space is capped, e.g.
+/// under valgrind (bench/instructions.sh sets it to 1; the pool is then
+/// sized from the config alone, and reloads that add filters past it fail).
+fn min_pool_instances() -> u64 {
+    std::env::var("WASP_WASM_POOL_MIN_INSTANCES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(MIN_POOL_INSTANCES)
 }
 
 pub(crate) fn engine_config(instances: u32) -> Config {
@@ -148,13 +164,14 @@ pub(crate) fn engine_config(instances: u32) -> Config {
     // Winch, wasmtime's baseline compiler, compiles in one pass: a 190 KB
     // module takes ~40 ms where Cranelift (opt level `speed`) takes ~300 ms
     // and ~180 ms at `none` (2 loaded cores; `compile_cost` in the tests).
-    // That is the cold part of a hot reload. Filters spend their time in
-    // host calls, so the per-request cost did not move measurably (pass-
-    // through 2.4-3.0 us both ways, a header-editing filter 5.4-6.7 us;
-    // `overhead` in the tests). A compute-heavy guest (say, scanning bodies)
-    // would run slower than under Cranelift; tiering up in the background is
-    // the way to have both, and is not done yet.
-    cfg.strategy(wasmtime::Strategy::Winch);
+    // That is the cold part of a hot reload. What the compiler costs per
+    // request was measured with a wall clock on a shared machine whose
+    // upstream was the bottleneck (withdrawn): compare instruction counts
+    // instead (bench/instructions.sh, `WASP_WASM_COMPILER=cranelift`). A
+    // filter's guest code is a small part of its cost (docs/benchmarks.md);
+    // a background tier-up to Cranelift would need a second engine and
+    // instance pool, since the compiler is an engine setting.
+    cfg.strategy(strategy());
     // Copy-on-write memory images (wasmtime's default, stated because the
     // per-stream instances rely on it): instantiating maps the module's
     // initial memory instead of copying it, so a new instance costs ~tens
@@ -164,6 +181,15 @@ pub(crate) fn engine_config(instances: u32) -> Config {
         .memory_reservation(POOL_MAX_MEMORY as u64)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     cfg
+}
+
+/// Winch, or Cranelift when `WASP_WASM_COMPILER=cranelift` (for measuring
+/// what the compiler costs per request: bench/instructions.sh).
+fn strategy() -> wasmtime::Strategy {
+    match std::env::var("WASP_WASM_COMPILER").as_deref() {
+        Ok("cranelift") => wasmtime::Strategy::Cranelift,
+        _ => wasmtime::Strategy::Winch,
+    }
 }
 
 impl FilterRuntime {
@@ -241,7 +267,7 @@ impl FilterRuntime {
         }
         let capacity = self.capacity.load(Ordering::Relaxed);
         let capacity = if capacity == 0 {
-            MIN_POOL_INSTANCES
+            min_pool_instances().max(1)
         } else {
             capacity
         };

@@ -336,21 +336,23 @@ impl NetworkFilters {
             let Some(at) = self.instance(pos) else {
                 continue;
             };
-            if slot.ctx != 0 {
-                let data = &mut self.data;
-                let r = worker::with_instance(at, |vm| {
-                    if log && !slot.skipped {
-                        vm.run(slot.ctx, data, Callback::Log)?;
-                    }
-                    vm.run(slot.ctx, data, Callback::Done)?;
-                    vm.run(slot.ctx, data, Callback::Delete)?;
-                    Ok(())
-                });
-                if let Err(f) = r {
-                    tracing::debug!(filter = %self.name(pos), error = %f, "network filter failed while ending a connection");
+            let data = &mut self.data;
+            // One look-up ends the contexts and gives the instance back (a
+            // slot that never got a context only gives it back).
+            let r = worker::finish_lease(at, |vm| {
+                if slot.ctx == 0 {
+                    return Ok(());
                 }
+                if log && !slot.skipped {
+                    vm.run(slot.ctx, data, Callback::Log)?;
+                }
+                vm.run(slot.ctx, data, Callback::Done)?;
+                vm.run(slot.ctx, data, Callback::Delete)?;
+                Ok(())
+            });
+            if let Err(f) = r {
+                tracing::debug!(filter = %self.name(pos), error = %f, "network filter failed while ending a connection");
             }
-            worker::give_back(at);
         }
     }
 }

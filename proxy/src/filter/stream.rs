@@ -127,6 +127,10 @@ pub struct StreamFilters {
     waits: [Waits; 2],
     /// How long a header phase waits for a paused filter.
     header_wait_limit: std::time::Duration,
+    /// The request / response head came with `end_of_stream`: no body
+    /// follows, so the empty end-of-stream "body" the core may still pass
+    /// is not shown to filters (as in Envoy, no body callback runs).
+    no_body: [bool; 2],
     finished: bool,
 }
 
@@ -211,6 +215,7 @@ impl StreamFilters {
             held_response: None,
             waits: Default::default(),
             header_wait_limit: HEADER_WAIT_LIMIT,
+            no_body: [false; 2],
             finished: false,
         }
     }
@@ -464,6 +469,7 @@ impl StreamFilters {
     }
 
     async fn headers_chain(&mut self, dir: Dir, eos: bool) -> Verdict {
+        self.no_body[dir as usize] = eos;
         if let Some(r) = self.drain_events() {
             return Verdict::Respond(r);
         }
@@ -569,6 +575,9 @@ impl StreamFilters {
             Dir::Request => self.held_request.take(),
             Dir::Response => self.held_response.take(),
         };
+        if held.is_none() && chunk.is_empty() && eos && self.no_body[dir as usize] {
+            return BodyVerdict::Forward(chunk);
+        }
         let (start, buf) = match held {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
@@ -581,7 +590,8 @@ impl StreamFilters {
                 b.extend_from_slice(&chunk);
                 (k, b)
             }
-            None => (0, BytesMut::from(&chunk[..])),
+            // No copy when the chunk is not shared.
+            None => (0, BytesMut::from(chunk)),
         };
         self.body_from(dir, start, buf, eos)
     }
@@ -969,22 +979,24 @@ impl StreamFilters {
             let Some(at) = self.instance(pos) else {
                 continue;
             };
-            if slot.ctx != 0 {
-                let data = &mut self.data;
-                let r = worker::with_instance(at, |vm| {
+            // A healthy instance goes back to the pool for the next stream.
+            let data = &mut self.data;
+            let r = worker::finish_lease(at, |vm| {
+                if slot.ctx != 0 {
                     if log && !slot.skipped {
                         vm.run(slot.ctx, data, Callback::Log)?;
                     }
                     vm.run(slot.ctx, data, Callback::Done)?;
                     vm.run(slot.ctx, data, Callback::Delete)?;
-                    Ok(())
-                });
-                if let Err(f) = r {
-                    tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream");
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) | Err(Failure::ContextLost) => {}
+                Err(f) => {
+                    tracing::debug!(filter = %self.name(pos), error = %f, "filter failed while ending a stream")
                 }
             }
-            // A healthy instance goes back to the pool for the next stream.
-            worker::give_back(at);
         }
     }
 }

@@ -980,9 +980,29 @@ pub(crate) fn with_instance<R>(
     r.unwrap_or(Err(Failure::ContextLost))
 }
 
-/// Ends a lease taken with [`lease`] / [`lease_now`].
-pub(crate) fn give_back(at: InstanceRef) {
-    with_pool(at.set_id, at.idx, |p| p.give_back(at.incarnation));
+/// Ends a lease taken with [`lease`] / [`lease_now`]: runs `f` (the last
+/// callbacks) on the instance and gives it back to the pool, or discards it
+/// if `f` killed it; one look-up of the pool for both.
+pub(crate) fn finish_lease(
+    at: InstanceRef,
+    f: impl FnOnce(&mut Vm) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let r = with_pool(at.set_id, at.idx, |p| {
+        let Some(inst) = p
+            .insts
+            .iter_mut()
+            .find(|i| i.vm.incarnation == at.incarnation)
+        else {
+            return Err(Failure::ContextLost);
+        };
+        let r = f(&mut inst.vm);
+        match &r {
+            Err(e) if e.kills_vm() => p.discard(at.incarnation, e),
+            _ => p.give_back(at.incarnation),
+        }
+        r
+    });
+    r.unwrap_or(Err(Failure::ContextLost))
 }
 
 /// A callout answer for a stream instance whose stream is gone, or for a

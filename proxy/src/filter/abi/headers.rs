@@ -14,7 +14,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use wasmtime::Caller;
 
-use super::memory::{self, copy_out, HostResult};
+use super::memory::{self, copy_out, copy_out_with, HostResult};
 use super::{fail_request, Status};
 use crate::filter::host::{map_usage, Host, ReqHead, RespHead};
 use crate::filter::metrics::Limit;
@@ -112,40 +112,52 @@ pub(crate) fn serialized_bound(count: usize, bytes: usize) -> usize {
         .saturating_add(4)
 }
 
-/// Pseudo headers of a request head, in the order Envoy shows them.
-fn req_pseudo(req: &ReqHead, scheme: &str) -> [(&'static str, Vec<u8>); 4] {
-    let path = req
-        .uri
+/// `:authority`: the URI's authority, else the Host header.
+pub(crate) fn authority(req: &ReqHead) -> String {
+    String::from_utf8_lossy(authority_bytes(req)).into_owned()
+}
+
+/// [`authority`], borrowed from the head.
+fn authority_bytes(req: &ReqHead) -> &[u8] {
+    if let Some(a) = req.uri.authority() {
+        return a.as_str().as_bytes();
+    }
+    req.headers
+        .get(HOST)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default()
+}
+
+fn path_bytes(req: &ReqHead) -> &[u8] {
+    req.uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/")
         .as_bytes()
-        .to_vec();
-    [
-        (":authority", authority(req).into_bytes()),
-        (":path", path),
-        (":method", req.method.as_str().as_bytes().to_vec()),
-        (":scheme", scheme.as_bytes().to_vec()),
-    ]
 }
 
-/// `:authority`: the URI's authority, else the Host header.
-pub(crate) fn authority(req: &ReqHead) -> String {
-    if let Some(a) = req.uri.authority() {
-        return a.as_str().to_string();
-    }
-    req.headers
-        .get(HOST)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default()
+/// Pseudo headers of a request head, in the order Envoy shows them,
+/// borrowed from the head (nothing is built to read them).
+fn req_pseudo<'a>(req: &'a ReqHead, scheme: &'static str) -> [(&'static [u8], &'a [u8]); 4] {
+    [
+        (b":authority", authority_bytes(req)),
+        (b":path", path_bytes(req)),
+        (b":method", req.method.as_str().as_bytes()),
+        (b":scheme", scheme.as_bytes()),
+    ]
 }
 
 fn header_pairs(h: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
     h.iter().map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
 }
 
-/// Serialized view of a map, or `None` if the map does not exist now.
-fn serialized(h: &Host, map: i32) -> Option<Vec<u8>> {
+/// Runs `f` over the pairs of `map` as the guest sees them (borrowed from
+/// the host state), or `None` if the map does not exist now.
+fn with_pairs<'h, R>(
+    h: &'h Host,
+    map: i32,
+    f: impl FnOnce(&mut dyn Iterator<Item = (&'h [u8], &'h [u8])>) -> R,
+) -> Option<R> {
     match map {
         CALL_RESPONSE_HEADERS
         | CALL_RESPONSE_TRAILERS
@@ -157,9 +169,9 @@ fn serialized(h: &Host, map: i32) -> Option<Vec<u8>> {
             } else {
                 &a.trailers
             };
-            Some(serialize(
-                list.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())),
-            ))
+            Some(f(&mut list
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_slice()))))
         }
         _ => {
             let s = h.stream()?;
@@ -167,30 +179,66 @@ fn serialized(h: &Host, map: i32) -> Option<Vec<u8>> {
                 REQUEST_HEADERS => {
                     let req = s.req.as_ref()?;
                     let pseudo = req_pseudo(req, s.info.scheme);
-                    let it = pseudo
-                        .iter()
-                        .map(|(k, v)| (k.as_bytes(), v.as_slice()))
-                        .chain(header_pairs(&req.headers));
-                    Some(serialize(it))
+                    Some(f(&mut pseudo.into_iter().chain(header_pairs(&req.headers))))
                 }
                 RESPONSE_HEADERS => {
                     let resp = s.resp.as_ref()?;
-                    let status = resp.status.as_str().as_bytes().to_vec();
-                    let it = std::iter::once((&b":status"[..], status.as_slice()))
-                        .chain(header_pairs(&resp.headers));
-                    Some(serialize(it))
+                    let status = resp.status.as_str().as_bytes();
+                    Some(f(&mut std::iter::once((&b":status"[..], status))
+                        .chain(header_pairs(&resp.headers))))
                 }
-                REQUEST_TRAILERS => Some(serialize(header_pairs(s.req_trailers.as_ref()?))),
-                RESPONSE_TRAILERS => Some(serialize(header_pairs(s.resp_trailers.as_ref()?))),
+                REQUEST_TRAILERS => Some(f(&mut header_pairs(s.req_trailers.as_ref()?))),
+                RESPONSE_TRAILERS => Some(f(&mut header_pairs(s.resp_trailers.as_ref()?))),
                 _ => None,
             }
         }
     }
 }
 
-/// Value of one key (first value), or `None`.
-fn value(h: &Host, map: i32, key: &str) -> Option<Vec<u8>> {
-    let key = key.to_ascii_lowercase();
+/// Length of the ABI serialization of `pairs`.
+fn serialized_len<'a>(pairs: &mut dyn Iterator<Item = (&'a [u8], &'a [u8])>) -> usize {
+    pairs.fold(4usize, |n, (k, v)| {
+        n.saturating_add(k.len().saturating_add(v.len()).saturating_add(10))
+    })
+}
+
+/// Writes the ABI serialization of the `count` pairs of `pairs` into
+/// `dst`, which must be exactly [`serialized_len`] long: the index at the
+/// front and the data after it, in one pass. `None` if they do not fit.
+fn serialize_into<'a>(
+    pairs: &mut dyn Iterator<Item = (&'a [u8], &'a [u8])>,
+    count: usize,
+    dst: &mut [u8],
+) -> Option<()> {
+    fn put(dst: &mut [u8], at: &mut usize, bytes: &[u8]) -> Option<()> {
+        let end = at.checked_add(bytes.len())?;
+        dst.get_mut(*at..end)?.copy_from_slice(bytes);
+        *at = end;
+        Some(())
+    }
+    let mut index = 0;
+    put(dst, &mut index, &u32::try_from(count).ok()?.to_le_bytes())?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    let mut written = 0;
+    for (k, v) in pairs {
+        put(dst, &mut index, &u32::try_from(k.len()).ok()?.to_le_bytes())?;
+        put(dst, &mut index, &u32::try_from(v.len()).ok()?.to_le_bytes())?;
+        put(dst, &mut data, k)?;
+        put(dst, &mut data, &[0])?;
+        put(dst, &mut data, v)?;
+        put(dst, &mut data, &[0])?;
+        written += 1;
+    }
+    (written == count && data == dst.len()).then_some(())
+}
+
+/// Value of one key (first value), borrowed from the host state, or
+/// `None`. Keys match case-insensitively; nothing is serialized or copied.
+fn value<'h>(h: &'h Host, map: i32, key: &[u8]) -> Option<&'h [u8]> {
+    let plain = |m: &'h HeaderMap| -> Option<&'h [u8]> {
+        // `HeaderMap::get` lower-cases the name itself (no allocation).
+        m.get(std::str::from_utf8(key).ok()?).map(|v| v.as_bytes())
+    };
     match map {
         CALL_RESPONSE_HEADERS
         | CALL_RESPONSE_TRAILERS
@@ -203,41 +251,34 @@ fn value(h: &Host, map: i32, key: &str) -> Option<Vec<u8>> {
                 &a.trailers
             };
             list.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(&key))
-                .map(|(_, v)| v.clone())
+                .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.as_slice())
         }
         _ => {
             let s = h.stream()?;
             match map {
                 REQUEST_HEADERS => {
                     let req = s.req.as_ref()?;
-                    if key.starts_with(':') {
+                    if key.starts_with(b":") {
                         return req_pseudo(req, s.info.scheme)
                             .into_iter()
-                            .find(|(k, _)| *k == key)
+                            .find(|(k, _)| k.eq_ignore_ascii_case(key))
                             .map(|(_, v)| v);
                     }
-                    req.headers.get(key.as_str()).map(|v| v.as_bytes().to_vec())
+                    plain(&req.headers)
                 }
                 RESPONSE_HEADERS => {
                     let resp = s.resp.as_ref()?;
-                    if key == ":status" {
-                        return Some(resp.status.as_str().as_bytes().to_vec());
+                    if key.eq_ignore_ascii_case(b":status") {
+                        return Some(resp.status.as_str().as_bytes());
                     }
-                    resp.headers
-                        .get(key.as_str())
-                        .map(|v| v.as_bytes().to_vec())
+                    if key.starts_with(b":") {
+                        return None;
+                    }
+                    plain(&resp.headers)
                 }
-                REQUEST_TRAILERS => s
-                    .req_trailers
-                    .as_ref()?
-                    .get(key.as_str())
-                    .map(|v| v.as_bytes().to_vec()),
-                RESPONSE_TRAILERS => s
-                    .resp_trailers
-                    .as_ref()?
-                    .get(key.as_str())
-                    .map(|v| v.as_bytes().to_vec()),
+                REQUEST_TRAILERS => plain(s.req_trailers.as_ref()?),
+                RESPONSE_TRAILERS => plain(s.resp_trailers.as_ref()?),
                 _ => None,
             }
         }
@@ -310,14 +351,16 @@ fn grows_past(before: (usize, usize), after: (usize, usize), caps: Caps) -> Opti
     None
 }
 
-fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8], caps: Caps) -> Result<(), Limit> {
-    match key {
-        ":method" => {
+fn set_pseudo_req(req: &mut ReqHead, key: &[u8], value: &[u8], caps: Caps) -> Result<(), Limit> {
+    let is = |name: &str| key.eq_ignore_ascii_case(name.as_bytes());
+    if is(":method") {
+        {
             if let Ok(m) = Method::from_bytes(value) {
                 req.method = m;
             }
         }
-        ":path" => {
+    } else if is(":path") {
+        {
             if value.len() > caps.bytes {
                 return Err(Limit::HeaderBytes);
             }
@@ -329,8 +372,9 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8], caps: Caps) -> Res
                 }
             }
         }
-        ":authority" => {
-            apply_plain(&mut req.headers, Op::Replace, "host", value, caps)?;
+    } else if is(":authority") {
+        {
+            apply_plain(&mut req.headers, Op::Replace, b"host", value, caps)?;
             if req.uri.authority().is_some() {
                 if let Ok(a) = Authority::try_from(value) {
                     let mut parts = req.uri.clone().into_parts();
@@ -341,7 +385,6 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8], caps: Caps) -> Res
                 }
             }
         }
-        _ => {}
     }
     Ok(())
 }
@@ -349,12 +392,14 @@ fn set_pseudo_req(req: &mut ReqHead, key: &str, value: &[u8], caps: Caps) -> Res
 fn apply_plain(
     h: &mut HeaderMap,
     op: Op,
-    key: &str,
+    key: &[u8],
     value: &[u8],
     caps: Caps,
 ) -> Result<(), Limit> {
-    let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
-        tracing::debug!(key, "filter used an invalid header name; ignored");
+    // `from_bytes` lower-cases the name.
+    let Ok(name) = HeaderName::from_bytes(key) else {
+        let key = String::from_utf8_lossy(key);
+        tracing::debug!(%key, "filter used an invalid header name; ignored");
         return Ok(());
     };
     if op == Op::Remove {
@@ -362,6 +407,7 @@ fn apply_plain(
         return Ok(());
     }
     let Ok(v) = HeaderValue::from_bytes(value) else {
+        let key = name.as_str();
         tracing::debug!(key, "filter used an invalid header value; ignored");
         return Ok(());
     };
@@ -390,36 +436,36 @@ fn apply_plain(
     r.map_err(|_| Limit::Headers)
 }
 
-fn apply(m: &mut MapMut<'_>, op: Op, key: &str, value: &[u8], caps: Caps) -> Result<(), Limit> {
-    let key = key.to_ascii_lowercase();
+fn apply(m: &mut MapMut<'_>, op: Op, key: &[u8], value: &[u8], caps: Caps) -> Result<(), Limit> {
+    let pseudo = key.first() == Some(&b':');
     match m {
         MapMut::Req(req) => {
-            if key.starts_with(':') {
+            if pseudo {
                 if op != Op::Remove {
-                    set_pseudo_req(req, &key, value, caps)?;
+                    set_pseudo_req(req, key, value, caps)?;
                 }
                 Ok(())
             } else {
-                apply_plain(&mut req.headers, op, &key, value, caps)
+                apply_plain(&mut req.headers, op, key, value, caps)
             }
         }
         MapMut::Resp(resp) => {
-            if key == ":status" {
+            if key.eq_ignore_ascii_case(b":status") {
                 if op != Op::Remove {
                     if let Ok(s) = StatusCode::from_bytes(value) {
                         resp.status = s;
                     }
                 }
                 Ok(())
-            } else if !key.starts_with(':') {
-                apply_plain(&mut resp.headers, op, &key, value, caps)
+            } else if !pseudo {
+                apply_plain(&mut resp.headers, op, key, value, caps)
             } else {
                 Ok(())
             }
         }
         MapMut::Plain(h) => {
-            if !key.starts_with(':') {
-                apply_plain(h, op, &key, value, caps)
+            if !pseudo {
+                apply_plain(h, op, key, value, caps)
             } else {
                 Ok(())
             }
@@ -446,18 +492,28 @@ fn limit_detail(limit: Limit, caps: Caps) -> String {
 
 // === host functions ===
 
+/// The map is serialized straight into the guest's allocation: the guest's
+/// allocator runs between sizing and filling, and should it (perversely)
+/// change the map through a host call, the guest gets zeroes, not a panic.
 pub(crate) fn get_pairs(
     c: &mut Caller<'_, Host>,
     map: i32,
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let bytes = serialized(c.data(), map).unwrap_or_default();
-    copy_out(c, &bytes, ptr_out, len_out)
+    let Some(len) = with_pairs(c.data(), map, serialized_len) else {
+        return copy_out(c, &[], ptr_out, len_out);
+    };
+    copy_out_with(c, len, ptr_out, len_out, |h, dst| {
+        let count = with_pairs(h, map, |p| p.count()).unwrap_or(0);
+        if with_pairs(h, map, |p| serialize_into(p, count, dst)).flatten() != Some(()) {
+            dst.fill(0);
+        }
+    })
 }
 
 pub(crate) fn get_size(c: &mut Caller<'_, Host>, map: i32, size_out: i32) -> HostResult {
-    let n = serialized(c.data(), map).map(|b| b.len()).unwrap_or(0);
+    let n = with_pairs(c.data(), map, serialized_len).unwrap_or(0);
     Ok(match memory::write_u32(c, size_out, n as u32) {
         Ok(()) => Status::Ok,
         Err(s) => s,
@@ -513,7 +569,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
             } else {
                 Op::Add
             };
-            if let Err(limit) = apply(&mut m, op, k, v, unbounded) {
+            if let Err(limit) = apply(&mut m, op, k.as_bytes(), v, unbounded) {
                 result = Err(limit);
                 break;
             }
@@ -534,15 +590,36 @@ pub(crate) fn get_value(
     len_out: i32,
 ) -> HostResult {
     let max = c.data().plugin.limits.header_bytes.max(64 << 10);
-    let key = match memory::read_at_most(c, key_ptr, key_len, max) {
-        Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
-        Ok(None) => return Ok(Status::NotFound),
-        Err(s) => return Ok(s),
+    // The key is copied (the guest's allocator may move its memory), on
+    // the stack for the usual short names.
+    let mut stack = [0u8; 128];
+    let heap;
+    let key: &[u8] = if key_len as u32 as usize <= stack.len() {
+        let Some(k) = stack.get_mut(..key_len as u32 as usize) else {
+            return Ok(Status::NotFound);
+        };
+        match memory::slice_mut(c, key_ptr, key_len) {
+            Ok(src) => k.copy_from_slice(src),
+            Err(s) => return Ok(s),
+        }
+        k
+    } else {
+        heap = match memory::read_at_most(c, key_ptr, key_len, max) {
+            Ok(Some(k)) => k,
+            Ok(None) => return Ok(Status::NotFound),
+            Err(s) => return Ok(s),
+        };
+        &heap
     };
-    match value(c.data(), map, &key) {
-        Some(v) => copy_out(c, &v, ptr_out, len_out),
-        None => Ok(Status::NotFound),
-    }
+    let Some(len) = value(c.data(), map, key).map(<[u8]>::len) else {
+        return Ok(Status::NotFound);
+    };
+    copy_out_with(c, len, ptr_out, len_out, |h, dst| {
+        match value(h, map, key) {
+            Some(v) if v.len() == dst.len() => dst.copy_from_slice(v),
+            _ => dst.fill(0),
+        }
+    })
 }
 
 fn edit(
@@ -555,34 +632,51 @@ fn edit(
     vl: i32,
 ) -> HostResult {
     let caps = Caps::of(c.data(), map);
-    let key = match memory::read_at_most(c, kp, kl, caps.bytes) {
-        Ok(Some(k)) => String::from_utf8_lossy(&k).into_owned(),
-        // No header has so long a name: nothing to remove, too much to add.
-        Ok(None) if op == Op::Remove => return Ok(Status::Ok),
-        Ok(None) => {
-            let limit = Limit::HeaderBytes;
-            return Err(fail_request(c, limit, &limit_detail(limit, caps)));
-        }
-        Err(s) => return Ok(s),
+    let Some(mem) = c.data().memory else {
+        return Ok(Status::InternalFailure);
     };
-    let value = if op == Op::Remove {
-        Vec::new()
-    } else {
-        match memory::read_at_most(c, vp, vl, caps.bytes) {
-            Ok(Some(v)) => v,
-            Ok(None) => {
-                let limit = Limit::HeaderBytes;
-                return Err(fail_request(c, limit, &limit_detail(limit, caps)));
+    // Key and value are read in place: the guest's memory and the host
+    // state are borrowed side by side, and only the header map keeps a copy.
+    let outcome = {
+        let (data, host) = mem.data_and_store_mut(&mut *c);
+        let range = |p: i32, l: i32| {
+            let start = p as u32 as usize;
+            start
+                .checked_add(l as u32 as usize)
+                .and_then(|end| data.get(start..end))
+        };
+        let Some(key) = range(kp, kl) else {
+            return Ok(Status::InvalidMemoryAccess);
+        };
+        if key.len() > caps.bytes {
+            // No header has so long a name: nothing to remove, too much to add.
+            if op == Op::Remove {
+                return Ok(Status::Ok);
             }
-            Err(s) => return Ok(s),
+            Err(Limit::HeaderBytes)
+        } else {
+            let value: &[u8] = if op == Op::Remove {
+                &[]
+            } else {
+                match range(vp, vl) {
+                    Some(v) => v,
+                    None => return Ok(Status::InvalidMemoryAccess),
+                }
+            };
+            if value.len() > caps.bytes {
+                Err(Limit::HeaderBytes)
+            } else {
+                match map_mut(host, map) {
+                    Some(mut m) => apply(&mut m, op, key, value, caps),
+                    None => Ok(()),
+                }
+            }
         }
     };
-    if let Some(mut m) = map_mut(c.data_mut(), map) {
-        if let Err(limit) = apply(&mut m, op, &key, &value, caps) {
-            return Err(fail_request(c, limit, &limit_detail(limit, caps)));
-        }
+    match outcome {
+        Ok(()) => Ok(Status::Ok),
+        Err(limit) => Err(fail_request(c, limit, &limit_detail(limit, caps))),
     }
-    Ok(Status::Ok)
 }
 
 pub(crate) fn add(
@@ -625,6 +719,32 @@ mod unit {
         assert_eq!(back[1].0, ":path");
         assert_eq!(back[1].1, b"/x");
         assert_eq!(back[2].1, b"");
+    }
+
+    #[test]
+    fn serialized_in_place_matches_serialize() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![(b":status", b"200"), (b"x", b""), (b"k", b"vv")];
+        let want = serialize(pairs.iter().copied());
+        assert_eq!(serialized_len(&mut pairs.iter().copied()), want.len());
+        let mut dst = vec![0xffu8; want.len()];
+        assert_eq!(
+            serialize_into(&mut pairs.iter().copied(), pairs.len(), &mut dst),
+            Some(())
+        );
+        assert_eq!(dst, want);
+        // A map that changed size between sizing and filling is refused.
+        let mut short = vec![0u8; want.len() - 1];
+        assert_eq!(
+            serialize_into(&mut pairs.iter().copied(), pairs.len(), &mut short),
+            None
+        );
+    }
+
+    #[test]
+    fn header_map_get_ignores_case() {
+        let mut h = HeaderMap::new();
+        h.insert("x-seen", HeaderValue::from_static("1"));
+        assert_eq!(h.get("X-Seen").map(|v| v.as_bytes()), Some(&b"1"[..]));
     }
 
     #[test]

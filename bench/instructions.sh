@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Instructions per request of wasp's worker thread, with 0, 1 and 4 copies
+# of the benchmark filter (tests/wasm/add-headers: adds one request and two
+# response headers, community proxy-wasm SDK), counted by callgrind.
+# Instruction counts do not depend on how busy the machine is, so unlike
+# wall-clock numbers they compare across runs and sessions on a shared box.
+#
+# Per binary and chain length: wasp (one worker) runs under callgrind;
+# WARMUP requests warm it up, counters are zeroed, REQUESTS sequential
+# keep-alive GETs are sent (bench/seq_client.py, one connection), counters
+# are dumped. The figure is the worker thread's instructions over REQUESTS
+# (the thread with the most instructions in the window; the epoch ticker
+# and idle threads are not counted). Kernel work is not counted.
+#
+#   bench/instructions.sh                          # target/release/wasp
+#   bench/instructions.sh old=path/a new=path/b    # side by side, one run
+#   bench/instructions.sh cl=WASP_WASM_COMPILER=cranelift@path/b   # with env
+#   REQUESTS=2000 WARMUP=200 CHAINS="0 1 4" PROFILE=1 bench/instructions.sh
+#   BUILD=0 ...                  # do not (re)build the demo app first
+#
+# PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
+# prints the top functions (inclusive) of each one with callgrind_annotate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+REQUESTS=${REQUESTS:-2000}
+WARMUP=${WARMUP:-200}
+CHAINS=${CHAINS:-"0 1 4"}
+PROFILE=${PROFILE:-0}
+out="$root/target/bench-instructions"
+mkdir -p "$out/filters.d"
+command -v valgrind >/dev/null || {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind
+}
+
+bins=("$@")
+[ ${#bins[@]} -gt 0 ] || bins=("wasp=$root/target/release/wasp")
+
+[ "${BUILD:-1}" = 0 ] || cargo build -q --release -p demo-app
+[ -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm ] ||
+  WASP_BUILD_ASSEMBLYSCRIPT=0 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
+cp -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm "$out/filters.d/add-headers.wasm"
+
+UP=127.0.0.1:18380
+PORT=18381
+ADMIN=127.0.0.1:18391
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+DEMO_THREADS=1 "$root/target/release/demo-app" upstream "$UP" 2>/dev/null & pids+=($!)
+
+config() { # config N LABEL -> path (each label its own module cache)
+  local n=$1 f="$out/$2/wasp-$1.toml"
+  local pipeline
+  mkdir -p "$out/$2"
+  pipeline=$(python3 -c "print(', '.join('\"f%d\"' % i for i in range($n)))")
+  {
+    echo "[proxy]"; echo "workers = 1"; echo "filters_dir = \"$out/filters.d\""
+    echo "[admin]"; echo "bind = \"$ADMIN\""
+    echo "[log]"; echo "level = \"warn\""
+    # limits.instances = 1 keeps the instance pool (and its address-space
+    # reservation) small enough for valgrind; one connection needs one.
+    for i in 0 1 2 3; do
+      echo "[filters.f$i]"; echo "module = \"add-headers.wasm\""
+      echo "[filters.f$i.limits]"; echo "instances = 1"
+    done
+    echo "[[listeners]]"; echo "name = \"bench\""; echo "bind = \"127.0.0.1:$PORT\""; echo "pipeline = [$pipeline]"
+    echo "  [[listeners.routes]]"; echo "  cluster = \"upstream\""
+    echo "[clusters.upstream]"; echo "endpoints = [\"$UP\"]"
+  } > "$f"
+  echo "$f"
+}
+
+# "INSTRUCTIONS FILE" of the busiest thread's dump among files $1*.
+busiest() {
+  python3 - "$@" <<'PY'
+import glob, sys
+best = (0, "")
+for f in glob.glob(sys.argv[1] + "*"):
+    for line in open(f, errors="replace"):
+        if line.startswith(("summary:", "totals:")):
+            best = max(best, (int(line.split()[1]), f))
+            break
+print(*best)
+PY
+}
+
+results="$out/results.tsv"; : > "$results"
+for n in $CHAINS; do
+  for spec in "${bins[@]}"; do
+    label=${spec%%=*}; bin=${spec#*=}; envs=()
+    if [[ $bin == *@* ]]; then read -r -a envs <<<"${bin%@*}"; bin=${bin##*@}; fi
+    cfg=$(config "$n" "$label")
+    run="$out/cg-$label-$n"
+    rm -f "$run".* "$run"-*
+    (cd "$out" && exec env "${envs[@]}" WASP_WASM_POOL_MIN_INSTANCES=1 valgrind -q --tool=callgrind --separate-threads=yes \
+      --dump-instr=no --collect-atstart=yes --callgrind-out-file="$run.%p" \
+      "$bin" run --config "$cfg" 2>"$out/wasp-$label-$n.log") & vg=$!; pids+=($vg)
+    ok=""
+    for _ in $(seq 600); do
+      kill -0 "$vg" 2>/dev/null || break
+      curl -fs "http://$ADMIN/ready" >/dev/null && curl -fs "http://127.0.0.1:$PORT/bench" >/dev/null && { ok=1; break; }
+      sleep 0.5
+    done
+    [ -n "$ok" ] || { echo "wasp ($label, $n filters) did not start under valgrind; see $out/wasp-$label-$n.log" >&2; exit 1; }
+    python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$WARMUP" /bench
+    callgrind_control -z "$vg" >/dev/null
+    rm -f "$run".*
+    python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$REQUESTS" /bench
+    callgrind_control -d "$vg" >/dev/null
+    sleep 1
+    read -r instr dump < <(busiest "$run.")
+    kill "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
+    [ "${instr:-0}" -gt 0 ] || { echo "no callgrind dump for $label, $n filters" >&2; exit 1; }
+    printf '%s\t%s\t%s\n' "$label" "$n" "$instr" >> "$results"
+    if [ "$PROFILE" = 1 ]; then
+      cp "$dump" "$out/profile-$label-$n.callgrind"
+      callgrind_annotate --inclusive=yes --threshold=99 "$dump" 2>/dev/null | head -n 80 > "$out/top-incl-$label-$n.txt" || true
+      callgrind_annotate --threshold=95 "$dump" 2>/dev/null | head -n 80 > "$out/top-self-$label-$n.txt" || true
+    fi
+  done
+done
+
+python3 - "$results" "$REQUESTS" <<'PY'
+import sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
+reqs = int(sys.argv[2])
+per = {}
+labels = []
+for label, n, instr in rows:
+    per[(label, int(n))] = int(instr) / reqs
+    if label not in labels:
+        labels.append(label)
+print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, callgrind)\n")
+print("| build | filters | instr/request | per filter over empty |\n|---|--:|--:|--:|")
+for label in labels:
+    base = per.get((label, 0))
+    for (l, n), v in sorted(per.items()):
+        if l != label:
+            continue
+        extra = f"{(v - base) / n:,.0f}" if base is not None and n > 0 else "-"
+        print(f"| {label} | {n} | {v:,.0f} | {extra} |")
+PY
