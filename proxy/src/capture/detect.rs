@@ -15,7 +15,11 @@
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detection {
-    /// Not enough bytes to tell yet.
+    /// Not enough bytes to tell yet: they are a prefix of an HTTP/1
+    /// request line (after optional empty lines), the h2 preface or a TLS
+    /// ClientHello. A caller that stops waiting must treat this as HTTP,
+    /// never as opaque, or a client could slip HTTP past the HTTP filters
+    /// by sending slowly.
     NeedMore,
     Http1,
     Http2,
@@ -51,6 +55,16 @@ pub fn detect(bytes: &[u8]) -> Detection {
         if *first == 0x16 {
             return tls(bytes);
         }
+    }
+    // HTTP/1 servers skip empty lines before a request line (RFC 9112
+    // 2.2), so CR/LF there must not make a request look opaque.
+    let skip = bytes
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(bytes.len());
+    let bytes = bytes.get(skip..).unwrap_or_default();
+    if bytes.is_empty() {
+        return Detection::NeedMore;
     }
     // The h2 preface starts like an HTTP/1 request line ("PRI * HTTP/2.0"),
     // so it is decided first.
@@ -374,6 +388,15 @@ mod tests {
         );
         assert_eq!(detect(b"get / HTTP/1.1"), Detection::Opaque);
         assert_eq!(detect(b""), Detection::NeedMore);
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_line_are_skipped() {
+        assert_eq!(detect(b"\r\nGET /admin HTTP/1.1\r\n"), Detection::Http1);
+        assert_eq!(detect(b"\r\n\n\r\nPOST / HTTP/1.1"), Detection::Http1);
+        assert_eq!(detect(b"\r\n"), Detection::NeedMore);
+        assert_eq!(detect(b"\r\nGE"), Detection::NeedMore);
+        assert_eq!(detect(b"\r\nSET k v\r\n"), Detection::Opaque);
     }
 
     #[test]

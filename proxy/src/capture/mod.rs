@@ -55,9 +55,13 @@ pub async fn classify(
         return Class::Tcp { sni: None };
     }
     match peek::sniff(stream, l4.detect_timeout).await {
-        Detection::Http1 | Detection::Http2 => Class::Http,
+        // Undecided when time ran out (a slow or split first segment):
+        // HTTP, whose path answers a bad or late request itself. Opaque
+        // here would let "G", a pause, then "ET /admin ..." reach the app
+        // without the HTTP filters.
+        Detection::Http1 | Detection::Http2 | Detection::NeedMore => Class::Http,
         Detection::Tls(hello) => Class::Tcp { sni: hello.sni },
-        Detection::Opaque | Detection::NeedMore => Class::Tcp { sni: None },
+        Detection::Opaque => Class::Tcp { sni: None },
     }
 }
 
@@ -71,4 +75,73 @@ pub fn original_dst(stream: &TcpStream, config: &Config) -> Option<SocketAddr> {
             && (l.bind.ip() == dst.ip() || l.bind.ip().is_unspecified() || dst.ip().is_loopback())
     });
     (!own).then_some(dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (
+            a.unwrap_or_else(|e| panic!("{e}")),
+            b.unwrap_or_else(|e| panic!("{e}")).0,
+        )
+    }
+
+    fn capture() -> L4Config {
+        L4Config {
+            detect_protocol: true,
+            detect_timeout: Duration::from_millis(100),
+            ..L4Config::default()
+        }
+    }
+
+    /// "G", a pause longer than the detection timeout, then the rest of the
+    /// request: still HTTP (the filters see it), never passed through.
+    #[tokio::test]
+    async fn a_request_split_across_the_detect_timeout_stays_http() {
+        let dst = Some(SocketAddr::from(([10, 0, 0, 9], 8080)));
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"G")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let class = classify(&server, dst, &capture()).await;
+        assert_eq!(class, Class::Http);
+        client
+            .write_all(b"ET /admin HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"\r\nGET /admin HTTP/1.1\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(classify(&server, dst, &capture()).await, Class::Http);
+
+        // Silent and non-HTTP clients still go to L4.
+        let (_silent, server) = pair().await;
+        assert_eq!(
+            classify(&server, dst, &capture()).await,
+            Class::Tcp { sni: None }
+        );
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"*1\r\n$4\r\nPING\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            classify(&server, dst, &capture()).await,
+            Class::Tcp { sni: None }
+        );
+    }
 }

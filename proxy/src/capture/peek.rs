@@ -20,31 +20,38 @@ const FIRST: usize = 2048;
 const AGAIN: Duration = Duration::from_millis(5);
 
 /// What the client's first bytes are, waiting at most `limit` for them. A
-/// client that stays silent (server-speaks-first protocols), closes, or
-/// sends something no detector recognises is `Opaque`.
+/// client that stays silent (server-speaks-first protocols), closes before
+/// sending, or sends something no detector recognises is `Opaque`. Bytes
+/// that are still a prefix of HTTP, h2 or TLS when time (or the buffer)
+/// runs out are `NeedMore`, which callers must not take for opaque.
 pub async fn sniff(stream: &TcpStream, limit: Duration) -> Detection {
     let deadline = Instant::now() + limit;
     let mut buf = vec![0u8; FIRST];
+    // Whether some bytes already arrived (all of them undecided so far).
+    let mut partial = false;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
-            // Timed out, closed or failed: nothing more to learn.
-            _ => return Detection::Opaque,
+            // A peek only answers 0 or fails when nothing is queued.
+            Ok(_) => return Detection::Opaque,
+            Err(_) if partial => return Detection::NeedMore,
+            Err(_) => return Detection::Opaque,
         };
+        partial = true;
         let seen = detect(buf.get(..n).unwrap_or_default());
         if seen != Detection::NeedMore {
             return seen;
         }
         if n == buf.len() {
             if buf.len() >= MAX_CLIENT_HELLO + 5 {
-                return Detection::Opaque;
+                return Detection::NeedMore;
             }
             let grown = (buf.len() * 2).min(MAX_CLIENT_HELLO + 5);
             buf.resize(grown, 0);
             continue;
         }
         if Instant::now() + AGAIN >= deadline {
-            return Detection::Opaque;
+            return Detection::NeedMore;
         }
         tokio::time::sleep(AGAIN).await;
     }
@@ -112,5 +119,21 @@ mod tests {
             Detection::Opaque
         );
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_prefix_still_undecided_at_the_deadline_is_not_opaque() {
+        for prefix in [&b"G"[..], b"\r\n", b"PRI * HTTP/2", b"\x16\x03\x01"] {
+            let (mut client, server) = pair().await;
+            client
+                .write_all(prefix)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                sniff(&server, Duration::from_millis(100)).await,
+                Detection::NeedMore,
+                "{prefix:?}"
+            );
+        }
     }
 }
