@@ -176,7 +176,10 @@ impl Plan {
             for port in &self.exclude_inbound_ports {
                 let _ = writeln!(s, "-A WASP_INBOUND -p tcp --dport {port} -j RETURN");
             }
-            s.push_str("-A WASP_INBOUND -p tcp -j WASP_IN_REDIRECT\n");
+            // Only traffic for this host's own addresses: a packet routed
+            // through (the pod as someone's gateway) must not be redirected
+            // into the proxy and sent on from there.
+            s.push_str("-A WASP_INBOUND -p tcp -m addrtype --dst-type LOCAL -j WASP_IN_REDIRECT\n");
             s.push_str("-A PREROUTING -p tcp -j WASP_INBOUND\n");
         }
         if self.outbound_port != 0 {
@@ -427,7 +430,11 @@ mod tests {
         }
         assert!(
             at("-A WASP_INBOUND -p tcp --dport 15021 -j RETURN")
-                < at("-A WASP_INBOUND -p tcp -j WASP_IN_REDIRECT")
+                < at("-A WASP_INBOUND -p tcp -m addrtype --dst-type LOCAL -j WASP_IN_REDIRECT")
+        );
+        assert!(
+            !v4.contains("-A WASP_INBOUND -p tcp -j WASP_IN_REDIRECT"),
+            "inbound redirects only local destinations:\n{v4}"
         );
         assert!(v4.contains("-A WASP_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n"));
         assert!(v4.contains("-A WASP_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n"));

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use crate::config::{Config, L4Config};
+use crate::config::{CaptureMode, Config, L4Config};
 use detect::Detection;
 
 /// Which path a captured connection takes.
@@ -65,14 +65,42 @@ pub async fn classify(
     }
 }
 
-/// The connection's original destination, unless it is one of this
+/// Where a connection on a capture listener in `mode` goes when no route
+/// claims it (its original destination), unless that is one of this
 /// proxy's own listeners (sending it there would loop the connection back
 /// into the proxy): such a connection is served as if made directly.
-pub fn original_dst(stream: &TcpStream, config: &Config) -> Option<SocketAddr> {
-    let dst = relay::original_dst(stream)?;
-    let own = config.listeners.iter().any(|l| {
-        l.bind.port() == dst.port()
-            && (l.bind.ip() == dst.ip() || l.bind.ip().is_unspecified() || dst.ip().is_loopback())
+///
+/// Inbound, the destination is this host's address the connection arrived
+/// on (with the original port), never the address the client asked for:
+/// iptables only redirects traffic for local addresses here, and even with
+/// rules that redirect more, the inbound listener cannot become a relay to
+/// other hosts.
+pub fn original_dst(stream: &TcpStream, mode: CaptureMode, config: &Config) -> Option<SocketAddr> {
+    let original = relay::original_dst(stream)?;
+    let local = stream.local_addr().ok()?;
+    destination(
+        mode,
+        original,
+        local,
+        config.listeners.iter().map(|l| l.bind),
+    )
+}
+
+/// [`original_dst`] on plain addresses: `local` is the accepted socket's
+/// address, `binds` the proxy's listener addresses.
+fn destination(
+    mode: CaptureMode,
+    original: SocketAddr,
+    local: SocketAddr,
+    mut binds: impl Iterator<Item = SocketAddr>,
+) -> Option<SocketAddr> {
+    let dst = match mode {
+        CaptureMode::Inbound => SocketAddr::new(local.ip().to_canonical(), original.port()),
+        CaptureMode::Outbound => original,
+    };
+    let own = binds.any(|b| {
+        b.port() == dst.port()
+            && (b.ip() == dst.ip() || b.ip().is_unspecified() || dst.ip().is_loopback())
     });
     (!own).then_some(dst)
 }
@@ -142,6 +170,50 @@ mod tests {
         assert_eq!(
             classify(&server, dst, &capture()).await,
             Class::Tcp { sni: None }
+        );
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    /// Inbound, whatever destination the client asked for, the connection
+    /// goes to this host (the address it arrived on): never to another host.
+    #[test]
+    fn inbound_goes_to_this_host_only() {
+        let local = addr("10.1.2.3:15006");
+        let binds = || [addr("0.0.0.0:15006"), addr("0.0.0.0:15001")].into_iter();
+        assert_eq!(
+            destination(CaptureMode::Inbound, addr("10.1.2.3:8080"), local, binds()),
+            Some(addr("10.1.2.3:8080"))
+        );
+        assert_eq!(
+            destination(
+                CaptureMode::Inbound,
+                addr("93.184.216.34:25"),
+                local,
+                binds()
+            ),
+            Some(addr("10.1.2.3:25"))
+        );
+        // A v4 client on a dual-stack socket: dialled as plain IPv4.
+        assert_eq!(
+            destination(
+                CaptureMode::Inbound,
+                addr("10.1.2.3:8080"),
+                addr("[::ffff:10.1.2.3]:15006"),
+                binds()
+            ),
+            Some(addr("10.1.2.3:8080"))
+        );
+        assert_eq!(
+            destination(
+                CaptureMode::Outbound,
+                addr("93.184.216.34:443"),
+                local,
+                binds()
+            ),
+            Some(addr("93.184.216.34:443"))
         );
     }
 }

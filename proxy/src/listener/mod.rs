@@ -212,7 +212,10 @@ pub async fn serve(job: Serve, worker: Worker) {
         let local = local.unwrap_or(peer);
         if cfg.l4.below_http() {
             // Detection (and TCP routing) run in the connection's own task.
-            let original = crate::capture::original_dst(&stream, &snapshot.config);
+            let original = cfg
+                .l4
+                .capture
+                .and_then(|mode| crate::capture::original_dst(&stream, mode, &snapshot.config));
             let below = BelowHttp {
                 worker: worker.clone(),
                 name: name.clone(),
