@@ -98,9 +98,18 @@ fn destination(
         CaptureMode::Inbound => SocketAddr::new(local.ip().to_canonical(), original.port()),
         CaptureMode::Outbound => original,
     };
+    // A listener on 0.0.0.0/[::] is "own" only for this host's addresses:
+    // loopback, and the address the connection arrived on (a REDIRECT
+    // lands on the incoming interface's primary address). Another host's
+    // same port (other-svc:8080 while wasp listens on 0.0.0.0:8080) is not.
+    let ip = dst.ip().to_canonical();
+    let this_host = ip.is_loopback() || ip == local.ip().to_canonical();
     let own = binds.any(|b| {
+        let bind = b.ip().to_canonical();
         b.port() == dst.port()
-            && (b.ip() == dst.ip() || b.ip().is_unspecified() || dst.ip().is_loopback())
+            && (bind == ip
+                || (bind.is_unspecified() && this_host)
+                || (bind.is_loopback() && ip.is_loopback()))
     });
     (!own).then_some(dst)
 }
@@ -214,6 +223,49 @@ mod tests {
                 binds()
             ),
             Some(addr("93.184.216.34:443"))
+        );
+    }
+
+    /// Only this host's addresses loop back into a listener on 0.0.0.0; the
+    /// same port on another host is a destination like any other.
+    #[test]
+    fn own_listeners_are_this_hosts_addresses_only() {
+        let binds = || {
+            [
+                addr("0.0.0.0:8080"),
+                addr("0.0.0.0:15001"),
+                addr("10.1.2.3:9000"),
+            ]
+            .into_iter()
+        };
+        let local = addr("127.0.0.1:15001");
+        let out = |dst: &str, local: SocketAddr| {
+            destination(CaptureMode::Outbound, addr(dst), local, binds())
+        };
+        assert_eq!(
+            out("10.9.9.9:8080", local),
+            Some(addr("10.9.9.9:8080")),
+            "other-svc:8080"
+        );
+        assert_eq!(out("127.0.0.1:8080", local), None);
+        assert_eq!(out("[::1]:8080", local), None);
+        assert_eq!(out("10.1.2.3:9000", local), None);
+        assert_eq!(out("10.9.9.9:9000", local), Some(addr("10.9.9.9:9000")));
+        // Redirected from outside: arrives on the pod's address.
+        assert_eq!(out("10.1.2.3:8080", addr("10.1.2.3:15001")), None);
+        assert_eq!(
+            out("[::ffff:10.1.2.3]:15001", addr("[::ffff:10.1.2.3]:15001")),
+            None
+        );
+        // Inbound to the inbound port itself: served directly.
+        assert_eq!(
+            destination(
+                CaptureMode::Inbound,
+                addr("10.1.2.3:15001"),
+                addr("10.1.2.3:15001"),
+                binds()
+            ),
+            None
         );
     }
 }
