@@ -116,7 +116,10 @@ pub async fn proxy(
                 .map(|(_, s)| s.clone());
             (tcp.route.name.clone(), c, stats)
         }
-        None if conn.original_dst.is_some() => (
+        // Only a capture listener passes unclaimed connections on: a
+        // `tcp` listener behind a host's own REDIRECT (443 -> 8443) would
+        // otherwise dial the original destination and loop into itself.
+        None if cfg.l4.capture.is_some() && conn.original_dst.is_some() => (
             Arc::from(crate::route::PASSTHROUGH_NAME),
             PASSTHROUGH,
             runtime.tcp_passthrough.clone(),
