@@ -29,15 +29,23 @@ const CHUNK: usize = 16 * 1024;
 /// `None` for a connection made to this address directly.
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
+    // An IPv4 connection on a dual-stack ([::]) socket has a v4-mapped
+    // local address, and its NAT entry is an IPv4 one.
+    let local = canonical(local);
     let sock = socket2::SockRef::from(stream);
     let addr = if local.is_ipv4() {
         sock.original_dst()
     } else {
         sock.original_dst_ipv6()
     };
-    let addr = addr.ok()?.as_socket()?;
+    let addr = canonical(addr.ok()?.as_socket()?);
     // Without a NAT entry the kernel answers with the local address.
     (addr != local).then_some(addr)
+}
+
+/// `addr` with a v4-mapped IPv6 address as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Why a relay ended.
@@ -353,5 +361,28 @@ mod tests {
         let (a, b) = pair().await;
         assert_eq!(original_dst(&a), None);
         assert_eq!(original_dst(&b), None);
+        // IPv4 on a dual-stack socket (when the host has IPv6 at all).
+        let Ok(l) = TcpListener::bind("[::]:0").await else {
+            return;
+        };
+        let port = l.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+        let (a, b) = tokio::join!(TcpStream::connect(("127.0.0.1", port)), l.accept());
+        let (Ok(_a), Ok((b, _))) = (a, b) else {
+            return;
+        };
+        assert!(b
+            .local_addr()
+            .is_ok_and(|l| l.ip().to_canonical().is_ipv4() && l.is_ipv6()));
+        assert_eq!(original_dst(&b), None);
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_plain_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(canonical(mapped).is_ipv4());
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(canonical(v6), v6);
     }
 }
