@@ -243,6 +243,38 @@ endpoints = ["{echo}"]
     assert_eq!(count, Some(1.0), "{metrics}");
 }
 
+/// On a listener bound to 0.0.0.0 a connection's destination is the
+/// address it arrived on (here 127.0.0.1), not the wildcard, so a `cidr`
+/// match sees it.
+#[tokio::test]
+async fn a_wildcard_listener_routes_by_the_address_a_connection_arrived_on() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "0.0.0.0:{port}"
+  [[listeners.routes]]
+  match = {{ cidr = "127.0.0.1/32", port = {port} }}
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"ping").await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert_eq!(back, b"ping", "log:\n{}", wasp.log_text());
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {

@@ -209,7 +209,9 @@ pub async fn serve(job: Serve, worker: Worker) {
             _tracker: tracker.clone(),
         };
         let limits = cfg.limits;
-        let local = local.unwrap_or(peer);
+        // The address this connection arrived on: on a listener bound to
+        // 0.0.0.0/[::] that is a real address, not the wildcard.
+        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         if cfg.l4.below_http() {
             // Detection (and TCP routing) run in the connection's own task.
             let original = cfg
