@@ -693,3 +693,73 @@ endpoints = ["127.0.0.1:18443"]
     ns.ok(&[WASP, "iptables", "--cleanup", "--ipv6", "off"]);
     assert_eq!(before, ns.rules(), "--cleanup did not restore the tables");
 }
+
+/// A plain `protocol = "tcp"` listener behind the host's own REDIRECT
+/// (443 -> 8443) is not a capture listener: a connection no route claims is
+/// closed and counted, never passed to its original destination (which
+/// the same rule would send straight back into wasp, over and over).
+#[test]
+fn a_tcp_listener_behind_a_redirect_does_not_pass_through() {
+    let Some(mut ns) = pod() else { return };
+    let dir = TempDir::new("redirect");
+    let config = dir.path().join("wasp.toml");
+    std::fs::write(
+        &config,
+        r#"
+[proxy]
+workers = 1
+
+[admin]
+bind = "127.0.0.1:9901"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "0.0.0.0:8443"
+  [[listeners.routes]]
+  match = { port = 9999 }
+  cluster = "elsewhere"
+
+[clusters.elsewhere]
+endpoints = ["127.0.0.1:9"]
+"#,
+    )
+    .expect("write config");
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut wasp = ns.as_uid(None, &[WASP, "run", "--config", &config_arg]);
+    wasp.stdout(Stdio::null()).stderr(Stdio::null());
+    ns.spawn(wasp);
+    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+    ns.ok(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.77.0.1",
+        "--dport",
+        "443",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "8443",
+    ]);
+    let py = "import socket; s = socket.create_connection(('10.77.0.1', 443), timeout=5); s.sendall(b'x'); print(len(s.recv(100)))";
+    let out = ns.output(&[PYTHON, "-c", py]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "not closed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    let refused = metric_value(
+        &metrics,
+        "wasp_proxy_errors_total",
+        &["listener=\"tcp\"", "code=\"no_route\""],
+    );
+    assert_eq!(refused, Some(1.0), "{metrics}");
+}
