@@ -172,36 +172,23 @@ impl NetworkFilters {
         if slot.skipped {
             return go;
         }
-        if slot.incarnation == 0 {
-            match worker::lease_now(&self.set, slot.idx) {
-                Ok(inc) => {
-                    if let Some(s) = self.slots.get_mut(pos) {
-                        s.incarnation = inc;
-                    }
-                }
-                Err(f) => return self.fail(pos, &f),
-            }
+        let (mut incarnation, mut ctx) = (slot.incarnation, slot.ctx);
+        let r = worker::run_held(
+            &self.set,
+            slot.idx,
+            &mut incarnation,
+            &mut ctx,
+            &mut self.data,
+            cb,
+        );
+        if let Some(s) = self.slots.get_mut(pos) {
+            s.incarnation = incarnation;
+            s.ctx = ctx;
         }
-        let Some(at) = self.instance(pos) else {
-            return go;
-        };
-        let data = &mut self.data;
-        let r = worker::with_instance(at, |vm| {
-            let ctx = if slot.ctx == 0 {
-                vm.create_context()?
-            } else {
-                slot.ctx
-            };
-            let out = vm.run(ctx, data, cb)?;
-            Ok((ctx, out))
-        });
-        let (ctx, out) = match r {
+        let (at, out) = match r {
             Ok(v) => v,
             Err(f) => return self.fail(pos, &f),
         };
-        if let Some(s) = self.slots.get_mut(pos) {
-            s.ctx = ctx;
-        }
         for c in out.callouts {
             spawn_callout(c, Deliver::Instance(at));
         }

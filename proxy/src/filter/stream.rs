@@ -327,38 +327,24 @@ impl StreamFilters {
         if self.data.is_none() {
             return self.fail(pos, &Failure::ContextLost);
         }
-        if slot.incarnation == 0 {
-            // Not leased in a header phase (which can wait): take what is ready.
-            match worker::lease_now(&self.set, slot.idx) {
-                Ok(inc) => {
-                    if let Some(s) = self.slots.get_mut(pos) {
-                        s.incarnation = inc;
-                    }
-                }
-                Err(f) => return self.fail(pos, &f),
-            }
+        // Not leased in a header phase (which can wait): take what is ready.
+        let (mut incarnation, mut ctx) = (slot.incarnation, slot.ctx);
+        let r = worker::run_held(
+            &self.set,
+            slot.idx,
+            &mut incarnation,
+            &mut ctx,
+            &mut self.data,
+            cb,
+        );
+        if let Some(s) = self.slots.get_mut(pos) {
+            s.incarnation = incarnation;
+            s.ctx = ctx;
         }
-        let Some(at) = self.instance(pos) else {
-            return GO;
-        };
-        let data = &mut self.data;
-        let r = worker::with_instance(at, |vm| {
-            let ctx = if slot.ctx == 0 {
-                vm.create_context()?
-            } else {
-                slot.ctx
-            };
-            // A failed callback discards this instance, and only it.
-            let out = vm.run(ctx, data, cb)?;
-            Ok((ctx, out))
-        });
-        let (ctx, out) = match r {
+        let (at, out) = match r {
             Ok(v) => v,
             Err(f) => return self.fail(pos, &f),
         };
-        if let Some(s) = self.slots.get_mut(pos) {
-            s.ctx = ctx;
-        }
         for c in out.callouts {
             if c.context == ctx {
                 let tx = &self.events.get_or_insert_with(unbounded_channel).0;

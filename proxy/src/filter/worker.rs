@@ -33,10 +33,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
 
 use super::abi::grpc::{self, GrpcEvent};
+use super::host::StreamData;
 use super::host::{CalloutAnswer, CalloutWork, NewCallout};
 use super::plugin::Plugin;
 use super::set::FilterSet;
-use super::vm::{Callback, Failure, Vm, ROOT_ID};
+use super::vm::{Callback, Failure, Outcome, Vm, ROOT_ID};
 
 /// How long a stream waits for an instance being built before its filter's
 /// `fail` policy applies. Start-up callbacks get at least a second each, so
@@ -953,6 +954,40 @@ pub(crate) fn lease_now(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure
         Some(Try::Wait) => Err(Failure::Unavailable("no instance ready".into())),
         None => Err(Failure::Setup("no such filter index".into())),
     }
+}
+
+/// Runs `cb` for filter `idx` of `set` on the instance a stream or a
+/// connection holds: `incarnation` (0: none yet, so one that is ready is
+/// leased now) and its context there, `ctx` (0: created first). Both are
+/// updated in place, so the next callback finds them.
+pub(crate) fn run_held(
+    set: &Arc<FilterSet>,
+    idx: usize,
+    incarnation: &mut u64,
+    ctx: &mut u32,
+    data: &mut Option<Box<StreamData>>,
+    cb: Callback,
+) -> Result<(InstanceRef, Outcome), Failure> {
+    if *incarnation == 0 {
+        *incarnation = lease_now(set, idx)?;
+    }
+    let at = InstanceRef {
+        set_id: set.id,
+        idx,
+        incarnation: *incarnation,
+    };
+    let (id, out) = with_instance(at, |vm| {
+        let id = if *ctx == 0 {
+            vm.create_context()?
+        } else {
+            *ctx
+        };
+        // A failed callback discards this instance, and only it.
+        let out = vm.run(id, data, cb)?;
+        Ok((id, out))
+    })?;
+    *ctx = id;
+    Ok((at, out))
 }
 
 /// Runs `f` on the leased stream instance `at`. A failure that kills the
