@@ -74,6 +74,7 @@ codes! {
     ListenerRemoved = "listener_removed", SERVICE_UNAVAILABLE, "The request arrived on a listener a reload has just removed.";
     StreamIdleTimeout = "stream_idle_timeout", REQUEST_TIMEOUT, "No bytes moved either way on a request's stream for `stream_idle_timeout` (408 before the response started, else the stream is reset).";
     RequestTimeout = "request_timeout", REQUEST_TIMEOUT, "The whole request (head and body) did not arrive within `request_timeout`.";
+    RerouteDenied = "reroute_denied", INTERNAL_SERVER_ERROR, "A filter changed the request so that it matched a route whose filters (or per-route filter configs) did not run on it.";
     // Admin API answers: last, so the listener codes keep their indices.
     AdminForbidden = "admin_forbidden", FORBIDDEN, "The admin API refused the caller (not loopback, no or wrong token, browser-shaped request, or a Host that is not an IP or localhost).";
     AdminNotFound = "admin_not_found", NOT_FOUND, "No such admin endpoint (the probes address serves only /live, /ready and /metrics).";

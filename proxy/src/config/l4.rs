@@ -81,6 +81,7 @@ pub fn passthrough_route() -> RouteConfig {
         rewrite_host: None,
         retry: None,
         allow: None,
+        filters: None,
         site: Default::default(),
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 pub use cluster::{ClusterSettings, Discovery, RetryPolicy};
 pub use l4::{L4Config, TcpMatch};
-pub use route::RouteConfig;
+pub use route::{RouteConfig, RouteFilters};
 pub use schema::{
     Balance, CaptureMode, FailMode, ListenerProtocol, LogFormat, LogLevel, TraceProtocol,
     UpstreamProtocol,
@@ -809,13 +809,19 @@ impl<'a> Validator<'a> {
                 // or `cidr` is a TCP route (for what detection does not
                 // take for HTTP); the others are HTTP routes.
                 let captured_tcp = decl.capture.is_some() && l4::is_tcp_route(r);
+                let tcp = captured_tcp || decl.protocol == ListenerProtocol::Tcp;
+                let filters = self.route_filters(decl, i, r, &pipeline, &file.filters, tcp);
                 match route::validate(i, r, clusters) {
                     Ok(route) if captured_tcp => {
                         capture_routes.push(RouteConfig { site, ..route });
                         capture_matches.push(tcp_match);
                     }
                     Ok(route) => {
-                        routes.push(RouteConfig { site, ..route });
+                        routes.push(RouteConfig {
+                            site,
+                            filters,
+                            ..route
+                        });
                         tcp_matches.push(tcp_match);
                     }
                     Err(e) => {
@@ -888,6 +894,47 @@ impl<'a> Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// A route's own pipeline and filter configs (`route::route_filters`);
+    /// problems are reported here, and the route then runs the listener's.
+    fn route_filters(
+        &mut self,
+        decl: &schema::ListenerDecl,
+        index: usize,
+        r: &schema::RouteDecl,
+        pipeline: &[Arc<str>],
+        declared: &std::collections::BTreeMap<String, schema::FilterDecl>,
+        tcp: bool,
+    ) -> Option<route::RouteFilters> {
+        let set = r.pipeline.is_some() || r.pipeline_append.is_some() || !r.filters.is_empty();
+        if tcp && set {
+            let message = format!(
+                "listener \"{}\", route {}: `pipeline`, `pipeline_append` and `filters` are for HTTP routes (a TCP route's connections run the listener's network filters)",
+                decl.name,
+                index + 1
+            );
+            self.at_route(decl.bind.span().start, index, message);
+            return None;
+        }
+        match route::route_filters(r, pipeline, declared) {
+            Ok(f) => f,
+            Err(problems) => {
+                for e in problems {
+                    let message = format!(
+                        "listener \"{}\", route {}: {}",
+                        decl.name,
+                        index + 1,
+                        e.message
+                    );
+                    match e.span {
+                        Some(span) => self.at(Some(span), message),
+                        None => self.at_route(decl.bind.span().start, index, message),
+                    }
+                }
+                None
+            }
+        }
+    }
+
     /// The listener-wide L4 and capture keys that cannot go together.
     fn l4_listener(&mut self, decl: &schema::ListenerDecl) {
         let name = &decl.name;

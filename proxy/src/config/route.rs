@@ -2,7 +2,7 @@
 //! deadline, retry policy and allow list, validated from the schema.
 //! `route` compiles it into a matcher when a snapshot is built.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use super::cluster::RetryPolicy;
-use super::schema::{RetryDecl, RetryOn, RouteDecl};
+use super::schema::{FilterDecl, RetryDecl, RetryOn, RouteDecl};
 use super::tls::Allow;
 use super::Site;
 
@@ -35,9 +35,23 @@ pub struct RouteConfig {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Who may use this route (`allow`).
     pub allow: Option<Allow>,
+    /// The filters this route runs instead of its listener's (`pipeline`,
+    /// or the listener's plus `pipeline_append`), with per-route configs.
+    /// `None`: the listener's pipeline as it is.
+    pub filters: Option<RouteFilters>,
     /// Where the route is in the file (its `[[listeners.routes]]`), for a
     /// problem found compiling it.
     pub site: Site,
+}
+
+/// A route's own filter chain: names in request order, and the `config`
+/// a filter gets on this route instead of its `[filters.NAME] config`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteFilters {
+    pub pipeline: Vec<Arc<str>>,
+    /// Filter name -> the route's `filters.NAME.config` (every name is in
+    /// `pipeline`).
+    pub configs: BTreeMap<Arc<str>, toml::Value>,
 }
 
 impl RouteConfig {
@@ -229,8 +243,87 @@ pub fn validate(
             None => None,
         },
         allow: decl.allow.as_ref().map(|a| Allow::new(a.get_ref().clone())),
+        filters: None,
         site: Site::default(),
     })
+}
+
+/// The filters of a route: `pipeline` (replaces `listener`'s),
+/// `pipeline_append` (runs after it) and `filters.NAME.config` overrides.
+/// `None` when the route changes nothing. Every problem found, each with
+/// the span of what it is about when the schema keeps one.
+pub fn route_filters(
+    decl: &RouteDecl,
+    listener: &[Arc<str>],
+    declared: &BTreeMap<String, FilterDecl>,
+) -> Result<Option<RouteFilters>, Vec<RouteError>> {
+    let err = |span: Option<Range<usize>>, message: String| RouteError { span, message };
+    let mut problems = Vec::new();
+    if decl.pipeline.is_none() && decl.pipeline_append.is_none() && decl.filters.is_empty() {
+        return Ok(None);
+    }
+    let mut pipeline: Vec<Arc<str>> = match (&decl.pipeline, &decl.pipeline_append) {
+        (Some(p), Some(_)) => {
+            problems.push(err(
+                Some(p.span()),
+                "set either `pipeline` (replaces the listener's) or `pipeline_append` (adds to it), not both".into(),
+            ));
+            listener.to_vec()
+        }
+        (Some(_), None) => Vec::new(),
+        _ => listener.to_vec(),
+    };
+    let own = decl.pipeline.as_ref().or(decl.pipeline_append.as_ref());
+    for f in own.map(|p| p.get_ref().as_slice()).unwrap_or_default() {
+        let name = f.get_ref().as_str();
+        if !declared.contains_key(name) {
+            problems.push(err(
+                Some(f.span()),
+                format!("pipeline names filter \"{name}\", which no [filters.{name}] section declares"),
+            ));
+        } else if pipeline.iter().any(|p| &**p == name) {
+            let why = if decl.pipeline_append.is_some() && listener.iter().any(|p| &**p == name) {
+                "is already in the listener's pipeline"
+            } else {
+                "is named twice"
+            };
+            problems.push(err(
+                Some(f.span()),
+                format!("filter \"{name}\" {why} (a filter runs once per request; per-route settings go in filters.{name}.config)"),
+            ));
+        } else {
+            pipeline.push(Arc::from(name));
+        }
+    }
+    let mut configs = BTreeMap::new();
+    for (name, over) in &decl.filters {
+        let span = Some(over.config.span());
+        if !declared.contains_key(name) {
+            problems.push(err(
+                span,
+                format!("filters.{name}.config: no [filters.{name}] section declares filter \"{name}\""),
+            ));
+        } else if !pipeline.iter().any(|p| **p == **name) {
+            problems.push(err(
+                span,
+                format!("filters.{name}.config: filter \"{name}\" is not in this route's pipeline ({}), so the setting would never be used", list(&pipeline)),
+            ));
+        } else {
+            configs.insert(Arc::from(name.as_str()), over.config.get_ref().clone());
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Some(RouteFilters { pipeline, configs }))
+}
+
+fn list(names: &[Arc<str>]) -> String {
+    if names.is_empty() {
+        return "empty".into();
+    }
+    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    quoted.join(", ")
 }
 
 fn retry_policy(decl: &RetryDecl) -> Result<RetryPolicy, String> {

@@ -443,6 +443,23 @@ pub struct RouteDecl {
     pub allow: Option<Spanned<Vec<String>>>,
     /// Retries of failed tries (replayable requests only).
     pub retry: Option<RetryDecl>,
+    /// Replaces the listener's `pipeline` for requests this route matches
+    /// (by the headers as the client sent them); `[]` runs no filter.
+    pub pipeline: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Runs these filters after the listener's `pipeline` on this route.
+    pub pipeline_append: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Per-filter settings for this route only (`filters.NAME.config`).
+    #[serde(default)]
+    pub filters: BTreeMap<String, RouteFilterDecl>,
+}
+
+/// `filters.NAME` of a route: what changes for that filter on this route.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFilterDecl {
+    /// Replaces `[filters.NAME] config` for this route: the filter gets it
+    /// in a root context of its own (`proxy_on_configure`).
+    pub config: Spanned<toml::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

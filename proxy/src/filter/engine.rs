@@ -399,6 +399,7 @@ impl FilterRuntime {
             shared: Arc::new(PluginShared {
                 name: Arc::from(spec.name.as_str()),
                 config: spec.config.clone(),
+                route_configs: spec.route_configs.clone(),
                 vm_config: spec.vm_config.clone(),
                 shared: shared_data,
                 queues: self.queues.clone(),

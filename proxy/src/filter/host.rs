@@ -202,6 +202,11 @@ pub(crate) struct Host {
     /// `proxy_on_memory_allocate` or `malloc`.
     pub alloc: Option<TypedFunc<u32, u32>>,
     pub root_id: u32,
+    /// Root contexts made for per-route configs: `root_id + 1 ..= root_id + extra_roots`.
+    pub extra_roots: u32,
+    /// Which plugin configuration the running callback's context belongs
+    /// to (0: the filter's own; k: the k-th per-route one).
+    pub config_variant: u32,
     /// Wakes this VM's root driver (none for the validation VM).
     pub root_tx: Option<RootTx>,
     /// Context the guest acts on (`proxy_set_effective_context`).
@@ -234,6 +239,8 @@ impl Host {
             memory: None,
             alloc: None,
             root_id: 0,
+            extra_roots: 0,
+            config_variant: 0,
             root_tx: None,
             effective: 0,
             stream_ctx: 0,
@@ -247,6 +254,16 @@ impl Host {
             metrics: HashMap::new(),
             out_lines: [Vec::new(), Vec::new()],
         }
+    }
+
+    /// The plugin configuration of the running callback's root context.
+    pub(crate) fn plugin_config(&self) -> &Bytes {
+        self.plugin.config_of(self.config_variant)
+    }
+
+    /// Whether `ctx` is one of this VM's root contexts.
+    pub(crate) fn is_root(&self, ctx: u32) -> bool {
+        ctx >= self.root_id && ctx - self.root_id <= self.extra_roots
     }
 
     /// The stream data, if the effective context is the loaded stream.

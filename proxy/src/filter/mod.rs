@@ -92,7 +92,7 @@ use bytes::Bytes;
 
 pub use engine::FilterRuntime;
 pub(crate) use host::Dir;
-pub use set::FilterSet;
+pub use set::{FilterSet, PipelineEntry};
 pub use stream::StreamFilters;
 
 /// What happens to a request when its filter fails (trap, CPU deadline,
@@ -116,6 +116,10 @@ pub struct FilterSpec {
     pub module_path: PathBuf,
     /// Plugin configuration, handed over at `proxy_on_configure`.
     pub config: Bytes,
+    /// Per-route configurations: each gets a root context of its own in
+    /// every instance (ids `ROOT + 1 ..`), configured with it, and the
+    /// streams of a pipeline entry with `config` k + 1 are its children.
+    pub route_configs: Vec<Bytes>,
     /// VM configuration, handed over at `proxy_on_vm_start`.
     pub vm_config: Bytes,
     pub fail: FailPolicy,
@@ -161,6 +165,7 @@ impl FilterSpec {
             name: name.into(),
             module_path: module_path.into(),
             config: Bytes::new(),
+            route_configs: Vec::new(),
             vm_config: Bytes::new(),
             fail: FailPolicy::Closed,
             cpu_limit: Self::DEFAULT_CPU_LIMIT,

@@ -24,6 +24,9 @@ use super::{FailPolicy, FilterSpec, HostLimits, HttpCallouts};
 pub(crate) struct PluginShared {
     pub name: Arc<str>,
     pub config: Bytes,
+    /// Per-route configs (`FilterSpec::route_configs`); config `k` (1..)
+    /// belongs to root context `ROOT_ID + k`.
+    pub route_configs: Vec<Bytes>,
     pub vm_config: Bytes,
     pub shared: Arc<SharedData>,
     pub queues: Arc<SharedQueues>,
@@ -38,6 +41,17 @@ pub(crate) struct PluginShared {
     pub callouts_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Request-body bytes of those callouts (all threads).
     pub callout_bytes_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PluginShared {
+    /// The plugin configuration of config `variant` (0: `[filters.NAME]
+    /// config`; k: the k-th per-route one).
+    pub(crate) fn config_of(&self, variant: u32) -> &Bytes {
+        variant
+            .checked_sub(1)
+            .and_then(|k| self.route_configs.get(k as usize))
+            .unwrap_or(&self.config)
+    }
 }
 
 /// A filter of one generation.

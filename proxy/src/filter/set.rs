@@ -12,6 +12,15 @@ use super::plugin::Plugin;
 use super::stream::StreamFilters;
 use super::StreamInfo;
 
+/// One filter of a route's chain: its name, and which of its configs the
+/// route's streams get (0: `[filters.NAME] config`; k: the k-th of the
+/// filter's per-route configs, `FilterSpec::route_configs[k - 1]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineEntry {
+    pub name: Arc<str>,
+    pub config: u32,
+}
+
 /// An immutable generation of loaded filters.
 pub struct FilterSet {
     pub(crate) id: u64,
@@ -69,10 +78,31 @@ impl FilterSet {
     /// names are skipped with a warning, the core validates them first).
     /// An empty pipeline gives a no-op stream that allocates nothing.
     pub fn stream(self: &Arc<Self>, pipeline: &[Arc<str>], info: StreamInfo) -> StreamFilters {
-        let mut idx = Vec::with_capacity(pipeline.len());
-        for name in pipeline {
+        self.stream_with(pipeline.iter().map(|name| (name, 0)), pipeline.len(), info)
+    }
+
+    /// Starts a stream through a route's own chain: each filter with the
+    /// config its entry names (a per-route one runs in a root context of its
+    /// own on the same instances as the filter's other streams).
+    pub fn route_stream(
+        self: &Arc<Self>,
+        pipeline: &[PipelineEntry],
+        info: StreamInfo,
+    ) -> StreamFilters {
+        let entries = pipeline.iter().map(|e| (&e.name, e.config));
+        self.stream_with(entries, pipeline.len(), info)
+    }
+
+    fn stream_with<'a>(
+        self: &Arc<Self>,
+        entries: impl Iterator<Item = (&'a Arc<str>, u32)>,
+        len: usize,
+        info: StreamInfo,
+    ) -> StreamFilters {
+        let mut idx = Vec::with_capacity(len);
+        for (name, config) in entries {
             match self.by_name.get(&**name) {
-                Some(i) => idx.push(*i),
+                Some(i) => idx.push((*i, config)),
                 None => {
                     tracing::warn!(filter = %name, "pipeline names a filter not in this set; skipped")
                 }

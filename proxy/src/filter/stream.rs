@@ -46,6 +46,9 @@ use crate::errors::ErrorCode;
 struct Slot {
     /// Index of the filter in the set.
     idx: usize,
+    /// Which of the filter's configs this stream's context gets (0: its
+    /// own; k: the k-th per-route one).
+    variant: u32,
     /// Context id in the instance (0 = not created yet).
     ctx: u32,
     /// The leased instance (0 = none leased yet).
@@ -195,14 +198,17 @@ fn order(dir: Dir, n: usize, k: usize) -> usize {
 }
 
 impl StreamFilters {
-    pub(crate) fn new(set: Arc<FilterSet>, idx: Vec<usize>, info: StreamInfo) -> Self {
+    /// A stream through filters `idx` of `set`, each with the config
+    /// variant its context is created under.
+    pub(crate) fn new(set: Arc<FilterSet>, idx: Vec<(usize, u32)>, info: StreamInfo) -> Self {
         let data = (!idx.is_empty()).then(|| Box::new(StreamData::new(info)));
         StreamFilters {
             set,
             slots: idx
                 .into_iter()
-                .map(|idx| Slot {
+                .map(|(idx, variant)| Slot {
                     idx,
+                    variant,
                     ctx: 0,
                     incarnation: 0,
                     skipped: false,
@@ -329,9 +335,10 @@ impl StreamFilters {
         }
         // Not leased in a header phase (which can wait): take what is ready.
         let (mut incarnation, mut ctx) = (slot.incarnation, slot.ctx);
-        let r = worker::run_held(
+        let r = worker::run_held_as(
             &self.set,
             slot.idx,
+            slot.variant,
             &mut incarnation,
             &mut ctx,
             &mut self.data,

@@ -8,6 +8,7 @@
 //! deadline, memory cap, `proc_exit`) makes the whole instance unusable:
 //! the worker drops it (see `worker`). Nothing here awaits.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -218,6 +219,11 @@ pub(crate) struct Vm {
     store: Store<Host>,
     ex: Exports,
     next_ctx: u32,
+    /// First stream context id: after the root contexts.
+    first_ctx: u32,
+    /// Stream contexts that belong to a per-route root context, with its
+    /// config (1..); the others belong to the filter's own root.
+    variants: HashMap<u32, u32>,
     /// Unique across all VMs of the process: a stream's context is valid only
     /// in the incarnation that created it.
     pub incarnation: u64,
@@ -268,6 +274,9 @@ impl Vm {
         store.data_mut().memory = memory;
         store.data_mut().alloc = alloc;
         store.data_mut().root_id = ROOT_ID;
+        // Bounded by the config (one per distinct route override).
+        let extra_roots = u32::try_from(plugin.shared.route_configs.len()).unwrap_or(u32::MAX - 2);
+        store.data_mut().extra_roots = extra_roots;
         store.data_mut().root_tx = root_tx;
         store.data_mut().effective = ROOT_ID;
 
@@ -316,7 +325,9 @@ impl Vm {
             plugin: plugin.clone(),
             store,
             ex,
-            next_ctx: ROOT_ID + 1,
+            next_ctx: ROOT_ID + 1 + extra_roots,
+            first_ctx: ROOT_ID + 1 + extra_roots,
+            variants: HashMap::new(),
             incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
         };
         vm.initialize(&instance)?;
@@ -346,20 +357,44 @@ impl Vm {
         Ok(())
     }
 
-    /// Root context, `proxy_on_vm_start`, `proxy_on_configure`.
+    /// Root context, `proxy_on_vm_start`, `proxy_on_configure`; then the
+    /// same for each per-route config, in a root context of its own (as
+    /// Envoy starts one root context per plugin sharing a VM).
     fn start(&mut self) -> Result<(), Failure> {
+        let extra = self.store.data().extra_roots;
+        for variant in 0..=extra {
+            let root = ROOT_ID.saturating_add(variant);
+            {
+                let h = self.store.data_mut();
+                h.config_variant = variant;
+                h.effective = root;
+            }
+            let r = self.start_root(root, variant);
+            let h = self.store.data_mut();
+            h.config_variant = 0;
+            h.effective = ROOT_ID;
+            r?;
+        }
+        Ok(())
+    }
+
+    fn start_root(&mut self, root: u32, variant: u32) -> Result<(), Failure> {
         let create = self.ex.context_create.clone();
-        self.guard(Phase::Start, |s| create.call(s, (ROOT_ID, 0)))?;
+        self.guard(Phase::Start, |s| create.call(s, (root, 0)))?;
         let vm_config_len = self.plugin.shared.vm_config.len() as u32;
         if let Some(f) = self.ex.vm_start.clone() {
-            if self.guard(Phase::Start, |s| f.call(s, (ROOT_ID, vm_config_len)))? == 0 {
+            if self.guard(Phase::Start, |s| f.call(s, (root, vm_config_len)))? == 0 {
                 return Err(Failure::Rejected("proxy_on_vm_start"));
             }
         }
-        let config_len = self.plugin.shared.config.len() as u32;
+        let config_len = self.plugin.shared.config_of(variant).len() as u32;
         if let Some(f) = self.ex.configure.clone() {
-            if self.guard(Phase::Start, |s| f.call(s, (ROOT_ID, config_len)))? == 0 {
-                return Err(Failure::Rejected("proxy_on_configure"));
+            if self.guard(Phase::Start, |s| f.call(s, (root, config_len)))? == 0 {
+                return Err(Failure::Rejected(if variant == 0 {
+                    "proxy_on_configure"
+                } else {
+                    "proxy_on_configure (with a route's filters.NAME.config)"
+                }));
             }
         }
         Ok(())
@@ -374,13 +409,29 @@ impl Vm {
         self.store.data().tick_period_ms
     }
 
-    /// Creates an HTTP context for a new stream.
-    pub(crate) fn create_context(&mut self) -> Result<u32, Failure> {
+    /// Creates an HTTP context for a new stream, a child of the root
+    /// context of config `variant` (0: the filter's own config).
+    pub(crate) fn create_context(&mut self, variant: u32) -> Result<u32, Failure> {
         let id = self.next_ctx;
-        self.next_ctx = self.next_ctx.wrapping_add(1).max(ROOT_ID + 1);
+        self.next_ctx = self.next_ctx.wrapping_add(1).max(self.first_ctx);
+        let variant = if variant <= self.store.data().extra_roots {
+            variant
+        } else {
+            0
+        };
         let create = self.ex.context_create.clone();
-        self.store.data_mut().effective = id;
-        self.guard(Phase::ContextCreate, |s| create.call(s, (id, ROOT_ID)))?;
+        {
+            let h = self.store.data_mut();
+            h.effective = id;
+            h.config_variant = variant;
+        }
+        if variant != 0 {
+            self.variants.insert(id, variant);
+        }
+        let root = ROOT_ID.saturating_add(variant);
+        let r = self.guard(Phase::ContextCreate, |s| create.call(s, (id, root)));
+        self.store.data_mut().config_variant = 0;
+        r?;
         Ok(id)
     }
 
@@ -398,6 +449,12 @@ impl Vm {
             h.stream_ctx = if h.stream.is_some() { ctx } else { 0 };
             h.effective = ctx;
             h.actions = Actions::default();
+            // Which config `proxy_get_buffer(PLUGIN_CONFIGURATION)` shows.
+            h.config_variant = if self.variants.is_empty() {
+                0
+            } else {
+                self.variants.get(&ctx).copied().unwrap_or(0)
+            };
         }
         let phase = cb.phase();
         let deleting = matches!(cb, Callback::Delete);
@@ -502,7 +559,9 @@ impl Vm {
         let h = self.store.data_mut();
         if deleting {
             grpc::forget_context(h, ctx);
+            self.variants.remove(&ctx);
         }
+        h.config_variant = 0;
         *data = h.stream.take();
         h.stream_ctx = 0;
         h.effective = ROOT_ID;

@@ -968,6 +968,20 @@ pub(crate) fn run_held(
     data: &mut Option<Box<StreamData>>,
     cb: Callback,
 ) -> Result<(InstanceRef, Outcome), Failure> {
+    run_held_as(set, idx, 0, incarnation, ctx, data, cb)
+}
+
+/// [`run_held`] for a stream of a route with its own config of the filter:
+/// its context is created under the root context of config `variant`.
+pub(crate) fn run_held_as(
+    set: &Arc<FilterSet>,
+    idx: usize,
+    variant: u32,
+    incarnation: &mut u64,
+    ctx: &mut u32,
+    data: &mut Option<Box<StreamData>>,
+    cb: Callback,
+) -> Result<(InstanceRef, Outcome), Failure> {
     if *incarnation == 0 {
         *incarnation = lease_now(set, idx)?;
     }
@@ -978,7 +992,7 @@ pub(crate) fn run_held(
     };
     let (id, out) = with_instance(at, |vm| {
         let id = if *ctx == 0 {
-            vm.create_context()?
+            vm.create_context(variant)?
         } else {
             *ctx
         };

@@ -26,6 +26,8 @@ pub enum ProxyError {
     },
     #[error("cluster \"{0}\" is not configured")]
     UnknownCluster(String),
+    #[error("a filter moved the request to route \"{route}\", whose filters did not run on it ({missing}); the filters that run are chosen from the route the client's request matched")]
+    RerouteDenied { route: String, missing: String },
     #[error("cluster \"{0}\" has no endpoint to send to")]
     NoEndpoint(String),
     #[error("cannot connect to {addr} in cluster \"{cluster}\": {reason}")]
@@ -139,6 +141,7 @@ impl ProxyError {
         match self {
             Self::NoRoute { .. } => ErrorCode::NoRoute,
             Self::UnknownCluster(_) => ErrorCode::UnknownCluster,
+            Self::RerouteDenied { .. } => ErrorCode::RerouteDenied,
             Self::NoEndpoint(_) => ErrorCode::NoEndpoint,
             Self::UpstreamConnect { .. } => ErrorCode::UpstreamConnect,
             Self::UpstreamTimeout { .. } => ErrorCode::UpstreamTimeout,

@@ -133,6 +133,8 @@ pub(crate) struct RequestLog {
     pub stats: Option<RequestStats>,
     /// The stream's deadlines, for the h2 watchdog around the response.
     pub clock: Option<Arc<StreamClock>>,
+    /// The filter chain the request runs (`phases::client_chain`).
+    pub filters: Arc<[crate::filter::PipelineEntry]>,
 }
 
 /// Serves one request. Never fails: errors become local responses.
@@ -191,8 +193,11 @@ where
     let request_id = ensure_request_id(req.headers_mut());
     // Spans (when tracing is on) start their clock here.
     let mut trace = crate::telemetry::trace::begin(&req, ctx.peer, ctx.local, ctx.scheme);
-    let chain = start_chain(&req, ctx, &request_id);
-    let mut log = RequestLog::default();
+    let mut log = RequestLog {
+        filters: phases::client_chain(&req, ctx),
+        ..RequestLog::default()
+    };
+    let chain = start_chain(&req, ctx, &request_id, &log.filters);
     let result = phases::forward(req, ctx, chain.as_ref(), trace.as_mut(), &mut log).await;
     let resp = match result {
         Ok(resp) => resp,
@@ -235,14 +240,16 @@ where
     Response::from_parts(parts, body)
 }
 
-/// The request's filter chain, when its listener has a pipeline.
+/// The request's filter chain through `filters` (its route's pipeline, or
+/// its listener's), when that is not empty.
 fn start_chain<B>(
     req: &Request<B>,
     ctx: &Ctx<'_>,
     request_id: &HeaderValue,
+    filters: &[crate::filter::PipelineEntry],
 ) -> Option<SharedChain> {
     let listener = ctx.listener;
-    if listener.pipeline.is_empty() {
+    if filters.is_empty() {
         return None;
     }
     // The same id as the logs and the upstream, even when the client's is
@@ -263,7 +270,7 @@ fn start_chain<B>(
         principal: ctx.principal.cloned(),
     };
     Some(SharedChain::new(
-        ctx.snapshot.filters.stream(&listener.pipeline, info),
+        ctx.snapshot.filters.route_stream(filters, info),
     ))
 }
 

@@ -35,8 +35,9 @@ use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed};
 use super::filtered::{FilteredBody, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
-use crate::filter::Verdict;
+use crate::filter::{PipelineEntry, Verdict};
 use crate::route::Route;
+use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, Upstream};
@@ -159,6 +160,20 @@ pub(super) async fn request_filters(
     }
 }
 
+/// Before phase 2: the filter chain of the route the request matches as
+/// the client sent it (Envoy's route cache), the listener's when none
+/// does. It runs every filter phase of the request, even if the filters
+/// move the request to another route (see [`route`]).
+pub(super) fn client_chain<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Arc<[PipelineEntry]> {
+    let listener = ctx.listener;
+    let host = authority(req.uri(), req.headers()).unwrap_or_default();
+    let index = listener
+        .routes
+        .find(&host, req.uri().path(), req.method(), req.headers())
+        .map(|(i, _)| i);
+    listener.chains.of(index).clone()
+}
+
 /// Phase 3: the route, who may use it, and the cluster it sends to.
 pub(super) fn route<'c>(
     parts: &http::request::Parts,
@@ -167,13 +182,26 @@ pub(super) fn route<'c>(
     log: &mut RequestLog,
 ) -> Result<Routed<'c>, ProxyError> {
     let listener = ctx.listener;
-    let host = authority(parts).unwrap_or_default();
-    let found = listener
-        .routes
-        .find(&host, parts.uri.path(), &parts.method, &parts.headers)
-        .map(|(_, route)| route)
+    let host = authority(&parts.uri, &parts.headers).unwrap_or_default();
+    let (index, found) = match listener.routes.find(
+        &host,
+        parts.uri.path(),
+        &parts.method,
+        &parts.headers,
+    ) {
+        Some((i, route)) => (Some(i), Some(route)),
         // Captured: what no route claims goes where the app sent it.
-        .or_else(|| ctx.original_dst.and(listener.passthrough.as_ref()));
+        None => (None, ctx.original_dst.and(listener.passthrough.as_ref())),
+    };
+    // A filter that moved the request to another route must not have let
+    // it skip that route's filters (e.g. the authz a public route lacks).
+    let wanted = listener.chains.of(index);
+    if !Chains::covers(&log.filters, wanted) {
+        return Err(ProxyError::RerouteDenied {
+            route: found.map_or_else(|| "-".into(), |r| r.name.to_string()),
+            missing: Chains::missing(&log.filters, wanted).join(", "),
+        });
+    }
     let Some(route) = found else {
         return Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
@@ -499,11 +527,11 @@ pub(super) fn check_framing<B>(req: &Request<B>, max_body: u64) -> Result<(), Pr
 
 /// The authority the client addressed: from an absolute-form URI (forward
 /// proxy use), else `:authority`, else `Host`.
-fn authority(req: &http::request::Parts) -> Option<String> {
-    if let Some(a) = req.uri.authority() {
+fn authority(uri: &Uri, headers: &http::HeaderMap) -> Option<String> {
+    if let Some(a) = uri.authority() {
         return Some(a.as_str().to_string());
     }
-    req.headers
+    headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)

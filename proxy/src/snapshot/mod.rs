@@ -83,6 +83,8 @@ pub struct ListenerSnapshot {
     /// Open connections across all workers, for `max_connections`; carried
     /// over to the next generation of a listener of the same name.
     pub open_connections: Arc<AtomicUsize>,
+    /// The filter chain of each route and of the unrouted requests.
+    pub chains: Chains,
 }
 
 impl Deref for ListenerSnapshot {
@@ -374,10 +376,12 @@ impl Snapshot {
 /// requests', and each route's per cluster it may pick.
 fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> ListenerSnapshot {
     let name = &l.config.name;
+    let chains = chains::chains(&l.config, &chains::route_configs(config));
+    let filtered = !chains.listener.is_empty() || chains.routes.iter().any(|c| !c.is_empty());
     let mut routes = l.routes;
     for r in &mut routes {
         // With filters, any cluster may be picked (wasp.cluster).
-        let clusters = if l.config.pipeline.is_empty() {
+        let clusters = if !filtered {
             r.clusters()
         } else {
             (0..config.clusters.len()).collect()
@@ -435,6 +439,7 @@ fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> Liste
         tls: l.tls,
         open_connections: l.open_connections,
         config: l.config,
+        chains,
     }
 }
 
@@ -443,8 +448,10 @@ fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> Liste
 /// a filter's settings can ship (and hot-reload) beside its module.
 pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
     let mut specs = Vec::with_capacity(config.file.filters.len());
+    let mut route_configs = chains::route_configs(config);
     for (name, decl) in &config.file.filters {
         let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
+        spec.route_configs = route_configs.remove(name.as_str()).unwrap_or_default();
         let beside = config.filters_dir.join(format!("{name}.toml"));
         spec.config = match std::fs::read_to_string(&beside) {
             Ok(text) => {
@@ -489,6 +496,9 @@ fn config_bytes(value: Option<&toml::Value>) -> bytes::Bytes {
             .unwrap_or_default(),
     }
 }
+
+mod chains;
+pub use chains::Chains;
 
 #[cfg(test)]
 mod tests;

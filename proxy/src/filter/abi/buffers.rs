@@ -36,7 +36,7 @@ fn buffer(h: &Host, kind: i32) -> Option<&[u8]> {
         }
         CALL_RESPONSE_BODY | GRPC_RECEIVE_BUFFER => h.answer.as_ref().map(|a| &a.body[..]),
         VM_CONFIGURATION => Some(&h.plugin.vm_config[..]),
-        PLUGIN_CONFIGURATION => Some(&h.plugin.config[..]),
+        PLUGIN_CONFIGURATION => Some(&h.plugin_config()[..]),
         _ => None,
     }
 }
@@ -105,7 +105,7 @@ pub(crate) fn get_configuration(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let cfg = c.data().plugin.config.clone();
+    let cfg = c.data().plugin_config().clone();
     copy_out(c, &cfg, ptr_out, len_out)
 }
 

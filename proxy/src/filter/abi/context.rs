@@ -244,7 +244,7 @@ pub(crate) fn get_status(
 pub(crate) fn set_effective_context(c: &mut Caller<'_, Host>, ctx: i32) -> HostResult {
     let h = c.data_mut();
     let ctx = ctx as u32;
-    if ctx == h.root_id || ctx == h.stream_ctx {
+    if h.is_root(ctx) || ctx == h.stream_ctx {
         h.effective = ctx;
     } else {
         tracing::debug!(filter = %h.plugin.name, ctx, "set_effective_context to a context not loaded now");

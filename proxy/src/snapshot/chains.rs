@@ -1,0 +1,109 @@
+//! Per-route filter chains: which filters, with which of their configs, a
+//! request runs, chosen from the route its headers match as the client
+//! sent them (Envoy's route cache), and the check that a filter moving a
+//! request to another route cannot skip that route's filters.
+//!
+//! Each distinct `filters.NAME.config` of the file becomes one per-route
+//! config of filter NAME (`FilterSpec::route_configs`, numbered from 1 in
+//! file order); a chain entry names the filter and that number, so every
+//! route with the same override shares one root context per instance.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::{Config, ListenerConfig};
+use crate::filter::PipelineEntry;
+
+/// A listener's chains: its own `pipeline` (for the requests no route
+/// claims) and each HTTP route's, by route index.
+#[derive(Debug, Default)]
+pub struct Chains {
+    pub listener: Arc<[PipelineEntry]>,
+    /// One per route of the listener's `RouteTable`, in the same order;
+    /// a route without filter settings shares the listener's `Arc`.
+    pub routes: Vec<Arc<[PipelineEntry]>>,
+}
+
+impl Chains {
+    /// The chain of the route at `index` (`None`: no route, the listener's).
+    pub fn of(&self, index: Option<usize>) -> &Arc<[PipelineEntry]> {
+        index
+            .and_then(|i| self.routes.get(i))
+            .unwrap_or(&self.listener)
+    }
+
+    /// Whether running `ran` ran every filter of `wanted` with the same
+    /// config, so a request whose filters rerouted it to `wanted`'s route
+    /// has been through everything that route asks for.
+    pub fn covers(ran: &Arc<[PipelineEntry]>, wanted: &Arc<[PipelineEntry]>) -> bool {
+        Arc::ptr_eq(ran, wanted) || wanted.iter().all(|w| ran.contains(w))
+    }
+
+    /// The filters of `wanted` that `ran` did not run (for the error).
+    pub fn missing(ran: &[PipelineEntry], wanted: &[PipelineEntry]) -> Vec<Arc<str>> {
+        wanted
+            .iter()
+            .filter(|w| !ran.contains(w))
+            .map(|w| w.name.clone())
+            .collect()
+    }
+}
+
+/// Every filter's per-route configs, as the guest receives them (JSON for
+/// a table), distinct, in file order.
+pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
+    let mut out: BTreeMap<Arc<str>, Vec<Bytes>> = BTreeMap::new();
+    let overrides = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.routes.iter())
+        .filter_map(|r| r.filters.as_ref())
+        .flat_map(|f| f.configs.iter());
+    for (name, value) in overrides {
+        let bytes = super::config_bytes(Some(value));
+        let list = out.entry(name.clone()).or_default();
+        if !list.contains(&bytes) {
+            list.push(bytes);
+        }
+    }
+    out
+}
+
+/// The chains of listener `l`, numbering configs as `configs` does.
+pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> Chains {
+    let own = |name: &Arc<str>| PipelineEntry {
+        name: name.clone(),
+        config: 0,
+    };
+    let listener: Arc<[PipelineEntry]> = l.pipeline.iter().map(own).collect();
+    let routes = l
+        .routes
+        .iter()
+        .map(|r| match &r.filters {
+            None => listener.clone(),
+            Some(f) => f
+                .pipeline
+                .iter()
+                .map(|name| {
+                    let config = f
+                        .configs
+                        .get(name)
+                        .and_then(|v| {
+                            let bytes = super::config_bytes(Some(v));
+                            let list = configs.get(name)?;
+                            let k = list.iter().position(|b| *b == bytes)?;
+                            u32::try_from(k).ok()?.checked_add(1)
+                        })
+                        .unwrap_or(0);
+                    PipelineEntry {
+                        name: name.clone(),
+                        config,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Chains { listener, routes }
+}
