@@ -1,0 +1,279 @@
+//! Per-route filter pipelines through the real binary: a route's own
+//! `pipeline` (replace), `pipeline_append` (extend) and
+//! `filters.NAME.config` (a per-route config in a root context of its own,
+//! on the same instances), chosen from the route the client's request
+//! matched; a filter that reroutes a request cannot skip the filters of the
+//! route it lands on; reload swaps a route's chain; a trap on one route
+//! leaves the others serving.
+//!
+//! The fixture is `headers` (tests/wasm/headers): each filter declared from
+//! it adds the request headers its config names, so the upstream (which
+//! echoes the headers it got) shows which filters ran, with which config.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::upstream::TestUpstream;
+use support::*;
+
+const TARGET: &str = "wasm32-wasip1";
+
+/// `[filters.NAME]` of the headers fixture adding `header: value` to requests.
+fn adds(name: &str, header: &str, value: &str) -> String {
+    format!(
+        "[filters.{name}]\nmodule = \"headers.wasm\"\nconfig = {{ request = {{ add = {{ {header} = \"{value}\" }} }} }}\n"
+    )
+}
+
+/// The filters and clusters every test here uses, then `listener`.
+fn config(listener: &str, app: SocketAddr) -> String {
+    format!(
+        "[proxy]\nworkers = 1\n\n{}{}{}[filters.trap]\nmodule = \"isolation.wasm\"\n\n{listener}\n[clusters.app]\nendpoints = [\"{app}\"]\n",
+        adds("x", "x-ran-x", "base"),
+        adds("y", "x-ran-y", "1"),
+        adds("z", "x-ran-z", "1"),
+    )
+}
+
+/// The listener of the pipeline test: its own pipeline is `["z"]`.
+fn routes_listener(port: u16, route_a_pipeline: &str) -> String {
+    format!(
+        r#"[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["z"]
+  [[listeners.routes]]
+  name = "a"
+  match = {{ prefix = "/a" }}
+  cluster = "app"
+  pipeline = [{route_a_pipeline}]
+  [[listeners.routes]]
+  name = "b"
+  match = {{ prefix = "/b" }}
+  cluster = "app"
+  pipeline = ["x", "y"]
+  [[listeners.routes]]
+  name = "c"
+  match = {{ prefix = "/c" }}
+  cluster = "app"
+  pipeline_append = ["x"]
+  filters.x.config = {{ request = {{ add = {{ x-ran-x = "override" }} }} }}
+  [[listeners.routes]]
+  name = "d"
+  match = {{ prefix = "/d" }}
+  cluster = "app"
+  [[listeners.routes]]
+  name = "guarded"
+  match = {{ prefix = "/open", headers = {{ x-ran-z = "1" }} }}
+  cluster = "app"
+  pipeline_append = ["y"]
+  [[listeners.routes]]
+  name = "open"
+  match = {{ prefix = "/open" }}
+  cluster = "app"
+  pipeline = ["z"]
+  [[listeners.routes]]
+  name = "after-z"
+  match = {{ prefix = "/u", headers = {{ x-ran-z = "1" }} }}
+  cluster = "app"
+"#
+    )
+}
+
+/// Which of the test filters ran on a request the upstream echoed, as
+/// `x=<value>,y,z` (absent ones left out).
+fn ran(r: &Answer) -> String {
+    let mut out = Vec::new();
+    for line in r.body.lines() {
+        if let Some(v) = line.strip_prefix("x-ran-x: ") {
+            out.push(format!("x={v}"));
+        }
+    }
+    if r.body.lines().any(|l| l == "x-ran-y: 1") {
+        out.push("y".into());
+    }
+    if r.body.lines().any(|l| l == "x-ran-z: 1") {
+        out.push("z".into());
+    }
+    out.join(",")
+}
+
+async fn get_with(
+    client: &TestClient,
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = http::Request::get(format!("http://{proxy}{path}")).header("host", "app");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(client, req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_pipelines_replace_extend_override_and_guard_reroutes() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    let wasp = Wasp::start_in(
+        dir,
+        &config(&routes_listener(port, r#""x""#), app.addr),
+        &[],
+    );
+    let proxy = loopback(port);
+    let client = h1_client();
+
+    // Replace, replace with two, extend with a per-route config, default.
+    for (path, want) in [
+        ("/a", "x=base"),
+        ("/b", "x=base,y"),
+        ("/c", "x=override,z"),
+        ("/d", "z"),
+        // Again, interleaved: the override stays on its route only.
+        ("/a", "x=base"),
+        ("/c", "x=override,z"),
+    ] {
+        let r = get(&client, proxy, "app", path).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}\n{}", wasp.log_text());
+        assert_eq!(ran(&r), want, "{path}: {}", r.body);
+    }
+
+    // No route matches as sent: the listener's pipeline runs, and its
+    // filter's header then routes the request (to a route without filter
+    // settings, so nothing is skipped).
+    let r = get(&client, proxy, "app", "/u/1").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(ran(&r), "z", "{}", r.body);
+
+    // Matched "open" (pipeline ["z"]) as sent; z's header then makes it
+    // match "guarded", whose "y" did not run: refused, not skipped.
+    let before = app.requests();
+    let r = get(&client, proxy, "app", "/open").await;
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.header("x-wasp-error"), Some("reroute_denied"), "{r:?}");
+    assert!(
+        r.body.contains("\"guarded\"") && r.body.contains('y'),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.requests(), before, "a refused reroute goes nowhere");
+    // Sent to "guarded" directly: its whole chain runs.
+    let r = get_with(&client, proxy, "/open", &[("x-ran-z", "1")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(ran(&r), "y,z", "{}", r.body);
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["code=\"reroute_denied\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The per-route config is a root context in the filter's instances,
+    // not instances of its own: x (two configs) has as many instances as
+    // y (one), on this one worker serving one request at a time.
+    let (status, filters) = wasp.admin_get("/filters");
+    assert_eq!(status, 200, "{filters}");
+    let list: serde_json::Value = serde_json::from_str(&filters).unwrap();
+    let created = |name: &str| {
+        list.as_array()
+            .and_then(|l| l.iter().find(|f| f["name"] == name))
+            .map(|f| f["instances"]["created"].clone())
+    };
+    assert!(created("x").is_some(), "{filters}");
+    assert_eq!(created("x"), created("y"), "{filters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_a_routes_pipeline() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    let wasp = Wasp::start_in(
+        dir,
+        &config(&routes_listener(port, r#""x""#), app.addr),
+        &[],
+    );
+    let proxy = loopback(port);
+    let client = h1_client();
+    let r = get(&client, proxy, "app", "/a").await;
+    assert_eq!(ran(&r), "x=base", "{}", r.body);
+
+    let text = format!(
+        "[admin]\nbind = \"{}\"\n\n{}",
+        wasp.admin,
+        config(&routes_listener(port, r#""y", "z""#), app.addr)
+    );
+    std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
+    wasp.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&client, proxy, "app", "/a").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        if ran(&r) == "y,z" {
+            break;
+        }
+        assert_eq!(ran(&r), "x=base", "old or new chain only: {}", r.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied:\n{}",
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other routes kept theirs (the override too).
+    let r = get(&client, proxy, "app", "/c").await;
+    assert_eq!(ran(&r), "x=override,z", "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_on_one_route_leaves_the_others_serving() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    // "t" runs the trapping filter (x-trap: 1 makes it panic) and x with a
+    // per-route config; "s" runs x with its own config, in the same
+    // instances.
+    let listener = format!(
+        r#"[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  name = "t"
+  match = {{ prefix = "/t" }}
+  cluster = "app"
+  pipeline = ["trap", "x"]
+  filters.x.config = {{ request = {{ add = {{ x-ran-x = "t" }} }} }}
+  [[listeners.routes]]
+  name = "s"
+  match = {{ prefix = "/s" }}
+  cluster = "app"
+  pipeline = ["x"]
+"#
+    );
+    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    for round in 0..3 {
+        let r = get_with(&client, proxy, "/t", &[("x-trap", "1")]).await;
+        assert_eq!(r.status, 503, "round {round}: {r:?}");
+        assert_eq!(r.header("x-wasp-error"), Some("filter_failed"), "{r:?}");
+        let r = get(&client, proxy, "app", "/s").await;
+        assert_eq!(r.status, 200, "round {round}: {r:?}\n{}", wasp.log_text());
+        assert_eq!(ran(&r), "x=base", "round {round}: {}", r.body);
+        let r = get(&client, proxy, "app", "/t").await;
+        assert_eq!(r.status, 200, "round {round}: {r:?}");
+        assert_eq!(ran(&r), "x=t", "round {round}: {}", r.body);
+    }
+    // Without a route, no filter (the listener has no pipeline).
+    let r = get_with(&client, proxy, "/nowhere", &[("x-trap", "1")]).await;
+    assert_eq!(r.header("x-wasp-error"), Some("no_route"), "{r:?}");
+}
