@@ -264,11 +264,10 @@ pub fn route_filters(
     }
     let mut pipeline: Vec<Arc<str>> = match (&decl.pipeline, &decl.pipeline_append) {
         (Some(p), Some(_)) => {
-            problems.push(err(
+            return Err(vec![err(
                 Some(p.span()),
                 "set either `pipeline` (replaces the listener's) or `pipeline_append` (adds to it), not both".into(),
-            ));
-            listener.to_vec()
+            )]);
         }
         (Some(_), None) => Vec::new(),
         _ => listener.to_vec(),
@@ -279,7 +278,9 @@ pub fn route_filters(
         if !declared.contains_key(name) {
             problems.push(err(
                 Some(f.span()),
-                format!("pipeline names filter \"{name}\", which no [filters.{name}] section declares"),
+                format!(
+                    "pipeline names filter \"{name}\", which no [filters.{name}] section declares"
+                ),
             ));
         } else if pipeline.iter().any(|p| &**p == name) {
             let why = if decl.pipeline_append.is_some() && listener.iter().any(|p| &**p == name) {
@@ -301,7 +302,9 @@ pub fn route_filters(
         if !declared.contains_key(name) {
             problems.push(err(
                 span,
-                format!("filters.{name}.config: no [filters.{name}] section declares filter \"{name}\""),
+                format!(
+                    "filters.{name}.config: no [filters.{name}] section declares filter \"{name}\""
+                ),
             ));
         } else if !pipeline.iter().any(|p| **p == **name) {
             problems.push(err(

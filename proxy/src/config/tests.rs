@@ -560,3 +560,149 @@ endpoints = ["127.0.0.1:1"]
     assert!(has("is built in"), "{text:#?}");
     assert!(p.iter().all(|p| p.line > 0), "{text:#?}");
 }
+
+const ROUTE_FILTERS_HEAD: &str = r#"
+[filters.authz]
+module = "authz.wasm"
+[filters.trace]
+module = "trace.wasm"
+[filters.extra]
+module = "extra.wasm"
+[clusters.app]
+endpoints = ["127.0.0.1:1"]
+
+[[listeners]]
+name = "in"
+bind = "127.0.0.1:2"
+pipeline = ["trace", "authz"]
+"#;
+
+#[test]
+fn route_pipelines_and_filter_configs_parse() {
+    let text = format!(
+        r#"{ROUTE_FILTERS_HEAD}
+  [[listeners.routes]]
+  match = {{ prefix = "/public" }}
+  cluster = "app"
+  pipeline = ["trace"]
+  [[listeners.routes]]
+  match = {{ prefix = "/extra" }}
+  cluster = "app"
+  pipeline_append = ["extra"]
+  filters.authz.config = {{ mode = "strict" }}
+  [[listeners.routes]]
+  match = {{ prefix = "/none" }}
+  cluster = "app"
+  pipeline = []
+  [[listeners.routes]]
+  cluster = "app"
+"#
+    );
+    let c = parse_ok(&text);
+    let routes = &c.listeners[0].routes;
+    let names = |i: usize| -> Option<Vec<String>> {
+        let f = routes[i].filters.as_ref()?;
+        Some(f.pipeline.iter().map(|n| n.to_string()).collect())
+    };
+    assert_eq!(names(0), Some(vec!["trace".to_string()]));
+    assert_eq!(
+        names(1),
+        Some(vec!["trace".into(), "authz".into(), "extra".into()])
+    );
+    let configs = &routes[1].filters.as_ref().unwrap().configs;
+    assert_eq!(
+        configs.get("authz").and_then(|v| v.get("mode")),
+        Some(&toml::Value::String("strict".into()))
+    );
+    assert_eq!(names(2), Some(vec![]), "an empty pipeline is explicit");
+    assert_eq!(routes[3].filters, None, "no settings: the listener's");
+}
+
+#[test]
+fn route_pipeline_problems_have_positions() {
+    let text = format!(
+        r#"{ROUTE_FILTERS_HEAD}
+  [[listeners.routes]]
+  cluster = "app"
+  pipeline = ["ghost"]
+  [[listeners.routes]]
+  cluster = "app"
+  pipeline = ["trace"]
+  pipeline_append = ["extra"]
+  [[listeners.routes]]
+  cluster = "app"
+  pipeline_append = ["authz"]
+  [[listeners.routes]]
+  cluster = "app"
+  pipeline = ["trace"]
+  filters.authz.config = {{ mode = "strict" }}
+  [[listeners.routes]]
+  cluster = "app"
+  filters.nobody.config = "x"
+  [[listeners.routes]]
+  cluster = "app"
+  filters.authz.confg = "x"
+"#
+    );
+    let p = problems(&text);
+    let all: Vec<String> = p
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
+    // The misspelt key is a parse error: it is reported alone.
+    assert_eq!(p.len(), 1, "{all:#?}");
+    assert!(
+        all[0].starts_with("35:") && all[0].contains("confg"),
+        "{all:#?}"
+    );
+
+    let text = text.replace("filters.authz.confg = \"x\"", "");
+    let p = problems(&text);
+    let all: Vec<String> = p
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
+    assert_eq!(p.len(), 5, "{all:#?}");
+    let want = [
+        ("18:15 ", "route 1: pipeline names filter \"ghost\""),
+        ("21:14 ", "route 2: set either `pipeline`"),
+        (
+            "25:22 ",
+            "filter \"authz\" is already in the listener's pipeline",
+        ),
+        (
+            "29:26 ",
+            "filter \"authz\" is not in this route's pipeline (\"trace\")",
+        ),
+        ("32:27 ", "no [filters.nobody] section"),
+    ];
+    for (i, (at, what)) in want.iter().enumerate() {
+        assert!(
+            all[i].starts_with(at) && all[i].contains(what),
+            "{i}: want {at}{what}: {all:#?}"
+        );
+    }
+}
+
+#[test]
+fn tcp_routes_take_no_pipeline() {
+    let text = r#"
+[filters.audit]
+module = "audit.wasm"
+[clusters.db]
+endpoints = ["127.0.0.1:1"]
+[[listeners]]
+name = "db"
+protocol = "tcp"
+bind = "127.0.0.1:2"
+  [[listeners.routes]]
+  cluster = "db"
+  pipeline = ["audit"]
+"#;
+    let p = problems(text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].line == 10 && p[0].message.contains("are for HTTP routes"),
+        "{p:?}"
+    );
+}

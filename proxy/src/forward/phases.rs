@@ -183,16 +183,15 @@ pub(super) fn route<'c>(
 ) -> Result<Routed<'c>, ProxyError> {
     let listener = ctx.listener;
     let host = authority(&parts.uri, &parts.headers).unwrap_or_default();
-    let (index, found) = match listener.routes.find(
-        &host,
-        parts.uri.path(),
-        &parts.method,
-        &parts.headers,
-    ) {
-        Some((i, route)) => (Some(i), Some(route)),
-        // Captured: what no route claims goes where the app sent it.
-        None => (None, ctx.original_dst.and(listener.passthrough.as_ref())),
-    };
+    let (index, found) =
+        match listener
+            .routes
+            .find(&host, parts.uri.path(), &parts.method, &parts.headers)
+        {
+            Some((i, route)) => (Some(i), Some(route)),
+            // Captured: what no route claims goes where the app sent it.
+            None => (None, ctx.original_dst.and(listener.passthrough.as_ref())),
+        };
     // A filter that moved the request to another route must not have let
     // it skip that route's filters (e.g. the authz a public route lacks).
     let wanted = listener.chains.of(index);

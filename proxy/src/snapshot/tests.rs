@@ -190,3 +190,67 @@ fn a_route_that_fails_to_compile_points_at_the_route() {
     assert_eq!(at, vec![(5, 3)], "{err}");
     assert!(err.problems[0].message.contains("invalid regex"), "{err}");
 }
+
+#[test]
+fn routes_with_the_same_filter_config_share_one_root_context() {
+    let c = parsed(
+        r#"
+[filters.authz]
+module = "authz.wasm"
+config = { mode = "audit" }
+[filters.trace]
+module = "trace.wasm"
+[clusters.app]
+endpoints = ["127.0.0.1:1"]
+[[listeners]]
+name = "in"
+bind = "127.0.0.1:2"
+pipeline = ["trace", "authz"]
+  [[listeners.routes]]
+  match = { prefix = "/a" }
+  cluster = "app"
+  filters.authz.config = { mode = "strict" }
+  [[listeners.routes]]
+  match = { prefix = "/b" }
+  cluster = "app"
+  pipeline = ["authz"]
+  filters.authz.config = { mode = "off" }
+  [[listeners.routes]]
+  match = { prefix = "/c" }
+  cluster = "app"
+  filters.authz.config = { mode = "strict" }
+  [[listeners.routes]]
+  cluster = "app"
+"#,
+    );
+    let specs = filter_specs(&c).unwrap();
+    let authz = specs.iter().find(|s| s.name == "authz").unwrap();
+    assert_eq!(
+        authz.route_configs,
+        vec![
+            bytes::Bytes::from(r#"{"mode":"strict"}"#),
+            bytes::Bytes::from(r#"{"mode":"off"}"#)
+        ]
+    );
+    assert_eq!(authz.config, bytes::Bytes::from(r#"{"mode":"audit"}"#));
+    let chains = chains::chains(&c.listeners[0], &chains::route_configs(&c));
+    let of = |i: usize| -> Vec<(String, u32)> {
+        chains.routes[i]
+            .iter()
+            .map(|e| (e.name.to_string(), e.config))
+            .collect()
+    };
+    let entry = |n: &str, k: u32| (n.to_string(), k);
+    assert_eq!(of(0), vec![entry("trace", 0), entry("authz", 1)]);
+    assert_eq!(of(1), vec![entry("authz", 2)]);
+    assert_eq!(of(2), of(0), "the same config, the same root context");
+    assert!(Arc::ptr_eq(&chains.routes[3], &chains.listener));
+    // Moving from /c's chain to /a's skips nothing; from the listener's
+    // to /a's would run authz with the wrong config.
+    assert!(Chains::covers(&chains.routes[2], &chains.routes[0]));
+    assert!(!Chains::covers(&chains.listener, &chains.routes[0]));
+    assert_eq!(
+        Chains::missing(&chains.listener, &chains.routes[1]),
+        vec![Arc::<str>::from("authz")]
+    );
+}
