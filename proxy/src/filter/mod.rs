@@ -46,7 +46,12 @@
 //! gRPC calls and streams (`proxy_grpc_*`) go to a cluster over HTTP/2
 //! through [`HttpCallouts::open`] (see `abi::grpc`). Foreign functions:
 //! `clear_route_cache` answers OK (routing runs after the request-header
-//! callbacks anyway), any other name NOT_FOUND. Shared queues are
+//! callbacks anyway; the per-route chain stays), any other name NOT_FOUND.
+//!
+//! Per-route configs (`FilterSpec::route_configs`) are extra root contexts
+//! in every instance of the filter (ids `ROOT_ID + k`), each configured at
+//! start-up; a stream of a route with one is created under it
+//! ([`PipelineEntry::config`]), so no route needs instances of its own. Shared queues are
 //! process-wide, keyed by filter name + queue name; an enqueue wakes the
 //! latest registrant's `proxy_on_queue_ready` on its own worker.
 //!

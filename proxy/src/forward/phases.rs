@@ -3,7 +3,10 @@
 //! 1. [`precheck`]: framing the proxy refuses, the stream's deadlines, the
 //!    listener's allow list;
 //! 2. [`request_filters`]: the request-header filters, before routing so
-//!    they can steer it;
+//!    they can steer it; which filters is decided before, by
+//!    [`client_chain`] (the route the request matches as sent, Envoy's
+//!    route cache), and [`route`] refuses a final route whose filters did
+//!    not run;
 //! 3. [`route`]: the route, its allow list, the cluster (or a filter's
 //!    override);
 //! 4. the upstream request: [`admit_and_pick`] (circuit breakers, then the
