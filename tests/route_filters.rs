@@ -277,3 +277,57 @@ bind = "127.0.0.1:{port}"
     let r = get_with(&client, proxy, "/nowhere", &[("x-trap", "1")]).await;
     assert_eq!(r.header("x-wasp-error"), Some("no_route"), "{r:?}");
 }
+
+#[test]
+fn check_shows_route_chains_and_a_refused_route_config_stops_the_start() {
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    let admin = free_port();
+    let app = loopback(free_port());
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:{admin}\"\n\n{}",
+        config(&routes_listener(port, r#""x""#), app)
+    );
+    let path = dir.path().join("wasp.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("route b -> app  pipeline: [x, y]"), "{out}");
+    assert!(out.contains("route c -> app  pipeline: [z, x*]"), "{out}");
+    assert!(out.contains("route d -> app\n"), "{out}");
+
+    // The headers fixture refuses a configuration that is not JSON: a
+    // route's config is checked at load like the filter's own.
+    let bad = text.replace(
+        "filters.x.config = { request = { add = { x-ran-x = \"override\" } } }",
+        "filters.x.config = \"not json\"",
+    );
+    assert_ne!(bad, text);
+    std::fs::write(&path, &bad).unwrap();
+    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+    let mut child = std::process::Command::new(WASP)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wasp started with a refused route config");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("filter \"x\"") && err.contains("with a route's filters.NAME.config"),
+        "{err}"
+    );
+}

@@ -226,7 +226,21 @@ pub fn summary(compiled: &Compiled) -> String {
             },
             pipeline.join(", ")
         );
-        for r in &l.routes {
+        for (i, r) in l.routes.iter().enumerate() {
+            // A route's own chain; a filter with a per-route config is
+            // marked `*`.
+            let own = l.config.routes.get(i).and_then(|rc| rc.filters.as_ref());
+            let chain = own.map_or(String::new(), |f| {
+                let names: Vec<String> = f
+                    .pipeline
+                    .iter()
+                    .map(|n| match f.configs.contains_key(n) {
+                        true => format!("{n}*"),
+                        false => n.to_string(),
+                    })
+                    .collect();
+                format!("  pipeline: [{}]", names.join(", "))
+            });
             let clusters: Vec<&str> = r
                 .clusters()
                 .iter()
@@ -237,7 +251,12 @@ pub fn summary(compiled: &Compiled) -> String {
                     config.clusters.get(*c).map(|c| &*c.name)
                 })
                 .collect();
-            let _ = writeln!(out, "    route {} -> {}", r.name, clusters.join(" | "));
+            let _ = writeln!(
+                out,
+                "    route {} -> {}{chain}",
+                r.name,
+                clusters.join(" | ")
+            );
         }
         for r in &l.l4.tcp_routes {
             let clusters: Vec<&str> = r

@@ -169,6 +169,9 @@ pub(super) async fn request_filters(
 /// move the request to another route (see [`route`]).
 pub(super) fn client_chain<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Arc<[PipelineEntry]> {
     let listener = ctx.listener;
+    if !listener.chains.per_route {
+        return listener.chains.listener.clone();
+    }
     let host = authority(req.uri(), req.headers()).unwrap_or_default();
     let index = listener
         .routes

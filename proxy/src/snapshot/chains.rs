@@ -24,6 +24,9 @@ pub struct Chains {
     /// One per route of the listener's `RouteTable`, in the same order;
     /// a route without filter settings shares the listener's `Arc`.
     pub routes: Vec<Arc<[PipelineEntry]>>,
+    /// Some route has a chain of its own (else the lookup before the
+    /// filters can be skipped: every request runs the listener's).
+    pub per_route: bool,
 }
 
 impl Chains {
@@ -105,5 +108,10 @@ pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> C
                 .collect(),
         })
         .collect();
-    Chains { listener, routes }
+    let per_route = l.routes.iter().any(|r| r.filters.is_some());
+    Chains {
+        listener,
+        routes,
+        per_route,
+    }
 }
