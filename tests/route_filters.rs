@@ -331,3 +331,61 @@ fn check_shows_route_chains_and_a_refused_route_config_stops_the_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_config_steers_a_filters_callouts() {
+    let app = TestUpstream::start("app").await;
+    let authz = TestUpstream::start("authz").await;
+    let strict = TestUpstream::start("strict").await;
+    let dir = with_fixtures(TARGET, &["callout"]);
+    let port = free_port();
+    // The callout fixture asks the cluster its config names; "/strict"
+    // gives it another one. The listener's pipeline has it everywhere.
+    let config = format!(
+        r#"[proxy]
+workers = 1
+[filters.authz]
+module = "callout.wasm"
+config = "authz"
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["authz"]
+  [[listeners.routes]]
+  match = {{ prefix = "/strict" }}
+  cluster = "app"
+  filters.authz.config = "strict"
+  [[listeners.routes]]
+  cluster = "app"
+[clusters.app]
+endpoints = ["{}"]
+[clusters.authz]
+endpoints = ["{}"]
+[clusters.strict]
+endpoints = ["{}"]
+"#,
+        app.addr, authz.addr, strict.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    for (path, user, status, via_strict) in [
+        ("/", "alice", 200, false),
+        ("/strict", "alice", 200, true),
+        ("/strict", "mallory", 403, true),
+        ("/", "mallory", 403, false),
+        ("/strict/x", "alice", 200, true),
+    ] {
+        let (a, s) = (authz.requests(), strict.requests());
+        let r = get_with(&client, proxy, path, &[("x-user", user)]).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{path} {user}: {r:?}\n{}",
+            wasp.log_text()
+        );
+        let asked = (authz.requests() - a, strict.requests() - s);
+        let want = if via_strict { (0, 1) } else { (1, 0) };
+        assert_eq!(asked, want, "{path} {user}: callouts to (authz, strict)");
+    }
+}

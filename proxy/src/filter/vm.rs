@@ -435,6 +435,17 @@ impl Vm {
         Ok(id)
     }
 
+    /// The root context `ctx` belongs to (itself for a root): SDKs that
+    /// keep callouts per root context (the Go SDK) look them up by the id
+    /// a callout answer names.
+    fn root_of(&self, ctx: u32) -> u32 {
+        if self.store.data().is_root(ctx) {
+            return ctx;
+        }
+        let variant = self.variants.get(&ctx).copied().unwrap_or(0);
+        ROOT_ID.saturating_add(variant)
+    }
+
     /// Runs one callback on context `ctx`, with `data` (if any) readable by
     /// host functions for its duration. `data` is always given back.
     pub(crate) fn run(
@@ -486,7 +497,7 @@ impl Vm {
                     let nb = answer.body.len() as u32;
                     let nt = answer.trailers.len() as u32;
                     self.store.data_mut().answer = Some(answer);
-                    let root = ROOT_ID;
+                    let root = self.root_of(ctx);
                     let r = self.guard(phase, |s| f.call(s, (root, token, nh, nb, nt)));
                     self.store.data_mut().answer = None;
                     r.map(|()| 0)
@@ -506,7 +517,7 @@ impl Vm {
                     match f {
                         Some(f) => {
                             self.store.data_mut().answer = Some(answer);
-                            let root = ROOT_ID;
+                            let root = self.root_of(ctx);
                             let r = self.guard(phase, |s| f.call(s, (root, token, n)));
                             self.store.data_mut().answer = None;
                             r.map(|()| 0)
