@@ -412,13 +412,15 @@ impl Vm {
     /// Creates an HTTP context for a new stream, a child of the root
     /// context of config `variant` (0: the filter's own config).
     pub(crate) fn create_context(&mut self, variant: u32) -> Result<u32, Failure> {
+        if variant > self.store.data().extra_roots {
+            // Chains and instances come from one config, so this is a bug;
+            // the filter's own config instead could be a laxer one.
+            return Err(Failure::Unavailable(format!(
+                "no per-route config {variant} in this instance"
+            )));
+        }
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.wrapping_add(1).max(self.first_ctx);
-        let variant = if variant <= self.store.data().extra_roots {
-            variant
-        } else {
-            0
-        };
         let create = self.ex.context_create.clone();
         {
             let h = self.store.data_mut();
