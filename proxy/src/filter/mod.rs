@@ -85,6 +85,8 @@ mod worker;
 mod tests;
 #[cfg(test)]
 mod tests_abi;
+#[cfg(test)]
+mod tests_routes;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,86 @@
+//! Per-route configs in the engine: a stream of a route with its own
+//! config of a filter gets it from a root context of its own, on the same
+//! instances as the filter's other streams (tests/route_filters.rs drives
+//! the same through the binary).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::Request;
+
+use super::*;
+
+struct NoCallouts;
+
+impl HttpCallouts for NoCallouts {
+    fn call(
+        &self,
+        _cluster: &str,
+        _req: http::Request<Bytes>,
+        _timeout: std::time::Duration,
+    ) -> Option<CalloutFuture> {
+        None
+    }
+}
+
+fn info() -> StreamInfo {
+    StreamInfo {
+        listener: Arc::from("inbound"),
+        source: "10.0.0.1:1234".parse::<SocketAddr>().unwrap(),
+        destination: "10.0.0.2:15006".parse::<SocketAddr>().unwrap(),
+        scheme: "http",
+        protocol: "HTTP/1.1",
+        request_id: Arc::from("req-1"),
+        start: SystemTime::now(),
+        principal: None,
+    }
+}
+
+fn adds(value: &str) -> Bytes {
+    Bytes::from(format!(r#"{{"request":{{"add":{{"x-cfg":"{value}"}}}}}}"#))
+}
+
+#[tokio::test]
+async fn a_route_config_is_a_root_context_on_the_same_instances() {
+    let module = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm-fixtures/wasm32-wasip1/headers.wasm");
+    let rt = FilterRuntime::new(None, Arc::new(NoCallouts)).unwrap();
+    let mut spec = FilterSpec::new("hdr", module);
+    spec.config = adds("base");
+    spec.route_configs = vec![adds("one"), adds("two")];
+    let set = rt.load(vec![spec]).unwrap();
+    let entry = |config: u32| PipelineEntry {
+        name: Arc::from("hdr"),
+        config,
+    };
+    for round in 0..3 {
+        for (config, want) in [(0, "base"), (1, "one"), (2, "two"), (1, "one")] {
+            let mut s = set.route_stream(&[entry(config)], info());
+            let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+            let v = s.request_headers(&mut req, true).await;
+            assert!(matches!(v, Verdict::Continue), "{round}/{config}: {v:?}");
+            let got = req.headers.get("x-cfg").and_then(|v| v.to_str().ok());
+            assert_eq!(got, Some(want), "round {round}, config {config}");
+            s.finish(0, 0);
+        }
+    }
+    // A config no instance has fails the stream (by its policy: closed)
+    // rather than running with the filter's own config.
+    let mut s = set.route_stream(&[entry(3)], info());
+    let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+    let v = s.request_headers(&mut req, true).await;
+    assert!(
+        matches!(&v, Verdict::Respond(r) if r.status() == 503),
+        "{v:?}"
+    );
+    s.finish(0, 0);
+    // Twelve sequential streams over three configs: no instance per
+    // config, the ones one config would use.
+    let plugin = &set.plugins[0];
+    let created = plugin.counts.created.load(Ordering::Relaxed);
+    assert!(created <= 3, "instances built: {created}");
+}
