@@ -389,3 +389,80 @@ endpoints = ["{}"]
         assert_eq!(asked, want, "{path} {user}: callouts to (authz, strict)");
     }
 }
+
+/// A listener whose pipeline (`z`, standing for authz) every route keeps
+/// but `public`, which replaces it with nothing.
+fn edge_listener(port: u16) -> String {
+    format!(
+        r#"[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+pipeline = ["z"]
+  [[listeners.routes]]
+  name = "admin"
+  match = {{ host = "admin.example" }}
+  cluster = "app"
+  [[listeners.routes]]
+  name = "public"
+  match = {{ prefix = "/public" }}
+  cluster = "app"
+  pipeline = []
+  [[listeners.routes]]
+  name = "rest"
+  match = {{ prefix = "/" }}
+  cluster = "app"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_or_host_spelled_differently_cannot_skip_the_listeners_filters() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    let wasp = Wasp::start_in(dir, &config(&edge_listener(port), app.addr), &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+
+    // (host, path as sent, filters that ran, path the upstream got)
+    for (host, path, want, upstream_path) in [
+        ("app", "/public/x", "", "/public/x"),
+        ("app", "/public/../admin", "z", "/admin"),
+        ("app", "/public/%2e%2e/admin", "z", "/admin"),
+        ("app", "/public/.%2E/admin?q=1", "z", "/admin?q=1"),
+        ("app", "//public//x", "", "/public/x"),
+        ("admin.example.", "/public/x", "z", "/public/x"),
+        ("admin.example.:80", "/public/x", "z", "/public/x"),
+    ] {
+        let r = get(&client, proxy, host, path).await;
+        assert_eq!(r.status, 200, "{host} {path}: {r:?}\n{}", wasp.log_text());
+        assert_eq!(ran(&r), want, "{host} {path}: {}", r.body);
+        assert_eq!(
+            r.header("x-seen-path"),
+            Some(upstream_path),
+            "{host} {path}: the upstream gets the path the route saw"
+        );
+    }
+    // The host the upstream gets is the one the route saw.
+    let r = get(&client, proxy, "admin.example.", "/x").await;
+    assert!(
+        r.body.lines().any(|l| l == "host: admin.example"),
+        "{}",
+        r.body
+    );
+
+    // Spellings an upstream could read as another path: refused.
+    let before = app.requests();
+    for path in [
+        "/public%2F..%2Fadmin",
+        "/public%2f..",
+        "/public%5C..%5Cadmin",
+        "/public/../../admin",
+        "/%2e%2e/admin",
+    ] {
+        let r = get(&client, proxy, "app", path).await;
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert_eq!(r.header("x-wasp-error"), Some("bad_request"), "{path}");
+    }
+    assert_eq!(app.requests(), before, "a refused path goes nowhere");
+}

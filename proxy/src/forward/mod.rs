@@ -193,12 +193,17 @@ where
     let request_id = ensure_request_id(req.headers_mut());
     // Spans (when tracing is on) start their clock here.
     let mut trace = crate::telemetry::trace::begin(&req, ctx.peer, ctx.local, ctx.scheme);
-    let mut log = RequestLog {
-        filters: phases::client_chain(&req, ctx),
-        ..RequestLog::default()
+    let mut log = RequestLog::default();
+    let (chain, result) = match phases::client_chain(&mut req, ctx) {
+        Ok(filters) => {
+            log.filters = filters;
+            let chain = start_chain(&req, ctx, &request_id, &log.filters);
+            let result = phases::forward(req, ctx, chain.as_ref(), trace.as_mut(), &mut log).await;
+            (chain, result)
+        }
+        // A path the routes cannot judge: no filter has run on it.
+        Err(e) => (None, Err(e)),
     };
-    let chain = start_chain(&req, ctx, &request_id, &log.filters);
-    let result = phases::forward(req, ctx, chain.as_ref(), trace.as_mut(), &mut log).await;
     let resp = match result {
         Ok(resp) => resp,
         Err(err) => {

@@ -84,7 +84,7 @@ where
     if let Some(answer) = request_filters(&mut parts, body.is_end_stream(), chain).await {
         return Ok(answer);
     }
-    let routed = route(&parts, ctx, chain, log)?;
+    let routed = route(&mut parts, ctx, chain, log)?;
     let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
     rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
     let (body, kept) =
@@ -166,28 +166,91 @@ pub(super) async fn request_filters(
 /// Before phase 2: the filter chain of the route the request matches as
 /// the client sent it (Envoy's route cache), the listener's when none
 /// does. It runs every filter phase of the request, even if the filters
-/// move the request to another route (see [`route`]).
-pub(super) fn client_chain<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Arc<[PipelineEntry]> {
+/// move the request to another route (see [`route`]). When routes choose
+/// filters, the path and host are normalised first ([`normalize`]), so
+/// one request spelled two ways cannot reach two chains.
+pub(super) fn client_chain<B>(
+    req: &mut Request<B>,
+    ctx: &Ctx<'_>,
+) -> Result<Arc<[PipelineEntry]>, ProxyError> {
     let listener = ctx.listener;
     if !listener.chains.per_route {
-        return listener.chains.listener.clone();
+        return Ok(listener.chains.listener.clone());
     }
+    let mut uri = std::mem::take(req.uri_mut());
+    let normalized = normalize(&mut uri, req.headers_mut());
+    *req.uri_mut() = uri;
+    normalized?;
     let host = authority(req.uri(), req.headers()).unwrap_or_default();
     let index = listener
         .routes
         .find(&host, req.uri().path(), req.method(), req.headers())
         .map(|(i, _)| i);
-    listener.chains.of(index).clone()
+    Ok(listener.chains.of(index).clone())
+}
+
+/// The request's path and host as the routes compare them, written back
+/// into the request that goes upstream (`route::normalize`): dot segments
+/// removed, slashes merged, unreserved escapes decoded, one trailing host
+/// dot dropped; an encoded separator or a path above the root is a 400.
+pub(super) fn normalize(uri: &mut Uri, headers: &mut http::HeaderMap) -> Result<(), ProxyError> {
+    use crate::route::normalize;
+    let bad = |what: String| ProxyError::BadRequest(format!("{what}: refused before routing"));
+    let path = normalize::path(uri.path()).map_err(|e| bad(e.to_string()))?;
+    let path = match path {
+        std::borrow::Cow::Owned(p) => Some(p),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
+    let authority = uri.authority().and_then(|a| {
+        let h = normalize::host(a.as_str());
+        (h.len() != a.as_str().len()).then(|| h.into_owned())
+    });
+    if path.is_some() || authority.is_some() {
+        let mut parts = std::mem::take(uri).into_parts();
+        if let Some(p) = path {
+            let query = parts
+                .path_and_query
+                .as_ref()
+                .and_then(|pq| pq.query())
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            parts.path_and_query = Some(
+                format!("{p}{query}")
+                    .parse()
+                    .map_err(|e| bad(format!("the normalised path: {e}")))?,
+            );
+        }
+        if let Some(a) = authority {
+            parts.authority = Some(
+                a.parse()
+                    .map_err(|e| bad(format!("the normalised authority: {e}")))?,
+            );
+        }
+        *uri = Uri::from_parts(parts).map_err(|e| bad(format!("the normalised URI: {e}")))?;
+    }
+    let host = headers.get(header::HOST).and_then(|h| {
+        let h = h.to_str().ok()?;
+        let normal = normalize::host(h);
+        (normal.len() != h.len()).then(|| HeaderValue::from_str(&normal).ok())?
+    });
+    if let Some(h) = host {
+        headers.insert(header::HOST, h);
+    }
+    Ok(())
 }
 
 /// Phase 3: the route, who may use it, and the cluster it sends to.
 pub(super) fn route<'c>(
-    parts: &http::request::Parts,
+    parts: &mut http::request::Parts,
     ctx: &Ctx<'c>,
     chain: Option<&SharedChain>,
     log: &mut RequestLog,
 ) -> Result<Routed<'c>, ProxyError> {
     let listener = ctx.listener;
+    if listener.chains.per_route {
+        // Again: a filter may have set a path the client could not send.
+        normalize(&mut parts.uri, &mut parts.headers)?;
+    }
     let host = authority(&parts.uri, &parts.headers).unwrap_or_default();
     let (index, found) =
         match listener

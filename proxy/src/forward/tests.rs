@@ -275,8 +275,8 @@ fn route_names_the_route_and_cluster_in_the_log() {
     ));
     let ctx = w.ctx();
     let mut log = RequestLog::default();
-    let (parts, _) = get("/api/x", "svc").into_parts();
-    let routed = phases::route(&parts, &ctx, None, &mut log).unwrap();
+    let (mut parts, _) = get("/api/x", "svc").into_parts();
+    let routed = phases::route(&mut parts, &ctx, None, &mut log).unwrap();
     assert_eq!(&*routed.route.name, "api");
     assert_eq!(&*routed.upstream.name, "app");
     assert_eq!(routed.host, "svc");
@@ -285,8 +285,10 @@ fn route_names_the_route_and_cluster_in_the_log() {
     assert!(log.stats.is_some());
 
     let mut log = RequestLog::default();
-    let (parts, _) = get("/other", "svc").into_parts();
-    let err = phases::route(&parts, &ctx, None, &mut log).err().unwrap();
+    let (mut parts, _) = get("/other", "svc").into_parts();
+    let err = phases::route(&mut parts, &ctx, None, &mut log)
+        .err()
+        .unwrap();
     assert_eq!(err.code(), ErrorCode::NoRoute);
     assert!(err.to_string().contains("\"/other\""), "{err}");
     assert!(log.route.is_none() && log.stats.is_none());
@@ -299,8 +301,8 @@ async fn admission_over_the_cluster_limit_is_overflow_and_counted() {
         "[clusters.app]\nendpoints = [\"127.0.0.1:9\"]\nlimits = { max_requests = 1 }",
     ));
     let ctx = w.ctx();
-    let (parts, _) = get("/", "a").into_parts();
-    let routed = phases::route(&parts, &ctx, None, &mut RequestLog::default()).unwrap();
+    let (mut parts, _) = get("/", "a").into_parts();
+    let routed = phases::route(&mut parts, &ctx, None, &mut RequestLog::default()).unwrap();
     let held = phases::admit_and_pick(&routed, &parts, &ctx, None)
         .await
         .unwrap();
@@ -331,7 +333,7 @@ async fn rewrite_points_at_the_endpoint_and_cleans_the_head() {
     h.insert("x-hop", "1".parse().unwrap());
     h.insert("expect", "100-continue".parse().unwrap());
     let (mut parts, _) = req.into_parts();
-    let routed = phases::route(&parts, &ctx, None, &mut RequestLog::default()).unwrap();
+    let routed = phases::route(&mut parts, &ctx, None, &mut RequestLog::default()).unwrap();
     let (_admission, picked) = phases::admit_and_pick(&routed, &parts, &ctx, None)
         .await
         .unwrap();

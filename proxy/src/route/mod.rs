@@ -18,6 +18,8 @@ pub use crate::config::route::{HostMatch, PathMatch, RouteConfig, Target};
 use crate::config::Allow;
 use crate::telemetry::{RequestStats, TcpStats};
 
+pub mod normalize;
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
