@@ -466,3 +466,69 @@ async fn a_path_or_host_spelled_differently_cannot_skip_the_listeners_filters() 
     }
     assert_eq!(app.requests(), before, "a refused path goes nowhere");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_picking_a_cluster_cannot_skip_the_filters_of_its_routes() {
+    let app = TestUpstream::start("app").await;
+    let v2 = TestUpstream::start("reviews-v2").await;
+    let dir = with_fixtures(TARGET, &["headers", "properties"]);
+    let port = free_port();
+    // `canary` (the properties fixture) sets wasp.cluster = reviews-v2,
+    // whose route keeps the listener's `z` (standing for authz).
+    let config = format!(
+        r#"[proxy]
+workers = 1
+{}[filters.canary]
+module = "properties.wasm"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+pipeline = ["z"]
+  [[listeners.routes]]
+  name = "reviews"
+  match = {{ prefix = "/reviews" }}
+  cluster = "reviews-v2"
+  [[listeners.routes]]
+  name = "open"
+  match = {{ prefix = "/open" }}
+  cluster = "app"
+  pipeline = ["canary"]
+  [[listeners.routes]]
+  name = "both"
+  match = {{ prefix = "/both" }}
+  cluster = "app"
+  pipeline = ["z", "canary"]
+[clusters.app]
+endpoints = ["{}"]
+[clusters.reviews-v2]
+endpoints = ["{}"]
+"#,
+        adds("z", "x-ran-z", "1"),
+        app.addr,
+        v2.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+
+    let (a, b) = (app.requests(), v2.requests());
+    let r = get(&client, proxy, "app", "/open").await;
+    assert_eq!(r.status, 500, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.header("x-wasp-error"), Some("reroute_denied"), "{r:?}");
+    assert!(
+        r.body.contains("reviews-v2") && r.body.contains('z'),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        (app.requests(), v2.requests()),
+        (a, b),
+        "refused: sent nowhere"
+    );
+
+    // With the cluster's routes' filters in the chain, the pick stands.
+    let r = get(&client, proxy, "app", "/both").await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(ran(&r), "z", "{}", r.body);
+    assert_eq!(v2.requests(), b + 1, "the filter's cluster got it");
+}

@@ -28,6 +28,8 @@ pub enum ProxyError {
     UnknownCluster(String),
     #[error("a filter moved the request to route \"{route}\", whose filters did not run on it ({missing}); the filters that run are chosen from the route the client's request matched")]
     RerouteDenied { route: String, missing: String },
+    #[error("a filter picked cluster \"{cluster}\" (wasp.cluster), but the filters of the routes that send there did not run on the request ({missing})")]
+    ClusterDenied { cluster: String, missing: String },
     #[error("cluster \"{0}\" has no endpoint to send to")]
     NoEndpoint(String),
     #[error("cannot connect to {addr} in cluster \"{cluster}\": {reason}")]
@@ -141,7 +143,7 @@ impl ProxyError {
         match self {
             Self::NoRoute { .. } => ErrorCode::NoRoute,
             Self::UnknownCluster(_) => ErrorCode::UnknownCluster,
-            Self::RerouteDenied { .. } => ErrorCode::RerouteDenied,
+            Self::RerouteDenied { .. } | Self::ClusterDenied { .. } => ErrorCode::RerouteDenied,
             Self::NoEndpoint(_) => ErrorCode::NoEndpoint,
             Self::UpstreamConnect { .. } => ErrorCode::UpstreamConnect,
             Self::UpstreamTimeout { .. } => ErrorCode::UpstreamTimeout,

@@ -290,10 +290,22 @@ pub(super) fn route<'c>(
     // A filter may pick the cluster (e.g. a canary router).
     if let Some(name) = chain.and_then(|c| c.with(|c| c.property("wasp.cluster")).flatten()) {
         let name = String::from_utf8_lossy(&name);
-        cluster_id = ctx
+        let picked = ctx
             .snapshot
             .cluster_id(&name)
-            .ok_or_else(|| ProxyError::UnknownCluster(name.into_owned()))?;
+            .ok_or_else(|| ProxyError::UnknownCluster(name.to_string()))?;
+        // A cluster of another route: the filter must not have let the
+        // request skip the filters of the routes that send there.
+        if listener.chains.per_route && !route.clusters().contains(&picked) {
+            let wanted = listener.chains.of_cluster(picked);
+            if !wanted.iter().all(|w| log.filters.contains(w)) {
+                return Err(ProxyError::ClusterDenied {
+                    cluster: name.to_string(),
+                    missing: Chains::missing(&log.filters, wanted).join(", "),
+                });
+            }
+        }
+        cluster_id = picked;
     }
     let upstream = ctx
         .upstreams

@@ -27,6 +27,12 @@ pub struct Chains {
     /// Some route has a chain of its own (else the lookup before the
     /// filters can be skipped: every request runs the listener's).
     pub per_route: bool,
+    /// For each cluster some route of the listener sends to: every filter
+    /// (with its config) of those routes' chains. A filter that picks the
+    /// cluster itself (`wasp.cluster`) must have run with all of them, so
+    /// it cannot reach a cluster past the filters its routes ask for.
+    /// Empty when no route has a chain of its own.
+    pub by_cluster: Vec<(usize, Vec<PipelineEntry>)>,
 }
 
 impl Chains {
@@ -35,6 +41,15 @@ impl Chains {
         index
             .and_then(|i| self.routes.get(i))
             .unwrap_or(&self.listener)
+    }
+
+    /// The filters of every route of the listener sending to `cluster`
+    /// (none when no route does, or no route has a chain of its own).
+    pub fn of_cluster(&self, cluster: usize) -> &[PipelineEntry] {
+        self.by_cluster
+            .iter()
+            .find(|(c, _)| *c == cluster)
+            .map_or(&[], |(_, union)| union.as_slice())
     }
 
     /// Whether running `ran` ran every filter of `wanted` with the same
@@ -81,7 +96,7 @@ pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> C
         config: 0,
     };
     let listener: Arc<[PipelineEntry]> = l.pipeline.iter().map(own).collect();
-    let routes = l
+    let routes: Vec<Arc<[PipelineEntry]>> = l
         .routes
         .iter()
         .map(|r| match &r.filters {
@@ -109,9 +124,37 @@ pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> C
         })
         .collect();
     let per_route = l.routes.iter().any(|r| r.filters.is_some());
+    let mut by_cluster: Vec<(usize, Vec<PipelineEntry>)> = Vec::new();
+    if per_route {
+        for (r, chain) in l.routes.iter().zip(&routes) {
+            let clusters = match &r.target {
+                crate::config::route::Target::One(c) => vec![*c],
+                crate::config::route::Target::Weighted(list) => {
+                    list.iter().map(|(c, _)| *c).collect()
+                }
+            };
+            for c in clusters {
+                let at = match by_cluster.iter().position(|(have, _)| *have == c) {
+                    Some(at) => at,
+                    None => {
+                        by_cluster.push((c, Vec::new()));
+                        by_cluster.len() - 1
+                    }
+                };
+                if let Some((_, union)) = by_cluster.get_mut(at) {
+                    for e in chain.iter() {
+                        if !union.contains(e) {
+                            union.push(e.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
     Chains {
         listener,
         routes,
         per_route,
+        by_cluster,
     }
 }
