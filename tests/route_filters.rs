@@ -532,3 +532,61 @@ endpoints = ["{}"]
     assert_eq!(ran(&r), "z", "{}", r.body);
     assert_eq!(v2.requests(), b + 1, "the filter's cluster got it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_route_roots_callout_is_answered_on_that_root() {
+    let app = TestUpstream::start("app").await;
+    let authz = TestUpstream::start("authz").await;
+    let strict = TestUpstream::start("strict").await;
+    let dir = with_fixtures(TARGET, &["callout"]);
+    let port = free_port();
+    // "root:strict" makes the per-route root context of "/strict" call
+    // the strict cluster from proxy_on_configure (in every instance and
+    // in the root instance); its answer must come back to that root,
+    // which logs the plugin configuration it sees.
+    let config = format!(
+        r#"[proxy]
+workers = 1
+[filters.authz]
+module = "callout.wasm"
+config = "authz"
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["authz"]
+  [[listeners.routes]]
+  match = {{ prefix = "/strict" }}
+  cluster = "app"
+  filters.authz.config = "root:strict"
+  [[listeners.routes]]
+  cluster = "app"
+[clusters.app]
+endpoints = ["{}"]
+[clusters.authz]
+endpoints = ["{}"]
+[clusters.strict]
+endpoints = ["{}"]
+"#,
+        app.addr, authz.addr, strict.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    // Streams on both roots, so stream instances exist and answer too.
+    for path in ["/", "/strict"] {
+        let r = get_with(&client, proxy, path, &[("x-user", "alice")]).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}\n{}", wasp.log_text());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let want = "root callout answered (ok-root) under config root:strict";
+    while !wasp.log_text().contains(want) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = wasp.log_text();
+    assert!(log.contains(want), "{log}");
+    assert!(
+        !log.contains("root callout answered (ok-root) under config authz"),
+        "an answer went to root 1: {log}"
+    );
+    assert!(strict.requests() >= 1);
+}

@@ -135,6 +135,10 @@ pub(crate) struct NewCallout {
     pub token: u32,
     /// Context that was effective when the call was made.
     pub context: u32,
+    /// The root context that context belongs to (itself for a root),
+    /// recorded now: the answer goes to that root even once the stream is
+    /// gone, and a per-route root's call is answered on it, not on root 1.
+    pub root: u32,
     pub timeout: Duration,
     pub work: CalloutWork,
 }
@@ -259,6 +263,16 @@ impl Host {
     /// The plugin configuration of the running callback's root context.
     pub(crate) fn plugin_config(&self) -> &Bytes {
         self.plugin.config_of(self.config_variant)
+    }
+
+    /// The root context of the effective context: itself for a root, else
+    /// the root of the running callback's config (a stream's parent).
+    pub(crate) fn effective_root(&self) -> u32 {
+        if self.is_root(self.effective) {
+            self.effective
+        } else {
+            self.root_id.saturating_add(self.config_variant)
+        }
     }
 
     /// Whether `ctx` is one of this VM's root contexts.

@@ -84,3 +84,64 @@ async fn a_route_config_is_a_root_context_on_the_same_instances() {
     let created = plugin.counts.created.load(Ordering::Relaxed);
     assert!(created <= 3, "instances built: {created}");
 }
+
+/// Callouts that never answer: the test delivers the answer itself.
+struct NeverAnswers;
+
+impl HttpCallouts for NeverAnswers {
+    fn call(
+        &self,
+        _cluster: &str,
+        _req: http::Request<Bytes>,
+        _timeout: std::time::Duration,
+    ) -> Option<CalloutFuture> {
+        Some(Box::pin(std::future::pending()))
+    }
+}
+
+#[tokio::test]
+async fn a_streams_callout_is_answered_on_its_routes_root_after_the_stream_is_gone() {
+    use super::vm::{Callback, Vm, ROOT_ID};
+    use super::worker::{CalloutDone, Reply};
+    let module = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm-fixtures/wasm32-wasip1/callout.wasm");
+    let rt = FilterRuntime::new(None, Arc::new(NeverAnswers)).unwrap();
+    let mut spec = FilterSpec::new("authz", module);
+    spec.config = Bytes::from_static(b"authz");
+    spec.route_configs = vec![Bytes::from_static(b"strict"), Bytes::from_static(b"other")];
+    let set = rt.load(vec![spec]).unwrap();
+    let mut vm = Vm::new(&set.plugins[0], None).unwrap();
+    for variant in [2, 0, 1] {
+        let ctx = vm.create_context(variant).unwrap();
+        let mut data = Some(Box::new(host::StreamData::new(info())));
+        let headers = Callback::RequestHeaders { n: 0, eos: true };
+        let out = vm.run(ctx, &mut data, headers).unwrap();
+        assert!(
+            out.pause,
+            "variant {variant}: the fixture waits for its callout"
+        );
+        let [call] = &out.callouts[..] else {
+            panic!("variant {variant}: {} callouts", out.callouts.len());
+        };
+        // The root is recorded when the call is made: the stream's parent.
+        assert_eq!(call.root, ROOT_ID + variant, "variant {variant}");
+        let (token, context, root) = (call.token, call.context, call.root);
+        // The client went away: the stream's context is deleted first.
+        vm.run(ctx, &mut data, Callback::Done).unwrap();
+        vm.run(ctx, &mut data, Callback::Delete).unwrap();
+        // The late answer runs on that root (as `root_answer_on_instance`
+        // does), and the instance survives it.
+        let done = CalloutDone {
+            token,
+            context,
+            root,
+            reply: Reply::Http(Ok(http::Response::new(Bytes::from_static(b"ok")))),
+        };
+        let cb = done.into_callback();
+        assert!(
+            matches!(cb, Callback::HttpCallResponse { root: r, .. } if r == root),
+            "variant {variant}"
+        );
+        vm.run(root, &mut None, cb).unwrap();
+    }
+}

@@ -111,13 +111,16 @@ pub(crate) enum Callback {
     ResponseTrailers {
         n: u32,
     },
+    /// `root`: the root context the call was made under (`NewCallout::root`).
     HttpCallResponse {
         token: u32,
+        root: u32,
         answer: CalloutAnswer,
     },
     /// One event of a gRPC call or stream; `last` ends its token.
     Grpc {
         token: u32,
+        root: u32,
         event: GrpcEvent,
         last: bool,
     },
@@ -437,17 +440,6 @@ impl Vm {
         Ok(id)
     }
 
-    /// The root context `ctx` belongs to (itself for a root): SDKs that
-    /// keep callouts per root context (the Go SDK) look them up by the id
-    /// a callout answer names.
-    fn root_of(&self, ctx: u32) -> u32 {
-        if self.store.data().is_root(ctx) {
-            return ctx;
-        }
-        let variant = self.variants.get(&ctx).copied().unwrap_or(0);
-        ROOT_ID.saturating_add(variant)
-    }
-
     /// Runs one callback on context `ctx`, with `data` (if any) readable by
     /// host functions for its duration. `data` is always given back.
     pub(crate) fn run(
@@ -463,7 +455,10 @@ impl Vm {
             h.effective = ctx;
             h.actions = Actions::default();
             // Which config `proxy_get_buffer(PLUGIN_CONFIGURATION)` shows.
-            h.config_variant = if self.variants.is_empty() {
+            h.config_variant = if h.is_root(ctx) {
+                // A per-route root's own callback (a callout answer).
+                ctx.saturating_sub(h.root_id)
+            } else if self.variants.is_empty() {
                 0
             } else {
                 self.variants.get(&ctx).copied().unwrap_or(0)
@@ -493,20 +488,28 @@ impl Vm {
                 Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
                 None => Ok(0),
             },
-            Callback::HttpCallResponse { token, answer } => match ex.http_call_response.clone() {
+            Callback::HttpCallResponse {
+                token,
+                root,
+                answer,
+            } => match ex.http_call_response.clone() {
                 Some(f) => {
                     let nh = answer.headers.len() as u32;
                     let nb = answer.body.len() as u32;
                     let nt = answer.trailers.len() as u32;
                     self.store.data_mut().answer = Some(answer);
-                    let root = self.root_of(ctx);
                     let r = self.guard(phase, |s| f.call(s, (root, token, nh, nb, nt)));
                     self.store.data_mut().answer = None;
                     r.map(|()| 0)
                 }
                 None => Ok(0),
             },
-            Callback::Grpc { token, event, last } => {
+            Callback::Grpc {
+                token,
+                root,
+                event,
+                last,
+            } => {
                 // A cancelled token is never reported to the guest.
                 if grpc::wanted(self.store.data_mut(), token, last) {
                     let (which, n, answer) = event.into_callback();
@@ -519,7 +522,6 @@ impl Vm {
                     match f {
                         Some(f) => {
                             self.store.data_mut().answer = Some(answer);
-                            let root = self.root_of(ctx);
                             let r = self.guard(phase, |s| f.call(s, (root, token, n)));
                             self.store.data_mut().answer = None;
                             r.map(|()| 0)

@@ -133,6 +133,8 @@ pub(crate) enum Reply {
 pub(crate) struct CalloutDone {
     pub token: u32,
     pub context: u32,
+    /// The root context the call was made under: the answer runs there.
+    pub root: u32,
     pub reply: Reply,
 }
 
@@ -146,11 +148,18 @@ impl CalloutDone {
     }
 
     pub(crate) fn into_callback(self) -> Callback {
-        let token = self.token;
+        let (token, root) = (self.token, self.root);
         let result = match self.reply {
             Reply::Http(r) => r,
             // The credit goes as the event reaches the guest.
-            Reply::Grpc { event, last, .. } => return Callback::Grpc { token, event, last },
+            Reply::Grpc { event, last, .. } => {
+                return Callback::Grpc {
+                    token,
+                    root,
+                    event,
+                    last,
+                }
+            }
         };
         let answer = match result {
             Ok(resp) => {
@@ -176,7 +185,11 @@ impl CalloutDone {
                 ..CalloutAnswer::default()
             },
         };
-        Callback::HttpCallResponse { token, answer }
+        Callback::HttpCallResponse {
+            token,
+            root,
+            answer,
+        }
     }
 }
 
@@ -186,6 +199,7 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
     let NewCallout {
         token,
         context,
+        root,
         timeout,
         work,
     } = c;
@@ -206,6 +220,7 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
             to.send(CalloutDone {
                 token,
                 context,
+                root,
                 reply,
             });
             return;
@@ -221,6 +236,7 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
                 to.send(CalloutDone {
                     token,
                     context,
+                    root,
                     reply: Reply::Http(result),
                 });
             });
@@ -231,6 +247,7 @@ pub(crate) fn spawn_callout(c: NewCallout, to: Deliver) {
                     to.send(CalloutDone {
                         token,
                         context,
+                        root,
                         reply: Reply::Grpc {
                             event,
                             last,
@@ -1058,8 +1075,9 @@ pub(crate) fn finish_lease(
 /// root callout it made: runs `proxy_on_http_call_response` on its root
 /// context if the instance still lives.
 fn root_answer_on_instance(at: InstanceRef, done: CalloutDone) {
+    let root = done.root;
     let cb = done.into_callback();
-    let r = with_instance(at, |vm| vm.run(ROOT_ID, &mut None, cb));
+    let r = with_instance(at, |vm| vm.run(root, &mut None, cb));
     if let Ok(out) = r {
         for c in out.callouts {
             spawn_callout(c, Deliver::Instance(at));
@@ -1151,7 +1169,9 @@ fn spawn_driver(pool: &Pool, vm: &Vm, rx: UnboundedReceiver<RootEvent>) {
 
 /// What the root driver does next.
 enum RootStep {
-    Run(Callback),
+    /// The callback, on this root context (a callout answer names the
+    /// root that made the call; ticks and queues are root 1's).
+    Run(u32, Callback),
     Skip,
 }
 
@@ -1188,26 +1208,26 @@ async fn root_driver(
         let step = tokio::select! {
             ev = rx.recv() => match ev {
                 None => return,
-                Some(RootEvent::Callout(done)) => RootStep::Run(done.into_callback()),
+                Some(RootEvent::Callout(done)) => RootStep::Run(done.root, done.into_callback()),
                 Some(RootEvent::QueueReady(queue)) => {
                     let _ = with_pool(set_id, idx, |p| {
                         p.plugin.shared.queues.woken(queue);
                         Some(())
                     });
-                    RootStep::Run(Callback::QueueReady { queue })
+                    RootStep::Run(ROOT_ID, Callback::QueueReady { queue })
                 }
             },
             _ = tokio::time::sleep(wait) => {
-                if period.is_none() { RootStep::Skip } else { RootStep::Run(Callback::Tick) }
+                if period.is_none() { RootStep::Skip } else { RootStep::Run(ROOT_ID, Callback::Tick) }
             }
         };
-        let RootStep::Run(cb) = step else {
+        let RootStep::Run(root, cb) = step else {
             continue;
         };
         if std::thread::current().id() != owner {
             return;
         }
-        let alive = with_pool(set_id, idx, |p| run_root(p, incarnation, cb)).unwrap_or(false);
+        let alive = with_pool(set_id, idx, |p| run_root(p, incarnation, root, cb)).unwrap_or(false);
         if !alive {
             return;
         }
@@ -1216,7 +1236,7 @@ async fn root_driver(
 
 /// Runs one root callback under the root CPU budget. False once the root
 /// instance is gone.
-fn run_root(p: &mut Pool, incarnation: u64, cb: Callback) -> bool {
+fn run_root(p: &mut Pool, incarnation: u64, root: u32, cb: Callback) -> bool {
     let now = Instant::now();
     if now.saturating_duration_since(p.budget.window) >= ROOT_WINDOW {
         p.budget.window = now;
@@ -1241,7 +1261,7 @@ fn run_root(p: &mut Pool, incarnation: u64, cb: Callback) -> bool {
         p.plugin.counts.ticks.fetch_add(1, Ordering::Relaxed);
     }
     let started = Instant::now();
-    let r = vm.run(ROOT_ID, &mut None, cb);
+    let r = vm.run(root, &mut None, cb);
     p.budget.used = p.budget.used.saturating_add(started.elapsed());
     match r {
         Ok(out) => {

@@ -379,9 +379,11 @@ fn start(
             _cancel: cancel_tx,
         },
     );
+    let root = h.effective_root();
     h.callouts.push(NewCallout {
         token,
         context,
+        root,
         timeout: timeout.unwrap_or(Duration::MAX),
         work: CalloutWork::Grpc(GrpcTask {
             open: future,

@@ -197,9 +197,11 @@ pub(crate) fn call(
     let token = h.next_token;
     h.next_token = h.next_token.wrapping_add(1).max(1);
     let context = h.effective;
+    let root = h.effective_root();
     h.callouts.push(NewCallout {
         token,
         context,
+        root,
         timeout,
         work: CalloutWork::Http(future),
     });
