@@ -590,3 +590,34 @@ endpoints = ["{}"]
     );
     assert!(strict.requests() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_moving_a_request_off_every_route_gets_no_route() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    // `rw` moves every request it sees to a path no route matches.
+    let listener = format!(
+        r#"[filters.rw]
+module = "headers.wasm"
+config = {{ request = {{ replace = {{ ":path" = "/nowhere" }} }} }}
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:{port}"
+pipeline = ["z"]
+  [[listeners.routes]]
+  name = "moved"
+  match = {{ prefix = "/moved" }}
+  cluster = "app"
+  pipeline = ["rw"]
+"#
+    );
+    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    // Nothing would be forwarded, so nothing is skipped: 404, not 500.
+    let r = get(&client, proxy, "app", "/moved").await;
+    assert_eq!(r.status, 404, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.header("x-wasp-error"), Some("no_route"), "{r:?}");
+    assert_eq!(app.requests(), 0);
+}

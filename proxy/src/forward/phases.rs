@@ -261,15 +261,7 @@ pub(super) fn route<'c>(
             // Captured: what no route claims goes where the app sent it.
             None => (None, ctx.original_dst.and(listener.passthrough.as_ref())),
         };
-    // A filter that moved the request to another route must not have let
-    // it skip that route's filters (e.g. the authz a public route lacks).
-    let wanted = listener.chains.of(index);
-    if !Chains::covers(&log.filters, wanted) {
-        return Err(ProxyError::RerouteDenied {
-            route: found.map_or_else(|| "-".into(), |r| r.name.to_string()),
-            missing: Chains::missing(&log.filters, wanted).join(", "),
-        });
-    }
+    // Nothing to forward: no filter chain is skipped by answering 404.
     let Some(route) = found else {
         return Err(ProxyError::NoRoute {
             listener: listener.name.to_string(),
@@ -277,6 +269,15 @@ pub(super) fn route<'c>(
             path: parts.uri.path().to_string(),
         });
     };
+    // A filter that moved the request to another route must not have let
+    // it skip that route's filters (e.g. the authz a public route lacks).
+    let wanted = listener.chains.of(index);
+    if !Chains::covers(&log.filters, wanted) {
+        return Err(ProxyError::RerouteDenied {
+            route: route.name.to_string(),
+            missing: Chains::missing(&log.filters, wanted).join(", "),
+        });
+    }
     log.route = Some(route.name.clone());
     if let Some(allow) = &route.allow {
         if !allow.permits(ctx.principal.map(|p| &**p)) {
