@@ -133,8 +133,10 @@ pub(crate) struct RequestLog {
     pub stats: Option<RequestStats>,
     /// The stream's deadlines, for the h2 watchdog around the response.
     pub clock: Option<Arc<StreamClock>>,
-    /// The filter chain the request runs (`phases::client_chain`).
-    pub filters: Arc<[crate::filter::PipelineEntry]>,
+    /// Whose filter chain the request runs (`phases::client_chain`): the
+    /// route at this index, or the listener's (`None`). An index, not the
+    /// chain's `Arc`: no shared counter touched per request.
+    pub client_route: Option<usize>,
 }
 
 /// Serves one request. Never fails: errors become local responses.
@@ -195,9 +197,10 @@ where
     let mut trace = crate::telemetry::trace::begin(&req, ctx.peer, ctx.local, ctx.scheme);
     let mut log = RequestLog::default();
     let (chain, result) = match phases::client_chain(&mut req, ctx) {
-        Ok(filters) => {
-            log.filters = filters;
-            let chain = start_chain(&req, ctx, &request_id, &log.filters);
+        Ok(index) => {
+            log.client_route = index;
+            let filters = ctx.listener.chains.of(index);
+            let chain = start_chain(&req, ctx, &request_id, filters);
             let result = phases::forward(req, ctx, chain.as_ref(), trace.as_mut(), &mut log).await;
             (chain, result)
         }

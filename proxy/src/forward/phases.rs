@@ -38,7 +38,7 @@ use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed};
 use super::filtered::{FilteredBody, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
-use crate::filter::{PipelineEntry, Verdict};
+use crate::filter::Verdict;
 use crate::route::Route;
 use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
@@ -172,21 +172,20 @@ pub(super) async fn request_filters(
 pub(super) fn client_chain<B>(
     req: &mut Request<B>,
     ctx: &Ctx<'_>,
-) -> Result<Arc<[PipelineEntry]>, ProxyError> {
+) -> Result<Option<usize>, ProxyError> {
     let listener = ctx.listener;
     if !listener.chains.per_route {
-        return Ok(listener.chains.listener.clone());
+        return Ok(None);
     }
     let mut uri = std::mem::take(req.uri_mut());
     let normalized = normalize(&mut uri, req.headers_mut());
     *req.uri_mut() = uri;
     normalized?;
     let host = authority(req.uri(), req.headers()).unwrap_or_default();
-    let index = listener
+    Ok(listener
         .routes
         .find(&host, req.uri().path(), req.method(), req.headers())
-        .map(|(i, _)| i);
-    Ok(listener.chains.of(index).clone())
+        .map(|(i, _)| i))
 }
 
 /// The request's path and host as the routes compare them, written back
@@ -271,11 +270,12 @@ pub(super) fn route<'c>(
     };
     // A filter that moved the request to another route must not have let
     // it skip that route's filters (e.g. the authz a public route lacks).
+    let ran = listener.chains.of(log.client_route);
     let wanted = listener.chains.of(index);
-    if !Chains::covers(&log.filters, wanted) {
+    if !Chains::covers(ran, wanted) {
         return Err(ProxyError::RerouteDenied {
             route: route.name.to_string(),
-            missing: Chains::missing(&log.filters, wanted).join(", "),
+            missing: Chains::missing(ran, wanted).join(", "),
         });
     }
     log.route = Some(route.name.clone());
@@ -299,10 +299,11 @@ pub(super) fn route<'c>(
         // request skip the filters of the routes that send there.
         if listener.chains.per_route && !route.clusters().contains(&picked) {
             let wanted = listener.chains.of_cluster(picked);
-            if !wanted.iter().all(|w| log.filters.contains(w)) {
+            let ran = listener.chains.of(log.client_route);
+            if !wanted.iter().all(|w| ran.contains(w)) {
                 return Err(ProxyError::ClusterDenied {
                     cluster: name.to_string(),
-                    missing: Chains::missing(&log.filters, wanted).join(", "),
+                    missing: Chains::missing(ran, wanted).join(", "),
                 });
             }
         }
