@@ -621,3 +621,53 @@ pipeline = ["z"]
     assert_eq!(r.header("x-wasp-error"), Some("no_route"), "{r:?}");
     assert_eq!(app.requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_route_root_cannot_change_the_filters_ticks() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["timer"]);
+    let port = free_port();
+    // The route's config asks for no ticks from its root context's
+    // on_configure (after root 1 asked for 10ms): ignored.
+    let config = format!(
+        r#"[proxy]
+workers = 1
+[filters.tick]
+module = "timer.wasm"
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["tick"]
+  [[listeners.routes]]
+  match = {{ prefix = "/quiet" }}
+  cluster = "app"
+  filters.tick.config = "no-ticks"
+  [[listeners.routes]]
+  cluster = "app"
+[clusters.app]
+endpoints = ["{}"]
+"#,
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    let ticks = |r: &Answer| -> u64 {
+        r.header("x-ticks")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let first = get(&client, proxy, "app", "/quiet").await;
+    assert_eq!(first.status, 200, "{first:?}\n{}", wasp.log_text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut later = ticks(&first);
+    while later < ticks(&first) + 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        later = ticks(&get(&client, proxy, "app", "/").await);
+    }
+    assert!(
+        later >= ticks(&first) + 5,
+        "the filter's own ticks stopped: {} -> {later}",
+        ticks(&first)
+    );
+}

@@ -108,7 +108,17 @@ pub(crate) fn current_time(c: &mut Caller<'_, Host>, out: i32) -> HostResult {
 }
 
 pub(crate) fn set_tick_period(c: &mut Caller<'_, Host>, ms: i32) -> HostResult {
-    c.data_mut().tick_period_ms = ms as u32;
+    let h = c.data_mut();
+    // One period per VM, and ticks reach root 1 only: a per-route root
+    // (a route's filters.NAME.config) must not change the filter's own.
+    if h.effective != h.root_id && h.is_root(h.effective) {
+        tracing::debug!(
+            filter = %h.plugin.name,
+            "set_tick_period from a per-route root context ignored"
+        );
+        return Ok(Status::Ok);
+    }
+    h.tick_period_ms = ms as u32;
     Ok(Status::Ok)
 }
 

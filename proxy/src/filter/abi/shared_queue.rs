@@ -206,10 +206,15 @@ pub(crate) fn register(c: &mut Caller<'_, Host>, np: i32, nl: i32, id_out: i32) 
     };
     let h = c.data();
     let p = &h.plugin;
-    let Some(id) = p
-        .queues
-        .register(&p.name, &name, h.root_tx.clone(), &p.limits, &p.stats)
-    else {
+    // Wake-ups run on root 1: a per-route root's queue is registered (its
+    // id works) but does not wake this VM's root driver.
+    let wake = if h.effective != h.root_id && h.is_root(h.effective) {
+        tracing::debug!(filter = %p.name, queue = %name, "a per-route root context registered a shared queue: no on_queue_ready for it");
+        None
+    } else {
+        h.root_tx.clone()
+    };
+    let Some(id) = p.queues.register(&p.name, &name, wake, &p.limits, &p.stats) else {
         let detail = format!("registering more than {} shared queues", p.limits.queues);
         return Err(fail_request(c, Limit::Queues, &detail));
     };

@@ -1,5 +1,6 @@
 //! Fixture: ticks every 10ms and counts ticks in shared data (`timer.ticks`);
-//! each response carries `x-ticks` with the current count.
+//! each response carries `x-ticks` with the current count. A plugin config
+//! `no-ticks` asks for no ticks (`set_tick_period(0)`) from on_configure.
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 use std::time::Duration;
@@ -24,6 +25,12 @@ fn read_ticks(ctx: &dyn Context) -> (u64, Option<u32>) {
 impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
         self.set_tick_period(Duration::from_millis(10));
+        true
+    }
+    fn on_configure(&mut self, _size: usize) -> bool {
+        if self.get_plugin_configuration().as_deref() == Some(b"no-ticks".as_slice()) {
+            self.set_tick_period(Duration::ZERO);
+        }
         true
     }
     fn on_tick(&mut self) {
