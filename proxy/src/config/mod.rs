@@ -423,6 +423,9 @@ struct Validator<'a> {
     map: interpolate::OffsetMap,
     path: &'a Path,
     problems: Vec<Problem>,
+    /// Each filter's distinct `filters.NAME.config` values so far (every
+    /// one is a root context in every instance of the filter: capped).
+    route_configs: std::collections::BTreeMap<String, Vec<toml::Value>>,
 }
 
 impl<'a> Validator<'a> {
@@ -431,6 +434,7 @@ impl<'a> Validator<'a> {
             text,
             map,
             path,
+            route_configs: Default::default(),
             problems: Vec::new(),
         }
     }
@@ -916,7 +920,27 @@ impl Validator<'_> {
             return None;
         }
         match route::route_filters(r, pipeline, declared) {
-            Ok(f) => f,
+            Ok(f) => {
+                for (name, value) in f.iter().flat_map(|f| f.configs.iter()) {
+                    let seen = self.route_configs.entry(name.to_string()).or_default();
+                    if seen.contains(value) {
+                        continue;
+                    }
+                    if seen.len() >= route::MAX_ROUTE_CONFIGS {
+                        let message = format!(
+                            "listener \"{}\", route {}: filters.{name}.config: more than {} distinct per-route configs of filter \"{name}\" (each is one more root context in every instance of it)",
+                            decl.name,
+                            index + 1,
+                            route::MAX_ROUTE_CONFIGS
+                        );
+                        let span = r.filters.get(&**name).map(|o| o.config.span());
+                        self.at(span, message);
+                    } else {
+                        seen.push(value.clone());
+                    }
+                }
+                f
+            }
             Err(problems) => {
                 for e in problems {
                     let message = format!(

@@ -44,6 +44,9 @@ pub struct RouteConfig {
     pub site: Site,
 }
 
+/// Distinct `filters.NAME.config` values one filter may have in a config.
+pub const MAX_ROUTE_CONFIGS: usize = 64;
+
 /// A route's own filter chain: names in request order, and the `config`
 /// a filter gets on this route instead of its `[filters.NAME] config`.
 #[derive(Clone, Debug, PartialEq)]

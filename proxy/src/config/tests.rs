@@ -706,3 +706,29 @@ bind = "127.0.0.1:2"
         "{p:?}"
     );
 }
+
+#[test]
+fn per_route_configs_of_a_filter_are_capped() {
+    let mut text = ROUTE_FILTERS_HEAD.to_string();
+    // Repeats do not count: the 65th distinct one is refused, at its value.
+    for i in 0..=crate::config::route::MAX_ROUTE_CONFIGS {
+        text.push_str(&format!(
+            "  [[listeners.routes]]\n  cluster = \"app\"\n  filters.authz.config = \"v{i}\"\n  [[listeners.routes]]\n  cluster = \"app\"\n  filters.authz.config = \"v0\"\n"
+        ));
+    }
+    let p = problems(&text);
+    let all: Vec<String> = p
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
+    assert_eq!(p.len(), 1, "{all:#?}");
+    let line = text
+        .lines()
+        .position(|l| l.contains("\"v64\""))
+        .map(|i| i + 1)
+        .unwrap();
+    assert!(
+        all[0].starts_with(&format!("{line}:")) && all[0].contains("more than 64 distinct"),
+        "{all:#?}"
+    );
+}
