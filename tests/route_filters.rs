@@ -41,6 +41,12 @@ fn config(listener: &str, app: SocketAddr) -> String {
 
 /// The listener of the pipeline test: its own pipeline is `["z"]`.
 fn routes_listener(port: u16, route_a_pipeline: &str) -> String {
+    routes_listener_with(port, route_a_pipeline, "")
+}
+
+/// [`routes_listener`] with more settings (`route_a_more`, whole lines)
+/// for route "a".
+fn routes_listener_with(port: u16, route_a_pipeline: &str, route_a_more: &str) -> String {
     format!(
         r#"[[listeners]]
 name = "inbound"
@@ -51,6 +57,7 @@ pipeline = ["z"]
   match = {{ prefix = "/a" }}
   cluster = "app"
   pipeline = [{route_a_pipeline}]
+{route_a_more}
   [[listeners.routes]]
   name = "b"
   match = {{ prefix = "/b" }}
@@ -207,10 +214,19 @@ async fn reload_swaps_a_routes_pipeline() {
     let r = get(&client, proxy, "app", "/a").await;
     assert_eq!(ran(&r), "x=base", "{}", r.body);
 
+    // Route "a" gets x back with a config of its own, ahead of route c's
+    // in the file: the per-route configs are numbered again.
     let text = format!(
         "[admin]\nbind = \"{}\"\n\n{}",
         wasp.admin,
-        config(&routes_listener(port, r#""y", "z""#), app.addr)
+        config(
+            &routes_listener_with(
+                port,
+                r#""y", "z", "x""#,
+                "  filters.x.config = { request = { add = { x-ran-x = \"a2\" } } }"
+            ),
+            app.addr
+        )
     );
     std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
     wasp.signal("HUP");
@@ -218,7 +234,7 @@ async fn reload_swaps_a_routes_pipeline() {
     loop {
         let r = get(&client, proxy, "app", "/a").await;
         assert_eq!(r.status, 200, "{r:?}");
-        if ran(&r) == "y,z" {
+        if ran(&r) == "x=a2,y,z" {
             break;
         }
         assert_eq!(ran(&r), "x=base", "old or new chain only: {}", r.body);
@@ -229,9 +245,16 @@ async fn reload_swaps_a_routes_pipeline() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The other routes kept theirs (the override too).
-    let r = get(&client, proxy, "app", "/c").await;
-    assert_eq!(ran(&r), "x=override,z", "{}", r.body);
+    // The other routes kept theirs (the override too, now the second
+    // per-route config of x), and x's own config is still its own.
+    for (path, want) in [
+        ("/c", "x=override,z"),
+        ("/b", "x=base,y"),
+        ("/a", "x=a2,y,z"),
+    ] {
+        let r = get(&client, proxy, "app", path).await;
+        assert_eq!(ran(&r), want, "{path}: {}", r.body);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
