@@ -694,3 +694,53 @@ endpoints = ["{}"]
         ticks(&first)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_under_a_per_route_root_spares_the_filters_concurrent_streams() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    let port = free_port();
+    // The trapping filter itself has a per-route config on "t"; "s" runs
+    // it with its own config, in the same instances, at the same time.
+    let listener = format!(
+        r#"[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["trap"]
+  [[listeners.routes]]
+  name = "t"
+  match = {{ prefix = "/t" }}
+  cluster = "app"
+  filters.trap.config = {{ configure_ms = 0 }}
+  [[listeners.routes]]
+  name = "s"
+  match = {{ prefix = "/s" }}
+  cluster = "app"
+"#
+    );
+    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
+    let proxy = loopback(port);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        tasks.push(tokio::spawn(async move {
+            let client = h1_client();
+            let trap = i % 4 == 0;
+            let path = if trap { "/t" } else { "/s" };
+            let headers: &[(&str, &str)] = if trap { &[("x-trap", "1")] } else { &[] };
+            (trap, get_with(&client, proxy, path, headers).await)
+        }));
+    }
+    for t in tasks {
+        let (trap, r) = t.await.unwrap();
+        if trap {
+            assert_eq!(r.status, 503, "{r:?}");
+            assert_eq!(r.header("x-wasp-error"), Some("filter_failed"), "{r:?}");
+        } else {
+            assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
+            assert_eq!(r.header("x-filtered"), Some("1"), "{r:?}");
+        }
+    }
+    // The per-route root is rebuilt with the instances: "t" serves again.
+    let r = get(&h1_client(), proxy, "app", "/t").await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
