@@ -548,3 +548,211 @@ endpoints = ["{echo}"]
     let log = wasp.log_text();
     assert!(log.contains("end=\"drained\""), "{log}");
 }
+
+/// Echoes like [`echo_server`] and counts the connections it accepted.
+async fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Network filters run before the upstream connect (as Envoy's do): a
+/// filter that refuses in `proxy_on_new_connection`, or closes on the
+/// client's first bytes, leaves the upstream without a single accept; a
+/// silent client (server speaks first) is still connected once the
+/// listener's `detect_timeout` passes.
+#[tokio::test]
+async fn network_filters_decide_before_the_upstream_is_connected() {
+    let (echo, accepted) = counting_echo_server().await;
+    let banner = banner_server("db").await;
+    let deny_port = free_port();
+    let port = free_port();
+    let banner_port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.deny]
+module = "tcp-rewrite.wasm"
+config = "deny"
+
+[filters.tcprw]
+module = "tcp-rewrite.wasm"
+
+[[listeners]]
+name = "deny"
+protocol = "tcp"
+bind = "127.0.0.1:{deny_port}"
+pipeline = ["deny"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["tcprw"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "banner"
+protocol = "tcp"
+bind = "127.0.0.1:{banner_port}"
+pipeline = ["tcprw"]
+limits = {{ detect_timeout = "200ms" }}
+  [[listeners.routes]]
+  cluster = "banner"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+
+[clusters.banner]
+endpoints = ["{banner}"]
+"#
+        ),
+        &[],
+    );
+    let closed_at_once = |addr: SocketAddr, send: &'static [u8]| async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(send).await;
+        let mut back = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        assert!(end.is_ok(), "connection not closed");
+        assert!(back.is_empty(), "{back:?}");
+    };
+    for _ in 0..3 {
+        closed_at_once(loopback(deny_port), b"let me in").await;
+    }
+    // Closed by the filter on the first chunk: no connect either.
+    closed_at_once(loopback(port), b"please close").await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the upstream saw a connect for a connection a filter closed\n{}",
+        wasp.log_text()
+    );
+
+    // An allowed connection: the first chunk went through the filter
+    // before the connect, and is the first thing the upstream gets.
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
+    s.write_all(b"again").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]AGAIN");
+    drop(s);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Server speaks first: the silent client is connected anyway.
+    let mut s = TcpStream::connect(loopback(banner_port))
+        .await
+        .expect("connect");
+    assert_eq!(read_line(&mut s).await, "[wasm]hello from db");
+
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"deny\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"tcp\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let log = wasp.log_text();
+    assert!(log.contains("tcp-rewrite: denied a connection"), "{log}");
+    assert!(
+        log.contains("tcp connection closed before connecting upstream"),
+        "{log}"
+    );
+}
+
+/// An upstream that resets mid-copy: the access log line still has the
+/// bytes that went each way, the end (`reset`) and the failing side.
+#[tokio::test]
+async fn a_reset_mid_copy_keeps_its_byte_counts_in_the_access_log() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut got = [0u8; 5];
+            if s.read_exact(&mut got).await.is_err() {
+                continue;
+            }
+            let _ = s.write_all(b"12345678").await;
+            // Give the bytes time to leave before the reset (a reset
+            // discards what is still queued).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "resets"
+
+[clusters.resets]
+endpoints = ["{upstream}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 8).await, b"12345678");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = wasp.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("tcp connection") && l.contains("end=\"reset\""));
+        if let Some(line) = line {
+            assert!(line.contains("to_upstream=5"), "{line}");
+            assert!(line.contains("to_client=8"), "{line}");
+            assert!(
+                line.contains("error=\"upstream: connection reset"),
+                "{line}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reset access log line:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

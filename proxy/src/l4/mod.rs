@@ -38,17 +38,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::capture::detect::Detection;
-use crate::capture::relay::{relay_tapped, RelayEnd, Tapped, CLOSED_BY_TAP};
+use crate::capture::relay::{relay_tapped, RelayEnd, Tapped};
 use crate::errors::ErrorCode;
-use crate::filter::network::{NetVerdict, Side};
+use crate::filter::network::{Closed, NetVerdict, NetworkFilters, Side};
 use crate::route::PASSTHROUGH;
 use crate::snapshot::Snapshots;
 use crate::upstream::balance::PickContext;
 use crate::upstream::{Admission, Upstream, WorkerPools, PASSTHROUGH_CONNECT_TIMEOUT};
+
+/// The most of the client's first chunk read before connecting upstream
+/// (the relay's own chunk size).
+const FIRST_CHUNK: usize = 16 * 1024;
 
 /// Endpoints tried per connection when connecting fails.
 pub const CONNECT_TRIES: usize = 3;
@@ -84,7 +90,7 @@ pub async fn proxy(
     snapshots: &Snapshots,
     pools: &WorkerPools,
     listener: Arc<str>,
-    conn: Accepted,
+    mut conn: Accepted,
     close: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
@@ -142,8 +148,48 @@ pub async fn proxy(
         runtime.stats.error(ErrorCode::UnknownCluster);
         return;
     };
+    // A capture listener's pipeline is HTTP filters, for its HTTP.
+    let mut filters = (cfg.l4.is_tcp() && !cfg.pipeline.is_empty()).then(|| {
+        let info = crate::filter::StreamInfo {
+            listener: cfg.name.clone(),
+            source: conn.peer,
+            destination: conn.dst,
+            scheme: "tcp",
+            protocol: "TCP",
+            request_id: Arc::from(""),
+            start: std::time::SystemTime::now(),
+            principal: None,
+        };
+        snapshot.filters.network(&cfg.pipeline, info)
+    });
+    // The filters decide before any upstream connection exists: a filter
+    // that closes the connection here means the upstream never sees one.
+    let mut first = Bytes::new();
+    if let Some(f) = filters.as_mut() {
+        let early = before_connect(f, &mut conn.stream, cfg.l4.detect_timeout, close.clone());
+        match early.await {
+            Ok(bytes) => first = bytes,
+            Err(closed) => {
+                let code = if closed.failed {
+                    ErrorCode::FilterFailed
+                } else {
+                    ErrorCode::FilterClosedStream
+                };
+                runtime.stats.error(code);
+                tracing::info!(
+                    listener = %listener,
+                    peer = %conn.peer,
+                    dst = %conn.dst,
+                    route = %route_name,
+                    code = code.as_str(),
+                    "tcp connection closed before connecting upstream: {}", closed.why
+                );
+                return;
+            }
+        }
+    }
     let connected = connect(upstream, cluster_id, &conn).await;
-    let (server, addr, _admission) = match connected {
+    let (mut server, addr, _admission) = match connected {
         Ok(c) => c,
         Err(refused) => {
             runtime.stats.error(refused.code);
@@ -159,31 +205,24 @@ pub async fn proxy(
             return;
         }
     };
-    // A capture listener's pipeline is HTTP filters, for its HTTP.
-    let mut filters = (cfg.l4.is_tcp() && !cfg.pipeline.is_empty()).then(|| {
-        let info = crate::filter::StreamInfo {
-            listener: cfg.name.clone(),
-            source: conn.peer,
-            destination: conn.dst,
-            scheme: "tcp",
-            protocol: "TCP",
-            request_id: Arc::from(""),
-            start: std::time::SystemTime::now(),
-            principal: None,
-        };
-        snapshot.filters.network(&cfg.pipeline, info)
-    });
-    if let Some(f) = filters.as_mut() {
-        if let Err(why) = f.new_connection().await {
-            runtime.stats.error(ErrorCode::FilterFailed);
+    // The first chunk the filters already passed goes first.
+    let mut first_sent = 0u64;
+    if !first.is_empty() {
+        if let Err(e) = server.write_all(&first).await {
+            runtime.stats.error(ErrorCode::UpstreamReset);
             tracing::info!(
                 listener = %listener,
                 peer = %conn.peer,
                 route = %route_name,
-                code = ErrorCode::FilterFailed.as_str(),
-                "tcp connection closed: {why}"
+                upstream = %addr,
+                code = ErrorCode::UpstreamReset.as_str(),
+                "tcp connection closed: writing the client's first bytes upstream: {e}"
             );
             return;
+        }
+        first_sent = first.len() as u64;
+        if let Some(s) = &stats {
+            s.to_upstream.inc_by(first_sent);
         }
     }
     if let Some(s) = &stats {
@@ -219,8 +258,8 @@ pub async fn proxy(
             match verdict {
                 NetVerdict::Forward(b) => Tapped::Replace(b),
                 NetVerdict::Hold => Tapped::Hold,
-                NetVerdict::Close(why) => {
-                    tracing::debug!(%why, "a network filter closed the connection");
+                NetVerdict::Close(closed) => {
+                    tracing::debug!(why = %closed.why, "a network filter closed the connection");
                     Tapped::Close
                 }
             }
@@ -254,18 +293,11 @@ pub async fn proxy(
         s.open.dec();
         s.duration.observe_secs(elapsed.as_secs_f64());
     }
-    let (to_upstream, to_client, end) = match &relayed {
-        Ok(r) => (
-            r.to_upstream,
-            r.to_client,
-            match r.end {
-                RelayEnd::Closed => "closed",
-                RelayEnd::Idle => "idle_timeout",
-                RelayEnd::Stopped => "drained",
-            },
-        ),
-        Err(e) if e.kind() == CLOSED_BY_TAP => (0, 0, "filter_closed"),
-        Err(_) => (0, 0, "reset"),
+    // A relay that failed (a reset mid-copy) still counts what it moved;
+    // the log names the error and the side it came from.
+    let error = match relayed.end {
+        RelayEnd::Failed { peer, kind } => format!("{}: {kind}", peer.as_str()),
+        _ => String::from("-"),
     };
     tracing::info!(
         listener = %listener,
@@ -274,12 +306,58 @@ pub async fn proxy(
         sni = sni.as_deref().unwrap_or("-"),
         route = %route_name,
         upstream = %addr,
-        to_upstream,
-        to_client,
+        to_upstream = relayed.to_upstream.saturating_add(first_sent),
+        to_client = relayed.to_client,
         duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-        end,
+        end = relayed.end.as_str(),
+        error = error.as_str(),
         "tcp connection"
     );
+}
+
+/// Runs `proxy_on_new_connection`, then the client's first chunk through
+/// the filters, before the upstream connect. The client gets `wait` (the
+/// listener's `detect_timeout`) to send it; a client that stays silent
+/// (server-speaks-first protocols) is connected without it. When a filter
+/// paused in `proxy_on_new_connection`, the connect waits for the first
+/// chunk with no such limit (until the client sends, closes, or the drain
+/// deadline passes). Answers the bytes to send upstream first (empty when
+/// none, or when the filters hold them).
+async fn before_connect(
+    filters: &mut NetworkFilters,
+    client: &mut TcpStream,
+    wait: Duration,
+    close: watch::Receiver<bool>,
+) -> Result<Bytes, Closed> {
+    let paused = filters.new_connection().await?;
+    let mut buf = vec![0u8; FIRST_CHUNK];
+    let read = async {
+        if paused {
+            tokio::select! {
+                r = client.read(&mut buf) => Some(r),
+                () = crate::lifecycle::drain_deadline_passed(close) => None,
+            }
+        } else {
+            tokio::time::timeout(wait, client.read(&mut buf)).await.ok()
+        }
+    };
+    let n = match read.await {
+        // Silent (server-speaks-first), or the drain deadline passed; or
+        // ended before sending: the relay sees (and passes on) the end.
+        None | Some(Ok(0)) => return Ok(Bytes::new()),
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            return Err(Closed {
+                why: format!("reading the client's first bytes: {e}"),
+                failed: false,
+            })
+        }
+    };
+    match filters.data(Side::Downstream, buf.get(..n).unwrap_or_default(), false) {
+        NetVerdict::Forward(b) => Ok(b),
+        NetVerdict::Hold => Ok(Bytes::new()),
+        NetVerdict::Close(closed) => Err(closed),
+    }
 }
 
 /// Connects to the route's cluster: an endpoint the balancer picks (trying

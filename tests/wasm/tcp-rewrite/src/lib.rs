@@ -5,18 +5,21 @@
 //! and prefixes each chunk the upstream sends with `[wasm]`. A client
 //! chunk containing `close` makes it close the connection; one containing
 //! `hold` is held (paused) until the next chunk arrives. Logs its totals
-//! when the connection ends.
+//! when the connection ends. With the plugin configuration `deny` it
+//! closes every connection in `on_new_connection` (an allow-list filter
+//! refusing a peer before anything is sent).
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0) }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0), deny: false }) });
 }}
 
 struct Root {
     ids: (u32, u32),
+    deny: bool,
 }
 
 impl Context for Root {}
@@ -30,12 +33,17 @@ impl RootContext for Root {
         self.ids = (down, up);
         true
     }
+    fn on_configure(&mut self, _size: usize) -> bool {
+        self.deny = self.get_plugin_configuration().as_deref() == Some(&b"deny"[..]);
+        true
+    }
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(Tcp {
             ids: self.ids,
             down: 0,
             up: 0,
             opened: false,
+            deny: self.deny,
         }))
     }
     fn get_type(&self) -> Option<ContextType> {
@@ -48,6 +56,7 @@ struct Tcp {
     down: usize,
     up: usize,
     opened: bool,
+    deny: bool,
 }
 
 impl Context for Tcp {}
@@ -55,6 +64,11 @@ impl Context for Tcp {}
 impl StreamContext for Tcp {
     fn on_new_connection(&mut self) -> Action {
         self.opened = true;
+        if self.deny {
+            log::info!("tcp-rewrite: denied a connection");
+            self.close_downstream();
+            return Action::Pause;
+        }
         Action::Continue
     }
 
