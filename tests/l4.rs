@@ -293,8 +293,8 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[test]
-fn redis_through_a_tcp_listener() {
+/// A Redis server on a free port, answering PING.
+fn start_redis() -> (Killed, u16) {
     if Command::new("redis-server")
         .arg("--version")
         .output()
@@ -303,7 +303,7 @@ fn redis_through_a_tcp_listener() {
         panic!("redis-server is missing: scripts/test.sh installs Debian's redis-server");
     }
     let redis_port = free_port();
-    let _redis = Killed(
+    let redis = Killed(
         Command::new("redis-server")
             .args([
                 "--port",
@@ -325,6 +325,12 @@ fn redis_through_a_tcp_listener() {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (redis, redis_port)
+}
+
+#[test]
+fn redis_through_a_tcp_listener() {
+    let (_redis, redis_port) = start_redis();
     let port = free_port();
     let wasp = Wasp::start(&format!(
         r#"
@@ -755,4 +761,139 @@ endpoints = ["{upstream}"]
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+const FRONT: &str = "spiffe://mesh.local/ns/default/sa/front";
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+
+/// Opaque TCP between two sidecars over mTLS: the app's sidecar sends
+/// Redis to the other's inbound `tcp` listener over TLS with its client
+/// certificate (the cluster's `tls`, as for HTTP); the inbound listener
+/// terminates it, checks the caller's SPIFFE ID against `tls.allow`, and
+/// hands the plain bytes to the local Redis. A caller with another
+/// identity, a plaintext client and an upstream with the wrong identity
+/// are all refused.
+#[test]
+fn redis_over_mtls_between_two_sidecars() {
+    let (_redis, redis_port) = start_redis();
+    let certs = support::TempDir::new("l4-mtls");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "front,reviews,other"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let inbound_port = free_port();
+    let inbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+protocol = "tcp"
+bind = "127.0.0.1:{inbound_port}"
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}"] }}
+  [[listeners.routes]]
+  cluster = "local_redis"
+
+[clusters.local_redis]
+endpoints = ["127.0.0.1:{redis_port}"]
+"#,
+        cert = p("reviews.pem"),
+        key = p("reviews-key.pem"),
+        ca = p("mesh-ca.pem"),
+    ));
+    let (port, intruder_port, wrong_port) = (free_port(), free_port(), free_port());
+    let tls = |who: &str, expect: &str| {
+        format!(
+            r#"tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "reviews", expect_identity = "{expect}" }}"#,
+            ca = p("mesh-ca.pem"),
+            cert = p(&format!("{who}.pem")),
+            key = p(&format!("{who}-key.pem")),
+        )
+    };
+    let outbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "redis"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "reviews"
+
+[[listeners]]
+name = "intruder"
+protocol = "tcp"
+bind = "127.0.0.1:{intruder_port}"
+  [[listeners.routes]]
+  cluster = "as_other"
+
+[[listeners]]
+name = "wrong"
+protocol = "tcp"
+bind = "127.0.0.1:{wrong_port}"
+  [[listeners.routes]]
+  cluster = "wrong_identity"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{front}
+
+[clusters.as_other]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{other}
+
+[clusters.wrong_identity]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{wrong}
+"#,
+        front = tls("front", REVIEWS),
+        other = tls("other", REVIEWS),
+        wrong = tls("front", "spiffe://mesh.local/ns/default/sa/someone-else"),
+    ));
+    assert_eq!(
+        redis_cli(port, &["PING"]),
+        "PONG",
+        "{}",
+        outbound.log_text()
+    );
+    assert_eq!(redis_cli(port, &["SET", "hop", "mtls"]), "OK");
+    assert_eq!(redis_cli(port, &["GET", "hop"]), "mtls");
+    assert_eq!(redis_cli(redis_port, &["GET", "hop"]), "mtls");
+
+    // Refused: another identity, plaintext, the wrong upstream identity.
+    assert_ne!(redis_cli(intruder_port, &["PING"]), "PONG");
+    assert_ne!(redis_cli(inbound_port, &["PING"]), "PONG");
+    assert_ne!(redis_cli(wrong_port, &["PING"]), "PONG");
+
+    let metrics = inbound.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"inbound\"", "code=\"unauthorized_peer\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_tcp_connections_total",
+            &["listener=\"inbound\"", "cluster=\"local_redis\""]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    let metrics = outbound.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"wrong\"", "code=\"upstream_tls\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }

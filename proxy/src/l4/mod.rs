@@ -19,18 +19,30 @@
 //! hash key for `ring_hash`/`maglev`); a refused or timed-out connect is an
 //! outlier failure and another endpoint is tried, up to [`CONNECT_TRIES`].
 //! The connect counts as the try's latency (peak EWMA), not the whole
-//! connection. Cluster `tls` is not applied at L4 (bytes pass as they are).
+//! connection.
+//!
+//! mTLS between sidecars for opaque TCP: a `tcp` listener with `tls`
+//! terminates it (its `client_ca` and `allow` list of SPIFFE IDs decide who
+//! may connect; `sni` routes see the handshake's server name), and a route
+//! to a cluster with `tls` originates it (client certificate, CA,
+//! `expect_identity`, as HTTP to that cluster does). Without them TLS
+//! passes through untouched, routed by the peeked ClientHello.
 //!
 //! A listener's `pipeline` names Proxy-Wasm network filters
-//! (`filter::network`): they see the connection open, every chunk each way
-//! (and may rewrite, hold or close), and both ends.
+//! (`filter::network`): they see the connection open and the client's
+//! first chunk *before* the upstream connect (so a filter that refuses a
+//! connection leaves the upstream without one; a client silent for
+//! `detect_timeout` is connected without waiting longer), then every chunk
+//! each way (and may rewrite, hold or close), and both ends.
 //!
 //! A connection ends when both sides have closed (half-close is passed on),
 //! at `limits.tcp_idle_timeout`, or when the listener's drain timeout
 //! passes; the serve loop's drain waits for it before that. Failures close
 //! the client's connection (there is no response to carry `x-wasp-error`):
 //! they are counted in `wasp_proxy_errors_total` with their code and logged
-//! once; every proxied connection has one access log line at its end.
+//! once; every proxied connection has one access log line at its end, with
+//! the bytes moved each way even when it ended in an error (`end="reset"`
+//! and `error="<side>: <what>"`).
 
 pub use crate::route::TcpMatch;
 
@@ -39,7 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -49,6 +61,7 @@ use crate::errors::ErrorCode;
 use crate::filter::network::{Closed, NetVerdict, NetworkFilters, Side};
 use crate::route::PASSTHROUGH;
 use crate::snapshot::Snapshots;
+use crate::tls::{ClientTls, UpstreamTlsError};
 use crate::upstream::balance::PickContext;
 use crate::upstream::{Admission, Upstream, WorkerPools, PASSTHROUGH_CONNECT_TIMEOUT};
 
@@ -77,6 +90,10 @@ pub struct Accepted {
     pub sniffed: bool,
 }
 
+/// A connection's byte stream either side: plain TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// Why a connection was not proxied.
 struct Refused {
     code: ErrorCode,
@@ -90,7 +107,7 @@ pub async fn proxy(
     snapshots: &Snapshots,
     pools: &WorkerPools,
     listener: Arc<str>,
-    mut conn: Accepted,
+    conn: Accepted,
     close: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
@@ -101,11 +118,51 @@ pub async fn proxy(
     };
     let runtime = cfg;
     let mut sni = conn.sni.clone();
-    if !conn.sniffed && cfg.tcp_routes.iter().any(|r| r.matcher.wants_sni()) {
-        if let Detection::Tls(hello) =
-            crate::capture::peek::sniff(&conn.stream, cfg.l4.detect_timeout).await
-        {
-            sni = hello.sni;
+    // A listener with `tls` terminates it (mTLS between sidecars): the
+    // routes see the handshake's server name, the allow list its peer.
+    let (mut client, principal): (Box<dyn Io>, Option<Arc<str>>) = match cfg.tls.clone() {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let limit = cfg.limits.header_timeout;
+            let stream = match tokio::time::timeout(limit, acceptor.accept(conn.stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tls.handshake_failed(conn.peer, &e);
+                    return;
+                }
+                Err(_) => {
+                    tls.handshake_timed_out(conn.peer, limit);
+                    return;
+                }
+            };
+            runtime.stats.tls_handshakes.inc();
+            let session = &stream.get_ref().1;
+            sni = session.server_name().map(str::to_string);
+            let principal = crate::tls::peer_identity(session.peer_certificates());
+            (Box::new(stream), principal)
+        }
+        None => {
+            if !conn.sniffed && cfg.tcp_routes.iter().any(|r| r.matcher.wants_sni()) {
+                if let Detection::Tls(hello) =
+                    crate::capture::peek::sniff(&conn.stream, cfg.l4.detect_timeout).await
+                {
+                    sni = hello.sni;
+                }
+            }
+            (Box::new(conn.stream), None)
+        }
+    };
+    if let Some(allow) = &cfg.allow {
+        if !allow.permits(principal.as_deref()) {
+            runtime.stats.error(ErrorCode::UnauthorizedPeer);
+            tracing::info!(
+                listener = %listener,
+                peer = %conn.peer,
+                principal = principal.as_deref().unwrap_or("-"),
+                code = ErrorCode::UnauthorizedPeer.as_str(),
+                "tcp connection closed: the peer's identity is not on the listener's tls.allow"
+            );
+            return;
         }
     }
     let routed = cfg
@@ -158,7 +215,7 @@ pub async fn proxy(
             protocol: "TCP",
             request_id: Arc::from(""),
             start: std::time::SystemTime::now(),
-            principal: None,
+            principal: principal.clone(),
         };
         snapshot.filters.network(&cfg.pipeline, info)
     });
@@ -166,7 +223,7 @@ pub async fn proxy(
     // that closes the connection here means the upstream never sees one.
     let mut first = Bytes::new();
     if let Some(f) = filters.as_mut() {
-        let early = before_connect(f, &mut conn.stream, cfg.l4.detect_timeout, close.clone());
+        let early = before_connect(f, &mut client, cfg.l4.detect_timeout, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
             Err(closed) => {
@@ -188,8 +245,8 @@ pub async fn proxy(
             }
         }
     }
-    let connected = connect(upstream, cluster_id, &conn).await;
-    let (mut server, addr, _admission) = match connected {
+    let connected = connect(upstream, cluster_id, conn.peer, conn.original_dst).await;
+    let (server, addr, _admission) = match connected {
         Ok(c) => c,
         Err(refused) => {
             runtime.stats.error(refused.code);
@@ -204,6 +261,32 @@ pub async fn proxy(
             );
             return;
         }
+    };
+    // A cluster with `tls` gets the bytes over TLS (its client certificate,
+    // CA and expected identity, as HTTP to it would).
+    let cluster_tls = snapshot
+        .clusters
+        .get(cluster_id)
+        .and_then(|c| c.tls.clone());
+    let mut server: Box<dyn Io> = match cluster_tls {
+        None => Box::new(server),
+        Some(tls) => match upstream_tls(&tls, server, addr, upstream.connect_timeout()).await {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                tls.handshake_failed(e.code);
+                runtime.stats.error(ErrorCode::UpstreamTls);
+                tracing::info!(
+                    listener = %listener,
+                    peer = %conn.peer,
+                    route = %route_name,
+                    upstream = %addr,
+                    code = ErrorCode::UpstreamTls.as_str(),
+                    reason = e.code,
+                    "tcp connection closed: TLS to the upstream failed: {}", e.detail
+                );
+                return;
+            }
+        },
     };
     // The first chunk the filters already passed goes first.
     let mut first_sent = 0u64;
@@ -266,7 +349,7 @@ pub async fn proxy(
         }
     };
     let relayed = relay_tapped(
-        conn.stream,
+        client,
         server,
         idle,
         crate::lifecycle::drain_deadline_passed(close),
@@ -325,7 +408,7 @@ pub async fn proxy(
 /// none, or when the filters hold them).
 async fn before_connect(
     filters: &mut NetworkFilters,
-    client: &mut TcpStream,
+    client: &mut Box<dyn Io>,
     wait: Duration,
     close: watch::Receiver<bool>,
 ) -> Result<Bytes, Closed> {
@@ -366,10 +449,11 @@ async fn before_connect(
 async fn connect(
     upstream: &Upstream,
     cluster_id: usize,
-    conn: &Accepted,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
 ) -> Result<(TcpStream, SocketAddr, Option<Admission>), Refused> {
     if cluster_id == PASSTHROUGH {
-        let Some(dst) = conn.original_dst else {
+        let Some(dst) = original_dst else {
             return Err(Refused {
                 code: ErrorCode::NoEndpoint,
                 why: "the passthrough cluster needs a captured connection (it has no original destination)".into(),
@@ -396,7 +480,7 @@ async fn connect(
     let no_headers = http::HeaderMap::new();
     let hash_key = upstream
         .state
-        .hash_key(&no_headers, conn.peer.ip(), &mut key_buf);
+        .hash_key(&no_headers, peer.ip(), &mut key_buf);
     let ctx = PickContext { hash_key };
     let mut avoid = None;
     let mut last = String::new();
@@ -438,6 +522,30 @@ async fn connect(
         code: ErrorCode::UpstreamConnect,
         why: last,
     })
+}
+
+/// TLS to an upstream over an open connection, bounded by `limit`: the
+/// cluster's client certificate, CA and `expect_identity` (checked by its
+/// verifier), the name from `tls.sni` or else the endpoint's address.
+async fn upstream_tls(
+    tls: &ClientTls,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamTlsError> {
+    let name = tls.server_name(&addr.ip().to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config());
+    match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(UpstreamTlsError {
+            code: crate::tls::reason(&e),
+            detail: crate::tls::describe(&e),
+        }),
+        Err(_) => Err(UpstreamTlsError {
+            code: "timeout",
+            detail: format!("no handshake within {limit:?}"),
+        }),
+    }
 }
 
 async fn dial(addr: SocketAddr, limit: Duration) -> Result<TcpStream, String> {
