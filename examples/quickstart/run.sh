@@ -12,6 +12,9 @@
 #
 # Every sidecar runs Wasm filters built from filters/: trace-context,
 # access-log, metrics, and on productpage's outbound side the canary router.
+# Run as root with ip netns and iptables, it also shows transparent capture:
+# an unmodified curl in a pod network namespace of its own, redirected into
+# a sidecar by `wasp iptables` (skipped, saying why, elsewhere).
 # Builds everything, starts the mesh, sends traffic, prints what the
 # filters did, then keeps serving until Ctrl-C.
 set -euo pipefail
