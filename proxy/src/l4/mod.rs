@@ -223,7 +223,8 @@ pub async fn proxy(
     // that closes the connection here means the upstream never sees one.
     let mut first = Bytes::new();
     if let Some(f) = filters.as_mut() {
-        let early = before_connect(f, &mut client, cfg.l4.detect_timeout, close.clone());
+        let waits = (cfg.l4.detect_timeout, cfg.l4.idle_timeout.unwrap_or(NEVER));
+        let early = before_connect(f, &mut client, waits, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
             Err(closed) => {
@@ -403,13 +404,14 @@ pub async fn proxy(
 /// listener's `detect_timeout`) to send it; a client that stays silent
 /// (server-speaks-first protocols) is connected without it. When a filter
 /// paused in `proxy_on_new_connection`, the connect waits for the first
-/// chunk with no such limit (until the client sends, closes, or the drain
-/// deadline passes). Answers the bytes to send upstream first (empty when
-/// none, or when the filters hold them).
+/// chunk up to `idle` (the listener's `tcp_idle_timeout`: a connection
+/// where nothing moved for that long is closed, as the relay would) or
+/// until the drain deadline passes. Answers the bytes to send upstream
+/// first (empty when none, or when the filters hold them).
 async fn before_connect(
     filters: &mut NetworkFilters,
     client: &mut Box<dyn Io>,
-    wait: Duration,
+    (wait, idle): (Duration, Duration),
     close: watch::Receiver<bool>,
 ) -> Result<Bytes, Closed> {
     let paused = filters.new_connection().await?;
@@ -417,7 +419,12 @@ async fn before_connect(
     let read = async {
         if paused {
             tokio::select! {
-                r = client.read(&mut buf) => Some(r),
+                r = tokio::time::timeout(idle, client.read(&mut buf)) => Some(r.unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "nothing within tcp_idle_timeout while a filter waited for it",
+                    ))
+                })),
                 () = crate::lifecycle::drain_deadline_passed(close) => None,
             }
         } else {
