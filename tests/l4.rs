@@ -586,6 +586,7 @@ async fn network_filters_decide_before_the_upstream_is_connected() {
     let deny_port = free_port();
     let port = free_port();
     let banner_port = free_port();
+    let wait_port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
     let wasp = Wasp::start_in(
         dir,
@@ -600,6 +601,19 @@ config = "deny"
 
 [filters.tcprw]
 module = "tcp-rewrite.wasm"
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{wait_port}"
+pipeline = ["wait"]
+limits = {{ detect_timeout = "100ms" }}
+  [[listeners.routes]]
+  cluster = "banner"
 
 [[listeners]]
 name = "deny"
@@ -669,6 +683,20 @@ endpoints = ["{banner}"]
     let mut s = TcpStream::connect(loopback(banner_port))
         .await
         .expect("connect");
+    assert_eq!(read_line(&mut s).await, "[wasm]hello from db");
+
+    // A filter that paused in proxy_on_new_connection: no connect (so no
+    // banner) until the client sends, well past detect_timeout.
+    let mut s = TcpStream::connect(loopback(wait_port))
+        .await
+        .expect("connect");
+    let mut early = [0u8; 64];
+    let silent = tokio::time::timeout(Duration::from_millis(600), s.read(&mut early)).await;
+    assert!(
+        silent.is_err(),
+        "connected before the client sent: {silent:?}"
+    );
+    s.write_all(b"x").await.expect("write");
     assert_eq!(read_line(&mut s).await, "[wasm]hello from db");
 
     let metrics = wasp.metrics();

@@ -7,19 +7,21 @@
 //! `hold` is held (paused) until the next chunk arrives. Logs its totals
 //! when the connection ends. With the plugin configuration `deny` it
 //! closes every connection in `on_new_connection` (an allow-list filter
-//! refusing a peer before anything is sent).
+//! refusing a peer before anything is sent); with `wait` it pauses there
+//! (the proxy then connects upstream only once the client has sent).
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0), deny: false }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0), deny: false, wait: false }) });
 }}
 
 struct Root {
     ids: (u32, u32),
     deny: bool,
+    wait: bool,
 }
 
 impl Context for Root {}
@@ -34,7 +36,9 @@ impl RootContext for Root {
         true
     }
     fn on_configure(&mut self, _size: usize) -> bool {
-        self.deny = self.get_plugin_configuration().as_deref() == Some(&b"deny"[..]);
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        self.deny = config == b"deny";
+        self.wait = config == b"wait";
         true
     }
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
@@ -44,6 +48,7 @@ impl RootContext for Root {
             up: 0,
             opened: false,
             deny: self.deny,
+            wait: self.wait,
         }))
     }
     fn get_type(&self) -> Option<ContextType> {
@@ -57,6 +62,7 @@ struct Tcp {
     up: usize,
     opened: bool,
     deny: bool,
+    wait: bool,
 }
 
 impl Context for Tcp {}
@@ -67,6 +73,9 @@ impl StreamContext for Tcp {
         if self.deny {
             log::info!("tcp-rewrite: denied a connection");
             self.close_downstream();
+            return Action::Pause;
+        }
+        if self.wait {
             return Action::Pause;
         }
         Action::Continue
