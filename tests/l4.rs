@@ -925,3 +925,68 @@ endpoints = ["127.0.0.1:{inbound_port}"]
         "{metrics}"
     );
 }
+
+/// A client that sends the start of a ClientHello (or of a request line)
+/// and then ends its side, on a listener that peeks for the server name:
+/// the detection must see the end, not look at the same byte forever. With
+/// one worker, a detection that spins would leave every later connection
+/// unanswered and the drain unfinished.
+#[tokio::test]
+async fn a_client_ending_inside_a_prefix_does_not_hang_the_worker() {
+    let a = banner_server("a").await;
+    let echo = echo_server().await;
+    let port = free_port();
+    let mut wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+drain_timeout = "2s"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  name = "to-a"
+  match = {{ sni = "a.example" }}
+  cluster = "a"
+  [[listeners.routes]]
+  name = "plain"
+  match = {{ port = {port} }}
+  cluster = "echo"
+
+[clusters.a]
+endpoints = ["{a}"]
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let listener = loopback(port);
+    for prefix in [&b"\x16"[..], b"G", b"\x16\x03\x01"] {
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(prefix).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        // Undecided, so no `sni` route: the plain route echoes it back.
+        let mut back = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        assert!(end.is_ok(), "{prefix:?} then FIN: not closed");
+        assert_eq!(back, prefix, "{prefix:?}");
+        // The worker still serves the next client.
+        let hello = client_hello("a.example");
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(&hello).await.expect("send hello");
+        assert_eq!(
+            read_line(&mut s).await,
+            "hello from a",
+            "after {prefix:?} then FIN\n{}",
+            wasp.log_text()
+        );
+    }
+    // And drains: a hung worker would never let the process exit.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"\x16").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    wasp.signal("TERM");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+}
