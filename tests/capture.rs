@@ -499,8 +499,11 @@ capture = "inbound"
 [clusters.reviews]
 endpoints = ["127.0.0.1:18080"]
 
+# Its `tls` is for HTTP routed here; the app's own TLS passed through at
+# L4 is never wrapped in it.
 [clusters.tls]
 endpoints = ["127.0.0.1:18443"]
+tls = { sni = "tls.svc" }
 "#,
     )
     .expect("write config");

@@ -990,3 +990,43 @@ endpoints = ["{echo}"]
     wasp.signal("TERM");
     assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// The client's own TLS routed by `sni` to a cluster with `tls`: passed
+/// through as the client sent it (the upstream gets the very ClientHello),
+/// never wrapped in a second TLS of wasp's.
+#[tokio::test]
+async fn a_client_hello_routed_by_sni_is_not_wrapped_in_the_clusters_tls() {
+    let a = banner_server("a").await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ sni = "a.example" }}
+  cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+tls = {{ sni = "a.example" }}
+"#
+    ));
+    let hello = client_hello("a.example");
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(&hello).await.expect("send hello");
+    assert_eq!(
+        read_line(&mut s).await,
+        "hello from a",
+        "{}",
+        wasp.log_text()
+    );
+    assert_eq!(
+        read_line(&mut s).await,
+        format!("a got {} bytes starting 16", hello.len())
+    );
+}

@@ -26,7 +26,9 @@
 //! may connect; `sni` routes see the handshake's server name), and a route
 //! to a cluster with `tls` originates it (client certificate, CA,
 //! `expect_identity`, as HTTP to that cluster does). Without them TLS
-//! passes through untouched, routed by the peeked ClientHello.
+//! passes through untouched, routed by the peeked ClientHello; a cluster's
+//! `tls` is never put around it (TLS in TLS), nor applied on capture
+//! listeners, whose L4 bytes go on as the app sent them.
 //!
 //! A listener's `pipeline` names Proxy-Wasm network filters
 //! (`filter::network`): they see the connection open and the client's
@@ -118,6 +120,9 @@ pub async fn proxy(
     };
     let runtime = cfg;
     let mut sni = conn.sni.clone();
+    // The client's own TLS, passed through (its ClientHello was peeked):
+    // never wrapped in the cluster's TLS as well.
+    let mut client_tls = false;
     // A listener with `tls` terminates it (mTLS between sidecars): the
     // routes see the handshake's server name, the allow list its peer.
     let (mut client, principal): (Box<dyn Io>, Option<Arc<str>>) = match cfg.tls.clone() {
@@ -147,6 +152,7 @@ pub async fn proxy(
                     crate::capture::peek::sniff(&conn.stream, cfg.l4.detect_timeout).await
                 {
                     sni = hello.sni;
+                    client_tls = true;
                 }
             }
             (Box::new(conn.stream), None)
@@ -264,11 +270,17 @@ pub async fn proxy(
         }
     };
     // A cluster with `tls` gets the bytes over TLS (its client certificate,
-    // CA and expected identity, as HTTP to it would).
+    // CA and expected identity, as HTTP to it would), from a `tcp`
+    // listener only, and never around the client's own TLS: a capture
+    // listener passes the app's bytes (opaque or TLS routed by SNI) on as
+    // the app sent them, and a ClientHello routed by `sni` wrapped again
+    // would be TLS in TLS that no server reads.
+    let originate = cfg.l4.is_tcp() && !client_tls && !conn.sniffed;
     let cluster_tls = snapshot
         .clusters
         .get(cluster_id)
-        .and_then(|c| c.tls.clone());
+        .and_then(|c| c.tls.clone())
+        .filter(|_| originate);
     let mut server: Box<dyn Io> = match cluster_tls {
         None => Box::new(server),
         Some(tls) => match upstream_tls(&tls, server, addr, upstream.connect_timeout()).await {
