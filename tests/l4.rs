@@ -575,10 +575,10 @@ async fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsi
 }
 
 /// Network filters run before the upstream connect (as Envoy's do): a
-/// filter that refuses in `proxy_on_new_connection`, or closes on the
-/// client's first bytes, leaves the upstream without a single accept; a
-/// silent client (server speaks first) is still connected once the
-/// listener's `detect_timeout` passes.
+/// filter that refuses in `proxy_on_new_connection`, or pauses there and
+/// closes on the client's first bytes, leaves the upstream without a
+/// single accept; with no filter asking to wait, a silent client (server
+/// speaks first) is connected at once, not after `detect_timeout`.
 #[tokio::test]
 async fn network_filters_decide_before_the_upstream_is_connected() {
     let (echo, accepted) = counting_echo_server().await;
@@ -587,6 +587,7 @@ async fn network_filters_decide_before_the_upstream_is_connected() {
     let port = free_port();
     let banner_port = free_port();
     let wait_port = free_port();
+    let waitclose_port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
     let wasp = Wasp::start_in(
         dir,
@@ -616,6 +617,14 @@ limits = {{ detect_timeout = "100ms" }}
   cluster = "banner"
 
 [[listeners]]
+name = "waitclose"
+protocol = "tcp"
+bind = "127.0.0.1:{waitclose_port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
 name = "deny"
 protocol = "tcp"
 bind = "127.0.0.1:{deny_port}"
@@ -636,7 +645,8 @@ name = "banner"
 protocol = "tcp"
 bind = "127.0.0.1:{banner_port}"
 pipeline = ["tcprw"]
-limits = {{ detect_timeout = "200ms" }}
+# Not waited for: no filter paused.
+limits = {{ detect_timeout = "30s" }}
   [[listeners.routes]]
   cluster = "banner"
 
@@ -660,8 +670,9 @@ endpoints = ["{banner}"]
     for _ in 0..3 {
         closed_at_once(loopback(deny_port), b"let me in").await;
     }
-    // Closed by the filter on the first chunk: no connect either.
-    closed_at_once(loopback(port), b"please close").await;
+    // Paused, then closed by the filter on the first chunk: no connect
+    // either.
+    closed_at_once(loopback(waitclose_port), b"please close").await;
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         0,
@@ -679,7 +690,8 @@ endpoints = ["{banner}"]
     drop(s);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
-    // Server speaks first: the silent client is connected anyway.
+    // Server speaks first: the silent client is connected at once (well
+    // before the 30 s detect_timeout; read_line gives up after 5 s).
     let mut s = TcpStream::connect(loopback(banner_port))
         .await
         .expect("connect");
@@ -713,7 +725,7 @@ endpoints = ["{banner}"]
         metric_value(
             &metrics,
             "wasp_proxy_errors_total",
-            &["listener=\"tcp\"", "code=\"filter_closed_stream\""]
+            &["listener=\"waitclose\"", "code=\"filter_closed_stream\""]
         ),
         Some(1.0),
         "{metrics}"

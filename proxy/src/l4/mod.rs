@@ -33,8 +33,10 @@
 //! A listener's `pipeline` names Proxy-Wasm network filters
 //! (`filter::network`): they see the connection open and the client's
 //! first chunk *before* the upstream connect (so a filter that refuses a
-//! connection leaves the upstream without one; a client silent for
-//! `detect_timeout` is connected without waiting longer), then every chunk
+//! connection leaves the upstream without one). Only a filter that paused
+//! in `proxy_on_new_connection` makes the connect wait for the client's
+//! first bytes; otherwise the first chunk is what the client has already
+//! sent and the connect is immediate. Then they see every chunk
 //! each way (and may rewrite, hold or close), and both ends.
 //!
 //! A connection ends when both sides have closed (half-close is passed on),
@@ -229,8 +231,8 @@ pub async fn proxy(
     // that closes the connection here means the upstream never sees one.
     let mut first = Bytes::new();
     if let Some(f) = filters.as_mut() {
-        let waits = (cfg.l4.detect_timeout, cfg.l4.idle_timeout.unwrap_or(NEVER));
-        let early = before_connect(f, &mut client, waits, close.clone());
+        let idle = cfg.l4.idle_timeout.unwrap_or(NEVER);
+        let early = before_connect(f, &mut client, idle, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
             Err(closed) => {
@@ -412,18 +414,18 @@ pub async fn proxy(
 }
 
 /// Runs `proxy_on_new_connection`, then the client's first chunk through
-/// the filters, before the upstream connect. The client gets `wait` (the
-/// listener's `detect_timeout`) to send it; a client that stays silent
-/// (server-speaks-first protocols) is connected without it. When a filter
-/// paused in `proxy_on_new_connection`, the connect waits for the first
-/// chunk up to `idle` (the listener's `tcp_idle_timeout`: a connection
-/// where nothing moved for that long is closed, as the relay would) or
-/// until the drain deadline passes. Answers the bytes to send upstream
-/// first (empty when none, or when the filters hold them).
+/// the filters, before the upstream connect. Only a filter that paused in
+/// `proxy_on_new_connection` makes the connect wait for the client's first
+/// bytes (up to `idle`, the listener's `tcp_idle_timeout`, or until the
+/// drain deadline passes); otherwise the bytes already queued are the
+/// first chunk (none when the client has not sent yet) and the connect
+/// happens at once, as Envoy connects unless a filter asks to receive
+/// first. Answers the bytes to send upstream first (empty when none, or
+/// when the filters hold them).
 async fn before_connect(
     filters: &mut NetworkFilters,
     client: &mut Box<dyn Io>,
-    (wait, idle): (Duration, Duration),
+    idle: Duration,
     close: watch::Receiver<bool>,
 ) -> Result<Bytes, Closed> {
     let paused = filters.new_connection().await?;
@@ -440,7 +442,11 @@ async fn before_connect(
                 () = crate::lifecycle::drain_deadline_passed(close) => None,
             }
         } else {
-            tokio::time::timeout(wait, client.read(&mut buf)).await.ok()
+            // No filter asked to wait: only what the client has already
+            // sent goes through them first, and the connect happens now
+            // (a server that speaks first is not kept waiting). Later
+            // bytes reach the filters through the relay.
+            queued(client, &mut buf).await
         }
     };
     let n = match read.await {
@@ -459,6 +465,21 @@ async fn before_connect(
         NetVerdict::Forward(b) => Ok(b),
         NetVerdict::Hold => Ok(Bytes::new()),
         NetVerdict::Close(closed) => Err(closed),
+    }
+}
+
+/// What the client has already sent (at most `buf`), without waiting:
+/// `None` when nothing is queued yet.
+async fn queued(client: &mut Box<dyn Io>, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    let mut read = tokio::io::ReadBuf::new(buf);
+    let polled = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut *client).poll_read(cx, &mut read))
+    })
+    .await;
+    match polled {
+        std::task::Poll::Ready(Ok(())) => Some(Ok(read.filled().len())),
+        std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+        std::task::Poll::Pending => None,
     }
 }
 
