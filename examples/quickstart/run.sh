@@ -47,10 +47,14 @@ for port in 9080 9081 9082 9083 9084 9901 9902 15001 15006 16006 16007; do
 done
 
 pids=()
-pod_ns=""
+# The capture step's namespace and process ids (it runs in a subshell of
+# its own, see below), removed here whatever happened to the step.
+pod_ns="wasp-quickstart-pod-$$"
+pod_pids="$logs/pod.pids"
+: > "$pod_pids"
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
-  if [ -n "$pod_ns" ]; then ip netns del "$pod_ns" 2>/dev/null || true; fi
+  for p in "${pids[@]}" $(cat "$pod_pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [ -e "/var/run/netns/$pod_ns" ]; then ip netns del "$pod_ns" 2>/dev/null || true; fi
 }
 
 # Transparent capture: an app that knows nothing about the proxy (plain
@@ -58,6 +62,8 @@ cleanup() {
 # `wasp iptables` send the connection to the sidecar. Runs in a network
 # namespace of its own (a "pod"), never on the host's own tables, and only
 # where that is possible: as root, with `ip netns`, iptables and setpriv.
+# Runs in a subshell (see capture_step_isolated): a failure here ends this
+# step only, never the rest of the quickstart.
 capture_step() {
   echo "==> transparent capture: an unmodified client in a pod network namespace"
   local why=""
@@ -66,13 +72,12 @@ capture_step() {
   elif ! command -v iptables-restore >/dev/null; then why="iptables is not installed (apt-get install iptables)"
   elif ! command -v setpriv >/dev/null; then why="setpriv (util-linux) is not installed"
   fi
-  local ns="wasp-quickstart-pod-$$"
+  local ns="$pod_ns"
   if [ -z "$why" ] && ! ip netns add "$ns" 2>/dev/null; then why="the kernel refused a network namespace here"; fi
   if [ -n "$why" ]; then
     echo "    skipped: $why"
     return 0
   fi
-  pod_ns=$ns
   local inns="ip netns exec $ns"
   $inns ip link set lo up
   # A veth pair gives the pod a route to "service addresses" in 10.77.0.0/24.
@@ -81,6 +86,9 @@ capture_step() {
   $inns ip link set v0 up
   $inns ip link set v1 up
   local dir; dir=$(mktemp -d)
+  # The step's own processes end with it (the pod is gone afterwards);
+  # the main cleanup also has their ids, for a Ctrl-C meanwhile.
+  trap "kill \$(cat '$pod_pids') 2>/dev/null; wait 2>/dev/null; rm -rf '$dir'" EXIT
   cat > "$dir/pod.toml" <<TOML
 # The pod's sidecar: runs as uid 1337; the app's outbound TCP is redirected
 # to the capture listener, which routes HTTP by Host.
@@ -99,8 +107,8 @@ capture = "outbound"
 endpoints = ["127.0.0.1:19081"]
 TOML
   chmod -R a+rX "$dir"
-  $inns "$bin/demo-app" reviews-in-pod 127.0.0.1:19081 >"$logs/pod-reviews.log" 2>&1 & pids+=($!)
-  $inns setpriv --reuid 1337 --regid 1337 --clear-groups "$bin/wasp" run --config "$dir/pod.toml" >"$logs/pod-sidecar.log" 2>&1 & pids+=($!)
+  $inns "$bin/demo-app" reviews-in-pod 127.0.0.1:19081 >"$logs/pod-reviews.log" 2>&1 & echo $! >> "$pod_pids"
+  $inns setpriv --reuid 1337 --regid 1337 --clear-groups "$bin/wasp" run --config "$dir/pod.toml" >"$logs/pod-sidecar.log" 2>&1 & echo $! >> "$pod_pids"
   for _ in $(seq 100); do $inns curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && break; sleep 0.1; done
   echo "    wasp iptables --proxy-uid 1337 (in the pod namespace; --dry-run prints the rules):"
   $inns "$bin/wasp" iptables --proxy-uid 1337 --ipv6 auto 2>&1 | sed "s/^/      /"
@@ -111,6 +119,17 @@ TOML
   echo "    the pod sidecar counted it: $($inns curl -s http://127.0.0.1:9901/metrics | grep -E '^wasp_requests_total\{listener="outbound"' | grep -v ' 0$' | head -1)"
   $inns "$bin/wasp" iptables --cleanup --ipv6 auto >/dev/null 2>&1
   echo "    wasp iptables --cleanup removed the rules: $($inns iptables -t nat -S | grep -c WASP || true) WASP rules left"
+}
+
+# The capture step with `set -e` still in force inside it (a subshell on
+# the left of `||` would run with -e ignored, so it runs in the background
+# and is waited for) and its failure reported, not fatal.
+capture_step_isolated() {
+  ( capture_step ) &
+  local step=$!
+  if ! wait "$step"; then
+    echo "    capture step failed (see $logs/pod-sidecar.log, $logs/pod-reviews.log); the rest of the quickstart is unaffected"
+  fi
 }
 trap cleanup EXIT INT TERM
 
@@ -193,7 +212,7 @@ v2=0; for i in $(seq 10); do curl -s -H "x-user: again-$i" http://127.0.0.1:1500
 echo "    after the edit: $v2/10 calls went to reviews-v2 (generation $(curl -s http://127.0.0.1:9901/reload))"
 restore
 echo
-capture_step
+capture_step_isolated
 echo
 echo "Sidecar admin APIs: http://127.0.0.1:9901 (productpage), http://127.0.0.1:9902 (reviews): /ready /metrics /config"
 echo "Logs: $logs"
