@@ -88,7 +88,8 @@ capture_step() {
   local dir; dir=$(mktemp -d)
   # The step's own processes end with it (the pod is gone afterwards);
   # the main cleanup also has their ids, for a Ctrl-C meanwhile.
-  trap "kill \$(cat '$pod_pids') 2>/dev/null; wait 2>/dev/null; rm -rf '$dir'" EXIT
+  # (set -e holds in the trap too: nothing in it may fail.)
+  trap "rm -rf '$dir'; kill \$(cat '$pod_pids') 2>/dev/null || true; wait 2>/dev/null || true" EXIT
   cat > "$dir/pod.toml" <<TOML
 # The pod's sidecar: runs as uid 1337; the app's outbound TCP is redirected
 # to the capture listener, which routes HTTP by Host.
