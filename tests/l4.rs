@@ -1042,3 +1042,82 @@ tls = {{ sni = "a.example" }}
         format!("a got {} bytes starting 16", hello.len())
     );
 }
+
+/// A client gone before the upstream connect, while a network filter
+/// waits for its first bytes (it reset; it sent nothing within the wait):
+/// logged with that end like any connection, not counted as a filter that
+/// closed the stream.
+#[tokio::test]
+async fn a_client_gone_before_the_connect_is_its_end_not_a_filter_code() {
+    let (echo, accepted) = counting_echo_server().await;
+    let port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+limits = {{ tcp_idle_timeout = "300ms" }}
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    // Reset before sending anything.
+    let s = TcpStream::connect(loopback(port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+    // Silent past the wait.
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "a silent client was not closed");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = wasp.log_text();
+        let lines = log.lines().filter(|l| l.contains("tcp connection"));
+        let reset = lines
+            .clone()
+            .any(|l| l.contains("end=\"reset\"") && l.contains("error=\"client: connection reset"));
+        let idle = lines.clone().any(|l| l.contains("end=\"idle_timeout\""));
+        if reset && idle {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no reset and idle lines:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        log.contains("tcp-rewrite: opened=true down=0 up=0"),
+        "the filter saw no end:\n{log}"
+    );
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"wait\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

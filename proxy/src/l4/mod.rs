@@ -60,7 +60,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::capture::detect::Detection;
-use crate::capture::relay::{relay_tapped, RelayEnd, Tapped};
+use crate::capture::relay::{relay_tapped, Peer, RelayEnd, Tapped};
 use crate::errors::ErrorCode;
 use crate::filter::network::{Closed, NetVerdict, NetworkFilters, Side};
 use crate::route::PASSTHROUGH;
@@ -97,6 +97,16 @@ pub struct Accepted {
 /// A connection's byte stream either side: plain TCP, or TLS over it.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How a connection ended before its upstream connect.
+enum Early {
+    /// A network filter closed it (or failed): counted under its code.
+    Filter(Closed),
+    /// The client's side: it reset, sent nothing in time while a filter
+    /// waited, or the drain deadline passed. Not a proxy error: logged with
+    /// this end (`reset`, `idle_timeout`, `drained`) as the relay would.
+    Client(RelayEnd),
+}
 
 /// Why a connection was not proxied.
 struct Refused {
@@ -235,7 +245,31 @@ pub async fn proxy(
         let early = before_connect(f, &mut client, idle, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
-            Err(closed) => {
+            Err(Early::Client(end)) => {
+                if let Some(f) = filters.take() {
+                    f.finish();
+                }
+                let error = match end {
+                    RelayEnd::Failed { peer, kind } => format!("{}: {kind}", peer.as_str()),
+                    _ => String::from("-"),
+                };
+                tracing::info!(
+                    listener = %listener,
+                    peer = %conn.peer,
+                    dst = %conn.dst,
+                    sni = sni.as_deref().unwrap_or("-"),
+                    route = %route_name,
+                    upstream = "-",
+                    to_upstream = 0u64,
+                    to_client = 0u64,
+                    duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    end = end.as_str(),
+                    error = error.as_str(),
+                    "tcp connection"
+                );
+                return;
+            }
+            Err(Early::Filter(closed)) => {
                 let code = if closed.failed {
                     ErrorCode::FilterFailed
                 } else {
@@ -427,18 +461,16 @@ async fn before_connect(
     client: &mut Box<dyn Io>,
     idle: Duration,
     close: watch::Receiver<bool>,
-) -> Result<Bytes, Closed> {
-    let paused = filters.new_connection().await?;
+) -> Result<Bytes, Early> {
+    let paused = filters.new_connection().await.map_err(Early::Filter)?;
     let mut buf = vec![0u8; FIRST_CHUNK];
     let read = async {
         if paused {
             tokio::select! {
-                r = tokio::time::timeout(idle, client.read(&mut buf)) => Some(r.unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "nothing within tcp_idle_timeout while a filter waited for it",
-                    ))
-                })),
+                r = tokio::time::timeout(idle, client.read(&mut buf)) => match r {
+                    Ok(read) => Some(read),
+                    Err(_) => return Err(Early::Client(RelayEnd::Idle)),
+                },
                 () = crate::lifecycle::drain_deadline_passed(close) => None,
             }
         } else {
@@ -448,23 +480,25 @@ async fn before_connect(
             // bytes reach the filters through the relay.
             queued(client, &mut buf).await
         }
+        .map_or(Ok(None), |r| {
+            r.map(Some).map_err(|e| {
+                Early::Client(RelayEnd::Failed {
+                    peer: Peer::Client,
+                    kind: e.kind(),
+                })
+            })
+        })
     };
-    let n = match read.await {
+    let n = match read.await? {
         // Silent (server-speaks-first), or the drain deadline passed; or
         // ended before sending: the relay sees (and passes on) the end.
-        None | Some(Ok(0)) => return Ok(Bytes::new()),
-        Some(Ok(n)) => n,
-        Some(Err(e)) => {
-            return Err(Closed {
-                why: format!("reading the client's first bytes: {e}"),
-                failed: false,
-            })
-        }
+        None | Some(0) => return Ok(Bytes::new()),
+        Some(n) => n,
     };
     match filters.data(Side::Downstream, buf.get(..n).unwrap_or_default(), false) {
         NetVerdict::Forward(b) => Ok(b),
         NetVerdict::Hold => Ok(Bytes::new()),
-        NetVerdict::Close(closed) => Err(closed),
+        NetVerdict::Close(closed) => Err(Early::Filter(closed)),
     }
 }
 
