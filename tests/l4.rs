@@ -1121,3 +1121,87 @@ endpoints = ["{echo}"]
     );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// A filter paused in `proxy_on_new_connection` waits for the client's
+/// first bytes at most the listener's `header_timeout` (not the hour of
+/// `tcp_idle_timeout`), and a client still silent when the drain deadline
+/// passes is closed, not connected upstream for nothing.
+#[tokio::test]
+async fn a_paused_wait_for_first_bytes_is_bounded_and_ends_at_the_drain() {
+    let (echo, accepted) = counting_echo_server().await;
+    let (port, drain_port) = (free_port(), free_port());
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let mut wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+drain_timeout = "500ms"
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+limits = {{ header_timeout = "300ms" }}
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "drain"
+protocol = "tcp"
+bind = "127.0.0.1:{drain_port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "a silent client waited past header_timeout");
+
+    let mut s = TcpStream::connect(loopback(drain_port))
+        .await
+        .expect("connect");
+    // Accepted and waiting before the drain starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wasp.signal("TERM");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "not closed at the drain deadline");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "connected upstream for a client that never sent\n{}",
+        wasp.log_text()
+    );
+    let log = wasp.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tcp connection"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("listener=wait") && l.contains("end=\"idle_timeout\"")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("listener=drain") && l.contains("end=\"drained\"")),
+        "{log}"
+    );
+}

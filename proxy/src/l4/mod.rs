@@ -218,11 +218,6 @@ pub async fn proxy(
             return;
         }
     };
-    let upstreams = pools.upstreams(snapshot.generation, &snapshot.clusters);
-    let Some(upstream) = upstreams.get(cluster_id) else {
-        runtime.stats.error(ErrorCode::UnknownCluster);
-        return;
-    };
     // A capture listener's pipeline is HTTP filters, for its HTTP.
     let mut filters = (cfg.l4.is_tcp() && !cfg.pipeline.is_empty()).then(|| {
         let info = crate::filter::StreamInfo {
@@ -241,8 +236,13 @@ pub async fn proxy(
     // that closes the connection here means the upstream never sees one.
     let mut first = Bytes::new();
     if let Some(f) = filters.as_mut() {
-        let idle = cfg.l4.idle_timeout.unwrap_or(NEVER);
-        let early = before_connect(f, &mut client, idle, close.clone());
+        // The first bytes a paused filter waits for get what a request
+        // head or a TLS handshake gets (and no more than the idle timeout).
+        let first_bytes = cfg
+            .limits
+            .header_timeout
+            .min(cfg.l4.idle_timeout.unwrap_or(NEVER));
+        let early = before_connect(f, &mut client, first_bytes, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
             Err(Early::Client(end)) => {
@@ -288,6 +288,13 @@ pub async fn proxy(
             }
         }
     }
+    // Looked up only now: a connection waiting for its first bytes holds
+    // no upstream pools of its generation.
+    let upstreams = pools.upstreams(snapshot.generation, &snapshot.clusters);
+    let Some(upstream) = upstreams.get(cluster_id) else {
+        runtime.stats.error(ErrorCode::UnknownCluster);
+        return;
+    };
     let connected = connect(upstream, cluster_id, conn.peer, conn.original_dst).await;
     let (server, addr, _admission) = match connected {
         Ok(c) => c,
@@ -450,8 +457,9 @@ pub async fn proxy(
 /// Runs `proxy_on_new_connection`, then the client's first chunk through
 /// the filters, before the upstream connect. Only a filter that paused in
 /// `proxy_on_new_connection` makes the connect wait for the client's first
-/// bytes (up to `idle`, the listener's `tcp_idle_timeout`, or until the
-/// drain deadline passes); otherwise the bytes already queued are the
+/// bytes, up to `first_bytes` (the listener's `header_timeout`, at most its
+/// `tcp_idle_timeout`): a client silent that long, or still silent when
+/// the drain deadline passes, is closed without a connect; otherwise the bytes already queued are the
 /// first chunk (none when the client has not sent yet) and the connect
 /// happens at once, as Envoy connects unless a filter asks to receive
 /// first. Answers the bytes to send upstream first (empty when none, or
@@ -459,7 +467,7 @@ pub async fn proxy(
 async fn before_connect(
     filters: &mut NetworkFilters,
     client: &mut Box<dyn Io>,
-    idle: Duration,
+    first_bytes: Duration,
     close: watch::Receiver<bool>,
 ) -> Result<Bytes, Early> {
     let paused = filters.new_connection().await.map_err(Early::Filter)?;
@@ -467,11 +475,13 @@ async fn before_connect(
     let read = async {
         if paused {
             tokio::select! {
-                r = tokio::time::timeout(idle, client.read(&mut buf)) => match r {
+                r = tokio::time::timeout(first_bytes, client.read(&mut buf)) => match r {
                     Ok(read) => Some(read),
                     Err(_) => return Err(Early::Client(RelayEnd::Idle)),
                 },
-                () = crate::lifecycle::drain_deadline_passed(close) => None,
+                () = crate::lifecycle::drain_deadline_passed(close) => {
+                    return Err(Early::Client(RelayEnd::Stopped));
+                }
             }
         } else {
             // No filter asked to wait: only what the client has already
@@ -490,8 +500,8 @@ async fn before_connect(
         })
     };
     let n = match read.await? {
-        // Silent (server-speaks-first), or the drain deadline passed; or
-        // ended before sending: the relay sees (and passes on) the end.
+        // Nothing queued yet (no filter waits for it); or ended before
+        // sending: the relay sees (and passes on) the end.
         None | Some(0) => return Ok(Bytes::new()),
         Some(n) => n,
     };
