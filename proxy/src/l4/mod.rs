@@ -344,20 +344,53 @@ pub async fn proxy(
             }
         },
     };
-    // The first chunk the filters already passed goes first.
+    // The first chunk the filters already passed goes first, under the
+    // relay's own bounds: an upstream that does not take it within the
+    // idle timeout, or still has not when the drain deadline passes, ends
+    // the connection as the relay would.
     let mut first_sent = 0u64;
+    let idle = cfg.l4.idle_timeout.unwrap_or(NEVER);
     if !first.is_empty() {
-        if let Err(e) = server.write_all(&first).await {
-            runtime.stats.error(ErrorCode::UpstreamReset);
-            tracing::info!(
-                listener = %listener,
-                peer = %conn.peer,
-                route = %route_name,
-                upstream = %addr,
-                code = ErrorCode::UpstreamReset.as_str(),
-                "tcp connection closed: writing the client's first bytes upstream: {e}"
-            );
-            return;
+        let written = tokio::select! {
+            r = tokio::time::timeout(idle, server.write_all(&first)) => r.map_err(|_| RelayEnd::Idle),
+            () = crate::lifecycle::drain_deadline_passed(close.clone()) => Err(RelayEnd::Stopped),
+        };
+        let failed = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(Err(e)),
+            Err(end) => Some(Ok(end)),
+        };
+        match failed {
+            None => {}
+            Some(Err(e)) => {
+                runtime.stats.error(ErrorCode::UpstreamReset);
+                tracing::info!(
+                    listener = %listener,
+                    peer = %conn.peer,
+                    route = %route_name,
+                    upstream = %addr,
+                    code = ErrorCode::UpstreamReset.as_str(),
+                    "tcp connection closed: writing the client's first bytes upstream: {e}"
+                );
+                return;
+            }
+            Some(Ok(end)) => {
+                tracing::info!(
+                    listener = %listener,
+                    peer = %conn.peer,
+                    dst = %conn.dst,
+                    sni = sni.as_deref().unwrap_or("-"),
+                    route = %route_name,
+                    upstream = %addr,
+                    to_upstream = 0u64,
+                    to_client = 0u64,
+                    duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    end = end.as_str(),
+                    error = "upstream: did not take the client's first bytes",
+                    "tcp connection"
+                );
+                return;
+            }
         }
         first_sent = first.len() as u64;
         if let Some(s) = &stats {
@@ -368,7 +401,6 @@ pub async fn proxy(
         s.connections.inc();
         s.open.inc();
     }
-    let idle = cfg.l4.idle_timeout.unwrap_or(NEVER);
     // The snapshot is not held while bytes flow (a reload must be able to
     // let go of it); the series are cheap clones.
     drop(upstreams);
