@@ -1205,3 +1205,132 @@ endpoints = ["{echo}"]
         "{log}"
     );
 }
+
+fn pem_certs(path: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .expect("cert file")
+        .map(|c| c.expect("cert"))
+        .collect()
+}
+
+/// TLS at L4 carries no HTTP ALPN: a client naming its own protocol
+/// (Postgres direct SSL sends `postgresql`) is not refused by a `tcp`
+/// listener with `tls`, and an upstream that requires its own protocol
+/// name is not refused by wasp's connect with a cluster's `tls`.
+#[tokio::test]
+async fn l4_tls_offers_and_requires_no_http_alpn() {
+    use rustls::pki_types::pem::PemObject;
+    let certs = support::TempDir::new("l4-alpn");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "db"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(&p("mesh-ca.pem")) {
+        roots.add(c).expect("ca");
+    }
+
+    // An upstream speaking TLS that insists on ALPN "postgresql", then echoes.
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            pem_certs(&p("db.pem")),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(p("db-key.pem")).expect("key"),
+        )
+        .expect("server config");
+    server.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+
+    let (inbound, outbound) = (free_port(), free_port());
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+protocol = "tcp"
+bind = "127.0.0.1:{inbound}"
+tls = {{ cert = "{cert}", key = "{key}" }}
+  [[listeners.routes]]
+  cluster = "db_plain"
+
+[[listeners]]
+name = "outbound"
+protocol = "tcp"
+bind = "127.0.0.1:{outbound}"
+  [[listeners.routes]]
+  cluster = "db_tls"
+
+[clusters.db_plain]
+endpoints = ["{echo}"]
+
+[clusters.db_tls]
+endpoints = ["{upstream}"]
+tls = {{ ca = "{ca}", sni = "db" }}
+"#,
+        cert = p("db.pem"),
+        key = p("db-key.pem"),
+        ca = p("mesh-ca.pem"),
+        echo = echo_server().await,
+    ));
+
+    // A client offering only "postgresql" to the terminating listener.
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = TcpStream::connect(loopback(inbound))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("db").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("handshake refused: {e}\n{}", wasp.log_text()));
+    tls.write_all(b"ping").await.expect("write");
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"ping");
+
+    // wasp's own TLS to an upstream that requires "postgresql".
+    let mut s = TcpStream::connect(loopback(outbound))
+        .await
+        .expect("connect");
+    s.write_all(b"pong").await.expect("write");
+    assert_eq!(read_n(&mut s, 4).await, b"pong", "{}", wasp.log_text());
+
+    // No client_ca: anyone who completes a handshake gets in; said at
+    // start-up and by `wasp check`.
+    let warning = "tcp with tls but no tls.client_ca";
+    assert!(wasp.log_text().contains(warning), "{}", wasp.log_text());
+    let path = wasp.dir.path().join("wasp.toml");
+    let out = support::wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(warning),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

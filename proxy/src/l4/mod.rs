@@ -139,7 +139,7 @@ pub async fn proxy(
     // routes see the handshake's server name, the allow list its peer.
     let (mut client, principal): (Box<dyn Io>, Option<Arc<str>>) = match cfg.tls.clone() {
         Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.opaque_config());
             let limit = cfg.limits.header_timeout;
             let stream = match tokio::time::timeout(limit, acceptor.accept(conn.stream)).await {
                 Ok(Ok(s)) => s,
@@ -544,6 +544,29 @@ async fn before_connect(
     }
 }
 
+/// What `wasp check` and start-up warn about on `tcp` listeners with
+/// `tls`: who can get in. Without `client_ca` any client that completes a
+/// handshake is proxied; with it but no `allow`, any identity the CA signed
+/// is. (Every allowed identity reaches every route of the listener.)
+pub fn access_warnings(config: &crate::config::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in config.listeners.iter().filter(|l| l.l4.is_tcp()) {
+        let Some(tls) = &l.tls else { continue };
+        if !tls.requires_client_cert() {
+            out.push(format!(
+                "listener \"{}\": tcp with tls but no tls.client_ca: any client that completes a handshake is proxied (no client certificate is asked for); set client_ca and allow to admit only given SPIFFE IDs",
+                l.name
+            ));
+        } else if l.allow.is_none() {
+            out.push(format!(
+                "listener \"{}\": tcp with tls.client_ca but no tls.allow: any identity the CA signed is proxied to every route; list the SPIFFE IDs that may connect in tls.allow",
+                l.name
+            ));
+        }
+    }
+    out
+}
+
 /// What the client has already sent (at most `buf`), without waiting:
 /// `None` when nothing is queued yet.
 async fn queued(client: &mut Box<dyn Io>, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
@@ -650,7 +673,7 @@ async fn upstream_tls(
     limit: Duration,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamTlsError> {
     let name = tls.server_name(&addr.ip().to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(tls.config());
+    let connector = tokio_rustls::TlsConnector::from(tls.opaque_config());
     match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(UpstreamTlsError {
