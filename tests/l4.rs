@@ -1334,3 +1334,82 @@ tls = {{ ca = "{ca}", sni = "db" }}
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A `tcp` listener that terminates TLS routes by the handshake's server
+/// name (its certificate chosen by SNI too): each upstream gets the plain
+/// bytes of the connections for its name.
+#[tokio::test]
+async fn a_tls_listener_routes_by_the_handshakes_server_name() {
+    let certs = support::TempDir::new("l4-tls-sni");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "alpha,beta"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let (alpha, beta) = (banner_server("alpha").await, banner_server("beta").await);
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tls"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{a_cert}", key = "{a_key}", certs = [ {{ sni = "beta", cert = "{b_cert}", key = "{b_key}" }} ] }}
+  [[listeners.routes]]
+  match = {{ sni = "alpha" }}
+  cluster = "alpha"
+  [[listeners.routes]]
+  match = {{ sni = "beta" }}
+  cluster = "beta"
+
+[clusters.alpha]
+endpoints = ["{alpha}"]
+
+[clusters.beta]
+endpoints = ["{beta}"]
+"#,
+        a_cert = p("alpha.pem"),
+        a_key = p("alpha-key.pem"),
+        b_cert = p("beta.pem"),
+        b_key = p("beta-key.pem"),
+    ));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(&p("mesh-ca.pem")) {
+        roots.add(c).expect("ca");
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    for name in ["alpha", "beta"] {
+        let tcp = TcpStream::connect(loopback(port)).await.expect("connect");
+        let server_name = rustls::pki_types::ServerName::try_from(name).expect("name");
+        let tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(server_name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", wasp.log_text()));
+        let (r, mut w) = tokio::io::split(tls);
+        let mut r = tokio::io::BufReader::new(r);
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("banner in time")
+            .expect("banner");
+        assert_eq!(line.trim_end(), format!("hello from {name}"));
+        // The upstream gets the plain bytes (not a TLS record: 0x16).
+        w.write_all(b"plain").await.expect("write");
+        line.clear();
+        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("answer in time")
+            .expect("answer");
+        assert_eq!(line.trim_end(), format!("{name} got 5 bytes starting 70"));
+    }
+}
