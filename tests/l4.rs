@@ -1413,3 +1413,65 @@ endpoints = ["{beta}"]
         assert_eq!(line.trim_end(), format!("{name} got 5 bytes starting 70"));
     }
 }
+
+/// A connection whose filter waits for its first bytes holds no snapshot
+/// meanwhile: a reload during the wait is served by the new generation
+/// (the route's cluster looked up again by name, its new endpoint dialled).
+#[tokio::test]
+async fn a_reload_during_the_first_bytes_wait_is_served_by_the_new_generation() {
+    let (old, old_count) = counting_echo_server().await;
+    let (new, new_count) = counting_echo_server().await;
+    let port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let config = |endpoint: SocketAddr| {
+        format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{endpoint}"]
+"#
+        )
+    };
+    let wasp = Wasp::start_in(dir, &config(old), &[]);
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let path = wasp.dir.path().join("wasp.toml");
+    std::fs::write(
+        &path,
+        format!("[admin]\nbind = \"{}\"\n{}", wasp.admin, config(new)),
+    )
+    .expect("rewrite config");
+    let answer = {
+        use std::io::{Read, Write};
+        let mut a = std::net::TcpStream::connect(wasp.admin).expect("admin");
+        a.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            a,
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("post");
+        let mut out = String::new();
+        let _ = a.read_to_string(&mut out);
+        out
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    s.write_all(b"after").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]AFTER");
+    assert_eq!(old_count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(new_count.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -5,8 +5,9 @@
 //! Serves `protocol = "tcp"` listeners and, on capture listeners, every
 //! connection detection did not take for HTTP (opaque TCP, TLS passed
 //! through by SNI). Runs on the worker that accepted the connection, one
-//! task per connection, with one snapshot load at its start; nothing here
-//! takes a lock.
+//! task per connection, with a snapshot load at its start and one after
+//! the network filters' wait for the first bytes (none is held while a
+//! client may keep it waiting); nothing here takes a lock.
 //!
 //! Routing: the first route whose `match` holds (`port`, `cidr`, `sni`)
 //! wins; on a capture listener a connection no route claims goes to its
@@ -235,13 +236,19 @@ pub async fn proxy(
     // The filters decide before any upstream connection exists: a filter
     // that closes the connection here means the upstream never sees one.
     let mut first = Bytes::new();
+    let generation = snapshot.generation;
+    let cluster_name = snapshot.clusters.get(cluster_id).map(|c| c.name.clone());
+    let listener_stats = runtime.stats.clone();
+    // The first bytes a paused filter waits for get what a request head or
+    // a TLS handshake gets (and no more than the idle timeout).
+    let first_bytes = cfg
+        .limits
+        .header_timeout
+        .min(cfg.l4.idle_timeout.unwrap_or(NEVER));
+    // Not held while the filters may wait for the client: a reload
+    // meanwhile must be able to let go of it; loaded again below.
+    drop(snapshot);
     if let Some(f) = filters.as_mut() {
-        // The first bytes a paused filter waits for get what a request
-        // head or a TLS handshake gets (and no more than the idle timeout).
-        let first_bytes = cfg
-            .limits
-            .header_timeout
-            .min(cfg.l4.idle_timeout.unwrap_or(NEVER));
         let early = before_connect(f, &mut client, first_bytes, close.clone());
         match early.await {
             Ok(bytes) => first = bytes,
@@ -275,7 +282,7 @@ pub async fn proxy(
                 } else {
                     ErrorCode::FilterClosedStream
                 };
-                runtime.stats.error(code);
+                listener_stats.error(code);
                 tracing::info!(
                     listener = %listener,
                     peer = %conn.peer,
@@ -288,6 +295,24 @@ pub async fn proxy(
             }
         }
     }
+    // The generation now serving: after a reload during the wait, the
+    // route's cluster is looked up again by name (a listener or cluster
+    // the reload removed ends the connection).
+    let snapshot = snapshots.load_full();
+    let Some(cfg) = snapshot.listener(&listener) else {
+        return;
+    };
+    let runtime = cfg;
+    let cluster_id = match cluster_name {
+        Some(name) if snapshot.generation != generation => match snapshot.cluster_id(&name) {
+            Some(id) => id,
+            None => {
+                runtime.stats.error(ErrorCode::UnknownCluster);
+                return;
+            }
+        },
+        _ => cluster_id,
+    };
     // Looked up only now: a connection waiting for its first bytes holds
     // no upstream pools of its generation.
     let upstreams = pools.upstreams(snapshot.generation, &snapshot.clusters);
