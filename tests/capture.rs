@@ -499,8 +499,11 @@ capture = "inbound"
 [clusters.reviews]
 endpoints = ["127.0.0.1:18080"]
 
+# Its `tls` is for HTTP routed here; the app's own TLS passed through at
+# L4 is never wrapped in it.
 [clusters.tls]
 endpoints = ["127.0.0.1:18443"]
+tls = { sni = "tls.svc" }
 "#,
     )
     .expect("write config");
@@ -573,6 +576,18 @@ endpoints = ["127.0.0.1:18443"]
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
+
+    // A client that ends its side inside an undecided prefix (the start of
+    // a ClientHello, of a request line) is decided at its end: the one
+    // worker is not left looking at the same byte, and serves every step
+    // below.
+    for (port, prefix) in [("8443", "\\x16"), ("8080", "G")] {
+        let py = format!(
+            "import socket\ns = socket.create_connection(('10.77.0.2', {port}), timeout=5)\ns.sendall(b'{prefix}')\ns.shutdown(socket.SHUT_WR)\ntry:\n    while s.recv(100):\n        pass\nexcept ConnectionResetError:\n    pass\nprint('closed')"
+        );
+        let (ok, seen) = app_run(&[PYTHON, "-c", &py]);
+        assert!(ok && seen.contains("closed"), "{prefix} then FIN: {seen}");
+    }
 
     // HTTP that a route claims, by Host.
     let (ok, seen) = app_run(&[

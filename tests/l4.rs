@@ -293,8 +293,8 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[test]
-fn redis_through_a_tcp_listener() {
+/// A Redis server on a free port, answering PING.
+fn start_redis() -> (Killed, u16) {
     if Command::new("redis-server")
         .arg("--version")
         .output()
@@ -303,7 +303,7 @@ fn redis_through_a_tcp_listener() {
         panic!("redis-server is missing: scripts/test.sh installs Debian's redis-server");
     }
     let redis_port = free_port();
-    let _redis = Killed(
+    let redis = Killed(
         Command::new("redis-server")
             .args([
                 "--port",
@@ -325,6 +325,12 @@ fn redis_through_a_tcp_listener() {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (redis, redis_port)
+}
+
+#[test]
+fn redis_through_a_tcp_listener() {
+    let (_redis, redis_port) = start_redis();
     let port = free_port();
     let wasp = Wasp::start(&format!(
         r#"
@@ -547,4 +553,925 @@ endpoints = ["{echo}"]
     assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
     let log = wasp.log_text();
     assert!(log.contains("end=\"drained\""), "{log}");
+}
+
+/// Echoes like [`echo_server`] and counts the connections it accepted.
+async fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Network filters run before the upstream connect (as Envoy's do): a
+/// filter that refuses in `proxy_on_new_connection`, or pauses there and
+/// closes on the client's first bytes, leaves the upstream without a
+/// single accept; with no filter asking to wait, a silent client (server
+/// speaks first) is connected at once, not after `detect_timeout`.
+#[tokio::test]
+async fn network_filters_decide_before_the_upstream_is_connected() {
+    let (echo, accepted) = counting_echo_server().await;
+    let banner = banner_server("db").await;
+    let deny_port = free_port();
+    let port = free_port();
+    let banner_port = free_port();
+    let wait_port = free_port();
+    let waitclose_port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.deny]
+module = "tcp-rewrite.wasm"
+config = "deny"
+
+[filters.tcprw]
+module = "tcp-rewrite.wasm"
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{wait_port}"
+pipeline = ["wait"]
+limits = {{ detect_timeout = "100ms" }}
+  [[listeners.routes]]
+  cluster = "banner"
+
+[[listeners]]
+name = "waitclose"
+protocol = "tcp"
+bind = "127.0.0.1:{waitclose_port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "deny"
+protocol = "tcp"
+bind = "127.0.0.1:{deny_port}"
+pipeline = ["deny"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["tcprw"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "banner"
+protocol = "tcp"
+bind = "127.0.0.1:{banner_port}"
+pipeline = ["tcprw"]
+# Not waited for: no filter paused.
+limits = {{ detect_timeout = "30s" }}
+  [[listeners.routes]]
+  cluster = "banner"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+
+[clusters.banner]
+endpoints = ["{banner}"]
+"#
+        ),
+        &[],
+    );
+    let closed_at_once = |addr: SocketAddr, send: &'static [u8]| async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(send).await;
+        let mut back = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        assert!(end.is_ok(), "connection not closed");
+        assert!(back.is_empty(), "{back:?}");
+    };
+    for _ in 0..3 {
+        closed_at_once(loopback(deny_port), b"let me in").await;
+    }
+    // Paused, then closed by the filter on the first chunk: no connect
+    // either.
+    closed_at_once(loopback(waitclose_port), b"please close").await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the upstream saw a connect for a connection a filter closed\n{}",
+        wasp.log_text()
+    );
+
+    // An allowed connection: the first chunk went through the filter
+    // before the connect, and is the first thing the upstream gets.
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
+    s.write_all(b"again").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]AGAIN");
+    drop(s);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Server speaks first: the silent client is connected at once (well
+    // before the 30 s detect_timeout; read_line gives up after 5 s).
+    let mut s = TcpStream::connect(loopback(banner_port))
+        .await
+        .expect("connect");
+    assert_eq!(read_line(&mut s).await, "[wasm]hello from db");
+
+    // A filter that paused in proxy_on_new_connection: no connect (so no
+    // banner) until the client sends, well past detect_timeout.
+    let mut s = TcpStream::connect(loopback(wait_port))
+        .await
+        .expect("connect");
+    let mut early = [0u8; 64];
+    let silent = tokio::time::timeout(Duration::from_millis(600), s.read(&mut early)).await;
+    assert!(
+        silent.is_err(),
+        "connected before the client sent: {silent:?}"
+    );
+    s.write_all(b"x").await.expect("write");
+    assert_eq!(read_line(&mut s).await, "[wasm]hello from db");
+
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"deny\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"waitclose\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let log = wasp.log_text();
+    assert!(log.contains("tcp-rewrite: denied a connection"), "{log}");
+    assert!(
+        log.contains("tcp connection closed before connecting upstream"),
+        "{log}"
+    );
+}
+
+/// An upstream that resets mid-copy: the access log line still has the
+/// bytes that went each way, the end (`reset`) and the failing side.
+#[tokio::test]
+async fn a_reset_mid_copy_keeps_its_byte_counts_in_the_access_log() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut got = [0u8; 5];
+            if s.read_exact(&mut got).await.is_err() {
+                continue;
+            }
+            let _ = s.write_all(b"12345678").await;
+            // Give the bytes time to leave before the reset (a reset
+            // discards what is still queued).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "resets"
+
+[clusters.resets]
+endpoints = ["{upstream}"]
+"#
+    ));
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    assert_eq!(read_n(&mut s, 8).await, b"12345678");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = wasp.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("tcp connection") && l.contains("end=\"reset\""));
+        if let Some(line) = line {
+            assert!(line.contains("to_upstream=5"), "{line}");
+            assert!(line.contains("to_client=8"), "{line}");
+            assert!(
+                line.contains("error=\"upstream: connection reset"),
+                "{line}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reset access log line:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const FRONT: &str = "spiffe://mesh.local/ns/default/sa/front";
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+
+/// Opaque TCP between two sidecars over mTLS: the app's sidecar sends
+/// Redis to the other's inbound `tcp` listener over TLS with its client
+/// certificate (the cluster's `tls`, as for HTTP); the inbound listener
+/// terminates it, checks the caller's SPIFFE ID against `tls.allow`, and
+/// hands the plain bytes to the local Redis. A caller with another
+/// identity, a plaintext client and an upstream with the wrong identity
+/// are all refused.
+#[test]
+fn redis_over_mtls_between_two_sidecars() {
+    let (_redis, redis_port) = start_redis();
+    let certs = support::TempDir::new("l4-mtls");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "front,reviews,other"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let inbound_port = free_port();
+    let inbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+protocol = "tcp"
+bind = "127.0.0.1:{inbound_port}"
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}"] }}
+  [[listeners.routes]]
+  cluster = "local_redis"
+
+[clusters.local_redis]
+endpoints = ["127.0.0.1:{redis_port}"]
+"#,
+        cert = p("reviews.pem"),
+        key = p("reviews-key.pem"),
+        ca = p("mesh-ca.pem"),
+    ));
+    let (port, intruder_port, wrong_port) = (free_port(), free_port(), free_port());
+    let tls = |who: &str, expect: &str| {
+        format!(
+            r#"tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "reviews", expect_identity = "{expect}" }}"#,
+            ca = p("mesh-ca.pem"),
+            cert = p(&format!("{who}.pem")),
+            key = p(&format!("{who}-key.pem")),
+        )
+    };
+    let outbound = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "redis"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "reviews"
+
+[[listeners]]
+name = "intruder"
+protocol = "tcp"
+bind = "127.0.0.1:{intruder_port}"
+  [[listeners.routes]]
+  cluster = "as_other"
+
+[[listeners]]
+name = "wrong"
+protocol = "tcp"
+bind = "127.0.0.1:{wrong_port}"
+  [[listeners.routes]]
+  cluster = "wrong_identity"
+
+[clusters.reviews]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{front}
+
+[clusters.as_other]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{other}
+
+[clusters.wrong_identity]
+endpoints = ["127.0.0.1:{inbound_port}"]
+{wrong}
+"#,
+        front = tls("front", REVIEWS),
+        other = tls("other", REVIEWS),
+        wrong = tls("front", "spiffe://mesh.local/ns/default/sa/someone-else"),
+    ));
+    assert_eq!(
+        redis_cli(port, &["PING"]),
+        "PONG",
+        "{}",
+        outbound.log_text()
+    );
+    assert_eq!(redis_cli(port, &["SET", "hop", "mtls"]), "OK");
+    assert_eq!(redis_cli(port, &["GET", "hop"]), "mtls");
+    assert_eq!(redis_cli(redis_port, &["GET", "hop"]), "mtls");
+
+    // Refused: another identity, plaintext, the wrong upstream identity.
+    assert_ne!(redis_cli(intruder_port, &["PING"]), "PONG");
+    assert_ne!(redis_cli(inbound_port, &["PING"]), "PONG");
+    assert_ne!(redis_cli(wrong_port, &["PING"]), "PONG");
+
+    let metrics = inbound.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"inbound\"", "code=\"unauthorized_peer\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_tcp_connections_total",
+            &["listener=\"inbound\"", "cluster=\"local_redis\""]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    let metrics = outbound.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"wrong\"", "code=\"upstream_tls\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// A client that sends the start of a ClientHello (or of a request line)
+/// and then ends its side, on a listener that peeks for the server name:
+/// the detection must see the end, not look at the same byte forever. With
+/// one worker, a detection that spins would leave every later connection
+/// unanswered and the drain unfinished.
+#[tokio::test]
+async fn a_client_ending_inside_a_prefix_does_not_hang_the_worker() {
+    let a = banner_server("a").await;
+    let echo = echo_server().await;
+    let port = free_port();
+    let mut wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+drain_timeout = "2s"
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  name = "to-a"
+  match = {{ sni = "a.example" }}
+  cluster = "a"
+  [[listeners.routes]]
+  name = "plain"
+  match = {{ port = {port} }}
+  cluster = "echo"
+
+[clusters.a]
+endpoints = ["{a}"]
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+    ));
+    let listener = loopback(port);
+    for prefix in [&b"\x16"[..], b"G", b"\x16\x03\x01"] {
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(prefix).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        // Undecided, so no `sni` route: the plain route echoes it back.
+        let mut back = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        assert!(end.is_ok(), "{prefix:?} then FIN: not closed");
+        assert_eq!(back, prefix, "{prefix:?}");
+        // The worker still serves the next client.
+        let hello = client_hello("a.example");
+        let mut s = TcpStream::connect(listener).await.expect("connect");
+        s.write_all(&hello).await.expect("send hello");
+        assert_eq!(
+            read_line(&mut s).await,
+            "hello from a",
+            "after {prefix:?} then FIN\n{}",
+            wasp.log_text()
+        );
+    }
+    // And drains: a hung worker would never let the process exit.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(b"\x16").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    wasp.signal("TERM");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// The client's own TLS routed by `sni` to a cluster with `tls`: passed
+/// through as the client sent it (the upstream gets the very ClientHello),
+/// never wrapped in a second TLS of wasp's.
+#[tokio::test]
+async fn a_client_hello_routed_by_sni_is_not_wrapped_in_the_clusters_tls() {
+    let a = banner_server("a").await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  match = {{ sni = "a.example" }}
+  cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+tls = {{ sni = "a.example" }}
+"#
+    ));
+    let hello = client_hello("a.example");
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    s.write_all(&hello).await.expect("send hello");
+    assert_eq!(
+        read_line(&mut s).await,
+        "hello from a",
+        "{}",
+        wasp.log_text()
+    );
+    assert_eq!(
+        read_line(&mut s).await,
+        format!("a got {} bytes starting 16", hello.len())
+    );
+}
+
+/// A client gone before the upstream connect, while a network filter
+/// waits for its first bytes (it reset; it sent nothing within the wait):
+/// logged with that end like any connection, not counted as a filter that
+/// closed the stream.
+#[tokio::test]
+async fn a_client_gone_before_the_connect_is_its_end_not_a_filter_code() {
+    let (echo, accepted) = counting_echo_server().await;
+    let port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+limits = {{ tcp_idle_timeout = "300ms" }}
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    // Reset before sending anything.
+    let s = TcpStream::connect(loopback(port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+    // Silent past the wait.
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "a silent client was not closed");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = wasp.log_text();
+        let lines = log.lines().filter(|l| l.contains("tcp connection"));
+        let reset = lines
+            .clone()
+            .any(|l| l.contains("end=\"reset\"") && l.contains("error=\"client: connection reset"));
+        let idle = lines.clone().any(|l| l.contains("end=\"idle_timeout\""));
+        if reset && idle {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no reset and idle lines:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        log.contains("tcp-rewrite: opened=true down=0 up=0"),
+        "the filter saw no end:\n{log}"
+    );
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"wait\"", "code=\"filter_closed_stream\""]
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// A filter paused in `proxy_on_new_connection` waits for the client's
+/// first bytes at most the listener's `header_timeout` (not the hour of
+/// `tcp_idle_timeout`), and a client still silent when the drain deadline
+/// passes is closed, not connected upstream for nothing.
+#[tokio::test]
+async fn a_paused_wait_for_first_bytes_is_bounded_and_ends_at_the_drain() {
+    let (echo, accepted) = counting_echo_server().await;
+    let (port, drain_port) = (free_port(), free_port());
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let mut wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+drain_timeout = "500ms"
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+limits = {{ header_timeout = "300ms" }}
+  [[listeners.routes]]
+  cluster = "echo"
+
+[[listeners]]
+name = "drain"
+protocol = "tcp"
+bind = "127.0.0.1:{drain_port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{echo}"]
+"#
+        ),
+        &[],
+    );
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "a silent client waited past header_timeout");
+
+    let mut s = TcpStream::connect(loopback(drain_port))
+        .await
+        .expect("connect");
+    // Accepted and waiting before the drain starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wasp.signal("TERM");
+    let mut back = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    assert!(end.is_ok(), "not closed at the drain deadline");
+    assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "connected upstream for a client that never sent\n{}",
+        wasp.log_text()
+    );
+    let log = wasp.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tcp connection"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("listener=wait") && l.contains("end=\"idle_timeout\"")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("listener=drain") && l.contains("end=\"drained\"")),
+        "{log}"
+    );
+}
+
+fn pem_certs(path: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .expect("cert file")
+        .map(|c| c.expect("cert"))
+        .collect()
+}
+
+/// TLS at L4 carries no HTTP ALPN: a client naming its own protocol
+/// (Postgres direct SSL sends `postgresql`) is not refused by a `tcp`
+/// listener with `tls`, and an upstream that requires its own protocol
+/// name is not refused by wasp's connect with a cluster's `tls`.
+#[tokio::test]
+async fn l4_tls_offers_and_requires_no_http_alpn() {
+    use rustls::pki_types::pem::PemObject;
+    let certs = support::TempDir::new("l4-alpn");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "db"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(&p("mesh-ca.pem")) {
+        roots.add(c).expect("ca");
+    }
+
+    // An upstream speaking TLS that insists on ALPN "postgresql", then echoes.
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            pem_certs(&p("db.pem")),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(p("db-key.pem")).expect("key"),
+        )
+        .expect("server config");
+    server.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+
+    let (inbound, outbound) = (free_port(), free_port());
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+protocol = "tcp"
+bind = "127.0.0.1:{inbound}"
+tls = {{ cert = "{cert}", key = "{key}" }}
+  [[listeners.routes]]
+  cluster = "db_plain"
+
+[[listeners]]
+name = "outbound"
+protocol = "tcp"
+bind = "127.0.0.1:{outbound}"
+  [[listeners.routes]]
+  cluster = "db_tls"
+
+[clusters.db_plain]
+endpoints = ["{echo}"]
+
+[clusters.db_tls]
+endpoints = ["{upstream}"]
+tls = {{ ca = "{ca}", sni = "db" }}
+"#,
+        cert = p("db.pem"),
+        key = p("db-key.pem"),
+        ca = p("mesh-ca.pem"),
+        echo = echo_server().await,
+    ));
+
+    // A client offering only "postgresql" to the terminating listener.
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = TcpStream::connect(loopback(inbound))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("db").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("handshake refused: {e}\n{}", wasp.log_text()));
+    tls.write_all(b"ping").await.expect("write");
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"ping");
+
+    // wasp's own TLS to an upstream that requires "postgresql".
+    let mut s = TcpStream::connect(loopback(outbound))
+        .await
+        .expect("connect");
+    s.write_all(b"pong").await.expect("write");
+    assert_eq!(read_n(&mut s, 4).await, b"pong", "{}", wasp.log_text());
+
+    // No client_ca: anyone who completes a handshake gets in; said at
+    // start-up and by `wasp check`.
+    let warning = "tcp with tls but no tls.client_ca";
+    assert!(wasp.log_text().contains(warning), "{}", wasp.log_text());
+    let path = wasp.dir.path().join("wasp.toml");
+    let out = support::wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(warning),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `tcp` listener that terminates TLS routes by the handshake's server
+/// name (its certificate chosen by SNI too): each upstream gets the plain
+/// bytes of the connections for its name.
+#[tokio::test]
+async fn a_tls_listener_routes_by_the_handshakes_server_name() {
+    let certs = support::TempDir::new("l4-tls-sni");
+    let dir = certs.path().display().to_string();
+    support::wasp_ok(["certs", "--out", &dir, "--service", "alpha,beta"]);
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let (alpha, beta) = (banner_server("alpha").await, banner_server("beta").await);
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "tls"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{a_cert}", key = "{a_key}", certs = [ {{ sni = "beta", cert = "{b_cert}", key = "{b_key}" }} ] }}
+  [[listeners.routes]]
+  match = {{ sni = "alpha" }}
+  cluster = "alpha"
+  [[listeners.routes]]
+  match = {{ sni = "beta" }}
+  cluster = "beta"
+
+[clusters.alpha]
+endpoints = ["{alpha}"]
+
+[clusters.beta]
+endpoints = ["{beta}"]
+"#,
+        a_cert = p("alpha.pem"),
+        a_key = p("alpha-key.pem"),
+        b_cert = p("beta.pem"),
+        b_key = p("beta-key.pem"),
+    ));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(&p("mesh-ca.pem")) {
+        roots.add(c).expect("ca");
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    for name in ["alpha", "beta"] {
+        let tcp = TcpStream::connect(loopback(port)).await.expect("connect");
+        let server_name = rustls::pki_types::ServerName::try_from(name).expect("name");
+        let tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(server_name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", wasp.log_text()));
+        let (r, mut w) = tokio::io::split(tls);
+        let mut r = tokio::io::BufReader::new(r);
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("banner in time")
+            .expect("banner");
+        assert_eq!(line.trim_end(), format!("hello from {name}"));
+        // The upstream gets the plain bytes (not a TLS record: 0x16).
+        w.write_all(b"plain").await.expect("write");
+        line.clear();
+        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("answer in time")
+            .expect("answer");
+        assert_eq!(line.trim_end(), format!("{name} got 5 bytes starting 70"));
+    }
+}
+
+/// A connection whose filter waits for its first bytes holds no snapshot
+/// meanwhile: a reload during the wait is served by the new generation
+/// (the route's cluster looked up again by name, its new endpoint dialled).
+#[tokio::test]
+async fn a_reload_during_the_first_bytes_wait_is_served_by_the_new_generation() {
+    let (old, old_count) = counting_echo_server().await;
+    let (new, new_count) = counting_echo_server().await;
+    let port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let config = |endpoint: SocketAddr| {
+        format!(
+            r#"
+[proxy]
+workers = 1
+
+[filters.wait]
+module = "tcp-rewrite.wasm"
+config = "wait"
+
+[[listeners]]
+name = "wait"
+protocol = "tcp"
+bind = "127.0.0.1:{port}"
+pipeline = ["wait"]
+  [[listeners.routes]]
+  cluster = "echo"
+
+[clusters.echo]
+endpoints = ["{endpoint}"]
+"#
+        )
+    };
+    let wasp = Wasp::start_in(dir, &config(old), &[]);
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let path = wasp.dir.path().join("wasp.toml");
+    std::fs::write(
+        &path,
+        format!("[admin]\nbind = \"{}\"\n{}", wasp.admin, config(new)),
+    )
+    .expect("rewrite config");
+    let answer = {
+        use std::io::{Read, Write};
+        let mut a = std::net::TcpStream::connect(wasp.admin).expect("admin");
+        a.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            a,
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("post");
+        let mut out = String::new();
+        let _ = a.read_to_string(&mut out);
+        out
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    s.write_all(b"after").await.expect("write");
+    assert_eq!(read_n(&mut s, 11).await, b"[wasm]AFTER");
+    assert_eq!(old_count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(new_count.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

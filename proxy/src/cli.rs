@@ -173,6 +173,9 @@ fn check(path: &std::path::Path) -> ExitCode {
     for w in crate::admin::exposure_warnings(&compiled.config.admin) {
         eprintln!("warning: {w}");
     }
+    for w in crate::l4::access_warnings(&compiled.config) {
+        eprintln!("warning: {w}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -324,13 +324,13 @@ fn client_hello(mut r: Reader<'_>) -> Option<ClientHello> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     /// A ClientHello as a TLS 1.3 client sends it, with SNI and ALPN.
-    fn client_hello_bytes(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    pub(crate) fn client_hello_bytes(sni: &str, alpn: &[&str]) -> Vec<u8> {
         let mut exts = Vec::new();
         let name = sni.as_bytes();
         let mut sn = Vec::new();

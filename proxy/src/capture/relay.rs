@@ -8,7 +8,9 @@
 //! their sending half still get their answer) and an idle timeout that any
 //! byte in either direction resets; it ends when both directions have
 //! ended, on the first error, at the idle timeout, or when `stop` fires
-//! (drain).
+//! (drain). However it ends, it says how many bytes went each way: a
+//! connection reset mid-copy still has its byte counts in the access log,
+//! beside the error and the side that failed.
 //!
 //! Runs on a worker, one task per connection; nothing is shared.
 
@@ -57,6 +59,39 @@ pub enum RelayEnd {
     Idle,
     /// The proxy is draining.
     Stopped,
+    /// A tap (network filter) closed the connection.
+    ClosedByTap,
+    /// Reading from or writing to `peer` failed (a reset, a broken pipe).
+    Failed { peer: Peer, kind: io::ErrorKind },
+}
+
+/// One end of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Client,
+    Upstream,
+}
+
+impl Peer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Client => "client",
+            Peer::Upstream => "upstream",
+        }
+    }
+}
+
+impl RelayEnd {
+    /// The access log's `end` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::Idle => "idle_timeout",
+            RelayEnd::Stopped => "drained",
+            RelayEnd::ClosedByTap => "filter_closed",
+            RelayEnd::Failed { .. } => "reset",
+        }
+    }
 }
 
 /// What a relay moved.
@@ -79,7 +114,7 @@ pub async fn relay<C, U>(
     upstream: U,
     idle: Duration,
     stop: impl Future<Output = ()>,
-) -> io::Result<Relayed>
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -96,7 +131,7 @@ pub async fn relay_metered<C, U>(
     stop: impl Future<Output = ()>,
     on_up: impl Fn(u64),
     on_down: impl Fn(u64),
-) -> io::Result<Relayed>
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -118,9 +153,6 @@ pub enum Tapped {
     Close,
 }
 
-/// The error a relay ends with when a tap closed it.
-pub const CLOSED_BY_TAP: io::ErrorKind = io::ErrorKind::ConnectionAborted;
-
 /// [`relay_metered`] with a tap per direction (upstream-bound, then
 /// client-bound), called with each chunk read and once with an empty chunk
 /// and `true` at that side's end, before the half-close is passed on.
@@ -134,7 +166,7 @@ pub async fn relay_tapped<C, U>(
         impl FnMut(&[u8], bool) -> Tapped,
         impl FnMut(&[u8], bool) -> Tapped,
     ),
-) -> io::Result<Relayed>
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -153,8 +185,8 @@ where
         last.store(ms, Ordering::Relaxed);
     };
     let up = copy_one_way(
-        &mut cr,
-        &mut uw,
+        (&mut cr, Peer::Client),
+        (&mut uw, Peer::Upstream),
         |n| {
             progress(&to_upstream, n);
             on_up(n as u64);
@@ -162,8 +194,8 @@ where
         tap_up,
     );
     let down = copy_one_way(
-        &mut ur,
-        &mut cw,
+        (&mut ur, Peer::Upstream),
+        (&mut cw, Peer::Client),
         |n| {
             progress(&to_client, n);
             on_down(n as u64);
@@ -181,49 +213,56 @@ where
         }
     };
     let end = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => {
-            r?;
-            RelayEnd::Closed
-        }
+        r = async { tokio::try_join!(up, down) } => match r {
+            Ok(_) => RelayEnd::Closed,
+            Err(end) => end,
+        },
         () = idle_watch => RelayEnd::Idle,
         () = stop => RelayEnd::Stopped,
     };
-    Ok(Relayed {
+    Relayed {
         to_upstream: to_upstream.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
         end,
-    })
+    }
 }
 
 /// Copies `from` to `to` until `from` ends, then shuts `to`'s write side
-/// (half-close: the other side sees the end and may still answer).
+/// (half-close: the other side sees the end and may still answer). An
+/// error names the peer whose read or write failed.
 async fn copy_one_way<R, W>(
-    from: &mut R,
-    to: &mut W,
+    (from, from_peer): (&mut R, Peer),
+    (to, to_peer): (&mut W, Peer),
     moved: impl Fn(usize),
     mut tap: impl FnMut(&[u8], bool) -> Tapped,
-) -> io::Result<()>
+) -> Result<(), RelayEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let failed = |peer: Peer| {
+        move |e: io::Error| RelayEnd::Failed {
+            peer,
+            kind: e.kind(),
+        }
+    };
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(&mut buf).await.map_err(failed(from_peer))?;
         let chunk = buf.get(..n).unwrap_or_default();
         let eos = n == 0;
         match tap(chunk, eos) {
             Tapped::Pass if !eos => {
-                to.write_all(chunk).await?;
+                to.write_all(chunk).await.map_err(failed(to_peer))?;
                 moved(n);
             }
             Tapped::Replace(bytes) if !bytes.is_empty() => {
-                to.write_all(&bytes).await?;
+                to.write_all(&bytes).await.map_err(failed(to_peer))?;
                 moved(bytes.len());
             }
             Tapped::Close => {
                 let _ = to.shutdown().await;
-                return Err(io::Error::new(CLOSED_BY_TAP, "closed by a filter"));
+                return Err(RelayEnd::ClosedByTap);
             }
             Tapped::Pass | Tapped::Replace(_) | Tapped::Hold => {}
         }
@@ -283,16 +322,63 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(answer, b"answer");
-        let done = relay
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let done = relay.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             done,
             Relayed {
                 to_upstream: 8,
                 to_client: 6,
                 end: RelayEnd::Closed
+            }
+        );
+    }
+
+    /// An upstream that resets mid-copy: the relay still says how many
+    /// bytes went each way, and which side failed.
+    #[tokio::test]
+    async fn a_reset_mid_copy_keeps_the_byte_counts() {
+        let (mut app, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let relay = tokio::spawn(relay(
+            client_side,
+            upstream_side,
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
+        app.write_all(b"abc")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut got = [0u8; 3];
+        server
+            .read_exact(&mut got)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        server
+            .write_all(b"xy")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut back = [0u8; 2];
+        app.read_exact(&mut back)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Linger 0: closing sends a reset instead of a FIN.
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(server);
+        let done = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            done,
+            Relayed {
+                to_upstream: 3,
+                to_client: 2,
+                end: RelayEnd::Failed {
+                    peer: Peer::Upstream,
+                    kind: io::ErrorKind::ConnectionReset
+                }
             }
         );
     }
@@ -322,7 +408,6 @@ mod tests {
         let done = tokio::time::timeout(Duration::from_secs(5), relay)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(done.end, RelayEnd::Idle);
         assert_eq!(done.to_upstream, 6);
@@ -350,7 +435,6 @@ mod tests {
         let done = tokio::time::timeout(Duration::from_secs(10), relay)
             .await
             .unwrap_or_else(|e| panic!("relay stuck on a blocked write: {e}"))
-            .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(done.end, RelayEnd::Idle);
         writer.abort();

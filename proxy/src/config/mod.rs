@@ -972,11 +972,8 @@ impl Validator<'_> {
         } else if !decl.opaque_ports.is_empty() {
             self.at(Some(decl.bind.span()), format!("listener \"{name}\": opaque_ports needs `capture` (only captured connections have an original destination port)"));
         }
-        if decl.protocol == ListenerProtocol::Tcp {
-            if let Some(t) = &decl.tls {
-                self.at(Some(t.span()), format!("listener \"{name}\": protocol = \"tcp\" passes TLS through (route it by `sni`); it does not terminate it, remove `tls`"));
-            }
-        }
+        // A `tcp` listener with `tls` terminates it (mTLS between sidecars
+        // for opaque TCP); without, TLS passes through, routed by `sni`.
     }
 
     /// A route's TCP match (`sni`, `port`, `cidr`); HTTP keys on a TCP

@@ -2,8 +2,11 @@
 //! Proxy-Wasm network filters (the ABI's stream side, what the community
 //! SDK calls a `StreamContext`).
 //!
-//! `proxy_on_new_connection` runs once per filter when the upstream is
-//! connected; each chunk read from the client goes through
+//! `proxy_on_new_connection` runs once per filter as soon as the client is
+//! accepted, before any upstream connection exists (the caller, `l4`, also
+//! runs the client's first chunk through the filters before it connects,
+//! as Envoy's `receive_before_connect` does), so a filter that denies a
+//! connection means the upstream never sees a connect; each chunk read from the client goes through
 //! `proxy_on_downstream_data` in pipeline order, each chunk from the
 //! upstream through `proxy_on_upstream_data` in reverse order (as Envoy runs
 //! read and write filters). During a data callback the chunk is the
@@ -41,7 +44,15 @@ pub enum NetVerdict {
     /// A filter paused: nothing goes on yet.
     Hold,
     /// Close the connection (a filter asked, or failed under `fail = "closed"`).
-    Close(String),
+    Close(Closed),
+}
+
+/// Why the filters closed a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    pub why: String,
+    /// A filter failed (under `fail = "closed"`), rather than asked to close.
+    pub failed: bool,
 }
 
 /// Which side a chunk came from.
@@ -83,7 +94,7 @@ impl std::fmt::Debug for NetworkFilters {
 /// A callback's meaning for the chain.
 enum Step {
     Go { pause: bool, resumed: bool },
-    Close(String),
+    Close(Closed),
 }
 
 impl NetworkFilters {
@@ -137,7 +148,10 @@ impl NetworkFilters {
         match policy {
             FailPolicy::Closed => {
                 tracing::debug!(filter = %name, error = %why, "network filter failed; closing the connection (fail = closed)");
-                Step::Close(format!("filter \"{name}\" failed: {why}"))
+                Step::Close(Closed {
+                    why: format!("filter \"{name}\" failed: {why}"),
+                    failed: true,
+                })
             }
             FailPolicy::Open => {
                 tracing::debug!(filter = %name, error = %why, "network filter failed; skipping it (fail = open)");
@@ -193,10 +207,10 @@ impl NetworkFilters {
             spawn_callout(c, Deliver::Instance(at));
         }
         if out.actions.close {
-            return Step::Close(format!(
-                "filter \"{}\" closed the connection",
-                self.name(pos)
-            ));
+            return Step::Close(Closed {
+                why: format!("filter \"{}\" closed the connection", self.name(pos)),
+                failed: false,
+            });
         }
         Step::Go {
             pause: out.pause,
@@ -205,8 +219,11 @@ impl NetworkFilters {
     }
 
     /// Leases every filter's instance (waiting, bounded, for one being
-    /// built) and runs `proxy_on_new_connection`.
-    pub async fn new_connection(&mut self) -> Result<(), String> {
+    /// built) and runs `proxy_on_new_connection`. `Ok(true)`: some filter
+    /// paused (the caller waits for the client's first bytes before it
+    /// connects upstream).
+    pub async fn new_connection(&mut self) -> Result<bool, Closed> {
+        let mut paused = false;
         for pos in 0..self.slots.len() {
             let Some(slot) = self.slots.get(pos).copied() else {
                 continue;
@@ -226,11 +243,12 @@ impl NetworkFilters {
                     }
                 }
             }
-            if let Step::Close(why) = self.run_one(pos, Callback::NewConnection) {
-                return Err(why);
+            match self.run_one(pos, Callback::NewConnection) {
+                Step::Close(closed) => return Err(closed),
+                Step::Go { pause, resumed } => paused |= pause && !resumed,
             }
         }
-        Ok(())
+        Ok(paused)
     }
 
     /// One chunk from `side` (empty with `eos` at that side's end) through
@@ -258,10 +276,13 @@ impl NetworkFilters {
                 Dir::Response => n - 1 - k,
             };
             if buf.len() as u64 > self.max_held(pos) {
-                return NetVerdict::Close(format!(
-                    "bytes held for filter \"{}\" exceed its limit",
-                    self.name(pos)
-                ));
+                return NetVerdict::Close(Closed {
+                    why: format!(
+                        "bytes held for filter \"{}\" exceed its limit",
+                        self.name(pos)
+                    ),
+                    failed: false,
+                });
             }
             let size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
             if let Some(d) = self.data.as_deref_mut() {

@@ -426,6 +426,10 @@ impl BelowHttp {
             return;
         };
         let tcp = cfg.l4.is_tcp();
+        // A `tcp` listener with `tls` terminates it in `l4`.
+        if let Some(tls) = &cfg.tls {
+            tls.start(&self.worker.metrics);
+        }
         let class = if tcp {
             crate::capture::Class::Tcp { sni: None }
         } else {

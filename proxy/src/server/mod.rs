@@ -94,6 +94,9 @@ pub fn run(
     for w in crate::admin::exposure_warnings(&config.admin) {
         tracing::warn!("{w}");
     }
+    for w in crate::l4::access_warnings(&config) {
+        tracing::warn!("{w}");
+    }
 
     let mut threads = Vec::with_capacity(workers);
     for (w, sockets) in per_worker.into_iter().enumerate() {

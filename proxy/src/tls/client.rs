@@ -56,6 +56,10 @@ pub struct ClientTls {
 
 struct Loaded {
     config: Arc<ClientConfig>,
+    /// The same with no ALPN: for bytes that are not HTTP (L4 TLS), where
+    /// offering or requiring HTTP's protocol names would refuse a peer
+    /// that names its own (Postgres direct SSL sends `postgresql`).
+    opaque: Arc<ClientConfig>,
     fingerprint: [u8; 32],
     /// notAfter of the client certificate.
     expiry: Option<i64>,
@@ -101,6 +105,11 @@ impl ClientTls {
     /// The config for a new connection.
     pub fn config(&self) -> Arc<ClientConfig> {
         self.current.load().config.clone()
+    }
+
+    /// [`Self::config`] without ALPN, for opaque TCP (L4) over TLS.
+    pub fn opaque_config(&self) -> Arc<ClientConfig> {
+        self.current.load().opaque.clone()
     }
 
     /// The name to send as SNI and verify: the `sni` setting, else the
@@ -254,8 +263,11 @@ fn build(settings: &ClientTlsSettings) -> Result<Loaded, String> {
     } else {
         vec![b"http/1.1".to_vec()]
     };
+    let mut opaque = config.clone();
+    opaque.alpn_protocols.clear();
     Ok(Loaded {
         config: Arc::new(config),
+        opaque: Arc::new(opaque),
         fingerprint: pem.finish(),
         expiry,
     })

@@ -28,6 +28,10 @@ pub struct ServerTls {
 
 struct Loaded {
     config: Arc<ServerConfig>,
+    /// The same with no ALPN: for bytes that are not HTTP (L4 TLS), where
+    /// offering or requiring HTTP's protocol names would refuse a peer
+    /// that names its own (Postgres direct SSL sends `postgresql`).
+    opaque: Arc<ServerConfig>,
     fingerprint: [u8; 32],
     /// notAfter of each served certificate: default first, then SNI order.
     expiry: Vec<i64>,
@@ -63,6 +67,11 @@ impl ServerTls {
     /// The config for a new connection.
     pub fn config(&self) -> Arc<ServerConfig> {
         self.current.load().config.clone()
+    }
+
+    /// [`Self::config`] without ALPN, for opaque TCP (L4) over TLS.
+    pub fn opaque_config(&self) -> Arc<ServerConfig> {
+        self.current.load().opaque.clone()
     }
 
     pub fn requires_client_cert(&self) -> bool {
@@ -220,8 +229,11 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     // Stateless TLS 1.3 resumption: no cache shared between workers.
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?;
+    let mut opaque = config.clone();
+    opaque.alpn_protocols.clear();
     Ok(Loaded {
         config: Arc::new(config),
+        opaque: Arc::new(opaque),
         fingerprint: pem.finish(),
         expiry,
     })

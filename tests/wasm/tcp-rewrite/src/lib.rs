@@ -5,18 +5,23 @@
 //! and prefixes each chunk the upstream sends with `[wasm]`. A client
 //! chunk containing `close` makes it close the connection; one containing
 //! `hold` is held (paused) until the next chunk arrives. Logs its totals
-//! when the connection ends.
+//! when the connection ends. With the plugin configuration `deny` it
+//! closes every connection in `on_new_connection` (an allow-list filter
+//! refusing a peer before anything is sent); with `wait` it pauses there
+//! (the proxy then connects upstream only once the client has sent).
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0) }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { ids: (0, 0), deny: false, wait: false }) });
 }}
 
 struct Root {
     ids: (u32, u32),
+    deny: bool,
+    wait: bool,
 }
 
 impl Context for Root {}
@@ -30,12 +35,20 @@ impl RootContext for Root {
         self.ids = (down, up);
         true
     }
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        self.deny = config == b"deny";
+        self.wait = config == b"wait";
+        true
+    }
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(Tcp {
             ids: self.ids,
             down: 0,
             up: 0,
             opened: false,
+            deny: self.deny,
+            wait: self.wait,
         }))
     }
     fn get_type(&self) -> Option<ContextType> {
@@ -48,6 +61,8 @@ struct Tcp {
     down: usize,
     up: usize,
     opened: bool,
+    deny: bool,
+    wait: bool,
 }
 
 impl Context for Tcp {}
@@ -55,6 +70,14 @@ impl Context for Tcp {}
 impl StreamContext for Tcp {
     fn on_new_connection(&mut self) -> Action {
         self.opened = true;
+        if self.deny {
+            log::info!("tcp-rewrite: denied a connection");
+            self.close_downstream();
+            return Action::Pause;
+        }
+        if self.wait {
+            return Action::Pause;
+        }
         Action::Continue
     }
 
