@@ -84,6 +84,18 @@ impl Envoy {
         upstream: SocketAddr,
         auth: Option<SocketAddr>,
     ) -> Envoy {
+        Self::start_opts(module, config, upstream, auth, None)
+    }
+
+    /// [`Envoy::start_with`], the listener terminating TLS with
+    /// `transport_socket` (an Envoy `DownstreamTlsContext` socket) when given.
+    fn start_opts(
+        module: &Path,
+        config: &str,
+        upstream: SocketAddr,
+        auth: Option<SocketAddr>,
+        transport_socket: Option<serde_json::Value>,
+    ) -> Envoy {
         let dir = TempDir::new("envoy");
         let port = free_port();
         let admin = free_port();
@@ -158,6 +170,18 @@ impl Envoy {
                     }}}
                 }]}]}
             }));
+        }
+        if let Some(ts) = transport_socket {
+            let listener = &mut bootstrap["static_resources"]["listeners"][0];
+            listener["filter_chains"][0]["transport_socket"] = ts;
+            // Envoy learns the SNI (`requested_server_name`) from this
+            // listener filter, as deployments that route by SNI have it.
+            listener["listener_filters"] = serde_json::json!([{
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+                }
+            }]);
         }
         let path = dir.path().join("envoy.json");
         std::fs::write(&path, bootstrap.to_string()).expect("write bootstrap");
@@ -713,4 +737,281 @@ fn an_assemblyscript_filter_matches_envoy() {
         "envoy no longer runs the response callback on a local reply: {envoy:#?}"
     );
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
+}
+
+/// A CA, a server certificate for `svc.test` and a client certificate with
+/// a several-part subject, URI and DNS SANs, as PEM files in a temp dir.
+struct TlsFiles {
+    dir: TempDir,
+    client_der: Vec<u8>,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType,
+        };
+        let dir = TempDir::new("diff-tls");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "diff ca");
+        ca.distinguished_name = dn;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let leaf = |dn: DistinguishedName, sans: Vec<SanType>| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut p = CertificateParams::default();
+            p.distinguished_name = dn;
+            p.subject_alt_names = sans;
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("leaf cert");
+            (cert, key)
+        };
+        let mut server_dn = DistinguishedName::new();
+        server_dn.push(DnType::CommonName, "svc.test");
+        let (server, server_key) = leaf(
+            server_dn,
+            vec![SanType::DnsName("svc.test".try_into().expect("dns"))],
+        );
+        let mut client_dn = DistinguishedName::new();
+        client_dn.push(DnType::CountryName, "US");
+        client_dn.push(DnType::OrganizationName, "Example, Inc.");
+        client_dn.push(DnType::OrganizationalUnitName, "payments");
+        client_dn.push(DnType::CommonName, "client one");
+        let (client, client_key) = leaf(
+            client_dn,
+            vec![
+                SanType::URI(
+                    "spiffe://mesh.local/ns/default/sa/client"
+                        .try_into()
+                        .expect("uri"),
+                ),
+                SanType::DnsName("client.test".try_into().expect("dns")),
+            ],
+        );
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.path().join(name), text).expect("write pem");
+        };
+        write("ca.pem", ca_cert.pem());
+        write("server.pem", server.pem());
+        write("server-key.pem", server_key.serialize_pem());
+        write("client.pem", client.pem());
+        write("client-key.pem", client_key.serialize_pem());
+        TlsFiles {
+            client_der: client.der().to_vec(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// A rustls client trusting the CA, presenting the client certificate
+    /// when `mtls`.
+    fn client(&self, mtls: bool) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).expect("ca pem") {
+            roots.add(c.expect("ca cert")).expect("add ca");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+        let mut config = if mtls {
+            let chain = CertificateDer::pem_file_iter(self.path("client.pem"))
+                .expect("client pem")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert");
+            let key = PrivateKeyDer::from_pem_file(self.path("client-key.pem")).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        } else {
+            builder.with_no_client_auth()
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        std::sync::Arc::new(config)
+    }
+}
+
+/// One HTTP/1.1 exchange over TLS (SNI `svc.test`), read to the close.
+fn tls_exchange(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    request: &str,
+) -> String {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from("svc.test").expect("server name");
+    let conn = rustls::ClientConnection::new(config, name).expect("client connection");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(request.as_bytes()).expect("write over TLS");
+    let mut out = Vec::new();
+    // A close without close_notify ends the read with an error; what was
+    // read before it is the answer.
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The TLS attributes (`connection.tls_version`, `requested_server_name`,
+/// `mtls`, the peer certificate's subject, SANs and digest) with the same
+/// certificates through Envoy and wasp terminating TLS, with and without a
+/// client certificate.
+#[test]
+fn tls_attributes_match_envoy() {
+    let files = TlsFiles::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = rt.block_on(TestUpstream::start("app"));
+    let module = fixture("wasm32-wasip1", "attributes");
+    // Envoy asks for a client certificate and accepts a client without one.
+    let socket = serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": false,
+            "common_tls_context": {
+                "alpn_protocols": ["http/1.1"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": files.path("server.pem")},
+                    "private_key": {"filename": files.path("server-key.pem")}
+                }],
+                "validation_context": {"trusted_ca": {"filename": files.path("ca.pem")}}
+            }
+        }
+    });
+    let envoy = Envoy::start_opts(&module, "", upstream.addr, None, Some(socket));
+    // wasp: a listener with server TLS, and one that requires mTLS.
+    let dir = TempDir::new("filters");
+    std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
+    std::fs::copy(&module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
+    let (tls_port, mtls_port) = (free_port(), free_port());
+    let route = "  [[listeners.routes]]\n  match = { prefix = \"/\" }\n  cluster = \"app\"\n";
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+filters_dir = "filters.d"
+
+[filters.f]
+module = "f.wasm"
+
+[[listeners]]
+name = "tls"
+bind = "127.0.0.1:{tls_port}"
+pipeline = ["f"]
+tls = {{ cert = "{cert}", key = "{key}" }}
+{route}
+[[listeners]]
+name = "mtls"
+bind = "127.0.0.1:{mtls_port}"
+pipeline = ["f"]
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}" }}
+{route}
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+            cert = files.path("server.pem"),
+            key = files.path("server-key.pem"),
+            ca = files.path("ca.pem"),
+            app = upstream.addr,
+        ),
+        &[],
+    );
+    let request = "GET /tls HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n";
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let names = [
+        "connection-mtls",
+        "connection-requested-server-name",
+        "connection-tls-version",
+        "connection-subject-peer-certificate",
+        "connection-uri-san-peer-certificate",
+        "connection-dns-san-peer-certificate",
+        "connection-sha256-peer-certificate-digest",
+        "connection-subject-local-certificate",
+        "connection-uri-san-local-certificate",
+        "connection-dns-san-local-certificate",
+        "request-scheme",
+        // Plain text to the upstream: NOT_FOUND from both.
+        "upstream-tls-version",
+    ];
+    for mtls in [false, true] {
+        let wasp_port = if mtls { mtls_port } else { tls_port };
+        let from_envoy = parse(
+            &tls_exchange(envoy.addr(), files.client(mtls), request),
+            true,
+        );
+        let from_wasp = parse(
+            &tls_exchange(at(wasp_port), files.client(mtls), request),
+            true,
+        );
+        assert_eq!(
+            from_envoy.status, 200,
+            "envoy (mtls {mtls}): {from_envoy:#?}"
+        );
+        assert_eq!(from_wasp.status, 200, "wasp (mtls {mtls}): {from_wasp:#?}");
+        for name in names {
+            let k = format!("x-attr-{name}");
+            assert!(
+                from_envoy.response.contains_key(&k),
+                "envoy lacks {k}: {from_envoy:#?}"
+            );
+            assert_eq!(
+                from_wasp.response.get(&k),
+                from_envoy.response.get(&k),
+                "{k} (mtls {mtls}): wasp (left) differs from envoy (right)"
+            );
+        }
+        let text = |k: &str| attr(&from_envoy, k).map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert_eq!(
+            text("x-attr-connection-requested-server-name").as_deref(),
+            Some("svc.test")
+        );
+        assert_eq!(
+            text("x-attr-connection-tls-version").as_deref(),
+            Some("TLSv1.3")
+        );
+        if mtls {
+            // The comparison saw real values, in Envoy's encodings.
+            assert_eq!(attr(&from_envoy, "x-attr-connection-mtls"), Some(vec![1]));
+            assert_eq!(
+                text("x-attr-connection-subject-peer-certificate").as_deref(),
+                Some("CN=client one,OU=payments,O=Example\\, Inc.,C=US")
+            );
+            assert_eq!(
+                text("x-attr-connection-uri-san-peer-certificate").as_deref(),
+                Some("spiffe://mesh.local/ns/default/sa/client")
+            );
+            assert_eq!(
+                text("x-attr-connection-dns-san-peer-certificate").as_deref(),
+                Some("client.test")
+            );
+            use sha2::Digest;
+            let digest: String = sha2::Sha256::digest(&files.client_der)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                text("x-attr-connection-sha256-peer-certificate-digest"),
+                Some(digest)
+            );
+        } else {
+            assert_eq!(attr(&from_envoy, "x-attr-connection-mtls"), Some(vec![0]));
+        }
+        assert_eq!(
+            text("x-attr-connection-subject-local-certificate").as_deref(),
+            Some("CN=svc.test")
+        );
+    }
+    drop(wasp);
+    drop(envoy);
+    drop(upstream);
 }

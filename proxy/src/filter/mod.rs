@@ -242,6 +242,9 @@ pub struct StreamInfo {
     pub start: SystemTime,
     /// Peer identity under mTLS.
     pub principal: Option<Arc<str>>,
+    /// The downstream connection's TLS facts (`connection.*` attributes);
+    /// `None` on plain text. Shared by the connection's requests.
+    pub tls: Option<Arc<crate::tls::ConnTls>>,
 }
 
 /// Outcome of a header or trailer phase.

@@ -94,6 +94,7 @@ fn info() -> StreamInfo {
         request_id: Arc::from("req-1"),
         start: SystemTime::now(),
         principal: None,
+        tls: None,
     }
 }
 

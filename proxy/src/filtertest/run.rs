@@ -504,6 +504,7 @@ async fn observe(
         request_id: Arc::from(String::from_utf8_lossy(request_id.as_bytes())),
         start: SystemTime::now(),
         principal: None,
+        tls: None,
     };
     let mut chain = set.stream(std::slice::from_ref(&name), info);
     let request_size = total(&p.body) as u64;

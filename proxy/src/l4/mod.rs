@@ -170,6 +170,7 @@ pub async fn proxy(
             request_id: Arc::from(""),
             start: std::time::SystemTime::now(),
             principal: None,
+            tls: None,
         };
         snapshot.filters.network(&cfg.pipeline, info)
     });

@@ -237,7 +237,7 @@ pub async fn serve(job: Serve, worker: Worker) {
                 &worker,
                 &name,
                 (peer, local),
-                ("http", None),
+                ("http", None, None),
                 None,
                 &close_rx,
             );
@@ -259,7 +259,8 @@ pub async fn serve(job: Serve, worker: Worker) {
         let name = name.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let (config, local_certs) = tls.config_and_certs();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let accepted =
                 tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
             let stream = match accepted {
@@ -278,11 +279,12 @@ pub async fn serve(job: Serve, worker: Worker) {
                 done.stats.tls_resumed.inc();
             }
             let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let facts = Arc::new(crate::tls::ConnTls::of(stream.get_ref().1, &local_certs));
             let ctx = conn_ctx(
                 &worker,
                 &name,
                 (peer, local),
-                ("https", principal),
+                ("https", principal, Some(facts)),
                 None,
                 &close_rx,
             );
@@ -439,7 +441,7 @@ impl BelowHttp {
                     &self.worker,
                     &self.name,
                     (peer, local),
-                    ("http", None),
+                    ("http", None, None),
                     self.original,
                     &self.close,
                 );
@@ -476,12 +478,13 @@ impl BelowHttp {
     }
 }
 
-/// `(scheme, principal)`: how the connection arrived and who the peer is.
+/// `(scheme, principal, tls)`: how the connection arrived, who the peer is
+/// and the TLS facts filters may read.
 fn conn_ctx(
     worker: &Worker,
     listener: &Arc<str>,
     (peer, local): (SocketAddr, SocketAddr),
-    (scheme, principal): (&'static str, Option<Arc<str>>),
+    (scheme, principal, tls): ConnSecurity,
     original_dst: Option<SocketAddr>,
     close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
@@ -494,10 +497,17 @@ fn conn_ctx(
         scheme,
         activity: Arc::new(Activity::default()),
         principal,
+        tls,
         drain_deadline: close.clone(),
         original_dst,
     })
 }
+
+type ConnSecurity = (
+    &'static str,
+    Option<Arc<str>>,
+    Option<Arc<crate::tls::ConnTls>>,
+);
 
 fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());

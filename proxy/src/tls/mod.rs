@@ -36,7 +36,7 @@ pub use crate::config::tls::{
     Allow, CertPaths, ClientTlsSettings, MinVersion, ServerTlsSettings, SniCert,
 };
 pub use client::{ClientTls, UpstreamTlsError};
-pub use server::ServerTls;
+pub use server::{LocalCerts, ServerTls};
 
 /// The one crypto provider of the process: rustls on `ring`.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -212,6 +212,135 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
     let leaf = chain?.first()?;
     let facts = CertFacts::parse(leaf).ok()?;
     facts.identity().map(Arc::from)
+}
+
+/// What filters may read about a downstream TLS connection (Envoy's
+/// `connection.*` TLS attributes), worked out once when the handshake is
+/// done and shared by every request of the connection, so no callback
+/// parses a certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnTls {
+    /// `TLSv1.2` / `TLSv1.3`, as OpenSSL (and Envoy) name them.
+    pub version: &'static str,
+    /// The SNI the client asked for.
+    pub sni: Option<Box<str>>,
+    /// The client certificate's facts, when it presented one.
+    pub peer: Option<CertInfo>,
+    /// The facts of the certificate this listener served.
+    pub local: Option<Arc<CertInfo>>,
+}
+
+/// Facts of a leaf certificate, in Envoy's encodings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject in RFC 2253 form (`CN=client,O=Example`).
+    pub subject: Box<str>,
+    pub uri_san: Option<Box<str>>,
+    pub dns_san: Option<Box<str>>,
+    /// SHA-256 of the DER certificate, lower-case hex.
+    pub sha256: Box<str>,
+}
+
+impl ConnTls {
+    /// The facts of an accepted server connection; `local` are the
+    /// listener's certificates (the one served is picked by SNI).
+    pub fn of(conn: &rustls::ServerConnection, local: &LocalCerts) -> Self {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        };
+        let sni = conn.server_name();
+        Self {
+            version,
+            sni: sni.map(Box::from),
+            peer: conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| CertInfo::parse(leaf)),
+            local: local.pick(sni),
+        }
+    }
+}
+
+impl CertInfo {
+    /// `None` for a certificate that does not parse (the handshake
+    /// accepted it, so that only happens with `client_ca` unset).
+    pub fn parse(der: &[u8]) -> Option<Self> {
+        use sha2::Digest;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let facts = CertFacts::parse(der).ok()?;
+        let digest = sha2::Sha256::digest(der);
+        let mut sha256 = String::with_capacity(64);
+        for b in digest {
+            sha256.push_str(&format!("{b:02x}"));
+        }
+        Some(Self {
+            subject: rfc2253(cert.subject()).into(),
+            uri_san: facts.uris.into_iter().next().map(Box::from),
+            dns_san: facts.dns.into_iter().next().map(Box::from),
+            sha256: sha256.into(),
+        })
+    }
+}
+
+/// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253` (what
+/// Envoy reports): last RDN first, `,` between RDNs, `+` inside one, short
+/// names for the common attributes, `#hex` for values that are not text.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let rdns: Vec<_> = name.iter().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type().to_id_string();
+            let short = match oid.as_str() {
+                "2.5.4.3" => "CN",
+                "2.5.4.6" => "C",
+                "2.5.4.7" => "L",
+                "2.5.4.8" => "ST",
+                "2.5.4.9" => "street",
+                "2.5.4.10" => "O",
+                "2.5.4.11" => "OU",
+                "2.5.4.5" => "serialNumber",
+                "0.9.2342.19200300.100.1.25" => "DC",
+                "0.9.2342.19200300.100.1.1" => "UID",
+                "1.2.840.113549.1.9.1" => "emailAddress",
+                _ => oid.as_str(),
+            };
+            out.push_str(short);
+            out.push('=');
+            match atv.as_str() {
+                Ok(v) => escape_rfc2253(v, &mut out),
+                Err(_) => {
+                    out.push('#');
+                    for b in atv.attr_value().as_bytes() {
+                        out.push_str(&format!("{b:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn escape_rfc2253(v: &str, out: &mut String) {
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let edge_space = c == ' ' && (i == 0 || i == last);
+        if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || edge_space
+            || (i == 0 && c == '#')
+        {
+            out.push('\\');
+        }
+        out.push(c);
+    }
 }
 
 /// A short, stable name for why a handshake failed: a metric label.

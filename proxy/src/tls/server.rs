@@ -28,6 +28,8 @@ pub struct ServerTls {
 
 struct Loaded {
     config: Arc<ServerConfig>,
+    /// The served certificates' facts, picked like the resolver picks.
+    local: Arc<LocalCerts>,
     fingerprint: [u8; 32],
     /// notAfter of each served certificate: default first, then SNI order.
     expiry: Vec<i64>,
@@ -38,6 +40,28 @@ struct Started {
     /// Parallel to `Loaded::expiry`.
     gauges: Vec<Gauge>,
     errors: TlsErrors,
+}
+
+/// Facts of the served certificates, for the `connection.*_local_certificate`
+/// attributes: chosen by SNI exactly as [`Resolver`] chooses the key.
+#[derive(Debug, Default)]
+pub struct LocalCerts {
+    default: Option<Arc<super::CertInfo>>,
+    by_name: Vec<(String, Arc<super::CertInfo>)>,
+}
+
+impl LocalCerts {
+    /// The facts of the certificate served for `sni`.
+    pub fn pick(&self, sni: Option<&str>) -> Option<Arc<super::CertInfo>> {
+        if let Some(name) = sni {
+            for (pattern, info) in &self.by_name {
+                if sni_matches(pattern, name) {
+                    return Some(info.clone());
+                }
+            }
+        }
+        self.default.clone()
+    }
 }
 
 /// Picks the certificate by SNI; falls back to the default one.
@@ -63,6 +87,13 @@ impl ServerTls {
     /// The config for a new connection.
     pub fn config(&self) -> Arc<ServerConfig> {
         self.current.load().config.clone()
+    }
+
+    /// [`ServerTls::config`] and the facts of its certificates, from the
+    /// same load (a rotation in between cannot mix them).
+    pub fn config_and_certs(&self) -> (Arc<ServerConfig>, Arc<LocalCerts>) {
+        let loaded = self.current.load();
+        (loaded.config.clone(), loaded.local.clone())
     }
 
     pub fn requires_client_cert(&self) -> bool {
@@ -188,10 +219,18 @@ impl std::fmt::Debug for ServerTls {
 fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     let mut pem = PemReader::new();
     let mut expiry = Vec::new();
+    let mut local = LocalCerts::default();
+    let info = |ck: &CertifiedKey| {
+        ck.end_entity_cert()
+            .ok()
+            .and_then(|c| super::CertInfo::parse(c))
+            .map(Arc::new)
+    };
     let default = match &settings.default {
         Some(paths) => {
             let (ck, facts) = pem.certified_key(paths)?;
             expiry.push(facts.not_after);
+            local.default = info(&ck);
             Some(Arc::new(ck))
         }
         None => None,
@@ -200,7 +239,11 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     for entry in &settings.sni {
         let (ck, facts) = pem.certified_key(&entry.paths)?;
         expiry.push(facts.not_after);
-        by_name.push((entry.sni.to_ascii_lowercase(), Arc::new(ck)));
+        let pattern = entry.sni.to_ascii_lowercase();
+        if let Some(i) = info(&ck) {
+            local.by_name.push((pattern.clone(), i));
+        }
+        by_name.push((pattern, Arc::new(ck)));
     }
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(settings.min_version.versions())
@@ -222,6 +265,7 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
         rustls::crypto::ring::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?;
     Ok(Loaded {
         config: Arc::new(config),
+        local: Arc::new(local),
         fingerprint: pem.finish(),
         expiry,
     })
