@@ -175,6 +175,7 @@ fn local_response(l: LocalResponse) -> Response<Bytes> {
     if !l.details.is_empty() {
         tracing::debug!(details = l.details, "filter sent a local response");
     }
+    r.extensions_mut().insert(super::FilterReply);
     r
 }
 
@@ -184,6 +185,7 @@ fn copy_response(r: &Response<Bytes>) -> Response<Bytes> {
     let mut c = Response::new(r.body().clone());
     *c.status_mut() = r.status();
     *c.headers_mut() = r.headers().clone();
+    *c.extensions_mut() = r.extensions().clone();
     c
 }
 
@@ -513,6 +515,9 @@ impl StreamFilters {
         let v = self.headers_chain(Dir::Request, end_of_stream).await;
         // Its waits on the callout channel took a waiting body's place.
         self.wake_waiters();
+        if let Some(d) = self.data.as_deref_mut() {
+            d.heads_sent[0] = true;
+        }
         match self.data.as_deref().and_then(|d| d.req.as_ref()) {
             Some(req) => {
                 head.method = req.method.clone();
@@ -542,6 +547,9 @@ impl StreamFilters {
         }
         let v = self.headers_chain(Dir::Response, end_of_stream).await;
         self.wake_waiters();
+        if let Some(d) = self.data.as_deref_mut() {
+            d.heads_sent[1] = true;
+        }
         match self.data.as_deref().and_then(|d| d.resp.as_ref()) {
             Some(resp) => {
                 head.status = resp.status;
@@ -931,6 +939,7 @@ impl StreamFilters {
     pub fn set_local_reply<B>(&mut self, code: &'static str, resp: &http::Response<B>) {
         if let Some(d) = self.data.as_deref_mut() {
             d.error_code = Some(code);
+            d.heads_sent = [true; 2];
             d.resp = Some(RespHead {
                 status: resp.status(),
                 headers: resp.headers().clone(),

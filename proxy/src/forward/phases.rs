@@ -35,7 +35,7 @@ use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed};
 use super::filtered::{FilteredBody, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
-use crate::filter::Verdict;
+use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
@@ -108,7 +108,7 @@ where
         // A filter that answered mid-body aborted the upstream request.
         Err(e) => {
             return match chain.and_then(SharedChain::take_local) {
-                Some(local) => Ok(error::boxed(local)),
+                Some(local) => Ok(filter_answer(local, chain).await),
                 None => Err(e),
             }
         }
@@ -154,9 +154,51 @@ pub(super) async fn request_filters(
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
     match chain?.request_headers(parts, end_of_stream).await? {
-        Verdict::Respond(resp) => Some(error::boxed(resp)),
+        Verdict::Respond(resp) => Some(filter_answer(resp, chain).await),
         _ => None,
     }
+}
+
+/// A filter's own answer ([`FilterReply`]) goes back through the response
+/// callbacks (reverse pipeline order, the answering filter's included) like
+/// an upstream's answer, as Envoy runs its encoder filters on a local reply;
+/// an answer the proxy made for a failure goes out as made. An answer made
+/// by a response callback on it goes out as made (no callback runs on an
+/// answer to an answer). The body is run through whole and sent with its
+/// length.
+pub(super) async fn filter_answer(
+    resp: Response<Bytes>,
+    chain: Option<&SharedChain>,
+) -> Response<ProxyBody> {
+    let Some(chain) = chain.filter(|_| resp.extensions().get::<FilterReply>().is_some()) else {
+        return error::boxed(resp);
+    };
+    let (mut parts, body) = resp.into_parts();
+    let no_body = body.is_empty();
+    if let Some(Verdict::Respond(again)) = chain.response_headers(&mut parts, no_body).await {
+        return error::boxed(again);
+    }
+    // The callbacks may have changed the length: framing from the body.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let body = if no_body {
+        body
+    } else {
+        let filtered = FilteredBody::new(
+            http_body_util::Full::new(body),
+            chain.clone(),
+            Side::Response,
+        );
+        match filtered.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return error::boxed(crate::errors::ErrorCode::FilterFailed.response(&format!(
+                    "a filter failed on the body of a local response: {e}"
+                )))
+            }
+        }
+    };
+    Response::from_parts(parts, error::boxed(Response::new(body)).into_body())
 }
 
 /// Phase 3: the route, who may use it, and the cluster it sends to.
@@ -453,6 +495,53 @@ where
         }
         _ => body,
     };
+    match chain {
+        Some(_) if !switching => framed(parts, body).await,
+        _ => Response::from_parts(parts, body),
+    }
+}
+
+/// Bodies up to this size with a declared length are run through the
+/// response filters whole before the head goes out, so the head carries
+/// the length the filters left.
+pub(super) const REFRAME_LIMIT: u64 = 64 << 10;
+
+/// A filtered response that declared a small `content-length`: the body
+/// callbacks may change its length (a redaction), and the head cannot be
+/// changed once sent, so the body is read through the filters first and
+/// the head gets its real length (what a client would otherwise see is a
+/// cut body). Larger declared bodies stream with their declared length: a
+/// filter that changes their length removes `content-length` in its
+/// header callback (as with Envoy), else the stream is cut where the
+/// length runs out, never desynchronised.
+async fn framed(mut parts: http::response::Parts, body: ProxyBody) -> Response<ProxyBody> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // No body (a HEAD's answer, a 304) keeps the length it declared.
+    if body.is_end_stream() || !declared.is_some_and(|n| n > 0 && n <= REFRAME_LIMIT) {
+        return Response::from_parts(parts, body);
+    }
+    let collected = match body.collect().await {
+        Ok(c) => c,
+        Err(e) => {
+            return error::boxed(crate::errors::ErrorCode::UpstreamReset.response(&format!(
+                "the response body failed before it was complete: {e}"
+            )))
+        }
+    };
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let mut frames = vec![Ok::<_, BoxError>(http_body::Frame::data(bytes))];
+    if let Some(t) = trailers {
+        frames.push(Ok(http_body::Frame::trailers(t)));
+    }
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
     Response::from_parts(parts, body)
 }
 
