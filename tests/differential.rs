@@ -59,6 +59,7 @@ fn envoy_binary() -> PathBuf {
 struct Envoy {
     child: Child,
     port: u16,
+    admin: u16,
     _dir: TempDir,
     log: PathBuf,
 }
@@ -199,6 +200,7 @@ impl Envoy {
         let mut envoy = Envoy {
             child,
             port,
+            admin,
             _dir: dir,
             log,
         };
@@ -376,34 +378,35 @@ fn wasp_guest_lines(log: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Starts both proxies with `module` as filter `f` (and the `auth`
-/// cluster when given), sends each request to both in turn, and returns
-/// what each side saw and each proxy's log.
-fn exchanges(
-    module: &Path,
-    config: &str,
-    requests: &[&str],
-    echoed: bool,
-    auth: Option<SocketAddr>,
-) -> (Vec<(Seen, Seen)>, Logs) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let upstream = rt.block_on(TestUpstream::start("app"));
-    let envoy = match auth {
-        None => Envoy::start(module, config, upstream.addr),
-        Some(_) => Envoy::start_with(module, config, upstream.addr, auth),
-    };
-    let auth_cluster = auth
-        .map(|a| format!("[clusters.auth]\nendpoints = [\"{a}\"]\nprotocol = \"http2\"\n"))
-        .unwrap_or_default();
+/// Both proxies running `module` as filter `f` in front of one upstream
+/// (and the `auth` cluster when given).
+struct Both {
+    envoy: Envoy,
+    wasp: Wasp,
+    wasp_addr: SocketAddr,
+    _upstream: TestUpstream,
+    _rt: tokio::runtime::Runtime,
+}
 
-    let dir = TempDir::new("filters");
-    std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
-    std::fs::copy(module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
-    let port = free_port();
-    let wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
+impl Both {
+    fn start(module: &Path, config: &str, auth: Option<SocketAddr>) -> Both {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let upstream = rt.block_on(TestUpstream::start("app"));
+        let envoy = match auth {
+            None => Envoy::start(module, config, upstream.addr),
+            Some(_) => Envoy::start_with(module, config, upstream.addr, auth),
+        };
+        let auth_cluster = auth
+            .map(|a| format!("[clusters.auth]\nendpoints = [\"{a}\"]\nprotocol = \"http2\"\n"))
+            .unwrap_or_default();
+        let dir = TempDir::new("filters");
+        std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
+        std::fs::copy(module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
+        let port = free_port();
+        let wasp = Wasp::start_in(
+            dir,
+            &format!(
+                r#"
 [proxy]
 workers = 1
 filters_dir = "filters.d"
@@ -424,27 +427,48 @@ pipeline = ["f"]
 endpoints = ["{}"]
 {auth_cluster}
 "#,
-            upstream.addr
-        ),
-        &[],
-    );
-    let wasp_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let limit = Duration::from_secs(5);
-    let seen = requests
-        .iter()
-        .map(|request| {
-            let from_envoy = raw_exchange(envoy.addr(), request.as_bytes(), limit);
-            let from_wasp = raw_exchange(wasp_addr, request.as_bytes(), limit);
-            (parse(&from_envoy, echoed), parse(&from_wasp, echoed))
-        })
-        .collect();
-    let logs = Logs {
-        envoy: envoy.log_text(),
-        wasp: wasp.log_text(),
-    };
-    drop(wasp);
-    drop(envoy);
-    drop(upstream);
+                upstream.addr
+            ),
+            &[],
+        );
+        Both {
+            envoy,
+            wasp,
+            wasp_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _upstream: upstream,
+            _rt: rt,
+        }
+    }
+
+    /// The same request to Envoy, then to wasp: (envoy, wasp).
+    fn send(&self, request: &str, echoed: bool) -> (Seen, Seen) {
+        let limit = Duration::from_secs(5);
+        let from_envoy = raw_exchange(self.envoy.addr(), request.as_bytes(), limit);
+        let from_wasp = raw_exchange(self.wasp_addr, request.as_bytes(), limit);
+        (parse(&from_envoy, echoed), parse(&from_wasp, echoed))
+    }
+
+    fn logs(&self) -> Logs {
+        Logs {
+            envoy: self.envoy.log_text(),
+            wasp: self.wasp.log_text(),
+        }
+    }
+}
+
+/// Starts both proxies with `module` as filter `f` (and the `auth`
+/// cluster when given), sends each request to both in turn, and returns
+/// what each side saw and each proxy's log.
+fn exchanges(
+    module: &Path,
+    config: &str,
+    requests: &[&str],
+    echoed: bool,
+    auth: Option<SocketAddr>,
+) -> (Vec<(Seen, Seen)>, Logs) {
+    let both = Both::start(module, config, auth);
+    let seen = requests.iter().map(|r| both.send(r, echoed)).collect();
+    let logs = both.logs();
     (seen, logs)
 }
 
@@ -1103,5 +1127,149 @@ fn header_changes_after_the_body_and_local_replies_match_envoy() {
         reads_aside(&grown.1),
         reads_aside(&grown.0),
         "grown bodies: wasp (left) differs from envoy (right)"
+    );
+}
+
+/// HTTP callouts (fixture `callout`) to the same auth server from both
+/// hosts: the auth server sees the caller's user, an allowed request goes
+/// on with the answer in `x-authz`, a denied one gets the filter's 403.
+#[test]
+fn http_callouts_match_envoy() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let auth = rt.block_on(TestUpstream::start("auth"));
+    let req = |user: &str| {
+        format!("GET /c HTTP/1.1\r\nHost: svc\r\nx-user: {user}\r\nConnection: close\r\n\r\n")
+    };
+    let (allow, deny) = (req("alice"), req("mallory"));
+    let seen = both_many("callout", "auth", &[&allow, &deny], true, auth.addr);
+    let [allow, deny] = &seen[..] else {
+        panic!("two exchanges");
+    };
+    assert_eq!(allow.0.status, 200, "envoy: {:#?}", allow.0);
+    // The auth server answered `ok-<x-user>`: it saw the user.
+    assert!(allow.0.body.contains("x-authz: ok-alice"), "{:#?}", allow.0);
+    assert_eq!(
+        allow.1, allow.0,
+        "allow: wasp (left) differs from envoy (right)"
+    );
+    assert_eq!(deny.0.status, 403, "envoy: {:#?}", deny.0);
+    assert_eq!(deny.0.body, "denied by authz");
+    assert_eq!(
+        deny.1, deny.0,
+        "deny: wasp (left) differs from envoy (right)"
+    );
+    // One callout per request from each host.
+    assert_eq!(auth.requests(), 4);
+}
+
+/// The value of the first sample line naming `name` (Envoy's `/stats`:
+/// `name: 3`; Prometheus text: `name{...} 3`).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once([' ', ':'])?;
+        let k = k.trim_end_matches(':');
+        let bare = k.split('{').next()?.rsplit('.').next()?;
+        (bare == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Metrics (fixture `metrics`: a counter, a gauge and a histogram): the
+/// values the filter reads back (`x-requests`) and the values each host
+/// exports (Envoy's admin `/stats`, wasp's `/metrics`).
+#[test]
+fn metrics_match_envoy() {
+    let module = fixture("wasm32-wasip1", "metrics");
+    let both = Both::start(&module, "", None);
+    let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    for (i, path) in ["/a", "/abcd", "/ab"].iter().enumerate() {
+        let (envoy, wasp) = both.send(&req(path), true);
+        assert_eq!(
+            envoy.response.get("x-requests"),
+            Some(&vec![(i + 1).to_string()]),
+            "{envoy:#?}"
+        );
+        assert_eq!(
+            wasp, envoy,
+            "{path}: wasp (left) differs from envoy (right)"
+        );
+    }
+    let envoy_admin = SocketAddr::from(([127, 0, 0, 1], both.envoy.admin));
+    let stats = raw_exchange(
+        envoy_admin,
+        b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let metrics = both.wasp.admin_get("/metrics").1;
+    let counter = (
+        sample(&stats, "fixture_requests_total"),
+        sample(&metrics, "fixture_requests_total"),
+    );
+    assert_eq!(
+        counter,
+        (Some(3.0), Some(3.0)),
+        "envoy:\n{stats}\nwasp:\n{metrics}"
+    );
+    // The histogram's count: Envoy flushes histograms on its stats flush
+    // interval; wasp exports them at once. Both recorded 42 three times.
+    assert_eq!(
+        sample(&metrics, "fixture_answer_count"),
+        Some(3.0),
+        "wasp:\n{metrics}"
+    );
+}
+
+/// Shared data (fixture `shared-data`: a counter with compare-and-swap)
+/// and a shared queue (fixture `queue`: requests enqueue their path, the
+/// root context drains the queue into shared data) round trip the same.
+#[test]
+fn shared_data_and_queues_match_envoy() {
+    let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    let both = Both::start(&fixture("wasm32-wasip1", "shared-data"), "", None);
+    for i in 1..=3 {
+        let (envoy, wasp) = both.send(&req("/count"), true);
+        assert_eq!(
+            envoy.response.get("x-counter"),
+            Some(&vec![i.to_string()]),
+            "{envoy:#?}"
+        );
+        assert_eq!(
+            wasp, envoy,
+            "shared data: wasp (left) differs from envoy (right)"
+        );
+    }
+    drop(both);
+    let both = Both::start(&fixture("wasm32-wasip1", "queue"), "", None);
+    // The root context drains the queue on its own schedule, so whether a
+    // response already counts its own request is timing; the rest must match.
+    let queue_aside = |seen: &Seen| {
+        let mut seen = seen.clone();
+        seen.response.retain(|k, _| !k.starts_with("x-queue-"));
+        seen
+    };
+    for path in ["/one", "/two", "/three"] {
+        let (envoy, wasp) = both.send(&req(path), true);
+        assert_eq!(envoy.status, 200, "{envoy:#?}");
+        assert_eq!(
+            queue_aside(&wasp),
+            queue_aside(&envoy),
+            "{path}: wasp (left) differs from envoy (right)"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (envoy, wasp) = both.send(&req("/last"), true);
+    for (host, seen) in [("envoy", &envoy), ("wasp", &wasp)] {
+        let one = |k: &str| seen.response.get(k).and_then(|v| v.first()).cloned();
+        let state = (one("x-queue-seen"), one("x-queue-last"));
+        let drained = (Some("3".to_string()), Some("/three".to_string()));
+        let with_own = (Some("4".to_string()), Some("/last".to_string()));
+        assert!(
+            state == drained || state == with_own,
+            "{host}: every path queued was drained in order: {seen:#?}"
+        );
+    }
+    assert_eq!(
+        queue_aside(&wasp),
+        queue_aside(&envoy),
+        "queue: wasp (left) differs from envoy (right)"
     );
 }
