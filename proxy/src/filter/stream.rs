@@ -77,6 +77,11 @@ struct Waits {
     /// The body task parked in [`StreamFilters::poll_body_wait`] /
     /// [`StreamFilters::poll_trailers_wait`] of this direction.
     waker: Option<std::task::Waker>,
+    /// When the current wait must be over ([`HEADER_WAIT_LIMIT`] after it
+    /// began), and its timer once the wait is polled: a callout without a
+    /// deadline of its own (a gRPC stream) cannot hold a body forever.
+    until: Option<tokio::time::Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Waits {
@@ -625,6 +630,7 @@ impl StreamFilters {
                         // whole body stays here until the filter resumes
                         // (`poll_body_wait`), answers, or fails.
                         self.waits[side(dir)].body = Some(BodyWait { k, buf });
+                        self.start_wait(dir);
                         return BodyVerdict::Wait;
                     }
                 }
@@ -648,6 +654,31 @@ impl StreamFilters {
         BodyVerdict::Forward(buf.freeze())
     }
 
+    /// A body or trailers wait of `dir` (for a new filter) begins: its
+    /// deadline is [`HEADER_WAIT_LIMIT`] from now.
+    fn start_wait(&mut self, dir: Dir) {
+        let w = &mut self.waits[side(dir)];
+        w.until = Some(tokio::time::Instant::now() + self.header_wait_limit);
+        w.timer = None;
+    }
+
+    /// Whether `dir`'s wait is past its deadline (registers `cx` for it).
+    fn wait_expired(&mut self, cx: &mut std::task::Context<'_>, dir: Dir) -> bool {
+        let w = &mut self.waits[side(dir)];
+        let Some(until) = w.until else {
+            return false;
+        };
+        let timer = w
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+            return false;
+        }
+        w.until = None;
+        w.timer = None;
+        true
+    }
+
     /// Delivers callout answers while `dir`'s body or trailers wait, until
     /// the wait settles (`Ready(None)`: the outcome is in its `body_done` /
     /// `trailers_done`) or a local response or failure ends the stream
@@ -660,10 +691,16 @@ impl StreamFilters {
         let d = side(dir);
         loop {
             let Some(k) = self.waits[d].waited() else {
+                self.waits[d].until = None;
+                self.waits[d].timer = None;
                 return Poll::Ready(None);
             };
             let pos = order(dir, self.slots.len(), k);
-            if self.pending_of(pos) == 0 {
+            let expired = self.wait_expired(cx, dir);
+            if expired {
+                tracing::debug!(filter = %self.name(pos), "filter held a body or trailers past the wait limit");
+            }
+            if expired || self.pending_of(pos) == 0 {
                 // Nothing left that could resume it.
                 match self.fail(pos, &Failure::Stuck) {
                     Step::Respond(r) => {
@@ -892,6 +929,7 @@ impl StreamFilters {
                     };
                     if !resumed {
                         self.waits[side(dir)].trailers = Some(k);
+                        self.start_wait(dir);
                         return Verdict::Wait;
                     }
                 }
