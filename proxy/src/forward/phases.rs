@@ -527,9 +527,14 @@ async fn framed(mut parts: http::response::Parts, body: ProxyBody) -> Response<P
     let collected = match body.collect().await {
         Ok(c) => c,
         Err(e) => {
-            return error::boxed(crate::errors::ErrorCode::UpstreamReset.response(&format!(
+            // A passed deadline keeps its own code; anything else broke
+            // the upstream's answer (or a filter cut it) before the head
+            // went out.
+            let code = crate::upstream::find_cause::<Cut>(&*e)
+                .map_or(crate::errors::ErrorCode::UpstreamReset, |c| c.code());
+            return error::boxed(code.response(&format!(
                 "the response body failed before it was complete: {e}"
-            )))
+            )));
         }
     };
     let trailers = collected.trailers().cloned();
