@@ -470,10 +470,9 @@ async fn through_response(chain: &mut StreamFilters, r: Response<Bytes>) -> Resp
     } else {
         let mut none = HeaderMap::new();
         let sent = body_through(chain, Side::Response, vec![body], &mut none).await;
-        if sent.local.is_some() {
-            return crate::errors::ErrorCode::FilterFailed.response(
-                "a filter failed on the body of a local response: response cut by a filter",
-            );
+        // A body callback's own answer replaces the reply, as in the proxy.
+        if let Some(again) = sent.local {
+            return again;
         }
         sent.body
     };

@@ -191,10 +191,15 @@ pub(super) async fn filter_answer(
         );
         match filtered.collect().await {
             Ok(collected) => collected.to_bytes(),
+            // A body callback that answered replaces the answer (its own
+            // goes out as made); only a failure is a 503.
             Err(e) => {
-                return error::boxed(crate::errors::ErrorCode::FilterFailed.response(&format!(
-                    "a filter failed on the body of a local response: {e}"
-                )))
+                return match chain.take_local() {
+                    Some(again) => error::boxed(again),
+                    None => error::boxed(crate::errors::ErrorCode::FilterFailed.response(
+                        &format!("a filter failed on the body of a local response: {e}"),
+                    )),
+                }
             }
         }
     };
@@ -495,58 +500,6 @@ where
         }
         _ => body,
     };
-    match chain {
-        Some(_) if !switching => framed(parts, body).await,
-        _ => Response::from_parts(parts, body),
-    }
-}
-
-/// Bodies up to this size with a declared length are run through the
-/// response filters whole before the head goes out, so the head carries
-/// the length the filters left.
-pub(super) const REFRAME_LIMIT: u64 = 64 << 10;
-
-/// A filtered response that declared a small `content-length`: the body
-/// callbacks may change its length (a redaction), and the head cannot be
-/// changed once sent, so the body is read through the filters first and
-/// the head gets its real length (what a client would otherwise see is a
-/// cut body). Larger declared bodies stream with their declared length: a
-/// filter that changes their length removes `content-length` in its
-/// header callback (as with Envoy), else the stream is cut where the
-/// length runs out, never desynchronised.
-async fn framed(mut parts: http::response::Parts, body: ProxyBody) -> Response<ProxyBody> {
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // No body (a HEAD's answer, a 304) keeps the length it declared.
-    if body.is_end_stream() || !declared.is_some_and(|n| n > 0 && n <= REFRAME_LIMIT) {
-        return Response::from_parts(parts, body);
-    }
-    let collected = match body.collect().await {
-        Ok(c) => c,
-        Err(e) => {
-            // A passed deadline keeps its own code; anything else broke
-            // the upstream's answer (or a filter cut it) before the head
-            // went out.
-            let code = crate::upstream::find_cause::<Cut>(&*e)
-                .map_or(crate::errors::ErrorCode::UpstreamReset, |c| c.code());
-            return error::boxed(code.response(&format!(
-                "the response body failed before it was complete: {e}"
-            )));
-        }
-    };
-    let trailers = collected.trailers().cloned();
-    let bytes = collected.to_bytes();
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let mut frames = vec![Ok::<_, BoxError>(http_body::Frame::data(bytes))];
-    if let Some(t) = trailers {
-        frames.push(Ok(http_body::Frame::trailers(t)));
-    }
-    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
     Response::from_parts(parts, body)
 }
 
