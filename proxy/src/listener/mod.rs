@@ -278,8 +278,8 @@ pub async fn serve(job: Serve, worker: Worker) {
             if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 done.stats.tls_resumed.inc();
             }
-            let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
             let facts = Arc::new(crate::tls::ConnTls::of(stream.get_ref().1, &local_certs));
+            let principal = facts.principal.clone();
             let ctx = conn_ctx(
                 &worker,
                 &name,

@@ -177,6 +177,11 @@ impl CertFacts {
     pub fn parse(der: &[u8]) -> Result<Self, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+        Ok(Self::of(&cert))
+    }
+
+    /// The facts of a parsed certificate.
+    fn of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Self {
         let mut facts = Self {
             uris: Vec::new(),
             dns: Vec::new(),
@@ -193,7 +198,7 @@ impl CertFacts {
                 }
             }
         }
-        Ok(facts)
+        facts
     }
 
     /// The identity: the first URI SAN, else the first DNS SAN.
@@ -207,13 +212,6 @@ impl CertFacts {
     }
 }
 
-/// The identity of a connected peer from its certificate chain.
-pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
-    let leaf = chain?.first()?;
-    let facts = CertFacts::parse(leaf).ok()?;
-    facts.identity().map(Arc::from)
-}
-
 /// What filters may read about a downstream TLS connection (Envoy's
 /// `connection.*` TLS attributes), worked out once when the handshake is
 /// done and shared by every request of the connection, so no callback
@@ -224,8 +222,13 @@ pub struct ConnTls {
     pub version: &'static str,
     /// The SNI the client asked for.
     pub sni: Option<Box<str>>,
-    /// The client certificate's facts, when it presented one.
+    /// The client certificate's facts, when it presented one that parses.
     pub peer: Option<CertInfo>,
+    /// The client presented a certificate (parsed or not): `connection.mtls`.
+    pub mtls: bool,
+    /// The client's identity (its first URI SAN, else its first DNS SAN):
+    /// `source.principal` and route `allow` lists.
+    pub principal: Option<Arc<str>>,
     /// The facts of the certificate this listener served.
     pub local: Option<Arc<CertInfo>>,
 }
@@ -251,13 +254,19 @@ impl ConnTls {
             _ => "unknown",
         };
         let sni = conn.server_name();
+        let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+        // One parse of the client certificate gives the identity and the
+        // facts filters read.
+        let (peer, principal) = match leaf.and_then(|l| CertInfo::parse_with_identity(l)) {
+            Some((info, principal)) => (Some(info), principal),
+            None => (None, None),
+        };
         Self {
             version,
             sni: sni.map(Box::from),
-            peer: conn
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| CertInfo::parse(leaf)),
+            peer,
+            mtls: leaf.is_some(),
+            principal,
             local: local.pick(sni),
         }
     }
@@ -267,20 +276,29 @@ impl CertInfo {
     /// `None` for a certificate that does not parse (the handshake
     /// accepted it, so that only happens with `client_ca` unset).
     pub fn parse(der: &[u8]) -> Option<Self> {
+        Self::parse_with_identity(der).map(|(info, _)| info)
+    }
+
+    /// The facts and the identity ([`CertFacts::identity`]) from one parse.
+    pub fn parse_with_identity(der: &[u8]) -> Option<(Self, Option<Arc<str>>)> {
         use sha2::Digest;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        let facts = CertFacts::parse(der).ok()?;
+        let facts = CertFacts::of(&cert);
+        let identity = facts.identity().map(Arc::from);
         let digest = sha2::Sha256::digest(der);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut sha256 = String::with_capacity(64);
         for b in digest {
-            sha256.push_str(&format!("{b:02x}"));
+            sha256.push(char::from(HEX[usize::from(b >> 4)]));
+            sha256.push(char::from(HEX[usize::from(b & 15)]));
         }
-        Some(Self {
+        let info = Self {
             subject: rfc2253(cert.subject()).into(),
             uri_san: facts.uris.into_iter().next().map(Box::from),
             dns_san: facts.dns.into_iter().next().map(Box::from),
             sha256: sha256.into(),
-        })
+        };
+        Some((info, identity))
     }
 }
 

@@ -47,7 +47,10 @@ struct Started {
 #[derive(Debug, Default)]
 pub struct LocalCerts {
     default: Option<Arc<super::CertInfo>>,
-    by_name: Vec<(String, Arc<super::CertInfo>)>,
+    /// One entry per SNI certificate, in the resolver's order: `None` for a
+    /// certificate whose facts do not parse, so its connections get no
+    /// facts rather than another certificate's.
+    by_name: Vec<(String, Option<Arc<super::CertInfo>>)>,
 }
 
 impl LocalCerts {
@@ -56,7 +59,7 @@ impl LocalCerts {
         if let Some(name) = sni {
             for (pattern, info) in &self.by_name {
                 if sni_matches(pattern, name) {
-                    return Some(info.clone());
+                    return info.clone();
                 }
             }
         }
@@ -240,9 +243,7 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
         let (ck, facts) = pem.certified_key(&entry.paths)?;
         expiry.push(facts.not_after);
         let pattern = entry.sni.to_ascii_lowercase();
-        if let Some(i) = info(&ck) {
-            local.by_name.push((pattern.clone(), i));
-        }
+        local.by_name.push((pattern.clone(), info(&ck)));
         by_name.push((pattern, Arc::new(ck)));
     }
     let builder = ServerConfig::builder_with_provider(provider())
@@ -346,6 +347,22 @@ mod tests {
             tls.current.load().fingerprint
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An SNI certificate whose facts do not parse keeps its place: its
+    /// connections get no local facts, not the default certificate's.
+    #[test]
+    fn local_facts_follow_the_resolvers_pick() {
+        let default = Arc::new(crate::tls::CertInfo {
+            subject: "CN=default".into(),
+            ..Default::default()
+        });
+        let local = LocalCerts {
+            default: Some(default.clone()),
+            by_name: vec![("a.test".into(), None)],
+        };
+        assert_eq!(local.pick(Some("a.test")), None);
+        assert_eq!(local.pick(Some("other.test")), Some(default));
     }
 
     #[test]

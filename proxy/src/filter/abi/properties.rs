@@ -127,7 +127,7 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         "upstream.port" => Some(int(i64::from(s.upstream?.port()))),
         // Plain text or TLS without a client certificate: false.
         "connection.mtls" => Some(Bytes::from_static(
-            if s.info.principal.is_some() || s.info.tls.as_ref().is_some_and(|t| t.peer.is_some()) {
+            if s.info.principal.is_some() || s.info.tls.as_ref().is_some_and(|t| t.mtls) {
                 &[1]
             } else {
                 &[0]
