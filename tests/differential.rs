@@ -798,7 +798,10 @@ impl TlsFiles {
         client_dn.push(DnType::CountryName, "US");
         client_dn.push(DnType::OrganizationName, "Example, Inc.");
         client_dn.push(DnType::OrganizationalUnitName, "payments");
-        client_dn.push(DnType::CommonName, "client one");
+        // A control character, a non-ASCII letter and an attribute
+        // OpenSSL has no name for: Envoy escapes and dumps them.
+        client_dn.push(DnType::CommonName, "client\none \u{e9}");
+        client_dn.push(DnType::CustomDnType(vec![1, 3, 6, 1, 4, 1, 99999, 1]), "x");
         let (client, client_key) = leaf(
             client_dn,
             vec![
@@ -1005,7 +1008,7 @@ endpoints = ["{app}"]
             assert_eq!(attr(&from_envoy, "x-attr-connection-mtls"), Some(vec![1]));
             assert_eq!(
                 text("x-attr-connection-subject-peer-certificate").as_deref(),
-                Some("CN=client one,OU=payments,O=Example\\, Inc.,C=US")
+                Some("1.3.6.1.4.1.99999.1=#0C0178,CN=client\\0Aone \\C3\\A9,OU=payments,O=Example\\, Inc.,C=US")
             );
             assert_eq!(
                 text("x-attr-connection-uri-san-peer-certificate").as_deref(),

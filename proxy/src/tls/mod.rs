@@ -329,27 +329,82 @@ fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
                 "0.9.2342.19200300.100.1.25" => "DC",
                 "0.9.2342.19200300.100.1.1" => "UID",
                 "1.2.840.113549.1.9.1" => "emailAddress",
-                _ => oid.as_str(),
+                "2.5.4.4" => "SN",
+                "2.5.4.42" => "GN",
+                "2.5.4.43" => "initials",
+                "2.5.4.44" => "generationQualifier",
+                "2.5.4.12" => "title",
+                "2.5.4.15" => "businessCategory",
+                "2.5.4.17" => "postalCode",
+                "2.5.4.46" => "dnQualifier",
+                "2.5.4.65" => "pseudonym",
+                _ => "",
             };
-            out.push_str(short);
+            // OpenSSL's DUMP_UNKNOWN_FIELDS: an attribute it has no name
+            // for is the dotted OID and `#` + the hex of the value's DER.
+            let known = !short.is_empty();
+            out.push_str(if known { short } else { oid.as_str() });
             out.push('=');
             match atv.as_str() {
-                Ok(v) => escape_rfc2253(v, &mut out),
-                Err(_) => {
-                    out.push('#');
-                    for b in atv.attr_value().as_bytes() {
-                        out.push_str(&format!("{b:02X}"));
-                    }
-                }
+                Ok(v) if known => escape_rfc2253(v, &mut out),
+                _ => dump_der(atv.attr_value(), &mut out),
             }
         }
     }
     out
 }
 
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_hex(b: u8, out: &mut String) {
+    out.push(char::from(HEX_UPPER[usize::from(b >> 4)]));
+    out.push(char::from(HEX_UPPER[usize::from(b & 15)]));
+}
+
+/// `#` and the hex of a value's whole DER (tag, length, contents), as
+/// OpenSSL's `ASN1_STRFLGS_DUMP_DER`.
+fn dump_der(v: &x509_parser::der_parser::asn1_rs::Any<'_>, out: &mut String) {
+    out.push('#');
+    let tag = v.header.tag().0;
+    let data = v.data;
+    // Low tag numbers only (every string and time type); a high tag
+    // number is dumped without its header rather than mis-encoded.
+    if let Ok(t @ 0..=30) = u8::try_from(tag) {
+        let class = (v.header.class() as u8) << 6;
+        let constructed = if v.header.is_constructed() { 0x20 } else { 0 };
+        push_hex(class | constructed | t, out);
+        let len = data.len();
+        if len < 0x80 {
+            push_hex(len as u8, out);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|b| **b == 0).count();
+            let body = bytes.get(skip..).unwrap_or_default();
+            push_hex(0x80 | body.len() as u8, out);
+            for b in body {
+                push_hex(*b, out);
+            }
+        }
+    }
+    for b in data {
+        push_hex(*b, out);
+    }
+}
+
+/// OpenSSL's `ASN1_STRFLGS_RFC2253` on a text value: RFC 2253's special
+/// characters escaped with `\`, control characters and every byte of a
+/// non-ASCII character (as UTF-8) as `\XX`.
 fn escape_rfc2253(v: &str, out: &mut String) {
     let last = v.chars().count().saturating_sub(1);
     for (i, c) in v.chars().enumerate() {
+        if c.is_ascii_control() || !c.is_ascii() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push('\\');
+                push_hex(b, out);
+            }
+            continue;
+        }
         let edge_space = c == ' ' && (i == 0 || i == last);
         if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
             || edge_space
