@@ -1063,7 +1063,16 @@ fn header_changes_after_the_body_and_local_replies_match_envoy() {
     ];
     let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
     let module = fixture("wasm32-wasip1", "late-headers");
-    let (seen, _logs) = exchanges(&module, "", &requests, true, None);
+    let (seen, logs) = exchanges(&module, "", &requests, true, None);
+    // Refused late changes are logged, once for the filter.
+    assert_eq!(
+        logs.wasp
+            .matches("changed a header map whose head had already gone on")
+            .count(),
+        1,
+        "{}",
+        logs.wasp
+    );
     // Reading a header map whose head has gone on: Envoy refuses
     // (BAD_ARGUMENT), wasp reads it (listed in docs/filter-contract.md);
     // changing it is BAD_ARGUMENT on both.

@@ -298,11 +298,26 @@ enum MapMut<'a> {
 /// has continued. Reading it stays possible (Envoy refuses that too).
 fn sent(h: &Host, map: i32) -> bool {
     let Some(s) = h.stream() else { return false };
-    match map {
+    let sent = match map {
         REQUEST_HEADERS => s.heads_sent[0],
         RESPONSE_HEADERS => s.heads_sent[1],
         _ => false,
+    };
+    // Earlier wasp versions accepted (and dropped) such changes; a filter
+    // that did not check the status (the Rust SDK traps on it) now fails,
+    // so say why once per filter.
+    let logged = &h.plugin.late_header_edit_logged;
+    if sent
+        && !logged.load(std::sync::atomic::Ordering::Relaxed)
+        && !logged.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            filter = %h.plugin.name,
+            map = if map == REQUEST_HEADERS { "request" } else { "response" },
+            "a filter changed a header map whose head had already gone on: BAD_ARGUMENT (as Envoy); logged once per filter"
+        );
     }
+    sent
 }
 
 fn map_mut(h: &mut Host, map: i32) -> Option<MapMut<'_>> {
