@@ -718,15 +718,17 @@ async fn exchange(
                                 Err(_) => None,
                             };
                             // The filter's own budget, shared by all its
-                            // callouts: past it the stream ends rather than
-                            // pinning more memory for a guest that does not
-                            // keep up.
-                            let Some(bytes) =
-                                InFlight::take(filter_bytes, cost, CALLOUT_BYTES_IN_FLIGHT)
+                            // callouts: undelivered stream messages may fill
+                            // it only up to STREAM_SHARE (so slow streams
+                            // cannot starve the filter's http_calls); past
+                            // it the stream ends rather than pinning more
+                            // memory for a guest that does not keep up.
+                            let Some(bytes) = InFlight::take(filter_bytes, cost, STREAM_SHARE)
                             else {
                                 let detail = format!(
-                                    "more than {} MiB of callout bodies of this filter in flight",
-                                    CALLOUT_BYTES_IN_FLIGHT >> 20
+                                    "more than {} MiB of callout bodies of this filter in flight (undelivered gRPC stream messages may use {} MiB of it)",
+                                    CALLOUT_BYTES_IN_FLIGHT >> 20,
+                                    STREAM_SHARE >> 20
                                 );
                                 over_budget(&detail);
                                 return Some((code::RESOURCE_EXHAUSTED, detail));
@@ -759,6 +761,11 @@ async fn exchange(
         };
     }
 }
+
+/// How far undelivered gRPC stream messages may fill the filter's
+/// [`CALLOUT_BYTES_IN_FLIGHT`]: half, the other half stays for its
+/// `http_call` bodies and request messages.
+const STREAM_SHARE: usize = CALLOUT_BYTES_IN_FLIGHT / 2;
 
 /// Takes one whole message off `buf`, if there is one.
 fn next_message(buf: &mut BytesMut) -> Result<Option<Bytes>, (u32, String)> {
@@ -971,10 +978,9 @@ mod tests {
     async fn undelivered_messages_count_against_the_filter_budget() {
         let open = answer(&[], Flood(false).boxed_unsync());
         let sem = Arc::new(Semaphore::new(UNDELIVERED));
-        // The filter's other callouts hold all but a few bytes of its budget.
-        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(
-            CALLOUT_BYTES_IN_FLIGHT - 3000,
-        ));
+        // The filter's other callouts hold all but a few bytes of the
+        // streams' share of its budget.
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(STREAM_SHARE - 3000));
         let got = std::sync::Mutex::new(Vec::new());
         let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
         let over = std::sync::atomic::AtomicUsize::new(0);
@@ -1000,7 +1006,32 @@ mod tests {
         got.lock().unwrap().clear();
         assert_eq!(
             bytes.load(std::sync::atomic::Ordering::Relaxed),
-            CALLOUT_BYTES_IN_FLIGHT - 3000
+            STREAM_SHARE - 3000
         );
+    }
+
+    /// Streams whose guest does not keep up stop at half the filter's
+    /// budget: its http_calls still get the other half.
+    #[tokio::test]
+    async fn slow_streams_leave_half_the_budget_to_http_calls() {
+        let open = answer(&[], Flood(false).boxed_unsync());
+        let sem = Arc::new(Semaphore::new(UNDELIVERED));
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(STREAM_SHARE));
+        let got = std::sync::Mutex::new(Vec::new());
+        let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
+        let end = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(open, false, (&sem, &bytes), &emit, &|_| {}),
+        )
+        .await
+        .expect("the stream ends at its share");
+        assert_eq!(end.map(|e| e.0), Some(code::RESOURCE_EXHAUSTED));
+        assert!(got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(e, _)| !matches!(e, GrpcEvent::Message(_))));
+        let call = InFlight::take(&bytes, 8 << 20, CALLOUT_BYTES_IN_FLIGHT);
+        assert!(call.is_some(), "an http_call body still fits");
     }
 }
