@@ -59,6 +59,7 @@ fn envoy_binary() -> PathBuf {
 struct Envoy {
     child: Child,
     port: u16,
+    admin: u16,
     _dir: TempDir,
     log: PathBuf,
 }
@@ -83,6 +84,18 @@ impl Envoy {
         config: &str,
         upstream: SocketAddr,
         auth: Option<SocketAddr>,
+    ) -> Envoy {
+        Self::start_opts(module, config, upstream, auth, None)
+    }
+
+    /// [`Envoy::start_with`], the listener terminating TLS with
+    /// `transport_socket` (an Envoy `DownstreamTlsContext` socket) when given.
+    fn start_opts(
+        module: &Path,
+        config: &str,
+        upstream: SocketAddr,
+        auth: Option<SocketAddr>,
+        transport_socket: Option<serde_json::Value>,
     ) -> Envoy {
         let dir = TempDir::new("envoy");
         let port = free_port();
@@ -159,6 +172,18 @@ impl Envoy {
                 }]}]}
             }));
         }
+        if let Some(ts) = transport_socket {
+            let listener = &mut bootstrap["static_resources"]["listeners"][0];
+            listener["filter_chains"][0]["transport_socket"] = ts;
+            // Envoy learns the SNI (`requested_server_name`) from this
+            // listener filter, as deployments that route by SNI have it.
+            listener["listener_filters"] = serde_json::json!([{
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+                }
+            }]);
+        }
         let path = dir.path().join("envoy.json");
         std::fs::write(&path, bootstrap.to_string()).expect("write bootstrap");
         let log = dir.path().join("envoy.log");
@@ -175,6 +200,7 @@ impl Envoy {
         let mut envoy = Envoy {
             child,
             port,
+            admin,
             _dir: dir,
             log,
         };
@@ -352,34 +378,35 @@ fn wasp_guest_lines(log: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Starts both proxies with `module` as filter `f` (and the `auth`
-/// cluster when given), sends each request to both in turn, and returns
-/// what each side saw and each proxy's log.
-fn exchanges(
-    module: &Path,
-    config: &str,
-    requests: &[&str],
-    echoed: bool,
-    auth: Option<SocketAddr>,
-) -> (Vec<(Seen, Seen)>, Logs) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let upstream = rt.block_on(TestUpstream::start("app"));
-    let envoy = match auth {
-        None => Envoy::start(module, config, upstream.addr),
-        Some(_) => Envoy::start_with(module, config, upstream.addr, auth),
-    };
-    let auth_cluster = auth
-        .map(|a| format!("[clusters.auth]\nendpoints = [\"{a}\"]\nprotocol = \"http2\"\n"))
-        .unwrap_or_default();
+/// Both proxies running `module` as filter `f` in front of one upstream
+/// (and the `auth` cluster when given).
+struct Both {
+    envoy: Envoy,
+    wasp: Wasp,
+    wasp_addr: SocketAddr,
+    _upstream: TestUpstream,
+    _rt: tokio::runtime::Runtime,
+}
 
-    let dir = TempDir::new("filters");
-    std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
-    std::fs::copy(module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
-    let port = free_port();
-    let wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
+impl Both {
+    fn start(module: &Path, config: &str, auth: Option<SocketAddr>) -> Both {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let upstream = rt.block_on(TestUpstream::start("app"));
+        let envoy = match auth {
+            None => Envoy::start(module, config, upstream.addr),
+            Some(_) => Envoy::start_with(module, config, upstream.addr, auth),
+        };
+        let auth_cluster = auth
+            .map(|a| format!("[clusters.auth]\nendpoints = [\"{a}\"]\nprotocol = \"http2\"\n"))
+            .unwrap_or_default();
+        let dir = TempDir::new("filters");
+        std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
+        std::fs::copy(module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
+        let port = free_port();
+        let wasp = Wasp::start_in(
+            dir,
+            &format!(
+                r#"
 [proxy]
 workers = 1
 filters_dir = "filters.d"
@@ -400,27 +427,48 @@ pipeline = ["f"]
 endpoints = ["{}"]
 {auth_cluster}
 "#,
-            upstream.addr
-        ),
-        &[],
-    );
-    let wasp_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let limit = Duration::from_secs(5);
-    let seen = requests
-        .iter()
-        .map(|request| {
-            let from_envoy = raw_exchange(envoy.addr(), request.as_bytes(), limit);
-            let from_wasp = raw_exchange(wasp_addr, request.as_bytes(), limit);
-            (parse(&from_envoy, echoed), parse(&from_wasp, echoed))
-        })
-        .collect();
-    let logs = Logs {
-        envoy: envoy.log_text(),
-        wasp: wasp.log_text(),
-    };
-    drop(wasp);
-    drop(envoy);
-    drop(upstream);
+                upstream.addr
+            ),
+            &[],
+        );
+        Both {
+            envoy,
+            wasp,
+            wasp_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _upstream: upstream,
+            _rt: rt,
+        }
+    }
+
+    /// The same request to Envoy, then to wasp: (envoy, wasp).
+    fn send(&self, request: &str, echoed: bool) -> (Seen, Seen) {
+        let limit = Duration::from_secs(5);
+        let from_envoy = raw_exchange(self.envoy.addr(), request.as_bytes(), limit);
+        let from_wasp = raw_exchange(self.wasp_addr, request.as_bytes(), limit);
+        (parse(&from_envoy, echoed), parse(&from_wasp, echoed))
+    }
+
+    fn logs(&self) -> Logs {
+        Logs {
+            envoy: self.envoy.log_text(),
+            wasp: self.wasp.log_text(),
+        }
+    }
+}
+
+/// Starts both proxies with `module` as filter `f` (and the `auth`
+/// cluster when given), sends each request to both in turn, and returns
+/// what each side saw and each proxy's log.
+fn exchanges(
+    module: &Path,
+    config: &str,
+    requests: &[&str],
+    echoed: bool,
+    auth: Option<SocketAddr>,
+) -> (Vec<(Seen, Seen)>, Logs) {
+    let both = Both::start(module, config, auth);
+    let seen = requests.iter().map(|r| both.send(r, echoed)).collect();
+    let logs = both.logs();
     (seen, logs)
 }
 
@@ -700,17 +748,552 @@ fn an_assemblyscript_filter_matches_envoy() {
     );
 
     let request = "GET /private/keys HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n";
-    let (mut envoy, wasp) = both_with(&module, "payments", request, false);
+    let (envoy, wasp) = both_with(&module, "payments", request, false);
     assert_eq!(envoy.status, 403, "envoy: {envoy:#?}");
     assert_eq!(envoy.body, "private paths are not served\n", "{envoy:#?}");
-    // A listed difference (docs/filter-contract.md, "Checked against
-    // Envoy"): Envoy runs the filter's response-header callback on its own
-    // local reply (which adds x-filter-lang here); wasp returns the local
-    // reply as the filter made it (both add `content-type: text/plain`).
-    // Asserted, so the test says when either side changes.
+    // Both run the filter's response-header callback on its own local
+    // reply (it adds x-filter-lang there).
     assert!(
-        envoy.response.remove("x-filter-lang").is_some(),
+        envoy.response.contains_key("x-filter-lang"),
         "envoy no longer runs the response callback on a local reply: {envoy:#?}"
     );
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
+}
+
+/// A CA, a server certificate for `svc.test` and a client certificate with
+/// a several-part subject, URI and DNS SANs, as PEM files in a temp dir.
+struct TlsFiles {
+    dir: TempDir,
+    client_der: Vec<u8>,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType,
+        };
+        let dir = TempDir::new("diff-tls");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "diff ca");
+        ca.distinguished_name = dn;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let leaf = |dn: DistinguishedName, sans: Vec<SanType>| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut p = CertificateParams::default();
+            p.distinguished_name = dn;
+            p.subject_alt_names = sans;
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("leaf cert");
+            (cert, key)
+        };
+        let mut server_dn = DistinguishedName::new();
+        server_dn.push(DnType::CommonName, "svc.test");
+        let (server, server_key) = leaf(
+            server_dn,
+            vec![SanType::DnsName("svc.test".try_into().expect("dns"))],
+        );
+        let mut client_dn = DistinguishedName::new();
+        client_dn.push(DnType::CountryName, "US");
+        client_dn.push(DnType::OrganizationName, "Example, Inc.");
+        client_dn.push(DnType::OrganizationalUnitName, "payments");
+        // A control character, a non-ASCII letter and an attribute
+        // OpenSSL has no name for: Envoy escapes and dumps them.
+        client_dn.push(DnType::CommonName, "client\none \u{e9}");
+        client_dn.push(DnType::CustomDnType(vec![1, 3, 6, 1, 4, 1, 99999, 1]), "x");
+        let (client, client_key) = leaf(
+            client_dn,
+            vec![
+                SanType::URI(
+                    "spiffe://mesh.local/ns/default/sa/client"
+                        .try_into()
+                        .expect("uri"),
+                ),
+                SanType::DnsName("client.test".try_into().expect("dns")),
+            ],
+        );
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.path().join(name), text).expect("write pem");
+        };
+        write("ca.pem", ca_cert.pem());
+        write("server.pem", server.pem());
+        write("server-key.pem", server_key.serialize_pem());
+        write("client.pem", client.pem());
+        write("client-key.pem", client_key.serialize_pem());
+        TlsFiles {
+            client_der: client.der().to_vec(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// A rustls client trusting the CA, presenting the client certificate
+    /// when `mtls`.
+    fn client(&self, mtls: bool) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).expect("ca pem") {
+            roots.add(c.expect("ca cert")).expect("add ca");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+        let mut config = if mtls {
+            let chain = CertificateDer::pem_file_iter(self.path("client.pem"))
+                .expect("client pem")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert");
+            let key = PrivateKeyDer::from_pem_file(self.path("client-key.pem")).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        } else {
+            builder.with_no_client_auth()
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        std::sync::Arc::new(config)
+    }
+}
+
+/// One HTTP/1.1 exchange over TLS (SNI `svc.test`), read to the close.
+fn tls_exchange(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    request: &str,
+) -> String {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from("svc.test").expect("server name");
+    let conn = rustls::ClientConnection::new(config, name).expect("client connection");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(request.as_bytes()).expect("write over TLS");
+    let mut out = Vec::new();
+    // A close without close_notify ends the read with an error; what was
+    // read before it is the answer.
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The TLS attributes (`connection.tls_version`, `requested_server_name`,
+/// `mtls`, the peer certificate's subject, SANs and digest) with the same
+/// certificates through Envoy and wasp terminating TLS, with and without a
+/// client certificate.
+#[test]
+fn tls_attributes_match_envoy() {
+    let files = TlsFiles::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = rt.block_on(TestUpstream::start("app"));
+    let module = fixture("wasm32-wasip1", "attributes");
+    // Envoy asks for a client certificate and accepts a client without one.
+    let socket = serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": false,
+            "common_tls_context": {
+                "alpn_protocols": ["http/1.1"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": files.path("server.pem")},
+                    "private_key": {"filename": files.path("server-key.pem")}
+                }],
+                "validation_context": {"trusted_ca": {"filename": files.path("ca.pem")}}
+            }
+        }
+    });
+    let envoy = Envoy::start_opts(&module, "", upstream.addr, None, Some(socket));
+    // wasp: a listener with server TLS, and one that requires mTLS.
+    let dir = TempDir::new("filters");
+    std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
+    std::fs::copy(&module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
+    let (tls_port, mtls_port) = (free_port(), free_port());
+    let route = "  [[listeners.routes]]\n  match = { prefix = \"/\" }\n  cluster = \"app\"\n";
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+filters_dir = "filters.d"
+
+[filters.f]
+module = "f.wasm"
+
+[[listeners]]
+name = "tls"
+bind = "127.0.0.1:{tls_port}"
+pipeline = ["f"]
+tls = {{ cert = "{cert}", key = "{key}" }}
+{route}
+[[listeners]]
+name = "mtls"
+bind = "127.0.0.1:{mtls_port}"
+pipeline = ["f"]
+tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}" }}
+{route}
+[clusters.app]
+endpoints = ["{app}"]
+"#,
+            cert = files.path("server.pem"),
+            key = files.path("server-key.pem"),
+            ca = files.path("ca.pem"),
+            app = upstream.addr,
+        ),
+        &[],
+    );
+    let request = "GET /tls HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n";
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let names = [
+        "connection-mtls",
+        "connection-requested-server-name",
+        "connection-tls-version",
+        "connection-subject-peer-certificate",
+        "connection-uri-san-peer-certificate",
+        "connection-dns-san-peer-certificate",
+        "connection-sha256-peer-certificate-digest",
+        "connection-subject-local-certificate",
+        "connection-uri-san-local-certificate",
+        "connection-dns-san-local-certificate",
+        "request-scheme",
+        // Plain text to the upstream: NOT_FOUND from both.
+        "upstream-tls-version",
+    ];
+    for mtls in [false, true] {
+        let wasp_port = if mtls { mtls_port } else { tls_port };
+        let from_envoy = parse(
+            &tls_exchange(envoy.addr(), files.client(mtls), request),
+            true,
+        );
+        let from_wasp = parse(
+            &tls_exchange(at(wasp_port), files.client(mtls), request),
+            true,
+        );
+        assert_eq!(
+            from_envoy.status, 200,
+            "envoy (mtls {mtls}): {from_envoy:#?}"
+        );
+        assert_eq!(from_wasp.status, 200, "wasp (mtls {mtls}): {from_wasp:#?}");
+        for name in names {
+            let k = format!("x-attr-{name}");
+            assert!(
+                from_envoy.response.contains_key(&k),
+                "envoy lacks {k}: {from_envoy:#?}"
+            );
+            assert_eq!(
+                from_wasp.response.get(&k),
+                from_envoy.response.get(&k),
+                "{k} (mtls {mtls}): wasp (left) differs from envoy (right)"
+            );
+        }
+        let text = |k: &str| attr(&from_envoy, k).map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert_eq!(
+            text("x-attr-connection-requested-server-name").as_deref(),
+            Some("svc.test")
+        );
+        assert_eq!(
+            text("x-attr-connection-tls-version").as_deref(),
+            Some("TLSv1.3")
+        );
+        if mtls {
+            // The comparison saw real values, in Envoy's encodings.
+            assert_eq!(attr(&from_envoy, "x-attr-connection-mtls"), Some(vec![1]));
+            assert_eq!(
+                text("x-attr-connection-subject-peer-certificate").as_deref(),
+                Some("1.3.6.1.4.1.99999.1=#0C0178,CN=client\\0Aone \\C3\\A9,OU=payments,O=Example\\, Inc.,C=US")
+            );
+            assert_eq!(
+                text("x-attr-connection-uri-san-peer-certificate").as_deref(),
+                Some("spiffe://mesh.local/ns/default/sa/client")
+            );
+            assert_eq!(
+                text("x-attr-connection-dns-san-peer-certificate").as_deref(),
+                Some("client.test")
+            );
+            use sha2::Digest;
+            let digest: String = sha2::Sha256::digest(&files.client_der)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                text("x-attr-connection-sha256-peer-certificate-digest"),
+                Some(digest)
+            );
+        } else {
+            assert_eq!(attr(&from_envoy, "x-attr-connection-mtls"), Some(vec![0]));
+        }
+        assert_eq!(
+            text("x-attr-connection-subject-local-certificate").as_deref(),
+            Some("CN=svc.test")
+        );
+    }
+    drop(wasp);
+    drop(envoy);
+    drop(upstream);
+}
+
+/// Header changes made after the body was seen (fixture `late-headers`):
+/// a request header added at the end of the request body, a response
+/// header added at the end of the response body (with the body grown under
+/// the upstream's declared length: cut there by wasp, sent past it by
+/// Envoy), each with and without the header callback
+/// having paused; and the response callbacks on a filter's local reply.
+#[test]
+fn header_changes_after_the_body_and_local_replies_match_envoy() {
+    let post = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+        )
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    let requests = [
+        post("/late"),
+        post("/late/hold-req"),
+        get("/late/hold-resp"),
+        get("/deny"),
+        post("/echo?grow-req"),
+    ];
+    let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
+    let module = fixture("wasm32-wasip1", "late-headers");
+    let (seen, logs) = exchanges(&module, "", &requests, true, None);
+    // Refused late changes are logged, once for the filter.
+    assert_eq!(
+        logs.wasp
+            .matches("changed a header map whose head had already gone on")
+            .count(),
+        1,
+        "{}",
+        logs.wasp
+    );
+    // Reading a header map whose head has gone on: Envoy refuses
+    // (BAD_ARGUMENT), wasp reads it (listed in docs/filter-contract.md);
+    // changing it is BAD_ARGUMENT on both.
+    let reads_aside = |seen: &Seen| {
+        let mut seen = seen.clone();
+        for get in [",get=0", ",get=1", ",get=2"] {
+            seen.body = seen.body.replace(get, "");
+            for v in seen.response.values_mut().flatten() {
+                *v = v.replace(get, "");
+            }
+        }
+        seen
+    };
+    let [late, hold_req, hold_resp, deny, grown] = &seen[..] else {
+        panic!("five exchanges");
+    };
+    assert_eq!(late.0.status, 200, "envoy: {:#?}", late.0);
+    assert_eq!(
+        late.0.response.get("x-late-req-status"),
+        Some(&vec!["add=2,get=2".to_string()]),
+        "{:#?}",
+        late.0
+    );
+    assert!(
+        late.0.body.contains("[late-resp:add=2,get=2]"),
+        "{:#?}",
+        late.0
+    );
+    // The upstream declared its length and the filter grew the body
+    // without removing `content-length`: Envoy sends the bytes past the
+    // declared length, wasp cuts the body there (docs/filter-contract.md);
+    // the rest matches.
+    let body_aside = |seen: &Seen| {
+        let mut seen = reads_aside(seen);
+        seen.body.clear();
+        seen
+    };
+    assert_eq!(
+        body_aside(&late.1),
+        body_aside(&late.0),
+        "late edits: wasp (left) differs from envoy (right)"
+    );
+    assert!(!late.1.body.contains("[late-resp:"), "{:#?}", late.1);
+    // A header PAUSE with no callout: Envoy stops the filter chain
+    // (StopAllIterationAndWatermark) and the body callback never runs, so
+    // the request hangs until a timeout; wasp fails the stuck filter at once
+    // (listed in docs/filter-contract.md).
+    for (name, (envoy, wasp)) in [("hold-req", hold_req), ("hold-resp", hold_resp)] {
+        assert_eq!(envoy.status, 0, "{name}: envoy answered: {envoy:#?}");
+        assert_eq!(wasp.status, 503, "{name}: {wasp:#?}");
+        assert_eq!(
+            wasp.response.get("x-wasp-error"),
+            Some(&vec!["filter_failed".to_string()])
+        );
+    }
+    // A local reply goes through the response callbacks (the answering
+    // filter's included): response header added, body grown.
+    assert_eq!(deny.0.status, 403, "envoy: {:#?}", deny.0);
+    assert_eq!(
+        deny.0.response.get("x-resp-seen"),
+        Some(&vec!["403".to_string()])
+    );
+    assert!(deny.0.body.contains("[late-resp:"), "{:#?}", deny.0);
+    assert_eq!(
+        reads_aside(&deny.1),
+        reads_aside(&deny.0),
+        "local reply: wasp (left) differs from envoy (right)"
+    );
+    // A request body grown under a declared `content-length`: both send
+    // the declared length upstream (the filter must drop `content-length`
+    // in its header callback to change it); the response, grown too under
+    // its declared length, is cut there by wasp and sent whole by Envoy.
+    assert!(grown.0.body.ends_with("\nabc"), "{:#?}", grown.0);
+    assert_eq!(grown.1.body, "abc", "{:#?}", grown.1);
+    assert_eq!(
+        body_aside(&grown.1),
+        body_aside(&grown.0),
+        "grown bodies: wasp (left) differs from envoy (right)"
+    );
+}
+
+/// HTTP callouts (fixture `callout`) to the same auth server from both
+/// hosts: the auth server sees the caller's user, an allowed request goes
+/// on with the answer in `x-authz`, a denied one gets the filter's 403.
+#[test]
+fn http_callouts_match_envoy() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let auth = rt.block_on(TestUpstream::start("auth"));
+    let req = |user: &str| {
+        format!("GET /c HTTP/1.1\r\nHost: svc\r\nx-user: {user}\r\nConnection: close\r\n\r\n")
+    };
+    let (allow, deny) = (req("alice"), req("mallory"));
+    let seen = both_many("callout", "auth", &[&allow, &deny], true, auth.addr);
+    let [allow, deny] = &seen[..] else {
+        panic!("two exchanges");
+    };
+    assert_eq!(allow.0.status, 200, "envoy: {:#?}", allow.0);
+    // The auth server answered `ok-<x-user>`: it saw the user.
+    assert!(allow.0.body.contains("x-authz: ok-alice"), "{:#?}", allow.0);
+    assert_eq!(
+        allow.1, allow.0,
+        "allow: wasp (left) differs from envoy (right)"
+    );
+    assert_eq!(deny.0.status, 403, "envoy: {:#?}", deny.0);
+    assert_eq!(deny.0.body, "denied by authz");
+    assert_eq!(
+        deny.1, deny.0,
+        "deny: wasp (left) differs from envoy (right)"
+    );
+    // One callout per request from each host.
+    assert_eq!(auth.requests(), 4);
+}
+
+/// The value of the first sample line naming `name` (Envoy's `/stats`:
+/// `name: 3`; Prometheus text: `name{...} 3`).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once([' ', ':'])?;
+        let k = k.trim_end_matches(':');
+        let bare = k.split('{').next()?.rsplit('.').next()?;
+        (bare == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Metrics (fixture `metrics`: a counter, a gauge and a histogram): the
+/// values the filter reads back (`x-requests`) and the values each host
+/// exports (Envoy's admin `/stats`, wasp's `/metrics`).
+#[test]
+fn metrics_match_envoy() {
+    let module = fixture("wasm32-wasip1", "metrics");
+    let both = Both::start(&module, "", None);
+    let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    for (i, path) in ["/a", "/abcd", "/ab"].iter().enumerate() {
+        let (envoy, wasp) = both.send(&req(path), true);
+        assert_eq!(
+            envoy.response.get("x-requests"),
+            Some(&vec![(i + 1).to_string()]),
+            "{envoy:#?}"
+        );
+        assert_eq!(
+            wasp, envoy,
+            "{path}: wasp (left) differs from envoy (right)"
+        );
+    }
+    let envoy_admin = SocketAddr::from(([127, 0, 0, 1], both.envoy.admin));
+    let stats = raw_exchange(
+        envoy_admin,
+        b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let metrics = both.wasp.admin_get("/metrics").1;
+    let counter = (
+        sample(&stats, "fixture_requests_total"),
+        sample(&metrics, "fixture_requests_total"),
+    );
+    assert_eq!(
+        counter,
+        (Some(3.0), Some(3.0)),
+        "envoy:\n{stats}\nwasp:\n{metrics}"
+    );
+    // The histogram's count: Envoy flushes histograms on its stats flush
+    // interval; wasp exports them at once. Both recorded 42 three times.
+    assert_eq!(
+        sample(&metrics, "fixture_answer_count"),
+        Some(3.0),
+        "wasp:\n{metrics}"
+    );
+}
+
+/// Shared data (fixture `shared-data`: a counter with compare-and-swap)
+/// and a shared queue (fixture `queue`: requests enqueue their path, the
+/// root context drains the queue into shared data) round trip the same.
+#[test]
+fn shared_data_and_queues_match_envoy() {
+    let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    let both = Both::start(&fixture("wasm32-wasip1", "shared-data"), "", None);
+    for i in 1..=3 {
+        let (envoy, wasp) = both.send(&req("/count"), true);
+        assert_eq!(
+            envoy.response.get("x-counter"),
+            Some(&vec![i.to_string()]),
+            "{envoy:#?}"
+        );
+        assert_eq!(
+            wasp, envoy,
+            "shared data: wasp (left) differs from envoy (right)"
+        );
+    }
+    drop(both);
+    let both = Both::start(&fixture("wasm32-wasip1", "queue"), "", None);
+    // The root context drains the queue on its own schedule, so whether a
+    // response already counts its own request is timing; the rest must match.
+    let queue_aside = |seen: &Seen| {
+        let mut seen = seen.clone();
+        seen.response.retain(|k, _| !k.starts_with("x-queue-"));
+        seen
+    };
+    for path in ["/one", "/two", "/three"] {
+        let (envoy, wasp) = both.send(&req(path), true);
+        assert_eq!(envoy.status, 200, "{envoy:#?}");
+        assert_eq!(
+            queue_aside(&wasp),
+            queue_aside(&envoy),
+            "{path}: wasp (left) differs from envoy (right)"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (envoy, wasp) = both.send(&req("/last"), true);
+    for (host, seen) in [("envoy", &envoy), ("wasp", &wasp)] {
+        let one = |k: &str| seen.response.get(k).and_then(|v| v.first()).cloned();
+        let state = (one("x-queue-seen"), one("x-queue-last"));
+        let drained = (Some("3".to_string()), Some("/three".to_string()));
+        let with_own = (Some("4".to_string()), Some("/last".to_string()));
+        assert!(
+            state == drained || state == with_own,
+            "{host}: every path queued was drained in order: {seen:#?}"
+        );
+    }
+    assert_eq!(
+        queue_aside(&wasp),
+        queue_aside(&envoy),
+        "queue: wasp (left) differs from envoy (right)"
+    );
 }

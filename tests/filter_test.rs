@@ -51,6 +51,7 @@ fn community_sdk_fixtures_pass() {
     passes(&wasip1("metrics"), &fixtures("metrics.toml"), 1);
     passes(&wasip1("body-rewrite"), &fixtures("body-rewrite.toml"), 3);
     passes(&wasip1("properties"), &fixtures("properties.toml"), 1);
+    passes(&wasip1("late-headers"), &fixtures("late-headers.toml"), 1);
     passes(
         &wasip1("configure-false"),
         &fixtures("configure-false.toml"),

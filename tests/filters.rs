@@ -371,3 +371,270 @@ fn a_filter_whose_configure_fails_stops_startup_with_its_name() {
         "{err}"
     );
 }
+
+/// A scripted upstream for framing tests: answers each request by its path
+/// with raw bytes; where the script says `Wait`, it holds until the test
+/// says the client has the head (at most 10 s), so a proxy that held the
+/// head until the body ended would leave the client without one.
+enum Step {
+    Send(Vec<u8>),
+    Wait,
+}
+
+async fn scripted_upstream(
+    script: fn(&str) -> Vec<Step>,
+    head_seen: std::sync::Arc<tokio::sync::Notify>,
+) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let head_seen = head_seen.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req).into_owned();
+                let path = text.split(' ').nth(1).unwrap_or("/").to_string();
+                for step in script(&path) {
+                    match step {
+                        Step::Send(b) => {
+                            if s.write_all(&b).await.is_err() {
+                                return;
+                            }
+                        }
+                        Step::Wait => {
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(10), head_seen.notified())
+                                    .await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What a raw HTTP/1.1 client got: the head (lower-cased), and the body as
+/// decoded from its framing (`None` when no head came within 5 s).
+/// `head_seen` tells a waiting scripted upstream the head arrived.
+async fn raw_get(
+    proxy: SocketAddr,
+    method: &str,
+    path: &str,
+    head_seen: Option<&tokio::sync::Notify>,
+) -> Option<(String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let head_end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(i + 4);
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()??;
+    if let Some(n) = head_seen {
+        n.notify_one();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    let mut body = got[head_end..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Some((head, body))
+}
+
+/// The data of a chunked body (as far as it is well formed).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size.filter(|n| *n > 0) else {
+            break;
+        };
+        let start = eol + 2;
+        let Some(data) = raw.get(start..start + size) else {
+            out.extend_from_slice(&raw[start.min(raw.len())..]);
+            break;
+        };
+        out.extend_from_slice(data);
+        raw = raw.get(start + size + 2..).unwrap_or_default();
+    }
+    out
+}
+
+fn content_length(head: &str) -> Option<&str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(str::trim)
+}
+
+/// Response framing through a filter is the upstream's (nothing is held
+/// back to be re-framed): a body that pauses streams on (the head comes
+/// first), an upstream that declares more than it sends still gets its
+/// head to the client, HEAD / 304 / 204 answers keep their declared
+/// length, and a `content-length` next to `transfer-encoding` (the body
+/// is read by the encoding) is dropped, with or without a filter, so a
+/// hostile upstream cannot misframe the client's answer or make the proxy
+/// read its whole body before answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_framing_through_a_filter_is_the_upstreams() {
+    fn script(path: &str) -> Vec<Step> {
+        let head =
+            |h: &str| Step::Send(format!("HTTP/1.1 {h}\r\nConnection: close\r\n\r\n").into_bytes());
+        match path {
+            "/slow" => vec![
+                head("200 OK\r\nContent-Length: 10"),
+                Step::Send(b"hello".to_vec()),
+                Step::Wait,
+                Step::Send(b"world".to_vec()),
+            ],
+            "/lying" => vec![
+                head("200 OK\r\nContent-Length: 10"),
+                Step::Send(b"abc".to_vec()),
+                Step::Wait,
+            ],
+            "/te-and-cl" => {
+                let mut steps = vec![
+                    head("200 OK\r\nContent-Length: 10\r\nTransfer-Encoding: chunked"),
+                    Step::Send(b"5\r\nfirst\r\n".to_vec()),
+                    Step::Wait,
+                ];
+                for _ in 0..8 {
+                    let chunk = vec![b'x'; 64 << 10];
+                    let mut b = format!("{:x}\r\n", chunk.len()).into_bytes();
+                    b.extend_from_slice(&chunk);
+                    b.extend_from_slice(b"\r\n");
+                    steps.push(Step::Send(b));
+                }
+                steps.push(Step::Send(b"7\r\nTHE-END\r\n0\r\n\r\n".to_vec()));
+                steps
+            }
+            "/not-modified" => vec![head("304 Not Modified\r\nETag: \"v1\"")],
+            "/no-content" => vec![head("204 No Content")],
+            _ => vec![head("200 OK\r\nContent-Length: 1234")],
+        }
+    }
+    let head_seen = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = scripted_upstream(script, head_seen.clone()).await;
+    let dir = with_fixtures("wasm32-wasip1", &["noop"]);
+    let (filtered, plain) = (free_port(), free_port());
+    let config = format!(
+        "[filters.noop]\nmodule = \"noop.wasm\"\n\n{}\n{}\n[clusters.app]\nendpoints = [\"{up}\"]\n",
+        listener(filtered, r#""noop""#),
+        listener(plain, "").replace("\"inbound\"", "\"plain\""),
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let filtered = loopback(filtered);
+    let plain = loopback(plain);
+
+    let (head, body) = raw_get(filtered, "GET", "/slow", Some(&head_seen))
+        .await
+        .unwrap_or_else(|| panic!("no head while the body paused\n{}", wasp.log_text()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(content_length(&head), Some("10"), "{head}");
+    assert_eq!(body, b"helloworld");
+
+    let (head, body) = raw_get(filtered, "GET", "/lying", Some(&head_seen))
+        .await
+        .expect("no head from an upstream that sent less than it declared");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"abc", "the short body, then the connection ends");
+
+    for (name, proxy) in [("filtered", filtered), ("plain", plain)] {
+        let (head, body) = raw_get(proxy, "GET", "/te-and-cl", Some(&head_seen))
+            .await
+            .unwrap_or_else(|| {
+                panic!("{name}: no head before the whole body\n{}", wasp.log_text())
+            });
+        assert!(head.starts_with("http/1.1 200"), "{name}: {head}");
+        assert_eq!(content_length(&head), None, "{name}: {head}");
+        assert_eq!(body.len(), 5 + 8 * (64 << 10) + 7, "{name}: {head}");
+        assert!(body.ends_with(b"THE-END"), "{name}");
+
+        let (head, body) = raw_get(proxy, "HEAD", "/head", None).await.expect("head");
+        assert_eq!(content_length(&head), Some("1234"), "{name}: {head}");
+        assert!(body.is_empty(), "{name}");
+        for path in ["/not-modified", "/no-content"] {
+            let (head, body) = raw_get(proxy, "GET", path, None).await.expect("head");
+            assert_eq!(content_length(&head), None, "{name} {path}: {head}");
+            assert!(body.is_empty(), "{name} {path}");
+        }
+    }
+    drop(wasp);
+}
+
+/// A response body callback that answers: on a streamed upstream answer
+/// the head is the upstream's, so the stream is cut (never a made-up 502); on a filter's local reply (whose head is
+/// still held) its answer replaces the reply, as the contract says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_answer_cuts_a_stream_and_replaces_a_local_reply() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["harness", "local-reply"]);
+    let port = free_port();
+    let config = format!(
+        "[filters.harness]\nmodule = \"harness.wasm\"\n[filters.deny]\nmodule = \"local-reply.wasm\"\n\n{}\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        listener(port, r#""harness", "deny""#),
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let proxy = loopback(port);
+    let client = h1_client();
+    let late = |path: &str| {
+        http::Request::get(format!("http://{proxy}{path}"))
+            .header("host", "app")
+            .header("x-late", "response")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // The upstream's answer streams: the stream is cut (hyper may not have
+    // flushed the 200 yet, then the connection just ends), never answered
+    // with a status of the proxy's making.
+    match client.request(late("/streamed")).await {
+        Ok(r) => {
+            assert_eq!(r.status(), 200, "{r:?}\n{}", wasp.log_text());
+            assert_eq!(r.headers().get("x-wasp-error"), None);
+        }
+        Err(e) => assert!(
+            e.is_connect() || format!("{e:?}").contains("Incomplete"),
+            "{e:?}"
+        ),
+    }
+    // A local reply (403 from `deny`): harness answers 451 from its body
+    // callback, and that answer is the one the client gets.
+    let r = send(&client, late("/deny/me")).await;
+    assert_eq!(r.status, 451, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.body, "too late\n");
+    drop(wasp);
+}

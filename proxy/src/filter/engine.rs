@@ -410,6 +410,7 @@ impl FilterRuntime {
                 max_body_bytes: spec.max_body_bytes,
                 callouts_in_flight: Arc::default(),
                 callout_bytes_in_flight: Arc::default(),
+                late_header_edit_logged: AtomicBool::new(false),
             }),
             engine: module.engine().clone(),
             pre,

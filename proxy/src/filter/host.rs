@@ -71,6 +71,9 @@ pub(crate) struct StreamData {
     /// `limits.header_bytes` beyond that, whatever the client or upstream
     /// sent (up to its own limits) and the core added.
     pub received: [(usize, usize); 2],
+    /// The request / response head has gone on (its header callbacks are
+    /// done): its header map can no longer change (BAD_ARGUMENT, as Envoy).
+    pub heads_sent: [bool; 2],
 }
 
 /// Entries and bytes (names plus values) of a header map.
@@ -87,6 +90,7 @@ impl StreamData {
             info,
             req: None,
             received: [(0, 0); 2],
+            heads_sent: [false; 2],
             req_trailers: None,
             resp: None,
             resp_trailers: None,

@@ -254,7 +254,17 @@ pub struct StreamInfo {
     pub start: SystemTime,
     /// Peer identity under mTLS.
     pub principal: Option<Arc<str>>,
+    /// The downstream connection's TLS facts (`connection.*` attributes);
+    /// `None` on plain text. Shared by the connection's requests.
+    pub tls: Option<Arc<crate::tls::ConnTls>>,
 }
+
+/// Marks (as a response extension) an answer a filter made with
+/// `proxy_send_local_response`, as opposed to one the proxy made for a
+/// filter's failure: the core sends it back through the response
+/// callbacks, as Envoy runs its encoder filters on a local reply.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterReply;
 
 /// Outcome of a header or trailer phase.
 #[derive(Debug)]

@@ -41,6 +41,9 @@ pub(crate) struct PluginShared {
     pub callouts_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Request-body bytes of those callouts (all threads).
     pub callout_bytes_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The filter was told once (in the log) that it changed a header map
+    /// whose head had gone on.
+    pub late_header_edit_logged: AtomicBool,
 }
 
 impl PluginShared {

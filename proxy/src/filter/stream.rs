@@ -80,6 +80,11 @@ struct Waits {
     /// The body task parked in [`StreamFilters::poll_body_wait`] /
     /// [`StreamFilters::poll_trailers_wait`] of this direction.
     waker: Option<std::task::Waker>,
+    /// When the current wait must be over ([`HEADER_WAIT_LIMIT`] after it
+    /// began), and its timer once the wait is polled: a callout without a
+    /// deadline of its own (a gRPC stream) cannot hold a body forever.
+    until: Option<tokio::time::Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Waits {
@@ -178,6 +183,7 @@ fn local_response(l: LocalResponse) -> Response<Bytes> {
     if !l.details.is_empty() {
         tracing::debug!(details = l.details, "filter sent a local response");
     }
+    r.extensions_mut().insert(super::FilterReply);
     r
 }
 
@@ -187,6 +193,7 @@ fn copy_response(r: &Response<Bytes>) -> Response<Bytes> {
     let mut c = Response::new(r.body().clone());
     *c.status_mut() = r.status();
     *c.headers_mut() = r.headers().clone();
+    *c.extensions_mut() = r.extensions().clone();
     c
 }
 
@@ -520,6 +527,9 @@ impl StreamFilters {
         let v = self.headers_chain(Dir::Request, end_of_stream).await;
         // Its waits on the callout channel took a waiting body's place.
         self.wake_waiters();
+        if let Some(d) = self.data.as_deref_mut() {
+            d.heads_sent[0] = true;
+        }
         match self.data.as_deref().and_then(|d| d.req.as_ref()) {
             Some(req) => {
                 head.method = req.method.clone();
@@ -549,6 +559,9 @@ impl StreamFilters {
         }
         let v = self.headers_chain(Dir::Response, end_of_stream).await;
         self.wake_waiters();
+        if let Some(d) = self.data.as_deref_mut() {
+            d.heads_sent[1] = true;
+        }
         match self.data.as_deref().and_then(|d| d.resp.as_ref()) {
             Some(resp) => {
                 head.status = resp.status;
@@ -624,6 +637,7 @@ impl StreamFilters {
                         // whole body stays here until the filter resumes
                         // (`poll_body_wait`), answers, or fails.
                         self.waits[side(dir)].body = Some(BodyWait { k, buf });
+                        self.start_wait(dir);
                         return BodyVerdict::Wait;
                     }
                 }
@@ -647,6 +661,31 @@ impl StreamFilters {
         BodyVerdict::Forward(buf.freeze())
     }
 
+    /// A body or trailers wait of `dir` (for a new filter) begins: its
+    /// deadline is [`HEADER_WAIT_LIMIT`] from now.
+    fn start_wait(&mut self, dir: Dir) {
+        let w = &mut self.waits[side(dir)];
+        w.until = Some(tokio::time::Instant::now() + self.header_wait_limit);
+        w.timer = None;
+    }
+
+    /// Whether `dir`'s wait is past its deadline (registers `cx` for it).
+    fn wait_expired(&mut self, cx: &mut std::task::Context<'_>, dir: Dir) -> bool {
+        let w = &mut self.waits[side(dir)];
+        let Some(until) = w.until else {
+            return false;
+        };
+        let timer = w
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+            return false;
+        }
+        w.until = None;
+        w.timer = None;
+        true
+    }
+
     /// Delivers callout answers while `dir`'s body or trailers wait, until
     /// the wait settles (`Ready(None)`: the outcome is in its `body_done` /
     /// `trailers_done`) or a local response or failure ends the stream
@@ -659,10 +698,16 @@ impl StreamFilters {
         let d = side(dir);
         loop {
             let Some(k) = self.waits[d].waited() else {
+                self.waits[d].until = None;
+                self.waits[d].timer = None;
                 return Poll::Ready(None);
             };
             let pos = order(dir, self.slots.len(), k);
-            if self.pending_of(pos) == 0 {
+            let expired = self.wait_expired(cx, dir);
+            if expired {
+                tracing::debug!(filter = %self.name(pos), "filter held a body or trailers past the wait limit");
+            }
+            if expired || self.pending_of(pos) == 0 {
                 // Nothing left that could resume it.
                 match self.fail(pos, &Failure::Stuck) {
                     Step::Respond(r) => {
@@ -891,6 +936,7 @@ impl StreamFilters {
                     };
                     if !resumed {
                         self.waits[side(dir)].trailers = Some(k);
+                        self.start_wait(dir);
                         return Verdict::Wait;
                     }
                 }
@@ -938,6 +984,7 @@ impl StreamFilters {
     pub fn set_local_reply<B>(&mut self, code: &'static str, resp: &http::Response<B>) {
         if let Some(d) = self.data.as_deref_mut() {
             d.error_code = Some(code);
+            d.heads_sent = [true; 2];
             d.resp = Some(RespHead {
                 status: resp.status(),
                 headers: resp.headers().clone(),

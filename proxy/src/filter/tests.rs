@@ -94,6 +94,7 @@ fn info() -> StreamInfo {
         request_id: Arc::from("req-1"),
         start: SystemTime::now(),
         principal: None,
+        tls: None,
     }
 }
 
@@ -1175,6 +1176,40 @@ async fn a_header_phase_waits_for_a_callout_at_most_its_limit() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(hdr(r.headers(), "x-wasp-error"), Some("filter_failed"));
     assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn a_body_waits_for_a_callout_at_most_its_limit() {
+    let t = TARGETS[0];
+    let name = "body-wait-limited";
+    let set = load(vec![spec(t, "body-callout", name)]);
+    let mut s = set.stream(&pipeline(&[name]), info());
+    s.set_header_wait_limit(Duration::from_millis(100));
+    // Asks the cluster that never answers (its own timeout is 1 s).
+    let mut req = request("/upload", &[("x-authz-cluster", "slow")]);
+    expect_continue(s.request_headers(&mut req, false).await);
+    assert!(matches!(
+        s.request_body(Bytes::from_static(b"alice"), true),
+        BodyVerdict::Wait
+    ));
+    let started = Instant::now();
+    let v = tokio::time::timeout(
+        Duration::from_secs(5),
+        std::future::poll_fn(|cx| s.poll_body_wait(cx, Dir::Request)),
+    )
+    .await
+    .expect("the wait limit must end the wait");
+    match v {
+        BodyVerdict::Respond(r) => {
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(hdr(r.headers(), "x-wasp-error"), Some("filter_failed"));
+        }
+        other => panic!("the held body must fail by policy: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "ended by the wait limit, not by the callout's own timeout"
+    );
 }
 
 #[test]

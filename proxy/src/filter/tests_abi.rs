@@ -49,6 +49,7 @@ fn info() -> StreamInfo {
         request_id: Arc::from("id"),
         start: std::time::SystemTime::now(),
         principal: None,
+        tls: None,
     }
 }
 

@@ -451,6 +451,34 @@ async fn body_through(
     }
 }
 
+/// A filter's own answer goes back through the response callbacks, as the
+/// proxy sends it (`forward::phases::filter_answer`); an answer made for a
+/// failure goes out as made.
+async fn through_response(chain: &mut StreamFilters, r: Response<Bytes>) -> Response<Bytes> {
+    if r.extensions().get::<crate::filter::FilterReply>().is_none() {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let no_body = body.is_empty();
+    if let Verdict::Respond(again) = chain.response_headers(&mut parts, no_body).await {
+        return again;
+    }
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.remove(TRANSFER_ENCODING);
+    let body = if no_body {
+        body
+    } else {
+        let mut none = HeaderMap::new();
+        let sent = body_through(chain, Side::Response, vec![body], &mut none).await;
+        // A body callback's own answer replaces the reply, as in the proxy.
+        if let Some(again) = sent.local {
+            return again;
+        }
+        sent.body
+    };
+    Response::from_parts(parts, body)
+}
+
 /// The upstream request's head as the proxy sends it after the request
 /// filters (no `trust_forwarded` peers, HTTP/1.1 client).
 fn as_forwarded(headers: &mut HeaderMap) {
@@ -504,6 +532,7 @@ async fn observe(
         request_id: Arc::from(String::from_utf8_lossy(request_id.as_bytes())),
         start: SystemTime::now(),
         principal: None,
+        tls: None,
     };
     let mut chain = set.stream(std::slice::from_ref(&name), info);
     let request_size = total(&p.body) as u64;
@@ -548,7 +577,7 @@ async fn observe(
         local = sent.local;
     }
     observed.response = match local {
-        Some(r) => client_response(r),
+        Some(r) => client_response(through_response(&mut chain, r).await),
         None => {
             breathe().await;
             forward::strip_hop_by_hop(&mut p.upstream.headers, false);

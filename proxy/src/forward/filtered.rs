@@ -357,21 +357,22 @@ where
     }
 }
 
-/// A filter answered locally in the middle of a body. On the request side
-/// the answer replaces the upstream's; on the response side the status has
+/// A filter answered locally in the middle of a body. The answer is kept
+/// for whoever still can send it: on the request side it replaces the
+/// upstream's; on a local reply's body (`phases::filter_answer`, head not
+/// yet sent) it replaces that reply. On a streamed response the status has
 /// already gone out, so the stream is cut and the reason logged.
 fn respond(chain: &SharedChain, side: Side, resp: http::Response<Bytes>) -> BoxError {
+    let status = resp.status().as_u16();
+    if let Ok(mut slot) = chain.inner.local.lock() {
+        *slot = Some(resp);
+    }
     match side {
-        Side::Request => {
-            if let Ok(mut slot) = chain.inner.local.lock() {
-                *slot = Some(resp);
-            }
-            Box::new(AnsweredLocally)
-        }
+        Side::Request => Box::new(AnsweredLocally),
         Side::Response => {
             tracing::warn!(
-                status = resp.status().as_u16(),
-                "a filter answered locally after the response had started; closing the stream"
+                status,
+                "a filter answered locally from a response body callback; the response is cut unless it was a local reply still held"
             );
             "response cut by a filter".into()
         }

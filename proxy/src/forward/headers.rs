@@ -16,6 +16,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // A message framed by Transfer-Encoding ignores its Content-Length
+    // (RFC 9112 section 6.3): hyper read the body by the encoding, so a
+    // length left behind would misframe it for the next hop (a hostile
+    // upstream declaring 10 bytes and sending megabytes).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -67,6 +67,8 @@ pub struct ConnCtx {
     /// The peer's identity from its TLS client certificate (URI SAN, else
     /// DNS SAN); `None` without mTLS. Filters read it as `source.principal`.
     pub principal: Option<Arc<str>>,
+    /// The connection's TLS facts for filters; `None` on plain text.
+    pub tls: Option<Arc<crate::tls::ConnTls>>,
     /// The listener's "drain deadline passed" signal, for tasks that outlive
     /// the hyper connection (upgrade tunnels).
     pub drain_deadline: tokio::sync::watch::Receiver<bool>,
@@ -116,6 +118,7 @@ pub(crate) struct Ctx<'a> {
     pub local: SocketAddr,
     pub scheme: &'static str,
     pub principal: Option<&'a Arc<str>>,
+    pub tls: Option<&'a Arc<crate::tls::ConnTls>>,
     pub activity: &'a Activity,
     pub drain_deadline: &'a tokio::sync::watch::Receiver<bool>,
     /// The connection's original destination (capture listeners).
@@ -170,6 +173,7 @@ pub async fn handle(
         local: conn.local,
         scheme: conn.scheme,
         principal: conn.principal.as_ref(),
+        tls: conn.tls.as_ref(),
         activity: &conn.activity,
         drain_deadline: &conn.drain_deadline,
         original_dst: conn.original_dst,
@@ -276,6 +280,7 @@ fn start_chain<B>(
         request_id,
         start: std::time::SystemTime::now(),
         principal: ctx.principal.cloned(),
+        tls: ctx.tls.cloned(),
     };
     Some(SharedChain::new(
         ctx.snapshot.filters.route_stream(filters, info),

@@ -38,7 +38,7 @@ use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed};
 use super::filtered::{FilteredBody, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
-use crate::filter::Verdict;
+use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
 use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
@@ -112,7 +112,7 @@ where
         // A filter that answered mid-body aborted the upstream request.
         Err(e) => {
             return match chain.and_then(SharedChain::take_local) {
-                Some(local) => Ok(error::boxed(local)),
+                Some(local) => Ok(filter_answer(local, chain).await),
                 None => Err(e),
             }
         }
@@ -158,7 +158,7 @@ pub(super) async fn request_filters(
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
     match chain?.request_headers(parts, end_of_stream).await? {
-        Verdict::Respond(resp) => Some(error::boxed(resp)),
+        Verdict::Respond(resp) => Some(filter_answer(resp, chain).await),
         _ => None,
     }
 }
@@ -236,6 +236,53 @@ pub(super) fn normalize(uri: &mut Uri, headers: &mut http::HeaderMap) -> Result<
         headers.insert(header::HOST, h);
     }
     Ok(())
+}
+
+/// A filter's own answer ([`FilterReply`]) goes back through the response
+/// callbacks (reverse pipeline order, the answering filter's included) like
+/// an upstream's answer, as Envoy runs its encoder filters on a local reply;
+/// an answer the proxy made for a failure goes out as made. An answer made
+/// by a response callback on it goes out as made (no callback runs on an
+/// answer to an answer). The body is run through whole and sent with its
+/// length.
+pub(super) async fn filter_answer(
+    resp: Response<Bytes>,
+    chain: Option<&SharedChain>,
+) -> Response<ProxyBody> {
+    let Some(chain) = chain.filter(|_| resp.extensions().get::<FilterReply>().is_some()) else {
+        return error::boxed(resp);
+    };
+    let (mut parts, body) = resp.into_parts();
+    let no_body = body.is_empty();
+    if let Some(Verdict::Respond(again)) = chain.response_headers(&mut parts, no_body).await {
+        return error::boxed(again);
+    }
+    // The callbacks may have changed the length: framing from the body.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let body = if no_body {
+        body
+    } else {
+        let filtered = FilteredBody::new(
+            http_body_util::Full::new(body),
+            chain.clone(),
+            Side::Response,
+        );
+        match filtered.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            // A body callback that answered replaces the answer (its own
+            // goes out as made); only a failure is a 503.
+            Err(e) => {
+                return match chain.take_local() {
+                    Some(again) => error::boxed(again),
+                    None => error::boxed(crate::errors::ErrorCode::FilterFailed.response(
+                        &format!("a filter failed on the body of a local response: {e}"),
+                    )),
+                }
+            }
+        }
+    };
+    Response::from_parts(parts, error::boxed(Response::new(body)).into_body())
 }
 
 /// Phase 3: the route, who may use it, and the cluster it sends to.

@@ -82,6 +82,7 @@ impl World {
             local: "127.0.0.1:15006".parse().unwrap(),
             scheme: "http",
             principal: None,
+            tls: None,
             activity: &self.activity,
             drain_deadline: &self.drain,
             original_dst: None,

@@ -156,7 +156,11 @@ pub async fn proxy(
             runtime.stats.tls_handshakes.inc();
             let session = &stream.get_ref().1;
             sni = session.server_name().map(str::to_string);
-            let principal = crate::tls::peer_identity(session.peer_certificates());
+            let principal = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::tls::CertFacts::parse(leaf).ok())
+                .and_then(|facts| facts.identity().map(Arc::from));
             (Box::new(stream), principal)
         }
         None => {
@@ -230,6 +234,7 @@ pub async fn proxy(
             request_id: Arc::from(""),
             start: std::time::SystemTime::now(),
             principal: principal.clone(),
+            tls: None,
         };
         snapshot.filters.network(&cfg.pipeline, info)
     });

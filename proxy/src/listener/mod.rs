@@ -237,7 +237,7 @@ pub async fn serve(job: Serve, worker: Worker) {
                 &worker,
                 &name,
                 (peer, local),
-                ("http", None),
+                ("http", None, None),
                 None,
                 &close_rx,
             );
@@ -259,7 +259,8 @@ pub async fn serve(job: Serve, worker: Worker) {
         let name = name.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let (config, local_certs) = tls.config_and_certs();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let accepted =
                 tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
             let stream = match accepted {
@@ -277,12 +278,13 @@ pub async fn serve(job: Serve, worker: Worker) {
             if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 done.stats.tls_resumed.inc();
             }
-            let principal = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let facts = Arc::new(crate::tls::ConnTls::of(stream.get_ref().1, &local_certs));
+            let principal = facts.principal.clone();
             let ctx = conn_ctx(
                 &worker,
                 &name,
                 (peer, local),
-                ("https", principal),
+                ("https", principal, Some(facts)),
                 None,
                 &close_rx,
             );
@@ -443,7 +445,7 @@ impl BelowHttp {
                     &self.worker,
                     &self.name,
                     (peer, local),
-                    ("http", None),
+                    ("http", None, None),
                     self.original,
                     &self.close,
                 );
@@ -480,12 +482,13 @@ impl BelowHttp {
     }
 }
 
-/// `(scheme, principal)`: how the connection arrived and who the peer is.
+/// `(scheme, principal, tls)`: how the connection arrived, who the peer is
+/// and the TLS facts filters may read.
 fn conn_ctx(
     worker: &Worker,
     listener: &Arc<str>,
     (peer, local): (SocketAddr, SocketAddr),
-    (scheme, principal): (&'static str, Option<Arc<str>>),
+    (scheme, principal, tls): ConnSecurity,
     original_dst: Option<SocketAddr>,
     close: &watch::Receiver<bool>,
 ) -> Arc<ConnCtx> {
@@ -498,10 +501,17 @@ fn conn_ctx(
         scheme,
         activity: Arc::new(Activity::default()),
         principal,
+        tls,
         drain_deadline: close.clone(),
         original_dst,
     })
 }
+
+type ConnSecurity = (
+    &'static str,
+    Option<Arc<str>>,
+    Option<Arc<crate::tls::ConnTls>>,
+);
 
 fn http_builder(limits: crate::config::ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());

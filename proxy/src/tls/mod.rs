@@ -36,7 +36,7 @@ pub use crate::config::tls::{
     Allow, CertPaths, ClientTlsSettings, MinVersion, ServerTlsSettings, SniCert,
 };
 pub use client::{ClientTls, UpstreamTlsError};
-pub use server::ServerTls;
+pub use server::{LocalCerts, ServerTls};
 
 /// The one crypto provider of the process: rustls on `ring`.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -177,6 +177,11 @@ impl CertFacts {
     pub fn parse(der: &[u8]) -> Result<Self, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+        Ok(Self::of(&cert))
+    }
+
+    /// The facts of a parsed certificate.
+    fn of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Self {
         let mut facts = Self {
             uris: Vec::new(),
             dns: Vec::new(),
@@ -193,7 +198,7 @@ impl CertFacts {
                 }
             }
         }
-        Ok(facts)
+        facts
     }
 
     /// The identity: the first URI SAN, else the first DNS SAN.
@@ -207,11 +212,208 @@ impl CertFacts {
     }
 }
 
-/// The identity of a connected peer from its certificate chain.
-pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
-    let leaf = chain?.first()?;
-    let facts = CertFacts::parse(leaf).ok()?;
-    facts.identity().map(Arc::from)
+/// What filters may read about a downstream TLS connection (Envoy's
+/// `connection.*` TLS attributes), worked out once when the handshake is
+/// done and shared by every request of the connection, so no callback
+/// parses a certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnTls {
+    /// `TLSv1.2` / `TLSv1.3`, as OpenSSL (and Envoy) name them.
+    pub version: &'static str,
+    /// The SNI the client asked for.
+    pub sni: Option<Box<str>>,
+    /// The client certificate's facts, when it presented one that parses.
+    pub peer: Option<CertInfo>,
+    /// The client presented a certificate (parsed or not): `connection.mtls`.
+    pub mtls: bool,
+    /// The client's identity (its first URI SAN, else its first DNS SAN):
+    /// `source.principal` and route `allow` lists.
+    pub principal: Option<Arc<str>>,
+    /// The facts of the certificate this listener served.
+    pub local: Option<Arc<CertInfo>>,
+}
+
+/// Facts of a leaf certificate, in Envoy's encodings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject in RFC 2253 form (`CN=client,O=Example`).
+    pub subject: Box<str>,
+    pub uri_san: Option<Box<str>>,
+    pub dns_san: Option<Box<str>>,
+    /// SHA-256 of the DER certificate, lower-case hex.
+    pub sha256: Box<str>,
+}
+
+impl ConnTls {
+    /// The facts of an accepted server connection; `local` are the
+    /// listener's certificates (the one served is picked by SNI).
+    pub fn of(conn: &rustls::ServerConnection, local: &LocalCerts) -> Self {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        };
+        let sni = conn.server_name();
+        let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+        // One parse of the client certificate gives the identity and the
+        // facts filters read.
+        let (peer, principal) = match leaf.and_then(|l| CertInfo::parse_with_identity(l)) {
+            Some((info, principal)) => (Some(info), principal),
+            None => (None, None),
+        };
+        Self {
+            version,
+            sni: sni.map(Box::from),
+            peer,
+            mtls: leaf.is_some(),
+            principal,
+            local: local.pick(sni),
+        }
+    }
+}
+
+impl CertInfo {
+    /// `None` for a certificate that does not parse (the handshake
+    /// accepted it, so that only happens with `client_ca` unset).
+    pub fn parse(der: &[u8]) -> Option<Self> {
+        Self::parse_with_identity(der).map(|(info, _)| info)
+    }
+
+    /// The facts and the identity ([`CertFacts::identity`]) from one parse.
+    pub fn parse_with_identity(der: &[u8]) -> Option<(Self, Option<Arc<str>>)> {
+        use sha2::Digest;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let facts = CertFacts::of(&cert);
+        let identity = facts.identity().map(Arc::from);
+        let digest = sha2::Sha256::digest(der);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut sha256 = String::with_capacity(64);
+        for b in digest {
+            sha256.push(char::from(HEX[usize::from(b >> 4)]));
+            sha256.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        let info = Self {
+            subject: rfc2253(cert.subject()).into(),
+            uri_san: facts.uris.into_iter().next().map(Box::from),
+            dns_san: facts.dns.into_iter().next().map(Box::from),
+            sha256: sha256.into(),
+        };
+        Some((info, identity))
+    }
+}
+
+/// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253` (what
+/// Envoy reports): last RDN first, `,` between RDNs, `+` inside one, short
+/// names for the common attributes, `#hex` for values that are not text.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let rdns: Vec<_> = name.iter().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type().to_id_string();
+            let short = match oid.as_str() {
+                "2.5.4.3" => "CN",
+                "2.5.4.6" => "C",
+                "2.5.4.7" => "L",
+                "2.5.4.8" => "ST",
+                "2.5.4.9" => "street",
+                "2.5.4.10" => "O",
+                "2.5.4.11" => "OU",
+                "2.5.4.5" => "serialNumber",
+                "0.9.2342.19200300.100.1.25" => "DC",
+                "0.9.2342.19200300.100.1.1" => "UID",
+                "1.2.840.113549.1.9.1" => "emailAddress",
+                "2.5.4.4" => "SN",
+                "2.5.4.42" => "GN",
+                "2.5.4.43" => "initials",
+                "2.5.4.44" => "generationQualifier",
+                "2.5.4.12" => "title",
+                "2.5.4.15" => "businessCategory",
+                "2.5.4.17" => "postalCode",
+                "2.5.4.46" => "dnQualifier",
+                "2.5.4.65" => "pseudonym",
+                _ => "",
+            };
+            // OpenSSL's DUMP_UNKNOWN_FIELDS: an attribute it has no name
+            // for is the dotted OID and `#` + the hex of the value's DER.
+            let known = !short.is_empty();
+            out.push_str(if known { short } else { oid.as_str() });
+            out.push('=');
+            match atv.as_str() {
+                Ok(v) if known => escape_rfc2253(v, &mut out),
+                _ => dump_der(atv.attr_value(), &mut out),
+            }
+        }
+    }
+    out
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_hex(b: u8, out: &mut String) {
+    out.push(char::from(HEX_UPPER[usize::from(b >> 4)]));
+    out.push(char::from(HEX_UPPER[usize::from(b & 15)]));
+}
+
+/// `#` and the hex of a value's whole DER (tag, length, contents), as
+/// OpenSSL's `ASN1_STRFLGS_DUMP_DER`.
+fn dump_der(v: &x509_parser::der_parser::asn1_rs::Any<'_>, out: &mut String) {
+    out.push('#');
+    let tag = v.header.tag().0;
+    let data = v.data;
+    // Low tag numbers only (every string and time type); a high tag
+    // number is dumped without its header rather than mis-encoded.
+    if let Ok(t @ 0..=30) = u8::try_from(tag) {
+        let class = (v.header.class() as u8) << 6;
+        let constructed = if v.header.is_constructed() { 0x20 } else { 0 };
+        push_hex(class | constructed | t, out);
+        let len = data.len();
+        if len < 0x80 {
+            push_hex(len as u8, out);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|b| **b == 0).count();
+            let body = bytes.get(skip..).unwrap_or_default();
+            push_hex(0x80 | body.len() as u8, out);
+            for b in body {
+                push_hex(*b, out);
+            }
+        }
+    }
+    for b in data {
+        push_hex(*b, out);
+    }
+}
+
+/// OpenSSL's `ASN1_STRFLGS_RFC2253` on a text value: RFC 2253's special
+/// characters escaped with `\`, control characters and every byte of a
+/// non-ASCII character (as UTF-8) as `\XX`.
+fn escape_rfc2253(v: &str, out: &mut String) {
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        if c.is_ascii_control() || !c.is_ascii() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push('\\');
+                push_hex(b, out);
+            }
+            continue;
+        }
+        let edge_space = c == ' ' && (i == 0 || i == last);
+        if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || edge_space
+            || (i == 0 && c == '#')
+        {
+            out.push('\\');
+        }
+        out.push(c);
+    }
 }
 
 /// A short, stable name for why a handshake failed: a metric label.

@@ -32,6 +32,8 @@ struct Loaded {
     /// offering or requiring HTTP's protocol names would refuse a peer
     /// that names its own (Postgres direct SSL sends `postgresql`).
     opaque: Arc<ServerConfig>,
+    /// The served certificates' facts, picked like the resolver picks.
+    local: Arc<LocalCerts>,
     fingerprint: [u8; 32],
     /// notAfter of each served certificate: default first, then SNI order.
     expiry: Vec<i64>,
@@ -42,6 +44,31 @@ struct Started {
     /// Parallel to `Loaded::expiry`.
     gauges: Vec<Gauge>,
     errors: TlsErrors,
+}
+
+/// Facts of the served certificates, for the `connection.*_local_certificate`
+/// attributes: chosen by SNI exactly as [`Resolver`] chooses the key.
+#[derive(Debug, Default)]
+pub struct LocalCerts {
+    default: Option<Arc<super::CertInfo>>,
+    /// One entry per SNI certificate, in the resolver's order: `None` for a
+    /// certificate whose facts do not parse, so its connections get no
+    /// facts rather than another certificate's.
+    by_name: Vec<(String, Option<Arc<super::CertInfo>>)>,
+}
+
+impl LocalCerts {
+    /// The facts of the certificate served for `sni`.
+    pub fn pick(&self, sni: Option<&str>) -> Option<Arc<super::CertInfo>> {
+        if let Some(name) = sni {
+            for (pattern, info) in &self.by_name {
+                if sni_matches(pattern, name) {
+                    return info.clone();
+                }
+            }
+        }
+        self.default.clone()
+    }
 }
 
 /// Picks the certificate by SNI; falls back to the default one.
@@ -72,6 +99,13 @@ impl ServerTls {
     /// [`Self::config`] without ALPN, for opaque TCP (L4) over TLS.
     pub fn opaque_config(&self) -> Arc<ServerConfig> {
         self.current.load().opaque.clone()
+    }
+
+    /// [`ServerTls::config`] and the facts of its certificates, from the
+    /// same load (a rotation in between cannot mix them).
+    pub fn config_and_certs(&self) -> (Arc<ServerConfig>, Arc<LocalCerts>) {
+        let loaded = self.current.load();
+        (loaded.config.clone(), loaded.local.clone())
     }
 
     pub fn requires_client_cert(&self) -> bool {
@@ -197,10 +231,18 @@ impl std::fmt::Debug for ServerTls {
 fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     let mut pem = PemReader::new();
     let mut expiry = Vec::new();
+    let mut local = LocalCerts::default();
+    let info = |ck: &CertifiedKey| {
+        ck.end_entity_cert()
+            .ok()
+            .and_then(|c| super::CertInfo::parse(c))
+            .map(Arc::new)
+    };
     let default = match &settings.default {
         Some(paths) => {
             let (ck, facts) = pem.certified_key(paths)?;
             expiry.push(facts.not_after);
+            local.default = info(&ck);
             Some(Arc::new(ck))
         }
         None => None,
@@ -209,7 +251,9 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     for entry in &settings.sni {
         let (ck, facts) = pem.certified_key(&entry.paths)?;
         expiry.push(facts.not_after);
-        by_name.push((entry.sni.to_ascii_lowercase(), Arc::new(ck)));
+        let pattern = entry.sni.to_ascii_lowercase();
+        local.by_name.push((pattern.clone(), info(&ck)));
+        by_name.push((pattern, Arc::new(ck)));
     }
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(settings.min_version.versions())
@@ -234,6 +278,7 @@ fn build(settings: &ServerTlsSettings) -> Result<Loaded, String> {
     Ok(Loaded {
         config: Arc::new(config),
         opaque: Arc::new(opaque),
+        local: Arc::new(local),
         fingerprint: pem.finish(),
         expiry,
     })
@@ -314,6 +359,22 @@ mod tests {
             tls.current.load().fingerprint
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An SNI certificate whose facts do not parse keeps its place: its
+    /// connections get no local facts, not the default certificate's.
+    #[test]
+    fn local_facts_follow_the_resolvers_pick() {
+        let default = Arc::new(crate::tls::CertInfo {
+            subject: "CN=default".into(),
+            ..Default::default()
+        });
+        let local = LocalCerts {
+            default: Some(default.clone()),
+            by_name: vec![("a.test".into(), None)],
+        };
+        assert_eq!(local.pick(Some("a.test")), None);
+        assert_eq!(local.pick(Some("other.test")), Some(default));
     }
 
     #[test]

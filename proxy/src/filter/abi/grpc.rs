@@ -60,9 +60,11 @@ pub(crate) const UNDELIVERED: usize = 2 * MAX_MESSAGE;
 /// so that a flood of empty messages is bounded too.
 const MESSAGE_COST: usize = 64;
 
-/// The share of [`UNDELIVERED`] a received message holds until the guest
-/// has it (dropped when its callback is made, or with the event).
-pub(crate) type Credit = Option<OwnedSemaphorePermit>;
+/// The share of [`UNDELIVERED`], and of the filter's callout bytes in
+/// flight ([`CALLOUT_BYTES_IN_FLIGHT`], shared with `http_call` bodies), a
+/// received message holds until the guest has it (dropped when its callback
+/// is made, or with the event).
+pub(crate) type Credit = Option<(OwnedSemaphorePermit, InFlight)>;
 
 /// Longest service or method name read from the guest.
 const MAX_NAME: usize = 1024;
@@ -168,6 +170,9 @@ pub(crate) struct GrpcTask {
     timeout: Option<Duration>,
     /// The `limits.callouts` slot (and a call's message bytes), held until the end.
     _slots: (InFlight, Option<InFlight>),
+    /// The filter, whose callout bytes in flight received stream messages
+    /// count against until the guest has them.
+    plugin: Arc<crate::filter::plugin::PluginShared>,
     /// Dropped when the task ends: a stream's request body then fails.
     _over: Option<oneshot::Sender<()>>,
 }
@@ -392,6 +397,7 @@ fn start(
             timeout,
             _slots: (slot, bytes_slot),
             _over: over,
+            plugin,
         }),
     });
     Ok(token)
@@ -597,6 +603,7 @@ pub(crate) async fn run(
         timeout,
         _slots,
         _over,
+        plugin,
     } = task;
     let deadline = async {
         match timeout {
@@ -605,8 +612,19 @@ pub(crate) async fn run(
         }
     };
     let credit = Arc::new(Semaphore::new(UNDELIVERED));
+    let over_budget = |detail: &str| {
+        plugin
+            .stats
+            .limit_exceeded(&plugin.name, Limit::Callouts, detail)
+    };
     tokio::select! {
-        end = exchange(open, unary, &credit, &emit) => {
+        end = exchange(
+            open,
+            unary,
+            (&credit, &plugin.callout_bytes_in_flight),
+            &emit,
+            &over_budget,
+        ) => {
             if let Some((status, message)) = end {
                 emit(GrpcEvent::Close { status, message }, true, None);
             }
@@ -629,8 +647,9 @@ pub(crate) async fn run(
 async fn exchange(
     open: StreamFuture,
     unary: bool,
-    credit: &Arc<Semaphore>,
+    (credit, filter_bytes): (&Arc<Semaphore>, &Arc<std::sync::atomic::AtomicUsize>),
     emit: &impl Fn(GrpcEvent, bool, Credit),
+    over_budget: &impl Fn(&str),
 ) -> Option<(u32, String)> {
     let resp = match open.await {
         Ok(r) => r,
@@ -700,7 +719,23 @@ async fn exchange(
                                 Ok(n) => credit.clone().acquire_many_owned(n).await.ok(),
                                 Err(_) => None,
                             };
-                            emit(GrpcEvent::Message(m), false, permit)
+                            // The filter's own budget, shared by all its
+                            // callouts: undelivered stream messages may fill
+                            // it only up to STREAM_SHARE (so slow streams
+                            // cannot starve the filter's http_calls); past
+                            // it the stream ends rather than pinning more
+                            // memory for a guest that does not keep up.
+                            let Some(bytes) = InFlight::take(filter_bytes, cost, STREAM_SHARE)
+                            else {
+                                let detail = format!(
+                                    "more than {} MiB of callout bodies of this filter in flight (undelivered gRPC stream messages may use {} MiB of it)",
+                                    CALLOUT_BYTES_IN_FLIGHT >> 20,
+                                    STREAM_SHARE >> 20
+                                );
+                                over_budget(&detail);
+                                return Some((code::RESOURCE_EXHAUSTED, detail));
+                            };
+                            emit(GrpcEvent::Message(m), false, permit.map(|p| (p, bytes)))
                         }
                         Ok(None) => break,
                         Err(e) => return Some(e),
@@ -728,6 +763,11 @@ async fn exchange(
         };
     }
 }
+
+/// How far undelivered gRPC stream messages may fill the filter's
+/// [`CALLOUT_BYTES_IN_FLIGHT`]: half, the other half stays for its
+/// `http_call` bodies and request messages.
+const STREAM_SHARE: usize = CALLOUT_BYTES_IN_FLIGHT / 2;
 
 /// Takes one whole message off `buf`, if there is one.
 fn next_message(buf: &mut BytesMut) -> Result<Option<Bytes>, (u32, String)> {
@@ -890,7 +930,8 @@ mod tests {
                 .boxed_unsync(),
         );
         let sem = Arc::new(Semaphore::new(UNDELIVERED));
-        let end = exchange(open, true, &sem, &|_, _, _| {}).await;
+        let bytes = Arc::default();
+        let end = exchange(open, true, (&sem, &bytes), &|_, _, _| {}, &|_| {}).await;
         assert_eq!(end.map(|e| e.0), Some(code::INTERNAL));
     }
 
@@ -920,7 +961,8 @@ mod tests {
         let sem = Arc::new(Semaphore::new(UNDELIVERED));
         let got = std::sync::Mutex::new(Vec::new());
         let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
-        let run = exchange(open, false, &sem, &emit);
+        let bytes = Arc::default();
+        let run = exchange(open, false, (&sem, &bytes), &emit, &|_| {});
         tokio::pin!(run);
         let bound = UNDELIVERED / (1000 + MESSAGE_COST) + 2;
         let r = tokio::time::timeout(Duration::from_millis(300), &mut run).await;
@@ -932,5 +974,66 @@ mod tests {
         got.lock().unwrap().clear();
         let _ = tokio::time::timeout(Duration::from_millis(300), &mut run).await;
         assert!(got.lock().unwrap().len() > bound / 2);
+    }
+
+    #[tokio::test]
+    async fn undelivered_messages_count_against_the_filter_budget() {
+        let open = answer(&[], Flood(false).boxed_unsync());
+        let sem = Arc::new(Semaphore::new(UNDELIVERED));
+        // The filter's other callouts hold all but a few bytes of the
+        // streams' share of its budget.
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(STREAM_SHARE - 3000));
+        let got = std::sync::Mutex::new(Vec::new());
+        let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
+        let over = std::sync::atomic::AtomicUsize::new(0);
+        let noted = |_: &str| {
+            over.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let end = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(open, false, (&sem, &bytes), &emit, &noted),
+        )
+        .await
+        .expect("the stream ends at the filter's budget");
+        assert_eq!(end.map(|e| e.0), Some(code::RESOURCE_EXHAUSTED));
+        assert_eq!(over.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Two messages fitted; delivering them gives their bytes back.
+        let messages = got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| matches!(e, GrpcEvent::Message(_)))
+            .count();
+        assert_eq!(messages, 2);
+        got.lock().unwrap().clear();
+        assert_eq!(
+            bytes.load(std::sync::atomic::Ordering::Relaxed),
+            STREAM_SHARE - 3000
+        );
+    }
+
+    /// Streams whose guest does not keep up stop at half the filter's
+    /// budget: its http_calls still get the other half.
+    #[tokio::test]
+    async fn slow_streams_leave_half_the_budget_to_http_calls() {
+        let open = answer(&[], Flood(false).boxed_unsync());
+        let sem = Arc::new(Semaphore::new(UNDELIVERED));
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(STREAM_SHARE));
+        let got = std::sync::Mutex::new(Vec::new());
+        let emit = |e, _, credit| got.lock().unwrap().push((e, credit));
+        let end = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(open, false, (&sem, &bytes), &emit, &|_| {}),
+        )
+        .await
+        .expect("the stream ends at its share");
+        assert_eq!(end.map(|e| e.0), Some(code::RESOURCE_EXHAUSTED));
+        assert!(got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(e, _)| !matches!(e, GrpcEvent::Message(_))));
+        let call = InFlight::take(&bytes, 8 << 20, CALLOUT_BYTES_IN_FLIGHT);
+        assert!(call.is_some(), "an http_call body still fits");
     }
 }

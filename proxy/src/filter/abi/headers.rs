@@ -292,6 +292,34 @@ enum MapMut<'a> {
     Plain(&'a mut HeaderMap),
 }
 
+/// A request or response header map whose head has already gone on (the
+/// upstream or the client has it): changing it would change nothing, so
+/// the guest hears BAD_ARGUMENT, as Envoy answers once a header callback
+/// has continued. Reading it stays possible (Envoy refuses that too).
+fn sent(h: &Host, map: i32) -> bool {
+    let Some(s) = h.stream() else { return false };
+    let sent = match map {
+        REQUEST_HEADERS => s.heads_sent[0],
+        RESPONSE_HEADERS => s.heads_sent[1],
+        _ => false,
+    };
+    // Earlier wasp versions accepted (and dropped) such changes; a filter
+    // that did not check the status (the Rust SDK traps on it) now fails,
+    // so say why once per filter.
+    let logged = &h.plugin.late_header_edit_logged;
+    if sent
+        && !logged.load(std::sync::atomic::Ordering::Relaxed)
+        && !logged.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            filter = %h.plugin.name,
+            map = if map == REQUEST_HEADERS { "request" } else { "response" },
+            "a filter changed a header map whose head had already gone on: BAD_ARGUMENT (as Envoy); logged once per filter"
+        );
+    }
+    sent
+}
+
 fn map_mut(h: &mut Host, map: i32) -> Option<MapMut<'_>> {
     let s = h.stream_mut()?;
     match map {
@@ -521,6 +549,9 @@ pub(crate) fn get_size(c: &mut Caller<'_, Host>, map: i32, size_out: i32) -> Hos
 }
 
 pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) -> HostResult {
+    if sent(c.data(), map) {
+        return Ok(Status::BadArgument);
+    }
     let caps = Caps::of(c.data(), map);
     // The map may be replaced by one as big as the caps, or as the map it
     // replaces (a filter may write back what it read).
@@ -631,6 +662,9 @@ fn edit(
     vp: i32,
     vl: i32,
 ) -> HostResult {
+    if sent(c.data(), map) {
+        return Ok(Status::BadArgument);
+    }
     let caps = Caps::of(c.data(), map);
     let Some(mem) = c.data().memory else {
         return Ok(Status::InternalFailure);

@@ -126,11 +126,47 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         "upstream.address" => text(&s.upstream?.to_string()),
         "upstream.port" => Some(int(i64::from(s.upstream?.port()))),
         // Plain text or TLS without a client certificate: false.
-        "connection.mtls" => Some(Bytes::from_static(if s.info.principal.is_some() {
-            &[1]
-        } else {
-            &[0]
-        })),
+        "connection.mtls" => Some(Bytes::from_static(
+            if s.info.principal.is_some() || s.info.tls.as_ref().is_some_and(|t| t.mtls) {
+                &[1]
+            } else {
+                &[0]
+            },
+        )),
+        // Envoy answers an empty name (not NOT_FOUND) without SNI, plain
+        // text included.
+        "connection.requested_server_name" => text(
+            s.info
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.as_deref())
+                .unwrap_or(""),
+        ),
+        "connection.tls_version" => text(s.info.tls.as_ref()?.version),
+        // Under TLS without a client certificate Envoy answers an empty
+        // subject, and NOT_FOUND for the SANs and the digest.
+        "connection.subject_peer_certificate" => {
+            let tls = s.info.tls.as_ref()?;
+            text(tls.peer.as_ref().map_or("", |p| &p.subject))
+        }
+        "connection.uri_san_peer_certificate" => {
+            text(s.info.tls.as_ref()?.peer.as_ref()?.uri_san.as_deref()?)
+        }
+        "connection.dns_san_peer_certificate" => {
+            text(s.info.tls.as_ref()?.peer.as_ref()?.dns_san.as_deref()?)
+        }
+        "connection.subject_local_certificate" => {
+            text(&s.info.tls.as_ref()?.local.as_ref()?.subject)
+        }
+        "connection.uri_san_local_certificate" => {
+            text(s.info.tls.as_ref()?.local.as_ref()?.uri_san.as_deref()?)
+        }
+        "connection.dns_san_local_certificate" => {
+            text(s.info.tls.as_ref()?.local.as_ref()?.dns_san.as_deref()?)
+        }
+        "connection.sha256_peer_certificate_digest" => {
+            text(&s.info.tls.as_ref()?.peer.as_ref()?.sha256)
+        }
         "xds.cluster_name" => text(s.cluster.as_deref()?),
         "xds.route_name" => text(s.route.as_deref()?),
         "listener_name" => text(&s.info.listener),

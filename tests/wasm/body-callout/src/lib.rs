@@ -3,7 +3,8 @@
 //! body" filter): the host holds the whole body until the answer resumes it
 //! (proxy-wasm-rust-sdk#66) or the filter answers 403. With request header
 //! `x-check-response` it does the same at the end of the response body,
-//! so that both bodies can wait at once.
+//! so that both bodies can wait at once. Request header `x-authz-cluster`
+//! names another cluster to ask (tests: one that never answers).
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 use std::time::Duration;
@@ -14,6 +15,7 @@ proxy_wasm::main! {{
 
 #[derive(Default)]
 struct Http {
+    cluster: Option<String>,
     check_response: bool,
     request_token: Option<u32>,
 }
@@ -21,7 +23,7 @@ struct Http {
 impl Http {
     fn ask(&self, user: &str) -> Option<u32> {
         self.dispatch_http_call(
-            "authz",
+            self.cluster.as_deref().unwrap_or("authz"),
             vec![
                 (":method", "GET"),
                 (":path", "/check"),
@@ -51,6 +53,7 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         self.check_response = self.get_http_request_header("x-check-response").is_some();
+        self.cluster = self.get_http_request_header("x-authz-cluster");
         Action::Continue
     }
 

@@ -65,7 +65,9 @@ impl Context for Grpc {
             let answer = text(self.get_grpc_call_response_body(0, size));
             if self.trailers {
                 self.set_http_request_trailer("x-grpc-answer", Some(&answer));
-            } else {
+            } else if !self.body {
+                // Once the body is seen the headers have gone upstream
+                // (changing them is BAD_ARGUMENT, in Envoy too).
                 self.set_http_request_header("x-grpc-answer", Some(&answer));
             }
             self.resume_http_request();
