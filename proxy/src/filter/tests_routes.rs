@@ -37,6 +37,7 @@ fn info() -> StreamInfo {
         request_id: Arc::from("req-1"),
         start: SystemTime::now(),
         principal: None,
+        tls: None,
     }
 }
 
