@@ -24,6 +24,27 @@ pub const WASP: &str = env!("CARGO_BIN_EXE_wasp");
 
 /// A free loopback port (bound, then released for the test to use).
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768-60999 by default): a port
+    // the kernel hands out for `:0` can be taken again as the local port of
+    // another test's outgoing connection before wasp binds it, which made
+    // start-ups fail now and then with "address in use". Each test process
+    // starts at its own offset and never hands a port out twice.
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + n % SPAN).expect("port range fits u16");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
