@@ -601,15 +601,22 @@ impl Pool {
 
     /// Keeps a warm idle instance and the root instance coming, with backoff.
     fn top_up(&mut self) {
+        // Runs on every lease: the clock is read only when something may
+        // have to be built.
+        let want_root = self.root.is_none() && !self.root_building;
+        let total = self.insts.len() + self.building;
+        let want_stream = self.idle() + self.building < WARM && total < self.cap;
+        if !want_root && !want_stream {
+            return;
+        }
         let now = Instant::now();
         if self.pool_full(now) {
             return;
         }
-        if self.root.is_none() && !self.root_building && passed(self.root_retry_at, now) {
+        if want_root && passed(self.root_retry_at, now) {
             self.submit(Kind::Root);
         }
-        let total = self.insts.len() + self.building;
-        if self.idle() + self.building < WARM && total < self.cap && passed(self.retry_at, now) {
+        if want_stream && passed(self.retry_at, now) {
             self.submit(Kind::Stream);
         }
     }
@@ -719,7 +726,8 @@ impl Pool {
         {
             inst.streams = inst.streams.saturating_sub(1);
             if inst.streams == 0 {
-                inst.idle_since = Instant::now();
+                // The stream's last callback just ran: its end is now.
+                inst.idle_since = inst.vm.last_ran();
             }
         }
     }
@@ -825,9 +833,31 @@ struct WorkerSet {
     pools: Vec<Pool>,
 }
 
+/// Hashes a generation id (a small counter) with one multiply: the map is
+/// looked up once per callback, where SipHash cost more than the rest of
+/// the look-up. Ids come from the engine, not from outside.
+#[derive(Default, Clone, Copy)]
+struct SetIdHasher(u64);
+
+impl std::hash::Hasher for SetIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct Worker {
-    sets: HashMap<u64, WorkerSet>,
+    sets: HashMap<u64, WorkerSet, std::hash::BuildHasherDefault<SetIdHasher>>,
 }
 
 thread_local! {
@@ -915,7 +945,9 @@ pub(crate) fn building(set_id: u64) -> bool {
 /// loaded one. Fails only when the filter cannot produce a healthy instance.
 pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
     ensure_set(set)?;
-    let deadline = Instant::now() + LEASE_WAIT;
+    // Set when the stream first has to wait (most leases find an idle
+    // instance and never read the clock).
+    let mut deadline: Option<Instant> = None;
     let mut asked = false;
     loop {
         let Some((r, ready)) = with_pool(set.id, idx, |p| {
@@ -934,7 +966,9 @@ pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failu
         };
         // Same thread as every notifier's drain: nothing can arrive between
         // the check above and this registration.
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let deadline = *deadline.get_or_insert(now + LEASE_WAIT);
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() || tokio::time::timeout(left, ready.notified()).await.is_err() {
             return Err(Failure::Unavailable(format!(
                 "no instance ready within {LEASE_WAIT:?}"
@@ -978,7 +1012,9 @@ pub(crate) fn run_held(
     };
     let (id, out) = with_instance(at, |vm| {
         let id = if *ctx == 0 {
-            vm.create_context()?
+            let id = vm.create_context()?;
+            vm.follow_on();
+            id
         } else {
             *ctx
         };
