@@ -266,3 +266,98 @@ impl Host {
         }
     }
 }
+
+/// Header names and values filters wrote recently on this worker thread,
+/// parsed once and handed out as clones. A filter adds the same few headers
+/// on every request: a hit skips `HeaderName`/`HeaderValue` validation and
+/// the copy into a fresh allocation, and, since the clone shares the bytes,
+/// the core's copy of the map later is a reference count, not another
+/// allocation per header. Only immutable validated values are kept (what a
+/// guest wrote, byte for byte), a few dozen short ones per thread, so
+/// nothing of one filter's state is visible to another.
+struct Interned {
+    names: Vec<http::header::HeaderName>,
+    values: Vec<http::HeaderValue>,
+    next_name: usize,
+    next_value: usize,
+}
+
+/// Entries of each kind kept per thread.
+const INTERNED: usize = 32;
+/// Longest name or value kept (longer ones are parsed every time).
+const INTERNED_LEN: usize = 64;
+
+thread_local! {
+    static INTERN: std::cell::RefCell<Interned> = const {
+        std::cell::RefCell::new(Interned {
+            names: Vec::new(),
+            values: Vec::new(),
+            next_name: 0,
+            next_value: 0,
+        })
+    };
+}
+
+/// Keeps `v` in a round-robin table of [`INTERNED`] entries.
+fn keep<T: Clone>(table: &mut Vec<T>, next: &mut usize, v: &T) {
+    if table.len() < INTERNED {
+        table.push(v.clone());
+    } else if let Some(slot) = table.get_mut(*next) {
+        *slot = v.clone();
+    }
+    *next = (*next + 1) % INTERNED;
+}
+
+/// `HeaderName::from_bytes(key)` (which lower-cases), from the thread's
+/// table when the same name was written recently.
+pub(crate) fn header_name(key: &[u8]) -> Option<http::header::HeaderName> {
+    if key.len() > INTERNED_LEN {
+        return http::header::HeaderName::from_bytes(key).ok();
+    }
+    INTERN
+        .try_with(|t| {
+            let mut t = t.try_borrow_mut().ok()?;
+            // Case-insensitive: `from_bytes` of a key that matches a valid
+            // name but for ASCII case gives that very name.
+            if let Some(n) = t
+                .names
+                .iter()
+                .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(key))
+            {
+                return Some(n.clone());
+            }
+            let n = http::header::HeaderName::from_bytes(key).ok()?;
+            let Interned {
+                names, next_name, ..
+            } = &mut *t;
+            keep(names, next_name, &n);
+            Some(n)
+        })
+        .ok()
+        .flatten()
+        .or_else(|| http::header::HeaderName::from_bytes(key).ok())
+}
+
+/// `HeaderValue::from_bytes(value)`, from the thread's table when the same
+/// value was written recently.
+pub(crate) fn header_value(value: &[u8]) -> Option<http::HeaderValue> {
+    if value.len() > INTERNED_LEN {
+        return http::HeaderValue::from_bytes(value).ok();
+    }
+    INTERN
+        .try_with(|t| {
+            let mut t = t.try_borrow_mut().ok()?;
+            if let Some(v) = t.values.iter().find(|v| v.as_bytes() == value) {
+                return Some(v.clone());
+            }
+            let v = http::HeaderValue::from_bytes(value).ok()?;
+            let Interned {
+                values, next_value, ..
+            } = &mut *t;
+            keep(values, next_value, &v);
+            Some(v)
+        })
+        .ok()
+        .flatten()
+        .or_else(|| http::HeaderValue::from_bytes(value).ok())
+}

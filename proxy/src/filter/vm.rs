@@ -215,12 +215,21 @@ struct Exports {
 /// A live VM.
 pub(crate) struct Vm {
     pub plugin: Arc<Plugin>,
-    store: Store<Host>,
+    core: Core,
+    /// Borrowed, not cloned, per callback (a `TypedFunc` clone is a
+    /// type-registry reference count up and down).
     ex: Exports,
     next_ctx: u32,
     /// Unique across all VMs of the process: a stream's context is valid only
     /// in the incarnation that created it.
     pub incarnation: u64,
+}
+
+/// The mutable side of a VM that runs callbacks: its store and the clock
+/// of its last callback. Apart from [`Exports`] so a callback borrows its
+/// export while the store runs it.
+struct Core {
+    store: Store<Host>,
     /// When the last callback ended (the clock read that timed it).
     last_end: Instant,
     /// Set by [`Vm::follow_on`]: the next callback starts where the last
@@ -320,12 +329,14 @@ impl Vm {
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
-            store,
+            core: Core {
+                store,
+                last_end: Instant::now(),
+                follow: false,
+            },
             ex,
             next_ctx: ROOT_ID + 1,
             incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
-            last_end: Instant::now(),
-            follow: false,
         };
         vm.initialize(&instance)?;
         vm.start()?;
@@ -334,14 +345,14 @@ impl Vm {
 
     /// `_initialize` (then `main` if exported), or `_start`.
     fn initialize(&mut self, instance: &Instance) -> Result<(), Failure> {
-        let store = &mut self.store;
+        let store = &mut self.core.store;
         if let Some(f) = opt::<(), ()>(instance, store, "_initialize")? {
             self.guard(Phase::Start, |s| f.call(s, ()))?;
-            let main = instance.get_func(&mut self.store, "main");
+            let main = instance.get_func(&mut self.core.store, "main");
             if let Some(main) = main {
-                if let Ok(f) = main.typed::<(u32, u32), u32>(&self.store) {
+                if let Ok(f) = main.typed::<(u32, u32), u32>(&self.core.store) {
                     self.guard(Phase::Start, |s| f.call(s, (0, 0)))?;
-                } else if let Ok(f) = main.typed::<(), ()>(&self.store) {
+                } else if let Ok(f) = main.typed::<(), ()>(&self.core.store) {
                     self.guard(Phase::Start, |s| f.call(s, ()))?;
                 }
             }
@@ -375,16 +386,16 @@ impl Vm {
 
     /// Root-level work (callouts, tick period) requested during start-up.
     pub(crate) fn take_root_callouts(&mut self) -> Vec<NewCallout> {
-        std::mem::take(&mut self.store.data_mut().callouts)
+        std::mem::take(&mut self.core.store.data_mut().callouts)
     }
 
     pub(crate) fn tick_period_ms(&self) -> u32 {
-        self.store.data().tick_period_ms
+        self.core.store.data().tick_period_ms
     }
 
     /// When the last callback on this VM ended.
     pub(crate) fn last_ran(&self) -> Instant {
-        self.last_end
+        self.core.last_end
     }
 
     /// The next [`Vm::run`] follows the last callback with nothing else in
@@ -392,7 +403,7 @@ impl Vm {
     /// last one instead of a fresh clock read (one read per callback, not
     /// two, for back-to-back callbacks).
     pub(crate) fn follow_on(&mut self) {
-        self.follow = true;
+        self.core.follow = true;
     }
 
     /// Ends a stream's context: `proxy_on_log` (unless `log` is false: the
@@ -418,9 +429,11 @@ impl Vm {
     pub(crate) fn create_context(&mut self) -> Result<u32, Failure> {
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.wrapping_add(1).max(ROOT_ID + 1);
-        let create = self.ex.context_create.clone();
-        self.store.data_mut().effective = id;
-        self.guard(Phase::ContextCreate, |s| create.call(s, (id, ROOT_ID)))?;
+        let create = &self.ex.context_create;
+        self.core.store.data_mut().effective = id;
+        self.core.guard(&self.plugin, Phase::ContextCreate, |s| {
+            create.call(s, (id, ROOT_ID))
+        })?;
         Ok(id)
     }
 
@@ -432,8 +445,12 @@ impl Vm {
         data: &mut Option<Box<StreamData>>,
         cb: Callback,
     ) -> Result<Outcome, Failure> {
+        let Vm {
+            plugin, core, ex, ..
+        } = self;
+        let plugin: &Plugin = plugin;
         {
-            let h = self.store.data_mut();
+            let h = core.store.data_mut();
             h.stream = data.take();
             h.stream_ctx = if h.stream.is_some() { ctx } else { 0 };
             h.effective = ctx;
@@ -441,57 +458,68 @@ impl Vm {
         }
         let phase = cb.phase();
         let deleting = matches!(cb, Callback::Delete);
-        let ex = &self.ex;
         let result: Result<u32, Failure> = match cb {
-            Callback::RequestHeaders { n, eos } => {
-                self.call3(ex.request_headers.clone(), phase, (ctx, n, eos as u32))
-            }
-            Callback::RequestBody { size, eos } => {
-                self.call3(ex.request_body.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::ResponseHeaders { n, eos } => {
-                self.call3(ex.response_headers.clone(), phase, (ctx, n, eos as u32))
-            }
-            Callback::ResponseBody { size, eos } => {
-                self.call3(ex.response_body.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::RequestTrailers { n } => match ex.request_trailers.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+            Callback::RequestHeaders { n, eos } => core.call3(
+                plugin,
+                ex.request_headers.as_ref(),
+                phase,
+                (ctx, n, eos as u32),
+            ),
+            Callback::RequestBody { size, eos } => core.call3(
+                plugin,
+                ex.request_body.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::ResponseHeaders { n, eos } => core.call3(
+                plugin,
+                ex.response_headers.as_ref(),
+                phase,
+                (ctx, n, eos as u32),
+            ),
+            Callback::ResponseBody { size, eos } => core.call3(
+                plugin,
+                ex.response_body.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::RequestTrailers { n } => match &ex.request_trailers {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, (ctx, n))),
                 None => Ok(0),
             },
-            Callback::ResponseTrailers { n } => match ex.response_trailers.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+            Callback::ResponseTrailers { n } => match &ex.response_trailers {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, (ctx, n))),
                 None => Ok(0),
             },
-            Callback::HttpCallResponse { token, answer } => match ex.http_call_response.clone() {
+            Callback::HttpCallResponse { token, answer } => match &ex.http_call_response {
                 Some(f) => {
                     let nh = answer.headers.len() as u32;
                     let nb = answer.body.len() as u32;
                     let nt = answer.trailers.len() as u32;
-                    self.store.data_mut().answer = Some(answer);
+                    core.store.data_mut().answer = Some(answer);
                     let root = ROOT_ID;
-                    let r = self.guard(phase, |s| f.call(s, (root, token, nh, nb, nt)));
-                    self.store.data_mut().answer = None;
+                    let r = core.guard(plugin, phase, |s| f.call(s, (root, token, nh, nb, nt)));
+                    core.store.data_mut().answer = None;
                     r.map(|()| 0)
                 }
                 None => Ok(0),
             },
             Callback::Grpc { token, event, last } => {
                 // A cancelled token is never reported to the guest.
-                if grpc::wanted(self.store.data_mut(), token, last) {
+                if grpc::wanted(core.store.data_mut(), token, last) {
                     let (which, n, answer) = event.into_callback();
                     let f = match which {
-                        GrpcCallback::InitialMetadata => ex.grpc_initial_metadata.clone(),
-                        GrpcCallback::Receive => ex.grpc_receive.clone(),
-                        GrpcCallback::TrailingMetadata => ex.grpc_trailing_metadata.clone(),
-                        GrpcCallback::Close => ex.grpc_close.clone(),
+                        GrpcCallback::InitialMetadata => &ex.grpc_initial_metadata,
+                        GrpcCallback::Receive => &ex.grpc_receive,
+                        GrpcCallback::TrailingMetadata => &ex.grpc_trailing_metadata,
+                        GrpcCallback::Close => &ex.grpc_close,
                     };
                     match f {
                         Some(f) => {
-                            self.store.data_mut().answer = Some(answer);
+                            core.store.data_mut().answer = Some(answer);
                             let root = ROOT_ID;
-                            let r = self.guard(phase, |s| f.call(s, (root, token, n)));
-                            self.store.data_mut().answer = None;
+                            let r = core.guard(plugin, phase, |s| f.call(s, (root, token, n)));
+                            core.store.data_mut().answer = None;
                             r.map(|()| 0)
                         }
                         None => Ok(0),
@@ -500,48 +528,60 @@ impl Vm {
                     Ok(0)
                 }
             }
-            Callback::NewConnection => match ex.new_connection.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+            Callback::NewConnection => match &ex.new_connection {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)),
                 None => Ok(0),
             },
-            Callback::DownstreamData { size, eos } => {
-                self.call3(ex.downstream_data.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::UpstreamData { size, eos } => {
-                self.call3(ex.upstream_data.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::DownstreamClose { peer } => match ex.downstream_close.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+            Callback::DownstreamData { size, eos } => core.call3(
+                plugin,
+                ex.downstream_data.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::UpstreamData { size, eos } => core.call3(
+                plugin,
+                ex.upstream_data.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::DownstreamClose { peer } => match &ex.downstream_close {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, peer)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::UpstreamClose { peer } => match ex.upstream_close.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+            Callback::UpstreamClose { peer } => match &ex.upstream_close {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, peer)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Tick => match ex.on_tick.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Tick => match &ex.on_tick {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
-            Callback::QueueReady { queue } => match ex.on_queue_ready.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, queue))).map(|()| 0),
+            Callback::QueueReady { queue } => match &ex.on_queue_ready {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, queue)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Log => match ex.on_log.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Log => match &ex.on_log {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Done => match ex.on_done.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+            Callback::Done => match &ex.on_done {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)),
                 None => Ok(1),
             },
-            Callback::Delete => match ex.on_delete.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Delete => match &ex.on_delete {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
         };
         // A callback that did not reach the guest consumed no follow-on.
-        self.follow = false;
-        let h = self.store.data_mut();
+        core.follow = false;
+        let h = core.store.data_mut();
         if deleting {
             grpc::forget_context(h, ctx);
         }
@@ -558,14 +598,26 @@ impl Vm {
         })
     }
 
+    /// Runs a start-up or context callback (see [`Core::guard`]).
+    fn guard<R>(
+        &mut self,
+        phase: Phase,
+        f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        self.core.guard(&self.plugin, phase, f)
+    }
+}
+
+impl Core {
     fn call3(
         &mut self,
-        f: Option<F3R>,
+        plugin: &Plugin,
+        f: Option<&F3R>,
         phase: Phase,
         args: (u32, u32, u32),
     ) -> Result<u32, Failure> {
         match f {
-            Some(f) => self.guard(phase, |s| f.call(s, args)),
+            Some(f) => self.guard(plugin, phase, |s| f.call(s, args)),
             None => Ok(0),
         }
     }
@@ -573,15 +625,16 @@ impl Vm {
     /// Runs `f` under a fresh deadline; classifies and counts the result.
     fn guard<R>(
         &mut self,
+        plugin: &Plugin,
         phase: Phase,
         f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
         // Start-up (initializers, vm_start, configure) may parse configuration
         // on cold memory: it gets at least a second.
         let ticks = if phase == Phase::Start {
-            self.plugin.deadline_ticks.max(START_DEADLINE_TICKS)
+            plugin.deadline_ticks.max(START_DEADLINE_TICKS)
         } else {
-            self.plugin.deadline_ticks
+            plugin.deadline_ticks
         };
         self.store.set_epoch_deadline(ticks);
         self.store.data_mut().limiter.hit = false;
@@ -604,7 +657,7 @@ impl Vm {
                     .or_else(|| payload.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a non-text panic".into());
                 tracing::error!(
-                    filter = %self.plugin.name(),
+                    filter = %plugin.name(),
                     phase = phase.name(),
                     "host panic while running a filter (a wasp bug; the instance is discarded): {what}"
                 );
@@ -614,7 +667,7 @@ impl Vm {
         let ended = Instant::now();
         self.last_end = ended;
         let took = ended.saturating_duration_since(started);
-        let stats = &self.plugin.shared.stats;
+        let stats = &plugin.shared.stats;
         match r {
             Ok(v) => {
                 stats.record(phase, took, CallResult::Ok);

@@ -9,14 +9,14 @@
 //! exist in the current phase reads as empty (single value: NOT_FOUND) and
 //! ignores writes with OK, because the Rust SDK panics on any other status.
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use wasmtime::Caller;
 
 use super::memory::{self, copy_out, copy_out_with, HostResult};
 use super::{fail_request, Status};
-use crate::filter::host::{map_usage, Host, ReqHead, RespHead};
+use crate::filter::host::{header_name, header_value, map_usage, Host, ReqHead, RespHead};
 use crate::filter::metrics::Limit;
 
 const REQUEST_HEADERS: i32 = 0;
@@ -396,8 +396,8 @@ fn apply_plain(
     value: &[u8],
     caps: Caps,
 ) -> Result<(), Limit> {
-    // `from_bytes` lower-cases the name.
-    let Ok(name) = HeaderName::from_bytes(key) else {
+    // `from_bytes` lower-cases the name; `header_name` reuses a recent one.
+    let Some(name) = header_name(key) else {
         let key = String::from_utf8_lossy(key);
         tracing::debug!(%key, "filter used an invalid header name; ignored");
         return Ok(());
@@ -406,7 +406,7 @@ fn apply_plain(
         h.remove(&name);
         return Ok(());
     }
-    let Ok(v) = HeaderValue::from_bytes(value) else {
+    let Some(v) = header_value(value) else {
         let key = name.as_str();
         tracing::debug!(key, "filter used an invalid header value; ignored");
         return Ok(());
