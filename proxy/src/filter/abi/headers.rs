@@ -743,7 +743,7 @@ mod unit {
     #[test]
     fn header_map_get_ignores_case() {
         let mut h = HeaderMap::new();
-        h.insert("x-seen", HeaderValue::from_static("1"));
+        h.insert("x-seen", http::HeaderValue::from_static("1"));
         assert_eq!(h.get("X-Seen").map(|v| v.as_bytes()), Some(&b"1"[..]));
     }
 
