@@ -361,3 +361,35 @@ pub(crate) fn header_value(value: &[u8]) -> Option<http::HeaderValue> {
         .flatten()
         .or_else(|| http::HeaderValue::from_bytes(value).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{header_name, header_value, INTERNED, INTERNED_LEN};
+
+    #[test]
+    fn interned_names_and_values_are_what_parsing_gives() {
+        for _ in 0..2 {
+            // Second round: served from the table, same answers.
+            assert_eq!(header_name(b"X-Wasm-Filter").unwrap(), "x-wasm-filter");
+            assert_eq!(header_name(b"x-wasm-filter").unwrap(), "x-wasm-filter");
+            assert!(header_name(b"bad name").is_none());
+            assert!(header_name(b"").is_none());
+            assert_eq!(header_value(b"add-headers").unwrap(), "add-headers");
+            assert!(header_value(b"a\nb").is_none());
+            // A value differing only in case is another value.
+            assert_eq!(header_value(b"Add-Headers").unwrap(), "Add-Headers");
+        }
+        let long = vec![b'a'; INTERNED_LEN + 1];
+        assert_eq!(header_name(&long).unwrap().as_str().len(), long.len());
+        assert_eq!(header_value(&long).unwrap().as_bytes(), &long[..]);
+        // More distinct entries than the table holds: each still right.
+        for round in 0..2 {
+            for i in 0..INTERNED * 2 {
+                let k = format!("x-k{i}");
+                let v = format!("v{i}-{round}");
+                assert_eq!(header_name(k.as_bytes()).unwrap(), k.as_str());
+                assert_eq!(header_value(v.as_bytes()).unwrap(), v.as_str());
+            }
+        }
+    }
+}
