@@ -555,3 +555,57 @@ async fn a_body_rewritten_past_max_body_bytes_fails_by_policy() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Ends a stream without `proxy_on_log` (and, in `NO_END`, without
+/// `proxy_on_done` either): what the host runs in their place must not
+/// time the next callback, or the instance's idle time, from the last
+/// callback that did run.
+const NO_LOG: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+)
+"#;
+
+const ONLY_DELETE: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_delete") (param i32))
+)
+"#;
+
+/// A stream that lasts a while (the upstream is slow) between its request
+/// headers and its end.
+async fn slow_stream(set: &Arc<FilterSet>, names: &[&str]) {
+    let pl: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
+    let mut s = set.stream(&pl, info());
+    let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        s.request_headers(&mut req, true).await,
+        Verdict::Continue
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    s.finish(0, 0);
+}
+
+#[tokio::test]
+async fn end_callbacks_are_timed_from_their_own_start() {
+    let rt = runtime();
+    let set = rt
+        .load(vec![
+            module("nolog", &NO_LOG.replace("PRELUDE", PRELUDE)),
+            module("onlydelete", &ONLY_DELETE.replace("PRELUDE", PRELUDE)),
+        ])
+        .unwrap();
+    slow_stream(&set, &["nolog", "onlydelete"]).await;
+    // `proxy_on_done` (nolog) and `proxy_on_delete` (onlydelete) ran in
+    // microseconds; the 300 ms since the request headers are not theirs.
+    for name in ["nolog", "onlydelete"] {
+        let stats = rt.stats_of(name).unwrap();
+        assert_eq!(stats.calls(metrics::Phase::Done), 1, "{name}");
+        let took = stats.duration_sum_us(metrics::Phase::Done);
+        assert!(took < 250_000, "{name}: done phase took {took} us");
+    }
+}

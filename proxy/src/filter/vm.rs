@@ -236,6 +236,11 @@ struct Core {
     /// one ended, so one clock read both ends one and starts the next.
     /// Consumed (or cleared) by the next [`Vm::run`].
     follow: bool,
+    /// The last [`Vm::run`] (or context create) reached the guest, so
+    /// `last_end` is its end; cleared on entry to `run`, set by the guard.
+    /// A callback the module does not export leaves it false, and a
+    /// follow-on after it would time the next one from an older callback.
+    ran: bool,
 }
 
 /// The `bool`-returning exports are optional: a guest without them accepts.
@@ -333,6 +338,7 @@ impl Vm {
                 store,
                 last_end: Instant::now(),
                 follow: false,
+                ran: false,
             },
             ex,
             next_ctx: ROOT_ID + 1,
@@ -401,9 +407,11 @@ impl Vm {
     /// The next [`Vm::run`] follows the last callback with nothing else in
     /// between on this thread: its duration is timed from the end of the
     /// last one instead of a fresh clock read (one read per callback, not
-    /// two, for back-to-back callbacks).
+    /// two, for back-to-back callbacks). Only if the last callback reached
+    /// the guest: otherwise `last_end` is from an older one (maybe seconds
+    /// ago) and the next callback reads the clock itself.
     pub(crate) fn follow_on(&mut self) {
-        self.core.follow = true;
+        self.core.follow = self.core.ran;
     }
 
     /// Ends a stream's context: `proxy_on_log` (unless `log` is false: the
@@ -449,6 +457,7 @@ impl Vm {
             plugin, core, ex, ..
         } = self;
         let plugin: &Plugin = plugin;
+        core.ran = false;
         {
             let h = core.store.data_mut();
             h.stream = data.take();
@@ -666,6 +675,7 @@ impl Core {
         };
         let ended = Instant::now();
         self.last_end = ended;
+        self.ran = true;
         let took = ended.saturating_duration_since(started);
         let stats = &plugin.shared.stats;
         match r {
