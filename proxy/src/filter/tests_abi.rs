@@ -609,3 +609,35 @@ async fn end_callbacks_are_timed_from_their_own_start() {
         assert!(took < 250_000, "{name}: done phase took {took} us");
     }
 }
+
+const NO_END: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn an_instance_is_idle_from_its_stream_end() {
+    let rt = runtime();
+    let set = rt
+        .load(vec![module("noend", &NO_END.replace("PRELUDE", PRELUDE))])
+        .unwrap();
+    let pl = [Arc::from("noend")];
+    let mut s = set.stream(&pl, info());
+    let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        s.request_headers(&mut req, true).await,
+        Verdict::Continue
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ended = std::time::Instant::now();
+    s.finish(0, 0);
+    // No end callback ran: the instance is idle from the stream's end, not
+    // from its request headers 300 ms before (trim would free it early).
+    let idle = worker::idle_since(set.id, 0);
+    assert!(
+        idle.iter().any(|t| *t >= ended),
+        "idle since {idle:?}, stream ended {ended:?}"
+    );
+}

@@ -718,7 +718,11 @@ impl Pool {
         Try::Fail(Failure::Unavailable(why))
     }
 
-    fn give_back(&mut self, incarnation: u64) {
+    /// `ran_until`: when the last callback run while ending the lease
+    /// ended, if one reached the guest (its clock read stands for now);
+    /// `None` reads the clock, since the last callback the instance ran may
+    /// be from the start of a long stream.
+    fn give_back(&mut self, incarnation: u64, ran_until: Option<Instant>) {
         if let Some(inst) = self
             .insts
             .iter_mut()
@@ -726,8 +730,7 @@ impl Pool {
         {
             inst.streams = inst.streams.saturating_sub(1);
             if inst.streams == 0 {
-                // The stream's last callback just ran: its end is now.
-                inst.idle_since = inst.vm.last_ran();
+                inst.idle_since = ran_until.unwrap_or_else(Instant::now);
             }
         }
     }
@@ -1066,10 +1069,15 @@ pub(crate) fn finish_lease(
         else {
             return Err(Failure::ContextLost);
         };
+        let before = inst.vm.last_ran();
         let r = f(&mut inst.vm);
+        // Each callback that reaches the guest reads the clock at its end:
+        // a later `last_ran` means one ran just now.
+        let after = inst.vm.last_ran();
+        let ran_until = (after > before).then_some(after);
         match &r {
             Err(e) if e.kills_vm() => p.discard(at.incarnation, e),
-            _ => p.give_back(at.incarnation),
+            _ => p.give_back(at.incarnation, ran_until),
         }
         r
     });
@@ -1280,6 +1288,20 @@ fn run_root(p: &mut Pool, incarnation: u64, cb: Callback) -> bool {
         }
         Err(_) => true,
     }
+}
+
+/// When the idle stream instances of filter `idx` of generation `set_id`
+/// on this thread became idle.
+#[cfg(test)]
+pub(crate) fn idle_since(set_id: u64, idx: usize) -> Vec<Instant> {
+    with_pool(set_id, idx, |p| {
+        p.insts
+            .iter()
+            .filter(|i| i.streams == 0)
+            .map(|i| i.idle_since)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Whether this thread still holds instances of generation `set_id`.
