@@ -221,6 +221,8 @@ pub(crate) struct Host {
     pub metrics: HashMap<u32, Arc<GuestMetric>>,
     /// Partial line of stdout/stderr output, per fd.
     pub out_lines: [Vec<u8>; 2],
+    /// Header names and values this instance's filter keeps writing.
+    pub interned: Interned,
 }
 
 impl Host {
@@ -246,6 +248,7 @@ impl Host {
             tick_period_ms: 0,
             metrics: HashMap::new(),
             out_lines: [Vec::new(), Vec::new()],
+            interned: Interned::default(),
         }
     }
 
@@ -265,131 +268,147 @@ impl Host {
             None
         }
     }
+
+    /// [`Host::stream_mut`] and the filter's interned header names and
+    /// values, side by side (a header write needs both).
+    pub(crate) fn stream_and_interned(&mut self) -> Option<(&mut StreamData, &mut Interned)> {
+        if self.effective == self.stream_ctx && self.stream_ctx != 0 {
+            Some((self.stream.as_deref_mut()?, &mut self.interned))
+        } else {
+            None
+        }
+    }
 }
 
-/// Header names and values filters wrote recently on this worker thread,
-/// parsed once and handed out as clones. A filter adds the same few headers
-/// on every request: a hit skips `HeaderName`/`HeaderValue` validation and
-/// the copy into a fresh allocation, and, since the clone shares the bytes,
-/// the core's copy of the map later is a reference count, not another
-/// allocation per header. Only immutable validated values are kept (what a
-/// guest wrote, byte for byte), a few dozen short ones per thread, so
-/// nothing of one filter's state is visible to another.
-struct Interned {
-    names: Vec<http::header::HeaderName>,
-    values: Vec<http::HeaderValue>,
-    next_name: usize,
-    next_value: usize,
+/// Header names and values this instance's filter wrote recently,
+/// parsed once and handed out as clones. A filter adds the same few
+/// headers on every request: a hit skips `HeaderName`/`HeaderValue`
+/// validation and the copy into a fresh allocation, and, since the clone
+/// shares the bytes, the core's copy of the map later is a reference count,
+/// not another allocation per header.
+///
+/// One table per instance (so per filter and worker thread, never shared
+/// between filters or generations): whether a write hits says nothing about
+/// what another filter wrote, and what is kept lives no longer than the
+/// instance whose guest memory held it anyway.
+#[derive(Default)]
+pub(crate) struct Interned {
+    names: Table<http::header::HeaderName>,
+    values: Table<http::HeaderValue>,
 }
 
-/// Entries of each kind kept per thread.
+/// Kept entries (round robin).
+struct Table<T> {
+    kept: Vec<T>,
+    next: usize,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Table {
+            kept: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+/// Entries of each kind kept per instance.
 const INTERNED: usize = 32;
 /// Longest name or value kept (longer ones are parsed every time).
 const INTERNED_LEN: usize = 64;
 
-thread_local! {
-    static INTERN: std::cell::RefCell<Interned> = const {
-        std::cell::RefCell::new(Interned {
-            names: Vec::new(),
-            values: Vec::new(),
-            next_name: 0,
-            next_value: 0,
-        })
-    };
+impl<T: Clone> Table<T> {
+    /// Keeps `v` (round robin over [`INTERNED`] entries).
+    fn admit(&mut self, _bytes: &[u8], v: &T) {
+        if self.kept.len() < INTERNED {
+            self.kept.push(v.clone());
+        } else if let Some(slot) = self.kept.get_mut(self.next) {
+            *slot = v.clone();
+        }
+        self.next = (self.next + 1) % INTERNED;
+    }
 }
 
-/// Keeps `v` in a round-robin table of [`INTERNED`] entries.
-fn keep<T: Clone>(table: &mut Vec<T>, next: &mut usize, v: &T) {
-    if table.len() < INTERNED {
-        table.push(v.clone());
-    } else if let Some(slot) = table.get_mut(*next) {
-        *slot = v.clone();
+impl Interned {
+    /// `HeaderName::from_bytes(key)` (which lower-cases), from the table
+    /// when this filter wrote the same name before.
+    pub(crate) fn name(&mut self, key: &[u8]) -> Option<http::header::HeaderName> {
+        if key.len() > INTERNED_LEN {
+            return http::header::HeaderName::from_bytes(key).ok();
+        }
+        // Case-insensitive: `from_bytes` of a key that matches a valid
+        // name but for ASCII case gives that very name.
+        if let Some(n) = self
+            .names
+            .kept
+            .iter()
+            .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(key))
+        {
+            return Some(n.clone());
+        }
+        let n = http::header::HeaderName::from_bytes(key).ok()?;
+        self.names.admit(n.as_str().as_bytes(), &n);
+        Some(n)
     }
-    *next = (*next + 1) % INTERNED;
-}
 
-/// `HeaderName::from_bytes(key)` (which lower-cases), from the thread's
-/// table when the same name was written recently.
-pub(crate) fn header_name(key: &[u8]) -> Option<http::header::HeaderName> {
-    if key.len() > INTERNED_LEN {
-        return http::header::HeaderName::from_bytes(key).ok();
+    /// `HeaderValue::from_bytes(value)`, from the table when this filter
+    /// wrote the same value before.
+    pub(crate) fn value(&mut self, value: &[u8]) -> Option<http::HeaderValue> {
+        if value.len() > INTERNED_LEN {
+            return http::HeaderValue::from_bytes(value).ok();
+        }
+        if let Some(v) = self.values.kept.iter().find(|v| v.as_bytes() == value) {
+            return Some(v.clone());
+        }
+        let v = http::HeaderValue::from_bytes(value).ok()?;
+        self.values.admit(value, &v);
+        Some(v)
     }
-    INTERN
-        .try_with(|t| {
-            let mut t = t.try_borrow_mut().ok()?;
-            // Case-insensitive: `from_bytes` of a key that matches a valid
-            // name but for ASCII case gives that very name.
-            if let Some(n) = t
-                .names
-                .iter()
-                .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(key))
-            {
-                return Some(n.clone());
-            }
-            let n = http::header::HeaderName::from_bytes(key).ok()?;
-            let Interned {
-                names, next_name, ..
-            } = &mut *t;
-            keep(names, next_name, &n);
-            Some(n)
-        })
-        .ok()
-        .flatten()
-        .or_else(|| http::header::HeaderName::from_bytes(key).ok())
-}
-
-/// `HeaderValue::from_bytes(value)`, from the thread's table when the same
-/// value was written recently.
-pub(crate) fn header_value(value: &[u8]) -> Option<http::HeaderValue> {
-    if value.len() > INTERNED_LEN {
-        return http::HeaderValue::from_bytes(value).ok();
-    }
-    INTERN
-        .try_with(|t| {
-            let mut t = t.try_borrow_mut().ok()?;
-            if let Some(v) = t.values.iter().find(|v| v.as_bytes() == value) {
-                return Some(v.clone());
-            }
-            let v = http::HeaderValue::from_bytes(value).ok()?;
-            let Interned {
-                values, next_value, ..
-            } = &mut *t;
-            keep(values, next_value, &v);
-            Some(v)
-        })
-        .ok()
-        .flatten()
-        .or_else(|| http::HeaderValue::from_bytes(value).ok())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{header_name, header_value, INTERNED, INTERNED_LEN};
+    use super::{Interned, INTERNED, INTERNED_LEN};
+
+    fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+        a.as_ptr() == b.as_ptr()
+    }
 
     #[test]
     fn interned_names_and_values_are_what_parsing_gives() {
-        for _ in 0..2 {
-            // Second round: served from the table, same answers.
-            assert_eq!(header_name(b"X-Wasm-Filter").unwrap(), "x-wasm-filter");
-            assert_eq!(header_name(b"x-wasm-filter").unwrap(), "x-wasm-filter");
-            assert!(header_name(b"bad name").is_none());
-            assert!(header_name(b"").is_none());
-            assert_eq!(header_value(b"add-headers").unwrap(), "add-headers");
-            assert!(header_value(b"a\nb").is_none());
+        let mut t = Interned::default();
+        for _ in 0..3 {
+            // Later rounds: served from the table, same answers.
+            assert_eq!(t.name(b"X-Wasm-Filter").unwrap(), "x-wasm-filter");
+            assert_eq!(t.name(b"x-wasm-filter").unwrap(), "x-wasm-filter");
+            assert!(t.name(b"bad name").is_none());
+            assert!(t.name(b"").is_none());
+            assert_eq!(t.value(b"add-headers").unwrap(), "add-headers");
+            assert!(t.value(b"a\nb").is_none());
             // A value differing only in case is another value.
-            assert_eq!(header_value(b"Add-Headers").unwrap(), "Add-Headers");
+            assert_eq!(t.value(b"Add-Headers").unwrap(), "Add-Headers");
         }
         let long = vec![b'a'; INTERNED_LEN + 1];
-        assert_eq!(header_name(&long).unwrap().as_str().len(), long.len());
-        assert_eq!(header_value(&long).unwrap().as_bytes(), &long[..]);
+        assert_eq!(t.name(&long).unwrap().as_str().len(), long.len());
+        assert_eq!(t.value(&long).unwrap().as_bytes(), &long[..]);
         // More distinct entries than the table holds: each still right.
-        for round in 0..2 {
+        for round in 0..3 {
             for i in 0..INTERNED * 2 {
                 let k = format!("x-k{i}");
-                let v = format!("v{i}-{round}");
-                assert_eq!(header_name(k.as_bytes()).unwrap(), k.as_str());
-                assert_eq!(header_value(v.as_bytes()).unwrap(), v.as_str());
+                let v = format!("v{i}-{}", round / 2);
+                assert_eq!(t.name(k.as_bytes()).unwrap(), k.as_str());
+                assert_eq!(t.value(v.as_bytes()).unwrap(), v.as_str());
             }
         }
+    }
+
+    #[test]
+    fn tables_are_not_shared() {
+        let (mut a, mut b) = (Interned::default(), Interned::default());
+        let first = a.value(b"secret-token").unwrap();
+        let from_a = a.value(b"secret-token").unwrap();
+        assert!(same_bytes(first.as_bytes(), from_a.as_bytes()));
+        let from_b = b.value(b"secret-token").unwrap();
+        assert!(!same_bytes(from_a.as_bytes(), from_b.as_bytes()));
     }
 }
