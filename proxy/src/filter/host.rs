@@ -280,8 +280,8 @@ impl Host {
     }
 }
 
-/// Header names and values this instance's filter wrote recently,
-/// parsed once and handed out as clones. A filter adds the same few
+/// Header names and values this instance's filter wrote more than once
+/// lately, parsed once and handed out as clones. A filter adds the same few
 /// headers on every request: a hit skips `HeaderName`/`HeaderValue`
 /// validation and the copy into a fresh allocation, and, since the clone
 /// shares the bytes, the core's copy of the map later is a reference count,
@@ -290,17 +290,22 @@ impl Host {
 /// One table per instance (so per filter and worker thread, never shared
 /// between filters or generations): whether a write hits says nothing about
 /// what another filter wrote, and what is kept lives no longer than the
-/// instance whose guest memory held it anyway.
+/// instance whose guest memory held it anyway. A value is kept only the
+/// second time it is written: per-request unique values (request ids,
+/// timestamps, trace parents) leave behind only a fingerprint in a small
+/// ring and never push out the constants a filter repeats.
 #[derive(Default)]
 pub(crate) struct Interned {
     names: Table<http::header::HeaderName>,
     values: Table<http::HeaderValue>,
 }
 
-/// Kept entries (round robin).
+/// Kept entries (round robin) and fingerprints of entries seen once.
 struct Table<T> {
     kept: Vec<T>,
     next: usize,
+    seen: [u64; SEEN],
+    next_seen: usize,
 }
 
 impl<T> Default for Table<T> {
@@ -308,25 +313,53 @@ impl<T> Default for Table<T> {
         Table {
             kept: Vec::new(),
             next: 0,
+            seen: [0; SEEN],
+            next_seen: 0,
         }
     }
 }
 
 /// Entries of each kind kept per instance.
 const INTERNED: usize = 32;
+/// Fingerprints of entries written once, per kind and instance.
+const SEEN: usize = 32;
 /// Longest name or value kept (longer ones are parsed every time).
 const INTERNED_LEN: usize = 64;
 
 impl<T: Clone> Table<T> {
-    /// Keeps `v` (round robin over [`INTERNED`] entries).
-    fn admit(&mut self, _bytes: &[u8], v: &T) {
-        if self.kept.len() < INTERNED {
-            self.kept.push(v.clone());
-        } else if let Some(slot) = self.kept.get_mut(self.next) {
-            *slot = v.clone();
+    /// Keeps `v` if its fingerprint was seen before, else remembers the
+    /// fingerprint (a collision only keeps a value early: harmless).
+    fn admit(&mut self, bytes: &[u8], v: &T) {
+        let fp = fingerprint(bytes);
+        if let Some(slot) = self.seen.iter_mut().find(|s| **s == fp) {
+            *slot = 0;
+            if self.kept.len() < INTERNED {
+                self.kept.push(v.clone());
+            } else if let Some(slot) = self.kept.get_mut(self.next) {
+                *slot = v.clone();
+            }
+            self.next = (self.next + 1) % INTERNED;
+        } else {
+            if let Some(slot) = self.seen.get_mut(self.next_seen) {
+                *slot = fp;
+            }
+            self.next_seen = (self.next_seen + 1) % SEEN;
         }
-        self.next = (self.next + 1) % INTERNED;
     }
+}
+
+/// A cheap non-zero hash of a short byte string (multiply-rotate over
+/// 8-byte words); 0 marks an empty fingerprint slot.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = bytes.len() as u64;
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        if let Some(dst) = word.get_mut(..chunk.len()) {
+            dst.copy_from_slice(chunk);
+        }
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    h | 1
 }
 
 impl Interned {
@@ -403,11 +436,43 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_value_is_kept_and_shares_its_bytes() {
+        let mut t = Interned::default();
+        // First write: parsed, only its fingerprint remembered.
+        let a = t.value(b"wasp-filter").unwrap();
+        let b = t.value(b"wasp-filter").unwrap();
+        assert!(!same_bytes(a.as_bytes(), b.as_bytes()));
+        // Second write kept it: every later one is the same allocation.
+        let c = t.value(b"wasp-filter").unwrap();
+        assert!(same_bytes(b.as_bytes(), c.as_bytes()));
+        let n1 = t.name(b"x-wasp-filter").unwrap();
+        let n2 = t.name(b"X-Wasp-Filter").unwrap();
+        let n3 = t.name(b"x-wasp-filter").unwrap();
+        assert!(!same_bytes(n1.as_str().as_bytes(), n2.as_str().as_bytes()));
+        assert!(same_bytes(n2.as_str().as_bytes(), n3.as_str().as_bytes()));
+    }
+
+    #[test]
+    fn unique_values_do_not_push_out_repeated_ones() {
+        let mut t = Interned::default();
+        t.value(b"constant").unwrap();
+        let kept = t.value(b"constant").unwrap();
+        // A request id per request, many more than the table holds.
+        for i in 0..INTERNED * 8 {
+            let id = format!("{i:08x}-4c1e-4bb6-9d8e-{:012x}", i * 7919);
+            assert_eq!(t.value(id.as_bytes()).unwrap(), id.as_str());
+        }
+        let again = t.value(b"constant").unwrap();
+        assert!(same_bytes(kept.as_bytes(), again.as_bytes()));
+    }
+
+    #[test]
     fn tables_are_not_shared() {
         let (mut a, mut b) = (Interned::default(), Interned::default());
-        let first = a.value(b"secret-token").unwrap();
+        for _ in 0..3 {
+            a.value(b"secret-token").unwrap();
+        }
         let from_a = a.value(b"secret-token").unwrap();
-        assert!(same_bytes(first.as_bytes(), from_a.as_bytes()));
         let from_b = b.value(b"secret-token").unwrap();
         assert!(!same_bytes(from_a.as_bytes(), from_b.as_bytes()));
     }
