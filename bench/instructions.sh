@@ -17,6 +17,8 @@
 #   bench/instructions.sh cl=WASP_WASM_COMPILER=cranelift@path/b   # with env
 #   REQUESTS=2000 WARMUP=200 CHAINS="0 1 4" PROFILE=1 bench/instructions.sh
 #   BUILD=0 ...                  # do not (re)build the demo app first
+#   FILTER=add-unique ...        # another fixture of tests/wasm (add-unique:
+#                                # also a request header unique per request)
 #
 # PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
 # prints the top functions (inclusive) of each one with callgrind_annotate.
@@ -27,6 +29,7 @@ REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-200}
 CHAINS=${CHAINS:-"0 1 4"}
 PROFILE=${PROFILE:-0}
+FILTER=${FILTER:-add-headers}
 out="$root/target/bench-instructions"
 mkdir -p "$out/filters.d"
 command -v valgrind >/dev/null || {
@@ -37,9 +40,9 @@ bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=("wasp=$root/target/release/wasp")
 
 [ "${BUILD:-1}" = 0 ] || cargo build -q --release -p demo-app
-[ -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm ] ||
+[ -f "target/wasm-fixtures/wasm32-wasip1/$FILTER.wasm" ] ||
   WASP_BUILD_ASSEMBLYSCRIPT=0 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
-cp -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm "$out/filters.d/add-headers.wasm"
+cp -f "target/wasm-fixtures/wasm32-wasip1/$FILTER.wasm" "$out/filters.d/$FILTER.wasm"
 
 UP=127.0.0.1:18380
 PORT=18381
@@ -61,7 +64,7 @@ config() { # config N LABEL -> path (each label its own module cache)
     # limits.instances = 1 keeps the instance pool (and its address-space
     # reservation) small enough for valgrind; one connection needs one.
     for i in 0 1 2 3; do
-      echo "[filters.f$i]"; echo "module = \"add-headers.wasm\""
+      echo "[filters.f$i]"; echo "module = \"$FILTER.wasm\""
       echo "[filters.f$i.limits]"; echo "instances = 1"
     done
     echo "[[listeners]]"; echo "name = \"bench\""; echo "bind = \"127.0.0.1:$PORT\""; echo "pipeline = [$pipeline]"
@@ -121,7 +124,7 @@ for n in $CHAINS; do
   done
 done
 
-python3 - "$results" "$REQUESTS" <<'PY'
+python3 - "$results" "$REQUESTS" "$FILTER" <<'PY'
 import sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
 reqs = int(sys.argv[2])
@@ -131,7 +134,7 @@ for label, n, instr in rows:
     per[(label, int(n))] = int(instr) / reqs
     if label not in labels:
         labels.append(label)
-print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, callgrind)\n")
+print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, callgrind, filter {sys.argv[3]})\n")
 print("| build | filters | instr/request | per filter over empty |\n|---|--:|--:|--:|")
 for label in labels:
     base = per.get((label, 0))

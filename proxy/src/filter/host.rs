@@ -234,6 +234,8 @@ pub(crate) struct Host {
     pub metrics: HashMap<u32, Arc<GuestMetric>>,
     /// Partial line of stdout/stderr output, per fd.
     pub out_lines: [Vec<u8>; 2],
+    /// Header names and values this instance's filter keeps writing.
+    pub interned: Interned,
 }
 
 impl Host {
@@ -261,6 +263,7 @@ impl Host {
             tick_period_ms: 0,
             metrics: HashMap::new(),
             out_lines: [Vec::new(), Vec::new()],
+            interned: Interned::default(),
         }
     }
 
@@ -299,5 +302,213 @@ impl Host {
         } else {
             None
         }
+    }
+
+    /// [`Host::stream_mut`] and the filter's interned header names and
+    /// values, side by side (a header write needs both).
+    pub(crate) fn stream_and_interned(&mut self) -> Option<(&mut StreamData, &mut Interned)> {
+        if self.effective == self.stream_ctx && self.stream_ctx != 0 {
+            Some((self.stream.as_deref_mut()?, &mut self.interned))
+        } else {
+            None
+        }
+    }
+}
+
+/// Header names and values this instance's filter wrote more than once
+/// lately, parsed once and handed out as clones. A filter adds the same few
+/// headers on every request: a hit skips `HeaderName`/`HeaderValue`
+/// validation and the copy into a fresh allocation, and, since the clone
+/// shares the bytes, the core's copy of the map later is a reference count,
+/// not another allocation per header.
+///
+/// One table per instance (so per filter and worker thread, never shared
+/// between filters or generations): whether a write hits says nothing about
+/// what another filter wrote, and what is kept lives no longer than the
+/// instance whose guest memory held it anyway. A value is kept only the
+/// second time it is written: per-request unique values (request ids,
+/// timestamps, trace parents) leave behind only a fingerprint in a small
+/// ring and never push out the constants a filter repeats.
+#[derive(Default)]
+pub(crate) struct Interned {
+    names: Table<http::header::HeaderName>,
+    values: Table<http::HeaderValue>,
+}
+
+/// Kept entries (round robin) and fingerprints of entries seen once.
+struct Table<T> {
+    kept: Vec<T>,
+    next: usize,
+    seen: [u64; SEEN],
+    next_seen: usize,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Table {
+            kept: Vec::new(),
+            next: 0,
+            seen: [0; SEEN],
+            next_seen: 0,
+        }
+    }
+}
+
+/// Entries of each kind kept per instance.
+const INTERNED: usize = 32;
+/// Fingerprints of entries written once, per kind and instance.
+const SEEN: usize = 32;
+/// Longest name or value kept (longer ones are parsed every time).
+const INTERNED_LEN: usize = 64;
+
+impl<T: Clone> Table<T> {
+    /// Keeps `v` if its fingerprint was seen before, else remembers the
+    /// fingerprint (a collision only keeps a value early: harmless).
+    fn admit(&mut self, bytes: &[u8], v: &T) {
+        let fp = fingerprint(bytes);
+        if let Some(slot) = self.seen.iter_mut().find(|s| **s == fp) {
+            *slot = 0;
+            if self.kept.len() < INTERNED {
+                self.kept.push(v.clone());
+            } else if let Some(slot) = self.kept.get_mut(self.next) {
+                *slot = v.clone();
+            }
+            self.next = (self.next + 1) % INTERNED;
+        } else {
+            if let Some(slot) = self.seen.get_mut(self.next_seen) {
+                *slot = fp;
+            }
+            self.next_seen = (self.next_seen + 1) % SEEN;
+        }
+    }
+}
+
+/// A cheap non-zero hash of a short byte string (multiply-rotate over
+/// 8-byte words); 0 marks an empty fingerprint slot.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = bytes.len() as u64;
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        if let Some(dst) = word.get_mut(..chunk.len()) {
+            dst.copy_from_slice(chunk);
+        }
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    h | 1
+}
+
+impl Interned {
+    /// `HeaderName::from_bytes(key)` (which lower-cases), from the table
+    /// when this filter wrote the same name before.
+    pub(crate) fn name(&mut self, key: &[u8]) -> Option<http::header::HeaderName> {
+        if key.len() > INTERNED_LEN {
+            return http::header::HeaderName::from_bytes(key).ok();
+        }
+        // Case-insensitive: `from_bytes` of a key that matches a valid
+        // name but for ASCII case gives that very name.
+        if let Some(n) = self
+            .names
+            .kept
+            .iter()
+            .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(key))
+        {
+            return Some(n.clone());
+        }
+        let n = http::header::HeaderName::from_bytes(key).ok()?;
+        self.names.admit(n.as_str().as_bytes(), &n);
+        Some(n)
+    }
+
+    /// `HeaderValue::from_bytes(value)`, from the table when this filter
+    /// wrote the same value before.
+    pub(crate) fn value(&mut self, value: &[u8]) -> Option<http::HeaderValue> {
+        if value.len() > INTERNED_LEN {
+            return http::HeaderValue::from_bytes(value).ok();
+        }
+        if let Some(v) = self.values.kept.iter().find(|v| v.as_bytes() == value) {
+            return Some(v.clone());
+        }
+        let v = http::HeaderValue::from_bytes(value).ok()?;
+        self.values.admit(value, &v);
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Interned, INTERNED, INTERNED_LEN};
+
+    fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+        a.as_ptr() == b.as_ptr()
+    }
+
+    #[test]
+    fn interned_names_and_values_are_what_parsing_gives() {
+        let mut t = Interned::default();
+        for _ in 0..3 {
+            // Later rounds: served from the table, same answers.
+            assert_eq!(t.name(b"X-Wasm-Filter").unwrap(), "x-wasm-filter");
+            assert_eq!(t.name(b"x-wasm-filter").unwrap(), "x-wasm-filter");
+            assert!(t.name(b"bad name").is_none());
+            assert!(t.name(b"").is_none());
+            assert_eq!(t.value(b"add-headers").unwrap(), "add-headers");
+            assert!(t.value(b"a\nb").is_none());
+            // A value differing only in case is another value.
+            assert_eq!(t.value(b"Add-Headers").unwrap(), "Add-Headers");
+        }
+        let long = vec![b'a'; INTERNED_LEN + 1];
+        assert_eq!(t.name(&long).unwrap().as_str().len(), long.len());
+        assert_eq!(t.value(&long).unwrap().as_bytes(), &long[..]);
+        // More distinct entries than the table holds: each still right.
+        for round in 0..3 {
+            for i in 0..INTERNED * 2 {
+                let k = format!("x-k{i}");
+                let v = format!("v{i}-{}", round / 2);
+                assert_eq!(t.name(k.as_bytes()).unwrap(), k.as_str());
+                assert_eq!(t.value(v.as_bytes()).unwrap(), v.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn a_repeated_value_is_kept_and_shares_its_bytes() {
+        let mut t = Interned::default();
+        // First write: parsed, only its fingerprint remembered.
+        let a = t.value(b"wasp-filter").unwrap();
+        let b = t.value(b"wasp-filter").unwrap();
+        assert!(!same_bytes(a.as_bytes(), b.as_bytes()));
+        // Second write kept it: every later one is the same allocation.
+        let c = t.value(b"wasp-filter").unwrap();
+        assert!(same_bytes(b.as_bytes(), c.as_bytes()));
+        let n1 = t.name(b"x-wasp-filter").unwrap();
+        let n2 = t.name(b"X-Wasp-Filter").unwrap();
+        let n3 = t.name(b"x-wasp-filter").unwrap();
+        assert!(!same_bytes(n1.as_str().as_bytes(), n2.as_str().as_bytes()));
+        assert!(same_bytes(n2.as_str().as_bytes(), n3.as_str().as_bytes()));
+    }
+
+    #[test]
+    fn unique_values_do_not_push_out_repeated_ones() {
+        let mut t = Interned::default();
+        t.value(b"constant").unwrap();
+        let kept = t.value(b"constant").unwrap();
+        // A request id per request, many more than the table holds.
+        for i in 0..INTERNED * 8 {
+            let id = format!("{i:08x}-4c1e-4bb6-9d8e-{:012x}", i * 7919);
+            assert_eq!(t.value(id.as_bytes()).unwrap(), id.as_str());
+        }
+        let again = t.value(b"constant").unwrap();
+        assert!(same_bytes(kept.as_bytes(), again.as_bytes()));
+    }
+
+    #[test]
+    fn tables_are_not_shared() {
+        let (mut a, mut b) = (Interned::default(), Interned::default());
+        for _ in 0..3 {
+            a.value(b"secret-token").unwrap();
+        }
+        let from_a = a.value(b"secret-token").unwrap();
+        let from_b = b.value(b"secret-token").unwrap();
+        assert!(!same_bytes(from_a.as_bytes(), from_b.as_bytes()));
     }
 }

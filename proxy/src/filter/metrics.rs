@@ -506,6 +506,13 @@ impl FilterStats {
         self.copied_to_guest.load(Ordering::Relaxed)
     }
 
+    /// Sum of the durations recorded for `phase`, in microseconds.
+    #[cfg(test)]
+    pub(crate) fn duration_sum_us(&self, phase: Phase) -> u64 {
+        let idx = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        self.phases[idx].duration.sum.load(Ordering::Relaxed)
+    }
+
     #[cfg(test)]
     pub(crate) fn calls(&self, phase: Phase) -> u64 {
         let idx = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);

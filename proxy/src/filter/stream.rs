@@ -1023,11 +1023,7 @@ impl StreamFilters {
             let data = &mut self.data;
             let r = worker::finish_lease(at, |vm| {
                 if slot.ctx != 0 {
-                    if log && !slot.skipped {
-                        vm.run(slot.ctx, data, Callback::Log)?;
-                    }
-                    vm.run(slot.ctx, data, Callback::Done)?;
-                    vm.run(slot.ctx, data, Callback::Delete)?;
+                    vm.end_context(slot.ctx, data, log && !slot.skipped)?;
                 }
                 Ok(())
             });

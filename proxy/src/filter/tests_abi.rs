@@ -556,3 +556,139 @@ async fn a_body_rewritten_past_max_body_bytes_fails_by_policy() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Ends a stream without `proxy_on_log` (and, in `NO_END`, without
+/// `proxy_on_done` either): what the host runs in their place must not
+/// time the next callback, or the instance's idle time, from the last
+/// callback that did run.
+const NO_LOG: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+)
+"#;
+
+const ONLY_DELETE: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_delete") (param i32))
+)
+"#;
+
+const NO_END: &str = r#"
+(module
+  PRELUDE
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+)
+"#;
+
+/// A stream that lasts a while (the upstream is slow) between its request
+/// headers and its end.
+async fn slow_stream(set: &Arc<FilterSet>, names: &[&str]) {
+    let pl: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
+    let mut s = set.stream(&pl, info());
+    let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        s.request_headers(&mut req, true).await,
+        Verdict::Continue
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    s.finish(0, 0);
+}
+
+#[tokio::test]
+async fn end_callbacks_are_timed_from_their_own_start() {
+    let rt = runtime();
+    let set = rt
+        .load(vec![
+            module("nolog", &NO_LOG.replace("PRELUDE", PRELUDE)),
+            module("onlydelete", &ONLY_DELETE.replace("PRELUDE", PRELUDE)),
+        ])
+        .unwrap();
+    slow_stream(&set, &["nolog", "onlydelete"]).await;
+    // `proxy_on_done` (nolog) and `proxy_on_delete` (onlydelete) ran in
+    // microseconds; the 300 ms since the request headers are not theirs.
+    for name in ["nolog", "onlydelete"] {
+        let stats = rt.stats_of(name).unwrap();
+        assert_eq!(stats.calls(metrics::Phase::Done), 1, "{name}");
+        let took = stats.duration_sum_us(metrics::Phase::Done);
+        assert!(took < 250_000, "{name}: done phase took {took} us");
+    }
+}
+
+#[tokio::test]
+async fn an_instance_is_idle_from_its_stream_end() {
+    let rt = runtime();
+    let set = rt
+        .load(vec![module("noend", &NO_END.replace("PRELUDE", PRELUDE))])
+        .unwrap();
+    let pl = [Arc::from("noend")];
+    let mut s = set.stream(&pl, info());
+    let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+    assert!(matches!(
+        s.request_headers(&mut req, true).await,
+        Verdict::Continue
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ended = std::time::Instant::now();
+    s.finish(0, 0);
+    // No end callback ran: the instance is idle from the stream's end, not
+    // from its request headers 300 ms before (trim would free it early).
+    let idle = worker::idle_since(set.id, 0);
+    assert!(
+        idle.iter().any(|t| *t >= ended),
+        "idle since {idle:?}, stream ended {ended:?}"
+    );
+}
+
+/// Adds `x-a: same-value` to each request.
+const ADDER: &str = r#"
+(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  PRELUDE
+  (data (i32.const 100) "x-a")
+  (data (i32.const 200) "same-value")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 3) (i32.const 200) (i32.const 10)))
+    (i32.const 0))
+)
+"#;
+
+#[tokio::test]
+async fn filters_do_not_share_interned_header_values() {
+    let rt = runtime();
+    let adder = ADDER.replace("PRELUDE", PRELUDE);
+    let set = rt
+        .load(vec![module("adder1", &adder), module("adder2", &adder)])
+        .unwrap();
+    let pl = [Arc::from("adder1"), Arc::from("adder2")];
+    let mut kept = Vec::new();
+    for _ in 0..4 {
+        let mut s = set.stream(&pl, info());
+        let mut req = Request::get("/").body(()).unwrap().into_parts().0;
+        assert!(matches!(
+            s.request_headers(&mut req, true).await,
+            Verdict::Continue
+        ));
+        s.finish(0, 0);
+        kept.push(req);
+    }
+    let ptrs = |req: &http::request::Parts| -> Vec<*const u8> {
+        req.headers
+            .get_all("x-a")
+            .iter()
+            .map(|v| {
+                assert_eq!(v, "same-value");
+                v.as_bytes().as_ptr()
+            })
+            .collect()
+    };
+    let (third, fourth) = (ptrs(&kept[2]), ptrs(&kept[3]));
+    assert_eq!(third.len(), 2);
+    // Each filter reuses the value it keeps writing ...
+    assert_eq!(third, fourth);
+    // ... from its own table: one filter's hit says nothing of another's.
+    assert_ne!(third[0], third[1]);
+}

@@ -219,7 +219,9 @@ struct Exports {
 /// A live VM.
 pub(crate) struct Vm {
     pub plugin: Arc<Plugin>,
-    store: Store<Host>,
+    core: Core,
+    /// Borrowed, not cloned, per callback (a `TypedFunc` clone is a
+    /// type-registry reference count up and down).
     ex: Exports,
     next_ctx: u32,
     /// First stream context id: after the root contexts.
@@ -230,6 +232,24 @@ pub(crate) struct Vm {
     /// Unique across all VMs of the process: a stream's context is valid only
     /// in the incarnation that created it.
     pub incarnation: u64,
+}
+
+/// The mutable side of a VM that runs callbacks: its store and the clock
+/// of its last callback. Apart from [`Exports`] so a callback borrows its
+/// export while the store runs it.
+struct Core {
+    store: Store<Host>,
+    /// When the last callback ended (the clock read that timed it).
+    last_end: Instant,
+    /// Set by [`Vm::follow_on`]: the next callback starts where the last
+    /// one ended, so one clock read both ends one and starts the next.
+    /// Consumed (or cleared) by the next [`Vm::run`].
+    follow: bool,
+    /// The last [`Vm::run`] (or context create) reached the guest, so
+    /// `last_end` is its end; cleared on entry to `run`, set by the guard.
+    /// A callback the module does not export leaves it false, and a
+    /// follow-on after it would time the next one from an older callback.
+    ran: bool,
 }
 
 /// The `bool`-returning exports are optional: a guest without them accepts.
@@ -326,7 +346,12 @@ impl Vm {
         };
         let mut vm = Vm {
             plugin: plugin.clone(),
-            store,
+            core: Core {
+                store,
+                last_end: Instant::now(),
+                follow: false,
+                ran: false,
+            },
             ex,
             next_ctx: ROOT_ID + 1 + extra_roots,
             first_ctx: ROOT_ID + 1 + extra_roots,
@@ -340,14 +365,14 @@ impl Vm {
 
     /// `_initialize` (then `main` if exported), or `_start`.
     fn initialize(&mut self, instance: &Instance) -> Result<(), Failure> {
-        let store = &mut self.store;
+        let store = &mut self.core.store;
         if let Some(f) = opt::<(), ()>(instance, store, "_initialize")? {
             self.guard(Phase::Start, |s| f.call(s, ()))?;
-            let main = instance.get_func(&mut self.store, "main");
+            let main = instance.get_func(&mut self.core.store, "main");
             if let Some(main) = main {
-                if let Ok(f) = main.typed::<(u32, u32), u32>(&self.store) {
+                if let Ok(f) = main.typed::<(u32, u32), u32>(&self.core.store) {
                     self.guard(Phase::Start, |s| f.call(s, (0, 0)))?;
-                } else if let Ok(f) = main.typed::<(), ()>(&self.store) {
+                } else if let Ok(f) = main.typed::<(), ()>(&self.core.store) {
                     self.guard(Phase::Start, |s| f.call(s, ()))?;
                 }
             }
@@ -364,16 +389,16 @@ impl Vm {
     /// same for each per-route config, in a root context of its own (as
     /// Envoy starts one root context per plugin sharing a VM).
     fn start(&mut self) -> Result<(), Failure> {
-        let extra = self.store.data().extra_roots;
+        let extra = self.core.store.data().extra_roots;
         for variant in 0..=extra {
             let root = ROOT_ID.saturating_add(variant);
             {
-                let h = self.store.data_mut();
+                let h = self.core.store.data_mut();
                 h.config_variant = variant;
                 h.effective = root;
             }
             let r = self.start_root(root, variant);
-            let h = self.store.data_mut();
+            let h = self.core.store.data_mut();
             h.config_variant = 0;
             h.effective = ROOT_ID;
             r?;
@@ -405,17 +430,51 @@ impl Vm {
 
     /// Root-level work (callouts, tick period) requested during start-up.
     pub(crate) fn take_root_callouts(&mut self) -> Vec<NewCallout> {
-        std::mem::take(&mut self.store.data_mut().callouts)
+        std::mem::take(&mut self.core.store.data_mut().callouts)
     }
 
     pub(crate) fn tick_period_ms(&self) -> u32 {
-        self.store.data().tick_period_ms
+        self.core.store.data().tick_period_ms
+    }
+
+    /// When the last callback on this VM ended.
+    pub(crate) fn last_ran(&self) -> Instant {
+        self.core.last_end
+    }
+
+    /// The next [`Vm::run`] follows the last callback with nothing else in
+    /// between on this thread: its duration is timed from the end of the
+    /// last one instead of a fresh clock read (one read per callback, not
+    /// two, for back-to-back callbacks). Only if the last callback reached
+    /// the guest: otherwise `last_end` is from an older one (maybe seconds
+    /// ago) and the next callback reads the clock itself.
+    pub(crate) fn follow_on(&mut self) {
+        self.core.follow = self.core.ran;
+    }
+
+    /// Ends a stream's context: `proxy_on_log` (unless `log` is false: the
+    /// stream was dropped, or the filter failed open), `proxy_on_done`,
+    /// `proxy_on_delete`, back to back.
+    pub(crate) fn end_context(
+        &mut self,
+        ctx: u32,
+        data: &mut Option<Box<StreamData>>,
+        log: bool,
+    ) -> Result<(), Failure> {
+        if log {
+            self.run(ctx, data, Callback::Log)?;
+            self.follow_on();
+        }
+        self.run(ctx, data, Callback::Done)?;
+        self.follow_on();
+        self.run(ctx, data, Callback::Delete)?;
+        Ok(())
     }
 
     /// Creates an HTTP context for a new stream, a child of the root
     /// context of config `variant` (0: the filter's own config).
     pub(crate) fn create_context(&mut self, variant: u32) -> Result<u32, Failure> {
-        if variant > self.store.data().extra_roots {
+        if variant > self.core.store.data().extra_roots {
             // Chains and instances come from one config, so this is a bug;
             // the filter's own config instead could be a laxer one.
             return Err(Failure::Unavailable(format!(
@@ -424,9 +483,9 @@ impl Vm {
         }
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.wrapping_add(1).max(self.first_ctx);
-        let create = self.ex.context_create.clone();
+        let create = &self.ex.context_create;
         {
-            let h = self.store.data_mut();
+            let h = self.core.store.data_mut();
             h.effective = id;
             h.config_variant = variant;
         }
@@ -434,8 +493,10 @@ impl Vm {
             self.variants.insert(id, variant);
         }
         let root = ROOT_ID.saturating_add(variant);
-        let r = self.guard(Phase::ContextCreate, |s| create.call(s, (id, root)));
-        self.store.data_mut().config_variant = 0;
+        let r = self.core.guard(&self.plugin, Phase::ContextCreate, |s| {
+            create.call(s, (id, root))
+        });
+        self.core.store.data_mut().config_variant = 0;
         r?;
         Ok(id)
     }
@@ -448,8 +509,13 @@ impl Vm {
         data: &mut Option<Box<StreamData>>,
         cb: Callback,
     ) -> Result<Outcome, Failure> {
+        let Vm {
+            plugin, core, ex, ..
+        } = self;
+        let plugin: &Plugin = plugin;
+        core.ran = false;
         {
-            let h = self.store.data_mut();
+            let h = core.store.data_mut();
             h.stream = data.take();
             h.stream_ctx = if h.stream.is_some() { ctx } else { 0 };
             h.effective = ctx;
@@ -466,40 +532,51 @@ impl Vm {
         }
         let phase = cb.phase();
         let deleting = matches!(cb, Callback::Delete);
-        let ex = &self.ex;
         let result: Result<u32, Failure> = match cb {
-            Callback::RequestHeaders { n, eos } => {
-                self.call3(ex.request_headers.clone(), phase, (ctx, n, eos as u32))
-            }
-            Callback::RequestBody { size, eos } => {
-                self.call3(ex.request_body.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::ResponseHeaders { n, eos } => {
-                self.call3(ex.response_headers.clone(), phase, (ctx, n, eos as u32))
-            }
-            Callback::ResponseBody { size, eos } => {
-                self.call3(ex.response_body.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::RequestTrailers { n } => match ex.request_trailers.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+            Callback::RequestHeaders { n, eos } => core.call3(
+                plugin,
+                ex.request_headers.as_ref(),
+                phase,
+                (ctx, n, eos as u32),
+            ),
+            Callback::RequestBody { size, eos } => core.call3(
+                plugin,
+                ex.request_body.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::ResponseHeaders { n, eos } => core.call3(
+                plugin,
+                ex.response_headers.as_ref(),
+                phase,
+                (ctx, n, eos as u32),
+            ),
+            Callback::ResponseBody { size, eos } => core.call3(
+                plugin,
+                ex.response_body.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::RequestTrailers { n } => match &ex.request_trailers {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, (ctx, n))),
                 None => Ok(0),
             },
-            Callback::ResponseTrailers { n } => match ex.response_trailers.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, n))),
+            Callback::ResponseTrailers { n } => match &ex.response_trailers {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, (ctx, n))),
                 None => Ok(0),
             },
             Callback::HttpCallResponse {
                 token,
                 root,
                 answer,
-            } => match ex.http_call_response.clone() {
+            } => match &ex.http_call_response {
                 Some(f) => {
                     let nh = answer.headers.len() as u32;
                     let nb = answer.body.len() as u32;
                     let nt = answer.trailers.len() as u32;
-                    self.store.data_mut().answer = Some(answer);
-                    let r = self.guard(phase, |s| f.call(s, (root, token, nh, nb, nt)));
-                    self.store.data_mut().answer = None;
+                    core.store.data_mut().answer = Some(answer);
+                    let r = core.guard(plugin, phase, |s| f.call(s, (root, token, nh, nb, nt)));
+                    core.store.data_mut().answer = None;
                     r.map(|()| 0)
                 }
                 None => Ok(0),
@@ -511,19 +588,19 @@ impl Vm {
                 last,
             } => {
                 // A cancelled token is never reported to the guest.
-                if grpc::wanted(self.store.data_mut(), token, last) {
+                if grpc::wanted(core.store.data_mut(), token, last) {
                     let (which, n, answer) = event.into_callback();
                     let f = match which {
-                        GrpcCallback::InitialMetadata => ex.grpc_initial_metadata.clone(),
-                        GrpcCallback::Receive => ex.grpc_receive.clone(),
-                        GrpcCallback::TrailingMetadata => ex.grpc_trailing_metadata.clone(),
-                        GrpcCallback::Close => ex.grpc_close.clone(),
+                        GrpcCallback::InitialMetadata => &ex.grpc_initial_metadata,
+                        GrpcCallback::Receive => &ex.grpc_receive,
+                        GrpcCallback::TrailingMetadata => &ex.grpc_trailing_metadata,
+                        GrpcCallback::Close => &ex.grpc_close,
                     };
                     match f {
                         Some(f) => {
-                            self.store.data_mut().answer = Some(answer);
-                            let r = self.guard(phase, |s| f.call(s, (root, token, n)));
-                            self.store.data_mut().answer = None;
+                            core.store.data_mut().answer = Some(answer);
+                            let r = core.guard(plugin, phase, |s| f.call(s, (root, token, n)));
+                            core.store.data_mut().answer = None;
                             r.map(|()| 0)
                         }
                         None => Ok(0),
@@ -532,46 +609,60 @@ impl Vm {
                     Ok(0)
                 }
             }
-            Callback::NewConnection => match ex.new_connection.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+            Callback::NewConnection => match &ex.new_connection {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)),
                 None => Ok(0),
             },
-            Callback::DownstreamData { size, eos } => {
-                self.call3(ex.downstream_data.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::UpstreamData { size, eos } => {
-                self.call3(ex.upstream_data.clone(), phase, (ctx, size, eos as u32))
-            }
-            Callback::DownstreamClose { peer } => match ex.downstream_close.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+            Callback::DownstreamData { size, eos } => core.call3(
+                plugin,
+                ex.downstream_data.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::UpstreamData { size, eos } => core.call3(
+                plugin,
+                ex.upstream_data.as_ref(),
+                phase,
+                (ctx, size, eos as u32),
+            ),
+            Callback::DownstreamClose { peer } => match &ex.downstream_close {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, peer)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::UpstreamClose { peer } => match ex.upstream_close.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, peer))).map(|()| 0),
+            Callback::UpstreamClose { peer } => match &ex.upstream_close {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, peer)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Tick => match ex.on_tick.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Tick => match &ex.on_tick {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
-            Callback::QueueReady { queue } => match ex.on_queue_ready.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, (ctx, queue))).map(|()| 0),
+            Callback::QueueReady { queue } => match &ex.on_queue_ready {
+                Some(f) => core
+                    .guard(plugin, phase, |s| f.call(s, (ctx, queue)))
+                    .map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Log => match ex.on_log.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Log => match &ex.on_log {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
-            Callback::Done => match ex.on_done.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)),
+            Callback::Done => match &ex.on_done {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)),
                 None => Ok(1),
             },
-            Callback::Delete => match ex.on_delete.clone() {
-                Some(f) => self.guard(phase, |s| f.call(s, ctx)).map(|()| 0),
+            Callback::Delete => match &ex.on_delete {
+                Some(f) => core.guard(plugin, phase, |s| f.call(s, ctx)).map(|()| 0),
                 None => Ok(0),
             },
         };
-        let h = self.store.data_mut();
+        // A callback that did not reach the guest consumed no follow-on.
+        core.follow = false;
+        let h = core.store.data_mut();
         if deleting {
             grpc::forget_context(h, ctx);
             self.variants.remove(&ctx);
@@ -590,14 +681,26 @@ impl Vm {
         })
     }
 
+    /// Runs a start-up or context callback (see [`Core::guard`]).
+    fn guard<R>(
+        &mut self,
+        phase: Phase,
+        f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        self.core.guard(&self.plugin, phase, f)
+    }
+}
+
+impl Core {
     fn call3(
         &mut self,
-        f: Option<F3R>,
+        plugin: &Plugin,
+        f: Option<&F3R>,
         phase: Phase,
         args: (u32, u32, u32),
     ) -> Result<u32, Failure> {
         match f {
-            Some(f) => self.guard(phase, |s| f.call(s, args)),
+            Some(f) => self.guard(plugin, phase, |s| f.call(s, args)),
             None => Ok(0),
         }
     }
@@ -605,19 +708,24 @@ impl Vm {
     /// Runs `f` under a fresh deadline; classifies and counts the result.
     fn guard<R>(
         &mut self,
+        plugin: &Plugin,
         phase: Phase,
         f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
         // Start-up (initializers, vm_start, configure) may parse configuration
         // on cold memory: it gets at least a second.
         let ticks = if phase == Phase::Start {
-            self.plugin.deadline_ticks.max(START_DEADLINE_TICKS)
+            plugin.deadline_ticks.max(START_DEADLINE_TICKS)
         } else {
-            self.plugin.deadline_ticks
+            plugin.deadline_ticks
         };
         self.store.set_epoch_deadline(ticks);
         self.store.data_mut().limiter.hit = false;
-        let started = Instant::now();
+        let started = if std::mem::take(&mut self.follow) {
+            self.last_end
+        } else {
+            Instant::now()
+        };
         // A panic in a host function (a bug in wasp, reachable from this
         // guest) unwinds through wasmtime back to here: it fails this
         // callback like a trap, the instance is discarded, and every other
@@ -632,15 +740,18 @@ impl Vm {
                     .or_else(|| payload.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a non-text panic".into());
                 tracing::error!(
-                    filter = %self.plugin.name(),
+                    filter = %plugin.name(),
                     phase = phase.name(),
                     "host panic while running a filter (a wasp bug; the instance is discarded): {what}"
                 );
                 Err(wasmtime::Error::msg(format!("host panic: {what}")))
             }
         };
-        let took = started.elapsed();
-        let stats = &self.plugin.shared.stats;
+        let ended = Instant::now();
+        self.last_end = ended;
+        self.ran = true;
+        let took = ended.saturating_duration_since(started);
+        let stats = &plugin.shared.stats;
         match r {
             Ok(v) => {
                 stats.record(phase, took, CallResult::Ok);

@@ -618,15 +618,22 @@ impl Pool {
 
     /// Keeps a warm idle instance and the root instance coming, with backoff.
     fn top_up(&mut self) {
+        // Runs on every lease: the clock is read only when something may
+        // have to be built.
+        let want_root = self.root.is_none() && !self.root_building;
+        let total = self.insts.len() + self.building;
+        let want_stream = self.idle() + self.building < WARM && total < self.cap;
+        if !want_root && !want_stream {
+            return;
+        }
         let now = Instant::now();
         if self.pool_full(now) {
             return;
         }
-        if self.root.is_none() && !self.root_building && passed(self.root_retry_at, now) {
+        if want_root && passed(self.root_retry_at, now) {
             self.submit(Kind::Root);
         }
-        let total = self.insts.len() + self.building;
-        if self.idle() + self.building < WARM && total < self.cap && passed(self.retry_at, now) {
+        if want_stream && passed(self.retry_at, now) {
             self.submit(Kind::Stream);
         }
     }
@@ -728,7 +735,11 @@ impl Pool {
         Try::Fail(Failure::Unavailable(why))
     }
 
-    fn give_back(&mut self, incarnation: u64) {
+    /// `ran_until`: when the last callback run while ending the lease
+    /// ended, if one reached the guest (its clock read stands for now);
+    /// `None` reads the clock, since the last callback the instance ran may
+    /// be from the start of a long stream.
+    fn give_back(&mut self, incarnation: u64, ran_until: Option<Instant>) {
         if let Some(inst) = self
             .insts
             .iter_mut()
@@ -736,7 +747,7 @@ impl Pool {
         {
             inst.streams = inst.streams.saturating_sub(1);
             if inst.streams == 0 {
-                inst.idle_since = Instant::now();
+                inst.idle_since = ran_until.unwrap_or_else(Instant::now);
             }
         }
     }
@@ -842,9 +853,31 @@ struct WorkerSet {
     pools: Vec<Pool>,
 }
 
+/// Hashes a generation id (a small counter) with one multiply: the map is
+/// looked up once per callback, where SipHash cost more than the rest of
+/// the look-up. Ids come from the engine, not from outside.
+#[derive(Default, Clone, Copy)]
+struct SetIdHasher(u64);
+
+impl std::hash::Hasher for SetIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct Worker {
-    sets: HashMap<u64, WorkerSet>,
+    sets: HashMap<u64, WorkerSet, std::hash::BuildHasherDefault<SetIdHasher>>,
 }
 
 thread_local! {
@@ -932,7 +965,9 @@ pub(crate) fn building(set_id: u64) -> bool {
 /// loaded one. Fails only when the filter cannot produce a healthy instance.
 pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
     ensure_set(set)?;
-    let deadline = Instant::now() + LEASE_WAIT;
+    // Set when the stream first has to wait (most leases find an idle
+    // instance and never read the clock).
+    let mut deadline: Option<Instant> = None;
     let mut asked = false;
     loop {
         let Some((r, ready)) = with_pool(set.id, idx, |p| {
@@ -951,7 +986,9 @@ pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failu
         };
         // Same thread as every notifier's drain: nothing can arrive between
         // the check above and this registration.
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let deadline = *deadline.get_or_insert(now + LEASE_WAIT);
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() || tokio::time::timeout(left, ready.notified()).await.is_err() {
             return Err(Failure::Unavailable(format!(
                 "no instance ready within {LEASE_WAIT:?}"
@@ -1009,7 +1046,9 @@ pub(crate) fn run_held_as(
     };
     let (id, out) = with_instance(at, |vm| {
         let id = if *ctx == 0 {
-            vm.create_context(variant)?
+            let id = vm.create_context(variant)?;
+            vm.follow_on();
+            id
         } else {
             *ctx
         };
@@ -1061,10 +1100,15 @@ pub(crate) fn finish_lease(
         else {
             return Err(Failure::ContextLost);
         };
+        let before = inst.vm.last_ran();
         let r = f(&mut inst.vm);
+        // Each callback that reaches the guest reads the clock at its end:
+        // a later `last_ran` means one ran just now.
+        let after = inst.vm.last_ran();
+        let ran_until = (after > before).then_some(after);
         match &r {
             Err(e) if e.kills_vm() => p.discard(at.incarnation, e),
-            _ => p.give_back(at.incarnation),
+            _ => p.give_back(at.incarnation, ran_until),
         }
         r
     });
@@ -1278,6 +1322,20 @@ fn run_root(p: &mut Pool, incarnation: u64, root: u32, cb: Callback) -> bool {
         }
         Err(_) => true,
     }
+}
+
+/// When the idle stream instances of filter `idx` of generation `set_id`
+/// on this thread became idle.
+#[cfg(test)]
+pub(crate) fn idle_since(set_id: u64, idx: usize) -> Vec<Instant> {
+    with_pool(set_id, idx, |p| {
+        p.insts
+            .iter()
+            .filter(|i| i.streams == 0)
+            .map(|i| i.idle_since)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Whether this thread still holds instances of generation `set_id`.

@@ -9,14 +9,14 @@
 //! exist in the current phase reads as empty (single value: NOT_FOUND) and
 //! ignores writes with OK, because the Rust SDK panics on any other status.
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use wasmtime::Caller;
 
 use super::memory::{self, copy_out, copy_out_with, HostResult};
 use super::{fail_request, Status};
-use crate::filter::host::{map_usage, Host, ReqHead, RespHead};
+use crate::filter::host::{map_usage, Host, Interned, ReqHead, RespHead};
 use crate::filter::metrics::Limit;
 
 const REQUEST_HEADERS: i32 = 0;
@@ -320,15 +320,17 @@ fn sent(h: &Host, map: i32) -> bool {
     sent
 }
 
-fn map_mut(h: &mut Host, map: i32) -> Option<MapMut<'_>> {
-    let s = h.stream_mut()?;
-    match map {
+/// The map and the filter's interned names and values to write into it.
+fn map_mut(h: &mut Host, map: i32) -> Option<(MapMut<'_>, &mut Interned)> {
+    let (s, interned) = h.stream_and_interned()?;
+    let m = match map {
         REQUEST_HEADERS => s.req.as_mut().map(MapMut::Req),
         RESPONSE_HEADERS => s.resp.as_mut().map(MapMut::Resp),
         REQUEST_TRAILERS => s.req_trailers.as_mut().map(MapMut::Plain),
         RESPONSE_TRAILERS => s.resp_trailers.as_mut().map(MapMut::Plain),
         _ => None,
-    }
+    }?;
+    Some((m, interned))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -379,7 +381,13 @@ fn grows_past(before: (usize, usize), after: (usize, usize), caps: Caps) -> Opti
     None
 }
 
-fn set_pseudo_req(req: &mut ReqHead, key: &[u8], value: &[u8], caps: Caps) -> Result<(), Limit> {
+fn set_pseudo_req(
+    req: &mut ReqHead,
+    key: &[u8],
+    value: &[u8],
+    caps: Caps,
+    interned: &mut Interned,
+) -> Result<(), Limit> {
     let is = |name: &str| key.eq_ignore_ascii_case(name.as_bytes());
     if is(":method") {
         {
@@ -402,7 +410,14 @@ fn set_pseudo_req(req: &mut ReqHead, key: &[u8], value: &[u8], caps: Caps) -> Re
         }
     } else if is(":authority") {
         {
-            apply_plain(&mut req.headers, Op::Replace, b"host", value, caps)?;
+            apply_plain(
+                &mut req.headers,
+                Op::Replace,
+                b"host",
+                value,
+                caps,
+                interned,
+            )?;
             if req.uri.authority().is_some() {
                 if let Ok(a) = Authority::try_from(value) {
                     let mut parts = req.uri.clone().into_parts();
@@ -423,9 +438,11 @@ fn apply_plain(
     key: &[u8],
     value: &[u8],
     caps: Caps,
+    interned: &mut Interned,
 ) -> Result<(), Limit> {
-    // `from_bytes` lower-cases the name.
-    let Ok(name) = HeaderName::from_bytes(key) else {
+    // `from_bytes` lower-cases the name; the filter's table reuses one it
+    // keeps writing.
+    let Some(name) = interned.name(key) else {
         let key = String::from_utf8_lossy(key);
         tracing::debug!(%key, "filter used an invalid header name; ignored");
         return Ok(());
@@ -434,7 +451,7 @@ fn apply_plain(
         h.remove(&name);
         return Ok(());
     }
-    let Ok(v) = HeaderValue::from_bytes(value) else {
+    let Some(v) = interned.value(value) else {
         let key = name.as_str();
         tracing::debug!(key, "filter used an invalid header value; ignored");
         return Ok(());
@@ -464,17 +481,24 @@ fn apply_plain(
     r.map_err(|_| Limit::Headers)
 }
 
-fn apply(m: &mut MapMut<'_>, op: Op, key: &[u8], value: &[u8], caps: Caps) -> Result<(), Limit> {
+fn apply(
+    m: &mut MapMut<'_>,
+    op: Op,
+    key: &[u8],
+    value: &[u8],
+    caps: Caps,
+    interned: &mut Interned,
+) -> Result<(), Limit> {
     let pseudo = key.first() == Some(&b':');
     match m {
         MapMut::Req(req) => {
             if pseudo {
                 if op != Op::Remove {
-                    set_pseudo_req(req, key, value, caps)?;
+                    set_pseudo_req(req, key, value, caps, interned)?;
                 }
                 Ok(())
             } else {
-                apply_plain(&mut req.headers, op, key, value, caps)
+                apply_plain(&mut req.headers, op, key, value, caps, interned)
             }
         }
         MapMut::Resp(resp) => {
@@ -486,14 +510,14 @@ fn apply(m: &mut MapMut<'_>, op: Op, key: &[u8], value: &[u8], caps: Caps) -> Re
                 }
                 Ok(())
             } else if !pseudo {
-                apply_plain(&mut resp.headers, op, key, value, caps)
+                apply_plain(&mut resp.headers, op, key, value, caps, interned)
             } else {
                 Ok(())
             }
         }
         MapMut::Plain(h) => {
             if !pseudo {
-                apply_plain(h, op, key, value, caps)
+                apply_plain(h, op, key, value, caps, interned)
             } else {
                 Ok(())
             }
@@ -555,7 +579,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
     let caps = Caps::of(c.data(), map);
     // The map may be replaced by one as big as the caps, or as the map it
     // replaces (a filter may write back what it read).
-    let current = map_mut(c.data_mut(), map).map(|mut m| map_usage(m.headers()));
+    let current = map_mut(c.data_mut(), map).map(|(mut m, _)| map_usage(m.headers()));
     let (cur_count, cur_bytes) = current.unwrap_or((0, 0));
     let max_count = caps.count.max(cur_count).saturating_add(4);
     let max_len = serialized_bound(max_count, caps.bytes.max(cur_bytes).saturating_add(4 << 10));
@@ -575,7 +599,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
             return Err(fail_request(c, Limit::Headers, &detail));
         }
     };
-    let Some(mut m) = map_mut(c.data_mut(), map) else {
+    let Some((mut m, interned)) = map_mut(c.data_mut(), map) else {
         return Ok(Status::Ok);
     };
     let plain = pairs.iter().filter(|(k, _)| !k.starts_with(':'));
@@ -600,7 +624,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
             } else {
                 Op::Add
             };
-            if let Err(limit) = apply(&mut m, op, k.as_bytes(), v, unbounded) {
+            if let Err(limit) = apply(&mut m, op, k.as_bytes(), v, unbounded, interned) {
                 result = Err(limit);
                 break;
             }
@@ -701,7 +725,7 @@ fn edit(
                 Err(Limit::HeaderBytes)
             } else {
                 match map_mut(host, map) {
-                    Some(mut m) => apply(&mut m, op, key, value, caps),
+                    Some((mut m, interned)) => apply(&mut m, op, key, value, caps, interned),
                     None => Ok(()),
                 }
             }
@@ -777,7 +801,7 @@ mod unit {
     #[test]
     fn header_map_get_ignores_case() {
         let mut h = HeaderMap::new();
-        h.insert("x-seen", HeaderValue::from_static("1"));
+        h.insert("x-seen", http::HeaderValue::from_static("1"));
         assert_eq!(h.get("X-Seen").map(|v| v.as_bytes()), Some(&b"1"[..]));
     }
 
