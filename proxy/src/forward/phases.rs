@@ -28,7 +28,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
@@ -39,7 +38,7 @@ use crate::filter::Verdict;
 use crate::route::Route;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
-use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, Upstream};
+use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, Upstream};
 
 pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
@@ -153,7 +152,9 @@ pub(super) async fn request_filters(
     end_of_stream: bool,
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
-    match chain?.request_headers(parts, end_of_stream).await? {
+    // Boxed: the chain's future is large and only a pipeline needs it; an
+    // empty chain's request future stays small (it is moved whole).
+    match Box::pin(chain?.request_headers(parts, end_of_stream)).await? {
         Verdict::Respond(resp) => Some(error::boxed(resp)),
         _ => None,
     }
@@ -345,7 +346,9 @@ where
     // The cluster admission is already held: a client that trickles its
     // body must not keep it for longer than it may take to send a head.
     let after = limits.header_timeout;
-    let collected = tokio::time::timeout(after, body.collect())
+    // Boxed: reading a body whole is the rare path; its timer and buffers
+    // would otherwise enlarge every request's future.
+    let collected = Box::pin(tokio::time::timeout(after, body.collect()))
         .await
         .map_err(|_| ProxyError::BodyTimeout { after })?
         .map_err(|e| body::body_error(&*e))?;
@@ -366,10 +369,10 @@ pub(super) async fn send(
     kept: Option<Bytes>,
     clock: Option<&StreamClock>,
     chain: Option<&SharedChain>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<ResponseBody>, ProxyError> {
     let (route, upstream) = (routed.route, routed.upstream);
     let endpoint = picked.addr;
-    let replay = Replay::capture(route.retry.as_deref(), &parts, kept);
+    let replay = Replay::capture(route.retry.as_deref(), &parts, kept).map(Box::new);
     let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
     let on_retry = |addr| {
         if let Some(c) = chain {
@@ -377,12 +380,15 @@ pub(super) async fn send(
         }
     };
     let request = Request::from_parts(parts, body);
-    let sending = upstream.send_with_retries(picked, request, replay, timeout, on_retry);
+    // Pinned in place and polled by reference: moving the future into
+    // `select!` would copy it whole once more.
+    let mut sending =
+        std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
     let Some(clock) = clock else {
         return Ok(sending.await?);
     };
     tokio::select! {
-        sent = sending => Ok(sent?),
+        sent = &mut sending => Ok(sent?),
         // Nothing moving either way while the upstream thinks counts as
         // idle too; the request body's own timer covers a stalled upload.
         cut = clock.expired() => Err(match cut {
@@ -401,7 +407,7 @@ pub(super) async fn send(
 /// Phase 4e: on a 101 to an upgrade request, joins the two connections
 /// into a tunnel. Returns whether the response switches protocols.
 pub(super) fn switch_protocols(
-    resp: &mut Response<Incoming>,
+    resp: &mut Response<ResponseBody>,
     downstream: Option<OnUpgrade>,
     ctx: &Ctx<'_>,
 ) -> bool {
@@ -437,9 +443,8 @@ where
     let body = Tracked::new(body, move |_| drop(admission));
     let body = match chain {
         Some(chain) if !switching => {
-            let verdict = chain
-                .response_headers(&mut parts, body.is_end_stream())
-                .await;
+            // Boxed for the same reason as in `request_filters`.
+            let verdict = Box::pin(chain.response_headers(&mut parts, body.is_end_stream())).await;
             if let Some(Verdict::Respond(resp)) = verdict {
                 return error::boxed(resp);
             }

@@ -21,11 +21,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
+use super::pool::{PoolError, ResponseBody};
 use super::{BoxError, ConnectionOverflow, Picked, ProxyBody, Upstream};
-
-type ClientError = hyper_util::client::legacy::Error;
 
 /// Why a try failed. The messages are the ones clients and logs see.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +92,7 @@ pub struct BodyFailed;
 
 /// How a try ended without a response, before the verdict.
 enum Failed {
-    Client(ClientError),
+    Client(PoolError),
     Elapsed(Duration),
 }
 
@@ -172,14 +170,14 @@ impl Upstream {
         picked: Picked,
         req: Request<ProxyBody>,
         per_try: Option<Duration>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let addr = picked.addr;
         let authority = picked.authority();
         let req = point_at(req, authority).map_err(|reason| SendError::Address { addr, reason })?;
         let (parts, body) = req.into_parts();
         let (body, failure) = SendBody::new(body);
         let mut attempt = self.start(picked);
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = self.pool.send(addr, Request::from_parts(parts, body));
         let outcome = match per_try {
             Some(after) => match tokio::time::timeout(after, sent).await {
                 Ok(r) => r.map_err(Failed::Client),
@@ -215,20 +213,24 @@ impl Upstream {
     }
 
     /// Whose fault a failed try was.
-    fn classify(&self, addr: SocketAddr, err: ClientError) -> SendError {
+    fn classify(&self, addr: SocketAddr, err: PoolError) -> SendError {
         let cluster = self.name.clone();
-        let reason = error_chain(&err);
+        let (err, connecting): (&(dyn std::error::Error + 'static), bool) = match &err {
+            PoolError::Connect(e) => (&**e, true),
+            PoolError::Send(e) => (e, false),
+        };
+        let reason = error_chain(err);
         // A body failure whose slot was not there to keep it (cannot
         // happen: only bodies already over go without one).
-        if find_cause::<BodyFailed>(&err).is_some() {
+        if find_cause::<BodyFailed>(err).is_some() {
             return SendError::Body {
                 cluster,
                 addr,
-                reason,
-                source: Box::new(err),
+                reason: reason.clone(),
+                source: reason.into(),
             };
         }
-        if let Some(o) = find_cause::<ConnectionOverflow>(&err) {
+        if let Some(o) = find_cause::<ConnectionOverflow>(err) {
             self.count_overflow();
             return SendError::Overflow {
                 cluster,
@@ -237,8 +239,8 @@ impl Upstream {
         }
         // A failed handshake, or a TLS alert after it (TLS 1.3 servers reject
         // a client certificate after the client thinks the handshake is done).
-        if find_cause::<crate::tls::UpstreamTlsError>(&err).is_some()
-            || crate::tls::rustls_cause(&err).is_some()
+        if find_cause::<crate::tls::UpstreamTlsError>(err).is_some()
+            || crate::tls::rustls_cause(err).is_some()
         {
             return SendError::Tls {
                 cluster,
@@ -246,7 +248,7 @@ impl Upstream {
                 reason,
             };
         }
-        if err.is_connect() {
+        if connecting {
             SendError::Connect {
                 cluster,
                 addr,
@@ -324,7 +326,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full, StreamBody};
-    use hyper::body::Frame;
+    use hyper::body::{Frame, Incoming};
 
     use super::*;
     use crate::upstream::balance::PickContext;

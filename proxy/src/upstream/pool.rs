@@ -1,0 +1,469 @@
+//! One worker's connections to one cluster's endpoints, on hyper's
+//! connection API (`hyper::client::conn`): HTTP/1.1 connections kept alive
+//! and reused one request at a time, and one multiplexed HTTP/2 connection
+//! per endpoint.
+//!
+//! Idle HTTP/1.1 connections wait in a list per endpoint (at most the
+//! cluster's `pool_max_idle`, each for at most `pool_idle_timeout`, the
+//! most recently used first). A connection goes back to the list when its
+//! response body has been read to the end, not before (hyper cannot send
+//! the next request on it until then); a response dropped early, or one
+//! that switched protocols (101), closes its connection instead. HTTP/2
+//! uses one connection per endpoint for every request (h2c for
+//! `protocol = "http2"`, or when TLS negotiated `h2` by ALPN); requests
+//! that race for a connection not open yet each dial, and the last one
+//! opened is kept.
+//!
+//! The pool is the worker's own (each worker builds its [`super::Upstream`]s),
+//! so its lock is never contended: it is there because the request futures
+//! must be `Send`, not for other threads. The lists are keyed by endpoint
+//! address with a cheap hash (no SipHash per request). A sweeper task per
+//! pool, started with the first idle connection, closes the ones that
+//! outstay `pool_idle_timeout` while no request comes to take them.
+//!
+//! A request that meets a reused connection closing under it is sent on
+//! another one (it never left: hyper gives it back); any other failure goes
+//! to [`super::send`], which decides whose fault it was.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::balance::now_nanos;
+use super::connector::{Counted, CountingConnector};
+use super::send::SendBody;
+use super::BoxError;
+
+/// Why the pool could not get an answer.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection: the dial, the TLS handshake or the cluster's
+    /// connection limit (the connector's error).
+    Connect(BoxError),
+    /// The request failed on an open connection.
+    Send(hyper::Error),
+}
+
+/// Settings of one pool (from the cluster's).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub h2_only: bool,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    connector: CountingConnector,
+    settings: PoolSettings,
+    idle: Mutex<HashMap<SocketAddr, Idle, BuildHasherDefault<AddrHasher>>>,
+    sweeping: AtomicBool,
+}
+
+/// An endpoint's reusable connections.
+#[derive(Default)]
+struct Idle {
+    /// Idle HTTP/1.1 connections with when they went idle
+    /// ([`now_nanos`]); the last is the most recently used.
+    h1: Vec<(u64, http1::SendRequest<SendBody>)>,
+    /// The endpoint's HTTP/2 connection, shared by all requests.
+    h2: Option<http2::SendRequest<SendBody>>,
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idle")
+            .field("h1", &self.h1.len())
+            .field("h2", &self.h2.is_some())
+            .finish()
+    }
+}
+
+/// A connection taken for one request.
+enum Taken {
+    H1(http1::SendRequest<SendBody>),
+    H2(http2::SendRequest<SendBody>),
+}
+
+impl Pool {
+    pub fn new(connector: CountingConnector, settings: PoolSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                connector,
+                settings,
+                idle: Mutex::new(HashMap::default()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `req` to `addr` on a pooled connection, or a new one.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<SendBody>,
+    ) -> Result<Response<ResponseBody>, PoolError> {
+        // Reused connections first; one that closed before taking the
+        // request gives it back, and the next one (or a new one) gets it.
+        while let Some(taken) = self.take(addr) {
+            match taken {
+                Taken::H2(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        self.forget_h2(addr, &tx);
+                        continue;
+                    }
+                    origin_form(&mut req, true);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(ResponseBody::plain)),
+                        Err(mut e) => match e.take_message() {
+                            Some(back) => {
+                                self.forget_h2(addr, &tx);
+                                req = back;
+                            }
+                            None => return Err(PoolError::Send(e.into_error())),
+                        },
+                    }
+                }
+                Taken::H1(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        continue;
+                    }
+                    origin_form(&mut req, false);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(self.lease(addr, tx, resp)),
+                        Err(mut e) => match e.take_message() {
+                            Some(back) => req = back,
+                            None => return Err(PoolError::Send(e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+        let io = self.dial(addr).await?;
+        if self.shared.settings.h2_only || io.negotiated_h2() {
+            let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(crate::config::H2_KEEPALIVE_INTERVAL))
+                .keep_alive_timeout(crate::config::H2_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .handshake(io)
+                .await
+                .map_err(|e| PoolError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            if let Ok(mut idle) = self.shared.idle.lock() {
+                idle.entry(addr).or_default().h2 = Some(tx.clone());
+            }
+            origin_form(&mut req, true);
+            let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
+            return Ok(resp.map(ResponseBody::plain));
+        }
+        let (mut tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        origin_form(&mut req, false);
+        let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
+        Ok(self.lease(addr, tx, resp))
+    }
+
+    /// An open connection to `addr`, if the pool has one.
+    fn take(&self, addr: SocketAddr) -> Option<Taken> {
+        let mut idle = self.shared.idle.lock().ok()?;
+        let slot = idle.get_mut(&addr)?;
+        if let Some(tx) = &slot.h2 {
+            if !tx.is_closed() {
+                return Some(Taken::H2(tx.clone()));
+            }
+            slot.h2 = None;
+        }
+        let oldest = now_nanos().saturating_sub(self.idle_nanos());
+        while let Some((since, tx)) = slot.h1.pop() {
+            if since >= oldest && !tx.is_closed() {
+                return Some(Taken::H1(tx));
+            }
+        }
+        None
+    }
+
+    /// Drops `addr`'s HTTP/2 connection if it is still `tx` (a request
+    /// found it closed).
+    fn forget_h2(&self, addr: SocketAddr, tx: &http2::SendRequest<SendBody>) {
+        let _ = tx;
+        if let Ok(mut idle) = self.shared.idle.lock() {
+            if let Some(slot) = idle.get_mut(&addr) {
+                if slot.h2.as_ref().is_some_and(|t| t.is_closed()) {
+                    slot.h2 = None;
+                }
+            }
+        }
+    }
+
+    fn idle_nanos(&self) -> u64 {
+        u64::try_from(self.shared.settings.idle_timeout.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The response, holding its HTTP/1.1 connection until its body ends.
+    fn lease(
+        &self,
+        addr: SocketAddr,
+        tx: http1::SendRequest<SendBody>,
+        resp: Response<Incoming>,
+    ) -> Response<ResponseBody> {
+        // A connection that switched protocols is the tunnel's now.
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return resp.map(ResponseBody::plain);
+        }
+        let lease = Lease {
+            pool: Arc::downgrade(&self.shared),
+            addr,
+            tx,
+        };
+        let (parts, body) = resp.into_parts();
+        let mut body = ResponseBody {
+            inner: body,
+            lease: Some(lease),
+        };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        Response::from_parts(parts, body)
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<Counted, PoolError> {
+        // The connector dials `http://ip:port` (TLS is the cluster's
+        // setting, not the scheme's).
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(addr.to_string())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| PoolError::Connect(Box::new(e)))?;
+        let mut connector = self.shared.connector.clone();
+        tower_service::Service::<http::Uri>::call(&mut connector, uri)
+            .await
+            .map_err(PoolError::Connect)
+    }
+}
+
+impl Shared {
+    /// Puts an HTTP/1.1 connection whose exchange is over back in its list.
+    fn put(self: &Arc<Self>, addr: SocketAddr, tx: http1::SendRequest<SendBody>) {
+        if tx.is_closed() || self.settings.max_idle == 0 {
+            return;
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let slot = idle.entry(addr).or_default();
+        if slot.h1.len() >= self.settings.max_idle {
+            // Full: the oldest goes.
+            if !slot.h1.is_empty() {
+                slot.h1.remove(0);
+            }
+        }
+        slot.h1.push((now_nanos(), tx));
+        drop(idle);
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// Closes connections idle for longer than the timeout; true while
+    /// some are left to watch.
+    fn sweep(&self) -> bool {
+        let limit = u64::try_from(self.settings.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let oldest = now_nanos().saturating_sub(limit);
+        let Ok(mut idle) = self.idle.lock() else {
+            return false;
+        };
+        idle.retain(|_, slot| {
+            slot.h1
+                .retain(|(since, tx)| *since >= oldest && !tx.is_closed());
+            if slot.h2.as_ref().is_some_and(|tx| tx.is_closed()) {
+                slot.h2 = None;
+            }
+            !slot.h1.is_empty() || slot.h2.is_some()
+        });
+        let left = idle.values().any(|s| !s.h1.is_empty());
+        if !left {
+            self.sweeping.store(false, Ordering::Relaxed);
+        }
+        left
+    }
+}
+
+/// Runs while the pool has idle HTTP/1.1 connections, every idle timeout
+/// (at least each second, so a long timeout still frees closed ones).
+async fn sweep(pool: Weak<Shared>) {
+    loop {
+        let every = match pool.upgrade() {
+            Some(p) => p
+                .settings
+                .idle_timeout
+                .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+        match pool.upgrade() {
+            Some(p) if p.sweep() => {}
+            _ => return,
+        }
+    }
+}
+
+/// An HTTP/1.1 connection lent to one exchange.
+struct Lease {
+    pool: Weak<Shared>,
+    addr: SocketAddr,
+    tx: http1::SendRequest<SendBody>,
+}
+
+/// An upstream response's body. Over HTTP/1.1 it holds the connection
+/// until the body ends, then gives it back to the pool.
+pub struct ResponseBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl ResponseBody {
+    fn plain(inner: Incoming) -> Self {
+        Self { inner, lease: None }
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if let Some(pool) = lease.pool.upgrade() {
+                pool.put(lease.addr, lease.tx);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("pooled", &self.lease.is_some())
+            .finish()
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            // A failed body leaves the connection unusable: dropped.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// HTTP/1.1 sends the origin form (`/path?query`), with the Host header
+/// `rewrite` set; HTTP/2 the absolute form, from which hyper takes
+/// `:scheme` and `:authority`. Each connection speaks its own version.
+fn origin_form(req: &mut Request<SendBody>, h2: bool) {
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        return;
+    }
+    if req.version() == Version::HTTP_2 {
+        *req.version_mut() = Version::HTTP_11;
+    }
+    if req.uri().scheme().is_some() {
+        if !req.headers().contains_key(http::header::HOST) {
+            if let Some(host) = req
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(path);
+    }
+}
+
+/// FxHash-style hashing of a socket address: the pool looks one up per
+/// request, and the keys are ours, not an attacker's choice.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
