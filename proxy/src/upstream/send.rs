@@ -486,4 +486,100 @@ mod tests {
         }
         assert_eq!(failures(up), 0);
     }
+
+    /// An upstream that answers "ok" and counts the connections it took;
+    /// `close_after_one` closes each connection after its first answer.
+    async fn counting(
+        h2: bool,
+        close_after_one: bool,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc)
+                        .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .keep_alive(!close_after_one)
+                            .serve_connection(io, svc)
+                            .await
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get_ok(up: &Upstream) {
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+            .await;
+        let body = resp
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    /// HTTP/1.1: a connection whose answer was read to the end carries the
+    /// next request.
+    #[tokio::test]
+    async fn an_http1_connection_is_reused_once_its_answer_is_read() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        for _ in 0..3 {
+            get_ok(up).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Two at once need two connections; both are kept for later.
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A connection the upstream closed while it sat idle is not used: the
+    /// next request goes on a new one and succeeds.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let (addr, accepted) = counting(false, true).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        for _ in 0..3 {
+            get_ok(up).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(failures(up), 0);
+    }
+
+    /// HTTP/2: concurrent requests share one connection.
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        tokio::join!(get_ok(up), get_ok(up), get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
 }
