@@ -307,7 +307,14 @@ pub(super) fn rewrite(
         parts.headers.insert(header::HOST, h);
     }
     let trusted = ctx.listener.trust_forwarded.trusts(ctx.peer.ip());
-    headers::add_forwarding(&mut parts.headers, ctx.peer.ip(), ctx.scheme, via, trusted);
+    match ctx.forwarded_for {
+        Some(client) => {
+            headers::add_forwarding_for(&mut parts.headers, client, ctx.scheme, via, trusted)
+        }
+        None => {
+            headers::add_forwarding(&mut parts.headers, ctx.peer.ip(), ctx.scheme, via, trusted)
+        }
+    }
     parts.version = match routed.upstream.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,

@@ -496,6 +496,7 @@ fn conn_ctx(
         principal,
         drain_deadline: close.clone(),
         original_dst,
+        forwarded_for: Default::default(),
     })
 }
 

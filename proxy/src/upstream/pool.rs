@@ -126,7 +126,7 @@ impl Pool {
             match taken {
                 Taken::H2(mut tx) => {
                     if tx.ready().await.is_err() {
-                        self.forget_h2(addr, &tx);
+                        self.forget_h2(addr);
                         continue;
                     }
                     origin_form(&mut req, true);
@@ -134,7 +134,7 @@ impl Pool {
                         Ok(resp) => return Ok(resp.map(ResponseBody::plain)),
                         Err(mut e) => match e.take_message() {
                             Some(back) => {
-                                self.forget_h2(addr, &tx);
+                                self.forget_h2(addr);
                                 req = back;
                             }
                             None => return Err(PoolError::Send(e.into_error())),
@@ -211,15 +211,12 @@ impl Pool {
         None
     }
 
-    /// Drops `addr`'s HTTP/2 connection if it is still `tx` (a request
-    /// found it closed).
-    fn forget_h2(&self, addr: SocketAddr, tx: &http2::SendRequest<SendBody>) {
-        let _ = tx;
+    /// Drops `addr`'s HTTP/2 connection: it would not take a request, so
+    /// the next one dials a new connection (rather than loop on this one).
+    fn forget_h2(&self, addr: SocketAddr) {
         if let Ok(mut idle) = self.shared.idle.lock() {
             if let Some(slot) = idle.get_mut(&addr) {
-                if slot.h2.as_ref().is_some_and(|t| t.is_closed()) {
-                    slot.h2 = None;
-                }
+                slot.h2 = None;
             }
         }
     }
