@@ -337,8 +337,13 @@ mod tests {
     }
 
     fn upstreams_over(endpoint: SocketAddr, protocol: &str) -> Upstreams {
+        upstreams_with(endpoint, protocol, "")
+    }
+
+    /// `extra`: more lines of the cluster's table.
+    fn upstreams_with(endpoint: SocketAddr, protocol: &str, extra: &str) -> Upstreams {
         let toml = format!(
-            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\nprotocol = \"{protocol}\"\n"
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\nprotocol = \"{protocol}\"\n{extra}"
         );
         let config = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), &toml, |_| None)
             .unwrap_or_else(|p| panic!("test config: {p:?}"));
@@ -581,5 +586,186 @@ mod tests {
         get_ok(up).await;
         tokio::join!(get_ok(up), get_ok(up), get_ok(up), get_ok(up));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that answers 401 to every request as soon as its head
+    /// is in, without reading the body, and keeps the connection open
+    /// (reading and dropping whatever else comes); counts connections.
+    async fn early_answer() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A connection answered before its request body was all sent cannot
+    /// carry the next request yet: the next request must not wait behind
+    /// that body (and time out, blaming a healthy endpoint) but go on
+    /// another connection.
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_is_not_handed_out() {
+        let (addr, accepted) = early_answer().await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        // Client A: one chunk, then its body stalls (kept open below).
+        let (chunks, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        chunks
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
+        let mut req = request(body);
+        *req.method_mut() = http::Method::POST;
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, req, Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), http::StatusCode::UNAUTHORIZED);
+        let _ = resp.into_body().collect().await.unwrap();
+        // Client B, while A's body is still open.
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(2)))
+            .await;
+        assert!(
+            matches!(&resp, Ok(r) if r.status() == http::StatusCode::UNAUTHORIZED),
+            "{resp:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(failures(up), 0);
+        drop(chunks);
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    /// HTTP/2, cold: requests that come while the connection opens wait
+    /// for that one handshake instead of each dialing.
+    #[tokio::test]
+    async fn concurrent_http2_requests_on_a_cold_cluster_share_one_handshake() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        tokio::join!(
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up)
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// HTTP/2, cold, endpoint down: every waiting request gets the one
+    /// connect failure (each blaming the endpoint), none hangs.
+    #[tokio::test]
+    async fn a_failed_http2_handshake_fails_every_waiting_request() {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        let one = || async {
+            let picked = up.pick(&PickContext::default(), None).unwrap();
+            up.send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+                .await
+                .err()
+        };
+        let (a, b, c) = tokio::join!(one(), one(), one());
+        for err in [a, b, c] {
+            assert!(matches!(err, Some(SendError::Connect { .. })), "{err:?}");
+        }
+        assert_eq!(failures(up), 3);
+    }
+
+    /// HTTP/2: a connection with nothing in flight for longer than
+    /// `pool_idle_timeout` is closed (the sweep runs at least each second);
+    /// the next request opens a new one.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_with(addr, "http2", "pool_idle_timeout = \"100ms\"\n");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// HTTP/1.1: past `pool_idle_timeout` a kept connection is not reused;
+    /// `pool_max_idle` bounds how many are kept.
+    #[tokio::test]
+    async fn http1_idle_expiry_and_max_idle() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams_with(
+            addr,
+            "http1",
+            "pool_idle_timeout = \"100ms\"\npool_max_idle = 1\n",
+        );
+        let up = ups.by_name("app").unwrap();
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Only one of the two was kept.
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    /// A response whose body is dropped before its end closes its
+    /// connection rather than pooling one with a half-read answer.
+    #[tokio::test]
+    async fn a_response_dropped_early_does_not_pool_its_connection() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        drop(resp);
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
