@@ -768,4 +768,58 @@ mod tests {
         get_ok(up).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
+
+    /// HTTP/2: an upstream that answers each connection's first request
+    /// and then sends GOAWAY (graceful shutdown). The next request goes on
+    /// a new connection, and the endpoint is not blamed.
+    #[tokio::test]
+    async fn a_request_after_goaway_opens_a_new_http2_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let answered = Arc::new(tokio::sync::Notify::new());
+                    let notify = answered.clone();
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let notify = notify.clone();
+                        async move {
+                            notify.notify_one();
+                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(
+                                b"ok",
+                            ))))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, svc);
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = answered.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        // Lets the GOAWAY arrive: the case is a connection the upstream
+        // has shut down, not a race with it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Right behind the second connection's GOAWAY: whichever
+        // connection it meets, the request is answered.
+        get_ok(up).await;
+        assert_eq!(failures(up), 0);
+    }
 }
