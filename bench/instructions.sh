@@ -19,6 +19,8 @@
 #   BUILD=0 ...                  # do not (re)build the demo app first
 #   FILTER=add-unique ...        # another fixture of tests/wasm (add-unique:
 #                                # also a request header unique per request)
+#   CLIENT=h2c UPSTREAM=http2 ...  # h2c downstream (h2load -c1 -m1, prior
+#                                  # knowledge) and/or h2c to the upstream
 #
 # PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
 # prints the top functions (inclusive) of each one with callgrind_annotate.
@@ -30,10 +32,28 @@ WARMUP=${WARMUP:-200}
 CHAINS=${CHAINS:-"0 1 4"}
 PROFILE=${PROFILE:-0}
 FILTER=${FILTER:-add-headers}
+CLIENT=${CLIENT:-h1}
+UPSTREAM=${UPSTREAM:-http1}
 out="$root/target/bench-instructions"
 mkdir -p "$out/filters.d"
 command -v valgrind >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind
+}
+
+if [ "$CLIENT" = h2c ] && ! command -v h2load >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client
+fi
+
+# requests N: N sequential GETs on one keep-alive connection.
+requests() {
+  if [ "$CLIENT" = h2c ]; then
+    local said
+    said=$(h2load -n "$1" -c 1 -m 1 "http://127.0.0.1:$PORT/bench")
+    [[ $said == *"$1 succeeded, 0 failed"* ]] ||
+      { echo "h2load: not all $1 requests succeeded: $said" >&2; exit 1; }
+  else
+    python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$1" /bench
+  fi
 }
 
 bins=("$@")
@@ -69,7 +89,7 @@ config() { # config N LABEL -> path (each label its own module cache)
     done
     echo "[[listeners]]"; echo "name = \"bench\""; echo "bind = \"127.0.0.1:$PORT\""; echo "pipeline = [$pipeline]"
     echo "  [[listeners.routes]]"; echo "  cluster = \"upstream\""
-    echo "[clusters.upstream]"; echo "endpoints = [\"$UP\"]"
+    echo "[clusters.upstream]"; echo "endpoints = [\"$UP\"]"; echo "protocol = \"$UPSTREAM\""
   } > "$f"
   echo "$f"
 }
@@ -106,10 +126,10 @@ for n in $CHAINS; do
       sleep 0.5
     done
     [ -n "$ok" ] || { echo "wasp ($label, $n filters) did not start under valgrind; see $out/wasp-$label-$n.log" >&2; exit 1; }
-    python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$WARMUP" /bench
+    requests "$WARMUP"
     callgrind_control -z "$vg" >/dev/null
     rm -f "$run".*
-    python3 "$root/bench/seq_client.py" "127.0.0.1:$PORT" "$REQUESTS" /bench
+    requests "$REQUESTS"
     callgrind_control -d "$vg" >/dev/null
     sleep 1
     read -r instr dump < <(busiest "$run.")
@@ -124,8 +144,8 @@ for n in $CHAINS; do
   done
 done
 
-python3 - "$results" "$REQUESTS" "$FILTER" <<'PY'
-import sys
+CLIENT=$CLIENT UPSTREAM=$UPSTREAM python3 - "$results" "$REQUESTS" "$FILTER" <<'PY'
+import os, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
 reqs = int(sys.argv[2])
 per = {}
@@ -134,7 +154,9 @@ for label, n, instr in rows:
     per[(label, int(n))] = int(instr) / reqs
     if label not in labels:
         labels.append(label)
-print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, callgrind, filter {sys.argv[3]})\n")
+client = os.environ.get("CLIENT", "h1")
+upstream = os.environ.get("UPSTREAM", "http1")
+print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, client {client}, upstream {upstream}, filter {sys.argv[3]}, callgrind)\n")
 print("| build | filters | instr/request | per filter over empty |\n|---|--:|--:|--:|")
 for label in labels:
     base = per.get((label, 0))

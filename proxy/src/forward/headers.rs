@@ -98,15 +98,33 @@ pub fn add_forwarding(
     via: &'static str,
     trusted: bool,
 ) {
+    add_forwarding_for(headers, &client_value(client), scheme, via, trusted);
+}
+
+/// The client's address as `X-Forwarded-For` carries it (IPv4-mapped
+/// addresses as IPv4). Made once per connection: formatting an address is
+/// a good part of what the forwarding headers cost.
+pub fn client_value(client: IpAddr) -> HeaderValue {
     use std::fmt::Write as _;
-    let client = client.to_canonical();
     let mut ip = String::with_capacity(40);
-    let _ = write!(ip, "{client}");
+    let _ = write!(ip, "{}", client.to_canonical());
+    HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// [`add_forwarding`] with the client's address already made into a
+/// value ([`client_value`]).
+pub fn add_forwarding_for(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    scheme: &'static str,
+    via: &'static str,
+    trusted: bool,
+) {
     let xff = HeaderName::from_static("x-forwarded-for");
     if trusted {
-        append_list(headers, xff, ip.as_bytes());
-    } else if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(xff, v);
+        append_list(headers, xff, client.as_bytes());
+    } else {
+        headers.insert(xff, client.clone());
     }
     let proto = HeaderName::from_static("x-forwarded-proto");
     if trusted {

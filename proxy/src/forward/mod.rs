@@ -76,6 +76,9 @@ pub struct ConnCtx {
     /// redirected it here): a request no route claims, and routes to the
     /// built-in `passthrough` cluster, go there.
     pub original_dst: Option<SocketAddr>,
+    /// The peer's address as an `X-Forwarded-For` value, made by the
+    /// connection's first request (`headers::client_value`).
+    pub forwarded_for: std::sync::OnceLock<HeaderValue>,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -123,6 +126,9 @@ pub(crate) struct Ctx<'a> {
     pub drain_deadline: &'a tokio::sync::watch::Receiver<bool>,
     /// The connection's original destination (capture listeners).
     pub original_dst: Option<SocketAddr>,
+    /// The peer's address as an `X-Forwarded-For` value (`None`: made
+    /// when needed).
+    pub forwarded_for: Option<&'a HeaderValue>,
 }
 
 /// What the request's log line, metrics and trace need, filled in by the
@@ -177,6 +183,10 @@ pub async fn handle(
         activity: &conn.activity,
         drain_deadline: &conn.drain_deadline,
         original_dst: conn.original_dst,
+        forwarded_for: Some(
+            conn.forwarded_for
+                .get_or_init(|| headers::client_value(conn.peer.ip())),
+        ),
     };
     Ok(serve(req, &ctx, start, in_flight).await)
 }

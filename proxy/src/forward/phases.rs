@@ -31,7 +31,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
@@ -43,7 +42,7 @@ use crate::route::Route;
 use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
-use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, Upstream};
+use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, Upstream};
 
 pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
@@ -157,8 +156,10 @@ pub(super) async fn request_filters(
     end_of_stream: bool,
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
-    match chain?.request_headers(parts, end_of_stream).await? {
-        Verdict::Respond(resp) => Some(filter_answer(resp, chain).await),
+    // Boxed: the chain's future is large and only a pipeline needs it; an
+    // empty chain's request future stays small (it is moved whole).
+    match Box::pin(chain?.request_headers(parts, end_of_stream)).await? {
+        Verdict::Respond(resp) => Some(Box::pin(filter_answer(resp, chain)).await),
         _ => None,
     }
 }
@@ -463,7 +464,14 @@ pub(super) fn rewrite(
         parts.headers.insert(header::HOST, h);
     }
     let trusted = ctx.listener.trust_forwarded.trusts(ctx.peer.ip());
-    headers::add_forwarding(&mut parts.headers, ctx.peer.ip(), ctx.scheme, via, trusted);
+    match ctx.forwarded_for {
+        Some(client) => {
+            headers::add_forwarding_for(&mut parts.headers, client, ctx.scheme, via, trusted)
+        }
+        None => {
+            headers::add_forwarding(&mut parts.headers, ctx.peer.ip(), ctx.scheme, via, trusted)
+        }
+    }
     parts.version = match routed.upstream.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -502,7 +510,9 @@ where
     // The cluster admission is already held: a client that trickles its
     // body must not keep it for longer than it may take to send a head.
     let after = limits.header_timeout;
-    let collected = tokio::time::timeout(after, body.collect())
+    // Boxed: reading a body whole is the rare path; its timer and buffers
+    // would otherwise enlarge every request's future.
+    let collected = Box::pin(tokio::time::timeout(after, body.collect()))
         .await
         .map_err(|_| ProxyError::BodyTimeout { after })?
         .map_err(|e| body::body_error(&*e))?;
@@ -523,10 +533,10 @@ pub(super) async fn send(
     kept: Option<Bytes>,
     clock: Option<&StreamClock>,
     chain: Option<&SharedChain>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<ResponseBody>, ProxyError> {
     let (route, upstream) = (routed.route, routed.upstream);
     let endpoint = picked.addr;
-    let replay = Replay::capture(route.retry.as_deref(), &parts, kept);
+    let replay = Replay::capture(route.retry.as_deref(), &parts, kept).map(Box::new);
     let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
     let on_retry = |addr| {
         if let Some(c) = chain {
@@ -534,12 +544,15 @@ pub(super) async fn send(
         }
     };
     let request = Request::from_parts(parts, body);
-    let sending = upstream.send_with_retries(picked, request, replay, timeout, on_retry);
+    // Pinned in place and polled by reference: moving the future into
+    // `select!` would copy it whole once more.
+    let mut sending =
+        std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
     let Some(clock) = clock else {
         return Ok(sending.await?);
     };
     tokio::select! {
-        sent = sending => Ok(sent?),
+        sent = &mut sending => Ok(sent?),
         // Nothing moving either way while the upstream thinks counts as
         // idle too; the request body's own timer covers a stalled upload.
         cut = clock.expired() => Err(match cut {
@@ -558,7 +571,7 @@ pub(super) async fn send(
 /// Phase 4e: on a 101 to an upgrade request, joins the two connections
 /// into a tunnel. Returns whether the response switches protocols.
 pub(super) fn switch_protocols(
-    resp: &mut Response<Incoming>,
+    resp: &mut Response<ResponseBody>,
     downstream: Option<OnUpgrade>,
     ctx: &Ctx<'_>,
 ) -> bool {
@@ -594,9 +607,8 @@ where
     let body = Tracked::new(body, move |_| drop(admission));
     let body = match chain {
         Some(chain) if !switching => {
-            let verdict = chain
-                .response_headers(&mut parts, body.is_end_stream())
-                .await;
+            // Boxed for the same reason as in `request_filters`.
+            let verdict = Box::pin(chain.response_headers(&mut parts, body.is_end_stream())).await;
             if let Some(Verdict::Respond(resp)) = verdict {
                 return error::boxed(resp);
             }

@@ -86,6 +86,7 @@ impl World {
             activity: &self.activity,
             drain_deadline: &self.drain,
             original_dst: None,
+            forwarded_for: None,
         }
     }
 

@@ -504,6 +504,7 @@ fn conn_ctx(
         tls,
         drain_deadline: close.clone(),
         original_dst,
+        forwarded_for: Default::default(),
     })
 }
 

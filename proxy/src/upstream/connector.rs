@@ -1,4 +1,4 @@
-//! The connector for upstream pools: TCP, then TLS when the cluster has
+//! The connector for upstream pools (module `pool`): TCP, then TLS when the cluster has
 //! `tls`, counting connections as they open and close so `/metrics` can
 //! show them per cluster.
 //!
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -201,19 +201,12 @@ impl Drop for Counted {
     }
 }
 
-impl Connection for Counted {
-    fn connected(&self) -> Connected {
+impl Counted {
+    /// Whether TLS negotiated HTTP/2 by ALPN.
+    pub fn negotiated_h2(&self) -> bool {
         match &self.io {
-            Io::Plain(io) => io.connected(),
-            Io::Tls(io) => {
-                let (tcp, session) = io.inner().get_ref();
-                let connected = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    connected.negotiated_h2()
-                } else {
-                    connected
-                }
-            }
+            Io::Plain(_) => false,
+            Io::Tls(io) => io.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
         }
     }
 }

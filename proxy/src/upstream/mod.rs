@@ -9,7 +9,8 @@
 //!   and retry budget. [`discovery`], [`health`] and the ejection timer
 //!   ([`control`]) update it on the control thread.
 //! - Per worker ([`Upstreams`], built from each snapshot by the worker that
-//!   uses it, cached in its [`WorkerPools`]): hyper-util's pooled client and the balancer.
+//!   uses it, cached in its [`WorkerPools`]): its connection pool (module
+//!   `pool`, on hyper's connection API) and the balancer.
 //!   The balancer is rebuilt lazily, on the worker, when the cluster's
 //!   version moves (endpoints changed, an endpoint was ejected or marked
 //!   unhealthy); the pool is kept, so connections to endpoints that stay
@@ -32,6 +33,7 @@ pub mod control;
 pub mod discovery;
 pub mod health;
 pub mod outlier;
+mod pool;
 mod report;
 pub mod retry;
 mod send;
@@ -52,8 +54,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Balance, ClusterConfig, Endpoint, UpstreamProtocol};
 use crate::telemetry::Metrics;
@@ -62,6 +62,7 @@ use balance::{now_nanos, Balancer, Candidate, Load, Neutral, PickContext, Tuning
 use connector::CountingConnector;
 
 pub use connector::ConnectionOverflow;
+pub use pool::ResponseBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type requests are sent upstream with.
@@ -173,7 +174,8 @@ pub struct Upstream {
     pub timeout: Option<Duration>,
     connect_timeout: Duration,
     pub state: Arc<ClusterState>,
-    client: Client<CountingConnector, send::SendBody>,
+    /// This worker's connections to the cluster's endpoints.
+    pool: pool::Pool,
     balance: Balance,
     /// This worker's balancer over the pickable endpoints; replaced (by
     /// this worker only) when the cluster version moves.
@@ -304,16 +306,14 @@ impl Upstream {
             config.connect_timeout,
         )
         .with_max_connections(&config.state);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .http2_keep_alive_interval(Some(crate::config::H2_KEEPALIVE_INTERVAL))
-            .http2_keep_alive_timeout(crate::config::H2_KEEPALIVE_TIMEOUT)
-            .http2_keep_alive_while_idle(true);
+        let pool = pool::Pool::new(
+            connector,
+            pool::PoolSettings {
+                h2_only: config.protocol == UpstreamProtocol::Http2,
+                idle_timeout: config.pool_idle_timeout,
+                max_idle: config.pool_max_idle,
+            },
+        );
         let neutral = Arc::new(Neutral::default());
         let up = Self {
             name: config.name.clone(),
@@ -321,7 +321,7 @@ impl Upstream {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             state: config.state.clone(),
-            client: builder.build(connector),
+            pool,
             balance: config.balance,
             active: ArcSwap::from_pointee(Active {
                 version: 0,
@@ -409,7 +409,8 @@ impl Upstream {
         if let Some(p) = self.pick(ctx, None) {
             return Some(p);
         }
-        self.state.first_answer(self.connect_timeout).await;
+        // Boxed: waiting for discovery is rare, its timer is not small.
+        Box::pin(self.state.first_answer(self.connect_timeout)).await;
         self.pick(ctx, None)
     }
 

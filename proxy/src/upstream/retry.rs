@@ -27,10 +27,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::ResponseBody;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 
 use super::balance::{fast_random, now_nanos, PickContext};
 use super::send::SendError;
@@ -192,7 +192,7 @@ impl<'a> Replay<'a> {
         req
     }
 
-    fn retryable(&self, result: &Result<Response<Incoming>, SendError>) -> bool {
+    fn retryable(&self, result: &Result<Response<ResponseBody>, SendError>) -> bool {
         let p = self.policy;
         if self.connect_only {
             return p.connect_failure && matches!(result, Err(SendError::Connect { .. }));
@@ -210,44 +210,69 @@ impl<'a> Replay<'a> {
 impl Upstream {
     /// Sends `req` to `first`, again per `replay`, all within `timeout`.
     /// `on_retry` learns each new endpoint before it is tried.
+    ///
+    /// A request that cannot be replayed (the usual case) is one try with
+    /// no loop around it; the retry loop's future, with its backoff timer
+    /// and the kept request, is boxed, so the common request's future stays
+    /// small (futures are moved whole, and every byte of one is copied).
     pub async fn send_with_retries(
         &self,
         first: Picked,
         req: Request<ProxyBody>,
-        replay: Option<Replay<'_>>,
+        replay: Option<Box<Replay<'_>>>,
         timeout: Option<Duration>,
         on_retry: impl FnMut(SocketAddr),
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let addr = first.addr;
-        let work = self.tries(first, req, replay, on_retry);
-        match timeout {
-            Some(after) => match tokio::time::timeout(after, work).await {
-                Ok(r) => r,
-                Err(_) => Err(SendError::Timeout {
-                    cluster: self.name.clone(),
-                    addr,
-                    after,
-                }),
-            },
-            None => work.await,
+        let Some(after) = timeout else {
+            return match replay {
+                None => self.once(first, req).await,
+                Some(replay) => Box::pin(self.tries(first, req, replay, on_retry)).await,
+            };
+        };
+        let sent = match replay {
+            None => tokio::time::timeout(after, self.once(first, req)).await,
+            Some(replay) => {
+                tokio::time::timeout(after, Box::pin(self.tries(first, req, replay, on_retry)))
+                    .await
+            }
+        };
+        sent.unwrap_or_else(|_| {
+            Err(SendError::Timeout {
+                cluster: self.name.clone(),
+                addr,
+                after,
+            })
+        })
+    }
+
+    /// A request sent once: counted for the retry budget, no per-try
+    /// timeout (that is a retry policy's).
+    async fn once(
+        &self,
+        first: Picked,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        if let Some(b) = self.state.budget.as_ref() {
+            b.deposit(now_nanos());
         }
+        self.send_once(first, req, None).await
     }
 
     async fn tries(
         &self,
         first: Picked,
         req: Request<ProxyBody>,
-        replay: Option<Replay<'_>>,
+        replay: Box<Replay<'_>>,
         mut on_retry: impl FnMut(SocketAddr),
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let budget = self.state.budget.as_ref();
         if let Some(b) = budget {
             b.deposit(now_nanos());
         }
-        let per_try = replay.as_ref().and_then(|r| r.policy.per_try_timeout);
+        let per_try = replay.policy.per_try_timeout;
         let mut last = first.addr;
         let mut result = self.send_once(first, req, per_try).await;
-        let Some(replay) = replay else { return result };
         let mut n = 0;
         while n < replay.policy.attempts && replay.retryable(&result) {
             if let Some(b) = budget {

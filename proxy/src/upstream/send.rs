@@ -21,11 +21,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
+use super::pool::{PoolError, ResponseBody};
 use super::{BoxError, ConnectionOverflow, Picked, ProxyBody, Upstream};
-
-type ClientError = hyper_util::client::legacy::Error;
 
 /// Why a try failed. The messages are the ones clients and logs see.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +92,7 @@ pub struct BodyFailed;
 
 /// How a try ended without a response, before the verdict.
 enum Failed {
-    Client(ClientError),
+    Client(PoolError),
     Elapsed(Duration),
 }
 
@@ -172,14 +170,14 @@ impl Upstream {
         picked: Picked,
         req: Request<ProxyBody>,
         per_try: Option<Duration>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let addr = picked.addr;
         let authority = picked.authority();
         let req = point_at(req, authority).map_err(|reason| SendError::Address { addr, reason })?;
         let (parts, body) = req.into_parts();
         let (body, failure) = SendBody::new(body);
         let mut attempt = self.start(picked);
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = self.pool.send(addr, Request::from_parts(parts, body));
         let outcome = match per_try {
             Some(after) => match tokio::time::timeout(after, sent).await {
                 Ok(r) => r.map_err(Failed::Client),
@@ -215,20 +213,24 @@ impl Upstream {
     }
 
     /// Whose fault a failed try was.
-    fn classify(&self, addr: SocketAddr, err: ClientError) -> SendError {
+    fn classify(&self, addr: SocketAddr, err: PoolError) -> SendError {
         let cluster = self.name.clone();
-        let reason = error_chain(&err);
+        let (err, connecting): (&(dyn std::error::Error + 'static), bool) = match &err {
+            PoolError::Connect(e) => (&**e, true),
+            PoolError::Send(e) => (e, false),
+        };
+        let reason = error_chain(err);
         // A body failure whose slot was not there to keep it (cannot
         // happen: only bodies already over go without one).
-        if find_cause::<BodyFailed>(&err).is_some() {
+        if find_cause::<BodyFailed>(err).is_some() {
             return SendError::Body {
                 cluster,
                 addr,
-                reason,
-                source: Box::new(err),
+                reason: reason.clone(),
+                source: reason.into(),
             };
         }
-        if let Some(o) = find_cause::<ConnectionOverflow>(&err) {
+        if let Some(o) = find_cause::<ConnectionOverflow>(err) {
             self.count_overflow();
             return SendError::Overflow {
                 cluster,
@@ -237,8 +239,8 @@ impl Upstream {
         }
         // A failed handshake, or a TLS alert after it (TLS 1.3 servers reject
         // a client certificate after the client thinks the handshake is done).
-        if find_cause::<crate::tls::UpstreamTlsError>(&err).is_some()
-            || crate::tls::rustls_cause(&err).is_some()
+        if find_cause::<crate::tls::UpstreamTlsError>(err).is_some()
+            || crate::tls::rustls_cause(err).is_some()
         {
             return SendError::Tls {
                 cluster,
@@ -246,7 +248,7 @@ impl Upstream {
                 reason,
             };
         }
-        if err.is_connect() {
+        if connecting {
             SendError::Connect {
                 cluster,
                 addr,
@@ -324,7 +326,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full, StreamBody};
-    use hyper::body::Frame;
+    use hyper::body::{Frame, Incoming};
 
     use super::*;
     use crate::upstream::balance::PickContext;
@@ -335,8 +337,13 @@ mod tests {
     }
 
     fn upstreams_over(endpoint: SocketAddr, protocol: &str) -> Upstreams {
+        upstreams_with(endpoint, protocol, "")
+    }
+
+    /// `extra`: more lines of the cluster's table.
+    fn upstreams_with(endpoint: SocketAddr, protocol: &str, extra: &str) -> Upstreams {
         let toml = format!(
-            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\nprotocol = \"{protocol}\"\n"
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:15006\"\n[[listeners.routes]]\nmatch = {{ prefix = \"/\" }}\ncluster = \"app\"\n[clusters.app]\nendpoints = [\"{endpoint}\"]\nprotocol = \"{protocol}\"\n{extra}"
         );
         let config = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), &toml, |_| None)
             .unwrap_or_else(|p| panic!("test config: {p:?}"));
@@ -482,6 +489,337 @@ mod tests {
             }
             other => panic!("h2={h2}: expected a body error, got {other:?}"),
         }
+        assert_eq!(failures(up), 0);
+    }
+
+    /// An upstream that answers "ok" and counts the connections it took;
+    /// `close_after_one` closes each connection after its first answer.
+    async fn counting(
+        h2: bool,
+        close_after_one: bool,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc)
+                        .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .keep_alive(!close_after_one)
+                            .serve_connection(io, svc)
+                            .await
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get_ok(up: &Upstream) {
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+            .await;
+        let body = resp
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    /// HTTP/1.1: a connection whose answer was read to the end carries the
+    /// next request.
+    #[tokio::test]
+    async fn an_http1_connection_is_reused_once_its_answer_is_read() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        for _ in 0..3 {
+            get_ok(up).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Two at once need two connections; both are kept for later.
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A connection the upstream closed while it sat idle is not used: the
+    /// next request goes on a new one and succeeds.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let (addr, accepted) = counting(false, true).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        for _ in 0..3 {
+            get_ok(up).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(failures(up), 0);
+    }
+
+    /// HTTP/2: concurrent requests share one connection.
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        tokio::join!(get_ok(up), get_ok(up), get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that answers 401 to every request as soon as its head
+    /// is in, without reading the body, and keeps the connection open
+    /// (reading and dropping whatever else comes); counts connections.
+    async fn early_answer() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A connection answered before its request body was all sent cannot
+    /// carry the next request yet: the next request must not wait behind
+    /// that body (and time out, blaming a healthy endpoint) but go on
+    /// another connection.
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_is_not_handed_out() {
+        let (addr, accepted) = early_answer().await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        // Client A: one chunk, then its body stalls (kept open below).
+        let (chunks, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        chunks
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
+        let mut req = request(body);
+        *req.method_mut() = http::Method::POST;
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, req, Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), http::StatusCode::UNAUTHORIZED);
+        let _ = resp.into_body().collect().await.unwrap();
+        // Client B, while A's body is still open.
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(2)))
+            .await;
+        assert!(
+            matches!(&resp, Ok(r) if r.status() == http::StatusCode::UNAUTHORIZED),
+            "{resp:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(failures(up), 0);
+        drop(chunks);
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    /// HTTP/2, cold: requests that come while the connection opens wait
+    /// for that one handshake instead of each dialing.
+    #[tokio::test]
+    async fn concurrent_http2_requests_on_a_cold_cluster_share_one_handshake() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        tokio::join!(
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up),
+            get_ok(up)
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// HTTP/2, cold, endpoint down: every waiting request gets the one
+    /// connect failure (each blaming the endpoint), none hangs.
+    #[tokio::test]
+    async fn a_failed_http2_handshake_fails_every_waiting_request() {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        let one = || async {
+            let picked = up.pick(&PickContext::default(), None).unwrap();
+            up.send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+                .await
+                .err()
+        };
+        let (a, b, c) = tokio::join!(one(), one(), one());
+        for err in [a, b, c] {
+            assert!(matches!(err, Some(SendError::Connect { .. })), "{err:?}");
+        }
+        assert_eq!(failures(up), 3);
+    }
+
+    /// HTTP/2: a connection with nothing in flight for longer than
+    /// `pool_idle_timeout` is closed (the sweep runs at least each second);
+    /// the next request opens a new one.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+        let (addr, accepted) = counting(true, false).await;
+        let ups = upstreams_with(addr, "http2", "pool_idle_timeout = \"100ms\"\n");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// HTTP/1.1: past `pool_idle_timeout` a kept connection is not reused;
+    /// `pool_max_idle` bounds how many are kept.
+    #[tokio::test]
+    async fn http1_idle_expiry_and_max_idle() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams_with(
+            addr,
+            "http1",
+            "pool_idle_timeout = \"100ms\"\npool_max_idle = 1\n",
+        );
+        let up = ups.by_name("app").unwrap();
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Only one of the two was kept.
+        tokio::join!(get_ok(up), get_ok(up));
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    /// A response whose body is dropped before its end closes its
+    /// connection rather than pooling one with a half-read answer.
+    #[tokio::test]
+    async fn a_response_dropped_early_does_not_pool_its_connection() {
+        let (addr, accepted) = counting(false, false).await;
+        let ups = upstreams(addr);
+        let up = ups.by_name("app").unwrap();
+        let picked = up.pick(&PickContext::default(), None).unwrap();
+        let resp = up
+            .send_once(picked, request(empty()), Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        drop(resp);
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// HTTP/2: an upstream that answers each connection's first request
+    /// and then sends GOAWAY (graceful shutdown). The next request goes on
+    /// a new connection, and the endpoint is not blamed.
+    #[tokio::test]
+    async fn a_request_after_goaway_opens_a_new_http2_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let answered = Arc::new(tokio::sync::Notify::new());
+                    let notify = answered.clone();
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let notify = notify.clone();
+                        async move {
+                            notify.notify_one();
+                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(
+                                b"ok",
+                            ))))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, svc);
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = answered.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        let ups = upstreams_over(addr, "http2");
+        let up = ups.by_name("app").unwrap();
+        get_ok(up).await;
+        // Lets the GOAWAY arrive: the case is a connection the upstream
+        // has shut down, not a race with it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get_ok(up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Right behind the second connection's GOAWAY: whichever
+        // connection it meets, the request is answered.
+        get_ok(up).await;
         assert_eq!(failures(up), 0);
     }
 }
