@@ -44,6 +44,11 @@ limit=$((DURATION * 3 + 10))
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Whatever still runs in the namespace (a wasp started through
+  # `ip netns exec` once outlived the kill above) goes with it.
+  if [ -n "${NS:-}" ]; then
+    for p in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  fi
   wait 2>/dev/null || true
   if [ -n "${NS:-}" ]; then ip netns del "$NS" 2>/dev/null || true; fi
 }
