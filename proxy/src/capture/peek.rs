@@ -116,20 +116,8 @@ async fn more_than(stream: &TcpStream, seen: usize) -> std::io::Result<Queued> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::tests::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (
-            a.unwrap_or_else(|e| panic!("{e}")),
-            b.unwrap_or_else(|e| panic!("{e}")).0,
-        )
-    }
 
     #[tokio::test]
     async fn detection_leaves_the_bytes_for_the_winner() {

@@ -348,14 +348,9 @@ impl NetworkFilters {
             // One look-up ends the contexts and gives the instance back (a
             // slot that never got a context only gives it back).
             let r = worker::finish_lease(at, |vm| {
-                if slot.ctx == 0 {
-                    return Ok(());
+                if slot.ctx != 0 {
+                    vm.end_context(slot.ctx, data, log && !slot.skipped)?;
                 }
-                if log && !slot.skipped {
-                    vm.run(slot.ctx, data, Callback::Log)?;
-                }
-                vm.run(slot.ctx, data, Callback::Done)?;
-                vm.run(slot.ctx, data, Callback::Delete)?;
                 Ok(())
             });
             if let Err(f) = r {
