@@ -8,6 +8,11 @@
 # microseconds per request (utime+stime of its processes from
 # /proc/<pid>/stat, before and after the run, over the requests wrk
 # counted), p99 and peak RSS. ROUNDS interleaved rounds; medians.
+# MODES picks the measurements (default all three):
+#   h1    wrk -t1 -cCONNS, HTTP/1.1 keep-alive, at saturation
+#   h2c   h2load -c4 -m8 (prior knowledge), at saturation
+#   rate  p99 at a fixed RATE (default 1000 req/s: h2load --h1 -c4 --rps),
+#         from h2load's per-request log, so every target sees the same load
 #
 #   bench/proxies.sh                             # ROUNDS=3 DURATION=5s CONNS=32
 #   TARGETS="wasp-0 wasp-1 wasp-4" bench/proxies.sh    # (bench/filters.sh)
@@ -20,8 +25,10 @@
 # 1-minute load average is above MAX_LOAD (default 0.5) unless FORCE=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. bench/common.sh bench-proxies nginx=nginx-light haproxy=haproxy
+. bench/common.sh bench-proxies nginx=nginx-light haproxy=haproxy h2load=nghttp2-client
 TARGETS=${TARGETS:-"direct nginx haproxy envoy envoy-1 envoy-4 wasp-0 wasp-1 wasp-4"}
+MODES=${MODES:-"h1 h2c rate"}
+RATE=${RATE:-1000}
 MAX_LOAD=${MAX_LOAD:-0.5}
 load=$(cut -d' ' -f1 /proc/loadavg)
 if [ "${FORCE:-0}" != 1 ] && python3 -c "import sys; sys.exit(0 if $load > $MAX_LOAD else 1)"; then
@@ -49,12 +56,12 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT INT TERM
 DEMO_THREADS=1 $SERVER "$root/target/release/demo-app" upstream "$UP" 2>"$out/upstream.log" & pids+=($!)
 
-declare -A addr procs
+declare -A addr h2addr procs
 port=18481
 for t in $TARGETS; do
   port=$((port + 1)); a=127.0.0.1:$port; admin=$((port + 100))
   case $t in
-    direct) addr[$t]=$UP; procs[$t]=""; continue ;;
+    direct) addr[$t]=$UP; h2addr[$t]=""; procs[$t]=""; continue ;;
     nginx)
       mkdir -p "$out/nginx"
       cat > "$out/nginx/nginx.conf" <<NGINX
@@ -65,9 +72,22 @@ error_log $out/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream app { server $UP; keepalive 64; }
+  # nginx closes a connection after 1000 requests by default (h2c too):
+  # the other proxies keep theirs, so compare like with like
+  keepalive_requests 100000000;
+  upstream app { server $UP; keepalive 64; keepalive_requests 100000000; }
   server {
     listen $a;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+    }
+  }
+  # nginx speaks h2c (prior knowledge) only on a port of its own
+  server {
+    listen 127.0.0.1:$((port + 50)) http2;
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -78,7 +98,8 @@ http {
 }
 NGINX
       $SERVER nginx -c "$out/nginx/nginx.conf" -p "$out/nginx" 2>"$out/nginx/stderr.log" & pids+=($!); p=$!
-      sleep 0.5; procs[$t]=$(pgrep -P "$p" | tr '\n' ' ') ;;
+      sleep 0.5; procs[$t]=$(pgrep -P "$p" | tr '\n' ' ')
+      addr[$t]=$a; h2addr[$t]=127.0.0.1:$((port + 50)); continue ;;
     haproxy)
       cat > "$out/haproxy.cfg" <<HAP
 global
@@ -156,7 +177,7 @@ YAML
       $SERVER "$WASP_BIN" run --config "$out/$t.toml" 2>"$out/$t.log" & pids+=($!); procs[$t]=$! ;;
     *) echo "unknown target $t" >&2; exit 2 ;;
   esac
-  addr[$t]=$a
+  addr[$t]=$a; h2addr[$t]=$a
 done
 for t in $TARGETS; do
   for _ in $(seq 200); do curl -fs "http://${addr[$t]}/bench" >/dev/null && break; sleep 0.1; done
@@ -174,45 +195,94 @@ cpu_ticks() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/
 hwm_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmHWM/{print $2}' "/proc/$p/status"))); done; echo "$t"; }
 hz=$(getconf CLK_TCK)
 results="$out/results.tsv"; : > "$results"
+wants_mode() { [[ " $MODES " == *" $1 "* ]]; }
+# One measurement: MODE TARGET ROUND, then the load command; appends a row.
+measure() {
+  local mode=$1 t=$2 round=$3; shift 3
+  local ps before=0 after=0 hwm=0 report="$out/$mode-$t-$round.txt"
+  read -r -a ps <<<"${procs[$t]}"
+  [ ${#ps[@]} -gt 0 ] && before=$(cpu_ticks "${ps[@]}")
+  "$@" > "$report" 2>&1 || true
+  [ ${#ps[@]} -gt 0 ] && after=$(cpu_ticks "${ps[@]}") && hwm=$(hwm_kb "${ps[@]}")
+  python3 - "$mode" "$report" "$t" "$before" "$after" "$hz" "$hwm" "$out/$mode-$t-$round.log" >> "$results" <<'PY'
+import re, sys
+mode, report, t = sys.argv[1], sys.argv[2], sys.argv[3]
+before, after, hz, hwm, log = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], sys.argv[8]
+text = open(report).read()
+if mode == "h1":
+    from bench.wrk import parse
+    w = parse(report)
+    rps, n, p99, err = w["rps"], w["requests"], w["p99"], w["error"] or ""
+else:
+    # h2load: "finished in 5.00s, 41234.60 req/s, ..." and
+    # "requests: N total, N started, N done, S succeeded, F failed, E errored, T timeout"
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+    r = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
+    rps = float(m.group(1)) if m else 0.0
+    n = int(r.group(2)) if r else 0
+    err = "" if r and int(r.group(3)) == 0 and n > 0 else f"h2load: {r.group(3) if r else 'no report'} failed"
+    p99 = 0.0
+    if mode == "rate":
+        # --log-file: start time, status, request time in microseconds
+        times = sorted(int(l.split()[2]) for l in open(log) if len(l.split()) >= 3)
+        p99 = times[min(len(times) - 1, int(len(times) * 0.99))] / 1000 if times else 0.0
+us = (after - before) / hz * 1e6 / max(n, 1)
+print(f"{mode}\t{t}\t{rps:.0f}\t{us:.1f}\t{p99:.3f}\t{hwm}\t{err}")
+PY
+}
+clients=4
+per_client=$((RATE / clients))
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
-    read -r -a ps <<<"${procs[$t]}"
-    before=0; [ ${#ps[@]} -gt 0 ] && before=$(cpu_ticks "${ps[@]}")
-    $LOADGEN wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://${addr[$t]}/bench" > "$out/wrk-$t-$round.txt"
-    after=0; [ ${#ps[@]} -gt 0 ] && after=$(cpu_ticks "${ps[@]}")
-    hwm=0; [ ${#ps[@]} -gt 0 ] && hwm=$(hwm_kb "${ps[@]}")
-    python3 - "$out/wrk-$t-$round.txt" "$t" "$before" "$after" "$hz" "$hwm" >> "$results" <<'PY'
-import sys
-from bench.wrk import parse
-w = parse(sys.argv[1])
-t, before, after, hz, hwm = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-us = (after - before) / hz * 1e6 / max(w["requests"], 1)
-print(f"{t}\t{w['rps']:.0f}\t{us:.1f}\t{w['p99']:.3f}\t{hwm}\t{w['error'] or ''}")
-PY
+    if wants_mode h1; then
+      measure h1 "$t" "$round" $LOADGEN wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://${addr[$t]}/bench"
+    fi
+    if wants_mode h2c && [ -n "${h2addr[$t]}" ]; then
+      measure h2c "$t" "$round" $LOADGEN h2load -c4 -m8 -D"$DURATION" "http://${h2addr[$t]}/bench"
+    fi
+    if wants_mode rate; then
+      measure rate "$t" "$round" $LOADGEN h2load --h1 -c"$clients" --rps="$per_client" -D"$DURATION" \
+        --log-file="$out/rate-$t-$round.log" "http://${addr[$t]}/bench"
+    fi
   done
 done
 
-python3 - "$results" <<'PY'
+python3 - "$results" "$RATE" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
-by = {}
-for t, rps, us, p99, hwm, err in rows:
-    by.setdefault(t, []).append((float(rps), float(us), float(p99), int(hwm), err))
-med = {t: [statistics.median(x[i] for x in v) for i in range(3)] + [max(x[3] for x in v)] for t, v in by.items()}
-ref = med.get("nginx")
-print("\nload generator on CPU 0, proxy + upstream on CPU 1, one worker; medians\n")
-print("| target | req/s | x nginx | proxy CPU µs/req | p99 ms | peak RSS MiB | errors |")
-print("|---|--:|--:|--:|--:|--:|---|")
-for t in by:
-    rps, us, p99, hwm = med[t]
-    x = f"{rps / ref[0]:.2f}" if ref else "-"
-    cpu = f"{us:.1f}" if t != "direct" else "-"
-    rss = f"{hwm / 1024:.1f}" if hwm else "-"
-    errs = ",".join(sorted({x[4] for x in by[t] if x[4]})) or "none"
-    print(f"| {t} | {rps:.0f} | {x} | {cpu} | {p99:.3f} | {rss} | {errs} |")
-for a, b in [("wasp-1", "wasp-0"), ("wasp-4", "wasp-0"), ("envoy-1", "envoy"), ("envoy-4", "envoy")]:
-    if a in med and b in med:
-        n = int(a.split("-")[1])
-        print(f"\n{a} / {b}: {med[a][0] / med[b][0]:.2f}x throughput, {(med[a][1] - med[b][1]) / n:.1f} µs CPU per filter", end="")
-print()
+rate = sys.argv[2]
+by, order = {}, []
+for mode, t, rps, us, p99, hwm, err in rows:
+    if t not in order:
+        order.append(t)
+    by.setdefault((mode, t), []).append((float(rps), float(us), float(p99), int(hwm), err))
+def med(mode, t, i):
+    v = by.get((mode, t))
+    return statistics.median(x[i] for x in v) if v else None
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+print("\nload generator on CPU 0, proxy + upstream on CPU 1, one worker; medians of the rounds\n")
+print(f"| target | h1 req/s | x nginx | CPU µs/req h1 | h2c req/s | h2c x nginx | CPU µs/req h2c | p99 @{rate}/s ms | p99 h1 sat. ms | peak RSS MiB | errors |")
+print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+for t in order:
+    h1, h2 = med("h1", t, 0), med("h2c", t, 0)
+    n1, n2 = med("h1", "nginx", 0), med("h2c", "nginx", 0)
+    x1 = h1 / n1 if h1 and n1 else None
+    x2 = h2 / n2 if h2 and n2 else None
+    cpu1 = med("h1", t, 1) if t != "direct" else None
+    cpu2 = med("h2c", t, 1) if t != "direct" else None
+    hwm = max((x[3] for k, v in by.items() if k[1] == t for x in v), default=0)
+    errs = ",".join(sorted({x[4] for k, v in by.items() if k[1] == t for x in v if x[4]})) or "none"
+    print(f"| {t} | {fmt(h1, '.0f')} | {fmt(x1, '.2f')} | {fmt(cpu1, '.1f')} | {fmt(h2, '.0f')} | {fmt(x2, '.2f')} "
+          f"| {fmt(cpu2, '.1f')} | {fmt(med('rate', t, 2), '.3f')} | {fmt(med('h1', t, 2), '.3f')} "
+          f"| {fmt(hwm / 1024 if hwm else None, '.1f')} | {errs} |")
+for mode in ("h1", "h2c"):
+    for a, b in [("wasp-1", "wasp-0"), ("wasp-4", "wasp-0"), ("envoy-1", "envoy"), ("envoy-4", "envoy"), ("wasp-1", "envoy-1"), ("wasp-4", "envoy-4")]:
+        ra, rb = med(mode, a, 0), med(mode, b, 0)
+        if ra and rb:
+            line = f"{mode} {a} / {b}: {ra / rb:.2f}x throughput"
+            if a.split("-")[0] == b.split("-")[0]:
+                n = int(a.split("-")[1])
+                line += f", {(med(mode, a, 1) - med(mode, b, 1)) / n:.1f} µs CPU per filter"
+            print(line)
 PY
