@@ -6,6 +6,10 @@
 
 #![allow(dead_code)]
 
+pub mod config;
+pub mod grpc;
+pub mod l4;
+pub mod netns;
 pub mod upstream;
 
 use std::io::Read;
