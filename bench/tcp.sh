@@ -66,6 +66,16 @@ wait_port() { # host:port
   echo "nothing listens on $1" >&2; return 1
 }
 
+# Not shared with tests/l4.rs: those configs are built in Rust (tests/support/config.rs) on free ports.
+# wasp.toml's head: one worker, the admin API at $1, warnings only.
+wasp_head() {
+  printf '[proxy]\nworkers = 1\n[admin]\nbind = "%s"\n[log]\nlevel = "warn"\n' "$1"
+}
+# A `tcp` listener $1 on $2 whose only route goes to the cluster `up`.
+tcp_listener() {
+  printf '[[listeners]]\nname = "%s"\nprotocol = "tcp"\nbind = "%s"\n  [[listeners.routes]]\n  cluster = "up"\n' "$1" "$2"
+}
+
 UP=127.0.0.1:18580
 $SERVER $tool serve "${UP##*:}" >"$out/upstream.log" 2>&1 & pids+=($!)
 wait_line "$out/upstream.log" ready
@@ -76,22 +86,8 @@ for t in $TARGETS; do
     direct) addr[$t]=$UP ;;
     wasp)
       addr[$t]=127.0.0.1:18581
-      cat > "$out/wasp.toml" <<TOML
-[proxy]
-workers = 1
-[admin]
-bind = "127.0.0.1:18681"
-[log]
-level = "warn"
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "${addr[$t]}"
-  [[listeners.routes]]
-  cluster = "up"
-[clusters.up]
-endpoints = ["$UP"]
-TOML
+      { wasp_head 127.0.0.1:18681; tcp_listener tcp "${addr[$t]}"
+        printf '[clusters.up]\nendpoints = ["%s"]\n' "$UP"; } > "$out/wasp.toml"
       $SERVER "$WASP_BIN" run --config "$out/wasp.toml" >"$out/wasp.log" 2>&1 & pids+=($!)
       wait_port "${addr[$t]}" ;;
     haproxy)
@@ -142,13 +138,7 @@ inns ip link set lo up
 DUP=127.0.0.1:18590
 inns $SERVER $tool serve "${DUP##*:}" >"$out/ns-upstream.log" 2>&1 & pids+=($!)
 wait_line "$out/ns-upstream.log" ready
-cat > "$out/wasp-capture.toml" <<TOML
-[proxy]
-workers = 1
-[admin]
-bind = "127.0.0.1:18691"
-[log]
-level = "warn"
+{ wasp_head 127.0.0.1:18691; tcp_listener tcp 127.0.0.1:15002; cat <<TOML
 [[listeners]]
 name = "outbound"
 bind = "127.0.0.1:15001"
@@ -158,15 +148,10 @@ name = "http"
 bind = "127.0.0.1:15080"
   [[listeners.routes]]
   cluster = "up"
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:15002"
-  [[listeners.routes]]
-  cluster = "up"
 [clusters.up]
 endpoints = ["$DUP"]
 TOML
+} > "$out/wasp-capture.toml"
 inns $SERVER "$WASP_BIN" run --config "$out/wasp-capture.toml" >"$out/wasp-capture.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do inns python3 -c "import socket; socket.create_connection(('127.0.0.1', 15002), 1)" 2>/dev/null && break; sleep 0.1; done
 # Only the client's connections (source 127.0.0.2) are captured; wasp's

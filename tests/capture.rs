@@ -12,149 +12,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use support::{metric_value, TempDir, WASP};
+use support::config::{Cluster, Config, Listener, Route};
+use support::netns::{pod, pod_and_service, PYTHON};
+use support::{loopback, metric_value, TempDir, WASP};
 
 const PROXY_UID: &str = "1337";
 const APP_UID: &str = "65534";
-
-/// A network namespace, deleted (with every process started in it by this
-/// test) on drop.
-struct Netns {
-    name: String,
-    children: Vec<Child>,
-}
-
-impl Netns {
-    /// `None` (with the reason printed) where namespaces cannot be made.
-    fn new(tag: &str) -> Option<Netns> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "wasp-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip").args(["netns", "add", &name]).output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: cannot create a network namespace here: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                return None;
-            }
-            Err(e) => {
-                eprintln!("SKIP: `ip` (iproute2) is not available: {e}");
-                return None;
-            }
-        }
-        let ns = Netns {
-            name,
-            children: Vec::new(),
-        };
-        ns.ok(&["ip", "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
-        c
-    }
-
-    /// Runs `argv` in the namespace as `uid` (when given).
-    fn as_uid(&self, uid: Option<&str>, argv: &[&str]) -> Command {
-        match uid {
-            Some(uid) => {
-                let mut full = vec!["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"];
-                full.extend_from_slice(argv);
-                self.cmd(&full)
-            }
-            None => self.cmd(argv),
-        }
-    }
-
-    fn output(&self, argv: &[&str]) -> std::process::Output {
-        self.cmd(argv)
-            .output()
-            .unwrap_or_else(|e| panic!("running {argv:?} in {}: {e}", self.name))
-    }
-
-    fn ok(&self, argv: &[&str]) -> String {
-        let out = self.output(argv);
-        assert!(
-            out.status.success(),
-            "{argv:?} in {} failed: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn spawn(&mut self, mut cmd: Command) -> usize {
-        let child = cmd.spawn().expect("spawn in namespace");
-        self.children.push(child);
-        self.children.len() - 1
-    }
-
-    /// The namespace's rules in every table wasp touches, as `-S` prints them.
-    fn rules(&self) -> String {
-        let mut all = String::new();
-        for tool in ["iptables", "ip6tables"] {
-            for table in ["nat", "filter"] {
-                let out = self.output(&[tool, "-t", table, "-S"]);
-                all.push_str(&String::from_utf8_lossy(&out.stdout));
-            }
-        }
-        all
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn have_iptables() -> bool {
-    let ok = Command::new("iptables-restore")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "iptables-restore is missing: scripts/test.sh installs Debian's iptables package"
-    );
-    ok
-}
-
-/// A pod namespace whose app can reach "service addresses" in
-/// 10.77.0.0/24 (a veth pair gives it a route; nothing answers there).
-fn pod() -> Option<Netns> {
-    if !have_iptables() {
-        return None;
-    }
-    let ns = Netns::new("pod")?;
-    ns.ok(&[
-        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    ns.ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "v0"]);
-    ns.ok(&["ip", "link", "set", "v0", "up"]);
-    ns.ok(&["ip", "link", "set", "v1", "up"]);
-    Some(ns)
-}
 
 /// An upstream (Python's http.server, in the namespace) that answers each
 /// request with one line per header it received, and prints a line per
@@ -176,100 +42,30 @@ print("ready", flush=True)
 s.serve_forever()
 "#;
 
-const PYTHON: &str = "/usr/bin/python3";
-
-fn wait_for_line(child: &mut Child, want: &str, limit: Duration) {
-    let Some(out) = child.stdout.take() else {
-        panic!("no stdout to wait on");
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let prefix = want.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with(&prefix) {
-                let _ = tx.send(());
-                return;
-            }
-        }
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("no \"{want}\" line within {limit:?}"));
-}
-
-/// Waits until `GET path` on the admin address (inside the namespace)
-/// answers 200, returning the body.
-fn admin_get(ns: &Netns, admin: &str, path: &str, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        let out = ns.output(&[
-            "curl",
-            "-s",
-            "-f",
-            "-m",
-            "2",
-            &format!("http://{admin}{path}"),
-        ]);
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "admin {path} not answering in time"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn outbound_capture_sends_an_unmodified_apps_calls_through_wasp() {
     let Some(mut ns) = pod() else { return };
     let before = ns.rules();
 
     let dir = TempDir::new("capture");
-    let config = dir.path().join("wasp.toml");
-    std::fs::write(
-        &config,
-        r#"
-[proxy]
-workers = 1
+    let config = Config::new()
+        .listener(
+            Listener::http_on("outbound", "0.0.0.0:15001")
+                .route(
+                    Route::to("reviews")
+                        .named("reviews")
+                        .matching(r#"host = "reviews""#),
+                )
+                .route(
+                    Route::to("reviews")
+                        .named("by-address")
+                        .matching(r#"host = "10.77.0.2""#),
+                ),
+        )
+        .cluster(Cluster::new("reviews", [loopback(18080)]));
 
-[admin]
-bind = "127.0.0.1:9901"
-
-[[listeners]]
-name = "outbound"
-bind = "0.0.0.0:15001"
-
-  [[listeners.routes]]
-  name = "reviews"
-  match = { host = "reviews" }
-  cluster = "reviews"
-
-  [[listeners.routes]]
-  name = "by-address"
-  match = { host = "10.77.0.2" }
-  cluster = "reviews"
-
-[clusters.reviews]
-endpoints = ["127.0.0.1:18080"]
-"#,
-    )
-    .expect("write config");
-    // The proxy runs as its own user and must read its config.
-    let _ = Command::new("chmod")
-        .args(["-R", "a+rX", &dir.path().to_string_lossy()])
-        .status();
-
-    let mut upstream = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "18080"]);
-    upstream.stdout(Stdio::piped()).stderr(Stdio::null());
-    let up = ns.spawn(upstream);
-    wait_for_line(&mut ns.children[up], "ready", Duration::from_secs(10));
-
-    let config_arg = config.to_string_lossy().into_owned();
-    let mut wasp = ns.as_uid(Some(PROXY_UID), &[WASP, "run", "--config", &config_arg]);
-    wasp.stdout(Stdio::null()).stderr(Stdio::null());
-    ns.spawn(wasp);
-    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+    ns.start_python(UPSTREAM, &["18080"]);
+    ns.start_wasp(Some(PROXY_UID), &dir, &config.toml());
 
     let installed = ns.ok(&[WASP, "iptables", "--proxy-uid", PROXY_UID, "--ipv6", "auto"]);
     drop(installed);
@@ -326,7 +122,7 @@ endpoints = ["127.0.0.1:18080"]
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    let metrics = ns.admin_get("/metrics", Duration::from_secs(5));
     for route in ["route=\"reviews\"", "route=\"by-address\""] {
         let served = metric_value(
             &metrics,
@@ -384,25 +180,6 @@ fn dry_run_prints_the_rules_without_touching_the_tables() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("prefix"));
-}
-
-/// A pod namespace (10.77.0.1) and a "service" namespace (10.77.0.2) on
-/// the two ends of a veth pair: what the app calls is really elsewhere.
-fn pod_and_service() -> Option<(Netns, Netns)> {
-    if !have_iptables() {
-        return None;
-    }
-    let pod = Netns::new("pod")?;
-    let svc = Netns::new("svc")?;
-    pod.ok(&[
-        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    pod.ok(&["ip", "link", "set", "v1", "netns", &svc.name]);
-    pod.ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "v0"]);
-    pod.ok(&["ip", "link", "set", "v0", "up"]);
-    svc.ok(&["ip", "addr", "add", "10.77.0.2/24", "dev", "v1"]);
-    svc.ok(&["ip", "link", "set", "v1", "up"]);
-    Some((pod, svc))
 }
 
 /// Speaks first (`220 banner`), then answers the first chunk it reads
@@ -463,81 +240,35 @@ fn capture_listeners_detect_http_and_pass_everything_else_through() {
     };
     let before = ns.rules();
     let dir = TempDir::new("capture-l4");
-    let config = dir.path().join("wasp.toml");
-    std::fs::write(
-        &config,
-        r#"
-[proxy]
-workers = 1
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[[listeners]]
-name = "outbound"
-bind = "0.0.0.0:15001"
-capture = "outbound"
-opaque_ports = [2525]
-limits = { detect_timeout = "3s" }
-
-  [[listeners.routes]]
-  name = "reviews"
-  match = { host = "reviews" }
-  cluster = "reviews"
-
-  # TLS the app opens, routed by its server name (never terminated).
-  [[listeners.routes]]
-  name = "tls"
-  match = { sni = "tls.svc" }
-  cluster = "tls"
-
-[[listeners]]
-name = "inbound"
-bind = "0.0.0.0:15006"
-capture = "inbound"
-
-[clusters.reviews]
-endpoints = ["127.0.0.1:18080"]
-
-# Its `tls` is for HTTP routed here; the app's own TLS passed through at
-# L4 is never wrapped in it.
-[clusters.tls]
-endpoints = ["127.0.0.1:18443"]
-tls = { sni = "tls.svc" }
-"#,
-    )
-    .expect("write config");
-    let _ = Command::new("chmod")
-        .args(["-R", "a+rX", &dir.path().to_string_lossy()])
-        .status();
+    let config = Config::new()
+        .listener(
+            Listener::http_on("outbound", "0.0.0.0:15001")
+                .with(r#"capture = "outbound""#)
+                .with("opaque_ports = [2525]")
+                .limits(r#"detect_timeout = "3s""#)
+                .route(
+                    Route::to("reviews")
+                        .named("reviews")
+                        .matching(r#"host = "reviews""#),
+                )
+                // TLS the app opens, routed by its server name (never terminated).
+                .route(Route::to("tls").named("tls").matching(r#"sni = "tls.svc""#)),
+        )
+        .listener(Listener::http_on("inbound", "0.0.0.0:15006").with(r#"capture = "inbound""#))
+        .cluster(Cluster::new("reviews", [loopback(18080)]))
+        // Its `tls` is for HTTP routed here; the app's own TLS passed
+        // through at L4 is never wrapped in it.
+        .cluster(Cluster::new("tls", [loopback(18443)]).tls(r#"sni = "tls.svc""#));
 
     // In the pod: the routed upstream and the app's own server (inbound).
-    let mut routed = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "18080"]);
-    routed.stdout(Stdio::piped()).stderr(Stdio::null());
-    let i = ns.spawn(routed);
-    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
-    let mut tls = ns.as_uid(
-        None,
-        &[PYTHON, "-c", BANNER, "127.0.0.1", "18443", "routed-tls"],
-    );
-    tls.stdout(Stdio::piped()).stderr(Stdio::null());
-    let i = ns.spawn(tls);
-    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
-    let mut app = ns.as_uid(None, &[PYTHON, "-c", UPSTREAM, "9000", "0.0.0.0"]);
-    app.stdout(Stdio::piped()).stderr(Stdio::null());
-    let i = ns.spawn(app);
-    wait_for_line(&mut ns.children[i], "ready", Duration::from_secs(10));
+    ns.start_python(UPSTREAM, &["18080"]);
+    ns.start_python(BANNER, &["127.0.0.1", "18443", "routed-tls"]);
+    ns.start_python(UPSTREAM, &["9000", "0.0.0.0"]);
 
     // In the service namespace: what the app calls directly.
-    let mut http = svc.as_uid(None, &[PYTHON, "-c", UPSTREAM, "8080", "10.77.0.2"]);
-    http.stdout(Stdio::piped()).stderr(Stdio::null());
-    let i = svc.spawn(http);
-    wait_for_line(&mut svc.children[i], "ready", Duration::from_secs(10));
+    svc.start_python(UPSTREAM, &["8080", "10.77.0.2"]);
     for port in ["2525", "8443"] {
-        let mut banner = svc.as_uid(None, &[PYTHON, "-c", BANNER, "10.77.0.2", port]);
-        banner.stdout(Stdio::piped()).stderr(Stdio::null());
-        let i = svc.spawn(banner);
-        wait_for_line(&mut svc.children[i], "ready", Duration::from_secs(10));
+        svc.start_python(BANNER, &["10.77.0.2", port]);
     }
     let mut redis = svc.cmd(&[
         "redis-server",
@@ -555,13 +286,7 @@ tls = { sni = "tls.svc" }
     redis.stdout(Stdio::null()).stderr(Stdio::null());
     svc.spawn(redis);
 
-    let config_arg = config.to_string_lossy().into_owned();
-    let log = dir.path().join("wasp.log");
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let mut wasp = ns.as_uid(Some(PROXY_UID), &[WASP, "run", "--config", &config_arg]);
-    wasp.stdout(Stdio::null()).stderr(log_file);
-    ns.spawn(wasp);
-    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+    let log = ns.start_wasp(Some(PROXY_UID), &dir, &config.toml());
     ns.ok(&[WASP, "iptables", "--proxy-uid", PROXY_UID, "--ipv6", "off"]);
     let app_run = |argv: &[&str]| {
         let out = ns
@@ -666,7 +391,7 @@ tls = { sni = "tls.svc" }
         "inbound not through wasp: {seen}"
     );
 
-    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    let metrics = ns.admin_get("/metrics", Duration::from_secs(5));
     let tcp = metric_value(
         &metrics,
         "wasp_tcp_connections_total",
@@ -717,34 +442,13 @@ tls = { sni = "tls.svc" }
 fn a_tcp_listener_behind_a_redirect_does_not_pass_through() {
     let Some(mut ns) = pod() else { return };
     let dir = TempDir::new("redirect");
-    let config = dir.path().join("wasp.toml");
-    std::fs::write(
-        &config,
-        r#"
-[proxy]
-workers = 1
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "0.0.0.0:8443"
-  [[listeners.routes]]
-  match = { port = 9999 }
-  cluster = "elsewhere"
-
-[clusters.elsewhere]
-endpoints = ["127.0.0.1:9"]
-"#,
-    )
-    .expect("write config");
-    let config_arg = config.to_string_lossy().into_owned();
-    let mut wasp = ns.as_uid(None, &[WASP, "run", "--config", &config_arg]);
-    wasp.stdout(Stdio::null()).stderr(Stdio::null());
-    ns.spawn(wasp);
-    admin_get(&ns, "127.0.0.1:9901", "/ready", Duration::from_secs(20));
+    let config = Config::new()
+        .listener(
+            Listener::tcp_on("tcp", "0.0.0.0:8443")
+                .route(Route::to("elsewhere").matching("port = 9999")),
+        )
+        .cluster(Cluster::new("elsewhere", [loopback(9)]));
+    ns.start_wasp(None, &dir, &config.toml());
     ns.ok(&[
         "iptables",
         "-t",
@@ -772,7 +476,7 @@ endpoints = ["127.0.0.1:9"]
         "not closed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let metrics = admin_get(&ns, "127.0.0.1:9901", "/metrics", Duration::from_secs(5));
+    let metrics = ns.admin_get("/metrics", Duration::from_secs(5));
     let refused = metric_value(
         &metrics,
         "wasp_proxy_errors_total",

@@ -6,108 +6,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use support::config::{Cluster, Filter};
+use support::grpc::GrpcCalloutProxy;
 use support::upstream::TestUpstream;
 use support::*;
-
-/// The Python gRPC server, its stdout lines collected as they come.
-struct GrpcServer {
-    child: Child,
-    addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl GrpcServer {
-    fn start() -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/grpc/server.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs tests/grpc/server.py (pip install grpcio)");
-        let stdout = child.stdout.take().expect("server stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(port) = line.strip_prefix("PORT ") {
-                    let _ = tx.send(port.trim().parse::<u16>().ok());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(20))
-            .ok()
-            .flatten()
-            .expect("the gRPC server printed its port (is grpcio installed?)");
-        GrpcServer {
-            child,
-            addr: loopback(port),
-            lines,
-        }
-    }
-
-    fn saw(&self, line: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l == line)
-    }
-
-    /// Waits (bounded) until the server printed `line`.
-    fn wait_for(&self, line: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.saw(line) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config(port: u16, app: SocketAddr, auth: SocketAddr, auth_extra: &str) -> String {
-    format!(
-        r#"
-[proxy]
-workers = 1
-
-[filters.grpc]
-module = "grpc-call.wasm"
-
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["grpc"]
-  [[listeners.routes]]
-  cluster = "app"
-
-[clusters.app]
-endpoints = ["{app}"]
-
-[clusters.auth]
-endpoints = ["{auth}"]
-protocol = "http2"
-{auth_extra}
-"#
-    )
-}
 
 fn request(proxy: SocketAddr, headers: &[(&str, &str)]) -> http::Request<Full<Bytes>> {
     let mut b = http::Request::get(format!("http://{proxy}/x")).header("host", "app");
@@ -119,12 +26,8 @@ fn request(proxy: SocketAddr, headers: &[(&str, &str)]) -> http::Request<Full<By
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_grpc_call_allows_denies_times_out_and_names_unknown_services() {
-    let app = TestUpstream::start("app").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(dir, &config(port, app.addr, server.addr, ""), &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call"], |config| config).await;
+    let (app, _, wasp, proxy) = callouts.parts();
     let client = h1_client();
 
     // Allow: the answer message reaches the upstream as a header, and the
@@ -223,7 +126,7 @@ async fn unary_grpc_call_allows_denies_times_out_and_names_unknown_services() {
 
     // Nothing above trapped the filter (the SDK panics on a status it does
     // not expect for a call).
-    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+    assert_eq!(traps(wasp), 0.0, "{}", wasp.log_text());
 }
 
 /// Traps of the `grpc` filter, all phases.
@@ -237,12 +140,8 @@ fn traps(wasp: &Wasp) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_streams_deliver_metadata_messages_close_and_cancel() {
-    let app = TestUpstream::start("app").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(dir, &config(port, app.addr, server.addr, ""), &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call"], |config| config).await;
+    let (_, server, wasp, proxy) = callouts.parts();
     let client = h1_client();
 
     let r = send(
@@ -278,18 +177,16 @@ async fn grpc_streams_deliver_metadata_messages_close_and_cancel() {
         server.lines.lock().unwrap()
     );
     assert!(!server.saw("HOLD-ENDED"));
-    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+    assert_eq!(traps(wasp), 0.0, "{}", wasp.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_callouts_respect_the_clusters_circuit_breakers_and_end_with_their_stream() {
-    let app = TestUpstream::start("app").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
-    let port = free_port();
-    let cfg = config(port, app.addr, server.addr, "limits = { max_requests = 1 }");
-    let wasp = Wasp::start_in(dir, &cfg, &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call"], |config| {
+        config.edit_cluster("auth", |auth| auth.with("limits = { max_requests = 1 }"))
+    })
+    .await;
+    let (_, server, wasp, proxy) = callouts.parts();
     let client = h1_client();
 
     // One slow call holds the cluster's only request slot...
@@ -329,11 +226,17 @@ async fn grpc_callouts_respect_the_clusters_circuit_breakers_and_end_with_their_
 
     // Once the slow call is over (timed out: the task dropped it), the
     // slot is free again.
+    a_call_passes_again(&client, proxy, "allow-dave").await;
+}
+
+/// Calls as `token` until one call is allowed again (a callout slot came
+/// back); fails the test if none is within 5 s.
+async fn a_call_passes_again(client: &TestClient, proxy: SocketAddr, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = send(
-            &client,
-            request(proxy, &[("x-grpc", "call"), ("x-token", "allow-dave")]),
+            client,
+            request(proxy, &[("x-grpc", "call"), ("x-token", token)]),
         )
         .await;
         if r.status == 200 {
@@ -363,22 +266,15 @@ fn post(
 /// whole body then reaches the upstream; a denial answers instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_paused_for_a_callout_resumes_when_it_answers() {
-    let app = TestUpstream::start("app").await;
     let authz = TestUpstream::start("authz").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call", "body-callout"]);
-    let port = free_port();
-    let mut cfg = config(port, app.addr, server.addr, "");
-    cfg = cfg.replace(
-        "pipeline = [\"grpc\"]",
-        "pipeline = [\"grpc\", \"approve\"]",
-    );
-    cfg.push_str(&format!(
-        "\n[filters.approve]\nmodule = \"body-callout.wasm\"\n\n[clusters.authz]\nendpoints = [\"{}\"]\n",
-        authz.addr
-    ));
-    let wasp = Wasp::start_in(dir, &cfg, &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call", "body-callout"], |config| {
+        config
+            .edit_listener("inbound", |l| l.pipeline(&["grpc", "approve"]))
+            .filter(Filter::new("approve", "body-callout.wasm"))
+            .cluster(Cluster::new("authz", [authz.addr]))
+    })
+    .await;
+    let (_, server, wasp, proxy) = callouts.parts();
     let client = h1_client();
 
     // The HTTP callout filter alone (the gRPC one lets bodies through
@@ -408,7 +304,7 @@ async fn a_body_paused_for_a_callout_resumes_when_it_answers() {
     let r = send(&client, post(proxy, &[("x-grpc", "body")], "eve")).await;
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.header("x-grpc-status"), Some("7"), "{r:?}");
-    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+    assert_eq!(traps(wasp), 0.0, "{}", wasp.log_text());
 }
 
 /// PAUSE on request trailers while a gRPC call is pending holds them (and
@@ -422,12 +318,8 @@ async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
-    let app = TestUpstream::start("app").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(dir, &config(port, app.addr, server.addr, ""), &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call"], |config| config).await;
+    let (_, server, wasp, proxy) = callouts.parts();
     let client: Client<_, BoxBody<Bytes, std::convert::Infallible>> =
         Client::builder(TokioExecutor::new())
             .http2_only(true)
@@ -476,7 +368,7 @@ async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
     let (status, grpc, _) = answer(r).await;
     assert_eq!(status, 403, "{}", wasp.log_text());
     assert_eq!(grpc.as_deref(), Some("4"));
-    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+    assert_eq!(traps(wasp), 0.0, "{}", wasp.log_text());
 }
 
 /// An open gRPC stream holds one of the filter's `limits.callouts` slots
@@ -485,16 +377,11 @@ async fn trailers_paused_for_a_grpc_call_wait_for_its_answer() {
 /// stream is reset (the server sees the cancel) and the slot comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_hold_callout_slots_and_end_with_their_request() {
-    let app = TestUpstream::start("app").await;
-    let server = GrpcServer::start();
-    let dir = with_fixtures("wasm32-wasip1", &["grpc-call"]);
-    let port = free_port();
-    let cfg = config(port, app.addr, server.addr, "").replace(
-        "module = \"grpc-call.wasm\"",
-        "module = \"grpc-call.wasm\"\nlimits = { callouts = 1 }",
-    );
-    let wasp = Wasp::start_in(dir, &cfg, &[]);
-    let proxy = loopback(port);
+    let callouts = GrpcCalloutProxy::start(&["grpc-call"], |config| {
+        config.edit_filter("grpc", |grpc| grpc.with("limits = { callouts = 1 }"))
+    })
+    .await;
+    let (_, server, wasp, proxy) = callouts.parts();
     let client = h2_client();
 
     let holder = {
@@ -523,18 +410,6 @@ async fn open_streams_hold_callout_slots_and_end_with_their_request() {
         "{:?}",
         server.lines.lock().unwrap()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = send(
-            &client,
-            request(proxy, &[("x-grpc", "call"), ("x-token", "allow-z")]),
-        )
-        .await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "slot never given back: {r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(traps(&wasp), 0.0, "{}", wasp.log_text());
+    a_call_passes_again(&client, proxy, "allow-z").await;
+    assert_eq!(traps(wasp), 0.0, "{}", wasp.log_text());
 }

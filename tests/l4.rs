@@ -8,122 +8,17 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use support::config::{tcp_proxy, Cluster, Config, Filter, Listener, Route};
+use support::l4::*;
 use support::{free_port, loopback, metric_value, Wasp};
 
-/// Echoes each connection until the client's end, then closes.
-async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// Speaks first: writes `banner` on accept, then reads the first chunk
-/// the client sends and answers `<name> got <n> bytes starting <hex byte>`.
-async fn banner_server(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind banner");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(format!("hello from {name}\n").as_bytes()).await;
-                let mut buf = vec![0u8; 4096];
-                if let Ok(n) = s.read(&mut buf).await {
-                    let first = buf.first().copied().unwrap_or(0);
-                    let _ = s
-                        .write_all(
-                            format!("{name} got {n} bytes starting {first:02x}\n").as_bytes(),
-                        )
-                        .await;
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// A real TLS ClientHello for `sni`, as rustls writes it.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let roots = rustls::RootCertStore::empty();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).expect("client hello");
-    out
-}
-
-async fn read_line(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut one = [0u8; 1];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut one)).await {
-            Ok(Ok(1)) if one[0] == b'\n' => break,
-            Ok(Ok(1)) => out.push(one[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn config(port: u16, idle_port: u16, clusters: &str) -> String {
-    format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-
-  [[listeners.routes]]
-  name = "to-a"
-  match = {{ sni = "a.example" }}
-  cluster = "a"
-
-  [[listeners.routes]]
-  name = "to-b"
-  match = {{ sni = "*.b.example" }}
-  cluster = "b"
-
-  [[listeners.routes]]
-  name = "plain"
-  match = {{ port = {port}, cidr = "127.0.0.0/8" }}
-  cluster = "echo"
-
-[[listeners]]
-name = "idle"
-protocol = "tcp"
-bind = "127.0.0.1:{idle_port}"
-limits = {{ tcp_idle_timeout = "300ms" }}
-
-  [[listeners.routes]]
-  cluster = "echo"
-
-{clusters}
-"#
-    )
-}
+const FIVE_S: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
@@ -134,18 +29,41 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
     let dead = loopback(free_port());
     let port = free_port();
     let idle_port = free_port();
-    let clusters = format!(
-        "[clusters.a]\nendpoints = [\"{a}\"]\n\n[clusters.b]\nendpoints = [\"{b}\"]\n\n[clusters.echo]\nendpoints = [\"{dead}\", \"{echo}\"]\n"
-    );
-    let wasp = Wasp::start(&config(port, idle_port, &clusters));
+    let config = Config::new()
+        .listener(
+            Listener::tcp("tcp", port)
+                .route(
+                    Route::to("a")
+                        .named("to-a")
+                        .matching(r#"sni = "a.example""#),
+                )
+                .route(
+                    Route::to("b")
+                        .named("to-b")
+                        .matching(r#"sni = "*.b.example""#),
+                )
+                .route(
+                    Route::to("echo")
+                        .named("plain")
+                        .matching(&format!(r#"port = {port}, cidr = "127.0.0.0/8""#)),
+                ),
+        )
+        .listener(
+            Listener::tcp("idle", idle_port)
+                .limits(r#"tcp_idle_timeout = "300ms""#)
+                .to("echo"),
+        )
+        .cluster(Cluster::new("a", [a]))
+        .cluster(Cluster::new("b", [b]))
+        .cluster(Cluster::new("echo", [dead, echo]));
+    let wasp = Wasp::start(&config.toml());
     let listener = loopback(port);
 
     // TLS passthrough: the route is chosen by the ClientHello's name, and
     // the upstream receives the ClientHello itself (0x16: a TLS record).
     for (sni, name) in [("a.example", "a"), ("db.b.example", "b")] {
         let hello = client_hello(sni);
-        let mut s = TcpStream::connect(listener).await.expect("connect");
-        s.write_all(&hello).await.expect("send hello");
+        let mut s = connect_sending(listener, &hello).await;
         assert_eq!(read_line(&mut s).await, format!("hello from {name}"));
         let got = read_line(&mut s).await;
         assert_eq!(
@@ -158,8 +76,7 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
     // Plain bytes match the port route; half-close: the client ends its
     // side and still reads the whole answer.
     for _ in 0..4 {
-        let mut s = TcpStream::connect(listener).await.expect("connect");
-        s.write_all(b"ping over tcp").await.expect("write");
+        let mut s = connect_sending(listener, b"ping over tcp").await;
         s.shutdown().await.expect("half-close");
         let mut back = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
@@ -170,16 +87,12 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
     }
 
     // The idle timeout closes a connection on which nothing moves.
-    let mut s = TcpStream::connect(loopback(idle_port))
-        .await
-        .expect("connect");
-    s.write_all(b"x").await.expect("write");
+    let mut s = connect_sending(loopback(idle_port), b"x").await;
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.expect("echo");
     let started = Instant::now();
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(end.is_ok(), "idle connection not closed");
+    let (closed, _) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "idle connection not closed");
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     let metrics = wasp.metrics();
@@ -212,27 +125,14 @@ async fn tcp_routes_by_sni_and_port_with_half_close_and_idle_timeout() {
 async fn a_tcp_listener_without_a_matching_route_closes_and_counts_it() {
     let echo = echo_server().await;
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ sni = "only.example" }}
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-    ));
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(b"not tls").await.expect("write");
-    let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    let config = Config::new()
+        .listener(
+            Listener::tcp("tcp", port).route(Route::to("echo").matching(r#"sni = "only.example""#)),
+        )
+        .cluster(Cluster::new("echo", [echo]));
+    let wasp = Wasp::start(&config.toml());
+    let mut s = connect_sending(loopback(port), b"not tls").await;
+    let (_, back) = read_to_close(&mut s, FIVE_S).await;
     assert!(back.is_empty());
     let metrics = wasp.metrics();
     let count = metric_value(
@@ -250,106 +150,29 @@ endpoints = ["{echo}"]
 async fn a_wildcard_listener_routes_by_the_address_a_connection_arrived_on() {
     let echo = echo_server().await;
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "0.0.0.0:{port}"
-  [[listeners.routes]]
-  match = {{ cidr = "127.0.0.1/32", port = {port} }}
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-    ));
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(b"ping").await.expect("write");
+    let config =
+        Config::new()
+            .listener(Listener::tcp_on("tcp", &format!("0.0.0.0:{port}")).route(
+                Route::to("echo").matching(&format!(r#"cidr = "127.0.0.1/32", port = {port}"#)),
+            ))
+            .cluster(Cluster::new("echo", [echo]));
+    let wasp = Wasp::start(&config.toml());
+    let mut s = connect_sending(loopback(port), b"ping").await;
     s.shutdown().await.expect("shutdown");
-    let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    let (_, back) = read_to_close(&mut s, FIVE_S).await;
     assert_eq!(back, b"ping", "log:\n{}", wasp.log_text());
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A Redis server on a free port, answering PING.
-fn start_redis() -> (Killed, u16) {
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        panic!("redis-server is missing: scripts/test.sh installs Debian's redis-server");
-    }
-    let redis_port = free_port();
-    let redis = Killed(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis_cli(redis_port, &["PING"]) != "PONG" {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (redis, redis_port)
 }
 
 #[test]
 fn redis_through_a_tcp_listener() {
     let (_redis, redis_port) = start_redis();
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "redis"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  name = "redis"
-  cluster = "redis"
-
-[clusters.redis]
-endpoints = ["127.0.0.1:{redis_port}"]
-balance = "least_request"
-"#
-    ));
+    let config = Config::new()
+        .listener(Listener::tcp("redis", port).route(Route::to("redis").named("redis")))
+        .cluster(
+            Cluster::new("redis", [loopback(redis_port)]).with(r#"balance = "least_request""#),
+        );
+    let wasp = Wasp::start(&config.toml());
     assert_eq!(redis_cli(port, &["PING"]), "PONG");
     assert_eq!(redis_cli(port, &["SET", "wasp", "l4"]), "OK");
     assert_eq!(redis_cli(port, &["GET", "wasp"]), "l4");
@@ -367,78 +190,36 @@ balance = "least_request"
     );
 }
 
-/// Reads until `want` bytes arrived (or the peer closed / 5 s passed).
-async fn read_n(s: &mut TcpStream, want: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 1024];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while out.len() < want && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_community_sdk_network_filter_counts_and_rewrites_bytes() {
     let echo = echo_server().await;
     let port = free_port();
     let broken_port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite", "noop"]);
-    let wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
-[proxy]
-workers = 1
-
-[filters.tcprw]
-module = "tcp-rewrite.wasm"
-
-# An HTTP filter put on a TCP listener: its SDK traps on the first
-# network callback, which must fail that connection only.
-[filters.http_only]
-module = "noop.wasm"
-fail = "closed"
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-pipeline = ["tcprw"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[[listeners]]
-name = "broken"
-protocol = "tcp"
-bind = "127.0.0.1:{broken_port}"
-pipeline = ["http_only"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-        ),
-        &[],
-    );
+    let config = Config::new()
+        .filter(Filter::new("tcprw", "tcp-rewrite.wasm"))
+        // An HTTP filter put on a TCP listener: its SDK traps on the first
+        // network callback, which must fail that connection only.
+        .filter(Filter::new("http_only", "noop.wasm").with(r#"fail = "closed""#))
+        .listener(Listener::tcp("tcp", port).pipeline(&["tcprw"]).to("echo"))
+        .listener(
+            Listener::tcp("broken", broken_port)
+                .pipeline(&["http_only"])
+                .to("echo"),
+        )
+        .cluster(Cluster::new("echo", [echo]));
+    let wasp = Wasp::start_in(dir, &config.toml(), &[]);
     let listener = loopback(port);
 
     // Rewritten both ways: upper-cased to the upstream, prefixed back.
-    let mut s = TcpStream::connect(listener).await.expect("connect");
-    s.write_all(b"hello").await.expect("write");
+    let mut s = connect_sending(listener, b"hello").await;
     assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
     s.shutdown().await.expect("half-close");
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let (_, rest) = read_to_close(&mut s, FIVE_S).await;
     assert!(rest.is_empty(), "{rest:?}");
 
     // PAUSE holds the bytes until the filter lets them go.
-    let mut s = TcpStream::connect(listener).await.expect("connect");
-    s.write_all(b"hold on").await.expect("write");
+    let mut s = connect_sending(listener, b"hold on").await;
     let mut early = [0u8; 64];
     let held = tokio::time::timeout(Duration::from_millis(300), s.read(&mut early)).await;
     assert!(held.is_err(), "held bytes went through: {held:?}");
@@ -447,10 +228,8 @@ endpoints = ["{echo}"]
     drop(s);
 
     // The filter closes the connection.
-    let mut s = TcpStream::connect(listener).await.expect("connect");
-    s.write_all(b"please close").await.expect("write");
-    let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+    let mut s = connect_sending(listener, b"please close").await;
+    let (_, back) = read_to_close(&mut s, FIVE_S).await;
     assert!(back.is_empty(), "{back:?}");
 
     // A filter that fails closes its own connection and nothing else.
@@ -458,14 +237,12 @@ endpoints = ["{echo}"]
         .await
         .expect("connect");
     let _ = b.write_all(b"x").await;
-    let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut back)).await;
+    let (_, back) = read_to_close(&mut b, FIVE_S).await;
     assert!(
         back.is_empty(),
         "a trapping filter let bytes through: {back:?}"
     );
-    let mut s = TcpStream::connect(listener).await.expect("connect");
-    s.write_all(b"still").await.expect("write");
+    let mut s = connect_sending(listener, b"still").await;
     assert_eq!(read_n(&mut s, 11).await, b"[wasm]STILL");
     drop(s);
 
@@ -503,25 +280,9 @@ endpoints = ["{echo}"]
 async fn draining_keeps_open_tcp_connections_until_the_drain_timeout() {
     let echo = echo_server().await;
     let port = free_port();
-    let mut wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-drain_timeout = "1500ms"
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-    ));
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(b"before").await.expect("write");
+    let config = tcp_proxy("tcp", port, "echo", echo).proxy(r#"drain_timeout = "1500ms""#);
+    let mut wasp = Wasp::start(&config.toml());
+    let mut s = connect_sending(loopback(port), b"before").await;
     assert_eq!(read_n(&mut s, 6).await, b"before");
     wasp.signal("TERM");
     // New connections are refused once the listener has closed...
@@ -547,31 +308,11 @@ endpoints = ["{echo}"]
     // ...while the open one keeps working until the drain timeout.
     s.write_all(b"during").await.expect("write while draining");
     assert_eq!(read_n(&mut s, 6).await, b"during");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "not closed at the drain timeout");
+    let (closed, _) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "not closed at the drain timeout");
     assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
     let log = wasp.log_text();
     assert!(log.contains("end=\"drained\""), "{log}");
-}
-
-/// Echoes like [`echo_server`] and counts the connections it accepted.
-async fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = l.local_addr().expect("addr");
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (addr, accepted)
 }
 
 /// Network filters run before the upstream connect (as Envoy's do): a
@@ -581,7 +322,7 @@ async fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsi
 /// speaks first) is connected at once, not after `detect_timeout`.
 #[tokio::test]
 async fn network_filters_decide_before_the_upstream_is_connected() {
-    let (echo, accepted) = counting_echo_server().await;
+    let (echo, upstream_accepts) = counting_echo_server().await;
     let banner = banner_server("db").await;
     let deny_port = free_port();
     let port = free_port();
@@ -589,82 +330,42 @@ async fn network_filters_decide_before_the_upstream_is_connected() {
     let wait_port = free_port();
     let waitclose_port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
-    let wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
-[proxy]
-workers = 1
-
-[filters.deny]
-module = "tcp-rewrite.wasm"
-config = "deny"
-
-[filters.tcprw]
-module = "tcp-rewrite.wasm"
-
-[filters.wait]
-module = "tcp-rewrite.wasm"
-config = "wait"
-
-[[listeners]]
-name = "wait"
-protocol = "tcp"
-bind = "127.0.0.1:{wait_port}"
-pipeline = ["wait"]
-limits = {{ detect_timeout = "100ms" }}
-  [[listeners.routes]]
-  cluster = "banner"
-
-[[listeners]]
-name = "waitclose"
-protocol = "tcp"
-bind = "127.0.0.1:{waitclose_port}"
-pipeline = ["wait"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[[listeners]]
-name = "deny"
-protocol = "tcp"
-bind = "127.0.0.1:{deny_port}"
-pipeline = ["deny"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-pipeline = ["tcprw"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[[listeners]]
-name = "banner"
-protocol = "tcp"
-bind = "127.0.0.1:{banner_port}"
-pipeline = ["tcprw"]
-# Not waited for: no filter paused.
-limits = {{ detect_timeout = "30s" }}
-  [[listeners.routes]]
-  cluster = "banner"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-
-[clusters.banner]
-endpoints = ["{banner}"]
-"#
-        ),
-        &[],
-    );
+    let config = Config::new()
+        .filter(Filter::new("deny", "tcp-rewrite.wasm").config(r#""deny""#))
+        .filter(Filter::new("tcprw", "tcp-rewrite.wasm"))
+        .filter(waits_for_first_bytes())
+        .listener(
+            Listener::tcp("wait", wait_port)
+                .pipeline(&["wait"])
+                .limits(r#"detect_timeout = "100ms""#)
+                .to("banner"),
+        )
+        .listener(
+            Listener::tcp("waitclose", waitclose_port)
+                .pipeline(&["wait"])
+                .to("echo"),
+        )
+        .listener(
+            Listener::tcp("deny", deny_port)
+                .pipeline(&["deny"])
+                .to("echo"),
+        )
+        .listener(Listener::tcp("tcp", port).pipeline(&["tcprw"]).to("echo"))
+        .listener(
+            Listener::tcp("banner", banner_port)
+                .pipeline(&["tcprw"])
+                // Not waited for: no filter paused.
+                .limits(r#"detect_timeout = "30s""#)
+                .to("banner"),
+        )
+        .cluster(Cluster::new("echo", [echo]))
+        .cluster(Cluster::new("banner", [banner]));
+    let wasp = Wasp::start_in(dir, &config.toml(), &[]);
     let closed_at_once = |addr: SocketAddr, send: &'static [u8]| async move {
         let mut s = TcpStream::connect(addr).await.expect("connect");
         let _ = s.write_all(send).await;
-        let mut back = Vec::new();
-        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
-        assert!(end.is_ok(), "connection not closed");
+        let (closed, back) = read_to_close(&mut s, FIVE_S).await;
+        assert!(closed, "connection not closed");
         assert!(back.is_empty(), "{back:?}");
     };
     for _ in 0..3 {
@@ -674,7 +375,7 @@ endpoints = ["{banner}"]
     // either.
     closed_at_once(loopback(waitclose_port), b"please close").await;
     assert_eq!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        accepted(&upstream_accepts),
         0,
         "the upstream saw a connect for a connection a filter closed\n{}",
         wasp.log_text()
@@ -682,13 +383,12 @@ endpoints = ["{banner}"]
 
     // An allowed connection: the first chunk went through the filter
     // before the connect, and is the first thing the upstream gets.
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(b"hello").await.expect("write");
+    let mut s = connect_sending(loopback(port), b"hello").await;
     assert_eq!(read_n(&mut s, 11).await, b"[wasm]HELLO");
     s.write_all(b"again").await.expect("write");
     assert_eq!(read_n(&mut s, 11).await, b"[wasm]AGAIN");
     drop(s);
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(accepted(&upstream_accepts), 1);
 
     // Server speaks first: the silent client is connected at once (well
     // before the 30 s detect_timeout; read_line gives up after 5 s).
@@ -759,27 +459,10 @@ async fn a_reset_mid_copy_keeps_its_byte_counts_in_the_access_log() {
         }
     });
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  cluster = "resets"
-
-[clusters.resets]
-endpoints = ["{upstream}"]
-"#
-    ));
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(b"hello").await.expect("write");
+    let wasp = Wasp::start(&tcp_proxy("tcp", port, "resets", upstream).toml());
+    let mut s = connect_sending(loopback(port), b"hello").await;
     assert_eq!(read_n(&mut s, 8).await, b"12345678");
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let _ = read_to_close(&mut s, FIVE_S).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let log = wasp.log_text();
@@ -821,77 +504,40 @@ fn redis_over_mtls_between_two_sidecars() {
     support::wasp_ok(["certs", "--out", &dir, "--service", "front,reviews,other"]);
     let p = |f: &str| certs.path().join(f).display().to_string();
     let inbound_port = free_port();
-    let inbound = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "inbound"
-protocol = "tcp"
-bind = "127.0.0.1:{inbound_port}"
-tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}"] }}
-  [[listeners.routes]]
-  cluster = "local_redis"
-
-[clusters.local_redis]
-endpoints = ["127.0.0.1:{redis_port}"]
-"#,
-        cert = p("reviews.pem"),
-        key = p("reviews-key.pem"),
-        ca = p("mesh-ca.pem"),
-    ));
+    let inbound = Wasp::start(
+        &tcp_proxy("inbound", inbound_port, "local_redis", loopback(redis_port))
+            .edit_listener("inbound", |l| {
+                l.tls(&format!(
+                    r#"cert = "{cert}", key = "{key}", client_ca = "{ca}", allow = ["{FRONT}"]"#,
+                    cert = p("reviews.pem"),
+                    key = p("reviews-key.pem"),
+                    ca = p("mesh-ca.pem"),
+                ))
+            })
+            .toml(),
+    );
     let (port, intruder_port, wrong_port) = (free_port(), free_port(), free_port());
-    let tls = |who: &str, expect: &str| {
-        format!(
-            r#"tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "reviews", expect_identity = "{expect}" }}"#,
+    // To the inbound sidecar over mTLS as `who`, expecting `expect` there.
+    let to_inbound = |cluster: &str, who: &str, expect: &str| {
+        Cluster::new(cluster, [loopback(inbound_port)]).tls(&format!(
+            r#"ca = "{ca}", cert = "{cert}", key = "{key}", sni = "reviews", expect_identity = "{expect}""#,
             ca = p("mesh-ca.pem"),
             cert = p(&format!("{who}.pem")),
             key = p(&format!("{who}-key.pem")),
-        )
+        ))
     };
-    let outbound = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "redis"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  cluster = "reviews"
-
-[[listeners]]
-name = "intruder"
-protocol = "tcp"
-bind = "127.0.0.1:{intruder_port}"
-  [[listeners.routes]]
-  cluster = "as_other"
-
-[[listeners]]
-name = "wrong"
-protocol = "tcp"
-bind = "127.0.0.1:{wrong_port}"
-  [[listeners.routes]]
-  cluster = "wrong_identity"
-
-[clusters.reviews]
-endpoints = ["127.0.0.1:{inbound_port}"]
-{front}
-
-[clusters.as_other]
-endpoints = ["127.0.0.1:{inbound_port}"]
-{other}
-
-[clusters.wrong_identity]
-endpoints = ["127.0.0.1:{inbound_port}"]
-{wrong}
-"#,
-        front = tls("front", REVIEWS),
-        other = tls("other", REVIEWS),
-        wrong = tls("front", "spiffe://mesh.local/ns/default/sa/someone-else"),
-    ));
+    let config = Config::new()
+        .listener(Listener::tcp("redis", port).to("reviews"))
+        .listener(Listener::tcp("intruder", intruder_port).to("as_other"))
+        .listener(Listener::tcp("wrong", wrong_port).to("wrong_identity"))
+        .cluster(to_inbound("reviews", "front", REVIEWS))
+        .cluster(to_inbound("as_other", "other", REVIEWS))
+        .cluster(to_inbound(
+            "wrong_identity",
+            "front",
+            "spiffe://mesh.local/ns/default/sa/someone-else",
+        ));
+    let outbound = Wasp::start(&config.toml());
     assert_eq!(
         redis_cli(port, &["PING"]),
         "PONG",
@@ -948,46 +594,35 @@ async fn a_client_ending_inside_a_prefix_does_not_hang_the_worker() {
     let a = banner_server("a").await;
     let echo = echo_server().await;
     let port = free_port();
-    let mut wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-drain_timeout = "2s"
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  name = "to-a"
-  match = {{ sni = "a.example" }}
-  cluster = "a"
-  [[listeners.routes]]
-  name = "plain"
-  match = {{ port = {port} }}
-  cluster = "echo"
-
-[clusters.a]
-endpoints = ["{a}"]
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-    ));
+    let config = Config::new()
+        .proxy(r#"drain_timeout = "2s""#)
+        .listener(
+            Listener::tcp("tcp", port)
+                .route(
+                    Route::to("a")
+                        .named("to-a")
+                        .matching(r#"sni = "a.example""#),
+                )
+                .route(
+                    Route::to("echo")
+                        .named("plain")
+                        .matching(&format!("port = {port}")),
+                ),
+        )
+        .cluster(Cluster::new("a", [a]))
+        .cluster(Cluster::new("echo", [echo]));
+    let mut wasp = Wasp::start(&config.toml());
     let listener = loopback(port);
     for prefix in [&b"\x16"[..], b"G", b"\x16\x03\x01"] {
-        let mut s = TcpStream::connect(listener).await.expect("connect");
-        s.write_all(prefix).await.expect("write");
+        let mut s = connect_sending(listener, prefix).await;
         s.shutdown().await.expect("half-close");
         // Undecided, so no `sni` route: the plain route echoes it back.
-        let mut back = Vec::new();
-        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
-        assert!(end.is_ok(), "{prefix:?} then FIN: not closed");
+        let (closed, back) = read_to_close(&mut s, FIVE_S).await;
+        assert!(closed, "{prefix:?} then FIN: not closed");
         assert_eq!(back, prefix, "{prefix:?}");
         // The worker still serves the next client.
         let hello = client_hello("a.example");
-        let mut s = TcpStream::connect(listener).await.expect("connect");
-        s.write_all(&hello).await.expect("send hello");
+        let mut s = connect_sending(listener, &hello).await;
         assert_eq!(
             read_line(&mut s).await,
             "hello from a",
@@ -996,8 +631,7 @@ endpoints = ["{echo}"]
         );
     }
     // And drains: a hung worker would never let the process exit.
-    let mut s = TcpStream::connect(listener).await.expect("connect");
-    s.write_all(b"\x16").await.expect("write");
+    let mut s = connect_sending(listener, b"\x16").await;
     s.shutdown().await.expect("half-close");
     wasp.signal("TERM");
     assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
@@ -1010,27 +644,12 @@ endpoints = ["{echo}"]
 async fn a_client_hello_routed_by_sni_is_not_wrapped_in_the_clusters_tls() {
     let a = banner_server("a").await;
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tcp"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  match = {{ sni = "a.example" }}
-  cluster = "a"
-
-[clusters.a]
-endpoints = ["{a}"]
-tls = {{ sni = "a.example" }}
-"#
-    ));
+    let config = Config::new()
+        .listener(Listener::tcp("tcp", port).route(Route::to("a").matching(r#"sni = "a.example""#)))
+        .cluster(Cluster::new("a", [a]).tls(r#"sni = "a.example""#));
+    let wasp = Wasp::start(&config.toml());
     let hello = client_hello("a.example");
-    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    s.write_all(&hello).await.expect("send hello");
+    let mut s = connect_sending(loopback(port), &hello).await;
     assert_eq!(
         read_line(&mut s).await,
         "hello from a",
@@ -1049,35 +668,19 @@ tls = {{ sni = "a.example" }}
 /// closed the stream.
 #[tokio::test]
 async fn a_client_gone_before_the_connect_is_its_end_not_a_filter_code() {
-    let (echo, accepted) = counting_echo_server().await;
+    let (echo, upstream_accepts) = counting_echo_server().await;
     let port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
-    let wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
-[proxy]
-workers = 1
-
-[filters.wait]
-module = "tcp-rewrite.wasm"
-config = "wait"
-
-[[listeners]]
-name = "wait"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-pipeline = ["wait"]
-limits = {{ tcp_idle_timeout = "300ms" }}
-  [[listeners.routes]]
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-        ),
-        &[],
-    );
+    let config = Config::new()
+        .filter(waits_for_first_bytes())
+        .listener(
+            Listener::tcp("wait", port)
+                .pipeline(&["wait"])
+                .limits(r#"tcp_idle_timeout = "300ms""#)
+                .to("echo"),
+        )
+        .cluster(Cluster::new("echo", [echo]));
+    let wasp = Wasp::start_in(dir, &config.toml(), &[]);
     // Reset before sending anything.
     let s = TcpStream::connect(loopback(port)).await.expect("connect");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1087,9 +690,8 @@ endpoints = ["{echo}"]
     drop(s);
     // Silent past the wait.
     let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    let mut back = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
-    assert!(end.is_ok(), "a silent client was not closed");
+    let (closed, _) = read_to_close(&mut s, FIVE_S).await;
+    assert!(closed, "a silent client was not closed");
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let log = loop {
@@ -1119,7 +721,7 @@ endpoints = ["{echo}"]
         Some(0.0),
         "{metrics}"
     );
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(accepted(&upstream_accepts), 0);
 }
 
 /// A filter paused in `proxy_on_new_connection` waits for the client's
@@ -1128,48 +730,28 @@ endpoints = ["{echo}"]
 /// passes is closed, not connected upstream for nothing.
 #[tokio::test]
 async fn a_paused_wait_for_first_bytes_is_bounded_and_ends_at_the_drain() {
-    let (echo, accepted) = counting_echo_server().await;
+    let (echo, upstream_accepts) = counting_echo_server().await;
     let (port, drain_port) = (free_port(), free_port());
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
-    let mut wasp = Wasp::start_in(
-        dir,
-        &format!(
-            r#"
-[proxy]
-workers = 1
-drain_timeout = "500ms"
-
-[filters.wait]
-module = "tcp-rewrite.wasm"
-config = "wait"
-
-[[listeners]]
-name = "wait"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-pipeline = ["wait"]
-limits = {{ header_timeout = "300ms" }}
-  [[listeners.routes]]
-  cluster = "echo"
-
-[[listeners]]
-name = "drain"
-protocol = "tcp"
-bind = "127.0.0.1:{drain_port}"
-pipeline = ["wait"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{echo}"]
-"#
-        ),
-        &[],
-    );
+    let config = Config::new()
+        .proxy(r#"drain_timeout = "500ms""#)
+        .filter(waits_for_first_bytes())
+        .listener(
+            Listener::tcp("wait", port)
+                .pipeline(&["wait"])
+                .limits(r#"header_timeout = "300ms""#)
+                .to("echo"),
+        )
+        .listener(
+            Listener::tcp("drain", drain_port)
+                .pipeline(&["wait"])
+                .to("echo"),
+        )
+        .cluster(Cluster::new("echo", [echo]));
+    let mut wasp = Wasp::start_in(dir, &config.toml(), &[]);
     let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
-    let mut back = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
-    assert!(end.is_ok(), "a silent client waited past header_timeout");
+    let (closed, _) = read_to_close(&mut s, FIVE_S).await;
+    assert!(closed, "a silent client waited past header_timeout");
 
     let mut s = TcpStream::connect(loopback(drain_port))
         .await
@@ -1177,12 +759,11 @@ endpoints = ["{echo}"]
     // Accepted and waiting before the drain starts.
     tokio::time::sleep(Duration::from_millis(200)).await;
     wasp.signal("TERM");
-    let mut back = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
-    assert!(end.is_ok(), "not closed at the drain deadline");
+    let (closed, _) = read_to_close(&mut s, FIVE_S).await;
+    assert!(closed, "not closed at the drain deadline");
     assert_eq!(wasp.wait_exit(Duration::from_secs(10)), Some(0));
     assert_eq!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        accepted(&upstream_accepts),
         0,
         "connected upstream for a client that never sent\n{}",
         wasp.log_text()
@@ -1204,14 +785,6 @@ endpoints = ["{echo}"]
             .any(|l| l.contains("listener=drain") && l.contains("end=\"drained\"")),
         "{log}"
     );
-}
-
-fn pem_certs(path: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .expect("cert file")
-        .map(|c| c.expect("cert"))
-        .collect()
 }
 
 /// TLS at L4 carries no HTTP ALPN: a client naming its own protocol
@@ -1259,38 +832,23 @@ async fn l4_tls_offers_and_requires_no_http_alpn() {
     });
 
     let (inbound, outbound) = (free_port(), free_port());
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "inbound"
-protocol = "tcp"
-bind = "127.0.0.1:{inbound}"
-tls = {{ cert = "{cert}", key = "{key}" }}
-  [[listeners.routes]]
-  cluster = "db_plain"
-
-[[listeners]]
-name = "outbound"
-protocol = "tcp"
-bind = "127.0.0.1:{outbound}"
-  [[listeners.routes]]
-  cluster = "db_tls"
-
-[clusters.db_plain]
-endpoints = ["{echo}"]
-
-[clusters.db_tls]
-endpoints = ["{upstream}"]
-tls = {{ ca = "{ca}", sni = "db" }}
-"#,
-        cert = p("db.pem"),
-        key = p("db-key.pem"),
-        ca = p("mesh-ca.pem"),
-        echo = echo_server().await,
-    ));
+    let config = Config::new()
+        .listener(
+            Listener::tcp("inbound", inbound)
+                .tls(&format!(
+                    r#"cert = "{}", key = "{}""#,
+                    p("db.pem"),
+                    p("db-key.pem")
+                ))
+                .to("db_plain"),
+        )
+        .listener(Listener::tcp("outbound", outbound).to("db_tls"))
+        .cluster(Cluster::new("db_plain", [echo_server().await]))
+        .cluster(
+            Cluster::new("db_tls", [upstream])
+                .tls(&format!(r#"ca = "{}", sni = "db""#, p("mesh-ca.pem"))),
+        );
+    let wasp = Wasp::start(&config.toml());
 
     // A client offering only "postgresql" to the terminating listener.
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
@@ -1316,17 +874,14 @@ tls = {{ ca = "{ca}", sni = "db" }}
     assert_eq!(&got, b"ping");
 
     // wasp's own TLS to an upstream that requires "postgresql".
-    let mut s = TcpStream::connect(loopback(outbound))
-        .await
-        .expect("connect");
-    s.write_all(b"pong").await.expect("write");
+    let mut s = connect_sending(loopback(outbound), b"pong").await;
     assert_eq!(read_n(&mut s, 4).await, b"pong", "{}", wasp.log_text());
 
     // No client_ca: anyone who completes a handshake gets in; said at
     // start-up and by `wasp check`.
     let warning = "tcp with tls but no tls.client_ca";
     assert!(wasp.log_text().contains(warning), "{}", wasp.log_text());
-    let path = wasp.dir.path().join("wasp.toml");
+    let path = wasp.config_path();
     let out = support::wasp_ok(["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(warning),
@@ -1346,34 +901,22 @@ async fn a_tls_listener_routes_by_the_handshakes_server_name() {
     let p = |f: &str| certs.path().join(f).display().to_string();
     let (alpha, beta) = (banner_server("alpha").await, banner_server("beta").await);
     let port = free_port();
-    let wasp = Wasp::start(&format!(
-        r#"
-[proxy]
-workers = 1
-
-[[listeners]]
-name = "tls"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{a_cert}", key = "{a_key}", certs = [ {{ sni = "beta", cert = "{b_cert}", key = "{b_key}" }} ] }}
-  [[listeners.routes]]
-  match = {{ sni = "alpha" }}
-  cluster = "alpha"
-  [[listeners.routes]]
-  match = {{ sni = "beta" }}
-  cluster = "beta"
-
-[clusters.alpha]
-endpoints = ["{alpha}"]
-
-[clusters.beta]
-endpoints = ["{beta}"]
-"#,
-        a_cert = p("alpha.pem"),
-        a_key = p("alpha-key.pem"),
-        b_cert = p("beta.pem"),
-        b_key = p("beta-key.pem"),
-    ));
+    let config = Config::new()
+        .listener(
+            Listener::tcp("tls", port)
+                .tls(&format!(
+                    r#"cert = "{a_cert}", key = "{a_key}", certs = [ {{ sni = "beta", cert = "{b_cert}", key = "{b_key}" }} ]"#,
+                    a_cert = p("alpha.pem"),
+                    a_key = p("alpha-key.pem"),
+                    b_cert = p("beta.pem"),
+                    b_key = p("beta-key.pem"),
+                ))
+                .route(Route::to("alpha").matching(r#"sni = "alpha""#))
+                .route(Route::to("beta").matching(r#"sni = "beta""#)),
+        )
+        .cluster(Cluster::new("alpha", [alpha]))
+        .cluster(Cluster::new("beta", [beta]));
+    let wasp = Wasp::start(&config.toml());
     let mut roots = rustls::RootCertStore::empty();
     for c in pem_certs(&p("mesh-ca.pem")) {
         roots.add(c).expect("ca");
@@ -1424,37 +967,15 @@ async fn a_reload_during_the_first_bytes_wait_is_served_by_the_new_generation() 
     let port = free_port();
     let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
     let config = |endpoint: SocketAddr| {
-        format!(
-            r#"
-[proxy]
-workers = 1
-
-[filters.wait]
-module = "tcp-rewrite.wasm"
-config = "wait"
-
-[[listeners]]
-name = "wait"
-protocol = "tcp"
-bind = "127.0.0.1:{port}"
-pipeline = ["wait"]
-  [[listeners.routes]]
-  cluster = "echo"
-
-[clusters.echo]
-endpoints = ["{endpoint}"]
-"#
-        )
+        tcp_proxy("wait", port, "echo", endpoint)
+            .filter(waits_for_first_bytes())
+            .edit_listener("wait", |l| l.pipeline(&["wait"]))
+            .toml()
     };
     let wasp = Wasp::start_in(dir, &config(old), &[]);
     let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let path = wasp.dir.path().join("wasp.toml");
-    std::fs::write(
-        &path,
-        format!("[admin]\nbind = \"{}\"\n{}", wasp.admin, config(new)),
-    )
-    .expect("rewrite config");
+    wasp.rewrite_config(&config(new));
     let answer = {
         use std::io::{Read, Write};
         let mut a = std::net::TcpStream::connect(wasp.admin).expect("admin");
@@ -1472,6 +993,12 @@ endpoints = ["{endpoint}"]
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     s.write_all(b"after").await.expect("write");
     assert_eq!(read_n(&mut s, 11).await, b"[wasm]AFTER");
-    assert_eq!(old_count.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert_eq!(new_count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(accepted(&old_count), 0);
+    assert_eq!(accepted(&new_count), 1);
+}
+
+/// The `tcp-rewrite` fixture as `wait`: it pauses in
+/// `proxy_on_new_connection` until the client's first bytes.
+fn waits_for_first_bytes() -> Filter {
+    Filter::new("wait", "tcp-rewrite.wasm").config(r#""wait""#)
 }

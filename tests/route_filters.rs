@@ -17,78 +17,71 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use support::config::{Cluster, Config, Filter, Listener, Route};
 use support::upstream::TestUpstream;
 use support::*;
 
 const TARGET: &str = "wasm32-wasip1";
 
 /// `[filters.NAME]` of the headers fixture adding `header: value` to requests.
-fn adds(name: &str, header: &str, value: &str) -> String {
-    format!(
-        "[filters.{name}]\nmodule = \"headers.wasm\"\nconfig = {{ request = {{ add = {{ {header} = \"{value}\" }} }} }}\n"
-    )
+fn adds(name: &str, header: &str, value: &str) -> Filter {
+    Filter::new(name, "headers.wasm").config(&format!(
+        r#"{{ request = {{ add = {{ {header} = "{value}" }} }} }}"#
+    ))
 }
 
-/// The filters and clusters every test here uses, then `listener`.
-fn config(listener: &str, app: SocketAddr) -> String {
-    format!(
-        "[proxy]\nworkers = 1\n\n{}{}{}[filters.trap]\nmodule = \"isolation.wasm\"\n\n{listener}\n[clusters.app]\nendpoints = [\"{app}\"]\n",
-        adds("x", "x-ran-x", "base"),
-        adds("y", "x-ran-y", "1"),
-        adds("z", "x-ran-z", "1"),
-    )
+/// The filters and clusters every test here uses, and `listener`.
+fn config(listener: Listener, app: SocketAddr) -> Config {
+    Config::new()
+        .filter(adds("x", "x-ran-x", "base"))
+        .filter(adds("y", "x-ran-y", "1"))
+        .filter(adds("z", "x-ran-z", "1"))
+        .filter(Filter::new("trap", "isolation.wasm"))
+        .listener(listener)
+        .cluster(Cluster::new("app", [app]))
 }
 
-/// The listener of the pipeline test: its own pipeline is `["z"]`.
-fn routes_listener(port: u16, route_a_pipeline: &str) -> String {
-    routes_listener_with(port, route_a_pipeline, "")
+/// The listener of the pipeline test: its own pipeline is `["z"]`; route
+/// "a" gets what `route_a` adds.
+fn routes_listener(port: u16, route_a: impl FnOnce(Route) -> Route) -> Listener {
+    let route = |name: &str, prefix: &str| {
+        Route::to("app")
+            .named(name)
+            .matching(&format!(r#"prefix = "{prefix}""#))
+    };
+    Listener::http("inbound", port)
+        .pipeline(&["z"])
+        .route(route_a(route("a", "/a")))
+        .route(route("b", "/b").pipeline(&["x", "y"]))
+        .route(
+            route("c", "/c")
+                .pipeline_append(&["x"])
+                .filter_config("x", OVERRIDE),
+        )
+        .route(route("d", "/d"))
+        .route(
+            Route::to("app")
+                .named("guarded")
+                .matching(r#"prefix = "/open", headers = { x-ran-z = "1" }"#)
+                .pipeline_append(&["y"]),
+        )
+        .route(route("open", "/open").pipeline(&["z"]))
+        .route(
+            Route::to("app")
+                .named("after-z")
+                .matching(r#"prefix = "/u", headers = { x-ran-z = "1" }"#),
+        )
 }
 
-/// [`routes_listener`] with more settings (`route_a_more`, whole lines)
-/// for route "a".
-fn routes_listener_with(port: u16, route_a_pipeline: &str, route_a_more: &str) -> String {
-    format!(
-        r#"[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["z"]
-  [[listeners.routes]]
-  name = "a"
-  match = {{ prefix = "/a" }}
-  cluster = "app"
-  pipeline = [{route_a_pipeline}]
-{route_a_more}
-  [[listeners.routes]]
-  name = "b"
-  match = {{ prefix = "/b" }}
-  cluster = "app"
-  pipeline = ["x", "y"]
-  [[listeners.routes]]
-  name = "c"
-  match = {{ prefix = "/c" }}
-  cluster = "app"
-  pipeline_append = ["x"]
-  filters.x.config = {{ request = {{ add = {{ x-ran-x = "override" }} }} }}
-  [[listeners.routes]]
-  name = "d"
-  match = {{ prefix = "/d" }}
-  cluster = "app"
-  [[listeners.routes]]
-  name = "guarded"
-  match = {{ prefix = "/open", headers = {{ x-ran-z = "1" }} }}
-  cluster = "app"
-  pipeline_append = ["y"]
-  [[listeners.routes]]
-  name = "open"
-  match = {{ prefix = "/open" }}
-  cluster = "app"
-  pipeline = ["z"]
-  [[listeners.routes]]
-  name = "after-z"
-  match = {{ prefix = "/u", headers = {{ x-ran-z = "1" }} }}
-  cluster = "app"
-"#
-    )
+/// Route c's config for x.
+const OVERRIDE: &str = r#"{ request = { add = { x-ran-x = "override" } } }"#;
+
+/// Starts wasp with the `headers` and `isolation` fixtures on [`config`]
+/// around the listener `listener` makes for a free port; returns it with
+/// the listener's address.
+fn start(app: &TestUpstream, listener: impl FnOnce(u16) -> Listener) -> (Wasp, SocketAddr) {
+    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
+    Wasp::start_on_free_port(dir, |port| config(listener(port), app.addr).toml())
 }
 
 /// Which of the test filters ran on a request the upstream echoed, as
@@ -125,14 +118,7 @@ async fn get_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_pipelines_replace_extend_override_and_guard_reroutes() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(
-        dir,
-        &config(&routes_listener(port, r#""x""#), app.addr),
-        &[],
-    );
-    let proxy = loopback(port);
+    let (wasp, proxy) = start(&app, |port| routes_listener(port, |a| a.pipeline(&["x"])));
     let client = h1_client();
 
     // Replace, replace with two, extend with a per-route config, default.
@@ -202,33 +188,18 @@ async fn route_pipelines_replace_extend_override_and_guard_reroutes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_swaps_a_routes_pipeline() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(
-        dir,
-        &config(&routes_listener(port, r#""x""#), app.addr),
-        &[],
-    );
-    let proxy = loopback(port);
+    let (wasp, proxy) = start(&app, |port| routes_listener(port, |a| a.pipeline(&["x"])));
     let client = h1_client();
     let r = get(&client, proxy, "app", "/a").await;
     assert_eq!(ran(&r), "x=base", "{}", r.body);
 
     // Route "a" gets x back with a config of its own, ahead of route c's
     // in the file: the per-route configs are numbered again.
-    let text = format!(
-        "[admin]\nbind = \"{}\"\n\n{}",
-        wasp.admin,
-        config(
-            &routes_listener_with(
-                port,
-                r#""y", "z", "x""#,
-                "  filters.x.config = { request = { add = { x-ran-x = \"a2\" } } }"
-            ),
-            app.addr
-        )
-    );
-    std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
+    let route_a = |a: Route| {
+        a.pipeline(&["y", "z", "x"])
+            .filter_config("x", r#"{ request = { add = { x-ran-x = "a2" } } }"#)
+    };
+    wasp.rewrite_config(&config(routes_listener(proxy.port(), route_a), app.addr).toml());
     wasp.signal("HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -260,30 +231,26 @@ async fn reload_swaps_a_routes_pipeline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_on_one_route_leaves_the_others_serving() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
     // "t" runs the trapping filter (x-trap: 1 makes it panic) and x with a
     // per-route config; "s" runs x with its own config, in the same
     // instances.
-    let listener = format!(
-        r#"[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-  [[listeners.routes]]
-  name = "t"
-  match = {{ prefix = "/t" }}
-  cluster = "app"
-  pipeline = ["trap", "x"]
-  filters.x.config = {{ request = {{ add = {{ x-ran-x = "t" }} }} }}
-  [[listeners.routes]]
-  name = "s"
-  match = {{ prefix = "/s" }}
-  cluster = "app"
-  pipeline = ["x"]
-"#
-    );
-    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
-    let proxy = loopback(port);
+    let listener = |port| {
+        Listener::http("inbound", port)
+            .route(
+                Route::to("app")
+                    .named("t")
+                    .matching(r#"prefix = "/t""#)
+                    .pipeline(&["trap", "x"])
+                    .filter_config("x", r#"{ request = { add = { x-ran-x = "t" } } }"#),
+            )
+            .route(
+                Route::to("app")
+                    .named("s")
+                    .matching(r#"prefix = "/s""#)
+                    .pipeline(&["x"]),
+            )
+    };
+    let (wasp, proxy) = start(&app, listener);
     let client = h1_client();
     for round in 0..3 {
         let r = get_with(&client, proxy, "/t", &[("x-trap", "1")]).await;
@@ -309,7 +276,7 @@ fn check_shows_route_chains_and_a_refused_route_config_stops_the_start() {
     let app = loopback(free_port());
     let text = format!(
         "[admin]\nbind = \"127.0.0.1:{admin}\"\n\n{}",
-        config(&routes_listener(port, r#""x""#), app)
+        config(routes_listener(port, |a| a.pipeline(&["x"])), app)
     );
     let path = dir.path().join("wasp.toml");
     std::fs::write(&path, &text).unwrap();
@@ -322,7 +289,7 @@ fn check_shows_route_chains_and_a_refused_route_config_stops_the_start() {
     // The headers fixture refuses a configuration that is not JSON: a
     // route's config is checked at load like the filter's own.
     let bad = text.replace(
-        "filters.x.config = { request = { add = { x-ran-x = \"override\" } } }",
+        &format!("filters.x.config = {OVERRIDE}"),
         "filters.x.config = \"not json\"",
     );
     assert_ne!(bad, text);
@@ -355,42 +322,41 @@ fn check_shows_route_chains_and_a_refused_route_config_stops_the_start() {
     );
 }
 
+/// The callout fixture as `authz` on the listener (it asks the cluster its
+/// config names, `authz`), and `/strict` giving it `strict_config`; the
+/// clusters `app`, `authz` and `strict` are those upstreams.
+fn callout_config(
+    port: u16,
+    strict_config: &str,
+    [app, authz, strict]: [&TestUpstream; 3],
+) -> Config {
+    Config::new()
+        .filter(Filter::new("authz", "callout.wasm").config(r#""authz""#))
+        .listener(
+            Listener::http("inbound", port)
+                .pipeline(&["authz"])
+                .route(
+                    Route::to("app")
+                        .matching(r#"prefix = "/strict""#)
+                        .filter_config("authz", strict_config),
+                )
+                .to("app"),
+        )
+        .cluster(Cluster::new("app", [app.addr]))
+        .cluster(Cluster::new("authz", [authz.addr]))
+        .cluster(Cluster::new("strict", [strict.addr]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_config_steers_a_filters_callouts() {
     let app = TestUpstream::start("app").await;
     let authz = TestUpstream::start("authz").await;
     let strict = TestUpstream::start("strict").await;
-    let dir = with_fixtures(TARGET, &["callout"]);
-    let port = free_port();
     // The callout fixture asks the cluster its config names; "/strict"
     // gives it another one. The listener's pipeline has it everywhere.
-    let config = format!(
-        r#"[proxy]
-workers = 1
-[filters.authz]
-module = "callout.wasm"
-config = "authz"
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["authz"]
-  [[listeners.routes]]
-  match = {{ prefix = "/strict" }}
-  cluster = "app"
-  filters.authz.config = "strict"
-  [[listeners.routes]]
-  cluster = "app"
-[clusters.app]
-endpoints = ["{}"]
-[clusters.authz]
-endpoints = ["{}"]
-[clusters.strict]
-endpoints = ["{}"]
-"#,
-        app.addr, authz.addr, strict.addr
-    );
-    let wasp = Wasp::start_in(dir, &config, &[]);
-    let proxy = loopback(port);
+    let (wasp, proxy) = Wasp::start_on_free_port(with_fixtures(TARGET, &["callout"]), |port| {
+        callout_config(port, r#""strict""#, [&app, &authz, &strict]).toml()
+    });
     let client = h1_client();
     for (path, user, status, via_strict) in [
         ("/", "alice", 200, false),
@@ -415,36 +381,27 @@ endpoints = ["{}"]
 
 /// A listener whose pipeline (`z`, standing for authz) every route keeps
 /// but `public`, which replaces it with nothing.
-fn edge_listener(port: u16) -> String {
-    format!(
-        r#"[[listeners]]
-name = "edge"
-bind = "127.0.0.1:{port}"
-pipeline = ["z"]
-  [[listeners.routes]]
-  name = "admin"
-  match = {{ host = "admin.example" }}
-  cluster = "app"
-  [[listeners.routes]]
-  name = "public"
-  match = {{ prefix = "/public" }}
-  cluster = "app"
-  pipeline = []
-  [[listeners.routes]]
-  name = "rest"
-  match = {{ prefix = "/" }}
-  cluster = "app"
-"#
-    )
+fn edge_listener(port: u16) -> Listener {
+    Listener::http("edge", port)
+        .pipeline(&["z"])
+        .route(
+            Route::to("app")
+                .named("admin")
+                .matching(r#"host = "admin.example""#),
+        )
+        .route(
+            Route::to("app")
+                .named("public")
+                .matching(r#"prefix = "/public""#)
+                .pipeline(&[]),
+        )
+        .route(Route::to("app").named("rest").matching(r#"prefix = "/""#))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_or_host_spelled_differently_cannot_skip_the_listeners_filters() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
-    let wasp = Wasp::start_in(dir, &config(&edge_listener(port), app.addr), &[]);
-    let proxy = loopback(port);
+    let (wasp, proxy) = start(&app, edge_listener);
     let client = h1_client();
 
     // (host, path as sent, filters that ran, path the upstream got)
@@ -494,44 +451,39 @@ async fn a_path_or_host_spelled_differently_cannot_skip_the_listeners_filters() 
 async fn a_filter_picking_a_cluster_cannot_skip_the_filters_of_its_routes() {
     let app = TestUpstream::start("app").await;
     let v2 = TestUpstream::start("reviews-v2").await;
-    let dir = with_fixtures(TARGET, &["headers", "properties"]);
-    let port = free_port();
     // `canary` (the properties fixture) sets wasp.cluster = reviews-v2,
     // whose route keeps the listener's `z` (standing for authz).
-    let config = format!(
-        r#"[proxy]
-workers = 1
-{}[filters.canary]
-module = "properties.wasm"
-[[listeners]]
-name = "edge"
-bind = "127.0.0.1:{port}"
-pipeline = ["z"]
-  [[listeners.routes]]
-  name = "reviews"
-  match = {{ prefix = "/reviews" }}
-  cluster = "reviews-v2"
-  [[listeners.routes]]
-  name = "open"
-  match = {{ prefix = "/open" }}
-  cluster = "app"
-  pipeline = ["canary"]
-  [[listeners.routes]]
-  name = "both"
-  match = {{ prefix = "/both" }}
-  cluster = "app"
-  pipeline = ["z", "canary"]
-[clusters.app]
-endpoints = ["{}"]
-[clusters.reviews-v2]
-endpoints = ["{}"]
-"#,
-        adds("z", "x-ran-z", "1"),
-        app.addr,
-        v2.addr
-    );
-    let wasp = Wasp::start_in(dir, &config, &[]);
-    let proxy = loopback(port);
+    let config = |port| {
+        Config::new()
+            .filter(adds("z", "x-ran-z", "1"))
+            .filter(Filter::new("canary", "properties.wasm"))
+            .listener(
+                Listener::http("edge", port)
+                    .pipeline(&["z"])
+                    .route(
+                        Route::to("reviews-v2")
+                            .named("reviews")
+                            .matching(r#"prefix = "/reviews""#),
+                    )
+                    .route(
+                        Route::to("app")
+                            .named("open")
+                            .matching(r#"prefix = "/open""#)
+                            .pipeline(&["canary"]),
+                    )
+                    .route(
+                        Route::to("app")
+                            .named("both")
+                            .matching(r#"prefix = "/both""#)
+                            .pipeline(&["z", "canary"]),
+                    ),
+            )
+            .cluster(Cluster::new("app", [app.addr]))
+            .cluster(Cluster::new("reviews-v2", [v2.addr]))
+            .toml()
+    };
+    let (wasp, proxy) =
+        Wasp::start_on_free_port(with_fixtures(TARGET, &["headers", "properties"]), config);
     let client = h1_client();
 
     let (a, b) = (app.requests(), v2.requests());
@@ -561,39 +513,13 @@ async fn a_per_route_roots_callout_is_answered_on_that_root() {
     let app = TestUpstream::start("app").await;
     let authz = TestUpstream::start("authz").await;
     let strict = TestUpstream::start("strict").await;
-    let dir = with_fixtures(TARGET, &["callout"]);
-    let port = free_port();
     // "root:strict" makes the per-route root context of "/strict" call
     // the strict cluster from proxy_on_configure (in every instance and
     // in the root instance); its answer must come back to that root,
     // which logs the plugin configuration it sees.
-    let config = format!(
-        r#"[proxy]
-workers = 1
-[filters.authz]
-module = "callout.wasm"
-config = "authz"
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["authz"]
-  [[listeners.routes]]
-  match = {{ prefix = "/strict" }}
-  cluster = "app"
-  filters.authz.config = "root:strict"
-  [[listeners.routes]]
-  cluster = "app"
-[clusters.app]
-endpoints = ["{}"]
-[clusters.authz]
-endpoints = ["{}"]
-[clusters.strict]
-endpoints = ["{}"]
-"#,
-        app.addr, authz.addr, strict.addr
-    );
-    let wasp = Wasp::start_in(dir, &config, &[]);
-    let proxy = loopback(port);
+    let (wasp, proxy) = Wasp::start_on_free_port(with_fixtures(TARGET, &["callout"]), |port| {
+        callout_config(port, r#""root:strict""#, [&app, &authz, &strict]).toml()
+    });
     let client = h1_client();
     // Streams on both roots, so stream instances exist and answer too.
     for path in ["/", "/strict"] {
@@ -617,26 +543,21 @@ endpoints = ["{}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_moving_a_request_off_every_route_gets_no_route() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
     // `rw` moves every request it sees to a path no route matches.
-    let listener = format!(
-        r#"[filters.rw]
-module = "headers.wasm"
-config = {{ request = {{ replace = {{ ":path" = "/nowhere" }} }} }}
-[[listeners]]
-name = "edge"
-bind = "127.0.0.1:{port}"
-pipeline = ["z"]
-  [[listeners.routes]]
-  name = "moved"
-  match = {{ prefix = "/moved" }}
-  cluster = "app"
-  pipeline = ["rw"]
-"#
-    );
-    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
-    let proxy = loopback(port);
+    let rw = Filter::new("rw", "headers.wasm")
+        .config(r#"{ request = { replace = { ":path" = "/nowhere" } } }"#);
+    let listener = |port| {
+        Listener::http("edge", port).pipeline(&["z"]).route(
+            Route::to("app")
+                .named("moved")
+                .matching(r#"prefix = "/moved""#)
+                .pipeline(&["rw"]),
+        )
+    };
+    let (wasp, proxy) =
+        Wasp::start_on_free_port(with_fixtures(TARGET, &["headers", "isolation"]), |port| {
+            config(listener(port), app.addr).filter(rw).toml()
+        });
     let client = h1_client();
     // Nothing would be forwarded, so nothing is skipped: 404, not 500.
     let r = get(&client, proxy, "app", "/moved").await;
@@ -648,32 +569,25 @@ pipeline = ["z"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_route_root_cannot_change_the_filters_ticks() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["timer"]);
-    let port = free_port();
     // The route's config asks for no ticks from its root context's
     // on_configure (after root 1 asked for 10ms): ignored.
-    let config = format!(
-        r#"[proxy]
-workers = 1
-[filters.tick]
-module = "timer.wasm"
-[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["tick"]
-  [[listeners.routes]]
-  match = {{ prefix = "/quiet" }}
-  cluster = "app"
-  filters.tick.config = "no-ticks"
-  [[listeners.routes]]
-  cluster = "app"
-[clusters.app]
-endpoints = ["{}"]
-"#,
-        app.addr
-    );
-    let wasp = Wasp::start_in(dir, &config, &[]);
-    let proxy = loopback(port);
+    let config = |port| {
+        Config::new()
+            .filter(Filter::new("tick", "timer.wasm"))
+            .listener(
+                Listener::http("inbound", port)
+                    .pipeline(&["tick"])
+                    .route(
+                        Route::to("app")
+                            .matching(r#"prefix = "/quiet""#)
+                            .filter_config("tick", r#""no-ticks""#),
+                    )
+                    .to("app"),
+            )
+            .cluster(Cluster::new("app", [app.addr]))
+            .toml()
+    };
+    let (wasp, proxy) = Wasp::start_on_free_port(with_fixtures(TARGET, &["timer"]), config);
     let client = h1_client();
     let ticks = |r: &Answer| -> u64 {
         r.header("x-ticks")
@@ -698,28 +612,20 @@ endpoints = ["{}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_under_a_per_route_root_spares_the_filters_concurrent_streams() {
     let app = TestUpstream::start("app").await;
-    let dir = with_fixtures(TARGET, &["headers", "isolation"]);
-    let port = free_port();
     // The trapping filter itself has a per-route config on "t"; "s" runs
     // it with its own config, in the same instances, at the same time.
-    let listener = format!(
-        r#"[[listeners]]
-name = "inbound"
-bind = "127.0.0.1:{port}"
-pipeline = ["trap"]
-  [[listeners.routes]]
-  name = "t"
-  match = {{ prefix = "/t" }}
-  cluster = "app"
-  filters.trap.config = {{ configure_ms = 0 }}
-  [[listeners.routes]]
-  name = "s"
-  match = {{ prefix = "/s" }}
-  cluster = "app"
-"#
-    );
-    let wasp = Wasp::start_in(dir, &config(&listener, app.addr), &[]);
-    let proxy = loopback(port);
+    let listener = |port| {
+        Listener::http("inbound", port)
+            .pipeline(&["trap"])
+            .route(
+                Route::to("app")
+                    .named("t")
+                    .matching(r#"prefix = "/t""#)
+                    .filter_config("trap", "{ configure_ms = 0 }"),
+            )
+            .route(Route::to("app").named("s").matching(r#"prefix = "/s""#))
+    };
+    let (wasp, proxy) = start(&app, listener);
     let mut tasks = Vec::new();
     for i in 0..40 {
         tasks.push(tokio::spawn(async move {

@@ -3,9 +3,19 @@
 //!
 //! Everything binds 127.0.0.1 only, every wait is bounded, and every child
 //! process is killed when its handle drops.
+//!
+//! By concern: `config` builds a test's `wasp.toml` (listeners, routes,
+//! filters, clusters); `upstream` the HTTP upstreams; `l4` raw TCP
+//! upstreams, reads and Redis; `netns` network namespaces for the capture
+//! tests; `grpc` the Python gRPC server and the callout proxy around it.
+//! (`otlp.rs`, a trace collector, is included by tests/tracing.rs alone.)
 
 #![allow(dead_code)]
 
+pub mod config;
+pub mod grpc;
+pub mod l4;
+pub mod netns;
 pub mod upstream;
 
 use std::io::Read;
