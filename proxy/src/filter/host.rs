@@ -71,6 +71,10 @@ pub(crate) struct StreamData {
     /// `limits.header_bytes` beyond that, whatever the client or upstream
     /// sent (up to its own limits) and the core added.
     pub received: [(usize, usize); 2],
+    /// Entries and bytes of the request and response header maps as they
+    /// are now: set with `received` and kept current by every edit
+    /// (`abi::headers`), so a limit check does not walk the map.
+    pub usage: [(usize, usize); 2],
     /// The request / response head has gone on (its header callbacks are
     /// done): its header map can no longer change (BAD_ARGUMENT, as Envoy).
     pub heads_sent: [bool; 2],
@@ -90,6 +94,7 @@ impl StreamData {
             info,
             req: None,
             received: [(0, 0); 2],
+            usage: [(0, 0); 2],
             heads_sent: [false; 2],
             req_trailers: None,
             resp: None,

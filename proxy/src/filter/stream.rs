@@ -518,6 +518,7 @@ impl StreamFilters {
         }
         if let Some(d) = self.data.as_deref_mut() {
             d.received[0] = map_usage(&head.headers);
+            d.usage[0] = d.received[0];
             d.req = Some(ReqHead {
                 method: head.method.clone(),
                 uri: head.uri.clone(),
@@ -552,6 +553,7 @@ impl StreamFilters {
         }
         if let Some(d) = self.data.as_deref_mut() {
             d.received[1] = map_usage(&head.headers);
+            d.usage[1] = d.received[1];
             d.resp = Some(RespHead {
                 status: head.status,
                 headers: std::mem::take(&mut head.headers),
@@ -985,6 +987,7 @@ impl StreamFilters {
         if let Some(d) = self.data.as_deref_mut() {
             d.error_code = Some(code);
             d.heads_sent = [true; 2];
+            d.usage[1] = map_usage(resp.headers());
             d.resp = Some(RespHead {
                 status: resp.status(),
                 headers: resp.headers().clone(),

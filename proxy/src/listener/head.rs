@@ -103,10 +103,7 @@ impl EndScan {
     /// scanned); returns the head's length once its blank line is there.
     fn feed(&mut self, head: &[u8]) -> Option<usize> {
         let new = head.get(self.scanned..)?;
-        for (i, b) in new.iter().enumerate() {
-            if *b != b'\n' {
-                continue;
-            }
+        for i in memchr::memchr_iter(b'\n', new) {
             let at = self.scanned + i;
             let line = head.get(self.line_start..at).unwrap_or_default();
             // The request line is never empty (empty lines before it are
@@ -122,10 +119,24 @@ impl EndScan {
     }
 }
 
-/// Splits a head into lines without their line ending.
+/// Splits a head into lines without their line ending (as
+/// `split(|b| *b == b'\n')` would, the empty piece after a final LF too).
 fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
-    head.split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+    let mut rest = Some(head);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        let line = match memchr::memchr(b'\n', r) {
+            Some(i) => {
+                rest = r.get(i + 1..);
+                r.get(..i).unwrap_or_default()
+            }
+            None => {
+                rest = None;
+                r
+            }
+        };
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    })
 }
 
 fn trim(mut v: &[u8]) -> &[u8] {
@@ -154,7 +165,7 @@ fn framing(head: &[u8]) -> Result<BodyLen, &'static str> {
             malformed = true;
             continue;
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             malformed = true;
             continue;
         };
@@ -192,9 +203,7 @@ fn framing(head: &[u8]) -> Result<BodyLen, &'static str> {
 /// did not parse, so TE with an invalid CL is still the smuggling shape).
 fn has_length_name(head: &[u8]) -> bool {
     lines(head).skip(1).any(|l| {
-        l.iter()
-            .position(|b| *b == b':')
-            .is_some_and(|c| l[..c].eq_ignore_ascii_case(b"content-length"))
+        memchr::memchr(b':', l).is_some_and(|c| l[..c].eq_ignore_ascii_case(b"content-length"))
     })
 }
 

@@ -287,10 +287,15 @@ fn value<'h>(h: &'h Host, map: i32, key: &[u8]) -> Option<&'h [u8]> {
 
 /// A mutable header map of the loaded stream.
 enum MapMut<'a> {
-    Req(&'a mut ReqHead),
-    Resp(&'a mut RespHead),
+    /// With the map's running entries and bytes (`StreamData::usage`).
+    Req(&'a mut ReqHead, &'a mut Usage),
+    Resp(&'a mut RespHead, &'a mut Usage),
+    /// Trailers: no running total kept (rare; walked when edited).
     Plain(&'a mut HeaderMap),
 }
+
+/// Entries and bytes (names plus values) of a header map.
+type Usage = (usize, usize);
 
 /// A request or response header map whose head has already gone on (the
 /// upstream or the client has it): changing it would change nothing, so
@@ -323,9 +328,10 @@ fn sent(h: &Host, map: i32) -> bool {
 /// The map and the filter's interned names and values to write into it.
 fn map_mut(h: &mut Host, map: i32) -> Option<(MapMut<'_>, &mut Interned)> {
     let (s, interned) = h.stream_and_interned()?;
+    let [req_usage, resp_usage] = &mut s.usage;
     let m = match map {
-        REQUEST_HEADERS => s.req.as_mut().map(MapMut::Req),
-        RESPONSE_HEADERS => s.resp.as_mut().map(MapMut::Resp),
+        REQUEST_HEADERS => s.req.as_mut().map(|r| MapMut::Req(r, req_usage)),
+        RESPONSE_HEADERS => s.resp.as_mut().map(|r| MapMut::Resp(r, resp_usage)),
         REQUEST_TRAILERS => s.req_trailers.as_mut().map(MapMut::Plain),
         RESPONSE_TRAILERS => s.resp_trailers.as_mut().map(MapMut::Plain),
         _ => None,
@@ -383,6 +389,7 @@ fn grows_past(before: (usize, usize), after: (usize, usize), caps: Caps) -> Opti
 
 fn set_pseudo_req(
     req: &mut ReqHead,
+    usage: &mut Usage,
     key: &[u8],
     value: &[u8],
     caps: Caps,
@@ -412,6 +419,7 @@ fn set_pseudo_req(
         {
             apply_plain(
                 &mut req.headers,
+                Some(usage),
                 Op::Replace,
                 b"host",
                 value,
@@ -432,8 +440,11 @@ fn set_pseudo_req(
     Ok(())
 }
 
+/// One edit of `h`. `usage` is the map's running (entries, bytes), kept
+/// current here; without one (trailers) the map is walked.
 fn apply_plain(
     h: &mut HeaderMap,
+    usage: Option<&mut Usage>,
     op: Op,
     key: &[u8],
     value: &[u8],
@@ -447,8 +458,24 @@ fn apply_plain(
         tracing::debug!(%key, "filter used an invalid header name; ignored");
         return Ok(());
     };
+    // What the entries of this name hold now (replaced or removed).
+    let existing = |h: &HeaderMap| {
+        h.get_all(&name).iter().fold((0usize, 0usize), |(n, b), v| {
+            (
+                n.saturating_add(1),
+                b.saturating_add(name.as_str().len().saturating_add(v.len())),
+            )
+        })
+    };
     if op == Op::Remove {
-        h.remove(&name);
+        if let Some(u) = usage {
+            let (n, b) = existing(h);
+            *u = (u.0.saturating_sub(n), u.1.saturating_sub(b));
+            h.remove(&name);
+            debug_assert_eq!(*u, map_usage(h), "a header map's running usage drifted");
+        } else {
+            h.remove(&name);
+        }
         return Ok(());
     }
     let Some(v) = interned.value(value) else {
@@ -456,14 +483,15 @@ fn apply_plain(
         tracing::debug!(key, "filter used an invalid header value; ignored");
         return Ok(());
     };
-    let before = map_usage(h);
+    let before = match &usage {
+        Some(u) => **u,
+        None => map_usage(h),
+    };
     let added = name.as_str().len().saturating_add(v.len());
     let after = if op == Op::Add {
         (before.0.saturating_add(1), before.1.saturating_add(added))
     } else {
-        let (n, b) = h.get_all(&name).iter().fold((0usize, 0usize), |(n, b), v| {
-            (n + 1, b.saturating_add(name.as_str().len() + v.len()))
-        });
+        let (n, b) = existing(h);
         (
             before.0.saturating_sub(n).saturating_add(1),
             before.1.saturating_sub(b).saturating_add(added),
@@ -478,7 +506,12 @@ fn apply_plain(
     } else {
         h.try_insert(name, v).map(|_| ())
     };
-    r.map_err(|_| Limit::Headers)
+    r.map_err(|_| Limit::Headers)?;
+    if let Some(u) = usage {
+        *u = after;
+        debug_assert_eq!(*u, map_usage(h), "a header map's running usage drifted");
+    }
+    Ok(())
 }
 
 fn apply(
@@ -491,17 +524,18 @@ fn apply(
 ) -> Result<(), Limit> {
     let pseudo = key.first() == Some(&b':');
     match m {
-        MapMut::Req(req) => {
+        MapMut::Req(req, usage) => {
             if pseudo {
                 if op != Op::Remove {
-                    set_pseudo_req(req, key, value, caps, interned)?;
+                    set_pseudo_req(req, usage, key, value, caps, interned)?;
                 }
                 Ok(())
             } else {
-                apply_plain(&mut req.headers, op, key, value, caps, interned)
+                let usage = Some(&mut **usage);
+                apply_plain(&mut req.headers, usage, op, key, value, caps, interned)
             }
         }
-        MapMut::Resp(resp) => {
+        MapMut::Resp(resp, usage) => {
             if key.eq_ignore_ascii_case(b":status") {
                 if op != Op::Remove {
                     if let Ok(s) = StatusCode::from_bytes(value) {
@@ -510,14 +544,15 @@ fn apply(
                 }
                 Ok(())
             } else if !pseudo {
-                apply_plain(&mut resp.headers, op, key, value, caps, interned)
+                let usage = Some(&mut **usage);
+                apply_plain(&mut resp.headers, usage, op, key, value, caps, interned)
             } else {
                 Ok(())
             }
         }
         MapMut::Plain(h) => {
             if !pseudo {
-                apply_plain(h, op, key, value, caps, interned)
+                apply_plain(h, None, op, key, value, caps, interned)
             } else {
                 Ok(())
             }
@@ -526,11 +561,24 @@ fn apply(
 }
 
 impl MapMut<'_> {
-    fn headers(&mut self) -> &mut HeaderMap {
+    fn usage(&self) -> Usage {
         match self {
-            MapMut::Req(r) => &mut r.headers,
-            MapMut::Resp(r) => &mut r.headers,
-            MapMut::Plain(h) => h,
+            MapMut::Req(_, u) | MapMut::Resp(_, u) => **u,
+            MapMut::Plain(h) => map_usage(h),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            MapMut::Req(r, u) => {
+                r.headers.clear();
+                **u = (0, 0);
+            }
+            MapMut::Resp(r, u) => {
+                r.headers.clear();
+                **u = (0, 0);
+            }
+            MapMut::Plain(h) => h.clear(),
         }
     }
 }
@@ -579,7 +627,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
     let caps = Caps::of(c.data(), map);
     // The map may be replaced by one as big as the caps, or as the map it
     // replaces (a filter may write back what it read).
-    let current = map_mut(c.data_mut(), map).map(|(mut m, _)| map_usage(m.headers()));
+    let current = map_mut(c.data_mut(), map).map(|(m, _)| m.usage());
     let (cur_count, cur_bytes) = current.unwrap_or((0, 0));
     let max_count = caps.count.max(cur_count).saturating_add(4);
     let max_len = serialized_bound(max_count, caps.bytes.max(cur_bytes).saturating_add(4 << 10));
@@ -617,7 +665,7 @@ pub(crate) fn set_pairs(c: &mut Caller<'_, Host>, map: i32, ptr: i32, len: i32) 
             count: usize::MAX,
             bytes: usize::MAX,
         };
-        m.headers().clear();
+        m.clear();
         for (k, v) in &pairs {
             let op = if k.starts_with(':') {
                 Op::Replace
