@@ -853,6 +853,105 @@ mod unit {
         assert_eq!(h.get("X-Seen").map(|v| v.as_bytes()), Some(&b"1"[..]));
     }
 
+    /// The running (entries, bytes) kept per edit must equal a walk of the
+    /// map after every kind of edit: a drift would let a filter past
+    /// `limits.headers`/`header_bytes` or refuse it too early. Checked here
+    /// directly, since the debug assertion inside a host call only fails
+    /// the request it runs in.
+    #[test]
+    fn running_header_totals_follow_every_edit_and_hold_at_the_caps() {
+        let mut h = HeaderMap::new();
+        h.append("a", http::HeaderValue::from_static("1"));
+        h.append("a", http::HeaderValue::from_static("22"));
+        h.append("b", http::HeaderValue::from_static("333"));
+        let mut usage = map_usage(&h);
+        let mut interned = Interned::default();
+        let roomy = Caps {
+            count: 100,
+            bytes: 10_000,
+        };
+        let steps: [(Op, &[u8], &[u8]); 8] = [
+            (Op::Add, b"c", b"4444"),
+            (Op::Add, b"A", b"x"),
+            (Op::Replace, b"a", b"only"),
+            (Op::Remove, b"b", b""),
+            (Op::Remove, b"missing", b""),
+            (Op::Replace, b"new", b"v"),
+            (Op::Add, b"bad name", b"v"),
+            (Op::Add, b"d", b"bad\nvalue"),
+        ];
+        for (op, k, v) in steps {
+            assert_eq!(
+                apply_plain(&mut h, Some(&mut usage), op, k, v, roomy, &mut interned),
+                Ok(())
+            );
+            assert_eq!(
+                usage,
+                map_usage(&h),
+                "after {:?}",
+                String::from_utf8_lossy(k)
+            );
+        }
+        // At the entry cap: removing k entries makes room for exactly k.
+        let at = usage;
+        let tight = Caps {
+            count: at.0,
+            bytes: 10_000,
+        };
+        let edit = |h: &mut HeaderMap, u: &mut Usage, i: &mut Interned, op, k: &[u8]| {
+            apply_plain(h, Some(u), op, k, b"z", tight, i)
+        };
+        assert_eq!(
+            edit(&mut h, &mut usage, &mut interned, Op::Add, b"e"),
+            Err(Limit::Headers)
+        );
+        assert_eq!(usage, map_usage(&h), "a refused add changes nothing");
+        assert_eq!(
+            edit(&mut h, &mut usage, &mut interned, Op::Remove, b"c"),
+            Ok(())
+        );
+        assert_eq!(
+            edit(&mut h, &mut usage, &mut interned, Op::Add, b"e"),
+            Ok(())
+        );
+        assert_eq!(
+            edit(&mut h, &mut usage, &mut interned, Op::Add, b"f"),
+            Err(Limit::Headers)
+        );
+        assert_eq!(usage, map_usage(&h));
+        // At the byte cap: a replace that grows the map past it is refused,
+        // one that shrinks it is not.
+        let bytes = Caps {
+            count: 100,
+            bytes: usage.1,
+        };
+        assert_eq!(
+            apply_plain(
+                &mut h,
+                Some(&mut usage),
+                Op::Replace,
+                b"a",
+                b"longer",
+                bytes,
+                &mut interned
+            ),
+            Err(Limit::HeaderBytes)
+        );
+        assert_eq!(
+            apply_plain(
+                &mut h,
+                Some(&mut usage),
+                Op::Replace,
+                b"a",
+                b"",
+                bytes,
+                &mut interned
+            ),
+            Ok(())
+        );
+        assert_eq!(usage, map_usage(&h));
+    }
+
     #[test]
     fn malformed_maps_are_rejected() {
         assert_eq!(deserialize(&[5, 0, 0, 0, 1], 9), Err(MapError::Malformed));
