@@ -35,7 +35,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed};
-use super::filtered::{FilteredBody, SharedChain, Side};
+use super::filtered::{FilteredBody, Framing, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -86,8 +86,27 @@ where
     let routed = route(&mut parts, ctx, chain, log)?;
     let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
     rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
-    let (body, kept) =
-        request_body(body, &parts, &routed, ctx, chain, clock.clone(), upgrade).await?;
+    let (body, kept) = match request_body(
+        body,
+        &mut parts,
+        &routed,
+        ctx,
+        chain,
+        clock.clone(),
+        upgrade,
+    )
+    .await
+    {
+        Ok(b) => b,
+        // A filter answered (or failed) on the body while the head was
+        // held for it.
+        Err(e) => {
+            return match chain.and_then(SharedChain::take_local) {
+                Some(local) => Ok(filter_answer(local, chain).await),
+                None => Err(e),
+            }
+        }
+    };
     if let Some(t) = &mut trace {
         // The client span's context goes upstream as `traceparent`.
         t.upstream_start(
@@ -98,6 +117,8 @@ where
             &parts.uri,
         );
     }
+    let head_request = parts.method == http::Method::HEAD;
+    let endpoint = picked.addr;
     let sent = send(&routed, picked, parts, body, kept, clock.as_deref(), chain).await;
     if let Some(t) = &mut trace {
         t.upstream_end(
@@ -122,8 +143,14 @@ where
     if let Some(clock) = &clock {
         clock.response_started();
     }
-    let switching = switch_protocols(&mut resp, downstream_upgrade, ctx);
-    Ok(respond(resp, admission, switching, via, ctx, chain, clock).await)
+    let exchange = Exchange {
+        switching: switch_protocols(&mut resp, downstream_upgrade, ctx),
+        via,
+        head_request,
+        cluster: &routed.upstream.name,
+        endpoint,
+    };
+    respond(resp, admission, exchange, ctx, chain, clock).await
 }
 
 /// Phase 1: shapes of request the proxy refuses, the stream's deadlines,
@@ -481,10 +508,12 @@ pub(super) fn rewrite(
 
 /// Phase 4c: the body to send, and a copy kept for retries when the route
 /// retries and the body is small enough to read whole first (empty bodies
-/// are always kept); otherwise it streams through the filters.
+/// are always kept); otherwise it streams through the filters. A body with
+/// a declared length that a filter may resize holds the head until its
+/// first chunk went through them ([`hold_for_body`]).
 pub(super) async fn request_body<B>(
     body: B,
-    parts: &http::request::Parts,
+    parts: &mut http::request::Parts,
     routed: &Routed<'_>,
     ctx: &Ctx<'_>,
     chain: Option<&SharedChain>,
@@ -502,7 +531,23 @@ where
     if !body::should_keep_body(policy, parts, empty, upgrade, chain.is_some()) {
         let kept = empty.then(Bytes::new);
         let body = match chain {
-            Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
+            Some(c) => {
+                let mut filtered = Box::pin(FilteredBody::new(body, c.clone(), Side::Request));
+                let held = !empty && !upgrade;
+                if let Some(declared) = hold_for_body(held, &parts.headers, c, Side::Request) {
+                    // hyper answers a client's `Expect: 100-continue` when
+                    // the body is first polled: here.
+                    let framing = filtered
+                        .as_mut()
+                        .prime()
+                        .await
+                        .map_err(|e| body::body_error(&*e))?;
+                    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+                        filtered.as_mut().declare(n);
+                    }
+                }
+                filtered.boxed_unsync()
+            }
             None => body.boxed_unsync(),
         };
         return Ok((body, kept));
@@ -583,36 +628,94 @@ pub(super) fn switch_protocols(
     switching
 }
 
+/// Whether to hold a head until its body's first chunk went through the
+/// filters, and the length it declares: only a message that has a body
+/// (`has_body`) with one declared `content-length`, when a filter of the
+/// chain has a body callback for it (so may change its length). Streams
+/// without a declared length (chunked, SSE, h2 without one) never wait.
+fn hold_for_body(
+    has_body: bool,
+    head: &http::HeaderMap,
+    chain: &SharedChain,
+    side: Side,
+) -> Option<u64> {
+    if !has_body {
+        return None;
+    }
+    let declared = headers::declared_length(head)?;
+    chain.has_body_callback(side).then_some(declared)
+}
+
+/// What the response phase knows of the exchange it answers.
+pub(super) struct Exchange<'a> {
+    /// A 101 to an upgrade: the connections become a tunnel.
+    pub switching: bool,
+    pub via: &'static str,
+    /// The request was HEAD: its answer has no body, whatever it declares.
+    pub head_request: bool,
+    pub cluster: &'a str,
+    pub endpoint: std::net::SocketAddr,
+}
+
 /// Phase 5: the response on its way back: clean headers, the
 /// response-header filters (which may answer instead), and the body's
-/// filters, deadlines and the admission it holds until it ends.
+/// filters, deadlines and the admission it holds until it ends. A body
+/// with a declared length that a filter may resize holds the head until
+/// its first chunk went through the filters, under the stream's
+/// deadlines; the head is then framed by what they made of it
+/// (`headers::reframe`).
 pub(super) async fn respond<R>(
     resp: Response<R>,
     mut admission: Admission,
-    switching: bool,
-    via: &'static str,
+    x: Exchange<'_>,
     ctx: &Ctx<'_>,
     chain: Option<&SharedChain>,
     clock: Option<Arc<StreamClock>>,
-) -> Response<ProxyBody>
+) -> Result<Response<ProxyBody>, ProxyError>
 where
     R: Body<Data = Bytes> + Send + 'static,
     R::Error: Into<BoxError>,
 {
+    let switching = x.switching;
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switching);
-    headers::append_via(&mut parts.headers, via);
+    headers::append_via(&mut parts.headers, x.via);
     // The request counts against max_requests until its response ends.
     admission.headers_received();
     let body = Tracked::new(body, move |_| drop(admission));
     let body = match chain {
         Some(chain) if !switching => {
+            let end = body.is_end_stream();
             // Boxed for the same reason as in `request_filters`.
-            let verdict = Box::pin(chain.response_headers(&mut parts, body.is_end_stream())).await;
+            let verdict = Box::pin(chain.response_headers(&mut parts, end)).await;
             if let Some(Verdict::Respond(resp)) = verdict {
-                return error::boxed(resp);
+                return Ok(error::boxed(resp));
             }
-            FilteredBody::new(body, chain.clone(), Side::Response).boxed_unsync()
+            let status = parts.status;
+            let has_body = !end
+                && !x.head_request
+                && !status.is_informational()
+                && status != http::StatusCode::NO_CONTENT
+                && status != http::StatusCode::NOT_MODIFIED;
+            let mut filtered = Box::pin(FilteredBody::new(body, chain.clone(), Side::Response));
+            if let Some(declared) = hold_for_body(has_body, &parts.headers, chain, Side::Response) {
+                let framing =
+                    match Box::pin(prime_response(filtered.as_mut(), clock.as_deref(), &x)).await {
+                        Ok(framing) => framing,
+                        Err(e) => {
+                            // The head is still ours: a filter's answer (or a
+                            // buffer over its limit) replaces the upstream's.
+                            return match chain.take_local() {
+                                Some(local) => Ok(error::boxed(local)),
+                                None => Err(e),
+                            };
+                        }
+                    };
+                if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+                    filtered.as_mut().declare(n);
+                }
+            }
+            filtered.boxed_unsync()
         }
         _ => body.map_err(Into::into).boxed_unsync(),
     };
@@ -622,7 +725,43 @@ where
         }
         _ => body,
     };
-    Response::from_parts(parts, body)
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Runs the response body through the filters until its first frame comes
+/// out, under the stream's deadlines: an upstream that sends its head and
+/// stalls (or a filter that buffers a body that stops coming) is answered
+/// 504 `upstream_timeout` when `stream_idle_timeout` passes.
+async fn prime_response<B>(
+    body: std::pin::Pin<&mut FilteredBody<B>>,
+    clock: Option<&StreamClock>,
+    x: &Exchange<'_>,
+) -> Result<Framing, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let reset = |e: BoxError| ProxyError::UpstreamReset {
+        cluster: x.cluster.to_string(),
+        addr: x.endpoint,
+        reason: format!("response body: {e}"),
+    };
+    let Some(clock) = clock else {
+        return body.prime().await.map_err(reset);
+    };
+    let framing = tokio::select! {
+        primed = body.prime() => primed.map_err(reset)?,
+        cut = clock.expired() => return Err(match cut {
+            Cut::Idle(after) => ProxyError::UpstreamTimeout {
+                cluster: x.cluster.to_string(),
+                addr: x.endpoint,
+                after,
+            },
+            cut => ProxyError::Cut(cut),
+        }),
+    };
+    clock.touch();
+    Ok(framing)
 }
 
 /// Rejects shapes of request that hyper lets through but a proxy must not
