@@ -638,3 +638,203 @@ async fn a_response_body_answer_cuts_a_stream_and_replaces_a_local_reply() {
     assert_eq!(r.body, "too late\n");
     drop(wasp);
 }
+
+// ---- recomputed framing (issue 18): the `redact` fixture rewrites `secret`
+// in bodies without removing `content-length` in its header callbacks, as
+// body_redact-style filters written for Envoy do.
+
+/// The filters of the framing tests: one `redact` per mode (see its docs).
+const REDACT_FILTERS: &str = r#"
+[filters.grow_buffer]
+module = "redact.wasm"
+config = "grow buffer response"
+[filters.shrink_buffer]
+module = "redact.wasm"
+config = "shrink buffer response"
+[filters.grow_stream]
+module = "redact.wasm"
+config = "grow stream response"
+[filters.req_grow]
+module = "redact.wasm"
+config = "grow buffer request"
+[filters.req_shrink_stream]
+module = "redact.wasm"
+config = "shrink stream request"
+"#;
+
+/// A listener named `name` through `filter` to `cluster`, with `limits`.
+fn framing_listener(name: &str, port: u16, filter: &str, cluster: &str, limits: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"{filter}\"]\n{limits}\n  [[listeners.routes]]\n  name = \"{name}-main\"\n  cluster = \"{cluster}\"\n"
+    )
+}
+
+/// One HTTP/1.1 response read from a kept-alive connection: its head
+/// (lower-cased) and its body as its framing delimits it (none when
+/// `no_body`, as for HEAD); bytes past it stay in `pending`.
+async fn read_response(
+    s: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+    no_body: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..i + 4]).to_lowercase();
+                pending.drain(..i + 4);
+                if no_body || head.starts_with("http/1.1 100") {
+                    return (head, Vec::new());
+                }
+                if let Some(n) = content_length(&head).and_then(|n| n.parse::<usize>().ok()) {
+                    while pending.len() < n {
+                        let k = s.read(&mut buf).await.unwrap();
+                        assert!(
+                            k > 0,
+                            "connection closed inside a body of {n} bytes: {head}"
+                        );
+                        pending.extend_from_slice(&buf[..k]);
+                    }
+                    let body = pending.drain(..n).collect();
+                    return (head, body);
+                }
+                assert!(head.contains("transfer-encoding: chunked"), "{head}");
+                loop {
+                    let end = if pending.starts_with(b"0\r\n\r\n") {
+                        Some(5)
+                    } else {
+                        pending
+                            .windows(7)
+                            .position(|w| w == b"\r\n0\r\n\r\n")
+                            .map(|i| i + 7)
+                    };
+                    if let Some(end) = end {
+                        let body = dechunk(&pending[..end]);
+                        pending.drain(..end);
+                        return (head, body);
+                    }
+                    let k = s.read(&mut buf).await.unwrap();
+                    assert!(k > 0, "connection closed inside a chunked body: {head}");
+                    pending.extend_from_slice(&buf[..k]);
+                }
+            }
+            let k = s.read(&mut buf).await.unwrap();
+            assert!(k > 0, "connection closed before a response head");
+            pending.extend_from_slice(&buf[..k]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no whole response within 10 s")
+}
+
+/// A POST of `body` to `path` with its `content-length`, kept alive.
+fn post_raw(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A filter that changes a body's length without removing its
+/// `content-length`: when the body ends while its head is held (a filter
+/// buffering it to the end), the head goes with the new length, so the
+/// client reads exactly the body and the kept-alive connection serves the
+/// next request; the upstream likewise gets the request with its new
+/// length (the echo answers with the length it received), also after an
+/// `Expect: 100-continue` (the hold is what asks the client for its body).
+/// A filter that changes the first chunk of a longer body drops the length
+/// (chunked), and a body the filter leaves alone keeps its length and bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_length_changes_are_reframed_in_both_directions() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let config = format!(
+        "{REDACT_FILTERS}\n{}{}{}{}\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        framing_listener("grow", ports[0], "grow_buffer", "app", ""),
+        framing_listener("shrink", ports[1], "shrink_buffer", "app", ""),
+        framing_listener("req-grow", ports[2], "req_grow", "app", ""),
+        framing_listener("req-shrink", ports[3], "req_shrink_stream", "app", ""),
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let connect = |i: usize| tokio::net::TcpStream::connect(loopback(ports[i]));
+
+    // Response buffered to its end, grown then shrunk; two requests on one
+    // connection each.
+    for (i, expected) in [(0, "my [REDACTED] is a [REDACTED]"), (1, "my [r] is a [r]")] {
+        let mut s = connect(i).await.unwrap();
+        let mut pending = Vec::new();
+        for round in 0..2 {
+            s.write_all(&post_raw("/echo", "my secret is a secret"))
+                .await
+                .unwrap();
+            let (head, body) = read_response(&mut s, &mut pending, false).await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len = expected.len().to_string();
+            assert_eq!(
+                content_length(&head),
+                Some(len.as_str()),
+                "round {round}: {head}"
+            );
+            assert_eq!(String::from_utf8_lossy(&body), expected, "round {round}");
+        }
+        // Untouched: same length, same bytes.
+        s.write_all(&post_raw("/echo", "nothing to hide"))
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(content_length(&head), Some("15"), "{head}");
+        assert_eq!(body, b"nothing to hide");
+    }
+
+    // Request buffered to its end and grown: the upstream got the new
+    // length (its echo answers with it), with and without 100-continue.
+    let mut s = connect(2).await.unwrap();
+    let mut pending = Vec::new();
+    s.write_all(&post_raw("/echo", "a secret")).await.unwrap();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(
+        content_length(&head),
+        Some("12"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert_eq!(body, b"a [REDACTED]");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 8\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut s, &mut pending, false).await;
+    assert!(head.starts_with("http/1.1 100"), "{head}");
+    s.write_all(b"a secret").await.unwrap();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(content_length(&head), Some("12"), "{head}");
+    assert_eq!(body, b"a [REDACTED]");
+
+    // Request changed in its first chunk of two: the length goes, the
+    // upstream reads it chunked (and echoes it chunked).
+    let mut s = connect(3).await.unwrap();
+    let mut pending = Vec::new();
+    let (first, second) = ("a secret; ", "another secret");
+    s.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n{first}",
+            first.len() + second.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(second.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(content_length(&head), None, "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), "a [r]; another [r]");
+    drop(wasp);
+}
