@@ -379,6 +379,8 @@ fn a_filter_whose_configure_fails_stops_startup_with_its_name() {
 enum Step {
     Send(Vec<u8>),
     Wait,
+    /// Lets what was sent go out as its own chunk.
+    Sleep(u64),
 }
 
 async fn scripted_upstream(
@@ -409,6 +411,7 @@ async fn scripted_upstream(
                                 return;
                             }
                         }
+                        Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
                         Step::Wait => {
                             let _ =
                                 tokio::time::timeout(Duration::from_secs(10), head_seen.notified())
@@ -836,5 +839,168 @@ async fn body_length_changes_are_reframed_in_both_directions() {
     let (head, body) = read_response(&mut s, &mut pending, false).await;
     assert_eq!(content_length(&head), None, "{head}");
     assert_eq!(String::from_utf8_lossy(&body), "a [r]; another [r]");
+    drop(wasp);
+}
+
+/// Responses from a scripted upstream through `redact`: a length change in
+/// the first chunk of a longer body drops the length (chunked to an h1
+/// client, no length to an h2 client) and the head goes before the rest of
+/// the body (the upstream sends it only once the client has the head); a
+/// change after the head went with its length is cut at that length (the
+/// client never reads more than declared), counted and logged with the
+/// filter's name; HEAD and 304 keep what they declared; a filter
+/// buffering past the body limit is answered 413 `body_too_large` (the
+/// head was still wasp's); an upstream that sends a head and stalls while
+/// the filter buffers is answered 504 `upstream_timeout` at
+/// `stream_idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_framing_follows_what_the_filters_made_of_the_body() {
+    fn script(path: &str) -> Vec<Step> {
+        let head =
+            |h: &str| Step::Send(format!("HTTP/1.1 {h}\r\nConnection: close\r\n\r\n").into_bytes());
+        match path {
+            // 9 + 13 bytes; the rest once the client has the head.
+            "/multi" => vec![
+                head("200 OK\r\nContent-Length: 22"),
+                Step::Send(b"a secret\n".to_vec()),
+                Step::Wait,
+                Step::Send(b"and the rest\n".to_vec()),
+            ],
+            // 13 + 9 bytes: the first chunk unchanged, the second grown.
+            "/late-grow" => vec![
+                head("200 OK\r\nContent-Length: 22"),
+                Step::Send(b"nothing here\n".to_vec()),
+                Step::Wait,
+                Step::Send(b"a secret\n".to_vec()),
+            ],
+            "/big" => {
+                let mut steps = vec![head("200 OK\r\nContent-Length: 4096")];
+                for _ in 0..4 {
+                    steps.push(Step::Send(vec![b'x'; 1024]));
+                    steps.push(Step::Sleep(50));
+                }
+                steps
+            }
+            // The rest never comes (the notify below is never given).
+            "/stall" => vec![
+                head("200 OK\r\nContent-Length: 10"),
+                Step::Send(b"sec".to_vec()),
+                Step::Wait,
+            ],
+            "/not-modified" => vec![head("304 Not Modified\r\nContent-Length: 7\r\nETag: \"v\"")],
+            _ => vec![head("200 OK\r\nContent-Length: 1234")],
+        }
+    }
+    const SMALL: &str = r#"limits = { max_body_bytes = "1KiB" }"#;
+    let head_seen = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = scripted_upstream(script, head_seen.clone()).await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let config = format!(
+        "{REDACT_FILTERS}\n{}{}{}\n[clusters.script]\nendpoints = [\"{up}\"]\n",
+        // The filters' buffer limit is the largest listener's.
+        framing_listener("stream", ports[0], "grow_stream", "script", SMALL),
+        framing_listener("small", ports[1], "grow_buffer", "script", SMALL),
+        framing_listener(
+            "stall",
+            ports[2],
+            "grow_buffer",
+            "script",
+            r#"limits = { max_body_bytes = "1KiB", stream_idle_timeout = "1s" }"#
+        ),
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let (stream, small, stall) = (loopback(ports[0]), loopback(ports[1]), loopback(ports[2]));
+
+    let (head, body) = raw_get(stream, "GET", "/multi", Some(&head_seen))
+        .await
+        .unwrap_or_else(|| panic!("no head before the rest of the body\n{}", wasp.log_text()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(content_length(&head), None, "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "a [REDACTED]\nand the rest\n"
+    );
+
+    // The same to an h2 client: no length, the whole body.
+    let client = h2_client();
+    let req = http::Request::get(format!("http://{stream}/multi"))
+        .header("host", "app")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .expect("h2: no head before the rest of the body")
+        .expect("h2 request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
+    head_seen.notify_one();
+    use http_body_util::BodyExt;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("h2 body")
+        .to_bytes();
+    assert_eq!(&body[..], b"a [REDACTED]\nand the rest\n");
+
+    // Grown after the head went with its length: cut there, reported.
+    let (head, body) = raw_get(stream, "GET", "/late-grow", Some(&head_seen))
+        .await
+        .expect("late-grow head");
+    assert_eq!(content_length(&head), Some("22"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), "nothing here\na [REDACT");
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_filter_misframed_bodies_total",
+            &["filter=\"grow_stream\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        wasp.log_text().contains("grow_stream")
+            && wasp.log_text().contains("changed the length of a body"),
+        "{}",
+        wasp.log_text()
+    );
+
+    // No body, whatever the head declares.
+    let (head, body) = raw_get(stream, "HEAD", "/head", None).await.expect("HEAD");
+    assert_eq!(content_length(&head), Some("1234"), "{head}");
+    assert!(body.is_empty());
+    let (head, body) = raw_get(stream, "GET", "/not-modified", None)
+        .await
+        .expect("304");
+    assert!(head.starts_with("http/1.1 304"), "{head}");
+    assert_eq!(content_length(&head), Some("7"), "{head}");
+    assert!(body.is_empty());
+
+    // Buffered past the limit while the head is held.
+    let (head, _) = raw_get(small, "GET", "/big", None).await.expect("big");
+    assert!(
+        head.starts_with("http/1.1 413"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert!(head.contains("x-wasp-error: body_too_large"), "{head}");
+
+    // Head, three bytes, then nothing: bounded by stream_idle_timeout.
+    let started = Instant::now();
+    let (head, _) = raw_get(stall, "GET", "/stall", None).await.expect("stall");
+    assert!(
+        head.starts_with("http/1.1 504"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert!(head.contains("x-wasp-error: upstream_timeout"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
     drop(wasp);
 }
