@@ -599,8 +599,11 @@ async fn response_framing_through_a_filter_is_the_upstreams() {
 }
 
 /// A response body callback that answers: on a streamed upstream answer
-/// the head is the upstream's, so the stream is cut (never a made-up 502); on a filter's local reply (whose head is
-/// still held) its answer replaces the reply, as the contract says.
+/// (no declared length) the head is the upstream's, so the stream is cut
+/// (never a made-up 502); on an answer with a declared length whose body
+/// ended while its head was held for the filters, and on a filter's local
+/// reply (whose head is still held), its answer replaces the response, as
+/// the contract says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_answer_cuts_a_stream_and_replaces_a_local_reply() {
     let app = TestUpstream::start("app").await;
@@ -621,10 +624,10 @@ async fn a_response_body_answer_cuts_a_stream_and_replaces_a_local_reply() {
             .body(Full::new(Bytes::new()))
             .unwrap()
     };
-    // The upstream's answer streams: the stream is cut (hyper may not have
-    // flushed the 200 yet, then the connection just ends), never answered
-    // with a status of the proxy's making.
-    match client.request(late("/streamed")).await {
+    // The upstream's answer streams (chunked, then trailers): the stream is
+    // cut (hyper may not have flushed the 200 yet, then the connection just
+    // ends), never answered with a status of the proxy's making.
+    match client.request(late("/grpc")).await {
         Ok(r) => {
             assert_eq!(r.status(), 200, "{r:?}\n{}", wasp.log_text());
             assert_eq!(r.headers().get("x-wasp-error"), None);
@@ -634,6 +637,11 @@ async fn a_response_body_answer_cuts_a_stream_and_replaces_a_local_reply() {
             "{e:?}"
         ),
     }
+    // A declared length, the whole body in its first chunk: the head was
+    // still held, so the filter's answer is the one the client gets.
+    let r = send(&client, late("/streamed")).await;
+    assert_eq!(r.status, 451, "{r:?}\n{}", wasp.log_text());
+    assert_eq!(r.body, "too late\n");
     // A local reply (403 from `deny`): harness answers 451 from its body
     // callback, and that answer is the one the client gets.
     let r = send(&client, late("/deny/me")).await;

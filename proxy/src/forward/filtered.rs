@@ -505,7 +505,7 @@ fn respond(chain: &SharedChain, side: Side, resp: http::Response<Bytes>) -> BoxE
         Side::Response => {
             tracing::warn!(
                 status,
-                "a filter answered locally from a response body callback; the response is cut unless it was a local reply still held"
+                "a filter answered locally from a response body callback; the response is cut unless its head was still held (a local reply, or a body with content-length held for the filters)"
             );
             "response cut by a filter".into()
         }
