@@ -517,6 +517,61 @@ fn body_rewrites_on_both_sides_match_envoy() {
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
 }
 
+/// A body_redact-style filter (`redact`) that changes a body's length
+/// without removing `content-length` (proxy-wasm-cpp-sdk#146,
+/// proxy-wasm-rust-sdk#180): Envoy keeps the declared length and sends the
+/// rewritten body after it (a client reading by the length gets the body
+/// cut and the rest as garbage before its next response; an upstream reads
+/// a cut body); wasp held the head until the body had been through the
+/// filter and sends the length of what it became. Listed in
+/// docs/filter-contract.md.
+#[test]
+fn a_length_changing_filter_is_reframed_by_wasp_and_misframed_by_envoy() {
+    let body = "my secret is a secret";
+    let post = format!(
+        "POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let grown = "my [REDACTED] is a [REDACTED]";
+    let (envoy, wasp) = both("redact", "grow buffer response", &post, false);
+    assert_eq!(envoy.status, 200, "envoy: {envoy:#?}");
+    assert_eq!(wasp.status, 200, "wasp: {wasp:#?}");
+    let length = |seen: &Seen| seen.response.get("content-length").cloned();
+    // Envoy: the declared length, then more bytes than it declared.
+    assert_eq!(
+        length(&envoy),
+        Some(vec![body.len().to_string()]),
+        "{envoy:#?}"
+    );
+    assert_eq!(envoy.body, grown, "{envoy:#?}");
+    // wasp: the length of the body it sends.
+    assert_eq!(
+        length(&wasp),
+        Some(vec![grown.len().to_string()]),
+        "{wasp:#?}"
+    );
+    assert_eq!(wasp.body, grown, "{wasp:#?}");
+    let (mut envoy_rest, mut wasp_rest) = (envoy, wasp);
+    envoy_rest.response.remove("content-length");
+    wasp_rest.response.remove("content-length");
+    assert_eq!(wasp_rest, envoy_rest, "apart from the length");
+
+    // The request side: the upstream (it echoes what it read, by the
+    // length it was given) gets the whole body from wasp only.
+    let (envoy, wasp) = both("redact", "grow buffer request", &post, false);
+    assert_eq!(wasp.status, 200, "wasp: {wasp:#?}");
+    assert_eq!(wasp.body, grown, "{wasp:#?}");
+    assert_eq!(
+        length(&wasp),
+        Some(vec![grown.len().to_string()]),
+        "{wasp:#?}"
+    );
+    assert_ne!(
+        envoy.body, grown,
+        "envoy sent the grown body under the old length: {envoy:#?}"
+    );
+}
+
 /// Decodes the hex of an `x-attr-*` header (`none` stays `None`).
 fn attr(seen: &Seen, name: &str) -> Option<Vec<u8>> {
     let v = seen.response.get(name)?.first()?;
