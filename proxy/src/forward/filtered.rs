@@ -9,6 +9,12 @@
 //! the bodies only try it, never wait: while a header phase runs, a body
 //! chunk passes unfiltered (only possible when the upstream answers before
 //! the request body ended).
+//!
+//! A message with a declared `content-length` that a filter's body callback
+//! may resize has its head held by `phases` until the first frame came out
+//! of the filters ([`FilteredBody::prime`]); the head is then framed by what
+//! they made of the body ([`Framing`]), and a later change that no longer
+//! fits the length the head went with is cut there and reported.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
