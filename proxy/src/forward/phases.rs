@@ -532,19 +532,21 @@ where
         let kept = empty.then(Bytes::new);
         let body = match chain {
             Some(c) => {
-                let mut filtered = Box::pin(FilteredBody::new(body, c.clone(), Side::Request));
+                let filtered = FilteredBody::new(body, c.clone(), Side::Request);
                 let held = !empty && !upgrade;
-                if let Some(declared) = hold_for_body(held, &parts.headers, c, Side::Request) {
-                    // hyper answers a client's `Expect: 100-continue` when
-                    // the body is first polled: here.
-                    let framing = filtered
-                        .as_mut()
-                        .prime()
-                        .await
-                        .map_err(|e| body::body_error(&*e))?;
-                    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
-                        filtered.as_mut().declare(n);
-                    }
+                let Some(declared) = hold_for_body(held, &parts.headers, c, Side::Request) else {
+                    return Ok((filtered.boxed_unsync(), kept));
+                };
+                let mut filtered = Box::pin(filtered);
+                // hyper answers a client's `Expect: 100-continue` when the
+                // body is first polled: here.
+                let framing = filtered
+                    .as_mut()
+                    .prime()
+                    .await
+                    .map_err(|e| body::body_error(&*e))?;
+                if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+                    filtered.as_mut().declare(n);
                 }
                 filtered.boxed_unsync()
             }
@@ -697,25 +699,31 @@ where
                 && !status.is_informational()
                 && status != http::StatusCode::NO_CONTENT
                 && status != http::StatusCode::NOT_MODIFIED;
-            let mut filtered = Box::pin(FilteredBody::new(body, chain.clone(), Side::Response));
-            if let Some(declared) = hold_for_body(has_body, &parts.headers, chain, Side::Response) {
-                let framing =
-                    match Box::pin(prime_response(filtered.as_mut(), clock.as_deref(), &x)).await {
-                        Ok(framing) => framing,
-                        Err(e) => {
-                            // The head is still ours: a filter's answer (or a
-                            // buffer over its limit) replaces the upstream's.
-                            return match chain.take_local() {
-                                Some(local) => Ok(error::boxed(local)),
-                                None => Err(e),
-                            };
-                        }
-                    };
-                if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
-                    filtered.as_mut().declare(n);
+            let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
+            match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
+                None => filtered.boxed_unsync(),
+                Some(declared) => {
+                    let mut filtered = Box::pin(filtered);
+                    let framing =
+                        match Box::pin(prime_response(filtered.as_mut(), clock.as_deref(), &x))
+                            .await
+                        {
+                            Ok(framing) => framing,
+                            Err(e) => {
+                                // The head is still ours: a filter's answer (or a
+                                // buffer over its limit) replaces the upstream's.
+                                return match chain.take_local() {
+                                    Some(local) => Ok(error::boxed(local)),
+                                    None => Err(e),
+                                };
+                            }
+                        };
+                    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+                        filtered.as_mut().declare(n);
+                    }
+                    filtered.boxed_unsync()
                 }
             }
-            filtered.boxed_unsync()
         }
         _ => body.map_err(Into::into).boxed_unsync(),
     };
