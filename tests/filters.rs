@@ -503,9 +503,10 @@ fn content_length(head: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Response framing through a filter is the upstream's (nothing is held
-/// back to be re-framed): a body that pauses streams on (the head comes
-/// first), an upstream that declares more than it sends still gets its
+/// Response framing through a filter that leaves the body alone is the
+/// upstream's (the head waits only for the first chunk through the
+/// filters, never for the whole body): a body whose upstream pauses
+/// streams on (the head comes first), an upstream that declares more than it sends still gets its
 /// head to the client, HEAD / 304 / 204 answers keep their declared
 /// length, and a `content-length` next to `transfer-encoding` (the body
 /// is read by the encoding) is dropped, with or without a filter, so a
