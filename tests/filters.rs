@@ -672,6 +672,9 @@ config = "grow buffer request"
 [filters.req_shrink_stream]
 module = "redact.wasm"
 config = "shrink stream request"
+[filters.grow_not_modified]
+module = "redact.wasm"
+config = "grow buffer response not-modified"
 "#;
 
 /// A listener named `name` through `filter` to `cluster`, with `limits`.
@@ -755,8 +758,8 @@ fn post_raw(path: &str, body: &str) -> Vec<u8> {
 /// buffering it to the end), the head goes with the new length, so the
 /// client reads exactly the body and the kept-alive connection serves the
 /// next request; the upstream likewise gets the request with its new
-/// length (the echo answers with the length it received), also after an
-/// `Expect: 100-continue` (the hold is what asks the client for its body).
+/// length (the echo answers with the length it received), but not after an
+/// `Expect: 100-continue` (never held: the body is cut at its length).
 /// A filter that changes the first chunk of a longer body drops the length
 /// (chunked), and a body the filter leaves alone keeps its length and bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,6 +820,9 @@ async fn body_length_changes_are_reframed_in_both_directions() {
         wasp.log_text()
     );
     assert_eq!(body, b"a [REDACTED]");
+    // With `Expect: 100-continue` the head is not held (the upstream
+    // connection's first poll of the body asks for it): it goes with the
+    // declared length, the grown body is cut there, and that is counted.
     s.write_all(
         b"POST /echo HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 8\r\n\r\n",
     )
@@ -826,8 +832,18 @@ async fn body_length_changes_are_reframed_in_both_directions() {
     assert!(head.starts_with("http/1.1 100"), "{head}");
     s.write_all(b"a secret").await.unwrap();
     let (head, body) = read_response(&mut s, &mut pending, false).await;
-    assert_eq!(content_length(&head), Some("12"), "{head}");
-    assert_eq!(body, b"a [REDACTED]");
+    assert_eq!(content_length(&head), Some("8"), "{head}");
+    assert_eq!(body, b"a [REDAC");
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_filter_misframed_bodies_total",
+            &["filter=\"req_grow\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 
     // Request changed in its first chunk of two: the length goes, the
     // upstream reads it chunked (and echoes it chunked).
@@ -857,11 +873,12 @@ async fn body_length_changes_are_reframed_in_both_directions() {
 /// the body (the upstream sends it only once the client has the head); a
 /// change after the head went with its length is cut at that length (the
 /// client never reads more than declared), counted and logged with the
-/// filter's name; HEAD and 304 keep what they declared; a filter
-/// buffering past the body limit is answered 413 `body_too_large` (the
-/// head was still wasp's); an upstream that sends a head and stalls while
-/// the filter buffers is answered 504 `upstream_timeout` at
-/// `stream_idle_timeout`.
+/// filter's name; HEAD and 304 (also one a filter made of a 200) keep
+/// what they declared; a filter buffering past the body limit is answered
+/// 500 `response_too_large` (the head was still wasp's); an upstream that
+/// keeps sending while the filter buffers is not idle; one that sends a
+/// head and stalls while the filter buffers is answered 504
+/// `upstream_timeout` at `stream_idle_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_framing_follows_what_the_filters_made_of_the_body() {
     fn script(path: &str) -> Vec<Step> {
@@ -897,6 +914,20 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
                 Step::Wait,
             ],
             "/not-modified" => vec![head("304 Not Modified\r\nContent-Length: 7\r\nETag: \"v\"")],
+            // 1000 bytes as 100 every 150 ms: longer than the idle timeout
+            // of the `stall` listener, but never idle.
+            "/trickle" => {
+                let mut steps = vec![head("200 OK\r\nContent-Length: 1000")];
+                for _ in 0..10 {
+                    steps.push(Step::Send(vec![b'x'; 100]));
+                    steps.push(Step::Sleep(150));
+                }
+                steps
+            }
+            "/secret" => vec![
+                head("200 OK\r\nContent-Length: 9"),
+                Step::Send(b"a secret\n".to_vec()),
+            ],
             _ => vec![head("200 OK\r\nContent-Length: 1234")],
         }
     }
@@ -904,9 +935,9 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
     let head_seen = std::sync::Arc::new(tokio::sync::Notify::new());
     let up = scripted_upstream(script, head_seen.clone()).await;
     let dir = with_fixtures("wasm32-wasip1", &["redact"]);
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let config = format!(
-        "{REDACT_FILTERS}\n{}{}{}\n[clusters.script]\nendpoints = [\"{up}\"]\n",
+        "{REDACT_FILTERS}\n{}{}{}{}\n[clusters.script]\nendpoints = [\"{up}\"]\n",
         // The filters' buffer limit is the largest listener's.
         framing_listener("stream", ports[0], "grow_stream", "script", SMALL),
         framing_listener("small", ports[1], "grow_buffer", "script", SMALL),
@@ -917,6 +948,7 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
             "script",
             r#"limits = { max_body_bytes = "1KiB", stream_idle_timeout = "1s" }"#
         ),
+        framing_listener("to-304", ports[3], "grow_not_modified", "script", SMALL),
     );
     let wasp = Wasp::start_in(dir, &config, &[]);
     let (stream, small, stall) = (loopback(ports[0]), loopback(ports[1]), loopback(ports[2]));
@@ -987,15 +1019,37 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
     assert!(head.starts_with("http/1.1 304"), "{head}");
     assert_eq!(content_length(&head), Some("7"), "{head}");
     assert!(body.is_empty());
+    // A filter that turns a 200 with a body into a 304: no body, so not
+    // held (a held one would be re-framed to the grown length, 13).
+    let (head, body) = raw_get(loopback(ports[3]), "GET", "/secret", None)
+        .await
+        .expect("to 304");
+    assert!(head.starts_with("http/1.1 304"), "{head}");
+    assert_eq!(content_length(&head), Some("9"), "{head}");
+    assert!(body.is_empty());
 
-    // Buffered past the limit while the head is held.
+    // Buffered past the limit while the head is held: the proxy's failure
+    // (500, Envoy's response_payload_too_large), not the client's 413.
     let (head, _) = raw_get(small, "GET", "/big", None).await.expect("big");
     assert!(
-        head.starts_with("http/1.1 413"),
+        head.starts_with("http/1.1 500"),
         "{head}\n{}",
         wasp.log_text()
     );
-    assert!(head.contains("x-wasp-error: body_too_large"), "{head}");
+    assert!(head.contains("x-wasp-error: response_too_large"), "{head}");
+
+    // A body the filter buffers while the upstream keeps sending, for
+    // longer than the idle timeout: never idle, so it arrives whole.
+    let (head, body) = raw_get(stall, "GET", "/trickle", None)
+        .await
+        .expect("trickle");
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert_eq!(content_length(&head), Some("1000"), "{head}");
+    assert_eq!(body.len(), 1000);
 
     // Head, three bytes, then nothing: bounded by stream_idle_timeout.
     let started = Instant::now();
@@ -1010,6 +1064,84 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
         started.elapsed() < Duration::from_secs(8),
         "{:?}",
         started.elapsed()
+    );
+    drop(wasp);
+}
+
+/// A request body held for a filter takes no upstream slot while it comes:
+/// a client that sends a head with `content-length` and stalls does not
+/// keep the cluster's one pending slot from another request, and is
+/// answered 408 `body_timeout` at `header_timeout`. A request with
+/// `Expect: 100-continue` is not held: its body is asked for only once the
+/// request goes upstream, so an upstream that cannot be reached is
+/// answered without a 100 first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_body_takes_no_upstream_slot() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let gone = free_port();
+    let config = format!(
+        "{REDACT_FILTERS}\n{}{}\n[clusters.app]\nendpoints = [\"{}\"]\nlimits = {{ max_pending = 1, max_requests = 1 }}\n[clusters.gone]\nendpoints = [\"127.0.0.1:{gone}\"]\n",
+        framing_listener(
+            "held",
+            ports[0],
+            "req_grow",
+            "app",
+            r#"limits = { header_timeout = "2s" }"#
+        ),
+        framing_listener("gone", ports[1], "req_grow", "gone", ""),
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+
+    let mut stalled = tokio::net::TcpStream::connect(loopback(ports[0]))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    stalled
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n\r\na secret")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(loopback(ports[0]))
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    let mut pending = Vec::new();
+    let (head, _) = read_response(&mut stalled, &mut pending, false).await;
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(head.contains("x-wasp-error: body_timeout"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut s = tokio::net::TcpStream::connect(loopback(ports[1]))
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 8\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 502") || head.starts_with("http/1.1 503"),
+        "{head}\n{}",
+        wasp.log_text()
     );
     drop(wasp);
 }

@@ -101,6 +101,17 @@ fn side(dir: Dir) -> usize {
     }
 }
 
+/// The answer to a body a filter buffered past its limit: the client's
+/// request is too large (413); a response too large to buffer is the
+/// proxy's failure, not the client's (500, as Envoy's
+/// `response_payload_too_large`).
+fn too_large(dir: Dir) -> ErrorCode {
+    match dir {
+        Dir::Request => ErrorCode::BodyTooLarge,
+        Dir::Response => ErrorCode::ResponseTooLarge,
+    }
+}
+
 /// Longest a header phase waits for a paused filter to resume it; past it
 /// the filter is stuck (its `fail` policy applies). As Envoy's default
 /// `stream_idle_timeout`: a callout without a deadline of its own (a gRPC
@@ -594,7 +605,7 @@ impl StreamFilters {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
                 if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
-                    return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                    return BodyVerdict::Respond(too_large(dir).response(&format!(
                         "body buffered for filter \"{}\" exceeds its limit",
                         self.name(pos)
                     )));
@@ -653,7 +664,7 @@ impl StreamFilters {
                 }
                 Step::Go { pause: true, .. } if !eos => {
                     if buf.len() as u64 > self.max_body(pos) {
-                        return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                        return BodyVerdict::Respond(too_large(dir).response(&format!(
                             "body buffered for filter \"{}\" exceeds its limit",
                             self.name(pos)
                         )));

@@ -259,6 +259,12 @@ where
         })
     }
 
+    /// The head goes on with `content-length: n` (when `Some`), not held.
+    pub fn declared(mut self, n: Option<u64>) -> Self {
+        self.declared = n;
+        self
+    }
+
     /// The head went on with `content-length: n`.
     pub fn declare(self: Pin<&mut Self>, n: u64) {
         *self.project().declared = Some(n);
@@ -268,9 +274,10 @@ where
     fn misframed(self: Pin<&mut Self>) {
         let this = self.project();
         if !*this.misframe_reported {
-            *this.misframe_reported = true;
             let dir = this.side.dir();
-            this.chain.with(|c| c.report_misframed(dir));
+            // Only once it ran: a chain out for a header phase is asked
+            // again at the next misfit.
+            *this.misframe_reported = this.chain.with(|c| c.report_misframed(dir)).is_some();
         }
     }
 

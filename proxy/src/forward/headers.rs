@@ -98,6 +98,13 @@ pub fn reframe(headers: &mut HeaderMap, framing: Framing, declared: u64) -> Opti
     }
 }
 
+/// Whether the request carries `Expect: 100-continue`.
+pub fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Whether the request asks to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)

@@ -34,7 +34,7 @@ use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
-use super::deadline::{Cut, StreamClock, Timed};
+use super::deadline::{Cut, StreamClock, Timed, Touching};
 use super::filtered::{FilteredBody, Framing, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
@@ -84,29 +84,20 @@ where
         return Ok(answer);
     }
     let routed = route(&mut parts, ctx, chain, log)?;
-    let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
-    rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
-    let (body, kept) = match request_body(
-        body,
-        &mut parts,
-        &routed,
-        ctx,
-        chain,
-        clock.clone(),
-        upgrade,
-    )
-    .await
-    {
-        Ok(b) => b,
+    // Before the cluster admission: a client that is slow to send the body
+    // its head waits for must not hold an upstream slot meanwhile (as
+    // Envoy's router takes none until the decoder filters let the headers
+    // go).
+    let body = match hold_request(body, &mut parts, ctx, chain, clock.clone(), upgrade).await {
+        Ok(body) => body,
         // A filter answered (or failed) on the body while the head was
         // held for it.
-        Err(e) => {
-            return match chain.and_then(SharedChain::take_local) {
-                Some(local) => Ok(filter_answer(local, chain).await),
-                None => Err(e),
-            }
-        }
+        Err(e) => return answer_or(e, chain).await,
     };
+    let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
+    rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
+    let (body, kept) =
+        request_body(body, &parts, &routed, ctx, chain, clock.clone(), upgrade).await?;
     if let Some(t) = &mut trace {
         // The client span's context goes upstream as `traceparent`.
         t.upstream_start(
@@ -130,12 +121,7 @@ where
     let mut resp = match sent {
         Ok(resp) => resp,
         // A filter that answered mid-body aborted the upstream request.
-        Err(e) => {
-            return match chain.and_then(SharedChain::take_local) {
-                Some(local) => Ok(filter_answer(local, chain).await),
-                None => Err(e),
-            }
-        }
+        Err(e) => return answer_or(e, chain).await,
     };
     // Envoy stops request_timeout once the response starts: a
     // bidirectional stream or an upload answered early is timed by
@@ -151,6 +137,18 @@ where
         endpoint,
     };
     respond(resp, admission, exchange, ctx, chain, clock).await
+}
+
+/// A failure on a request body: the answer of the filter that made it
+/// fail (kept by the chain), else the failure itself.
+async fn answer_or(
+    e: ProxyError,
+    chain: Option<&SharedChain>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match chain.and_then(SharedChain::take_local) {
+        Some(local) => Ok(filter_answer(local, chain).await),
+        None => Err(e),
+    }
 }
 
 /// Phase 1: shapes of request the proxy refuses, the stream's deadlines,
@@ -506,14 +504,61 @@ pub(super) fn rewrite(
     Ok(())
 }
 
-/// Phase 4c: the body to send, and a copy kept for retries when the route
-/// retries and the body is small enough to read whole first (empty bodies
-/// are always kept); otherwise it streams through the filters. A body with
-/// a declared length that a filter may resize holds the head until its
-/// first chunk went through them ([`hold_for_body`]).
-pub(super) async fn request_body<B>(
+/// Phase 3b: a request body with a declared length that a filter may
+/// resize holds its head until its first chunk went through the filters
+/// ([`hold_for_body`]), before any upstream slot is taken, within
+/// `header_timeout` (as a body read whole for a retry). A request that
+/// carries `Expect: 100-continue` is not held: hyper answers the 100 when
+/// the body is first polled, and that should stay the upstream
+/// connection's doing, once the request has gone there.
+pub(super) async fn hold_request<B>(
     body: B,
     parts: &mut http::request::Parts,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+    clock: Option<Arc<StreamClock>>,
+    upgrade: bool,
+) -> Result<Incoming<B>, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(chain) = chain else {
+        return Ok(Incoming::Raw(body));
+    };
+    let has_body = !upgrade && !body.is_end_stream() && !headers::expects_continue(&parts.headers);
+    let Some(declared) = hold_for_body(has_body, &parts.headers, chain, Side::Request) else {
+        return Ok(Incoming::Raw(body));
+    };
+    let limits = &ctx.listener.limits;
+    let body = RequestBody::new(body, limits.max_body_bytes, clock);
+    let mut filtered = Box::pin(FilteredBody::new(body, chain.clone(), Side::Request));
+    let after = limits.header_timeout;
+    let framing = tokio::time::timeout(after, filtered.as_mut().prime())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout { after })?
+        .map_err(|e| body::body_error(&*e))?;
+    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+        filtered.as_mut().declare(n);
+    }
+    Ok(Incoming::Held(filtered.boxed_unsync()))
+}
+
+/// The client's request body, as [`hold_request`] leaves it.
+pub(super) enum Incoming<B> {
+    /// Not held: as the client sends it.
+    Raw(B),
+    /// Held for the filters: their first output is in, the head framed.
+    Held(ProxyBody),
+}
+
+/// Phase 4c: the body to send, and a copy kept for retries when the route
+/// retries and the body is small enough to read whole first (empty bodies
+/// are always kept); otherwise it streams through the filters (a body
+/// [`hold_request`] held already does).
+pub(super) async fn request_body<B>(
+    body: Incoming<B>,
+    parts: &http::request::Parts,
     routed: &Routed<'_>,
     ctx: &Ctx<'_>,
     chain: Option<&SharedChain>,
@@ -524,6 +569,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let body = match body {
+        Incoming::Raw(body) => body,
+        Incoming::Held(held) => return Ok((held, None)),
+    };
     let limits = &ctx.listener.limits;
     let empty = body.is_end_stream() && !upgrade;
     let body = RequestBody::new(body, limits.max_body_bytes, clock);
@@ -531,25 +580,11 @@ where
     if !body::should_keep_body(policy, parts, empty, upgrade, chain.is_some()) {
         let kept = empty.then(Bytes::new);
         let body = match chain {
-            Some(c) => {
-                let filtered = FilteredBody::new(body, c.clone(), Side::Request);
-                let held = !empty && !upgrade;
-                let Some(declared) = hold_for_body(held, &parts.headers, c, Side::Request) else {
-                    return Ok((filtered.boxed_unsync(), kept));
-                };
-                let mut filtered = Box::pin(filtered);
-                // hyper answers a client's `Expect: 100-continue` when the
-                // body is first polled: here.
-                let framing = filtered
-                    .as_mut()
-                    .prime()
-                    .await
-                    .map_err(|e| body::body_error(&*e))?;
-                if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
-                    filtered.as_mut().declare(n);
-                }
-                filtered.boxed_unsync()
-            }
+            // Not held (no declared length, or `Expect: 100-continue`):
+            // a declared length is kept to, and a misfit reported.
+            Some(c) => FilteredBody::new(body, c.clone(), Side::Request)
+                .declared(headers::declared_length(&parts.headers).filter(|_| !empty && !upgrade))
+                .boxed_unsync(),
             None => body.boxed_unsync(),
         };
         return Ok((body, kept));
@@ -593,20 +628,34 @@ pub(super) async fn send(
     let request = Request::from_parts(parts, body);
     // Pinned in place and polled by reference: moving the future into
     // `select!` would copy it whole once more.
-    let mut sending =
+    let sending =
         std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
+    within_deadlines(sending, clock, &upstream.name, endpoint).await
+}
+
+/// Runs `work` under the stream's deadlines (`stream_idle_timeout`,
+/// `request_timeout`): nothing moving either way while it waits counts as
+/// idle. An idle stream whose request body has all arrived is the
+/// upstream's doing (504 `upstream_timeout`); one still owed request
+/// bytes is the client's (408), as is `request_timeout`.
+async fn within_deadlines<F, T, E>(
+    work: std::pin::Pin<&mut F>,
+    clock: Option<&StreamClock>,
+    cluster: &str,
+    endpoint: std::net::SocketAddr,
+) -> Result<T, ProxyError>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<ProxyError>,
+{
     let Some(clock) = clock else {
-        return Ok(sending.await?);
+        return work.await.map_err(Into::into);
     };
     tokio::select! {
-        sent = &mut sending => Ok(sent?),
-        // Nothing moving either way while the upstream thinks counts as
-        // idle too; the request body's own timer covers a stalled upload.
+        done = work => done.map_err(Into::into),
         cut = clock.expired() => Err(match cut {
-            // The whole request arrived: the upstream is the one not
-            // answering.
-            Cut::Idle(after) if clock.request_done() => ProxyError::UpstreamTimeout {
-                cluster: upstream.name.to_string(),
+            Cut::Idle(after) if clock.request_body_ended() => ProxyError::UpstreamTimeout {
+                cluster: cluster.to_string(),
                 addr: endpoint,
                 after,
             },
@@ -699,6 +748,9 @@ where
                 && !status.is_informational()
                 && status != http::StatusCode::NO_CONTENT
                 && status != http::StatusCode::NOT_MODIFIED;
+            // The upstream's frames keep the stream alive even while a
+            // filter buffers them.
+            let body = Touching::new(body, clock.clone());
             let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
             match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
                 None => filtered.boxed_unsync(),
@@ -737,9 +789,10 @@ where
 }
 
 /// Runs the response body through the filters until its first frame comes
-/// out, under the stream's deadlines: an upstream that sends its head and
-/// stalls (or a filter that buffers a body that stops coming) is answered
-/// 504 `upstream_timeout` when `stream_idle_timeout` passes.
+/// out, under the stream's deadlines ([`within_deadlines`]): an upstream
+/// that sends its head and stalls is answered 504 `upstream_timeout` when
+/// `stream_idle_timeout` passes with nothing moving (the upstream's frames
+/// touch the clock as they arrive, also while a filter buffers them).
 async fn prime_response<B>(
     body: std::pin::Pin<&mut FilteredBody<B>>,
     clock: Option<&StreamClock>,
@@ -754,21 +807,11 @@ where
         addr: x.endpoint,
         reason: format!("response body: {e}"),
     };
-    let Some(clock) = clock else {
-        return body.prime().await.map_err(reset);
-    };
-    let framing = tokio::select! {
-        primed = body.prime() => primed.map_err(reset)?,
-        cut = clock.expired() => return Err(match cut {
-            Cut::Idle(after) => ProxyError::UpstreamTimeout {
-                cluster: x.cluster.to_string(),
-                addr: x.endpoint,
-                after,
-            },
-            cut => ProxyError::Cut(cut),
-        }),
-    };
-    clock.touch();
+    let primed = std::pin::pin!(async { body.prime().await.map_err(reset) });
+    let framing = within_deadlines(primed, clock, x.cluster, x.endpoint).await?;
+    if let Some(clock) = clock {
+        clock.touch();
+    }
     Ok(framing)
 }
 

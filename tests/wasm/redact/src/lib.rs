@@ -6,7 +6,9 @@
 //! - `shrink` (`secret` -> `[r]`) or `grow` (`secret` -> `[REDACTED]`);
 //! - `buffer` (PAUSE until the end of the body, then rewrite it whole) or
 //!   `stream` (rewrite each chunk as it comes);
-//! - `request` and/or `response`: which bodies (both when neither is named).
+//! - `request` and/or `response`: which bodies (both when neither is named);
+//! - `not-modified`: also turns the response's `:status` into 304 in its
+//!   header callback (a 304 has no body, whatever its head declares).
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 
@@ -20,6 +22,7 @@ struct Mode {
     buffer: bool,
     request: bool,
     response: bool,
+    not_modified: bool,
 }
 
 #[derive(Default)]
@@ -40,6 +43,7 @@ impl RootContext for Root {
             buffer: has("buffer"),
             request: has("request") || !has("response"),
             response: has("response") || !has("request"),
+            not_modified: has("not-modified"),
         };
         true
     }
@@ -69,6 +73,13 @@ impl Http {
 }
 
 impl HttpContext for Http {
+    fn on_http_response_headers(&mut self, _num: usize, _eos: bool) -> Action {
+        if self.mode.not_modified {
+            self.set_http_response_header(":status", Some("304"));
+        }
+        Action::Continue
+    }
+
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
         if !self.mode.request {
             return Action::Continue;
