@@ -64,7 +64,7 @@ codes! {
     UnauthorizedPeer = "unauthorized_peer", FORBIDDEN, "The peer's mTLS identity is not on the listener's or route's allow list.";
     BodyTooLarge = "body_too_large", PAYLOAD_TOO_LARGE, "The request body exceeds `max_body_bytes` (or a filter's buffer limit).";
     BadRequest = "bad_request", BAD_REQUEST, "The request is malformed (framing, Host, ...).";
-    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, "A request body that had to be read whole did not arrive in time.";
+    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, "A request body that had to be read whole (or held for the filters) did not arrive in time.";
     Overflow = "overflow", SERVICE_UNAVAILABLE, "A connection or cluster limit is reached.";
     HeaderTimeout = "header_timeout", REQUEST_TIMEOUT, "The request head did not arrive within `header_timeout`.";
     HeaderTooLarge = "header_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE, "The request head exceeds `max_header_bytes`.";
