@@ -8,7 +8,9 @@
 //!    route cache), and [`route`] refuses a final route whose filters did
 //!    not run;
 //! 3. [`route`]: the route, its allow list, the cluster (or a filter's
-//!    override);
+//!    override); [`hold_request`] then holds a head whose body a filter
+//!    may resize until its first chunk went through the filters, before
+//!    any upstream slot is taken;
 //! 4. the upstream request: [`admit_and_pick`] (circuit breakers, then the
 //!    balancer), [`rewrite`] (URI, hop-by-hop and forwarding headers),
 //!    [`request_body`] (kept whole for a replay, or streamed through the
