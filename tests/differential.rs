@@ -517,6 +517,71 @@ fn body_rewrites_on_both_sides_match_envoy() {
     assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
 }
 
+/// A body_redact-style filter (`redact`) that changes a body's length
+/// without removing `content-length` (proxy-wasm-cpp-sdk#146,
+/// proxy-wasm-rust-sdk#180): Envoy keeps the declared length and sends the
+/// rewritten body after it (a client reading by the length gets the body
+/// cut and the rest as garbage before its next response; an upstream reads
+/// a cut body); wasp held the head until the body had been through the
+/// filter and sends the length of what it became. Listed in
+/// docs/filter-contract.md.
+#[test]
+fn a_length_changing_filter_is_reframed_by_wasp_and_misframed_by_envoy() {
+    let body = "my secret is a secret";
+    let post = format!(
+        "POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let grown = "my [REDACTED] is a [REDACTED]";
+    // The raw answers (content-length is left out of `Seen`).
+    let raw = |config: &str| {
+        let both = Both::start(&fixture("wasm32-wasip1", "redact"), config, None);
+        let limit = Duration::from_secs(5);
+        (
+            raw_exchange(both.envoy.addr(), post.as_bytes(), limit),
+            raw_exchange(both.wasp_addr, post.as_bytes(), limit),
+        )
+    };
+    let length = |raw: &str| {
+        let head = raw.split("\r\n\r\n").next().unwrap_or_default();
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().to_string())
+        })
+    };
+    let (from_envoy, from_wasp) = raw("grow buffer response");
+    let (envoy, wasp) = (parse(&from_envoy, false), parse(&from_wasp, false));
+    assert_eq!(envoy.status, 200, "envoy: {envoy:#?}");
+    // Envoy: the declared length, then more bytes than it declared.
+    assert_eq!(
+        length(&from_envoy),
+        Some(body.len().to_string()),
+        "{from_envoy}"
+    );
+    assert_eq!(envoy.body, grown, "{envoy:#?}");
+    // wasp: the length of the body it sends; the rest as Envoy.
+    assert_eq!(
+        length(&from_wasp),
+        Some(grown.len().to_string()),
+        "{from_wasp}"
+    );
+    assert_eq!(wasp, envoy, "wasp (left) differs from envoy (right)");
+
+    // The request side: the upstream echoes what it read by the length it
+    // was given: all of the grown body from wasp, a cut one from Envoy.
+    let (from_envoy, from_wasp) = raw("grow buffer request");
+    let (envoy, wasp) = (parse(&from_envoy, false), parse(&from_wasp, false));
+    assert_eq!(wasp.status, 200, "wasp: {wasp:#?}");
+    assert_eq!(wasp.body, grown, "{wasp:#?}");
+    assert_eq!(
+        length(&from_wasp),
+        Some(grown.len().to_string()),
+        "{from_wasp}"
+    );
+    assert_eq!(envoy.body, grown[..body.len()], "envoy: {from_envoy}");
+}
+
 /// Decodes the hex of an `x-attr-*` header (`none` stays `None`).
 fn attr(seen: &Seen, name: &str) -> Option<Vec<u8>> {
     let v = seen.response.get(name)?.first()?;
@@ -1103,19 +1168,15 @@ fn header_changes_after_the_body_and_local_replies_match_envoy() {
     );
     // The upstream declared its length and the filter grew the body
     // without removing `content-length`: Envoy sends the bytes past the
-    // declared length, wasp cuts the body there (docs/filter-contract.md);
-    // the rest matches.
-    let body_aside = |seen: &Seen| {
-        let mut seen = reads_aside(seen);
-        seen.body.clear();
-        seen
-    };
+    // declared length, wasp held the head for the body (in one chunk) and
+    // sends the new length (docs/filter-contract.md, "Body rewrites that
+    // change the length"); the bytes match.
     assert_eq!(
-        body_aside(&late.1),
-        body_aside(&late.0),
+        reads_aside(&late.1),
+        reads_aside(&late.0),
         "late edits: wasp (left) differs from envoy (right)"
     );
-    assert!(!late.1.body.contains("[late-resp:"), "{:#?}", late.1);
+    assert!(late.1.body.contains("[late-resp:"), "{:#?}", late.1);
     // A header PAUSE with no callout: Envoy stops the filter chain
     // (StopAllIterationAndWatermark) and the body callback never runs, so
     // the request hangs until a timeout; wasp fails the stuck filter at once
@@ -1141,12 +1202,20 @@ fn header_changes_after_the_body_and_local_replies_match_envoy() {
         reads_aside(&deny.0),
         "local reply: wasp (left) differs from envoy (right)"
     );
-    // A request body grown under a declared `content-length`: both send
-    // the declared length upstream (the filter must drop `content-length`
-    // in its header callback to change it); the response, grown too under
-    // its declared length, is cut there by wasp and sent whole by Envoy.
+    // A request body grown under a declared `content-length`: Envoy sends
+    // the declared length upstream and the upstream reads the body cut;
+    // wasp held the head for the body and sends the new length, so the
+    // upstream echoes all of it. The response, grown too under its
+    // declared length, is re-framed by wasp and sent past its length by
+    // Envoy: the bytes after the echo match.
     assert!(grown.0.body.ends_with("\nabc"), "{:#?}", grown.0);
-    assert_eq!(grown.1.body, "abc", "{:#?}", grown.1);
+    assert!(grown.1.body.ends_with("\nabc+grown"), "{:#?}", grown.1);
+    assert!(grown.1.body.contains("[late-resp:"), "{:#?}", grown.1);
+    let body_aside = |seen: &Seen| {
+        let mut seen = reads_aside(seen);
+        seen.body.clear();
+        seen
+    };
     assert_eq!(
         body_aside(&grown.1),
         body_aside(&grown.0),

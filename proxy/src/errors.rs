@@ -64,7 +64,7 @@ codes! {
     UnauthorizedPeer = "unauthorized_peer", FORBIDDEN, "The peer's mTLS identity is not on the listener's or route's allow list.";
     BodyTooLarge = "body_too_large", PAYLOAD_TOO_LARGE, "The request body exceeds `max_body_bytes` (or a filter's buffer limit).";
     BadRequest = "bad_request", BAD_REQUEST, "The request is malformed (framing, Host, ...).";
-    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, "A request body that had to be read whole did not arrive in time.";
+    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, "A request body that had to be read whole (or held for the filters) did not arrive in time.";
     Overflow = "overflow", SERVICE_UNAVAILABLE, "A connection or cluster limit is reached.";
     HeaderTimeout = "header_timeout", REQUEST_TIMEOUT, "The request head did not arrive within `header_timeout`.";
     HeaderTooLarge = "header_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE, "The request head exceeds `max_header_bytes`.";
@@ -75,6 +75,7 @@ codes! {
     StreamIdleTimeout = "stream_idle_timeout", REQUEST_TIMEOUT, "No bytes moved either way on a request's stream for `stream_idle_timeout` (408 before the response started, else the stream is reset).";
     RequestTimeout = "request_timeout", REQUEST_TIMEOUT, "The whole request (head and body) did not arrive within `request_timeout`.";
     RerouteDenied = "reroute_denied", INTERNAL_SERVER_ERROR, "A filter changed the request so that it matched a route whose filters (or per-route filter configs) did not run on it.";
+    ResponseTooLarge = "response_too_large", INTERNAL_SERVER_ERROR, "A response body a filter buffers (PAUSE) exceeds its limit while the response head is still wasp's (held for the filters, or a filter's local reply); Envoy's `response_payload_too_large`.";
     // Admin API answers: last, so the listener codes keep their indices.
     AdminForbidden = "admin_forbidden", FORBIDDEN, "The admin API refused the caller (not loopback, no or wrong token, browser-shaped request, or a Host that is not an IP or localhost).";
     AdminNotFound = "admin_not_found", NOT_FOUND, "No such admin endpoint (the probes address serves only /live, /ready and /metrics).";

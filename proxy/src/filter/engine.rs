@@ -411,6 +411,7 @@ impl FilterRuntime {
                 callouts_in_flight: Arc::default(),
                 callout_bytes_in_flight: Arc::default(),
                 late_header_edit_logged: AtomicBool::new(false),
+                body_callbacks: [has("proxy_on_request_body"), has("proxy_on_response_body")],
             }),
             engine: module.engine().clone(),
             pre,

@@ -419,6 +419,9 @@ pub(crate) struct FilterStats {
     limits: Vec<LimitStats>,
     /// Bytes the host copied into guest memory (`copy_out`).
     copied_to_guest: AtomicU64,
+    /// Bodies this filter resized after their head went with a
+    /// `content-length` (`wasp_filter_misframed_bodies_total`).
+    misframed: AtomicU64,
 }
 
 impl Default for FilterStats {
@@ -426,6 +429,7 @@ impl Default for FilterStats {
         FilterStats {
             limits: Limit::ALL.iter().map(|_| LimitStats::default()).collect(),
             copied_to_guest: AtomicU64::new(0),
+            misframed: AtomicU64::new(0),
             phases: Phase::ALL
                 .iter()
                 .map(|_| PhaseStats {
@@ -461,6 +465,19 @@ impl FilterStats {
             CallResult::Error => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Counts a body the filter resized after its head went on with a
+    /// `content-length` (the body is cut at that length, or ends short);
+    /// the first one of the filter is logged.
+    pub(crate) fn misframed(&self, filter: &str, body: &'static str) {
+        if self.misframed.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                filter,
+                body,
+                "a filter changed the length of a body whose head had already gone on with content-length: the body is cut at that length or ends short; logged once per filter (wasp_filter_misframed_bodies_total)"
+            );
         }
     }
 
@@ -597,6 +614,18 @@ pub(crate) fn render(out: &mut String, filters: &[(String, Arc<FilterStats>, Arc
                     limit.name()
                 );
             }
+        }
+    }
+    let name = "wasp_filter_misframed_bodies_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Bodies a filter resized after their head had gone on with content-length (cut there or ended short)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (filter, stats, _) in filters {
+        let v = stats.misframed.load(Ordering::Relaxed);
+        if v > 0 {
+            let _ = writeln!(out, "{name}{{filter=\"{}\"}} {v}", label(filter));
         }
     }
     let name = "wasp_filter_guest_copy_bytes_total";

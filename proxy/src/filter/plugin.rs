@@ -44,6 +44,10 @@ pub(crate) struct PluginShared {
     /// The filter was told once (in the log) that it changed a header map
     /// whose head had gone on.
     pub late_header_edit_logged: AtomicBool,
+    /// The module exports `proxy_on_request_body` / `proxy_on_response_body`
+    /// (request, response): only then can it change a body's length, and
+    /// only then does the core hold a head with `content-length` for it.
+    pub body_callbacks: [bool; 2],
 }
 
 impl PluginShared {

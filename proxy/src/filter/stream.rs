@@ -101,6 +101,17 @@ fn side(dir: Dir) -> usize {
     }
 }
 
+/// The answer to a body a filter buffered past its limit: the client's
+/// request is too large (413); a response too large to buffer is the
+/// proxy's failure, not the client's (500, as Envoy's
+/// `response_payload_too_large`).
+fn too_large(dir: Dir) -> ErrorCode {
+    match dir {
+        Dir::Request => ErrorCode::BodyTooLarge,
+        Dir::Response => ErrorCode::ResponseTooLarge,
+    }
+}
+
 /// Longest a header phase waits for a paused filter to resume it; past it
 /// the filter is stuck (its `fail` policy applies). As Envoy's default
 /// `stream_idle_timeout`: a callout without a deadline of its own (a gRPC
@@ -139,6 +150,11 @@ pub struct StreamFilters {
     /// follows, so the empty end-of-stream "body" the core may still pass
     /// is not shown to filters (as in Envoy, no body callback runs).
     no_body: [bool; 2],
+    /// Pipeline positions (bit `pos`, the last bit for 63 and up) of the
+    /// filters whose body callback changed a body's length, per direction:
+    /// named when a head already went with a `content-length` that the
+    /// body then no longer matches ([`Self::report_misframed`]).
+    resized: [u64; 2],
     finished: bool,
 }
 
@@ -229,6 +245,7 @@ impl StreamFilters {
             waits: Default::default(),
             header_wait_limit: HEADER_WAIT_LIMIT,
             no_body: [false; 2],
+            resized: [0; 2],
             finished: false,
         }
     }
@@ -590,7 +607,7 @@ impl StreamFilters {
             Some((k, mut b)) => {
                 let pos = order(dir, n, k);
                 if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
-                    return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                    return BodyVerdict::Respond(too_large(dir).response(&format!(
                         "body buffered for filter \"{}\" exceeds its limit",
                         self.name(pos)
                     )));
@@ -609,7 +626,8 @@ impl StreamFilters {
         let n = self.slots.len();
         for k in start..n {
             let pos = order(dir, n, k);
-            let size = buf.len() as u32;
+            let before = buf.len();
+            let size = u32::try_from(before).unwrap_or(u32::MAX);
             if let Some(d) = self.data.as_deref_mut() {
                 d.body = std::mem::take(&mut buf);
                 d.body_dir = Some(dir);
@@ -622,6 +640,9 @@ impl StreamFilters {
             if let Some(d) = self.data.as_deref_mut() {
                 buf = std::mem::take(&mut d.body);
                 d.body_dir = None;
+            }
+            if buf.len() != before {
+                self.resized[side(dir)] |= 1u64 << pos.min(63);
             }
             match step {
                 Step::Respond(r) => return BodyVerdict::Respond(r),
@@ -645,7 +666,7 @@ impl StreamFilters {
                 }
                 Step::Go { pause: true, .. } if !eos => {
                     if buf.len() as u64 > self.max_body(pos) {
-                        return BodyVerdict::Respond(ErrorCode::BodyTooLarge.response(&format!(
+                        return BodyVerdict::Respond(too_large(dir).response(&format!(
                             "body buffered for filter \"{}\" exceeds its limit",
                             self.name(pos)
                         )));
@@ -865,6 +886,42 @@ impl StreamFilters {
         }
         if let Some(w) = self.waits[d].waker.take() {
             w.wake();
+        }
+    }
+
+    /// Whether a filter of the chain exports `dir`'s body callback, i.e.
+    /// may change that body's length (`forward` holds a head with
+    /// `content-length` until the first chunk went through, for it).
+    pub(crate) fn has_body_callback(&self, dir: Dir) -> bool {
+        self.slots.iter().any(|s| {
+            !s.skipped
+                && self
+                    .set
+                    .plugins
+                    .get(s.idx)
+                    .is_some_and(|p| p.shared.body_callbacks[side(dir)])
+        })
+    }
+
+    /// `dir`'s body no longer matches the `content-length` its head went
+    /// with (a filter changed its length after the head left): counts it
+    /// for each filter that resized a chunk of it, and logs it once per
+    /// filter with the filter's name.
+    pub(crate) fn report_misframed(&self, dir: Dir) {
+        let bits = self.resized[side(dir)];
+        for (pos, slot) in self.slots.iter().enumerate() {
+            if bits & (1u64 << pos.min(63)) == 0 {
+                continue;
+            }
+            if let Some(p) = self.set.plugins.get(slot.idx) {
+                p.shared.stats.misframed(
+                    &p.shared.name,
+                    match dir {
+                        Dir::Request => "request",
+                        Dir::Response => "response",
+                    },
+                );
+            }
         }
     }
 

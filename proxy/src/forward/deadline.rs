@@ -85,6 +85,8 @@ pub struct StreamClock {
     /// the response started.
     request: Option<(Instant, Duration)>,
     received: AtomicBool,
+    /// The client's request body has ended (not just the response started).
+    body_ended: AtomicBool,
 }
 
 impl StreamClock {
@@ -100,6 +102,7 @@ impl StreamClock {
             idle,
             request: request.map(|r| (later(origin, r), r)),
             received: AtomicBool::new(false),
+            body_ended: AtomicBool::new(false),
         }))
     }
 
@@ -111,20 +114,22 @@ impl StreamClock {
 
     /// The request body has ended: `request_timeout` no longer applies.
     pub fn received(&self) {
-        self.received.store(true, Ordering::Relaxed);
-        self.touch();
+        self.body_ended.store(true, Ordering::Relaxed);
+        self.response_started();
     }
 
     /// The response headers arrived: `request_timeout` no longer applies
     /// (as in Envoy), so a bidirectional stream or an upload answered early
     /// runs as long as bytes move.
     pub fn response_started(&self) {
-        self.received();
+        self.received.store(true, Ordering::Relaxed);
+        self.touch();
     }
 
-    /// Whether the request body has ended (or the response started).
-    pub fn request_done(&self) -> bool {
-        self.received.load(Ordering::Relaxed)
+    /// Whether the client's request body has ended: when nothing moves
+    /// after that, the upstream is the one not answering.
+    pub fn request_body_ended(&self) -> bool {
+        self.body_ended.load(Ordering::Relaxed)
     }
 
     /// When `stream_idle_timeout` passes if nothing moves from now on.
@@ -188,6 +193,50 @@ impl StreamClock {
             }
             tokio::time::sleep_until(at).await;
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's response body as it arrives, before the filters:
+    /// touches the clock on every frame, so a body a filter buffers (its
+    /// head held, or nothing given out while it pauses) is not idle while
+    /// the upstream still sends. [`Timed`], outside the filters, only sees
+    /// what they give out.
+    pub struct Touching<B> {
+        #[pin]
+        inner: B,
+        clock: Option<Arc<StreamClock>>,
+    }
+}
+
+impl<B> Touching<B> {
+    pub fn new(inner: B, clock: Option<Arc<StreamClock>>) -> Self {
+        Self { inner, clock }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Touching<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(clock)) = (&polled, this.clock.as_deref()) {
+            clock.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

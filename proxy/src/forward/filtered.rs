@@ -9,6 +9,12 @@
 //! the bodies only try it, never wait: while a header phase runs, a body
 //! chunk passes unfiltered (only possible when the upstream answers before
 //! the request body ended).
+//!
+//! A message with a declared `content-length` that a filter's body callback
+//! may resize has its head held by `phases` until the first frame came out
+//! of the filters ([`FilteredBody::prime`]); the head is then framed by what
+//! they made of the body ([`Framing`]), and a later change that no longer
+//! fits the length the head went with is cut there and reported.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,6 +120,13 @@ impl SharedChain {
         slot.as_mut().map(f)
     }
 
+    /// Whether a filter of the chain has a body callback for `side` (and
+    /// so may change that body's length).
+    pub fn has_body_callback(&self, side: Side) -> bool {
+        self.with(|c| c.has_body_callback(side.dir()))
+            .unwrap_or(false)
+    }
+
     pub fn take_local(&self) -> Option<http::Response<Bytes>> {
         self.inner.local.lock().ok()?.take()
     }
@@ -172,7 +185,30 @@ pin_project_lite::pin_project! {
         waiting: Option<Option<HeaderMap>>,
         // A filter paused on the trailers to wait for a callout.
         waiting_trailers: bool,
+        // Data bytes read from `inner`, and given out after the filters.
+        passed_in: u64,
+        passed_out: u64,
+        // The first frame out of the filters, read by [`FilteredBody::prime`]
+        // while the head was held; given out first.
+        primed: Option<Frame<Bytes>>,
+        // The `content-length` the head went on with: never more bytes
+        // than that (the rest is dropped), and a body that does not
+        // match it is reported once.
+        declared: Option<u64>,
+        misframe_reported: bool,
     }
+}
+
+/// What the filters made of a body's length by the time its first frame
+/// came out of them ([`FilteredBody::prime`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// The body ended while its head was held: this is its whole length.
+    Ended(u64),
+    /// What passed the filters so far differs in length from what came in.
+    Changed,
+    /// Same length so far.
+    Unchanged,
 }
 
 impl<B> FilteredBody<B> {
@@ -185,19 +221,68 @@ impl<B> FilteredBody<B> {
             pending_trailers: None,
             waiting: None,
             waiting_trailers: false,
+            passed_in: 0,
+            passed_out: 0,
+            primed: None,
+            declared: None,
+            misframe_reported: false,
         }
     }
 }
 
-impl<B> Body for FilteredBody<B>
+impl<B> FilteredBody<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    type Data = Bytes;
-    type Error = BoxError;
+    /// Runs the body through the filters until its first frame comes out
+    /// of them (a filter that pauses keeps it buffering, within the
+    /// filters' body limits) or it ends, and keeps that frame for the next
+    /// poll. The caller holds the head meanwhile and frames it by the
+    /// answer. A failure is the body's (a filter's answer is in
+    /// [`SharedChain::take_local`]).
+    pub async fn prime(mut self: Pin<&mut Self>) -> Result<Framing, BoxError> {
+        let first = std::future::poll_fn(|cx| self.as_mut().poll_frame(cx)).await;
+        let this = self.project();
+        match first {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => *this.primed = Some(frame),
+            None => {}
+        }
+        let ended = *this.ended && this.waiting.is_none() && !*this.waiting_trailers;
+        Ok(if ended {
+            Framing::Ended(*this.passed_out)
+        } else if *this.passed_in != *this.passed_out {
+            Framing::Changed
+        } else {
+            Framing::Unchanged
+        })
+    }
 
-    fn poll_frame(
+    /// The head goes on with `content-length: n` (when `Some`), not held.
+    pub fn declared(mut self, n: Option<u64>) -> Self {
+        self.declared = n;
+        self
+    }
+
+    /// The head went on with `content-length: n`.
+    pub fn declare(self: Pin<&mut Self>, n: u64) {
+        *self.project().declared = Some(n);
+    }
+
+    /// Reports (once) a body that no longer matches its declared length.
+    fn misframed(self: Pin<&mut Self>) {
+        let this = self.project();
+        if !*this.misframe_reported {
+            let dir = this.side.dir();
+            // Only once it ran: a chain out for a header phase is asked
+            // again at the next misfit.
+            *this.misframe_reported = this.chain.with(|c| c.report_misframed(dir)).is_some();
+        }
+    }
+
+    /// The filtered frames, before the declared length is applied.
+    fn poll_filtered(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -276,6 +361,7 @@ where
                 if eos {
                     *this.ended = true;
                 }
+                *this.passed_in = this.passed_in.saturating_add(data.len() as u64);
                 if let Side::Request = this.side {
                     this.chain
                         .inner
@@ -343,9 +429,69 @@ where
             }
         }
     }
+}
+
+impl<B> Body for FilteredBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.as_mut().project().primed.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            let polled = match self.as_mut().poll_filtered(cx) {
+                Poll::Ready(p) => p,
+                Poll::Pending => return Poll::Pending,
+            };
+            let this = self.as_mut().project();
+            let declared = *this.declared;
+            let frame = match polled {
+                Some(Ok(frame)) => frame,
+                None => {
+                    if declared.is_some_and(|n| *this.passed_out < n) {
+                        self.as_mut().misframed();
+                    }
+                    return Poll::Ready(None);
+                }
+                other => return Poll::Ready(other),
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            let len = data.len() as u64;
+            let Some(n) = declared else {
+                *this.passed_out = this.passed_out.saturating_add(len);
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            };
+            // Never more than the head declared: the client reads exactly
+            // that many bytes as this response, and whatever followed
+            // would be read as the next one.
+            let left = n.saturating_sub(*this.passed_out);
+            if len <= left {
+                *this.passed_out = this.passed_out.saturating_add(len);
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            *this.passed_out = n;
+            self.as_mut().misframed();
+            if left > 0 {
+                let cut = data.slice(..usize::try_from(left).unwrap_or(data.len()));
+                return Poll::Ready(Some(Ok(Frame::data(cut))));
+            }
+        }
+    }
 
     fn is_end_stream(&self) -> bool {
         self.ended
+            && self.primed.is_none()
             && self.pending_trailers.is_none()
             && self.waiting.is_none()
             && !self.waiting_trailers
@@ -372,7 +518,7 @@ fn respond(chain: &SharedChain, side: Side, resp: http::Response<Bytes>) -> BoxE
         Side::Response => {
             tracing::warn!(
                 status,
-                "a filter answered locally from a response body callback; the response is cut unless it was a local reply still held"
+                "a filter answered locally from a response body callback; the response is cut unless its head was still held (a local reply, or a body with content-length held for the filters)"
             );
             "response cut by a filter".into()
         }

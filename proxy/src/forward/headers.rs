@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::filtered::Framing;
+
 /// Removes hop-by-hop headers and any header the `Connection` header names.
 /// `keep_upgrade` keeps `Connection: upgrade` and `Upgrade` for a protocol
 /// switch the proxy tunnels. `TE: trailers` survives because gRPC needs it
@@ -64,6 +66,43 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || *name == header::TE
         || *name == header::PROXY_AUTHORIZATION
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
+/// The `content-length` a message declares (one valid number), if any.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()?.trim().parse().ok()
+}
+
+/// Frames a message whose head was held until its body's first frame had
+/// been through the filters: the whole length when the body ended
+/// meanwhile, no length when the filters changed it so far (HTTP/1.1 is
+/// then chunked, HTTP/2 has no length), else the declared one. Returns
+/// the length the head goes on with, which the body must then keep to.
+pub fn reframe(headers: &mut HeaderMap, framing: Framing, declared: u64) -> Option<u64> {
+    match framing {
+        Framing::Ended(n) => {
+            headers.remove(header::TRANSFER_ENCODING);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Some(n)
+        }
+        Framing::Changed => {
+            headers.remove(header::CONTENT_LENGTH);
+            None
+        }
+        Framing::Unchanged => Some(declared),
+    }
+}
+
+/// Whether the request carries `Expect: 100-continue`.
+pub fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether the request asks to switch protocols (WebSocket and friends).
@@ -202,6 +241,24 @@ mod tests {
         }
         assert!(!is_hop_by_hop(&header::HOST));
         assert!(!is_hop_by_hop(&HeaderName::from_static("x-keep-alive")));
+    }
+
+    #[test]
+    fn held_heads_are_framed_by_what_the_filters_made_of_the_body() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, "10".parse().unwrap());
+        assert_eq!(declared_length(&h), Some(10));
+        assert_eq!(reframe(&mut h, Framing::Unchanged, 10), Some(10));
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "10");
+        assert_eq!(reframe(&mut h, Framing::Ended(14), 10), Some(14));
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "14");
+        assert_eq!(reframe(&mut h, Framing::Changed, 14), None);
+        assert!(h.get(header::CONTENT_LENGTH).is_none());
+        h.append(header::CONTENT_LENGTH, "3".parse().unwrap());
+        h.append(header::CONTENT_LENGTH, "3".parse().unwrap());
+        assert_eq!(declared_length(&h), None, "not one value: not held");
+        h.insert(header::CONTENT_LENGTH, "x".parse().unwrap());
+        assert_eq!(declared_length(&h), None);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!    route cache), and [`route`] refuses a final route whose filters did
 //!    not run;
 //! 3. [`route`]: the route, its allow list, the cluster (or a filter's
-//!    override);
+//!    override); [`hold_request`] then holds a head whose body a filter
+//!    may resize until its first chunk went through the filters, before
+//!    any upstream slot is taken;
 //! 4. the upstream request: [`admit_and_pick`] (circuit breakers, then the
 //!    balancer), [`rewrite`] (URI, hop-by-hop and forwarding headers),
 //!    [`request_body`] (kept whole for a replay, or streamed through the
@@ -34,8 +36,8 @@ use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
-use super::deadline::{Cut, StreamClock, Timed};
-use super::filtered::{FilteredBody, SharedChain, Side};
+use super::deadline::{Cut, StreamClock, Timed, Touching};
+use super::filtered::{FilteredBody, Framing, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -84,6 +86,16 @@ where
         return Ok(answer);
     }
     let routed = route(&mut parts, ctx, chain, log)?;
+    // Before the cluster admission: a client that is slow to send the body
+    // its head waits for must not hold an upstream slot meanwhile (as
+    // Envoy's router takes none until the decoder filters let the headers
+    // go).
+    let body = match hold_request(body, &mut parts, ctx, chain, clock.clone(), upgrade).await {
+        Ok(body) => body,
+        // A filter answered (or failed) on the body while the head was
+        // held for it.
+        Err(e) => return answer_or(e, chain).await,
+    };
     let (admission, picked) = admit_and_pick(&routed, &parts, ctx, chain).await?;
     rewrite(&mut parts, &routed, &picked, ctx, upgrade, via)?;
     let (body, kept) =
@@ -98,6 +110,8 @@ where
             &parts.uri,
         );
     }
+    let head_request = parts.method == http::Method::HEAD;
+    let endpoint = picked.addr;
     let sent = send(&routed, picked, parts, body, kept, clock.as_deref(), chain).await;
     if let Some(t) = &mut trace {
         t.upstream_end(
@@ -109,12 +123,7 @@ where
     let mut resp = match sent {
         Ok(resp) => resp,
         // A filter that answered mid-body aborted the upstream request.
-        Err(e) => {
-            return match chain.and_then(SharedChain::take_local) {
-                Some(local) => Ok(filter_answer(local, chain).await),
-                None => Err(e),
-            }
-        }
+        Err(e) => return answer_or(e, chain).await,
     };
     // Envoy stops request_timeout once the response starts: a
     // bidirectional stream or an upload answered early is timed by
@@ -122,8 +131,26 @@ where
     if let Some(clock) = &clock {
         clock.response_started();
     }
-    let switching = switch_protocols(&mut resp, downstream_upgrade, ctx);
-    Ok(respond(resp, admission, switching, via, ctx, chain, clock).await)
+    let exchange = Exchange {
+        switching: switch_protocols(&mut resp, downstream_upgrade, ctx),
+        via,
+        head_request,
+        cluster: &routed.upstream.name,
+        endpoint,
+    };
+    respond(resp, admission, exchange, ctx, chain, clock).await
+}
+
+/// A failure on a request body: the answer of the filter that made it
+/// fail (kept by the chain), else the failure itself.
+async fn answer_or(
+    e: ProxyError,
+    chain: Option<&SharedChain>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match chain.and_then(SharedChain::take_local) {
+        Some(local) => Ok(filter_answer(local, chain).await),
+        None => Err(e),
+    }
 }
 
 /// Phase 1: shapes of request the proxy refuses, the stream's deadlines,
@@ -479,11 +506,60 @@ pub(super) fn rewrite(
     Ok(())
 }
 
+/// Phase 3b: a request body with a declared length that a filter may
+/// resize holds its head until its first chunk went through the filters
+/// ([`hold_for_body`]), before any upstream slot is taken, within
+/// `header_timeout` (as a body read whole for a retry). A request that
+/// carries `Expect: 100-continue` is not held: hyper answers the 100 when
+/// the body is first polled, and that should stay the upstream
+/// connection's doing, once the request has gone there.
+pub(super) async fn hold_request<B>(
+    body: B,
+    parts: &mut http::request::Parts,
+    ctx: &Ctx<'_>,
+    chain: Option<&SharedChain>,
+    clock: Option<Arc<StreamClock>>,
+    upgrade: bool,
+) -> Result<Incoming<B>, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(chain) = chain else {
+        return Ok(Incoming::Raw(body));
+    };
+    let has_body = !upgrade && !body.is_end_stream() && !headers::expects_continue(&parts.headers);
+    let Some(declared) = hold_for_body(has_body, &parts.headers, chain, Side::Request) else {
+        return Ok(Incoming::Raw(body));
+    };
+    let limits = &ctx.listener.limits;
+    let body = RequestBody::new(body, limits.max_body_bytes, clock);
+    let mut filtered = Box::pin(FilteredBody::new(body, chain.clone(), Side::Request));
+    let after = limits.header_timeout;
+    let framing = tokio::time::timeout(after, filtered.as_mut().prime())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout { after })?
+        .map_err(|e| body::body_error(&*e))?;
+    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+        filtered.as_mut().declare(n);
+    }
+    Ok(Incoming::Held(filtered.boxed_unsync()))
+}
+
+/// The client's request body, as [`hold_request`] leaves it.
+pub(super) enum Incoming<B> {
+    /// Not held: as the client sends it.
+    Raw(B),
+    /// Held for the filters: their first output is in, the head framed.
+    Held(ProxyBody),
+}
+
 /// Phase 4c: the body to send, and a copy kept for retries when the route
 /// retries and the body is small enough to read whole first (empty bodies
-/// are always kept); otherwise it streams through the filters.
+/// are always kept); otherwise it streams through the filters (a body
+/// [`hold_request`] held already does).
 pub(super) async fn request_body<B>(
-    body: B,
+    body: Incoming<B>,
     parts: &http::request::Parts,
     routed: &Routed<'_>,
     ctx: &Ctx<'_>,
@@ -495,6 +571,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let body = match body {
+        Incoming::Raw(body) => body,
+        Incoming::Held(held) => return Ok((held, None)),
+    };
     let limits = &ctx.listener.limits;
     let empty = body.is_end_stream() && !upgrade;
     let body = RequestBody::new(body, limits.max_body_bytes, clock);
@@ -502,7 +582,11 @@ where
     if !body::should_keep_body(policy, parts, empty, upgrade, chain.is_some()) {
         let kept = empty.then(Bytes::new);
         let body = match chain {
-            Some(c) => FilteredBody::new(body, c.clone(), Side::Request).boxed_unsync(),
+            // Not held (no declared length, or `Expect: 100-continue`):
+            // a declared length is kept to, and a misfit reported.
+            Some(c) => FilteredBody::new(body, c.clone(), Side::Request)
+                .declared(headers::declared_length(&parts.headers).filter(|_| !empty && !upgrade))
+                .boxed_unsync(),
             None => body.boxed_unsync(),
         };
         return Ok((body, kept));
@@ -546,20 +630,34 @@ pub(super) async fn send(
     let request = Request::from_parts(parts, body);
     // Pinned in place and polled by reference: moving the future into
     // `select!` would copy it whole once more.
-    let mut sending =
+    let sending =
         std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
+    within_deadlines(sending, clock, &upstream.name, endpoint).await
+}
+
+/// Runs `work` under the stream's deadlines (`stream_idle_timeout`,
+/// `request_timeout`): nothing moving either way while it waits counts as
+/// idle. An idle stream whose request body has all arrived is the
+/// upstream's doing (504 `upstream_timeout`); one still owed request
+/// bytes is the client's (408), as is `request_timeout`.
+async fn within_deadlines<F, T, E>(
+    work: std::pin::Pin<&mut F>,
+    clock: Option<&StreamClock>,
+    cluster: &str,
+    endpoint: std::net::SocketAddr,
+) -> Result<T, ProxyError>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<ProxyError>,
+{
     let Some(clock) = clock else {
-        return Ok(sending.await?);
+        return work.await.map_err(Into::into);
     };
     tokio::select! {
-        sent = &mut sending => Ok(sent?),
-        // Nothing moving either way while the upstream thinks counts as
-        // idle too; the request body's own timer covers a stalled upload.
+        done = work => done.map_err(Into::into),
         cut = clock.expired() => Err(match cut {
-            // The whole request arrived: the upstream is the one not
-            // answering.
-            Cut::Idle(after) if clock.request_done() => ProxyError::UpstreamTimeout {
-                cluster: upstream.name.to_string(),
+            Cut::Idle(after) if clock.request_body_ended() => ProxyError::UpstreamTimeout {
+                cluster: cluster.to_string(),
                 addr: endpoint,
                 after,
             },
@@ -583,36 +681,103 @@ pub(super) fn switch_protocols(
     switching
 }
 
+/// Whether to hold a head until its body's first chunk went through the
+/// filters, and the length it declares: only a message that has a body
+/// (`has_body`) with one declared `content-length`, when a filter of the
+/// chain has a body callback for it (so may change its length). Streams
+/// without a declared length (chunked, SSE, h2 without one) never wait.
+fn hold_for_body(
+    has_body: bool,
+    head: &http::HeaderMap,
+    chain: &SharedChain,
+    side: Side,
+) -> Option<u64> {
+    if !has_body {
+        return None;
+    }
+    let declared = headers::declared_length(head)?;
+    chain.has_body_callback(side).then_some(declared)
+}
+
+/// What the response phase knows of the exchange it answers.
+pub(super) struct Exchange<'a> {
+    /// A 101 to an upgrade: the connections become a tunnel.
+    pub switching: bool,
+    pub via: &'static str,
+    /// The request was HEAD: its answer has no body, whatever it declares.
+    pub head_request: bool,
+    pub cluster: &'a str,
+    pub endpoint: std::net::SocketAddr,
+}
+
 /// Phase 5: the response on its way back: clean headers, the
 /// response-header filters (which may answer instead), and the body's
-/// filters, deadlines and the admission it holds until it ends.
+/// filters, deadlines and the admission it holds until it ends. A body
+/// with a declared length that a filter may resize holds the head until
+/// its first chunk went through the filters, under the stream's
+/// deadlines; the head is then framed by what they made of it
+/// (`headers::reframe`).
 pub(super) async fn respond<R>(
     resp: Response<R>,
     mut admission: Admission,
-    switching: bool,
-    via: &'static str,
+    x: Exchange<'_>,
     ctx: &Ctx<'_>,
     chain: Option<&SharedChain>,
     clock: Option<Arc<StreamClock>>,
-) -> Response<ProxyBody>
+) -> Result<Response<ProxyBody>, ProxyError>
 where
     R: Body<Data = Bytes> + Send + 'static,
     R::Error: Into<BoxError>,
 {
+    let switching = x.switching;
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switching);
-    headers::append_via(&mut parts.headers, via);
+    headers::append_via(&mut parts.headers, x.via);
     // The request counts against max_requests until its response ends.
     admission.headers_received();
     let body = Tracked::new(body, move |_| drop(admission));
     let body = match chain {
         Some(chain) if !switching => {
+            let end = body.is_end_stream();
             // Boxed for the same reason as in `request_filters`.
-            let verdict = Box::pin(chain.response_headers(&mut parts, body.is_end_stream())).await;
+            let verdict = Box::pin(chain.response_headers(&mut parts, end)).await;
             if let Some(Verdict::Respond(resp)) = verdict {
-                return error::boxed(resp);
+                return Ok(error::boxed(resp));
             }
-            FilteredBody::new(body, chain.clone(), Side::Response).boxed_unsync()
+            let status = parts.status;
+            let has_body = !end
+                && !x.head_request
+                && !status.is_informational()
+                && status != http::StatusCode::NO_CONTENT
+                && status != http::StatusCode::NOT_MODIFIED;
+            // The upstream's frames keep the stream alive even while a
+            // filter buffers them.
+            let body = Touching::new(body, clock.clone());
+            let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
+            match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
+                None => filtered.boxed_unsync(),
+                Some(declared) => {
+                    let mut filtered = Box::pin(filtered);
+                    let framing =
+                        match Box::pin(prime_response(filtered.as_mut(), clock.as_deref(), &x))
+                            .await
+                        {
+                            Ok(framing) => framing,
+                            Err(e) => {
+                                // The head is still ours: a filter's answer (or a
+                                // buffer over its limit) replaces the upstream's.
+                                return match chain.take_local() {
+                                    Some(local) => Ok(error::boxed(local)),
+                                    None => Err(e),
+                                };
+                            }
+                        };
+                    if let Some(n) = headers::reframe(&mut parts.headers, framing, declared) {
+                        filtered.as_mut().declare(n);
+                    }
+                    filtered.boxed_unsync()
+                }
+            }
         }
         _ => body.map_err(Into::into).boxed_unsync(),
     };
@@ -622,7 +787,34 @@ where
         }
         _ => body,
     };
-    Response::from_parts(parts, body)
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Runs the response body through the filters until its first frame comes
+/// out, under the stream's deadlines ([`within_deadlines`]): an upstream
+/// that sends its head and stalls is answered 504 `upstream_timeout` when
+/// `stream_idle_timeout` passes with nothing moving (the upstream's frames
+/// touch the clock as they arrive, also while a filter buffers them).
+async fn prime_response<B>(
+    body: std::pin::Pin<&mut FilteredBody<B>>,
+    clock: Option<&StreamClock>,
+    x: &Exchange<'_>,
+) -> Result<Framing, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let reset = |e: BoxError| ProxyError::UpstreamReset {
+        cluster: x.cluster.to_string(),
+        addr: x.endpoint,
+        reason: format!("response body: {e}"),
+    };
+    let primed = std::pin::pin!(async { body.prime().await.map_err(reset) });
+    let framing = within_deadlines(primed, clock, x.cluster, x.endpoint).await?;
+    if let Some(clock) = clock {
+        clock.touch();
+    }
+    Ok(framing)
 }
 
 /// Rejects shapes of request that hyper lets through but a proxy must not

@@ -1,0 +1,110 @@
+//! Fixture: a `body_redact`-style filter that rewrites `secret` in bodies and,
+//! like the filters in proxy-wasm-cpp-sdk#146 and rust-sdk#180, does NOT
+//! remove `content-length` in its header callbacks: the host must re-frame.
+//!
+//! Its configuration is a list of words:
+//! - `shrink` (`secret` -> `[r]`) or `grow` (`secret` -> `[REDACTED]`);
+//! - `buffer` (PAUSE until the end of the body, then rewrite it whole) or
+//!   `stream` (rewrite each chunk as it comes);
+//! - `request` and/or `response`: which bodies (both when neither is named);
+//! - `not-modified`: also turns the response's `:status` into 304 in its
+//!   header callback (a 304 has no body, whatever its head declares).
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+#[derive(Default, Clone, Copy)]
+struct Mode {
+    grow: bool,
+    buffer: bool,
+    request: bool,
+    response: bool,
+    not_modified: bool,
+}
+
+#[derive(Default)]
+struct Root {
+    mode: Mode,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        let config = String::from_utf8_lossy(&config);
+        let words: Vec<&str> = config.split_whitespace().collect();
+        let has = |w: &str| words.contains(&w);
+        self.mode = Mode {
+            grow: has("grow"),
+            buffer: has("buffer"),
+            request: has("request") || !has("response"),
+            response: has("response") || !has("request"),
+            not_modified: has("not-modified"),
+        };
+        true
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { mode: self.mode }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    mode: Mode,
+}
+
+impl Context for Http {}
+
+impl Http {
+    fn redact(&self, body: &[u8]) -> Vec<u8> {
+        let to = if self.mode.grow { "[REDACTED]" } else { "[r]" };
+        String::from_utf8_lossy(body)
+            .replace("secret", to)
+            .into_bytes()
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_response_headers(&mut self, _num: usize, _eos: bool) -> Action {
+        if self.mode.not_modified {
+            self.set_http_response_header(":status", Some("304"));
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
+        if !self.mode.request {
+            return Action::Continue;
+        }
+        if self.mode.buffer && !eos {
+            return Action::Pause;
+        }
+        if let Some(body) = self.get_http_request_body(0, size) {
+            let new = self.redact(&body);
+            self.set_http_request_body(0, size, &new);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
+        if !self.mode.response {
+            return Action::Continue;
+        }
+        if self.mode.buffer && !eos {
+            return Action::Pause;
+        }
+        if let Some(body) = self.get_http_response_body(0, size) {
+            let new = self.redact(&body);
+            self.set_http_response_body(0, size, &new);
+        }
+        Action::Continue
+    }
+}
