@@ -61,6 +61,9 @@ pub(crate) struct StreamData {
     pub route: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
+    /// The connection the upstream's response came on (`upstream.*`
+    /// beyond the address).
+    pub upstream_conn: Option<Arc<crate::tls::UpstreamConn>>,
     pub error_code: Option<&'static str>,
     /// Properties set with `proxy_set_property`, keyed by dot-joined path.
     pub props: HashMap<String, Bytes>,
@@ -99,6 +102,7 @@ impl StreamData {
             route: None,
             cluster: None,
             upstream: None,
+            upstream_conn: None,
             error_code: None,
             props: HashMap::new(),
             sizes: None,

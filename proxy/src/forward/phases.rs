@@ -549,10 +549,10 @@ pub(super) async fn send(
     let mut sending =
         std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
     let Some(clock) = clock else {
-        return Ok(sending.await?);
+        return Ok(with_conn(sending.await?, chain));
     };
     tokio::select! {
-        sent = &mut sending => Ok(sent?),
+        sent = &mut sending => Ok(with_conn(sent?, chain)),
         // Nothing moving either way while the upstream thinks counts as
         // idle too; the request body's own timer covers a stalled upload.
         cut = clock.expired() => Err(match cut {
@@ -566,6 +566,18 @@ pub(super) async fn send(
             cut => ProxyError::Cut(cut),
         }),
     }
+}
+
+/// Hands the connection the response came on to the filters
+/// (`upstream.*`), as the pool attached it.
+fn with_conn(resp: Response<ResponseBody>, chain: Option<&SharedChain>) -> Response<ResponseBody> {
+    if let (Some(c), Some(conn)) = (
+        chain,
+        resp.extensions().get::<Arc<crate::tls::UpstreamConn>>(),
+    ) {
+        c.with(|c| c.set_upstream_conn(conn.clone()));
+    }
+    resp
 }
 
 /// Phase 4e: on a 101 to an upgrade request, joins the two connections

@@ -233,6 +233,18 @@ pub struct ConnTls {
     pub local: Option<Arc<CertInfo>>,
 }
 
+/// What filters may read about the upstream connection a response came
+/// on (Envoy's `upstream.*` attributes), worked out once when the
+/// connection opens and shared by every request sent on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamConn {
+    /// This side's address of the connection (`upstream.local_address`).
+    pub local_address: Option<std::net::SocketAddr>,
+    /// `None` over plain text. `peer` is the upstream's certificate,
+    /// `local` the client certificate wasp presented (if any).
+    pub tls: Option<ConnTls>,
+}
+
 /// Facts of a leaf certificate, in Envoy's encodings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertInfo {
@@ -248,11 +260,7 @@ impl ConnTls {
     /// The facts of an accepted server connection; `local` are the
     /// listener's certificates (the one served is picked by SNI).
     pub fn of(conn: &rustls::ServerConnection, local: &LocalCerts) -> Self {
-        let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "unknown",
-        };
+        let version = version_name(conn.protocol_version());
         let sni = conn.server_name();
         let leaf = conn.peer_certificates().and_then(|chain| chain.first());
         // One parse of the client certificate gives the identity and the
@@ -269,6 +277,35 @@ impl ConnTls {
             principal,
             local: local.pick(sni),
         }
+    }
+}
+
+impl ConnTls {
+    /// The facts of an upstream connection wasp opened; `local` is the
+    /// client certificate it presented (from the same config).
+    pub fn of_client(conn: &rustls::ClientConnection, local: Option<Arc<CertInfo>>) -> Self {
+        let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+        let (peer, principal) = match leaf.and_then(|l| CertInfo::parse_with_identity(l)) {
+            Some((info, principal)) => (Some(info), principal),
+            None => (None, None),
+        };
+        Self {
+            version: version_name(conn.protocol_version()),
+            sni: None,
+            peer,
+            mtls: local.is_some(),
+            principal,
+            local,
+        }
+    }
+}
+
+/// `TLSv1.2` / `TLSv1.3`, as OpenSSL (and Envoy) name them.
+fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
     }
 }
 
