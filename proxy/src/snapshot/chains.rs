@@ -6,7 +6,10 @@
 //! Each distinct `filters.NAME.config` of the file becomes one per-route
 //! config of filter NAME (`FilterSpec::route_configs`, numbered from 1 in
 //! file order); a chain entry names the filter and that number, so every
-//! route with the same override shares one root context per instance.
+//! route with the same override shares one root context per instance. An
+//! override whose bytes (as the guest receives them: JSON for a table) are
+//! the filter's own config is config 0, the filter's own root context:
+//! no extra root, and no gap between routes with and without it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -69,9 +72,13 @@ impl Chains {
     }
 }
 
+/// Each filter's own config (variant 0), as the guest receives it.
+pub type OwnConfigs = BTreeMap<Arc<str>, Bytes>;
+
 /// Every filter's per-route configs, as the guest receives them (JSON for
-/// a table), distinct, in file order.
-pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
+/// a table), distinct, in file order, leaving out those equal to the
+/// filter's own config in `own` (they run on its own root context).
+pub fn route_configs(config: &Config, own: &OwnConfigs) -> BTreeMap<Arc<str>, Vec<Bytes>> {
     let mut out: BTreeMap<Arc<str>, Vec<Bytes>> = BTreeMap::new();
     let overrides = config
         .listeners
@@ -81,6 +88,9 @@ pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
         .flat_map(|f| f.configs.iter());
     for (name, value) in overrides {
         let bytes = super::config_bytes(Some(value));
+        if own.get(name) == Some(&bytes) {
+            continue;
+        }
         let list = out.entry(name.clone()).or_default();
         if !list.contains(&bytes) {
             list.push(bytes);
@@ -89,7 +99,8 @@ pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
     out
 }
 
-/// The chains of listener `l`, numbering configs as `configs` does.
+/// The chains of listener `l`, numbering configs as `configs` does (an
+/// override not among them, being the filter's own, is config 0).
 pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> Chains {
     let own = |name: &Arc<str>| PipelineEntry {
         name: name.clone(),

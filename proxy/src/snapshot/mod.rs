@@ -325,10 +325,17 @@ impl Snapshot {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let config = &compiled.config;
+        // The configs the loaded filters run on their own roots, as
+        // `filter_specs` made them (a `NAME.toml` beside included).
+        let own: chains::OwnConfigs = filters
+            .plugins
+            .iter()
+            .map(|p| (Arc::from(p.spec.name.as_str()), p.spec.config.clone()))
+            .collect();
         let listeners = compiled
             .listeners
             .into_iter()
-            .map(|l| series(config, l, metrics))
+            .map(|l| series(config, &own, l, metrics))
             .collect();
         let cluster_ids = compiled
             .config
@@ -374,9 +381,14 @@ impl Snapshot {
 
 /// A compiled listener with its series: the listener's, the unrouted
 /// requests', and each route's per cluster it may pick.
-fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> ListenerSnapshot {
+fn series(
+    config: &Config,
+    own: &chains::OwnConfigs,
+    l: CompiledListener,
+    metrics: &Arc<Metrics>,
+) -> ListenerSnapshot {
     let name = &l.config.name;
-    let chains = chains::chains(&l.config, &chains::route_configs(config));
+    let chains = chains::chains(&l.config, &chains::route_configs(config, own));
     let filtered = !chains.listener.is_empty() || chains.routes.iter().any(|c| !c.is_empty());
     let mut routes = l.routes;
     for r in &mut routes {
@@ -448,10 +460,8 @@ fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> Liste
 /// a filter's settings can ship (and hot-reload) beside its module.
 pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
     let mut specs = Vec::with_capacity(config.file.filters.len());
-    let mut route_configs = chains::route_configs(config);
     for (name, decl) in &config.file.filters {
         let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
-        spec.route_configs = route_configs.remove(name.as_str()).unwrap_or_default();
         let beside = config.filters_dir.join(format!("{name}.toml"));
         spec.config = match std::fs::read_to_string(&beside) {
             Ok(text) => {
@@ -482,6 +492,17 @@ pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
             .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
         spec.host_limits = decl.limits.host_limits();
         specs.push(spec);
+    }
+    // Only now are the filters' own configs known (a `NAME.toml` beside
+    // replaces the section's): a per-route config equal to one is no
+    // extra root context.
+    let own: chains::OwnConfigs = specs
+        .iter()
+        .map(|s| (Arc::from(s.name.as_str()), s.config.clone()))
+        .collect();
+    let mut route_configs = chains::route_configs(config, &own);
+    for spec in &mut specs {
+        spec.route_configs = route_configs.remove(spec.name.as_str()).unwrap_or_default();
     }
     Ok(specs)
 }

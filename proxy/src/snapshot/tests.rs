@@ -220,6 +220,14 @@ pipeline = ["trace", "authz"]
   cluster = "app"
   filters.authz.config = { mode = "strict" }
   [[listeners.routes]]
+  match = { prefix = "/d" }
+  cluster = "app"
+  filters.authz.config = { mode = "audit" }
+  [[listeners.routes]]
+  match = { prefix = "/e" }
+  cluster = "app"
+  filters.trace.config = ""
+  [[listeners.routes]]
   cluster = "app"
 "#,
     );
@@ -233,7 +241,15 @@ pipeline = ["trace", "authz"]
         ]
     );
     assert_eq!(authz.config, bytes::Bytes::from(r#"{"mode":"audit"}"#));
-    let chains = chains::chains(&c.listeners[0], &chains::route_configs(&c));
+    // `/d` repeats authz's own config and `/e` trace's (none: empty
+    // bytes, as the guest receives it): no extra root context for either.
+    let trace = specs.iter().find(|s| s.name == "trace").unwrap();
+    assert!(trace.route_configs.is_empty(), "{:?}", trace.route_configs);
+    let own: chains::OwnConfigs = specs
+        .iter()
+        .map(|s| (Arc::from(s.name.as_str()), s.config.clone()))
+        .collect();
+    let chains = chains::chains(&c.listeners[0], &chains::route_configs(&c, &own));
     let of = |i: usize| -> Vec<(String, u32)> {
         chains.routes[i]
             .iter()
@@ -244,7 +260,11 @@ pipeline = ["trace", "authz"]
     assert_eq!(of(0), vec![entry("trace", 0), entry("authz", 1)]);
     assert_eq!(of(1), vec![entry("authz", 2)]);
     assert_eq!(of(2), of(0), "the same config, the same root context");
-    assert!(Arc::ptr_eq(&chains.routes[3], &chains.listener));
+    assert_eq!(of(3), vec![entry("trace", 0), entry("authz", 0)]);
+    assert_eq!(of(4), vec![entry("trace", 0), entry("authz", 0)]);
+    assert!(Arc::ptr_eq(&chains.routes[5], &chains.listener));
+    // The same entries as the listener's: moving between them skips nothing.
+    assert!(Chains::covers(&chains.listener, &chains.routes[3]));
     // Moving from /c's chain to /a's skips nothing; from the listener's
     // to /a's would run authz with the wrong config.
     assert!(Chains::covers(&chains.routes[2], &chains.routes[0]));
