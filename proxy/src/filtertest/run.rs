@@ -29,8 +29,8 @@ use http::{HeaderMap, Response, StatusCode};
 use super::capture;
 use super::fixture::{Callout, Case, FilterSection, Headers};
 use crate::filter::{
-    BodyVerdict, CalloutFuture, FilterRuntime, FilterSet, FilterSpec, HttpCallouts, StreamFilters,
-    StreamInfo, Verdict,
+    BodyVerdict, CalloutFuture, FilterRuntime, FilterSet, FilterSpec, HttpCallouts, PipelineEntry,
+    StreamFilters, StreamInfo, Verdict,
 };
 use crate::forward;
 
@@ -195,6 +195,15 @@ pub fn run_case(
 ) -> Result<Observed, String> {
     let mut spec = FilterSpec::new(filter.name.clone(), module);
     spec.config = config_bytes(case.config.as_ref().or(filter.config.as_ref()));
+    // A route's override is the filter's per-route config 1, unless it is
+    // the filter's own (config 0), as `snapshot` numbers them.
+    let variant = match case.route_config.as_ref().map(|v| config_bytes(Some(v))) {
+        Some(bytes) if bytes != spec.config => {
+            spec.route_configs = vec![bytes];
+            1
+        }
+        _ => 0,
+    };
     spec.vm_config = config_bytes(filter.vm_config.as_ref());
     spec.fail = filter.fail;
     let l = &filter.limits;
@@ -216,7 +225,7 @@ pub fn run_case(
                 .build()
                 .map_err(|e| format!("cannot start a runtime: {e}"))?;
             rt.block_on(async move {
-                tokio::time::timeout(CASE_LIMIT, observe(spec, answers, request, cache))
+                tokio::time::timeout(CASE_LIMIT, observe(spec, variant, answers, request, cache))
                     .await
                     .unwrap_or_else(|_| Err(format!("the case did not finish in {CASE_LIMIT:?}")))
             })
@@ -494,6 +503,7 @@ fn as_forwarded(headers: &mut HeaderMap) {
 
 async fn observe(
     spec: FilterSpec,
+    variant: u32,
     answers: Vec<Callout>,
     mut p: Prepared,
     cache: Option<std::path::PathBuf>,
@@ -534,7 +544,11 @@ async fn observe(
         principal: None,
         tls: None,
     };
-    let mut chain = set.stream(std::slice::from_ref(&name), info);
+    let entry = PipelineEntry {
+        name,
+        config: variant,
+    };
+    let mut chain = set.route_stream(std::slice::from_ref(&entry), info);
     let request_size = total(&p.body) as u64;
     let mut response_size = 0;
 
