@@ -535,10 +535,16 @@ pub(super) async fn send(
     chain: Option<&SharedChain>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let (route, upstream) = (routed.route, routed.upstream);
-    let endpoint = picked.addr;
+    // The endpoint being tried (a retry moves it), for an idle cut to
+    // name. A lock only a retry takes, never contended: the future must
+    // stay `Send`, which a `Cell` behind a reference is not.
+    let endpoint = std::sync::Mutex::new(picked.addr);
     let replay = Replay::capture(route.retry.as_deref(), &parts, kept).map(Box::new);
     let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
     let on_retry = |addr| {
+        if let Ok(mut e) = endpoint.lock() {
+            *e = addr;
+        }
         if let Some(c) = chain {
             c.with(|c| c.set_upstream(addr));
         }
@@ -560,7 +566,7 @@ pub(super) async fn send(
             // answering.
             Cut::Idle(after) if clock.request_done() => ProxyError::UpstreamTimeout {
                 cluster: upstream.name.to_string(),
-                addr: endpoint,
+                addr: *endpoint.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 after,
             },
             cut => ProxyError::Cut(cut),
