@@ -216,13 +216,6 @@ impl Counted {
         self.info.clone()
     }
 
-    /// Whether TLS negotiated HTTP/2 by ALPN.
-    pub fn negotiated_h2(&self) -> bool {
-        match &self.io {
-            Io::Plain(_) => false,
-            Io::Tls(io) => io.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
-        }
-    }
 }
 
 /// Calls the same method on whichever stream `$io` holds.

@@ -9,11 +9,12 @@
 //! response body has been read to the end, not before (hyper cannot send
 //! the next request on it until then); a response dropped early, or one
 //! that switched protocols (101), closes its connection instead. HTTP/2
-//! uses one connection per endpoint for every request (h2c for
-//! `protocol = "http2"`, or when TLS negotiated `h2` by ALPN). For
-//! `protocol = "http2"` the connection is in the pool from the moment it
-//! is dialed, so requests that come while it opens wait for that one
-//! handshake (and share its failure) instead of each dialing its own.
+//! (`protocol = "http2"`: h2c, or TLS whose ALPN offers only `h2`) uses
+//! one connection per endpoint for every request. It is in the pool from
+//! the moment it is dialed, TLS and ALPN included, so requests that come
+//! while it opens wait for that one handshake (and share its failure)
+//! instead of each dialing its own. An HTTP/1.1 cluster's TLS offers only
+//! `http/1.1`, so a connection dialed for one request is never HTTP/2.
 //!
 //! An HTTP/1.1 connection whose response ended before its request body was
 //! all sent (an early 401/413) cannot take the next request until that
@@ -269,26 +270,11 @@ impl Pool {
                 }
             }
         }
+        // HTTP/1.1 here: an HTTP/2 cluster's requests all went through
+        // `take`, and an HTTP/1.1 cluster's TLS offers only `http/1.1` by
+        // ALPN, so its connections cannot turn out to be HTTP/2.
         let io = dial(&self.shared.connector, addr).await?;
         let info = io.info();
-        if io.negotiated_h2() {
-            // TLS chose h2 by ALPN: this connection becomes the endpoint's.
-            let mut tx = handshake_h2(io).await?;
-            let activity = Arc::new(H2Activity::default());
-            let using = H2Use::new(&activity);
-            let ready: H2Conn = futures_util::future::ready(Ok((tx.clone(), info.clone())))
-                .boxed()
-                .shared();
-            self.shared.lock().entry(addr).or_default().h2 = Some(H2Slot {
-                id: self.shared.next_h2.fetch_add(1, Ordering::Relaxed),
-                conn: ready,
-                activity,
-            });
-            self.shared.watch();
-            origin_form(&mut req, true);
-            let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
-            return Ok(with_info(resp.map(|b| ResponseBody::h2(b, using)), info));
-        }
         let (mut tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
