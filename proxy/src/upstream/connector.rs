@@ -215,7 +215,6 @@ impl Counted {
     pub fn info(&self) -> Arc<UpstreamConn> {
         self.info.clone()
     }
-
 }
 
 /// Calls the same method on whichever stream `$io` holds.
