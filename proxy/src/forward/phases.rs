@@ -575,13 +575,11 @@ pub(super) async fn send(
 }
 
 /// Hands the connection the response came on to the filters
-/// (`upstream.*`), as the pool attached it.
+/// (`upstream.*`).
 fn with_conn(resp: Response<ResponseBody>, chain: Option<&SharedChain>) -> Response<ResponseBody> {
-    if let (Some(c), Some(conn)) = (
-        chain,
-        resp.extensions().get::<Arc<crate::tls::UpstreamConn>>(),
-    ) {
-        c.with(|c| c.set_upstream_conn(conn.clone()));
+    if let Some(c) = chain {
+        let conn = resp.body().conn().clone();
+        c.with(|c| c.set_upstream_conn(conn));
     }
     resp
 }

@@ -243,9 +243,7 @@ impl Pool {
                     }
                     origin_form(&mut req, true);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => {
-                            return Ok(with_info(resp.map(|b| ResponseBody::h2(b, using)), info))
-                        }
+                        Ok(resp) => return Ok(resp.map(|b| ResponseBody::h2(b, using, info))),
                         Err(mut e) => match e.take_message() {
                             Some(back) if !fresh => {
                                 self.forget_h2(addr, id);
@@ -370,11 +368,11 @@ impl Pool {
 
     /// The response, holding its HTTP/1.1 connection until its body ends.
     fn lease(&self, addr: SocketAddr, h1: H1, resp: Response<Incoming>) -> Response<ResponseBody> {
-        let resp = with_info(resp, h1.info.clone());
         // A connection that switched protocols is the tunnel's now.
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return resp.map(ResponseBody::plain);
+            return resp.map(|b| ResponseBody::plain(b, h1.info));
         }
+        let conn = h1.info.clone();
         let lease = Lease {
             pool: Arc::downgrade(&self.shared),
             addr,
@@ -385,19 +383,13 @@ impl Pool {
             inner: body,
             lease: Some(lease),
             _using: None,
+            conn,
         };
         if body.inner.is_end_stream() {
             body.release();
         }
         Response::from_parts(parts, body)
     }
-}
-
-/// `resp` carrying what filters may read of its connection (read back by
-/// `forward` for `upstream.*`).
-fn with_info<B>(mut resp: Response<B>, info: Arc<UpstreamConn>) -> Response<B> {
-    resp.extensions_mut().insert(info);
-    resp
 }
 
 /// A new connection to `addr`.
@@ -556,23 +548,33 @@ pub struct ResponseBody {
     lease: Option<Lease>,
     /// Over HTTP/2, the hold that keeps the connection from the idle sweep.
     _using: Option<H2Use>,
+    /// What filters may read of the connection it came on (`upstream.*`):
+    /// one reference count per response, nothing allocated.
+    conn: Arc<UpstreamConn>,
 }
 
 impl ResponseBody {
-    fn plain(inner: Incoming) -> Self {
+    fn plain(inner: Incoming, conn: Arc<UpstreamConn>) -> Self {
         Self {
             inner,
             lease: None,
             _using: None,
+            conn,
         }
     }
 
-    fn h2(inner: Incoming, using: H2Use) -> Self {
+    fn h2(inner: Incoming, using: H2Use, conn: Arc<UpstreamConn>) -> Self {
         Self {
             inner,
             lease: None,
             _using: Some(using),
+            conn,
         }
+    }
+
+    /// The facts of the connection this response came on.
+    pub fn conn(&self) -> &Arc<UpstreamConn> {
+        &self.conn
     }
 
     fn release(&mut self) {
