@@ -272,7 +272,7 @@ impl Host {
     }
 
     /// The plugin configuration of the running callback's root context.
-    pub(crate) fn plugin_config(&self) -> &Bytes {
+    pub(crate) fn plugin_config(&self) -> Option<&Bytes> {
         self.plugin.config_of(self.config_variant)
     }
 
