@@ -30,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::ClusterState;
 use crate::telemetry::UpstreamStats;
-use crate::tls::{ClientTls, ConnTls, UpstreamConn, UpstreamTlsError};
+use crate::tls::{ClientTls, UpstreamConn, UpstreamTls, UpstreamTlsError};
 
 #[derive(Clone, Debug)]
 pub struct CountingConnector {
@@ -132,13 +132,13 @@ async fn handshake(
     host: &str,
     tcp: TcpStream,
     limit: Duration,
-) -> Result<(TlsStream<TcpStream>, ConnTls), UpstreamTlsError> {
+) -> Result<(TlsStream<TcpStream>, UpstreamTls), UpstreamTlsError> {
     let name = tls.server_name(host)?;
     let (config, local) = tls.config_and_local();
     let connector = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
         Ok(Ok(stream)) => {
-            let facts = ConnTls::of_client(stream.get_ref().1, local);
+            let facts = UpstreamTls::of(stream.get_ref().1, local);
             Ok((stream, facts))
         }
         Ok(Err(e)) => Err(UpstreamTlsError {

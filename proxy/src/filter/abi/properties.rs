@@ -133,17 +133,14 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         }
         "upstream.tls_version" => text(upstream_tls(s)?.version),
         // As for `connection.*`: subjects are empty when there is no
-        // certificate, SANs and the digest NOT_FOUND.
+        // certificate (or it does not parse), SANs NOT_FOUND; the digest
+        // is of the DER as sent, parsed or not.
         "upstream.subject_peer_certificate" => {
-            text(upstream_tls(s)?.peer.as_ref().map_or("", |p| &p.subject))
+            text(upstream_tls(s)?.peer().map_or("", |p| &p.subject))
         }
-        "upstream.uri_san_peer_certificate" => {
-            text(upstream_tls(s)?.peer.as_ref()?.uri_san.as_deref()?)
-        }
-        "upstream.dns_san_peer_certificate" => {
-            text(upstream_tls(s)?.peer.as_ref()?.dns_san.as_deref()?)
-        }
-        "upstream.sha256_peer_certificate_digest" => text(&upstream_tls(s)?.peer.as_ref()?.sha256),
+        "upstream.uri_san_peer_certificate" => text(upstream_tls(s)?.peer()?.uri_san.as_deref()?),
+        "upstream.dns_san_peer_certificate" => text(upstream_tls(s)?.peer()?.dns_san.as_deref()?),
+        "upstream.sha256_peer_certificate_digest" => text(upstream_tls(s)?.peer_sha256()?),
         "upstream.subject_local_certificate" => {
             text(upstream_tls(s)?.local.as_ref().map_or("", |l| &l.subject))
         }
@@ -206,7 +203,7 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
 }
 
 /// The TLS facts of the connection the upstream's response came on.
-fn upstream_tls(s: &StreamData) -> Option<&crate::tls::ConnTls> {
+fn upstream_tls(s: &StreamData) -> Option<&crate::tls::UpstreamTls> {
     s.upstream_conn.as_ref()?.tls.as_ref()
 }
 
