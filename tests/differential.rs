@@ -1161,12 +1161,20 @@ name = "in"
 bind = "127.0.0.1:{port}"
 pipeline = ["f"]
   [[listeners.routes]]
+  match = {{ prefix = "/untrusted" }}
+  cluster = "untrusted"
+  [[listeners.routes]]
   match = {{ prefix = "/" }}
   cluster = "app"
 
 [clusters.app]
 endpoints = ["{upstream}"]
 tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "svc.test" }}
+
+# The same upstream, trusted by the webpki roots only: the handshake fails.
+[clusters.untrusted]
+endpoints = ["{upstream}"]
+tls = {{ sni = "svc.test" }}
 "#,
             ca = files.path("ca.pem"),
             cert = files.path("client.pem"),
@@ -1235,6 +1243,56 @@ tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "svc.test" }}
             "{host} upstream.local_address: ip:port text"
         );
     }
+    // A handshake that fails (the upstream's certificate is not trusted):
+    // no response callback runs on wasp's 502, and `on_log` reads why.
+    // Envoy's reason is BoringSSL's error text, wasp's its own (listed in
+    // docs/filter-contract.md), so only wasp's is checked.
+    let bad = "GET /untrusted HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n";
+    let from_wasp = parse(
+        &raw_exchange(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            bad.as_bytes(),
+            limit,
+        ),
+        false,
+    );
+    assert_eq!(from_wasp.status, 502, "wasp: {from_wasp:#?}");
+    assert_eq!(
+        from_wasp.response.get("x-wasp-error"),
+        Some(&vec!["upstream_tls".to_string()])
+    );
+    let logged = |wasp: &Wasp| {
+        wasp.log_text()
+            .lines()
+            .filter_map(|l| l.split("on_log upstream.transport_failure_reason=").nth(1))
+            .map(|v| {
+                v.split(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = logged(&wasp);
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        seen = logged(&wasp);
+    }
+    // The first request's (a response came: empty, which the SDK gives
+    // as `None`), then the failure's.
+    assert_eq!(seen.len(), 2, "{}", wasp.log_text());
+    assert_eq!(seen[0], "none", "{}", wasp.log_text());
+    let reason = (0..seen[1].len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(seen[1].get(i..i + 2)?, 16).ok())
+        .collect::<Vec<u8>>();
+    let reason = String::from_utf8_lossy(&reason);
+    assert!(
+        reason.contains("UnknownIssuer"),
+        "a reason for the failed handshake: {}",
+        wasp.log_text()
+    );
     drop(wasp);
     drop(envoy);
     task.abort();

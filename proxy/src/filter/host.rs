@@ -64,6 +64,9 @@ pub(crate) struct StreamData {
     /// The connection the upstream's response came on (`upstream.*`
     /// beyond the address).
     pub upstream_conn: Option<Arc<crate::tls::UpstreamConn>>,
+    /// Why connecting (TCP or TLS) to the upstream failed, when the
+    /// request got no response for that (`upstream.transport_failure_reason`).
+    pub upstream_failure: Option<Box<str>>,
     pub error_code: Option<&'static str>,
     /// Properties set with `proxy_set_property`, keyed by dot-joined path.
     pub props: HashMap<String, Bytes>,
@@ -103,6 +106,7 @@ impl StreamData {
             cluster: None,
             upstream: None,
             upstream_conn: None,
+            upstream_failure: None,
             error_code: None,
             props: HashMap::new(),
             sizes: None,

@@ -985,6 +985,13 @@ impl StreamFilters {
         }
     }
 
+    /// Why connecting to the upstream failed (`upstream.transport_failure_reason`).
+    pub fn set_upstream_failure(&mut self, reason: &str) {
+        if let Some(d) = self.data.as_deref_mut() {
+            d.upstream_failure = Some(Box::from(reason));
+        }
+    }
+
     /// A response the proxy made itself instead of forwarding: its
     /// `x-wasp-error` code (`wasp.error`) and its head, so `on_log` sees the
     /// status the client got (`response.code`) even though no response

@@ -42,7 +42,9 @@ use crate::route::Route;
 use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
-use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, Upstream};
+use crate::upstream::{
+    Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, SendError, Upstream,
+};
 
 pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
@@ -555,10 +557,10 @@ pub(super) async fn send(
     let mut sending =
         std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
     let Some(clock) = clock else {
-        return Ok(with_conn(sending.await?, chain));
+        return with_conn(sending.await, chain);
     };
     tokio::select! {
-        sent = &mut sending => Ok(with_conn(sent?, chain)),
+        sent = &mut sending => with_conn(sent, chain),
         // Nothing moving either way while the upstream thinks counts as
         // idle too; the request body's own timer covers a stalled upload.
         cut = clock.expired() => Err(match cut {
@@ -575,13 +577,26 @@ pub(super) async fn send(
 }
 
 /// Hands the connection the response came on to the filters
-/// (`upstream.*`).
-fn with_conn(resp: Response<ResponseBody>, chain: Option<&SharedChain>) -> Response<ResponseBody> {
-    if let Some(c) = chain {
-        let conn = resp.body().conn().clone();
-        c.with(|c| c.set_upstream_conn(conn));
+/// (`upstream.*`), or why connecting to the upstream failed
+/// (`upstream.transport_failure_reason`).
+fn with_conn(
+    sent: Result<Response<ResponseBody>, SendError>,
+    chain: Option<&SharedChain>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let Some(c) = chain else {
+        return Ok(sent?);
+    };
+    match &sent {
+        Ok(resp) => {
+            let conn = resp.body().conn().clone();
+            c.with(|c| c.set_upstream_conn(conn));
+        }
+        Err(SendError::Connect { reason, .. } | SendError::Tls { reason, .. }) => {
+            c.with(|c| c.set_upstream_failure(reason));
+        }
+        Err(_) => {}
     }
-    resp
+    Ok(sent?)
 }
 
 /// Phase 4e: on a 101 to an upgrade request, joins the two connections

@@ -126,11 +126,13 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         "upstream.address" => text(&s.upstream?.to_string()),
         "upstream.port" => Some(int(i64::from(s.upstream?.port()))),
         "upstream.local_address" => text(&s.upstream_conn.as_ref()?.local_address?.to_string()),
-        // A response came on the connection, so nothing failed on it.
-        "upstream.transport_failure_reason" => {
-            s.upstream_conn.as_ref()?;
-            text("")
-        }
+        // Empty when a response came (nothing failed on its connection);
+        // wasp's reason when connecting or the TLS handshake failed.
+        "upstream.transport_failure_reason" => match (&s.upstream_conn, &s.upstream_failure) {
+            (Some(_), _) => text(""),
+            (None, Some(reason)) => text(reason),
+            (None, None) => None,
+        },
         "upstream.tls_version" => text(upstream_tls(s)?.version),
         // As for `connection.*`: subjects are empty when there is no
         // certificate (or it does not parse), SANs NOT_FOUND; the digest
