@@ -1075,7 +1075,9 @@ async fn slow_h2_tls_upstream(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
 /// ALPN `h2`): requests that arrive while its connection is still being
 /// dialled wait for that one dial instead of each opening their own, so
 /// the upstream accepts exactly one connection and every request is
-/// answered over HTTP/2 on it.
+/// answered over HTTP/2 on it. A regression guard for the shared dial
+/// (it passes on the branch's base too: an `http2` cluster already shared
+/// its dial there; the ALPN-chosen HTTP/2 path it replaced was removed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_on_a_cold_tls_h2_pool_share_one_connection() {
     let pki = Pki::new("h2pool");

@@ -330,18 +330,9 @@ impl Pool {
                 fresh: true,
             });
         }
+        // An HTTP/1.1 cluster's slots hold no HTTP/2 connection (its TLS
+        // offers only `http/1.1`), so only its idle HTTP/1.1 ones are looked at.
         let slot = idle.get_mut(&addr)?;
-        if let Some(h2) = &slot.h2 {
-            if h2.usable() {
-                return Some(Taken::H2 {
-                    id: h2.id,
-                    conn: h2.conn.clone(),
-                    using: H2Use::new(&h2.activity),
-                    fresh: false,
-                });
-            }
-            slot.h2 = None;
-        }
         let oldest = now_nanos().saturating_sub(self.idle_nanos());
         while let Some((since, h1)) = slot.h1.pop() {
             if since >= oldest && h1.tx.is_ready() {
