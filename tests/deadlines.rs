@@ -438,6 +438,84 @@ timeout = "400ms"
     );
 }
 
+/// An upstream that accepts, reads, and never answers, noting when it
+/// first accepted.
+async fn silent_upstream_noting() -> (SocketAddr, Arc<std::sync::Mutex<Option<Instant>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = Arc::new(std::sync::Mutex::new(None));
+    let noted = first.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            noted.lock().unwrap().get_or_insert_with(Instant::now);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, first)
+}
+
+/// A retry moved the request to another endpoint, and the route's timeout
+/// passed while that one was silent (the first try's per-try timeout at
+/// 600 ms, the route's at 1 s), or, with the route's timeout off, the
+/// stream's idle timeout did (1 s): the 504 names that endpoint, not the
+/// first one tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_timeout_names_the_endpoint_that_timed_out() {
+    for (route_timeout, idle) in [("1s", "5m"), ("0s", "1s")] {
+        let (a, a_at) = silent_upstream_noting().await;
+        let (b, b_at) = silent_upstream_noting().await;
+        let port = free_port();
+        let config = format!(
+            r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+limits = {{ stream_idle_timeout = "{idle}" }}
+  [[listeners.routes]]
+  cluster = "app"
+  timeout = "{route_timeout}"
+  retry = {{ on = ["5xx"], attempts = 1, per_try_timeout = "600ms" }}
+
+[clusters.app]
+endpoints = ["{a}", "{b}"]
+"#
+        );
+        let wasp = Wasp::start(&config);
+        let client = h1_client();
+        let r = get(&client, loopback(port), "a", "/x").await;
+        assert_eq!(
+            (r.status, r.header("x-wasp-error")),
+            (504, Some("upstream_timeout")),
+            "timeout {route_timeout}: {}",
+            wasp.log_text()
+        );
+        let (ta, tb) = (*a_at.lock().unwrap(), *b_at.lock().unwrap());
+        let (Some(ta), Some(tb)) = (ta, tb) else {
+            panic!(
+                "both endpoints were tried: {ta:?} {tb:?}\n{}",
+                wasp.log_text()
+            );
+        };
+        let (first, second) = if ta < tb { (a, b) } else { (b, a) };
+        assert!(
+            r.body
+                .contains(&format!("{second} in cluster \"app\" did not answer")),
+            "timeout {route_timeout}: names {second} (tried second), not {first}: {}",
+            r.body
+        );
+    }
+}
+
 /// The guard refuses `Content-Length` with `Transfer-Encoding` in every
 /// head shape hyper parses: CRLF, bare LF, and pipelined behind a request
 /// that is still in flight. Nothing smuggled reaches the app.

@@ -85,17 +85,20 @@ impl Envoy {
         upstream: SocketAddr,
         auth: Option<SocketAddr>,
     ) -> Envoy {
-        Self::start_opts(module, config, upstream, auth, None)
+        Self::start_opts(module, config, upstream, auth, None, None)
     }
 
     /// [`Envoy::start_with`], the listener terminating TLS with
-    /// `transport_socket` (an Envoy `DownstreamTlsContext` socket) when given.
+    /// `transport_socket` (an Envoy `DownstreamTlsContext` socket) when
+    /// given, and the cluster `app` speaking TLS with `upstream_socket` (an
+    /// `UpstreamTlsContext` socket) when given.
     fn start_opts(
         module: &Path,
         config: &str,
         upstream: SocketAddr,
         auth: Option<SocketAddr>,
         transport_socket: Option<serde_json::Value>,
+        upstream_socket: Option<serde_json::Value>,
     ) -> Envoy {
         let dir = TempDir::new("envoy");
         let port = free_port();
@@ -171,6 +174,9 @@ impl Envoy {
                     }}}
                 }]}]}
             }));
+        }
+        if let Some(ts) = upstream_socket {
+            bootstrap["static_resources"]["clusters"][0]["transport_socket"] = ts;
         }
         if let Some(ts) = transport_socket {
             let listener = &mut bootstrap["static_resources"]["listeners"][0];
@@ -623,6 +629,14 @@ fn attributes_log_level_and_foreign_functions_match_envoy() {
         "connection-mtls",
         "connection-requested-server-name",
         "connection-tls-version",
+        // A plain-text upstream: no TLS facts (NOT_FOUND), no failure.
+        "upstream-tls-version",
+        "upstream-subject-peer-certificate",
+        "upstream-subject-local-certificate",
+        "upstream-uri-san-peer-certificate",
+        "upstream-dns-san-local-certificate",
+        "upstream-sha256-peer-certificate-digest",
+        "upstream-transport-failure-reason",
     ];
     for name in same {
         let k = format!("x-attr-{name}");
@@ -639,7 +653,11 @@ fn attributes_log_level_and_foreign_functions_match_envoy() {
         assert_eq!(e.as_ref().map(Vec::len), Some(8), "envoy {k}");
         assert_eq!(w.as_ref().map(Vec::len), Some(8), "wasp {k}: i64 LE");
     }
-    for name in ["source-address", "destination-address"] {
+    for name in [
+        "source-address",
+        "destination-address",
+        "upstream-local-address",
+    ] {
         let k = format!("x-attr-{name}");
         for (host, seen) in [("envoy", &envoy), ("wasp", &wasp)] {
             let v = attr(seen, &k).unwrap_or_default();
@@ -975,7 +993,7 @@ fn tls_attributes_match_envoy() {
             }
         }
     });
-    let envoy = Envoy::start_opts(&module, "", upstream.addr, None, Some(socket));
+    let envoy = Envoy::start_opts(&module, "", upstream.addr, None, Some(socket), None);
     // wasp: a listener with server TLS, and one that requires mTLS.
     let dir = TempDir::new("filters");
     std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
@@ -1103,6 +1121,246 @@ endpoints = ["{app}"]
     drop(wasp);
     drop(envoy);
     drop(upstream);
+}
+
+/// An HTTP/1.1 upstream over TLS with the server certificate of `files`,
+/// requiring a client certificate from its CA; it answers `200 ok`.
+async fn tls_upstream(files: &TlsFiles) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(files.path("ca.pem")).expect("ca pem") {
+        roots.add(c.expect("ca cert")).expect("add ca");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("client verifier");
+    let chain = CertificateDer::pem_file_iter(files.path("server.pem"))
+        .expect("server pem")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server cert");
+    let key = PrivateKeyDer::from_pem_file(files.path("server-key.pem")).expect("server key");
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The `upstream.*` attributes of a TLS upstream connection (version, both
+/// certificates' subjects, SANs and the peer's digest, the local address,
+/// no failure reason) with the same certificates through Envoy and wasp,
+/// each presenting a client certificate to an upstream that requires one.
+#[test]
+fn upstream_tls_attributes_match_envoy() {
+    let files = TlsFiles::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (upstream, task) = rt.block_on(tls_upstream(&files));
+    let module = fixture("wasm32-wasip1", "attributes");
+    let socket = serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "svc.test",
+            "common_tls_context": {
+                // Envoy's client stops at TLS 1.2 unless told; wasp
+                // offers 1.3 (a default, not an encoding, differs).
+                "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+                "alpn_protocols": ["http/1.1"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": files.path("client.pem")},
+                    "private_key": {"filename": files.path("client-key.pem")}
+                }],
+                "validation_context": {"trusted_ca": {"filename": files.path("ca.pem")}}
+            }
+        }
+    });
+    let envoy = Envoy::start_opts(&module, "", upstream, None, None, Some(socket));
+    let dir = TempDir::new("filters");
+    std::fs::create_dir_all(dir.path().join("filters.d")).expect("filters.d");
+    std::fs::copy(&module, dir.path().join("filters.d/f.wasm")).expect("copy the module");
+    let port = free_port();
+    let wasp = Wasp::start_in(
+        dir,
+        &format!(
+            r#"
+[proxy]
+workers = 1
+filters_dir = "filters.d"
+
+[filters.f]
+module = "f.wasm"
+
+[[listeners]]
+name = "in"
+bind = "127.0.0.1:{port}"
+pipeline = ["f"]
+  [[listeners.routes]]
+  match = {{ prefix = "/untrusted" }}
+  cluster = "untrusted"
+  [[listeners.routes]]
+  match = {{ prefix = "/" }}
+  cluster = "app"
+
+[clusters.app]
+endpoints = ["{upstream}"]
+tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}", sni = "svc.test" }}
+
+# The same upstream, trusted by the webpki roots only: the handshake fails.
+[clusters.untrusted]
+endpoints = ["{upstream}"]
+tls = {{ sni = "svc.test" }}
+"#,
+            ca = files.path("ca.pem"),
+            cert = files.path("client.pem"),
+            key = files.path("client-key.pem"),
+        ),
+        &[],
+    );
+    let request = "GET /up HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n";
+    let limit = Duration::from_secs(5);
+    let from_envoy = parse(
+        &raw_exchange(envoy.addr(), request.as_bytes(), limit),
+        false,
+    );
+    let from_wasp = parse(
+        &raw_exchange(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            request.as_bytes(),
+            limit,
+        ),
+        false,
+    );
+    assert_eq!(from_envoy.status, 200, "envoy: {from_envoy:#?}");
+    assert_eq!(from_wasp.status, 200, "wasp: {from_wasp:#?}");
+    for name in [
+        "upstream-tls-version",
+        "upstream-subject-peer-certificate",
+        "upstream-uri-san-peer-certificate",
+        "upstream-dns-san-peer-certificate",
+        "upstream-sha256-peer-certificate-digest",
+        "upstream-subject-local-certificate",
+        "upstream-uri-san-local-certificate",
+        "upstream-dns-san-local-certificate",
+        "upstream-transport-failure-reason",
+    ] {
+        let k = format!("x-attr-{name}");
+        assert!(
+            from_envoy.response.contains_key(&k),
+            "envoy lacks {k}: {from_envoy:#?}"
+        );
+        assert_eq!(
+            from_wasp.response.get(&k),
+            from_envoy.response.get(&k),
+            "{k}: wasp (left) differs from envoy (right)"
+        );
+    }
+    // The comparison saw real values.
+    let text = |k: &str| attr(&from_envoy, k).map(|v| String::from_utf8_lossy(&v).into_owned());
+    assert_eq!(
+        text("x-attr-upstream-tls-version").as_deref(),
+        Some("TLSv1.3")
+    );
+    assert_eq!(
+        text("x-attr-upstream-subject-peer-certificate").as_deref(),
+        Some("CN=svc.test")
+    );
+    assert_eq!(
+        text("x-attr-upstream-uri-san-local-certificate").as_deref(),
+        Some("spiffe://mesh.local/ns/default/sa/client")
+    );
+    // `ip:port` of each proxy's side of its upstream connection.
+    for (host, seen) in [("envoy", &from_envoy), ("wasp", &from_wasp)] {
+        let v = attr(seen, "x-attr-upstream-local-address").unwrap_or_default();
+        let addr: Option<SocketAddr> = String::from_utf8(v).ok().and_then(|s| s.parse().ok());
+        assert!(
+            addr.is_some_and(|a| a.ip().is_loopback() && a.port() != upstream.port()),
+            "{host} upstream.local_address: ip:port text"
+        );
+    }
+    // A handshake that fails (the upstream's certificate is not trusted):
+    // no response callback runs on wasp's 502, and `on_log` reads why.
+    // Envoy's reason is BoringSSL's error text, wasp's its own (listed in
+    // docs/filter-contract.md), so only wasp's is checked.
+    let bad = "GET /untrusted HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n";
+    let from_wasp = parse(
+        &raw_exchange(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            bad.as_bytes(),
+            limit,
+        ),
+        false,
+    );
+    assert_eq!(from_wasp.status, 502, "wasp: {from_wasp:#?}");
+    assert_eq!(
+        from_wasp.response.get("x-wasp-error"),
+        Some(&vec!["upstream_tls".to_string()])
+    );
+    let logged = |wasp: &Wasp| {
+        wasp.log_text()
+            .lines()
+            .filter_map(|l| l.split("on_log upstream.transport_failure_reason=").nth(1))
+            .map(|v| {
+                v.split(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = logged(&wasp);
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        seen = logged(&wasp);
+    }
+    // The first request's (a response came: empty, which the SDK gives
+    // as `None`), then the failure's.
+    assert_eq!(seen.len(), 2, "{}", wasp.log_text());
+    assert_eq!(seen[0], "none", "{}", wasp.log_text());
+    let reason = (0..seen[1].len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(seen[1].get(i..i + 2)?, 16).ok())
+        .collect::<Vec<u8>>();
+    let reason = String::from_utf8_lossy(&reason);
+    assert!(
+        reason.contains("UnknownIssuer"),
+        "a reason for the failed handshake: {}",
+        wasp.log_text()
+    );
+    drop(wasp);
+    drop(envoy);
+    task.abort();
 }
 
 /// Header changes made after the body was seen (fixture `late-headers`):

@@ -144,6 +144,53 @@ body = "hullo"
     }
 }
 
+/// `route_config` (a route's `filters.NAME.config`) runs the case on that
+/// route's root context: the passing file, and a case that expects the
+/// filter's own config there, whose diff names the header.
+#[test]
+fn a_route_config_runs_on_the_routes_root_context() {
+    let headers = fixture("wasm32-wasip1", "headers");
+    passes(&headers, &fixtures("route-config.toml"), 3);
+    let dir = TempDir::new("filter-test");
+    let file = dir.path().join("route.toml");
+    std::fs::write(
+        &file,
+        r#"
+[filter]
+config = { request = { add = { x-added = "yes" } } }
+
+[[case]]
+name = "expects the filter's own config on a route with its own"
+route_config = { request = { add = { x-route = "checkout" } } }
+[case.expect.upstream]
+headers = { x-added = "yes" }
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = filter_test(&headers, &file);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let section = out
+        .split("FAIL  expects the filter's own config")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no FAIL line:\n{out}"));
+    let at = section
+        .find("upstream.headers.x-added:")
+        .unwrap_or_else(|| panic!("no upstream.headers.x-added in the diff:\n{out}"));
+    let rest = &section[at..];
+    assert!(
+        rest.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("expected:") && l.contains("\"yes\"")),
+        "{out}"
+    );
+    assert!(
+        rest.lines()
+            .nth(2)
+            .is_some_and(|l| l.contains("got:") && l.contains("(absent)")),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_filter_that_fails_is_a_503_the_fixture_can_expect() {
     let dir = TempDir::new("filter-test");

@@ -1025,6 +1025,104 @@ endpoints = ["{app}"]
 
 // ---- configuration errors -------------------------------------------------------------
 
+/// An HTTP/2 upstream over TLS (ALPN `h2` only) that counts the TCP
+/// connections it accepts and takes its time over each handshake, so
+/// requests sent together all arrive while the first connection opens.
+async fn slow_h2_tls_upstream(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (cert, key) = pki.issue("h2-upstream", None, &["h2-upstream.test"]);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            pem_certs(&cert),
+            PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let v = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(v),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (at, accepted)
+}
+
+/// A cold pool to a TLS cluster speaking HTTP/2 (`protocol = "http2"`,
+/// ALPN `h2`): requests that arrive while its connection is still being
+/// dialled wait for that one dial instead of each opening their own, so
+/// the upstream accepts exactly one connection and every request is
+/// answered over HTTP/2 on it. A regression guard for the shared dial
+/// (it passes on the branch's base too: an `http2` cluster already shared
+/// its dial there; the ALPN-chosen HTTP/2 path it replaced was removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_a_cold_tls_h2_pool_share_one_connection() {
+    let pki = Pki::new("h2pool");
+    let (upstream, accepted) = slow_h2_tls_upstream(&pki).await;
+    let port = free_port();
+    let wasp = Wasp::start(&format!(
+        r#"
+[proxy]
+workers = 1
+
+[[listeners]]
+name = "in"
+bind = "127.0.0.1:{port}"
+  [[listeners.routes]]
+  cluster = "h2"
+
+[clusters.h2]
+endpoints = ["{upstream}"]
+protocol = "http2"
+tls = {{ ca = "{ca}", sni = "h2-upstream.test" }}
+"#,
+        ca = pki.ca_path().display(),
+    ));
+    let client = h1_client();
+    let answers = futures_util::future::join_all((0..8).map(|i| {
+        get(
+            &client,
+            addr(port),
+            "h2",
+            if i % 2 == 0 { "/a" } else { "/b" },
+        )
+    }))
+    .await;
+    for r in &answers {
+        assert_eq!(r.status, 200, "{r:?}\n{}", wasp.log_text());
+        assert_eq!(r.body, "HTTP/2.0", "{r:?}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one dial for the whole burst\n{}",
+        wasp.log_text()
+    );
+}
+
 #[test]
 fn tls_config_errors_name_the_place() {
     let dir = TempDir::new("tls-config");

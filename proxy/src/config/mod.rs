@@ -922,6 +922,13 @@ impl Validator<'_> {
         match route::route_filters(r, pipeline, declared) {
             Ok(f) => {
                 for (name, value) in f.iter().flat_map(|f| f.configs.iter()) {
+                    // The section's own config runs on the filter's own
+                    // root context: no extra one to count.
+                    let own = declared.get(&**name).map(|d| d.config.as_ref());
+                    let empty = matches!(value, toml::Value::String(s) if s.is_empty());
+                    if own == Some(Some(value)) || (own == Some(None) && empty) {
+                        continue;
+                    }
                     let seen = self.route_configs.entry(name.to_string()).or_default();
                     if seen.contains(value) {
                         continue;

@@ -61,6 +61,12 @@ pub(crate) struct StreamData {
     pub route: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
+    /// The connection the upstream's response came on (`upstream.*`
+    /// beyond the address).
+    pub upstream_conn: Option<Arc<crate::tls::UpstreamConn>>,
+    /// Why connecting (TCP or TLS) to the upstream failed, when the
+    /// request got no response for that (`upstream.transport_failure_reason`).
+    pub upstream_failure: Option<Box<str>>,
     pub error_code: Option<&'static str>,
     /// Properties set with `proxy_set_property`, keyed by dot-joined path.
     pub props: HashMap<String, Bytes>,
@@ -104,6 +110,8 @@ impl StreamData {
             route: None,
             cluster: None,
             upstream: None,
+            upstream_conn: None,
+            upstream_failure: None,
             error_code: None,
             props: HashMap::new(),
             sizes: None,
@@ -273,7 +281,7 @@ impl Host {
     }
 
     /// The plugin configuration of the running callback's root context.
-    pub(crate) fn plugin_config(&self) -> &Bytes {
+    pub(crate) fn plugin_config(&self) -> Option<&Bytes> {
         self.plugin.config_of(self.config_variant)
     }
 

@@ -52,12 +52,13 @@ pub(crate) struct PluginShared {
 
 impl PluginShared {
     /// The plugin configuration of config `variant` (0: `[filters.NAME]
-    /// config`; k: the k-th per-route one).
-    pub(crate) fn config_of(&self, variant: u32) -> &Bytes {
-        variant
-            .checked_sub(1)
-            .and_then(|k| self.route_configs.get(k as usize))
-            .unwrap_or(&self.config)
+    /// config`; k: the k-th per-route one). `None` past the last: never
+    /// the filter's own instead, which could be a laxer one.
+    pub(crate) fn config_of(&self, variant: u32) -> Option<&Bytes> {
+        match variant.checked_sub(1) {
+            None => Some(&self.config),
+            Some(k) => self.route_configs.get(usize::try_from(k).ok()?),
+        }
     }
 }
 

@@ -1036,6 +1036,21 @@ impl StreamFilters {
         }
     }
 
+    /// The connection the upstream's response came on (`upstream.*`
+    /// TLS facts, `upstream.local_address`).
+    pub fn set_upstream_conn(&mut self, conn: Arc<crate::tls::UpstreamConn>) {
+        if let Some(d) = self.data.as_deref_mut() {
+            d.upstream_conn = Some(conn);
+        }
+    }
+
+    /// Why connecting to the upstream failed (`upstream.transport_failure_reason`).
+    pub fn set_upstream_failure(&mut self, reason: &str) {
+        if let Some(d) = self.data.as_deref_mut() {
+            d.upstream_failure = Some(Box::from(reason));
+        }
+    }
+
     /// A response the proxy made itself instead of forwarding: its
     /// `x-wasp-error` code (`wasp.error`) and its head, so `on_log` sees the
     /// status the client got (`response.code`) even though no response

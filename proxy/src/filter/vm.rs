@@ -415,7 +415,12 @@ impl Vm {
                 return Err(Failure::Rejected("proxy_on_vm_start"));
             }
         }
-        let config_len = self.plugin.shared.config_of(variant).len() as u32;
+        let Some(config) = self.plugin.shared.config_of(variant) else {
+            return Err(Failure::Unavailable(format!(
+                "no per-route config {variant} for this filter"
+            )));
+        };
+        let config_len = u32::try_from(config.len()).unwrap_or(u32::MAX);
         if let Some(f) = self.ex.configure.clone() {
             if self.guard(Phase::Start, |s| f.call(s, (root, config_len)))? == 0 {
                 return Err(Failure::Rejected(if variant == 0 {

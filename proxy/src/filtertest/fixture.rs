@@ -65,6 +65,12 @@ pub struct Case {
     pub name: String,
     /// Replaces `[filter] config` for this case.
     pub config: Option<toml::Value>,
+    /// A route's override of the filter's config (`filters.NAME.config` on
+    /// a `[[listeners.routes]]` in wasp.toml): the stream runs on the root
+    /// context configured with it, as a request of that route does, while
+    /// the filter's own root keeps `config`. Equal to the filter's own
+    /// config (as bytes the guest gets), it is that root, as in the proxy.
+    pub route_config: Option<toml::Value>,
     #[serde(default)]
     pub request: Request,
     /// What the upstream answers if the request reaches it.

@@ -29,8 +29,8 @@ use http::{HeaderMap, Response, StatusCode};
 use super::capture;
 use super::fixture::{Callout, Case, FilterSection, Headers};
 use crate::filter::{
-    BodyVerdict, CalloutFuture, FilterRuntime, FilterSet, FilterSpec, HttpCallouts, StreamFilters,
-    StreamInfo, Verdict,
+    BodyVerdict, CalloutFuture, FilterRuntime, FilterSet, FilterSpec, HttpCallouts, PipelineEntry,
+    StreamFilters, StreamInfo, Verdict,
 };
 use crate::forward;
 
@@ -183,6 +183,20 @@ fn config_bytes(value: Option<&toml::Value>) -> Bytes {
     }
 }
 
+/// The root context a case's stream runs on, configuring `spec` for it: a
+/// route's override is the filter's per-route config 1 (one extra root),
+/// unless its bytes are the filter's own config (config 0, no extra root),
+/// as `snapshot` numbers them.
+fn route_variant(spec: &mut FilterSpec, route_config: Option<&toml::Value>) -> u32 {
+    match route_config.map(|v| config_bytes(Some(v))) {
+        Some(bytes) if bytes != spec.config => {
+            spec.route_configs = vec![bytes];
+            1
+        }
+        _ => 0,
+    }
+}
+
 /// Runs `case` on a thread of its own; an `Err` is a case that could not be
 /// run (bad fixture values, a harness failure), not a mismatch.
 /// `cache`: where compiled modules are kept between cases (`None`: compile
@@ -195,6 +209,7 @@ pub fn run_case(
 ) -> Result<Observed, String> {
     let mut spec = FilterSpec::new(filter.name.clone(), module);
     spec.config = config_bytes(case.config.as_ref().or(filter.config.as_ref()));
+    let variant = route_variant(&mut spec, case.route_config.as_ref());
     spec.vm_config = config_bytes(filter.vm_config.as_ref());
     spec.fail = filter.fail;
     let l = &filter.limits;
@@ -216,7 +231,7 @@ pub fn run_case(
                 .build()
                 .map_err(|e| format!("cannot start a runtime: {e}"))?;
             rt.block_on(async move {
-                tokio::time::timeout(CASE_LIMIT, observe(spec, answers, request, cache))
+                tokio::time::timeout(CASE_LIMIT, observe(spec, variant, answers, request, cache))
                     .await
                     .unwrap_or_else(|_| Err(format!("the case did not finish in {CASE_LIMIT:?}")))
             })
@@ -494,6 +509,7 @@ fn as_forwarded(headers: &mut HeaderMap) {
 
 async fn observe(
     spec: FilterSpec,
+    variant: u32,
     answers: Vec<Callout>,
     mut p: Prepared,
     cache: Option<std::path::PathBuf>,
@@ -534,7 +550,11 @@ async fn observe(
         principal: None,
         tls: None,
     };
-    let mut chain = set.stream(std::slice::from_ref(&name), info);
+    let entry = PipelineEntry {
+        name,
+        config: variant,
+    };
+    let mut chain = set.route_stream(std::slice::from_ref(&entry), info);
     let request_size = total(&p.body) as u64;
     let mut response_size = 0;
 
@@ -659,5 +679,42 @@ mod tests {
         let clusters: Vec<&str> = seen.iter().map(|s| s.cluster.as_str()).collect();
         assert_eq!(clusters, ["a", "b", "a", "a", "nowhere"]);
         assert_eq!(seen[0].path, "/check");
+    }
+
+    /// A `route_config` with the bytes of the filter's own config runs on
+    /// the filter's own root (config 0) and configures no other root; a
+    /// different one configures exactly one more, which the stream runs on.
+    #[test]
+    fn route_config_equal_to_the_own_config_is_the_own_root() {
+        let value = |text: &str| -> toml::Value {
+            toml::from_str::<toml::Table>(&format!("v = {text}"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .remove("v")
+                .unwrap_or_else(|| panic!("v"))
+        };
+        let own = value(r#"{ request = { add = { x-added = "yes" } } }"#);
+        let spec = || {
+            let mut s = FilterSpec::new("headers", "headers.wasm");
+            s.config = config_bytes(Some(&own));
+            s
+        };
+
+        let mut same = spec();
+        assert_eq!(route_variant(&mut same, Some(&own.clone())), 0);
+        assert!(same.route_configs.is_empty(), "no extra root");
+
+        let mut other = spec();
+        let route = value(r#"{ request = { add = { x-route = "r" } } }"#);
+        assert_eq!(route_variant(&mut other, Some(&route)), 1);
+        assert_eq!(other.route_configs, vec![config_bytes(Some(&route))]);
+
+        let mut none = spec();
+        assert_eq!(route_variant(&mut none, None), 0);
+        assert!(none.route_configs.is_empty());
+
+        // A string is passed as is: "" is the bytes of no config at all.
+        let mut empty = FilterSpec::new("headers", "headers.wasm");
+        assert_eq!(route_variant(&mut empty, Some(&value(r#""""#))), 0);
+        assert!(empty.route_configs.is_empty());
     }
 }

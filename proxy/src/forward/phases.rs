@@ -44,7 +44,9 @@ use crate::route::Route;
 use crate::snapshot::Chains;
 use crate::telemetry::trace::RequestTrace;
 use crate::upstream::balance::PickContext;
-use crate::upstream::{Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, Upstream};
+use crate::upstream::{
+    Admission, BoxError, Picked, ProxyBody, Replay, ResponseBody, SendError, Upstream,
+};
 
 pub(crate) const VIA_H1: &str = "1.1 wasp";
 const VIA_H2: &str = "2.0 wasp";
@@ -619,10 +621,16 @@ pub(super) async fn send(
     chain: Option<&SharedChain>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let (route, upstream) = (routed.route, routed.upstream);
-    let endpoint = picked.addr;
+    // The endpoint being tried (a retry moves it), for an idle cut to
+    // name. A lock only a retry takes, never contended: the future must
+    // stay `Send`, which a `Cell` behind a reference is not.
+    let endpoint = std::sync::Mutex::new(picked.addr);
     let replay = Replay::capture(route.retry.as_deref(), &parts, kept).map(Box::new);
     let timeout = crate::config::route_timeout(route.timeout, upstream.timeout);
     let on_retry = |addr| {
+        if let Ok(mut e) = endpoint.lock() {
+            *e = addr;
+        }
         if let Some(c) = chain {
             c.with(|c| c.set_upstream(addr));
         }
@@ -630,9 +638,18 @@ pub(super) async fn send(
     let request = Request::from_parts(parts, body);
     // Pinned in place and polled by reference: moving the future into
     // `select!` would copy it whole once more.
-    let sending =
-        std::pin::pin!(upstream.send_with_retries(picked, request, replay, timeout, on_retry));
-    within_deadlines(sending, clock, &upstream.name, endpoint).await
+    let sending = std::pin::pin!(async {
+        let sent = upstream
+            .send_with_retries(picked, request, replay, timeout, on_retry)
+            .await;
+        with_conn(sent, chain)
+    });
+    let tried = || {
+        *endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    within_deadlines(sending, clock, &upstream.name, tried).await
 }
 
 /// Runs `work` under the stream's deadlines (`stream_idle_timeout`,
@@ -644,7 +661,9 @@ async fn within_deadlines<F, T, E>(
     work: std::pin::Pin<&mut F>,
     clock: Option<&StreamClock>,
     cluster: &str,
-    endpoint: std::net::SocketAddr,
+    // The endpoint to name in a 504: read when the cut happens, since a
+    // retry may have moved on to another.
+    endpoint: impl Fn() -> std::net::SocketAddr,
 ) -> Result<T, ProxyError>
 where
     F: std::future::Future<Output = Result<T, E>>,
@@ -658,12 +677,35 @@ where
         cut = clock.expired() => Err(match cut {
             Cut::Idle(after) if clock.request_body_ended() => ProxyError::UpstreamTimeout {
                 cluster: cluster.to_string(),
-                addr: endpoint,
+                addr: endpoint(),
                 after,
             },
             cut => ProxyError::Cut(cut),
         }),
     }
+}
+
+/// Hands the connection the response came on to the filters
+/// (`upstream.*`), or why connecting to the upstream failed
+/// (`upstream.transport_failure_reason`).
+fn with_conn(
+    sent: Result<Response<ResponseBody>, SendError>,
+    chain: Option<&SharedChain>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let Some(c) = chain else {
+        return Ok(sent?);
+    };
+    match &sent {
+        Ok(resp) => {
+            let conn = resp.body().conn().clone();
+            c.with(|c| c.set_upstream_conn(conn));
+        }
+        Err(SendError::Connect { reason, .. } | SendError::Tls { reason, .. }) => {
+            c.with(|c| c.set_upstream_failure(reason));
+        }
+        Err(_) => {}
+    }
+    Ok(sent?)
 }
 
 /// Phase 4e: on a 101 to an upgrade request, joins the two connections
@@ -810,7 +852,7 @@ where
         reason: format!("response body: {e}"),
     };
     let primed = std::pin::pin!(async { body.prime().await.map_err(reset) });
-    let framing = within_deadlines(primed, clock, x.cluster, x.endpoint).await?;
+    let framing = within_deadlines(primed, clock, x.cluster, || x.endpoint).await?;
     if let Some(clock) = clock {
         clock.touch();
     }

@@ -47,7 +47,7 @@ fn world(toml: &str) -> World {
     };
     let compiled =
         compile(Arc::new(config), None).unwrap_or_else(|p| panic!("test config compiles: {p:?}"));
-    let snapshot = Snapshot::new(1, compiled, filters, &metrics);
+    let snapshot = Snapshot::new(1, compiled, filters, &metrics).unwrap();
     let upstreams = Upstreams::build(&snapshot.clusters, &metrics, None);
     let (tx, rx) = tokio::sync::watch::channel(false);
     World {

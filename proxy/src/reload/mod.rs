@@ -322,16 +322,19 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
         .filters
         .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
+    // Built before any listener is retired: it fails only on a per-route
+    // config its filter was not loaded with (a bug, checked before any
+    // metric series is registered). Its series (never removed) are then
+    // registered; only a shutdown beginning below rejects the reload after
+    // that, when the process is going away anyway.
+    let generation = current.generation + 1;
+    let next = Snapshot::new(generation, compiled, filters, &shared.metrics)?;
     if !plan.is_empty() {
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
         // longer take new listeners then, so none are handed over.
         not_draining(&shared.lifecycle)?;
     }
-    // Nothing rejects the reload from here on: only now are the new
-    // listeners' and routes' metric series registered (never removed).
-    let generation = current.generation + 1;
-    let next = Snapshot::new(generation, compiled, filters, &shared.metrics);
     next.start_tls(&shared.metrics);
     shared.snapshots.store(Arc::new(next));
     listeners.start(plan);

@@ -65,7 +65,8 @@ pub fn run(
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
     let filter_set = filters.load(filter_specs(&config)?)?;
-    let snapshot = Snapshot::new(1, compiled, filter_set, &metrics);
+    let snapshot = Snapshot::new(1, compiled, filter_set, &metrics)
+        .map_err(|e| anyhow::anyhow!("cannot build the serving snapshot: {e}"))?;
     // Certificate watchers and expiry gauges from the start, not from the
     // first connection.
     snapshot.start_tls(&metrics);

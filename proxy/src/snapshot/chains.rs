@@ -6,7 +6,10 @@
 //! Each distinct `filters.NAME.config` of the file becomes one per-route
 //! config of filter NAME (`FilterSpec::route_configs`, numbered from 1 in
 //! file order); a chain entry names the filter and that number, so every
-//! route with the same override shares one root context per instance.
+//! route with the same override shares one root context per instance. An
+//! override whose bytes (as the guest receives them: JSON for a table) are
+//! the filter's own config is config 0, the filter's own root context:
+//! no extra root, and no gap between routes with and without it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -69,9 +72,13 @@ impl Chains {
     }
 }
 
+/// Each filter's own config (variant 0), as the guest receives it.
+pub type OwnConfigs = BTreeMap<Arc<str>, Bytes>;
+
 /// Every filter's per-route configs, as the guest receives them (JSON for
-/// a table), distinct, in file order.
-pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
+/// a table), distinct, in file order, leaving out those equal to the
+/// filter's own config in `own` (they run on its own root context).
+pub fn route_configs(config: &Config, own: &OwnConfigs) -> BTreeMap<Arc<str>, Vec<Bytes>> {
     let mut out: BTreeMap<Arc<str>, Vec<Bytes>> = BTreeMap::new();
     let overrides = config
         .listeners
@@ -81,6 +88,9 @@ pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
         .flat_map(|f| f.configs.iter());
     for (name, value) in overrides {
         let bytes = super::config_bytes(Some(value));
+        if own.get(name) == Some(&bytes) {
+            continue;
+        }
         let list = out.entry(name.clone()).or_default();
         if !list.contains(&bytes) {
             list.push(bytes);
@@ -89,40 +99,80 @@ pub fn route_configs(config: &Config) -> BTreeMap<Arc<str>, Vec<Bytes>> {
     out
 }
 
-/// The chains of listener `l`, numbering configs as `configs` does.
-pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> Chains {
+/// A loaded filter's configs as its root contexts have them: its own
+/// (config 0) and its per-route ones (config k is `routes[k - 1]`), taken
+/// from the `FilterSpec` the filter was loaded with, so chains and root
+/// contexts are numbered from one source.
+#[derive(Debug, Default, Clone)]
+pub struct Variants {
+    pub own: Bytes,
+    pub routes: Vec<Bytes>,
+}
+
+/// Each loaded filter's [`Variants`], by name.
+pub type ConfigVariants = BTreeMap<Arc<str>, Variants>;
+
+/// The config number a route's `filters.NAME.config` (as `bytes`) runs
+/// on: 0 only when the bytes are the filter's own config, k when they are
+/// its k-th per-route config. Anything else is an error: running the
+/// route on another config (the filter's own, say) would skip what the
+/// route's config asks for.
+fn variant_of(name: &str, bytes: &Bytes, variants: &ConfigVariants) -> Result<u32, String> {
+    let Some(v) = variants.get(name) else {
+        return Err(format!(
+            "filter \"{name}\" has a per-route config but is not loaded"
+        ));
+    };
+    if *bytes == v.own {
+        return Ok(0);
+    }
+    v.routes
+        .iter()
+        .position(|b| b == bytes)
+        .and_then(|k| u32::try_from(k).ok()?.checked_add(1))
+        .ok_or_else(|| {
+            format!(
+                "a per-route config of filter \"{name}\" is neither its own config nor among the {} it was loaded with",
+                v.routes.len()
+            )
+        })
+}
+
+/// The chains of listener `l`, numbering each route's configs as the
+/// loaded filters number their root contexts (`variants`).
+pub fn chains(l: &ListenerConfig, variants: &ConfigVariants) -> Result<Chains, String> {
     let own = |name: &Arc<str>| PipelineEntry {
         name: name.clone(),
         config: 0,
     };
     let listener: Arc<[PipelineEntry]> = l.pipeline.iter().map(own).collect();
-    let routes: Vec<Arc<[PipelineEntry]>> = l
-        .routes
-        .iter()
-        .map(|r| match &r.filters {
-            None => listener.clone(),
-            Some(f) => f
-                .pipeline
-                .iter()
-                .map(|name| {
-                    let config = f
-                        .configs
-                        .get(name)
-                        .and_then(|v| {
-                            let bytes = super::config_bytes(Some(v));
-                            let list = configs.get(name)?;
-                            let k = list.iter().position(|b| *b == bytes)?;
-                            u32::try_from(k).ok()?.checked_add(1)
-                        })
-                        .unwrap_or(0);
-                    PipelineEntry {
-                        name: name.clone(),
-                        config,
-                    }
-                })
-                .collect(),
-        })
-        .collect();
+    let mut routes: Vec<Arc<[PipelineEntry]>> = Vec::with_capacity(l.routes.len());
+    for (index, r) in l.routes.iter().enumerate() {
+        let Some(f) = &r.filters else {
+            routes.push(listener.clone());
+            continue;
+        };
+        let mut chain = Vec::with_capacity(f.pipeline.len());
+        for name in &f.pipeline {
+            let config = match f.configs.get(name) {
+                None => 0,
+                Some(v) => {
+                    variant_of(name, &super::config_bytes(Some(v)), variants).map_err(|e| {
+                        format!(
+                            "listener \"{}\", route {}: {e}",
+                            l.name,
+                            index.saturating_add(1)
+                        )
+                    })?
+                }
+            };
+            chain.push(PipelineEntry {
+                name: name.clone(),
+                config,
+            });
+        }
+        routes.push(chain.into());
+    }
     let per_route = l.routes.iter().any(|r| r.filters.is_some());
     let mut by_cluster: Vec<(usize, Vec<PipelineEntry>)> = Vec::new();
     if per_route {
@@ -151,10 +201,10 @@ pub fn chains(l: &ListenerConfig, configs: &BTreeMap<Arc<str>, Vec<Bytes>>) -> C
             }
         }
     }
-    Chains {
+    Ok(Chains {
         listener,
         routes,
         per_route,
         by_cluster,
-    }
+    })
 }

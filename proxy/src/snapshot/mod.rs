@@ -317,18 +317,41 @@ impl Snapshot {
     /// Generation `generation` from a compiled config and its filters, with
     /// the metric series of its listeners and routes (registered here, once
     /// nothing can reject the generation any more: a series is never
-    /// removed).
+    /// removed). Fails only when a route's per-route filter config is not
+    /// among the configs its filter was loaded with (a bug, but one that
+    /// would otherwise run the route on another config): checked before any
+    /// series is registered.
     pub fn new(
         generation: u64,
         compiled: Compiled,
         filters: Arc<FilterSet>,
         metrics: &Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let config = &compiled.config;
+        // The configs the loaded filters' root contexts run on, numbered as
+        // their instances number them (`filter_specs` made them: a
+        // `NAME.toml` beside included).
+        let variants: chains::ConfigVariants = filters
+            .plugins
+            .iter()
+            .map(|p| {
+                let v = chains::Variants {
+                    own: p.spec.config.clone(),
+                    routes: p.spec.route_configs.clone(),
+                };
+                (Arc::from(p.spec.name.as_str()), v)
+            })
+            .collect();
+        let chains = compiled
+            .listeners
+            .iter()
+            .map(|l| chains::chains(&l.config, &variants))
+            .collect::<Result<Vec<_>, String>>()?;
         let listeners = compiled
             .listeners
             .into_iter()
-            .map(|l| series(config, l, metrics))
+            .zip(chains)
+            .map(|(l, chains)| series(config, chains, l, metrics))
             .collect();
         let cluster_ids = compiled
             .config
@@ -337,14 +360,14 @@ impl Snapshot {
             .enumerate()
             .map(|(i, c)| (c.name.clone(), i))
             .collect();
-        Self {
+        Ok(Self {
             generation,
             config: compiled.config,
             listeners,
             clusters: compiled.clusters,
             filters,
             cluster_ids,
-        }
+        })
     }
 
     /// The listener named `name` in this generation. Listeners are found by
@@ -374,9 +397,13 @@ impl Snapshot {
 
 /// A compiled listener with its series: the listener's, the unrouted
 /// requests', and each route's per cluster it may pick.
-fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> ListenerSnapshot {
+fn series(
+    config: &Config,
+    chains: Chains,
+    l: CompiledListener,
+    metrics: &Arc<Metrics>,
+) -> ListenerSnapshot {
     let name = &l.config.name;
-    let chains = chains::chains(&l.config, &chains::route_configs(config));
     let filtered = !chains.listener.is_empty() || chains.routes.iter().any(|c| !c.is_empty());
     let mut routes = l.routes;
     for r in &mut routes {
@@ -448,10 +475,8 @@ fn series(config: &Config, l: CompiledListener, metrics: &Arc<Metrics>) -> Liste
 /// a filter's settings can ship (and hot-reload) beside its module.
 pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
     let mut specs = Vec::with_capacity(config.file.filters.len());
-    let mut route_configs = chains::route_configs(config);
     for (name, decl) in &config.file.filters {
         let mut spec = FilterSpec::new(name.clone(), config.filters_dir.join(&decl.module));
-        spec.route_configs = route_configs.remove(name.as_str()).unwrap_or_default();
         let beside = config.filters_dir.join(format!("{name}.toml"));
         spec.config = match std::fs::read_to_string(&beside) {
             Ok(text) => {
@@ -482,6 +507,26 @@ pub fn filter_specs(config: &Config) -> anyhow::Result<Vec<FilterSpec>> {
             .unwrap_or(FilterSpec::DEFAULT_MAX_BODY_BYTES);
         spec.host_limits = decl.limits.host_limits();
         specs.push(spec);
+    }
+    // Only now are the filters' own configs known (a `NAME.toml` beside
+    // replaces the section's): a per-route config equal to one is no
+    // extra root context.
+    let own: chains::OwnConfigs = specs
+        .iter()
+        .map(|s| (Arc::from(s.name.as_str()), s.config.clone()))
+        .collect();
+    let mut route_configs = chains::route_configs(config, &own);
+    for spec in &mut specs {
+        spec.route_configs = route_configs.remove(spec.name.as_str()).unwrap_or_default();
+        // The file's check counts against the section's config; a
+        // `NAME.toml` beside can make one more override distinct.
+        if spec.route_configs.len() > crate::config::route::MAX_ROUTE_CONFIGS {
+            anyhow::bail!(
+                "filter \"{}\": more than {} distinct per-route configs (each is one more root context in every instance of it)",
+                spec.name,
+                crate::config::route::MAX_ROUTE_CONFIGS
+            );
+        }
     }
     Ok(specs)
 }

@@ -40,6 +40,7 @@ fn snapshot(text: &str, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> 
         Arc::new(FilterSet::new(0, Vec::new())),
         metrics,
     )
+    .expect("builds")
 }
 
 fn rendered(metrics: &Metrics) -> String {
@@ -116,7 +117,8 @@ fn series_are_registered_by_the_snapshot_not_by_compiling() {
         compiled,
         Arc::new(FilterSet::new(0, Vec::new())),
         &metrics,
-    );
+    )
+    .expect("builds");
     let after = rendered(&metrics);
     assert!(
         after.contains("wasp_downstream_connections_open{listener=\"outbound\"}"),
@@ -220,6 +222,14 @@ pipeline = ["trace", "authz"]
   cluster = "app"
   filters.authz.config = { mode = "strict" }
   [[listeners.routes]]
+  match = { prefix = "/d" }
+  cluster = "app"
+  filters.authz.config = { mode = "audit" }
+  [[listeners.routes]]
+  match = { prefix = "/e" }
+  cluster = "app"
+  filters.trace.config = ""
+  [[listeners.routes]]
   cluster = "app"
 "#,
     );
@@ -233,7 +243,21 @@ pipeline = ["trace", "authz"]
         ]
     );
     assert_eq!(authz.config, bytes::Bytes::from(r#"{"mode":"audit"}"#));
-    let chains = chains::chains(&c.listeners[0], &chains::route_configs(&c));
+    // `/d` repeats authz's own config and `/e` trace's (none: empty
+    // bytes, as the guest receives it): no extra root context for either.
+    let trace = specs.iter().find(|s| s.name == "trace").unwrap();
+    assert!(trace.route_configs.is_empty(), "{:?}", trace.route_configs);
+    let variants: chains::ConfigVariants = specs
+        .iter()
+        .map(|s| {
+            let v = chains::Variants {
+                own: s.config.clone(),
+                routes: s.route_configs.clone(),
+            };
+            (Arc::from(s.name.as_str()), v)
+        })
+        .collect();
+    let chains = chains::chains(&c.listeners[0], &variants).unwrap();
     let of = |i: usize| -> Vec<(String, u32)> {
         chains.routes[i]
             .iter()
@@ -244,7 +268,11 @@ pipeline = ["trace", "authz"]
     assert_eq!(of(0), vec![entry("trace", 0), entry("authz", 1)]);
     assert_eq!(of(1), vec![entry("authz", 2)]);
     assert_eq!(of(2), of(0), "the same config, the same root context");
-    assert!(Arc::ptr_eq(&chains.routes[3], &chains.listener));
+    assert_eq!(of(3), vec![entry("trace", 0), entry("authz", 0)]);
+    assert_eq!(of(4), vec![entry("trace", 0), entry("authz", 0)]);
+    assert!(Arc::ptr_eq(&chains.routes[5], &chains.listener));
+    // The same entries as the listener's: moving between them skips nothing.
+    assert!(Chains::covers(&chains.listener, &chains.routes[3]));
     // Moving from /c's chain to /a's skips nothing; from the listener's
     // to /a's would run authz with the wrong config.
     assert!(Chains::covers(&chains.routes[2], &chains.routes[0]));
@@ -252,5 +280,104 @@ pipeline = ["trace", "authz"]
     assert_eq!(
         Chains::missing(&chains.listener, &chains.routes[1]),
         vec![Arc::<str>::from("authz")]
+    );
+}
+
+/// Config text with filter `f` (the noop fixture, own config `{ mode =
+/// "audit" }`) on listener "in", and `routes` under it.
+fn noop_config(routes: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-fixtures/wasm32-wasip1");
+    assert!(
+        dir.join("noop.wasm").is_file(),
+        "missing wasm fixture: run scripts/build-wasm.sh first"
+    );
+    format!(
+        "[proxy]\nfilters_dir = \"{}\"\n[filters.f]\nmodule = \"noop.wasm\"\nconfig = {{ mode = \"audit\" }}\n[clusters.app]\nendpoints = [\"127.0.0.1:1\"]\n[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:2\"\npipeline = [\"f\"]\n{routes}",
+        dir.display()
+    )
+}
+
+fn noop_runtime() -> Arc<crate::filter::FilterRuntime> {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-fixtures/.cache");
+    let callouts = Arc::new(crate::upstream::Callouts::default());
+    crate::filter::FilterRuntime::new(Some(cache), callouts).unwrap()
+}
+
+const NOOP_ROUTES: &str = r#"
+[[listeners.routes]]
+match = { prefix = "/own" }
+cluster = "app"
+filters.f.config = { mode = "audit" }
+[[listeners.routes]]
+match = { prefix = "/strict" }
+cluster = "app"
+filters.f.config = { mode = "strict" }
+"#;
+
+/// The chains `Snapshot::new` builds number a route's config as the loaded
+/// filter numbers its root contexts: the filter's own config is 0, the one
+/// extra config 1, and the filter has exactly one extra root.
+#[test]
+fn snapshot_numbers_route_configs_as_the_loaded_filters_do() {
+    let c = parsed(&noop_config(NOOP_ROUTES));
+    let filters = noop_runtime().load(filter_specs(&c).unwrap()).unwrap();
+    assert_eq!(filters.plugins[0].spec.route_configs.len(), 1);
+    let metrics = Metrics::new();
+    let compiled = compile(Arc::new(c), None).expect("compiles");
+    let snap = Snapshot::new(1, compiled, filters, &metrics).expect("builds");
+    let chains = &snap.listener("in").unwrap().chains;
+    let configs = |i: usize| {
+        chains.routes[i]
+            .iter()
+            .map(|e| e.config)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        configs(0),
+        vec![0],
+        "equal to the filter's own: its own root"
+    );
+    assert_eq!(configs(1), vec![1]);
+}
+
+/// A route's config that the loaded filter has no root context for (the
+/// filters were loaded from another config) fails the snapshot: it never
+/// runs on the filter's own config instead.
+#[test]
+fn a_route_config_the_filter_was_not_loaded_with_fails_the_snapshot() {
+    let loaded_from = parsed(&noop_config(""));
+    let filters = noop_runtime()
+        .load(filter_specs(&loaded_from).unwrap())
+        .unwrap();
+    let c = parsed(&noop_config(NOOP_ROUTES));
+    let metrics = Metrics::new();
+    let compiled = compile(Arc::new(c), None).expect("compiles");
+    let Err(err) = Snapshot::new(1, compiled, filters, &metrics) else {
+        panic!("a config the filter has no root for is an error");
+    };
+    assert!(err.contains("per-route config of filter \"f\""), "{err}");
+    assert!(err.contains("route 2"), "{err}");
+}
+
+/// An override equal to the section's config is no extra root context, so
+/// it does not count toward `MAX_ROUTE_CONFIGS`.
+#[test]
+fn overrides_equal_to_the_own_config_do_not_count_toward_the_limit() {
+    let mut routes = String::new();
+    for k in 0..crate::config::route::MAX_ROUTE_CONFIGS {
+        routes.push_str(&format!(
+            "[[listeners.routes]]\nmatch = {{ prefix = \"/{k}\" }}\ncluster = \"app\"\nfilters.f.config = {{ mode = \"m{k}\" }}\n"
+        ));
+    }
+    routes.push_str(
+        "[[listeners.routes]]\ncluster = \"app\"\nfilters.f.config = { mode = \"audit\" }\n",
+    );
+    let text = noop_config(&routes);
+    let c = crate::config::parse(Path::new("/etc/wasp/wasp.toml"), &text, |_| None);
+    let c = c.unwrap_or_else(|p| panic!("the limit counts only extra roots: {p:?}"));
+    let specs = filter_specs(&c).unwrap();
+    assert_eq!(
+        specs[0].route_configs.len(),
+        crate::config::route::MAX_ROUTE_CONFIGS
     );
 }

@@ -63,6 +63,9 @@ struct Loaded {
     fingerprint: [u8; 32],
     /// notAfter of the client certificate.
     expiry: Option<i64>,
+    /// The client certificate's facts (`upstream.*_local_certificate`),
+    /// parsed once per load, not per connection.
+    local: Option<Arc<super::CertInfo>>,
 }
 
 struct Started {
@@ -105,6 +108,14 @@ impl ClientTls {
     /// The config for a new connection.
     pub fn config(&self) -> Arc<ClientConfig> {
         self.current.load().config.clone()
+    }
+
+    /// [`Self::config`] with the facts of the client certificate it
+    /// presents, from the same load (a rotation between the two cannot
+    /// pair one certificate's config with another's facts).
+    pub fn config_and_local(&self) -> (Arc<ClientConfig>, Option<Arc<super::CertInfo>>) {
+        let loaded = self.current.load();
+        (loaded.config.clone(), loaded.local.clone())
     }
 
     /// [`Self::config`] without ALPN, for opaque TCP (L4) over TLS.
@@ -241,12 +252,13 @@ fn build(settings: &ClientTlsSettings) -> Result<Loaded, String> {
         .map_err(|e| format!("TLS versions: {e}"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let (mut config, expiry) = match &settings.client {
+    let (mut config, expiry, local) = match &settings.client {
         Some(paths) => {
             let certs = pem.certs(&paths.cert)?;
             let key = pem.key(&paths.key)?;
             let facts = CertFacts::parse(&certs[0])
                 .map_err(|e| format!("{}: {e}", paths.cert.display()))?;
+            let local = super::CertInfo::parse(&certs[0]).map(Arc::new);
             let config = builder.with_client_auth_cert(certs, key).map_err(|e| {
                 format!(
                     "{} with key {}: {e}",
@@ -254,9 +266,9 @@ fn build(settings: &ClientTlsSettings) -> Result<Loaded, String> {
                     paths.key.display()
                 )
             })?;
-            (config, Some(facts.not_after))
+            (config, Some(facts.not_after), local)
         }
-        None => (builder.with_no_client_auth(), None),
+        None => (builder.with_no_client_auth(), None, None),
     };
     config.alpn_protocols = if settings.h2 {
         vec![b"h2".to_vec()]
@@ -270,6 +282,7 @@ fn build(settings: &ClientTlsSettings) -> Result<Loaded, String> {
         opaque: Arc::new(opaque),
         fingerprint: pem.finish(),
         expiry,
+        local,
     })
 }
 

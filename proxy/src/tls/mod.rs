@@ -233,6 +233,99 @@ pub struct ConnTls {
     pub local: Option<Arc<CertInfo>>,
 }
 
+/// What filters may read about the upstream connection a response came
+/// on (Envoy's `upstream.*` attributes), kept once per connection and
+/// shared by every request sent on it.
+#[derive(Debug, Default)]
+pub struct UpstreamConn {
+    /// This side's address of the connection (`upstream.local_address`).
+    pub local_address: Option<std::net::SocketAddr>,
+    /// `None` over plain text.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// An upstream TLS connection's facts. The upstream's certificate is
+/// kept as DER and only worked out (parse, RFC 2253 subject, digest) when
+/// a filter first reads one of its attributes: most connections never are
+/// asked, and the certificate is the upstream's to make large.
+#[derive(Debug, Default)]
+pub struct UpstreamTls {
+    /// `TLSv1.2` / `TLSv1.3`.
+    pub version: &'static str,
+    /// The upstream's leaf certificate, as it sent it.
+    peer_der: Option<Arc<[u8]>>,
+    peer: std::sync::OnceLock<Option<CertInfo>>,
+    peer_sha256: std::sync::OnceLock<Box<str>>,
+    /// The client certificate wasp presented (parsed once per load).
+    pub local: Option<Arc<CertInfo>>,
+}
+
+/// Upstream leaf certificates longer than this are not parsed for
+/// `upstream.*_peer_certificate` (their digest is still given): a real
+/// one is 1-2 KiB, and the subject string can be about three times the
+/// DER.
+pub const MAX_PARSED_PEER_CERT: usize = 16 * 1024;
+
+impl UpstreamTls {
+    /// The facts of an upstream connection wasp opened; `local` is the
+    /// client certificate it presented (from the same config).
+    pub fn of(conn: &rustls::ClientConnection, local: Option<Arc<CertInfo>>) -> Self {
+        let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+        Self::with_peer(
+            version_name(conn.protocol_version()),
+            leaf.map(|l| l.as_ref()),
+            local,
+        )
+    }
+
+    /// The facts from their parts (nothing of the certificate worked out
+    /// yet).
+    fn with_peer(version: &'static str, der: Option<&[u8]>, local: Option<Arc<CertInfo>>) -> Self {
+        Self {
+            version,
+            peer_der: der.map(Arc::from),
+            peer: std::sync::OnceLock::new(),
+            peer_sha256: std::sync::OnceLock::new(),
+            local,
+        }
+    }
+
+    /// The upstream certificate's facts, worked out on first read; `None`
+    /// without a certificate, or for one that does not parse (possible
+    /// only with `insecure_skip_verify`) or is over
+    /// [`MAX_PARSED_PEER_CERT`].
+    pub fn peer(&self) -> Option<&CertInfo> {
+        let der = self.peer_der.as_deref()?;
+        self.peer
+            .get_or_init(|| {
+                if der.len() > MAX_PARSED_PEER_CERT {
+                    return None;
+                }
+                CertInfo::parse(der)
+            })
+            .as_ref()
+    }
+
+    /// SHA-256 of the upstream certificate's DER, lower-case hex, whether
+    /// or not it parses (as Envoy hashes the raw certificate).
+    pub fn peer_sha256(&self) -> Option<&str> {
+        let der = self.peer_der.as_deref()?;
+        Some(self.peer_sha256.get_or_init(|| sha256_hex(der).into()))
+    }
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(der);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
 /// Facts of a leaf certificate, in Envoy's encodings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertInfo {
@@ -248,11 +341,7 @@ impl ConnTls {
     /// The facts of an accepted server connection; `local` are the
     /// listener's certificates (the one served is picked by SNI).
     pub fn of(conn: &rustls::ServerConnection, local: &LocalCerts) -> Self {
-        let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "unknown",
-        };
+        let version = version_name(conn.protocol_version());
         let sni = conn.server_name();
         let leaf = conn.peer_certificates().and_then(|chain| chain.first());
         // One parse of the client certificate gives the identity and the
@@ -272,6 +361,15 @@ impl ConnTls {
     }
 }
 
+/// `TLSv1.2` / `TLSv1.3`, as OpenSSL (and Envoy) name them.
+fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    }
+}
+
 impl CertInfo {
     /// `None` for a certificate that does not parse (the handshake
     /// accepted it, so that only happens with `client_ca` unset).
@@ -281,17 +379,10 @@ impl CertInfo {
 
     /// The facts and the identity ([`CertFacts::identity`]) from one parse.
     pub fn parse_with_identity(der: &[u8]) -> Option<(Self, Option<Arc<str>>)> {
-        use sha2::Digest;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let facts = CertFacts::of(&cert);
         let identity = facts.identity().map(Arc::from);
-        let digest = sha2::Sha256::digest(der);
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut sha256 = String::with_capacity(64);
-        for b in digest {
-            sha256.push(char::from(HEX[usize::from(b >> 4)]));
-            sha256.push(char::from(HEX[usize::from(b & 15)]));
-        }
+        let sha256 = sha256_hex(der);
         let info = Self {
             subject: rfc2253(cert.subject()).into(),
             uri_san: facts.uris.into_iter().next().map(Box::from),

@@ -103,3 +103,36 @@ fn a_key_that_does_not_match_the_certificate_is_refused() {
     assert!(err.contains("a.pem") && err.contains("b-key.pem"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An upstream's certificate is worked out only when first read, and its
+/// digest is of the DER as sent even when it does not parse (Envoy hashes
+/// the raw certificate); an oversized one is not parsed at all.
+#[test]
+fn upstream_certificate_facts_are_lazy_and_the_digest_needs_no_parse() {
+    let ca = Ca::new("t", 10).unwrap();
+    let (pem, _) = ca.issue(&leaf(&[], &["upstream.local"])).unwrap();
+    let good = der(&pem);
+    let tls = UpstreamTls::with_peer("TLSv1.3", Some(&good), None);
+    assert!(tls.peer.get().is_none(), "nothing parsed before a read");
+    assert_eq!(tls.peer_sha256(), Some(sha256_hex(&good).as_str()));
+    assert!(tls.peer.get().is_none(), "the digest needs no parse");
+    let info = tls.peer().expect("parses");
+    assert_eq!(info.dns_san.as_deref(), Some("upstream.local"));
+    assert_eq!(&*info.sha256, tls.peer_sha256().unwrap());
+
+    let junk = b"not a certificate".to_vec();
+    let tls = UpstreamTls::with_peer("TLSv1.3", Some(&junk), None);
+    assert!(tls.peer().is_none());
+    let digest = tls.peer_sha256().expect("a digest of what was sent");
+    assert_eq!(digest.len(), 64);
+    assert_eq!(digest, sha256_hex(&junk));
+
+    let mut big = good.clone();
+    big.resize(MAX_PARSED_PEER_CERT + 1, 0);
+    let tls = UpstreamTls::with_peer("TLSv1.3", Some(&big), None);
+    assert!(tls.peer().is_none(), "over the bound: not parsed");
+    assert!(tls.peer_sha256().is_some());
+
+    let none = UpstreamTls::with_peer("TLSv1.3", None, None);
+    assert!(none.peer().is_none() && none.peer_sha256().is_none());
+}

@@ -30,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::ClusterState;
 use crate::telemetry::UpstreamStats;
-use crate::tls::{ClientTls, UpstreamTlsError};
+use crate::tls::{ClientTls, UpstreamConn, UpstreamTls, UpstreamTlsError};
 
 #[derive(Clone, Debug)]
 pub struct CountingConnector {
@@ -54,6 +54,8 @@ pub struct ConnectionOverflow(pub usize);
 #[derive(Debug)]
 pub struct Counted {
     io: Io,
+    /// What filters may read of this connection (`upstream.*`).
+    info: Arc<UpstreamConn>,
     stats: UpstreamStats,
     /// Held for the connection's whole life, so closing it frees the place.
     _slot: Option<Slot>,
@@ -123,17 +125,22 @@ impl Drop for Slot {
     }
 }
 
-/// TLS over an open TCP connection, bounded by `limit`.
+/// TLS over an open TCP connection, bounded by `limit`, and the facts
+/// filters may read of it (worked out here, once per connection).
 async fn handshake(
     tls: &ClientTls,
     host: &str,
     tcp: TcpStream,
     limit: Duration,
-) -> Result<TlsStream<TcpStream>, UpstreamTlsError> {
+) -> Result<(TlsStream<TcpStream>, UpstreamTls), UpstreamTlsError> {
     let name = tls.server_name(host)?;
-    let connector = tokio_rustls::TlsConnector::from(tls.config());
+    let (config, local) = tls.config_and_local();
+    let connector = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout(limit, connector.connect(name, tcp)).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(stream)) => {
+            let facts = UpstreamTls::of(stream.get_ref().1, local);
+            Ok((stream, facts))
+        }
         Ok(Err(e)) => Err(UpstreamTlsError {
             code: crate::tls::reason(&e),
             detail: crate::tls::describe(&e),
@@ -174,10 +181,11 @@ impl tower_service::Service<Uri> for CountingConnector {
         let limit = self.handshake_timeout;
         Box::pin(async move {
             let tcp = connecting.await.map_err(BoxError::from)?;
-            let io = match tls {
-                None => Io::Plain(tcp),
+            let local_address = tcp.inner().local_addr().ok();
+            let (io, tls) = match tls {
+                None => (Io::Plain(tcp), None),
                 Some(tls) => match handshake(&tls, &host, tcp.into_inner(), limit).await {
-                    Ok(stream) => Io::Tls(Box::new(TokioIo::new(stream))),
+                    Ok((stream, facts)) => (Io::Tls(Box::new(TokioIo::new(stream))), Some(facts)),
                     Err(e) => {
                         tls.handshake_failed(e.code);
                         return Err(Box::new(e) as BoxError);
@@ -188,6 +196,7 @@ impl tower_service::Service<Uri> for CountingConnector {
             stats.open.inc();
             Ok(Counted {
                 io,
+                info: Arc::new(UpstreamConn { local_address, tls }),
                 stats,
                 _slot: slot,
             })
@@ -202,12 +211,9 @@ impl Drop for Counted {
 }
 
 impl Counted {
-    /// Whether TLS negotiated HTTP/2 by ALPN.
-    pub fn negotiated_h2(&self) -> bool {
-        match &self.io {
-            Io::Plain(_) => false,
-            Io::Tls(io) => io.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
-        }
+    /// What filters may read of this connection (`upstream.*`).
+    pub fn info(&self) -> Arc<UpstreamConn> {
+        self.info.clone()
     }
 }
 

@@ -9,11 +9,12 @@
 //! response body has been read to the end, not before (hyper cannot send
 //! the next request on it until then); a response dropped early, or one
 //! that switched protocols (101), closes its connection instead. HTTP/2
-//! uses one connection per endpoint for every request (h2c for
-//! `protocol = "http2"`, or when TLS negotiated `h2` by ALPN). For
-//! `protocol = "http2"` the connection is in the pool from the moment it
-//! is dialed, so requests that come while it opens wait for that one
-//! handshake (and share its failure) instead of each dialing its own.
+//! (`protocol = "http2"`: h2c, or TLS whose ALPN offers only `h2`) uses
+//! one connection per endpoint for every request. It is in the pool from
+//! the moment it is dialed, TLS and ALPN included, so requests that come
+//! while it opens wait for that one handshake (and share its failure)
+//! instead of each dialing its own. An HTTP/1.1 cluster's TLS offers only
+//! `http/1.1`, so a connection dialed for one request is never HTTP/2.
 //!
 //! An HTTP/1.1 connection whose response ended before its request body was
 //! all sent (an early 401/413) cannot take the next request until that
@@ -55,6 +56,7 @@ use super::balance::now_nanos;
 use super::connector::{Counted, CountingConnector};
 use super::send::SendBody;
 use super::BoxError;
+use crate::tls::UpstreamConn;
 
 /// Why the pool could not get an answer.
 #[derive(Debug)]
@@ -94,9 +96,17 @@ struct Shared {
 
 /// An HTTP/2 connection being opened, or open: every request to the
 /// endpoint awaits the same one.
-type H2Conn = SharedFuture<
-    Pin<Box<dyn Future<Output = Result<http2::SendRequest<SendBody>, ConnectFailed>> + Send>>,
->;
+type H2Conn = SharedFuture<Pin<Box<dyn Future<Output = Result<H2Open, ConnectFailed>> + Send>>>;
+
+/// An open HTTP/2 connection: its sender, and what filters may read of it.
+type H2Open = (http2::SendRequest<SendBody>, Arc<UpstreamConn>);
+
+/// An HTTP/1.1 connection that can take a request, and what filters may
+/// read of it (the response carries it: `upstream.*`).
+struct H1 {
+    tx: http1::SendRequest<SendBody>,
+    info: Arc<UpstreamConn>,
+}
 
 /// A failed connect, shared by every request that waited for it. Its
 /// source is the connector's error itself, so the verdict is the same as
@@ -128,7 +138,7 @@ impl H2Slot {
     fn usable(&self) -> bool {
         match self.conn.peek() {
             None => true,
-            Some(Ok(tx)) => !tx.is_closed(),
+            Some(Ok((tx, _))) => !tx.is_closed(),
             Some(Err(_)) => false,
         }
     }
@@ -165,7 +175,7 @@ impl Drop for H2Use {
 struct Idle {
     /// Idle HTTP/1.1 connections with when they went idle
     /// ([`now_nanos`]); the last is the most recently used.
-    h1: Vec<(u64, http1::SendRequest<SendBody>)>,
+    h1: Vec<(u64, H1)>,
     /// The endpoint's HTTP/2 connection, shared by all requests.
     h2: Option<H2Slot>,
 }
@@ -181,7 +191,7 @@ impl std::fmt::Debug for Idle {
 
 /// A connection taken for one request.
 enum Taken {
-    H1(http1::SendRequest<SendBody>),
+    H1(H1),
     H2 {
         id: u64,
         conn: H2Conn,
@@ -221,7 +231,7 @@ impl Pool {
                     using,
                     fresh,
                 } => {
-                    let mut tx = conn.await.map_err(|e| PoolError::Connect(Box::new(e)))?;
+                    let (mut tx, info) = conn.await.map_err(|e| PoolError::Connect(Box::new(e)))?;
                     if tx.ready().await.is_err() {
                         self.forget_h2(addr, id);
                         if fresh {
@@ -233,7 +243,7 @@ impl Pool {
                     }
                     origin_form(&mut req, true);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|b| ResponseBody::h2(b, using))),
+                        Ok(resp) => return Ok(resp.map(|b| ResponseBody::h2(b, using, info))),
                         Err(mut e) => match e.take_message() {
                             Some(back) if !fresh => {
                                 self.forget_h2(addr, id);
@@ -246,10 +256,10 @@ impl Pool {
                 // Only connections that were ready when pooled are taken,
                 // and none is awaited: one that is not ready any more
                 // gives the request back at once.
-                Taken::H1(mut tx) => {
+                Taken::H1(H1 { mut tx, info }) => {
                     origin_form(&mut req, false);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(self.lease(addr, tx, resp)),
+                        Ok(resp) => return Ok(self.lease(addr, H1 { tx, info }, resp)),
                         Err(mut e) => match e.take_message() {
                             Some(back) => req = back,
                             None => return Err(PoolError::Send(e.into_error())),
@@ -258,23 +268,11 @@ impl Pool {
                 }
             }
         }
+        // HTTP/1.1 here: an HTTP/2 cluster's requests all went through
+        // `take`, and an HTTP/1.1 cluster's TLS offers only `http/1.1` by
+        // ALPN, so its connections cannot turn out to be HTTP/2.
         let io = dial(&self.shared.connector, addr).await?;
-        if io.negotiated_h2() {
-            // TLS chose h2 by ALPN: this connection becomes the endpoint's.
-            let mut tx = handshake_h2(io).await?;
-            let activity = Arc::new(H2Activity::default());
-            let using = H2Use::new(&activity);
-            let ready: H2Conn = futures_util::future::ready(Ok(tx.clone())).boxed().shared();
-            self.shared.lock().entry(addr).or_default().h2 = Some(H2Slot {
-                id: self.shared.next_h2.fetch_add(1, Ordering::Relaxed),
-                conn: ready,
-                activity,
-            });
-            self.shared.watch();
-            origin_form(&mut req, true);
-            let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
-            return Ok(resp.map(|b| ResponseBody::h2(b, using)));
-        }
+        let info = io.info();
         let (mut tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -286,7 +284,7 @@ impl Pool {
         });
         origin_form(&mut req, false);
         let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
-        Ok(self.lease(addr, tx, resp))
+        Ok(self.lease(addr, H1 { tx, info }, resp))
     }
 
     /// An open connection to `addr`, if the pool has one; for an HTTP/2
@@ -306,9 +304,12 @@ impl Pool {
             let connector = self.shared.connector.clone();
             let conn: H2Conn = async move {
                 let io = dial(&connector, addr).await?;
-                handshake_h2(io).await
+                let info = io.info();
+                Ok((handshake_h2(io).await?, info))
             }
-            .map(|r| r.map_err(|e| ConnectFailed(Arc::new(e.into_box()))))
+            .map(|r: Result<H2Open, PoolError>| {
+                r.map_err(|e| ConnectFailed(Arc::new(e.into_box())))
+            })
             .boxed()
             .shared();
             let activity = Arc::new(H2Activity::default());
@@ -329,22 +330,13 @@ impl Pool {
                 fresh: true,
             });
         }
+        // An HTTP/1.1 cluster's slots hold no HTTP/2 connection (its TLS
+        // offers only `http/1.1`), so only its idle HTTP/1.1 ones are looked at.
         let slot = idle.get_mut(&addr)?;
-        if let Some(h2) = &slot.h2 {
-            if h2.usable() {
-                return Some(Taken::H2 {
-                    id: h2.id,
-                    conn: h2.conn.clone(),
-                    using: H2Use::new(&h2.activity),
-                    fresh: false,
-                });
-            }
-            slot.h2 = None;
-        }
         let oldest = now_nanos().saturating_sub(self.idle_nanos());
-        while let Some((since, tx)) = slot.h1.pop() {
-            if since >= oldest && tx.is_ready() {
-                return Some(Taken::H1(tx));
+        while let Some((since, h1)) = slot.h1.pop() {
+            if since >= oldest && h1.tx.is_ready() {
+                return Some(Taken::H1(h1));
             }
         }
         None
@@ -366,26 +358,23 @@ impl Pool {
     }
 
     /// The response, holding its HTTP/1.1 connection until its body ends.
-    fn lease(
-        &self,
-        addr: SocketAddr,
-        tx: http1::SendRequest<SendBody>,
-        resp: Response<Incoming>,
-    ) -> Response<ResponseBody> {
+    fn lease(&self, addr: SocketAddr, h1: H1, resp: Response<Incoming>) -> Response<ResponseBody> {
         // A connection that switched protocols is the tunnel's now.
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return resp.map(ResponseBody::plain);
+            return resp.map(|b| ResponseBody::plain(b, h1.info));
         }
+        let conn = h1.info.clone();
         let lease = Lease {
             pool: Arc::downgrade(&self.shared),
             addr,
-            tx,
+            h1,
         };
         let (parts, body) = resp.into_parts();
         let mut body = ResponseBody {
             inner: body,
             lease: Some(lease),
             _using: None,
+            conn,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -455,11 +444,11 @@ impl Shared {
 
     /// Puts an HTTP/1.1 connection whose response is over back in its
     /// list, once it can take the next request.
-    fn put(self: &Arc<Self>, addr: SocketAddr, mut tx: http1::SendRequest<SendBody>) {
-        if tx.is_closed() || self.settings.max_idle == 0 {
+    fn put(self: &Arc<Self>, addr: SocketAddr, mut h1: H1) {
+        if h1.tx.is_closed() || self.settings.max_idle == 0 {
             return;
         }
-        if !tx.is_ready() {
+        if !h1.tx.is_ready() {
             // The request body may still be going out (the upstream
             // answered early): hyper takes the next request only after it.
             // Waits here, not in the next request, at most the idle
@@ -467,26 +456,26 @@ impl Shared {
             let pool = Arc::downgrade(self);
             let within = self.settings.idle_timeout;
             tokio::spawn(async move {
-                if let Ok(Ok(())) = tokio::time::timeout(within, tx.ready()).await {
+                if let Ok(Ok(())) = tokio::time::timeout(within, h1.tx.ready()).await {
                     if let Some(pool) = pool.upgrade() {
-                        pool.keep(addr, tx);
+                        pool.keep(addr, h1);
                     }
                 }
             });
             return;
         }
-        self.keep(addr, tx);
+        self.keep(addr, h1);
     }
 
     /// Adds a ready HTTP/1.1 connection to `addr`'s list.
-    fn keep(self: &Arc<Self>, addr: SocketAddr, tx: http1::SendRequest<SendBody>) {
+    fn keep(self: &Arc<Self>, addr: SocketAddr, h1: H1) {
         let mut idle = self.lock();
         let slot = idle.entry(addr).or_default();
         if slot.h1.len() >= self.settings.max_idle && !slot.h1.is_empty() {
             // Full: the oldest goes.
             slot.h1.remove(0);
         }
-        slot.h1.push((now_nanos(), tx));
+        slot.h1.push((now_nanos(), h1));
         drop(idle);
         self.watch();
     }
@@ -499,7 +488,7 @@ impl Shared {
         let mut idle = self.lock();
         idle.retain(|_, slot| {
             slot.h1
-                .retain(|(since, tx)| *since >= oldest && !tx.is_closed());
+                .retain(|(since, h1)| *since >= oldest && !h1.tx.is_closed());
             if let Some(h2) = &slot.h2 {
                 let unused = h2.activity.in_flight.load(Ordering::Relaxed) == 0
                     && h2.activity.last_used.load(Ordering::Relaxed) < oldest;
@@ -540,7 +529,7 @@ async fn sweep(pool: Weak<Shared>) {
 struct Lease {
     pool: Weak<Shared>,
     addr: SocketAddr,
-    tx: http1::SendRequest<SendBody>,
+    h1: H1,
 }
 
 /// An upstream response's body. Over HTTP/1.1 it holds the connection
@@ -550,29 +539,39 @@ pub struct ResponseBody {
     lease: Option<Lease>,
     /// Over HTTP/2, the hold that keeps the connection from the idle sweep.
     _using: Option<H2Use>,
+    /// What filters may read of the connection it came on (`upstream.*`):
+    /// one reference count per response, nothing allocated.
+    conn: Arc<UpstreamConn>,
 }
 
 impl ResponseBody {
-    fn plain(inner: Incoming) -> Self {
+    fn plain(inner: Incoming, conn: Arc<UpstreamConn>) -> Self {
         Self {
             inner,
             lease: None,
             _using: None,
+            conn,
         }
     }
 
-    fn h2(inner: Incoming, using: H2Use) -> Self {
+    fn h2(inner: Incoming, using: H2Use, conn: Arc<UpstreamConn>) -> Self {
         Self {
             inner,
             lease: None,
             _using: Some(using),
+            conn,
         }
+    }
+
+    /// The facts of the connection this response came on.
+    pub fn conn(&self) -> &Arc<UpstreamConn> {
+        &self.conn
     }
 
     fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
             if let Some(pool) = lease.pool.upgrade() {
-                pool.put(lease.addr, lease.tx);
+                pool.put(lease.addr, lease.h1);
             }
         }
     }

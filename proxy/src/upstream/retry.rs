@@ -221,9 +221,11 @@ impl Upstream {
         req: Request<ProxyBody>,
         replay: Option<Box<Replay<'_>>>,
         timeout: Option<Duration>,
-        on_retry: impl FnMut(SocketAddr),
+        mut on_retry: impl FnMut(SocketAddr),
     ) -> Result<Response<ResponseBody>, SendError> {
-        let addr = first.addr;
+        // The endpoint being tried when the route's timeout passes: the
+        // one the timeout names (a retry may have moved on from the first).
+        let mut addr = first.addr;
         let Some(after) = timeout else {
             return match replay {
                 None => self.once(first, req).await,
@@ -233,6 +235,10 @@ impl Upstream {
         let sent = match replay {
             None => tokio::time::timeout(after, self.once(first, req)).await,
             Some(replay) => {
+                let on_retry = |next| {
+                    addr = next;
+                    on_retry(next);
+                };
                 tokio::time::timeout(after, Box::pin(self.tries(first, req, replay, on_retry)))
                     .await
             }

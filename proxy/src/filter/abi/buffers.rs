@@ -36,7 +36,7 @@ fn buffer(h: &Host, kind: i32) -> Option<&[u8]> {
         }
         CALL_RESPONSE_BODY | GRPC_RECEIVE_BUFFER => h.answer.as_ref().map(|a| &a.body[..]),
         VM_CONFIGURATION => Some(&h.plugin.vm_config[..]),
-        PLUGIN_CONFIGURATION => Some(&h.plugin_config()[..]),
+        PLUGIN_CONFIGURATION => h.plugin_config().map(|b| &b[..]),
         _ => None,
     }
 }
@@ -105,7 +105,14 @@ pub(crate) fn get_configuration(
     ptr_out: i32,
     len_out: i32,
 ) -> HostResult {
-    let cfg = c.data().plugin_config().clone();
+    // A root context with no config of its own is a bug: the callback
+    // fails (and the filter with it, by its policy) rather than read
+    // another root's config.
+    let Some(cfg) = c.data().plugin_config().cloned() else {
+        return Err(wasmtime::Error::msg(
+            "proxy_get_configuration: this root context has no config",
+        ));
+    };
     copy_out(c, &cfg, ptr_out, len_out)
 }
 

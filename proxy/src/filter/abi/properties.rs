@@ -125,6 +125,33 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         }
         "upstream.address" => text(&s.upstream?.to_string()),
         "upstream.port" => Some(int(i64::from(s.upstream?.port()))),
+        "upstream.local_address" => text(&s.upstream_conn.as_ref()?.local_address?.to_string()),
+        // Empty when a response came (nothing failed on its connection);
+        // wasp's reason when connecting or the TLS handshake failed.
+        "upstream.transport_failure_reason" => match (&s.upstream_conn, &s.upstream_failure) {
+            (Some(_), _) => text(""),
+            (None, Some(reason)) => text(reason),
+            (None, None) => None,
+        },
+        "upstream.tls_version" => text(upstream_tls(s)?.version),
+        // As for `connection.*`: subjects are empty when there is no
+        // certificate (or it does not parse), SANs NOT_FOUND; the digest
+        // is of the DER as sent, parsed or not.
+        "upstream.subject_peer_certificate" => {
+            text(upstream_tls(s)?.peer().map_or("", |p| &p.subject))
+        }
+        "upstream.uri_san_peer_certificate" => text(upstream_tls(s)?.peer()?.uri_san.as_deref()?),
+        "upstream.dns_san_peer_certificate" => text(upstream_tls(s)?.peer()?.dns_san.as_deref()?),
+        "upstream.sha256_peer_certificate_digest" => text(upstream_tls(s)?.peer_sha256()?),
+        "upstream.subject_local_certificate" => {
+            text(upstream_tls(s)?.local.as_ref().map_or("", |l| &l.subject))
+        }
+        "upstream.uri_san_local_certificate" => {
+            text(upstream_tls(s)?.local.as_ref()?.uri_san.as_deref()?)
+        }
+        "upstream.dns_san_local_certificate" => {
+            text(upstream_tls(s)?.local.as_ref()?.dns_san.as_deref()?)
+        }
         // Plain text or TLS without a client certificate: false.
         "connection.mtls" => Some(Bytes::from_static(
             if s.info.principal.is_some() || s.info.tls.as_ref().is_some_and(|t| t.mtls) {
@@ -175,6 +202,11 @@ pub(crate) fn stream_property(s: &StreamData, path: &str) -> Option<Bytes> {
         "wasp.error" => text(s.error_code?),
         _ => s.props.get(path).cloned(),
     }
+}
+
+/// The TLS facts of the connection the upstream's response came on.
+fn upstream_tls(s: &StreamData) -> Option<&crate::tls::UpstreamTls> {
+    s.upstream_conn.as_ref()?.tls.as_ref()
 }
 
 fn property(h: &Host, path: &str) -> Option<Bytes> {

@@ -5,7 +5,8 @@
 //! attribute: the value in hex, or `none` when the host had none. Also
 //! `x-log-level` (`proxy_get_log_level`), and `x-ff-<name>` with the outcome
 //! of `proxy_call_foreign_function` for `clear_route_cache` and an unknown
-//! name (`ok:<hex>` or the status).
+//! name (`ok:<hex>` or the status). At `on_log` it logs
+//! `upstream.transport_failure_reason` (hex, or `none`).
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
@@ -61,6 +62,15 @@ const RESPONSE_ATTRIBUTES: &[&str] = &[
     "upstream.address",
     "upstream.port",
     "upstream.tls_version",
+    "upstream.local_address",
+    "upstream.transport_failure_reason",
+    "upstream.subject_peer_certificate",
+    "upstream.uri_san_peer_certificate",
+    "upstream.dns_san_peer_certificate",
+    "upstream.sha256_peer_certificate_digest",
+    "upstream.subject_local_certificate",
+    "upstream.uri_san_local_certificate",
+    "upstream.dns_san_local_certificate",
     "xds.cluster_name",
     "xds.route_name",
     "cluster_name",
@@ -108,5 +118,16 @@ impl HttpContext for Http {
             self.set_http_response_header(&format!("x-ff-{}", name.replace('_', "-")), Some(&v));
         }
         Action::Continue
+    }
+
+    /// A proxy-made answer runs no response callback: what a failed
+    /// upstream connection left to read is logged here.
+    fn on_log(&mut self) {
+        let (_, v) = read("upstream.transport_failure_reason");
+        proxy_wasm::hostcalls::log(
+            LogLevel::Info,
+            &format!("on_log upstream.transport_failure_reason={v}"),
+        )
+        .ok();
     }
 }
