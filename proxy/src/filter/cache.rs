@@ -47,11 +47,14 @@ fn entry_path(dir: &Path, sha: &str, engine_key: &str) -> PathBuf {
 }
 
 /// Loads the module from the cache, or compiles it and stores it.
+/// `keep`: the keys of every engine this process runs (with a tier-up,
+/// Winch's and Cranelift's); entries of other engines are pruned.
 pub(crate) fn load_or_compile(
     engine: &Engine,
     bytes: &[u8],
     sha: &str,
     dir: Option<&Path>,
+    keep: &[String],
 ) -> anyhow::Result<Module> {
     let Some(dir) = dir else {
         return compile(engine, bytes);
@@ -77,23 +80,23 @@ pub(crate) fn load_or_compile(
     if let Err(e) = store(dir, &path, &module) {
         tracing::warn!(path = %path.display(), error = %e, "could not write module cache entry");
     }
-    prune_other_engines(dir, &engine_key(engine));
+    prune_other_engines(dir, keep);
     Ok(module)
 }
 
-/// Removes artefacts of other engines (an older wasmtime or other settings):
-/// they can never be loaded again by this build.
-fn prune_other_engines(dir: &Path, key: &str) {
+/// Removes artefacts of other engines (an older wasmtime or other settings,
+/// or a compiler this process no longer uses).
+fn prune_other_engines(dir: &Path, keep: &[String]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let suffix = format!("-{key}.cwasm");
+    let suffixes: Vec<String> = keep.iter().map(|k| format!("-{k}.cwasm")).collect();
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else {
             continue;
         };
-        if name.ends_with(".cwasm") && !name.ends_with(&suffix) {
+        if name.ends_with(".cwasm") && !suffixes.iter().any(|s| name.ends_with(s.as_str())) {
             let _ = std::fs::remove_file(e.path());
         }
     }

@@ -6,8 +6,8 @@
 //! (but for its counters) and shared (`Arc`) by every worker's instances of
 //! this generation and by the builder threads.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use wasmtime::{Engine, InstancePre};
@@ -57,12 +57,67 @@ impl PluginShared {
     }
 }
 
+/// The compiler a module's machine code came from (each has its own
+/// engine: the compiler is an engine setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Compiler {
+    Winch,
+    Cranelift,
+}
+
+impl Compiler {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Compiler::Winch => "winch",
+            Compiler::Cranelift => "cranelift",
+        }
+    }
+}
+
+/// A filter's module compiled by one compiler and pre-linked.
+pub(crate) struct Code {
+    pub engine: Engine,
+    pub pre: InstancePre<Host>,
+    pub compiler: Compiler,
+}
+
+/// Where a generation's background move to Cranelift stands
+/// (`[proxy] wasm_compiler = "auto"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum TierUp {
+    /// One compiler only: nothing to do.
+    Off = 0,
+    Pending = 1,
+    Done = 2,
+    /// Cranelift failed or rejected the module: Winch keeps serving.
+    Failed = 3,
+}
+
+impl TierUp {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TierUp::Off => "off",
+            TierUp::Pending => "pending",
+            TierUp::Done => "done",
+            TierUp::Failed => "failed",
+        }
+    }
+}
+
 /// A filter of one generation.
 pub(crate) struct Plugin {
     pub spec: FilterSpec,
     pub shared: Arc<PluginShared>,
-    pub engine: Engine,
-    pub pre: InstancePre<Host>,
+    /// The code it was loaded with (and validated on).
+    pub code: Code,
+    /// The Cranelift code the background tier-up built; set once, after
+    /// which new instances come from it (see `worker::Pool::tier_over`).
+    pub tiered: OnceLock<Code>,
+    /// A [`TierUp`].
+    pub tier_up: AtomicU8,
+    /// How long the tier-up took (compile or cache load, link, validation).
+    pub tier_up_ms: AtomicU64,
     pub sha256: String,
     pub generation: u64,
     /// Epoch ticks of one callback's deadline.
@@ -123,6 +178,24 @@ impl InstanceCounts {
 impl Plugin {
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.shared.name
+    }
+
+    /// The code new instances are built from: the tiered-up one once ready.
+    pub(crate) fn serving(&self) -> &Code {
+        self.tiered.get().unwrap_or(&self.code)
+    }
+
+    pub(crate) fn tier_up(&self) -> TierUp {
+        match self.tier_up.load(Ordering::Relaxed) {
+            1 => TierUp::Pending,
+            2 => TierUp::Done,
+            3 => TierUp::Failed,
+            _ => TierUp::Off,
+        }
+    }
+
+    pub(crate) fn set_tier_up(&self, state: TierUp) {
+        self.tier_up.store(state as u8, Ordering::Relaxed);
     }
 
     pub(crate) fn fail_policy(&self) -> FailPolicy {

@@ -913,7 +913,11 @@ async fn overhead() {
 #[test]
 #[ignore = "measurement, not a check"]
 fn compile_cost() {
-    let engine = wasmtime::Engine::new(&super::engine::engine_config(64)).unwrap();
+    let engine = wasmtime::Engine::new(&super::engine::engine_config(
+        64,
+        super::plugin::Compiler::Winch,
+    ))
+    .unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let files = [
         root.join("filters/router.wasm"),

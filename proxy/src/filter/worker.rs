@@ -682,13 +682,15 @@ impl Pool {
     fn try_lease(&mut self, asked: &mut bool) -> Try {
         self.drain();
         // Most recently used first: sequential streams reuse one warm
-        // instance (its caches stay hot; the spare stays a spare).
+        // instance (its caches stay hot; the spare stays a spare). After a
+        // tier-up, Cranelift's before Winch's, so the Winch ones fall idle
+        // and the pump retires them.
         let idle = self
             .insts
             .iter()
             .enumerate()
             .filter(|(_, i)| i.streams == 0)
-            .max_by_key(|(_, i)| i.last_used)
+            .max_by_key(|(_, i)| (i.vm.compiler, i.last_used))
             .map(|(p, _)| p);
         if self.root.is_none() && self.root_building && self.root_failures == 0 {
             // The first root instance is on its way: let it register its
@@ -804,6 +806,44 @@ impl Pool {
             self.plugin.counts.live.fetch_sub(1, Ordering::Relaxed);
             idle -= 1;
         }
+    }
+
+    /// The filter tiered up (its Cranelift code is ready): move this pool
+    /// onto it without a request noticing. A Cranelift stream instance is
+    /// built first (past the cap if need be: the Winch ones go next); then
+    /// idle Winch instances are freed, leased ones as their streams end
+    /// (the next pump round after). The root instance is rebuilt and
+    /// replaces the Winch one when it arrives (see `drain`).
+    fn tier_over(&mut self, now: Instant) {
+        let Some(code) = self.plugin.tiered.get() else {
+            return;
+        };
+        let target = code.compiler;
+        if self.root.as_ref().is_some_and(|r| r.compiler != target)
+            && !self.root_building
+            && passed(self.root_retry_at, now)
+            && !self.pool_full(now)
+        {
+            self.submit(Kind::Root);
+        }
+        if self.insts.iter().all(|i| i.vm.compiler == target) {
+            return;
+        }
+        let ready = self
+            .insts
+            .iter()
+            .any(|i| i.streams == 0 && i.vm.compiler == target);
+        if !ready {
+            if self.building == 0 && passed(self.retry_at, now) && !self.pool_full(now) {
+                self.submit(Kind::Stream);
+            }
+            return;
+        }
+        let before = self.insts.len();
+        self.insts
+            .retain(|i| i.streams > 0 || i.vm.compiler == target);
+        let freed = i64::try_from(before - self.insts.len()).unwrap_or(0);
+        self.plugin.counts.live.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// A newer generation serves new requests on this worker: keep only
@@ -1178,6 +1218,7 @@ async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, 
                 p.publish();
                 return None;
             }
+            p.tier_over(Instant::now());
             p.top_up();
             p.publish();
             p.next_due()

@@ -64,6 +64,7 @@ pub fn run(
         .context("cannot start the Wasm engine")?;
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
+    filters.set_compiler(config.wasm_compiler);
     let filter_set = filters.load(filter_specs(&config)?)?;
     let snapshot = Snapshot::new(1, compiled, filter_set, &metrics);
     // Certificate watchers and expiry gauges from the start, not from the
