@@ -227,6 +227,16 @@ fn effective_compiler(configured: WasmCompiler) -> WasmCompiler {
     }
 }
 
+/// `WASP_WASM_TIER_UP_DELAY_MS`: the tier-up thread waits this long before
+/// each job, so tests can reload while a tier-up is pending (and benches
+/// can count Winch and Cranelift in one run). Zero by default.
+fn tier_up_delay() -> Duration {
+    std::env::var("WASP_WASM_TIER_UP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+}
+
 /// Pre-links `module` with the host functions (unknown imports stubbed).
 fn link(module: &Module) -> anyhow::Result<InstancePre<Host>> {
     let mut linker: Linker<Host> = Linker::new(module.engine());
@@ -487,8 +497,12 @@ impl FilterRuntime {
             let spawned = std::thread::Builder::new()
                 .name("wasp-tierup".into())
                 .spawn(move || {
+                    let delay = tier_up_delay();
                     // Ends when the runtime (the only sender) is gone.
                     while let Ok(job) = rx.recv() {
+                        if !delay.is_zero() {
+                            std::thread::sleep(delay);
+                        }
                         let Some(runtime) = runtime.upgrade() else {
                             return;
                         };
@@ -523,11 +537,12 @@ impl FilterRuntime {
     /// it; a generation superseded before or during the compile is dropped.
     fn tier_up(&self, job: TierJob) {
         let Some(plugin) = job.plugin.upgrade() else {
+            tracing::info!("tier-up dropped: its generation is gone");
             return;
         };
         let name = plugin.name().clone();
         if self.superseded(&plugin) {
-            tracing::debug!(filter = %name, generation = plugin.generation, "tier-up dropped: superseded by a reload");
+            tracing::info!(filter = %name, generation = plugin.generation, "tier-up dropped: superseded by a reload");
             return;
         }
         let engines = match self.engines() {
@@ -578,7 +593,7 @@ impl FilterRuntime {
             }
         };
         if self.superseded(&plugin) {
-            tracing::debug!(filter = %name, generation = plugin.generation, "tier-up dropped: superseded by a reload");
+            tracing::info!(filter = %name, generation = plugin.generation, "tier-up dropped: superseded by a reload");
             return;
         }
         self.keep_module(&sha, Compiler::Cranelift, &module);

@@ -152,6 +152,8 @@ pub(crate) struct InstanceCounts {
     pub in_use: AtomicI64,
     /// Streams that shared an instance because the cap was reached.
     pub shared_leases: AtomicU64,
+    /// Idle instances of the Winch code freed after the tier-up.
+    pub retired: AtomicU64,
     /// Ticks run and ticks skipped for the root CPU budget.
     pub ticks: AtomicU64,
     pub ticks_skipped: AtomicU64,
@@ -169,6 +171,7 @@ impl InstanceCounts {
             "in_use": in_use,
             "idle": live - in_use,
             "shared_leases": self.shared_leases.load(Ordering::Relaxed),
+            "retired_after_tier_up": self.retired.load(Ordering::Relaxed),
             "ticks": self.ticks.load(Ordering::Relaxed),
             "ticks_skipped": self.ticks_skipped.load(Ordering::Relaxed),
         })

@@ -842,8 +842,12 @@ impl Pool {
         let before = self.insts.len();
         self.insts
             .retain(|i| i.streams > 0 || i.vm.compiler == target);
-        let freed = i64::try_from(before - self.insts.len()).unwrap_or(0);
-        self.plugin.counts.live.fetch_sub(freed, Ordering::Relaxed);
+        let freed = before - self.insts.len();
+        let counts = &self.plugin.counts;
+        counts.retired.fetch_add(freed as u64, Ordering::Relaxed);
+        counts
+            .live
+            .fetch_sub(i64::try_from(freed).unwrap_or(0), Ordering::Relaxed);
     }
 
     /// A newer generation serves new requests on this worker: keep only
