@@ -728,6 +728,48 @@ async fn disk_cache_is_written_and_reused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `auto`: the filter serves on Winch, tiers up to Cranelift in the
+/// background, and each compiler's artefact stays in the disk cache (a
+/// compile prunes only other engines' entries), so a restart's tier-up is
+/// a cache load.
+#[tokio::test]
+async fn auto_tiers_up_and_the_disk_cache_keeps_both_compilers() {
+    let dir = std::env::temp_dir().join(format!("wasp-tier-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cwasm = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .count()
+    };
+    let tiered = |rt: &FilterRuntime| {
+        let started = Instant::now();
+        loop {
+            let s = rt.status_json();
+            if s[0]["compiler"] == "cranelift" {
+                assert_eq!(s[0]["tier_up"], "done", "{s}");
+                return;
+            }
+            assert_eq!(s[0]["tier_up"], "pending", "{s}");
+            assert!(started.elapsed() < Duration::from_secs(60), "{s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for round in 0..2 {
+        let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+        rt.set_compiler(WasmCompiler::Auto);
+        let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+        assert_eq!(rt.status_json()[0]["compiler"], "winch");
+        exchange(&set, &["noop"], "/").await.unwrap();
+        tiered(&rt);
+        assert_eq!(cwasm(), 2, "round {round}");
+        // Instances built from now on run the Cranelift code.
+        exchange(&set, &["noop"], "/").await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn dropped_streams_still_release_their_contexts() {
     let name = "drop-release";
