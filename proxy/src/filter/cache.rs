@@ -103,7 +103,24 @@ fn prune_other_engines(dir: &Path, keep: &[String]) {
 }
 
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
-    Module::new(engine, bytes).map_err(|e| anyhow::anyhow!("compile error: {e:#}"))
+    let module = Module::new(engine, bytes).map_err(|e| anyhow::anyhow!("compile error: {e:#}"));
+    return_freed_memory();
+    module
+}
+
+/// A compile's scratch memory (7-12 MiB for a 100-200 KB module, see
+/// docs/benchmarks.md) is freed when it ends, but glibc keeps freed heap
+/// pages resident: hand them back, or the process stays at the compile's
+/// peak for good. Runs on the control or tier-up thread, after a compile
+/// only (hundreds of milliseconds already), never on a worker.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointers; it only returns free heap
+    // pages to the kernel, under glibc's own arena locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn store(dir: &Path, path: &Path, module: &Module) -> anyhow::Result<()> {
