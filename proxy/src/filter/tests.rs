@@ -950,16 +950,20 @@ async fn overhead() {
 }
 
 /// Cold compile time (no cache) of the built-in filters and the
-/// `versioned` fixture with the engine's settings. Run with
+/// `versioned` fixture with the engine's settings, per compiler (Cranelift's
+/// is what a tier-up takes, before linking and one validation instance). Run with
 /// `cargo test --release -p wasp --lib filter::tests::compile_cost -- --ignored --nocapture`.
 #[test]
 #[ignore = "measurement, not a check"]
 fn compile_cost() {
-    let engine = wasmtime::Engine::new(&super::engine::engine_config(
-        64,
-        super::plugin::Compiler::Winch,
-    ))
-    .unwrap();
+    use super::plugin::Compiler;
+    for compiler in [Compiler::Winch, Compiler::Cranelift] {
+        compile_cost_of(compiler);
+    }
+}
+
+fn compile_cost_of(compiler: super::plugin::Compiler) {
+    let engine = wasmtime::Engine::new(&super::engine::engine_config(64, compiler)).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let files = [
         root.join("filters/router.wasm"),
@@ -977,7 +981,8 @@ fn compile_cost() {
             .collect();
         times.sort_by(f64::total_cmp);
         println!(
-            "{}: {} KB, compile median {:.0} ms, min {:.0} ms",
+            "{} {}: {} KB, compile median {:.0} ms, min {:.0} ms",
+            compiler.name(),
             f.file_name().unwrap().to_string_lossy(),
             bytes.len() / 1000,
             times[2],
