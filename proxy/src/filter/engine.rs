@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -112,6 +112,47 @@ struct TierJob {
     bytes: Vec<u8>,
 }
 
+/// The tier-up thread's work: at most one job per filter name (the latest
+/// generation's; a reload replaces a waiting job, so a reload loop or
+/// filters.d churn cannot pile up copies of modules), in load order.
+#[derive(Default)]
+struct TierQueue {
+    jobs: Vec<(Arc<str>, TierJob)>,
+    started: bool,
+    /// Shutdown: the thread ends after the job it is on.
+    stop: bool,
+}
+
+#[derive(Default)]
+struct TierJobs {
+    queue: Mutex<TierQueue>,
+    ready: Condvar,
+}
+
+impl TierJobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TierQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks for the next job; `None` once stopped.
+    fn next(&self) -> Option<TierJob> {
+        let mut q = self.lock();
+        loop {
+            if q.stop {
+                return None;
+            }
+            if !q.jobs.is_empty() {
+                return Some(q.jobs.remove(0).1);
+            }
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().stop
+    }
+}
+
 /// The process-wide filter engine.
 pub struct FilterRuntime {
     /// Created on first use, so a proxy without filters never pays for the
@@ -127,7 +168,7 @@ pub struct FilterRuntime {
     /// those they replaced (see `load`).
     modules: Mutex<HashMap<(String, Compiler), Module>>,
     /// Feeds the tier-up thread (started by the first load that needs it).
-    tier_jobs: Mutex<Option<mpsc::Sender<TierJob>>>,
+    tier_jobs: Arc<TierJobs>,
     queues: Arc<SharedQueues>,
     filters: Mutex<BTreeMap<String, FilterEntry>>,
     next_set: AtomicU64,
@@ -218,23 +259,78 @@ pub(crate) fn engine_config(instances: u32, compiler: Compiler) -> Config {
 /// `configured`, unless `WASP_WASM_COMPILER` (`auto`, `winch` or
 /// `cranelift`) says otherwise: benches compare compilers with one config
 /// (bench/instructions.sh).
+/// Logs the compiler in effect and where it came from (`/config` shows the
+/// file's value), and warns on an unknown `WASP_WASM_COMPILER`.
 fn effective_compiler(configured: WasmCompiler) -> WasmCompiler {
-    match std::env::var("WASP_WASM_COMPILER").as_deref() {
-        Ok("auto") => WasmCompiler::Auto,
-        Ok("winch") => WasmCompiler::Winch,
-        Ok("cranelift") => WasmCompiler::Cranelift,
-        _ => configured,
+    let name = |c: WasmCompiler| match c {
+        WasmCompiler::Auto => "auto",
+        WasmCompiler::Winch => "winch",
+        WasmCompiler::Cranelift => "cranelift",
+    };
+    let env = std::env::var("WASP_WASM_COMPILER").ok();
+    let from_env = match env.as_deref() {
+        None => None,
+        Some("auto") => Some(WasmCompiler::Auto),
+        Some("winch") => Some(WasmCompiler::Winch),
+        Some("cranelift") => Some(WasmCompiler::Cranelift),
+        Some(other) => {
+            tracing::warn!(
+                value = other,
+                configured = name(configured),
+                "WASP_WASM_COMPILER is not auto, winch or cranelift: ignored"
+            );
+            None
+        }
+    };
+    match from_env {
+        Some(c) => {
+            tracing::info!(compiler = name(c), configured = name(configured), "wasm compiler from WASP_WASM_COMPILER (overrides [proxy] wasm_compiler)");
+            c
+        }
+        None => {
+            tracing::info!(compiler = name(configured), "wasm compiler from [proxy] wasm_compiler");
+            configured
+        }
     }
 }
 
-/// `WASP_WASM_TIER_UP_DELAY_MS`: the tier-up thread waits this long before
-/// each job, so tests can reload while a tier-up is pending (and benches
-/// can count Winch and Cranelift in one run). Zero by default.
+/// `WASP_WASM_TIER_UP_DELAY_MS`: a test knob, not a setting: the tier-up
+/// thread waits this long before each job, so tests can reload while a
+/// tier-up is pending (and benches can count Winch and Cranelift in one
+/// run). Zero by default; logged when set.
 fn tier_up_delay() -> Duration {
     std::env::var("WASP_WASM_TIER_UP_DELAY_MS")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_millis)
+        .map_or(Duration::ZERO, |ms| {
+            tracing::info!(ms, "WASP_WASM_TIER_UP_DELAY_MS (test knob) delays each tier-up");
+            Duration::from_millis(ms)
+        })
+}
+
+/// The module-cache keys of both compilers' engines of this build, whichever
+/// this process runs: pruning by them keeps another process's artefacts
+/// (an `auto` server's Cranelift code, seen from `wasp filter test` or a
+/// `winch` server sharing the cache) and drops only other wasmtime
+/// versions or settings. Empty (prune nothing) if a key cannot be made.
+fn cache_keys(main: &Engine, main_compiler: Compiler, tier: Option<&Engine>) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2);
+    for compiler in [Compiler::Winch, Compiler::Cranelift] {
+        let engine = if compiler == main_compiler {
+            Some(main.clone())
+        } else if let Some(t) = tier {
+            Some(t.clone())
+        } else {
+            // The pool's size is not part of the key (a one-slot pool
+            // reserves next to nothing).
+            Engine::new(&engine_config(1, compiler)).ok()
+        };
+        match engine {
+            Some(e) => keys.push(cache::engine_key(&e)),
+            None => return Vec::new(),
+        }
+    }
+    keys
 }
 
 /// Pre-links `module` with the host functions (unknown imports stubbed).
@@ -263,7 +359,7 @@ impl FilterRuntime {
             cache_dir,
             callouts,
             modules: Mutex::new(HashMap::new()),
-            tier_jobs: Mutex::new(None),
+            tier_jobs: Arc::default(),
             queues: Arc::default(),
             filters: Mutex::new(BTreeMap::new()),
             next_set: AtomicU64::new(1),
@@ -372,10 +468,7 @@ impl FilterRuntime {
                 }
             })
             .context("spawning the epoch ticker")?;
-        let cache_keys = std::iter::once(&main)
-            .chain(tier.as_ref())
-            .map(cache::engine_key)
-            .collect();
+        let cache_keys = cache_keys(&main, main_compiler, tier.as_ref());
         Ok(slot
             .insert(Engines {
                 main,
@@ -405,6 +498,18 @@ impl FilterRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((sha.to_string(), compiler), module.clone());
+    }
+
+    /// With a tier-up, the module's Cranelift code if it is in memory or
+    /// in the disk cache (never compiled here: loads stay on Winch's time).
+    fn tiered_module(&self, engines: &Engines, sha: &str) -> Option<Module> {
+        let engine = engines.tier.as_ref()?;
+        if let Some(m) = self.cached_module(sha, Compiler::Cranelift) {
+            return Some(m);
+        }
+        let m = cache::load_cached(engine, sha, self.cache_dir.as_deref()?)?;
+        self.keep_module(sha, Compiler::Cranelift, &m);
+        Some(m)
     }
 
     /// The module compiled by `engines.main` (memory, disk cache, compile).
@@ -481,27 +586,36 @@ impl FilterRuntime {
         // Queued once the registry names these generations: the tier-up
         // drops a job whose generation is no longer the latest.
         for job in tier_jobs {
-            self.queue_tier_up(job);
+            let Some(name) = job.plugin.upgrade().map(|p| p.name().clone()) else {
+                continue;
+            };
+            self.queue_tier_up(name, job);
         }
         let id = self.next_set.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(FilterSet::new(id, plugins)))
     }
 
-    /// Hands `job` to the tier-up thread (started on first use). A job
-    /// that cannot be queued leaves its filter on Winch.
-    fn queue_tier_up(self: &Arc<Self>, job: TierJob) {
-        let mut slot = self.tier_jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            let (tx, rx) = mpsc::channel::<TierJob>();
+    /// Hands `job` to the tier-up thread (started on first use), in place
+    /// of a job of the same filter still waiting. A job that cannot be
+    /// queued leaves its filter on Winch.
+    fn queue_tier_up(self: &Arc<Self>, name: Arc<str>, job: TierJob) {
+        let mut q = self.tier_jobs.lock();
+        if q.stop {
+            return;
+        }
+        if !q.started {
             let runtime = Arc::downgrade(self);
+            let jobs = self.tier_jobs.clone();
             let spawned = std::thread::Builder::new()
                 .name("wasp-tierup".into())
                 .spawn(move || {
                     let delay = tier_up_delay();
-                    // Ends when the runtime (the only sender) is gone.
-                    while let Ok(job) = rx.recv() {
+                    while let Some(job) = jobs.next() {
                         if !delay.is_zero() {
                             std::thread::sleep(delay);
+                        }
+                        if jobs.stopped() {
+                            return;
                         }
                         let Some(runtime) = runtime.upgrade() else {
                             return;
@@ -510,17 +624,39 @@ impl FilterRuntime {
                     }
                 });
             match spawned {
-                Ok(_) => *slot = Some(tx),
-                Err(e) => tracing::warn!("cannot start the tier-up thread: {e}"),
+                Ok(_) => q.started = true,
+                Err(e) => {
+                    tracing::warn!("cannot start the tier-up thread: {e}; filters stay on Winch");
+                    if let Some(p) = job.plugin.upgrade() {
+                        p.set_tier_up(TierUp::Failed);
+                    }
+                    return;
+                }
             }
         }
-        let plugin = job.plugin.clone();
-        let queued = slot.as_ref().is_some_and(|tx| tx.send(job).is_ok());
-        if !queued {
-            if let Some(p) = plugin.upgrade() {
-                p.set_tier_up(TierUp::Failed);
+        if let Some(pos) = q.jobs.iter().position(|(n, _)| *n == name) {
+            let (_, stale) = q.jobs.remove(pos);
+            if let Some(p) = stale.plugin.upgrade() {
+                tracing::info!(filter = %name, generation = p.generation, "tier-up dropped: superseded by a reload");
             }
         }
+        q.jobs.push((name, job));
+        self.tier_jobs.ready.notify_one();
+    }
+
+    /// Shutdown: no tier-up starts from now on (one running finishes; its
+    /// result goes unused). Filters keep serving on the code they run.
+    pub fn stop_tier_up(&self) {
+        let mut q = self.tier_jobs.lock();
+        q.stop = true;
+        q.jobs.clear();
+        self.tier_jobs.ready.notify_all();
+    }
+
+    /// Jobs waiting for the tier-up thread (not the one it runs).
+    #[cfg(test)]
+    pub(crate) fn tier_jobs_waiting(&self) -> usize {
+        self.tier_jobs.lock().jobs.len()
     }
 
     /// Whether a newer generation of `plugin`'s filter was loaded since.
@@ -564,15 +700,22 @@ impl FilterRuntime {
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let module = match self.cached_module(&sha, Compiler::Cranelift) {
                 Some(m) => m,
-                None => cache::load_or_compile(
-                    &engine,
-                    &job.bytes,
-                    &sha,
-                    self.cache_dir.as_deref(),
-                    &engines.cache_keys,
-                )?,
+                None => {
+                    let m = cache::load_or_compile(
+                        &engine,
+                        &job.bytes,
+                        &sha,
+                        self.cache_dir.as_deref(),
+                        &engines.cache_keys,
+                    );
+                    cache::return_freed_memory();
+                    m?
+                }
             };
             let pre = link(&module)?;
+            if self.tier_jobs.stopped() {
+                bail!("shutting down");
+            }
             let code = Code {
                 engine: engine.clone(),
                 pre,
@@ -586,6 +729,10 @@ impl FilterRuntime {
         .unwrap_or_else(|_| Err(anyhow!("the compiler panicked")));
         let (module, code) = match built {
             Ok(b) => b,
+            Err(_) if self.tier_jobs.stopped() => {
+                tracing::info!(filter = %name, "tier-up dropped: shutting down");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(filter = %name, generation = plugin.generation, error = %format!("{e:#}"), "tier-up to Cranelift failed; Winch keeps serving");
                 plugin.set_tier_up(TierUp::Failed);
@@ -611,7 +758,13 @@ impl FilterRuntime {
             .with_context(|| format!("reading {}", spec.module_path.display()))?;
         let sha = cache::sha256_hex(&bytes);
         let engines = self.engines()?;
-        let module = self.module(&engines, &bytes, &sha)?;
+        // Already tiered up once (a reload of an unchanged module, or a
+        // restart with the disk cache): start on the Cranelift code.
+        let tiered = self.tiered_module(&engines, &sha);
+        let (module, compiler) = match tiered {
+            Some(m) => (m, Compiler::Cranelift),
+            None => (self.module(&engines, &bytes, &sha)?, engines.main_compiler),
+        };
         let has = |n: &str| module.get_export(n).is_some();
         if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
             bail!(
@@ -658,13 +811,15 @@ impl FilterRuntime {
             code: Code {
                 engine: module.engine().clone(),
                 pre,
-                compiler: engines.main_compiler,
+                compiler,
             },
             tiered: OnceLock::new(),
-            tier_up: AtomicU8::new(if engines.tier.is_some() {
-                TierUp::Pending as u8
-            } else {
+            tier_up: AtomicU8::new(if engines.tier.is_none() {
                 TierUp::Off as u8
+            } else if compiler == Compiler::Cranelift {
+                TierUp::Done as u8
+            } else {
+                TierUp::Pending as u8
             }),
             tier_up_ms: AtomicU64::new(0),
             sha256: sha,

@@ -808,40 +808,49 @@ impl Pool {
         }
     }
 
-    /// The filter tiered up (its Cranelift code is ready): move this pool
-    /// onto it without a request noticing. A Cranelift stream instance is
-    /// built first (past the cap if need be: the Winch ones go next); then
-    /// idle Winch instances are freed, leased ones as their streams end
-    /// (the next pump round after). The root instance is rebuilt and
-    /// replaces the Winch one when it arrives (see `drain`).
+    /// The filter tiered up (its Cranelift code is ready): move this pool's
+    /// stream instances onto it without a request noticing. New builds
+    /// already come from the Cranelift code; an idle Winch instance is
+    /// replaced by a Cranelift one built first, within the cap (Winch,
+    /// Cranelift and those building all count: a stream holding a Winch
+    /// instance across the tier-up must not let the filter grow past
+    /// `limits.instances x GROWTH`), and freed once that one is ready, or
+    /// to make room at the cap. Leased Winch instances finish their streams
+    /// and go the same way; one just built may be on its way to a waiting
+    /// stream, so it gets [`RETIRE_GRACE`] as in `retire`. The root
+    /// instance stays on the code it was built from: replacing it would
+    /// drop its callouts in flight and its shared-queue registrations, and
+    /// ticks, queues and root callouts are rare enough that their speed
+    /// does not matter (a root rebuilt after a failure runs Cranelift).
     fn tier_over(&mut self, now: Instant) {
         let Some(code) = self.plugin.tiered.get() else {
             return;
         };
         let target = code.compiler;
-        if self.root.as_ref().is_some_and(|r| r.compiler != target)
-            && !self.root_building
-            && passed(self.root_retry_at, now)
-            && !self.pool_full(now)
+        if !self
+            .insts
+            .iter()
+            .any(|i| i.streams == 0 && i.vm.compiler != target)
         {
-            self.submit(Kind::Root);
-        }
-        if self.insts.iter().all(|i| i.vm.compiler == target) {
             return;
         }
         let ready = self
             .insts
             .iter()
             .any(|i| i.streams == 0 && i.vm.compiler == target);
-        if !ready {
+        let at_cap = self.insts.len() + self.building >= self.cap.saturating_mul(GROWTH);
+        if !ready && !at_cap {
             if self.building == 0 && passed(self.retry_at, now) && !self.pool_full(now) {
                 self.submit(Kind::Stream);
             }
             return;
         }
         let before = self.insts.len();
-        self.insts
-            .retain(|i| i.streams > 0 || i.vm.compiler == target);
+        self.insts.retain(|i| {
+            i.streams > 0
+                || i.vm.compiler == target
+                || now.saturating_duration_since(i.idle_since) < RETIRE_GRACE
+        });
         let freed = before - self.insts.len();
         let counts = &self.plugin.counts;
         counts.retired.fetch_add(freed as u64, Ordering::Relaxed);

@@ -154,6 +154,13 @@ pub fn run(
             Some(spec) => Some(app::spawn(&spec, outbound_addr)?),
             None => None,
         };
+        // No tier-up compiles or runs start-up callbacks during the drain.
+        let mut shutdown = lifecycle.shutdown_requested();
+        let tiering = filters.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            tiering.stop_tier_up();
+        });
         let code = drain_sequence(&lifecycle, &config, child.as_mut()).await;
         // Workers drain on their own threads; wait for them off the runtime.
         let joined = tokio::task::spawn_blocking(move || {
