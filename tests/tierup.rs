@@ -301,3 +301,65 @@ async fn a_looping_filter_is_still_stopped_on_cranelift() {
     assert_eq!(s["compiler"], "cranelift", "{s}");
     assert!(s["instances"]["failed"].as_u64() >= Some(3), "{s}");
 }
+
+/// A stream holding a Winch instance across the tier-up does not let the
+/// filter grow past its cap (`limits.instances` x 8 per worker): Winch,
+/// Cranelift and instances being built all count. More concurrent clients
+/// than the cap keep every Cranelift instance busy at each pump round,
+/// when the move used to build one more each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_instance_cap_holds_across_the_tier_up() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["headers"]);
+    let port = free_port();
+    let cfg = format!(
+        "[proxy]\nworkers = 1\nwasm_compiler = \"auto\"\n\n[filters.f]\nmodule = \"headers.wasm\"\nlimits = {{ cpu = \"2s\", instances = 1 }}\nconfig = {HEADERS_CONFIG}\n\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"f\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &cfg, &[("WASP_WASM_TIER_UP_DELAY_MS", "1500")]);
+    let proxy = loopback(port);
+    assert_eq!(status(&wasp)["tier_up"], "pending");
+    // The long stream leases a Winch instance and holds it to the end.
+    let long = tokio::spawn(async move { get(&h1_client(), proxy, "app", "/slow?ms=8500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let bad = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        let (stop, bad) = (stop.clone(), bad.clone());
+        clients.push(tokio::spawn(async move {
+            let client = h1_client();
+            while !stop.load(Ordering::Relaxed) {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    get(&client, proxy, "app", "/slow?ms=200"),
+                )
+                .await;
+                if !matches!(&r, Ok(a) if a.status == 200 && a.header("x-v") == Some("1")) {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::task::block_in_place(|| wait_tiered(&wasp, 1, Duration::from_secs(60)));
+    // Pump rounds under load, with the long stream still on Winch.
+    let mut most = 0;
+    for _ in 0..30 {
+        let live = status(&wasp)["instances"]["live"].as_i64().unwrap_or(-1);
+        most = most.max(live);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let after = status(&wasp);
+    assert!(
+        most <= 8,
+        "{most} live instances past the cap of 8: {after}"
+    );
+    assert_eq!(bad.load(Ordering::Relaxed), 0, "{}", wasp.log_text());
+    let a = long.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-v"), Some("1"));
+}

@@ -132,7 +132,9 @@ fn stale_tmp(name: &str) -> bool {
     let Some(pid) = ext.strip_prefix("tmp").and_then(|p| p.parse::<u32>().ok()) else {
         return false;
     };
-    cfg!(target_os = "linux") && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+    cfg!(target_os = "linux")
+        && pid != std::process::id()
+        && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {

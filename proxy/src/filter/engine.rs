@@ -284,11 +284,18 @@ fn effective_compiler(configured: WasmCompiler) -> WasmCompiler {
     };
     match from_env {
         Some(c) => {
-            tracing::info!(compiler = name(c), configured = name(configured), "wasm compiler from WASP_WASM_COMPILER (overrides [proxy] wasm_compiler)");
+            tracing::info!(
+                compiler = name(c),
+                configured = name(configured),
+                "wasm compiler from WASP_WASM_COMPILER (overrides [proxy] wasm_compiler)"
+            );
             c
         }
         None => {
-            tracing::info!(compiler = name(configured), "wasm compiler from [proxy] wasm_compiler");
+            tracing::info!(
+                compiler = name(configured),
+                "wasm compiler from [proxy] wasm_compiler"
+            );
             configured
         }
     }
@@ -303,7 +310,10 @@ fn tier_up_delay() -> Duration {
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, |ms| {
-            tracing::info!(ms, "WASP_WASM_TIER_UP_DELAY_MS (test knob) delays each tier-up");
+            tracing::info!(
+                ms,
+                "WASP_WASM_TIER_UP_DELAY_MS (test knob) delays each tier-up"
+            );
             Duration::from_millis(ms)
         })
 }

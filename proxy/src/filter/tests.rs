@@ -756,17 +756,74 @@ async fn auto_tiers_up_and_the_disk_cache_keeps_both_compilers() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    for round in 0..2 {
-        let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
-        rt.set_compiler(WasmCompiler::Auto);
-        let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
-        assert_eq!(rt.status_json()[0]["compiler"], "winch");
-        exchange(&set, &["noop"], "/").await.unwrap();
-        tiered(&rt);
-        assert_eq!(cwasm(), 2, "round {round}");
-        // Instances built from now on run the Cranelift code.
-        exchange(&set, &["noop"], "/").await.unwrap();
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    assert_eq!(rt.status_json()[0]["compiler"], "winch");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    tiered(&rt);
+    assert_eq!(cwasm(), 2);
+    // Instances built from now on run the Cranelift code.
+    exchange(&set, &["noop"], "/").await.unwrap();
+    // A reload of the unchanged module starts on the Cranelift code it
+    // already has: no second round on Winch.
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let s = rt.status_json();
+    assert_eq!(s[0]["generation"], 2, "{s}");
+    assert_eq!(s[0]["compiler"], "cranelift", "{s}");
+    assert_eq!(s[0]["tier_up"], "done", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    drop((set, rt));
+
+    // A Winch-only process (a `winch` server, `wasp filter test`) sharing
+    // the cache compiles another module: it keeps the Cranelift artefact.
+    let winch = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    let set = winch
+        .load(vec![spec(TARGETS[0], "headers", "headers")])
+        .unwrap();
+    drop(set);
+    assert_eq!(cwasm(), 3);
+
+    // A restart loads the Cranelift code from disk and serves on it.
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let s = rt.status_json();
+    assert_eq!(s[0]["compiler"], "cranelift", "{s}");
+    assert_eq!(s[0]["tier_up"], "done", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reloads while a tier-up is pending keep one job per filter queued (the
+/// latest generation's), not one copy of the module per reload; a stale
+/// `store` temp file of a dead process is pruned.
+#[tokio::test]
+async fn reloads_keep_one_tier_up_job_per_filter() {
+    let dir = std::env::temp_dir().join(format!("wasp-tier-queue-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // No process has this pid (above the kernel's pid_max).
+    let stale = dir.join("0000-0000.tmp4194305");
+    std::fs::write(&stale, b"partial").unwrap();
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    for _ in 0..6 {
+        rt.load(vec![
+            spec(TARGETS[0], "noop", "a"),
+            spec(TARGETS[0], "headers", "b"),
+        ])
+        .unwrap();
+        assert!(rt.tier_jobs_waiting() <= 2, "{}", rt.tier_jobs_waiting());
     }
+    // The first compile stored its artefact and pruned the directory.
+    let started = Instant::now();
+    while stale.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rt.stop_tier_up();
+    assert_eq!(rt.tier_jobs_waiting(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
