@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use super::host::Host;
 use super::metrics::{self, FilterStats, MetricStore};
 use super::plugin::{Code, Compiler, Plugin, PluginShared, TierUp};
 use super::set::FilterSet;
-use super::vm::Vm;
+use super::vm::{Failure, Vm};
 use super::worker::Builder;
 use super::{FilterSpec, HttpCallouts};
 
@@ -93,6 +93,11 @@ impl Drop for Ticker {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Times the tier-up's validation instance is retried when the instance
+/// pool is full (backing off 0.4-3.2 s): a transient shortage must not
+/// keep a filter on Winch for its generation's life.
+const TIER_POOL_FULL_RETRIES: u32 = 4;
 
 /// The engines, made together by the first load.
 #[derive(Clone)]
@@ -732,8 +737,23 @@ impl FilterRuntime {
                 compiler: Compiler::Cranelift,
             };
             // Validate as `load` does: a throw-away VM runs the whole
-            // start-up sequence on the new code.
-            Vm::with_code(&plugin, &code, None).map_err(|f| anyhow!("{f}"))?;
+            // start-up sequence on the new code. A full instance pool is
+            // no fault of the code: retry a few times, backing off.
+            let mut attempt: u32 = 0;
+            loop {
+                match Vm::with_code(&plugin, &code, None) {
+                    Ok(_) => break,
+                    Err(Failure::PoolFull(msg)) if attempt < TIER_POOL_FULL_RETRIES => {
+                        attempt += 1;
+                        tracing::info!(filter = %plugin.name(), attempt, "tier-up validation: instance pool full ({msg}); retrying");
+                        std::thread::sleep(Duration::from_millis(200u64 << attempt.min(4)));
+                        if self.tier_jobs.stopped() || self.superseded(&plugin) {
+                            bail!("shutting down or superseded");
+                        }
+                    }
+                    Err(f) => bail!("{f}"),
+                }
+            }
             Ok::<_, anyhow::Error>((module, code))
         }))
         .unwrap_or_else(|_| Err(anyhow!("the compiler panicked")));
@@ -832,6 +852,7 @@ impl FilterRuntime {
                 TierUp::Pending as u8
             }),
             tier_up_ms: AtomicU64::new(0),
+            tiered_failures: AtomicU32::new(0),
             sha256: sha,
             generation,
             deadline_ticks: deadline_ticks.max(2),

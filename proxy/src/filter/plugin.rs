@@ -6,7 +6,7 @@
 //! (but for its counters) and shared (`Arc`) by every worker's instances of
 //! this generation and by the builder threads.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -105,6 +105,10 @@ impl TierUp {
     }
 }
 
+/// Consecutive failed builds from the tiered-up code after which a
+/// generation goes back to the code it was loaded with.
+pub(crate) const TIERED_FAILURES_FALLBACK: u32 = 3;
+
 /// A filter of one generation.
 pub(crate) struct Plugin {
     pub spec: FilterSpec,
@@ -118,6 +122,9 @@ pub(crate) struct Plugin {
     pub tier_up: AtomicU8,
     /// How long the tier-up took (compile or cache load, link, validation).
     pub tier_up_ms: AtomicU64,
+    /// Consecutive failed instance builds from the tiered-up code; at
+    /// [`TIERED_FAILURES_FALLBACK`] new instances come from `code` again.
+    pub tiered_failures: AtomicU32,
     pub sha256: String,
     pub generation: u64,
     /// Epoch ticks of one callback's deadline.
@@ -183,9 +190,39 @@ impl Plugin {
         &self.shared.name
     }
 
-    /// The code new instances are built from: the tiered-up one once ready.
+    /// The code new instances are built from: the tiered-up one once ready
+    /// (unless its builds kept failing: see [`Plugin::note_tiered_build`]).
     pub(crate) fn serving(&self) -> &Code {
-        self.tiered.get().unwrap_or(&self.code)
+        match self.tiered.get() {
+            Some(t) if self.tiered_failures.load(Ordering::Relaxed) < TIERED_FAILURES_FALLBACK => t,
+            _ => &self.code,
+        }
+    }
+
+    /// Counts an instance build from the tiered-up code: after
+    /// [`TIERED_FAILURES_FALLBACK`] failures in a row (a full pool is not
+    /// the code's fault and does not count) the generation goes back to
+    /// the code it was loaded with, for good, with a warning.
+    pub(crate) fn note_tiered_build(&self, ok: bool) {
+        if ok {
+            if self.tiered_failures.load(Ordering::Relaxed) < TIERED_FAILURES_FALLBACK {
+                self.tiered_failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let n = self
+            .tiered_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if n == TIERED_FAILURES_FALLBACK {
+            self.set_tier_up(TierUp::Failed);
+            tracing::warn!(
+                filter = %self.name(),
+                generation = self.generation,
+                failures = n,
+                "instances of the Cranelift code keep failing to build; back to Winch"
+            );
+        }
     }
 
     pub(crate) fn tier_up(&self) -> TierUp {

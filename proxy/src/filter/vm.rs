@@ -274,7 +274,15 @@ impl Vm {
     /// Instantiates, initializes, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
     pub(crate) fn new(plugin: &Arc<Plugin>, root_tx: Option<RootTx>) -> Result<Vm, Failure> {
-        Vm::with_code(plugin, plugin.serving(), root_tx)
+        let code = plugin.serving();
+        let built = Vm::with_code(plugin, code, root_tx);
+        if code.compiler != plugin.code.compiler {
+            match &built {
+                Err(Failure::PoolFull(_)) => {}
+                r => plugin.note_tiered_build(r.is_ok()),
+            }
+        }
+        built
     }
 
     /// [`Vm::new`] from a given compilation of the plugin's module (the

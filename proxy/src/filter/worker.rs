@@ -823,10 +823,12 @@ impl Pool {
     /// ticks, queues and root callouts are rare enough that their speed
     /// does not matter (a root rebuilt after a failure runs Cranelift).
     fn tier_over(&mut self, now: Instant) {
-        let Some(code) = self.plugin.tiered.get() else {
+        // The code new instances come from: the loaded one until the
+        // tier-up lands (or again, if builds from Cranelift kept failing).
+        let target = self.plugin.serving().compiler;
+        if target == self.plugin.code.compiler {
             return;
-        };
-        let target = code.compiler;
+        }
         if !self
             .insts
             .iter()
