@@ -1365,3 +1365,33 @@ async fn concurrent_streams_get_their_own_instances() {
     assert_eq!(entry["instances"]["shared_leases"], 0, "{entry}");
     assert!(entry["instances"]["live"].as_i64().unwrap() >= 9, "{entry}");
 }
+
+/// Builds from the tiered-up code that keep failing send the generation
+/// back to the code it loaded with (a failure streak, not one failure).
+#[tokio::test]
+async fn failing_cranelift_builds_fall_back_to_winch() {
+    use super::plugin::{Compiler, TIERED_FAILURES_FALLBACK};
+    let rt = FilterRuntime::new(None, Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let started = Instant::now();
+    while rt.status_json()[0]["compiler"] != "cranelift" {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let plugin = set.plugins[0].clone();
+    for _ in 1..TIERED_FAILURES_FALLBACK {
+        plugin.note_tiered_build(false);
+    }
+    plugin.note_tiered_build(true);
+    for _ in 1..TIERED_FAILURES_FALLBACK {
+        plugin.note_tiered_build(false);
+    }
+    assert_eq!(plugin.serving().compiler, Compiler::Cranelift);
+    plugin.note_tiered_build(false);
+    assert_eq!(plugin.serving().compiler, Compiler::Winch);
+    let s = rt.status_json();
+    assert_eq!(s[0]["compiler"], "winch", "{s}");
+    assert_eq!(s[0]["tier_up"], "failed", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
+}
