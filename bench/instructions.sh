@@ -15,6 +15,9 @@
 #   bench/instructions.sh                          # target/release/wasp
 #   bench/instructions.sh old=path/a new=path/b    # side by side, one run
 #   bench/instructions.sh cl=WASP_WASM_COMPILER=cranelift@path/b   # with env
+#   bench/instructions.sh winch=WASP_WASM_COMPILER=winch@target/release/wasp \
+#     tiered=target/release/wasp     # Winch only vs tiered up (the default,
+#                                    # counted once every tier-up is done)
 #   REQUESTS=2000 WARMUP=200 CHAINS="0 1 4" PROFILE=1 bench/instructions.sh
 #   BUILD=0 ...                  # do not (re)build the demo app first
 #   FILTER=add-unique ...        # another fixture of tests/wasm (add-unique:
@@ -126,6 +129,13 @@ for n in $CHAINS; do
       sleep 0.5
     done
     [ -n "$ok" ] || { echo "wasp ($label, $n filters) did not start under valgrind; see $out/wasp-$label-$n.log" >&2; exit 1; }
+    # With [proxy] wasm_compiler = "auto" (the default) filters start on
+    # Winch and tier up to Cranelift in the background: count only once no
+    # tier-up is pending (under valgrind a compile takes tens of seconds).
+    for _ in $(seq 1200); do
+      curl -fs "http://$ADMIN/filters" | grep -q '"tier_up": "pending"' || break
+      sleep 0.5
+    done
     requests "$WARMUP"
     callgrind_control -z "$vg" >/dev/null
     rm -f "$run".*

@@ -329,11 +329,14 @@ workers = 16
 
 [filters.a]
 module = "a.wasm"
+limits = {{ cpu = "2s" }}
 config = {{ generation = {generation} }}
 [filters.b]
 module = "b.wasm"
+limits = {{ cpu = "2s" }}
 [filters.c]
 module = "c.wasm"
+limits = {{ cpu = "2s" }}
 
 [[listeners]]
 name = "inbound"

@@ -52,6 +52,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub filters_dir: PathBuf,
     pub module_cache: PathBuf,
+    pub wasm_compiler: schema::WasmCompiler,
     pub drain_timeout: Duration,
     pub drain_delay: Duration,
     pub listeners: Vec<ListenerConfig>,
@@ -222,10 +223,12 @@ pub struct ClusterSites {
 }
 
 /// What only a restart can change: the worker threads and the admin
-/// sockets live as long as the process, and so does the trace exporter.
+/// sockets live as long as the process, and so do the trace exporter and
+/// the Wasm engines (the compiler is an engine setting).
 #[derive(Debug, PartialEq)]
 pub struct RestartOnly<'a> {
     pub workers: usize,
+    pub wasm_compiler: schema::WasmCompiler,
     pub admin_bind: SocketAddr,
     pub admin_probes: Option<SocketAddr>,
     pub tracing: Option<&'a TracingConfig>,
@@ -235,6 +238,7 @@ impl Config {
     pub fn restart_only(&self) -> RestartOnly<'_> {
         RestartOnly {
             workers: self.workers,
+            wasm_compiler: self.wasm_compiler,
             admin_bind: self.admin.bind,
             admin_probes: self.admin.probes,
             tracing: self.tracing.as_ref(),
@@ -526,6 +530,7 @@ impl<'a> Validator<'a> {
             admin,
             filters_dir: dir.join(&file.proxy.filters_dir),
             module_cache: dir.join(&file.proxy.module_cache),
+            wasm_compiler: file.proxy.wasm_compiler,
             drain_timeout: file.proxy.drain_timeout.0,
             drain_delay: file.proxy.drain_delay.0,
             listeners,

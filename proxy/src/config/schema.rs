@@ -39,6 +39,8 @@ pub struct ProxySection {
     pub workers: usize,
     pub filters_dir: String,
     pub module_cache: String,
+    /// Which compiler turns filter modules into machine code (restart-only).
+    pub wasm_compiler: WasmCompiler,
     /// Longest a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Dur,
     /// How long inbound keeps serving after SIGTERM before draining.
@@ -51,10 +53,24 @@ impl Default for ProxySection {
             workers: 0,
             filters_dir: "filters.d".into(),
             module_cache: ".wasp-cache".into(),
+            wasm_compiler: WasmCompiler::Auto,
             drain_timeout: Dur(std::time::Duration::from_secs(30)),
             drain_delay: Dur(std::time::Duration::ZERO),
         }
     }
+}
+
+/// `[proxy] wasm_compiler`: `auto` starts a filter on Winch (compiles in
+/// one pass, so a new or reloaded filter serves within milliseconds) and
+/// moves it to Cranelift (faster code) once a background compile is done;
+/// `winch` and `cranelift` use one compiler only.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WasmCompiler {
+    #[default]
+    Auto,
+    Winch,
+    Cranelift,
 }
 
 /// `[admin]`: the admin API (see `admin/`). `bind` and `probes` are

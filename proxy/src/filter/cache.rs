@@ -47,60 +47,116 @@ fn entry_path(dir: &Path, sha: &str, engine_key: &str) -> PathBuf {
 }
 
 /// Loads the module from the cache, or compiles it and stores it.
+/// `keep`: the keys of both compilers' engines of this wasmtime build and
+/// settings, whichever this process uses (a `winch` server or `wasp filter
+/// test` must not delete an `auto` server's Cranelift artefacts in a shared
+/// cache); entries of other engines are pruned, none when `keep` is empty.
 pub(crate) fn load_or_compile(
     engine: &Engine,
     bytes: &[u8],
     sha: &str,
     dir: Option<&Path>,
+    keep: &[String],
 ) -> anyhow::Result<Module> {
     let Some(dir) = dir else {
         return compile(engine, bytes);
     };
-    let path = entry_path(dir, sha, &engine_key(engine));
-    if path.is_file() {
-        // SAFETY: the file is an artefact this process (or an earlier run)
-        // wrote with `Module::serialize` into the proxy's own cache
-        // directory; its name carries the module hash and the engine's
-        // compatibility hash, and wasmtime re-checks the header and engine
-        // settings before use. Deserializing is unsafe only for untrusted
-        // input, which this is not.
-        #[allow(unsafe_code)]
-        let loaded = unsafe { Module::deserialize_file(engine, &path) };
-        match loaded {
-            Ok(m) => return Ok(m),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "module cache entry unusable; recompiling")
-            }
-        }
+    if let Some(m) = load_cached(engine, sha, dir) {
+        return Ok(m);
     }
+    let path = entry_path(dir, sha, &engine_key(engine));
     let module = compile(engine, bytes)?;
     if let Err(e) = store(dir, &path, &module) {
         tracing::warn!(path = %path.display(), error = %e, "could not write module cache entry");
     }
-    prune_other_engines(dir, &engine_key(engine));
+    prune_other_engines(dir, keep);
     Ok(module)
 }
 
-/// Removes artefacts of other engines (an older wasmtime or other settings):
-/// they can never be loaded again by this build.
-fn prune_other_engines(dir: &Path, key: &str) {
+/// The module from the disk cache, if `engine` has an artefact of it
+/// there (a reload of a module already tiered up starts on Cranelift).
+pub(crate) fn load_cached(engine: &Engine, sha: &str, dir: &Path) -> Option<Module> {
+    let path = entry_path(dir, sha, &engine_key(engine));
+    if !path.is_file() {
+        return None;
+    }
+    // SAFETY: the file is an artefact this process (or an earlier run)
+    // wrote with `Module::serialize` into the proxy's own cache
+    // directory; its name carries the module hash and the engine's
+    // compatibility hash, and wasmtime re-checks the header and engine
+    // settings before use. Deserializing is unsafe only for untrusted
+    // input, which this is not.
+    #[allow(unsafe_code)]
+    let loaded = unsafe { Module::deserialize_file(engine, &path) };
+    match loaded {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "module cache entry unusable; recompiling");
+            None
+        }
+    }
+}
+
+/// Removes artefacts of other engines (an older wasmtime or other settings,
+/// or a compiler this process no longer uses).
+fn prune_other_engines(dir: &Path, keep: &[String]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let suffix = format!("-{key}.cwasm");
+    let suffixes: Vec<String> = keep.iter().map(|k| format!("-{k}.cwasm")).collect();
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else {
             continue;
         };
-        if name.ends_with(".cwasm") && !name.ends_with(&suffix) {
+        if stale_tmp(name) {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        // Without both compilers' keys nothing is known to be stale.
+        if keep.is_empty() {
+            continue;
+        }
+        if name.ends_with(".cwasm") && !suffixes.iter().any(|s| name.ends_with(s.as_str())) {
             let _ = std::fs::remove_file(e.path());
         }
     }
 }
 
+/// A `store` temp file (`<sha>-<key>.tmp<pid>`) whose writer is gone (it
+/// exited mid-write): nothing else would ever remove it.
+fn stale_tmp(name: &str) -> bool {
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return false;
+    };
+    let Some(pid) = ext.strip_prefix("tmp").and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    cfg!(target_os = "linux")
+        && pid != std::process::id()
+        && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
     Module::new(engine, bytes).map_err(|e| anyhow::anyhow!("compile error: {e:#}"))
+}
+
+/// A Cranelift compile's scratch memory (7-12 MiB for a 100-200 KB module,
+/// see docs/benchmarks.md) is freed when it ends, but glibc keeps freed
+/// heap pages resident: hand them back, or the process stays at the
+/// compile's peak for good. `malloc_trim` takes each arena's lock while it
+/// walks that arena's free chunks, so a worker allocating from one waits
+/// that long: it runs only on the tier-up thread after a Cranelift compile
+/// (one per module per load, hundreds of milliseconds already), not after
+/// Winch's compiles on the reload path, never on a worker.
+pub(crate) fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointers; it only returns free heap
+    // pages to the kernel, under glibc's own arena locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn store(dir: &Path, path: &Path, module: &Module) -> anyhow::Result<()> {

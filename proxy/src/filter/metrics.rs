@@ -555,7 +555,7 @@ pub(crate) fn sanitize(name: &str) -> String {
     s
 }
 
-fn label(v: &str) -> String {
+pub(crate) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -25,6 +25,10 @@
 //! - **builder threads** ("wasp-filter-build-N"): build instances
 //!   (instantiate, `_initialize`, `proxy_on_vm_start`, `proxy_on_configure`)
 //!   off the request path and hand them to the worker that asked.
+//! - **tier-up thread** ("wasp-tierup", `[proxy] wasm_compiler = "auto"`):
+//!   compiles each newly loaded generation with Cranelift, one module at a
+//!   time, after it already serves on Winch; each worker's pump then moves
+//!   its pools onto the Cranelift code (`worker::Pool::tier_over`).
 //!
 //! What it hands on: [`Verdict`] / [`BodyVerdict`] for each phase, stream
 //! properties (e.g. `wasp.cluster`) via [`StreamFilters::property`].
@@ -97,7 +101,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use engine::FilterRuntime;
+pub use engine::{FilterRuntime, WasmCompiler};
 pub(crate) use host::Dir;
 pub use set::{FilterSet, PipelineEntry};
 pub use stream::StreamFilters;

@@ -6,8 +6,8 @@
 //! (but for its counters) and shared (`Arc`) by every worker's instances of
 //! this generation and by the builder threads.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use wasmtime::{Engine, InstancePre};
@@ -62,12 +62,74 @@ impl PluginShared {
     }
 }
 
+/// The compiler a module's machine code came from (each has its own
+/// engine: the compiler is an engine setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Compiler {
+    Winch,
+    Cranelift,
+}
+
+impl Compiler {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Compiler::Winch => "winch",
+            Compiler::Cranelift => "cranelift",
+        }
+    }
+}
+
+/// A filter's module compiled by one compiler and pre-linked.
+pub(crate) struct Code {
+    pub engine: Engine,
+    pub pre: InstancePre<Host>,
+    pub compiler: Compiler,
+}
+
+/// Where a generation's background move to Cranelift stands
+/// (`[proxy] wasm_compiler = "auto"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum TierUp {
+    /// One compiler only: nothing to do.
+    Off = 0,
+    Pending = 1,
+    Done = 2,
+    /// Cranelift failed or rejected the module: Winch keeps serving.
+    Failed = 3,
+}
+
+impl TierUp {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TierUp::Off => "off",
+            TierUp::Pending => "pending",
+            TierUp::Done => "done",
+            TierUp::Failed => "failed",
+        }
+    }
+}
+
+/// Consecutive failed builds from the tiered-up code after which a
+/// generation goes back to the code it was loaded with.
+pub(crate) const TIERED_FAILURES_FALLBACK: u32 = 3;
+
 /// A filter of one generation.
 pub(crate) struct Plugin {
     pub spec: FilterSpec,
     pub shared: Arc<PluginShared>,
-    pub engine: Engine,
-    pub pre: InstancePre<Host>,
+    /// The code it was loaded with (and validated on).
+    pub code: Code,
+    /// The Cranelift code the background tier-up built; set once, after
+    /// which new instances come from it (see `worker::Pool::tier_over`).
+    pub tiered: OnceLock<Code>,
+    /// A [`TierUp`].
+    pub tier_up: AtomicU8,
+    /// How long the tier-up took (compile or cache load, link, validation).
+    pub tier_up_ms: AtomicU64,
+    /// Consecutive failed instance builds from the tiered-up code; at
+    /// [`TIERED_FAILURES_FALLBACK`] new instances come from `code` again.
+    pub tiered_failures: AtomicU32,
     pub sha256: String,
     pub generation: u64,
     /// Epoch ticks of one callback's deadline.
@@ -102,6 +164,8 @@ pub(crate) struct InstanceCounts {
     pub in_use: AtomicI64,
     /// Streams that shared an instance because the cap was reached.
     pub shared_leases: AtomicU64,
+    /// Idle instances of the Winch code freed after the tier-up.
+    pub retired: AtomicU64,
     /// Ticks run and ticks skipped for the root CPU budget.
     pub ticks: AtomicU64,
     pub ticks_skipped: AtomicU64,
@@ -119,6 +183,7 @@ impl InstanceCounts {
             "in_use": in_use,
             "idle": live - in_use,
             "shared_leases": self.shared_leases.load(Ordering::Relaxed),
+            "retired_after_tier_up": self.retired.load(Ordering::Relaxed),
             "ticks": self.ticks.load(Ordering::Relaxed),
             "ticks_skipped": self.ticks_skipped.load(Ordering::Relaxed),
         })
@@ -128,6 +193,54 @@ impl InstanceCounts {
 impl Plugin {
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.shared.name
+    }
+
+    /// The code new instances are built from: the tiered-up one once ready
+    /// (unless its builds kept failing: see [`Plugin::note_tiered_build`]).
+    pub(crate) fn serving(&self) -> &Code {
+        match self.tiered.get() {
+            Some(t) if self.tiered_failures.load(Ordering::Relaxed) < TIERED_FAILURES_FALLBACK => t,
+            _ => &self.code,
+        }
+    }
+
+    /// Counts an instance build from the tiered-up code: after
+    /// [`TIERED_FAILURES_FALLBACK`] failures in a row (a full pool is not
+    /// the code's fault and does not count) the generation goes back to
+    /// the code it was loaded with, for good, with a warning.
+    pub(crate) fn note_tiered_build(&self, ok: bool) {
+        if ok {
+            if self.tiered_failures.load(Ordering::Relaxed) < TIERED_FAILURES_FALLBACK {
+                self.tiered_failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let n = self
+            .tiered_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if n == TIERED_FAILURES_FALLBACK {
+            self.set_tier_up(TierUp::Failed);
+            tracing::warn!(
+                filter = %self.name(),
+                generation = self.generation,
+                failures = n,
+                "instances of the Cranelift code keep failing to build; back to Winch"
+            );
+        }
+    }
+
+    pub(crate) fn tier_up(&self) -> TierUp {
+        match self.tier_up.load(Ordering::Relaxed) {
+            1 => TierUp::Pending,
+            2 => TierUp::Done,
+            3 => TierUp::Failed,
+            _ => TierUp::Off,
+        }
+    }
+
+    pub(crate) fn set_tier_up(&self, state: TierUp) {
+        self.tier_up.store(state as u8, Ordering::Relaxed);
     }
 
     pub(crate) fn fail_policy(&self) -> FailPolicy {

@@ -728,6 +728,105 @@ async fn disk_cache_is_written_and_reused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `auto`: the filter serves on Winch, tiers up to Cranelift in the
+/// background, and each compiler's artefact stays in the disk cache (a
+/// compile prunes only other engines' entries), so a restart's tier-up is
+/// a cache load.
+#[tokio::test]
+async fn auto_tiers_up_and_the_disk_cache_keeps_both_compilers() {
+    let dir = std::env::temp_dir().join(format!("wasp-tier-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cwasm = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .count()
+    };
+    let tiered = |rt: &FilterRuntime| {
+        let started = Instant::now();
+        loop {
+            let s = rt.status_json();
+            if s[0]["compiler"] == "cranelift" {
+                assert_eq!(s[0]["tier_up"], "done", "{s}");
+                return;
+            }
+            assert_eq!(s[0]["tier_up"], "pending", "{s}");
+            assert!(started.elapsed() < Duration::from_secs(60), "{s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    assert_eq!(rt.status_json()[0]["compiler"], "winch");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    tiered(&rt);
+    assert_eq!(cwasm(), 2);
+    // Instances built from now on run the Cranelift code.
+    exchange(&set, &["noop"], "/").await.unwrap();
+    // A reload of the unchanged module starts on the Cranelift code it
+    // already has: no second round on Winch.
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let s = rt.status_json();
+    assert_eq!(s[0]["generation"], 2, "{s}");
+    assert_eq!(s[0]["compiler"], "cranelift", "{s}");
+    assert_eq!(s[0]["tier_up"], "done", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    drop((set, rt));
+
+    // A Winch-only process (a `winch` server, `wasp filter test`) sharing
+    // the cache compiles another module: it keeps the Cranelift artefact.
+    let winch = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    let set = winch
+        .load(vec![spec(TARGETS[0], "headers", "headers")])
+        .unwrap();
+    drop(set);
+    assert_eq!(cwasm(), 3);
+
+    // A restart loads the Cranelift code from disk and serves on it.
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let s = rt.status_json();
+    assert_eq!(s[0]["compiler"], "cranelift", "{s}");
+    assert_eq!(s[0]["tier_up"], "done", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reloads while a tier-up is pending keep one job per filter queued (the
+/// latest generation's), not one copy of the module per reload; a stale
+/// `store` temp file of a dead process is pruned.
+#[tokio::test]
+async fn reloads_keep_one_tier_up_job_per_filter() {
+    let dir = std::env::temp_dir().join(format!("wasp-tier-queue-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // No process has this pid (above the kernel's pid_max).
+    let stale = dir.join("0000-0000.tmp4194305");
+    std::fs::write(&stale, b"partial").unwrap();
+    let rt = FilterRuntime::new(Some(dir.clone()), Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    for _ in 0..6 {
+        rt.load(vec![
+            spec(TARGETS[0], "noop", "a"),
+            spec(TARGETS[0], "headers", "b"),
+        ])
+        .unwrap();
+        assert!(rt.tier_jobs_waiting() <= 2, "{}", rt.tier_jobs_waiting());
+    }
+    // The first compile stored its artefact and pruned the directory.
+    let started = Instant::now();
+    while stale.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rt.stop_tier_up();
+    assert_eq!(rt.tier_jobs_waiting(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn dropped_streams_still_release_their_contexts() {
     let name = "drop-release";
@@ -908,12 +1007,20 @@ async fn overhead() {
 }
 
 /// Cold compile time (no cache) of the built-in filters and the
-/// `versioned` fixture with the engine's settings. Run with
+/// `versioned` fixture with the engine's settings, per compiler (Cranelift's
+/// is what a tier-up takes, before linking and one validation instance). Run with
 /// `cargo test --release -p wasp --lib filter::tests::compile_cost -- --ignored --nocapture`.
 #[test]
 #[ignore = "measurement, not a check"]
 fn compile_cost() {
-    let engine = wasmtime::Engine::new(&super::engine::engine_config(64)).unwrap();
+    use super::plugin::Compiler;
+    for compiler in [Compiler::Winch, Compiler::Cranelift] {
+        compile_cost_of(compiler);
+    }
+}
+
+fn compile_cost_of(compiler: super::plugin::Compiler) {
+    let engine = wasmtime::Engine::new(&super::engine::engine_config(64, compiler)).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let files = [
         root.join("filters/router.wasm"),
@@ -931,7 +1038,8 @@ fn compile_cost() {
             .collect();
         times.sort_by(f64::total_cmp);
         println!(
-            "{}: {} KB, compile median {:.0} ms, min {:.0} ms",
+            "{} {}: {} KB, compile median {:.0} ms, min {:.0} ms",
+            compiler.name(),
             f.file_name().unwrap().to_string_lossy(),
             bytes.len() / 1000,
             times[2],
@@ -1256,4 +1364,34 @@ async fn concurrent_streams_get_their_own_instances() {
     assert_eq!(entry["instances"]["failed"], 0, "{entry}");
     assert_eq!(entry["instances"]["shared_leases"], 0, "{entry}");
     assert!(entry["instances"]["live"].as_i64().unwrap() >= 9, "{entry}");
+}
+
+/// Builds from the tiered-up code that keep failing send the generation
+/// back to the code it loaded with (a failure streak, not one failure).
+#[tokio::test]
+async fn failing_cranelift_builds_fall_back_to_winch() {
+    use super::plugin::{Compiler, TIERED_FAILURES_FALLBACK};
+    let rt = FilterRuntime::new(None, Arc::new(Canned)).unwrap();
+    rt.set_compiler(WasmCompiler::Auto);
+    let set = rt.load(vec![spec(TARGETS[0], "noop", "noop")]).unwrap();
+    let started = Instant::now();
+    while rt.status_json()[0]["compiler"] != "cranelift" {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let plugin = set.plugins[0].clone();
+    for _ in 1..TIERED_FAILURES_FALLBACK {
+        plugin.note_tiered_build(false);
+    }
+    plugin.note_tiered_build(true);
+    for _ in 1..TIERED_FAILURES_FALLBACK {
+        plugin.note_tiered_build(false);
+    }
+    assert_eq!(plugin.serving().compiler, Compiler::Cranelift);
+    plugin.note_tiered_build(false);
+    assert_eq!(plugin.serving().compiler, Compiler::Winch);
+    let s = rt.status_json();
+    assert_eq!(s[0]["compiler"], "winch", "{s}");
+    assert_eq!(s[0]["tier_up"], "failed", "{s}");
+    exchange(&set, &["noop"], "/").await.unwrap();
 }

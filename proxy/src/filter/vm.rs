@@ -18,7 +18,7 @@ use wasmtime::{Instance, Store, Trap, TypedFunc};
 use super::abi::grpc::{self, GrpcCallback, GrpcEvent};
 use super::host::{Actions, CalloutAnswer, Host, NewCallout, ProcExit, StreamData};
 use super::metrics::{CallResult, Phase};
-use super::plugin::Plugin;
+use super::plugin::{Code, Compiler, Plugin};
 use super::worker::RootTx;
 
 /// Epoch ticks (ms) allowed to each start-up callback.
@@ -232,6 +232,9 @@ pub(crate) struct Vm {
     /// Unique across all VMs of the process: a stream's context is valid only
     /// in the incarnation that created it.
     pub incarnation: u64,
+    /// The compiler of the code it runs (a pool retires instances of the
+    /// old one after a tier-up).
+    pub compiler: Compiler,
 }
 
 /// The mutable side of a VM that runs callbacks: its store and the clock
@@ -271,15 +274,30 @@ impl Vm {
     /// Instantiates, initializes, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
     pub(crate) fn new(plugin: &Arc<Plugin>, root_tx: Option<RootTx>) -> Result<Vm, Failure> {
+        let code = plugin.serving();
+        let built = Vm::with_code(plugin, code, root_tx);
+        if code.compiler != plugin.code.compiler {
+            match &built {
+                Err(Failure::PoolFull(_)) => {}
+                r => plugin.note_tiered_build(r.is_ok()),
+            }
+        }
+        built
+    }
+
+    /// [`Vm::new`] from a given compilation of the plugin's module (the
+    /// tier-up validates its Cranelift code before it serves).
+    pub(crate) fn with_code(
+        plugin: &Arc<Plugin>,
+        code: &Code,
+        root_tx: Option<RootTx>,
+    ) -> Result<Vm, Failure> {
         let memory_limit = usize::try_from(plugin.spec.memory_limit).unwrap_or(usize::MAX);
-        let mut store = Store::new(
-            &plugin.engine,
-            Host::new(plugin.shared.clone(), memory_limit),
-        );
+        let mut store = Store::new(&code.engine, Host::new(plugin.shared.clone(), memory_limit));
         store.limiter(|h| &mut h.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(plugin.deadline_ticks);
-        let instance = plugin
+        let instance = code
             .pre
             .instantiate(&mut store)
             .map_err(|e| classify(&store, &e, "instantiation"))?;
@@ -357,6 +375,7 @@ impl Vm {
             first_ctx: ROOT_ID + 1 + extra_roots,
             variants: HashMap::new(),
             incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
+            compiler: code.compiler,
         };
         vm.initialize(&instance)?;
         vm.start()?;

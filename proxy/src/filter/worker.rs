@@ -682,13 +682,15 @@ impl Pool {
     fn try_lease(&mut self, asked: &mut bool) -> Try {
         self.drain();
         // Most recently used first: sequential streams reuse one warm
-        // instance (its caches stay hot; the spare stays a spare).
+        // instance (its caches stay hot; the spare stays a spare). After a
+        // tier-up, Cranelift's before Winch's, so the Winch ones fall idle
+        // and the pump retires them.
         let idle = self
             .insts
             .iter()
             .enumerate()
             .filter(|(_, i)| i.streams == 0)
-            .max_by_key(|(_, i)| i.last_used)
+            .max_by_key(|(_, i)| (i.vm.compiler, i.last_used))
             .map(|(p, _)| p);
         if self.root.is_none() && self.root_building && self.root_failures == 0 {
             // The first root instance is on its way: let it register its
@@ -804,6 +806,59 @@ impl Pool {
             self.plugin.counts.live.fetch_sub(1, Ordering::Relaxed);
             idle -= 1;
         }
+    }
+
+    /// The filter tiered up (its Cranelift code is ready): move this pool's
+    /// stream instances onto it without a request noticing. New builds
+    /// already come from the Cranelift code; an idle Winch instance is
+    /// replaced by a Cranelift one built first, within the cap (Winch,
+    /// Cranelift and those building all count: a stream holding a Winch
+    /// instance across the tier-up must not let the filter grow past
+    /// `limits.instances x GROWTH`), and freed once that one is ready, or
+    /// to make room at the cap. Leased Winch instances finish their streams
+    /// and go the same way; one just built may be on its way to a waiting
+    /// stream, so it gets [`RETIRE_GRACE`] as in `retire`. The root
+    /// instance stays on the code it was built from: replacing it would
+    /// drop its callouts in flight and its shared-queue registrations, and
+    /// ticks, queues and root callouts are rare enough that their speed
+    /// does not matter (a root rebuilt after a failure runs Cranelift).
+    fn tier_over(&mut self, now: Instant) {
+        // The code new instances come from: the loaded one until the
+        // tier-up lands (or again, if builds from Cranelift kept failing).
+        let target = self.plugin.serving().compiler;
+        if target == self.plugin.code.compiler {
+            return;
+        }
+        if !self
+            .insts
+            .iter()
+            .any(|i| i.streams == 0 && i.vm.compiler != target)
+        {
+            return;
+        }
+        let ready = self
+            .insts
+            .iter()
+            .any(|i| i.streams == 0 && i.vm.compiler == target);
+        let at_cap = self.insts.len() + self.building >= self.cap.saturating_mul(GROWTH);
+        if !ready && !at_cap {
+            if self.building == 0 && passed(self.retry_at, now) && !self.pool_full(now) {
+                self.submit(Kind::Stream);
+            }
+            return;
+        }
+        let before = self.insts.len();
+        self.insts.retain(|i| {
+            i.streams > 0
+                || i.vm.compiler == target
+                || now.saturating_duration_since(i.idle_since) < RETIRE_GRACE
+        });
+        let freed = before - self.insts.len();
+        let counts = &self.plugin.counts;
+        counts.retired.fetch_add(freed as u64, Ordering::Relaxed);
+        counts
+            .live
+            .fetch_sub(i64::try_from(freed).unwrap_or(0), Ordering::Relaxed);
     }
 
     /// A newer generation serves new requests on this worker: keep only
@@ -1178,6 +1233,7 @@ async fn pump(set: Weak<FilterSet>, set_id: u64, idx: usize, inbox: Arc<Inbox>, 
                 p.publish();
                 return None;
             }
+            p.tier_over(Instant::now());
             p.top_up();
             p.publish();
             p.next_due()

@@ -386,7 +386,7 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), String> {
     let what = if only_tracing {
         "[tracing] needs"
     } else {
-        "[proxy] workers, [admin] bind and [admin] probes need"
+        "[proxy] workers, [proxy] wasm_compiler, [admin] bind and [admin] probes need"
     };
     Err(format!(
         "{}: {what} a restart (nothing was applied)",

@@ -64,6 +64,7 @@ pub fn run(
         .context("cannot start the Wasm engine")?;
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
+    filters.set_compiler(config.wasm_compiler);
     let filter_set = filters.load(filter_specs(&config)?)?;
     let snapshot = Snapshot::new(1, compiled, filter_set, &metrics)
         .map_err(|e| anyhow::anyhow!("cannot build the serving snapshot: {e}"))?;
@@ -154,6 +155,13 @@ pub fn run(
             Some(spec) => Some(app::spawn(&spec, outbound_addr)?),
             None => None,
         };
+        // No tier-up compiles or runs start-up callbacks during the drain.
+        let mut shutdown = lifecycle.shutdown_requested();
+        let tiering = filters.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            tiering.stop_tier_up();
+        });
         let code = drain_sequence(&lifecycle, &config, child.as_mut()).await;
         // Workers drain on their own threads; wait for them off the runtime.
         let joined = tokio::task::spawn_blocking(move || {
