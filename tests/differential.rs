@@ -589,6 +589,29 @@ fn a_length_changing_filter_is_reframed_by_wasp_and_misframed_by_envoy() {
 }
 
 /// Decodes the hex of an `x-attr-*` header (`none` stays `None`).
+/// Every `x-attr-NAME` header the attributes fixture wrote: present in
+/// Envoy's answer (so the comparison is not of two absences) and equal in
+/// wasp's.
+fn same_attributes<'a>(
+    from_envoy: &Seen,
+    from_wasp: &Seen,
+    names: impl IntoIterator<Item = &'a str>,
+    case: &str,
+) {
+    for name in names {
+        let k = format!("x-attr-{name}");
+        assert!(
+            from_envoy.response.contains_key(&k),
+            "envoy lacks {k} ({case}): {from_envoy:#?}"
+        );
+        assert_eq!(
+            from_wasp.response.get(&k),
+            from_envoy.response.get(&k),
+            "{k} ({case}): wasp (left) differs from envoy (right)"
+        );
+    }
+}
+
 fn attr(seen: &Seen, name: &str) -> Option<Vec<u8>> {
     let v = seen.response.get(name)?.first()?;
     if v == "none" {
@@ -1065,18 +1088,7 @@ endpoints = ["{app}"]
             "envoy (mtls {mtls}): {from_envoy:#?}"
         );
         assert_eq!(from_wasp.status, 200, "wasp (mtls {mtls}): {from_wasp:#?}");
-        for name in names {
-            let k = format!("x-attr-{name}");
-            assert!(
-                from_envoy.response.contains_key(&k),
-                "envoy lacks {k}: {from_envoy:#?}"
-            );
-            assert_eq!(
-                from_wasp.response.get(&k),
-                from_envoy.response.get(&k),
-                "{k} (mtls {mtls}): wasp (left) differs from envoy (right)"
-            );
-        }
+        same_attributes(&from_envoy, &from_wasp, names, &format!("mtls {mtls}"));
         let text = |k: &str| attr(&from_envoy, k).map(|v| String::from_utf8_lossy(&v).into_owned());
         assert_eq!(
             text("x-attr-connection-requested-server-name").as_deref(),
@@ -1263,28 +1275,22 @@ tls = {{ sni = "svc.test" }}
     );
     assert_eq!(from_envoy.status, 200, "envoy: {from_envoy:#?}");
     assert_eq!(from_wasp.status, 200, "wasp: {from_wasp:#?}");
-    for name in [
-        "upstream-tls-version",
-        "upstream-subject-peer-certificate",
-        "upstream-uri-san-peer-certificate",
-        "upstream-dns-san-peer-certificate",
-        "upstream-sha256-peer-certificate-digest",
-        "upstream-subject-local-certificate",
-        "upstream-uri-san-local-certificate",
-        "upstream-dns-san-local-certificate",
-        "upstream-transport-failure-reason",
-    ] {
-        let k = format!("x-attr-{name}");
-        assert!(
-            from_envoy.response.contains_key(&k),
-            "envoy lacks {k}: {from_envoy:#?}"
-        );
-        assert_eq!(
-            from_wasp.response.get(&k),
-            from_envoy.response.get(&k),
-            "{k}: wasp (left) differs from envoy (right)"
-        );
-    }
+    same_attributes(
+        &from_envoy,
+        &from_wasp,
+        [
+            "upstream-tls-version",
+            "upstream-subject-peer-certificate",
+            "upstream-uri-san-peer-certificate",
+            "upstream-dns-san-peer-certificate",
+            "upstream-sha256-peer-certificate-digest",
+            "upstream-subject-local-certificate",
+            "upstream-uri-san-local-certificate",
+            "upstream-dns-san-local-certificate",
+            "upstream-transport-failure-reason",
+        ],
+        "upstream TLS",
+    );
     // The comparison saw real values.
     let text = |k: &str| attr(&from_envoy, k).map(|v| String::from_utf8_lossy(&v).into_owned());
     assert_eq!(
