@@ -814,3 +814,96 @@ async fn an_h2_client_that_pings_but_never_reads_is_cut() {
         wasp.metrics()
     );
 }
+
+/// An upstream that answers the first connection it (or its sibling, which
+/// shares `seen`) gets with a 503, and every later one with a head that
+/// declares 10 bytes of body and then nothing. Notes which address sent the
+/// stalled head.
+async fn fails_first_then_stalls(
+    seen: Arc<AtomicUsize>,
+    stalled_on: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+            let stalled_on = stalled_on.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if first {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                } else {
+                    *stalled_on.lock().unwrap() = Some(addr);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+                        .await;
+                }
+                // Keep the connection open and silent.
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A retry moved the request on, and the endpoint it moved to sent a head
+/// with a declared length and then stalled while a filter's body callback
+/// held that head: the 504 names the endpoint that stalled, not the one
+/// that failed first (the held head's errors used the endpoint picked
+/// before the retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_response_after_a_retry_names_the_endpoint_that_stalled() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let stalled_on = Arc::new(std::sync::Mutex::new(None));
+    let a = fails_first_then_stalls(seen.clone(), stalled_on.clone()).await;
+    let b = fails_first_then_stalls(seen.clone(), stalled_on.clone()).await;
+    let port = free_port();
+    let config = format!(
+        r#"
+[proxy]
+workers = 1
+
+[filters.noop]
+module = "noop.wasm"
+
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:{port}"
+pipeline = ["noop"]
+limits = {{ stream_idle_timeout = "1s" }}
+  [[listeners.routes]]
+  cluster = "app"
+  retry = {{ on = ["5xx"], attempts = 1 }}
+
+[clusters.app]
+endpoints = ["{a}", "{b}"]
+"#
+    );
+    let wasp = Wasp::start_in(with_fixtures("wasm32-wasip1", &["noop"]), &config, &[]);
+    let client = h1_client();
+    let r = get(&client, loopback(port), "a", "/x").await;
+    assert_eq!(
+        (r.status, r.header("x-wasp-error")),
+        (504, Some("upstream_timeout")),
+        "{}",
+        wasp.log_text()
+    );
+    let stalled = stalled_on
+        .lock()
+        .unwrap()
+        .expect("the retry reached the other endpoint");
+    assert!(
+        r.body
+            .contains(&format!("{stalled} in cluster \"app\" did not answer")),
+        "names {stalled} (which stalled): {}",
+        r.body
+    );
+}

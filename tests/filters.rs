@@ -1037,6 +1037,17 @@ async fn response_framing_follows_what_the_filters_made_of_the_body() {
         wasp.log_text()
     );
     assert!(head.contains("x-wasp-error: response_too_large"), "{head}");
+    // Counted as the proxy's error, as any other answer wasp makes.
+    assert_eq!(
+        metric_value(
+            &wasp.metrics(),
+            "wasp_proxy_errors_total",
+            &["listener=\"small\"", "code=\"response_too_large\""]
+        ),
+        Some(1.0),
+        "{}",
+        wasp.metrics()
+    );
 
     // A body the filter buffers while the upstream keeps sending, for
     // longer than the idle timeout: never idle, so it arrives whole.

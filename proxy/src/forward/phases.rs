@@ -88,6 +88,11 @@ where
         return Ok(answer);
     }
     let routed = route(&mut parts, ctx, chain, log)?;
+    // The route and cluster are known now: body callbacks run while the
+    // head is held (below) must see them, as they do on a streamed body.
+    if let Some(chain) = chain {
+        chain.with(|c| c.set_route(routed.route.name.clone(), routed.upstream.name.clone()));
+    }
     // Before the cluster admission: a client that is slow to send the body
     // its head waits for must not hold an upstream slot meanwhile (as
     // Envoy's router takes none until the decoder filters let the headers
@@ -113,8 +118,9 @@ where
         );
     }
     let head_request = parts.method == http::Method::HEAD;
-    let endpoint = picked.addr;
-    let sent = send(&routed, picked, parts, body, kept, clock.as_deref(), chain).await;
+    // The endpoint the response came from (a retry may have moved on from
+    // the one picked), for errors while its body is held to name.
+    let (sent, endpoint) = send(&routed, picked, parts, body, kept, clock.as_deref(), chain).await;
     if let Some(t) = &mut trace {
         t.upstream_end(
             sent.as_ref()
@@ -431,6 +437,7 @@ pub(super) async fn admit_and_pick(
     };
     let picked = picked.ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
     if let Some(chain) = chain {
+        // Set again: the hold above may have found the chain busy.
         chain.with(|c| {
             c.set_route(routed.route.name.clone(), upstream.name.clone());
             c.set_upstream(picked.addr);
@@ -619,7 +626,10 @@ pub(super) async fn send(
     kept: Option<Bytes>,
     clock: Option<&StreamClock>,
     chain: Option<&SharedChain>,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> (
+    Result<Response<ResponseBody>, ProxyError>,
+    std::net::SocketAddr,
+) {
     let (route, upstream) = (routed.route, routed.upstream);
     // The endpoint being tried (a retry moves it), for an idle cut to
     // name. A lock only a retry takes, never contended: the future must
@@ -649,7 +659,8 @@ pub(super) async fn send(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    within_deadlines(sending, clock, &upstream.name, tried).await
+    let sent = within_deadlines(sending, clock, &upstream.name, tried).await;
+    (sent, tried())
 }
 
 /// Runs `work` under the stream's deadlines (`stream_idle_timeout`,
@@ -809,7 +820,10 @@ where
                                 // The head is still ours: a filter's answer (or a
                                 // buffer over its limit) replaces the upstream's.
                                 return match chain.take_local() {
-                                    Some(local) => Ok(error::boxed(local)),
+                                    Some(local) => {
+                                        record_held_answer(&local, chain, ctx);
+                                        Ok(error::boxed(local))
+                                    }
                                     None => Err(e),
                                 };
                             }
@@ -837,6 +851,27 @@ where
 /// that sends its head and stalls is answered 504 `upstream_timeout` when
 /// `stream_idle_timeout` passes with nothing moving (the upstream's frames
 /// touch the clock as they arrive, also while a filter buffers them).
+/// A held response replaced by wasp's own answer (a body over the
+/// filter's buffer limit): counted and shown to `on_log` as any proxy
+/// error is (`serve` does that for errors, which this is not, being the
+/// chain's answer). A filter's own local reply carries no `x-wasp-error`
+/// and is left as the filter made it.
+fn record_held_answer(local: &Response<Bytes>, chain: &SharedChain, ctx: &Ctx<'_>) {
+    let code = local
+        .headers()
+        .get(crate::errors::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            crate::errors::ErrorCode::ALL
+                .iter()
+                .find(|c| c.as_str() == v)
+        });
+    if let Some(&code) = code {
+        ctx.listener.stats.error(code);
+        chain.with(|c| c.set_local_reply(code.as_str(), local));
+    }
+}
+
 async fn prime_response<B>(
     body: std::pin::Pin<&mut FilteredBody<B>>,
     clock: Option<&StreamClock>,
