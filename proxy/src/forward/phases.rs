@@ -808,7 +808,13 @@ where
             let body = Touching::new(body, clock.clone());
             let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
             match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
-                None => filtered.boxed_unsync(),
+                // Not held (no body callback, or the chain was busy with the
+                // request body when asked): the declared length still caps
+                // what goes out, so a body resized after all cannot put the
+                // connection out of step.
+                None => filtered
+                    .declared(headers::declared_length(&parts.headers).filter(|_| has_body))
+                    .boxed_unsync(),
                 Some(declared) => {
                     let mut filtered = Box::pin(filtered);
                     let framing =
