@@ -11,8 +11,10 @@
 # MODES picks the measurements (default all three):
 #   h1    wrk -t1 -cCONNS, HTTP/1.1 keep-alive, at saturation
 #   h2c   h2load -c4 -m8 (prior knowledge), at saturation
-#   rate  p99 at a fixed RATE (default 1000 req/s: h2load --h1 -c4 --rps),
-#         from h2load's per-request log, so every target sees the same load
+#   rate  p99 at a fixed RATE (default 1000 req/s) over 4 HTTP/1.1
+#         connections, each with its own evenly spaced schedule
+#         (bench/paced_client.rs; latency from the scheduled send time), so
+#         every target sees the same smooth load
 #
 #   bench/proxies.sh                             # ROUNDS=3 DURATION=5s CONNS=32
 #   TARGETS="wasp-0 wasp-1 wasp-4" bench/proxies.sh    # (bench/filters.sh)
@@ -42,6 +44,7 @@ SERVER="taskset -c 1"
 
 wants() { [[ " $TARGETS " == *" $1"* ]]; }
 cargo build -q --release -p demo-app
+cargo build -q --release -p wasp --example paced-client
 if wants wasp; then WASP_BIN=${WASP_BIN:-$("$root/scripts/build-release.sh")}; fi
 [ -f target/wasm-fixtures/wasm32-wasip1/add-headers.wasm ] ||
   WASP_BUILD_ASSEMBLYSCRIPT=0 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
@@ -211,7 +214,15 @@ import re, sys
 mode, report, t = sys.argv[1], sys.argv[2], sys.argv[3]
 before, after, hz, hwm, log = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], sys.argv[8]
 text = open(report).read()
-if mode == "h1":
+if mode == "rate":
+    # paced-client: "requests N errors E late L p50 MS p90 MS p99 MS ..."
+    f = dict(zip(text.split()[0::2], text.split()[1::2]))
+    n = int(f.get("requests", 0))
+    rps, p99 = 0.0, float(f.get("p99", 0))
+    err = "" if n > 0 and f.get("errors") == "0" else f"paced-client: {f.get('errors', 'no report')} errors"
+    if f.get("late", "0") != "0":
+        err += f" {f['late']} late sends"
+elif mode == "h1":
     from bench.wrk import parse
     w = parse(report)
     rps, n, p99, err = w["rps"], w["requests"], w["p99"], w["error"] or ""
@@ -224,16 +235,11 @@ else:
     n = int(r.group(2)) if r else 0
     err = "" if r and int(r.group(3)) == 0 and n > 0 else f"h2load: {r.group(3) if r else 'no report'} failed"
     p99 = 0.0
-    if mode == "rate":
-        # --log-file: start time, status, request time in microseconds
-        times = sorted(int(l.split()[2]) for l in open(log) if len(l.split()) >= 3)
-        p99 = times[min(len(times) - 1, int(len(times) * 0.99))] / 1000 if times else 0.0
 us = (after - before) / hz * 1e6 / max(n, 1)
 print(f"{mode}\t{t}\t{rps:.0f}\t{us:.1f}\t{p99:.3f}\t{hwm}\t{err}")
 PY
 }
 clients=4
-per_client=$((RATE / clients))
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
     if wants_mode h1; then
@@ -243,8 +249,8 @@ for round in $(seq "$ROUNDS"); do
       measure h2c "$t" "$round" $LOADGEN h2load -c4 -m8 -D"$DURATION" "http://${h2addr[$t]}/bench"
     fi
     if wants_mode rate; then
-      measure rate "$t" "$round" $LOADGEN h2load --h1 -c"$clients" --rps="$per_client" -D"$DURATION" \
-        --log-file="$out/rate-$t-$round.log" "http://${addr[$t]}/bench"
+      measure rate "$t" "$round" $LOADGEN "$root/target/release/examples/paced-client" \
+        "${addr[$t]}" /bench "$RATE" "$clients" "${DURATION%s}"
     fi
   done
 done
