@@ -688,8 +688,14 @@ impl Vm {
         core.follow = false;
         let h = core.store.data_mut();
         if deleting {
-            grpc::forget_context(h, ctx);
-            self.variants.remove(&ctx);
+            if !h.grpc.is_empty() {
+                grpc::forget_context(h, ctx);
+            }
+            // Hashing even a miss costs a SipHash; most filters have no
+            // per-route configs.
+            if !self.variants.is_empty() {
+                self.variants.remove(&ctx);
+            }
         }
         h.config_variant = 0;
         *data = h.stream.take();

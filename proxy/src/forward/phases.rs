@@ -191,9 +191,14 @@ pub(super) async fn request_filters(
     end_of_stream: bool,
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
-    // Boxed: the chain's future is large and only a pipeline needs it; an
-    // empty chain's request future stays small (it is moved whole).
-    match Box::pin(chain?.request_headers(parts, end_of_stream)).await? {
+    // The chain's future is large: only a phase that must wait boxes it
+    // (`HeaderPhase`), so neither an empty chain's request future (moved
+    // whole) nor a pipeline's common path carries or allocates it.
+    match chain?
+        .request_headers_phase(parts, end_of_stream)
+        .verdict()
+        .await?
+    {
         Verdict::Respond(resp) => Some(Box::pin(filter_answer(resp, chain)).await),
         _ => None,
     }
@@ -792,8 +797,8 @@ where
     let body = match chain {
         Some(chain) if !switching => {
             let end = body.is_end_stream();
-            // Boxed for the same reason as in `request_filters`.
-            let verdict = Box::pin(chain.response_headers(&mut parts, end)).await;
+            // Boxed only if it waits, as in `request_filters`.
+            let verdict = chain.response_headers_phase(&mut parts, end).verdict().await;
             if let Some(Verdict::Respond(resp)) = verdict {
                 return Ok(error::boxed(resp));
             }
