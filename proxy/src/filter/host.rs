@@ -135,7 +135,9 @@ pub(crate) struct LocalResponse {
 /// What the guest asked for during one callback.
 #[derive(Debug, Default)]
 pub(crate) struct Actions {
-    pub local: Option<LocalResponse>,
+    /// Boxed: a callback's outcome is moved up through several calls, and
+    /// a local response is rare.
+    pub local: Option<Box<LocalResponse>>,
     pub continue_request: bool,
     pub continue_response: bool,
     pub close: bool,

@@ -119,14 +119,15 @@ fn too_large(dir: Dir) -> ErrorCode {
 /// stream) cannot hold a request forever.
 pub(crate) const HEADER_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// What one callback means for the chain.
+/// What one callback means for the chain. The response is boxed: a step
+/// is returned from every callback, and answering is the rare case.
 enum Step {
     Go {
         pause: bool,
         resume_request: bool,
         resume_response: bool,
     },
-    Respond(Response<Bytes>),
+    Respond(Box<Response<Bytes>>),
 }
 
 const GO: Step = Step::Go {
@@ -142,7 +143,7 @@ enum Leased {
     /// None ready: one is being built (`asked`: this stream asked for it).
     Wait { asked: bool },
     /// No instance to be had, and the filter's policy answers.
-    Respond(Response<Bytes>),
+    Respond(Box<Response<Bytes>>),
 }
 
 /// Where a header phase stopped to wait, for the part of it that awaits
@@ -343,7 +344,7 @@ impl StreamFilters {
         match self.policy(pos) {
             FailPolicy::Closed => {
                 tracing::debug!(filter = %name, error = %why, "filter failed; answering 503 (fail = closed)");
-                Step::Respond(failure_response(&name, why))
+                Step::Respond(Box::new(failure_response(&name, why)))
             }
             FailPolicy::Open => {
                 tracing::debug!(filter = %name, error = %why, "filter failed; skipping it (fail = open)");
@@ -454,13 +455,13 @@ impl StreamFilters {
             }
         }
         if let Some(l) = out.actions.local {
-            return Step::Respond(local_response(l));
+            return Step::Respond(Box::new(local_response(*l)));
         }
         if out.actions.close {
-            return Step::Respond(
+            return Step::Respond(Box::new(
                 ErrorCode::FilterClosedStream
                     .response(&format!("filter \"{}\" closed the stream", self.name(pos))),
-            );
+            ));
         }
         Step::Go {
             pause: out.pause,
@@ -488,7 +489,7 @@ impl StreamFilters {
         loop {
             let done = self.events.as_mut()?.1.try_recv().ok()?;
             if let (_, Step::Respond(r)) = self.deliver(done) {
-                return Some(r);
+                return Some(*r);
             }
         }
     }
@@ -501,7 +502,7 @@ impl StreamFilters {
         loop {
             if self.pending_of(pos) == 0 {
                 return match self.fail(pos, &Failure::Stuck) {
-                    Step::Respond(r) => Err(r),
+                    Step::Respond(r) => Err(*r),
                     Step::Go { .. } => Ok(()),
                 };
             }
@@ -514,14 +515,14 @@ impl StreamFilters {
                 Err(_) => {
                     tracing::debug!(filter = %self.name(pos), "filter paused past the header wait limit");
                     return match self.fail(pos, &Failure::Stuck) {
-                        Step::Respond(r) => Err(r),
+                        Step::Respond(r) => Err(*r),
                         Step::Go { .. } => Ok(()),
                     };
                 }
             };
             let (from, step) = self.deliver(done);
             match step {
-                Step::Respond(r) => return Err(r),
+                Step::Respond(r) => return Err(*r),
                 Step::Go {
                     resume_request,
                     resume_response,
@@ -557,7 +558,7 @@ impl StreamFilters {
             let pos = order(dir, n, k);
             match self.try_lease(pos) {
                 Leased::Ready => {}
-                Leased::Respond(r) => return Ok(Verdict::Respond(r)),
+                Leased::Respond(r) => return Ok(Verdict::Respond(*r)),
                 Leased::Wait { asked } => {
                     return Err(HeaderWait {
                         dir,
@@ -573,7 +574,7 @@ impl StreamFilters {
                 Dir::Response => Callback::ResponseHeaders { n: count, eos },
             };
             match self.run_one(pos, cb) {
-                Step::Respond(r) => return Ok(Verdict::Respond(r)),
+                Step::Respond(r) => return Ok(Verdict::Respond(*r)),
                 Step::Go {
                     pause,
                     resume_request,
@@ -605,7 +606,7 @@ impl StreamFilters {
             let next = match w.lease {
                 Some(asked) => {
                     if let Some(Step::Respond(r)) = self.lease_wait(pos, asked).await {
-                        return Verdict::Respond(r);
+                        return Verdict::Respond(*r);
                     }
                     // Leased (or skipped): its callback is still to run.
                     w.k
@@ -662,9 +663,10 @@ impl StreamFilters {
         if let Some(d) = self.data.as_deref_mut() {
             d.received[0] = map_usage(&head.headers);
             d.usage[0] = d.received[0];
+            // Moved in, copied back once the phase is over.
             d.req = Some(ReqHead {
-                method: head.method.clone(),
-                uri: head.uri.clone(),
+                method: std::mem::take(&mut head.method),
+                uri: std::mem::take(&mut head.uri),
                 headers: std::mem::take(&mut head.headers),
             });
         }
@@ -815,7 +817,7 @@ impl StreamFilters {
                 self.resized[side(dir)] |= 1u64 << pos.min(63);
             }
             match step {
-                Step::Respond(r) => return BodyVerdict::Respond(r),
+                Step::Respond(r) => return BodyVerdict::Respond(*r),
                 Step::Go {
                     pause: true,
                     resume_request,
@@ -908,7 +910,7 @@ impl StreamFilters {
                     Step::Respond(r) => {
                         self.waits[d].body = None;
                         self.waits[d].trailers = None;
-                        return Poll::Ready(Some(r));
+                        return Poll::Ready(Some(*r));
                     }
                     step => {
                         self.settle_wait(pos, &step);
@@ -936,7 +938,7 @@ impl StreamFilters {
                 w.trailers = None;
                 w.body_done = None;
                 w.trailers_done = None;
-                return Poll::Ready(Some(r));
+                return Poll::Ready(Some(*r));
             }
         }
     }
@@ -1155,7 +1157,7 @@ impl StreamFilters {
                 Dir::Response => Callback::ResponseTrailers { n: count },
             };
             match self.run_one(pos, cb) {
-                Step::Respond(r) => return Verdict::Respond(r),
+                Step::Respond(r) => return Verdict::Respond(*r),
                 Step::Go {
                     pause: true,
                     resume_request,

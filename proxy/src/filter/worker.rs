@@ -188,7 +188,7 @@ impl CalloutDone {
         Callback::HttpCallResponse {
             token,
             root,
-            answer,
+            answer: Box::new(answer),
         }
     }
 }
