@@ -55,16 +55,6 @@ pub enum HeaderPhase<'a> {
     Later(Pin<Box<dyn Future<Output = Option<Verdict>> + Send + 'a>>),
 }
 
-impl HeaderPhase<'_> {
-    /// The phase's verdict, awaiting the rest of it if it had to wait.
-    pub async fn verdict(self) -> Option<Verdict> {
-        match self {
-            HeaderPhase::Done(v) => v,
-            HeaderPhase::Later(rest) => rest.await,
-        }
-    }
-}
-
 /// Returned by the request body when a filter answered locally mid-body; the
 /// upstream request is abandoned and [`SharedChain::take_local`] has the answer.
 #[derive(Debug, thiserror::Error)]

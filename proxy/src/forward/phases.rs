@@ -37,7 +37,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed, Touching};
-use super::filtered::{FilteredBody, Framing, SharedChain, Side};
+use super::filtered::{FilteredBody, Framing, HeaderPhase, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -194,11 +194,13 @@ pub(super) async fn request_filters(
     // The chain's future is large: only a phase that must wait boxes it
     // (`HeaderPhase`), so neither an empty chain's request future (moved
     // whole) nor a pipeline's common path carries or allocates it.
-    match chain?
-        .request_headers_phase(parts, end_of_stream)
-        .verdict()
-        .await?
-    {
+    // Matched here, not in an `async fn` of `HeaderPhase`: a verdict held
+    // in a future's state would enlarge every request's future.
+    let verdict = match chain?.request_headers_phase(parts, end_of_stream) {
+        HeaderPhase::Done(v) => v,
+        HeaderPhase::Later(rest) => rest.await,
+    };
+    match verdict? {
         Verdict::Respond(resp) => Some(Box::pin(filter_answer(resp, chain)).await),
         _ => None,
     }
@@ -798,7 +800,10 @@ where
         Some(chain) if !switching => {
             let end = body.is_end_stream();
             // Boxed only if it waits, as in `request_filters`.
-            let verdict = chain.response_headers_phase(&mut parts, end).verdict().await;
+            let verdict = match chain.response_headers_phase(&mut parts, end) {
+                HeaderPhase::Done(v) => v,
+                HeaderPhase::Later(rest) => rest.await,
+            };
             if let Some(Verdict::Respond(resp)) = verdict {
                 return Ok(error::boxed(resp));
             }
