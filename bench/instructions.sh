@@ -22,6 +22,7 @@
 #   BUILD=0 ...                  # do not (re)build the demo app first
 #   FILTER=add-unique ...        # another fixture of tests/wasm (add-unique:
 #                                # also a request header unique per request)
+#   PORT_BASE=28380 ...          # other ports (default 18380, +1, +11)
 #   CLIENT=h2c UPSTREAM=http2 ...  # h2c downstream (h2load -c1 -m1, prior
 #                                  # knowledge) and/or h2c to the upstream
 #
@@ -67,9 +68,12 @@ bins=("$@")
   WASP_BUILD_ASSEMBLYSCRIPT=0 WASM_TARGETS=wasm32-wasip1 ./scripts/build-wasm.sh >/dev/null
 cp -f "target/wasm-fixtures/wasm32-wasip1/$FILTER.wasm" "$out/filters.d/$FILTER.wasm"
 
-UP=127.0.0.1:18380
-PORT=18381
-ADMIN=127.0.0.1:18391
+# PORT_BASE moves the three ports (upstream, listener, admin), so two
+# runs on one machine (two worktrees) do not take each other's.
+PORT_BASE=${PORT_BASE:-18380}
+UP=127.0.0.1:$PORT_BASE
+PORT=$((PORT_BASE + 1))
+ADMIN=127.0.0.1:$((PORT_BASE + 11))
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
@@ -55,8 +55,12 @@ pub(crate) struct StreamData {
     pub req_trailers: Option<HeaderMap>,
     pub resp: Option<RespHead>,
     pub resp_trailers: Option<HeaderMap>,
-    /// The body buffer of the running body callback (whole buffered body when paused).
-    pub body: BytesMut,
+    /// The body buffer of the running body callback (whole buffered body
+    /// when paused). `Bytes`, not `BytesMut`: a callback that only reads
+    /// the chunk (or ignores it) passes it on as it came, with no copy to
+    /// make a shared buffer unique; `proxy_set_buffer_bytes` builds a new
+    /// one anyway.
+    pub body: Bytes,
     pub body_dir: Option<Dir>,
     pub route: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
@@ -105,7 +109,7 @@ impl StreamData {
             req_trailers: None,
             resp: None,
             resp_trailers: None,
-            body: BytesMut::new(),
+            body: Bytes::new(),
             body_dir: None,
             route: None,
             cluster: None,
@@ -131,7 +135,9 @@ pub(crate) struct LocalResponse {
 /// What the guest asked for during one callback.
 #[derive(Debug, Default)]
 pub(crate) struct Actions {
-    pub local: Option<LocalResponse>,
+    /// Boxed: a callback's outcome is moved up through several calls, and
+    /// a local response is rare.
+    pub local: Option<Box<LocalResponse>>,
     pub continue_request: bool,
     pub continue_response: bool,
     pub close: bool,

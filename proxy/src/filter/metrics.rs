@@ -446,7 +446,8 @@ impl Default for FilterStats {
 
 impl FilterStats {
     pub(crate) fn record(&self, phase: Phase, took: Duration, result: CallResult) {
-        let idx = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        // `ALL` lists the phases in declaration order (`phase_index_is_its_discriminant`).
+        let idx = phase as usize;
         let Some(s) = self.phases.get(idx) else {
             return;
         };
@@ -988,5 +989,12 @@ mod unit {
         let (b, _) = s.def(MetricKind::Counter, "x").unwrap();
         assert_eq!(a, b);
         assert!(s.def(MetricKind::Gauge, "x").is_none());
+    }
+
+    #[test]
+    fn phase_index_is_its_discriminant() {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "{}", p.name());
+        }
     }
 }

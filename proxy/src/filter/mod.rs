@@ -104,7 +104,7 @@ use bytes::Bytes;
 pub use engine::{FilterRuntime, WasmCompiler};
 pub(crate) use host::Dir;
 pub use set::{FilterSet, PipelineEntry};
-pub use stream::StreamFilters;
+pub use stream::{HeaderWait, StreamFilters};
 
 /// What happens to a request when its filter fails (trap, CPU deadline,
 /// memory cap, `proc_exit`, or no healthy instance could be built).

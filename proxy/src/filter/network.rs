@@ -266,9 +266,9 @@ impl NetworkFilters {
         let (start, mut buf) = match held {
             Some((k, mut b)) => {
                 b.extend_from_slice(chunk);
-                (k, b)
+                (k, b.freeze())
             }
-            None => (0, BytesMut::from(chunk)),
+            None => (0, Bytes::copy_from_slice(chunk)),
         };
         for k in start..n {
             let pos = match dir {
@@ -303,14 +303,15 @@ impl NetworkFilters {
                 Step::Go { pause, resumed } => {
                     if pause && !resumed && !eos {
                         if let Some(slot) = self.held.get_mut(which) {
-                            *slot = Some((k, buf));
+                            // No copy when nothing else shares the bytes.
+                            *slot = Some((k, BytesMut::from(buf)));
                         }
                         return NetVerdict::Hold;
                     }
                 }
             }
         }
-        NetVerdict::Forward(buf.freeze())
+        NetVerdict::Forward(buf)
     }
 
     /// `side` has ended: its connection-close callback on every filter.

@@ -21,6 +21,9 @@ pub struct PipelineEntry {
     pub config: u32,
 }
 
+/// Up to this many filters, a stream finds its filters by a linear scan.
+const SCAN_MAX: usize = 8;
+
 /// An immutable generation of loaded filters.
 pub struct FilterSet {
     pub(crate) id: u64,
@@ -78,7 +81,7 @@ impl FilterSet {
     /// names are skipped with a warning, the core validates them first).
     /// An empty pipeline gives a no-op stream that allocates nothing.
     pub fn stream(self: &Arc<Self>, pipeline: &[Arc<str>], info: StreamInfo) -> StreamFilters {
-        self.stream_with(pipeline.iter().map(|name| (name, 0)), pipeline.len(), info)
+        self.stream_with(pipeline.iter().map(|name| (name, 0)), info)
     }
 
     /// Starts a stream through a route's own chain: each filter with the
@@ -90,25 +93,34 @@ impl FilterSet {
         info: StreamInfo,
     ) -> StreamFilters {
         let entries = pipeline.iter().map(|e| (&e.name, e.config));
-        self.stream_with(entries, pipeline.len(), info)
+        self.stream_with(entries, info)
     }
 
     fn stream_with<'a>(
         self: &Arc<Self>,
         entries: impl Iterator<Item = (&'a Arc<str>, u32)>,
-        len: usize,
         info: StreamInfo,
     ) -> StreamFilters {
-        let mut idx = Vec::with_capacity(len);
-        for (name, config) in entries {
-            match self.by_name.get(&**name) {
-                Some(i) => idx.push((*i, config)),
-                None => {
-                    tracing::warn!(filter = %name, "pipeline names a filter not in this set; skipped")
-                }
+        // Resolved straight into the stream's inline slots: no index list
+        // of its own per stream.
+        let idx = entries.filter_map(|(name, config)| match self.index_of(name) {
+            Some(i) => Some((i, config)),
+            None => {
+                tracing::warn!(filter = %name, "pipeline names a filter not in this set; skipped");
+                None
             }
-        }
+        });
         StreamFilters::new(self.clone(), idx, info)
+    }
+
+    /// The position of filter `name` in the set. A handful of filters is
+    /// scanned (a few short string compares, per filter and stream) rather
+    /// than hashed with SipHash; the map serves large sets.
+    fn index_of(&self, name: &str) -> Option<usize> {
+        if self.plugins.len() <= SCAN_MAX {
+            return self.plugins.iter().position(|p| &**p.name() == name);
+        }
+        self.by_name.get(name).copied()
     }
 
     /// A TCP connection's network filter chain (L4 listeners).

@@ -31,6 +31,7 @@ use std::task::Poll;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
+use smallvec::SmallVec;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::abi::properties::stream_property;
@@ -63,7 +64,7 @@ struct Slot {
 /// resume it.
 struct BodyWait {
     k: usize,
-    buf: BytesMut,
+    buf: Bytes,
 }
 
 /// One direction's body or trailers waiting for a callout, and what the
@@ -118,14 +119,15 @@ fn too_large(dir: Dir) -> ErrorCode {
 /// stream) cannot hold a request forever.
 pub(crate) const HEADER_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// What one callback means for the chain.
+/// What one callback means for the chain. The response is boxed: a step
+/// is returned from every callback, and answering is the rare case.
 enum Step {
     Go {
         pause: bool,
         resume_request: bool,
         resume_response: bool,
     },
-    Respond(Response<Bytes>),
+    Respond(Box<Response<Bytes>>),
 }
 
 const GO: Step = Step::Go {
@@ -134,10 +136,38 @@ const GO: Step = Step::Go {
     resume_response: false,
 };
 
+/// What leasing a filter's instance for a header phase came to.
+enum Leased {
+    /// Leased (or nothing to lease: already held, or the filter skipped).
+    Ready,
+    /// None ready: one is being built (`asked`: this stream asked for it).
+    Wait { asked: bool },
+    /// No instance to be had, and the filter's policy answers.
+    Respond(Box<Response<Bytes>>),
+}
+
+/// Where a header phase stopped to wait, for the part of it that awaits
+/// ([`StreamFilters::request_headers_later`],
+/// [`StreamFilters::response_headers_later`]).
+#[derive(Debug)]
+pub struct HeaderWait {
+    dir: Dir,
+    eos: bool,
+    /// The filter (in `dir`'s order) the phase waits on.
+    k: usize,
+    /// `Some(asked)`: for its instance to be built (`asked`: this stream
+    /// already asked for a build); `None`: it paused, for it to resume.
+    lease: Option<bool>,
+}
+
+/// Slots kept inline: a chain of up to this many filters allocates none
+/// for them.
+const INLINE_SLOTS: usize = 4;
+
 /// Per-request filter state.
 pub struct StreamFilters {
     set: Arc<FilterSet>,
-    slots: Vec<Slot>,
+    slots: SmallVec<[Slot; INLINE_SLOTS]>,
     data: Option<Box<StreamData>>,
     events: Option<(UnboundedSender<CalloutDone>, UnboundedReceiver<CalloutDone>)>,
     held_request: Option<(usize, BytesMut)>,
@@ -222,22 +252,29 @@ fn order(dir: Dir, n: usize, k: usize) -> usize {
 
 impl StreamFilters {
     /// A stream through filters `idx` of `set`, each with the config
-    /// variant its context is created under.
-    pub(crate) fn new(set: Arc<FilterSet>, idx: Vec<(usize, u32)>, info: StreamInfo) -> Self {
-        let data = (!idx.is_empty()).then(|| Box::new(StreamData::new(info)));
+    /// variant its context is created under. The stream's one allocation
+    /// is its [`StreamData`] (none for an empty chain): the slots are
+    /// inline up to [`INLINE_SLOTS`].
+    pub(crate) fn new(
+        set: Arc<FilterSet>,
+        idx: impl IntoIterator<Item = (usize, u32)>,
+        info: StreamInfo,
+    ) -> Self {
+        let slots: SmallVec<[Slot; INLINE_SLOTS]> = idx
+            .into_iter()
+            .map(|(idx, variant)| Slot {
+                idx,
+                variant,
+                ctx: 0,
+                incarnation: 0,
+                skipped: false,
+                pending: 0,
+            })
+            .collect();
+        let data = (!slots.is_empty()).then(|| Box::new(StreamData::new(info)));
         StreamFilters {
             set,
-            slots: idx
-                .into_iter()
-                .map(|(idx, variant)| Slot {
-                    idx,
-                    variant,
-                    ctx: 0,
-                    incarnation: 0,
-                    skipped: false,
-                    pending: 0,
-                })
-                .collect(),
+            slots,
             data,
             events: None,
             held_request: None,
@@ -307,7 +344,7 @@ impl StreamFilters {
         match self.policy(pos) {
             FailPolicy::Closed => {
                 tracing::debug!(filter = %name, error = %why, "filter failed; answering 503 (fail = closed)");
-                Step::Respond(failure_response(&name, why))
+                Step::Respond(Box::new(failure_response(&name, why)))
             }
             FailPolicy::Open => {
                 tracing::debug!(filter = %name, error = %why, "filter failed; skipping it (fail = open)");
@@ -328,14 +365,41 @@ impl StreamFilters {
         })
     }
 
-    /// Leases filter `pos`'s instance before its first callback, waiting
-    /// (bounded) for one being built. On failure the policy applies.
-    async fn lease(&mut self, pos: usize) -> Option<Step> {
+    /// Leases filter `pos`'s instance before its first callback if one is
+    /// ready now (the common case: an idle instance in the pool). On
+    /// failure the policy applies.
+    fn try_lease(&mut self, pos: usize) -> Leased {
+        let Some(slot) = self.slots.get(pos).copied() else {
+            return Leased::Ready;
+        };
+        if slot.skipped || slot.incarnation != 0 {
+            return Leased::Ready;
+        }
+        let mut asked = false;
+        match worker::try_lease(&self.set, slot.idx, &mut asked) {
+            Ok(Some(inc)) => {
+                if let Some(s) = self.slots.get_mut(pos) {
+                    s.incarnation = inc;
+                }
+                Leased::Ready
+            }
+            Ok(None) => Leased::Wait { asked },
+            Err(f) => match self.fail(pos, &f) {
+                Step::Respond(r) => Leased::Respond(r),
+                Step::Go { .. } => Leased::Ready,
+            },
+        }
+    }
+
+    /// After [`Self::try_lease`] found none ready: waits (bounded) for an
+    /// instance being built. `asked`: that attempt already asked for a
+    /// build. On failure the policy applies.
+    async fn lease_wait(&mut self, pos: usize, asked: bool) -> Option<Step> {
         let slot = self.slots.get(pos).copied()?;
         if slot.skipped || slot.incarnation != 0 {
             return None;
         }
-        match worker::lease(&self.set, slot.idx).await {
+        match worker::lease_wait(&self.set, slot.idx, asked).await {
             Ok(inc) => {
                 if let Some(s) = self.slots.get_mut(pos) {
                     s.incarnation = inc;
@@ -391,13 +455,13 @@ impl StreamFilters {
             }
         }
         if let Some(l) = out.actions.local {
-            return Step::Respond(local_response(l));
+            return Step::Respond(Box::new(local_response(*l)));
         }
         if out.actions.close {
-            return Step::Respond(
+            return Step::Respond(Box::new(
                 ErrorCode::FilterClosedStream
                     .response(&format!("filter \"{}\" closed the stream", self.name(pos))),
-            );
+            ));
         }
         Step::Go {
             pause: out.pause,
@@ -425,7 +489,7 @@ impl StreamFilters {
         loop {
             let done = self.events.as_mut()?.1.try_recv().ok()?;
             if let (_, Step::Respond(r)) = self.deliver(done) {
-                return Some(r);
+                return Some(*r);
             }
         }
     }
@@ -438,7 +502,7 @@ impl StreamFilters {
         loop {
             if self.pending_of(pos) == 0 {
                 return match self.fail(pos, &Failure::Stuck) {
-                    Step::Respond(r) => Err(r),
+                    Step::Respond(r) => Err(*r),
                     Step::Go { .. } => Ok(()),
                 };
             }
@@ -451,14 +515,14 @@ impl StreamFilters {
                 Err(_) => {
                     tracing::debug!(filter = %self.name(pos), "filter paused past the header wait limit");
                     return match self.fail(pos, &Failure::Stuck) {
-                        Step::Respond(r) => Err(r),
+                        Step::Respond(r) => Err(*r),
                         Step::Go { .. } => Ok(()),
                     };
                 }
             };
             let (from, step) = self.deliver(done);
             match step {
-                Step::Respond(r) => return Err(r),
+                Step::Respond(r) => return Err(*r),
                 Step::Go {
                     resume_request,
                     resume_response,
@@ -485,16 +549,24 @@ impl StreamFilters {
         n.unwrap_or(0) as u32
     }
 
-    async fn headers_chain(&mut self, dir: Dir, eos: bool) -> Verdict {
-        self.no_body[dir as usize] = eos;
-        if let Some(r) = self.drain_events() {
-            return Verdict::Respond(r);
-        }
+    /// Runs the header callbacks of filters `start..` (in `dir`'s order)
+    /// for as long as none has to wait: `Wait` says where the phase
+    /// stopped, for [`Self::headers_resume`].
+    fn headers_from(&mut self, dir: Dir, eos: bool, start: usize) -> Result<Verdict, HeaderWait> {
         let n = self.slots.len();
-        for k in 0..n {
+        for k in start..n {
             let pos = order(dir, n, k);
-            if let Some(Step::Respond(r)) = self.lease(pos).await {
-                return Verdict::Respond(r);
+            match self.try_lease(pos) {
+                Leased::Ready => {}
+                Leased::Respond(r) => return Ok(Verdict::Respond(*r)),
+                Leased::Wait { asked } => {
+                    return Err(HeaderWait {
+                        dir,
+                        eos,
+                        k,
+                        lease: Some(asked),
+                    })
+                }
             }
             let count = self.header_count(dir);
             let cb = match dir {
@@ -502,7 +574,7 @@ impl StreamFilters {
                 Dir::Response => Callback::ResponseHeaders { n: count, eos },
             };
             match self.run_one(pos, cb) {
-                Step::Respond(r) => return Verdict::Respond(r),
+                Step::Respond(r) => return Ok(Verdict::Respond(*r)),
                 Step::Go {
                     pause,
                     resume_request,
@@ -513,14 +585,53 @@ impl StreamFilters {
                         Dir::Response => resume_response,
                     };
                     if pause && !resumed {
-                        if let Err(r) = self.wait_resume(pos, dir).await {
-                            return Verdict::Respond(r);
-                        }
+                        return Err(HeaderWait {
+                            dir,
+                            eos,
+                            k,
+                            lease: None,
+                        });
                     }
                 }
             }
         }
-        Verdict::Continue
+        Ok(Verdict::Continue)
+    }
+
+    /// The rest of a header phase that had to wait: for the instance of
+    /// the filter it stopped at, or for that filter (paused) to resume.
+    async fn headers_resume(&mut self, mut w: HeaderWait) -> Verdict {
+        loop {
+            let pos = order(w.dir, self.slots.len(), w.k);
+            let next = match w.lease {
+                Some(asked) => {
+                    if let Some(Step::Respond(r)) = self.lease_wait(pos, asked).await {
+                        return Verdict::Respond(*r);
+                    }
+                    // Leased (or skipped): its callback is still to run.
+                    w.k
+                }
+                None => {
+                    if let Err(r) = self.wait_resume(pos, w.dir).await {
+                        return Verdict::Respond(r);
+                    }
+                    w.k.saturating_add(1)
+                }
+            };
+            match self.headers_from(w.dir, w.eos, next) {
+                Ok(v) => return v,
+                Err(again) => w = again,
+            }
+        }
+    }
+
+    /// A header phase up to its first wait; `Err` is where it stopped.
+    fn headers_now(&mut self, dir: Dir, eos: bool) -> Result<Verdict, HeaderWait> {
+        self.no_body[dir as usize] = eos;
+        if let Some(r) = self.drain_events() {
+            return Ok(Verdict::Respond(r));
+        }
+        self.headers_from(dir, eos, 0)
     }
 
     /// Request headers through the chain, in pipeline order. Waits while a
@@ -530,19 +641,51 @@ impl StreamFilters {
         head: &mut http::request::Parts,
         end_of_stream: bool,
     ) -> Verdict {
+        match self.request_headers_now(head, end_of_stream) {
+            Ok(v) => v,
+            Err(w) => self.request_headers_later(head, w).await,
+        }
+    }
+
+    /// [`Self::request_headers`] without awaiting: `Err` when a filter has
+    /// to wait (for an instance being built, or paused); the phase then
+    /// goes on with [`Self::request_headers_later`], and `head` has no
+    /// headers until it ends. Most phases never wait, so the caller can
+    /// keep the future of the rest off its common path.
+    pub fn request_headers_now(
+        &mut self,
+        head: &mut http::request::Parts,
+        end_of_stream: bool,
+    ) -> Result<Verdict, HeaderWait> {
         if self.slots.is_empty() {
-            return Verdict::Continue;
+            return Ok(Verdict::Continue);
         }
         if let Some(d) = self.data.as_deref_mut() {
             d.received[0] = map_usage(&head.headers);
             d.usage[0] = d.received[0];
+            // Moved in, copied back once the phase is over.
             d.req = Some(ReqHead {
-                method: head.method.clone(),
-                uri: head.uri.clone(),
+                method: std::mem::take(&mut head.method),
+                uri: std::mem::take(&mut head.uri),
                 headers: std::mem::take(&mut head.headers),
             });
         }
-        let v = self.headers_chain(Dir::Request, end_of_stream).await;
+        let v = self.headers_now(Dir::Request, end_of_stream)?;
+        Ok(self.request_headers_done(head, v))
+    }
+
+    /// The rest of a request header phase [`Self::request_headers_now`]
+    /// could not finish.
+    pub async fn request_headers_later(
+        &mut self,
+        head: &mut http::request::Parts,
+        w: HeaderWait,
+    ) -> Verdict {
+        let v = self.headers_resume(w).await;
+        self.request_headers_done(head, v)
+    }
+
+    fn request_headers_done(&mut self, head: &mut http::request::Parts, v: Verdict) -> Verdict {
         // Its waits on the callout channel took a waiting body's place.
         self.wake_waiters();
         if let Some(d) = self.data.as_deref_mut() {
@@ -565,8 +708,21 @@ impl StreamFilters {
         head: &mut http::response::Parts,
         end_of_stream: bool,
     ) -> Verdict {
+        match self.response_headers_now(head, end_of_stream) {
+            Ok(v) => v,
+            Err(w) => self.response_headers_later(head, w).await,
+        }
+    }
+
+    /// [`Self::response_headers`] without awaiting, as
+    /// [`Self::request_headers_now`].
+    pub fn response_headers_now(
+        &mut self,
+        head: &mut http::response::Parts,
+        end_of_stream: bool,
+    ) -> Result<Verdict, HeaderWait> {
         if self.slots.is_empty() {
-            return Verdict::Continue;
+            return Ok(Verdict::Continue);
         }
         if let Some(d) = self.data.as_deref_mut() {
             d.received[1] = map_usage(&head.headers);
@@ -576,7 +732,22 @@ impl StreamFilters {
                 headers: std::mem::take(&mut head.headers),
             });
         }
-        let v = self.headers_chain(Dir::Response, end_of_stream).await;
+        let v = self.headers_now(Dir::Response, end_of_stream)?;
+        Ok(self.response_headers_done(head, v))
+    }
+
+    /// The rest of a response header phase
+    /// [`Self::response_headers_now`] could not finish.
+    pub async fn response_headers_later(
+        &mut self,
+        head: &mut http::response::Parts,
+        w: HeaderWait,
+    ) -> Verdict {
+        let v = self.headers_resume(w).await;
+        self.response_headers_done(head, v)
+    }
+
+    fn response_headers_done(&mut self, head: &mut http::response::Parts, v: Verdict) -> Verdict {
         self.wake_waiters();
         if let Some(d) = self.data.as_deref_mut() {
             d.heads_sent[1] = true;
@@ -613,16 +784,17 @@ impl StreamFilters {
                     )));
                 }
                 b.extend_from_slice(&chunk);
-                (k, b)
+                (k, b.freeze())
             }
-            // No copy when the chunk is not shared.
-            None => (0, BytesMut::from(chunk)),
+            // Passed as it came: a filter that only reads it (or ignores
+            // it) costs no copy of a shared buffer.
+            None => (0, chunk),
         };
         self.body_from(dir, start, buf, eos)
     }
 
     /// Runs the body callbacks of filters `start..` (in `dir`'s order) on `buf`.
-    fn body_from(&mut self, dir: Dir, start: usize, mut buf: BytesMut, eos: bool) -> BodyVerdict {
+    fn body_from(&mut self, dir: Dir, start: usize, mut buf: Bytes, eos: bool) -> BodyVerdict {
         let n = self.slots.len();
         for k in start..n {
             let pos = order(dir, n, k);
@@ -645,7 +817,7 @@ impl StreamFilters {
                 self.resized[side(dir)] |= 1u64 << pos.min(63);
             }
             match step {
-                Step::Respond(r) => return BodyVerdict::Respond(r),
+                Step::Respond(r) => return BodyVerdict::Respond(*r),
                 Step::Go {
                     pause: true,
                     resume_request,
@@ -671,7 +843,9 @@ impl StreamFilters {
                             self.name(pos)
                         )));
                     }
-                    let held = Some((k, buf));
+                    // Buffered from here on; no copy when nothing else
+                    // shares the bytes.
+                    let held = Some((k, BytesMut::from(buf)));
                     match dir {
                         Dir::Request => self.held_request = held,
                         Dir::Response => self.held_response = held,
@@ -681,7 +855,7 @@ impl StreamFilters {
                 Step::Go { .. } => {}
             }
         }
-        BodyVerdict::Forward(buf.freeze())
+        BodyVerdict::Forward(buf)
     }
 
     /// A body or trailers wait of `dir` (for a new filter) begins: its
@@ -736,7 +910,7 @@ impl StreamFilters {
                     Step::Respond(r) => {
                         self.waits[d].body = None;
                         self.waits[d].trailers = None;
-                        return Poll::Ready(Some(r));
+                        return Poll::Ready(Some(*r));
                     }
                     step => {
                         self.settle_wait(pos, &step);
@@ -764,7 +938,7 @@ impl StreamFilters {
                 w.trailers = None;
                 w.body_done = None;
                 w.trailers_done = None;
-                return Poll::Ready(Some(r));
+                return Poll::Ready(Some(*r));
             }
         }
     }
@@ -983,7 +1157,7 @@ impl StreamFilters {
                 Dir::Response => Callback::ResponseTrailers { n: count },
             };
             match self.run_one(pos, cb) {
-                Step::Respond(r) => return Verdict::Respond(r),
+                Step::Respond(r) => return Verdict::Respond(*r),
                 Step::Go {
                     pause: true,
                     resume_request,

@@ -1395,3 +1395,81 @@ async fn failing_cranelift_builds_fall_back_to_winch() {
     assert_eq!(s[0]["tier_up"], "failed", "{s}");
     exchange(&set, &["noop"], "/").await.unwrap();
 }
+
+/// A body callback that leaves the body as it is passes the chunk on as
+/// it came: the same bytes, not a copy made to own a shared buffer
+/// (session 8: one allocation and a copy of every chunk per filter chain).
+#[tokio::test]
+async fn an_unchanged_body_passes_without_a_copy() {
+    for t in TARGETS {
+        let name = format!("add-headers-nocopy-{t}");
+        let set = load(vec![spec(t, "add-headers", &name)]);
+        let pl = pipeline(&[&name]);
+        let mut s = set.stream(&pl, info());
+        let mut req = request("/", &[]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        // Shared, as hyper's chunks are (slices of its read buffer).
+        let chunk = Bytes::from(b"hello body".to_vec());
+        match s.request_body(chunk.clone(), true) {
+            BodyVerdict::Forward(b) => {
+                assert_eq!(b, chunk);
+                assert_eq!(b.as_ptr(), chunk.as_ptr(), "{t}: request chunk was copied");
+            }
+            other => panic!("{t}: {other:?}"),
+        }
+        let mut resp = response(200, &[]);
+        expect_continue(s.response_headers(&mut resp, false).await);
+        assert_eq!(hdr(&resp.headers, "x-wasm-filter"), Some("add-headers"));
+        let chunk = Bytes::from(b"hello again".to_vec());
+        match s.response_body(chunk.clone(), true) {
+            BodyVerdict::Forward(b) => {
+                assert_eq!(b.as_ptr(), chunk.as_ptr(), "{t}: response chunk was copied");
+            }
+            other => panic!("{t}: {other:?}"),
+        }
+        s.finish(10, 11);
+    }
+}
+
+/// A header phase runs to its end without awaiting once each filter has
+/// an idle instance; the first stream of a fresh set has to wait for its
+/// instance to be built, and the rest of its phase (which the core
+/// awaits, boxed) ends as the whole phase would have.
+#[tokio::test]
+async fn header_phases_wait_only_for_an_instance_being_built() {
+    let t = TARGETS[0];
+    let names = ["add-headers-now-a", "add-headers-now-b"];
+    let set = load(names.iter().map(|n| spec(t, "add-headers", n)).collect());
+    let pl = pipeline(&names);
+
+    let mut first = set.stream(&pl, info());
+    let mut req = request("/", &[("x-keep", "1")]);
+    let wait = match first.request_headers_now(&mut req, true) {
+        Err(wait) => wait,
+        Ok(v) => panic!("the first stream of a fresh set found instances ready: {v:?}"),
+    };
+    expect_continue(first.request_headers_later(&mut req, wait).await);
+    assert_eq!(hdr(&req.headers, "x-keep"), Some("1"));
+    assert_eq!(req.headers.get_all("x-wasm-request").iter().count(), 2);
+    let mut resp = response(200, &[]);
+    expect_continue(first.response_headers(&mut resp, true).await);
+    first.finish(0, 0);
+
+    // Now both filters have an idle instance: nothing to wait for.
+    for _ in 0..3 {
+        let mut s = set.stream(&pl, info());
+        let mut req = request("/", &[]);
+        match s.request_headers_now(&mut req, true) {
+            Ok(v) => expect_continue(v),
+            Err(w) => panic!("a stream with idle instances waited: {w:?}"),
+        }
+        assert_eq!(req.headers.get_all("x-wasm-request").iter().count(), 2);
+        let mut resp = response(200, &[]);
+        match s.response_headers_now(&mut resp, true) {
+            Ok(v) => expect_continue(v),
+            Err(w) => panic!("a stream with idle instances waited: {w:?}"),
+        }
+        assert_eq!(resp.headers.get_all("x-wasm-filter").iter().count(), 2);
+        s.finish(0, 0);
+    }
+}

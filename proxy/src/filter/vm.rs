@@ -112,10 +112,12 @@ pub(crate) enum Callback {
         n: u32,
     },
     /// `root`: the root context the call was made under (`NewCallout::root`).
+    /// The answer is boxed: every callback is passed by value through
+    /// several calls, and this rare one would make them all large.
     HttpCallResponse {
         token: u32,
         root: u32,
-        answer: CalloutAnswer,
+        answer: Box<CalloutAnswer>,
     },
     /// One event of a gRPC call or stream; `last` ends its token.
     Grpc {
@@ -598,7 +600,7 @@ impl Vm {
                     let nh = answer.headers.len() as u32;
                     let nb = answer.body.len() as u32;
                     let nt = answer.trailers.len() as u32;
-                    core.store.data_mut().answer = Some(answer);
+                    core.store.data_mut().answer = Some(*answer);
                     let r = core.guard(plugin, phase, |s| f.call(s, (root, token, nh, nb, nt)));
                     core.store.data_mut().answer = None;
                     r.map(|()| 0)
@@ -688,8 +690,14 @@ impl Vm {
         core.follow = false;
         let h = core.store.data_mut();
         if deleting {
-            grpc::forget_context(h, ctx);
-            self.variants.remove(&ctx);
+            if !h.grpc.is_empty() {
+                grpc::forget_context(h, ctx);
+            }
+            // Hashing even a miss costs a SipHash; most filters have no
+            // per-route configs.
+            if !self.variants.is_empty() {
+                self.variants.remove(&ctx);
+            }
         }
         h.config_variant = 0;
         *data = h.stream.take();

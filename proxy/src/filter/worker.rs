@@ -188,7 +188,7 @@ impl CalloutDone {
         Callback::HttpCallResponse {
             token,
             root,
-            answer,
+            answer: Box::new(answer),
         }
     }
 }
@@ -1019,11 +1019,46 @@ pub(crate) fn building(set_id: u64) -> bool {
 /// for the builder, within [`LEASE_WAIT`]) or, above the cap, the least
 /// loaded one. Fails only when the filter cannot produce a healthy instance.
 pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
-    ensure_set(set)?;
-    // Set when the stream first has to wait (most leases find an idle
-    // instance and never read the clock).
-    let mut deadline: Option<Instant> = None;
     let mut asked = false;
+    match try_lease(set, idx, &mut asked)? {
+        Some(inc) => Ok(inc),
+        None => lease_wait(set, idx, asked).await,
+    }
+}
+
+/// One attempt at [`lease`] that does not wait: `Ok(None)` when the stream
+/// has to wait for an instance being built (`asked`: it asked for one;
+/// hand it to [`lease_wait`]). One look-up of the pool: the set's pools
+/// exist on this worker for every stream but its first.
+pub(crate) fn try_lease(
+    set: &Arc<FilterSet>,
+    idx: usize,
+    asked: &mut bool,
+) -> Result<Option<u64>, Failure> {
+    let tried = match with_pool(set.id, idx, |p| p.try_lease(asked)) {
+        Some(t) => t,
+        None => {
+            ensure_set(set)?;
+            with_pool(set.id, idx, |p| p.try_lease(asked))
+                .ok_or_else(|| Failure::Setup("no such filter index".into()))?
+        }
+    };
+    match tried {
+        Try::Got(inc) => Ok(Some(inc)),
+        Try::Fail(f) => Err(f),
+        Try::Wait => Ok(None),
+    }
+}
+
+/// The waiting part of [`lease`], after [`try_lease`] found nothing ready.
+pub(crate) async fn lease_wait(
+    set: &Arc<FilterSet>,
+    idx: usize,
+    mut asked: bool,
+) -> Result<u64, Failure> {
+    ensure_set(set)?;
+    // Set when the stream first has to wait.
+    let mut deadline: Option<Instant> = None;
     loop {
         let Some((r, ready)) = with_pool(set.id, idx, |p| {
             let r = p.try_lease(&mut asked);
@@ -1055,13 +1090,10 @@ pub(crate) async fn lease(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failu
 /// A lease without waiting (for a callback that cannot await): an idle or
 /// shared instance, else the filter's policy applies.
 pub(crate) fn lease_now(set: &Arc<FilterSet>, idx: usize) -> Result<u64, Failure> {
-    ensure_set(set)?;
     let mut asked = false;
-    match with_pool(set.id, idx, |p| p.try_lease(&mut asked)) {
-        Some(Try::Got(inc)) => Ok(inc),
-        Some(Try::Fail(f)) => Err(f),
-        Some(Try::Wait) => Err(Failure::Unavailable("no instance ready".into())),
-        None => Err(Failure::Setup("no such filter index".into())),
+    match try_lease(set, idx, &mut asked)? {
+        Some(inc) => Ok(inc),
+        None => Err(Failure::Unavailable("no instance ready".into())),
     }
 }
 

@@ -16,6 +16,7 @@
 //! they made of the body ([`Framing`]), and a later change that no longer
 //! fits the length the head went with is cut there and reported.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,14 @@ struct Inner {
     /// phase: woken when the chain is put back. One per side (request,
     /// response): both bodies may wait at once.
     waiters: [Mutex<Option<Waker>>; 2],
+}
+
+/// A header phase of the chain: over already (`None`: the stream had
+/// ended), or the rest of it, to await. Boxed only then: the rest is a
+/// large future, which a request whose filters do not wait never makes.
+pub enum HeaderPhase<'a> {
+    Done(Option<Verdict>),
+    Later(Pin<Box<dyn Future<Output = Option<Verdict>> + Send + 'a>>),
 }
 
 /// Returned by the request body when a filter answered locally mid-body; the
@@ -90,6 +99,67 @@ impl SharedChain {
         drop(slot);
         self.wake_waiting_body();
         Some(verdict)
+    }
+
+    /// The request-header filters, run at once as far as they go without
+    /// waiting (the common case: every filter has an idle instance and
+    /// none pauses); only a phase that must wait (an instance being
+    /// built, a paused filter) hands back the boxed rest of it.
+    pub fn request_headers_phase<'a>(
+        &'a self,
+        head: &'a mut http::request::Parts,
+        end_of_stream: bool,
+    ) -> HeaderPhase<'a> {
+        // A header phase holds the chain across its awaits; the bodies
+        // only try it, synchronously: free here unless another header
+        // phase of this stream waits (then queue behind it, as before).
+        let Some(mut slot) = self.inner.chain.try_lock() else {
+            return HeaderPhase::Later(Box::pin(self.request_headers(head, end_of_stream)));
+        };
+        let Some(chain) = slot.as_mut() else {
+            return HeaderPhase::Done(None);
+        };
+        match chain.request_headers_now(head, end_of_stream) {
+            Ok(v) => {
+                drop(slot);
+                self.wake_waiting_body();
+                HeaderPhase::Done(Some(v))
+            }
+            // The chain stays locked across the wait, as in `request_headers`.
+            Err(wait) => HeaderPhase::Later(Box::pin(async move {
+                let v = slot.as_mut()?.request_headers_later(head, wait).await;
+                drop(slot);
+                self.wake_waiting_body();
+                Some(v)
+            })),
+        }
+    }
+
+    /// The response-header filters, as [`Self::request_headers_phase`].
+    pub fn response_headers_phase<'a>(
+        &'a self,
+        head: &'a mut http::response::Parts,
+        end_of_stream: bool,
+    ) -> HeaderPhase<'a> {
+        let Some(mut slot) = self.inner.chain.try_lock() else {
+            return HeaderPhase::Later(Box::pin(self.response_headers(head, end_of_stream)));
+        };
+        let Some(chain) = slot.as_mut() else {
+            return HeaderPhase::Done(None);
+        };
+        match chain.response_headers_now(head, end_of_stream) {
+            Ok(v) => {
+                drop(slot);
+                self.wake_waiting_body();
+                HeaderPhase::Done(Some(v))
+            }
+            Err(wait) => HeaderPhase::Later(Box::pin(async move {
+                let v = slot.as_mut()?.response_headers_later(head, wait).await;
+                drop(slot);
+                self.wake_waiting_body();
+                Some(v)
+            })),
+        }
     }
 
     /// A body waiting for a callout found the chain held by a header phase

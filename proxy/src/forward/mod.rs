@@ -275,8 +275,11 @@ fn start_chain<B>(
         return None;
     }
     // The same id as the logs and the upstream, even when the client's is
-    // not UTF-8.
-    let request_id = Arc::from(String::from_utf8_lossy(request_id.as_bytes()));
+    // not UTF-8 (checked a word at a time first: ids are ASCII).
+    let request_id: Arc<str> = match request_id.to_str() {
+        Ok(id) => Arc::from(id),
+        Err(_) => Arc::from(String::from_utf8_lossy(request_id.as_bytes())),
+    };
     let info = StreamInfo {
         listener: listener.name.clone(),
         source: ctx.peer,

@@ -37,7 +37,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed, Touching};
-use super::filtered::{FilteredBody, Framing, SharedChain, Side};
+use super::filtered::{FilteredBody, Framing, HeaderPhase, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -191,9 +191,16 @@ pub(super) async fn request_filters(
     end_of_stream: bool,
     chain: Option<&SharedChain>,
 ) -> Option<Response<ProxyBody>> {
-    // Boxed: the chain's future is large and only a pipeline needs it; an
-    // empty chain's request future stays small (it is moved whole).
-    match Box::pin(chain?.request_headers(parts, end_of_stream)).await? {
+    // The chain's future is large: only a phase that must wait boxes it
+    // (`HeaderPhase`), so neither an empty chain's request future (moved
+    // whole) nor a pipeline's common path carries or allocates it.
+    // Matched here, not in an `async fn` of `HeaderPhase`: a verdict held
+    // in a future's state would enlarge every request's future.
+    let verdict = match chain?.request_headers_phase(parts, end_of_stream) {
+        HeaderPhase::Done(v) => v,
+        HeaderPhase::Later(rest) => rest.await,
+    };
+    match verdict? {
         Verdict::Respond(resp) => Some(Box::pin(filter_answer(resp, chain)).await),
         _ => None,
     }
@@ -792,8 +799,11 @@ where
     let body = match chain {
         Some(chain) if !switching => {
             let end = body.is_end_stream();
-            // Boxed for the same reason as in `request_filters`.
-            let verdict = Box::pin(chain.response_headers(&mut parts, end)).await;
+            // Boxed only if it waits, as in `request_filters`.
+            let verdict = match chain.response_headers_phase(&mut parts, end) {
+                HeaderPhase::Done(v) => v,
+                HeaderPhase::Later(rest) => rest.await,
+            };
             if let Some(Verdict::Respond(resp)) = verdict {
                 return Ok(error::boxed(resp));
             }

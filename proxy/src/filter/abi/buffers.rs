@@ -161,6 +161,6 @@ pub(crate) fn set(
     new.extend_from_slice(head);
     new.extend_from_slice(&data);
     new.extend_from_slice(tail);
-    s.body = new;
+    s.body = new.freeze();
     Ok(Status::Ok)
 }

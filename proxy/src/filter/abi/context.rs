@@ -226,12 +226,12 @@ pub(crate) fn send_local_response(
     let details = details
         .map(|d| String::from_utf8_lossy(&d).into_owned())
         .unwrap_or_default();
-    c.data_mut().actions.local = Some(LocalResponse {
+    c.data_mut().actions.local = Some(Box::new(LocalResponse {
         status: status as u32,
         details,
         headers,
         body: body.into(),
-    });
+    }));
     Ok(Status::Ok)
 }
 
