@@ -830,7 +830,11 @@ impl StreamFilters {
                     if !resumed {
                         // Waiting on a callout at the end of a body: the
                         // whole body stays here until the filter resumes
-                        // (`poll_body_wait`), answers, or fails.
+                        // (`poll_body_wait`), answers, or fails. It may
+                        // wait minutes: keep an owned copy, not a slice
+                        // that pins the connection's whole read buffer
+                        // (copies only when the buffer is shared).
+                        let buf = BytesMut::from(buf).freeze();
                         self.waits[side(dir)].body = Some(BodyWait { k, buf });
                         self.start_wait(dir);
                         return BodyVerdict::Wait;
