@@ -1156,3 +1156,101 @@ async fn a_held_request_body_takes_no_upstream_slot() {
     );
     drop(wasp);
 }
+
+/// A request body chunk that arrives while a response-header callback
+/// waits for a slow callout (the upstream answered before the request body
+/// ended) is kept until that phase lets go, then goes through the filters:
+/// the upstream never gets the word the request-body filter redacts. It
+/// used to pass unfiltered (the chain was out for the header phase).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let slow = TestUpstream::start("slow").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let port = free_port();
+    let config = format!(
+        "[filters.redact_slow]\nmodule = \"redact.wasm\"\nconfig = \"shrink stream request callout\"\n{}\n[clusters.app]\nendpoints = [\"{}\"]\n[clusters.slow]\nendpoints = [\"{}\"]\n",
+        framing_listener("in", port, "redact_slow", "app", ""),
+        app.addr,
+        slow.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let mut s = tokio::net::TcpStream::connect(loopback(port)).await.unwrap();
+    // Chunked: no length to hold the head for, so the request goes
+    // upstream at once, and /echo answers with its head at once.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // The response-header callback has asked `slow` (1.5 s): the chain is
+    // out for that phase while the body's chunk arrives.
+    let asked = Instant::now();
+    while slow.requests() == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "no callout from the response-header callback\n{}",
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.write_all(b"9\r\na secret\n\r\n0\r\n\r\n").await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    // The echo of what the upstream got.
+    assert_eq!(String::from_utf8_lossy(&body), "a [r]\n");
+    drop(wasp);
+}
+
+/// The 413 the filter chain answers when a request body buffered for a
+/// filter outgrows its limit (here grown by the filter before it, so the
+/// listener's own limit is not what refuses it) is one of wasp's answers:
+/// counted in `wasp_proxy_errors_total` like the 413 of the listener's
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_over_a_filters_buffer_is_counted_as_wasps_answer() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let port = free_port();
+    let config = format!(
+        "[filters.grow]\nmodule = \"redact.wasm\"\nconfig = \"grow stream request\"\n[filters.hold]\nmodule = \"redact.wasm\"\nconfig = \"shrink buffer request\"\n[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"grow\", \"hold\"]\nlimits = {{ max_body_bytes = \"1KiB\" }}\n  [[listeners.routes]]\n  name = \"main\"\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let mut s = tokio::net::TcpStream::connect(loopback(port)).await.unwrap();
+    // 1020 bytes (under the listener's 1 KiB), 1700 once grown.
+    let body = "secret".repeat(170);
+    s.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    let (head, _) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 413"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert!(head.contains("x-wasp-error: body_too_large"), "{head}");
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"in\"", "code=\"body_too_large\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(wasp);
+}

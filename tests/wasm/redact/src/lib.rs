@@ -8,9 +8,13 @@
 //!   `stream` (rewrite each chunk as it comes);
 //! - `request` and/or `response`: which bodies (both when neither is named);
 //! - `not-modified`: also turns the response's `:status` into 304 in its
-//!   header callback (a 304 has no body, whatever its head declares).
+//!   header callback (a 304 has no body, whatever its head declares);
+//! - `callout`: its response-header callback asks cluster `slow`
+//!   `GET /slow?ms=1500` and pauses until the answer (a slow header phase
+//!   while the request body may still be on its way).
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
@@ -23,6 +27,7 @@ struct Mode {
     request: bool,
     response: bool,
     not_modified: bool,
+    callout: bool,
 }
 
 #[derive(Default)]
@@ -44,6 +49,7 @@ impl RootContext for Root {
             request: has("request") || !has("response"),
             response: has("response") || !has("request"),
             not_modified: has("not-modified"),
+            callout: has("callout"),
         };
         true
     }
@@ -61,7 +67,11 @@ struct Http {
     mode: Mode,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, _token: u32, _nh: usize, _body: usize, _nt: usize) {
+        self.resume_http_response();
+    }
+}
 
 impl Http {
     fn redact(&self, body: &[u8]) -> Vec<u8> {
@@ -76,6 +86,22 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num: usize, _eos: bool) -> Action {
         if self.mode.not_modified {
             self.set_http_response_header(":status", Some("304"));
+        }
+        if self.mode.callout {
+            let asked = self.dispatch_http_call(
+                "slow",
+                vec![
+                    (":method", "GET"),
+                    (":path", "/slow?ms=1500"),
+                    (":authority", "slow"),
+                ],
+                None,
+                vec![],
+                Duration::from_secs(10),
+            );
+            if asked.is_ok() {
+                return Action::Pause;
+            }
         }
         Action::Continue
     }
