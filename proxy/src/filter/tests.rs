@@ -653,6 +653,55 @@ async fn configure_false_rejects_the_filter_by_name() {
     assert_eq!(cf["state"], "failed");
 }
 
+/// A set prepared but not published (a reload that fails after its filters
+/// loaded: the snapshot, a listener) leaves the registry as it was: the
+/// serving version, its generation and module, as `/filters` shows them.
+/// Only publishing names the new version.
+#[tokio::test]
+async fn a_prepared_set_changes_nothing_until_published() {
+    let t = "wasm32-wasip1";
+    let entry = |name: &str| {
+        runtime()
+            .status_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| {
+                serde_json::json!({
+                    "sha256": e["sha256"],
+                    "generation": e["generation"],
+                    "module": e["module"],
+                    "state": e["state"],
+                })
+            })
+            .unwrap()
+    };
+    let serving = load(vec![spec(t, "noop", "staged")]);
+    let before = entry("staged");
+    assert_eq!(before["state"], "ok", "{before}");
+
+    let staged = runtime()
+        .prepare_set(vec![spec(t, "headers", "staged")])
+        .unwrap();
+    assert_eq!(entry("staged"), before, "prepared, not published");
+    drop(staged);
+    assert_eq!(entry("staged"), before, "dropped unpublished");
+    assert_eq!(serving.plugins.len(), 1);
+
+    let next = runtime()
+        .prepare_set(vec![spec(t, "headers", "staged")])
+        .unwrap()
+        .publish();
+    let after = entry("staged");
+    assert_ne!(after["sha256"], before["sha256"], "{after}");
+    assert!(
+        after["generation"].as_u64() > before["generation"].as_u64(),
+        "{after}"
+    );
+    drop((serving, next));
+}
+
 #[tokio::test]
 async fn non_proxy_wasm_modules_are_rejected() {
     let dir = std::env::temp_dir().join(format!("wasp-filter-test-{}", std::process::id()));
