@@ -1176,7 +1176,9 @@ async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
         slow.addr
     );
     let wasp = Wasp::start_in(dir, &config, &[]);
-    let mut s = tokio::net::TcpStream::connect(loopback(port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(loopback(port))
+        .await
+        .unwrap();
     // Chunked: no length to hold the head for, so the request goes
     // upstream at once, and /echo answers with its head at once.
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -1207,7 +1209,7 @@ async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
 }
 
 /// The 413 the filter chain answers when a request body buffered for a
-/// filter outgrows its limit (here grown by the filter before it, so the
+/// filter outgrows its limit (grown by the filter before it, so the
 /// listener's own limit is not what refuses it) is one of wasp's answers:
 /// counted in `wasp_proxy_errors_total` like the 413 of the listener's
 /// limit.
@@ -1222,18 +1224,26 @@ async fn a_request_body_over_a_filters_buffer_is_counted_as_wasps_answer() {
         app.addr
     );
     let wasp = Wasp::start_in(dir, &config, &[]);
-    let mut s = tokio::net::TcpStream::connect(loopback(port)).await.unwrap();
-    // 1020 bytes (under the listener's 1 KiB), 1700 once grown.
-    let body = "secret".repeat(170);
+    let mut s = tokio::net::TcpStream::connect(loopback(port))
+        .await
+        .unwrap();
+    // To /count, which answers once the whole body is in: 600 bytes, 1000
+    // once grown (within what `grow` may write), held by `hold`; then 60 more: over the 1 KiB `hold` may buffer, while the
+    // 660 bytes sent are well under the listener's limit.
+    let chunk = |body: String| format!("{:x}\r\n{body}\r\n", body.len());
     s.write_all(
         format!(
-            "POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
-            body.len()
+            "POST /count HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            chunk("secret".repeat(100))
         )
         .as_bytes(),
     )
     .await
     .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(chunk("secret".repeat(10)).as_bytes())
+        .await
+        .unwrap();
     let mut pending = Vec::new();
     let (head, _) = read_response(&mut s, &mut pending, false).await;
     assert!(

@@ -4,7 +4,11 @@
 //! answer); PAUSE on a body buffers (up to `max_body_bytes`) and calls the
 //! same filter again with the cumulative body; a local response, a closed
 //! stream or a failure under `fail = "closed"` ends the chain with a
-//! response.
+//! response. An answer the chain makes for wasp (`filter_failed`,
+//! `filter_closed_stream`, a body over a filter's buffer) is rendered by
+//! [`ErrorCode::response`], which carries its code with it: `forward`
+//! counts it where it counts every answer wasp makes; a filter's own local
+//! reply is marked [`super::FilterReply`] instead.
 //!
 //! Runs on the worker that accepted the request. The value holds only ids,
 //! `Arc`s and the stream's own data (moved into the VM for one synchronous

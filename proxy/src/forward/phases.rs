@@ -825,11 +825,9 @@ where
                             Err(e) => {
                                 // The head is still ours: a filter's answer (or a
                                 // buffer over its limit) replaces the upstream's.
+                                // `serve` counts it if it is wasp's own.
                                 return match chain.take_local() {
-                                    Some(local) => {
-                                        record_held_answer(&local, chain, ctx);
-                                        Ok(error::boxed(local))
-                                    }
+                                    Some(local) => Ok(error::boxed(local)),
                                     None => Err(e),
                                 };
                             }
@@ -857,27 +855,6 @@ where
 /// that sends its head and stalls is answered 504 `upstream_timeout` when
 /// `stream_idle_timeout` passes with nothing moving (the upstream's frames
 /// touch the clock as they arrive, also while a filter buffers them).
-/// A held response replaced by wasp's own answer (a body over the
-/// filter's buffer limit): counted and shown to `on_log` as any proxy
-/// error is (`serve` does that for errors, which this is not, being the
-/// chain's answer). A filter's own local reply carries no `x-wasp-error`
-/// and is left as the filter made it.
-fn record_held_answer(local: &Response<Bytes>, chain: &SharedChain, ctx: &Ctx<'_>) {
-    let code = local
-        .headers()
-        .get(crate::errors::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            crate::errors::ErrorCode::ALL
-                .iter()
-                .find(|c| c.as_str() == v)
-        });
-    if let Some(&code) = code {
-        ctx.listener.stats.error(code);
-        chain.with(|c| c.set_local_reply(code.as_str(), local));
-    }
-}
-
 async fn prime_response<B>(
     body: std::pin::Pin<&mut FilteredBody<B>>,
     clock: Option<&StreamClock>,
