@@ -6,9 +6,17 @@
 //! downstream connection task the response body). The chain is therefore
 //! shared per request behind an async mutex that only this request's tasks,
 //! all on one thread, ever take. A header phase holds it across its awaits;
-//! the bodies only try it, never wait: while a header phase runs, a body
-//! chunk passes unfiltered (only possible when the upstream answers before
-//! the request body ended).
+//! the bodies only try it, never wait. A body that finds it out for a
+//! header phase (the request body, when the upstream answered before it
+//! ended and a response-header callback is slow) keeps the frame it pulled
+//! (data, trailers, end of stream) and parks until the phase lets go: no
+//! frame passes the filters unseen, and the header phase never waits on a
+//! body. A body that finds the stream already ended (`finish` ran) fails
+//! rather than pass a chunk no filter can see.
+//!
+//! A misframed body found while a header phase holds the chain is
+//! recorded beside it ([`SharedChain::record`]) and handed to the filters
+//! by the next holder, at the latest before `on_log`.
 //!
 //! A message with a declared `content-length` that a filter's body callback
 //! may resize has its head held by `phases` until the first frame came out
@@ -17,7 +25,7 @@
 //! fits the length the head went with is cut there and reported.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -40,10 +48,63 @@ struct Inner {
     /// A local response a filter made while the request body streamed.
     local: Mutex<Option<http::Response<Bytes>>>,
     request_bytes: AtomicU64,
-    /// A body waiting for a callout found the chain out for a header
-    /// phase: woken when the chain is put back. One per side (request,
-    /// response): both bodies may wait at once.
+    /// A body found the chain out for a header phase: woken when the
+    /// chain is put back. One per side (request, response): both bodies
+    /// may wait at once.
     waiters: [Mutex<Option<Waker>>; 2],
+    /// Facts recorded while the chain was out, for its next holder;
+    /// `any_owed` says whether to look (no lock taken per chunk).
+    owed: Mutex<Vec<Fact>>,
+    any_owed: AtomicBool,
+}
+
+/// Something the core learnt about the exchange that the filters read
+/// later (properties, `on_log`, metrics): never dropped because a header
+/// phase had the chain at the time ([`SharedChain::record`]).
+pub enum Fact {
+    /// A body no longer matches the length its head went with.
+    Misframed(Side),
+}
+
+impl Fact {
+    fn apply(self, c: &mut StreamFilters) {
+        match self {
+            Fact::Misframed(side) => c.report_misframed(side.dir()),
+        }
+    }
+}
+
+/// Why a body could not have the chain.
+enum Unavailable {
+    /// A header phase has it: park until it lets go.
+    Busy,
+    /// The stream ended (`finish`): no filter can see anything any more.
+    Ended,
+}
+
+/// A header phase's hold on the chain. Letting go (also when the phase's
+/// future is dropped midway) hands the chain what was recorded meanwhile
+/// and wakes the bodies that found it out.
+struct Phase<'a> {
+    shared: &'a SharedChain,
+    slot: Option<futures_util::lock::MutexGuard<'a, Option<StreamFilters>>>,
+}
+
+impl Phase<'_> {
+    fn chain(&mut self) -> Option<&mut StreamFilters> {
+        self.slot.as_mut()?.as_mut()
+    }
+}
+
+impl Drop for Phase<'_> {
+    fn drop(&mut self) {
+        if let Some(mut slot) = self.slot.take() {
+            if let Some(chain) = slot.as_mut() {
+                self.shared.settle_owed(chain);
+            }
+        }
+        self.shared.wake_waiting_body();
+    }
 }
 
 /// Returned by the request body when a filter answered locally mid-body; the
@@ -60,8 +121,22 @@ impl SharedChain {
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
                 waiters: [Mutex::new(None), Mutex::new(None)],
+                owed: Mutex::new(Vec::new()),
+                any_owed: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Takes the chain for a header phase, waiting for it.
+    async fn phase(&self) -> Phase<'_> {
+        let mut phase = Phase {
+            shared: self,
+            slot: Some(self.inner.chain.lock().await),
+        };
+        if let Some(chain) = phase.chain() {
+            self.settle_owed(chain);
+        }
+        phase
     }
 
     /// Runs the request-header filters; `None` once the stream ended.
@@ -70,30 +145,67 @@ impl SharedChain {
         head: &mut http::request::Parts,
         end_of_stream: bool,
     ) -> Option<Verdict> {
-        let mut slot = self.inner.chain.lock().await;
-        let verdict = slot.as_mut()?.request_headers(head, end_of_stream).await;
-        drop(slot);
-        self.wake_waiting_body();
+        let mut phase = self.phase().await;
+        let verdict = phase.chain()?.request_headers(head, end_of_stream).await;
         Some(verdict)
     }
 
     /// Runs the response-header filters; `None` once the stream ended.
-    /// While they run, a request body chunk still on its way passes
-    /// unfiltered (see the module docs).
+    /// While they run, a request body chunk still on its way waits for
+    /// them (see the module docs).
     pub async fn response_headers(
         &self,
         head: &mut http::response::Parts,
         end_of_stream: bool,
     ) -> Option<Verdict> {
-        let mut slot = self.inner.chain.lock().await;
-        let verdict = slot.as_mut()?.response_headers(head, end_of_stream).await;
-        drop(slot);
-        self.wake_waiting_body();
+        let mut phase = self.phase().await;
+        let verdict = phase.chain()?.response_headers(head, end_of_stream).await;
         Some(verdict)
     }
 
-    /// A body waiting for a callout found the chain held by a header phase
-    /// (`try_lock` registers no waker): wake it now the phase let go.
+    /// Hands `fact` to the filters now if the chain is free, else to its
+    /// next holder. Dropped only once the stream has ended (`on_log` has
+    /// run: nothing would read it).
+    pub fn record(&self, fact: Fact) {
+        match self.inner.chain.try_lock() {
+            Some(mut slot) => {
+                if let Some(chain) = slot.as_mut() {
+                    self.settle_owed(chain);
+                    fact.apply(chain);
+                }
+            }
+            None => {
+                if let Ok(mut owed) = self.inner.owed.lock() {
+                    owed.push(fact);
+                    self.inner.any_owed.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Applies what was recorded while the chain was out, in order.
+    fn settle_owed(&self, chain: &mut StreamFilters) {
+        if !self.inner.any_owed.swap(false, Ordering::Acquire) {
+            return;
+        }
+        let owed = match self.inner.owed.lock() {
+            Ok(mut owed) => std::mem::take(&mut *owed),
+            Err(_) => return,
+        };
+        for fact in owed {
+            fact.apply(chain);
+        }
+    }
+
+    /// Test support: holds the chain as a header phase does, until the
+    /// returned guard is dropped.
+    #[cfg(test)]
+    pub(crate) async fn hold(&self) -> impl Drop + '_ {
+        self.phase().await
+    }
+
+    /// A body found the chain held by a header phase (`try_lock`
+    /// registers no waker): wake it now the phase let go.
     fn wake_waiting_body(&self) {
         for waiter in &self.inner.waiters {
             if let Some(w) = waiter.lock().ok().and_then(|mut w| w.take()) {
@@ -104,11 +216,7 @@ impl SharedChain {
 
     /// Parks a body of `side` until a header phase puts the chain back.
     fn park(&self, side: Side, cx: &Context<'_>) {
-        let i = match side {
-            Side::Request => 0,
-            Side::Response => 1,
-        };
-        if let Some(Ok(mut w)) = self.inner.waiters.get(i).map(|w| w.lock()) {
+        if let Some(Ok(mut w)) = self.inner.waiters.get(side.index()).map(|w| w.lock()) {
             *w = Some(cx.waker().clone());
         }
     }
@@ -116,8 +224,15 @@ impl SharedChain {
     /// Runs `f` on the chain unless a header phase has it (or the stream
     /// ended); never waits.
     pub fn with<R>(&self, f: impl FnOnce(&mut StreamFilters) -> R) -> Option<R> {
-        let mut slot = self.inner.chain.try_lock()?;
-        slot.as_mut().map(f)
+        self.try_with(f).ok()
+    }
+
+    /// As [`Self::with`], saying why not.
+    fn try_with<R>(&self, f: impl FnOnce(&mut StreamFilters) -> R) -> Result<R, Unavailable> {
+        let mut slot = self.inner.chain.try_lock().ok_or(Unavailable::Busy)?;
+        let chain = slot.as_mut().ok_or(Unavailable::Ended)?;
+        self.settle_owed(chain);
+        Ok(f(chain))
     }
 
     /// Whether a filter of the chain has a body callback for `side` (and
@@ -146,7 +261,12 @@ impl SharedChain {
             );
             return;
         };
-        if let Some(chain) = slot.take() {
+        let chain = slot.take();
+        drop(slot);
+        // A body parked on the chain finds the stream ended.
+        self.wake_waiting_body();
+        if let Some(mut chain) = chain {
+            self.settle_owed(&mut chain);
             chain.finish(
                 self.inner.request_bytes.load(Ordering::Relaxed),
                 response_bytes,
@@ -156,13 +276,20 @@ impl SharedChain {
 }
 
 /// Which side of the exchange a body is on.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub enum Side {
     Request,
     Response,
 }
 
 impl Side {
+    fn index(self) -> usize {
+        match self {
+            Side::Request => 0,
+            Side::Response => 1,
+        }
+    }
+
     fn dir(self) -> Dir {
         match self {
             Side::Request => Dir::Request,
@@ -196,7 +323,19 @@ pin_project_lite::pin_project! {
         // match it is reported once.
         declared: Option<u64>,
         misframe_reported: bool,
+        // A frame pulled from `inner` while the chain was out for a header
+        // phase: through the filters first when it is back.
+        stalled: Option<Pulled>,
     }
+}
+
+/// One frame of the inner body on its way through the filters.
+struct Pulled {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+    eos: bool,
+    /// The body callbacks ran on it already; only its trailers are left.
+    body_ran: bool,
 }
 
 /// What the filters made of a body's length by the time its first frame
@@ -226,6 +365,7 @@ impl<B> FilteredBody<B> {
             primed: None,
             declared: None,
             misframe_reported: false,
+            stalled: None,
         }
     }
 }
@@ -249,7 +389,10 @@ where
             Some(Ok(frame)) => *this.primed = Some(frame),
             None => {}
         }
-        let ended = *this.ended && this.waiting.is_none() && !*this.waiting_trailers;
+        let ended = *this.ended
+            && this.waiting.is_none()
+            && !*this.waiting_trailers
+            && this.stalled.is_none();
         Ok(if ended {
             Framing::Ended(*this.passed_out)
         } else if *this.passed_in != *this.passed_out {
@@ -270,14 +413,38 @@ where
         *self.project().declared = Some(n);
     }
 
-    /// Reports (once) a body that no longer matches its declared length.
+    /// Reports (once) a body that no longer matches its declared length;
+    /// recorded for the chain's next holder if a header phase has it.
     fn misframed(self: Pin<&mut Self>) {
         let this = self.project();
         if !*this.misframe_reported {
-            let dir = this.side.dir();
-            // Only once it ran: a chain out for a header phase is asked
-            // again at the next misfit.
-            *this.misframe_reported = this.chain.with(|c| c.report_misframed(dir)).is_some();
+            *this.misframe_reported = true;
+            this.chain.record(Fact::Misframed(*this.side));
+        }
+    }
+
+    /// The chain is out: `Busy` parks the body until the header phase
+    /// lets go (the caller keeps what it holds); `Ended` is the body's
+    /// failure, since no filter could see the rest.
+    fn unavailable(
+        chain: &SharedChain,
+        side: Side,
+        why: Unavailable,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match why {
+            Unavailable::Busy => {
+                chain.park(side, cx);
+                // Put back between the try and the park (another thread):
+                // look again rather than sleep on a wake already given.
+                if chain.inner.chain.try_lock().is_some() {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+            Unavailable::Ended => Poll::Ready(Some(Err(
+                "the filter chain ended before the body: the rest cannot be filtered".into(),
+            ))),
         }
     }
 
@@ -290,23 +457,16 @@ where
         if let Some(t) = this.pending_trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
+        let side = *this.side;
         if *this.waiting_trailers {
             let mut t = HeaderMap::new();
-            let side = *this.side;
             let v = match this
                 .chain
-                .with(|c| c.poll_trailers_wait(cx, side.dir(), &mut t))
+                .try_with(|c| c.poll_trailers_wait(cx, side.dir(), &mut t))
             {
-                Some(Poll::Ready(v)) => v,
-                Some(Poll::Pending) => return Poll::Pending,
-                None => {
-                    // Out for a response header phase: wait for it to come back.
-                    this.chain.park(side, cx);
-                    if this.chain.with(|_| ()).is_some() {
-                        cx.waker().wake_by_ref();
-                    }
-                    return Poll::Pending;
-                }
+                Ok(Poll::Ready(v)) => v,
+                Ok(Poll::Pending) => return Poll::Pending,
+                Err(why) => return Self::unavailable(this.chain, side, why, cx),
             };
             *this.waiting_trailers = false;
             if let Verdict::Respond(resp) = v {
@@ -315,94 +475,127 @@ where
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
         loop {
-            let side = *this.side;
-            let (data, trailers, eos, verdict) = if let Some(trailers) = this.waiting.take() {
-                let verdict = match this.chain.with(|c| c.poll_body_wait(cx, side.dir())) {
-                    Some(Poll::Pending) => {
+            let (pulled, verdict) = if let Some(trailers) = this.waiting.take() {
+                let verdict = match this.chain.try_with(|c| c.poll_body_wait(cx, side.dir())) {
+                    Ok(Poll::Pending) => {
                         *this.waiting = Some(trailers);
                         return Poll::Pending;
                     }
-                    Some(Poll::Ready(v)) => Some(v),
-                    None => {
-                        // Out for a response header phase: the held body
-                        // is in the chain, so wait for it to come back.
-                        this.chain.park(side, cx);
+                    Ok(Poll::Ready(v)) => v,
+                    Err(why) => {
+                        // The held body is in the chain: wait for it to
+                        // come back.
                         *this.waiting = Some(trailers);
-                        if this.chain.with(|_| ()).is_some() {
+                        return Self::unavailable(this.chain, side, why, cx);
+                    }
+                };
+                let pulled = Pulled {
+                    data: Bytes::new(),
+                    trailers,
+                    eos: true,
+                    body_ran: true,
+                };
+                (pulled, verdict)
+            } else {
+                let pulled = match this.stalled.take() {
+                    // Pulled while the chain was out: its turn now.
+                    Some(p) => p,
+                    None => {
+                        if *this.ended {
+                            return Poll::Ready(None);
+                        }
+                        let frame = match this.inner.as_mut().poll_frame(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                            Poll::Ready(Some(Ok(f))) => Some(f),
+                            Poll::Ready(None) => None,
+                        };
+                        let (data, trailers, eos) = match frame {
+                            None => (Bytes::new(), None, true),
+                            Some(f) => match f.into_data() {
+                                Ok(d) => {
+                                    let eos = this.inner.is_end_stream();
+                                    (d, None, eos)
+                                }
+                                Err(f) => match f.into_trailers() {
+                                    Ok(t) => (Bytes::new(), Some(t), true),
+                                    Err(_) => continue,
+                                },
+                            },
+                        };
+                        if eos {
+                            *this.ended = true;
+                        }
+                        *this.passed_in = this.passed_in.saturating_add(data.len() as u64);
+                        if let Side::Request = side {
+                            this.chain
+                                .inner
+                                .request_bytes
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                        Pulled {
+                            data,
+                            trailers,
+                            eos,
+                            body_ran: false,
+                        }
+                    }
+                };
+                if pulled.body_ran {
+                    (pulled, BodyVerdict::Forward(Bytes::new()))
+                } else {
+                    let ran = this.chain.try_with(|c| match side {
+                        Side::Request => c.request_body(pulled.data.clone(), pulled.eos),
+                        Side::Response => c.response_body(pulled.data.clone(), pulled.eos),
+                    });
+                    match ran {
+                        Ok(v) => (pulled, v),
+                        // Nothing the filters could change: the end passes.
+                        Err(Unavailable::Ended)
+                            if pulled.data.is_empty() && pulled.trailers.is_none() =>
+                        {
+                            if pulled.eos {
+                                return Poll::Ready(None);
+                            }
                             continue;
                         }
-                        return Poll::Pending;
-                    }
-                };
-                (Bytes::new(), trailers, true, verdict)
-            } else {
-                if *this.ended {
-                    return Poll::Ready(None);
-                }
-                let frame = match this.inner.as_mut().poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                    Poll::Ready(Some(Ok(f))) => Some(f),
-                    Poll::Ready(None) => None,
-                };
-                let (data, trailers, eos) = match frame {
-                    None => (Bytes::new(), None, true),
-                    Some(f) => match f.into_data() {
-                        Ok(d) => {
-                            let eos = this.inner.is_end_stream();
-                            (d, None, eos)
+                        Err(why) => {
+                            // Kept whole (data, trailers, end of stream)
+                            // for when the header phase lets go.
+                            *this.stalled = Some(pulled);
+                            return Self::unavailable(this.chain, side, why, cx);
                         }
-                        Err(f) => match f.into_trailers() {
-                            Ok(t) => (Bytes::new(), Some(t), true),
-                            Err(_) => continue,
-                        },
-                    },
-                };
-                if eos {
-                    *this.ended = true;
+                    }
                 }
-                *this.passed_in = this.passed_in.saturating_add(data.len() as u64);
-                if let Side::Request = this.side {
-                    this.chain
-                        .inner
-                        .request_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                let verdict = this.chain.with(|c| match side {
-                    Side::Request => c.request_body(data.clone(), eos),
-                    Side::Response => c.response_body(data.clone(), eos),
-                });
-                (data, trailers, eos, verdict)
             };
+            let Pulled { eos, trailers, .. } = pulled;
             let out = match verdict {
-                // The chain is out for a header phase: pass the chunk on.
-                None => data,
-                Some(BodyVerdict::Forward(b)) => b,
-                Some(BodyVerdict::Hold) => {
+                BodyVerdict::Forward(b) => b,
+                BodyVerdict::Hold => {
                     if eos && trailers.is_none() {
                         return Poll::Ready(None);
                     }
                     Bytes::new()
                 }
-                Some(BodyVerdict::Wait) => {
+                BodyVerdict::Wait => {
                     *this.waiting = Some(trailers);
                     continue;
                 }
-                Some(BodyVerdict::Respond(resp)) => {
+                BodyVerdict::Respond(resp) => {
                     return Poll::Ready(Some(Err(respond(this.chain, side, resp))))
                 }
             };
             let trailers = match trailers {
                 Some(mut t) => {
-                    let v = this.chain.with(|c| match side {
+                    let v = this.chain.try_with(|c| match side {
                         Side::Request => c.request_trailers(&mut t),
                         Side::Response => c.response_trailers(&mut t),
                     });
                     match v {
-                        Some(Verdict::Respond(resp)) => {
+                        Ok(Verdict::Respond(resp)) => {
                             return Poll::Ready(Some(Err(respond(this.chain, side, resp))));
                         }
-                        Some(Verdict::Wait) => {
+                        Ok(Verdict::Wait) => {
                             // Held in the chain: data first, then the wait.
                             *this.waiting_trailers = true;
                             if !out.is_empty() {
@@ -411,9 +604,23 @@ where
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
                         }
-                        _ => {}
+                        Ok(_) => Some(t),
+                        Err(why) => {
+                            // Out since the body ran (another thread):
+                            // the trailers wait their turn, the data
+                            // that ran goes on.
+                            *this.stalled = Some(Pulled {
+                                data: Bytes::new(),
+                                trailers: Some(t),
+                                eos: true,
+                                body_ran: true,
+                            });
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                            return Self::unavailable(this.chain, side, why, cx);
+                        }
                     }
-                    Some(t)
                 }
                 None => None,
             };
@@ -495,6 +702,7 @@ where
             && self.pending_trailers.is_none()
             && self.waiting.is_none()
             && !self.waiting_trailers
+            && self.stalled.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
