@@ -14,9 +14,12 @@
 //! body. A body that finds the stream already ended (`finish` ran) fails
 //! rather than pass a chunk no filter can see.
 //!
-//! A misframed body found while a header phase holds the chain is
+//! What the core learns about the exchange while a header phase holds the
+//! chain (the upstream's address and connection, a misframed body) is
 //! recorded beside it ([`SharedChain::record`]) and handed to the filters
-//! by the next holder, at the latest before `on_log`.
+//! by the next holder, at the latest before `on_log`. Whether a filter has
+//! a body callback is fixed when the chain is made and read without the
+//! lock.
 //!
 //! A message with a declared `content-length` that a filter's body callback
 //! may resize has its head held by `phases` until the first frame came out
@@ -34,6 +37,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::filter::{BodyVerdict, Dir, StreamFilters, Verdict};
+use crate::tls::UpstreamConn;
 use crate::upstream::BoxError;
 
 /// One request's filter chain, shared by its header phases and its bodies.
@@ -52,6 +56,10 @@ struct Inner {
     /// chain is put back. One per side (request, response): both bodies
     /// may wait at once.
     waiters: [Mutex<Option<Waker>>; 2],
+    /// Whether a filter of the chain has a body callback, per side
+    /// (request, response): fixed when the chain is made, read without
+    /// the lock.
+    body_callbacks: [bool; 2],
     /// Facts recorded while the chain was out, for its next holder;
     /// `any_owed` says whether to look (no lock taken per chunk).
     owed: Mutex<Vec<Fact>>,
@@ -62,6 +70,14 @@ struct Inner {
 /// later (properties, `on_log`, metrics): never dropped because a header
 /// phase had the chain at the time ([`SharedChain::record`]).
 pub enum Fact {
+    /// The route and cluster picked (`route_name`, `cluster_name`).
+    Route(Arc<str>, Arc<str>),
+    /// The endpoint being tried (`upstream.address`).
+    Upstream(std::net::SocketAddr),
+    /// The connection the response came on (`upstream.*`).
+    UpstreamConn(Arc<UpstreamConn>),
+    /// Why connecting failed (`upstream.transport_failure_reason`).
+    UpstreamFailure(Box<str>),
     /// A body no longer matches the length its head went with.
     Misframed(Side),
 }
@@ -69,6 +85,10 @@ pub enum Fact {
 impl Fact {
     fn apply(self, c: &mut StreamFilters) {
         match self {
+            Fact::Route(route, cluster) => c.set_route(route, cluster),
+            Fact::Upstream(addr) => c.set_upstream(addr),
+            Fact::UpstreamConn(conn) => c.set_upstream_conn(conn),
+            Fact::UpstreamFailure(reason) => c.set_upstream_failure(&reason),
             Fact::Misframed(side) => c.report_misframed(side.dir()),
         }
     }
@@ -115,12 +135,17 @@ pub struct AnsweredLocally;
 
 impl SharedChain {
     pub fn new(chain: StreamFilters) -> Self {
+        let body_callbacks = [
+            chain.has_body_callback(Dir::Request),
+            chain.has_body_callback(Dir::Response),
+        ];
         Self {
             inner: Arc::new(Inner {
                 chain: futures_util::lock::Mutex::new(Some(chain)),
                 local: Mutex::new(None),
                 request_bytes: AtomicU64::new(0),
                 waiters: [Mutex::new(None), Mutex::new(None)],
+                body_callbacks,
                 owed: Mutex::new(Vec::new()),
                 any_owed: AtomicBool::new(false),
             }),
@@ -236,10 +261,13 @@ impl SharedChain {
     }
 
     /// Whether a filter of the chain has a body callback for `side` (and
-    /// so may change that body's length).
+    /// so may change that body's length); known without the chain.
     pub fn has_body_callback(&self, side: Side) -> bool {
-        self.with(|c| c.has_body_callback(side.dir()))
-            .unwrap_or(false)
+        let [request, response] = self.inner.body_callbacks;
+        match side {
+            Side::Request => request,
+            Side::Response => response,
+        }
     }
 
     pub fn take_local(&self) -> Option<http::Response<Bytes>> {

@@ -37,7 +37,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed, Touching};
-use super::filtered::{FilteredBody, Framing, SharedChain, Side};
+use super::filtered::{Fact, FilteredBody, Framing, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -91,7 +91,10 @@ where
     // The route and cluster are known now: body callbacks run while the
     // head is held (below) must see them, as they do on a streamed body.
     if let Some(chain) = chain {
-        chain.with(|c| c.set_route(routed.route.name.clone(), routed.upstream.name.clone()));
+        chain.record(Fact::Route(
+            routed.route.name.clone(),
+            routed.upstream.name.clone(),
+        ));
     }
     // Before the cluster admission: a client that is slow to send the body
     // its head waits for must not hold an upstream slot meanwhile (as
@@ -437,11 +440,7 @@ pub(super) async fn admit_and_pick(
     };
     let picked = picked.ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
     if let Some(chain) = chain {
-        // Set again: the hold above may have found the chain busy.
-        chain.with(|c| {
-            c.set_route(routed.route.name.clone(), upstream.name.clone());
-            c.set_upstream(picked.addr);
-        });
+        chain.record(Fact::Upstream(picked.addr));
     }
     Ok((admission, picked))
 }
@@ -642,7 +641,7 @@ pub(super) async fn send(
             *e = addr;
         }
         if let Some(c) = chain {
-            c.with(|c| c.set_upstream(addr));
+            c.record(Fact::Upstream(addr));
         }
     };
     let request = Request::from_parts(parts, body);
@@ -698,7 +697,8 @@ where
 
 /// Hands the connection the response came on to the filters
 /// (`upstream.*`), or why connecting to the upstream failed
-/// (`upstream.transport_failure_reason`).
+/// (`upstream.transport_failure_reason`): recorded, so a chain out for a
+/// header phase gets them when it is back.
 fn with_conn(
     sent: Result<Response<ResponseBody>, SendError>,
     chain: Option<&SharedChain>,
@@ -708,11 +708,10 @@ fn with_conn(
     };
     match &sent {
         Ok(resp) => {
-            let conn = resp.body().conn().clone();
-            c.with(|c| c.set_upstream_conn(conn));
+            c.record(Fact::UpstreamConn(resp.body().conn().clone()));
         }
         Err(SendError::Connect { reason, .. } | SendError::Tls { reason, .. }) => {
-            c.with(|c| c.set_upstream_failure(reason));
+            c.record(Fact::UpstreamFailure(Box::from(reason.as_str())));
         }
         Err(_) => {}
     }
@@ -808,10 +807,10 @@ where
             let body = Touching::new(body, clock.clone());
             let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
             match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
-                // Not held (no body callback, or the chain was busy with the
-                // request body when asked): the declared length still caps
-                // what goes out, so a body resized after all cannot put the
-                // connection out of step.
+                // Not held (no filter exports a body callback for it): the
+                // declared length still caps what goes out, so even a body
+                // resized after all could not put the connection out of
+                // step.
                 None => filtered
                     .declared(headers::declared_length(&parts.headers).filter(|_| has_body))
                     .boxed_unsync(),

@@ -650,3 +650,24 @@ async fn a_body_frame_waits_while_a_header_phase_holds_the_chain() {
     );
     assert!(body.frame().await.is_none());
 }
+
+/// What is known of the chain without taking it: whether a filter has a
+/// body callback (which decides holding a head) does not depend on a
+/// header phase having the chain, and the upstream facts recorded
+/// meanwhile reach the filters when it lets go.
+#[tokio::test]
+async fn chain_facts_do_not_depend_on_the_chain_being_free() {
+    use super::filtered::{Fact, Side};
+    let w = body_deny_world();
+    let chain = started_chain(&w).await;
+    let addr: SocketAddr = "10.9.8.7:8080".parse().unwrap();
+    let held = chain.hold().await;
+    // (The proxy-wasm SDK exports both body callbacks.)
+    assert!(chain.has_body_callback(Side::Request));
+    assert!(chain.has_body_callback(Side::Response));
+    chain.record(Fact::Upstream(addr));
+    assert!(chain.with(|_| ()).is_none(), "held");
+    drop(held);
+    let seen = chain.with(|c| c.property("upstream.address")).flatten();
+    assert_eq!(seen.as_deref(), Some(addr.to_string().as_bytes()));
+}
