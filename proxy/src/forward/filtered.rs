@@ -210,7 +210,11 @@ impl SharedChain {
 
     /// Applies what was recorded while the chain was out, in order.
     fn settle_owed(&self, chain: &mut StreamFilters) {
-        if !self.inner.any_owed.swap(false, Ordering::Acquire) {
+        // A plain load first: this runs for every body chunk, and almost
+        // never finds anything owed.
+        if !self.inner.any_owed.load(Ordering::Relaxed)
+            || !self.inner.any_owed.swap(false, Ordering::Acquire)
+        {
             return;
         }
         let owed = match self.inner.owed.lock() {
