@@ -1264,3 +1264,95 @@ async fn a_request_body_over_a_filters_buffer_is_counted_as_wasps_answer() {
     );
     drop(wasp);
 }
+
+/// A chain of an inspecting filter and, after it, one that buffers the
+/// body until its end (`redact`'s `hold`): every chunk still goes through
+/// the inspector first, also the chunks that come after the buffering
+/// filter paused. The word the inspector rewrites is sent in a later
+/// chunk, in both directions (a response runs the chain in reverse); the
+/// peer never gets it. It used to be appended straight to the buffering
+/// filter's buffer, unseen by the inspector before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_body_chunk_passes_the_filters_before_the_one_that_buffers() {
+    use tokio::io::AsyncWriteExt;
+    fn script(path: &str) -> Vec<Step> {
+        match path {
+            // The word comes in the second chunk, after `hold` paused on
+            // the first.
+            "/late-secret" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\nConnection: close\r\n\r\nnothing here\n".to_vec()),
+                Step::Sleep(300),
+                Step::Send(b"a secret\n".to_vec()),
+            ],
+            _ => vec![Step::Send(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            )],
+        }
+    }
+    let app = TestUpstream::start("app").await;
+    let up = scripted_upstream(script, std::sync::Arc::new(tokio::sync::Notify::new())).await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let (req_port, resp_port) = (free_port(), free_port());
+    let listener = |name: &str, port: u16, pipeline: &str, cluster: &str| {
+        format!(
+            "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\npipeline = {pipeline}\n  [[listeners.routes]]\n  name = \"{name}-main\"\n  cluster = \"{cluster}\"\n"
+        )
+    };
+    let mut filters = String::new();
+    for dir in ["req", "resp"] {
+        let word = if dir == "req" { "request" } else { "response" };
+        filters.push_str(&format!(
+            "[filters.inspect_{dir}]\nmodule = \"redact.wasm\"\nconfig = \"grow stream {word}\"\n[filters.hold_{dir}]\nmodule = \"redact.wasm\"\nconfig = \"hold {word}\"\n"
+        ));
+    }
+    let config = format!(
+        "{filters}{}{}[clusters.app]\nendpoints = [\"{}\"]\n[clusters.script]\nendpoints = [\"{up}\"]\n",
+        // Request: `inspect` then `hold`. One direction each: `/echo`
+        // sends the body back through the same chain.
+        listener("req", req_port, r#"["inspect_req", "hold_req"]"#, "app"),
+        // Response (reverse order): `inspect` then `hold` too.
+        listener("resp", resp_port, r#"["hold_resp", "inspect_resp"]"#, "script"),
+        app.addr,
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+
+    // Request: a chunked upload, the word in its second chunk, sent once
+    // `hold` has paused on the first.
+    let mut s = tokio::net::TcpStream::connect(loopback(req_port))
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nd\r\nnothing here\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"9\r\na secret\n\r\n0\r\n\r\n").await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    // The echo of what the upstream got.
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "nothing here\na [REDACTED]\n",
+        "{}",
+        wasp.log_text()
+    );
+
+    // Response: the upstream sends the word in its second chunk.
+    let (head, body) = raw_get(loopback(resp_port), "GET", "/late-secret", None)
+        .await
+        .unwrap_or_else(|| panic!("no response\n{}", wasp.log_text()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "nothing here\na [REDACTED]\n",
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    drop(wasp);
+}

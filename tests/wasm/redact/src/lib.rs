@@ -6,6 +6,8 @@
 //! - `shrink` (`secret` -> `[r]`) or `grow` (`secret` -> `[REDACTED]`);
 //! - `buffer` (PAUSE until the end of the body, then rewrite it whole) or
 //!   `stream` (rewrite each chunk as it comes);
+//! - `hold`: PAUSE until the end of the body, then pass it on unchanged (a
+//!   buffering filter that inspects nothing, placed after one that does);
 //! - `request` and/or `response`: which bodies (both when neither is named);
 //! - `not-modified`: also turns the response's `:status` into 304 in its
 //!   header callback (a 304 has no body, whatever its head declares);
@@ -24,6 +26,7 @@ proxy_wasm::main! {{
 struct Mode {
     grow: bool,
     buffer: bool,
+    hold: bool,
     request: bool,
     response: bool,
     not_modified: bool,
@@ -46,6 +49,7 @@ impl RootContext for Root {
         self.mode = Mode {
             grow: has("grow"),
             buffer: has("buffer"),
+            hold: has("hold"),
             request: has("request") || !has("response"),
             response: has("response") || !has("request"),
             not_modified: has("not-modified"),
@@ -110,8 +114,11 @@ impl HttpContext for Http {
         if !self.mode.request {
             return Action::Continue;
         }
-        if self.mode.buffer && !eos {
+        if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
+        }
+        if self.mode.hold {
+            return Action::Continue;
         }
         if let Some(body) = self.get_http_request_body(0, size) {
             let new = self.redact(&body);
@@ -124,8 +131,11 @@ impl HttpContext for Http {
         if !self.mode.response {
             return Action::Continue;
         }
-        if self.mode.buffer && !eos {
+        if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
+        }
+        if self.mode.hold {
+            return Action::Continue;
         }
         if let Some(body) = self.get_http_response_body(0, size) {
             let new = self.redact(&body);
