@@ -8,6 +8,9 @@
 //!   `stream` (rewrite each chunk as it comes);
 //! - `hold`: PAUSE until the end of the body, then pass it on unchanged (a
 //!   buffering filter that inspects nothing, placed after one that does);
+//! - `every-other`: PAUSE on every other body callback before the end (the
+//!   1st, 3rd, ...), CONTINUE on the others, passing the body unchanged (a
+//!   filter that buffers and lets go again while later ones hold theirs);
 //! - `request` and/or `response`: which bodies (both when neither is named);
 //! - `not-modified`: also turns the response's `:status` into 304 in its
 //!   header callback (a 304 has no body, whatever its head declares);
@@ -27,6 +30,7 @@ struct Mode {
     grow: bool,
     buffer: bool,
     hold: bool,
+    every_other: bool,
     request: bool,
     response: bool,
     not_modified: bool,
@@ -50,6 +54,7 @@ impl RootContext for Root {
             grow: has("grow"),
             buffer: has("buffer"),
             hold: has("hold"),
+            every_other: has("every-other"),
             request: has("request") || !has("response"),
             response: has("response") || !has("request"),
             not_modified: has("not-modified"),
@@ -59,7 +64,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { mode: self.mode }))
+        Some(Box::new(Http {
+            mode: self.mode,
+            calls: 0,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -69,6 +77,8 @@ impl RootContext for Root {
 
 struct Http {
     mode: Mode,
+    /// Body callbacks so far (`every-other`).
+    calls: u32,
 }
 
 impl Context for Http {
@@ -78,6 +88,16 @@ impl Context for Http {
 }
 
 impl Http {
+    /// `every-other`: whether this callback pauses.
+    fn alternate(&mut self, eos: bool) -> Action {
+        self.calls += 1;
+        if !eos && self.calls % 2 == 1 {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn redact(&self, body: &[u8]) -> Vec<u8> {
         let to = if self.mode.grow { "[REDACTED]" } else { "[r]" };
         String::from_utf8_lossy(body)
@@ -114,6 +134,9 @@ impl HttpContext for Http {
         if !self.mode.request {
             return Action::Continue;
         }
+        if self.mode.every_other {
+            return self.alternate(eos);
+        }
         if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
         }
@@ -130,6 +153,9 @@ impl HttpContext for Http {
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
         if !self.mode.response {
             return Action::Continue;
+        }
+        if self.mode.every_other {
+            return self.alternate(eos);
         }
         if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
