@@ -1156,3 +1156,203 @@ async fn a_held_request_body_takes_no_upstream_slot() {
     );
     drop(wasp);
 }
+
+/// A request body chunk that arrives while a response-header callback
+/// waits for a slow callout (the upstream answered before the request body
+/// ended) is kept until that phase lets go, then goes through the filters:
+/// the upstream never gets the word the request-body filter redacts. It
+/// used to pass unfiltered (the chain was out for the header phase).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let slow = TestUpstream::start("slow").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let port = free_port();
+    let config = format!(
+        "[filters.redact_slow]\nmodule = \"redact.wasm\"\nconfig = \"shrink stream request callout\"\n{}\n[clusters.app]\nendpoints = [\"{}\"]\n[clusters.slow]\nendpoints = [\"{}\"]\n",
+        framing_listener("in", port, "redact_slow", "app", ""),
+        app.addr,
+        slow.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let mut s = tokio::net::TcpStream::connect(loopback(port))
+        .await
+        .unwrap();
+    // Chunked: no length to hold the head for, so the request goes
+    // upstream at once, and /echo answers with its head at once.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // The response-header callback has asked `slow` (1.5 s): the chain is
+    // out for that phase while the body's chunk arrives.
+    let asked = Instant::now();
+    while slow.requests() == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "no callout from the response-header callback\n{}",
+            wasp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.write_all(b"9\r\na secret\n\r\n0\r\n\r\n").await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    // The echo of what the upstream got.
+    assert_eq!(String::from_utf8_lossy(&body), "a [r]\n");
+    drop(wasp);
+}
+
+/// The 413 the filter chain answers when a request body buffered for a
+/// filter outgrows its limit (grown by the filter before it, so the
+/// listener's own limit is not what refuses it) is one of wasp's answers:
+/// counted in `wasp_proxy_errors_total` like the 413 of the listener's
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_over_a_filters_buffer_is_counted_as_wasps_answer() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let port = free_port();
+    let config = format!(
+        "[filters.grow]\nmodule = \"redact.wasm\"\nconfig = \"grow stream request\"\n[filters.hold]\nmodule = \"redact.wasm\"\nconfig = \"shrink buffer request\"\n[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"grow\", \"hold\"]\nlimits = {{ max_body_bytes = \"1KiB\" }}\n  [[listeners.routes]]\n  name = \"main\"\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+        app.addr
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+    let mut s = tokio::net::TcpStream::connect(loopback(port))
+        .await
+        .unwrap();
+    // To /count, which answers once the whole body is in: 600 bytes, 1000
+    // once grown (within what `grow` may write), held by `hold`; then 60 more: over the 1 KiB `hold` may buffer, while the
+    // 660 bytes sent are well under the listener's limit.
+    let chunk = |body: String| format!("{:x}\r\n{body}\r\n", body.len());
+    s.write_all(
+        format!(
+            "POST /count HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            chunk("secret".repeat(100))
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(chunk("secret".repeat(10)).as_bytes())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let (head, _) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 413"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    assert!(head.contains("x-wasp-error: body_too_large"), "{head}");
+    let metrics = wasp.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wasp_proxy_errors_total",
+            &["listener=\"in\"", "code=\"body_too_large\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(wasp);
+}
+
+/// A chain of an inspecting filter and, after it, one that buffers the
+/// body until its end (`redact`'s `hold`): every chunk still goes through
+/// the inspector first, also the chunks that come after the buffering
+/// filter paused. The word the inspector rewrites is sent in a later
+/// chunk, in both directions (a response runs the chain in reverse); the
+/// peer never gets it. It used to be appended straight to the buffering
+/// filter's buffer, unseen by the inspector before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_body_chunk_passes_the_filters_before_the_one_that_buffers() {
+    use tokio::io::AsyncWriteExt;
+    fn script(path: &str) -> Vec<Step> {
+        match path {
+            // The word comes in the second chunk, after `hold` paused on
+            // the first.
+            "/late-secret" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\nConnection: close\r\n\r\nnothing here\n".to_vec()),
+                Step::Sleep(300),
+                Step::Send(b"a secret\n".to_vec()),
+            ],
+            _ => vec![Step::Send(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            )],
+        }
+    }
+    let app = TestUpstream::start("app").await;
+    let up = scripted_upstream(script, std::sync::Arc::new(tokio::sync::Notify::new())).await;
+    let dir = with_fixtures("wasm32-wasip1", &["redact"]);
+    let (req_port, resp_port) = (free_port(), free_port());
+    let listener = |name: &str, port: u16, pipeline: &str, cluster: &str| {
+        format!(
+            "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\npipeline = {pipeline}\n  [[listeners.routes]]\n  name = \"{name}-main\"\n  cluster = \"{cluster}\"\n"
+        )
+    };
+    let mut filters = String::new();
+    for dir in ["req", "resp"] {
+        let word = if dir == "req" { "request" } else { "response" };
+        filters.push_str(&format!(
+            "[filters.inspect_{dir}]\nmodule = \"redact.wasm\"\nconfig = \"grow stream {word}\"\n[filters.hold_{dir}]\nmodule = \"redact.wasm\"\nconfig = \"hold {word}\"\n"
+        ));
+    }
+    let config = format!(
+        "{filters}{}{}[clusters.app]\nendpoints = [\"{}\"]\n[clusters.script]\nendpoints = [\"{up}\"]\n",
+        // Request: `inspect` then `hold`. One direction each: `/echo`
+        // sends the body back through the same chain.
+        listener("req", req_port, r#"["inspect_req", "hold_req"]"#, "app"),
+        // Response (reverse order): `inspect` then `hold` too.
+        listener("resp", resp_port, r#"["hold_resp", "inspect_resp"]"#, "script"),
+        app.addr,
+    );
+    let wasp = Wasp::start_in(dir, &config, &[]);
+
+    // Request: a chunked upload, the word in its second chunk, sent once
+    // `hold` has paused on the first.
+    let mut s = tokio::net::TcpStream::connect(loopback(req_port))
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nd\r\nnothing here\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"9\r\na secret\n\r\n0\r\n\r\n").await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = read_response(&mut s, &mut pending, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    // The echo of what the upstream got.
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "nothing here\na [REDACTED]\n",
+        "{}",
+        wasp.log_text()
+    );
+
+    // Response: the upstream sends the word in its second chunk.
+    let (head, body) = raw_get(loopback(resp_port), "GET", "/late-secret", None)
+        .await
+        .unwrap_or_else(|| panic!("no response\n{}", wasp.log_text()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "nothing here\na [REDACTED]\n",
+        "{head}\n{}",
+        wasp.log_text()
+    );
+    drop(wasp);
+}

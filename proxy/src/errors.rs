@@ -122,14 +122,24 @@ impl ErrorCode {
 
     /// The response: this code's status, `x-wasp-error`, and `reason` as a
     /// one-line plain-text body. `B` is whatever body type the caller
-    /// sends (`Bytes`, or forward's boxed body via `From`).
+    /// sends (`Bytes`, or forward's boxed body via `From`). The code rides
+    /// along as an extension, so whoever finally sends the response knows
+    /// it is wasp's own and why, without reading the header back (a
+    /// filter or an upstream may set that header too).
     pub fn response<B: From<Bytes>>(self, reason: &str) -> Response<B> {
         let mut resp = Response::new(B::from(Bytes::from(body(reason))));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
         h.insert(HEADER, HeaderValue::from_static(self.as_str()));
+        resp.extensions_mut().insert(self);
         resp
+    }
+
+    /// The code of a response [`Self::response`] made; `None` for any
+    /// other (an upstream's, a filter's own).
+    pub fn of_response<B>(resp: &Response<B>) -> Option<ErrorCode> {
+        resp.extensions().get::<ErrorCode>().copied()
     }
 
     /// The same response as HTTP/1.1 bytes, for a raw socket the proxy

@@ -112,6 +112,30 @@ struct Engines {
 }
 
 /// A generation's module waiting for its Cranelift compile.
+/// A filter set loaded and validated but not published yet
+/// ([`FilterRuntime::prepare_set`]). Dropped unpublished, it leaves no
+/// trace but the disk cache.
+#[must_use = "a prepared set serves nothing until published"]
+pub struct PreparedSet {
+    runtime: Arc<FilterRuntime>,
+    set: Arc<FilterSet>,
+    tier_jobs: Vec<TierJob>,
+}
+
+impl PreparedSet {
+    /// The set, to build a snapshot with before publishing it.
+    pub fn set(&self) -> &Arc<FilterSet> {
+        &self.set
+    }
+
+    /// Names the set's filters as the latest versions (registry, module
+    /// cache, tier-up). Cannot fail: the last step of a reload.
+    pub fn publish(self) -> Arc<FilterSet> {
+        self.runtime.publish(&self.set, self.tier_jobs);
+        self.set
+    }
+}
+
 struct TierJob {
     plugin: Weak<Plugin>,
     bytes: Vec<u8>,
@@ -545,9 +569,20 @@ impl FilterRuntime {
 
     /// Compiles (or loads from cache) and validates each spec by
     /// instantiating it once and running `proxy_on_context_create(root)`,
-    /// `proxy_on_vm_start` and `proxy_on_configure`. The error names the
-    /// filter and says why; on error nothing is published.
+    /// `proxy_on_vm_start` and `proxy_on_configure`, then publishes the
+    /// set ([`PreparedSet::publish`]). The error names the filter and says
+    /// why; on error nothing is published.
     pub fn load(self: &Arc<Self>, specs: Vec<FilterSpec>) -> anyhow::Result<Arc<FilterSet>> {
+        Ok(self.prepare_set(specs)?.publish())
+    }
+
+    /// As [`Self::load`] without publishing: the set can serve, but the
+    /// registry (`/filters`, the versions a reload compares with), the
+    /// in-memory module cache and the tier-up queue learn of it only when
+    /// it is published, which cannot fail. A reload does every other step
+    /// that can fail in between, so a failed reload leaves them as they
+    /// were.
+    pub fn prepare_set(self: &Arc<Self>, specs: Vec<FilterSpec>) -> anyhow::Result<PreparedSet> {
         self.check_capacity(&specs)?;
         let mut plugins: Vec<Arc<Plugin>> = Vec::with_capacity(specs.len());
         let mut tier_jobs: Vec<TierJob> = Vec::new();
@@ -575,6 +610,18 @@ impl FilterRuntime {
                 }
             }
         }
+        let id = self.next_set.fetch_add(1, Ordering::Relaxed);
+        Ok(PreparedSet {
+            runtime: self.clone(),
+            set: Arc::new(FilterSet::new(id, plugins)),
+            tier_jobs,
+        })
+    }
+
+    /// Names `set`'s filters as the latest versions, and queues their
+    /// tier-up.
+    fn publish(self: &Arc<Self>, set: &FilterSet, tier_jobs: Vec<TierJob>) {
+        let plugins = &set.plugins;
         let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
         // Compiled modules stay in memory for the versions now serving and
         // the ones they replace (a quick roll-back is a map hit); older ones
@@ -587,7 +634,7 @@ impl FilterRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(sha, _), _| keep.contains(sha));
-        for p in &plugins {
+        for p in plugins {
             let e = reg
                 .entry(p.name().to_string())
                 .or_insert_with(FilterEntry::new);
@@ -606,8 +653,6 @@ impl FilterRuntime {
             };
             self.queue_tier_up(name, job);
         }
-        let id = self.next_set.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(FilterSet::new(id, plugins)))
     }
 
     /// Hands `job` to the tier-up thread (started on first use), in place

@@ -101,7 +101,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use engine::{FilterRuntime, WasmCompiler};
+pub use engine::{FilterRuntime, PreparedSet, WasmCompiler};
 pub(crate) use host::Dir;
 pub use set::{FilterSet, PipelineEntry};
 pub use stream::{HeaderWait, StreamFilters};

@@ -2,9 +2,15 @@
 //! callbacks run in pipeline order, response-side in reverse; PAUSE on
 //! headers waits for `proxy_continue_stream` (typically from an `http_call`
 //! answer); PAUSE on a body buffers (up to `max_body_bytes`) and calls the
-//! same filter again with the cumulative body; a local response, a closed
+//! same filter again with the cumulative body, each later chunk first
+//! passing the filters before it (several filters may hold a buffer at
+//! once, one each; data only moves forward); a local response, a closed
 //! stream or a failure under `fail = "closed"` ends the chain with a
-//! response.
+//! response. An answer the chain makes for wasp (`filter_failed`,
+//! `filter_closed_stream`, a body over a filter's buffer) is rendered by
+//! [`ErrorCode::response`], which carries its code with it: `forward`
+//! counts it where it counts every answer wasp makes; a filter's own local
+//! reply is marked [`super::FilterReply`] instead.
 //!
 //! Runs on the worker that accepted the request. The value holds only ids,
 //! `Arc`s and the stream's own data (moved into the VM for one synchronous
@@ -170,8 +176,16 @@ pub struct StreamFilters {
     slots: SmallVec<[Slot; INLINE_SLOTS]>,
     data: Option<Box<StreamData>>,
     events: Option<(UnboundedSender<CalloutDone>, UnboundedReceiver<CalloutDone>)>,
-    held_request: Option<(usize, BytesMut)>,
-    held_response: Option<(usize, BytesMut)>,
+    /// Bodies filters paused on to buffer ("stop iteration and buffer"),
+    /// per direction (request, response), by position in that direction's
+    /// order. Empty until a filter first pauses on a body, so a stream
+    /// where none does allocates nothing per chunk. Every chunk still runs
+    /// through the positions before a held one (as Envoy: a buffering
+    /// filter does not hide later chunks from the filters before it);
+    /// reaching a held position it joins that buffer and the filter is
+    /// called with all of it. Data only moves forward, so a buffer only
+    /// ever holds bytes newer than any buffer at a later position.
+    held: [Vec<Option<BytesMut>>; 2],
     /// Bodies and trailers waiting for a callout: request, response.
     waits: [Waits; 2],
     /// How long a header phase waits for a paused filter.
@@ -277,8 +291,7 @@ impl StreamFilters {
             slots,
             data,
             events: None,
-            held_request: None,
-            held_response: None,
+            held: Default::default(),
             waits: Default::default(),
             header_wait_limit: HEADER_WAIT_LIMIT,
             no_body: [false; 2],
@@ -766,38 +779,41 @@ impl StreamFilters {
         if let Some(r) = self.drain_events() {
             return BodyVerdict::Respond(r);
         }
-        let n = self.slots.len();
-        let held = match dir {
-            Dir::Request => self.held_request.take(),
-            Dir::Response => self.held_response.take(),
-        };
-        if held.is_none() && chunk.is_empty() && eos && self.no_body[dir as usize] {
+        let d = side(dir);
+        if chunk.is_empty() && eos && self.no_body[d] && self.held[d].iter().all(Option::is_none) {
             return BodyVerdict::Forward(chunk);
         }
-        let (start, buf) = match held {
-            Some((k, mut b)) => {
-                let pos = order(dir, n, k);
-                if (b.len() + chunk.len()) as u64 > self.max_body(pos) {
-                    return BodyVerdict::Respond(too_large(dir).response(&format!(
-                        "body buffered for filter \"{}\" exceeds its limit",
-                        self.name(pos)
-                    )));
-                }
-                b.extend_from_slice(&chunk);
-                (k, b.freeze())
-            }
-            // Passed as it came: a filter that only reads it (or ignores
-            // it) costs no copy of a shared buffer.
-            None => (0, chunk),
-        };
-        self.body_from(dir, start, buf, eos)
+        // Passed as it came: a filter that only reads it (or ignores it)
+        // costs no copy of a shared buffer.
+        self.body_from(dir, 0, chunk, eos)
     }
 
-    /// Runs the body callbacks of filters `start..` (in `dir`'s order) on `buf`.
+    /// The answer to a body buffered for filter `pos` past its limit.
+    fn over_limit(&self, dir: Dir, pos: usize) -> BodyVerdict {
+        BodyVerdict::Respond(too_large(dir).response(&format!(
+            "body buffered for filter \"{}\" exceeds its limit",
+            self.name(pos)
+        )))
+    }
+
+    /// Runs the body callbacks of filters `start..` (in `dir`'s order) on
+    /// `buf`. At a position that holds a buffer, `buf` is appended to it
+    /// and the filter sees the whole of it.
     fn body_from(&mut self, dir: Dir, start: usize, mut buf: Bytes, eos: bool) -> BodyVerdict {
         let n = self.slots.len();
+        let d = side(dir);
         for k in start..n {
             let pos = order(dir, n, k);
+            if let Some(mut held) = self.held[d].get_mut(k).and_then(Option::take) {
+                let total = (held.len() as u64).saturating_add(buf.len() as u64);
+                if total > self.max_body(pos) {
+                    return self.over_limit(dir, pos);
+                }
+                if !held.is_empty() {
+                    held.extend_from_slice(&buf);
+                    buf = held.freeze();
+                }
+            }
             let before = buf.len();
             let size = u32::try_from(before).unwrap_or(u32::MAX);
             if let Some(d) = self.data.as_deref_mut() {
@@ -842,19 +858,21 @@ impl StreamFilters {
                 }
                 Step::Go { pause: true, .. } if !eos => {
                     if buf.len() as u64 > self.max_body(pos) {
-                        return BodyVerdict::Respond(too_large(dir).response(&format!(
-                            "body buffered for filter \"{}\" exceeds its limit",
-                            self.name(pos)
-                        )));
+                        return self.over_limit(dir, pos);
                     }
-                    // Buffered from here on; no copy when nothing else
-                    // shares the bytes.
-                    let held = Some((k, BytesMut::from(buf)));
-                    match dir {
-                        Dir::Request => self.held_request = held,
-                        Dir::Response => self.held_response = held,
+                    // Sized once per stream and direction, at the first pause.
+                    let held = &mut self.held[d];
+                    if held.len() < n {
+                        held.resize_with(n, || None);
                     }
-                    return BodyVerdict::Hold;
+                    if let Some(h) = held.get_mut(k) {
+                        // Buffered from here on: owned (a copy only when
+                        // the bytes are shared, e.g. a slice of hyper's
+                        // read buffer, which must not stay pinned).
+                        *h = Some(BytesMut::from(buf));
+                        return BodyVerdict::Hold;
+                    }
+                    // Unreachable (`k < n`): pass the body on rather than lose it.
                 }
                 Step::Go { .. } => {}
             }

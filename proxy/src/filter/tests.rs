@@ -305,6 +305,113 @@ async fn buffered_body_over_the_cap_is_413() {
     }
 }
 
+/// `redact` under `name`, configured with `words` (see the fixture).
+fn redact(t: &str, name: &str, words: &'static str) -> FilterSpec {
+    let mut sp = spec(t, "redact", name);
+    sp.config = Bytes::from_static(words.as_bytes());
+    sp
+}
+
+/// Every chunk runs through the filters before one that paused to buffer,
+/// in both directions: an inspector (`redact`, streaming) first, then a
+/// filter that buffers and lets go every other chunk, then one that
+/// buffers to the end. Two buffers are held at once (chunk 3 at the
+/// second filter while chunks 1-2 wait at the third); what leaves is in
+/// order, and the inspector saw every chunk.
+#[tokio::test]
+async fn every_chunk_passes_the_filters_before_a_buffering_one() {
+    for t in TARGETS {
+        let set = load(vec![
+            redact(t, "inspect", "grow stream"),
+            redact(t, "alternate", "every-other"),
+            redact(t, "hold", "hold"),
+        ]);
+        let chunks: [&'static [u8]; 4] = [b"1 ", b"secret ", b"3 ", b"secret"];
+        let want = "1 [REDACTED] 3 [REDACTED]";
+
+        let mut s = set.stream(&pipeline(&["inspect", "alternate", "hold"]), info());
+        let mut req = request("/upload", &[]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        for c in &chunks[..3] {
+            let v = s.request_body(Bytes::from_static(c), false);
+            assert!(matches!(v, BodyVerdict::Hold), "{t}: {v:?}");
+        }
+        match s.request_body(Bytes::from_static(chunks[3]), true) {
+            BodyVerdict::Forward(b) => assert_eq!(String::from_utf8_lossy(&b), want, "{t}"),
+            other => panic!("{t}: {other:?}"),
+        }
+        drop(s);
+
+        // A response runs the chain in reverse: the same filters listed
+        // the other way round.
+        let mut s = set.stream(&pipeline(&["hold", "alternate", "inspect"]), info());
+        let mut req = request("/", &[]);
+        expect_continue(s.request_headers(&mut req, true).await);
+        let mut resp = response(200, &[]);
+        expect_continue(s.response_headers(&mut resp, false).await);
+        for c in &chunks[..3] {
+            let v = s.response_body(Bytes::from_static(c), false);
+            assert!(matches!(v, BodyVerdict::Hold), "{t}: {v:?}");
+        }
+        match s.response_body(Bytes::from_static(chunks[3]), true) {
+            BodyVerdict::Forward(b) => assert_eq!(String::from_utf8_lossy(&b), want, "{t}"),
+            other => panic!("{t}: {other:?}"),
+        }
+    }
+}
+
+/// Each filter's limit applies to its own buffer: a small limit on the
+/// filter that lets go every other chunk is never reached (it never holds
+/// more than two chunks), while the filter holding to the end refuses the
+/// body once its own buffer passes its limit (413 for a request, 500 for a
+/// response).
+#[tokio::test]
+async fn each_buffering_filter_has_its_own_limit() {
+    for t in TARGETS {
+        let mut alt = redact(t, "alternate-small", "every-other");
+        alt.max_body_bytes = 8;
+        let mut hold = redact(t, "hold-small", "hold");
+        hold.max_body_bytes = 12;
+        let set = load(vec![alt, hold]);
+        for dir in [Dir::Request, Dir::Response] {
+            let names: &[&str] = match dir {
+                Dir::Request => &["alternate-small", "hold-small"],
+                Dir::Response => &["hold-small", "alternate-small"],
+            };
+            let mut s = set.stream(&pipeline(names), info());
+            let mut req = request("/upload", &[]);
+            expect_continue(s.request_headers(&mut req, dir == Dir::Response).await);
+            if dir == Dir::Response {
+                let mut resp = response(200, &[]);
+                expect_continue(s.response_headers(&mut resp, false).await);
+            }
+            let mut body = |c: &'static [u8]| match dir {
+                Dir::Request => s.request_body(Bytes::from_static(c), false),
+                Dir::Response => s.response_body(Bytes::from_static(c), false),
+            };
+            // 4 + 4 at `alternate` (its limit), then 8 at `hold`; 4 more.
+            for c in [b"aaaa", b"bbbb", b"cccc"] {
+                let v = body(c);
+                assert!(matches!(v, BodyVerdict::Hold), "{t} {dir:?}: {v:?}");
+            }
+            // `alternate` lets "ccccdddd" go: 16 bytes for `hold`, over 12.
+            match body(b"dddd") {
+                BodyVerdict::Respond(r) => {
+                    let (status, code) = match dir {
+                        Dir::Request => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+                        Dir::Response => (StatusCode::INTERNAL_SERVER_ERROR, "response_too_large"),
+                    };
+                    assert_eq!(r.status(), status, "{t} {dir:?}");
+                    assert_eq!(hdr(r.headers(), "x-wasp-error"), Some(code), "{t} {dir:?}");
+                    let body = String::from_utf8_lossy(r.body());
+                    assert!(body.contains("hold-small"), "{t} {dir:?}: {body}");
+                }
+                other => panic!("{t} {dir:?}: {other:?}"),
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn callout_pauses_then_allows_or_denies() {
     for t in TARGETS {
@@ -651,6 +758,55 @@ async fn configure_false_rejects_the_filter_by_name() {
         .find(|e| e["name"] == "cf")
         .unwrap();
     assert_eq!(cf["state"], "failed");
+}
+
+/// A set prepared but not published (a reload that fails after its filters
+/// loaded: the snapshot, a listener) leaves the registry as it was: the
+/// serving version, its generation and module, as `/filters` shows them.
+/// Only publishing names the new version.
+#[tokio::test]
+async fn a_prepared_set_changes_nothing_until_published() {
+    let t = "wasm32-wasip1";
+    let entry = |name: &str| {
+        runtime()
+            .status_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| {
+                serde_json::json!({
+                    "sha256": e["sha256"],
+                    "generation": e["generation"],
+                    "module": e["module"],
+                    "state": e["state"],
+                })
+            })
+            .unwrap()
+    };
+    let serving = load(vec![spec(t, "noop", "staged")]);
+    let before = entry("staged");
+    assert_eq!(before["state"], "ok", "{before}");
+
+    let staged = runtime()
+        .prepare_set(vec![spec(t, "headers", "staged")])
+        .unwrap();
+    assert_eq!(entry("staged"), before, "prepared, not published");
+    drop(staged);
+    assert_eq!(entry("staged"), before, "dropped unpublished");
+    assert_eq!(serving.plugins.len(), 1);
+
+    let next = runtime()
+        .prepare_set(vec![spec(t, "headers", "staged")])
+        .unwrap()
+        .publish();
+    let after = entry("staged");
+    assert_ne!(after["sha256"], before["sha256"], "{after}");
+    assert!(
+        after["generation"].as_u64() > before["generation"].as_u64(),
+        "{after}"
+    );
+    drop((serving, next));
 }
 
 #[tokio::test]

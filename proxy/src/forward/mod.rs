@@ -10,7 +10,9 @@
 //! verdict on a failed try belong to `upstream`. Bodies stream in both
 //! directions. Every failure becomes a [`ProxyError`] with its
 //! `x-wasp-error` code, in [`respond_error`], the one place that maps
-//! errors to responses, metrics and the log line. Each request's stream
+//! errors to responses and the log line; every answer wasp makes (those,
+//! and the filter chain's own) carries its code and is counted once, in
+//! [`serve`]. Each request's stream
 //! deadlines (`stream_idle_timeout`, `request_timeout`) live in
 //! `deadline`; the response-header deadline is the route's timeout
 //! (default 15 s, `config::route_timeout`).
@@ -221,20 +223,36 @@ where
         // A path the routes cannot judge: no filter has run on it.
         Err(e) => (None, Err(e)),
     };
-    let resp = match result {
-        Ok(resp) => resp,
-        Err(err) => {
-            if let Some(t) = &mut trace {
-                t.error(err.code().as_str());
-            }
-            let code = err.code().as_str();
-            let resp = respond_error(ctx, &log, &request_id, err);
-            if let Some(c) = &chain {
-                c.with(|c| c.set_local_reply(code, &resp));
-            }
-            resp
-        }
+    let (resp, logged) = match result {
+        Ok(resp) => (resp, false),
+        Err(err) => (respond_error(ctx, &log, &request_id, err), true),
     };
+    // Every answer wasp made instead of forwarding, whichever phase made
+    // it (a failure above, or the filter chain's own: a filter that
+    // failed closed, a body over a filter's buffer): counted once, here,
+    // and shown to the trace and to `on_log` (`wasp.error`, and the
+    // status the client got although no response callback ran).
+    if let Some(code) = ErrorCode::of_response(&resp) {
+        ctx.listener.stats.error(code);
+        if !logged {
+            tracing::warn!(
+                listener = %ctx.listener.name,
+                route = %log.route.as_deref().unwrap_or("-"),
+                cluster = %log.cluster.as_deref().unwrap_or("-"),
+                peer = %ctx.peer,
+                code = %code,
+                status = resp.status().as_u16(),
+                request_id = %request_id.to_str().unwrap_or("-"),
+                "the filter chain answered for wasp instead of forwarding"
+            );
+        }
+        if let Some(t) = &mut trace {
+            t.error(code.as_str());
+        }
+        if let Some(c) = &chain {
+            c.with(|c| c.set_local_reply(code.as_str(), &resp));
+        }
+    }
     let status = resp.status().as_u16();
     if let Some(t) = trace {
         t.finish(status, log.route.as_ref());
@@ -336,14 +354,14 @@ fn listener_removed(name: &str) -> Response<ProxyBody> {
     resp
 }
 
-/// The one place a [`ProxyError`] becomes a response, a counter and a log line.
+/// The one place a [`ProxyError`] becomes a response and a log line
+/// (`serve` counts it, as every answer wasp makes).
 fn respond_error(
     ctx: &Ctx<'_>,
     log: &RequestLog,
     request_id: &HeaderValue,
     err: ProxyError,
 ) -> Response<ProxyBody> {
-    ctx.listener.stats.error(err.code());
     tracing::warn!(
         listener = %ctx.listener.name,
         route = %log.route.as_deref().unwrap_or("-"),

@@ -37,7 +37,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, RequestBody, Tracked};
 use super::deadline::{Cut, StreamClock, Timed, Touching};
-use super::filtered::{FilteredBody, Framing, HeaderPhase, SharedChain, Side};
+use super::filtered::{Fact, FilteredBody, Framing, HeaderPhase, SharedChain, Side};
 use super::{error, headers, upgrade, Ctx, ProxyError, RequestLog, REQUEST_ID};
 use crate::filter::{FilterReply, Verdict};
 use crate::route::Route;
@@ -91,7 +91,10 @@ where
     // The route and cluster are known now: body callbacks run while the
     // head is held (below) must see them, as they do on a streamed body.
     if let Some(chain) = chain {
-        chain.with(|c| c.set_route(routed.route.name.clone(), routed.upstream.name.clone()));
+        chain.record(Fact::Route(
+            routed.route.name.clone(),
+            routed.upstream.name.clone(),
+        ));
     }
     // Before the cluster admission: a client that is slow to send the body
     // its head waits for must not hold an upstream slot meanwhile (as
@@ -444,11 +447,7 @@ pub(super) async fn admit_and_pick(
     };
     let picked = picked.ok_or_else(|| ProxyError::NoEndpoint(upstream.name.to_string()))?;
     if let Some(chain) = chain {
-        // Set again: the hold above may have found the chain busy.
-        chain.with(|c| {
-            c.set_route(routed.route.name.clone(), upstream.name.clone());
-            c.set_upstream(picked.addr);
-        });
+        chain.record(Fact::Upstream(picked.addr));
     }
     Ok((admission, picked))
 }
@@ -649,7 +648,7 @@ pub(super) async fn send(
             *e = addr;
         }
         if let Some(c) = chain {
-            c.with(|c| c.set_upstream(addr));
+            c.record(Fact::Upstream(addr));
         }
     };
     let request = Request::from_parts(parts, body);
@@ -705,7 +704,8 @@ where
 
 /// Hands the connection the response came on to the filters
 /// (`upstream.*`), or why connecting to the upstream failed
-/// (`upstream.transport_failure_reason`).
+/// (`upstream.transport_failure_reason`): recorded, so a chain out for a
+/// header phase gets them when it is back.
 fn with_conn(
     sent: Result<Response<ResponseBody>, SendError>,
     chain: Option<&SharedChain>,
@@ -715,11 +715,10 @@ fn with_conn(
     };
     match &sent {
         Ok(resp) => {
-            let conn = resp.body().conn().clone();
-            c.with(|c| c.set_upstream_conn(conn));
+            c.record(Fact::UpstreamConn(resp.body().conn().clone()));
         }
         Err(SendError::Connect { reason, .. } | SendError::Tls { reason, .. }) => {
-            c.with(|c| c.set_upstream_failure(reason));
+            c.record(Fact::UpstreamFailure(Box::from(reason.as_str())));
         }
         Err(_) => {}
     }
@@ -818,10 +817,10 @@ where
             let body = Touching::new(body, clock.clone());
             let filtered = FilteredBody::new(body, chain.clone(), Side::Response);
             match hold_for_body(has_body, &parts.headers, chain, Side::Response) {
-                // Not held (no body callback, or the chain was busy with the
-                // request body when asked): the declared length still caps
-                // what goes out, so a body resized after all cannot put the
-                // connection out of step.
+                // Not held (no filter exports a body callback for it): the
+                // declared length still caps what goes out, so even a body
+                // resized after all could not put the connection out of
+                // step.
                 None => filtered
                     .declared(headers::declared_length(&parts.headers).filter(|_| has_body))
                     .boxed_unsync(),
@@ -835,11 +834,9 @@ where
                             Err(e) => {
                                 // The head is still ours: a filter's answer (or a
                                 // buffer over its limit) replaces the upstream's.
+                                // `serve` counts it if it is wasp's own.
                                 return match chain.take_local() {
-                                    Some(local) => {
-                                        record_held_answer(&local, chain, ctx);
-                                        Ok(error::boxed(local))
-                                    }
+                                    Some(local) => Ok(error::boxed(local)),
                                     None => Err(e),
                                 };
                             }
@@ -867,27 +864,6 @@ where
 /// that sends its head and stalls is answered 504 `upstream_timeout` when
 /// `stream_idle_timeout` passes with nothing moving (the upstream's frames
 /// touch the clock as they arrive, also while a filter buffers them).
-/// A held response replaced by wasp's own answer (a body over the
-/// filter's buffer limit): counted and shown to `on_log` as any proxy
-/// error is (`serve` does that for errors, which this is not, being the
-/// chain's answer). A filter's own local reply carries no `x-wasp-error`
-/// and is left as the filter made it.
-fn record_held_answer(local: &Response<Bytes>, chain: &SharedChain, ctx: &Ctx<'_>) {
-    let code = local
-        .headers()
-        .get(crate::errors::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            crate::errors::ErrorCode::ALL
-                .iter()
-                .find(|c| c.as_str() == v)
-        });
-    if let Some(&code) = code {
-        ctx.listener.stats.error(code);
-        chain.with(|c| c.set_local_reply(code.as_str(), local));
-    }
-}
-
 async fn prime_response<B>(
     body: std::pin::Pin<&mut FilteredBody<B>>,
     clock: Option<&StreamClock>,

@@ -540,3 +540,134 @@ async fn a_filter_answering_mid_body_is_neither_retried_nor_blamed() {
         assert_eq!(w.all_errors(), 0, "{protocol}");
     }
 }
+
+/// A waker that says whether it was woken.
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One request's chain through the world's listener pipeline, as `serve`
+/// makes it, past its request-header phase.
+async fn started_chain(w: &World) -> super::filtered::SharedChain {
+    let info = crate::filter::StreamInfo {
+        listener: Arc::from("in"),
+        source: "10.1.2.3:40000".parse().unwrap(),
+        destination: "127.0.0.1:15006".parse().unwrap(),
+        scheme: "http",
+        protocol: "HTTP/1.1",
+        request_id: Arc::from("req-1"),
+        start: std::time::SystemTime::now(),
+        principal: None,
+        tls: None,
+    };
+    let filters = w.snapshot.listeners[0].chains.of(None);
+    let chain = super::filtered::SharedChain::new(w.snapshot.filters.route_stream(filters, info));
+    let (mut parts, ()) = Request::builder()
+        .method("PUT")
+        .uri("/upload")
+        .header("host", "a")
+        .body(())
+        .unwrap()
+        .into_parts();
+    chain.request_headers(&mut parts, false).await;
+    chain
+}
+
+fn body_deny_world() -> World {
+    world(&filtered_config(
+        "body-deny",
+        "[[listeners.routes]]\nmatch = { prefix = \"/\" }\ncluster = \"app\"",
+        "[clusters.app]\nendpoints = [\"127.0.0.1:9\"]",
+    ))
+}
+
+/// While a header phase holds the chain (a slow response-header callback
+/// while the request body still comes), a request body frame waits for it
+/// instead of passing the filters unseen, and is woken when the phase lets
+/// go: the chunk `body-deny` answers is answered; trailers wait too.
+#[tokio::test]
+async fn a_body_frame_waits_while_a_header_phase_holds_the_chain() {
+    use super::filtered::{FilteredBody, Side};
+    use http_body::Body as _;
+    let w = body_deny_world();
+    let chain = started_chain(&w).await;
+    let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+        Bytes::from_static(b"deny"),
+    ))]);
+    let mut body = std::pin::pin!(FilteredBody::new(
+        StreamBody::new(frames),
+        chain.clone(),
+        Side::Request
+    ));
+    let flag = Arc::new(Flag(Default::default()));
+    let waker = std::task::Waker::from(flag.clone());
+    let held = chain.hold().await;
+    let polled = body
+        .as_mut()
+        .poll_frame(&mut std::task::Context::from_waker(&waker));
+    assert!(
+        polled.is_pending(),
+        "passed while the chain was out: {polled:?}"
+    );
+    assert!(!flag.0.load(Ordering::SeqCst));
+    drop(held);
+    assert!(
+        flag.0.load(Ordering::SeqCst),
+        "not woken when the phase let go"
+    );
+    let out = body.frame().await.expect("a frame");
+    assert!(out.is_err(), "the filter's answer ends the body: {out:?}");
+    let answer = chain.take_local().expect("body-deny answered");
+    assert_eq!(answer.status(), StatusCode::FORBIDDEN);
+
+    // Trailers alone: they wait for the chain as data does.
+    let chain = started_chain(&w).await;
+    let mut t = http::HeaderMap::new();
+    t.insert("x-t", http::HeaderValue::from_static("1"));
+    let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::trailers(t))]);
+    let mut body = std::pin::pin!(FilteredBody::new(
+        StreamBody::new(frames),
+        chain.clone(),
+        Side::Request
+    ));
+    let held = chain.hold().await;
+    let polled = body
+        .as_mut()
+        .poll_frame(&mut std::task::Context::from_waker(&waker));
+    assert!(
+        polled.is_pending(),
+        "passed while the chain was out: {polled:?}"
+    );
+    drop(held);
+    let out = body.frame().await.expect("a frame").expect("trailers");
+    assert_eq!(
+        out.trailers_ref().map(|t| &t["x-t"]),
+        Some(&http::HeaderValue::from_static("1"))
+    );
+    assert!(body.frame().await.is_none());
+}
+
+/// What is known of the chain without taking it: whether a filter has a
+/// body callback (which decides holding a head) does not depend on a
+/// header phase having the chain, and the upstream facts recorded
+/// meanwhile reach the filters when it lets go.
+#[tokio::test]
+async fn chain_facts_do_not_depend_on_the_chain_being_free() {
+    use super::filtered::{Fact, Side};
+    let w = body_deny_world();
+    let chain = started_chain(&w).await;
+    let addr: SocketAddr = "10.9.8.7:8080".parse().unwrap();
+    let held = chain.hold().await;
+    // (The proxy-wasm SDK exports both body callbacks.)
+    assert!(chain.has_body_callback(Side::Request));
+    assert!(chain.has_body_callback(Side::Response));
+    chain.record(Fact::Upstream(addr));
+    assert!(chain.with(|_| ()).is_none(), "held");
+    drop(held);
+    let seen = chain.with(|c| c.property("upstream.address")).flatten();
+    assert_eq!(seen.as_deref(), Some(addr.to_string().as_bytes()));
+}

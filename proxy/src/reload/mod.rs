@@ -313,28 +313,32 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
         .map_err(|e| e.to_string().trim_end().to_string())?
     };
     let config = compiled.config.clone();
-    // Bind added listeners before loading filters: loading publishes the
-    // filters' new versions in the registry (and runs their on_configure),
-    // so it must be the last step that can fail. A plan dropped on a filter
-    // error closes the sockets it bound.
+    // Everything that can fail comes before anything is swapped in: the
+    // added listeners are bound (a plan dropped on a later error closes
+    // the sockets it bound), the filters compiled and validated (their
+    // new versions not yet published), the snapshot built. A failure at
+    // any of these leaves the running config, filters and registry as
+    // they were.
     let plan = listeners.plan(&config)?;
     let filters = shared
         .filters
-        .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
+        .prepare_set(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("{e:#}"))?;
-    // Built before any listener is retired: it fails only on a per-route
-    // config its filter was not loaded with (a bug, checked before any
-    // metric series is registered). Its series (never removed) are then
-    // registered; only a shutdown beginning below rejects the reload after
-    // that, when the process is going away anyway.
+    // Fails only on a per-route config its filter was not loaded with (a
+    // bug: both come from `filter_specs` of this config), checked before
+    // any metric series is registered. Its series (never removed) are
+    // then registered; only a shutdown beginning below rejects the reload
+    // after that, when the process is going away anyway.
     let generation = current.generation + 1;
-    let next = Snapshot::new(generation, compiled, filters, &shared.metrics)?;
+    let next = Snapshot::new(generation, compiled, filters.set().clone(), &shared.metrics)?;
     if !plan.is_empty() {
         listeners.retire(&plan).await;
         // Shutdown may have begun while the workers were answering; they no
         // longer take new listeners then, so none are handed over.
         not_draining(&shared.lifecycle)?;
     }
+    // The swap: nothing below fails.
+    filters.publish();
     next.start_tls(&shared.metrics);
     shared.snapshots.store(Arc::new(next));
     listeners.start(plan);

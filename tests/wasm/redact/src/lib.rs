@@ -6,11 +6,20 @@
 //! - `shrink` (`secret` -> `[r]`) or `grow` (`secret` -> `[REDACTED]`);
 //! - `buffer` (PAUSE until the end of the body, then rewrite it whole) or
 //!   `stream` (rewrite each chunk as it comes);
+//! - `hold`: PAUSE until the end of the body, then pass it on unchanged (a
+//!   buffering filter that inspects nothing, placed after one that does);
+//! - `every-other`: PAUSE on every other body callback before the end (the
+//!   1st, 3rd, ...), CONTINUE on the others, passing the body unchanged (a
+//!   filter that buffers and lets go again while later ones hold theirs);
 //! - `request` and/or `response`: which bodies (both when neither is named);
 //! - `not-modified`: also turns the response's `:status` into 304 in its
-//!   header callback (a 304 has no body, whatever its head declares).
+//!   header callback (a 304 has no body, whatever its head declares);
+//! - `callout`: its response-header callback asks cluster `slow`
+//!   `GET /slow?ms=1500` and pauses until the answer (a slow header phase
+//!   while the request body may still be on its way).
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
@@ -20,9 +29,12 @@ proxy_wasm::main! {{
 struct Mode {
     grow: bool,
     buffer: bool,
+    hold: bool,
+    every_other: bool,
     request: bool,
     response: bool,
     not_modified: bool,
+    callout: bool,
 }
 
 #[derive(Default)]
@@ -41,15 +53,21 @@ impl RootContext for Root {
         self.mode = Mode {
             grow: has("grow"),
             buffer: has("buffer"),
+            hold: has("hold"),
+            every_other: has("every-other"),
             request: has("request") || !has("response"),
             response: has("response") || !has("request"),
             not_modified: has("not-modified"),
+            callout: has("callout"),
         };
         true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { mode: self.mode }))
+        Some(Box::new(Http {
+            mode: self.mode,
+            calls: 0,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -59,11 +77,27 @@ impl RootContext for Root {
 
 struct Http {
     mode: Mode,
+    /// Body callbacks so far (`every-other`).
+    calls: u32,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, _token: u32, _nh: usize, _body: usize, _nt: usize) {
+        self.resume_http_response();
+    }
+}
 
 impl Http {
+    /// `every-other`: whether this callback pauses.
+    fn alternate(&mut self, eos: bool) -> Action {
+        self.calls += 1;
+        if !eos && self.calls % 2 == 1 {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn redact(&self, body: &[u8]) -> Vec<u8> {
         let to = if self.mode.grow { "[REDACTED]" } else { "[r]" };
         String::from_utf8_lossy(body)
@@ -77,6 +111,22 @@ impl HttpContext for Http {
         if self.mode.not_modified {
             self.set_http_response_header(":status", Some("304"));
         }
+        if self.mode.callout {
+            let asked = self.dispatch_http_call(
+                "slow",
+                vec![
+                    (":method", "GET"),
+                    (":path", "/slow?ms=1500"),
+                    (":authority", "slow"),
+                ],
+                None,
+                vec![],
+                Duration::from_secs(10),
+            );
+            if asked.is_ok() {
+                return Action::Pause;
+            }
+        }
         Action::Continue
     }
 
@@ -84,8 +134,14 @@ impl HttpContext for Http {
         if !self.mode.request {
             return Action::Continue;
         }
-        if self.mode.buffer && !eos {
+        if self.mode.every_other {
+            return self.alternate(eos);
+        }
+        if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
+        }
+        if self.mode.hold {
+            return Action::Continue;
         }
         if let Some(body) = self.get_http_request_body(0, size) {
             let new = self.redact(&body);
@@ -98,8 +154,14 @@ impl HttpContext for Http {
         if !self.mode.response {
             return Action::Continue;
         }
-        if self.mode.buffer && !eos {
+        if self.mode.every_other {
+            return self.alternate(eos);
+        }
+        if (self.mode.buffer || self.mode.hold) && !eos {
             return Action::Pause;
+        }
+        if self.mode.hold {
+            return Action::Continue;
         }
         if let Some(body) = self.get_http_response_body(0, size) {
             let new = self.redact(&body);
