@@ -1588,9 +1588,9 @@ async fn an_unchanged_body_passes_without_a_copy() {
 }
 
 /// A header phase runs to its end without awaiting once each filter has
-/// an idle instance; the first stream of a fresh set has to wait for its
-/// instance to be built, and the rest of its phase (which the core
-/// awaits, boxed) ends as the whole phase would have.
+/// an idle instance; the first stream of a fresh set usually has to wait
+/// for its instance to be built, and the rest of its phase (which the
+/// core awaits, boxed) ends as the whole phase would have.
 #[tokio::test]
 async fn header_phases_wait_only_for_an_instance_being_built() {
     let t = TARGETS[0];
@@ -1600,11 +1600,13 @@ async fn header_phases_wait_only_for_an_instance_being_built() {
 
     let mut first = set.stream(&pl, info());
     let mut req = request("/", &[("x-keep", "1")]);
-    let wait = match first.request_headers_now(&mut req, true) {
-        Err(wait) => wait,
-        Ok(v) => panic!("the first stream of a fresh set found instances ready: {v:?}"),
-    };
-    expect_continue(first.request_headers_later(&mut req, wait).await);
+    // Usually the instances are still being built here, so the phase
+    // waits; a build that finished first (a race with the builder, seen
+    // on loaded machines) finishes the phase at once, which is as right.
+    match first.request_headers_now(&mut req, true) {
+        Err(wait) => expect_continue(first.request_headers_later(&mut req, wait).await),
+        Ok(v) => expect_continue(v),
+    }
     assert_eq!(hdr(&req.headers, "x-keep"), Some("1"));
     assert_eq!(req.headers.get_all("x-wasm-request").iter().count(), 2);
     let mut resp = response(200, &[]);
