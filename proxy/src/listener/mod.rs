@@ -242,9 +242,8 @@ pub async fn serve(job: Serve, worker: Worker) {
                 &close_rx,
             );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
-            let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service(ctx))
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(until_closed(conn, close_rx.clone(), peer));
@@ -289,9 +288,8 @@ pub async fn serve(job: Serve, worker: Worker) {
                 &close_rx,
             );
             let io = Guarded::new(stream, ctx.activity.clone(), &limits).tied(done);
-            let service = service_fn(move |req| forward::handle(req, ctx.clone()));
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service(ctx))
                 .into_owned();
             until_closed(watcher.watch(conn), close_rx, peer).await;
         });
@@ -450,10 +448,9 @@ impl BelowHttp {
                     &self.close,
                 );
                 let io = Guarded::new(self.stream, ctx.activity.clone(), &limits).tied(self.done);
-                let service = service_fn(move |req| forward::handle(req, ctx.clone()));
                 let conn = self
                     .builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .serve_connection_with_upgrades(TokioIo::new(io), service(ctx))
                     .into_owned();
                 until_closed(self.watcher.watch(conn), self.close, peer).await;
             }
@@ -506,6 +503,24 @@ fn conn_ctx(
         original_dst,
         forwarded_for: Default::default(),
     })
+}
+
+/// The service hyper calls for each request of a connection. The request
+/// future is boxed: hyper's HTTP/2 server spawns a task per stream around
+/// it, and tokio copies a task's future whole on spawn and again when it
+/// completes; `forward::handle`'s future is several KiB (the request path's
+/// state across every await), so those copies cost more than one
+/// allocation (callgrind: memcpy under `tokio::task::spawn` and the task
+/// cell was about 7k of the 73k instructions of an h2c request).
+fn service(
+    ctx: Arc<ConnCtx>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::upstream::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future = forward::Handling,
+> + Clone {
+    service_fn(move |req| -> forward::Handling { Box::pin(forward::handle(req, ctx.clone())) })
 }
 
 type ConnSecurity = (
