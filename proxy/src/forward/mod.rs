@@ -148,14 +148,6 @@ pub(crate) struct RequestLog {
     pub client_route: Option<usize>,
 }
 
-/// [`handle`]'s future, boxed (see `listener::service` for why).
-pub type Handling = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>
-            + Send,
-    >,
->;
-
 /// Serves one request. Never fails: errors become local responses.
 pub async fn handle(
     req: Request<Incoming>,
