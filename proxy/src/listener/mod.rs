@@ -505,6 +505,7 @@ fn conn_ctx(
         drain_deadline: close.clone(),
         original_dst,
         forwarded_for: Default::default(),
+        watchdog: Default::default(),
     })
 }
 
