@@ -601,7 +601,10 @@ mod tests {
         // deadline, not the one the task was sleeping for.
         let _long = watched(&watchdog, 10_000 * MS);
         let mut short = watched(&watchdog, 100 * MS);
-        assert!(cut_within(&mut short, 300 * MS).await, "shorter timeout missed");
+        assert!(
+            cut_within(&mut short, 300 * MS).await,
+            "shorter timeout missed"
+        );
     }
 
     #[test]
