@@ -25,6 +25,10 @@
 #   PORT_BASE=28380 ...          # other ports (default 18380, +1, +11)
 #   CLIENT=h2c UPSTREAM=http2 ...  # h2c downstream (h2load -c1 -m1, prior
 #                                  # knowledge) and/or h2c to the upstream
+#   CLIENT=h2c H2LOAD="-c4 -m8" ...  # multiplexed h2c (bench/proxies.sh's
+#                                  # shape): streams batch per read/write, so
+#                                  # the figure depends on timing more
+#   LIMITS='stream_idle_timeout = "0s"' ...  # the listener's [limits]
 #
 # PROFILE=1 keeps the callgrind dumps in target/bench-instructions/ and
 # prints the top functions (inclusive) of each one with callgrind_annotate.
@@ -52,7 +56,8 @@ fi
 requests() {
   if [ "$CLIENT" = h2c ]; then
     local said
-    said=$(h2load -n "$1" -c 1 -m 1 "http://127.0.0.1:$PORT/bench")
+    # shellcheck disable=SC2086 # H2LOAD is a list of flags
+    said=$(h2load -n "$1" ${H2LOAD:--c 1 -m 1} "http://127.0.0.1:$PORT/bench")
     [[ $said == *"$1 succeeded, 0 failed"* ]] ||
       { echo "h2load: not all $1 requests succeeded: $said" >&2; exit 1; }
   else
@@ -95,6 +100,7 @@ config() { # config N LABEL -> path (each label its own module cache)
       echo "[filters.f$i.limits]"; echo "instances = 1"
     done
     echo "[[listeners]]"; echo "name = \"bench\""; echo "bind = \"127.0.0.1:$PORT\""; echo "pipeline = [$pipeline]"
+    [ -z "${LIMITS:-}" ] || echo "limits = { $LIMITS }"
     echo "  [[listeners.routes]]"; echo "  cluster = \"upstream\""
     echo "[clusters.upstream]"; echo "endpoints = [\"$UP\"]"; echo "protocol = \"$UPSTREAM\""
   } > "$f"
@@ -158,7 +164,7 @@ for n in $CHAINS; do
   done
 done
 
-CLIENT=$CLIENT UPSTREAM=$UPSTREAM python3 - "$results" "$REQUESTS" "$FILTER" <<'PY'
+CLIENT=$CLIENT UPSTREAM=$UPSTREAM H2LOAD=${H2LOAD:-} LIMITS=${LIMITS:-} python3 - "$results" "$REQUESTS" "$FILTER" <<'PY'
 import os, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
 reqs = int(sys.argv[2])
@@ -169,8 +175,13 @@ for label, n, instr in rows:
     if label not in labels:
         labels.append(label)
 client = os.environ.get("CLIENT", "h1")
+if client == "h2c" and os.environ.get("H2LOAD"):
+    client += f" (h2load {os.environ['H2LOAD']})"
+if os.environ.get("LIMITS"):
+    client += f", limits {{ {os.environ['LIMITS']} }}"
 upstream = os.environ.get("UPSTREAM", "http1")
-print(f"\nwasp worker-thread instructions per request ({reqs} sequential keep-alive GETs, client {client}, upstream {upstream}, filter {sys.argv[3]}, callgrind)\n")
+shape = "multiplexed" if os.environ.get("H2LOAD") else "sequential"
+print(f"\nwasp worker-thread instructions per request ({reqs} {shape} keep-alive GETs, client {client}, upstream {upstream}, filter {sys.argv[3]}, callgrind)\n")
 print("| build | filters | instr/request | per filter over empty |\n|---|--:|--:|--:|")
 for label in labels:
     base = per.get((label, 0))

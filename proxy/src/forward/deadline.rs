@@ -26,8 +26,9 @@
 //! connection `stream_idle_timeout` after the last write went through,
 //! whatever the client still sends. An h2 stream stalled by its own
 //! flow-control window while the connection is healthy is never polled by
-//! hyper, so the timers above cannot fire for it: [`Watched`] gives each
-//! h2 response a watchdog task that drops the body from outside.
+//! hyper, so the timers above cannot fire for it: [`Watched`] puts each h2
+//! response under its connection's [`Watchdog`] (one task per connection),
+//! which drops the body from outside.
 //!
 //! `request_timeout` runs from the request's start until its body ended
 //! or the response headers arrived, whichever is first.
@@ -301,7 +302,7 @@ where
     }
 }
 
-/// What a watched stream's body and its watchdog share.
+/// What a watched stream's body and its connection's watchdog share.
 struct Slot {
     /// The response body, with everything it holds (upstream connection,
     /// cluster admission, filter chain); `None` once the watchdog took it.
@@ -311,6 +312,14 @@ struct Slot {
     waiting_upstream: bool,
 }
 
+/// One watched stream, as its body and the watchdog see it.
+struct Watch {
+    slot: Mutex<Slot>,
+    clock: Arc<StreamClock>,
+    stats: ListenerStats,
+    idle: Duration,
+}
+
 /// Locks a slot; a poisoned lock still holds a usable body (nothing in
 /// here can be left half-updated).
 fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
@@ -318,81 +327,190 @@ fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The streams one connection's watchdog looks after.
+#[derive(Default)]
+struct Registry {
+    /// Dead entries (bodies that ended) are pruned when the list is full;
+    /// it grows when most entries are live and shrinks after a burst, so
+    /// a prune is rare and the list stays within a few times the streams
+    /// alive at once.
+    streams: Vec<std::sync::Weak<Watch>>,
+    /// The watchdog task, started by the connection's first watched body.
+    task: Option<tokio::task::AbortHandle>,
+    /// When the task looks next; `None` when it is not running.
+    next: Option<Instant>,
+}
+
+/// One connection's watchdog over its HTTP/2 response bodies ([`Watched`]):
+/// a single task per connection, started by its first watched body and
+/// aborted when the connection's context is dropped. It sleeps until the
+/// earliest idle deadline of the streams it watches. (It was one task per
+/// stream: spawning, arming and aborting one was about 2k of the ~73k
+/// instructions of an h2c request.)
+#[derive(Default)]
+pub struct Watchdog {
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl std::fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watchdog").finish_non_exhaustive()
+    }
+}
+
+fn lock_registry(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    // Nothing under this lock can be left half-updated.
+    registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Watchdog {
+    fn watch(&self, watch: &Arc<Watch>) {
+        let mut reg = lock_registry(&self.registry);
+        if reg.streams.len() == reg.streams.capacity() {
+            reg.streams.retain(|w| w.strong_count() > 0);
+            let (live, cap) = (reg.streams.len(), reg.streams.capacity());
+            if live > cap / 2 {
+                // Mostly live: grow, or a client holding many streams open
+                // would make every new stream walk the whole list.
+                reg.streams.reserve(live);
+            } else if cap > 64 && live < cap / 4 {
+                // A burst is over: give its room back.
+                reg.streams.shrink_to(live.saturating_mul(2).max(16));
+            }
+        }
+        reg.streams.push(Arc::downgrade(watch));
+        let due = watch.clock.idle_deadline().map(|(at, _)| at);
+        // `next` is `Some` while the task runs (it clears it, under this
+        // lock, as it ends). Every stream of a connection usually has the
+        // same timeout, so a new one is due no sooner than the task wakes;
+        // a reload that shortened it restarts the task for the earlier
+        // deadline.
+        match (reg.next, due) {
+            (Some(next), Some(due)) if due >= next => return,
+            (Some(_), None) => return,
+            _ => {}
+        }
+        if let Some(task) = reg.task.take() {
+            task.abort();
+        }
+        let weak = Arc::downgrade(&self.registry);
+        reg.next = Some(due.unwrap_or_else(Instant::now));
+        reg.task = Some(tokio::spawn(watch_streams(weak)).abort_handle());
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(task) = lock_registry(&self.registry).task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The watchdog's loop: drops the bodies of streams on which nothing moved
+/// either way for `stream_idle_timeout` while hyper was not waiting on the
+/// upstream, then sleeps until the next deadline.
+async fn watch_streams(registry: std::sync::Weak<Mutex<Registry>>) {
+    loop {
+        let Some(reg) = registry.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut cut = Vec::new();
+        {
+            let mut reg = lock_registry(&reg);
+            reg.streams.retain(|w| {
+                let Some(watch) = w.upgrade() else {
+                    return false;
+                };
+                let Some((at, idle)) = watch.clock.idle_deadline() else {
+                    return false;
+                };
+                let wake = if at > now {
+                    at
+                } else {
+                    let taken = {
+                        let mut slot = lock(&watch.slot);
+                        if slot.waiting_upstream {
+                            None
+                        } else {
+                            slot.body.take()
+                        }
+                    };
+                    match taken {
+                        Some(body) => {
+                            cut.push((body, watch.stats.clone(), watch.idle));
+                            return false;
+                        }
+                        // Waiting on the upstream: `Timed` cuts it if it
+                        // stays silent; look again a timeout later.
+                        None => later(now, idle),
+                    }
+                };
+                next = Some(next.map_or(wake, |n| n.min(wake)));
+                true
+            });
+            reg.next = next;
+        }
+        drop(reg);
+        // Dropped outside the locks: a body gives back its upstream
+        // connection, cluster admission and filter chain.
+        for (body, stats, idle) in cut {
+            stats.error(ErrorCode::StreamIdleTimeout);
+            tracing::info!(
+                code = ErrorCode::StreamIdleTimeout.as_str(),
+                "response stream cut: the client took nothing for {idle:?} \
+                 (stream_idle_timeout)"
+            );
+            drop(body);
+        }
+        match next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            // Nothing to watch: the next stream starts the task again.
+            None => return,
+        }
+    }
+}
+
 /// An HTTP/2 response body with a watchdog that does not need hyper to poll
 /// it. hyper polls a stream's body only when the client's flow-control
 /// window has room, so a client that holds its window at 0 (while still
 /// answering pings) would keep the stream, and all the body holds, forever.
-/// The watchdog (one task per stream, aborted with the body) wakes at the
-/// stream's idle deadline; when nothing moved either way for
-/// `stream_idle_timeout` and hyper is not waiting on the upstream, it takes
-/// the body out and drops it, giving back the upstream connection, the
-/// cluster admission, the filter chain and the request's place in the
-/// connection's count. hyper's next poll, if any, ends the stream with an
-/// error (a reset).
+/// The connection's [`Watchdog`] wakes at the stream's idle deadline; when
+/// nothing moved either way for `stream_idle_timeout` and hyper is not
+/// waiting on the upstream, it takes the body out and drops it, giving
+/// back the upstream connection, the cluster admission, the filter chain
+/// and the request's place in the connection's count. hyper's next poll,
+/// if any, ends the stream with an error (a reset).
 pub struct Watched {
-    slot: Arc<Mutex<Slot>>,
-    task: tokio::task::AbortHandle,
-    idle: Duration,
+    watch: Arc<Watch>,
 }
 
 impl Watched {
     /// Wraps `body` when the stream has an idle timeout; else returns it.
-    pub fn wrap(body: ProxyBody, clock: Arc<StreamClock>, stats: ListenerStats) -> ProxyBody {
+    pub fn wrap(
+        body: ProxyBody,
+        clock: Arc<StreamClock>,
+        stats: ListenerStats,
+        watchdog: &Watchdog,
+    ) -> ProxyBody {
         let Some(idle) = clock.idle else {
             return body;
         };
-        let slot = Arc::new(Mutex::new(Slot {
-            body: Some(body),
-            waiting_upstream: false,
-        }));
-        let weak = Arc::downgrade(&slot);
-        let task = tokio::spawn(async move {
-            loop {
-                let Some((at, _)) = clock.idle_deadline() else {
-                    return;
-                };
-                let now = Instant::now();
-                if at > now {
-                    tokio::time::sleep_until(at).await;
-                    continue;
-                }
-                let Some(slot) = weak.upgrade() else {
-                    return;
-                };
-                let taken = {
-                    let mut slot = lock(&slot);
-                    if slot.waiting_upstream {
-                        None
-                    } else {
-                        slot.body.take()
-                    }
-                };
-                drop(slot);
-                match taken {
-                    Some(body) => {
-                        stats.error(ErrorCode::StreamIdleTimeout);
-                        tracing::info!(
-                            code = ErrorCode::StreamIdleTimeout.as_str(),
-                            "response stream cut: the client took nothing for {idle:?} \
-                             (stream_idle_timeout)"
-                        );
-                        drop(body);
-                        return;
-                    }
-                    // Waiting on the upstream: `Timed` cuts it if it stays
-                    // silent; look again a timeout later.
-                    None => tokio::time::sleep_until(later(now, idle)).await,
-                }
-            }
-        })
-        .abort_handle();
-        Self { slot, task, idle }.boxed_unsync()
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        self.task.abort();
+        let watch = Arc::new(Watch {
+            slot: Mutex::new(Slot {
+                body: Some(body),
+                waiting_upstream: false,
+            }),
+            clock,
+            stats,
+            idle,
+        });
+        watchdog.watch(&watch);
+        Self { watch }.boxed_unsync()
     }
 }
 
@@ -404,9 +522,9 @@ impl Body for Watched {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut slot = lock(&self.slot);
+        let mut slot = lock(&self.watch.slot);
         let Some(body) = slot.body.as_mut() else {
-            return Poll::Ready(Some(Err(Cut::Idle(self.idle).into())));
+            return Poll::Ready(Some(Err(Cut::Idle(self.watch.idle).into())));
         };
         let polled = Pin::new(body).poll_frame(cx);
         slot.waiting_upstream = polled.is_pending();
@@ -414,14 +532,14 @@ impl Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        lock(&self.slot)
+        lock(&self.watch.slot)
             .body
             .as_ref()
             .is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.slot)
+        lock(&self.watch.slot)
             .body
             .as_ref()
             .map_or_else(SizeHint::default, |b| b.size_hint())
@@ -455,6 +573,49 @@ mod tests {
         clock.received();
         assert_eq!(clock.expired().await, Cut::Idle(300 * MS));
         assert!(start.elapsed() >= first + 300 * MS, "{:?}", start.elapsed());
+    }
+
+    /// A body under the connection's watchdog, never polled (as hyper
+    /// does not poll a stream whose window is 0).
+    fn watched(watchdog: &Watchdog, idle: Duration) -> ProxyBody {
+        let metrics = crate::telemetry::Metrics::new();
+        let stats = metrics.listener_stats(&Arc::from("l"));
+        let body = http_body_util::Full::new(Bytes::from_static(b"x"))
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        let clock = StreamClock::new(Some(idle), None).unwrap();
+        Watched::wrap(body, clock, stats, watchdog)
+    }
+
+    async fn cut_within(body: &mut ProxyBody, within: Duration) -> bool {
+        tokio::time::sleep(within).await;
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)));
+        matches!(polled.await, Poll::Ready(Some(Err(_))))
+    }
+
+    /// One watchdog task per connection: it cuts every stream that stays
+    /// idle, ends once nothing is left to watch, and the next stream
+    /// starts it again.
+    #[tokio::test]
+    async fn one_watchdog_cuts_each_idle_stream_and_restarts() {
+        let watchdog = Watchdog::default();
+        let mut a = watched(&watchdog, 100 * MS);
+        let mut b = watched(&watchdog, 100 * MS);
+        assert!(cut_within(&mut a, 200 * MS).await, "first stream not cut");
+        assert!(cut_within(&mut b, MS).await, "second stream not cut");
+        // Nothing left: the task has ended.
+        tokio::time::sleep(50 * MS).await;
+        assert!(lock_registry(&watchdog.registry).next.is_none());
+        let mut c = watched(&watchdog, 100 * MS);
+        assert!(cut_within(&mut c, 200 * MS).await, "a later stream not cut");
+        // A stream with a shorter timeout (a reload) is cut on its own
+        // deadline, not the one the task was sleeping for.
+        let _long = watched(&watchdog, 10_000 * MS);
+        let mut short = watched(&watchdog, 100 * MS);
+        assert!(
+            cut_within(&mut short, 300 * MS).await,
+            "shorter timeout missed"
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ use crate::snapshot::{ListenerSnapshot, Snapshot, Snapshots};
 use crate::telemetry::RequestStats;
 use crate::upstream::{self, ProxyBody, Upstreams};
 use body::Tracked;
+pub use deadline::Watchdog;
 use deadline::{StreamClock, Watched};
 use filtered::SharedChain;
 
@@ -81,6 +82,8 @@ pub struct ConnCtx {
     /// The peer's address as an `X-Forwarded-For` value, made by the
     /// connection's first request (`headers::client_value`).
     pub forwarded_for: std::sync::OnceLock<HeaderValue>,
+    /// Watches the connection's HTTP/2 response bodies (`deadline::Watched`).
+    pub watchdog: Watchdog,
 }
 
 /// Requests started and finished on one connection; the connection guard
@@ -126,6 +129,8 @@ pub(crate) struct Ctx<'a> {
     pub tls: Option<&'a Arc<crate::tls::ConnTls>>,
     pub activity: &'a Activity,
     pub drain_deadline: &'a tokio::sync::watch::Receiver<bool>,
+    /// The connection's watchdog over h2 response bodies.
+    pub watchdog: &'a Watchdog,
     /// The connection's original destination (capture listeners).
     pub original_dst: Option<SocketAddr>,
     /// The peer's address as an `X-Forwarded-For` value (`None`: made
@@ -184,6 +189,7 @@ pub async fn handle(
         tls: conn.tls.as_ref(),
         activity: &conn.activity,
         drain_deadline: &conn.drain_deadline,
+        watchdog: &conn.watchdog,
         original_dst: conn.original_dst,
         forwarded_for: Some(
             conn.forwarded_for
@@ -273,7 +279,7 @@ where
     // watchdog ends a stream the client stopped taking (`deadline::Watched`).
     let body = match log.clock {
         Some(clock) if h2 && !body.is_end_stream() => {
-            Watched::wrap(body, clock, ctx.listener.stats.clone())
+            Watched::wrap(body, clock, ctx.listener.stats.clone(), ctx.watchdog)
         }
         _ => body,
     };

@@ -32,6 +32,7 @@ struct World {
     upstreams: Upstreams,
     activity: Arc<Activity>,
     drain: tokio::sync::watch::Receiver<bool>,
+    watchdog: super::Watchdog,
     _drain_tx: tokio::sync::watch::Sender<bool>,
 }
 
@@ -56,6 +57,7 @@ fn world(toml: &str) -> World {
         upstreams,
         activity: Arc::default(),
         drain: rx,
+        watchdog: Default::default(),
         _drain_tx: tx,
     }
 }
@@ -85,6 +87,7 @@ impl World {
             tls: None,
             activity: &self.activity,
             drain_deadline: &self.drain,
+            watchdog: &self.watchdog,
             original_dst: None,
             forwarded_for: None,
         }

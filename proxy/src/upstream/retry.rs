@@ -233,7 +233,15 @@ impl Upstream {
             };
         };
         let sent = match replay {
-            None => tokio::time::timeout(after, self.once(first, req)).await,
+            None => {
+                // Pinned in place: `Timeout` holds a pointer, so whether
+                // the compiler inlines `timeout` no longer decides if the
+                // request's send future is copied into it (callgrind: two
+                // copies, ~460 instructions per request, in builds where
+                // it was not inlined).
+                let once = std::pin::pin!(self.once(first, req));
+                tokio::time::timeout(after, once).await
+            }
             Some(replay) => {
                 let on_retry = |next| {
                     addr = next;
