@@ -467,8 +467,11 @@ where
         match why {
             Unavailable::Busy => {
                 chain.park(side, cx);
-                // Put back between the try and the park (another thread):
-                // look again rather than sleep on a wake already given.
+                // Workers are current-thread runtimes and a request stays
+                // on its worker, so no phase lets go between the try and
+                // the park today; one more try_lock keeps a wake given in
+                // that gap from being lost should a body ever be polled
+                // off its worker.
                 if chain.inner.chain.try_lock().is_some() {
                     cx.waker().wake_by_ref();
                 }
@@ -638,9 +641,11 @@ where
                         }
                         Ok(_) => Some(t),
                         Err(why) => {
-                            // Out since the body ran (another thread):
-                            // the trailers wait their turn, the data
-                            // that ran goes on.
+                            // Out since the body ran, in this same poll:
+                            // not expected on a current-thread worker
+                            // (nothing else runs in between), handled
+                            // anyway: the trailers wait their turn, the
+                            // data that ran goes on.
                             *this.stalled = Some(Pulled {
                                 data: Bytes::new(),
                                 trailers: Some(t),
