@@ -58,7 +58,10 @@ struct Inner {
     waiters: [Mutex<Option<Waker>>; 2],
     /// Whether a filter of the chain has a body callback, per side
     /// (request, response): fixed when the chain is made, read without
-    /// the lock.
+    /// the lock. A filter skipped later (fail-open after a failure) still
+    /// counts, so a head may be held for its first body chunk when no
+    /// filter left would change it: a short needless wait, never a body
+    /// passing unfiltered, and rare enough to leave so.
     body_callbacks: [bool; 2],
     /// Facts recorded while the chain was out, for its next holder;
     /// `any_owed` says whether to look (no lock taken per chunk).
