@@ -1157,45 +1157,112 @@ async fn a_held_request_body_takes_no_upstream_slot() {
     drop(wasp);
 }
 
-/// A request body chunk that arrives while a response-header callback
-/// waits for a slow callout (the upstream answered before the request body
+/// A request body chunk that arrives while the response-header callback
+/// waits for a callout (the upstream answered before the request body
 /// ended) is kept until that phase lets go, then goes through the filters:
 /// the upstream never gets the word the request-body filter redacts. It
 /// used to pass unfiltered (the chain was out for the header phase).
+/// Deterministic: the callout's upstream answers only when the test opens
+/// its gate, after checking that the app has not had the chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
-    use tokio::io::AsyncWriteExt;
-    let app = TestUpstream::start("app").await;
-    let slow = TestUpstream::start("slow").await;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::{oneshot, Notify};
+
+    /// Reads from `s` into `buf` until `buf` contains `marker`.
+    async fn read_until(s: &mut tokio::net::TcpStream, buf: &Arc<Mutex<Vec<u8>>>, marker: &[u8]) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if buf
+                .lock()
+                .unwrap()
+                .windows(marker.len())
+                .any(|w| w == marker)
+            {
+                return;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before {:?}", String::from_utf8_lossy(marker));
+            buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    // The app: answers its head at once (chunked, so the response-header
+    // phase starts while the request body is still to come), records what
+    // it gets, and ends its response once the request body has ended.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let app_got = got.clone();
+    let app_task = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        read_until(&mut s, &app_got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut s, &app_got, b"\r\n0\r\n\r\n").await;
+        s.write_all(b"2\r\nok\r\n0\r\n\r\n").await.unwrap();
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+    // The callout's upstream (`slow`): says when it was asked, answers
+    // when the gate opens.
+    let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    let (asked_tx, asked_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(Notify::new());
+    let slow_gate = gate.clone();
+    let slow_task = tokio::spawn(async move {
+        let (mut s, _) = slow.accept().await.unwrap();
+        read_until(&mut s, &Arc::new(Mutex::new(Vec::new())), b"\r\n\r\n").await;
+        let _ = asked_tx.send(());
+        slow_gate.notified().await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+
     let dir = with_fixtures("wasm32-wasip1", &["redact"]);
     let port = free_port();
     let config = format!(
-        "[filters.redact_slow]\nmodule = \"redact.wasm\"\nconfig = \"shrink stream request callout\"\n{}\n[clusters.app]\nendpoints = [\"{}\"]\n[clusters.slow]\nendpoints = [\"{}\"]\n",
+        "[filters.redact_slow]\nmodule = \"redact.wasm\"\nconfig = \"shrink stream request callout\"\n{}\n[clusters.app]\nendpoints = [\"{app_addr}\"]\n[clusters.slow]\nendpoints = [\"{slow_addr}\"]\n",
         framing_listener("in", port, "redact_slow", "app", ""),
-        app.addr,
-        slow.addr
     );
     let wasp = Wasp::start_in(dir, &config, &[]);
     let mut s = tokio::net::TcpStream::connect(loopback(port))
         .await
         .unwrap();
     // Chunked: no length to hold the head for, so the request goes
-    // upstream at once, and /echo answers with its head at once.
+    // upstream at once, and the app answers with its head at once.
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await
         .unwrap();
-    // The response-header callback has asked `slow` (1.5 s): the chain is
-    // out for that phase while the body's chunk arrives.
-    let asked = Instant::now();
-    while slow.requests() == 0 {
-        assert!(
-            asked.elapsed() < Duration::from_secs(10),
-            "no callout from the response-header callback\n{}",
-            wasp.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    s.write_all(b"9\r\na secret\n\r\n0\r\n\r\n").await.unwrap();
+    // The response-header callback has asked `slow`: the chain is out for
+    // that phase, for as long as the gate stays shut.
+    tokio::time::timeout(Duration::from_secs(10), asked_rx)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no callout from the response-header callback\n{}",
+                wasp.log_text()
+            )
+        })
+        .unwrap();
+    let head_len = got.lock().unwrap().len();
+    s.write_all(b"9\r\na secret\n\r\n").await.unwrap();
+    // Time for the chunk to pass if it could (it did, before the fix); it
+    // must instead wait for the phase.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = got.lock().unwrap()[head_len..].to_vec();
+    assert!(
+        early.is_empty(),
+        "the app got body bytes while the chain was out for the header phase: {:?}",
+        String::from_utf8_lossy(&early)
+    );
+    gate.notify_one();
+    s.write_all(b"0\r\n\r\n").await.unwrap();
     let mut pending = Vec::new();
     let (head, body) = read_response(&mut s, &mut pending, false).await;
     assert!(
@@ -1203,9 +1270,15 @@ async fn a_body_chunk_sent_during_a_slow_response_header_phase_is_filtered() {
         "{head}\n{}",
         wasp.log_text()
     );
-    // The echo of what the upstream got.
-    assert_eq!(String::from_utf8_lossy(&body), "a [r]\n");
+    assert_eq!(String::from_utf8_lossy(&body), "ok");
+    let body_sent = String::from_utf8_lossy(&got.lock().unwrap()[head_len..]).to_string();
+    assert!(
+        body_sent.contains("a [r]\n") && !body_sent.contains("secret"),
+        "the app got: {body_sent:?}"
+    );
     drop(wasp);
+    app_task.abort();
+    slow_task.abort();
 }
 
 /// The 413 the filter chain answers when a request body buffered for a

@@ -779,6 +779,84 @@ async fn a_rejected_reload_leaves_the_filters_as_they_were() {
     );
 }
 
+/// A reload that adds a filter that loads (`aaa`) and one whose
+/// `proxy_on_configure` refuses (`zzz`) is rejected, and `/filters` then
+/// shows what it showed before, plus the error of `zzz` the docs promise:
+/// no entry for `aaa`, which never served (its shared data, metric store
+/// and stats are not created either). `aaa` sorts before `zzz`, so it is
+/// prepared before the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_reload_registers_none_of_its_new_filters() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures_as(
+        "wasm32-wasip1",
+        &[("noop", "old"), ("noop", "aaa"), ("configure-false", "zzz")],
+    );
+    let main = loopback(free_port());
+    let with = |filters: &[&str]| {
+        let decls: String = filters
+            .iter()
+            .map(|f| format!("[filters.{f}]\nmodule = \"{f}.wasm\"\n\n"))
+            .collect();
+        let pipeline = filters
+            .iter()
+            .map(|f| format!("\"{f}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "{decls}[[listeners]]\nname = \"main\"\nbind = \"{main}\"\npipeline = [{pipeline}]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{}\"]\n",
+            app.addr
+        )
+    };
+    let wasp = Wasp::start_in(dir, &with(&["old"]), &[]);
+    let client = h1_client();
+    assert_eq!(get(&client, main, "app", "/").await.status, 200);
+    // What identifies each entry (instance counts move as requests run).
+    let filters = |wasp: &Wasp| -> Vec<serde_json::Value> {
+        let (_, body) = wasp.admin_get("/filters");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/filters is JSON");
+        v.as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "name": f["name"],
+                    "module": f["module"],
+                    "sha256": f["sha256"],
+                    "generation": f["generation"],
+                    "state": f["state"],
+                    "last_error": f["last_error"],
+                })
+            })
+            .collect()
+    };
+    let before = filters(&wasp);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    let answer = reconfigure(&wasp, &with(&["old", "aaa", "zzz"]));
+    assert!(answer.contains("zzz"), "{answer}");
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(get(&client, main, "app", "/").await.status, 200);
+
+    let mut after = filters(&wasp);
+    let failed = after
+        .iter()
+        .position(|f| f["name"] == "zzz")
+        .map(|i| after.remove(i))
+        .unwrap_or_else(|| panic!("the failed filter's error is not on /filters: {after:?}"));
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("proxy_on_configure")),
+        "{failed}"
+    );
+    assert_eq!(
+        after, before,
+        "/filters changed by a rejected reload (beyond the failed filter's error)"
+    );
+}
+
 // === Benchmark helper (bench/reload.sh runs it in release) ===
 
 /// The marker the `versioned` fixture answers with in `x-module-version`.

@@ -114,7 +114,9 @@ struct Engines {
 /// A generation's module waiting for its Cranelift compile.
 /// A filter set loaded and validated but not published yet
 /// ([`FilterRuntime::prepare_set`]). Dropped unpublished, it leaves no
-/// trace but the disk cache.
+/// trace but the module caches (disk, and memory until the next publish
+/// prunes it) and what its filters' `proxy_on_configure` wrote into the
+/// shared data of a filter already serving (the new version shares it).
 #[must_use = "a prepared set serves nothing until published"]
 pub struct PreparedSet {
     runtime: Arc<FilterRuntime>,
@@ -200,6 +202,11 @@ pub struct FilterRuntime {
     tier_jobs: Arc<TierJobs>,
     queues: Arc<SharedQueues>,
     filters: Mutex<BTreeMap<String, FilterEntry>>,
+    /// Names that never loaded: the module path and error of their last
+    /// failed load, for `/filters`. Kept apart from `filters` so a failed
+    /// load or reload creates no entry (shared data, metric store, stats)
+    /// for a filter that never served. Locked after `filters`.
+    never_loaded: Mutex<BTreeMap<String, (PathBuf, String)>>,
     next_set: AtomicU64,
     ticker: Arc<Ticker>,
     /// Worker threads that keep instances (sizes the pool).
@@ -401,6 +408,7 @@ impl FilterRuntime {
             tier_jobs: Arc::default(),
             queues: Arc::default(),
             filters: Mutex::new(BTreeMap::new()),
+            never_loaded: Mutex::new(BTreeMap::new()),
             next_set: AtomicU64::new(1),
             ticker: Arc::new(Ticker {
                 stop: Arc::new(AtomicBool::new(false)),
@@ -577,11 +585,15 @@ impl FilterRuntime {
     }
 
     /// As [`Self::load`] without publishing: the set can serve, but the
-    /// registry (`/filters`, the versions a reload compares with), the
-    /// in-memory module cache and the tier-up queue learn of it only when
-    /// it is published, which cannot fail. A reload does every other step
-    /// that can fail in between, so a failed reload leaves them as they
-    /// were.
+    /// registry (`/filters`, the versions a reload compares with, the
+    /// per-name shared data and metrics of a name new to it) and the
+    /// tier-up queue learn of it only when it is published, which cannot
+    /// fail. A reload does every other step that can fail in between, so a
+    /// failed reload leaves them as they were, apart from the error of the
+    /// filter that failed to load (shown on `/filters`). The in-memory
+    /// module cache is filled as modules compile (a retry of the same
+    /// reload is then a map hit) and pruned to the serving versions by the
+    /// next publish.
     pub fn prepare_set(self: &Arc<Self>, specs: Vec<FilterSpec>) -> anyhow::Result<PreparedSet> {
         self.check_capacity(&specs)?;
         let mut plugins: Vec<Arc<Plugin>> = Vec::with_capacity(specs.len());
@@ -592,6 +604,7 @@ impl FilterRuntime {
                 bail!("filter \"{}\" is declared twice", spec.name);
             }
             let name = spec.name.clone();
+            let module_path = spec.module_path.clone();
             match self.prepare(spec) {
                 Ok((p, bytes)) => {
                     if p.tier_up() == TierUp::Pending {
@@ -605,7 +618,15 @@ impl FilterRuntime {
                 Err(e) => {
                     let msg = format!("filter \"{name}\": {e:#}");
                     let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-                    reg.entry(name).or_insert_with(FilterEntry::new).load_error = Some(msg.clone());
+                    match reg.get_mut(&name) {
+                        Some(e) => e.load_error = Some(msg.clone()),
+                        None => {
+                            self.never_loaded
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name, (module_path, msg.clone()));
+                        }
+                    }
                     return Err(anyhow!(msg));
                 }
             }
@@ -634,16 +655,26 @@ impl FilterRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(sha, _), _| keep.contains(sha));
+        let mut never_loaded = self.never_loaded.lock().unwrap_or_else(|e| e.into_inner());
         for p in plugins {
+            never_loaded.remove(&**p.name());
+            // A name new to the registry keeps the state its plugin was
+            // prepared with.
             let e = reg
                 .entry(p.name().to_string())
-                .or_insert_with(FilterEntry::new);
+                .or_insert_with(|| FilterEntry {
+                    shared: p.shared.shared.clone(),
+                    metrics: p.shared.metrics.clone(),
+                    stats: p.shared.stats.clone(),
+                    ..FilterEntry::new()
+                });
             e.generation = p.generation;
             e.latest = Arc::downgrade(p);
             e.module_path = p.spec.module_path.clone();
             e.sha256 = p.sha256.clone();
             e.load_error = None;
         }
+        drop(never_loaded);
         drop(reg);
         // Queued once the registry names these generations: the tier-up
         // drops a job whose generation is no longer the latest.
@@ -852,17 +883,21 @@ impl FilterRuntime {
         }
         let pre = link(&module)?;
 
+        // A name already registered shares its state with the new version
+        // (so its `proxy_on_configure` may write shared data the serving
+        // version reads, even if this load fails); a new name gets its own,
+        // registered only when published.
         let (shared_data, metric_store, stats, generation) = {
-            let mut reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-            let e = reg
-                .entry(spec.name.clone())
-                .or_insert_with(FilterEntry::new);
-            (
-                e.shared.clone(),
-                e.metrics.clone(),
-                e.stats.clone(),
-                e.generation + 1,
-            )
+            let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+            match reg.get(&spec.name) {
+                Some(e) => (
+                    e.shared.clone(),
+                    e.metrics.clone(),
+                    e.stats.clone(),
+                    e.generation.saturating_add(1),
+                ),
+                None => (Arc::default(), Arc::default(), Arc::default(), 1),
+            }
         };
         let deadline_ticks =
             (spec.cpu_limit.as_micros() / EPOCH_TICK.as_micros().max(1)) as u64 + 1;
@@ -964,7 +999,31 @@ impl FilterRuntime {
     /// error, as a JSON array.
     pub fn status_json(&self) -> serde_json::Value {
         let reg = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-        let list = reg
+        let never_loaded: Vec<serde_json::Value> = self
+            .never_loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(name, _)| !reg.contains_key(*name))
+            .map(|(name, (module, error))| {
+                serde_json::json!({
+                    "name": name,
+                    "module": module.display().to_string(),
+                    "sha256": "",
+                    "generation": 0,
+                    "state": "failed",
+                    "failed_vms": 0,
+                    "fail": null,
+                    "last_error": error,
+                    "compiler": null,
+                    "tier_up": null,
+                    "tier_up_ms": null,
+                    "instances": null,
+                    "limits": null,
+                })
+            })
+            .collect();
+        let mut list: Vec<serde_json::Value> = reg
             .iter()
             .map(|(name, e)| {
                 let plugin = e.latest.upgrade();
@@ -1006,6 +1065,8 @@ impl FilterRuntime {
                 })
             })
             .collect();
+        list.extend(never_loaded);
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         serde_json::Value::Array(list)
     }
 

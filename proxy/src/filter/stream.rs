@@ -1283,6 +1283,11 @@ impl StreamFilters {
             return;
         }
         self.finished = true;
+        // A body task parked in `poll_body_wait`/`poll_trailers_wait` has
+        // only this stream to wake it: woken, it finds the chain gone and
+        // fails its body instead of pending forever (with an HTTP/2
+        // upstream, holding a stream slot).
+        self.wake_waiters();
         for pos in 0..self.slots.len() {
             let Some(slot) = self.slots.get(pos).copied() else {
                 continue;

@@ -1476,6 +1476,53 @@ async fn a_body_waits_for_a_callout_at_most_its_limit() {
     );
 }
 
+/// A waker that says whether it was woken.
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Ending the stream (the response over while a request-body callout is
+/// still out) wakes the body task waiting inside the chain: it then finds
+/// the chain gone and fails, instead of pending forever. Ended by `finish`
+/// and by drop alike.
+#[tokio::test]
+async fn ending_the_stream_wakes_a_body_waiting_in_the_chain() {
+    let t = TARGETS[0];
+    let name = "body-wait-ended";
+    let set = load(vec![spec(t, "body-callout", name)]);
+    for finish in [true, false] {
+        let mut s = set.stream(&pipeline(&[name]), info());
+        // Asks the cluster that never answers: only the end can wake it.
+        let mut req = request("/upload", &[("x-authz-cluster", "slow")]);
+        expect_continue(s.request_headers(&mut req, false).await);
+        assert!(matches!(
+            s.request_body(Bytes::from_static(b"alice"), true),
+            BodyVerdict::Wait
+        ));
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = std::task::Waker::from(flag.clone());
+        let polled = s.poll_body_wait(&mut std::task::Context::from_waker(&waker), Dir::Request);
+        assert!(polled.is_pending(), "finish={finish}");
+        assert!(
+            !flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            "finish={finish}"
+        );
+        if finish {
+            s.finish(5, 0);
+        } else {
+            drop(s);
+        }
+        assert!(
+            flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            "finish={finish}: the waiting body was not woken"
+        );
+    }
+}
+
 #[test]
 fn a_config_that_cannot_fit_the_instance_pool_is_refused_at_load() {
     let mut sp = spec(TARGETS[0], "noop", "too-many-instances");

@@ -59,7 +59,10 @@ struct Inner {
     waiters: [Mutex<Option<Waker>>; 2],
     /// Whether a filter of the chain has a body callback, per side
     /// (request, response): fixed when the chain is made, read without
-    /// the lock.
+    /// the lock. A filter skipped later (fail-open after a failure) still
+    /// counts, so a head may be held for its first body chunk when no
+    /// filter left would change it: a short needless wait, never a body
+    /// passing unfiltered, and rare enough to leave so.
     body_callbacks: [bool; 2],
     /// Facts recorded while the chain was out, for its next holder;
     /// `any_owed` says whether to look (no lock taken per chunk).
@@ -537,8 +540,11 @@ where
         match why {
             Unavailable::Busy => {
                 chain.park(side, cx);
-                // Put back between the try and the park (another thread):
-                // look again rather than sleep on a wake already given.
+                // Workers are current-thread runtimes and a request stays
+                // on its worker, so no phase lets go between the try and
+                // the park today; one more try_lock keeps a wake given in
+                // that gap from being lost should a body ever be polled
+                // off its worker.
                 if chain.inner.chain.try_lock().is_some() {
                     cx.waker().wake_by_ref();
                 }
@@ -708,9 +714,11 @@ where
                         }
                         Ok(_) => Some(t),
                         Err(why) => {
-                            // Out since the body ran (another thread):
-                            // the trailers wait their turn, the data
-                            // that ran goes on.
+                            // Out since the body ran, in this same poll:
+                            // not expected on a current-thread worker
+                            // (nothing else runs in between), handled
+                            // anyway: the trailers wait their turn, the
+                            // data that ran goes on.
                             *this.stalled = Some(Pulled {
                                 data: Bytes::new(),
                                 trailers: Some(t),
