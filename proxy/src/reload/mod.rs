@@ -318,10 +318,21 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     // so it must be the last step that can fail. A plan dropped on a filter
     // error closes the sockets it bound.
     let plan = listeners.plan(&config)?;
+    // The new `[proxy] wasm_compile_*` limits apply to this load; a
+    // rejected reload puts the serving config's back.
+    let specs = filter_specs(&config).map_err(|e| format!("{e:#}"))?;
+    shared
+        .filters
+        .set_compile_mode(crate::server::compile_mode(&config));
     let filters = shared
         .filters
-        .load(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
-        .map_err(|e| format!("{e:#}"))?;
+        .load(specs)
+        .map_err(|e| {
+            shared
+                .filters
+                .set_compile_mode(crate::server::compile_mode(&current.config));
+            format!("{e:#}")
+        })?;
     // Built before any listener is retired: it fails only on a per-route
     // config its filter was not loaded with (a bug, checked before any
     // metric series is registered). Its series (never removed) are then

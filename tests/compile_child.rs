@@ -1,0 +1,159 @@
+//! Filter modules compile in a child process of the wasp binary
+//! (`[proxy] wasm_compile_timeout`, `wasm_compile_memory`): a compile that
+//! exceeds a limit is a compile error naming the filter and the reason; on
+//! a reload the reload is rejected and the serving filters keep serving; at
+//! start-up the filter does not load. The timeout cannot fire in-process
+//! (an in-process compile has no timeout), so these tests also prove the
+//! compile happens in a child. The real binary, real sockets, real fixtures.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::upstream::TestUpstream;
+use support::*;
+
+/// The `headers` fixture adds `x-v: 1` to responses.
+const HEADERS_CONFIG: &str = r#"{ response = { add = { x-v = "1" } } }"#;
+
+fn config(port: u16, app: SocketAddr, proxy_extra: &str) -> String {
+    format!(
+        "[proxy]\nworkers = 1\nwasm_compiler = \"winch\"\n{proxy_extra}\n\n[filters.f]\nmodule = \"f.wasm\"\nconfig = {HEADERS_CONFIG}\n\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:{port}\"\npipeline = [\"f\"]\n  [[listeners.routes]]\n  cluster = \"app\"\n[clusters.app]\nendpoints = [\"{app}\"]\n"
+    )
+}
+
+/// `POST /reload` on the admin API; the answer's body.
+fn post_reload(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Writes `config` as the proxy's config file (keeping its admin address).
+fn rewrite(wasp: &Wasp, config: &str) {
+    let text = format!("[admin]\nbind = \"{}\"\n\n{config}", wasp.admin);
+    std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
+}
+
+/// Replaces `filters.d/f.wasm` with another module (one not in the module
+/// cache, so the reload must compile it).
+fn swap_module(wasp: &Wasp, fixture_name: &str) {
+    let filters = wasp.dir.path().join("filters.d");
+    let tmp = filters.join(".f.wasm.tmp");
+    std::fs::copy(fixture("wasm32-wasip1", fixture_name), &tmp).unwrap();
+    std::fs::rename(&tmp, filters.join("f.wasm")).unwrap();
+}
+
+async fn assert_v1_serves(proxy: SocketAddr, wasp: &Wasp) {
+    let client = h1_client();
+    for _ in 0..10 {
+        let r = get(&client, proxy, "app", "/").await;
+        assert_eq!(r.status, 200, "{}", wasp.log_text());
+        assert_eq!(r.header("x-v"), Some("1"), "{:?}", r.headers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_compile_times_out_is_rejected_and_the_old_filter_serves() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "f")]);
+    let port = free_port();
+    let wasp = Wasp::start_in(dir, &config(port, app.addr, ""), &[]);
+    let proxy = loopback(port);
+    assert_v1_serves(proxy, &wasp).await;
+    assert!(
+        wasp.log_text().contains("module compiled in a child process"),
+        "the start-up compile did not run in a child:\n{}",
+        wasp.log_text()
+    );
+
+    // A new module and a compile timeout no process can meet.
+    rewrite(
+        &wasp,
+        &config(port, app.addr, "wasm_compile_timeout = \"1ms\""),
+    );
+    swap_module(&wasp, "order");
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    assert!(
+        answer.contains("reload rejected")
+            && answer.contains("filter \"f\"")
+            && answer.contains("timed out after 1ms"),
+        "{answer}\n{}",
+        wasp.log_text()
+    );
+    assert_v1_serves(proxy, &wasp).await;
+    let (_, cfg) = wasp.admin_get("/config");
+    assert!(cfg.contains("timed out after 1ms"), "{cfg}");
+
+    // Back to the default limit: the same module compiles and serves.
+    rewrite(&wasp, &config(port, app.addr, ""));
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    assert!(answer.contains("reloaded: generation"), "{answer}");
+    let client = h1_client();
+    let r = get(&client, proxy, "app", "/").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("x-v").is_none() && r.header("x-order").is_some(),
+        "{:?}",
+        r.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_compile_runs_out_of_memory_is_rejected() {
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "f")]);
+    let port = free_port();
+    let wasp = Wasp::start_in(dir, &config(port, app.addr, ""), &[]);
+    let proxy = loopback(port);
+    assert_v1_serves(proxy, &wasp).await;
+
+    // Winch needs ~8 MiB of heap for this module (`ulimit -d`).
+    rewrite(
+        &wasp,
+        &config(port, app.addr, "wasm_compile_memory = \"4MiB\""),
+    );
+    swap_module(&wasp, "order");
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    assert!(
+        answer.contains("reload rejected") && answer.contains("filter \"f\""),
+        "{answer}\n{}",
+        wasp.log_text()
+    );
+    assert!(answer.contains("out of memory"), "{answer}");
+    assert_v1_serves(proxy, &wasp).await;
+}
+
+#[test]
+fn a_start_up_whose_compile_times_out_fails_naming_the_filter() {
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "f")]);
+    let app: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let path = dir.path().join("wasp.toml");
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:{}\"\n\n{}",
+        free_port(),
+        config(free_port(), app, "wasm_compile_timeout = \"1ms\"")
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(WASP)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("filter \"f\"") && stderr.contains("timed out after 1ms"),
+        "{stderr}"
+    );
+}
