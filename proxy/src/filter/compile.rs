@@ -83,7 +83,9 @@ pub(crate) fn compile(
             // wrong code, as it could in-process).
             #[allow(unsafe_code)]
             let module = unsafe { Module::deserialize(engine, &artefact) };
-            module.map_err(|e| anyhow!("loading the compiled module from the compiler process: {e:#}"))
+            module.map_err(|e| {
+                anyhow!("loading the compiled module from the compiler process: {e:#}")
+            })
         }
     }
 }

@@ -103,7 +103,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use compile::{child_main as compile_child_main, ChildLimits, CompileMode, SUBCOMMAND as COMPILE_SUBCOMMAND};
+pub use compile::{
+    child_main as compile_child_main, ChildLimits, CompileMode, SUBCOMMAND as COMPILE_SUBCOMMAND,
+};
 pub use engine::{FilterRuntime, WasmCompiler};
 pub(crate) use host::Dir;
 pub use set::{FilterSet, PipelineEntry};

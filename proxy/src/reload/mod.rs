@@ -324,15 +324,12 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     shared
         .filters
         .set_compile_mode(crate::server::compile_mode(&config));
-    let filters = shared
-        .filters
-        .load(specs)
-        .map_err(|e| {
-            shared
-                .filters
-                .set_compile_mode(crate::server::compile_mode(&current.config));
-            format!("{e:#}")
-        })?;
+    let filters = shared.filters.load(specs).map_err(|e| {
+        shared
+            .filters
+            .set_compile_mode(crate::server::compile_mode(&current.config));
+        format!("{e:#}")
+    })?;
     // Built before any listener is retired: it fails only on a per-route
     // config its filter was not loaded with (a bug, checked before any
     // metric series is registered). Its series (never removed) are then
