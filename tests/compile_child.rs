@@ -174,3 +174,74 @@ fn a_start_up_whose_compile_times_out_fails_naming_the_filter() {
         "{stderr}"
     );
 }
+
+/// A wasp whose own hard limits are below `wasm_compile_timeout` +2 s of
+/// CPU and `wasm_compile_memory` (systemd `LimitCPU=`, container ulimits)
+/// cannot raise them without CAP_SYS_RESOURCE: the child's limits are
+/// capped at the process's own, so it starts (empty module cache: the
+/// filter must compile) and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasp_under_lower_hard_limits_still_compiles_and_serves() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: util-linux prlimit is not installed");
+        return;
+    }
+    let app = TestUpstream::start("app").await;
+    let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "f")]);
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = dir.path().join("wasp.toml");
+    let text = format!(
+        "[admin]\nbind = \"{admin}\"\n\n{}",
+        config(port, app.addr, "")
+    );
+    std::fs::write(&path, text).unwrap();
+    let log = dir.path().join("wasp.log");
+    // Defaults: 60 s timeout (CPU 62 s) and 1 GiB heap, both above these.
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--cpu=30:30")
+        .arg("--data=900000000:900000000")
+        .arg(WASP)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Err(format!("wasp exited with {s}"));
+        }
+        if let Some((200, _)) = http_get_blocking(admin, "/ready") {
+            break Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            break Err("wasp not ready within 20s".to_string());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Err(e) = ready {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{e}; log:\n{text}");
+    }
+    let client = h1_client();
+    let r = get(&client, loopback(port), "app", "/").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(r.status, 200, "{text}");
+    assert_eq!(r.header("x-v"), Some("1"), "{:?}", r.headers);
+    assert!(
+        text.contains("module compiled in a child process"),
+        "the filter was not compiled (cache not empty?):\n{text}"
+    );
+}

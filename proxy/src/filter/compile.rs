@@ -264,11 +264,38 @@ fn failure(status: ExitStatus, stderr: &str, limits: &ChildLimits) -> String {
 /// Limits set in the child between fork and exec (Linux): heap, no core
 /// file, CPU seconds as a backstop to the wall-clock timeout, and death
 /// with the parent.
+///
+/// Each limit only ever lowers this process's own: soft and hard become
+/// `min(wanted, current hard)`. Raising a hard limit needs
+/// `CAP_SYS_RESOURCE`, so a wasp started under a lower one (systemd
+/// `LimitCPU=`/`LimitDATA=`, a container's ulimits) would otherwise get
+/// EPERM and fail every compile. The current limits are read here, in the
+/// parent, so the child only calls setrlimit.
 #[cfg(target_os = "linux")]
 fn set_limits(cmd: &mut Command, limits: &ChildLimits) {
     use std::os::unix::process::CommandExt;
-    let data = limits.memory as libc::rlim_t;
-    let cpu = limits.timeout.as_secs().saturating_add(2) as libc::rlim_t;
+    // `wanted`, lowered to this process's hard limit on `resource`. If
+    // the limit cannot be read, `wanted`: setrlimit then says what is wrong.
+    let capped = |resource, wanted: libc::rlim_t| -> libc::rlim_t {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into a valid, owned struct.
+        #[allow(unsafe_code)]
+        let ok = unsafe { libc::getrlimit(resource, &mut cur) } == 0;
+        if ok {
+            wanted.min(cur.rlim_max)
+        } else {
+            wanted
+        }
+    };
+    let data = capped(libc::RLIMIT_DATA, limits.memory as libc::rlim_t);
+    let cpu = capped(
+        libc::RLIMIT_CPU,
+        limits.timeout.as_secs().saturating_add(2) as libc::rlim_t,
+    );
+    let core = capped(libc::RLIMIT_CORE, 0);
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (setrlimit, prctl, getppid) on
     // stack values; it allocates nothing and takes no locks.
@@ -285,7 +312,7 @@ fn set_limits(cmd: &mut Command, limits: &ChildLimits) {
                 }
                 Ok(())
             };
-            set(libc::RLIMIT_CORE, 0)?;
+            set(libc::RLIMIT_CORE, core)?;
             set(libc::RLIMIT_DATA, data)?;
             set(libc::RLIMIT_CPU, cpu)?;
             // A compile must not outlive the proxy that asked for it.
