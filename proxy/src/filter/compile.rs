@@ -14,10 +14,10 @@
 //! from stdin, builds the engine with the server's [`engine_config`] for that
 //! compiler (one pool slot: the pool size is not part of the compatibility
 //! hash) and writes `Engine::precompile_module`'s artefact to stdout. The
-//! parent caps what it reads, kills the child on a wall-clock timeout, and
-//! sets `RLIMIT_DATA` (heap; the pooling allocator's reservations are
-//! `PROT_NONE` and do not count), `RLIMIT_CORE` 0 and `RLIMIT_CPU` in the
-//! child before exec. A child that fails in any way is a compile error: no
+//! parent caps what it reads (from the module's size), kills the child on
+//! a wall-clock timeout, and sets `RLIMIT_DATA` (heap; the pooling
+//! allocator's reservations are `PROT_NONE` and do not count),
+//! `RLIMIT_CORE` 0 and `RLIMIT_CPU` in the child before exec. A child that fails in any way is a compile error: no
 //! in-process retry, which would let the module crash the proxy after all.
 //!
 //! Runs on the thread that loads (control thread, or the tier-up thread);
@@ -40,6 +40,22 @@ pub const SUBCOMMAND: &str = "__compile-module";
 /// Most stderr bytes kept from a child (its last lines name the failure).
 const STDERR_CAP: usize = 16 * 1024;
 
+/// The artefact read back is capped from the module's size, not from
+/// `wasm_compile_memory` (1 GiB by default), which the proxy itself would
+/// otherwise buffer: measured expansion is ~7x for Winch, so 64x plus some
+/// slack is far above any honest compile, and a fixed ceiling bounds it.
+const ARTEFACT_PER_WASM_BYTE: usize = 64;
+const ARTEFACT_SLACK: usize = 4 * 1024 * 1024;
+const ARTEFACT_MAX: usize = 256 * 1024 * 1024;
+
+/// Most artefact bytes accepted for a module of `wasm_len` bytes.
+fn artefact_cap(wasm_len: usize) -> usize {
+    wasm_len
+        .saturating_mul(ARTEFACT_PER_WASM_BYTE)
+        .saturating_add(ARTEFACT_SLACK)
+        .min(ARTEFACT_MAX)
+}
+
 /// How filter modules are compiled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CompileMode {
@@ -54,7 +70,7 @@ pub enum CompileMode {
 pub struct ChildLimits {
     /// Wall-clock time a compile may take; the child is killed after it.
     pub timeout: Duration,
-    /// The child's `RLIMIT_DATA` (bytes); also caps the artefact read back.
+    /// The child's `RLIMIT_DATA` (bytes).
     pub memory: u64,
 }
 
@@ -136,11 +152,13 @@ fn in_child(limits: &ChildLimits, compiler: Compiler, bytes: &[u8]) -> anyhow::R
         .spawn(move || {
             let _ = stdin.write_all(&input);
         });
-    let cap = usize::try_from(limits.memory).unwrap_or(usize::MAX);
+    let cap = artefact_cap(bytes.len());
     let reader = std::thread::Builder::new()
         .name("wasp-compile-out".into())
         .spawn(move || {
             let mut out = Vec::new();
+            // `take` bounds what is buffered; `read_to_end` grows the
+            // vector as bytes arrive, reserving nothing up front.
             let read = (&mut stdout)
                 .take(u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1))
                 .read_to_end(&mut out);
@@ -206,8 +224,8 @@ fn in_child(limits: &ChildLimits, compiler: Compiler, bytes: &[u8]) -> anyhow::R
     read.map_err(|e| anyhow!("reading the compiler process's output: {e}"))?;
     if out.len() > cap {
         bail!(
-            "the compiler process wrote more than {} bytes ([proxy] wasm_compile_memory)",
-            limits.memory
+            "compiled artefact larger than {cap} bytes (at most {ARTEFACT_PER_WASM_BYTE} x the module's {} bytes + {ARTEFACT_SLACK}, and never above {ARTEFACT_MAX})",
+            bytes.len()
         );
     }
     tracing::info!(
@@ -359,4 +377,17 @@ fn child(compiler: &str) -> anyhow::Result<()> {
         .and_then(|()| out.flush())
         .map_err(|e| anyhow!("writing the compiled module: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_artefact_cap_follows_the_module_size_up_to_a_ceiling() {
+        assert_eq!(artefact_cap(0), ARTEFACT_SLACK);
+        assert_eq!(artefact_cap(1000), 64_000 + ARTEFACT_SLACK);
+        assert_eq!(artefact_cap(100 * 1024 * 1024), ARTEFACT_MAX);
+        assert_eq!(artefact_cap(usize::MAX), ARTEFACT_MAX);
+    }
 }
