@@ -197,7 +197,13 @@ fn in_child(limits: &ChildLimits, compiler: Compiler, bytes: &[u8]) -> anyhow::R
         match child.try_wait() {
             Ok(Some(s)) => break Ok(s),
             Ok(None) => {}
-            Err(e) => break Err(anyhow!("waiting for the compiler process: {e}")),
+            Err(e) => {
+                // Not left running (and holding the pipes the threads
+                // below are joined on) when its status cannot be read.
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(anyhow!("waiting for the compiler process: {e}"));
+            }
         }
         let now = Instant::now();
         if now >= deadline {
