@@ -114,7 +114,13 @@ async fn a_reload_whose_compile_runs_out_of_memory_is_rejected() {
     let app = TestUpstream::start("app").await;
     let dir = with_fixtures_as("wasm32-wasip1", &[("headers", "f")]);
     let port = free_port();
-    let wasp = Wasp::start_in(dir, &config(port, app.addr, ""), &[]);
+    // The child must not inherit this: its message would carry
+    // "skipping backtrace printing".
+    let wasp = Wasp::start_in(
+        dir,
+        &config(port, app.addr, ""),
+        &[("RUST_BACKTRACE", "1"), ("RUST_LIB_BACKTRACE", "1")],
+    );
     let proxy = loopback(port);
     assert_v1_serves(proxy, &wasp).await;
 
@@ -131,6 +137,7 @@ async fn a_reload_whose_compile_runs_out_of_memory_is_rejected() {
         wasp.log_text()
     );
     assert!(answer.contains("out of memory"), "{answer}");
+    assert!(!answer.contains("backtrace"), "{answer}");
     assert_v1_serves(proxy, &wasp).await;
 }
 

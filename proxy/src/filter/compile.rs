@@ -127,7 +127,11 @@ fn in_child(limits: &ChildLimits, compiler: Compiler, bytes: &[u8]) -> anyhow::R
         .arg(compiler.name())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // A backtrace would only bury the failure in the stderr tail
+        // (and "skipping backtrace printing" on out of memory).
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     set_limits(&mut cmd, limits);
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| {
@@ -254,10 +258,11 @@ fn failure(status: ExitStatus, stderr: &str, limits: &ChildLimits) -> String {
         .unwrap_or("")
         .trim();
     let last = last.strip_prefix("error: ").unwrap_or(last);
-    // Rust's allocation-failure handler prints this, then aborts.
+    // Rust's allocation-failure handler prints this, then aborts; its
+    // lines ("memory allocation of N bytes failed") add nothing to this.
     if stderr.contains("memory allocation of") {
         return format!(
-            "the compiler ran out of memory (limit {} bytes, [proxy] wasm_compile_memory): {last}",
+            "the compiler ran out of memory (limit {} bytes, [proxy] wasm_compile_memory)",
             limits.memory
         );
     }
