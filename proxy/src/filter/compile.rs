@@ -325,6 +325,8 @@ fn set_limits(cmd: &mut Command, limits: &ChildLimits) {
         limits.timeout.as_secs().saturating_add(2) as libc::rlim_t,
     );
     let core = capped(libc::RLIMIT_CORE, 0);
+    // Captured before the fork: in the child, `getppid` is compared to it.
+    let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (setrlimit, prctl, getppid) on
     // stack values; it allocates nothing and takes no locks.
@@ -344,8 +346,13 @@ fn set_limits(cmd: &mut Command, limits: &ChildLimits) {
             set(libc::RLIMIT_CORE, core)?;
             set(libc::RLIMIT_DATA, data)?;
             set(libc::RLIMIT_CPU, cpu)?;
-            // A compile must not outlive the proxy that asked for it.
+            // A compile must not outlive the proxy that asked for it. The
+            // death signal is only armed from here on: a parent that died
+            // between fork and prctl shows as a different parent pid.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }
