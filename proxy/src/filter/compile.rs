@@ -122,6 +122,9 @@ fn exe() -> anyhow::Result<PathBuf> {
 fn in_child(limits: &ChildLimits, compiler: Compiler, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     let exe = exe()?;
     let mut cmd = Command::new(&exe);
+    // `ps` would otherwise show argv[0] as `/proc/self/exe`.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "wasp");
     cmd.arg(SUBCOMMAND)
         .arg("--compiler")
         .arg(compiler.name())
