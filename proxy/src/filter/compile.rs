@@ -5,9 +5,11 @@
 //! tier-up).
 //!
 //! Why a child: a `.wasm` in the filters directory is outside input, and a
-//! compiler bug that aborts, overflows the stack or eats all memory on a
-//! hostile module would otherwise end the proxy (`catch_unwind` only catches
-//! panics). It also keeps the compilers' code and scratch heap out of the
+//! compiler bug that aborts, overflows the stack, eats all memory or hangs
+//! on a hostile module would otherwise end the proxy (`catch_unwind` only
+//! catches panics). It is not a sandbox against a compromised compiler: a
+//! memory-corruption bug a module exploits owns the child and so the
+//! artefact the proxy then runs, as it would in-process. It also keeps the compilers' code and scratch heap out of the
 //! server's resident set (VmHWM never comes down after a peak).
 //!
 //! The child is `wasp __compile-module --compiler C`: it reads the module
@@ -94,9 +96,13 @@ pub(crate) fn compile(
             // same `engine_config`. wasmtime checks the artefact's header
             // and the engine's compatibility hash before using it, so a
             // truncated or mismatched artefact is an error, not code run.
-            // The module's wasm never runs in the child, so a hostile module
-            // cannot have written the output (a compiler bug could produce
-            // wrong code, as it could in-process).
+            // The module's wasm never runs in the child. What the child
+            // isolates is crashes, aborts, stack overflow, running out of
+            // memory and hangs in the compiler; not a compromise of the
+            // compiler: a memory-corruption bug a module triggers could
+            // give it the child and so this output, which we then run.
+            // That is the same exposure as compiling in-process (where it
+            // would own the proxy directly), not a new one.
             #[allow(unsafe_code)]
             let module = unsafe { Module::deserialize(engine, &artefact) };
             module.map_err(|e| {
