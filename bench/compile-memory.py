@@ -7,9 +7,11 @@
 Per binary and filter count: VmHWM / RssAnon / RssFile of the server
 process (not of compile children) at ready, after every filter tiered up
 to Cranelift, and after `wrk -t1 -c32 -d2s`; start-up-to-ready time (the
-listener answers 200 with the filters' header), median of RUNS runs, cold
-and warm. Memory is not timing-sensitive; the times are wall clock on a
-shared machine, so compare the two binaries within one run only. Config
+listener answers 200 with the filters' header), min and median of RUNS
+runs, cold and warm. Memory is not timing-sensitive; the times are wall
+clock on a shared machine, so the binaries' runs alternate (base, new,
+base, new, ...) to meet the same load, and only binaries within one
+invocation compare. Config
 layout as bench/proxies.sh's wasp-N targets. Needs target/release/demo-app
 and target/wasm-fixtures/wasm32-wasip1/add-headers.wasm.
 """
@@ -137,21 +139,29 @@ def main():
         print("|---|---|---|---|---|---|---|")
         times = []
         for n in (1, 4):
-            for name, binary in bins:
-                for cold in (True, False):
+            for cold in (True, False):
+                cache = "cold" if cold else "warm"
+                for name, binary in bins:
                     row = one(binary, n, upstream, cold, True)
                     for stage in ("ready", "tiered", "wrk"):
                         s = row[stage]
-                        print(f"| {name} | {n} | {'cold' if cold else 'warm'} | {stage} | "
+                        print(f"| {name} | {n} | {cache} | {stage} | "
                               f"{s['VmHWM'] / 1024:.1f} | {s['RssAnon'] / 1024:.1f} | {s['RssFile'] / 1024:.1f} |")
-                    ts = [row["ready_ms"]] + [one(binary, n, upstream, cold, False)["ready_ms"]
-                                              for _ in range(RUNS - 1)]
-                    times.append((name, n, "cold" if cold else "warm", statistics.median(ts), ts))
+                # Alternate the binaries run by run: load on a shared
+                # machine drifts, and all-of-one-then-all-of-the-other
+                # turns that drift into a difference between them.
+                ts = {name: [] for name, _ in bins}
+                for _ in range(RUNS):
+                    for name, binary in bins:
+                        ts[name].append(one(binary, n, upstream, cold, False)["ready_ms"])
+                for name, _ in bins:
+                    times.append((name, n, cache, ts[name]))
         print()
-        print("| binary | filters | cache | start-up to ready, median ms | runs |")
-        print("|---|---|---|---|---|")
-        for name, n, c, med, ts in times:
-            print(f"| {name} | {n} | {c} | {med:.0f} | {', '.join(f'{t:.0f}' for t in ts)} |")
+        print("| binary | filters | cache | start-up to ready, min ms | median ms | runs (alternating) |")
+        print("|---|---|---|---|---|---|")
+        for name, n, c, ts in times:
+            print(f"| {name} | {n} | {c} | {min(ts):.1f} | {statistics.median(ts):.1f} | "
+                  f"{', '.join(f'{t:.0f}' for t in ts)} |")
     finally:
         up.terminate()
         up.wait()
