@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(short, long, default_value = "wasp.toml")]
         config: PathBuf,
     },
+    /// Internal: `wasp run` compiles each filter module in a child process
+    /// of its own binary (module on stdin, compiled artefact on stdout).
+    #[command(name = "__compile-module", hide = true)]
+    CompileModule {
+        /// `winch` or `cranelift`.
+        #[arg(long)]
+        compiler: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +141,7 @@ pub fn main() -> ExitCode {
         Command::Certs(args) => crate::certs::main(&args),
         Command::Iptables(args) => crate::capture::iptables::main(&args),
         Command::Await { admin, timeout } => crate::await_ready::main(&admin, &timeout),
+        Command::CompileModule { compiler } => crate::filter::compile_child_main(&compiler),
     }
 }
 

@@ -53,6 +53,12 @@ pub struct Config {
     pub filters_dir: PathBuf,
     pub module_cache: PathBuf,
     pub wasm_compiler: schema::WasmCompiler,
+    /// `[proxy] wasm_compile_timeout`: wall-clock limit of one module's
+    /// compile (never zero).
+    pub wasm_compile_timeout: Duration,
+    /// `[proxy] wasm_compile_memory`: the compile child's heap, in bytes
+    /// (at least [`MIN_COMPILE_MEMORY`]).
+    pub wasm_compile_memory: u64,
     pub drain_timeout: Duration,
     pub drain_delay: Duration,
     pub listeners: Vec<ListenerConfig>,
@@ -76,6 +82,10 @@ pub struct AdminConfig {
 
 /// Shortest admin token accepted: guessing must not be practical.
 pub const MIN_ADMIN_TOKEN: usize = 16;
+/// Least `[proxy] wasm_compile_memory`: a typo guard. The child needs
+/// ~10 MiB of heap for a 140 KB module (Winch or Cranelift, measured with
+/// `ulimit -d`), so this much only fails compiles, it cannot wedge anything.
+pub const MIN_COMPILE_MEMORY: u64 = 4 << 20;
 /// Most worker threads: more is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
 /// Most connections one listener may be told to hold.
@@ -507,6 +517,24 @@ impl<'a> Validator<'a> {
             );
         }
 
+        if file.proxy.wasm_compile_timeout.0.is_zero() {
+            self.at_key(
+                "proxy",
+                Some("wasm_compile_timeout"),
+                "[proxy] wasm_compile_timeout must be more than 0s".to_string(),
+            );
+        }
+        if file.proxy.wasm_compile_memory.0 < MIN_COMPILE_MEMORY {
+            self.at_key(
+                "proxy",
+                Some("wasm_compile_memory"),
+                format!(
+                    "[proxy] wasm_compile_memory = {} bytes is less than 4MiB",
+                    file.proxy.wasm_compile_memory.0
+                ),
+            );
+        }
+
         let clusters = self.clusters(&file);
         let index: HashMap<&str, usize> = clusters
             .iter()
@@ -531,6 +559,8 @@ impl<'a> Validator<'a> {
             filters_dir: dir.join(&file.proxy.filters_dir),
             module_cache: dir.join(&file.proxy.module_cache),
             wasm_compiler: file.proxy.wasm_compiler,
+            wasm_compile_timeout: file.proxy.wasm_compile_timeout.0,
+            wasm_compile_memory: file.proxy.wasm_compile_memory.0,
             drain_timeout: file.proxy.drain_timeout.0,
             drain_delay: file.proxy.drain_delay.0,
             listeners,

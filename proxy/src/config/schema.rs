@@ -41,6 +41,11 @@ pub struct ProxySection {
     pub module_cache: String,
     /// Which compiler turns filter modules into machine code (restart-only).
     pub wasm_compiler: WasmCompiler,
+    /// Longest one filter module's compile may take (it runs in a child
+    /// process, killed after this); hot-reloadable.
+    pub wasm_compile_timeout: Dur,
+    /// The compile child's heap limit (`RLIMIT_DATA`); hot-reloadable.
+    pub wasm_compile_memory: Size,
     /// Longest a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Dur,
     /// How long inbound keeps serving after SIGTERM before draining.
@@ -54,6 +59,8 @@ impl Default for ProxySection {
             filters_dir: "filters.d".into(),
             module_cache: ".wasp-cache".into(),
             wasm_compiler: WasmCompiler::Auto,
+            wasm_compile_timeout: Dur(std::time::Duration::from_secs(60)),
+            wasm_compile_memory: Size(1 << 30),
             drain_timeout: Dur(std::time::Duration::from_secs(30)),
             drain_delay: Dur(std::time::Duration::ZERO),
         }

@@ -51,12 +51,15 @@ fn entry_path(dir: &Path, sha: &str, engine_key: &str) -> PathBuf {
 /// settings, whichever this process uses (a `winch` server or `wasp filter
 /// test` must not delete an `auto` server's Cranelift artefacts in a shared
 /// cache); entries of other engines are pruned, none when `keep` is empty.
+/// `compile`: how a module not in the cache is compiled (in this process
+/// or in a child, see `compile.rs`).
 pub(crate) fn load_or_compile(
     engine: &Engine,
     bytes: &[u8],
     sha: &str,
     dir: Option<&Path>,
     keep: &[String],
+    compile: impl FnOnce(&Engine, &[u8]) -> anyhow::Result<Module>,
 ) -> anyhow::Result<Module> {
     let Some(dir) = dir else {
         return compile(engine, bytes);
@@ -135,10 +138,6 @@ fn stale_tmp(name: &str) -> bool {
     cfg!(target_os = "linux")
         && pid != std::process::id()
         && !Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
-    Module::new(engine, bytes).map_err(|e| anyhow::anyhow!("compile error: {e:#}"))
 }
 
 /// A Cranelift compile's scratch memory (7-12 MiB for a 100-200 KB module,

@@ -31,6 +31,7 @@ use super::abi;
 use super::abi::shared_data::SharedData;
 use super::abi::shared_queue::SharedQueues;
 use super::cache;
+use super::compile::{self, CompileMode};
 use super::host::Host;
 use super::metrics::{self, FilterStats, MetricStore};
 use super::plugin::{Code, Compiler, Plugin, PluginShared, TierUp};
@@ -141,6 +142,8 @@ impl PreparedSet {
 struct TierJob {
     plugin: Weak<Plugin>,
     bytes: Vec<u8>,
+    /// How its load compiled (a reload's limits apply to its tier-up).
+    mode: CompileMode,
 }
 
 /// The tier-up thread's work: at most one job per filter name (the latest
@@ -193,6 +196,9 @@ pub struct FilterRuntime {
     /// `[proxy] wasm_compiler` (`WASP_WASM_COMPILER` overrides it); read
     /// when the engines are made.
     compiler: Mutex<WasmCompiler>,
+    /// In this process (default) or in a child (`wasp run`); read by each
+    /// load, so a reload's `[proxy] wasm_compile_*` limits apply to it.
+    compile_mode: Mutex<CompileMode>,
     cache_dir: Option<PathBuf>,
     callouts: Arc<dyn HttpCallouts>,
     /// Compiled modules by sha256 and compiler: the versions serving and
@@ -402,6 +408,8 @@ impl FilterRuntime {
             // Embedders (`wasp filter test`, unit tests) get one compiler;
             // the server sets `[proxy] wasm_compiler`.
             compiler: Mutex::new(WasmCompiler::Winch),
+            // Embedders' executables are not wasp: they compile here.
+            compile_mode: Mutex::new(CompileMode::InProcess),
             cache_dir,
             callouts,
             modules: Mutex::new(HashMap::new()),
@@ -429,6 +437,20 @@ impl FilterRuntime {
     /// effect at the first load, which makes the engines.
     pub fn set_compiler(&self, compiler: WasmCompiler) {
         *self.compiler.lock().unwrap_or_else(|e| e.into_inner()) = compiler;
+    }
+
+    /// Where loads from now on compile modules (the server: a child
+    /// process with `[proxy] wasm_compile_*` limits). A tier-up compiles
+    /// the way its generation's load did.
+    pub fn set_compile_mode(&self, mode: CompileMode) {
+        *self.compile_mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    fn compile_mode(&self) -> CompileMode {
+        self.compile_mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Checks that `specs` fit the engine's instance pool (sizing it on the
@@ -560,7 +582,13 @@ impl FilterRuntime {
     }
 
     /// The module compiled by `engines.main` (memory, disk cache, compile).
-    fn module(&self, engines: &Engines, bytes: &[u8], sha: &str) -> anyhow::Result<Module> {
+    fn module(
+        &self,
+        engines: &Engines,
+        bytes: &[u8],
+        sha: &str,
+        mode: &CompileMode,
+    ) -> anyhow::Result<Module> {
         if let Some(m) = self.cached_module(sha, engines.main_compiler) {
             return Ok(m);
         }
@@ -570,6 +598,7 @@ impl FilterRuntime {
             sha,
             self.cache_dir.as_deref(),
             &engines.cache_keys,
+            |engine, bytes| compile::compile(mode, engine, engines.main_compiler, bytes),
         )?;
         self.keep_module(sha, engines.main_compiler, &m);
         Ok(m)
@@ -599,18 +628,20 @@ impl FilterRuntime {
         let mut plugins: Vec<Arc<Plugin>> = Vec::with_capacity(specs.len());
         let mut tier_jobs: Vec<TierJob> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mode = self.compile_mode();
         for spec in specs {
             if !seen.insert(spec.name.clone()) {
                 bail!("filter \"{}\" is declared twice", spec.name);
             }
             let name = spec.name.clone();
             let module_path = spec.module_path.clone();
-            match self.prepare(spec) {
+            match self.prepare(spec, &mode) {
                 Ok((p, bytes)) => {
                     if p.tier_up() == TierUp::Pending {
                         tier_jobs.push(TierJob {
                             plugin: Arc::downgrade(&p),
                             bytes,
+                            mode: mode.clone(),
                         });
                     }
                     plugins.push(p);
@@ -798,6 +829,9 @@ impl FilterRuntime {
                         &sha,
                         self.cache_dir.as_deref(),
                         &engines.cache_keys,
+                        |engine, bytes| {
+                            compile::compile(&job.mode, engine, Compiler::Cranelift, bytes)
+                        },
                     );
                     cache::return_freed_memory();
                     m?
@@ -859,7 +893,11 @@ impl FilterRuntime {
     }
 
     /// The plugin, and the module's bytes when a tier-up is to follow.
-    fn prepare(&self, spec: FilterSpec) -> anyhow::Result<(Arc<Plugin>, Vec<u8>)> {
+    fn prepare(
+        &self,
+        spec: FilterSpec,
+        mode: &CompileMode,
+    ) -> anyhow::Result<(Arc<Plugin>, Vec<u8>)> {
         let bytes = std::fs::read(&spec.module_path)
             .with_context(|| format!("reading {}", spec.module_path.display()))?;
         let sha = cache::sha256_hex(&bytes);
@@ -869,7 +907,10 @@ impl FilterRuntime {
         let tiered = self.tiered_module(&engines, &sha);
         let (module, compiler) = match tiered {
             Some(m) => (m, Compiler::Cranelift),
-            None => (self.module(&engines, &bytes, &sha)?, engines.main_compiler),
+            None => (
+                self.module(&engines, &bytes, &sha, mode)?,
+                engines.main_compiler,
+            ),
         };
         let has = |n: &str| module.get_export(n).is_some();
         if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {

@@ -8,7 +8,8 @@
 //! status shown on the admin API (`metrics`).
 //!
 //! Threads:
-//! - **control thread**: [`FilterRuntime::load`] compiles, caches and
+//! - **control thread**: [`FilterRuntime::load`] compiles (in a child
+//!   process under `wasp run`, see `compile`), caches and
 //!   validates modules (one throw-away VM per filter) and publishes an
 //!   immutable [`FilterSet`]; [`FilterRuntime::render_metrics`] and
 //!   [`FilterRuntime::status_json`] read atomics and small locked maps.
@@ -75,6 +76,7 @@
 
 mod abi;
 mod cache;
+mod compile;
 mod engine;
 mod host;
 mod metrics;
@@ -101,6 +103,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+pub use compile::{
+    child_main as compile_child_main, ChildLimits, CompileMode, SUBCOMMAND as COMPILE_SUBCOMMAND,
+};
 pub use engine::{FilterRuntime, PreparedSet, WasmCompiler};
 pub(crate) use host::Dir;
 pub use set::{FilterSet, PipelineEntry};

@@ -320,9 +320,20 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     // any of these leaves the running config, filters and registry as
     // they were.
     let plan = listeners.plan(&config)?;
+    // The new `[proxy] wasm_compile_*` limits apply to this load; a
+    // reload rejected at any later step (or dropped) puts the serving
+    // config's back.
+    let specs = filter_specs(&config).map_err(|e| format!("{e:#}"))?;
+    let mut compile_mode = CompileModeGuard {
+        filters: &shared.filters,
+        previous: Some(crate::server::compile_mode(&current.config)),
+    };
+    shared
+        .filters
+        .set_compile_mode(crate::server::compile_mode(&config));
     let filters = shared
         .filters
-        .prepare_set(filter_specs(&config).map_err(|e| format!("{e:#}"))?)
+        .prepare_set(specs)
         .map_err(|e| format!("{e:#}"))?;
     // Fails only on a per-route config its filter was not loaded with (a
     // bug: both come from `filter_specs` of this config), checked before
@@ -340,11 +351,33 @@ async fn reload(shared: &Context, listeners: &mut ListenerSet) -> Result<u64, St
     // The swap: nothing below fails.
     filters.publish();
     next.start_tls(&shared.metrics);
+    compile_mode.keep();
     shared.snapshots.store(Arc::new(next));
     listeners.start(plan);
     shared.handle.succeeded(generation);
     tracing::info!(generation, "reloaded {}", shown(&path));
     Ok(generation)
+}
+
+/// Restores the serving generation's compile mode when dropped, unless
+/// the reload that changed it was published (`keep`).
+struct CompileModeGuard<'a> {
+    filters: &'a FilterRuntime,
+    previous: Option<crate::filter::CompileMode>,
+}
+
+impl CompileModeGuard<'_> {
+    fn keep(&mut self) {
+        self.previous = None;
+    }
+}
+
+impl Drop for CompileModeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mode) = self.previous.take() {
+            self.filters.set_compile_mode(mode);
+        }
+    }
 }
 
 /// Runs `work` (blocking) off the control runtime. Shutdown may begin

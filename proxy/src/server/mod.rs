@@ -65,6 +65,7 @@ pub fn run(
     // Sizes the instance pool: every worker keeps instances of every filter.
     filters.set_workers(config.workers);
     filters.set_compiler(config.wasm_compiler);
+    filters.set_compile_mode(compile_mode(&config));
     let filter_set = filters.load(filter_specs(&config)?)?;
     let snapshot = Snapshot::new(1, compiled, filter_set, &metrics)
         .map_err(|e| anyhow::anyhow!("cannot build the serving snapshot: {e}"))?;
@@ -352,4 +353,13 @@ async fn wait_for_shutdown(shared: &Lifecycle) {
     {
         let _ = rx.wait_for(|s| *s).await;
     }
+}
+
+/// How the server compiles filter modules: always in a child process of
+/// this binary, with the config's limits (see `filter::compile`).
+pub(crate) fn compile_mode(config: &crate::config::Config) -> crate::filter::CompileMode {
+    crate::filter::CompileMode::Child(crate::filter::ChildLimits {
+        timeout: config.wasm_compile_timeout,
+        memory: config.wasm_compile_memory,
+    })
 }
