@@ -43,8 +43,8 @@ impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
         let down = hostcalls::define_metric(MetricType::Counter, "tcp_rewrite_downstream_bytes")
             .unwrap_or(0);
-        let up =
-            hostcalls::define_metric(MetricType::Counter, "tcp_rewrite_upstream_bytes").unwrap_or(0);
+        let up = hostcalls::define_metric(MetricType::Counter, "tcp_rewrite_upstream_bytes")
+            .unwrap_or(0);
         self.ids = (down, up);
         true
     }
@@ -111,7 +111,10 @@ impl StreamContext for Tcp {
             Mode::Redact => {
                 let mut out = data.clone();
                 let mut i = 0;
-                while let Some(at) = out.get(i..).and_then(|t| t.windows(6).position(|w| w == b"secret")) {
+                while let Some(at) = out
+                    .get(i..)
+                    .and_then(|t| t.windows(6).position(|w| w == b"secret"))
+                {
                     let start = i + at;
                     out.splice(start..start + 6, b"******".iter().copied());
                     i = start + 6;
