@@ -276,6 +276,49 @@ async fn a_community_sdk_network_filter_counts_and_rewrites_bytes() {
     assert!(log.contains("filter_closed"), "{log}");
 }
 
+/// A client chunk sent while a later network filter buffers still passes
+/// every filter before it (as in Envoy): `redact` masks `secret`, then
+/// `line` holds the client's bytes until a newline. The secret comes in
+/// later writes, after `line` paused on the first one; the echo upstream
+/// sends back exactly what it got, and it never got the word.
+#[tokio::test]
+async fn a_chunk_sent_while_a_later_network_filter_buffers_passes_the_ones_before_it() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let dir = support::with_fixtures("wasm32-wasip1", &["tcp-rewrite"]);
+    let config = Config::new()
+        .filter(Filter::new("redact", "tcp-rewrite.wasm").config(r#""redact""#))
+        .filter(Filter::new("line", "tcp-rewrite.wasm").config(r#""line""#))
+        .listener(
+            Listener::tcp("tcp", port)
+                .pipeline(&["redact", "line"])
+                .to("echo"),
+        )
+        .cluster(Cluster::new("echo", [echo]));
+    let _wasp = Wasp::start_in(dir, &config.toml(), &[]);
+
+    let mut s = connect_sending(loopback(port), b"user=ann ").await;
+    let mut early = [0u8; 64];
+    let held = tokio::time::timeout(Duration::from_millis(300), s.read(&mut early)).await;
+    assert!(
+        held.is_err(),
+        "bytes went on before the line ended: {held:?}"
+    );
+    s.write_all(b"password=secret ").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"and secret again\n").await.expect("write");
+    let want = b"user=ann password=****** and ****** again\n";
+    let back = read_n(&mut s, want.len()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        String::from_utf8_lossy(want),
+        "the upstream saw bytes the first filter never inspected"
+    );
+    s.shutdown().await.expect("half-close");
+    let (_, rest) = read_to_close(&mut s, FIVE_S).await;
+    assert!(!rest.windows(6).any(|w| w == b"secret"), "{rest:?}");
+}
+
 #[tokio::test]
 async fn draining_keeps_open_tcp_connections_until_the_drain_timeout() {
     let echo = echo_server().await;

@@ -12,8 +12,12 @@
 //! read and write filters). During a data callback the chunk is the
 //! `DownstreamData` / `UpstreamData` buffer, which the filter may read and
 //! rewrite. PAUSE holds the bytes (that filter sees them again, with what
-//! arrives next, until it continues or the side ends; a held buffer is
-//! capped by `max_body_bytes`); `proxy_close_stream` closes the connection.
+//! arrives next, until it continues or the side ends; each filter's held
+//! buffer is capped by its own `max_body_bytes`). What arrives next still
+//! runs through the filters before the paused one first, as in Envoy, so a
+//! buffering filter is no way past an inspecting one before it (the same
+//! rule as the HTTP body chain in `stream`). `proxy_close_stream` closes
+//! the connection.
 //! The end of each side is `proxy_on_downstream_connection_close` /
 //! `proxy_on_upstream_connection_close`, then `proxy_on_log`,
 //! `proxy_on_done`, `proxy_on_delete`.
@@ -77,8 +81,13 @@ pub struct NetworkFilters {
     set: Arc<FilterSet>,
     slots: Vec<Slot>,
     data: Option<Box<StreamData>>,
-    /// Per side: the pipeline step that paused and the bytes it holds.
-    held: [Option<(usize, BytesMut)>; 2],
+    /// Bytes filters paused on to buffer, per side (downstream, upstream),
+    /// by step in that side's order. Empty until a filter first pauses, so
+    /// a connection where none does allocates nothing for it. Data only
+    /// moves forward, so a buffer only ever holds bytes newer than any
+    /// buffer at a later step; each buffer is capped by its own filter's
+    /// `max_body_bytes`.
+    held: [Vec<Option<BytesMut>>; 2],
     finished: bool,
 }
 
@@ -112,7 +121,7 @@ impl NetworkFilters {
                 })
                 .collect(),
             data,
-            held: [None, None],
+            held: Default::default(),
             finished: false,
         }
     }
@@ -252,7 +261,10 @@ impl NetworkFilters {
     }
 
     /// One chunk from `side` (empty with `eos` at that side's end) through
-    /// the filters.
+    /// the filters. The chunk runs through every position before a held
+    /// one (a buffering filter does not hide later chunks from the filters
+    /// before it); reaching a held position it joins that buffer and the
+    /// filter is called with all of it.
     pub fn data(&mut self, side: Side, chunk: &[u8], eos: bool) -> NetVerdict {
         let n = self.slots.len();
         if n == 0 {
@@ -262,27 +274,26 @@ impl NetworkFilters {
             Side::Downstream => (Dir::Request, 0),
             Side::Upstream => (Dir::Response, 1),
         };
-        let held = self.held.get_mut(which).and_then(Option::take);
-        let (start, mut buf) = match held {
-            Some((k, mut b)) => {
-                b.extend_from_slice(chunk);
-                (k, b.freeze())
-            }
-            None => (0, Bytes::copy_from_slice(chunk)),
-        };
-        for k in start..n {
+        let mut buf = Bytes::copy_from_slice(chunk);
+        for k in 0..n {
             let pos = match dir {
                 Dir::Request => k,
                 Dir::Response => n - 1 - k,
             };
-            if buf.len() as u64 > self.max_held(pos) {
-                return NetVerdict::Close(Closed {
-                    why: format!(
-                        "bytes held for filter \"{}\" exceed its limit",
-                        self.name(pos)
-                    ),
-                    failed: false,
-                });
+            let held = self
+                .held
+                .get_mut(which)
+                .and_then(|h| h.get_mut(k))
+                .and_then(Option::take);
+            if let Some(mut held) = held {
+                let total = (held.len() as u64).saturating_add(buf.len() as u64);
+                if total > self.max_held(pos) {
+                    return self.over_limit(pos);
+                }
+                if !held.is_empty() {
+                    held.extend_from_slice(&buf);
+                    buf = held.freeze();
+                }
             }
             let size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
             if let Some(d) = self.data.as_deref_mut() {
@@ -302,16 +313,40 @@ impl NetworkFilters {
                 Step::Close(why) => return NetVerdict::Close(why),
                 Step::Go { pause, resumed } => {
                     if pause && !resumed && !eos {
-                        if let Some(slot) = self.held.get_mut(which) {
-                            // No copy when nothing else shares the bytes.
-                            *slot = Some((k, BytesMut::from(buf)));
+                        if buf.len() as u64 > self.max_held(pos) {
+                            return self.over_limit(pos);
                         }
-                        return NetVerdict::Hold;
+                        // Sized once per connection and side, at the first
+                        // pause: a connection where no filter pauses
+                        // allocates nothing here.
+                        if let Some(held) = self.held.get_mut(which) {
+                            if held.len() < n {
+                                held.resize_with(n, || None);
+                            }
+                            if let Some(h) = held.get_mut(k) {
+                                // No copy when nothing else shares the bytes.
+                                *h = Some(BytesMut::from(buf));
+                                return NetVerdict::Hold;
+                            }
+                        }
+                        // Unreachable (`k < n`): pass the bytes on rather
+                        // than lose them.
                     }
                 }
             }
         }
         NetVerdict::Forward(buf)
+    }
+
+    /// The bytes held for filter `pos` passed its limit.
+    fn over_limit(&self, pos: usize) -> NetVerdict {
+        NetVerdict::Close(Closed {
+            why: format!(
+                "bytes held for filter \"{}\" exceed its limit",
+                self.name(pos)
+            ),
+            failed: false,
+        })
     }
 
     /// `side` has ended: its connection-close callback on every filter.

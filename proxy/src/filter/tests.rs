@@ -412,6 +412,53 @@ async fn each_buffering_filter_has_its_own_limit() {
     }
 }
 
+/// Network filters: a client chunk sent while a later filter buffers
+/// still passes the filters before it. `tcp-rewrite` as `redact` (masks
+/// `secret`) then as `line` (holds until a newline): chunks 2 and 3 must
+/// be masked by the first filter before they join the second one's buffer,
+/// and what leaves is the whole line in order. With `max_body_bytes` on
+/// `line` its own buffer is capped; `redact`, holding nothing, is not.
+#[tokio::test]
+async fn every_tcp_chunk_passes_the_network_filters_before_a_buffering_one() {
+    use super::network::{NetVerdict, Side};
+    for t in TARGETS {
+        let mut redact = spec(t, "tcp-rewrite", "redact");
+        redact.config = Bytes::from_static(b"redact");
+        redact.max_body_bytes = 6;
+        let mut line = spec(t, "tcp-rewrite", "line");
+        line.config = Bytes::from_static(b"line");
+        line.max_body_bytes = 24;
+        let set = load(vec![redact, line]);
+
+        let mut c = set.network(&pipeline(&["redact", "line"]), info());
+        assert!(!c.new_connection().await.unwrap_or(true), "{t}");
+        for chunk in [&b"user "[..], b"secret ", b"x secret"] {
+            let v = c.data(Side::Downstream, chunk, false);
+            assert_eq!(v, NetVerdict::Hold, "{t}");
+        }
+        match c.data(Side::Downstream, b"\n", false) {
+            NetVerdict::Forward(b) => {
+                assert_eq!(String::from_utf8_lossy(&b), "user ****** x ******\n", "{t}")
+            }
+            other => panic!("{t}: {other:?}"),
+        }
+        // The same bytes one more time: 21 held, then 5 more is over
+        // `line`'s 24.
+        for chunk in [&b"user "[..], b"secret ", b"x secret"] {
+            assert_eq!(
+                c.data(Side::Downstream, chunk, false),
+                NetVerdict::Hold,
+                "{t}"
+            );
+        }
+        match c.data(Side::Downstream, b"more\n", false) {
+            NetVerdict::Close(why) => assert!(why.why.contains("\"line\""), "{t}: {why:?}"),
+            other => panic!("{t}: {other:?}"),
+        }
+        c.finish();
+    }
+}
+
 #[tokio::test]
 async fn callout_pauses_then_allows_or_denies() {
     for t in TARGETS {
