@@ -855,6 +855,16 @@ async fn a_rejected_reload_registers_none_of_its_new_filters() {
         after, before,
         "/filters changed by a rejected reload (beyond the failed filter's error)"
     );
+
+    // Taken out of the config, the filter that never loaded is no longer
+    // reported as failed.
+    let answer = reconfigure(&wasp, &with(&["old"]));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let cleared = filters(&wasp);
+    assert!(
+        cleared.iter().all(|f| f["name"] != "zzz"),
+        "a removed filter that never loaded is still shown: {cleared:?}"
+    );
 }
 
 // === Benchmark helper (bench/reload.sh runs it in release) ===

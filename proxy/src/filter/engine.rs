@@ -686,9 +686,12 @@ impl FilterRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(sha, _), _| keep.contains(sha));
+        // A published set is the whole config's (start-up or reload): a
+        // name that failed before is now either loaded or no longer
+        // configured, so no failure of a never-loaded filter stays shown.
         let mut never_loaded = self.never_loaded.lock().unwrap_or_else(|e| e.into_inner());
+        never_loaded.clear();
         for p in plugins {
-            never_loaded.remove(&**p.name());
             // A name new to the registry keeps the state its plugin was
             // prepared with.
             let e = reg

@@ -330,10 +330,11 @@ fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
 /// The streams one connection's watchdog looks after.
 #[derive(Default)]
 struct Registry {
-    /// Dead entries (bodies that ended) are pruned when the list is full;
-    /// it grows when most entries are live and shrinks after a burst, so
-    /// a prune is rare and the list stays within a few times the streams
-    /// alive at once.
+    /// Dead entries (bodies that ended) are pruned when the list is full
+    /// and by the task's passes; it grows when most entries are live, so a
+    /// prune is rare. Its capacity is given back after a burst only at the
+    /// next full prune (at most a few KiB per connection: hyper allows 200
+    /// concurrent streams).
     streams: Vec<std::sync::Weak<Watch>>,
     /// The watchdog task, started by the connection's first watched body.
     task: Option<tokio::task::AbortHandle>,
