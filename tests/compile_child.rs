@@ -23,21 +23,6 @@ fn config(port: u16, app: SocketAddr, proxy_extra: &str) -> String {
     )
 }
 
-/// `POST /reload` on the admin API; the answer's body.
-fn post_reload(admin: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// Writes `config` as the proxy's config file (keeping its admin address).
 fn rewrite(wasp: &Wasp, config: &str) {
     let text = format!("[admin]\nbind = \"{}\"\n\n{config}", wasp.admin);
@@ -83,7 +68,7 @@ async fn a_reload_whose_compile_times_out_is_rejected_and_the_old_filter_serves(
         &config(port, app.addr, "wasm_compile_timeout = \"1ms\""),
     );
     swap_module(&wasp, "order");
-    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin, Duration::from_secs(30)));
     assert!(
         answer.contains("reload rejected")
             && answer.contains("filter \"f\"")
@@ -97,7 +82,7 @@ async fn a_reload_whose_compile_times_out_is_rejected_and_the_old_filter_serves(
 
     // Back to the default limit: the same module compiles and serves.
     rewrite(&wasp, &config(port, app.addr, ""));
-    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin, Duration::from_secs(30)));
     assert!(answer.contains("reloaded: generation"), "{answer}");
     let client = h1_client();
     let r = get(&client, proxy, "app", "/").await;
@@ -130,7 +115,7 @@ async fn a_reload_whose_compile_runs_out_of_memory_is_rejected() {
         &config(port, app.addr, "wasm_compile_memory = \"4MiB\""),
     );
     swap_module(&wasp, "order");
-    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin));
+    let answer = tokio::task::block_in_place(|| post_reload(wasp.admin, Duration::from_secs(30)));
     assert!(
         answer.contains("reload rejected") && answer.contains("filter \"f\""),
         "{answer}\n{}",

@@ -381,7 +381,7 @@ endpoints = ["{}"]
     for generation in 1..=4 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         std::fs::write(&config_path, format!("{admin_line}\n{}", cfg(generation))).unwrap();
-        let answer = post_reload(wasp.admin);
+        let answer = post_reload(wasp.admin, Duration::from_secs(20));
         assert!(answer.contains("reloaded"), "reload {generation}: {answer}");
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -393,19 +393,4 @@ endpoints = ["{}"]
     assert!(served > 50, "only {served} requests");
     let log = wasp.log_text();
     assert!(!log.contains("pool full"), "{log}");
-}
-
-/// `POST /reload` on the admin API; the answer.
-fn post_reload(admin: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }

@@ -375,21 +375,6 @@ async fn a_filter_config_beside_its_module_reloads() {
 
 // === Listeners on reload ===
 
-/// `POST /reload` on the admin API; the answer's body.
-fn post_reload(admin: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// A `[[listeners]]` table routing everything to `cluster`.
 fn listener(name: &str, addr: SocketAddr, cluster: &str) -> String {
     format!(
@@ -445,7 +430,7 @@ fn reconfigure(wasp: &Wasp, body: &str) -> String {
         wasp.admin
     );
     std::fs::write(wasp.dir.path().join("wasp.toml"), text).unwrap();
-    post_reload(wasp.admin)
+    post_reload(wasp.admin, Duration::from_secs(10))
 }
 
 /// One HTTP/1.1 connection, kept alive, whose local port the test knows.
@@ -709,7 +694,7 @@ async fn a_reload_whose_new_port_is_taken_changes_nothing() {
 
     // Once the port is free, the same file applies.
     drop(taken);
-    let answer = post_reload(wasp.admin);
+    let answer = post_reload(wasp.admin, Duration::from_secs(10));
     assert!(answer.contains("reloaded: generation"), "{answer}");
     let metrics = wasp.metrics();
     assert!(

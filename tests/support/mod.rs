@@ -508,3 +508,19 @@ pub async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), Strin
         Ok(Ok(_)) => Ok(()),
     }
 }
+
+/// `POST /reload` on the admin API; the raw answer (head and body), read
+/// until the server closes or `read_timeout` passes.
+pub fn post_reload(admin: SocketAddr, read_timeout: Duration) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    write!(
+        s,
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nx-wasp-admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
